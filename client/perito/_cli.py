@@ -1,0 +1,241 @@
+"""The `perito` command line.
+
+Client commands (classify, models list / show) live here and need only the SDK. Server-side
+commands (serve, models import, ...) are plugged in through the `perito.commands` entry point
+group by packages that are installed with `perito[serve]` or `perito[train]`, so the SDK never
+imports them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import asdict
+from datetime import datetime
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any
+
+import click
+
+from perito._client import DEFAULT_TARGET, Client
+from perito._errors import (
+    InvalidArgumentError,
+    NotFoundError,
+    PeritoError,
+    ResourceExhaustedError,
+    UnavailableError,
+)
+from perito._models import Classification, Model
+
+# Exit codes scripts can branch on.
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_NOT_FOUND = 3
+EXIT_INVALID_INPUT = 4
+EXIT_UNAVAILABLE = 5
+
+_server_option = click.option(
+    "--server",
+    envvar="PERITO_SERVER",
+    default=DEFAULT_TARGET,
+    show_default=True,
+    help="host:port of the Perito server (env PERITO_SERVER).",
+)
+_json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+_timeout_option = click.option(
+    "--timeout", type=float, default=60.0, show_default=True, help="Deadline in seconds."
+)
+
+
+class PeritoGroup(click.Group):
+    """Turns SDK errors into one readable line and a meaningful exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except PeritoError as error:
+            click.echo(f"error: {error.message}", err=True)
+            for violation in error.violations:
+                if violation.description != error.message:
+                    click.echo(f"  {violation.field}: {violation.description}", err=True)
+            ctx.exit(_exit_code(error))
+
+
+def _exit_code(error: PeritoError) -> int:
+    if isinstance(error, NotFoundError):
+        return EXIT_NOT_FOUND
+    if isinstance(error, InvalidArgumentError):
+        return EXIT_INVALID_INPUT
+    if isinstance(error, UnavailableError | ResourceExhaustedError):
+        return EXIT_UNAVAILABLE
+    return EXIT_ERROR
+
+
+@click.group(cls=PeritoGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="perito")
+def cli() -> None:
+    """Perito: classify images, run bulk jobs, manage models."""
+
+
+def split_model_ref(ref: str) -> tuple[str, str]:
+    """`name@version_or_alias` -> (name, version_or_alias)."""
+    name, _, version = ref.partition("@")
+    return name, version
+
+
+def _default(value: object) -> str:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(type(value).__name__)
+
+
+def _print_json(value: object) -> None:
+    click.echo(json.dumps(value, indent=2, default=_default))
+
+
+@cli.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--model", "-m", "model_ref", required=True, help="NAME or NAME@VERSION_OR_ALIAS.")
+@click.option("--top-k", "-k", default=3, show_default=True, type=click.IntRange(min=1))
+@click.option("--threshold", type=click.FloatRange(0, 1), default=0.0,
+              help="Top-1 probability under which a result is flagged uncertain.")
+@_server_option
+@_timeout_option
+@_json_option
+def classify(
+    images: tuple[str, ...],
+    model_ref: str,
+    top_k: int,
+    threshold: float,
+    server: str,
+    timeout: float,
+    as_json: bool,
+) -> None:
+    """Classify IMAGES with a model and print each one's top-k.
+
+    \b
+    Example:
+      perito classify claim/*.jpg --model car-damage@production --top-k 3
+    """
+    name, version = split_model_ref(model_ref)
+    with Client(server, timeout=timeout) as client:
+        results = client.classify(
+            [Path(p) for p in images],
+            model=name,
+            version=version,
+            top_k=top_k,
+            confidence_threshold=threshold,
+            ids=list(images),
+        )
+    if as_json:
+        _print_json([asdict(r) for r in results])
+        return
+    for result in results:
+        _print_classification(result)
+
+
+def _print_classification(result: Classification) -> None:
+    flag = "  [uncertain: review by a person]" if result.uncertain else ""
+    click.echo(f"{result.image_id}  ({result.model}@{result.model_version}){flag}")
+    width = max(len(p.label) for p in result.predictions)
+    for rank, prediction in enumerate(result.predictions, start=1):
+        click.echo(f"  {rank}. {prediction.label:<{width}}  {prediction.probability:7.2%}")
+
+
+@cli.group()
+def models() -> None:
+    """List and inspect models (and, with perito[serve], import them)."""
+
+
+@models.command("list")
+@_server_option
+@_timeout_option
+@_json_option
+def models_list(server: str, timeout: float, as_json: bool) -> None:
+    """List the registry's models, their latest versions and aliases.
+
+    \b
+    Example:
+      perito models list --json
+    """
+    with Client(server, timeout=timeout) as client:
+        found = client.list_models()
+    if as_json:
+        _print_json([asdict(m) for m in found])
+        return
+    if not found:
+        click.echo("no models")
+        return
+    click.echo(f"{'MODEL':<32} {'LATEST':>6}  {'VERSIONS':>8}  ALIASES")
+    for model in found:
+        aliases = ", ".join(f"{a}->{v}" for a, v in sorted(model.aliases.items()))
+        click.echo(
+            f"{model.name:<32} {model.latest_version:>6}  {len(model.versions):>8}  {aliases}"
+        )
+
+
+@models.command("show")
+@click.argument("name")
+@_server_option
+@_timeout_option
+@_json_option
+def models_show(name: str, server: str, timeout: float, as_json: bool) -> None:
+    """Show a model's versions and the latest version's model card.
+
+    \b
+    Example:
+      perito models show imagenet-efficientnet-lite0
+    """
+    with Client(server, timeout=timeout) as client:
+        model = client.get_model(name)
+    if as_json:
+        _print_json(asdict(model))
+        return
+    _print_model(model)
+
+
+def _print_model(model: Model) -> None:
+    click.echo(f"model {model.name}: {len(model.versions)} version(s), latest {model.latest_version}")
+    for version in model.versions:
+        aliases = f" [{', '.join(version.aliases)}]" if version.aliases else ""
+        loaded = " (loaded)" if version.loaded else ""
+        created = version.created.isoformat(timespec="seconds") if version.created else "?"
+        click.echo(
+            f"  v{version.version}{aliases}{loaded}  {created}  {len(version.labels)} classes  "
+            f"input {version.input_height}x{version.input_width}  sha256 {version.sha256[:12]}"
+        )
+    latest = model.versions[-1]
+    if latest.description:
+        click.echo(f"\n{latest.description}")
+    labels = latest.labels
+    shown = ", ".join(labels[:10]) + (f", ... ({len(labels)} in all)" if len(labels) > 10 else "")
+    click.echo(f"\nlabels: {shown}")
+    metrics = latest.card.get("metrics") or {}
+    if metrics:
+        click.echo("metrics:")
+        for key, value in metrics.items():
+            if not isinstance(value, dict | list):
+                click.echo(f"  {key}: {value}")
+
+
+def _load_plugins() -> None:
+    """Add the server-side commands from installed extras; skip what is not installed."""
+    for entry_point in entry_points(group="perito.commands"):
+        try:
+            register = entry_point.load()
+        except ImportError as exc:
+            if os.environ.get("PERITO_DEBUG"):
+                click.echo(f"plugin {entry_point.name} not loaded: {exc}", err=True)
+            continue
+        register(cli)
+
+
+def main() -> None:
+    _load_plugins()
+    sys.exit(cli.main(standalone_mode=True))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,255 @@
+"""The versioned model registry.
+
+Layout under the store's root (a local folder or an S3 prefix):
+
+    models/{name}/{version}/model.pt         TorchScript, uint8 images in, probabilities out
+    models/{name}/{version}/manifest.json    written last: a version exists once it is there
+    models/{name}/aliases/{alias}.json       {"version": "3"}; aliases move, versions never do
+
+Versions are 1, 2, 3 ... and immutable. `latest` is implicit: always the highest version.
+Fetched artifacts are cached on local disk and their sha256 is checked against the manifest
+before every load: a file that does not match is refused, never loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from perito_core.errors import (
+    AlreadyExists,
+    ArtifactIntegrityError,
+    InvalidArgument,
+    ModelLoadError,
+    NotFound,
+)
+from perito_core.manifest import Artifact, InputContract, ModelManifest, sha256_file
+from perito_core.storage import ObjectStore, S3Options, open_store
+
+NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+ALIAS_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+LATEST = "latest"
+
+
+@dataclass(frozen=True)
+class LocalArtifact:
+    """A verified model file on local disk and its manifest."""
+
+    path: Path
+    manifest: ModelManifest
+
+
+def validate_model_name(name: str) -> str:
+    if not NAME_PATTERN.match(name):
+        raise InvalidArgument(
+            f"invalid model name {name!r}: use 1-63 lowercase letters, digits, '.', '_' or '-'",
+            field="model",
+        )
+    return name
+
+
+class ModelRegistry:
+    """Publish, list, resolve and fetch model versions.
+
+    Args:
+        store: where the registry lives.
+        cache_dir: where fetched artifacts are kept on local disk.
+    """
+
+    def __init__(self, store: ObjectStore, cache_dir: Path) -> None:
+        self.store = store
+        store_id = hashlib.sha256(store.description.encode()).hexdigest()[:12]
+        self.cache_dir = cache_dir / store_id
+
+    @classmethod
+    def open(
+        cls, uri: str, *, cache_dir: Path | None = None, s3: S3Options | None = None
+    ) -> ModelRegistry:
+        """Open the registry at `s3://bucket/prefix`, `file:///path` or a plain path."""
+        cache = cache_dir or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+        return cls(open_store(uri, s3), cache / "perito" / "models")
+
+    @property
+    def description(self) -> str:
+        return self.store.description
+
+    # Reading
+
+    def list_models(self) -> list[str]:
+        return [n for n in self.store.list_children("models") if NAME_PATTERN.match(n)]
+
+    def list_versions(self, name: str) -> list[str]:
+        """Published versions, oldest first. A version without a manifest is not published."""
+        validate_model_name(name)
+        numbers = [
+            int(child)
+            for child in self.store.list_children(f"models/{name}")
+            if child.isdigit() and not child.startswith("0")
+        ]
+        return [
+            str(n)
+            for n in sorted(numbers)
+            if self.store.exists(f"models/{name}/{n}/manifest.json")
+        ]
+
+    def aliases(self, name: str) -> dict[str, str]:
+        validate_model_name(name)
+        result: dict[str, str] = {}
+        for child in self.store.list_children(f"models/{name}/aliases"):
+            if child.endswith(".json"):
+                record = json.loads(self.store.read_bytes(f"models/{name}/aliases/{child}"))
+                result[child.removesuffix(".json")] = str(record["version"])
+        return result
+
+    def resolve(self, name: str, ref: str = "") -> str:
+        """Turn a version number, an alias or "" / `latest` into a concrete version.
+
+        Raises:
+            NotFound: the model, version or alias does not exist.
+        """
+        validate_model_name(name)
+        ref = ref.strip()
+        if ref in ("", LATEST):
+            versions = self.list_versions(name)
+            if not versions:
+                raise NotFound(f"model {name!r} not found in {self.description}", field="model")
+            return versions[-1]
+        if ref.isdigit():
+            if not self.store.exists(f"models/{name}/{int(ref)}/manifest.json"):
+                raise self._not_found(name, f"version {ref}")
+            return str(int(ref))
+        try:
+            record = json.loads(self.store.read_bytes(f"models/{name}/aliases/{ref}.json"))
+        except NotFound:
+            raise self._not_found(name, f"alias {ref!r}") from None
+        return str(record["version"])
+
+    def _not_found(self, name: str, what: str) -> NotFound:
+        if not self.list_versions(name):
+            return NotFound(f"model {name!r} not found in {self.description}", field="model")
+        return NotFound(f"model {name!r} has no {what}", field="version")
+
+    def manifest(self, name: str, version: str) -> ModelManifest:
+        validate_model_name(name)
+        raw = self.store.read_bytes(f"models/{name}/{version}/manifest.json")
+        try:
+            return ModelManifest.model_validate_json(raw)
+        except ValidationError as exc:
+            raise ModelLoadError(f"{name}@{version}: manifest.json is invalid: {exc}") from None
+
+    def fetch(self, name: str, version: str) -> LocalArtifact:
+        """Return a local, sha256-verified copy of a version's model file.
+
+        Raises:
+            NotFound: no such version.
+            ArtifactIntegrityError: the stored file does not match its manifest's sha256.
+            StorageUnavailable: the store cannot be reached.
+        """
+        manifest = self.manifest(name, version)
+        local = self.cache_dir / name / version / manifest.artifact.file
+        if local.is_file() and sha256_file(local) == manifest.artifact.sha256:
+            return LocalArtifact(local, manifest)
+        local.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=local.parent, delete=False, prefix=".tmp-") as tmp:
+            tmp_path = Path(tmp.name)
+        try:
+            self.store.download_file(f"models/{name}/{version}/{manifest.artifact.file}", tmp_path)
+            actual = sha256_file(tmp_path)
+            if actual != manifest.artifact.sha256:
+                raise ArtifactIntegrityError(
+                    f"{name}@{version}: model file sha256 {actual[:12]}... does not match the "
+                    f"manifest's {manifest.artifact.sha256[:12]}...; refusing to load it"
+                )
+            os.replace(tmp_path, local)
+        finally:
+            tmp_path.unlink(missing_ok=True)
+        return LocalArtifact(local, manifest)
+
+    # Writing
+
+    def publish(
+        self,
+        name: str,
+        model_file: Path,
+        *,
+        labels: list[str],
+        input: InputContract,
+        description: str = "",
+        confidence_threshold: float | None = None,
+        metrics: dict[str, Any] | None = None,
+        calibration: dict[str, Any] | None = None,
+        training: dict[str, Any] | None = None,
+        source: dict[str, Any] | None = None,
+        aliases: tuple[str, ...] = (),
+    ) -> ModelManifest:
+        """Publish `model_file` as the next version of `name`, then point `aliases` at it.
+
+        The model file goes first and the manifest last, so a reader never sees a version
+        whose file is missing. An existing version is never overwritten.
+        """
+        validate_model_name(name)
+        for alias in aliases:
+            self._validate_alias(alias)
+        versions = self.list_versions(name)
+        version = str(int(versions[-1]) + 1 if versions else 1)
+        manifest = ModelManifest(
+            name=name,
+            version=version,
+            labels=labels,
+            input=input,
+            artifact=Artifact(sha256=sha256_file(model_file), size_bytes=model_file.stat().st_size),
+            description=description,
+            confidence_threshold=confidence_threshold,
+            metrics=metrics or {},
+            calibration=calibration or {},
+            training=training or {},
+            source=source or {},
+        )
+        prefix = f"models/{name}/{version}"
+        if self.store.exists(f"{prefix}/manifest.json"):
+            raise AlreadyExists(f"{name}@{version} already exists; versions are immutable")
+        self.store.upload_file(f"{prefix}/{manifest.artifact.file}", model_file)
+        self.store.write_bytes(f"{prefix}/manifest.json", manifest.model_dump_json(indent=2).encode())
+        for alias in aliases:
+            self.set_alias(name, alias, version)
+        return manifest
+
+    def set_alias(self, name: str, alias: str, version: str) -> None:
+        """Point `alias` at an existing version (creating or moving the alias)."""
+        self._validate_alias(alias)
+        version = self.resolve(name, version)
+        record = {"version": version, "updated_at": datetime.now(UTC).isoformat()}
+        self.store.write_bytes(f"models/{name}/aliases/{alias}.json", json.dumps(record).encode())
+
+    def delete_alias(self, name: str, alias: str) -> None:
+        validate_model_name(name)
+        self._validate_alias(alias)
+        self.store.delete(f"models/{name}/aliases/{alias}.json")
+
+    def delete_version(self, name: str, version: str) -> None:
+        """Remove a version (manifest first, so it stops resolving at once)."""
+        version = self.resolve(name, version)
+        prefix = f"models/{name}/{version}"
+        self.store.delete(f"{prefix}/manifest.json")
+        for key in list(self.store.list_keys(prefix + "/")):
+            self.store.delete(key)
+        shutil.rmtree(self.cache_dir / name / version, ignore_errors=True)
+
+    @staticmethod
+    def _validate_alias(alias: str) -> None:
+        if alias == LATEST or alias.isdigit() or not ALIAS_PATTERN.match(alias):
+            raise InvalidArgument(
+                f"invalid alias {alias!r}: use lowercase letters, digits, '_' or '-', starting "
+                f"with a letter; {LATEST!r} is reserved (always the highest version)",
+                field="alias",
+            )

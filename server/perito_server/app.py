@@ -1,0 +1,99 @@
+"""Build and run the gRPC server.
+
+`create_server(settings)` returns a started server and its bound port (tests bind port 0);
+`serve(settings)` runs it until SIGTERM or SIGINT, then drains: health turns NOT_SERVING first
+(so load balancers stop sending), in-flight calls get `grace_s` to finish, batchers empty.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+
+import grpc
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from perito.v1 import service_pb2, service_pb2_grpc
+from perito_core.registry import ModelRegistry
+from perito_server.model_pool import ModelPool
+from perito_server.service import PeritoServicer
+from perito_server.settings import ServerSettings
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = service_pb2.DESCRIPTOR.services_by_name["Perito"].full_name
+
+
+@dataclass
+class RunningServer:
+    server: grpc.aio.Server
+    port: int
+    pool: ModelPool
+    health: HealthServicer
+    servicer: PeritoServicer
+
+    async def stop(self, grace: float) -> None:
+        """Drain: NOT_SERVING, let in-flight calls finish within `grace`, free the models."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        await self.pool.close()
+        self.servicer.close()
+
+
+async def create_server(settings: ServerSettings) -> RunningServer:
+    """Start a server on `settings.host:settings.port` and load `settings.preload` models."""
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    registry = ModelRegistry.open(
+        settings.registry, cache_dir=settings.cache_dir, s3=settings.s3_options()
+    )
+    pool = ModelPool(registry, settings)
+    for ref in settings.preload:
+        name, _, version = ref.partition("@")
+        await pool.get(name, version)
+
+    # Room for the largest request plus protobuf framing; bigger messages are refused by
+    # gRPC itself with RESOURCE_EXHAUSTED naming both sizes.
+    options = [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.so_reuseport", 0),
+    ]
+    server = grpc.aio.server(options=options)
+    servicer = PeritoServicer(settings, pool)
+    service_pb2_grpc.add_PeritoServicer_to_server(servicer, server)
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME),
+        server,
+    )
+    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    if port == 0:
+        raise RuntimeError(f"could not bind {settings.host}:{settings.port}")
+    await server.start()
+    await health.set("", health_pb2.HealthCheckResponse.SERVING)
+    await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+    log.info("serving %s on %s:%d (registry %s)", SERVICE_NAME, settings.host, port,
+             registry.description)
+    return RunningServer(server, port, pool, health, servicer)
+
+
+async def serve(settings: ServerSettings) -> None:
+    """Run until SIGTERM / SIGINT, then shut down gracefully."""
+    running = await create_server(settings)
+    print(f"perito: serving on {settings.host}:{running.port}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down (grace %.1fs)", settings.grace_s)
+    await running.stop(settings.grace_s)
+    print("perito: stopped", flush=True)

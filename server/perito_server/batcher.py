@@ -1,0 +1,245 @@
+"""Dynamic batching: coalesce concurrent requests into one forward pass.
+
+Pure asyncio (no grpc, no torch), in the vocabulary of Triton's dynamic batcher and in the
+manner of `ray/serve/batching.py`:
+
+- a batch is dispatched when it holds `max_batch_size` items, or `max_queue_delay` after its
+  first item arrived, whichever comes first. While a batch runs, new items queue; by the time
+  the model is free their delay has usually passed, so under load batches fill greedily and
+  an idle model adds at most `max_queue_delay` to a lone request;
+- admission is bounded: `admit(n)` reserves room for a request's n items up front (before
+  decoding) and raises `QueueFull` with a retry hint when there is none, so the server sheds
+  load instead of queueing without end;
+- an item whose caller gave up (cancelled) or whose deadline passed is dropped before it runs;
+- a batch that raises fails its own items only; the loop goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import collections
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from perito_core.errors import DeadlineExceeded, QueueFull, ShuttingDown
+
+ItemT = TypeVar("ItemT")
+ResultT = TypeVar("ResultT")
+
+
+@dataclass
+class Histogram:
+    """Cumulative counts over fixed upper bounds, Prometheus-style."""
+
+    bounds: tuple[float, ...]
+    counts: list[int] = field(default_factory=list)
+    total: float = 0.0
+    count: int = 0
+
+    def __post_init__(self) -> None:
+        self.counts = [0] * (len(self.bounds) + 1)
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.total += value
+        self.count += 1
+
+    @property
+    def mean(self) -> float:
+        return self.total / self.count if self.count else 0.0
+
+
+@dataclass
+class BatcherStats:
+    queue_seconds: Histogram = field(
+        default_factory=lambda: Histogram((0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0))
+    )
+    batch_size: Histogram = field(default_factory=lambda: Histogram((1, 2, 4, 8, 16, 32, 64)))
+    dropped_expired: int = 0
+    dropped_cancelled: int = 0
+    failed_batches: int = 0
+    rejected: int = 0
+
+
+@dataclass
+class _Pending(Generic[ItemT, ResultT]):
+    item: ItemT
+    future: asyncio.Future[ResultT]
+    enqueued: float
+    deadline: float | None
+
+
+class Admission(Generic[ItemT, ResultT]):
+    """Room reserved in a batcher for one request's items; release it by leaving the block."""
+
+    def __init__(self, batcher: DynamicBatcher[ItemT, ResultT], size: int) -> None:
+        self._batcher = batcher
+        self._size = size
+
+    def __enter__(self) -> Admission[ItemT, ResultT]:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._batcher._admitted -= self._size
+        self._size = 0
+
+    async def run(self, items: Sequence[ItemT], deadline: float | None) -> list[ResultT]:
+        """Queue the items, wait for every result (in order); `deadline` is monotonic time."""
+        if len(items) > self._size:
+            raise ValueError(f"admitted {self._size} items, got {len(items)}")
+        futures = [self._batcher._enqueue(item, deadline) for item in items]
+        try:
+            return list(await asyncio.gather(*futures))
+        finally:
+            for future in futures:
+                future.cancel()
+
+
+class DynamicBatcher(Generic[ItemT, ResultT]):
+    """Runs `run_batch` on lists of items gathered from concurrent callers.
+
+    Args:
+        run_batch: computes results for a batch, in order; one call at a time.
+        max_batch_size: the most items per call.
+        max_queue_delay: seconds a batch waits for more items after its first arrived.
+        max_queue_size: the most items admitted and not yet answered.
+    """
+
+    def __init__(
+        self,
+        run_batch: Callable[[list[ItemT]], Awaitable[Sequence[ResultT]]],
+        *,
+        max_batch_size: int = 8,
+        max_queue_delay: float = 0.002,
+        max_queue_size: int = 256,
+        name: str = "batcher",
+    ) -> None:
+        if max_batch_size < 1 or max_queue_size < max_batch_size or max_queue_delay < 0:
+            raise ValueError("need max_batch_size >= 1, max_queue_size >= max_batch_size, delay >= 0")
+        self.run_batch = run_batch
+        self.max_batch_size = max_batch_size
+        self.max_queue_delay = max_queue_delay
+        self.max_queue_size = max_queue_size
+        self.name = name
+        self.stats = BatcherStats()
+        self._queue: collections.deque[_Pending[ItemT, ResultT]] = collections.deque()
+        self._wakeup = asyncio.Event()
+        self._admitted = 0
+        self._closing = False
+        self._seconds_per_item = 0.0  # moving average, for the retry hint
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    @property
+    def admitted(self) -> int:
+        return self._admitted
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._loop(), name=self.name)
+
+    def admit(self, size: int) -> Admission[ItemT, ResultT]:
+        """Reserve room for `size` items, or raise `QueueFull` (with a retry hint)."""
+        if self._closing:
+            raise ShuttingDown(f"{self.name} is shutting down")
+        if size > self.max_queue_size:
+            raise QueueFull(
+                f"a request of {size} items exceeds {self.name}'s queue of {self.max_queue_size}",
+                reason="REQUEST_TOO_LARGE",
+            )
+        if self._admitted + size > self.max_queue_size:
+            self.stats.rejected += 1
+            retry_after = max(0.05, self._admitted * self._seconds_per_item)
+            raise QueueFull(
+                f"{self.name}: queue full ({self._admitted} of {self.max_queue_size} images "
+                f"waiting); retry in {retry_after:.2f}s",
+                retry_after=retry_after,
+            )
+        self._admitted += size
+        return Admission(self, size)
+
+    def _enqueue(self, item: ItemT, deadline: float | None) -> asyncio.Future[ResultT]:
+        if self._closing and self._task is None:
+            raise ShuttingDown(f"{self.name} is shut down")
+        future: asyncio.Future[ResultT] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Pending(item, future, time.monotonic(), deadline))
+        self._wakeup.set()
+        return future
+
+    async def close(self) -> None:
+        """Refuse new requests, finish the queued ones, stop the loop."""
+        self._closing = True
+        while self._queue and self._task is not None and not self._task.done():
+            await asyncio.sleep(0.005)
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+
+    async def _next_batch(self) -> list[_Pending[ItemT, ResultT]]:
+        while not self._queue:
+            self._wakeup.clear()
+            await self._wakeup.wait()
+        batch = [self._queue.popleft()]
+        dispatch_at = batch[0].enqueued + self.max_queue_delay
+        while len(batch) < self.max_batch_size:
+            if self._queue:
+                batch.append(self._queue.popleft())
+                continue
+            remaining = dispatch_at - time.monotonic()
+            if remaining <= 0:
+                break
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+            except TimeoutError:
+                break
+        return batch
+
+    def _live(self, batch: list[_Pending[ItemT, ResultT]]) -> list[_Pending[ItemT, ResultT]]:
+        now = time.monotonic()
+        live = []
+        for pending in batch:
+            if pending.future.done():
+                self.stats.dropped_cancelled += 1
+            elif pending.deadline is not None and now >= pending.deadline:
+                self.stats.dropped_expired += 1
+                pending.future.set_exception(
+                    DeadlineExceeded("the deadline passed while the image waited in the queue")
+                )
+            else:
+                self.stats.queue_seconds.observe(now - pending.enqueued)
+                live.append(pending)
+        return live
+
+    async def _loop(self) -> None:
+        while True:
+            live = self._live(await self._next_batch())
+            if not live:
+                continue
+            self.stats.batch_size.observe(len(live))
+            started = time.monotonic()
+            try:
+                results = await self.run_batch([p.item for p in live])
+                if len(results) != len(live):
+                    raise RuntimeError(f"run_batch returned {len(results)} results for {len(live)}")
+            except Exception as exc:  # noqa: BLE001 - the batch's callers get the error
+                self.stats.failed_batches += 1
+                for pending in live:
+                    if not pending.future.done():
+                        pending.future.set_exception(exc)
+                continue
+            per_item = (time.monotonic() - started) / len(live)
+            self._seconds_per_item = 0.8 * self._seconds_per_item + 0.2 * per_item
+            for pending, result in zip(live, results, strict=True):
+                if not pending.future.done():
+                    pending.future.set_result(result)

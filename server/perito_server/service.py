@@ -1,0 +1,193 @@
+"""The `perito.v1.Perito` servicer: request validation, then the model pool and batcher."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import grpc
+import numpy as np
+from google.protobuf import struct_pb2, timestamp_pb2
+
+from perito.v1 import classify_pb2, models_pb2, service_pb2_grpc
+from perito_core.errors import InvalidArgument, InvalidImage
+from perito_core.imaging import ImageLimits, InputSpec, load_model_input
+from perito_core.manifest import ModelManifest
+from perito_core.registry import validate_model_name
+from perito_core.runtime import summarize
+from perito_server.errors import maps_errors
+from perito_server.model_pool import ModelPool
+from perito_server.settings import ServerSettings
+
+log = logging.getLogger(__name__)
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+def _image_label(index: int, image_id: str) -> str:
+    return f"images[{index}] (id {image_id!r})" if image_id else f"images[{index}]"
+
+
+class PeritoServicer(service_pb2_grpc.PeritoServicer):
+    def __init__(self, settings: ServerSettings, pool: ModelPool) -> None:
+        self.settings = settings
+        self.pool = pool
+        self.limits: ImageLimits = settings.image_limits()
+        self._decode_pool = ThreadPoolExecutor(
+            settings.decode_threads, thread_name_prefix="decode"
+        )
+
+    def close(self) -> None:
+        self._decode_pool.shutdown(wait=False, cancel_futures=True)
+
+    # Classify
+
+    def _validate(self, request: classify_pb2.ClassifyRequest) -> None:
+        if not request.model:
+            raise InvalidArgument("model is required", field="model")
+        validate_model_name(request.model)
+        count = len(request.images)
+        if count == 0:
+            raise InvalidArgument("at least one image is required", field="images")
+        if count > self.settings.max_images_per_request:
+            raise InvalidArgument(
+                f"{count} images in one request; the limit is "
+                f"{self.settings.max_images_per_request} (split the batch, or use SubmitJob)",
+                field="images",
+            )
+        if request.top_k < 0:
+            raise InvalidArgument("top_k must be 0 (default) or positive", field="top_k")
+        if not 0.0 <= request.confidence_threshold <= 1.0:
+            raise InvalidArgument(
+                "confidence_threshold must be in [0, 1]", field="confidence_threshold"
+            )
+        for index, image in enumerate(request.images):
+            if image.WhichOneof("source") != "content":
+                raise InvalidArgument(
+                    f"{_image_label(index, image.id)}: Classify takes inline image content; "
+                    "send URIs to SubmitJob",
+                    field=f"images[{index}]",
+                )
+
+    async def _decode_all(
+        self, request: classify_pb2.ClassifyRequest, spec: InputSpec
+    ) -> list[np.ndarray]:
+        loop = asyncio.get_running_loop()
+        decoded = await asyncio.gather(
+            *(
+                loop.run_in_executor(
+                    self._decode_pool, load_model_input, image.content, spec, self.limits
+                )
+                for image in request.images
+            ),
+            return_exceptions=True,
+        )
+        violations = []
+        for index, (image, result) in enumerate(zip(request.images, decoded, strict=True)):
+            if isinstance(result, InvalidImage):
+                violations.append((f"images[{index}]", f"{_image_label(index, image.id)}: {result}"))
+            elif isinstance(result, BaseException):
+                raise result
+        if violations:
+            first = violations[0][1]
+            more = f" (and {len(violations) - 1} more)" if len(violations) > 1 else ""
+            raise InvalidImage(first + more, field=violations[0][0], violations=violations)
+        return [result for result in decoded if isinstance(result, np.ndarray)]
+
+    @maps_errors
+    async def Classify(
+        self, request: classify_pb2.ClassifyRequest, context: Context
+    ) -> classify_pb2.ClassifyResponse:
+        self._validate(request)
+        served = await self.pool.get(request.model, request.version)
+        manifest = served.model.manifest
+        remaining = context.time_remaining()
+        deadline = time.monotonic() + remaining if remaining is not None else None
+        with served.batcher.admit(len(request.images)) as admission:
+            inputs = await self._decode_all(request, manifest.input.spec())
+            probabilities = await admission.run(inputs, deadline)
+        top_k = request.top_k or self.settings.default_top_k
+        threshold = request.confidence_threshold or manifest.confidence_threshold or 0.0
+        response = classify_pb2.ClassifyResponse(
+            model=served.name, model_version=served.version, confidence_threshold=threshold
+        )
+        for index, (image, probs) in enumerate(zip(request.images, probabilities, strict=True)):
+            summary = summarize(probs, manifest.labels, top_k, threshold)
+            response.results.append(
+                classify_pb2.Classification(
+                    image_id=image.id or str(index),
+                    predictions=[
+                        classify_pb2.Prediction(
+                            label=p.label, class_index=p.class_index, probability=p.probability
+                        )
+                        for p in summary.predictions
+                    ],
+                    margin=summary.margin,
+                    normalized_entropy=summary.normalized_entropy,
+                    uncertain=summary.uncertain,
+                )
+            )
+        return response
+
+    # Models
+
+    @maps_errors
+    async def ListModels(
+        self, request: models_pb2.ListModelsRequest, context: Context
+    ) -> models_pb2.ListModelsResponse:
+        if request.page_size < 0:
+            raise InvalidArgument("page_size must not be negative", field="page_size")
+        page_size = request.page_size or 100
+        names = await asyncio.to_thread(self.pool.registry.list_models)
+        after = [n for n in names if n > request.page_token] if request.page_token else names
+        page = after[:page_size]
+        models = [await self._describe(name, with_cards=False) for name in page]
+        token = page[-1] if len(after) > page_size else ""
+        return models_pb2.ListModelsResponse(models=models, next_page_token=token)
+
+    @maps_errors
+    async def GetModel(
+        self, request: models_pb2.GetModelRequest, context: Context
+    ) -> models_pb2.Model:
+        validate_model_name(request.model)
+        return await self._describe(request.model, with_cards=True)
+
+    async def _describe(self, name: str, *, with_cards: bool) -> models_pb2.Model:
+        registry = self.pool.registry
+
+        def read() -> tuple[list[ModelManifest], dict[str, str]]:
+            versions = registry.list_versions(name)
+            if not versions:
+                registry.resolve(name)  # raises NotFound with the standard message
+            return [registry.manifest(name, v) for v in versions], registry.aliases(name)
+
+        manifests, aliases = await asyncio.to_thread(read)
+        loaded = {version for model, version in self.pool.loaded if model == name}
+        model = models_pb2.Model(
+            name=name, latest_version=manifests[-1].version, aliases=aliases
+        )
+        for manifest in manifests:
+            created = timestamp_pb2.Timestamp()
+            created.FromDatetime(manifest.created_at)
+            version = models_pb2.ModelVersion(
+                model=name,
+                version=manifest.version,
+                aliases=sorted(a for a, v in aliases.items() if v == manifest.version),
+                labels=manifest.labels,
+                input_height=manifest.input.height,
+                input_width=manifest.input.width,
+                sha256=manifest.artifact.sha256,
+                create_time=created,
+                description=manifest.description,
+                loaded=manifest.version in loaded,
+            )
+            if with_cards:
+                card = struct_pb2.Struct()
+                card.update(manifest.card())
+                version.card.CopyFrom(card)
+            model.versions.append(version)
+        return model
+

@@ -1,0 +1,1 @@
+"""Perito training: datasets, architectures, training, evaluation, export and publishing."""
