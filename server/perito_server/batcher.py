@@ -83,7 +83,7 @@ class Admission(Generic[ItemT, ResultT]):
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._batcher._admitted -= self._size
+        self._batcher._release(self._size)
         self._size = 0
 
     async def run(self, items: Sequence[ItemT], deadline: float | None) -> list[ResultT]:
@@ -164,29 +164,31 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         self._admitted += size
         return Admission(self, size)
 
+    def _release(self, size: int) -> None:
+        self._admitted -= size
+        if self._closing:
+            self._wakeup.set()  # the loop may be waiting to see the last request out
+
     def _enqueue(self, item: ItemT, deadline: float | None) -> asyncio.Future[ResultT]:
-        if self._closing and self._task is None:
-            raise ShuttingDown(f"{self.name} is shut down")
+        if self._task is None or self._task.done():
+            raise ShuttingDown(f"{self.name} is not running")
         future: asyncio.Future[ResultT] = asyncio.get_running_loop().create_future()
         self._queue.append(_Pending(item, future, time.monotonic(), deadline))
         self._wakeup.set()
         return future
 
     async def close(self) -> None:
-        """Refuse new requests, finish the queued ones, stop the loop."""
+        """Refuse new requests, answer every admitted one, then stop the loop."""
         self._closing = True
-        while self._queue and self._task is not None and not self._task.done():
-            await asyncio.sleep(0.005)
+        self._wakeup.set()
         if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+            await self._task
 
     async def _next_batch(self) -> list[_Pending[ItemT, ResultT]]:
+        """The next batch to run; empty once closing and every admitted request is answered."""
         while not self._queue:
+            if self._closing and self._admitted == 0:
+                return []
             self._wakeup.clear()
             await self._wakeup.wait()
         batch = [self._queue.popleft()]
@@ -223,7 +225,10 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
 
     async def _loop(self) -> None:
         while True:
-            live = self._live(await self._next_batch())
+            batch = await self._next_batch()
+            if not batch:
+                return
+            live = self._live(batch)
             if not live:
                 continue
             self.stats.batch_size.observe(len(live))

@@ -8,6 +8,7 @@ preprocessing travels with the weights and serving cannot drift from training.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -68,7 +69,10 @@ def export_torchscript(
 ) -> torch.jit.ScriptModule:
     """Wrap `network`, script it and save it to `path`; returns the scripted module."""
     module = ImageClassifier(network, contract, temperature).eval()
-    scripted = torch.jit.script(module)
+    with warnings.catch_warnings():
+        # torch 2.14 marks TorchScript deprecated; it is our artifact format (DESIGN.md).
+        warnings.simplefilter("ignore", FutureWarning)
+        scripted = torch.jit.script(module)
     path.parent.mkdir(parents=True, exist_ok=True)
     scripted.save(str(path))
     return scripted

@@ -1,0 +1,143 @@
+"""The dynamic batcher, driven with a fake model (pure asyncio: no grpc, no torch)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from perito_core.errors import DeadlineExceeded, QueueFull, ShuttingDown
+from perito_server.batcher import DynamicBatcher
+
+
+class FakeModel:
+    def __init__(self, seconds: float = 0.0, fail_on: int | None = None) -> None:
+        self.batches: list[list[int]] = []
+        self.seconds = seconds
+        self.fail_on = fail_on
+
+    async def __call__(self, items: list[int]) -> list[int]:
+        self.batches.append(list(items))
+        await asyncio.sleep(self.seconds)
+        if self.fail_on is not None and self.fail_on in items:
+            raise RuntimeError("model exploded")
+        return [item * 10 for item in items]
+
+
+async def classify(batcher: DynamicBatcher[int, int], items: list[int], deadline: float | None = None) -> list[int]:
+    with batcher.admit(len(items)) as admission:
+        return await admission.run(items, deadline)
+
+
+async def test_concurrent_requests_share_batches_up_to_the_limit() -> None:
+    model = FakeModel(seconds=0.01)
+    batcher = DynamicBatcher(model, max_batch_size=4, max_queue_delay=0.05, max_queue_size=64)
+    batcher.start()
+    results = await asyncio.gather(*(classify(batcher, [i]) for i in range(10)))
+    assert results == [[i * 10] for i in range(10)]
+    assert max(len(b) for b in model.batches) == 4
+    assert len(model.batches) <= 4
+    assert sorted(i for b in model.batches for i in b) == list(range(10))
+    await batcher.close()
+
+
+async def test_a_lone_request_waits_at_most_the_queue_delay() -> None:
+    model = FakeModel()
+    batcher = DynamicBatcher(model, max_batch_size=8, max_queue_delay=0.05, max_queue_size=64)
+    batcher.start()
+    started = time.monotonic()
+    assert await classify(batcher, [7]) == [70]
+    elapsed = time.monotonic() - started
+    assert 0.04 <= elapsed < 0.5
+    await batcher.close()
+
+
+async def test_results_keep_request_order_within_a_multi_image_request() -> None:
+    batcher = DynamicBatcher(FakeModel(), max_batch_size=3, max_queue_delay=0.0, max_queue_size=64)
+    batcher.start()
+    assert await classify(batcher, [5, 1, 4, 2, 3]) == [50, 10, 40, 20, 30]
+    await batcher.close()
+
+
+async def test_admission_beyond_the_queue_raises_queue_full_with_a_retry_hint() -> None:
+    batcher = DynamicBatcher(FakeModel(), max_batch_size=2, max_queue_delay=0.0, max_queue_size=4)
+    with batcher.admit(3):
+        with pytest.raises(QueueFull) as caught:
+            batcher.admit(2)
+        assert caught.value.retry_after is not None and caught.value.retry_after > 0
+    with batcher.admit(4):  # released on exit: room again
+        pass
+    assert batcher.stats.rejected == 1
+
+
+async def test_a_request_larger_than_the_queue_is_refused_outright() -> None:
+    batcher = DynamicBatcher(FakeModel(), max_batch_size=2, max_queue_delay=0.0, max_queue_size=4)
+    with pytest.raises(QueueFull, match="exceeds"):
+        batcher.admit(5)
+
+
+async def test_expired_items_are_dropped_before_they_run() -> None:
+    model = FakeModel(seconds=0.05)
+    batcher = DynamicBatcher(model, max_batch_size=1, max_queue_delay=0.0, max_queue_size=64)
+    batcher.start()
+    blocker = asyncio.ensure_future(classify(batcher, [1]))
+    await asyncio.sleep(0.01)  # item 1 is running for 50 ms
+    with pytest.raises(DeadlineExceeded):
+        await classify(batcher, [2], deadline=time.monotonic() + 0.02)
+    assert await blocker == [10]
+    assert [2] not in model.batches
+    assert batcher.stats.dropped_expired == 1
+    await batcher.close()
+
+
+async def test_cancelled_callers_are_dropped_before_they_run() -> None:
+    model = FakeModel(seconds=0.05)
+    batcher = DynamicBatcher(model, max_batch_size=1, max_queue_delay=0.0, max_queue_size=64)
+    batcher.start()
+    blocker = asyncio.ensure_future(classify(batcher, [1]))
+    await asyncio.sleep(0.01)
+    impatient = asyncio.ensure_future(classify(batcher, [2]))
+    await asyncio.sleep(0.01)
+    impatient.cancel()
+    assert await blocker == [10]
+    await asyncio.sleep(0.02)
+    assert [2] not in model.batches
+    assert batcher.stats.dropped_cancelled == 1
+    await batcher.close()
+
+
+async def test_a_failing_batch_fails_only_its_own_items() -> None:
+    model = FakeModel(seconds=0.02, fail_on=13)
+    batcher = DynamicBatcher(model, max_batch_size=1, max_queue_delay=0.0, max_queue_size=64)
+    batcher.start()
+    results = await asyncio.gather(
+        classify(batcher, [1]), classify(batcher, [13]), classify(batcher, [2]),
+        return_exceptions=True,
+    )
+    assert results[0] == [10]
+    assert isinstance(results[1], RuntimeError)
+    assert results[2] == [20]
+    assert batcher.stats.failed_batches == 1
+    await batcher.close()
+
+
+async def test_close_finishes_queued_work_then_refuses_new_requests() -> None:
+    batcher = DynamicBatcher(FakeModel(seconds=0.01), max_batch_size=2, max_queue_delay=0.0, max_queue_size=64)
+    batcher.start()
+    pending = [asyncio.ensure_future(classify(batcher, [i])) for i in range(5)]
+    await asyncio.sleep(0)
+    await batcher.close()
+    assert [await p for p in pending] == [[i * 10] for i in range(5)]
+    with pytest.raises(ShuttingDown):
+        batcher.admit(1)
+
+
+async def test_histograms_record_batch_sizes_and_queue_time() -> None:
+    batcher = DynamicBatcher(FakeModel(seconds=0.01), max_batch_size=4, max_queue_delay=0.02, max_queue_size=64)
+    batcher.start()
+    await asyncio.gather(*(classify(batcher, [i]) for i in range(8)))
+    assert batcher.stats.batch_size.count == 2
+    assert batcher.stats.batch_size.mean == 4
+    assert batcher.stats.queue_seconds.count == 8
+    await batcher.close()

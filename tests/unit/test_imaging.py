@@ -1,0 +1,123 @@
+"""Every bad-input case from DESIGN.md gets a clear `InvalidImage`, and odd-but-valid images
+(CMYK, 16-bit, palette, alpha, EXIF-rotated) come out as upright 8-bit RGB."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from perito_core.errors import InvalidImage
+from perito_core.imaging import ImageLimits, InputSpec, decode_image, load_model_input
+
+
+def encode(image: Image.Image, fmt: str = "PNG", **params: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **params)
+    return buffer.getvalue()
+
+
+def photo(width: int = 64, height: int = 48) -> Image.Image:
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def reason_for(data: bytes, limits: ImageLimits = ImageLimits()) -> str:
+    with pytest.raises(InvalidImage) as caught:
+        decode_image(data, limits)
+    return caught.value.reason
+
+
+def test_empty_bytes() -> None:
+    assert reason_for(b"") == "EMPTY"
+
+
+def test_bytes_that_are_not_an_image() -> None:
+    assert reason_for(b"%PDF-1.7 this is a claim form, not a photo") == "NOT_AN_IMAGE"
+
+
+def test_truncated_jpeg() -> None:
+    data = encode(photo(640, 480), "JPEG", quality=90)
+    assert reason_for(data[: len(data) // 2]) == "TRUNCATED"
+
+
+def test_oversized_file() -> None:
+    assert reason_for(encode(photo()), ImageLimits(max_bytes=100)) == "TOO_LARGE"
+
+
+def test_decompression_bomb_is_refused_before_decoding() -> None:
+    # 12,000 x 12,000 one-bit pixels: a ~20 KB file that would decode to 144 megapixels.
+    bomb = encode(Image.new("1", (12_000, 12_000)))
+    assert len(bomb) < 100_000
+    assert reason_for(bomb) == "DECOMPRESSION_BOMB"
+
+
+@pytest.mark.parametrize("size", [(4000, 20), (20, 4000), (25_000, 1000)])
+def test_absurd_dimensions(size: tuple[int, int]) -> None:
+    assert reason_for(encode(Image.new("L", size))) == "BAD_DIMENSIONS"
+
+
+def test_cmyk_jpeg_becomes_rgb_with_its_colour() -> None:
+    cmyk = Image.new("CMYK", (32, 32), (0, 255, 255, 0))  # pure red in CMYK
+    image = decode_image(encode(cmyk, "JPEG", quality=95))
+    assert image.mode == "RGB"
+    red, green, blue = image.getpixel((16, 16))  # type: ignore[misc]
+    assert red > 200 and green < 60 and blue < 60
+
+
+def test_16_bit_greyscale_is_scaled_not_clipped() -> None:
+    grey = np.full((16, 16), 32_768, dtype=np.uint16)
+    image = decode_image(encode(Image.fromarray(grey)))
+    assert image.mode == "RGB"
+    assert np.asarray(image)[0, 0].tolist() == [128, 128, 128]
+
+
+def test_palette_image_with_transparency_goes_over_white() -> None:
+    palette = Image.new("P", (8, 8), 0)
+    palette.putpalette([0, 0, 0] * 256)
+    palette.info["transparency"] = 0
+    image = decode_image(encode(palette))
+    assert np.asarray(image)[0, 0].tolist() == [255, 255, 255]
+
+
+def test_alpha_is_composited_over_white() -> None:
+    half_red = Image.new("RGBA", (8, 8), (255, 0, 0, 128))
+    pixel = np.asarray(decode_image(encode(half_red)))[0, 0].tolist()
+    assert pixel[0] == 255 and 120 <= pixel[1] <= 135 and pixel[1] == pixel[2]
+
+
+def test_exif_orientation_is_applied() -> None:
+    wide = photo(60, 20)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to view"
+    image = decode_image(encode(wide, "JPEG", exif=exif.tobytes()))
+    assert image.size == (20, 60)
+
+
+def test_greyscale_gif_webp_and_bmp_decode() -> None:
+    for fmt in ("GIF", "WEBP", "BMP"):
+        assert decode_image(encode(photo(), fmt)).mode == "RGB"
+    assert decode_image(encode(Image.new("L", (10, 10), 7))).getpixel((0, 0)) == (7, 7, 7)
+
+
+def test_large_jpeg_uses_reduced_scale_decoding_but_keeps_enough_pixels() -> None:
+    image = decode_image(encode(photo(2000, 1500), "JPEG"), min_size=(256, 256))
+    assert min(image.size) >= 256
+    assert image.size[0] <= 1000  # decoded at 1/2 scale or less, not 2000 wide
+
+
+def test_center_crop_input_is_exactly_the_model_size() -> None:
+    spec = InputSpec(height=224, width=224, resize_size=256, resize_mode="center_crop")
+    array = load_model_input(encode(photo(640, 480), "JPEG"), spec)
+    assert array.shape == (224, 224, 3) and array.dtype == np.uint8
+
+
+def test_squash_input_keeps_the_whole_image() -> None:
+    spec = InputSpec(height=28, width=28, resize_size=28, resize_mode="squash")
+    left_black_right_white = np.zeros((10, 100, 3), dtype=np.uint8)
+    left_black_right_white[:, 50:] = 255
+    array = load_model_input(encode(Image.fromarray(left_black_right_white)), spec)
+    assert array.shape == (28, 28, 3)
+    assert array[:, 0].max() < 30 and array[:, -1].min() > 225

@@ -1,0 +1,75 @@
+"""Loading artifacts and reading their outputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from perito_core.errors import ModelLoadError
+from perito_core.manifest import Artifact, ModelManifest, sha256_file
+from perito_core.runtime import LoadedModel, summarize
+from perito_training.export import export_torchscript
+from tests.helpers import TINY_INPUT, tiny_network
+
+
+def manifest_for(path: Path, labels: list[str]) -> ModelManifest:
+    return ModelManifest(
+        name="tiny", version="1", labels=labels, input=TINY_INPUT,
+        artifact=Artifact(sha256=sha256_file(path), size_bytes=path.stat().st_size),
+    )
+
+
+def test_optimised_module_gives_the_same_probabilities_as_eager(tmp_path: Path) -> None:
+    network = tiny_network(3)
+    path = tmp_path / "model.pt"
+    export_torchscript(network, TINY_INPUT, path)
+    model = LoadedModel.load(path, manifest_for(path, ["a", "b", "c"]), device="cpu", warmup_batch_sizes=(1, 2))
+    images = np.random.default_rng(1).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    expected = torch.softmax(
+        network(torch.from_numpy(images).permute(0, 3, 1, 2).float() / (255 * 0.25) - 2.0), dim=1
+    )
+    np.testing.assert_allclose(model.predict(images), expected.detach().numpy(), atol=1e-4)
+
+
+def test_label_count_that_does_not_match_the_output_is_refused(tiny_model_file: Path) -> None:
+    with pytest.raises(ModelLoadError, match="2 labels"):
+        LoadedModel.load(tiny_model_file, manifest_for(tiny_model_file, ["a", "b"]), device="cpu")
+
+
+def test_a_file_that_is_not_torchscript_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "model.pt"
+    path.write_bytes(b"not a zip archive")
+    with pytest.raises(ModelLoadError, match="not a loadable TorchScript"):
+        LoadedModel.load(path, manifest_for(path, ["a", "b", "c"]), device="cpu")
+
+
+def test_a_module_returning_logits_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "logits.pt"
+    scripted = torch.jit.script(_Logits())
+    scripted.save(str(path))
+    with pytest.raises(ModelLoadError, match="do not sum to 1"):
+        LoadedModel.load(path, manifest_for(path, ["a", "b", "c"]), device="cpu")
+
+
+class _Logits(torch.nn.Module):
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return images.float().mean(dim=(2, 3)) * 3.0
+
+
+def test_summary_ranks_classes_and_measures_uncertainty() -> None:
+    labels = ["minor", "moderate", "severe"]
+    confident = summarize(np.array([0.02, 0.03, 0.95]), labels, top_k=2, threshold=0.6)
+    assert [p.label for p in confident.predictions] == ["severe", "moderate"]
+    assert confident.margin == pytest.approx(0.92)
+    assert not confident.uncertain
+    torn = summarize(np.array([0.45, 0.44, 0.11]), labels, top_k=5, threshold=0.6)
+    assert len(torn.predictions) == 3
+    assert torn.uncertain
+    assert torn.margin == pytest.approx(0.01)
+    assert torn.normalized_entropy > confident.normalized_entropy
+    uniform = summarize(np.full(3, 1 / 3), labels, top_k=1, threshold=None)
+    assert uniform.normalized_entropy == pytest.approx(1.0)
+    assert not uniform.uncertain
