@@ -55,8 +55,14 @@ def publish_lite0(registry: ModelRegistry, lite0_dir: Path, **kwargs: object) ->
     return manifest.version
 
 
-def publish_tiny(registry: ModelRegistry, model_file: Path, name: str = "tiny", **kwargs: object) -> str:
+def publish_tiny(
+    registry: ModelRegistry, model_file: Path, name: str = "tiny", **kwargs: object
+) -> str:
     manifest = registry.publish(
-        name, model_file, labels=["minor", "moderate", "severe"], input=TINY_INPUT, **kwargs  # type: ignore[arg-type]
+        name,
+        model_file,
+        labels=["minor", "moderate", "severe"],
+        input=TINY_INPUT,
+        **kwargs,  # type: ignore[arg-type]
     )
     return manifest.version

@@ -99,8 +99,12 @@ def _print_json(value: object) -> None:
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--model", "-m", "model_ref", required=True, help="NAME or NAME@VERSION_OR_ALIAS.")
 @click.option("--top-k", "-k", default=3, show_default=True, type=click.IntRange(min=1))
-@click.option("--threshold", type=click.FloatRange(0, 1), default=0.0,
-              help="Top-1 probability under which a result is flagged uncertain.")
+@click.option(
+    "--threshold",
+    type=click.FloatRange(0, 1),
+    default=0.0,
+    help="Top-1 probability under which a result is flagged uncertain.",
+)
 @_server_option
 @_timeout_option
 @_json_option
@@ -197,7 +201,9 @@ def models_show(name: str, server: str, timeout: float, as_json: bool) -> None:
 
 
 def _print_model(model: Model) -> None:
-    click.echo(f"model {model.name}: {len(model.versions)} version(s), latest {model.latest_version}")
+    click.echo(
+        f"model {model.name}: {len(model.versions)} version(s), latest {model.latest_version}"
+    )
     for version in model.versions:
         aliases = f" [{', '.join(version.aliases)}]" if version.aliases else ""
         loaded = " (loaded)" if version.loaded else ""
@@ -210,7 +216,7 @@ def _print_model(model: Model) -> None:
     if latest.description:
         click.echo(f"\n{latest.description}")
     labels = latest.labels
-    shown = ", ".join(labels[:10]) + (f", ... ({len(labels)} in all)" if len(labels) > 10 else "")
+    shown = " | ".join(labels[:10]) + (f", ... ({len(labels)} in all)" if len(labels) > 10 else "")
     click.echo(f"\nlabels: {shown}")
     metrics = latest.card.get("metrics") or {}
     if metrics:

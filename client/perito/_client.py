@@ -59,7 +59,7 @@ class Client:
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ],
         )
-        self._stub = service_pb2_grpc.PeritoStub(self._channel)
+        self._stub = service_pb2_grpc.PeritoStub(self._channel)  # type: ignore[no-untyped-call]
 
     def __enter__(self) -> Client:
         return self
@@ -163,7 +163,8 @@ class Client:
 def _retry_wait(error: PeritoError, attempt: int) -> float | None:
     """Seconds to wait before retrying `error`, or None when it must not be retried."""
     if isinstance(error, ResourceExhaustedError) and error.retry_after is not None:
-        return error.retry_after * (1 + random.random() * 0.2)
+        hint: float = error.retry_after
+        return hint * (1 + random.random() * 0.2)
     if isinstance(error, UnavailableError):
-        return min(2.0, 0.1 * 2**attempt) * (0.5 + random.random())
+        return min(2.0, 0.1 * 2.0**attempt) * (0.5 + random.random())
     return None

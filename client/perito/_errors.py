@@ -105,8 +105,8 @@ def from_rpc_error(error: grpc.RpcError) -> PeritoError:
     from google.rpc import error_details_pb2
     from grpc_status import rpc_status
 
-    code: grpc.StatusCode = error.code()  # type: ignore[attr-defined]
-    message: str = error.details() or code.name  # type: ignore[attr-defined]
+    code: grpc.StatusCode = error.code()
+    message: str = error.details() or code.name
     reason = ""
     violations: list[FieldViolation] = []
     retry_after = None

@@ -8,6 +8,7 @@ prepared the same way everywhere.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
 from dataclasses import dataclass
@@ -82,7 +83,7 @@ def decode_image(
         with warnings.catch_warnings():
             # Our own pixel limit below is the bound; PIL's warning is noise beside it.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image: Image.Image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise InvalidImage(
             "not a recognised image format (expected JPEG, PNG, WebP, GIF, BMP or TIFF)",
@@ -91,7 +92,7 @@ def decode_image(
     except Image.DecompressionBombError as exc:
         raise InvalidImage(str(exc), reason="DECOMPRESSION_BOMB") from None
     except (OSError, SyntaxError, ValueError) as exc:
-        raise InvalidImage(f"unreadable image header: {exc}", reason="NOT_AN_IMAGE") from None
+        raise _damaged(exc) from None
 
     _check_dimensions(image.size, limits)
     if min_size is not None and image.format == "JPEG":
@@ -103,13 +104,19 @@ def decode_image(
     except Image.DecompressionBombError as exc:
         raise InvalidImage(str(exc), reason="DECOMPRESSION_BOMB") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        reason = "TRUNCATED" if "truncated" in str(exc).lower() else "CORRUPT"
-        raise InvalidImage(f"image data is damaged: {exc}", reason=reason) from None
-    try:
+        raise _damaged(exc) from None
+    # A broken EXIF block must not cost the image: it is then used as stored.
+    with contextlib.suppress(Exception):
         image = ImageOps.exif_transpose(image)
-    except Exception:  # noqa: BLE001 - a broken EXIF block must not cost the image
-        pass
     return _to_rgb(image)
+
+
+def _damaged(exc: BaseException) -> InvalidImage:
+    truncated = "truncated" in str(exc).lower()
+    return InvalidImage(
+        f"image data is damaged{' (the file is cut short)' if truncated else ''}: {exc}",
+        reason="TRUNCATED" if truncated else "CORRUPT",
+    )
 
 
 def _check_dimensions(size: tuple[int, int], limits: ImageLimits) -> None:

@@ -97,9 +97,7 @@ class ModelRegistry:
             if child.isdigit() and not child.startswith("0")
         ]
         return [
-            str(n)
-            for n in sorted(numbers)
-            if self.store.exists(f"models/{name}/{n}/manifest.json")
+            str(n) for n in sorted(numbers) if self.store.exists(f"models/{name}/{n}/manifest.json")
         ]
 
     def aliases(self, name: str) -> dict[str, str]:
@@ -219,7 +217,9 @@ class ModelRegistry:
         if self.store.exists(f"{prefix}/manifest.json"):
             raise AlreadyExists(f"{name}@{version} already exists; versions are immutable")
         self.store.upload_file(f"{prefix}/{manifest.artifact.file}", model_file)
-        self.store.write_bytes(f"{prefix}/manifest.json", manifest.model_dump_json(indent=2).encode())
+        self.store.write_bytes(
+            f"{prefix}/manifest.json", manifest.model_dump_json(indent=2).encode()
+        )
         for alias in aliases:
             self.set_alias(name, alias, version)
         return manifest

@@ -85,7 +85,7 @@ class LoadedModel:
             with warnings.catch_warnings():
                 # torch 2.14 marks TorchScript deprecated; it is our artifact format (DESIGN.md).
                 warnings.simplefilter("ignore", FutureWarning)
-                module = torch.jit.load(str(path), map_location=target).eval()
+                module = torch.jit.load(str(path), map_location=target).eval()  # type: ignore[no-untyped-call]
         except Exception as exc:  # noqa: BLE001 - any failure here is a bad artifact
             raise ModelLoadError(
                 f"{manifest.name}@{manifest.version}: not a loadable TorchScript file: {exc}"
@@ -132,7 +132,8 @@ class LoadedModel:
 
     def _forward(self, batch: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
-            return self.module(batch.to(self.device, non_blocking=True)).float().cpu()
+            output: torch.Tensor = self.module(batch.to(self.device, non_blocking=True))
+        return output.float().cpu()
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         """Class probabilities for a batch of prepared images.

@@ -66,9 +66,11 @@ class LocalStore:
     def upload_file(self, key: str, path: Path) -> None:
         target = self._path(key)
         target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=target.parent, delete=False, prefix=".tmp-") as tmp:
-            with path.open("rb") as source:
-                shutil.copyfileobj(source, tmp)
+        with (
+            tempfile.NamedTemporaryFile(dir=target.parent, delete=False, prefix=".tmp-") as tmp,
+            path.open("rb") as source,
+        ):
+            shutil.copyfileobj(source, tmp)
         os.replace(tmp.name, target)
 
     def download_file(self, key: str, path: Path) -> None:
@@ -163,8 +165,9 @@ class S3Store:
                 raise StorageUnavailable(
                     f"bucket {self.bucket!r} does not exist ({self.description})"
                 ) from None
+            detail = f"{code} {error.get('Message', '')}".strip()
             raise StorageUnavailable(
-                f"object storage {self.description} refused {what}: {code} {error.get('Message', '')}"
+                f"object storage {self.description} refused {what}: {detail}"
             ) from None
         except BotoCoreError as exc:
             raise StorageUnavailable(

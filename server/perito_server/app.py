@@ -66,12 +66,15 @@ async def create_server(settings: ServerSettings) -> RunningServer:
     ]
     server = grpc.aio.server(options=options)
     servicer = PeritoServicer(settings, pool)
-    service_pb2_grpc.add_PeritoServicer_to_server(servicer, server)
+    service_pb2_grpc.add_PeritoServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-         reflection.SERVICE_NAME),
+        (
+            SERVICE_NAME,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
         server,
     )
     port = server.add_insecure_port(f"{settings.host}:{settings.port}")
@@ -80,8 +83,9 @@ async def create_server(settings: ServerSettings) -> RunningServer:
     await server.start()
     await health.set("", health_pb2.HealthCheckResponse.SERVING)
     await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-    log.info("serving %s on %s:%d (registry %s)", SERVICE_NAME, settings.host, port,
-             registry.description)
+    log.info(
+        "serving %s on %s:%d (registry %s)", SERVICE_NAME, settings.host, port, registry.description
+    )
     return RunningServer(server, port, pool, health, servicer)
 
 

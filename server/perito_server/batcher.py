@@ -118,7 +118,9 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         name: str = "batcher",
     ) -> None:
         if max_batch_size < 1 or max_queue_size < max_batch_size or max_queue_delay < 0:
-            raise ValueError("need max_batch_size >= 1, max_queue_size >= max_batch_size, delay >= 0")
+            raise ValueError(
+                "need max_batch_size >= 1, max_queue_size >= max_batch_size, delay >= 0"
+            )
         self.run_batch = run_batch
         self.max_batch_size = max_batch_size
         self.max_queue_delay = max_queue_delay

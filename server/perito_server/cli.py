@@ -33,8 +33,10 @@ def _registry(registry: str | None) -> ModelRegistry:
 
 
 _registry_option = click.option(
-    "--registry", envvar="PERITO_REGISTRY", help="Folder, file:// or s3://bucket/prefix "
-    "(env PERITO_REGISTRY; S3 endpoint and keys from PERITO_S3_* or the AWS defaults)."
+    "--registry",
+    envvar="PERITO_REGISTRY",
+    help="Folder, file:// or s3://bucket/prefix "
+    "(env PERITO_REGISTRY; S3 endpoint and keys from PERITO_S3_* or the AWS defaults).",
 )
 
 
@@ -55,7 +57,9 @@ def serve(log_level: str, **flags: Any) -> None:
     Example:
       perito serve --registry ./var/registry --port 8500 --preload car-damage@production
     """
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     from perito_server.app import serve as run
 
     settings = _settings(**flags)
@@ -72,20 +76,43 @@ def _read_labels(path: Path) -> list[str]:
 @click.command("import")
 @click.argument("model_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--name", required=True, help="The model's name, e.g. car-damage.")
-@click.option("--labels", "labels_file", required=True,
-              type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Text file, one class label per line, in output order.")
-@click.option("--input-size", type=int, default=224, show_default=True,
-              help="Height and width the module expects.")
-@click.option("--resize-size", type=int, help="Shorter side before the centre crop "
-              "(default: input size / 0.875).")
-@click.option("--resize-mode", type=click.Choice(["center_crop", "squash"]), default="center_crop",
-              show_default=True)
-@click.option("--interpolation", type=click.Choice(["nearest", "bilinear", "bicubic"]),
-              default="bilinear", show_default=True)
+@click.option(
+    "--labels",
+    "labels_file",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Text file, one class label per line, in output order.",
+)
+@click.option(
+    "--input-size",
+    type=int,
+    default=224,
+    show_default=True,
+    help="Height and width the module expects.",
+)
+@click.option(
+    "--resize-size",
+    type=int,
+    help="Shorter side before the centre crop (default: input size / 0.875).",
+)
+@click.option(
+    "--resize-mode",
+    type=click.Choice(["center_crop", "squash"]),
+    default="center_crop",
+    show_default=True,
+)
+@click.option(
+    "--interpolation",
+    type=click.Choice(["nearest", "bilinear", "bicubic"]),
+    default="bilinear",
+    show_default=True,
+)
 @click.option("--description", default="", help="Free text for the model card.")
-@click.option("--confidence-threshold", type=click.FloatRange(0, 1),
-              help="Recommended top-1 probability below which predictions are uncertain.")
+@click.option(
+    "--confidence-threshold",
+    type=click.FloatRange(0, 1),
+    help="Recommended top-1 probability below which predictions are uncertain.",
+)
 @click.option("--alias", "aliases", multiple=True, help="Point this alias at the new version.")
 @_registry_option
 def import_model(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
@@ -63,6 +63,12 @@ def to_status(error: PeritoError) -> grpc.Status:
     return rpc_status.to_status(status)
 
 
+async def abort(context: grpc.aio.ServicerContext[Any, Any], error: PeritoError) -> NoReturn:
+    """End the call with `error`'s rich status."""
+    status = to_status(error)
+    await context.abort(status.code, status.details, status.trailing_metadata)
+
+
 HandlerT = TypeVar("HandlerT", bound=Callable[..., Awaitable[Any]])
 
 
@@ -78,13 +84,11 @@ def maps_errors(handler: HandlerT) -> HandlerT:
         try:
             return await handler(self, request, context)
         except PeritoError as error:
-            await context.abort_with_status(to_status(error))
+            await abort(context, error)
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
             log.exception("%s failed", handler.__name__)
-            await context.abort_with_status(
-                to_status(PeritoError(f"internal error: {type(exc).__name__}: {exc}"))
-            )
+            await abort(context, PeritoError(f"internal error: {type(exc).__name__}: {exc}"))
 
     return wrapper  # type: ignore[return-value]

@@ -36,9 +36,7 @@ class PeritoServicer(service_pb2_grpc.PeritoServicer):
         self.settings = settings
         self.pool = pool
         self.limits: ImageLimits = settings.image_limits()
-        self._decode_pool = ThreadPoolExecutor(
-            settings.decode_threads, thread_name_prefix="decode"
-        )
+        self._decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
 
     def close(self) -> None:
         self._decode_pool.shutdown(wait=False, cancel_futures=True)
@@ -88,7 +86,9 @@ class PeritoServicer(service_pb2_grpc.PeritoServicer):
         violations = []
         for index, (image, result) in enumerate(zip(request.images, decoded, strict=True)):
             if isinstance(result, InvalidImage):
-                violations.append((f"images[{index}]", f"{_image_label(index, image.id)}: {result}"))
+                violations.append(
+                    (f"images[{index}]", f"{_image_label(index, image.id)}: {result}")
+                )
             elif isinstance(result, BaseException):
                 raise result
         if violations:
@@ -166,9 +166,7 @@ class PeritoServicer(service_pb2_grpc.PeritoServicer):
 
         manifests, aliases = await asyncio.to_thread(read)
         loaded = {version for model, version in self.pool.loaded if model == name}
-        model = models_pb2.Model(
-            name=name, latest_version=manifests[-1].version, aliases=aliases
-        )
+        model = models_pb2.Model(name=name, latest_version=manifests[-1].version, aliases=aliases)
         for manifest in manifests:
             created = timestamp_pb2.Timestamp()
             created.FromDatetime(manifest.created_at)
@@ -190,4 +188,3 @@ class PeritoServicer(service_pb2_grpc.PeritoServicer):
                 version.card.CopyFrom(card)
             model.versions.append(version)
         return model
-

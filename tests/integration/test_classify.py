@@ -28,7 +28,9 @@ LITE0 = "imagenet-efficientnet-lite0"
 
 
 @pytest.fixture(scope="module")
-def registry_dir(tmp_path_factory: pytest.TempPathFactory, lite0_dir: Path, tiny_model_file: Path) -> Path:
+def registry_dir(
+    tmp_path_factory: pytest.TempPathFactory, lite0_dir: Path, tiny_model_file: Path
+) -> Path:
     root = tmp_path_factory.mktemp("registry")
     registry = ModelRegistry.open(str(root), cache_dir=root / ".publish-cache")
     publish_lite0(registry, lite0_dir, aliases=("production",))
@@ -39,8 +41,12 @@ def registry_dir(tmp_path_factory: pytest.TempPathFactory, lite0_dir: Path, tiny
 @pytest.fixture(scope="module")
 def server(registry_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
     settings = ServerSettings(
-        port=0, registry=str(registry_dir), cache_dir=tmp_path_factory.mktemp("cache"),
-        preload=[LITE0], max_images_per_request=16, max_message_bytes=8 * 1024 * 1024,
+        port=0,
+        registry=str(registry_dir),
+        cache_dir=tmp_path_factory.mktemp("cache"),
+        preload=[LITE0],
+        max_images_per_request=16,
+        max_message_bytes=8 * 1024 * 1024,
     )
     with ServerThread(settings) as running:
         yield running
@@ -74,7 +80,9 @@ def test_real_photos_get_the_labels_a_person_would_agree_with(
     assert results[0].label == "espresso" and results[0].probability > 0.5
 
 
-def test_uncertainty_flags_hesitant_predictions(client: perito.Client, photos: dict[str, Path]) -> None:
+def test_uncertainty_flags_hesitant_predictions(
+    client: perito.Client, photos: dict[str, Path]
+) -> None:
     coffee, chelsea = client.classify(
         [photos["coffee"], photos["chelsea"]], model=LITE0, confidence_threshold=0.6
     )
@@ -84,13 +92,17 @@ def test_uncertainty_flags_hesitant_predictions(client: perito.Client, photos: d
     assert chelsea.normalized_entropy > coffee.normalized_entropy
 
 
-def test_versions_and_aliases_select_the_model(client: perito.Client, photos: dict[str, Path]) -> None:
+def test_versions_and_aliases_select_the_model(
+    client: perito.Client, photos: dict[str, Path]
+) -> None:
     by_alias = client.classify([photos["coffee"]], model=LITE0, version="production")
     by_number = client.classify([photos["coffee"]], model=LITE0, version="1")
     assert by_alias[0].model_version == by_number[0].model_version == "1"
 
 
-def test_pil_images_numpy_arrays_and_bytes_are_accepted(client: perito.Client, photos: dict[str, Path]) -> None:
+def test_pil_images_numpy_arrays_and_bytes_are_accepted(
+    client: perito.Client, photos: dict[str, Path]
+) -> None:
     data = photos["coffee"].read_bytes()
     pil = Image.open(io.BytesIO(data)).convert("RGB")
     results = client.classify([data, pil, np.asarray(pil)], model=LITE0)
@@ -102,12 +114,15 @@ def _violation_fields(error: perito.PeritoError) -> list[str]:
     return [v.field for v in error.violations]
 
 
-def test_bad_images_are_invalid_argument_naming_each_image(client: perito.Client, photos: dict[str, Path]) -> None:
+def test_bad_images_are_invalid_argument_naming_each_image(
+    client: perito.Client, photos: dict[str, Path]
+) -> None:
     good = photos["coffee"].read_bytes()
     with pytest.raises(perito.InvalidArgumentError) as caught:
         client.classify(
             [good, b"", good, b"not an image at all", good[: len(good) // 3]],
-            model=LITE0, ids=["ok-1", "empty", "ok-2", "text", "cut"],
+            model=LITE0,
+            ids=["ok-1", "empty", "ok-2", "text", "cut"],
         )
     error = caught.value
     assert _violation_fields(error) == ["images[1]", "images[3]", "images[4]"]
@@ -118,7 +133,9 @@ def test_bad_images_are_invalid_argument_naming_each_image(client: perito.Client
     assert "damaged" in descriptions
 
 
-def test_unknown_model_and_version_are_not_found(client: perito.Client, photos: dict[str, Path]) -> None:
+def test_unknown_model_and_version_are_not_found(
+    client: perito.Client, photos: dict[str, Path]
+) -> None:
     with pytest.raises(perito.NotFoundError, match="model 'car-damage' not found"):
         client.classify([photos["coffee"]], model="car-damage")
     with pytest.raises(perito.NotFoundError, match="no version 9"):
@@ -127,12 +144,16 @@ def test_unknown_model_and_version_are_not_found(client: perito.Client, photos: 
         client.classify([photos["coffee"]], model=LITE0, version="staging")
 
 
-def test_request_shape_errors_are_invalid_argument(server: ServerThread, photos: dict[str, Path]) -> None:
+def test_request_shape_errors_are_invalid_argument(
+    server: ServerThread, photos: dict[str, Path]
+) -> None:
     with grpc.insecure_channel(server.target) as channel:
         stub = service_pb2_grpc.PeritoStub(channel)
         cases = {
             "at least one image": classify_pb2.ClassifyRequest(model=LITE0),
-            "model is required": classify_pb2.ClassifyRequest(images=[image_pb2.Image(content=b"x")]),
+            "model is required": classify_pb2.ClassifyRequest(
+                images=[image_pb2.Image(content=b"x")]
+            ),
             "send URIs to SubmitJob": classify_pb2.ClassifyRequest(
                 model=LITE0, images=[image_pb2.Image(uri="s3://bucket/a.jpg")]
             ),
@@ -155,12 +176,16 @@ def test_messages_over_the_size_limit_are_resource_exhausted(client: perito.Clie
         client.classify([b"\xff" * (9 * 1024 * 1024)], model=LITE0)
 
 
-def test_a_request_past_its_deadline_is_deadline_exceeded(client: perito.Client, photos: dict[str, Path]) -> None:
+def test_a_request_past_its_deadline_is_deadline_exceeded(
+    client: perito.Client, photos: dict[str, Path]
+) -> None:
     with pytest.raises(perito.DeadlineExceededError):
         client.classify([photos["coffee"]] * 16, model=LITE0, timeout=0.005)
 
 
-def test_concurrent_calls_are_batched_together(server: ServerThread, photos: dict[str, Path]) -> None:
+def test_concurrent_calls_are_batched_together(
+    server: ServerThread, photos: dict[str, Path]
+) -> None:
     data = photos["chelsea"].read_bytes()
     pool = server.running.pool  # type: ignore[attr-defined]
     batcher = server.call(pool.get(LITE0)).batcher
@@ -191,8 +216,12 @@ def test_a_full_queue_is_resource_exhausted_with_a_retry_hint(
     registry_dir: Path, tmp_path: Path, photos: dict[str, Path]
 ) -> None:
     settings = ServerSettings(
-        port=0, registry=str(registry_dir), cache_dir=tmp_path, preload=[LITE0],
-        max_batch_size=1, max_queue_size=2,
+        port=0,
+        registry=str(registry_dir),
+        cache_dir=tmp_path,
+        preload=[LITE0],
+        max_batch_size=1,
+        max_queue_size=2,
     )
     data = photos["coffee"].read_bytes()
     with ServerThread(settings) as small:
@@ -216,8 +245,12 @@ def test_a_full_queue_is_resource_exhausted_with_a_retry_hint(
     assert any(isinstance(r, list) for r in results)
     # The SDK's retries, honouring the hint, get everyone through.
     with ServerThread(settings) as small, perito.Client(small.target, max_retries=20) as c:
+
         async def burst() -> list[object]:
-            return await asyncio.gather(*(asyncio.to_thread(c.classify, [data, data], model=LITE0) for _ in range(6)))
+            return await asyncio.gather(
+                *(asyncio.to_thread(c.classify, [data, data], model=LITE0) for _ in range(6))
+            )
+
         assert all(len(r) == 2 for r in asyncio.run(burst()))  # type: ignore[arg-type]
 
 
@@ -228,7 +261,9 @@ def test_a_tampered_artifact_is_refused_with_failed_precondition(
     publish_tiny(registry, tiny_model_file)
     stored = tmp_path / "registry/models/tiny/1/model.pt"
     stored.write_bytes(stored.read_bytes() + b"tampered")
-    settings = ServerSettings(port=0, registry=str(tmp_path / "registry"), cache_dir=tmp_path / "c2")
+    settings = ServerSettings(
+        port=0, registry=str(tmp_path / "registry"), cache_dir=tmp_path / "c2"
+    )
     with ServerThread(settings) as running, perito.Client(running.target) as c:
         with pytest.raises(perito.FailedPreconditionError, match="does not match") as caught:
             c.classify([photos["coffee"]], model="tiny")
@@ -257,8 +292,10 @@ def test_health_is_serving_and_reflection_lists_the_service(server: ServerThread
             response = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
             assert response.status == health_pb2.HealthCheckResponse.SERVING
         reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
-        [answer] = list(reflection.ServerReflectionInfo(
-            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5
-        ))
+        [answer] = list(
+            reflection.ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5
+            )
+        )
         names = {s.name for s in answer.list_services_response.service}
         assert "perito.v1.Perito" in names and "grpc.health.v1.Health" in names

@@ -53,10 +53,17 @@ def test_s3_registry_publishes_resolves_and_verifies(
     fetched = registry.fetch("s3-tiny", "2")
     assert fetched.path.read_bytes() == tiny_model_file.read_bytes()
     # The objects really are in the bucket, under the documented layout.
-    keys = {o["Key"] for o in registry.store.client.list_objects_v2(  # type: ignore[attr-defined]
-        Bucket="models", Prefix="perito/models/s3-tiny/")["Contents"]}
-    assert {"perito/models/s3-tiny/1/model.pt", "perito/models/s3-tiny/1/manifest.json",
-            "perito/models/s3-tiny/aliases/staging.json"} <= keys
+    keys = {
+        o["Key"]
+        for o in registry.store.client.list_objects_v2(  # type: ignore[attr-defined]
+            Bucket="models", Prefix="perito/models/s3-tiny/"
+        )["Contents"]
+    }
+    assert {
+        "perito/models/s3-tiny/1/model.pt",
+        "perito/models/s3-tiny/1/manifest.json",
+        "perito/models/s3-tiny/aliases/staging.json",
+    } <= keys
 
 
 def test_classify_serves_a_model_from_s3(
@@ -64,7 +71,9 @@ def test_classify_serves_a_model_from_s3(
 ) -> None:
     publish_lite0(open_s3_registry(s3_endpoint, tmp_path / "publish"), lite0_dir)
     settings = ServerSettings(
-        port=0, registry="s3://models/perito", s3_endpoint_url=s3_endpoint,
+        port=0,
+        registry="s3://models/perito",
+        s3_endpoint_url=s3_endpoint,
         cache_dir=tmp_path / "server-cache",
     )
     with ServerThread(settings) as server, perito.Client(server.target, timeout=120) as client:

@@ -25,7 +25,9 @@ class FakeModel:
         return [item * 10 for item in items]
 
 
-async def classify(batcher: DynamicBatcher[int, int], items: list[int], deadline: float | None = None) -> list[int]:
+async def classify(
+    batcher: DynamicBatcher[int, int], items: list[int], deadline: float | None = None
+) -> list[int]:
     with batcher.admit(len(items)) as admission:
         return await admission.run(items, deadline)
 
@@ -112,7 +114,9 @@ async def test_a_failing_batch_fails_only_its_own_items() -> None:
     batcher = DynamicBatcher(model, max_batch_size=1, max_queue_delay=0.0, max_queue_size=64)
     batcher.start()
     results = await asyncio.gather(
-        classify(batcher, [1]), classify(batcher, [13]), classify(batcher, [2]),
+        classify(batcher, [1]),
+        classify(batcher, [13]),
+        classify(batcher, [2]),
         return_exceptions=True,
     )
     assert results[0] == [10]
@@ -123,7 +127,9 @@ async def test_a_failing_batch_fails_only_its_own_items() -> None:
 
 
 async def test_close_finishes_queued_work_then_refuses_new_requests() -> None:
-    batcher = DynamicBatcher(FakeModel(seconds=0.01), max_batch_size=2, max_queue_delay=0.0, max_queue_size=64)
+    batcher = DynamicBatcher(
+        FakeModel(seconds=0.01), max_batch_size=2, max_queue_delay=0.0, max_queue_size=64
+    )
     batcher.start()
     pending = [asyncio.ensure_future(classify(batcher, [i])) for i in range(5)]
     await asyncio.sleep(0)
@@ -134,7 +140,9 @@ async def test_close_finishes_queued_work_then_refuses_new_requests() -> None:
 
 
 async def test_histograms_record_batch_sizes_and_queue_time() -> None:
-    batcher = DynamicBatcher(FakeModel(seconds=0.01), max_batch_size=4, max_queue_delay=0.02, max_queue_size=64)
+    batcher = DynamicBatcher(
+        FakeModel(seconds=0.01), max_batch_size=4, max_queue_delay=0.02, max_queue_size=64
+    )
     batcher.start()
     await asyncio.gather(*(classify(batcher, [i]) for i in range(8)))
     assert batcher.stats.batch_size.count == 2

@@ -30,12 +30,32 @@ class FakeRpcError(grpc.RpcError):
 @pytest.mark.parametrize(
     ("error", "code", "sdk_type"),
     [
-        (errors.InvalidImage("bad", reason="TRUNCATED"), grpc.StatusCode.INVALID_ARGUMENT, perito.InvalidArgumentError),
+        (
+            errors.InvalidImage("bad", reason="TRUNCATED"),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            perito.InvalidArgumentError,
+        ),
         (errors.NotFound("no model"), grpc.StatusCode.NOT_FOUND, perito.NotFoundError),
-        (errors.QueueFull("full", retry_after=0.25), grpc.StatusCode.RESOURCE_EXHAUSTED, perito.ResourceExhaustedError),
-        (errors.StorageUnavailable("s3 down"), grpc.StatusCode.UNAVAILABLE, perito.UnavailableError),
-        (errors.ArtifactIntegrityError("sha"), grpc.StatusCode.FAILED_PRECONDITION, perito.FailedPreconditionError),
-        (errors.DeadlineExceeded("late"), grpc.StatusCode.DEADLINE_EXCEEDED, perito.DeadlineExceededError),
+        (
+            errors.QueueFull("full", retry_after=0.25),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            perito.ResourceExhaustedError,
+        ),
+        (
+            errors.StorageUnavailable("s3 down"),
+            grpc.StatusCode.UNAVAILABLE,
+            perito.UnavailableError,
+        ),
+        (
+            errors.ArtifactIntegrityError("sha"),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            perito.FailedPreconditionError,
+        ),
+        (
+            errors.DeadlineExceeded("late"),
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            perito.DeadlineExceededError,
+        ),
         (errors.AlreadyExists("dup"), grpc.StatusCode.ALREADY_EXISTS, perito.AlreadyExistsError),
         (errors.PeritoError("boom"), grpc.StatusCode.INTERNAL, perito.InternalError),
     ],
@@ -53,12 +73,14 @@ def test_each_error_keeps_its_code_message_and_reason(
 
 def test_field_violations_and_retry_hints_survive_the_trip() -> None:
     error = errors.InvalidImage(
-        "images[1]: empty", field="images[1]",
+        "images[1]: empty",
+        field="images[1]",
         violations=[("images[1]", "empty"), ("images[4]", "truncated")],
     )
     sdk_error = from_rpc_error(FakeRpcError(to_status(error)))
     assert [(v.field, v.description) for v in sdk_error.violations] == [
-        ("images[1]", "empty"), ("images[4]", "truncated"),
+        ("images[1]", "empty"),
+        ("images[4]", "truncated"),
     ]
     busy = from_rpc_error(FakeRpcError(to_status(errors.QueueFull("full", retry_after=0.25))))
     assert busy.retry_after == pytest.approx(0.25)

@@ -16,7 +16,9 @@ def registry(tmp_path: Path) -> ModelRegistry:
     return ModelRegistry.open(str(tmp_path / "registry"), cache_dir=tmp_path / "cache")
 
 
-def test_versions_count_up_and_latest_is_the_highest(registry: ModelRegistry, tiny_model_file: Path) -> None:
+def test_versions_count_up_and_latest_is_the_highest(
+    registry: ModelRegistry, tiny_model_file: Path
+) -> None:
     assert [publish_tiny(registry, tiny_model_file) for _ in range(3)] == ["1", "2", "3"]
     assert registry.list_versions("tiny") == ["1", "2", "3"]
     assert registry.resolve("tiny") == "3"
@@ -36,7 +38,9 @@ def test_aliases_point_at_versions_and_move(registry: ModelRegistry, tiny_model_
         registry.resolve("tiny", "staging")
 
 
-def test_manifest_records_the_contract_and_checksum(registry: ModelRegistry, tiny_model_file: Path) -> None:
+def test_manifest_records_the_contract_and_checksum(
+    registry: ModelRegistry, tiny_model_file: Path
+) -> None:
     publish_tiny(registry, tiny_model_file, metrics={"accuracy": 0.9})
     manifest = registry.manifest("tiny", "1")
     assert manifest.labels == ["minor", "moderate", "severe"]
@@ -47,7 +51,11 @@ def test_manifest_records_the_contract_and_checksum(registry: ModelRegistry, tin
 
 @pytest.mark.parametrize(
     ("name", "ref", "message"),
-    [("nope", "", "model 'nope' not found"), ("tiny", "7", "no version 7"), ("tiny", "prod", "no alias 'prod'")],
+    [
+        ("nope", "", "model 'nope' not found"),
+        ("tiny", "7", "no version 7"),
+        ("tiny", "prod", "no alias 'prod'"),
+    ],
 )
 def test_unknown_models_versions_and_aliases_are_not_found(
     registry: ModelRegistry, tiny_model_file: Path, name: str, ref: str, message: str
@@ -90,7 +98,9 @@ def test_a_tampered_artifact_is_refused(registry: ModelRegistry, tiny_model_file
     assert not (registry.cache_dir / "tiny" / "1" / "model.pt").exists()
 
 
-def test_a_tampered_cache_copy_is_fetched_again(registry: ModelRegistry, tiny_model_file: Path) -> None:
+def test_a_tampered_cache_copy_is_fetched_again(
+    registry: ModelRegistry, tiny_model_file: Path
+) -> None:
     publish_tiny(registry, tiny_model_file)
     cached = registry.fetch("tiny", "1").path
     cached.write_bytes(b"garbage")
@@ -106,7 +116,9 @@ def test_deleted_versions_stop_resolving(registry: ModelRegistry, tiny_model_fil
     assert publish_tiny(registry, tiny_model_file) == "2"
 
 
-def test_a_version_without_a_manifest_is_not_published(registry: ModelRegistry, tiny_model_file: Path) -> None:
+def test_a_version_without_a_manifest_is_not_published(
+    registry: ModelRegistry, tiny_model_file: Path
+) -> None:
     # A publisher that died after the model file and before the manifest.
     registry.store.upload_file("models/tiny/1/model.pt", tiny_model_file)
     assert registry.list_versions("tiny") == []

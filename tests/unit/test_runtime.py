@@ -17,7 +17,10 @@ from tests.helpers import TINY_INPUT, tiny_network
 
 def manifest_for(path: Path, labels: list[str]) -> ModelManifest:
     return ModelManifest(
-        name="tiny", version="1", labels=labels, input=TINY_INPUT,
+        name="tiny",
+        version="1",
+        labels=labels,
+        input=TINY_INPUT,
         artifact=Artifact(sha256=sha256_file(path), size_bytes=path.stat().st_size),
     )
 
@@ -26,7 +29,9 @@ def test_optimised_module_gives_the_same_probabilities_as_eager(tmp_path: Path) 
     network = tiny_network(3)
     path = tmp_path / "model.pt"
     export_torchscript(network, TINY_INPUT, path)
-    model = LoadedModel.load(path, manifest_for(path, ["a", "b", "c"]), device="cpu", warmup_batch_sizes=(1, 2))
+    model = LoadedModel.load(
+        path, manifest_for(path, ["a", "b", "c"]), device="cpu", warmup_batch_sizes=(1, 2)
+    )
     images = np.random.default_rng(1).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
     expected = torch.softmax(
         network(torch.from_numpy(images).permute(0, 3, 1, 2).float() / (255 * 0.25) - 2.0), dim=1

@@ -9,8 +9,12 @@ import click
 
 @click.command("export-pretrained")
 @click.argument("architecture", type=click.Choice(["efficientnet-lite0"]))
-@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Folder for model.pt and labels.txt.")
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder for model.pt and labels.txt.",
+)
 def export_pretrained(architecture: str, out: Path) -> None:
     """Export a network with real ImageNet weights as a Perito TorchScript artifact.
 

@@ -6,8 +6,7 @@ the network and returns class probabilities (N, C), temperature-scaled when cali
 preprocessing travels with the weights and serving cannot drift from training.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: TorchScript needs the real annotations.
 import warnings
 from pathlib import Path
 
@@ -27,6 +26,10 @@ class ImageClassifier(nn.Module):
         temperature: logits are divided by it before the softmax (1.0: uncalibrated).
     """
 
+    scale: Tensor
+    shift: Tensor
+    temperature: Tensor
+
     def __init__(self, network: nn.Module, contract: InputContract, temperature: float = 1.0):
         super().__init__()
         self.network = network
@@ -34,7 +37,9 @@ class ImageClassifier(nn.Module):
         std = contract.std or (1.0, 1.0, 1.0)
         # Fold /255 and the normalisation into one multiply-add.
         self.register_buffer("scale", 1.0 / (255.0 * torch.tensor(std).view(1, 3, 1, 1)))
-        self.register_buffer("shift", -torch.tensor(mean).view(1, 3, 1, 1) / torch.tensor(std).view(1, 3, 1, 1))
+        self.register_buffer(
+            "shift", -torch.tensor(mean).view(1, 3, 1, 1) / torch.tensor(std).view(1, 3, 1, 1)
+        )
         self.register_buffer("temperature", torch.tensor(float(temperature)))
         self.height = contract.height
         self.width = contract.width
@@ -52,13 +57,19 @@ class ImageClassifier(nn.Module):
     def _resize(self, x: Tensor) -> Tensor:
         if not self.center_crop:
             return F.interpolate(
-                x, size=(self.height, self.width), mode="bilinear", antialias=True, align_corners=False
+                x,
+                size=(self.height, self.width),
+                mode="bilinear",
+                antialias=True,
+                align_corners=False,
             ).clamp(0, 255)
         h, w = x.shape[-2], x.shape[-1]
         ratio = float(self.resize_size) / float(min(h, w))
-        new_h = max(self.height, int(round(h * ratio)))
-        new_w = max(self.width, int(round(w * ratio)))
-        x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)
+        new_h = max(self.height, int(round(h * ratio)))  # noqa: RUF046 - float in TorchScript
+        new_w = max(self.width, int(round(w * ratio)))  # noqa: RUF046 - float in TorchScript
+        x = F.interpolate(
+            x, size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False
+        )
         top = (new_h - self.height) // 2
         left = (new_w - self.width) // 2
         return x[:, :, top : top + self.height, left : left + self.width].clamp(0, 255)
@@ -74,5 +85,5 @@ def export_torchscript(
         warnings.simplefilter("ignore", FutureWarning)
         scripted = torch.jit.script(module)
     path.parent.mkdir(parents=True, exist_ok=True)
-    scripted.save(str(path))
+    scripted.save(str(path))  # type: ignore[no-untyped-call]
     return scripted

