@@ -144,6 +144,8 @@ class LoadedModel:
         Returns:
             float32 array (N, number of labels).
         """
+        if not images.flags.writeable:  # PIL's arrays are read-only; torch wants to own one
+            images = images.copy()
         batch = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
         return self._forward(batch).numpy()
 

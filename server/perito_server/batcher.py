@@ -4,9 +4,9 @@ Pure asyncio (no grpc, no torch), in the vocabulary of Triton's dynamic batcher 
 manner of `ray/serve/batching.py`:
 
 - a batch is dispatched when it holds `max_batch_size` items, or `max_queue_delay` after its
-  first item arrived, whichever comes first. While a batch runs, new items queue; by the time
-  the model is free their delay has usually passed, so under load batches fill greedily and
-  an idle model adds at most `max_queue_delay` to a lone request;
+  first item arrived, or as soon as no admitted item is still on its way (being decoded),
+  whichever comes first. So a lone request never waits for companions that are not coming,
+  and under load, while a batch runs, the next one fills greedily;
 - admission is bounded: `admit(n)` reserves room for a request's n items up front (before
   decoding) and raises `QueueFull` with a retry hint when there is none, so the server sheds
   load instead of queueing without end;
@@ -78,19 +78,21 @@ class Admission(Generic[ItemT, ResultT]):
     def __init__(self, batcher: DynamicBatcher[ItemT, ResultT], size: int) -> None:
         self._batcher = batcher
         self._size = size
+        self._enqueued = 0
 
     def __enter__(self) -> Admission[ItemT, ResultT]:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._batcher._release(self._size)
-        self._size = 0
+        self._batcher._release(self._size, self._size - self._enqueued)
+        self._size = self._enqueued = 0
 
     async def run(self, items: Sequence[ItemT], deadline: float | None) -> list[ResultT]:
         """Queue the items, wait for every result (in order); `deadline` is monotonic time."""
         if len(items) > self._size:
             raise ValueError(f"admitted {self._size} items, got {len(items)}")
         futures = [self._batcher._enqueue(item, deadline) for item in items]
+        self._enqueued += len(futures)
         try:
             return list(await asyncio.gather(*futures))
         finally:
@@ -130,6 +132,7 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         self._queue: collections.deque[_Pending[ItemT, ResultT]] = collections.deque()
         self._wakeup = asyncio.Event()
         self._admitted = 0
+        self._on_the_way = 0  # admitted items not queued yet (still being decoded)
         self._closing = False
         self._seconds_per_item = 0.0  # moving average, for the retry hint
         self._task: asyncio.Task[None] | None = None
@@ -164,17 +167,20 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
                 retry_after=retry_after,
             )
         self._admitted += size
+        self._on_the_way += size
         return Admission(self, size)
 
-    def _release(self, size: int) -> None:
+    def _release(self, size: int, never_queued: int) -> None:
         self._admitted -= size
-        if self._closing:
-            self._wakeup.set()  # the loop may be waiting to see the last request out
+        self._on_the_way -= never_queued
+        # The loop may be waiting for these items, or to see the last request out.
+        self._wakeup.set()
 
     def _enqueue(self, item: ItemT, deadline: float | None) -> asyncio.Future[ResultT]:
         if self._task is None or self._task.done():
             raise ShuttingDown(f"{self.name} is not running")
         future: asyncio.Future[ResultT] = asyncio.get_running_loop().create_future()
+        self._on_the_way -= 1
         self._queue.append(_Pending(item, future, time.monotonic(), deadline))
         self._wakeup.set()
         return future
@@ -200,7 +206,7 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
                 batch.append(self._queue.popleft())
                 continue
             remaining = dispatch_at - time.monotonic()
-            if remaining <= 0:
+            if remaining <= 0 or self._on_the_way == 0:
                 break
             self._wakeup.clear()
             try:

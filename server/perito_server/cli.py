@@ -46,7 +46,7 @@ _registry_option = click.option(
 @_registry_option
 @click.option("--device", help="auto, cpu, cuda, cuda:1 ... (env PERITO_DEVICE).")
 @click.option("--preload", multiple=True, help="NAME[@VERSION] to load before serving.")
-@click.option("--max-batch-size", type=int, help="Images per forward pass (default 8).")
+@click.option("--max-batch-size", type=int, help="Images per forward pass (default 4).")
 @click.option("--max-queue-delay-ms", type=float, help="Wait for a fuller batch (default 2).")
 @click.option("--max-queue-size", type=int, help="Images admitted and waiting (default 256).")
 @click.option("--log-level", default="INFO", show_default=True)

@@ -28,13 +28,13 @@ log = logging.getLogger(__name__)
 class ServedModel:
     """One loaded version: its model, a single model thread and its dynamic batcher."""
 
-    def __init__(self, model: LoadedModel, settings: ServerSettings) -> None:
+    def __init__(
+        self, model: LoadedModel, executor: ThreadPoolExecutor, settings: ServerSettings
+    ) -> None:
         self.model = model
         self.name = model.manifest.name
         self.version = model.manifest.version
-        # One thread per model: a forward pass already uses every core, and serialising
-        # batches is what lets the batcher coalesce.
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"model-{self.name}")
+        self._executor = executor
         self.batcher: DynamicBatcher[np.ndarray, np.ndarray] = DynamicBatcher(
             self._run_batch,
             max_batch_size=settings.max_batch_size,
@@ -118,9 +118,17 @@ class ModelPool:
                 warmup_batch_sizes=sizes,
             )
 
-        model = await asyncio.to_thread(load)
+        # One thread per model loads, warms and runs it: a forward pass already uses every
+        # core, serialising batches is what lets the batcher coalesce, and torch's OpenMP
+        # team belongs to the calling thread (a second team on the same cores costs ~10%).
+        executor = ThreadPoolExecutor(1, thread_name_prefix=f"model-{name}@{version}")
+        try:
+            model = await asyncio.get_running_loop().run_in_executor(executor, load)
+        except BaseException:
+            executor.shutdown(wait=False)
+            raise
         log.info("loaded %s@%s in %.1fs on %s", name, version, model.load_seconds, model.device)
-        served = ServedModel(model, settings)
+        served = ServedModel(model, executor, settings)
         served.batcher.start()
         self._models[(name, version)] = served
         while len(self._models) > settings.max_loaded_models:

@@ -33,7 +33,9 @@ class ServerSettings(BaseSettings):
     max_loaded_models: int = Field(4, ge=1)
     alias_ttl_s: float = Field(5.0, ge=0, description="how long an alias resolution is cached")
 
-    max_batch_size: int = Field(8, ge=1)
+    # 4 is the fastest batch for EfficientNet-Lite0 on 2 CPU cores (bench/classify.py); GPUs
+    # want more (16-64).
+    max_batch_size: int = Field(4, ge=1)
     max_queue_delay_ms: float = Field(2.0, ge=0)
     max_queue_size: int = Field(256, ge=1, description="images admitted and not yet answered")
     max_images_per_request: int = Field(64, ge=1)

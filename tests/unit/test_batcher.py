@@ -44,14 +44,44 @@ async def test_concurrent_requests_share_batches_up_to_the_limit() -> None:
     await batcher.close()
 
 
-async def test_a_lone_request_waits_at_most_the_queue_delay() -> None:
+async def test_a_lone_request_does_not_wait_for_companions_that_are_not_coming() -> None:
     model = FakeModel()
-    batcher = DynamicBatcher(model, max_batch_size=8, max_queue_delay=0.05, max_queue_size=64)
+    batcher = DynamicBatcher(model, max_batch_size=8, max_queue_delay=0.5, max_queue_size=64)
     batcher.start()
     started = time.monotonic()
     assert await classify(batcher, [7]) == [70]
-    elapsed = time.monotonic() - started
-    assert 0.04 <= elapsed < 0.5
+    assert time.monotonic() - started < 0.1
+    await batcher.close()
+
+
+async def test_a_batch_waits_for_admitted_requests_still_being_decoded() -> None:
+    model = FakeModel()
+    batcher = DynamicBatcher(model, max_batch_size=8, max_queue_delay=0.5, max_queue_size=64)
+    batcher.start()
+
+    async def slow_decoder() -> list[int]:
+        with batcher.admit(1) as admission:
+            await asyncio.sleep(0.05)  # decoding
+            return await admission.run([2], None)
+
+    started = time.monotonic()
+    late = asyncio.ensure_future(slow_decoder())
+    await asyncio.sleep(0)
+    assert await classify(batcher, [1]) == [10]
+    assert await late == [20]
+    assert model.batches == [[1, 2]]
+    assert 0.04 <= time.monotonic() - started < 0.4
+    await batcher.close()
+
+
+async def test_the_queue_delay_bounds_the_wait_for_late_companions() -> None:
+    model = FakeModel()
+    batcher = DynamicBatcher(model, max_batch_size=8, max_queue_delay=0.05, max_queue_size=64)
+    batcher.start()
+    with batcher.admit(1):  # admitted, never sent: the batch must not wait for it forever
+        started = time.monotonic()
+        assert await classify(batcher, [1]) == [10]
+        assert 0.04 <= time.monotonic() - started < 0.3
     await batcher.close()
 
 

@@ -1,0 +1,324 @@
+"""Benchmark `Classify` against the raw in-process pipeline, in one run on one machine.
+
+Measured, each for `--seconds` after a warm-up:
+
+- raw, sequential: decode + resize 640x480 JPEGs, then one forward pass, in this process, with
+  the same optimised module the server loads, at batch sizes 1, 4, 8 and 16; the best is the
+  reference ("the raw in-process limit", as in shared/PERFORMANCE.md);
+- raw, overlapped: the same with decoding on a thread pool beside the forward pass: a stricter
+  limit that no transport can beat;
+- raw single image: decode + forward of one image, p50 latency;
+- `Classify` through gRPC to `perito serve` in its own process, one image per request, at
+  concurrency 1 and 16 (grpc.aio callers in this process, on the same 2 cores).
+
+Prints images/s, p50 and p99, and each ratio to the raw reference; `--json` writes them too.
+Targets (issue 2): throughput at concurrency 16 >= 0.9 x raw; p50 at concurrency 1 within 3 ms
+of the raw single-image time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from perito.v1 import classify_pb2, image_pb2, service_pb2_grpc  # noqa: E402
+from perito_core.imaging import load_model_input  # noqa: E402
+from perito_core.registry import ModelRegistry  # noqa: E402
+from perito_core.runtime import LoadedModel  # noqa: E402
+from scripts.sample_photos import write_sample_photos  # noqa: E402
+
+MODEL = "bench-model"
+
+
+def make_jpegs(work: Path, count: int) -> list[bytes]:
+    """640x480 JPEGs cut from the real sample photos (varied content, realistic size)."""
+    photos = write_sample_photos(work / "photos")
+    images = []
+    for index in range(count):
+        source = Image.open(photos[index % len(photos)]).convert("RGB")
+        width, height = source.size
+        scale = max(640 / width, 480 / height) * (1 + 0.1 * (index // len(photos)))
+        resized = source.resize((round(width * scale) + 1, round(height * scale) + 1))
+        left = (resized.size[0] - 640) * (index % 3) // 2
+        top = (resized.size[1] - 480) * (index % 2)
+        buffer = io.BytesIO()
+        resized.crop((left, top, left + 640, top + 480)).save(buffer, "JPEG", quality=90)
+        images.append(buffer.getvalue())
+    return images
+
+
+def publish(arch: str, work: Path) -> ModelRegistry:
+    from perito_training.export import export_torchscript
+    from perito_training.pretrained import EFFICIENTNET_LITE0_INPUT, efficientnet_lite0_imagenet
+
+    registry = ModelRegistry.open(str(work / "registry"), cache_dir=work / "cache")
+    if arch == "efficientnet-lite0":
+        network, labels = efficientnet_lite0_imagenet()
+        contract = EFFICIENTNET_LITE0_INPUT
+    else:
+        import torchvision
+
+        network = torchvision.models.resnet18(weights=None).eval()
+        labels = [f"class-{i}" for i in range(1000)]
+        contract = EFFICIENTNET_LITE0_INPUT.model_copy(
+            update={"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+        )
+    path = work / "model.pt"
+    export_torchscript(network, contract, path)
+    registry.publish(MODEL, path, labels=labels, input=contract)
+    return registry
+
+
+def timed_loop(seconds: float, step: Callable[[], int]) -> tuple[float, list[float]]:
+    """Run `step` (which returns images done) for `seconds`: (images/s, per-call seconds)."""
+    step()
+    latencies = []
+    done = 0
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        began = time.perf_counter()
+        done += step()
+        latencies.append(time.perf_counter() - began)
+    return done / (time.perf_counter() - start), latencies
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.array(values), q)) if values else float("nan")
+
+
+def bench_raw(model: LoadedModel, jpegs: list[bytes], seconds: float) -> dict[str, object]:
+    spec = model.manifest.input.spec()
+    results: dict[str, object] = {}
+    cursor = [0]
+
+    def next_images(n: int) -> list[bytes]:
+        start = cursor[0]
+        cursor[0] = (start + n) % len(jpegs)
+        return [jpegs[(start + i) % len(jpegs)] for i in range(n)]
+
+    best = 0.0
+    for batch in (1, 4, 8, 16):
+
+        def sequential(batch: int = batch) -> int:
+            inputs = [load_model_input(data, spec) for data in next_images(batch)]
+            model.predict(np.stack(inputs))
+            return batch
+
+        rate, _ = timed_loop(seconds, sequential)
+        results[f"raw_sequential_b{batch}"] = rate
+        best = max(best, rate)
+    results["raw_sequential_best"] = best
+
+    pool = ThreadPoolExecutor(2)
+    batch = 8
+    pending = [pool.submit(load_model_input, d, spec) for d in next_images(batch)]
+
+    def overlapped() -> int:
+        nonlocal pending
+        inputs = [f.result() for f in pending]
+        pending = [pool.submit(load_model_input, d, spec) for d in next_images(batch)]
+        model.predict(np.stack(inputs))
+        return batch
+
+    results["raw_overlapped_b8"], _ = timed_loop(seconds, overlapped)
+    pool.shutdown()
+
+    def single() -> int:
+        model.predict(load_model_input(next_images(1)[0], spec)[None])
+        return 1
+
+    _, latencies = timed_loop(seconds, single)
+    results["raw_single_p50_ms"] = percentile(latencies, 50) * 1000
+    return results
+
+
+async def bench_grpc(
+    target: str, jpegs: list[bytes], concurrency: int, seconds: float
+) -> dict[str, float]:
+    requests = [
+        classify_pb2.ClassifyRequest(model=MODEL, images=[image_pb2.Image(id=str(i), content=d)])
+        for i, d in enumerate(jpegs)
+    ]
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = service_pb2_grpc.PeritoStub(channel)
+        for request in requests[:16]:
+            await stub.Classify(request, timeout=60)
+        latencies: list[float] = []
+        stop_at = time.perf_counter() + seconds
+
+        async def caller(offset: int) -> None:
+            index = offset
+            while time.perf_counter() < stop_at:
+                began = time.perf_counter()
+                await stub.Classify(requests[index % len(requests)], timeout=60)
+                latencies.append(time.perf_counter() - began)
+                index += concurrency
+
+        start = time.perf_counter()
+        await asyncio.gather(*(caller(i) for i in range(concurrency)))
+        elapsed = time.perf_counter() - start
+    return {
+        "images_per_s": len(latencies) / elapsed,
+        "p50_ms": percentile(latencies, 50) * 1000,
+        "p99_ms": percentile(latencies, 99) * 1000,
+    }
+
+
+def start_server(work: Path, port: int, extra_env: dict[str, str]) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ,
+        **extra_env,
+        "PERITO_REGISTRY": str(work / "registry"),
+        "PERITO_CACHE_DIR": str(work / "server-cache"),
+        "PYTHONUNBUFFERED": "1",
+    }
+    log = (work / "serve.log").open("wb")
+    process = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "perito"),
+            "serve",
+            "--port",
+            str(port),
+            "--preload",
+            MODEL,
+            "--log-level",
+            "WARNING",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if b"serving on" in (work / "serve.log").read_bytes():
+            return process
+        if process.poll() is not None:
+            break
+        time.sleep(0.2)
+    raise SystemExit((work / "serve.log").read_text())
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--arch", choices=["efficientnet-lite0", "resnet18"], default="efficientnet-lite0"
+    )
+    parser.add_argument("--seconds", type=float, default=8.0, help="per measurement")
+    parser.add_argument("--images", type=int, default=48, help="distinct JPEGs to cycle through")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument(
+        "--server-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="server setting to try, e.g. PERITO_DECODE_THREADS=1",
+    )
+    parser.add_argument("--skip-raw", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="perito-bench-") as tmp:
+        work = Path(tmp)
+        jpegs = make_jpegs(work, args.images)
+        registry = publish(args.arch, work)
+        artifact = registry.fetch(MODEL, "1")
+        model = LoadedModel.load(artifact.path, artifact.manifest, warmup_batch_sizes=(1, 4, 8, 16))
+        print(
+            f"# {args.arch}, 640x480 JPEGs, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads, {os.cpu_count()} cores, {platform.machine()}"
+        )
+        raw = bench_raw(model, jpegs, args.seconds)
+        del model
+
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        server = start_server(work, port, dict(kv.split("=", 1) for kv in args.server_env))
+        try:
+            c1 = asyncio.run(bench_grpc(f"127.0.0.1:{port}", jpegs, 1, args.seconds))
+            c16 = asyncio.run(bench_grpc(f"127.0.0.1:{port}", jpegs, 16, args.seconds))
+        finally:
+            server.send_signal(signal.SIGTERM)
+            server.wait(60)
+
+    reference = float(raw["raw_sequential_best"])  # type: ignore[arg-type]
+    overlapped = float(raw["raw_overlapped_b8"])  # type: ignore[arg-type]
+    single = float(raw["raw_single_p50_ms"])  # type: ignore[arg-type]
+    rows = [
+        (
+            "raw sequential, batch 1 / 4 / 8 / 16",
+            " / ".join(f"{raw[f'raw_sequential_b{b}']:.1f}" for b in (1, 4, 8, 16)),
+            "",
+            "",
+            "",
+        ),
+        ("raw sequential, best (reference)", f"{reference:.1f}", "", "", "1.00"),
+        (
+            "raw overlapped decode, batch 8",
+            f"{overlapped:.1f}",
+            "",
+            "",
+            f"{overlapped / reference:.2f}",
+        ),
+        ("raw single image", f"{1000 / single:.1f}", f"{single:.1f}", "", ""),
+        (
+            "Classify gRPC, concurrency 1",
+            f"{c1['images_per_s']:.1f}",
+            f"{c1['p50_ms']:.1f}",
+            f"{c1['p99_ms']:.1f}",
+            f"{c1['images_per_s'] / reference:.2f}",
+        ),
+        (
+            "Classify gRPC, concurrency 16",
+            f"{c16['images_per_s']:.1f}",
+            f"{c16['p50_ms']:.1f}",
+            f"{c16['p99_ms']:.1f}",
+            f"{c16['images_per_s'] / reference:.2f}",
+        ),
+    ]
+    print("| what | images/s | p50 ms | p99 ms | ratio to raw |")
+    print("|---|---|---|---|---|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    throughput_ratio = c16["images_per_s"] / reference
+    latency_gap = c1["p50_ms"] - single
+    print(
+        f"\nconcurrency 16 throughput: {throughput_ratio:.2f} x raw (target >= 0.90) "
+        f"-> {'PASS' if throughput_ratio >= 0.9 else 'MISS'}"
+    )
+    print(
+        f"concurrency 1 p50: raw + {latency_gap:.1f} ms (target <= 3 ms) "
+        f"-> {'PASS' if latency_gap <= 3 else 'MISS'}"
+    )
+    print(f"concurrency 16 vs the overlapped-decode limit: {c16['images_per_s'] / overlapped:.2f}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"arch": args.arch, **raw, "c1": c1, "c16": c16}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
