@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 
 from perito.v1 import service_pb2, service_pb2_grpc
 from perito_core.registry import ModelRegistry
+from perito_server.jobs import JobService
 from perito_server.model_pool import ModelPool
 from perito_server.service import PeritoServicer
 from perito_server.settings import ServerSettings
@@ -65,7 +66,7 @@ async def create_server(settings: ServerSettings) -> RunningServer:
         ("grpc.so_reuseport", 0),
     ]
     server = grpc.aio.server(options=options)
-    servicer = PeritoServicer(settings, pool)
+    servicer = PeritoServicer(settings, pool, JobService(settings, pool))
     service_pb2_grpc.add_PeritoServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)

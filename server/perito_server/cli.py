@@ -144,8 +144,8 @@ def import_model(
             height=input_size,
             width=input_size,
             resize_size=resize_size or round(input_size / 0.875),
-            resize_mode=resize_mode,  # type: ignore[arg-type]
-            interpolation=interpolation,  # type: ignore[arg-type]
+            resize_mode=resize_mode,
+            interpolation=interpolation,
         )
         _check_loads(model_file, name, labels, contract)
         manifest = target.publish(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NoReturn, TypeVar
 
 import grpc
@@ -83,6 +83,30 @@ def maps_errors(handler: HandlerT) -> HandlerT:
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         try:
             return await handler(self, request, context)
+        except PeritoError as error:
+            await abort(context, error)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            log.exception("%s failed", handler.__name__)
+            await abort(context, PeritoError(f"internal error: {type(exc).__name__}: {exc}"))
+
+    return wrapper  # type: ignore[return-value]
+
+
+StreamT = TypeVar("StreamT", bound=Callable[..., AsyncIterator[Any]])
+
+
+def maps_stream_errors(handler: StreamT) -> StreamT:
+    """`maps_errors` for server-streaming handlers (async generators)."""
+
+    @functools.wraps(handler)
+    async def wrapper(
+        self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Any]:
+        try:
+            async for message in handler(self, request, context):
+                yield message
         except PeritoError as error:
             await abort(context, error)
         except grpc.aio.AbortError:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -12,13 +13,14 @@ import grpc
 import numpy as np
 from google.protobuf import struct_pb2, timestamp_pb2
 
-from perito.v1 import classify_pb2, models_pb2, service_pb2_grpc
+from perito.v1 import classify_pb2, jobs_pb2, models_pb2, service_pb2_grpc
 from perito_core.errors import InvalidArgument, InvalidImage
 from perito_core.imaging import ImageLimits, InputSpec, load_model_input
 from perito_core.manifest import ModelManifest
 from perito_core.registry import validate_model_name
 from perito_core.runtime import summarize
-from perito_server.errors import maps_errors
+from perito_server.errors import maps_errors, maps_stream_errors
+from perito_server.jobs import JobService
 from perito_server.model_pool import ModelPool
 from perito_server.settings import ServerSettings
 
@@ -32,9 +34,10 @@ def _image_label(index: int, image_id: str) -> str:
 
 
 class PeritoServicer(service_pb2_grpc.PeritoServicer):
-    def __init__(self, settings: ServerSettings, pool: ModelPool) -> None:
+    def __init__(self, settings: ServerSettings, pool: ModelPool, jobs: JobService) -> None:
         self.settings = settings
         self.pool = pool
+        self.jobs = jobs
         self.limits: ImageLimits = settings.image_limits()
         self._decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
 
@@ -131,6 +134,33 @@ class PeritoServicer(service_pb2_grpc.PeritoServicer):
                 )
             )
         return response
+
+    # Bulk jobs
+
+    @maps_errors
+    async def SubmitJob(self, request: jobs_pb2.SubmitJobRequest, context: Context) -> jobs_pb2.Job:
+        return await self.jobs.submit(request)
+
+    @maps_errors
+    async def GetJob(self, request: jobs_pb2.GetJobRequest, context: Context) -> jobs_pb2.Job:
+        return await self.jobs.get(request.job_id)
+
+    @maps_stream_errors
+    async def WatchJob(
+        self, request: jobs_pb2.WatchJobRequest, context: Context
+    ) -> AsyncIterator[jobs_pb2.Job]:
+        async for job in self.jobs.watch(request.job_id):
+            yield job
+
+    @maps_errors
+    async def ListJobResults(
+        self, request: jobs_pb2.ListJobResultsRequest, context: Context
+    ) -> jobs_pb2.ListJobResultsResponse:
+        return await self.jobs.list_results(request)
+
+    @maps_errors
+    async def CancelJob(self, request: jobs_pb2.CancelJobRequest, context: Context) -> jobs_pb2.Job:
+        return await self.jobs.cancel(request.job_id)
 
     # Models
 

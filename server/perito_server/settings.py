@@ -44,6 +44,15 @@ class ServerSettings(BaseSettings):
     max_image_pixels: int = Field(64_000_000, ge=1)
     default_top_k: int = Field(5, ge=1)
 
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="job store and Celery broker")
+    local_roots: list[Path] = Field(
+        default_factory=list, description="folders jobs may read images from and write results to"
+    )
+    results_uri: str = Field("./var/results", description="default output location of jobs")
+    job_chunk_size: int = Field(64, ge=1, le=10_000)
+    max_job_items: int = Field(1_000_000, ge=1)
+    visibility_timeout_s: int = Field(3600, ge=10)
+
     grace_s: float = Field(10.0, ge=0, description="how long in-flight calls get on shutdown")
 
     def s3_options(self) -> S3Options:

@@ -1,0 +1,1 @@
+"""Perito bulk-job workers: Celery tasks that classify chunks of a job with a warm model."""

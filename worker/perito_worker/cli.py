@@ -1,0 +1,72 @@
+"""`perito worker`, plugged into the CLI through the `perito.commands` entry point."""
+
+from __future__ import annotations
+
+import logging
+import socket
+from pathlib import Path
+from typing import Any
+
+import click
+
+
+@click.command()
+@click.option("--redis-url", help="Broker and job store (env PERITO_REDIS_URL).")
+@click.option(
+    "--registry", help="Model registry: folder or s3://bucket/prefix (env PERITO_REGISTRY)."
+)
+@click.option(
+    "--local-root",
+    "local_roots",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="A folder jobs may read images from and write results to (repeatable).",
+)
+@click.option("--device", help="auto, cpu, cuda, cuda:1 ... (env PERITO_DEVICE).")
+@click.option("--concurrency", type=int, help="Worker processes (default 1).")
+@click.option(
+    "--pool",
+    type=click.Choice(["prefork", "solo", "threads"]),
+    help="prefork on CPUs; solo or threads on a GPU (CUDA stays in one process).",
+)
+@click.option("--batch-size", type=int, help="Images per forward pass (default 4).")
+@click.option("--name", default=None, help="Worker name (default perito@HOST).")
+@click.option("--log-level", default="INFO", show_default=True)
+def worker(name: str | None, log_level: str, **flags: Any) -> None:
+    """Run a bulk-job worker: take chunks from the queue, classify, record results.
+
+    \b
+    Example:
+      perito worker --redis-url redis://localhost:6379/0 --registry s3://models/perito
+    """
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    from perito_core.queue import BULK_QUEUE
+    from perito_worker.settings import WorkerSettings
+    from perito_worker.tasks import app, configure
+
+    settings = WorkerSettings(**{k: v for k, v in flags.items() if v not in (None, ())})
+    configure(settings)
+    if settings.pool != "prefork":  # no child processes: tune this one
+        from perito_worker.tasks import _tune_process
+
+        _tune_process(settings)
+    app.worker_main(
+        [
+            "worker",
+            f"--loglevel={log_level.upper()}",
+            f"--queues={BULK_QUEUE}",
+            f"--concurrency={settings.concurrency}",
+            f"--pool={settings.pool}",
+            f"--hostname={name or 'perito@' + socket.gethostname()}",
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+        ]
+    )
+
+
+def register(cli: click.Group) -> None:
+    """Entry point for `perito.commands`."""
+    cli.add_command(worker)

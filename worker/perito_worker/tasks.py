@@ -1,0 +1,112 @@
+"""The Celery app and its tasks: `perito.classify_chunk` and `perito.finalize_job`.
+
+The app is built here so that `celery` can find its tasks; `perito worker` points it at the
+configured broker before the worker starts, and each worker process builds its runtime on first
+use (after the fork).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import redis
+import torch
+from celery.signals import worker_process_init
+from pydantic import BaseModel, Field
+
+from perito_core.errors import StorageUnavailable
+from perito_core.queue import BULK_QUEUE, CLASSIFY_CHUNK, FINALIZE_JOB, make_celery
+from perito_core.results import finalize_job
+from perito_worker.processing import WorkerRuntime, classify_chunk
+from perito_worker.settings import WorkerSettings
+
+log = logging.getLogger(__name__)
+
+app = make_celery("redis://127.0.0.1:6379/0")
+
+_settings: WorkerSettings | None = None
+_runtime: WorkerRuntime | None = None
+
+
+def configure(settings: WorkerSettings) -> None:
+    """Point the app at `settings` (called by `perito worker` before the worker starts)."""
+    global _settings
+    _settings = settings
+    configured = make_celery(settings.redis_url, visibility_timeout_s=settings.visibility_timeout_s)
+    app.conf.update(configured.conf)
+    app.conf.broker_url = settings.redis_url
+
+
+def runtime() -> WorkerRuntime:
+    global _runtime
+    if _runtime is None:
+        _runtime = WorkerRuntime(_settings or WorkerSettings())
+    return _runtime
+
+
+@worker_process_init.connect
+def _init_process(**_: Any) -> None:
+    """In each worker process: lower CPU priority, size torch's thread pool."""
+    _tune_process(_settings or WorkerSettings())
+
+
+def _tune_process(settings: WorkerSettings) -> None:
+    if settings.nice:
+        os.nice(settings.nice)
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+
+
+class ChunkTask(BaseModel):
+    """The arguments of `perito.classify_chunk`: items start..stop-1 of a job."""
+
+    job_id: str = Field(min_length=1)
+    chunk: int = Field(ge=0)
+    start: int = Field(ge=0)
+    stop: int = Field(gt=0)
+
+
+def send_finalize(job_id: str) -> None:
+    app.send_task(FINALIZE_JOB, kwargs={"job_id": job_id}, queue=BULK_QUEUE)
+
+
+# Transient failures (storage or Redis unreachable) retry with backoff; each retry is a new
+# delivery and counts towards the chunk's attempt cap.
+_TRANSIENT = (StorageUnavailable, redis.ConnectionError, redis.TimeoutError)
+
+
+@app.task(
+    name=CLASSIFY_CHUNK,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    autoretry_for=_TRANSIENT,
+    retry_backoff=True,
+    retry_backoff_max=60,
+    max_retries=8,
+)
+def classify_chunk_task(**kwargs: Any) -> None:
+    task = ChunkTask(**kwargs)
+    classify_chunk(runtime(), task.job_id, task.chunk, task.start, task.stop, send_finalize)
+
+
+@app.task(
+    name=FINALIZE_JOB,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    autoretry_for=_TRANSIENT,
+    retry_backoff=True,
+    max_retries=8,
+)
+def finalize_job_task(job_id: str) -> None:
+    rt = runtime()
+    job = finalize_job(rt.store, job_id, rt.settings.s3_options())
+    log.info(
+        "job %s %s: %d succeeded, %d failed, %d cancelled",
+        job_id,
+        job.state.value,
+        job.succeeded,
+        job.failed,
+        job.cancelled,
+    )
