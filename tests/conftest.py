@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from perito_core.registry import ModelRegistry
-from tests.helpers import TINY_INPUT, tiny_network
+from perito_core.storage import S3Options, make_s3_client
+from tests.helpers import S3_ENV, TINY_INPUT, moto_s3_server, redis_server, tiny_network
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
@@ -39,6 +41,30 @@ def photos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
     paths = write_sample_photos(tmp_path_factory.mktemp("photos"))
     return dict(zip(PHOTOS, paths, strict=True))
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """A local S3-compatible server (moto, its own process) with buckets `models`,
+    `inspections` and `results`; credentials in the environment as boto3 expects."""
+    saved = {k: os.environ.get(k) for k in S3_ENV}
+    os.environ.update(S3_ENV)
+    with moto_s3_server() as endpoint:
+        client = make_s3_client(S3Options(endpoint_url=endpoint))
+        for bucket in ("models", "inspections", "results"):
+            client.create_bucket(Bucket=bucket)
+        yield endpoint
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    with redis_server() as url:
+        yield url
 
 
 def publish_lite0(registry: ModelRegistry, lite0_dir: Path, **kwargs: object) -> str:

@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from perito_core.manifest import InputContract
@@ -131,3 +132,117 @@ def perito_command() -> list[str]:
 
 def subprocess_env(**extra: str) -> dict[str, str]:
     return {**os.environ, "PYTHONUNBUFFERED": "1", **extra}
+
+
+@contextlib.contextmanager
+def redis_server() -> Iterator[str]:
+    """A real redis-server on a free port, no persistence; yields its URL."""
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(port, process=process)  # type: ignore[arg-type]
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+class WorkerProcess:
+    """`perito worker` in its own process group (so kill -9 takes its children too)."""
+
+    def __init__(self, env: dict[str, str], log_path: Path, *extra: str) -> None:
+        self.log_path = log_path
+        self._log = log_path.open("w")
+        self.process = subprocess.Popen(
+            [*perito_command(), "worker", "--log-level", "INFO", *extra],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+
+    def wait_ready(self, timeout: float = 60) -> WorkerProcess:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"worker exited:\n{self.log_path.read_text()}")
+            if " ready." in self.log_path.read_text():
+                return self
+            time.sleep(0.1)
+        raise TimeoutError(f"worker not ready:\n{self.log_path.read_text()}")
+
+    def kill_hard(self) -> None:
+        """SIGKILL the whole process group: the worker and its pool children, no goodbyes."""
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(10)
+        self._log.close()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(10)
+        self._log.close()
+
+
+def train_fashion_mnist(path: Path, *, samples: int = 12_000, epochs: int = 2) -> list[str]:
+    """Train a small CNN on Fashion-MNIST for a few seconds and export it; returns labels."""
+    from perito_training.datasets import FASHION_MNIST_LABELS, load_fashion_mnist
+    from perito_training.export import export_torchscript
+
+    torch.manual_seed(0)
+    images, labels = load_fashion_mnist("train")
+    x = torch.from_numpy(images[:samples].copy()).float().unsqueeze(1) / 255.0
+    y = torch.from_numpy(labels[:samples].astype("int64"))
+    network = nn.Sequential(
+        _Grey(),
+        nn.Conv2d(1, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32 * 7 * 7, 10),
+    )
+    optimizer = torch.optim.Adam(network.parameters(), lr=2e-3)
+    network.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(x))
+        for start in range(0, len(x), 128):
+            batch = order[start : start + 128]
+            # The exported module feeds normalised RGB: replicate the channel, mean 0.5 std 0.5.
+            inputs = (x[batch].repeat(1, 3, 1, 1) - 0.5) / 0.5
+            loss = nn.functional.cross_entropy(network(inputs), y[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    export_torchscript(network.eval(), FASHION_MNIST_INPUT, path)
+    return list(FASHION_MNIST_LABELS)
+
+
+class _Grey(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=1, keepdim=True)
+
+
+FASHION_MNIST_INPUT = InputContract(
+    height=28, width=28, resize_size=28, resize_mode="squash", mean=(0.5,) * 3, std=(0.5,) * 3
+)

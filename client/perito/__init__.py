@@ -19,6 +19,7 @@ from perito._errors import (
     UnavailableError,
     UnimplementedError,
 )
+from perito._jobs import ItemState, Job, JobHandle, JobItemResult, JobState, JobTimeoutError
 from perito._models import Classification, Model, ModelVersion, Prediction
 
 __all__ = [
@@ -30,6 +31,12 @@ __all__ = [
     "FieldViolation",
     "InternalError",
     "InvalidArgumentError",
+    "ItemState",
+    "Job",
+    "JobHandle",
+    "JobItemResult",
+    "JobState",
+    "JobTimeoutError",
     "Model",
     "ModelVersion",
     "NotFoundError",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from dataclasses import asdict
 from datetime import datetime
 from importlib.metadata import entry_points
@@ -27,6 +28,7 @@ from perito._errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
+from perito._jobs import Job, JobHandle, JobState
 from perito._models import Classification, Model
 
 # Exit codes scripts can branch on.
@@ -224,6 +226,216 @@ def _print_model(model: Model) -> None:
         for key, value in metrics.items():
             if not isinstance(value, dict | list):
                 click.echo(f"  {key}: {value}")
+
+
+def _job_line(job: Job) -> str:
+    line = (
+        f"job {job.id}  {job.state.value}  {job.model}@{job.model_version}  "
+        f"{job.done}/{job.total} done: {job.succeeded} succeeded, {job.failed} failed"
+    )
+    if job.cancelled:
+        line += f", {job.cancelled} cancelled"
+    if job.error:
+        line += f"\n  error: {job.error}"
+    for uri in job.result_uris:
+        line += f"\n  results: {uri}"
+    return line
+
+
+class ProgressBar:
+    """One line on stderr, redrawn in place on a terminal, every 10% elsewhere."""
+
+    def __init__(self) -> None:
+        self.tty = sys.stderr.isatty()
+        self.started = time.monotonic()
+        self.reported = -1
+
+    def update(self, job: Job) -> None:
+        fraction = job.done / job.total if job.total else 1.0
+        elapsed = time.monotonic() - self.started
+        rate = job.done / elapsed if elapsed > 0 else 0.0
+        eta = f"{(job.total - job.done) / rate:.0f}s left" if rate > 0 and not job.terminal else ""
+        filled = int(fraction * 30)
+        text = (
+            f"[{'#' * filled}{'.' * (30 - filled)}] {job.done}/{job.total} {fraction:6.1%}  "
+            f"{job.failed} failed  {rate:5.1f} img/s  {eta}"
+        )
+        if self.tty:
+            click.echo(f"\r{text:<100}", err=True, nl=job.terminal)
+        elif int(fraction * 10) > self.reported or job.terminal:
+            self.reported = int(fraction * 10)
+            click.echo(text, err=True)
+
+
+def _follow(handle: JobHandle, as_json: bool) -> Job:
+    bar = None if as_json else ProgressBar()
+    job = handle.last
+    for job in handle.watch():
+        if bar is not None:
+            bar.update(job)
+    return job
+
+
+@cli.command()
+@click.argument("source")
+@click.option("--model", "-m", "model_ref", required=True, help="NAME or NAME@VERSION_OR_ALIAS.")
+@click.option(
+    "--output", "output_uri", default="", help="s3://bucket/prefix/ or a folder for results."
+)
+@click.option("--top-k", "-k", default=5, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--threshold",
+    type=click.FloatRange(0, 1),
+    default=0.0,
+    help="Top-1 probability under which a result is flagged uncertain.",
+)
+@click.option(
+    "--chunk-size",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Images per unit of work (default: the server's).",
+)
+@click.option("--inline", is_flag=True, help="Send a local folder's images in the request.")
+@click.option(
+    "--wait", "wait_", is_flag=True, help="Follow the job with a progress bar until done."
+)
+@_server_option
+@_timeout_option
+@_json_option
+def submit(
+    source: str,
+    model_ref: str,
+    output_uri: str,
+    top_k: int,
+    threshold: float,
+    chunk_size: int | None,
+    inline: bool,
+    wait_: bool,
+    server: str,
+    timeout: float,
+    as_json: bool,
+) -> None:
+    """Submit SOURCE as a bulk job: an s3:// prefix, a manifest (.csv / .jsonl) or a folder.
+
+    \b
+    Examples:
+      perito submit s3://inspections/garage-7/ --model cracks@production --wait
+      perito submit photos.csv --model cracks --output s3://results/garage-7/
+      perito submit ./photos --model cracks --inline --wait --json
+    """
+    name, version = split_model_ref(model_ref)
+    with Client(server, timeout=timeout) as client:
+        handle = client.submit_job(
+            source,
+            model=name,
+            version=version,
+            output_uri=output_uri,
+            top_k=top_k,
+            confidence_threshold=threshold,
+            chunk_size=chunk_size or 0,
+            inline=inline,
+        )
+        if not as_json:
+            click.echo(f"submitted job {handle.id}: {handle.last.total} images", err=True)
+        job = _follow(handle, as_json) if wait_ else handle.last
+    if as_json:
+        _print_json(asdict(job))
+    else:
+        click.echo(_job_line(job))
+    if wait_ and job.state is JobState.FAILED:
+        sys.exit(EXIT_ERROR)
+
+
+@cli.group()
+def job() -> None:
+    """Follow, read and cancel bulk jobs."""
+
+
+@job.command("status")
+@click.argument("job_id")
+@_server_option
+@_timeout_option
+@_json_option
+def job_status(job_id: str, server: str, timeout: float, as_json: bool) -> None:
+    """Show a job's state and counts.
+
+    \b
+    Example:
+      perito job status 3f1c9e0a7b2d4c6e8f10
+    """
+    with Client(server, timeout=timeout) as client:
+        found = client.get_job(job_id)
+    click.echo(
+        json.dumps(asdict(found), default=_default, indent=2) if as_json else _job_line(found)
+    )
+
+
+@job.command("watch")
+@click.argument("job_id")
+@_server_option
+@_timeout_option
+def job_watch(job_id: str, server: str, timeout: float) -> None:
+    """Follow a job with a progress bar until it is done.
+
+    \b
+    Example:
+      perito job watch 3f1c9e0a7b2d4c6e8f10
+    """
+    with Client(server, timeout=timeout) as client:
+        click.echo(_job_line(_follow(client.job(job_id), as_json=False)))
+
+
+@job.command("results")
+@click.argument("job_id")
+@click.option("--failed", is_flag=True, help="Only the items that failed.")
+@click.option("--limit", type=click.IntRange(min=1), help="At most this many rows.")
+@_server_option
+@_timeout_option
+@_json_option
+def job_results(
+    job_id: str, failed: bool, limit: int | None, server: str, timeout: float, as_json: bool
+) -> None:
+    """Print a job's per-image results in input order (JSON lines with --json).
+
+    \b
+    Example:
+      perito job results 3f1c9e0a7b2d4c6e8f10 --failed
+    """
+    with Client(server, timeout=timeout) as client:
+        for count, item in enumerate(client.job(job_id).results(failed_only=failed)):
+            if limit is not None and count >= limit:
+                break
+            if as_json:
+                click.echo(json.dumps(asdict(item), default=_default))
+            elif item.classification is not None:
+                top = item.classification.top
+                flag = "  [uncertain]" if item.classification.uncertain else ""
+                click.echo(
+                    f"{item.index:>6}  {item.image_id}  {top.label}  {top.probability:.2%}{flag}"
+                )
+            else:
+                click.echo(
+                    f"{item.index:>6}  {item.image_id}  {item.state.value.upper()}  {item.error}"
+                )
+
+
+@job.command("cancel")
+@click.argument("job_id")
+@_server_option
+@_timeout_option
+@_json_option
+def job_cancel(job_id: str, server: str, timeout: float, as_json: bool) -> None:
+    """Cancel a job: images not classified yet are marked cancelled.
+
+    \b
+    Example:
+      perito job cancel 3f1c9e0a7b2d4c6e8f10
+    """
+    with Client(server, timeout=timeout) as client:
+        found = client.cancel_job(job_id)
+    click.echo(
+        json.dumps(asdict(found), default=_default, indent=2) if as_json else _job_line(found)
+    )
 
 
 def _load_plugins() -> None:

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import os
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
 
 from perito._errors import PeritoError, ResourceExhaustedError, UnavailableError, from_rpc_error
 from perito._images import ImageInput, encode_image, image_name
+from perito._jobs import Job, JobHandle, JobItemResult
 from perito._models import Classification, Model
-from perito.v1 import classify_pb2, image_pb2, models_pb2, service_pb2_grpc
+from perito.v1 import classify_pb2, image_pb2, jobs_pb2, models_pb2, service_pb2_grpc
+
+MANIFEST_SUFFIXES = (".csv", ".jsonl", ".ndjson")
 
 DEFAULT_TARGET = "localhost:8500"
 # Batches of photos are far over gRPC's 4 MB default.
@@ -152,12 +157,141 @@ class Client:
             if not token:
                 return models
 
+    def submit_job(
+        self,
+        source: str | os.PathLike[str] | Sequence[Any],
+        *,
+        model: str,
+        version: str = "",
+        output_uri: str = "",
+        top_k: int = 5,
+        confidence_threshold: float = 0.0,
+        chunk_size: int = 0,
+        labels: dict[str, str] | None = None,
+        inline: bool = False,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> JobHandle:
+        """Submit a bulk job; returns a handle to follow it.
+
+        Args:
+            source: an `s3://bucket/prefix/`, an `s3://` or local CSV / JSONL manifest, a local
+                folder (read by the workers, which must have it under a local root), or a list
+                of URIs. With `inline=True`, a local folder's files or a list of images (paths,
+                bytes, PIL images, arrays) are sent in the request instead.
+            model, version: the model; the version is resolved now and pinned for the job.
+            output_uri: where the results files go (default: the server's results location).
+
+        Example:
+            >>> job = client.submit_job("s3://inspections/garage-7/", model="cracks")
+            >>> job.wait()
+            >>> failures = list(job.results(failed_only=True))
+        """
+        request = jobs_pb2.SubmitJobRequest(
+            model=model,
+            version=version,
+            output_uri=output_uri,
+            top_k=top_k,
+            confidence_threshold=confidence_threshold,
+            chunk_size=chunk_size,
+            labels=labels or {},
+        )
+        _job_input(request, source, inline)
+        job = Job._from_proto(self._call(self._stub.SubmitJob, request, timeout, metadata))
+        return JobHandle(self, job)
+
+    def job(self, job_id: str) -> JobHandle:
+        """A handle on an existing job."""
+        return JobHandle(self, self.get_job(job_id))
+
+    def get_job(
+        self, job_id: str, *, timeout: float | None = None, metadata: Metadata | None = None
+    ) -> Job:
+        request = jobs_pb2.GetJobRequest(job_id=job_id)
+        return Job._from_proto(self._call(self._stub.GetJob, request, timeout, metadata))
+
+    def cancel_job(
+        self, job_id: str, *, timeout: float | None = None, metadata: Metadata | None = None
+    ) -> Job:
+        request = jobs_pb2.CancelJobRequest(job_id=job_id)
+        return Job._from_proto(self._call(self._stub.CancelJob, request, timeout, metadata))
+
+    def _watch_job(self, job_id: str) -> Iterator[Job]:
+        try:
+            for message in self._stub.WatchJob(jobs_pb2.WatchJobRequest(job_id=job_id)):
+                yield Job._from_proto(message)
+        except grpc.RpcError as rpc_error:
+            error = from_rpc_error(rpc_error)
+            if not isinstance(error, UnavailableError):
+                raise error from None
+
+    def _job_results(
+        self, job_id: str, *, failed_only: bool, page_size: int
+    ) -> Iterator[JobItemResult]:
+        token = ""
+        while True:
+            request = jobs_pb2.ListJobResultsRequest(
+                job_id=job_id,
+                page_size=page_size,
+                page_token=token,
+                filter=jobs_pb2.RESULT_FILTER_FAILED
+                if failed_only
+                else jobs_pb2.RESULT_FILTER_UNSPECIFIED,
+            )
+            response = self._call(self._stub.ListJobResults, request, None, None)
+            yield from (JobItemResult._from_proto(r) for r in response.results)
+            token = response.next_page_token
+            if not token:
+                return
+
     def get_model(
         self, name: str, *, timeout: float | None = None, metadata: Metadata | None = None
     ) -> Model:
         """One model with every version's model card."""
         request = models_pb2.GetModelRequest(model=name)
         return Model._from_proto(self._call(self._stub.GetModel, request, timeout, metadata))
+
+
+def _job_input(
+    request: jobs_pb2.SubmitJobRequest, source: str | os.PathLike[str] | Sequence[Any], inline: bool
+) -> None:
+    """Fill the request's input from what the caller gave (see `Client.submit_job`)."""
+    if isinstance(source, str | os.PathLike):
+        text = os.fspath(source)
+        if text.startswith("s3://"):
+            if text.lower().endswith(MANIFEST_SUFFIXES):
+                request.manifest_uri = text
+            else:
+                request.prefix = text
+            return
+        path = Path(text)
+        if path.is_dir() and inline:
+            files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+            if not files:
+                raise ValueError(f"no images under {path}")
+            request.images.images.extend(
+                image_pb2.Image(id=str(p.relative_to(path)), content=p.read_bytes()) for p in files
+            )
+        elif path.is_dir():
+            request.prefix = str(path.resolve())
+        elif path.suffix.lower() in MANIFEST_SUFFIXES:
+            request.manifest_uri = str(path.resolve())
+        else:
+            raise ValueError(f"{text}: not a folder, a manifest (.csv/.jsonl) or an s3:// URI")
+        return
+    items = list(source)
+    if all(isinstance(item, str) and (item.startswith("s3://") or not inline) for item in items):
+        request.uris.uris.extend(
+            item if item.startswith("s3://") else str(Path(item).resolve()) for item in items
+        )
+    else:
+        request.images.images.extend(
+            image_pb2.Image(id=image_name(item, index), content=encode_image(item))
+            for index, item in enumerate(items)
+        )
+
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
 def _retry_wait(error: PeritoError, attempt: int) -> float | None:

@@ -30,8 +30,14 @@ def make_celery(broker_url: str, *, visibility_timeout_s: int = 3600) -> Any:
         task_default_queue=BULK_QUEUE,
         task_routes={CLASSIFY_CHUNK: {"queue": BULK_QUEUE}, FINALIZE_JOB: {"queue": BULK_QUEUE}},
         # A message not acknowledged within this time is delivered again (the worker that had
-        # it is presumed dead). Chunks take seconds; this must be far longer.
-        broker_transport_options={"visibility_timeout": visibility_timeout_s},
+        # it is presumed dead). Chunks take seconds; this must be far longer. Workers sweep for
+        # such messages every fifth of it (at most a minute): one cheap ZRANGEBYSCORE, where
+        # kombu's default sweep (every 100 s) would leave a lost chunk waiting far longer.
+        broker_transport_options={
+            "visibility_timeout": visibility_timeout_s,
+            "unacked_restore_interval": min(60, max(1, visibility_timeout_s // 5)),
+            "unacked_restore_throttle": 1,
+        },
         broker_connection_retry_on_startup=True,
         broker_connection_timeout=3,
         worker_hijack_root_logger=False,

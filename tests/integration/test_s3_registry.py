@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,28 +9,14 @@ import pytest
 import perito
 from perito_core.errors import StorageUnavailable
 from perito_core.registry import ModelRegistry
-from perito_core.storage import S3Options, make_s3_client
+from perito_core.storage import S3Options
 from perito_server.settings import ServerSettings
 from tests.conftest import publish_lite0, publish_tiny
-from tests.helpers import S3_ENV, ServerThread, free_port, moto_s3_server
+from tests.helpers import ServerThread, free_port
 
 pytestmark = pytest.mark.integration
 
 LITE0 = "imagenet-efficientnet-lite0"
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    saved = {k: os.environ.get(k) for k in S3_ENV}
-    os.environ.update(S3_ENV)
-    with moto_s3_server() as endpoint:
-        make_s3_client(S3Options(endpoint_url=endpoint)).create_bucket(Bucket="models")
-        yield endpoint
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
 
 
 def open_s3_registry(endpoint: str, cache: Path) -> ModelRegistry:

@@ -1,0 +1,313 @@
+"""Bulk jobs end to end: real redis-server, real `perito worker` processes, S3 over HTTP."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import perito
+from perito_core.imaging import load_model_input
+from perito_core.jobs import ItemInput, JobStore
+from perito_core.registry import ModelRegistry
+from perito_core.runtime import LoadedModel
+from perito_core.storage import S3Options, make_s3_client
+from perito_server.settings import ServerSettings
+from perito_training.datasets import load_fashion_mnist
+from tests.helpers import (
+    FASHION_MNIST_INPUT,
+    ServerThread,
+    WorkerProcess,
+    subprocess_env,
+    train_fashion_mnist,
+)
+
+pytestmark = pytest.mark.integration
+
+IMAGES = 2000
+REGISTRY = "s3://models/bulk-tests"
+
+
+def png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@dataclass
+class Bulk:
+    server: ServerThread
+    client: perito.Client
+    registry: ModelRegistry
+    s3: object
+    worker_env: dict[str, str]
+    work: Path
+    model_file: Path
+    labels: list[str]
+    truth: dict[str, int]  # image id -> true class
+    image_bytes: dict[str, bytes]
+    workers: list[WorkerProcess] = field(default_factory=list)
+
+    def start_worker(self) -> WorkerProcess:
+        worker = WorkerProcess(self.worker_env, self.work / f"worker-{len(self.workers)}.log")
+        self.workers.append(worker.wait_ready())
+        return worker
+
+    def results_file(self, job: perito.Job) -> list[dict[str, object]]:
+        jsonl = next(u for u in job.result_uris if u.endswith(".jsonl"))
+        bucket, key = jsonl.removeprefix("s3://").split("/", 1)
+        body = self.s3.get_object(Bucket=bucket, Key=key)["Body"].read()  # type: ignore[attr-defined]
+        return [json.loads(line) for line in body.decode().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def bulk(
+    tmp_path_factory: pytest.TempPathFactory, s3_endpoint: str, redis_url: str
+) -> Iterator[Bulk]:
+    work = tmp_path_factory.mktemp("bulk")
+    model_file = work / "fashion.pt"
+    labels = train_fashion_mnist(model_file)
+    options = S3Options(endpoint_url=s3_endpoint)
+    registry = ModelRegistry.open(REGISTRY, cache_dir=work / "publish-cache", s3=options)
+    registry.publish(
+        "fashion", model_file, labels=labels, input=FASHION_MNIST_INPUT, aliases=("production",)
+    )
+
+    s3 = make_s3_client(options)
+    images, classes = load_fashion_mnist("test")
+    truth, image_bytes = {}, {}
+    for index in range(IMAGES):
+        name = f"{index:05d}.png"
+        truth[name], image_bytes[name] = int(classes[index]), png(images[index])
+    with ThreadPoolExecutor(8) as pool:
+        list(
+            pool.map(
+                lambda n: s3.put_object(
+                    Bucket="inspections", Key=f"fmnist/{n}", Body=image_bytes[n]
+                ),
+                truth,
+            )
+        )
+
+    settings = ServerSettings(
+        port=0,
+        registry=REGISTRY,
+        s3_endpoint_url=s3_endpoint,
+        redis_url=redis_url,
+        cache_dir=work / "server-cache",
+        results_uri="s3://results/jobs",
+        local_roots=[work],
+        job_chunk_size=50,
+        visibility_timeout_s=10,
+    )
+    worker_env = subprocess_env(
+        PERITO_REDIS_URL=redis_url,
+        PERITO_REGISTRY=REGISTRY,
+        PERITO_S3_ENDPOINT_URL=s3_endpoint,
+        PERITO_CACHE_DIR=str(work / "worker-cache"),
+        PERITO_LOCAL_ROOTS=json.dumps([str(work)]),
+        PERITO_VISIBILITY_TIMEOUT_S="10",
+        PERITO_NICE="0",
+    )
+    with ServerThread(settings) as server, perito.Client(server.target, timeout=60) as client:
+        state = Bulk(
+            server, client, registry, s3, worker_env, work, model_file, labels, truth, image_bytes
+        )
+        state.start_worker()
+        yield state
+        for worker in state.workers:
+            worker.stop()
+
+
+def test_a_prefix_job_matches_the_offline_evaluation_item_for_item(bulk: Bulk) -> None:
+    handle = bulk.client.submit_job(
+        "s3://inspections/fmnist/",
+        model="fashion",
+        version="production",
+        top_k=3,
+    )
+    assert handle.last.total == IMAGES
+    assert handle.last.model_version == "1"  # pinned at submission
+    snapshots = list(handle.watch())
+    job = snapshots[-1]
+    assert job.state is perito.JobState.SUCCEEDED, job
+    assert (job.succeeded, job.failed, job.cancelled) == (IMAGES, 0, 0)
+    assert [s.done for s in snapshots] == sorted(s.done for s in snapshots)
+
+    rows = bulk.results_file(job)
+    assert [r["index"] for r in rows] == list(range(IMAGES))
+    assert [r["id"] for r in rows] == sorted(bulk.truth)  # input order = key order
+    served_accuracy = np.mean([bulk.labels.index(r["label"]) == bulk.truth[r["id"]] for r in rows])
+
+    # The same version, evaluated offline on the same bytes, with the same preprocessing.
+    artifact = bulk.registry.fetch("fashion", "1")
+    model = LoadedModel.load(artifact.path, artifact.manifest, device="cpu")
+    spec = artifact.manifest.input.spec()
+    names = sorted(bulk.truth)
+    offline = []
+    for start in range(0, IMAGES, 100):
+        batch = np.stack(
+            [load_model_input(bulk.image_bytes[n], spec) for n in names[start : start + 100]]
+        )
+        offline += list(model.predict(batch).argmax(axis=1))
+    offline_accuracy = np.mean([p == bulk.truth[n] for p, n in zip(offline, names, strict=True)])
+    assert served_accuracy == offline_accuracy
+    assert [bulk.labels.index(r["label"]) for r in rows] == [int(p) for p in offline]
+    assert served_accuracy > 0.75
+
+    csv_key = job.result_uris[1].removeprefix("s3://results/")
+    table = bulk.s3.get_object(Bucket="results", Key=csv_key)["Body"].read().decode()  # type: ignore[attr-defined]
+    assert len(table.strip().splitlines()) == IMAGES + 1
+
+
+def test_a_worker_killed_mid_job_loses_nothing_and_counts_nothing_twice(bulk: Bulk) -> None:
+    handle = bulk.client.submit_job("s3://inspections/fmnist/", model="fashion", chunk_size=20)
+    deadline = time.monotonic() + 120
+    while handle.status().done < 300:
+        assert time.monotonic() < deadline, handle.last
+        time.sleep(0.05)
+    bulk.workers[-1].kill_hard()
+    done_at_kill = handle.status().done
+    assert done_at_kill < IMAGES, "the job finished before the kill: nothing was tested"
+
+    bulk.start_worker()
+    job = handle.wait(timeout=180)
+    assert job.state is perito.JobState.SUCCEEDED, job
+    assert (job.succeeded, job.failed, job.cancelled, job.total) == (IMAGES, 0, 0, IMAGES)
+    rows = bulk.results_file(job)
+    assert sorted(r["index"] for r in rows) == list(range(IMAGES))  # every item exactly once
+    assert all(r["state"] == "succeeded" for r in rows)
+
+
+def test_bad_images_fail_alone_with_reasons(bulk: Bulk) -> None:
+    good = list(bulk.image_bytes.values())[:5]
+    objects = {
+        "mixed/good-0.png": good[0],
+        "mixed/good-1.png": good[1],
+        "mixed/truncated.png": good[2][: len(good[2]) // 2],
+        "mixed/text.jpg": b"this is a text file with a .jpg name",
+        "mixed/empty.png": b"",
+        "mixed/good-2.png": good[3],
+    }
+    for key, body in objects.items():
+        bulk.s3.put_object(Bucket="inspections", Key=key, Body=body)  # type: ignore[attr-defined]
+    uris = [f"s3://inspections/{k}" for k in objects] + ["s3://inspections/mixed/missing.png"]
+    job = bulk.client.submit_job(uris, model="fashion").wait(timeout=120)
+    assert job.state is perito.JobState.PARTIALLY_SUCCEEDED
+    assert (job.succeeded, job.failed) == (3, 4)
+    failures = {r.image_id: r.error for r in bulk.client.job(job.id).results(failed_only=True)}
+    assert list(failures) == ["truncated.png", "text.jpg", "empty.png", "missing.png"]
+    assert failures["truncated.png"].startswith("TRUNCATED")
+    assert failures["text.jpg"].startswith("NOT_AN_IMAGE")
+    assert failures["empty.png"].startswith("EMPTY")
+    assert (
+        failures["missing.png"].startswith("NOT_FOUND") and "missing.png" in failures["missing.png"]
+    )
+
+
+def test_inline_and_local_folder_jobs(bulk: Bulk) -> None:
+    names = sorted(bulk.image_bytes)[:6]
+    job = bulk.client.submit_job(
+        [bulk.image_bytes[n] for n in names] + [b""], model="fashion"
+    ).wait(60)
+    assert (job.total, job.succeeded, job.failed) == (7, 6, 1)
+
+    folder = bulk.work / "site-photos"
+    folder.mkdir()
+    for name in names:
+        (folder / name).write_bytes(bulk.image_bytes[name])
+    output = bulk.work / "site-results"
+    job = bulk.client.submit_job(folder, model="fashion", output_uri=str(output)).wait(60)
+    assert job.state is perito.JobState.SUCCEEDED
+    assert (output / "results.csv").read_text().count("\n") == len(names) + 1
+    with pytest.raises(perito.InvalidArgumentError, match="not under an allowed local root"):
+        bulk.client.submit_job("/etc", model="fashion")
+
+
+def test_cancel_stops_a_running_job_and_accounts_for_every_item(bulk: Bulk) -> None:
+    handle = bulk.client.submit_job("s3://inspections/fmnist/", model="fashion", chunk_size=10)
+    deadline = time.monotonic() + 60
+    while handle.status().done < 50:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    job = handle.cancel()
+    assert job.state is perito.JobState.CANCELLED
+    assert job.cancelled > 0 and job.done == job.total == IMAGES
+    time.sleep(2)  # chunks that were running stop at their next batch; nothing overwrites
+    later = handle.status()
+    assert (later.succeeded, later.failed, later.cancelled) == (
+        job.succeeded,
+        job.failed,
+        job.cancelled,
+    )
+    states = [r["state"] for r in bulk.results_file(later)]
+    assert states.count("cancelled") == job.cancelled and len(states) == IMAGES
+
+
+def test_a_job_whose_model_version_is_broken_or_gone_fails_clearly(bulk: Bulk) -> None:
+    for _ in range(2):
+        bulk.registry.publish(
+            "doomed", bulk.model_file, labels=bulk.labels, input=FASHION_MNIST_INPUT
+        )
+    bulk.s3.put_object(Bucket="models", Key="bulk-tests/models/doomed/1/model.pt", Body=b"tampered")  # type: ignore[attr-defined]
+    bulk.s3.delete_object(Bucket="models", Key="bulk-tests/models/doomed/2/model.pt")  # type: ignore[attr-defined]
+    uris = [f"s3://inspections/fmnist/{n}" for n in sorted(bulk.truth)[:30]]
+    tampered = bulk.client.submit_job(uris, model="doomed", version="1").wait(60)
+    deleted = bulk.client.submit_job(uris, model="doomed", version="2").wait(60)
+    for job, words in ((tampered, "does not match"), (deleted, "not found")):
+        assert job.state is perito.JobState.FAILED
+        assert job.failed == job.total == 30
+        assert "doomed@" in job.error and words in job.error
+    with pytest.raises(perito.NotFoundError):
+        bulk.client.submit_job(uris, model="doomed", version="7")
+
+
+def test_a_chunk_that_keeps_killing_workers_is_dead_lettered(bulk: Bulk, redis_url: str) -> None:
+    from perito_worker.processing import WorkerRuntime, classify_chunk
+    from perito_worker.settings import WorkerSettings
+
+    store = JobStore.connect(redis_url)
+    items = [ItemInput(id=n, uri=f"s3://inspections/fmnist/{n}") for n in sorted(bulk.truth)[:8]]
+    job = store.create(
+        model="fashion",
+        model_version="1",
+        items=items,
+        inline={},
+        output_uri="s3://results/dead-letter",
+        top_k=3,
+        confidence_threshold=0,
+        chunk_size=8,
+        labels={},
+    )
+    for _ in range(3):  # three deliveries that died without a trace
+        store.count_attempt(job.id, 0)
+    settings = WorkerSettings(
+        redis_url=redis_url,
+        registry=REGISTRY,
+        s3_endpoint_url=bulk.server.settings.s3_endpoint_url,  # type: ignore[attr-defined]
+        cache_dir=bulk.work / "inline-cache",
+        max_attempts=3,
+    )
+    finalized: list[str] = []
+    classify_chunk(WorkerRuntime(settings), job.id, 0, 0, 8, finalized.append)
+    after = store.get(job.id)
+    assert (after.failed, after.succeeded) == (8, 0)
+    assert finalized == [job.id]
+    assert "dead-lettered" in store.results(job.id, 0, 1)[0].error
+    letters = [json.loads(x) for x in store.redis.lrange("perito:dead-letter", 0, -1)]
+    assert {"job_id": job.id, "chunk": 0} in [
+        {"job_id": x["job_id"], "chunk": x["chunk"]} for x in letters
+    ]
+
+
+def test_unknown_jobs_are_not_found(bulk: Bulk) -> None:
+    with pytest.raises(perito.NotFoundError, match="job 'nope' not found"):
+        bulk.client.get_job("nope")
