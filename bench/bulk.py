@@ -1,0 +1,224 @@
+"""Benchmark bulk jobs: one worker against the raw in-process pipeline, and fairness.
+
+In one run on one machine:
+
+- raw: decode + resize the same 640x480 JPEGs and run the same optimised module in this process
+  at the worker's batch size (the raw in-process limit, as in bench/classify.py);
+- job: `perito worker` (one process) classifying a job of those images, read from a local
+  folder, after a small warm-up job has loaded the model; images/s from the job's start to its
+  end, and from submission to the results files being written;
+- fairness: `Classify` latency at concurrency 1, first idle, then while a 10,000-image job is
+  in flight on the same machine (target: p50 within 2x of idle).
+
+Target (issue 3): job throughput >= 0.9x raw.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+import perito  # noqa: E402
+from bench.classify import MODEL, bench_grpc, make_jpegs, publish, timed_loop  # noqa: E402
+from perito_core.imaging import load_model_input  # noqa: E402
+from perito_core.runtime import LoadedModel  # noqa: E402
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def start(args: list[str], log: Path, env: dict[str, str], ready: str) -> subprocess.Popen[bytes]:
+    process = subprocess.Popen(args, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if ready.encode() in log.read_bytes():
+            return process
+        if process.poll() is not None:
+            break
+        time.sleep(0.1)
+    raise SystemExit(log.read_text())
+
+
+def raw_rate(model: LoadedModel, jpegs: list[bytes], batch: int, seconds: float) -> float:
+    spec = model.manifest.input.spec()
+    cursor = [0]
+
+    def step() -> int:
+        start = cursor[0]
+        cursor[0] = (start + batch) % len(jpegs)
+        images = [load_model_input(jpegs[(start + i) % len(jpegs)], spec) for i in range(batch)]
+        model.predict(np.stack(images))
+        return batch
+
+    rate, _ = timed_loop(seconds, step)
+    return rate
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--images", type=int, default=1000, help="images in the measured job")
+    parser.add_argument("--seconds", type=float, default=8.0, help="per raw / latency measurement")
+    parser.add_argument("--fairness-items", type=int, default=10_000)
+    parser.add_argument("--repeats", type=int, default=3, help="job runs; the median is reported")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="perito-bulk-bench-") as tmp:
+        work = Path(tmp)
+        jpegs = make_jpegs(work, args.images)
+        photos = work / "job"
+        photos.mkdir()
+        for index, data in enumerate(jpegs):
+            (photos / f"{index:05d}.jpg").write_bytes(data)
+        registry = publish("efficientnet-lite0", work)
+        artifact = registry.fetch(MODEL, "1")
+        batch = 4
+        model = LoadedModel.load(artifact.path, artifact.manifest, warmup_batch_sizes=(batch,))
+
+        redis_port, port = free_port(), free_port()
+        env = {
+            **os.environ,
+            "PYTHONUNBUFFERED": "1",
+            "PERITO_REGISTRY": str(work / "registry"),
+            "PERITO_CACHE_DIR": str(work / "cache"),
+            "PERITO_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+            "PERITO_LOCAL_ROOTS": json.dumps([str(work)]),
+            "PERITO_RESULTS_URI": str(work / "results"),
+        }
+        processes = [
+            start(
+                ["redis-server", "--port", str(redis_port), "--save", "", "--appendonly", "no"],
+                work / "redis.log",
+                env,
+                "Ready to accept",
+            ),
+            start(
+                [str(BIN / "perito"), "worker"],
+                work / "worker.log",
+                env,
+                "ready.",
+            ),
+            start(
+                [
+                    str(BIN / "perito"),
+                    "serve",
+                    "--port",
+                    str(port),
+                    "--preload",
+                    MODEL,
+                    "--log-level",
+                    "WARNING",
+                ],
+                work / "serve.log",
+                env,
+                "serving on",
+            ),
+        ]
+        try:
+            with perito.Client(f"127.0.0.1:{port}", timeout=600) as client:
+                client.submit_job(
+                    [str(p) for p in sorted(photos.iterdir())[:20]], model=MODEL
+                ).wait()
+                # The machine is noisy (10% from one minute to the next): each job run is paired
+                # with a raw measurement just before it, and the ratios' median is reported.
+                raws, steadies, walls = [], [], []
+                for _ in range(args.repeats):
+                    raws.append(raw_rate(model, jpegs, batch, args.seconds))
+                    submitted = time.monotonic()
+                    job = client.submit_job(photos, model=MODEL).wait()
+                    walls.append(args.images / (time.monotonic() - submitted))
+                    assert job.succeeded == args.images, job
+                    span = (job.finished - job.started).total_seconds()  # type: ignore[operator]
+                    steadies.append(args.images / span)
+                del model
+                raw = float(np.median(raws))
+                ratio = float(np.median([j / r for j, r in zip(steadies, raws, strict=True)]))
+                steady, end_to_end = float(np.median(steadies)), float(np.median(walls))
+
+                idle = asyncio.run(bench_grpc(f"127.0.0.1:{port}", jpegs[:48], 1, args.seconds))
+                manifest = work / "big.csv"
+                files = sorted(photos.iterdir())
+                manifest.write_text(
+                    "".join(f"{files[i % len(files)]},{i}\n" for i in range(args.fairness_items))
+                )
+                big = client.submit_job(manifest, model=MODEL, chunk_size=64)
+                while big.status().done < 50:
+                    time.sleep(0.1)
+                busy = asyncio.run(bench_grpc(f"127.0.0.1:{port}", jpegs[:48], 1, args.seconds))
+                during = big.status()
+                big.cancel()
+        finally:
+            for process in reversed(processes):
+                process.send_signal(signal.SIGTERM)
+                process.wait(60)
+
+    print(
+        f"# bulk: EfficientNet-Lite0, {args.images} 640x480 JPEGs from a local folder, one worker "
+        f"process (prefork, batch {batch}), {os.cpu_count()} cores"
+    )
+    pairs = ", ".join(f"{r:.1f} / {j:.1f}" for r, j in zip(raws, steadies, strict=True))
+    print(f"paired runs, raw / job images/s: {pairs}")
+    print("| what | images/s (median) | ratio to raw |")
+    print("|---|---|---|")
+    print(f"| raw in-process, batch {batch} (reference) | {raw:.1f} | 1.00 |")
+    print(f"| job, first chunk start to last result | {steady:.1f} | {ratio:.2f} |")
+    print(
+        f"| job, submission to results files written | {end_to_end:.1f} | {end_to_end / raw:.2f} |"
+    )
+    verdict = "PASS" if ratio >= 0.9 else "MISS"
+    print(
+        f"\njob throughput: {ratio:.2f} x raw, median of paired runs (target >= 0.90) -> {verdict}"
+    )
+    print("\n| Classify, concurrency 1 | p50 ms | p99 ms |")
+    print("|---|---|---|")
+    print(f"| idle | {idle['p50_ms']:.1f} | {idle['p99_ms']:.1f} |")
+    print(
+        f"| with a {args.fairness_items:,}-image job running ({during.done:,} done while measured) "
+        f"| {busy['p50_ms']:.1f} | {busy['p99_ms']:.1f} |"
+    )
+    ratio = busy["p50_ms"] / idle["p50_ms"]
+    print(
+        f"\nsync p50 under bulk load: {ratio:.2f} x idle (target <= 2) -> "
+        + ("PASS" if ratio <= 2 else "MISS")
+    )
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {
+                    "raw": raw,
+                    "steady": steady,
+                    "end_to_end": end_to_end,
+                    "idle": idle,
+                    "busy": busy,
+                },
+                indent=2,
+            )
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
