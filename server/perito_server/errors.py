@@ -69,27 +69,31 @@ async def abort(context: grpc.aio.ServicerContext[Any, Any], error: PeritoError)
     await context.abort(status.code, status.details, status.trailing_metadata)
 
 
+async def _abort_for(
+    context: grpc.aio.ServicerContext[Any, Any], exc: Exception, handler: str
+) -> NoReturn:
+    """A `PeritoError` keeps its code and message; anything else is logged and becomes
+    INTERNAL (never UNKNOWN with a Python repr); an abort already under way goes on."""
+    if isinstance(exc, grpc.aio.AbortError):
+        raise exc
+    if isinstance(exc, PeritoError):
+        await abort(context, exc)
+    log.exception("%s failed", handler)
+    await abort(context, PeritoError(f"internal error: {type(exc).__name__}: {exc}"))
+
+
 HandlerT = TypeVar("HandlerT", bound=Callable[..., Awaitable[Any]])
 
 
 def maps_errors(handler: HandlerT) -> HandlerT:
-    """Abort the call with the mapped status when `handler` raises.
-
-    A `PeritoError` keeps its code and message; anything else is logged and becomes INTERNAL
-    (never UNKNOWN with a Python repr).
-    """
+    """Abort the call with the mapped status when `handler` raises (see `_abort_for`)."""
 
     @functools.wraps(handler)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         try:
             return await handler(self, request, context)
-        except PeritoError as error:
-            await abort(context, error)
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:
-            log.exception("%s failed", handler.__name__)
-            await abort(context, PeritoError(f"internal error: {type(exc).__name__}: {exc}"))
+        except Exception as exc:  # noqa: BLE001 - every error becomes a status
+            await _abort_for(context, exc, handler.__name__)
 
     return wrapper  # type: ignore[return-value]
 
@@ -107,12 +111,7 @@ def maps_stream_errors(handler: StreamT) -> StreamT:
         try:
             async for message in handler(self, request, context):
                 yield message
-        except PeritoError as error:
-            await abort(context, error)
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:
-            log.exception("%s failed", handler.__name__)
-            await abort(context, PeritoError(f"internal error: {type(exc).__name__}: {exc}"))
+        except Exception as exc:  # noqa: BLE001 - every error becomes a status
+            await _abort_for(context, exc, handler.__name__)
 
     return wrapper  # type: ignore[return-value]

@@ -1,0 +1,48 @@
+"""Settings every deployable shares: storage, the job store, image limits.
+
+`ServerSettings` and `WorkerSettings` extend this; each is built once in its `main()` from
+flags and `PERITO_*` environment variables, never read at import.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from perito_core.imaging import ImageLimits
+from perito_core.storage import S3Options
+
+
+class CommonSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PERITO_", extra="ignore")
+
+    registry: str = Field("./var/registry", description="a folder, file:// or s3://bucket/prefix")
+    cache_dir: Path = Path("./var/cache")
+    s3_endpoint_url: str | None = None
+    s3_region: str | None = None
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: SecretStr | None = None
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="job store and Celery broker")
+    local_roots: list[Path] = Field(
+        default_factory=list, description="folders jobs may read images from and write results to"
+    )
+    visibility_timeout_s: int = Field(3600, ge=10, description="redelivery of unacked chunks")
+    device: str = "auto"
+    torch_threads: int = Field(0, ge=0, description="0: one per core")
+    decode_threads: int = Field(2, ge=1)
+    max_image_bytes: int = Field(32 * 1024 * 1024, ge=1)
+    max_image_pixels: int = Field(64_000_000, ge=1)
+
+    def s3_options(self) -> S3Options:
+        secret = self.s3_secret_access_key
+        return S3Options(
+            endpoint_url=self.s3_endpoint_url,
+            region=self.s3_region,
+            access_key_id=self.s3_access_key_id,
+            secret_access_key=secret.get_secret_value() if secret else None,
+        )
+
+    def image_limits(self) -> ImageLimits:
+        return ImageLimits(max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels)
