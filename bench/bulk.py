@@ -20,7 +20,6 @@ import asyncio
 import json
 import os
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,31 +32,11 @@ import numpy as np  # noqa: E402
 
 import perito  # noqa: E402
 from bench.classify import MODEL, bench_grpc, make_jpegs, publish, timed_loop  # noqa: E402
+from bench.processes import free_port, start  # noqa: E402
 from perito_core.imaging import load_model_input  # noqa: E402
 from perito_core.runtime import LoadedModel  # noqa: E402
 
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def start(args: list[str], log: Path, env: dict[str, str], ready: str) -> subprocess.Popen[bytes]:
-    process = subprocess.Popen(args, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if ready.encode() in log.read_bytes():
-            return process
-        if process.poll() is not None:
-            break
-        time.sleep(0.1)
-    raise SystemExit(log.read_text())
 
 
 def raw_rate(model: LoadedModel, jpegs: list[bytes], batch: int, seconds: float) -> float:

@@ -41,6 +41,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.processes import free_port, start  # noqa: E402
 from perito.v1 import classify_pb2, image_pb2, service_pb2_grpc  # noqa: E402
 from perito_core.imaging import load_model_input  # noqa: E402
 from perito_core.registry import ModelRegistry  # noqa: E402
@@ -192,30 +193,9 @@ def start_server(work: Path, port: int, extra_env: dict[str, str]) -> subprocess
         "PERITO_CACHE_DIR": str(work / "server-cache"),
         "PYTHONUNBUFFERED": "1",
     }
-    log = (work / "serve.log").open("wb")
-    process = subprocess.Popen(
-        [
-            str(Path(sys.executable).parent / "perito"),
-            "serve",
-            "--port",
-            str(port),
-            "--preload",
-            MODEL,
-            "--log-level",
-            "WARNING",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
-    )
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if b"serving on" in (work / "serve.log").read_bytes():
-            return process
-        if process.poll() is not None:
-            break
-        time.sleep(0.2)
-    raise SystemExit((work / "serve.log").read_text())
+    perito = str(Path(sys.executable).parent / "perito")
+    args = [perito, "serve", "--port", str(port), "--preload", MODEL, "--log-level", "WARNING"]
+    return start(args, work / "serve.log", env, "serving on")
 
 
 def main() -> int:
@@ -251,11 +231,7 @@ def main() -> int:
         raw = bench_raw(model, jpegs, args.seconds)
         del model
 
-        import socket
-
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
+        port = free_port()
         server = start_server(work, port, dict(kv.split("=", 1) for kv in args.server_env))
         try:
             c1 = asyncio.run(bench_grpc(f"127.0.0.1:{port}", jpegs, 1, args.seconds))
