@@ -19,12 +19,13 @@ told so, and finalises the job (results files, terminal state).
 from __future__ import annotations
 
 import enum
+import functools
 import json
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import redis
 
@@ -174,6 +175,23 @@ def _decode(value: bytes | str | None) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _redis_unavailable(method: F) -> F:
+    """Turn an unreachable Redis into `StorageUnavailable`: UNAVAILABLE for callers of the
+    server, a retry with backoff for workers; never a bare `redis` exception."""
+
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(*args, **kwargs)
+        except redis.RedisError as exc:
+            raise StorageUnavailable(f"the job store (Redis) is unreachable: {exc}") from None
+
+    return wrapper  # type: ignore[return-value]
+
+
 class JobStore:
     """Jobs in Redis. Every method is one or a few round trips; safe across processes."""
 
@@ -187,11 +205,9 @@ class JobStore:
     def connect(cls, url: str) -> JobStore:
         return cls(redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=30))
 
+    @_redis_unavailable
     def ping(self) -> None:
-        try:
-            self.redis.ping()
-        except redis.RedisError as exc:
-            raise StorageUnavailable(f"the job store (Redis) is unreachable: {exc}") from None
+        self.redis.ping()
 
     @staticmethod
     def _key(job_id: str, part: str = "") -> str:
@@ -234,32 +250,24 @@ class JobStore:
             "confidence_threshold": confidence_threshold,
             "chunk_size": chunk_size,
         }
-        try:
-            with self.redis.pipeline(transaction=True) as pipe:
-                pipe.hset(self._key(job_id), mapping=record)
-                for start in range(0, len(items), 1000):
-                    pipe.rpush(
-                        self._key(job_id, "inputs"),
-                        *(
-                            json.dumps({"id": i.id, "uri": i.uri})
-                            for i in items[start : start + 1000]
-                        ),
-                    )
-                if inline:
-                    pipe.hset(self._key(job_id, "inline"), mapping=inline)  # type: ignore[arg-type]
-                pipe.zadd(f"{PREFIX}:jobs", {job_id: now})
-                pipe.execute()
-        except redis.RedisError as exc:
-            raise StorageUnavailable(f"the job store (Redis) is unreachable: {exc}") from None
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(self._key(job_id), mapping=record)
+            for start in range(0, len(items), 1000):
+                pipe.rpush(
+                    self._key(job_id, "inputs"),
+                    *(json.dumps({"id": i.id, "uri": i.uri}) for i in items[start : start + 1000]),
+                )
+            if inline:
+                pipe.hset(self._key(job_id, "inline"), mapping=inline)  # type: ignore[arg-type]
+            pipe.zadd(f"{PREFIX}:jobs", {job_id: now})
+            pipe.execute()
         return self.get(job_id)
 
     # Reading
 
+    @_redis_unavailable
     def get(self, job_id: str) -> Job:
-        try:
-            raw = self.redis.hgetall(self._key(job_id))
-        except redis.RedisError as exc:
-            raise StorageUnavailable(f"the job store (Redis) is unreachable: {exc}") from None
+        raw = self.redis.hgetall(self._key(job_id))
         if not raw:
             raise NotFound(f"job {job_id!r} not found", field="job_id")
         data = {_decode(k): _decode(v) for k, v in raw.items()}
@@ -285,15 +293,18 @@ class JobStore:
             cancel_requested=data.get("cancel_requested") == "1",
         )
 
+    @_redis_unavailable
     def inputs(self, job_id: str, start: int = 0, stop: int = -1) -> list[ItemInput]:
         """Items `start`..`stop` (inclusive; -1 is the last) as submitted."""
         raw = self.redis.lrange(self._key(job_id, "inputs"), start, stop)
         return [ItemInput(**json.loads(item)) for item in raw]
 
+    @_redis_unavailable
     def inline_image(self, job_id: str, index: int) -> bytes | None:
         value = self.redis.hget(self._key(job_id, "inline"), str(index))
         return value if isinstance(value, bytes) else None
 
+    @_redis_unavailable
     def results(self, job_id: str, start: int, count: int) -> list[ItemResult]:
         """Results for items start .. start+count-1, PENDING where none is recorded yet."""
         items = self.inputs(job_id, start, start + count - 1)
@@ -310,6 +321,7 @@ class JobStore:
             for index, item, value in zip(indices, items, raw, strict=True)
         ]
 
+    @_redis_unavailable
     def recorded(self, job_id: str, indices: range) -> set[int]:
         """Which of `indices` already have a result."""
         if not len(indices):
@@ -317,15 +329,18 @@ class JobStore:
         raw = self.redis.hmget(self._key(job_id, "results"), [str(i) for i in indices])
         return {i for i, value in zip(indices, raw, strict=True) if value is not None}
 
+    @_redis_unavailable
     def list_jobs(self, limit: int = 100) -> list[str]:
         ids = cast(list[bytes], self.redis.zrevrange(f"{PREFIX}:jobs", 0, limit - 1))
         return [_decode(j) for j in ids]
 
     # Progress
 
+    @_redis_unavailable
     def mark_running(self, job_id: str) -> JobState:
         return JobState(_decode(self._start(keys=[self._key(job_id)], args=[time.time()])))
 
+    @_redis_unavailable
     def record_results(self, job_id: str, results: Iterable[ItemResult]) -> tuple[int, bool]:
         """Record results not recorded before; returns (newly recorded, job now complete)."""
         args: list[Any] = []
@@ -338,6 +353,7 @@ class JobStore:
         )
         return int(new), int(succeeded) + int(failed) + int(cancelled) >= int(total)
 
+    @_redis_unavailable
     def mark_unrecorded(self, job_id: str, state: ItemState, error: str) -> int:
         """Give every item without a result `state` (cancelled, or failed with `error`)."""
         result = ItemResult(0, state, error=error).to_json()
@@ -346,23 +362,29 @@ class JobStore:
         )
         return marked
 
+    @_redis_unavailable
     def request_cancel(self, job_id: str) -> None:
         self.redis.hset(self._key(job_id), "cancel_requested", "1")
 
+    @_redis_unavailable
     def is_cancel_requested(self, job_id: str) -> bool:
         return self.redis.hget(self._key(job_id), "cancel_requested") == b"1"
 
+    @_redis_unavailable
     def count_attempt(self, job_id: str, chunk: int) -> int:
         """Count one more delivery of `chunk`; returns how many there have been."""
         return int(self.redis.hincrby(self._key(job_id, "attempts"), str(chunk), 1))
 
+    @_redis_unavailable
     def dead_letter(self, job_id: str, chunk: int, reason: str) -> None:
         record = json.dumps({"job_id": job_id, "chunk": chunk, "reason": reason, "at": time.time()})
         self.redis.rpush(f"{PREFIX}:dead-letter", record)
 
+    @_redis_unavailable
     def set_job_error(self, job_id: str, error: str) -> None:
         self.redis.hsetnx(self._key(job_id), "error", error)
 
+    @_redis_unavailable
     def finish(self, job_id: str, result_uris: list[str]) -> Job:
         """Set the terminal state from the counters; idempotent."""
         job = self.get(job_id)

@@ -363,3 +363,32 @@ def test_the_cli_submits_follows_and_reads_jobs(bulk: Bulk) -> None:
     assert "ghost" in failed and "NOT_FOUND" in failed and "photo-" not in failed
     cancelled = perito_json("job", "cancel", job["id"])
     assert isinstance(cancelled, dict) and cancelled["state"] == "partially_succeeded"
+
+
+def test_with_redis_down_jobs_are_unavailable_and_classify_still_works(
+    tmp_path: Path, tiny_model_file: Path, photos: dict[str, Path]
+) -> None:
+    from tests.conftest import publish_tiny
+    from tests.helpers import free_port
+
+    publish_tiny(
+        ModelRegistry.open(str(tmp_path / "registry"), cache_dir=tmp_path), tiny_model_file
+    )
+    settings = ServerSettings(
+        port=0,
+        registry=str(tmp_path / "registry"),
+        cache_dir=tmp_path / "cache",
+        redis_url=f"redis://127.0.0.1:{free_port()}/0",
+        local_roots=[tmp_path],
+    )
+    with ServerThread(settings) as server, perito.Client(server.target, max_retries=0) as client:
+        assert client.classify([photos["coffee"]], model="tiny")[0].label in {
+            "minor",
+            "moderate",
+            "severe",
+        }
+        with pytest.raises(perito.UnavailableError, match="job store") as caught:
+            client.submit_job([photos["coffee"].read_bytes()], model="tiny")
+        assert caught.value.reason == "STORAGE_UNAVAILABLE"
+        with pytest.raises(perito.UnavailableError, match="job store"):
+            client.get_job("anything")
