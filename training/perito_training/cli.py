@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import click
@@ -31,5 +32,6 @@ def export_pretrained(architecture: str, out: Path) -> None:
 
 
 def register(cli: click.Group) -> None:
-    """Entry point for `perito.commands`."""
-    cli.add_command(export_pretrained)
+    """Entry point for `perito.commands`: only where `perito[train]` is installed."""
+    if all(importlib.util.find_spec(name) for name in ("torch", "timm")):
+        cli.add_command(export_pretrained)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import socket
 from pathlib import Path
@@ -68,5 +69,6 @@ def worker(name: str | None, log_level: str, **flags: Any) -> None:
 
 
 def register(cli: click.Group) -> None:
-    """Entry point for `perito.commands`."""
-    cli.add_command(worker)
+    """Entry point for `perito.commands`: only where `perito[serve]` is installed."""
+    if all(importlib.util.find_spec(name) for name in ("celery", "torch", "redis")):
+        cli.add_command(worker)
