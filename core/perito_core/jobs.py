@@ -25,7 +25,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 import redis
 
@@ -205,16 +205,13 @@ class JobStore:
     def connect(cls, url: str) -> JobStore:
         return cls(redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=30))
 
-    @_redis_unavailable
-    def ping(self) -> None:
-        self.redis.ping()
-
     @staticmethod
     def _key(job_id: str, part: str = "") -> str:
         return f"{PREFIX}:job:{job_id}" + (f":{part}" if part else "")
 
     # Creating
 
+    @_redis_unavailable
     def create(
         self,
         *,
@@ -328,11 +325,6 @@ class JobStore:
             return set()
         raw = self.redis.hmget(self._key(job_id, "results"), [str(i) for i in indices])
         return {i for i, value in zip(indices, raw, strict=True) if value is not None}
-
-    @_redis_unavailable
-    def list_jobs(self, limit: int = 100) -> list[str]:
-        ids = cast(list[bytes], self.redis.zrevrange(f"{PREFIX}:jobs", 0, limit - 1))
-        return [_decode(j) for j in ids]
 
     # Progress
 

@@ -72,8 +72,6 @@ class SourceReader:
         store, key = self._split(prefix)
         if key and not key.endswith("/") and isinstance(store, S3Store):
             key += "/"
-        if isinstance(store, LocalStore) and key in ("", "."):
-            key = ""
         keys = sorted(k for k in store.list_keys(key) if Path(k).suffix.lower() in IMAGE_SUFFIXES)
         if isinstance(store, S3Store):
             return [f"s3://{store.bucket}/{k}" for k in keys]

@@ -137,14 +137,6 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         self._seconds_per_item = 0.0  # moving average, for the retry hint
         self._task: asyncio.Task[None] | None = None
 
-    @property
-    def queued(self) -> int:
-        return len(self._queue)
-
-    @property
-    def admitted(self) -> int:
-        return self._admitted
-
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._loop(), name=self.name)

@@ -108,6 +108,11 @@ class JobService:
             settings.redis_url, visibility_timeout_s=settings.visibility_timeout_s
         )
 
+    def _uri_item(self, uri: str, item_id: str = "") -> ItemInput:
+        """An item read from `uri` (checked and made canonical now), its id defaulted."""
+        uri = self.sources.normalize(uri)
+        return ItemInput(id=item_id or default_item_id(uri), uri=uri)
+
     def _items(
         self, request: jobs_pb2.SubmitJobRequest
     ) -> tuple[list[ItemInput], dict[int, bytes]]:
@@ -117,15 +122,13 @@ class JobService:
             items = []
             for index, image in enumerate(request.images.images):
                 if image.WhichOneof("source") == "uri":
-                    uri = self.sources.normalize(image.uri)
-                    items.append(ItemInput(id=image.id or default_item_id(uri), uri=uri))
+                    items.append(self._uri_item(image.uri, image.id))
                 else:  # a bad (even empty) image is that item's failure, not the job's
                     inline[index] = image.content
                     items.append(ItemInput(id=image.id or str(index)))
             return items, inline
         if kind == "uris":
-            uris = [self.sources.normalize(uri) for uri in request.uris.uris]
-            return [ItemInput(id=default_item_id(u), uri=u) for u in uris], inline
+            return [self._uri_item(uri) for uri in request.uris.uris], inline
         if kind == "prefix":
             uris = self.sources.list_images(request.prefix)
             if not uris:
@@ -133,8 +136,7 @@ class JobService:
             return [ItemInput(id=default_item_id(u), uri=u) for u in uris], inline
         if kind == "manifest_uri":
             listed = self.sources.read_manifest(request.manifest_uri)
-            items = [ItemInput(id=i.id, uri=self.sources.normalize(i.uri)) for i in listed]
-            return [ItemInput(id=i.id or default_item_id(i.uri), uri=i.uri) for i in items], inline
+            return [self._uri_item(item.uri, item.id) for item in listed], inline
         raise InvalidArgument(
             "one of images, uris, prefix or manifest_uri is required", field="input"
         )
@@ -157,7 +159,6 @@ class JobService:
         output_uri = request.output_uri or f"{self.settings.results_uri.rstrip('/')}/{job_id}"
         output_uri = self.sources.normalize(output_uri)
         chunk_size = request.chunk_size or self.settings.job_chunk_size
-        await asyncio.to_thread(self.store.ping)
         job = await asyncio.to_thread(
             self.store.create,
             model=request.model,

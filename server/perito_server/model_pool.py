@@ -42,7 +42,6 @@ class ServedModel:
             max_queue_size=settings.max_queue_size,
             name=f"{self.name}@{self.version}",
         )
-        self.last_used = time.monotonic()
 
     async def _run_batch(self, images: list[np.ndarray]) -> list[np.ndarray]:
         loop = asyncio.get_running_loop()
@@ -101,7 +100,6 @@ class ModelPool:
                 if served is None:
                     served = await self._load(name, version)
         self._models.move_to_end(key)
-        served.last_used = time.monotonic()
         return served
 
     async def _load(self, name: str, version: str) -> ServedModel:

@@ -16,13 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from perito_core.errors import (
-    ArtifactIntegrityError,
-    InvalidImage,
-    ModelLoadError,
-    NotFound,
-    PeritoError,
-)
+from perito_core.errors import ArtifactIntegrityError, InvalidImage, ModelLoadError, NotFound
 from perito_core.imaging import load_model_input
 from perito_core.jobs import ItemInput, ItemResult, ItemState, Job, JobStore
 from perito_core.registry import ModelRegistry
@@ -130,6 +124,11 @@ def classify_chunk(
     recorded = store.recorded(job_id, range(start, start + len(inputs)))
     todo = [(start + i, item) for i, item in enumerate(inputs) if start + i not in recorded]
 
+    if not todo:  # redelivered after every item was recorded: finish the job if nobody did
+        if store.get(job_id).done >= job.total:
+            finalize(job_id)
+        return
+
     if attempts > rt.settings.max_attempts:
         reason = (
             f"chunk {chunk} was delivered {attempts - 1} times without finishing (a worker "
@@ -143,7 +142,7 @@ def classify_chunk(
                 for i, item in todo
             ],
         )
-        if complete or store.get(job_id).done >= job.total:
+        if complete:
             finalize(job_id)
         return
 
@@ -160,7 +159,7 @@ def classify_chunk(
 
     size = rt.settings.batch_size
     batches = [todo[i : i + size] for i in range(0, len(todo), size)]
-    complete = store.get(job_id).done >= job.total
+    complete = False
 
     def submit(batch: list[tuple[int, ItemInput]]) -> list[Future[_Prepared]]:
         return [rt.decode_pool.submit(_prepare, rt, job, i, item, model) for i, item in batch]
@@ -176,7 +175,3 @@ def classify_chunk(
         _, complete = store.record_results(job_id, _classify(job, model, prepared))
     if complete:
         finalize(job_id)
-
-
-def describe_error(error: BaseException) -> str:
-    return error.message if isinstance(error, PeritoError) else f"{type(error).__name__}: {error}"
