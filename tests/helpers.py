@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -246,3 +247,37 @@ class _Grey(nn.Module):
 FASHION_MNIST_INPUT = InputContract(
     height=28, width=28, resize_size=28, resize_mode="squash", mean=(0.5,) * 3, std=(0.5,) * 3
 )
+
+
+def write_pattern_images(
+    root: Path,
+    classes: tuple[str, ...] = ("minor", "moderate", "severe"),
+    per_class: int = 40,
+    size: int = 48,
+    seed: int = 0,
+) -> Path:
+    """Generated photos a small network can learn: class i is stripes at angle i * 180/n.
+
+    Colours, stripe width, phase and noise vary per image, so only the orientation tells the
+    classes apart. Written as JPEG (odd images) and PNG into `root/<class>/`.
+    """
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size].astype(np.float64)
+    for index, name in enumerate(classes):
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        angle = np.pi * index / len(classes)
+        for n in range(per_class):
+            period = rng.uniform(6, 12)
+            wave = np.sin(
+                2 * np.pi * (x * np.cos(angle) + y * np.sin(angle)) / period + rng.uniform(0, 6.3)
+            )
+            colour_a, colour_b = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+            mix = (wave[..., None] + 1) / 2
+            pixels = mix * colour_a + (1 - mix) * colour_b + rng.normal(0, 12, (size, size, 3))
+            image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+            suffix = "jpg" if n % 2 else "png"
+            image.save(folder / f"{name}-{n:04d}.{suffix}")
+    return root

@@ -1,11 +1,244 @@
-"""Training-side `perito` commands, plugged in through the `perito.commands` entry point."""
+"""Training-side `perito` commands, plugged in through the `perito.commands` entry point.
+
+perito train RECIPE.yaml [--set KEY=VALUE ...] [--out RUN] [--publish --alias staging]
+perito train --resume RUN
+perito evaluate RUN [--images FOLDER]
+perito publish RUN [--name NAME] [--alias ALIAS ...]
+perito export-pretrained efficientnet-lite0 --out DIR
+"""
 
 from __future__ import annotations
 
 import importlib.util
+import json
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import click
+
+_registry_option = click.option(
+    "--registry",
+    envvar="PERITO_REGISTRY",
+    help="Folder, file:// or s3://bucket/prefix (env PERITO_REGISTRY, default ./var/registry; "
+    "S3 endpoint and keys from PERITO_S3_* or the AWS defaults).",
+)
+_alias_option = click.option(
+    "--alias", "aliases", multiple=True, help="Point this alias at the new version (repeatable)."
+)
+
+
+def _open_registry(uri: str | None) -> Any:
+    from perito_core.registry import ModelRegistry
+    from perito_core.settings import CommonSettings
+
+    settings = CommonSettings() if uri is None else CommonSettings(registry=uri)
+    return ModelRegistry.open(
+        settings.registry, cache_dir=settings.cache_dir, s3=settings.s3_options()
+    )
+
+
+def _fail(error: Exception) -> click.ClickException:
+    return click.ClickException(str(error))
+
+
+@click.command("train")
+@click.argument("config_file", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override a config field by its dotted path, e.g. --set optim.lr=0.01 (repeatable).",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Run folder (default runs/NAME-YYYYmmdd-HHMMSS).",
+)
+@click.option(
+    "--resume",
+    "resume_dir",
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    help="Continue the run in this folder from its last checkpoint.",
+)
+@click.option("--publish", is_flag=True, help="Publish the result as a new model version.")
+@click.option("--name", help="Model name to publish under (default: the config's name).")
+@_registry_option
+@_alias_option
+@click.option("--progress/--no-progress", default=True, help="Progress bar per epoch.")
+def train(
+    config_file: Path | None,
+    overrides: tuple[str, ...],
+    out: Path | None,
+    resume_dir: Path | None,
+    publish: bool,
+    name: str | None,
+    registry: str | None,
+    aliases: tuple[str, ...],
+    progress: bool,
+) -> None:
+    """Train a model from a YAML config (a recipe), then evaluate, calibrate and export it.
+
+    Everything lands in the run folder: checkpoints, history, model.pt, the model card,
+    metrics, test predictions and plots. With --publish the run becomes a new model version.
+
+    \b
+    Examples:
+      perito train training/recipes/fashion-mnist.yaml --out runs/fmnist
+      perito train recipe.yaml --set data.root=~/photos --publish --alias staging
+      perito train --resume runs/fmnist --set train.epochs=30
+    """
+    from perito_training.config import ConfigError, load_config
+    from perito_training.datasets import DatasetError
+    from perito_training.pipeline import RunError, train_run
+
+    if (config_file is None) == (resume_dir is None):
+        raise click.UsageError("give a CONFIG_FILE to start a run, or --resume RUN to continue one")
+    try:
+        if resume_dir is not None:
+            run_dir = resume_dir
+            config = load_config(run_dir / "config.yaml", overrides)
+        else:
+            assert config_file is not None
+            config = load_config(config_file, overrides)
+            stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+            run_dir = out or Path("runs") / f"{config.name}-{stamp}"
+        click.echo(f"run folder: {run_dir}")
+        train_run(config, run_dir, resume=resume_dir is not None, log=click.echo, progress=progress)
+    except (ConfigError, DatasetError, RunError, FileNotFoundError, ValueError) as error:
+        raise _fail(error) from None
+    click.echo(f"model card: {run_dir / 'report.md'}")
+    if publish:
+        _publish(run_dir, name, registry, aliases, None)
+
+
+@click.command("evaluate")
+@click.argument("run_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option(
+    "--images",
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    help="A folder of images to classify (metrics too when it has a subfolder per class).",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Where predictions.csv and evaluation.json go (default RUN/evaluations/FOLDER).",
+)
+@click.option("--show", default=10, show_default=True, help="Print this many images' top-3.")
+def evaluate(run_dir: Path, images: Path | None, out: Path | None, show: int) -> None:
+    """Evaluate a run's exported model: on its test split again, or on a folder of images.
+
+    \b
+    Examples:
+      perito evaluate runs/car-damage                     # the card's test figures, recomputed
+      perito evaluate runs/car-damage --images ~/claims/  # each image's top-3, to a CSV
+    """
+    from perito_core.manifest import InputContract
+    from perito_training.evaluation import evaluate_folder, load_module
+    from perito_training.pipeline import RunError, load_run
+
+    try:
+        config, card = load_run(run_dir)
+        module = load_module(run_dir / "model.pt")
+        contract = InputContract.model_validate(card["input"])
+        if images is None:
+            _evaluate_test_split(run_dir, config, card, module, contract)
+            return
+        target = out or run_dir / "evaluations" / images.resolve().name
+        summary = evaluate_folder(module, card["labels"], contract.spec(), images, target)
+    except (RunError, FileNotFoundError, ValueError) as error:
+        raise _fail(error) from None
+    import csv
+
+    with (target / "predictions.csv").open(newline="") as file:
+        for row, _ in zip(csv.DictReader(file), range(show), strict=False):
+            if row["error"]:
+                click.echo(f"{row['image']}: unreadable: {row['error']}")
+            else:
+                top = ", ".join(
+                    f"{row[f'class_{k}']} {float(row[f'probability_{k}']):.1%}"
+                    for k in (1, 2, 3)
+                    if row[f"class_{k}"]
+                )
+                click.echo(f"{row['image']}: {top}")
+    click.echo(
+        f"{summary['classified']} of {summary['images']} images classified, "
+        f"{len(summary['unreadable'])} unreadable; all predictions in {summary['predictions']}"
+    )
+    if "metrics" in summary:
+        metrics = summary["metrics"]
+        click.echo(
+            f"labelled by folder: accuracy {metrics['accuracy']:.4f}, "
+            f"macro F1 {metrics['macro_avg']['f1']:.4f}"
+        )
+
+
+def _evaluate_test_split(
+    run_dir: Path, config: Any, card: dict[str, Any], module: Any, contract: Any
+) -> None:
+    from perito_training.datasets import prepare_data
+    from perito_training.evaluation import predict_probabilities
+    from perito_training.metrics import classification_report
+
+    data = prepare_data(config.data, contract.spec())
+    if data.fingerprint != card["training"]["dataset"]["fingerprint_sha256"]:
+        click.echo("warning: the data differs from what the run was trained on (fingerprint)")
+    test = data.splits["test"]
+    probabilities = predict_probabilities(module, test, config.train.eval_batch_size)
+    report = classification_report(test.targets, probabilities, data.classes)
+    (run_dir / "evaluations").mkdir(exist_ok=True)
+    (run_dir / "evaluations" / "test.json").write_text(json.dumps(report, indent=2) + "\n")
+    click.echo(
+        f"test: {report['images']} images, accuracy {report['accuracy']:.4f} "
+        f"(card: {card['metrics']['accuracy']:.4f}), macro F1 {report['macro_avg']['f1']:.4f}"
+    )
+    for name, row in report["per_class"].items():
+        click.echo(
+            f"  {name:>20}  precision {row['precision']:.3f}  recall {row['recall']:.3f}  "
+            f"F1 {row['f1']:.3f}  n={row['support']}"
+        )
+
+
+@click.command("publish")
+@click.argument("run_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option("--name", help="Model name (default: the config's name).")
+@click.option("--description", help="Replaces the config's description in the card.")
+@_registry_option
+@_alias_option
+def publish(
+    run_dir: Path,
+    name: str | None,
+    description: str | None,
+    registry: str | None,
+    aliases: tuple[str, ...],
+) -> None:
+    """Publish a finished run as a new immutable model version; its card is the manifest.
+
+    \b
+    Example:
+      perito publish runs/car-damage --registry s3://models --alias staging
+    """
+    _publish(run_dir, name, registry, aliases, description)
+
+
+def _publish(
+    run_dir: Path,
+    name: str | None,
+    registry: str | None,
+    aliases: tuple[str, ...],
+    description: str | None,
+) -> None:
+    from perito_core.errors import PeritoError
+    from perito_training.pipeline import RunError, publish_run
+
+    target = _open_registry(registry)
+    try:
+        manifest = publish_run(run_dir, target, name=name, aliases=aliases, description=description)
+    except (PeritoError, RunError) as error:
+        raise click.ClickException(getattr(error, "message", str(error))) from None
+    alias_note = f" (aliases: {', '.join(aliases)})" if aliases else ""
+    click.echo(f"published {manifest.name}@{manifest.version} to {target.description}{alias_note}")
 
 
 @click.command("export-pretrained")
@@ -33,5 +266,6 @@ def export_pretrained(architecture: str, out: Path) -> None:
 
 def register(cli: click.Group) -> None:
     """Entry point for `perito.commands`: only where `perito[train]` is installed."""
-    if all(importlib.util.find_spec(name) for name in ("torch", "timm")):
-        cli.add_command(export_pretrained)
+    if all(importlib.util.find_spec(name) for name in ("torch", "timm", "matplotlib", "yaml")):
+        for command in (train, evaluate, publish, export_pretrained):
+            cli.add_command(command)

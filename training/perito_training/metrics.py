@@ -1,0 +1,223 @@
+"""Classification metrics, calibration and temperature scaling: plain numpy, no torch.
+
+Definitions follow scikit-learn (tests compare against it): precision / recall / F1 of a class
+with no predictions (or no examples) are 0; ROC AUC is the Mann-Whitney statistic with ties
+counted half; one-vs-rest AUC is averaged over classes that have both positives and negatives.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Any
+
+import numpy as np
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    return np.asarray(exp / exp.sum(axis=1, keepdims=True))
+
+
+def confusion_matrix(targets: np.ndarray, predicted: np.ndarray, num_classes: int) -> np.ndarray:
+    """Rows are true classes, columns predicted classes."""
+    matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(matrix, (targets, predicted), 1)
+    return matrix
+
+
+def per_class_scores(matrix: np.ndarray) -> dict[str, np.ndarray]:
+    true_positive = np.diag(matrix).astype(np.float64)
+    predicted = matrix.sum(axis=0).astype(np.float64)
+    support = matrix.sum(axis=1).astype(np.float64)
+    precision = np.divide(
+        true_positive, predicted, out=np.zeros_like(true_positive), where=predicted > 0
+    )
+    recall = np.divide(true_positive, support, out=np.zeros_like(true_positive), where=support > 0)
+    total = precision + recall
+    f1 = np.divide(2 * precision * recall, total, out=np.zeros_like(total), where=total > 0)
+    return {"precision": precision, "recall": recall, "f1": f1, "support": support}
+
+
+def roc_auc_binary(positive: np.ndarray, scores: np.ndarray) -> float | None:
+    """Area under the ROC curve; None when only one class is present."""
+    positives = int(positive.sum())
+    negatives = len(positive) - positives
+    if positives == 0 or negatives == 0:
+        return None
+    ranks = _average_ranks(scores)
+    rank_sum = float(ranks[positive.astype(bool)].sum())
+    return (rank_sum - positives * (positives + 1) / 2) / (positives * negatives)
+
+
+def _average_ranks(values: np.ndarray) -> np.ndarray:
+    """1-based ranks, ties sharing their average rank."""
+    order = np.argsort(values, kind="mergesort")
+    sorted_values = values[order]
+    ranks = np.empty(len(values), dtype=np.float64)
+    start = 0
+    while start < len(values):
+        end = start
+        while end + 1 < len(values) and sorted_values[end + 1] == sorted_values[start]:
+            end += 1
+        ranks[order[start : end + 1]] = (start + end) / 2 + 1
+        start = end + 1
+    return ranks
+
+
+def roc_curve(positive: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """False- and true-positive rates at every distinct threshold, from (0, 0) to (1, 1)."""
+    order = np.argsort(-scores, kind="mergesort")
+    hits = positive[order].astype(np.float64)
+    sorted_scores = scores[order]
+    distinct = np.r_[np.nonzero(np.diff(sorted_scores))[0], len(hits) - 1]
+    true_positives = np.cumsum(hits)[distinct]
+    false_positives = (distinct + 1) - true_positives
+    tpr = np.r_[0.0, true_positives / max(hits.sum(), 1.0)]
+    fpr = np.r_[0.0, false_positives / max(len(hits) - hits.sum(), 1.0)]
+    return fpr, tpr
+
+
+def roc_auc(targets: np.ndarray, probabilities: np.ndarray) -> dict[str, Any]:
+    """Binary AUC (positive = class 1) or one-vs-rest AUC per class, macro and weighted."""
+    num_classes = probabilities.shape[1]
+    if num_classes == 2:
+        return {"binary": roc_auc_binary(targets == 1, probabilities[:, 1])}
+    per_class = [roc_auc_binary(targets == c, probabilities[:, c]) for c in range(num_classes)]
+    defined = [
+        (auc, int((targets == c).sum())) for c, auc in enumerate(per_class) if auc is not None
+    ]
+    macro = float(np.mean([auc for auc, _ in defined])) if defined else None
+    weight = sum(n for _, n in defined)
+    weighted = sum(auc * n for auc, n in defined) / weight if weight else None
+    return {"ovr_macro": macro, "ovr_weighted": weighted, "per_class": per_class}
+
+
+def reliability(
+    probabilities: np.ndarray, targets: np.ndarray, bins: int = 15
+) -> dict[str, list[float]]:
+    """Per equal-width confidence bin: mean confidence, accuracy and count."""
+    confidence = probabilities.max(axis=1)
+    correct = probabilities.argmax(axis=1) == targets
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    out: dict[str, list[float]] = {"confidence": [], "accuracy": [], "count": []}
+    for low, high in itertools.pairwise(edges):
+        in_bin = (confidence > low) & (confidence <= high)
+        used = bool(in_bin.any())
+        out["count"].append(float(in_bin.sum()))
+        out["confidence"].append(float(confidence[in_bin].mean()) if used else (low + high) / 2)
+        out["accuracy"].append(float(correct[in_bin].mean()) if used else 0.0)
+    return out
+
+
+def expected_calibration_error(
+    probabilities: np.ndarray, targets: np.ndarray, bins: int = 15
+) -> float:
+    """The gap between confidence and accuracy, averaged over equal-width confidence bins."""
+    if len(targets) == 0:
+        return 0.0
+    table = reliability(probabilities, targets, bins)
+    return float(
+        sum(
+            count / len(targets) * abs(accuracy - confidence)
+            for count, accuracy, confidence in zip(
+                table["count"], table["accuracy"], table["confidence"], strict=True
+            )
+        )
+    )
+
+
+def negative_log_likelihood(logits: np.ndarray, targets: np.ndarray, temperature: float) -> float:
+    scaled = logits / temperature
+    shifted = scaled - scaled.max(axis=1, keepdims=True)
+    log_norm = np.log(np.exp(shifted).sum(axis=1))
+    return float(np.mean(log_norm - shifted[np.arange(len(targets)), targets]))
+
+
+def fit_temperature(logits: np.ndarray, targets: np.ndarray) -> float:
+    """The temperature T minimising validation NLL of softmax(logits / T).
+
+    NLL is convex in 1/T, so a golden-section search over log T in [0.05, 20] finds it.
+    """
+    low, high = math.log(0.05), math.log(20.0)
+    ratio = (math.sqrt(5) - 1) / 2
+    a, b = high - ratio * (high - low), low + ratio * (high - low)
+    fa = negative_log_likelihood(logits, targets, math.exp(a))
+    fb = negative_log_likelihood(logits, targets, math.exp(b))
+    for _ in range(60):
+        if fa < fb:
+            high, b, fb = b, a, fa
+            a = high - ratio * (high - low)
+            fa = negative_log_likelihood(logits, targets, math.exp(a))
+        else:
+            low, a, fa = a, b, fb
+            b = low + ratio * (high - low)
+            fb = negative_log_likelihood(logits, targets, math.exp(b))
+    return math.exp((low + high) / 2)
+
+
+def confidence_threshold(
+    probabilities: np.ndarray, targets: np.ndarray, target_accuracy: float
+) -> dict[str, float] | None:
+    """The lowest top-1 probability at which predictions are at least `target_accuracy` right.
+
+    Returns the threshold and the share of images it leaves confident (coverage), or None when
+    no threshold reaches the target.
+    """
+    confidence = probabilities.max(axis=1)
+    correct = (probabilities.argmax(axis=1) == targets).astype(np.float64)
+    order = np.argsort(-confidence, kind="mergesort")
+    running = np.cumsum(correct[order]) / np.arange(1, len(order) + 1)
+    # Only thresholds between distinct confidences can be applied.
+    sorted_conf = confidence[order]
+    boundary = np.r_[sorted_conf[1:] < sorted_conf[:-1], True]
+    reaching = np.nonzero((running >= target_accuracy) & boundary)[0]
+    if len(reaching) == 0:
+        return None
+    last = int(reaching[-1])
+    return {
+        "threshold": float(sorted_conf[last]),
+        "coverage": (last + 1) / len(order),
+        "accuracy_above": float(running[last]),
+        "target_accuracy": target_accuracy,
+    }
+
+
+def classification_report(
+    targets: np.ndarray, probabilities: np.ndarray, classes: list[str]
+) -> dict[str, Any]:
+    """Everything the model card says about one split: JSON-ready."""
+    num_classes = len(classes)
+    predicted = probabilities.argmax(axis=1)
+    matrix = confusion_matrix(targets, predicted, num_classes)
+    scores = per_class_scores(matrix)
+    support = scores["support"]
+    weights = support / support.sum() if support.sum() else support
+    averages = {
+        kind: {
+            metric: float(
+                scores[metric].mean() if kind == "macro" else (scores[metric] * weights).sum()
+            )
+            for metric in ("precision", "recall", "f1")
+        }
+        for kind in ("macro", "weighted")
+    }
+    return {
+        "images": len(targets),
+        "accuracy": float((predicted == targets).mean()) if len(targets) else 0.0,
+        "per_class": {
+            name: {
+                "precision": float(scores["precision"][i]),
+                "recall": float(scores["recall"][i]),
+                "f1": float(scores["f1"][i]),
+                "support": int(support[i]),
+            }
+            for i, name in enumerate(classes)
+        },
+        "macro_avg": averages["macro"],
+        "weighted_avg": averages["weighted"],
+        "confusion_matrix": {"labels": classes, "matrix": matrix.tolist()},
+        "roc_auc": roc_auc(targets, probabilities),
+        "ece": expected_calibration_error(probabilities, targets),
+    }

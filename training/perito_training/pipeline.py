@@ -1,0 +1,355 @@
+"""From a config to a run folder, and from a run folder to a published model version.
+
+A run folder holds everything about one training run:
+
+    config.yaml          the resolved configuration
+    dataset.json         classes, split sizes, unreadable files, the data fingerprint
+    history.json / .csv  per-epoch loss, accuracy and learning rate
+    checkpoints/         last.pt (resume) and best.pt (the chosen epoch's weights)
+    model.pt, labels.txt the TorchScript artifact (uint8 in, calibrated probabilities out)
+    card.json            the model card: what `perito publish` puts into the manifest
+    metrics.json         test and validation reports, calibration
+    predictions/         test.csv: each test image's top-3
+    plots/               learning_curves.png, confusion_matrix.png, roc.png, reliability.png
+    report.md            the card for people
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import importlib.metadata
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from perito_core.manifest import InputContract, ModelManifest
+from perito_core.registry import ModelRegistry
+from perito_training import plots
+from perito_training.config import TrainConfig, load_config
+from perito_training.datasets import PreparedData, prepare_data
+from perito_training.evaluation import load_module, predict_probabilities, write_predictions
+from perito_training.export import ImageClassifier, export_torchscript
+from perito_training.metrics import (
+    classification_report,
+    confidence_threshold,
+    expected_calibration_error,
+    fit_temperature,
+    negative_log_likelihood,
+    softmax,
+)
+from perito_training.trainer import Log, Trainer, TrainState, input_contract, predict_logits
+
+# Scripted and eager outputs of the exported module must agree to this (probabilities).
+EXPORT_TOLERANCE = 1e-4
+
+
+class RunError(RuntimeError):
+    """The run folder is not in a state that allows this (no model yet, a run already there)."""
+
+
+def train_run(
+    config: TrainConfig,
+    run_dir: Path,
+    *,
+    resume: bool = False,
+    log: Log = print,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train, calibrate, export and evaluate `config` into `run_dir`; returns the card."""
+    checkpoint = run_dir / "checkpoints" / "last.pt"
+    if checkpoint.exists() and not resume:
+        raise RunError(f"{run_dir} already holds a run: resume it (--resume) or use another --out")
+    if resume and not checkpoint.exists():
+        raise RunError(f"nothing to resume in {run_dir}: no checkpoints/last.pt")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(config.to_yaml())
+
+    trainer = Trainer(config, run_dir, log=log, progress=progress)
+    contract = input_contract(config, trainer.architecture)
+    log(f"preparing data ({config.data.kind}) at {contract.height}x{contract.width}")
+    data = prepare_data(config.data, contract.spec(), threads=max(2, torch.get_num_threads()))
+    summary = data.summary()
+    (run_dir / "dataset.json").write_text(json.dumps(summary, indent=2) + "\n")
+    sizes = ", ".join(f"{name} {len(split)}" for name, split in data.splits.items())
+    log(f"{len(data.classes)} classes ({', '.join(data.classes)}); {sizes}")
+    if data.unreadable:
+        log(f"{len(data.unreadable)} unreadable image(s) left out (listed in dataset.json):")
+        for item in data.unreadable[:10]:
+            log(f"  {item.name}: {item.reason}")
+    model, state = trainer.fit(data.splits["train"], data.splits["val"], resume=resume)
+    _write_history(run_dir, state)
+    return finish_run(config, contract, run_dir, model, data, state, trainer.device, log=log)
+
+
+def finish_run(
+    config: TrainConfig,
+    contract: InputContract,
+    run_dir: Path,
+    model: ImageClassifier,
+    data: PreparedData,
+    state: TrainState,
+    device: torch.device,
+    *,
+    log: Log = print,
+) -> dict[str, Any]:
+    """Calibrate on validation, export, evaluate the artifact on test, write card and plots."""
+    classes = data.classes
+    val, test = data.splits["val"], data.splits["test"]
+    batch = config.train.eval_batch_size
+    val_logits = predict_logits(model, val, batch, device)
+    temperature = 1.0
+    if config.calibration.temperature_scaling and len(val) > 0:
+        temperature = fit_temperature(val_logits, val.targets)
+    model = model.cpu().eval()
+    model.temperature.fill_(temperature)
+    model_path = run_dir / "model.pt"
+    scripted = export_torchscript(model.network, contract, model_path, temperature=temperature)
+    (run_dir / "labels.txt").write_text("\n".join(classes) + "\n")
+    export_diff = _check_export(model, scripted, test if len(test) else val)
+    log(
+        f"exported {model_path} (temperature {temperature:.3f}; "
+        f"scripted vs eager max diff {export_diff:.1e})"
+    )
+
+    # The published figures are the artifact's own, reloaded from disk.
+    artifact = load_module(model_path)
+    test_probabilities = predict_probabilities(artifact, test, batch)
+    test_report = classification_report(test.targets, test_probabilities, classes)
+    val_probabilities = (
+        softmax(val_logits / temperature) if len(val) else np.zeros((0, len(classes)))
+    )
+    val_report = classification_report(val.targets, val_probabilities, classes) if len(val) else {}
+    test_uncalibrated = softmax(np.log(np.clip(test_probabilities, 1e-12, 1.0)) * temperature)
+    calibration: dict[str, Any] = {
+        "method": "temperature_scaling" if config.calibration.temperature_scaling else "none",
+        "temperature": temperature,
+        "fitted_on": "val",
+        "ece_test_before": expected_calibration_error(test_uncalibrated, test.targets),
+        "ece_test_after": test_report["ece"],
+    }
+    if len(val):
+        calibration["nll_val_before"] = negative_log_likelihood(val_logits, val.targets, 1.0)
+        calibration["nll_val_after"] = negative_log_likelihood(val_logits, val.targets, temperature)
+    threshold = None
+    if config.calibration.target_accuracy is not None and len(val):
+        threshold = confidence_threshold(
+            val_probabilities, val.targets, config.calibration.target_accuracy
+        )
+        calibration["confidence_threshold"] = threshold
+
+    metrics = {"test": test_report, "val": val_report, "export_max_abs_diff": export_diff}
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_predictions(
+        run_dir / "predictions" / "test.csv", test.names, test.targets, test_probabilities, classes
+    )
+    plot_dir = run_dir / "plots"
+    plots.learning_curves(state.history, plot_dir / "learning_curves.png")
+    plots.confusion_matrix(
+        test_report["confusion_matrix"]["matrix"], classes, plot_dir / "confusion_matrix.png"
+    )
+    plots.roc_curves(
+        test.targets, test_probabilities, classes, test_report["roc_auc"], plot_dir / "roc.png"
+    )
+    plots.reliability_diagram(
+        test.targets,
+        test_uncalibrated,
+        test_probabilities,
+        (calibration["ece_test_before"], calibration["ece_test_after"]),
+        plot_dir / "reliability.png",
+    )
+    card = {
+        "name": config.name,
+        "description": config.description,
+        "labels": classes,
+        "input": contract.model_dump(mode="json"),
+        "confidence_threshold": threshold["threshold"] if threshold else None,
+        "metrics": _card_metrics(test_report, val_report),
+        "calibration": calibration,
+        "training": {
+            "config": config.model_dump(mode="json"),
+            "dataset": {k: v for k, v in data.summary().items() if k not in ("skipped",)},
+            "epochs_run": state.epoch,
+            "best_epoch": state.best_epoch,
+            "stopped_early": state.stopped_early,
+            "seconds": round(sum(row["seconds"] for row in state.history), 1),
+        },
+        "source": code_version(),
+    }
+    (run_dir / "card.json").write_text(json.dumps(card, indent=2) + "\n")
+    (run_dir / "report.md").write_text(render_report(card))
+    log(
+        f"test accuracy {test_report['accuracy']:.4f}  "
+        f"macro F1 {test_report['macro_avg']['f1']:.4f}  "
+        f"ECE {calibration['ece_test_before']:.3f} -> {calibration['ece_test_after']:.3f}"
+        + (f"  uncertain below {threshold['threshold']:.3f}" if threshold else "")
+    )
+    return card
+
+
+def _card_metrics(test: dict[str, Any], val: dict[str, Any]) -> dict[str, Any]:
+    """The model card's metrics: the test report in full, validation's headline."""
+    metrics = dict(test)
+    metrics["split"] = "test"
+    if val:
+        metrics["val_accuracy"] = val["accuracy"]
+    return metrics
+
+
+@torch.no_grad()
+def _check_export(model: ImageClassifier, scripted: torch.jit.ScriptModule, sample: Any) -> float:
+    """Largest difference between eager and scripted probabilities on real images."""
+    count = min(len(sample), 32)
+    if count == 0:
+        return 0.0
+    images = torch.from_numpy(np.stack([sample.image(i) for i in range(count)])).permute(0, 3, 1, 2)
+    eager = model(images.contiguous())
+    exported = scripted(images.contiguous())
+    diff = float((eager - exported).abs().max())
+    if diff > EXPORT_TOLERANCE:
+        raise RunError(f"the exported module differs from the trained one by {diff:.2e}")
+    return diff
+
+
+def _write_history(run_dir: Path, state: TrainState) -> None:
+    (run_dir / "history.json").write_text(json.dumps(state.history, indent=2) + "\n")
+    if state.history:
+        with (run_dir / "history.csv").open("w", newline="") as file:
+            writer = csv.DictWriter(file, fieldnames=list(state.history[0]))
+            writer.writeheader()
+            writer.writerows(state.history)
+
+
+def code_version() -> dict[str, Any]:
+    """Which code trained the model: package versions and, from a checkout, the git commit."""
+    version: dict[str, Any] = {"torch": torch.__version__}
+    for package in ("perito", "torchvision", "timm"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            version[package] = importlib.metadata.version(package)
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        if commit.returncode == 0:
+            version["git_commit"] = commit.stdout.strip()
+            dirty = subprocess.run(
+                ["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            )
+            version["git_dirty"] = bool(dirty.stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return version
+
+
+def render_report(card: dict[str, Any]) -> str:
+    """The model card as Markdown."""
+    metrics, calibration, training = card["metrics"], card["calibration"], card["training"]
+    lines = [
+        f"# {card['name']}",
+        "",
+        card["description"] or "",
+        "",
+        f"- Architecture: `{training['config']['model']['architecture']}`, input "
+        f"{card['input']['height']}x{card['input']['width']} ({card['input']['resize_mode']})",
+        f"- Trained {training['epochs_run']} epochs (best: {training['best_epoch']}) in "
+        f"{training['seconds']:.0f} s; data fingerprint "
+        f"`{training['dataset']['fingerprint_sha256'][:16]}`",
+        f"- Test accuracy **{metrics['accuracy']:.4f}** on {metrics['images']} images; "
+        f"macro F1 {metrics['macro_avg']['f1']:.4f}, "
+        f"weighted F1 {metrics['weighted_avg']['f1']:.4f}",
+        f"- Calibration: temperature {calibration['temperature']:.3f}, test ECE "
+        f"{calibration['ece_test_before']:.4f} -> {calibration['ece_test_after']:.4f}",
+    ]
+    threshold = calibration.get("confidence_threshold")
+    if threshold:
+        lines.append(
+            f"- Confidence threshold {threshold['threshold']:.3f}: validation predictions above it "
+            f"were {threshold['accuracy_above']:.1%} right and covered {threshold['coverage']:.1%} "
+            "of images; below it `Classify` marks a prediction uncertain"
+        )
+    auc = metrics["roc_auc"]
+    if auc.get("binary") is not None:
+        lines.append(f"- ROC AUC {auc['binary']:.4f}")
+    elif auc.get("ovr_macro") is not None:
+        lines.append(f"- ROC AUC (one-vs-rest, macro) {auc['ovr_macro']:.4f}")
+    lines += ["", "| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
+    for name, row in metrics["per_class"].items():
+        lines.append(
+            f"| {name} | {row['precision']:.4f} | {row['recall']:.4f} | {row['f1']:.4f} "
+            f"| {row['support']} |"
+        )
+    lines += [
+        "",
+        "![learning curves](plots/learning_curves.png)",
+        "![confusion matrix](plots/confusion_matrix.png)",
+        "![ROC](plots/roc.png)",
+        "![reliability](plots/reliability.png)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def load_run(run_dir: Path) -> tuple[TrainConfig, dict[str, Any]]:
+    """A finished run's config and card."""
+    card_path = run_dir / "card.json"
+    if not card_path.exists():
+        raise RunError(f"{run_dir} has no finished run (no card.json): train it first")
+    config = load_config(run_dir / "config.yaml")
+    return config, json.loads(card_path.read_text())
+
+
+def publish_run(
+    run_dir: Path,
+    registry: ModelRegistry,
+    *,
+    name: str | None = None,
+    aliases: tuple[str, ...] = (),
+    description: str | None = None,
+) -> ModelManifest:
+    """Publish a finished run as the next version of its model; the manifest is its card.
+
+    The artifact is loaded and run through the serving runtime first, so a module that
+    serving cannot load is never published.
+    """
+    _, card = load_run(run_dir)
+    model_path = run_dir / "model.pt"
+    contract = InputContract.model_validate(card["input"])
+    _check_serving_loads(model_path, card, contract)
+    return registry.publish(
+        name or card["name"],
+        model_path,
+        labels=card["labels"],
+        input=contract,
+        description=card["description"] if description is None else description,
+        confidence_threshold=card["confidence_threshold"],
+        metrics=card["metrics"],
+        calibration=card["calibration"],
+        training=card["training"],
+        source={**card["source"], "run": run_dir.name},
+        aliases=aliases,
+    )
+
+
+def _check_serving_loads(model_path: Path, card: dict[str, Any], contract: InputContract) -> None:
+    from perito_core.manifest import Artifact, sha256_file
+    from perito_core.runtime import LoadedModel
+
+    draft = ModelManifest(
+        name=card["name"],
+        version="0",
+        labels=card["labels"],
+        input=contract,
+        artifact=Artifact(sha256=sha256_file(model_path), size_bytes=model_path.stat().st_size),
+    )
+    LoadedModel.load(model_path, draft, device="cpu", optimize=False)
