@@ -255,18 +255,20 @@ def write_pattern_images(
     per_class: int = 40,
     size: int = 48,
     seed: int = 0,
+    suffixes: dict[str, str] | None = None,
 ) -> Path:
     """Generated photos a small network can learn: class i is stripes at angle i * 180/n.
 
     Colours, stripe width, phase and noise vary per image, so only the orientation tells the
-    classes apart. Written as JPEG (odd images) and PNG into `root/<class>/`.
+    classes apart. Written as JPEG (odd images) and PNG into `root/<class>/`, or with
+    `suffixes` ({class: letter}) into `root/` named like `00012P.jpg`.
     """
     from PIL import Image
 
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:size, 0:size].astype(np.float64)
     for index, name in enumerate(classes):
-        folder = root / name
+        folder = root if suffixes else root / name
         folder.mkdir(parents=True, exist_ok=True)
         angle = np.pi * index / len(classes)
         for n in range(per_class):
@@ -278,6 +280,7 @@ def write_pattern_images(
             mix = (wave[..., None] + 1) / 2
             pixels = mix * colour_a + (1 - mix) * colour_b + rng.normal(0, 12, (size, size, 3))
             image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
-            suffix = "jpg" if n % 2 else "png"
-            image.save(folder / f"{name}-{n:04d}.{suffix}")
+            extension = "jpg" if n % 2 else "png"
+            stem = f"{index:02d}{n:04d}{suffixes[name]}" if suffixes else f"{name}-{n:04d}"
+            image.save(folder / f"{stem}.{extension}")
     return root

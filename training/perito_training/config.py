@@ -24,7 +24,8 @@ class DataConfig(_Section):
     """Where the images are and how they are labelled and split.
 
     kinds:
-      folders        root/<class>/*.jpg (or root/{train,val,test}/<class>/*.jpg: given splits)
+      folders        root/<class>/*.jpg (or root/{train,val,test}/<class>/*.jpg: given splits;
+                     split folder names in any case, TRAIN/ and TEST/ too)
       csv            a CSV with `path` and `label` columns (optional `split`); paths relative to it
       suffix         the label is the file name's last letter(s): 00001P.jpg -> suffixes["P"]
       fashion_mnist  the idx files of `apt-get install dataset-fashion-mnist`
@@ -38,6 +39,8 @@ class DataConfig(_Section):
     suffixes: dict[str, str] = Field(default_factory=lambda: {"P": "positive", "N": "negative"})
     # Class names in output order; by default sorted (folders, csv) or the suffix map's order.
     classes: list[str] | None = None
+    # Give folder names or CSV labels readable class names: {O: organic, R: recyclable}.
+    rename: dict[str, str] = Field(default_factory=dict)
     # Fractions held out when the data has no given splits (stratified, seeded).
     val_fraction: float = Field(default=0.15, ge=0.0, lt=1.0)
     test_fraction: float = Field(default=0.15, ge=0.0, lt=1.0)
@@ -123,6 +126,8 @@ class TrainSection(_Section):
     early_stopping_patience: int | None = Field(default=None, ge=1)
     # Mixed precision (float16 autocast + gradient scaling); used on CUDA only.
     amp: bool = True
+    # NHWC memory layout for convolutions: faster with oneDNN on CPUs and tensor cores on GPUs.
+    channels_last: bool = True
     seed: int = 0
     device: str = "auto"
     num_workers: int = Field(default=0, ge=0)

@@ -208,10 +208,11 @@ def discover(config: DataConfig) -> Catalog:
     assert config.root is not None  # checked by DataConfig
     if not config.root.is_dir():
         raise DatasetError(f"data.root {config.root} is not a folder")
-    given = [s for s in SPLITS if (config.root / s).is_dir()]
+    # Split folders in any case: train/, TRAIN/, Train/ ...
+    given = {p.name.lower(): p for p in config.root.iterdir() if p.is_dir()}
     roots: list[tuple[Path, str | None]] = [(config.root, None)]
     if "train" in given:
-        roots = [(config.root / s, s) for s in given]
+        roots = [(given[s], s) for s in SPLITS if s in given]
     if config.kind == "folders":
         return _from_folders(config, roots)
     return _from_suffixes(config, roots)
@@ -235,21 +236,23 @@ def _class_index(classes: list[str]) -> dict[str, int]:
 
 def _from_folders(config: DataConfig, roots: list[tuple[Path, str | None]]) -> Catalog:
     assert config.root is not None
-    found = sorted({p.name for root, _ in roots for p in root.iterdir() if p.is_dir()})
+    folders = sorted({p.name for root, _ in roots for p in root.iterdir() if p.is_dir()})
+    found = sorted({config.rename.get(name, name) for name in folders})
     classes = config.classes or found
     unknown = sorted(set(found) - set(classes))
     if unknown:
-        raise DatasetError(f"folders {unknown} are not in data.classes {classes}")
+        raise DatasetError(f"class folders {unknown} are not in data.classes {classes}")
     index = _class_index(classes)
     entries: list[Entry] = []
     skipped: list[tuple[str, str]] = []
     for root, split in roots:
-        for name in classes:
-            if not (root / name).is_dir():
+        for folder in folders:
+            if not (root / folder).is_dir():
                 continue
-            for path in _image_files(root / name, skipped, config.root):
+            label = index[config.rename.get(folder, folder)]
+            for path in _image_files(root / folder, skipped, config.root):
                 rel = str(path.relative_to(config.root))
-                entries.append(Entry(rel, index[name], path=path, split=split))
+                entries.append(Entry(rel, label, path=path, split=split))
     return Catalog(classes, entries, skipped=skipped)
 
 
@@ -288,7 +291,8 @@ def _from_csv(config: DataConfig) -> Catalog:
     for column in (config.path_column, config.label_column):
         if column not in rows[0]:
             raise DatasetError(f"{config.csv} has no column {column!r} (it has {list(rows[0])})")
-    labels = [row[config.label_column].strip() for row in rows]
+    raw_labels = (row[config.label_column].strip() for row in rows)
+    labels = [config.rename.get(label, label) for label in raw_labels]
     classes = config.classes or sorted(set(labels) - {""})
     index = _class_index(classes)
     entries: list[Entry] = []

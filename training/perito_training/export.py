@@ -83,11 +83,15 @@ def export_torchscript(
     network: nn.Module, contract: InputContract, path: Path, *, temperature: float = 1.0
 ) -> torch.jit.ScriptModule:
     """Wrap `network`, script it and save it to `path`; returns the scripted module."""
-    module = ImageClassifier(network, contract, temperature).eval()
+    return save_torchscript(ImageClassifier(network, contract, temperature), path)
+
+
+def save_torchscript(module: ImageClassifier, path: Path) -> torch.jit.ScriptModule:
+    """Script a (trained) `ImageClassifier` in eval mode and save it to `path`."""
     with warnings.catch_warnings():
         # torch 2.14 marks TorchScript deprecated; it is our artifact format (DESIGN.md).
         warnings.simplefilter("ignore", FutureWarning)
-        scripted = torch.jit.script(module)
+        scripted = torch.jit.script(module.eval())
     path.parent.mkdir(parents=True, exist_ok=True)
     scripted.save(str(path))  # type: ignore[no-untyped-call]
     return scripted

@@ -33,7 +33,7 @@ from perito_training import plots
 from perito_training.config import TrainConfig, load_config
 from perito_training.datasets import PreparedData, prepare_data
 from perito_training.evaluation import load_module, predict_probabilities, write_predictions
-from perito_training.export import ImageClassifier, export_torchscript
+from perito_training.export import ImageClassifier, save_torchscript
 from perito_training.metrics import (
     classification_report,
     confidence_threshold,
@@ -108,7 +108,7 @@ def finish_run(
     model = model.cpu().eval()
     model.temperature.fill_(temperature)
     model_path = run_dir / "model.pt"
-    scripted = export_torchscript(model.network, contract, model_path, temperature=temperature)
+    scripted = save_torchscript(model, model_path)
     (run_dir / "labels.txt").write_text("\n".join(classes) + "\n")
     export_diff = _check_export(model, scripted, test if len(test) else val)
     log(

@@ -203,6 +203,7 @@ class Trainer:
         self.architecture = get_architecture(config.model.architecture)
         self.head = self.architecture.head_prefixes
         self.amp = config.train.amp and self.device.type == "cuda"
+        self.layout = torch.channels_last if config.train.channels_last else torch.preserve_format
         if config.train.threads:
             torch.set_num_threads(config.train.threads)
 
@@ -221,6 +222,7 @@ class Trainer:
         config = self.config
         torch.manual_seed(config.train.seed)
         model = build_model(config, len(train.classes)).to(self.device)
+        model = model.to(memory_format=self.layout)
         optimizer = _make_optimizer(config, model, self.head)
         loader = self._train_loader(train)
         steps_per_epoch = len(loader)
@@ -278,7 +280,8 @@ class Trainer:
                 )
         best = torch.load(self.best_path, map_location=self.device, weights_only=True)
         model.load_state_dict(best["model"])
-        return model.eval(), state
+        # Export wants the plain layout: TorchScript keeps whatever strides the weights have.
+        return model.to(memory_format=torch.contiguous_format).eval(), state
 
     def _frozen_at(self, epoch: int) -> bool:
         model = self.config.model
@@ -327,7 +330,7 @@ class Trainer:
             unit="batch",
         )
         for images, targets in bar:
-            images = images.to(self.device, non_blocking=True)
+            images = images.to(self.device, non_blocking=True, memory_format=self.layout)
             targets = targets.to(self.device, non_blocking=True)
             with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
                 logits = model.logits(images)

@@ -1,0 +1,96 @@
+"""Every registered architecture exports to TorchScript that matches the eager module."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+import torch
+
+from perito_training.architectures import ARCHITECTURES
+from perito_training.config import ModelConfig, TrainConfig
+from perito_training.evaluation import load_module
+from perito_training.export import save_torchscript
+from perito_training.trainer import build_model, lr_factor
+
+
+def _config(architecture: str, **model: object) -> TrainConfig:
+    return TrainConfig.model_validate(
+        {
+            "name": "export-test",
+            "data": {"kind": "fashion_mnist"},
+            "model": {"architecture": architecture, "input_size": 64, **model},
+        }
+    )
+
+
+def _weights_file(tmp_path: Path) -> Path:
+    """A torchvision-format ResNet-18 state dict (random: no real weights exist offline)."""
+    from torchvision.models import resnet18
+
+    path = tmp_path / "resnet18.pth"
+    torch.save(resnet18(weights=None).state_dict(), path)
+    return path
+
+
+@pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))
+def test_scripted_and_eager_outputs_match(architecture: str, tmp_path: Path) -> None:
+    extra = {"weights": _weights_file(tmp_path)} if architecture == "resnet18" else {}
+    torch.manual_seed(0)
+    model = build_model(_config(architecture, **extra), num_classes=3).eval()
+    model.temperature.fill_(1.7)
+    path = tmp_path / "model.pt"
+    save_torchscript(model, path)
+    exported = load_module(path)
+    for size in (64, 97):  # the input size, and one the module must resize itself
+        images = torch.randint(0, 256, (4, 3, size, size), dtype=torch.uint8)
+        with torch.no_grad():
+            eager, scripted = model(images), exported(images)
+        assert scripted.shape == (4, 3)
+        torch.testing.assert_close(scripted, eager, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(scripted.sum(1), torch.ones(4))
+
+
+def test_resnet18_refuses_weights_of_another_network(tmp_path: Path) -> None:
+    path = tmp_path / "other.pth"
+    torch.save({"conv.weight": torch.zeros(1)}, path)
+    with pytest.raises(ValueError, match="does not fit ResNet-18"):
+        build_model(_config("resnet18", weights=path), num_classes=2)
+
+
+def test_efficientnet_lite0_starts_from_the_imagenet_weights() -> None:
+    from perito_training.pretrained import efficientnet_lite0_imagenet
+
+    imagenet, _ = efficientnet_lite0_imagenet()
+    model = build_model(_config("efficientnet_lite0"), num_classes=2)
+    stem = model.network.conv_stem.weight  # type: ignore[union-attr]
+    torch.testing.assert_close(stem, imagenet.conv_stem.weight)  # type: ignore[union-attr,arg-type]
+    assert model.network.classifier.out_features == 2  # type: ignore[union-attr]
+
+
+def test_schedules_warm_up_and_decay_per_step() -> None:
+    config = _config("cnn4").model_copy(deep=True)
+    config.train.epochs = 10
+    config.schedule.name = "cosine"
+    config.schedule.warmup_epochs = 1
+    factors = [lr_factor(config, step, steps_per_epoch=10) for step in range(100)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert factors[10] == pytest.approx(1.0) and factors[-1] < 0.01
+    assert all(a >= b for a, b in itertools.pairwise(factors[10:]))
+    config.schedule.name = "step"
+    config.schedule.warmup_epochs = 0
+    config.schedule.step_size, config.schedule.gamma = 4, 0.1
+    assert [lr_factor(config, e * 10, 10) for e in (0, 3, 4, 8)] == pytest.approx(
+        [1.0, 1.0, 0.1, 0.01]
+    )
+    config.schedule.name = "onecycle"
+    onecycle = [lr_factor(config, step, 10) for step in range(100)]
+    assert onecycle[0] == pytest.approx(1 / 25) and max(onecycle) == pytest.approx(1.0, abs=1e-3)
+    assert onecycle[-1] < 0.01
+
+
+def test_model_config_defaults_follow_the_imagenet_convention() -> None:
+    assert ModelConfig(architecture="cnn4", input_size=224).resolved_resize_size() == 256
+    squash = ModelConfig(architecture="cnn4", input_size=28, resize_mode="squash")
+    assert squash.resolved_resize_size() == 28
