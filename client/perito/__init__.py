@@ -5,9 +5,11 @@
 ...     [result] = client.classify(["photo.jpg"], model="imagenet-efficientnet-lite0")
 """
 
+from perito._async import AsyncClient
 from perito._client import Client
 from perito._errors import (
     AlreadyExistsError,
+    CancelledError,
     DeadlineExceededError,
     FailedPreconditionError,
     FieldViolation,
@@ -15,15 +17,29 @@ from perito._errors import (
     InvalidArgumentError,
     NotFoundError,
     PeritoError,
+    PermissionDeniedError,
     ResourceExhaustedError,
+    UnauthenticatedError,
     UnavailableError,
     UnimplementedError,
 )
-from perito._jobs import ItemState, Job, JobHandle, JobItemResult, JobState, JobTimeoutError
+from perito._jobs import (
+    AsyncJobHandle,
+    ItemState,
+    Job,
+    JobHandle,
+    JobItemResult,
+    JobState,
+    JobTimeoutError,
+)
 from perito._models import Classification, Model, ModelVersion, Prediction
+from perito._requests import Limits
 
 __all__ = [
     "AlreadyExistsError",
+    "AsyncClient",
+    "AsyncJobHandle",
+    "CancelledError",
     "Classification",
     "Client",
     "DeadlineExceededError",
@@ -37,12 +53,15 @@ __all__ = [
     "JobItemResult",
     "JobState",
     "JobTimeoutError",
+    "Limits",
     "Model",
     "ModelVersion",
     "NotFoundError",
     "PeritoError",
+    "PermissionDeniedError",
     "Prediction",
     "ResourceExhaustedError",
+    "UnauthenticatedError",
     "UnavailableError",
     "UnimplementedError",
 ]

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from dataclasses import asdict
 from datetime import datetime
 from importlib.metadata import entry_points
@@ -20,7 +19,7 @@ from typing import Any
 
 import click
 
-from perito._client import DEFAULT_TARGET, Client
+from perito._client import Client
 from perito._errors import (
     InvalidArgumentError,
     NotFoundError,
@@ -30,6 +29,8 @@ from perito._errors import (
 )
 from perito._jobs import Job, JobHandle, JobState
 from perito._models import Classification, Model
+from perito._progress import ProgressBar
+from perito._requests import DEFAULT_TARGET
 
 # Exit codes scripts can branch on.
 EXIT_ERROR = 1
@@ -43,8 +44,18 @@ _server_option = click.option(
     envvar="PERITO_SERVER",
     default=DEFAULT_TARGET,
     show_default=True,
-    help="host:port of the Perito server (env PERITO_SERVER).",
+    help="host:port of the Perito server (env PERITO_SERVER). TLS and auth come from the "
+    "environment: PERITO_TLS=1 (system CAs) or PERITO_TLS_CA=ca.pem, PERITO_TOKEN=<token>.",
 )
+
+
+def _connect(server: str, timeout: float) -> Client:
+    """A client for `server`, with TLS and a bearer token when the environment asks for them
+    (secrets stay out of the command line and shell history)."""
+    ca = os.environ.get("PERITO_TLS_CA") or None
+    tls = os.environ.get("PERITO_TLS", "").lower() in ("1", "true", "yes")
+    token = os.environ.get("PERITO_TOKEN") or None
+    return Client(server, timeout=timeout, tls=tls, root_certificates=ca, token=token)
 _json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 _timeout_option = click.option(
     "--timeout", type=float, default=60.0, show_default=True, help="Deadline in seconds."
@@ -126,7 +137,7 @@ def classify(
       perito classify claim/*.jpg --model car-damage@production --top-k 3
     """
     name, version = split_model_ref(model_ref)
-    with Client(server, timeout=timeout) as client:
+    with _connect(server, timeout) as client:
         results = client.classify(
             [Path(p) for p in images],
             model=name,
@@ -166,7 +177,7 @@ def models_list(server: str, timeout: float, as_json: bool) -> None:
     Example:
       perito models list --json
     """
-    with Client(server, timeout=timeout) as client:
+    with _connect(server, timeout) as client:
         found = client.list_models()
     if as_json:
         _print_json([asdict(m) for m in found])
@@ -194,7 +205,7 @@ def models_show(name: str, server: str, timeout: float, as_json: bool) -> None:
     Example:
       perito models show imagenet-efficientnet-lite0
     """
-    with Client(server, timeout=timeout) as client:
+    with _connect(server, timeout) as client:
         model = client.get_model(name)
     if as_json:
         _print_json(asdict(model))
@@ -240,31 +251,6 @@ def _job_line(job: Job) -> str:
     for uri in job.result_uris:
         line += f"\n  results: {uri}"
     return line
-
-
-class ProgressBar:
-    """One line on stderr, redrawn in place on a terminal, every 10% elsewhere."""
-
-    def __init__(self) -> None:
-        self.tty = sys.stderr.isatty()
-        self.started = time.monotonic()
-        self.reported = -1
-
-    def update(self, job: Job) -> None:
-        fraction = job.done / job.total if job.total else 1.0
-        elapsed = time.monotonic() - self.started
-        rate = job.done / elapsed if elapsed > 0 else 0.0
-        eta = f"{(job.total - job.done) / rate:.0f}s left" if rate > 0 and not job.terminal else ""
-        filled = int(fraction * 30)
-        text = (
-            f"[{'#' * filled}{'.' * (30 - filled)}] {job.done}/{job.total} {fraction:6.1%}  "
-            f"{job.failed} failed  {rate:5.1f} img/s  {eta}"
-        )
-        if self.tty:
-            click.echo(f"\r{text:<100}", err=True, nl=job.terminal)
-        elif int(fraction * 10) > self.reported or job.terminal:
-            self.reported = int(fraction * 10)
-            click.echo(text, err=True)
 
 
 def _follow(handle: JobHandle, as_json: bool) -> Job:
@@ -324,7 +310,7 @@ def submit(
       perito submit ./photos --model cracks --inline --wait --json
     """
     name, version = split_model_ref(model_ref)
-    with Client(server, timeout=timeout) as client:
+    with _connect(server, timeout) as client:
         handle = client.submit_job(
             source,
             model=name,
@@ -363,7 +349,7 @@ def job_status(job_id: str, server: str, timeout: float, as_json: bool) -> None:
     Example:
       perito job status 3f1c9e0a7b2d4c6e8f10
     """
-    with Client(server, timeout=timeout) as client:
+    with _connect(server, timeout) as client:
         found = client.get_job(job_id)
     click.echo(
         json.dumps(asdict(found), default=_default, indent=2) if as_json else _job_line(found)
@@ -381,7 +367,7 @@ def job_watch(job_id: str, server: str, timeout: float) -> None:
     Example:
       perito job watch 3f1c9e0a7b2d4c6e8f10
     """
-    with Client(server, timeout=timeout) as client:
+    with _connect(server, timeout) as client:
         click.echo(_job_line(_follow(client.job(job_id), as_json=False)))
 
 
@@ -401,7 +387,7 @@ def job_results(
     Example:
       perito job results 3f1c9e0a7b2d4c6e8f10 --failed
     """
-    with Client(server, timeout=timeout) as client:
+    with _connect(server, timeout) as client:
         for count, item in enumerate(client.job(job_id).results(failed_only=failed)):
             if limit is not None and count >= limit:
                 break
@@ -431,7 +417,7 @@ def job_cancel(job_id: str, server: str, timeout: float, as_json: bool) -> None:
     Example:
       perito job cancel 3f1c9e0a7b2d4c6e8f10
     """
-    with Client(server, timeout=timeout) as client:
+    with _connect(server, timeout) as client:
         found = client.cancel_job(job_id)
     click.echo(
         json.dumps(asdict(found), default=_default, indent=2) if as_json else _job_line(found)

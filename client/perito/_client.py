@@ -3,27 +3,29 @@
 from __future__ import annotations
 
 import os
-import random
 import time
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
 
-from perito._errors import PeritoError, ResourceExhaustedError, UnavailableError, from_rpc_error
-from perito._images import ImageInput, encode_image, image_name
+from perito._errors import UnavailableError, from_rpc_error
+from perito._images import ImageInput
 from perito._jobs import Job, JobHandle, JobItemResult
 from perito._models import Classification, Model
-from perito.v1 import classify_pb2, image_pb2, jobs_pb2, models_pb2, service_pb2_grpc
+from perito._requests import (
+    DEFAULT_TARGET,
+    Limits,
+    Metadata,
+    call_metadata,
+    channel_credentials,
+    channel_options,
+    classify_requests,
+    retry_wait,
+    submit_request,
+)
+from perito.v1 import jobs_pb2, models_pb2, service_pb2_grpc
 
-MANIFEST_SUFFIXES = (".csv", ".jsonl", ".ndjson")
-
-DEFAULT_TARGET = "localhost:8500"
-# Batches of photos are far over gRPC's 4 MB default.
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-
-Metadata = Sequence[tuple[str, str]]
 ResponseT = TypeVar("ResponseT")
 
 
@@ -35,7 +37,12 @@ class Client:
         timeout: default deadline in seconds for each call.
         max_retries: how often a call is retried on UNAVAILABLE, or on RESOURCE_EXHAUSTED when
             the server sent a retry hint; waits back off exponentially, or follow the hint.
-        channel: a ready channel to use instead of opening one (tests, custom TLS setups).
+        tls: connect with TLS, verified against the system's CA roots.
+        root_certificates: a CA bundle (PEM bytes or a file path) to verify the server with;
+            implies TLS.
+        token: sent as `authorization: Bearer <token>` on every call.
+        limits: how a large `classify` is split into several calls.
+        channel: a ready channel to use instead of opening one (tests, custom setups).
 
     Use as a context manager, or call `close()`.
 
@@ -51,19 +58,26 @@ class Client:
         *,
         timeout: float = 30.0,
         max_retries: int = 3,
+        tls: bool = False,
+        root_certificates: bytes | str | os.PathLike[str] | None = None,
+        token: str | None = None,
+        limits: Limits | None = None,
         channel: grpc.Channel | None = None,
     ) -> None:
         self.target = target
         self.timeout = timeout
         self.max_retries = max_retries
+        self.limits = limits or Limits()
+        self._token = token
         self._owns_channel = channel is None
-        self._channel = channel or grpc.insecure_channel(
-            target,
-            options=[
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ],
-        )
+        if channel is None:
+            credentials = channel_credentials(tls, root_certificates)
+            channel = (
+                grpc.secure_channel(target, credentials, options=channel_options())
+                if credentials is not None
+                else grpc.insecure_channel(target, options=channel_options())
+            )
+        self._channel = channel
         self._stub = service_pb2_grpc.PeritoStub(self._channel)  # type: ignore[no-untyped-call]
 
     def __enter__(self) -> Client:
@@ -85,6 +99,7 @@ class Client:
     ) -> ResponseT:
         budget = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + budget
+        metadata = call_metadata(self._token, metadata)
         attempt = 0
         while True:
             try:
@@ -93,7 +108,7 @@ class Client:
                 )
             except grpc.RpcError as rpc_error:
                 error = from_rpc_error(rpc_error)
-            wait = _retry_wait(error, attempt)
+            wait = retry_wait(error, attempt)
             if wait is None or attempt >= self.max_retries or time.monotonic() + wait >= deadline:
                 raise error
             time.sleep(wait)
@@ -114,34 +129,41 @@ class Client:
         """Classify images now; results come back in the order given.
 
         Args:
-            images: file paths, encoded bytes, PIL images or numpy arrays (HxWx3 uint8).
-            model: the model's name.
+            images: file paths, encoded bytes, PIL images or numpy arrays (HxWx3 uint8). Many
+                images are sent as several calls within `limits`, results still in order.
+            model: the model's name, or `name@version` / `name@alias`.
             version: a version number or alias; "" means latest.
             top_k: classes to return per image.
             confidence_threshold: top-1 probability under which a result is `uncertain`;
                 0 uses the model's recommended threshold, if it has one.
             ids: your ids for the images; default: file names, or positions.
+            timeout: seconds for the whole call, all its parts and retries included.
 
         Raises:
             InvalidArgumentError: a bad image (see `violations`) or argument.
             NotFoundError: unknown model or version.
             ResourceExhaustedError, UnavailableError: after retries ran out.
         """
-        if isinstance(images, str | bytes):
-            raise TypeError("images must be a sequence: classify([image], ...)")
-        if ids is not None and len(ids) != len(images):
-            raise ValueError(f"{len(ids)} ids for {len(images)} images")
-        request = classify_pb2.ClassifyRequest(
-            model=model, version=version, top_k=top_k, confidence_threshold=confidence_threshold
+        requests = classify_requests(
+            images,
+            model=model,
+            version=version,
+            top_k=top_k,
+            confidence_threshold=confidence_threshold,
+            ids=ids,
+            limits=self.limits,
         )
-        for index, image in enumerate(images):
-            image_id = ids[index] if ids is not None else image_name(image, index)
-            request.images.append(image_pb2.Image(id=image_id, content=encode_image(image)))
-        response = self._call(self._stub.Classify, request, timeout, metadata)
-        return [
-            Classification._from_proto(result, response.model, response.model_version)
-            for result in response.results
-        ]
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        results: list[Classification] = []
+        for request in requests:
+            response = self._call(
+                self._stub.Classify, request, max(deadline - time.monotonic(), 0.001), metadata
+            )
+            results += [
+                Classification._from_proto(result, response.model, response.model_version)
+                for result in response.results
+            ]
+        return results
 
     def list_models(
         self, *, timeout: float | None = None, metadata: Metadata | None = None
@@ -187,16 +209,17 @@ class Client:
             >>> job.wait()
             >>> failures = list(job.results(failed_only=True))
         """
-        request = jobs_pb2.SubmitJobRequest(
+        request = submit_request(
+            source,
             model=model,
             version=version,
             output_uri=output_uri,
             top_k=top_k,
             confidence_threshold=confidence_threshold,
             chunk_size=chunk_size,
-            labels=labels or {},
+            labels=labels,
+            inline=inline,
         )
-        _job_input(request, source, inline)
         job = Job._from_proto(self._call(self._stub.SubmitJob, request, timeout, metadata))
         return JobHandle(self, job)
 
@@ -218,7 +241,10 @@ class Client:
 
     def _watch_job(self, job_id: str) -> Iterator[Job]:
         try:
-            for message in self._stub.WatchJob(jobs_pb2.WatchJobRequest(job_id=job_id)):
+            stream = self._stub.WatchJob(
+                jobs_pb2.WatchJobRequest(job_id=job_id), metadata=call_metadata(self._token, None)
+            )
+            for message in stream:
                 yield Job._from_proto(message)
         except grpc.RpcError as rpc_error:
             error = from_rpc_error(rpc_error)
@@ -250,55 +276,3 @@ class Client:
         """One model with every version's model card."""
         request = models_pb2.GetModelRequest(model=name)
         return Model._from_proto(self._call(self._stub.GetModel, request, timeout, metadata))
-
-
-def _job_input(
-    request: jobs_pb2.SubmitJobRequest, source: str | os.PathLike[str] | Sequence[Any], inline: bool
-) -> None:
-    """Fill the request's input from what the caller gave (see `Client.submit_job`)."""
-    if isinstance(source, str | os.PathLike):
-        text = os.fspath(source)
-        if text.startswith("s3://"):
-            if text.lower().endswith(MANIFEST_SUFFIXES):
-                request.manifest_uri = text
-            else:
-                request.prefix = text
-            return
-        path = Path(text)
-        if path.is_dir() and inline:
-            files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-            if not files:
-                raise ValueError(f"no images under {path}")
-            request.images.images.extend(
-                image_pb2.Image(id=str(p.relative_to(path)), content=p.read_bytes()) for p in files
-            )
-        elif path.is_dir():
-            request.prefix = str(path.resolve())
-        elif path.suffix.lower() in MANIFEST_SUFFIXES:
-            request.manifest_uri = str(path.resolve())
-        else:
-            raise ValueError(f"{text}: not a folder, a manifest (.csv/.jsonl) or an s3:// URI")
-        return
-    items = list(source)
-    if all(isinstance(item, str) and (item.startswith("s3://") or not inline) for item in items):
-        request.uris.uris.extend(
-            item if item.startswith("s3://") else str(Path(item).resolve()) for item in items
-        )
-    else:
-        request.images.images.extend(
-            image_pb2.Image(id=image_name(item, index), content=encode_image(item))
-            for index, item in enumerate(items)
-        )
-
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-
-
-def _retry_wait(error: PeritoError, attempt: int) -> float | None:
-    """Seconds to wait before retrying `error`, or None when it must not be retried."""
-    if isinstance(error, ResourceExhaustedError) and error.retry_after is not None:
-        hint: float = error.retry_after
-        return hint * (1 + random.random() * 0.2)
-    if isinstance(error, UnavailableError):
-        return min(2.0, 0.1 * 2.0**attempt) * (0.5 + random.random())
-    return None

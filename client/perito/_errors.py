@@ -84,6 +84,22 @@ class InternalError(PeritoError):
     code = grpc.StatusCode.INTERNAL
 
 
+class UnauthenticatedError(PeritoError):
+    """No token, or one the server does not accept: pass `token=` to the client."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDeniedError(PeritoError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class CancelledError(PeritoError):
+    """The call was cancelled (by the caller, or the server shutting down)."""
+
+    code = grpc.StatusCode.CANCELLED
+
+
 _BY_CODE: dict[grpc.StatusCode, type[PeritoError]] = {
     cls.code: cls
     for cls in (
@@ -96,6 +112,9 @@ _BY_CODE: dict[grpc.StatusCode, type[PeritoError]] = {
         DeadlineExceededError,
         UnimplementedError,
         InternalError,
+        UnauthenticatedError,
+        PermissionDeniedError,
+        CancelledError,
     )
 }
 

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING
 
 from perito._models import Classification
+from perito._progress import ProgressBar
 from perito.v1 import jobs_pb2
 
 if TYPE_CHECKING:
+    from perito._async import AsyncClient
     from perito._client import Client
 
 
@@ -153,14 +156,21 @@ class JobHandle:
                 yield self.last
                 return
 
-    def wait(self, timeout: float | None = None) -> Job:
+    def wait(self, timeout: float | None = None, *, progress: bool = False) -> Job:
         """Block until the job is done; returns its final snapshot.
 
+        Args:
+            timeout: seconds to wait at most (the job is not cancelled when they run out).
+            progress: draw a progress bar on stderr.
+
         Raises:
-            JobTimeoutError: `timeout` seconds passed first (the job is not cancelled).
+            JobTimeoutError: `timeout` seconds passed first.
         """
+        bar = ProgressBar() if progress else None
         deadline = None if timeout is None else time.monotonic() + timeout
         for job in self.watch():
+            if bar is not None:
+                bar.update(job)
             if job.terminal:
                 return job
             if deadline is not None and time.monotonic() > deadline:
@@ -178,4 +188,67 @@ class JobHandle:
     def cancel(self) -> Job:
         """Cancel: items not yet classified are marked cancelled; returns the job as it stands."""
         self.last = self._client.cancel_job(self.id)
+        return self.last
+
+
+class AsyncJobHandle:
+    """`JobHandle` for `AsyncClient`: the same methods, awaited (`watch` and `results` are
+    async iterators)."""
+
+    def __init__(self, client: AsyncClient, job: Job) -> None:
+        self._client = client
+        self.id = job.id
+        self.last = job
+
+    def __repr__(self) -> str:
+        job = self.last
+        return f"AsyncJobHandle({self.id!r}, state={job.state.value}, {job.done}/{job.total})"
+
+    async def status(self) -> Job:
+        self.last = await self._client.get_job(self.id)
+        return self.last
+
+    async def watch(self) -> AsyncIterator[Job]:
+        """Snapshots as the job progresses, ending with the terminal one."""
+        while True:
+            async for job in self._client._watch_job(self.id):
+                self.last = job
+                yield job
+                if job.terminal:
+                    return
+            if (await self.status()).terminal:
+                yield self.last
+                return
+
+    async def wait(self, timeout: float | None = None, *, progress: bool = False) -> Job:
+        """Until the job is done; see `JobHandle.wait`."""
+        bar = ProgressBar() if progress else None
+
+        async def follow() -> Job:
+            async for job in self.watch():
+                if bar is not None:
+                    bar.update(job)
+                if job.terminal:
+                    return job
+            return self.last
+
+        try:
+            return await asyncio.wait_for(follow(), timeout)
+        except TimeoutError:
+            job = self.last
+            raise JobTimeoutError(
+                f"job {self.id} not done after {timeout}s: {job.done}/{job.total}"
+            ) from None
+
+    async def results(
+        self, *, failed_only: bool = False, page_size: int = 1000
+    ) -> AsyncIterator[JobItemResult]:
+        """Every item's result in input order (or only the failures), page by page."""
+        async for result in self._client._job_results(
+            self.id, failed_only=failed_only, page_size=page_size
+        ):
+            yield result
+
+    async def cancel(self) -> Job:
+        self.last = await self._client.cancel_job(self.id)
         return self.last

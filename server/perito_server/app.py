@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 
 from perito.v1 import service_pb2, service_pb2_grpc
 from perito_core.registry import ModelRegistry
+from perito_server.auth import TokenAuthInterceptor
 from perito_server.jobs import JobService
 from perito_server.model_pool import ModelPool
 from perito_server.service import PeritoServicer
@@ -65,7 +66,9 @@ async def create_server(settings: ServerSettings) -> RunningServer:
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.so_reuseport", 0),
     ]
-    server = grpc.aio.server(options=options)
+    tokens = [token.get_secret_value() for token in settings.auth_tokens]
+    interceptors = [TokenAuthInterceptor(tokens)] if tokens else []
+    server = grpc.aio.server(options=options, interceptors=interceptors)
     servicer = PeritoServicer(settings, pool, JobService(settings, pool))
     service_pb2_grpc.add_PeritoServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
     health = HealthServicer()
@@ -78,14 +81,29 @@ async def create_server(settings: ServerSettings) -> RunningServer:
         ),
         server,
     )
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    address = f"{settings.host}:{settings.port}"
+    if settings.tls_cert_file is not None or settings.tls_key_file is not None:
+        if settings.tls_cert_file is None or settings.tls_key_file is None:
+            raise ValueError("TLS needs both tls_cert_file and tls_key_file")
+        credentials = grpc.ssl_server_credentials(
+            [(settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes())]
+        )
+        port = server.add_secure_port(address, credentials)
+    else:
+        port = server.add_insecure_port(address)
     if port == 0:
         raise RuntimeError(f"could not bind {settings.host}:{settings.port}")
     await server.start()
     await health.set("", health_pb2.HealthCheckResponse.SERVING)
     await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     log.info(
-        "serving %s on %s:%d (registry %s)", SERVICE_NAME, settings.host, port, registry.description
+        "serving %s on %s:%d (%s%s; registry %s)",
+        SERVICE_NAME,
+        settings.host,
+        port,
+        "TLS" if settings.tls_cert_file else "plaintext",
+        ", bearer tokens required" if tokens else "",
+        registry.description,
     )
     return RunningServer(server, port, pool, health, servicer)
 

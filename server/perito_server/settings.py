@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pathlib import Path
+
+from pydantic import Field, SecretStr
 
 from perito_core.settings import CommonSettings
 
@@ -33,3 +35,10 @@ class ServerSettings(CommonSettings):
     max_job_items: int = Field(1_000_000, ge=1)
 
     grace_s: float = Field(10.0, ge=0, description="how long in-flight calls get on shutdown")
+
+    # TLS: both files PEM. Without them the port is plaintext (fine behind a mesh or on localhost).
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    # Bearer tokens accepted in `authorization` metadata (env: a JSON list). Empty: no auth.
+    # Health checks and reflection stay open so probes and grpcurl work.
+    auth_tokens: list[SecretStr] = Field(default_factory=list)

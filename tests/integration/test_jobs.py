@@ -392,3 +392,22 @@ def test_with_redis_down_jobs_are_unavailable_and_classify_still_works(
         assert caught.value.reason == "STORAGE_UNAVAILABLE"
         with pytest.raises(perito.UnavailableError, match="job store"):
             client.get_job("anything")
+
+
+async def test_the_async_client_submits_watches_and_reads_a_job(
+    bulk: Bulk, capsys: pytest.CaptureFixture[str]
+) -> None:
+    names = sorted(bulk.image_bytes)[:20]
+    async with perito.AsyncClient(bulk.server.target, timeout=60) as client:
+        handle = await client.submit_job(
+            [bulk.image_bytes[n] for n in names], model="fashion@production"
+        )
+        seen = [job async for job in handle.watch()]
+        assert seen[-1].terminal and seen[-1].succeeded == 20
+        job = await handle.wait(timeout=30, progress=True)
+        assert job.state is perito.JobState.SUCCEEDED
+        results = [item async for item in handle.results(page_size=7)]
+    assert [r.index for r in results] == list(range(20))
+    predicted = [r.classification.label for r in results if r.classification]
+    assert len(predicted) == 20
+    assert "20/20" in capsys.readouterr().err  # the progress bar

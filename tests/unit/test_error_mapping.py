@@ -84,3 +84,37 @@ def test_field_violations_and_retry_hints_survive_the_trip() -> None:
     ]
     busy = from_rpc_error(FakeRpcError(to_status(errors.QueueFull("full", retry_after=0.25))))
     assert busy.retry_after == pytest.approx(0.25)
+
+
+SDK_TYPES = {
+    grpc.StatusCode.INVALID_ARGUMENT: perito.InvalidArgumentError,
+    grpc.StatusCode.NOT_FOUND: perito.NotFoundError,
+    grpc.StatusCode.ALREADY_EXISTS: perito.AlreadyExistsError,
+    grpc.StatusCode.FAILED_PRECONDITION: perito.FailedPreconditionError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: perito.ResourceExhaustedError,
+    grpc.StatusCode.UNAVAILABLE: perito.UnavailableError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: perito.DeadlineExceededError,
+    grpc.StatusCode.UNIMPLEMENTED: perito.UnimplementedError,
+    grpc.StatusCode.INTERNAL: perito.InternalError,
+    grpc.StatusCode.UNAUTHENTICATED: perito.UnauthenticatedError,
+    grpc.StatusCode.PERMISSION_DENIED: perito.PermissionDeniedError,
+    grpc.StatusCode.CANCELLED: perito.CancelledError,
+}
+
+
+@pytest.mark.parametrize("code", list(grpc.StatusCode), ids=lambda c: c.name)
+def test_every_status_code_maps_to_a_perito_error(code: grpc.StatusCode) -> None:
+    if code is grpc.StatusCode.OK:
+        return
+    error = from_rpc_error(FakeRpcError(_Status(code, f"went wrong: {code.name}", ())))
+    assert isinstance(error, perito.PeritoError)
+    assert type(error) is SDK_TYPES.get(code, perito.PeritoError)
+    assert error.code is code
+    assert str(error).endswith(f"went wrong: {code.name}")
+
+
+class _Status(grpc.Status):
+    def __init__(self, code: grpc.StatusCode, details: str, trailing: tuple[object, ...]) -> None:
+        self.code = code
+        self.details = details
+        self.trailing_metadata = trailing

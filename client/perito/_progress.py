@@ -1,0 +1,38 @@
+"""A job progress bar on stderr: no dependency, redrawn in place on a terminal."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import TYPE_CHECKING, TextIO
+
+if TYPE_CHECKING:
+    from perito._jobs import Job
+
+
+class ProgressBar:
+    """One line, redrawn in place on a terminal, every 10% elsewhere (logs stay short)."""
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.started = time.monotonic()
+        self.reported = -1
+
+    def update(self, job: Job) -> None:
+        fraction = job.done / job.total if job.total else 1.0
+        elapsed = time.monotonic() - self.started
+        rate = job.done / elapsed if elapsed > 0 else 0.0
+        eta = f"{(job.total - job.done) / rate:.0f}s left" if rate > 0 and not job.terminal else ""
+        filled = int(fraction * 30)
+        text = (
+            f"[{'#' * filled}{'.' * (30 - filled)}] {job.done}/{job.total} {fraction:6.1%}  "
+            f"{job.failed} failed  {rate:5.1f} img/s  {eta}"
+        )
+        if self.tty:
+            self.stream.write(f"\r{text:<100}" + ("\n" if job.terminal else ""))
+            self.stream.flush()
+        elif int(fraction * 10) > self.reported or job.terminal:
+            self.reported = int(fraction * 10)
+            self.stream.write(text + "\n")
+            self.stream.flush()

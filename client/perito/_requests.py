@@ -1,0 +1,199 @@
+"""Request building shared by `Client` and `AsyncClient`: no I/O on the network here."""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from perito._errors import PeritoError, ResourceExhaustedError, UnavailableError
+from perito._images import ImageInput, encode_image, image_name
+from perito.v1 import classify_pb2, image_pb2, jobs_pb2
+
+MANIFEST_SUFFIXES = (".csv", ".jsonl", ".ndjson")
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+DEFAULT_TARGET = "localhost:8500"
+# Batches of photos are far over gRPC's 4 MB default.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+Metadata = Sequence[tuple[str, str]]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """How `classify` splits many images into calls the server accepts.
+
+    The defaults sit within the server's own defaults (64 images and 64 MiB per request).
+    """
+
+    max_images_per_request: int = 64
+    max_request_bytes: int = 48 * 1024 * 1024
+    # Calls in flight at once when one `classify` needs several.
+    max_concurrent_requests: int = 4
+
+
+def model_ref(model: str, version: str) -> tuple[str, str]:
+    """Accept `model="car-damage@production"` as well as `model=..., version=...`."""
+    name, at, ref = model.partition("@")
+    if at and version and version != ref:
+        raise ValueError(f"model {model!r} names a version and version={version!r} another")
+    return name, version or ref
+
+
+def classify_requests(
+    images: Sequence[ImageInput],
+    *,
+    model: str,
+    version: str,
+    top_k: int,
+    confidence_threshold: float,
+    ids: Sequence[str] | None,
+    limits: Limits,
+) -> list[classify_pb2.ClassifyRequest]:
+    """One or more `ClassifyRequest`s holding every image in order, each within `limits`."""
+    if isinstance(images, str | bytes | os.PathLike):
+        raise TypeError("images must be a sequence: classify([image], ...)")
+    if ids is not None and len(ids) != len(images):
+        raise ValueError(f"{len(ids)} ids for {len(images)} images")
+    if not images:
+        raise ValueError("no images to classify")
+    name, ref = model_ref(model, version)
+    requests: list[classify_pb2.ClassifyRequest] = []
+    size = 0
+    for index, image in enumerate(images):
+        content = encode_image(image)
+        full = requests and (
+            len(requests[-1].images) >= limits.max_images_per_request
+            or size + len(content) > limits.max_request_bytes
+        )
+        if not requests or full:
+            requests.append(
+                classify_pb2.ClassifyRequest(
+                    model=name, version=ref, top_k=top_k, confidence_threshold=confidence_threshold
+                )
+            )
+            size = 0
+        image_id = ids[index] if ids is not None else image_name(image, index)
+        requests[-1].images.append(image_pb2.Image(id=image_id, content=content))
+        size += len(content)
+    return requests
+
+
+def submit_request(
+    source: str | os.PathLike[str] | Sequence[Any],
+    *,
+    model: str,
+    version: str,
+    output_uri: str,
+    top_k: int,
+    confidence_threshold: float,
+    chunk_size: int,
+    labels: dict[str, str] | None,
+    inline: bool,
+) -> jobs_pb2.SubmitJobRequest:
+    name, ref = model_ref(model, version)
+    request = jobs_pb2.SubmitJobRequest(
+        model=name,
+        version=ref,
+        output_uri=output_uri,
+        top_k=top_k,
+        confidence_threshold=confidence_threshold,
+        chunk_size=chunk_size,
+        labels=labels or {},
+    )
+    _job_input(request, source, inline)
+    return request
+
+
+def _job_input(
+    request: jobs_pb2.SubmitJobRequest, source: str | os.PathLike[str] | Sequence[Any], inline: bool
+) -> None:
+    """Fill the request's input from what the caller gave (see `Client.submit_job`)."""
+    if isinstance(source, str | os.PathLike):
+        text = os.fspath(source)
+        if text.startswith("s3://"):
+            if text.lower().endswith(MANIFEST_SUFFIXES):
+                request.manifest_uri = text
+            else:
+                request.prefix = text
+            return
+        path = Path(text)
+        if path.is_dir() and inline:
+            files = image_files(path)
+            if not files:
+                raise ValueError(f"no images under {path}")
+            request.images.images.extend(
+                image_pb2.Image(id=str(p.relative_to(path)), content=p.read_bytes()) for p in files
+            )
+        elif path.is_dir():
+            request.prefix = str(path.resolve())
+        elif path.suffix.lower() in MANIFEST_SUFFIXES:
+            request.manifest_uri = str(path.resolve())
+        else:
+            raise ValueError(f"{text}: not a folder, a manifest (.csv/.jsonl) or an s3:// URI")
+        return
+    items = list(source)
+    if all(isinstance(item, str) and (item.startswith("s3://") or not inline) for item in items):
+        request.uris.uris.extend(
+            item if item.startswith("s3://") else str(Path(item).resolve()) for item in items
+        )
+    else:
+        request.images.images.extend(
+            image_pb2.Image(id=image_name(item, index), content=encode_image(item))
+            for index, item in enumerate(items)
+        )
+
+
+def image_files(folder: Path) -> list[Path]:
+    """Image files under `folder`, sorted, by their suffix."""
+    return sorted(
+        p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+    )
+
+
+def retry_wait(error: PeritoError, attempt: int) -> float | None:
+    """Seconds to wait before retrying `error`, or None when it must not be retried."""
+    if isinstance(error, ResourceExhaustedError) and error.retry_after is not None:
+        hint: float = error.retry_after
+        return hint * (1 + random.random() * 0.2)
+    if isinstance(error, UnavailableError):
+        return min(2.0, 0.1 * 2.0**attempt) * (0.5 + random.random())
+    return None
+
+
+def call_metadata(token: str | None, metadata: Metadata | None) -> Metadata | None:
+    """The caller's metadata plus the bearer token, if the client has one."""
+    if token is None:
+        return metadata
+    return [*(metadata or ()), ("authorization", f"Bearer {token}")]
+
+
+def channel_options() -> list[tuple[str, Any]]:
+    return [
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ]
+
+
+def channel_credentials(
+    tls: bool, root_certificates: bytes | str | os.PathLike[str] | None
+) -> grpc.ChannelCredentials | None:
+    """TLS credentials (the system's roots, or the given CA bundle), or None for plaintext."""
+    if root_certificates is None and not tls:
+        return None
+    roots: bytes | None
+    if isinstance(root_certificates, str | os.PathLike):
+        roots = Path(root_certificates).read_bytes()
+    else:
+        roots = root_certificates
+    return grpc.ssl_channel_credentials(root_certificates=roots)
+
+
+def chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
