@@ -17,11 +17,13 @@ $(STAMP): pyproject.toml constraints.txt setup.py
 	$(BIN)/python scripts/gen_protos.py
 	touch $@
 
-# redis-server backs the job store and the Celery broker; Fashion-MNIST is the bulk-job test set.
+# redis-server backs the job store and the Celery broker; Fashion-MNIST is the bulk-job test set;
+# chromium runs the web page's browser test.
 system-deps:
 	@missing=""; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	test -d /usr/share/datasets/fashion-mnist || missing="$$missing dataset-fashion-mnist"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing:$$missing"; \
 		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \

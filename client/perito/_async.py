@@ -172,6 +172,7 @@ class AsyncClient:
         chunk_size: int = 0,
         labels: dict[str, str] | None = None,
         inline: bool = False,
+        ids: Sequence[str] | None = None,
         timeout: float | None = None,
         metadata: Metadata | None = None,
     ) -> AsyncJobHandle:
@@ -186,6 +187,7 @@ class AsyncClient:
             chunk_size=chunk_size,
             labels=labels,
             inline=inline,
+            ids=ids,
         )
         job = Job._from_proto(await self._call(self._stub.SubmitJob, request, timeout, metadata))
         return AsyncJobHandle(self, job)

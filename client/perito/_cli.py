@@ -56,6 +56,8 @@ def _connect(server: str, timeout: float) -> Client:
     tls = os.environ.get("PERITO_TLS", "").lower() in ("1", "true", "yes")
     token = os.environ.get("PERITO_TOKEN") or None
     return Client(server, timeout=timeout, tls=tls, root_certificates=ca, token=token)
+
+
 _json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 _timeout_option = click.option(
     "--timeout", type=float, default=60.0, show_default=True, help="Deadline in seconds."

@@ -191,6 +191,7 @@ class Client:
         chunk_size: int = 0,
         labels: dict[str, str] | None = None,
         inline: bool = False,
+        ids: Sequence[str] | None = None,
         timeout: float | None = None,
         metadata: Metadata | None = None,
     ) -> JobHandle:
@@ -203,6 +204,7 @@ class Client:
                 bytes, PIL images, arrays) are sent in the request instead.
             model, version: the model; the version is resolved now and pinned for the job.
             output_uri: where the results files go (default: the server's results location).
+            ids: your ids for a list of images sent inline (default: file names or positions).
 
         Example:
             >>> job = client.submit_job("s3://inspections/garage-7/", model="cracks")
@@ -219,6 +221,7 @@ class Client:
             chunk_size=chunk_size,
             labels=labels,
             inline=inline,
+            ids=ids,
         )
         job = Job._from_proto(self._call(self._stub.SubmitJob, request, timeout, metadata))
         return JobHandle(self, job)

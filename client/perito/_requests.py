@@ -95,6 +95,7 @@ def submit_request(
     chunk_size: int,
     labels: dict[str, str] | None,
     inline: bool,
+    ids: Sequence[str] | None = None,
 ) -> jobs_pb2.SubmitJobRequest:
     name, ref = model_ref(model, version)
     request = jobs_pb2.SubmitJobRequest(
@@ -106,12 +107,15 @@ def submit_request(
         chunk_size=chunk_size,
         labels=labels or {},
     )
-    _job_input(request, source, inline)
+    _job_input(request, source, inline, ids)
     return request
 
 
 def _job_input(
-    request: jobs_pb2.SubmitJobRequest, source: str | os.PathLike[str] | Sequence[Any], inline: bool
+    request: jobs_pb2.SubmitJobRequest,
+    source: str | os.PathLike[str] | Sequence[Any],
+    inline: bool,
+    ids: Sequence[str] | None,
 ) -> None:
     """Fill the request's input from what the caller gave (see `Client.submit_job`)."""
     if isinstance(source, str | os.PathLike):
@@ -138,13 +142,18 @@ def _job_input(
             raise ValueError(f"{text}: not a folder, a manifest (.csv/.jsonl) or an s3:// URI")
         return
     items = list(source)
+    if ids is not None and len(ids) != len(items):
+        raise ValueError(f"{len(ids)} ids for {len(items)} images")
     if all(isinstance(item, str) and (item.startswith("s3://") or not inline) for item in items):
         request.uris.uris.extend(
             item if item.startswith("s3://") else str(Path(item).resolve()) for item in items
         )
     else:
         request.images.images.extend(
-            image_pb2.Image(id=image_name(item, index), content=encode_image(item))
+            image_pb2.Image(
+                id=ids[index] if ids is not None else image_name(item, index),
+                content=encode_image(item),
+            )
             for index, item in enumerate(items)
         )
 
