@@ -362,15 +362,24 @@ def job_status(job_id: str, server: str, timeout: float, as_json: bool) -> None:
 @click.argument("job_id")
 @_server_option
 @_timeout_option
-def job_watch(job_id: str, server: str, timeout: float) -> None:
+@click.option(
+    "--json", "as_json", is_flag=True, help="One JSON line per snapshot instead of a bar."
+)
+def job_watch(job_id: str, server: str, timeout: float, as_json: bool) -> None:
     """Follow a job with a progress bar until it is done.
 
     \b
     Example:
       perito job watch 3f1c9e0a7b2d4c6e8f10
+      perito job watch 3f1c9e0a7b2d4c6e8f10 --json | jq .succeeded
     """
     with _connect(server, timeout) as client:
-        click.echo(_job_line(_follow(client.job(job_id), as_json=False)))
+        handle = client.job(job_id)
+        if as_json:
+            for snapshot in handle.watch():
+                click.echo(json.dumps(asdict(snapshot), default=_default))
+            return
+        click.echo(_job_line(_follow(handle, as_json=False)))
 
 
 @job.command("results")

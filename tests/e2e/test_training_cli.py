@@ -157,10 +157,12 @@ def test_publish_to_s3_makes_immutable_versions(
     second = perito_cli(
         "publish", str(trained["run"]), "--registry", uri, "--name", "cracks-b", env=env
     )
-    again = perito_cli("publish", str(trained["run"]), "--registry", uri, env=env)
+    again = perito_cli("publish", str(trained["run"]), "--registry", uri, "--json", env=env)
     assert "published concrete-cracks@1" in first.stdout
     assert "published cracks-b@1" in second.stdout
-    assert "published concrete-cracks@2" in again.stdout
+    published = json.loads(again.stdout)
+    assert (published["name"], published["version"]) == ("concrete-cracks", "2")
+    assert published["metrics"]["accuracy"] > 0.5
     from perito_core.storage import S3Options
 
     registry = ModelRegistry.open(uri, cache_dir=tmp_path, s3=S3Options(endpoint_url=s3_endpoint))

@@ -361,6 +361,14 @@ def test_the_cli_submits_follows_and_reads_jobs(bulk: Bulk) -> None:
         check=True,
     ).stdout
     assert "ghost" in failed and "NOT_FOUND" in failed and "photo-" not in failed
+    watched = subprocess.run(
+        [*perito_command(), "job", "watch", job["id"], "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    assert json.loads(watched[-1])["state"] == "partially_succeeded"
     cancelled = perito_json("job", "cancel", job["id"])
     assert isinstance(cancelled, dict) and cancelled["state"] == "partially_succeeded"
 

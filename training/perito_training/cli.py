@@ -206,12 +206,14 @@ def _evaluate_test_split(
 @click.option("--description", help="Replaces the config's description in the card.")
 @_registry_option
 @_alias_option
+@click.option("--json", "as_json", is_flag=True, help="Print the published manifest as JSON.")
 def publish(
     run_dir: Path,
     name: str | None,
     description: str | None,
     registry: str | None,
     aliases: tuple[str, ...],
+    as_json: bool,
 ) -> None:
     """Publish a finished run as a new immutable model version; its card is the manifest.
 
@@ -219,7 +221,7 @@ def publish(
     Example:
       perito publish runs/car-damage --registry s3://models --alias staging
     """
-    _publish(run_dir, name, registry, aliases, description)
+    _publish(run_dir, name, registry, aliases, description, as_json)
 
 
 def _publish(
@@ -228,6 +230,7 @@ def _publish(
     registry: str | None,
     aliases: tuple[str, ...],
     description: str | None,
+    as_json: bool = False,
 ) -> None:
     from perito_core.errors import PeritoError
     from perito_training.pipeline import RunError, publish_run
@@ -237,6 +240,9 @@ def _publish(
         manifest = publish_run(run_dir, target, name=name, aliases=aliases, description=description)
     except (PeritoError, RunError) as error:
         raise click.ClickException(getattr(error, "message", str(error))) from None
+    if as_json:
+        click.echo(manifest.model_dump_json(indent=2))
+        return
     alias_note = f" (aliases: {', '.join(aliases)})" if aliases else ""
     click.echo(f"published {manifest.name}@{manifest.version} to {target.description}{alias_note}")
 
