@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install system-deps proto demo test unit integration lint format bench train-fashion-mnist clean
+.PHONY: install system-deps proto docs demo test unit integration lint format bench train-fashion-mnist clean
 
 install: system-deps $(STAMP)
 
@@ -32,6 +32,10 @@ system-deps:
 
 proto: $(STAMP)
 	$(BIN)/python scripts/gen_protos.py
+
+# docs/api.md, the API reference, from the comments in proto/ (a test fails when it is stale).
+docs: $(STAMP)
+	$(BIN)/python scripts/gen_api_docs.py
 
 demo: install
 	$(BIN)/python scripts/demo.py
