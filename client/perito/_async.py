@@ -26,6 +26,7 @@ from perito._requests import (
     retry_wait,
     submit_request,
 )
+from perito._upload import upload_folder
 from perito.v1 import classify_pb2, jobs_pb2, models_pb2, service_pb2_grpc
 
 ResponseT = TypeVar("ResponseT")
@@ -173,10 +174,15 @@ class AsyncClient:
         labels: dict[str, str] | None = None,
         inline: bool = False,
         ids: Sequence[str] | None = None,
+        upload_to: str | None = None,
         timeout: float | None = None,
         metadata: Metadata | None = None,
     ) -> AsyncJobHandle:
         """Submit a bulk job; returns a handle to follow it. See `Client.submit_job`."""
+        if upload_to is not None:
+            if not isinstance(source, str | os.PathLike):
+                raise TypeError("upload_to needs a local folder as the source")
+            source = await asyncio.to_thread(upload_folder, source, upload_to)
         request = submit_request(
             source,
             model=model,

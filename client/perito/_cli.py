@@ -285,6 +285,11 @@ def _follow(handle: JobHandle, as_json: bool) -> Job:
 )
 @click.option("--inline", is_flag=True, help="Send a local folder's images in the request.")
 @click.option(
+    "--upload-to",
+    help="Upload a local folder's images to this s3://bucket/prefix/ first (needs boto3; "
+    "endpoint and keys from the AWS settings, e.g. AWS_ENDPOINT_URL_S3).",
+)
+@click.option(
     "--wait", "wait_", is_flag=True, help="Follow the job with a progress bar until done."
 )
 @_server_option
@@ -298,6 +303,7 @@ def submit(
     threshold: float,
     chunk_size: int | None,
     inline: bool,
+    upload_to: str | None,
     wait_: bool,
     server: str,
     timeout: float,
@@ -310,6 +316,7 @@ def submit(
       perito submit s3://inspections/garage-7/ --model cracks@production --wait
       perito submit photos.csv --model cracks --output s3://results/garage-7/
       perito submit ./photos --model cracks --inline --wait --json
+      perito submit ./photos --model cracks --upload-to s3://inspections/site-9/ --wait
     """
     name, version = split_model_ref(model_ref)
     with _connect(server, timeout) as client:
@@ -322,6 +329,7 @@ def submit(
             confidence_threshold=threshold,
             chunk_size=chunk_size or 0,
             inline=inline,
+            upload_to=upload_to,
         )
         if not as_json:
             click.echo(f"submitted job {handle.id}: {handle.last.total} images", err=True)

@@ -24,6 +24,7 @@ from perito._requests import (
     retry_wait,
     submit_request,
 )
+from perito._upload import upload_folder
 from perito.v1 import jobs_pb2, models_pb2, service_pb2_grpc
 
 ResponseT = TypeVar("ResponseT")
@@ -192,6 +193,7 @@ class Client:
         labels: dict[str, str] | None = None,
         inline: bool = False,
         ids: Sequence[str] | None = None,
+        upload_to: str | None = None,
         timeout: float | None = None,
         metadata: Metadata | None = None,
     ) -> JobHandle:
@@ -205,12 +207,18 @@ class Client:
             model, version: the model; the version is resolved now and pinned for the job.
             output_uri: where the results files go (default: the server's results location).
             ids: your ids for a list of images sent inline (default: file names or positions).
+            upload_to: an `s3://bucket/prefix/` to upload a local folder's images to first (with
+                boto3, `pip install 'perito[s3]'`); the job then reads them from there.
 
         Example:
             >>> job = client.submit_job("s3://inspections/garage-7/", model="cracks")
             >>> job.wait()
             >>> failures = list(job.results(failed_only=True))
         """
+        if upload_to is not None:
+            if not isinstance(source, str | os.PathLike):
+                raise TypeError("upload_to needs a local folder as the source")
+            source = upload_folder(source, upload_to)
         request = submit_request(
             source,
             model=model,

@@ -232,6 +232,26 @@ def test_inline_and_local_folder_jobs(bulk: Bulk) -> None:
         bulk.client.submit_job("/etc", model="fashion")
 
 
+def test_a_local_folder_is_uploaded_to_s3_and_run_from_there(
+    bulk: Bulk, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = bulk.work / "laptop-photos"
+    (folder / "level-2").mkdir(parents=True)
+    names = sorted(bulk.image_bytes)[:5]
+    for name in names:
+        (folder / "level-2" / name).write_bytes(bulk.image_bytes[name])
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", bulk.worker_env["PERITO_S3_ENDPOINT_URL"])
+    handle = bulk.client.submit_job(
+        folder, model="fashion", upload_to="s3://inspections/uploads/site-9"
+    )
+    job = handle.wait(60)
+    assert (job.total, job.succeeded) == (5, 5)
+    uris = [item.uri for item in handle.results()]
+    assert uris == [f"s3://inspections/uploads/site-9/level-2/{n}" for n in names]
+    with pytest.raises(TypeError, match="local folder"):
+        bulk.client.submit_job(["a.png"], model="fashion", upload_to="s3://inspections/x/")
+
+
 def test_cancel_stops_a_running_job_and_accounts_for_every_item(bulk: Bulk) -> None:
     handle = bulk.client.submit_job("s3://inspections/fmnist/", model="fashion", chunk_size=10)
     deadline = time.monotonic() + 60
