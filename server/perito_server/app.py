@@ -58,6 +58,7 @@ async def create_server(settings: ServerSettings) -> RunningServer:
     for ref in settings.preload:
         name, _, version = ref.partition("@")
         await pool.get(name, version)
+    pool.start()
 
     # Room for the largest request plus protobuf framing; bigger messages are refused by
     # gRPC itself with RESOURCE_EXHAUSTED naming both sizes.

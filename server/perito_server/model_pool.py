@@ -1,22 +1,30 @@
 """The models this server holds in memory, each with its own batcher and model thread.
 
-Requests name a model and a version or alias; the pool resolves the reference (caching alias
-lookups for `alias_ttl_s`, concrete versions for good since they are immutable), fetches and
+Requests name a model and a version or alias; the pool resolves the reference, fetches and
 verifies the artifact, loads and warms it once, and evicts the least recently used model when
 more than `max_loaded_models` are held.
+
+Aliases (and `latest`) roll out without a restart and without a failed request: every
+`alias_ttl_s` a background task re-reads the aliases in use; when one has moved, the new
+version is loaded and warmed while the old one keeps serving, and only then does the alias
+switch. A version that fails to load leaves the old one serving; the reason is logged and kept
+(`rollout_errors`), and the load is retried after `ROLLOUT_RETRY_S`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
+from perito_core.errors import PeritoError
 from perito_core.registry import ModelRegistry
 from perito_core.runtime import LoadedModel
 from perito_server.batcher import DynamicBatcher
@@ -56,10 +64,17 @@ class ServedModel:
         self._executor.shutdown(wait=True)
 
 
+ROLLOUT_RETRY_S = 60.0
+
+
 @dataclass
-class _Resolution:
+class RolloutError:
+    """Why an alias still serves its old version."""
+
+    alias: str
     version: str
-    expires: float
+    reason: str
+    retry_at: float
 
 
 class ModelPool:
@@ -70,27 +85,48 @@ class ModelPool:
             collections.OrderedDict()
         )
         self._loading: dict[tuple[str, str], asyncio.Lock] = {}
-        self._resolved: dict[tuple[str, str], _Resolution] = {}
+        # (name, alias or "") -> the version that alias is served by here.
+        self._serving: dict[tuple[str, str], str] = {}
+        self._checked_versions: set[tuple[str, str]] = set()
+        self.rollout_errors: dict[tuple[str, str], RolloutError] = {}
+        self._watcher: asyncio.Task[None] | None = None
+        self.on_load: list[Callable[[ServedModel], None]] = []
 
     @property
     def loaded(self) -> list[tuple[str, str]]:
         return list(self._models)
 
+    def start(self) -> None:
+        """Start following alias moves (every `alias_ttl_s`)."""
+        if self._watcher is None and self.settings.alias_ttl_s > 0:
+            self._watcher = asyncio.create_task(self._follow_aliases(), name="alias-rollout")
+
     async def resolve(self, name: str, ref: str) -> str:
-        """A concrete version for `ref` (a number, an alias, or "" for latest)."""
+        """A concrete version for `ref` (a number, an alias, or "" for latest).
+
+        An alias in use resolves to the version serving it here, so a job pinned at submission
+        gets the same version `Classify` answers with.
+        """
         key = (name, ref)
-        now = time.monotonic()
-        cached = self._resolved.get(key)
-        if cached is not None and cached.expires > now:
-            return cached.version
-        version = await asyncio.to_thread(self.registry.resolve, name, ref)
-        ttl = float("inf") if ref.isdigit() else self.settings.alias_ttl_s
-        self._resolved[key] = _Resolution(version, now + ttl)
-        return version
+        if ref.isdigit():
+            if key not in self._checked_versions:
+                await asyncio.to_thread(self.registry.resolve, name, ref)  # NOT_FOUND if absent
+                self._checked_versions.add(key)
+            return ref
+        serving = self._serving.get(key)
+        if serving is not None:
+            return serving
+        return await asyncio.to_thread(self.registry.resolve, name, ref)
 
     async def get(self, name: str, ref: str = "") -> ServedModel:
         """The served model for `name` at `ref`, loading it on first use."""
         version = await self.resolve(name, ref)
+        served = await self._get_version(name, version)
+        if not ref.isdigit():
+            self._serving.setdefault((name, ref), version)
+        return served
+
+    async def _get_version(self, name: str, version: str) -> ServedModel:
         key = (name, version)
         served = self._models.get(key)
         if served is None:
@@ -101,6 +137,55 @@ class ModelPool:
                     served = await self._load(name, version)
         self._models.move_to_end(key)
         return served
+
+    async def _follow_aliases(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.alias_ttl_s)
+            try:
+                await self.refresh_aliases()
+            except Exception:
+                log.exception("alias refresh failed; will try again")
+
+    async def refresh_aliases(self) -> None:
+        """Roll every alias in use forward to the version the registry now names."""
+        for (name, alias), current in list(self._serving.items()):
+            try:
+                target = await asyncio.to_thread(self.registry.resolve, name, alias)
+            except PeritoError as error:
+                log.warning(
+                    "cannot re-read %s@%s (%s); still serving v%s",
+                    name,
+                    alias or "latest",
+                    error.message,
+                    current,
+                )
+                continue
+            if target == current:
+                self.rollout_errors.pop((name, alias), None)
+                continue
+            failed = self.rollout_errors.get((name, alias))
+            if failed and failed.version == target and time.monotonic() < failed.retry_at:
+                continue
+            await self._roll(name, alias, current, target)
+
+    async def _roll(self, name: str, alias: str, current: str, target: str) -> None:
+        label = f"{name}@{alias or 'latest'}"
+        log.info("%s moved v%s -> v%s: loading and warming v%s", label, current, target, target)
+        started = time.perf_counter()
+        try:
+            await self._get_version(name, target)
+        except Exception as error:  # noqa: BLE001 - any failure keeps the old version serving
+            reason = error.message if isinstance(error, PeritoError) else repr(error)
+            self.rollout_errors[(name, alias)] = RolloutError(
+                alias or "latest", target, reason, time.monotonic() + ROLLOUT_RETRY_S
+            )
+            log.error(
+                "%s: v%s failed to load, v%s keeps serving: %s", label, target, current, reason
+            )
+            return
+        self._serving[(name, alias)] = target
+        self.rollout_errors.pop((name, alias), None)
+        log.info("%s now serves v%s (ready in %.1fs)", label, target, time.perf_counter() - started)
 
     async def _load(self, name: str, version: str) -> ServedModel:
         settings = self.settings
@@ -129,6 +214,8 @@ class ModelPool:
         served = ServedModel(model, executor, settings)
         served.batcher.start()
         self._models[(name, version)] = served
+        for callback in self.on_load:
+            callback(served)
         while len(self._models) > settings.max_loaded_models:
             (old_name, old_version), old = self._models.popitem(last=False)
             log.info("evicting %s@%s (least recently used)", old_name, old_version)
@@ -136,6 +223,11 @@ class ModelPool:
         return served
 
     async def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+            self._watcher = None
         for served in list(self._models.values()):
             await served.close()
         self._models.clear()

@@ -17,7 +17,11 @@ class ServerSettings(CommonSettings):
     optimize_models: bool = True
     preload: list[str] = Field(default_factory=list, description="NAME[@VERSION] to load at start")
     max_loaded_models: int = Field(4, ge=1)
-    alias_ttl_s: float = Field(5.0, ge=0, description="how long an alias resolution is cached")
+    alias_ttl_s: float = Field(
+        5.0,
+        ge=0,
+        description="how often aliases in use are re-read (0: never, pinned at first use)",
+    )
 
     # 4 is the fastest batch for EfficientNet-Lite0 on 2 CPU cores (bench/classify.py); GPUs
     # want more (16-64).
