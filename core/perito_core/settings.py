@@ -7,6 +7,7 @@ flags and `PERITO_*` environment variables, never read at import.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -30,6 +31,10 @@ class CommonSettings(BaseSettings):
     )
     visibility_timeout_s: int = Field(3600, ge=10, description="redelivery of unacked chunks")
     device: str = "auto"
+    log_format: Literal["text", "json"] = "text"
+    # Prometheus `/metrics` on this port (0: any free port; unset: off). Images set it.
+    metrics_port: int | None = Field(None, ge=0, le=65535)
+    metrics_host: str = "0.0.0.0"
     torch_threads: int = Field(0, ge=0, description="0: one per core")
     decode_threads: int = Field(2, ge=1)
     max_image_bytes: int = Field(32 * 1024 * 1024, ge=1)

@@ -22,6 +22,7 @@ from perito.v1 import service_pb2, service_pb2_grpc
 from perito_core.registry import ModelRegistry
 from perito_server.auth import TokenAuthInterceptor
 from perito_server.jobs import JobService
+from perito_server.metrics import ServerMetrics
 from perito_server.model_pool import ModelPool
 from perito_server.service import PeritoServicer
 from perito_server.settings import ServerSettings
@@ -38,6 +39,8 @@ class RunningServer:
     pool: ModelPool
     health: HealthServicer
     servicer: PeritoServicer
+    metrics: ServerMetrics
+    metrics_port: int | None = None
 
     async def stop(self, grace: float) -> None:
         """Drain: NOT_SERVING, let in-flight calls finish within `grace`, free the models."""
@@ -45,6 +48,7 @@ class RunningServer:
         await self.server.stop(grace)
         await self.pool.close()
         self.servicer.close()
+        self.metrics.stop()
 
 
 async def create_server(settings: ServerSettings) -> RunningServer:
@@ -70,7 +74,9 @@ async def create_server(settings: ServerSettings) -> RunningServer:
     tokens = [token.get_secret_value() for token in settings.auth_tokens]
     interceptors = [TokenAuthInterceptor(tokens)] if tokens else []
     server = grpc.aio.server(options=options, interceptors=interceptors)
-    servicer = PeritoServicer(settings, pool, JobService(settings, pool))
+    metrics = ServerMetrics()
+    metrics.watch_pool(pool)
+    servicer = PeritoServicer(settings, pool, JobService(settings, pool), metrics)
     service_pb2_grpc.add_PeritoServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -106,7 +112,11 @@ async def create_server(settings: ServerSettings) -> RunningServer:
         ", bearer tokens required" if tokens else "",
         registry.description,
     )
-    return RunningServer(server, port, pool, health, servicer)
+    metrics_port = None
+    if settings.metrics_port is not None:
+        metrics_port = metrics.serve(settings.metrics_host, settings.metrics_port)
+        log.info("metrics on http://%s:%d/metrics", settings.metrics_host, metrics_port)
+    return RunningServer(server, port, pool, health, servicer, metrics, metrics_port)
 
 
 async def serve(settings: ServerSettings) -> None:

@@ -58,6 +58,9 @@ class BatcherStats:
         default_factory=lambda: Histogram((0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0))
     )
     batch_size: Histogram = field(default_factory=lambda: Histogram((1, 2, 4, 8, 16, 32, 64)))
+    compute_seconds: Histogram = field(
+        default_factory=lambda: Histogram((0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5))
+    )
     dropped_expired: int = 0
     dropped_cancelled: int = 0
     failed_batches: int = 0
@@ -243,7 +246,9 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
                     if not pending.future.done():
                         pending.future.set_exception(exc)
                 continue
-            per_item = (time.monotonic() - started) / len(live)
+            elapsed = time.monotonic() - started
+            self.stats.compute_seconds.observe(elapsed)
+            per_item = elapsed / len(live)
             self._seconds_per_item = 0.8 * self._seconds_per_item + 0.2 * per_item
             for pending, result in zip(live, results, strict=True):
                 if not pending.future.done():

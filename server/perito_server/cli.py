@@ -7,7 +7,6 @@ directly (they are operator tools, used where the registry's credentials are).
 from __future__ import annotations
 
 import asyncio
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +48,9 @@ _registry_option = click.option(
 @click.option("--max-batch-size", type=int, help="Images per forward pass (default 4).")
 @click.option("--max-queue-delay-ms", type=float, help="Wait for a fuller batch (default 2).")
 @click.option("--max-queue-size", type=int, help="Images admitted and waiting (default 256).")
+@click.option(
+    "--metrics-port", type=int, help="Prometheus /metrics port (env PERITO_METRICS_PORT; off)."
+)
 @click.option("--log-level", default="INFO", show_default=True)
 def serve(log_level: str, **flags: Any) -> None:
     """Run the gRPC service until SIGTERM or Ctrl-C.
@@ -57,12 +59,11 @@ def serve(log_level: str, **flags: Any) -> None:
     Example:
       perito serve --registry ./var/registry --port 8500 --preload car-damage@production
     """
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    from perito_core.logs import configure_logging
     from perito_server.app import serve as run
 
     settings = _settings(**flags)
+    configure_logging(log_level, settings.log_format)
     try:
         asyncio.run(run(settings))
     except PeritoError as error:

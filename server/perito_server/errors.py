@@ -7,8 +7,11 @@ they raise `PeritoError`s and never build statuses themselves.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
+import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NoReturn, TypeVar
 
@@ -19,6 +22,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from perito_core.errors import ErrorCode, PeritoError
+from perito_core.logs import REQUEST_ID
 
 log = logging.getLogger(__name__)
 
@@ -90,12 +94,40 @@ def maps_errors(handler: HandlerT) -> HandlerT:
 
     @functools.wraps(handler)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        started, code = time.perf_counter(), "OK"
+        REQUEST_ID.set(_request_id(context))
         try:
             return await handler(self, request, context)
         except Exception as exc:  # noqa: BLE001 - every error becomes a status
+            code = _code_of(exc)
             await _abort_for(context, exc, handler.__name__)
+        finally:
+            _observe(self, handler.__name__, code, started)
 
     return wrapper  # type: ignore[return-value]
+
+
+def _request_id(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    """The caller's `x-request-id`, or a new one, for the logs of this call."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "x-request-id" and isinstance(value, str) and value:
+            return value[:128]
+    return uuid.uuid4().hex[:16]
+
+
+def _code_of(exc: Exception) -> str:
+    if isinstance(exc, PeritoError):
+        return exc.code.name
+    if isinstance(exc, asyncio.CancelledError):
+        return "CANCELLED"
+    return "UNKNOWN" if isinstance(exc, grpc.aio.AbortError) else "INTERNAL"
+
+
+def _observe(servicer: Any, method: str, code: str, started: float) -> None:
+    """Count the call in the servicer's metrics, if it has any."""
+    metrics = getattr(servicer, "metrics", None)
+    if metrics is not None:
+        metrics.observe_call(method, code, time.perf_counter() - started)
 
 
 StreamT = TypeVar("StreamT", bound=Callable[..., AsyncIterator[Any]])
@@ -108,10 +140,15 @@ def maps_stream_errors(handler: StreamT) -> StreamT:
     async def wrapper(
         self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[Any]:
+        started, code = time.perf_counter(), "OK"
+        REQUEST_ID.set(_request_id(context))
         try:
             async for message in handler(self, request, context):
                 yield message
         except Exception as exc:  # noqa: BLE001 - every error becomes a status
+            code = _code_of(exc)
             await _abort_for(context, exc, handler.__name__)
+        finally:
+            _observe(self, handler.__name__, code, started)
 
     return wrapper  # type: ignore[return-value]

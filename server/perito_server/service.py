@@ -21,6 +21,7 @@ from perito_core.registry import validate_model_name
 from perito_core.runtime import summarize
 from perito_server.errors import maps_errors, maps_stream_errors
 from perito_server.jobs import JobService
+from perito_server.metrics import ServerMetrics
 from perito_server.model_pool import ModelPool
 from perito_server.settings import ServerSettings
 
@@ -34,10 +35,17 @@ def _image_label(index: int, image_id: str) -> str:
 
 
 class PeritoServicer(service_pb2_grpc.PeritoServicer):
-    def __init__(self, settings: ServerSettings, pool: ModelPool, jobs: JobService) -> None:
+    def __init__(
+        self,
+        settings: ServerSettings,
+        pool: ModelPool,
+        jobs: JobService,
+        metrics: ServerMetrics | None = None,
+    ) -> None:
         self.settings = settings
         self.pool = pool
         self.jobs = jobs
+        self.metrics = metrics
         self.limits: ImageLimits = settings.image_limits()
         self._decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
 
@@ -139,7 +147,10 @@ class PeritoServicer(service_pb2_grpc.PeritoServicer):
 
     @maps_errors
     async def SubmitJob(self, request: jobs_pb2.SubmitJobRequest, context: Context) -> jobs_pb2.Job:
-        return await self.jobs.submit(request)
+        job = await self.jobs.submit(request)
+        if self.metrics is not None:
+            self.metrics.jobs_submitted.labels(job.model).inc()
+        return job
 
     @maps_errors
     async def GetJob(self, request: jobs_pb2.GetJobRequest, context: Context) -> jobs_pb2.Job:

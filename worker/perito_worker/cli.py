@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import socket
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,9 @@ import click
 )
 @click.option("--batch-size", type=int, help="Images per forward pass (default 4).")
 @click.option("--name", default=None, help="Worker name (default perito@HOST).")
+@click.option(
+    "--metrics-port", type=int, help="Prometheus /metrics port (env PERITO_METRICS_PORT; off)."
+)
 @click.option("--log-level", default="INFO", show_default=True)
 def worker(name: str | None, log_level: str, **flags: Any) -> None:
     """Run a bulk-job worker: take chunks from the queue, classify, record results.
@@ -40,14 +45,21 @@ def worker(name: str | None, log_level: str, **flags: Any) -> None:
     Example:
       perito worker --redis-url redis://localhost:6379/0 --registry s3://models/perito
     """
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    from perito_core.logs import configure_logging
     from perito_core.queue import BULK_QUEUE
     from perito_worker.settings import WorkerSettings
-    from perito_worker.tasks import app, configure
 
     settings = WorkerSettings(**{k: v for k, v in flags.items() if v not in (None, ())})
+    configure_logging(log_level, settings.log_format)
+    if settings.metrics_port is not None:
+        # Before prometheus_client is imported: every pool process writes its samples here.
+        os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="perito-"))
+        from perito_worker.metrics import serve_metrics
+
+        port = serve_metrics(settings.metrics_host, settings.metrics_port)
+        logging.getLogger(__name__).info("metrics on :%d/metrics", port)
+    from perito_worker.tasks import app, configure
+
     configure(settings)
     if settings.pool != "prefork":  # no child processes: tune this one
         from perito_worker.tasks import _tune_process

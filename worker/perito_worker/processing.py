@@ -22,6 +22,7 @@ from perito_core.jobs import ItemInput, ItemResult, ItemState, Job, JobStore
 from perito_core.registry import ModelRegistry
 from perito_core.runtime import LoadedModel, summarize
 from perito_core.sources import SourceReader
+from perito_worker import metrics
 from perito_worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,9 @@ class WorkerRuntime:
                 device=self.settings.device,
                 warmup_batch_sizes=tuple(range(1, self.settings.batch_size + 1)),
             )
-            log.info("loaded %s@%s in %.1fs", name, version, self.models[key].load_seconds)
+            seconds = self.models[key].load_seconds
+            log.info("loaded %s@%s in %.1fs", name, version, seconds)
+            metrics.MODEL_LOAD_SECONDS.labels(name, version).set(seconds)
         return self.models[key]
 
 
@@ -119,6 +122,7 @@ def classify_chunk(
     attempts = store.count_attempt(job_id, chunk)
     job = store.get(job_id)
     if job.state.terminal or job.cancel_requested:
+        metrics.CHUNKS.labels("skipped").inc()
         return
     inputs = store.inputs(job_id, start, stop - 1)
     recorded = store.recorded(job_id, range(start, start + len(inputs)))
@@ -135,6 +139,7 @@ def classify_chunk(
             "died on it each time); given up and dead-lettered"
         )
         store.dead_letter(job_id, chunk, reason)
+        metrics.CHUNKS.labels("dead_lettered").inc()
         _, complete = store.record_results(
             job_id,
             [
@@ -153,6 +158,7 @@ def classify_chunk(
         message = f"model {job.model}@{job.model_version} cannot be used: {error.message}"
         log.error("job %s: %s", job_id, message)
         store.set_job_error(job_id, message)
+        metrics.CHUNKS.labels("model_failed").inc()
         store.mark_unrecorded(job_id, ItemState.FAILED, message)
         finalize(job_id)
         return
@@ -171,7 +177,12 @@ def classify_chunk(
         if store.is_cancel_requested(job_id):
             for future in upcoming:
                 future.cancel()
+            metrics.CHUNKS.labels("skipped").inc()
             return
-        _, complete = store.record_results(job_id, _classify(job, model, prepared))
+        results = _classify(job, model, prepared)
+        _, complete = store.record_results(job_id, results)
+        for result in results:
+            metrics.ITEMS.labels(job.model, job.model_version, result.state.value).inc()
+    metrics.CHUNKS.labels("done").inc()
     if complete:
         finalize(job_id)

@@ -17,8 +17,10 @@ from celery.signals import worker_process_init
 from pydantic import BaseModel, Field
 
 from perito_core.errors import StorageUnavailable
+from perito_core.logs import JOB_ID
 from perito_core.queue import BULK_QUEUE, CLASSIFY_CHUNK, FINALIZE_JOB, make_celery
 from perito_core.results import finalize_job
+from perito_worker import metrics
 from perito_worker.processing import WorkerRuntime, classify_chunk
 from perito_worker.settings import WorkerSettings
 
@@ -88,7 +90,12 @@ _TRANSIENT = (StorageUnavailable, redis.ConnectionError, redis.TimeoutError)
 )
 def classify_chunk_task(**kwargs: Any) -> None:
     task = ChunkTask(**kwargs)
-    classify_chunk(runtime(), task.job_id, task.chunk, task.start, task.stop, send_finalize)
+    token = JOB_ID.set(task.job_id)
+    try:
+        with metrics.CHUNK_SECONDS.time():
+            classify_chunk(runtime(), task.job_id, task.chunk, task.start, task.stop, send_finalize)
+    finally:
+        JOB_ID.reset(token)
 
 
 @app.task(
@@ -102,6 +109,7 @@ def classify_chunk_task(**kwargs: Any) -> None:
 def finalize_job_task(job_id: str) -> None:
     rt = runtime()
     job = finalize_job(rt.store, job_id, rt.settings.s3_options())
+    metrics.JOBS_FINISHED.labels(job.state.value).inc()
     log.info(
         "job %s %s: %d succeeded, %d failed, %d cancelled",
         job_id,

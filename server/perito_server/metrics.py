@@ -1,0 +1,143 @@
+"""Prometheus metrics for `perito serve`, on their own HTTP port (`PERITO_METRICS_PORT`).
+
+Request counts and latencies are recorded as calls finish; everything about models (queue
+time, compute time, batch sizes, images classified, versions loaded, load times, failed
+rollouts) is read from the model pool when Prometheus scrapes, so the batcher stays free of
+any metrics library. Each server has its own registry: several can live in one process.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from wsgiref.simple_server import WSGIServer
+
+    from perito_server.batcher import Histogram as BatchHistogram
+    from perito_server.model_pool import ModelPool
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class ServerMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "perito_requests",
+            "gRPC calls finished, by method and status code.",
+            ["method", "code"],
+            registry=self.registry,
+        )
+        self.request_seconds = Histogram(
+            "perito_request_seconds",
+            "gRPC call duration, by method.",
+            ["method"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.images_rejected = Counter(
+            "perito_images_rejected",
+            "Images refused before classification (invalid), by reason.",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.jobs_submitted = Counter(
+            "perito_jobs_submitted",
+            "Bulk jobs accepted, by model.",
+            ["model"],
+            registry=self.registry,
+        )
+        self._http: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def observe_call(self, method: str, code: str, seconds: float) -> None:
+        self.requests.labels(method, code).inc()
+        self.request_seconds.labels(method).observe(seconds)
+
+    def watch_pool(self, pool: ModelPool) -> None:
+        self.registry.register(PoolCollector(pool))
+
+    def serve(self, host: str, port: int) -> int:
+        """Expose `/metrics` on `host:port` (0: any free port); returns the port."""
+        self._http, self._thread = start_http_server(port, host, registry=self.registry)
+        return int(self._http.server_port)
+
+    def stop(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
+
+
+class PoolCollector(Collector):
+    """Reads the model pool's state and each batcher's statistics at scrape time."""
+
+    def __init__(self, pool: ModelPool) -> None:
+        self.pool = pool
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["model", "version"]
+        loaded = GaugeMetricFamily(
+            "perito_model_loaded", "1 for each model version held in memory.", labels=labels
+        )
+        load_seconds = GaugeMetricFamily(
+            "perito_model_load_seconds",
+            "Time to fetch, verify, load and warm each loaded version.",
+            labels=labels,
+        )
+        images = CounterMetricFamily(
+            "perito_images_classified", "Images run through a model.", labels=labels
+        )
+        families = {
+            "queue": HistogramMetricFamily(
+                "perito_queue_seconds",
+                "Time an image waited in the batcher before its forward pass.",
+                labels=labels,
+            ),
+            "compute": HistogramMetricFamily(
+                "perito_compute_seconds", "Forward pass time per batch.", labels=labels
+            ),
+            "batch": HistogramMetricFamily(
+                "perito_batch_size", "Images per forward pass.", labels=labels
+            ),
+        }
+        for (name, version), served in list(self.pool._models.items()):
+            values = [name, version]
+            stats = served.batcher.stats
+            loaded.add_metric(values, 1)
+            load_seconds.add_metric(values, served.model.load_seconds)
+            images.add_metric(values, stats.batch_size.total)
+            for key, histogram in (
+                ("queue", stats.queue_seconds),
+                ("compute", stats.compute_seconds),
+                ("batch", stats.batch_size),
+            ):
+                families[key].add_metric(values, _buckets(histogram), histogram.total)
+        failed = GaugeMetricFamily(
+            "perito_rollout_failed",
+            "1 while an alias's new version fails to load and the old one keeps serving.",
+            labels=["model", "alias", "version"],
+        )
+        for (name, _), error in list(self.pool.rollout_errors.items()):
+            failed.add_metric([name, error.alias, error.version], 1)
+        yield from (loaded, load_seconds, images, *families.values(), failed)
+
+
+def _buckets(histogram: BatchHistogram) -> list[tuple[str, float]]:
+    """The batcher's per-bucket counts as Prometheus's cumulative buckets."""
+    cumulative, out = 0, []
+    for bound, count in zip([*histogram.bounds, float("inf")], histogram.counts, strict=True):
+        cumulative += count
+        out.append(("+Inf" if bound == float("inf") else repr(float(bound)), float(cumulative)))
+    return out

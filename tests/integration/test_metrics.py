@@ -1,0 +1,112 @@
+"""Prometheus metrics scraped from a running server and a running worker; JSON logs with ids."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+import perito
+from perito_core.registry import ModelRegistry
+from perito_server.settings import ServerSettings
+from tests.conftest import publish_tiny
+from tests.helpers import ServerThread, WorkerProcess, free_port, subprocess_env
+
+pytestmark = pytest.mark.integration
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def value(
+    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str
+) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_server_and_worker_metrics_and_json_logs(
+    tmp_path: Path, tiny_model_file: Path, redis_url: str
+) -> None:
+    registry = ModelRegistry.open(str(tmp_path / "registry"), cache_dir=tmp_path / "publish")
+    publish_tiny(registry, tiny_model_file, name="car-damage")
+    worker_port = free_port()
+    worker = WorkerProcess(
+        subprocess_env(
+            PERITO_REDIS_URL=redis_url,
+            PERITO_REGISTRY=str(tmp_path / "registry"),
+            PERITO_CACHE_DIR=str(tmp_path / "worker-cache"),
+            PERITO_METRICS_PORT=str(worker_port),
+            PERITO_LOG_FORMAT="json",
+            PERITO_NICE="0",
+        ),
+        tmp_path / "worker.log",
+    ).wait_ready()
+    settings = ServerSettings(
+        port=0,
+        registry=str(tmp_path / "registry"),
+        cache_dir=tmp_path / "server-cache",
+        redis_url=redis_url,
+        results_uri=str(tmp_path / "results"),
+        local_roots=[tmp_path],
+        metrics_port=0,
+    )
+    image = np.full((32, 32, 3), 120, dtype=np.uint8)
+    try:
+        with ServerThread(settings) as server, perito.Client(server.target) as client:
+            for _ in range(3):
+                client.classify([image, image], model="car-damage")
+            with pytest.raises(perito.InvalidArgumentError):
+                client.classify([b"not an image"], model="car-damage")
+            with pytest.raises(perito.NotFoundError):
+                client.classify([image], model="no-such-model")
+            job = client.submit_job([image] * 5 + [b""], model="car-damage").wait(60)
+            assert (job.succeeded, job.failed) == (5, 1)
+            metrics = scrape(server.running.metrics_port)  # type: ignore[attr-defined]
+        # The finalising task may land a moment after the job reads as done.
+        deadline = time.monotonic() + 20
+        while True:
+            work = scrape(worker_port)
+            if value(work, "perito_worker_jobs_finished_total", state="partially_succeeded") or (
+                time.monotonic() > deadline
+            ):
+                break
+            time.sleep(0.2)
+    finally:
+        worker.stop()
+
+    assert value(metrics, "perito_requests_total", method="Classify", code="OK") == 3
+    assert value(metrics, "perito_requests_total", method="Classify", code="INVALID_ARGUMENT") == 1
+    assert value(metrics, "perito_requests_total", method="Classify", code="NOT_FOUND") == 1
+    assert value(metrics, "perito_request_seconds_count", method="Classify") == 5
+    assert value(metrics, "perito_images_classified_total", model="car-damage", version="1") == 6
+    assert value(metrics, "perito_batch_size_count", model="car-damage", version="1") >= 3
+    assert value(metrics, "perito_model_loaded", model="car-damage", version="1") == 1
+    assert value(metrics, "perito_model_load_seconds", model="car-damage", version="1") > 0
+    assert value(metrics, "perito_jobs_submitted_total", model="car-damage") == 1
+
+    items = "perito_worker_items_total"
+    assert value(work, items, model="car-damage", version="1", outcome="succeeded") == 5
+    assert value(work, items, model="car-damage", version="1", outcome="failed") == 1
+    assert value(work, "perito_worker_jobs_finished_total", state="partially_succeeded") == 1
+    assert value(work, "perito_worker_chunk_seconds_count") >= 1
+    assert value(work, "perito_worker_model_load_seconds", model="car-damage", version="1") > 0
+
+    lines = [
+        json.loads(line)
+        for line in (tmp_path / "worker.log").read_text().splitlines()
+        if line.startswith("{")
+    ]
+    assert lines, "the worker logs JSON lines"
+    assert any(entry.get("job_id") == job.id for entry in lines)
+    assert {"time", "level", "logger", "message"} <= set(lines[0])

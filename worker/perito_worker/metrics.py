@@ -1,0 +1,44 @@
+"""Prometheus metrics for `perito worker`, on their own HTTP port (`PERITO_METRICS_PORT`).
+
+Celery's prefork pool does the work in child processes, so the metrics use prometheus_client's
+multiprocess mode: the CLI points `PROMETHEUS_MULTIPROC_DIR` at a fresh folder before this
+module is imported, every process writes its samples there, and the parent serves their sum.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.multiprocess import MultiProcessCollector
+
+ITEMS = Counter(
+    "perito_worker_items",
+    "Images classified or failed by this worker, by model, version and outcome.",
+    ["model", "version", "outcome"],
+)
+CHUNKS = Counter(
+    "perito_worker_chunks",
+    "Chunks handled: done, skipped (job over or cancelled), dead_lettered, model_failed.",
+    ["outcome"],
+)
+CHUNK_SECONDS = Histogram(
+    "perito_worker_chunk_seconds",
+    "Time to handle one chunk.",
+    buckets=(0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0),
+)
+JOBS_FINISHED = Counter(
+    "perito_worker_jobs_finished", "Jobs finalised (results written), by final state.", ["state"]
+)
+MODEL_LOAD_SECONDS = Gauge(
+    "perito_worker_model_load_seconds",
+    "Time to fetch, verify, load and warm a model version.",
+    ["model", "version"],
+    multiprocess_mode="max",
+)
+
+
+def serve_metrics(host: str, port: int) -> int:
+    """Serve the sum over every worker process on `host:port`; returns the port."""
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    server, _ = start_http_server(port, host, registry=registry)
+    return int(server.server_port)
