@@ -1,0 +1,203 @@
+"""deploy/ checked offline: compose parses (`docker-compose config`), the Dockerfiles are
+hadolint clean, and the Kubernetes overlays render to objects that validate against the
+Kubernetes schemas (kubernetes-validate), the KEDA ScaledObject against its required shape.
+
+There is no kustomize binary here: `render` below implements the subset the overlays use
+(resources, namespace, labels, images, strategic-merge patches with containers merged by name
+and null deleting a key). `kubectl kustomize deploy/k8s/overlays/production` gives the same.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).parents[2]
+DEPLOY = ROOT / "deploy"
+K8S_VERSION = "1.32.0"
+NAMESPACED_EXCEPTIONS = {"Namespace"}
+
+
+def _merge(base: Any, patch: Any) -> Any:
+    """Strategic merge, as kustomize does it for these fields."""
+    if isinstance(base, dict) and isinstance(patch, dict):
+        merged = dict(base)
+        for key, value in patch.items():
+            if value is None:
+                merged.pop(key, None)
+            elif key in merged:
+                merged[key] = _merge(merged[key], value)
+            else:
+                merged[key] = copy.deepcopy(value)
+        return merged
+    if (
+        isinstance(base, list)
+        and isinstance(patch, list)
+        and all(isinstance(i, dict) and "name" in i for i in base + patch)
+    ):
+        by_name = {item["name"]: item for item in base}
+        out = [
+            _merge(by_name[item["name"]], item) if item["name"] in by_name else item
+            for item in patch
+        ]
+        patched = {item["name"] for item in patch}
+        return [item for item in base if item["name"] not in patched] + out
+    return copy.deepcopy(patch)
+
+
+def render(folder: Path) -> list[dict[str, Any]]:
+    kustomization = yaml.safe_load((folder / "kustomization.yaml").read_text())
+    objects: list[dict[str, Any]] = []
+    for resource in kustomization.get("resources", []):
+        path = folder / resource
+        if path.is_dir():
+            objects += render(path)
+        else:
+            objects += [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+    for patch_entry in kustomization.get("patches", []):
+        patch = yaml.safe_load((folder / patch_entry["path"]).read_text())
+        matches = [
+            o
+            for o in objects
+            if o["kind"] == patch["kind"] and o["metadata"]["name"] == patch["metadata"]["name"]
+        ]
+        assert matches, f"patch {patch_entry['path']} matches nothing"
+        for target in matches:
+            objects[objects.index(target)] = _merge(target, patch)
+    namespace = kustomization.get("namespace")
+    for obj in objects:
+        if namespace and obj["kind"] not in NAMESPACED_EXCEPTIONS:
+            obj["metadata"]["namespace"] = namespace
+        for label in kustomization.get("labels", []):
+            obj["metadata"].setdefault("labels", {}).update(label["pairs"])
+        for image in kustomization.get("images", []):
+            for container in _containers(obj):
+                if container["image"].split(":")[0] == image["name"]:
+                    container["image"] = f"{image.get('newName', image['name'])}:{image['newTag']}"
+    return objects
+
+
+def _containers(obj: dict[str, Any]) -> list[dict[str, Any]]:
+    spec = obj.get("spec", {}).get("template", {}).get("spec", {})
+    return list(spec.get("containers", [])) + list(spec.get("initContainers", []))
+
+
+@pytest.mark.parametrize("overlay", ["production", "cpu"])
+def test_kubernetes_overlays_validate_against_the_schemas(overlay: str) -> None:
+    import kubernetes_validate
+
+    objects = render(DEPLOY / "k8s" / "overlays" / overlay)
+    kinds = sorted(o["kind"] for o in objects)
+    assert kinds == sorted(
+        [
+            "ConfigMap",
+            "Deployment",
+            "Deployment",
+            "HorizontalPodAutoscaler",
+            "Namespace",
+            "PodDisruptionBudget",
+            "PodDisruptionBudget",
+            "ScaledObject",
+            "Secret",
+            "Service",
+        ]
+    )
+    for obj in objects:
+        if obj["apiVersion"].startswith("keda.sh/"):
+            _check_scaled_object(obj, objects)
+            continue
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+    deployments = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Deployment"}
+    server = _containers(deployments["perito-server"])[0]
+    assert server["image"] == "ghcr.io/perito/perito-server:0.1.0"
+    assert server["readinessProbe"]["grpc"]["port"] == 8500
+    worker_spec = deployments["perito-worker"]["spec"]["template"]["spec"]
+    worker = worker_spec["containers"][0]
+    if overlay == "production":
+        assert deployments["perito-server"]["spec"]["replicas"] == 3
+        assert worker["resources"]["limits"]["nvidia.com/gpu"] == "1"
+        assert worker["image"].endswith("-cuda")
+    else:
+        assert "nvidia.com/gpu" not in worker["resources"]["limits"]
+        assert "nodeSelector" not in worker_spec
+        assert {e["name"]: e["value"] for e in worker["env"]}["PERITO_DEVICE"] == "cpu"
+    for deployment in deployments.values():
+        pod = deployment["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert deployment["metadata"]["namespace"] == "perito"
+
+
+def _check_scaled_object(obj: dict[str, Any], objects: list[dict[str, Any]]) -> None:
+    """KEDA's CRD schema is not available offline: check what KEDA requires and what we rely on."""
+    assert obj["apiVersion"] == "keda.sh/v1alpha1" and obj["kind"] == "ScaledObject"
+    spec = obj["spec"]
+    target = spec["scaleTargetRef"]["name"]
+    assert any(o["kind"] == "Deployment" and o["metadata"]["name"] == target for o in objects)
+    assert 0 <= spec["minReplicaCount"] <= spec["maxReplicaCount"]
+    [trigger] = spec["triggers"]
+    assert trigger["type"] == "redis"
+    from perito_core.queue import BULK_QUEUE
+
+    assert trigger["metadata"]["listName"] == BULK_QUEUE
+    assert int(trigger["metadata"]["listLength"]) > 0
+    assert set(spec) <= {
+        "scaleTargetRef",
+        "minReplicaCount",
+        "maxReplicaCount",
+        "pollingInterval",
+        "cooldownPeriod",
+        "idleReplicaCount",
+        "fallback",
+        "advanced",
+        "triggers",
+    }
+
+
+def test_the_dockerfiles_are_hadolint_clean() -> None:
+    hadolint = shutil.which("hadolint") or str(ROOT / ".venv" / "bin" / "hadolint")
+    dockerfiles = sorted((DEPLOY / "docker").glob("*.Dockerfile"))
+    assert len(dockerfiles) == 2
+    result = subprocess.run(
+        [hadolint, *map(str, dockerfiles)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    for dockerfile in dockerfiles:
+        text = dockerfile.read_text()
+        assert text.count("\nFROM ") + text.startswith("FROM ") >= 2, "multi-stage"
+        assert "USER 10001" in text, "non-root"
+
+
+def test_compose_parses_and_validates() -> None:
+    compose = ROOT / ".venv-tools" / "bin" / "docker-compose"
+    assert compose.exists(), "run `make install` (it builds .venv-tools with docker-compose)"
+    base = [str(compose), "-f", str(DEPLOY / "compose.yaml")]
+    result = subprocess.run([*base, "config", "-q"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    services = subprocess.run(
+        [*base, "--profile", "cpu", "config", "--services"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout.split()
+    assert set(services) == {
+        "redis",
+        "minio",
+        "minio-init",
+        "server",
+        "web",
+        "worker",
+        "worker-cpu",
+        "prometheus",
+    }
+    config = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    assert "--appendonly" in config["services"]["redis"]["command"]
+    gpu = config["services"]["worker"]["deploy"]["resources"]["reservations"]["devices"][0]
+    assert gpu["capabilities"] == ["gpu"]
+    for name in ("redis", "minio", "server"):
+        assert "healthcheck" in config["services"][name]
