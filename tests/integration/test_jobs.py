@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import signal
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -185,6 +187,27 @@ def test_a_worker_killed_mid_job_loses_nothing_and_counts_nothing_twice(bulk: Bu
     rows = bulk.results_file(job)
     assert sorted(r["index"] for r in rows) == list(range(IMAGES))  # every item exactly once
     assert all(r["state"] == "succeeded" for r in rows)
+
+
+def test_a_worker_stopped_with_sigterm_finishes_its_chunk_and_exits_cleanly(bulk: Bulk) -> None:
+    """What Kubernetes and compose do on a scale-down or rollout: warm shutdown."""
+    handle = bulk.client.submit_job("s3://inspections/fmnist/", model="fashion", chunk_size=40)
+    deadline = time.monotonic() + 120
+    while handle.status().done < 200:
+        assert time.monotonic() < deadline, handle.last
+        time.sleep(0.05)
+    worker = bulk.workers[-1]
+    os.killpg(worker.process.pid, signal.SIGTERM)  # the worker's whole group, as kubelet does
+    assert worker.process.wait(60) == 0, "the worker did not exit cleanly on SIGTERM"
+    stopped_at = handle.status().done
+    assert stopped_at < IMAGES, "the job finished before the stop: nothing was tested"
+    assert stopped_at % 40 == 0, "the chunk in hand was finished, not abandoned midway"
+
+    bulk.start_worker()
+    job = handle.wait(timeout=180)
+    assert (job.succeeded, job.failed, job.total) == (IMAGES, 0, IMAGES)
+    rows = bulk.results_file(job)
+    assert sorted(r["index"] for r in rows) == list(range(IMAGES))
 
 
 def test_bad_images_fail_alone_with_reasons(bulk: Bulk) -> None:
