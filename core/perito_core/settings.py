@@ -32,6 +32,8 @@ class CommonSettings(BaseSettings):
     visibility_timeout_s: int = Field(3600, ge=10, description="redelivery of unacked chunks")
     device: str = "auto"
     log_format: Literal["text", "json"] = "text"
+    # OpenTelemetry spans to OTEL_EXPORTER_OTLP_ENDPOINT (needs perito[tracing]).
+    tracing: bool = False
     # Prometheus `/metrics` on this port (0: any free port; unset: off). Images set it.
     metrics_port: int | None = Field(None, ge=0, le=65535)
     metrics_host: str = "0.0.0.0"

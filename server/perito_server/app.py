@@ -11,6 +11,7 @@ import asyncio
 import logging
 import signal
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import torch
@@ -19,6 +20,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from perito.v1 import service_pb2, service_pb2_grpc
+from perito_core import tracing
 from perito_core.registry import ModelRegistry
 from perito_server.auth import TokenAuthInterceptor
 from perito_server.jobs import JobService
@@ -72,7 +74,9 @@ async def create_server(settings: ServerSettings) -> RunningServer:
         ("grpc.so_reuseport", 0),
     ]
     tokens = [token.get_secret_value() for token in settings.auth_tokens]
-    interceptors = [TokenAuthInterceptor(tokens)] if tokens else []
+    interceptors: list[Any] = [TokenAuthInterceptor(tokens)] if tokens else []
+    if settings.tracing:
+        interceptors = [*tracing.server_interceptors(), *interceptors]
     server = grpc.aio.server(options=options, interceptors=interceptors)
     metrics = ServerMetrics()
     metrics.watch_pool(pool)
@@ -121,6 +125,8 @@ async def create_server(settings: ServerSettings) -> RunningServer:
 
 async def serve(settings: ServerSettings) -> None:
     """Run until SIGTERM / SIGINT, then shut down gracefully."""
+    if settings.tracing:
+        tracing.setup_tracing("perito-server")
     running = await create_server(settings)
     print(f"perito: serving on {settings.host}:{running.port}", flush=True)
     stop = asyncio.Event()

@@ -14,6 +14,7 @@ import numpy as np
 from google.protobuf import struct_pb2, timestamp_pb2
 
 from perito.v1 import classify_pb2, jobs_pb2, models_pb2, service_pb2_grpc
+from perito_core import tracing
 from perito_core.errors import InvalidArgument, InvalidImage
 from perito_core.imaging import ImageLimits, InputSpec, load_model_input
 from perito_core.manifest import ModelManifest
@@ -118,8 +119,10 @@ class PeritoServicer(service_pb2_grpc.PeritoServicer):
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
         with served.batcher.admit(len(request.images)) as admission:
-            inputs = await self._decode_all(request, manifest.input.spec())
-            probabilities = await admission.run(inputs, deadline)
+            with tracing.span("perito.decode", images=len(request.images)):
+                inputs = await self._decode_all(request, manifest.input.spec())
+            with tracing.span("perito.batch", model=served.name, version=served.version):
+                probabilities = await admission.run(inputs, deadline)
         top_k = request.top_k or self.settings.default_top_k
         threshold = request.confidence_threshold or manifest.confidence_threshold or 0.0
         response = classify_pb2.ClassifyResponse(

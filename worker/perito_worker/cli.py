@@ -51,6 +51,10 @@ def worker(name: str | None, log_level: str, **flags: Any) -> None:
 
     settings = WorkerSettings(**{k: v for k, v in flags.items() if v not in (None, ())})
     configure_logging(log_level, settings.log_format)
+    if settings.tracing:
+        from perito_core.tracing import setup_tracing
+
+        setup_tracing("perito-worker")
     if settings.metrics_port is not None:
         # Before prometheus_client is imported: every pool process writes its samples here.
         os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="perito-"))

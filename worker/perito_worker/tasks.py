@@ -16,6 +16,7 @@ import torch
 from celery.signals import worker_process_init
 from pydantic import BaseModel, Field
 
+from perito_core import tracing
 from perito_core.errors import StorageUnavailable
 from perito_core.logs import JOB_ID
 from perito_core.queue import BULK_QUEUE, CLASSIFY_CHUNK, FINALIZE_JOB, make_celery
@@ -92,7 +93,7 @@ def classify_chunk_task(**kwargs: Any) -> None:
     task = ChunkTask(**kwargs)
     token = JOB_ID.set(task.job_id)
     try:
-        with metrics.CHUNK_SECONDS.time():
+        with metrics.CHUNK_SECONDS.time(), tracing.span("perito.chunk", job=task.job_id):
             classify_chunk(runtime(), task.job_id, task.chunk, task.start, task.stop, send_finalize)
     finally:
         JOB_ID.reset(token)
