@@ -131,6 +131,18 @@ def perito_command() -> list[str]:
     return [str(VENV_BIN / "perito")]
 
 
+def run_perito(
+    *args: str, env: dict[str, str], check: bool = True, timeout: float = 600
+) -> subprocess.CompletedProcess[str]:
+    """Run the `perito` CLI; with `check`, a non-zero exit fails with its stderr."""
+    result = subprocess.run(
+        [*perito_command(), *args], capture_output=True, text=True, env=env, timeout=timeout
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"perito {' '.join(args)} -> {result.returncode}\n{result.stderr}")
+    return result
+
+
 def subprocess_env(**extra: str) -> dict[str, str]:
     return {**os.environ, "PYTHONUNBUFFERED": "1", **extra}
 

@@ -14,6 +14,7 @@ from tests.helpers import (
     ROOT,
     free_port,
     perito_command,
+    run_perito,
     stop_process,
     subprocess_env,
     wait_for_port,
@@ -24,13 +25,7 @@ pytestmark = pytest.mark.e2e
 LITE0 = "imagenet-efficientnet-lite0"
 
 
-def perito(*args: str, env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(
-        [*perito_command(), *args], capture_output=True, text=True, env=env, timeout=180
-    )
-    if check and result.returncode != 0:
-        raise AssertionError(f"perito {' '.join(args)} -> {result.returncode}\n{result.stderr}")
-    return result
+perito = run_perito
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -17,22 +16,20 @@ import pytest
 import perito
 from perito_core.registry import ModelRegistry
 from perito_server.settings import ServerSettings
-from tests.helpers import ROOT, ServerThread, perito_command, subprocess_env, write_pattern_images
+from tests.helpers import (
+    ROOT,
+    ServerThread,
+    run_perito,
+    subprocess_env,
+    write_pattern_images,
+)
 
 pytestmark = pytest.mark.e2e
 
 RECIPE = ROOT / "training" / "recipes" / "concrete-cracks.yaml"
 
 
-def perito_cli(
-    *args: str, env: dict[str, str], check: bool = True
-) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(
-        [*perito_command(), *args], capture_output=True, text=True, env=env, timeout=600
-    )
-    if check and result.returncode != 0:
-        raise AssertionError(f"perito {' '.join(args)} -> {result.returncode}\n{result.stderr}")
-    return result
+perito_cli = run_perito
 
 
 @pytest.fixture(scope="module")
