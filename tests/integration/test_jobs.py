@@ -357,22 +357,15 @@ def test_unknown_jobs_are_not_found(bulk: Bulk) -> None:
 
 
 def test_the_cli_submits_follows_and_reads_jobs(bulk: Bulk) -> None:
-    import subprocess
-
-    from tests.helpers import perito_command
+    from tests.helpers import run_perito
 
     env = {**bulk.worker_env, "PERITO_SERVER": bulk.server.target}
 
+    def perito_lines(*args: str) -> list[str]:
+        return run_perito(*args, env=env, timeout=120).stdout.splitlines()
+
     def perito_json(*args: str) -> object:
-        done = subprocess.run(
-            [*perito_command(), *args, "--json"],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=120,
-            check=True,
-        )
-        return json.loads(done.stdout)
+        return json.loads(run_perito(*args, "--json", env=env, timeout=120).stdout)
 
     manifest = bulk.work / "manifest.csv"
     names = sorted(bulk.truth)[:12]
@@ -386,31 +379,12 @@ def test_the_cli_submits_follows_and_reads_jobs(bulk: Bulk) -> None:
     assert job["state"] == "partially_succeeded" and job["total"] == 13 and job["failed"] == 1
     status = perito_json("job", "status", job["id"])
     assert isinstance(status, dict) and status["succeeded"] == 12
-    lines = subprocess.run(
-        [*perito_command(), "job", "results", job["id"], "--json"],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.splitlines()
-    rows = [json.loads(line) for line in lines]
+    rows = [json.loads(line) for line in perito_lines("job", "results", job["id"], "--json")]
     assert [r["image_id"] for r in rows] == [f"photo-{n}" for n in names] + ["ghost"]
     assert len(rows[0]["classification"]["predictions"]) == 2
-    failed = subprocess.run(
-        [*perito_command(), "job", "results", job["id"], "--failed"],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    failed = "\n".join(perito_lines("job", "results", job["id"], "--failed"))
     assert "ghost" in failed and "NOT_FOUND" in failed and "photo-" not in failed
-    watched = subprocess.run(
-        [*perito_command(), "job", "watch", job["id"], "--json"],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.splitlines()
+    watched = perito_lines("job", "watch", job["id"], "--json")
     assert json.loads(watched[-1])["state"] == "partially_succeeded"
     cancelled = perito_json("job", "cancel", job["id"])
     assert isinstance(cancelled, dict) and cancelled["state"] == "partially_succeeded"
