@@ -32,6 +32,8 @@ import redis
 from perito_core.errors import InvalidArgument, NotFound, StorageUnavailable
 
 PREFIX = "perito"
+# Jobs per state, moved by the same scripts that move each job.
+STATE_COUNTS_KEY = f"{PREFIX}:job-states"
 
 
 class JobState(enum.StrEnum):
@@ -160,12 +162,25 @@ end
 return marked
 """
 
-# Move a job from queued to running, once. KEYS: job. ARGV: now.
+# Move a job from queued to running, once. KEYS: job, state counts. ARGV: now.
 _START = """
 if redis.call('HGET', KEYS[1], 'state') == 'queued' then
   redis.call('HSET', KEYS[1], 'state', 'running', 'started_at', ARGV[1])
+  redis.call('HINCRBY', KEYS[2], 'queued', -1)
+  redis.call('HINCRBY', KEYS[2], 'running', 1)
 end
 return redis.call('HGET', KEYS[1], 'state')
+"""
+
+# Give a job its terminal state, once. KEYS: job, state counts. ARGV: state, now, result URIs.
+_FINISH = """
+local current = redis.call('HGET', KEYS[1], 'state')
+if current == 'queued' or current == 'running' then
+  redis.call('HSET', KEYS[1], 'state', ARGV[1], 'finished_at', ARGV[2], 'result_uris', ARGV[3])
+  redis.call('HINCRBY', KEYS[2], current, -1)
+  redis.call('HINCRBY', KEYS[2], ARGV[1], 1)
+end
+return current
 """
 
 
@@ -200,6 +215,7 @@ class JobStore:
         self._record = client.register_script(_RECORD)
         self._mark_rest = client.register_script(_MARK_REST)
         self._start = client.register_script(_START)
+        self._finish = client.register_script(_FINISH)
 
     @classmethod
     def connect(cls, url: str) -> JobStore:
@@ -257,6 +273,7 @@ class JobStore:
             if inline:
                 pipe.hset(self._key(job_id, "inline"), mapping=inline)  # type: ignore[arg-type]
             pipe.zadd(f"{PREFIX}:jobs", {job_id: now})
+            pipe.hincrby(STATE_COUNTS_KEY, JobState.QUEUED.value, 1)
             pipe.execute()
         return self.get(job_id)
 
@@ -330,7 +347,8 @@ class JobStore:
 
     @_redis_unavailable
     def mark_running(self, job_id: str) -> JobState:
-        return JobState(_decode(self._start(keys=[self._key(job_id)], args=[time.time()])))
+        keys = [self._key(job_id), STATE_COUNTS_KEY]
+        return JobState(_decode(self._start(keys=keys, args=[time.time()])))
 
     @_redis_unavailable
     def record_results(self, job_id: str, results: Iterable[ItemResult]) -> tuple[int, bool]:
@@ -392,12 +410,15 @@ class JobStore:
             state = JobState.PARTIALLY_SUCCEEDED
         else:
             state = JobState.SUCCEEDED
-        self.redis.hset(
-            self._key(job_id),
-            mapping={
-                "state": state.value,
-                "finished_at": time.time(),
-                "result_uris": json.dumps(result_uris),
-            },
+        self._finish(
+            keys=[self._key(job_id), STATE_COUNTS_KEY],
+            args=[state.value, time.time(), json.dumps(result_uris)],
         )
         return self.get(job_id)
+
+    @_redis_unavailable
+    def state_counts(self) -> dict[JobState, int]:
+        """How many jobs are in each state now (kept up to date by every transition)."""
+        raw = self.redis.hgetall(STATE_COUNTS_KEY)
+        counts = {_decode(k): int(v) for k, v in raw.items()}
+        return {state: counts.get(state.value, 0) for state in JobState}

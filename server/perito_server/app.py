@@ -80,7 +80,9 @@ async def create_server(settings: ServerSettings) -> RunningServer:
     server = grpc.aio.server(options=options, interceptors=interceptors)
     metrics = ServerMetrics()
     metrics.watch_pool(pool)
-    servicer = PeritoServicer(settings, pool, JobService(settings, pool), metrics)
+    jobs = JobService(settings, pool)
+    metrics.watch_jobs(jobs.store)
+    servicer = PeritoServicer(settings, pool, jobs, metrics)
     service_pb2_grpc.add_PeritoServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)

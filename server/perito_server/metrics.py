@@ -2,7 +2,8 @@
 
 Request counts and latencies are recorded as calls finish; everything about models (queue
 time, compute time, batch sizes, images classified, versions loaded, load times, failed
-rollouts) is read from the model pool when Prometheus scrapes, so the batcher stays free of
+rollouts) is read from the model pool, and jobs per state from the job store, when Prometheus
+scrapes, so the batcher stays free of
 any metrics library. Each server has its own registry: several can live in one process.
 """
 
@@ -21,9 +22,12 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from perito_core.errors import PeritoError
+
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
 
+    from perito_core.jobs import JobStore
     from perito_server.batcher import Histogram as BatchHistogram
     from perito_server.model_pool import ModelPool
 
@@ -67,6 +71,9 @@ class ServerMetrics:
 
     def watch_pool(self, pool: ModelPool) -> None:
         self.registry.register(PoolCollector(pool))
+
+    def watch_jobs(self, store: JobStore) -> None:
+        self.registry.register(JobsCollector(store))
 
     def serve(self, host: str, port: int) -> int:
         """Expose `/metrics` on `host:port` (0: any free port); returns the port."""
@@ -132,6 +139,23 @@ class PoolCollector(Collector):
         for (name, _), error in list(self.pool.rollout_errors.items()):
             failed.add_metric([name, error.alias, error.version], 1)
         yield from (loaded, load_seconds, images, *families.values(), failed)
+
+
+class JobsCollector(Collector):
+    """Jobs per state, from the job store's counters (one Redis read per scrape)."""
+
+    def __init__(self, store: JobStore) -> None:
+        self.store = store
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            counts = self.store.state_counts()
+        except PeritoError:  # Redis down: say nothing rather than something wrong
+            return
+        jobs = GaugeMetricFamily("perito_jobs", "Bulk jobs in each state.", labels=["state"])
+        for state, count in counts.items():
+            jobs.add_metric([state.value], count)
+        yield jobs
 
 
 def _buckets(histogram: BatchHistogram) -> list[tuple[str, float]]:

@@ -436,3 +436,21 @@ async def test_the_async_client_submits_watches_and_reads_a_job(
     predicted = [r.classification.label for r in results if r.classification]
     assert len(predicted) == 20
     assert "20/20" in capsys.readouterr().err  # the progress bar
+
+
+def test_job_state_counts_match_the_jobs(bulk: Bulk, redis_url: str) -> None:
+    """The per-state counters behind the `perito_jobs` gauge agree with the jobs themselves."""
+    from perito_core.jobs import PREFIX, JobStore
+
+    bulk.client.submit_job(
+        [bulk.image_bytes[n] for n in sorted(bulk.image_bytes)[:3]], model="fashion"
+    ).wait(60)
+    store = JobStore.connect(redis_url)
+    counts = store.state_counts()
+    job_ids = [_id.decode() for _id in store.redis.zrange(f"{PREFIX}:jobs", 0, -1)]
+    assert sum(counts.values()) == len(job_ids) and min(counts.values()) >= 0
+    jobs = [store.get(job_id) for job_id in job_ids]
+    for state in perito.JobState:
+        if state.terminal:
+            core_state = next(s for s in counts if s.value == state.value)
+            assert counts[core_state] == sum(j.state.value == state.value for j in jobs), state

@@ -70,9 +70,11 @@ def test_server_and_worker_metrics_and_json_logs(
                 client.classify([b"not an image"], model="car-damage")
             with pytest.raises(perito.NotFoundError):
                 client.classify([image], model="no-such-model")
+            port = server.running.metrics_port  # type: ignore[attr-defined]
+            before = value(scrape(port), "perito_jobs", state="partially_succeeded")
             job = client.submit_job([image] * 5 + [b""], model="car-damage").wait(60)
             assert (job.succeeded, job.failed) == (5, 1)
-            metrics = scrape(server.running.metrics_port)  # type: ignore[attr-defined]
+            metrics = scrape(port)
         # The finalising task may land a moment after the job reads as done.
         deadline = time.monotonic() + 20
         while True:
@@ -94,6 +96,10 @@ def test_server_and_worker_metrics_and_json_logs(
     assert value(metrics, "perito_model_loaded", model="car-damage", version="1") == 1
     assert value(metrics, "perito_model_load_seconds", model="car-damage", version="1") > 0
     assert value(metrics, "perito_jobs_submitted_total", model="car-damage") == 1
+    # Jobs per state come from the shared job store: other tests' jobs may be there too.
+    assert value(metrics, "perito_jobs", state="partially_succeeded") == before + 1
+    assert value(metrics, "perito_jobs", state="running") >= 0
+    assert ("perito_jobs", (("state", "queued"),)) in metrics
 
     items = "perito_worker_items_total"
     assert value(work, items, model="car-damage", version="1", outcome="succeeded") == 5
