@@ -29,13 +29,14 @@ def predict_probabilities(
     module: torch.nn.Module, images: ImageSet, batch_size: int = 256
 ) -> np.ndarray:
     """Probabilities from the exported module (uint8 NCHW in) for every image, in order."""
-    outputs = [module(batch).float() for batch in _batches(images, batch_size)]
+    outputs = [module(batch).float() for batch in image_batches(images, batch_size)]
     if not outputs:
         return np.zeros((0, len(images.classes)), dtype=np.float32)
     return torch.cat(outputs).numpy()
 
 
-def _batches(images: ImageSet, batch_size: int) -> Iterator[torch.Tensor]:
+def image_batches(images: ImageSet, batch_size: int) -> Iterator[torch.Tensor]:
+    """uint8 NCHW batches of `images`, in order: what the exported module takes."""
     for start in range(0, len(images), batch_size):
         stop = min(start + batch_size, len(images))
         stacked = np.stack([images.image(i) for i in range(start, stop)])

@@ -31,8 +31,13 @@ from perito_core.manifest import InputContract, ModelManifest
 from perito_core.registry import ModelRegistry
 from perito_training import plots
 from perito_training.config import TrainConfig, load_config
-from perito_training.datasets import PreparedData, prepare_data
-from perito_training.evaluation import load_module, predict_probabilities, write_predictions
+from perito_training.datasets import ImageSet, PreparedData, prepare_data
+from perito_training.evaluation import (
+    image_batches,
+    load_module,
+    predict_probabilities,
+    write_predictions,
+)
 from perito_training.export import ImageClassifier, save_torchscript
 from perito_training.metrics import (
     classification_report,
@@ -201,14 +206,15 @@ def _card_metrics(test: dict[str, Any], val: dict[str, Any]) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def _check_export(model: ImageClassifier, scripted: torch.jit.ScriptModule, sample: Any) -> float:
+def _check_export(
+    model: ImageClassifier, scripted: torch.jit.ScriptModule, sample: ImageSet
+) -> float:
     """Largest difference between eager and scripted probabilities on real images."""
-    count = min(len(sample), 32)
-    if count == 0:
+    images = next(image_batches(sample, 32), None)
+    if images is None:
         return 0.0
-    images = torch.from_numpy(np.stack([sample.image(i) for i in range(count)])).permute(0, 3, 1, 2)
-    eager = model(images.contiguous())
-    exported = scripted(images.contiguous())
+    eager = model(images)
+    exported = scripted(images)
     diff = float((eager - exported).abs().max())
     if diff > EXPORT_TOLERANCE:
         raise RunError(f"the exported module differs from the trained one by {diff:.2e}")
