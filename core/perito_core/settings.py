@@ -13,6 +13,7 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from perito_core.imaging import ImageLimits
+from perito_core.registry import ModelRegistry
 from perito_core.storage import S3Options
 
 
@@ -50,6 +51,10 @@ class CommonSettings(BaseSettings):
             access_key_id=self.s3_access_key_id,
             secret_access_key=secret.get_secret_value() if secret else None,
         )
+
+    def open_registry(self) -> ModelRegistry:
+        """The model registry these settings name, with their S3 options and cache folder."""
+        return ModelRegistry.open(self.registry, cache_dir=self.cache_dir, s3=self.s3_options())
 
     def image_limits(self) -> ImageLimits:
         return ImageLimits(max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels)

@@ -21,7 +21,6 @@ from grpc_reflection.v1alpha import reflection
 
 from perito.v1 import service_pb2, service_pb2_grpc
 from perito_core import tracing
-from perito_core.registry import ModelRegistry
 from perito_server.auth import TokenAuthInterceptor
 from perito_server.jobs import JobService
 from perito_server.metrics import ServerMetrics
@@ -57,9 +56,7 @@ async def create_server(settings: ServerSettings) -> RunningServer:
     """Start a server on `settings.host:settings.port` and load `settings.preload` models."""
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
-    registry = ModelRegistry.open(
-        settings.registry, cache_dir=settings.cache_dir, s3=settings.s3_options()
-    )
+    registry = settings.open_registry()
     pool = ModelPool(registry, settings)
     for ref in settings.preload:
         name, _, version = ref.partition("@")

@@ -25,10 +25,7 @@ def _settings(**flags: Any) -> ServerSettings:
 
 
 def _registry(registry: str | None) -> ModelRegistry:
-    settings = _settings(registry=registry)
-    return ModelRegistry.open(
-        settings.registry, cache_dir=settings.cache_dir, s3=settings.s3_options()
-    )
+    return _settings(registry=registry).open_registry()
 
 
 _registry_option = click.option(

@@ -29,13 +29,10 @@ _alias_option = click.option(
 
 
 def _open_registry(uri: str | None) -> Any:
-    from perito_core.registry import ModelRegistry
     from perito_core.settings import CommonSettings
 
     settings = CommonSettings() if uri is None else CommonSettings(registry=uri)
-    return ModelRegistry.open(
-        settings.registry, cache_dir=settings.cache_dir, s3=settings.s3_options()
-    )
+    return settings.open_registry()
 
 
 def _fail(error: Exception) -> click.ClickException:

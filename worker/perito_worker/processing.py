@@ -19,7 +19,6 @@ import numpy as np
 from perito_core.errors import ArtifactIntegrityError, InvalidImage, ModelLoadError, NotFound
 from perito_core.imaging import load_model_input
 from perito_core.jobs import ItemInput, ItemResult, ItemState, Job, JobStore
-from perito_core.registry import ModelRegistry
 from perito_core.runtime import LoadedModel, summarize
 from perito_core.sources import SourceReader
 from perito_worker import metrics
@@ -34,9 +33,7 @@ class WorkerRuntime:
     def __init__(self, settings: WorkerSettings) -> None:
         self.settings = settings
         self.store = JobStore.connect(settings.redis_url)
-        self.registry = ModelRegistry.open(
-            settings.registry, cache_dir=settings.cache_dir, s3=settings.s3_options()
-        )
+        self.registry = settings.open_registry()
         self.sources = SourceReader(settings.s3_options(), settings.local_roots)
         self.decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
         self.models: dict[tuple[str, str], LoadedModel] = {}
