@@ -175,6 +175,7 @@ class AsyncClient:
         inline: bool = False,
         ids: Sequence[str] | None = None,
         upload_to: str | None = None,
+        request_id: str | None = None,
         timeout: float | None = None,
         metadata: Metadata | None = None,
     ) -> AsyncJobHandle:
@@ -194,6 +195,7 @@ class AsyncClient:
             labels=labels,
             inline=inline,
             ids=ids,
+            request_id=request_id,
         )
         job = Job._from_proto(await self._call(self._stub.SubmitJob, request, timeout, metadata))
         return AsyncJobHandle(self, job)
@@ -213,6 +215,14 @@ class AsyncClient:
     ) -> Job:
         request = jobs_pb2.CancelJobRequest(job_id=job_id)
         return Job._from_proto(await self._call(self._stub.CancelJob, request, timeout, metadata))
+
+    async def delete_job(
+        self, job_id: str, *, timeout: float | None = None, metadata: Metadata | None = None
+    ) -> None:
+        """Delete a job's record and item results now (cancelling it first if it is still
+        running); its results files stay. Raises NotFoundError for an unknown job."""
+        request = jobs_pb2.DeleteJobRequest(job_id=job_id)
+        await self._call(self._stub.DeleteJob, request, timeout, metadata)
 
     async def _watch_job(self, job_id: str) -> AsyncIterator[Job]:
         stream = self._stub.WatchJob(

@@ -443,6 +443,24 @@ def job_cancel(job_id: str, server: str, timeout: float, as_json: bool) -> None:
     )
 
 
+@job.command("delete")
+@click.argument("job_id")
+@_server_option
+@_timeout_option
+def job_delete(job_id: str, server: str, timeout: float) -> None:
+    """Delete a job's record and results from the server now (a running job is cancelled
+    first). Results files already written stay. Jobs are deleted by themselves after the
+    server's retention (PERITO_JOB_RETENTION, default 7 days).
+
+    \b
+    Example:
+      perito job delete 3f1c9e0a7b2d4c6e8f10
+    """
+    with _connect(server, timeout) as client:
+        client.delete_job(job_id)
+    click.echo(f"deleted job {job_id}")
+
+
 def _load_plugins() -> None:
     """Add the server-side commands from installed extras; skip what is not installed."""
     for entry_point in entry_points(group="perito.commands"):

@@ -194,6 +194,7 @@ class Client:
         inline: bool = False,
         ids: Sequence[str] | None = None,
         upload_to: str | None = None,
+        request_id: str | None = None,
         timeout: float | None = None,
         metadata: Metadata | None = None,
     ) -> JobHandle:
@@ -209,6 +210,9 @@ class Client:
             ids: your ids for a list of images sent inline (default: file names or positions).
             upload_to: an `s3://bucket/prefix/` to upload a local folder's images to first (with
                 boto3, `pip install 'perito[s3]'`); the job then reads them from there.
+            request_id: makes the call idempotent (Google AIP-155): the same id within 24 h
+                returns the job the first call made. Default: a new UUID for this call, reused
+                by its own retries, so a retry after a lost answer never makes a second job.
 
         Example:
             >>> job = client.submit_job("s3://inspections/garage-7/", model="cracks")
@@ -230,6 +234,7 @@ class Client:
             labels=labels,
             inline=inline,
             ids=ids,
+            request_id=request_id,
         )
         job = Job._from_proto(self._call(self._stub.SubmitJob, request, timeout, metadata))
         return JobHandle(self, job)
@@ -249,6 +254,14 @@ class Client:
     ) -> Job:
         request = jobs_pb2.CancelJobRequest(job_id=job_id)
         return Job._from_proto(self._call(self._stub.CancelJob, request, timeout, metadata))
+
+    def delete_job(
+        self, job_id: str, *, timeout: float | None = None, metadata: Metadata | None = None
+    ) -> None:
+        """Delete a job's record and item results now (cancelling it first if it is still
+        running); its results files stay. Raises NotFoundError for an unknown job."""
+        request = jobs_pb2.DeleteJobRequest(job_id=job_id)
+        self._call(self._stub.DeleteJob, request, timeout, metadata)
 
     def _watch_job(self, job_id: str) -> Iterator[Job]:
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,9 +97,13 @@ def submit_request(
     labels: dict[str, str] | None,
     inline: bool,
     ids: Sequence[str] | None = None,
+    request_id: str | None = None,
 ) -> jobs_pb2.SubmitJobRequest:
+    """The SubmitJobRequest for `Client.submit_job`. It carries `request_id` (a new UUID if
+    none is given), so the client's retries of this one request never make a second job."""
     name, ref = model_ref(model, version)
     request = jobs_pb2.SubmitJobRequest(
+        request_id=request_id or str(uuid.uuid4()),
         model=name,
         version=ref,
         output_uri=output_uri,

@@ -75,6 +75,14 @@ class AlreadyExists(PeritoError):
     default_reason = "ALREADY_EXISTS"
 
 
+class FailedPrecondition(PeritoError):
+    """The request is well-formed but the system is not in a state to run it (for example,
+    an output location that cannot be written)."""
+
+    code = ErrorCode.FAILED_PRECONDITION
+    default_reason = "FAILED_PRECONDITION"
+
+
 class ArtifactIntegrityError(PeritoError):
     """A model file whose sha256 differs from its manifest: it is never loaded."""
 

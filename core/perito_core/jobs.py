@@ -2,18 +2,30 @@
 
 Keys, for job `{id}`:
 
-    perito:job:{id}            hash: the job record and its counters
-    perito:job:{id}:inputs     list: each item's {"id", "uri"} in input order
-    perito:job:{id}:inline     hash: index -> image bytes, for images sent inline
-    perito:job:{id}:results    hash: index -> the item's final result (JSON)
-    perito:job:{id}:attempts   hash: chunk -> deliveries seen (the redelivery cap)
-    perito:jobs                sorted set: job ids by creation time
-    perito:dead-letter         list: chunks given up on, with the reason
+    perito:job:{id}              hash: the job record and its counters
+    perito:job:{id}:inputs       list: each item's {"id", "uri"} in input order
+    perito:job:{id}:inline       hash: index -> image bytes, for images sent inline
+    perito:job:{id}:results      hash: index -> the item's final result (JSON)
+    perito:job:{id}:open         hash: chunk -> items of it not recorded yet (gone when 0)
+    perito:job:{id}:leases       hash: chunk -> "holder expiry_ms" of the worker running it
+    perito:job:{id}:attempts     hash: chunk -> times a worker started it (the retry cap)
+    perito:job:{id}:chunk-errors hash: chunk -> why its last attempt ended early
+    perito:jobs                  sorted set: job ids by creation time
+    perito:active-jobs           sorted set: jobs not yet terminal, by creation time
+    perito:finished-jobs         sorted set: terminal jobs by end time (for retention)
+    perito:request:{request_id}  string: the job a SubmitJob request id made (24 h)
+    perito:dead-letter           list: chunks given up on, with the reason (capped)
 
 An item's result is written once: `record_results` sets it only if absent and bumps the
 counters in the same Lua script, so a redelivered chunk never double-counts, and
 succeeded + failed + cancelled never exceeds total. The call that brings that sum to total is
 told so, and finalises the job (results files, terminal state).
+
+A chunk is run under a lease: the worker that takes it renews the lease while it works, so a
+second delivery of the same chunk (the broker's visibility timeout, or a resend) is skipped
+while the first is alive, and a dead worker's chunk is found by its expired lease. The
+watchdog (`perito_core.watchdog`) resends chunks that are open, unleased and not queued.
+Times in the Lua scripts come from Redis's own clock (`TIME`), so hosts need not agree.
 """
 
 from __future__ import annotations
@@ -23,7 +35,7 @@ import functools
 import json
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -128,20 +140,30 @@ class Job:
     confidence_threshold: float = 0.0
     chunk_size: int = 64
     cancel_requested: bool = False
+    finalize_attempts: int = 0
 
     @property
     def done(self) -> int:
         return self.succeeded + self.failed + self.cancelled
 
 
-# Record results for a chunk. KEYS: job, results. ARGV: pairs of (index, result json, state).
-# Returns {newly recorded, succeeded, failed, cancelled, total}.
+# The scripts below refuse to touch a job that is gone (deleted after its retention) or
+# terminal, so a late worker never recreates keys nobody will delete.
+
+# Record results. KEYS: job, results, open. ARGV: triples of (index, result json, state).
+# Returns {newly recorded, succeeded, failed, cancelled, total}; {-1, ...} for a job that is
+# gone or terminal.
 _RECORD = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if state ~= 'queued' and state ~= 'running' then return {-1, 0, 0, 0, 0} end
+local size = tonumber(redis.call('HGET', KEYS[1], 'chunk_size'))
 local new = 0
 for i = 1, #ARGV, 3 do
   if redis.call('HSETNX', KEYS[2], ARGV[i], ARGV[i + 1]) == 1 then
     new = new + 1
     redis.call('HINCRBY', KEYS[1], ARGV[i + 2], 1)
+    local chunk = math.floor(tonumber(ARGV[i]) / size)
+    if redis.call('HINCRBY', KEYS[3], chunk, -1) <= 0 then redis.call('HDEL', KEYS[3], chunk) end
   end
 end
 local v = redis.call('HMGET', KEYS[1], 'succeeded', 'failed', 'cancelled', 'total')
@@ -149,8 +171,10 @@ return {new, tonumber(v[1]), tonumber(v[2]), tonumber(v[3]), tonumber(v[4])}
 """
 
 # Mark every item without a result with ARGV[1] (a result json) and state ARGV[2], for
-# indices 0 .. total-1. KEYS: job, results. Returns the number marked.
+# indices 0 .. total-1. KEYS: job, results, open. Returns the number marked.
 _MARK_REST = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if state ~= 'queued' and state ~= 'running' then return 0 end
 local total = tonumber(redis.call('HGET', KEYS[1], 'total'))
 local marked = 0
 for i = 0, total - 1 do
@@ -159,29 +183,122 @@ for i = 0, total - 1 do
     redis.call('HINCRBY', KEYS[1], ARGV[2], 1)
   end
 end
+redis.call('DEL', KEYS[3])
 return marked
 """
 
-# Move a job from queued to running, once. KEYS: job, state counts. ARGV: now.
+# Move a job from queued to running, once. KEYS: job, state counts.
 _START = """
 if redis.call('HGET', KEYS[1], 'state') == 'queued' then
-  redis.call('HSET', KEYS[1], 'state', 'running', 'started_at', ARGV[1])
+  local t = redis.call('TIME')
+  redis.call('HSET', KEYS[1], 'state', 'running', 'started_at', t[1] + t[2] / 1e6)
   redis.call('HINCRBY', KEYS[2], 'queued', -1)
   redis.call('HINCRBY', KEYS[2], 'running', 1)
 end
 return redis.call('HGET', KEYS[1], 'state')
 """
 
-# Give a job its terminal state, once. KEYS: job, state counts. ARGV: state, now, result URIs.
+# Give a job its terminal state, once, and drop what only a running job needs.
+# KEYS: job, state counts, active jobs, finished jobs, inline, open, leases, attempts, errors.
+# ARGV: state, result URIs, error (kept if one is already set).
 _FINISH = """
 local current = redis.call('HGET', KEYS[1], 'state')
 if current == 'queued' or current == 'running' then
-  redis.call('HSET', KEYS[1], 'state', ARGV[1], 'finished_at', ARGV[2], 'result_uris', ARGV[3])
+  local t = redis.call('TIME')
+  local now = t[1] + t[2] / 1e6
+  redis.call('HSET', KEYS[1], 'state', ARGV[1], 'finished_at', now, 'result_uris', ARGV[2])
+  if ARGV[3] ~= '' then redis.call('HSETNX', KEYS[1], 'error', ARGV[3]) end
   redis.call('HINCRBY', KEYS[2], current, -1)
   redis.call('HINCRBY', KEYS[2], ARGV[1], 1)
+  redis.call('ZREM', KEYS[3], KEYS[1])
+  redis.call('ZADD', KEYS[4], now, KEYS[1])
+  redis.call('DEL', KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9])
 end
 return current
 """
+
+# Take the lease on a chunk. KEYS: job, open, leases, attempts. ARGV: chunk, holder, ttl_ms.
+# Returns {outcome, attempts}: outcome is 'acquired', 'busy' (another live holder), 'done'
+# (every item recorded), 'terminal' or 'gone'.
+_ACQUIRE = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return {'gone', 0} end
+if state ~= 'queued' and state ~= 'running' then return {'terminal', 0} end
+if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 0 then return {'done', 0} end
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local lease = redis.call('HGET', KEYS[3], ARGV[1])
+if lease then
+  local holder, expiry = string.match(lease, '^(.*) (%d+)$')
+  if holder ~= ARGV[2] and tonumber(expiry) > now then return {'busy', 0} end
+end
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[2] .. ' ' .. (now + tonumber(ARGV[3])))
+return {'acquired', redis.call('HINCRBY', KEYS[4], ARGV[1], 1)}
+"""
+
+# Renew (ARGV[3] > 0) or release (ARGV[3] == 0) a lease held by ARGV[2]. KEYS: leases.
+# ARGV: chunk, holder, ttl_ms. Returns 1 if the caller held it, 0 if it had been lost.
+_RENEW = """
+local lease = redis.call('HGET', KEYS[1], ARGV[1])
+if not lease then return 0 end
+local holder = string.match(lease, '^(.*) %d+$')
+if holder ~= ARGV[2] then return 0 end
+if tonumber(ARGV[3]) == 0 then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+else
+  local t = redis.call('TIME')
+  local now = t[1] * 1000 + math.floor(t[2] / 1000)
+  redis.call('HSET', KEYS[1], ARGV[1], holder .. ' ' .. (now + tonumber(ARGV[3])))
+end
+return 1
+"""
+
+# The chunks of a job that are open (items unrecorded) and not leased by a live worker.
+# KEYS: open, leases. Returns a flat list of chunk numbers.
+_UNLEASED = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local found = {}
+for _, chunk in ipairs(redis.call('HKEYS', KEYS[1])) do
+  local lease = redis.call('HGET', KEYS[2], chunk)
+  local live = false
+  if lease then
+    local expiry = string.match(lease, ' (%d+)$')
+    live = tonumber(expiry) > now
+  end
+  if not live then table.insert(found, chunk) end
+end
+return found
+"""
+
+# Delete a terminal job. KEYS: job, state counts, jobs, finished jobs, active jobs, then every
+# per-job key. Returns the state it had, or false if it was not terminal (nothing deleted).
+_DELETE = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return 'gone' end
+if state == 'queued' or state == 'running' then return false end
+redis.call('HINCRBY', KEYS[2], state, -1)
+redis.call('ZREM', KEYS[3], ARGV[1])
+redis.call('ZREM', KEYS[4], KEYS[1])
+redis.call('ZREM', KEYS[5], KEYS[1])
+for i = 6, #KEYS do redis.call('DEL', KEYS[i]) end
+redis.call('DEL', KEYS[1])
+return state
+"""
+
+# Per-job keys besides the record itself; `_FINISH` drops the first five of them.
+_RUNNING_PARTS = ("inline", "open", "leases", "attempts", "chunk-errors")
+_PARTS = (*_RUNNING_PARTS, "inputs", "results")
+
+ACTIVE_JOBS_KEY = f"{PREFIX}:active-jobs"
+FINISHED_JOBS_KEY = f"{PREFIX}:finished-jobs"
+JOBS_KEY = f"{PREFIX}:jobs"
+DEAD_LETTER_KEY = f"{PREFIX}:dead-letter"
+DEAD_LETTER_CAP = 10_000
+REQUEST_ID_TTL_S = 24 * 3600
+# A half-written job's inputs (its submission died while listing) expire after this.
+_BUILDING_TTL_S = 3600
+_INPUTS_PAGE = 1000
 
 
 def _decode(value: bytes | str | None) -> str:
@@ -207,8 +324,21 @@ def _redis_unavailable(method: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+@dataclass(frozen=True)
+class Lease:
+    """A worker's hold on one chunk; see `JobStore.acquire_chunk`."""
+
+    outcome: str  # acquired, busy, done, terminal or gone
+    attempts: int = 0
+
+
 class JobStore:
-    """Jobs in Redis. Every method is one or a few round trips; safe across processes."""
+    """Jobs in Redis. Every method is one or a few round trips; safe across processes.
+
+    Args:
+        client: the Redis connection. Workers give it a `redis.retry.Retry` so a Redis restart
+            is waited out rather than failing a chunk (see `connect`).
+    """
 
     def __init__(self, client: redis.Redis) -> None:
         self.redis = client
@@ -216,10 +346,36 @@ class JobStore:
         self._mark_rest = client.register_script(_MARK_REST)
         self._start = client.register_script(_START)
         self._finish = client.register_script(_FINISH)
+        self._acquire = client.register_script(_ACQUIRE)
+        self._renew = client.register_script(_RENEW)
+        self._unleased = client.register_script(_UNLEASED)
+        self._delete = client.register_script(_DELETE)
 
     @classmethod
-    def connect(cls, url: str) -> JobStore:
-        return cls(redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=30))
+    def connect(cls, url: str, *, outage_retry_s: float = 0.0) -> JobStore:
+        """Connect to the Redis at `url`.
+
+        Args:
+            outage_retry_s: how long a call keeps retrying (exponential backoff, 0.1 s to
+                5 s between tries) through a Redis that is down or restarting, before it raises
+                `StorageUnavailable`. 0 retries nothing: the server answers UNAVAILABLE at once.
+        """
+        from redis.backoff import ExponentialBackoff
+        from redis.retry import Retry
+
+        retries = 0
+        waited = 0.0
+        while waited < outage_retry_s:
+            waited += min(5.0, 0.1 * 2**retries)
+            retries += 1
+        client = redis.Redis.from_url(
+            url,
+            socket_connect_timeout=3,
+            socket_timeout=30,
+            retry=Retry(ExponentialBackoff(cap=5.0, base=0.1), retries),
+            retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+        )
+        return cls(client)
 
     @staticmethod
     def _key(job_id: str, part: str = "") -> str:
@@ -228,12 +384,25 @@ class JobStore:
     # Creating
 
     @_redis_unavailable
+    def claim_request(self, request_id: str, job_id: str) -> str:
+        """The job id for a SubmitJob `request_id` (Google AIP-155): `job_id` if this is the
+        first time the id is seen in 24 h, else the job the first request made."""
+        key = f"{PREFIX}:request:{request_id}"
+        if self.redis.set(key, job_id, nx=True, ex=REQUEST_ID_TTL_S):
+            return job_id
+        return _decode(self.redis.get(key)) or job_id
+
+    @_redis_unavailable
+    def exists(self, job_id: str) -> bool:
+        return bool(self.redis.exists(self._key(job_id)))
+
+    @_redis_unavailable
     def create(
         self,
         *,
         model: str,
         model_version: str,
-        items: Sequence[ItemInput],
+        items: Iterable[ItemInput],
         inline: dict[int, bytes],
         output_uri: str,
         top_k: int,
@@ -241,41 +410,118 @@ class JobStore:
         chunk_size: int,
         labels: dict[str, str],
         job_id: str | None = None,
-    ) -> Job:
-        """Record a new queued job and its inputs; returns it."""
-        if not items:
-            raise InvalidArgument("a job needs at least one image", field="input")
+        max_items: int | None = None,
+        request_id: str = "",
+    ) -> tuple[Job, bool]:
+        """Record a new queued job and its inputs; returns it, and whether this call made it.
+
+        `items` is consumed as it is produced (a listing or a manifest being read), a page of
+        1,000 at a time, so the caller never holds them all; the job appears only once every
+        item is written, in one transaction. Creating `job_id` again returns the job that
+        exists (an idempotent retry: `(job, False)`), and a creation that died half-way
+        leaves nothing but a list that expires after an hour.
+
+        Raises:
+            InvalidArgument: no items, or more than `max_items` (field `input`), counted
+                while reading.
+            StorageUnavailable: Redis is unreachable.
+        """
         job_id = job_id or uuid.uuid4().hex[:20]
-        now = time.time()
-        record: dict[Any, Any] = {
-            "id": job_id,
-            "state": JobState.QUEUED.value,
-            "model": model,
-            "model_version": model_version,
-            "total": len(items),
-            "succeeded": 0,
-            "failed": 0,
-            "cancelled": 0,
-            "created_at": now,
-            "output_uri": output_uri,
-            "labels": json.dumps(labels),
-            "top_k": top_k,
-            "confidence_threshold": confidence_threshold,
-            "chunk_size": chunk_size,
+        if self.exists(job_id):
+            return self.get(job_id), False
+        building = self._key(job_id, f"inputs-building-{uuid.uuid4().hex[:8]}")
+        total = 0
+        try:
+            page: list[str] = []
+            for item in items:
+                total += 1
+                if max_items is not None and total > max_items:
+                    raise InvalidArgument(
+                        f"more than {max_items:,} images; the limit per job is {max_items:,}",
+                        field="input",
+                    )
+                page.append(json.dumps({"id": item.id, "uri": item.uri}))
+                if len(page) == _INPUTS_PAGE:
+                    self._append_inputs(building, page)
+                    page = []
+            if page:
+                self._append_inputs(building, page)
+            if not total:
+                raise InvalidArgument("a job needs at least one image", field="input")
+            return self._commit(
+                job_id,
+                building,
+                total,
+                inline,
+                model=model,
+                model_version=model_version,
+                output_uri=output_uri,
+                top_k=top_k,
+                confidence_threshold=confidence_threshold,
+                chunk_size=chunk_size,
+                labels=labels,
+                request_id=request_id,
+            )
+        finally:
+            self.redis.delete(building)  # gone already if committed (renamed)
+
+    def _append_inputs(self, key: str, page: list[str]) -> None:
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.rpush(key, *page)
+            pipe.expire(key, _BUILDING_TTL_S)
+            pipe.execute()
+
+    def _commit(
+        self,
+        job_id: str,
+        building: str,
+        total: int,
+        inline: dict[int, bytes],
+        *,
+        chunk_size: int,
+        labels: dict[str, str],
+        **fields: Any,
+    ) -> tuple[Job, bool]:
+        key = self._key(job_id)
+        chunks = {
+            chunk: min(chunk_size, total - chunk * chunk_size)
+            for chunk in range(-(-total // chunk_size))
         }
         with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(self._key(job_id), mapping=record)
-            for start in range(0, len(items), 1000):
-                pipe.rpush(
-                    self._key(job_id, "inputs"),
-                    *(json.dumps({"id": i.id, "uri": i.uri}) for i in items[start : start + 1000]),
-                )
-            if inline:
-                pipe.hset(self._key(job_id, "inline"), mapping=inline)  # type: ignore[arg-type]
-            pipe.zadd(f"{PREFIX}:jobs", {job_id: now})
-            pipe.hincrby(STATE_COUNTS_KEY, JobState.QUEUED.value, 1)
-            pipe.execute()
-        return self.get(job_id)
+            try:
+                pipe.watch(key)  # type: ignore[no-untyped-call]
+                if pipe.exists(key):  # a concurrent retry of the same request won
+                    pipe.reset()
+                    return self.get(job_id), False
+                now = time.time()
+                pipe.multi()
+                record: dict[Any, Any] = {
+                    "id": job_id,
+                    "state": JobState.QUEUED.value,
+                    "total": total,
+                    "succeeded": 0,
+                    "failed": 0,
+                    "cancelled": 0,
+                    "created_at": now,
+                    "labels": json.dumps(labels),
+                    "chunk_size": chunk_size,
+                    **fields,
+                }
+                pipe.hset(key, mapping=record)
+                pipe.rename(building, self._key(job_id, "inputs"))
+                pipe.persist(self._key(job_id, "inputs"))
+                if inline:
+                    pipe.hset(self._key(job_id, "inline"), mapping=inline)  # type: ignore[arg-type]
+                for start in range(0, len(chunks), _INPUTS_PAGE):
+                    page = dict(list(chunks.items())[start : start + _INPUTS_PAGE])
+                    pipe.hset(self._key(job_id, "open"), mapping=page)  # type: ignore[arg-type]
+                pipe.zadd(JOBS_KEY, {job_id: now})
+                pipe.zadd(ACTIVE_JOBS_KEY, {key: now})
+                pipe.hincrby(STATE_COUNTS_KEY, JobState.QUEUED.value, 1)
+                pipe.execute()
+            except redis.WatchError:
+                return self.get(job_id), False
+        return self.get(job_id), True
 
     # Reading
 
@@ -305,6 +551,7 @@ class JobStore:
             confidence_threshold=float(data.get("confidence_threshold") or 0),
             chunk_size=int(data.get("chunk_size") or 64),
             cancel_requested=data.get("cancel_requested") == "1",
+            finalize_attempts=int(data.get("finalize_attempts") or 0),
         )
 
     @_redis_unavailable
@@ -343,33 +590,43 @@ class JobStore:
         raw = self.redis.hmget(self._key(job_id, "results"), [str(i) for i in indices])
         return {i for i, value in zip(indices, raw, strict=True) if value is not None}
 
+    @_redis_unavailable
+    def active_jobs(self) -> list[str]:
+        """Ids of every job not yet terminal, oldest first."""
+        keys = self.redis.zrange(ACTIVE_JOBS_KEY, 0, -1)
+        return [_decode(k).removeprefix(f"{PREFIX}:job:") for k in keys]  # type: ignore[arg-type]
+
     # Progress
 
     @_redis_unavailable
     def mark_running(self, job_id: str) -> JobState:
         keys = [self._key(job_id), STATE_COUNTS_KEY]
-        return JobState(_decode(self._start(keys=keys, args=[time.time()])))
+        return JobState(_decode(self._start(keys=keys)))
 
     @_redis_unavailable
     def record_results(self, job_id: str, results: Iterable[ItemResult]) -> tuple[int, bool]:
-        """Record results not recorded before; returns (newly recorded, job now complete)."""
+        """Record results not recorded before; returns (newly recorded, job now complete).
+
+        A job that is terminal or gone records nothing and returns (0, False)."""
         args: list[Any] = []
         for result in results:
             args += [result.index, result.to_json(), result.state.value]
         if not args:
             return 0, False
         new, succeeded, failed, cancelled, total = self._record(
-            keys=[self._key(job_id), self._key(job_id, "results")], args=args
+            keys=[self._key(job_id), self._key(job_id, "results"), self._key(job_id, "open")],
+            args=args,
         )
+        if int(new) < 0:
+            return 0, False
         return int(new), int(succeeded) + int(failed) + int(cancelled) >= int(total)
 
     @_redis_unavailable
     def mark_unrecorded(self, job_id: str, state: ItemState, error: str) -> int:
         """Give every item without a result `state` (cancelled, or failed with `error`)."""
         result = ItemResult(0, state, error=error).to_json()
-        marked: int = self._mark_rest(
-            keys=[self._key(job_id), self._key(job_id, "results")], args=[result, state.value]
-        )
+        keys = [self._key(job_id), self._key(job_id, "results"), self._key(job_id, "open")]
+        marked: int = self._mark_rest(keys=keys, args=[result, state.value])
         return marked
 
     @_redis_unavailable
@@ -380,23 +637,81 @@ class JobStore:
     def is_cancel_requested(self, job_id: str) -> bool:
         return self.redis.hget(self._key(job_id), "cancel_requested") == b"1"
 
+    # Chunks
+
     @_redis_unavailable
-    def count_attempt(self, job_id: str, chunk: int) -> int:
-        """Count one more delivery of `chunk`; returns how many there have been."""
-        return int(self.redis.hincrby(self._key(job_id, "attempts"), str(chunk), 1))
+    def acquire_chunk(self, job_id: str, chunk: int, holder: str, ttl_s: float) -> Lease:
+        """Take the lease on `chunk` for `holder` for `ttl_s` seconds, counting an attempt.
+
+        Returns a `Lease` whose outcome is `acquired` (with the attempt number), `busy`
+        (another holder's lease is live: this is a duplicate delivery), `done` (nothing left
+        to do), `terminal` or `gone` (the job ended or was deleted)."""
+        outcome, attempts = self._acquire(
+            keys=[
+                self._key(job_id),
+                self._key(job_id, "open"),
+                self._key(job_id, "leases"),
+                self._key(job_id, "attempts"),
+            ],
+            args=[chunk, holder, int(ttl_s * 1000)],
+        )
+        return Lease(_decode(outcome), int(attempts))
+
+    @_redis_unavailable
+    def renew_chunk(self, job_id: str, chunk: int, holder: str, ttl_s: float) -> bool:
+        """Extend `holder`'s lease on `chunk`; False if it was lost (expired and taken)."""
+        keys = [self._key(job_id, "leases")]
+        return bool(self._renew(keys=keys, args=[chunk, holder, max(1, int(ttl_s * 1000))]))
+
+    @_redis_unavailable
+    def release_chunk(self, job_id: str, chunk: int, holder: str, error: str = "") -> None:
+        """Give up `holder`'s lease on `chunk`; `error` says why the attempt ended early."""
+        if error:
+            self.redis.hset(self._key(job_id, "chunk-errors"), str(chunk), error)
+        self._renew(keys=[self._key(job_id, "leases")], args=[chunk, holder, 0])
+
+    @_redis_unavailable
+    def chunk_error(self, job_id: str, chunk: int) -> str:
+        """Why `chunk`'s last attempt ended early ('' if none said: its worker died)."""
+        return _decode(self.redis.hget(self._key(job_id, "chunk-errors"), str(chunk)))
+
+    @_redis_unavailable
+    def unleased_chunks(self, job_id: str) -> list[int]:
+        """Chunks of the job with unrecorded items and no live lease."""
+        keys = [self._key(job_id, "open"), self._key(job_id, "leases")]
+        return sorted(int(c) for c in self._unleased(keys=keys))
+
+    @_redis_unavailable
+    def note_resent(self, job_id: str, count: int) -> None:
+        self.redis.hincrby(self._key(job_id), "resent", count)
 
     @_redis_unavailable
     def dead_letter(self, job_id: str, chunk: int, reason: str) -> None:
+        """Record a chunk given up on; the newest `DEAD_LETTER_CAP` records are kept."""
         record = json.dumps({"job_id": job_id, "chunk": chunk, "reason": reason, "at": time.time()})
-        self.redis.rpush(f"{PREFIX}:dead-letter", record)
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.rpush(DEAD_LETTER_KEY, record)
+            pipe.ltrim(DEAD_LETTER_KEY, -DEAD_LETTER_CAP, -1)
+            pipe.execute()
 
     @_redis_unavailable
     def set_job_error(self, job_id: str, error: str) -> None:
         self.redis.hsetnx(self._key(job_id), "error", error)
 
     @_redis_unavailable
-    def finish(self, job_id: str, result_uris: list[str]) -> Job:
-        """Set the terminal state from the counters; idempotent."""
+    def count_finalize_attempt(self, job_id: str) -> int:
+        return int(self.redis.hincrby(self._key(job_id), "finalize_attempts", 1))
+
+    # Ending
+
+    @_redis_unavailable
+    def finish(self, job_id: str, result_uris: list[str], error: str = "") -> Job:
+        """Set the terminal state from the counters; idempotent.
+
+        Args:
+            error: a job-level failure (for example, results that could not be written): the
+                job ends FAILED with it, whatever its items did.
+        """
         job = self.get(job_id)
         if job.state.terminal:
             return job
@@ -404,17 +719,54 @@ class JobStore:
             raise RuntimeError(f"job {job_id} has {job.total - job.done} items unaccounted for")
         if job.cancel_requested and job.cancelled:
             state = JobState.CANCELLED
-        elif job.error or job.succeeded == 0:
+        elif error or job.error or job.succeeded == 0:
             state = JobState.FAILED
         elif job.failed or job.cancelled:
             state = JobState.PARTIALLY_SUCCEEDED
         else:
             state = JobState.SUCCEEDED
         self._finish(
-            keys=[self._key(job_id), STATE_COUNTS_KEY],
-            args=[state.value, time.time(), json.dumps(result_uris)],
+            keys=[
+                self._key(job_id),
+                STATE_COUNTS_KEY,
+                ACTIVE_JOBS_KEY,
+                FINISHED_JOBS_KEY,
+                *(self._key(job_id, part) for part in _RUNNING_PARTS),
+            ],
+            args=[state.value, json.dumps(result_uris), error],
         )
         return self.get(job_id)
+
+    @_redis_unavailable
+    def delete(self, job_id: str) -> bool:
+        """Delete a terminal job and everything stored for it (results files stay where
+        they were written). Returns False, deleting nothing, if the job is not terminal.
+
+        Raises:
+            NotFound: no such job.
+        """
+        outcome = self._delete(
+            keys=[
+                self._key(job_id),
+                STATE_COUNTS_KEY,
+                JOBS_KEY,
+                FINISHED_JOBS_KEY,
+                ACTIVE_JOBS_KEY,
+                *(self._key(job_id, part) for part in _PARTS),
+            ],
+            args=[job_id],
+        )
+        if outcome == b"gone" or outcome == "gone":
+            raise NotFound(f"job {job_id!r} not found", field="job_id")
+        return bool(outcome)
+
+    @_redis_unavailable
+    def expired_jobs(self, retention_s: float, limit: int = 500) -> list[str]:
+        """Ids of terminal jobs that ended more than `retention_s` seconds ago."""
+        keys = self.redis.zrangebyscore(
+            FINISHED_JOBS_KEY, 0, time.time() - retention_s, start=0, num=limit
+        )
+        return [_decode(k).removeprefix(f"{PREFIX}:job:") for k in keys]  # type: ignore[arg-type]
 
     @_redis_unavailable
     def state_counts(self) -> dict[JobState, int]:

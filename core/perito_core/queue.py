@@ -8,6 +8,9 @@ running it dies (`reject_on_worker_lost`); the worker caps redeliveries itself.
 
 from __future__ import annotations
 
+import base64
+import json
+from collections.abc import Iterable
 from typing import Any
 
 BULK_QUEUE = "perito.bulk"
@@ -45,3 +48,89 @@ def make_celery(broker_url: str, *, visibility_timeout_s: int = 3600) -> Any:
         enable_utc=True,
     )
     return app
+
+
+def chunk_time_limits(items: int, item_time_limit_s: float) -> tuple[float, float]:
+    """(soft, hard) Celery time limits in seconds for a chunk of `items` images.
+
+    The soft limit raises `SoftTimeLimitExceeded` in the task, which ends the attempt with
+    that reason (its recorded items stay); the hard limit, a minute later, kills a process
+    stuck where no exception can reach it.
+    """
+    soft = 60.0 + items * item_time_limit_s
+    return soft, soft + 60.0
+
+
+def send_chunks(
+    app: Any,
+    job_id: str,
+    chunks: Iterable[int],
+    *,
+    chunk_size: int,
+    total: int,
+    item_time_limit_s: float,
+) -> int:
+    """Enqueue `perito.classify_chunk` for each of `chunks` of a job; returns how many.
+
+    Raises whatever kombu raises for a broker that cannot be reached.
+    """
+    sent = 0
+    with app.producer_or_acquire() as producer:
+        for chunk in chunks:
+            start = chunk * chunk_size
+            stop = min(start + chunk_size, total)
+            soft, hard = chunk_time_limits(stop - start, item_time_limit_s)
+            app.send_task(
+                CLASSIFY_CHUNK,
+                kwargs={"job_id": job_id, "chunk": chunk, "start": start, "stop": stop},
+                queue=BULK_QUEUE,
+                producer=producer,
+                soft_time_limit=soft,
+                time_limit=hard,
+            )
+            sent += 1
+    return sent
+
+
+# kombu's Redis transport keeps a queue's messages of priority p > 0 under "{queue}\x06\x16{p}".
+_PRIORITY_SEP = "\x06\x16"
+
+
+def queued_chunks(broker: Any, page: int = 1000) -> set[tuple[str, int]]:
+    """(job id, chunk) of every `classify_chunk` message waiting in the bulk queue.
+
+    Reads kombu's Redis transport layout (a list per queue and priority, each message a JSON
+    envelope whose `body` is the base64 of Celery's protocol-2 `[args, kwargs, embed]`), a
+    page at a time. Messages a worker has taken (kombu's `unacked` hash) are not counted:
+    a running chunk is known by its lease instead.
+
+    Args:
+        broker: a `redis.Redis` client on the Celery broker.
+    """
+    found: set[tuple[str, int]] = set()
+    for key in [BULK_QUEUE, *(f"{BULK_QUEUE}{_PRIORITY_SEP}{p}" for p in range(1, 10))]:
+        start = 0
+        while True:
+            raw = broker.lrange(key, start, start + page - 1)
+            for message in raw:
+                parsed = _chunk_of(message)
+                if parsed is not None:
+                    found.add(parsed)
+            if len(raw) < page:
+                break
+            start += page
+    return found
+
+
+def _chunk_of(message: bytes) -> tuple[str, int] | None:
+    try:
+        envelope = json.loads(message)
+        if envelope.get("headers", {}).get("task") != CLASSIFY_CHUNK:
+            return None
+        body = envelope["body"]
+        if envelope.get("properties", {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        kwargs = json.loads(body)[1]
+        return str(kwargs["job_id"]), int(kwargs["chunk"])
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None

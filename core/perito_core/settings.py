@@ -26,11 +26,19 @@ class CommonSettings(BaseSettings):
     s3_region: str | None = None
     s3_access_key_id: str | None = None
     s3_secret_access_key: SecretStr | None = None
-    redis_url: str = Field("redis://127.0.0.1:6379/0", description="job store and Celery broker")
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="the job store (and broker)")
+    broker_url: str | None = Field(
+        None, description="the Celery broker (a Redis URL); unset: the job store's Redis"
+    )
     local_roots: list[Path] = Field(
         default_factory=list, description="folders jobs may read images from and write results to"
     )
     visibility_timeout_s: int = Field(3600, ge=10, description="redelivery of unacked chunks")
+    # A worker renews its lease on a chunk every third of this; a chunk whose lease lapses
+    # (its worker died) is sent again by the watchdog.
+    lease_ttl_s: float = Field(30.0, ge=1)
+    # A chunk's Celery time limits: 60 s + this per image (soft), one more minute (hard).
+    item_time_limit_s: float = Field(5.0, gt=0)
     device: str = "auto"
     log_format: Literal["text", "json"] = "text"
     # OpenTelemetry spans to OTEL_EXPORTER_OTLP_ENDPOINT (needs perito[tracing]).
@@ -42,6 +50,11 @@ class CommonSettings(BaseSettings):
     decode_threads: int = Field(2, ge=1)
     max_image_bytes: int = Field(32 * 1024 * 1024, ge=1)
     max_image_pixels: int = Field(64_000_000, ge=1)
+
+    @property
+    def broker(self) -> str:
+        """The Celery broker's URL: `broker_url`, else the job store's Redis."""
+        return self.broker_url or self.redis_url
 
     def s3_options(self) -> S3Options:
         secret = self.s3_secret_access_key

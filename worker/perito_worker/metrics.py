@@ -17,7 +17,8 @@ ITEMS = Counter(
 )
 CHUNKS = Counter(
     "perito_worker_chunks",
-    "Chunks handled: done, skipped (job over or cancelled), dead_lettered, model_failed.",
+    "Chunks handled: done, skipped (job over or cancelled), duplicate (another worker holds "
+    "it), error (attempt ended early; retried), dead_lettered, model_failed.",
     ["outcome"],
 )
 CHUNK_SECONDS = Histogram(

@@ -5,18 +5,35 @@ thread pool is shared with the parent) and keeps every model version it loads. A
 processed in batches; images for the next batch are fetched and decoded on a thread pool while
 the current batch runs. Results are recorded per batch, idempotently, so a redelivered chunk
 redoes only what was not recorded, and progress moves while a chunk runs.
+
+Whatever happens, an item ends recorded: an exception while fetching or decoding one image
+fails that image (with `INTERNAL: ...` at worst); an exception that ends the whole attempt
+(out of memory, storage down, the time limit) is kept as the chunk's error, the lease is given
+back, and the watchdog sends the chunk again, until `max_attempts` starts have been used: then
+its unrecorded items fail with that error and the chunk is dead-lettered. A chunk runs under a
+lease renewed by a heartbeat thread, so a second delivery of it while it runs is skipped.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
+import threading
+import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
-from perito_core.errors import ArtifactIntegrityError, InvalidImage, ModelLoadError, NotFound
+from perito_core.errors import (
+    ArtifactIntegrityError,
+    ModelLoadError,
+    NotFound,
+    PeritoError,
+    StorageUnavailable,
+)
 from perito_core.imaging import load_model_input
 from perito_core.jobs import ItemInput, ItemResult, ItemState, Job, JobStore
 from perito_core.runtime import LoadedModel, summarize
@@ -32,7 +49,9 @@ class WorkerRuntime:
 
     def __init__(self, settings: WorkerSettings) -> None:
         self.settings = settings
-        self.store = JobStore.connect(settings.redis_url)
+        self.store = JobStore.connect(
+            settings.redis_url, outage_retry_s=settings.store_outage_retry_s
+        )
         self.registry = settings.open_registry()
         self.sources = SourceReader(settings.s3_options(), settings.local_roots)
         self.decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
@@ -66,19 +85,26 @@ class _Prepared:
 def _prepare(
     rt: WorkerRuntime, job: Job, index: int, item: ItemInput, model: LoadedModel
 ) -> _Prepared:
-    """Fetch and decode one image; a bad or missing image is that item's failure only."""
+    """Fetch and decode one image; whatever goes wrong with it is that item's failure only,
+    except object storage being unreachable, which ends the attempt (retried later)."""
+    limits = rt.settings.image_limits()
     try:
         if item.uri:
-            data = rt.sources.read(item.uri)
+            data = rt.sources.read(item.uri, max_bytes=limits.max_bytes)
         else:
             inline = rt.store.inline_image(job.id, index)
             if inline is None:
                 raise NotFound("inline image data is missing from the job store")
             data = inline
-        pixels = load_model_input(data, model.manifest.input.spec(), rt.settings.image_limits())
+        pixels = load_model_input(data, model.manifest.input.spec(), limits)
         return _Prepared(index, item, pixels)
-    except (InvalidImage, NotFound) as error:
+    except StorageUnavailable:
+        raise
+    except PeritoError as error:
         return _Prepared(index, item, None, f"{error.reason}: {error.message}")
+    except Exception as error:
+        log.exception("job %s item %d (%s): unexpected error", job.id, index, item.uri)
+        return _Prepared(index, item, None, f"INTERNAL: {type(error).__name__}: {error}")
 
 
 def _classify(job: Job, model: LoadedModel, batch: list[_Prepared]) -> list[ItemResult]:
@@ -106,6 +132,46 @@ def _classify(job: Job, model: LoadedModel, batch: list[_Prepared]) -> list[Item
     return [results[p.index] for p in batch]
 
 
+class _Heartbeat:
+    """Renews a chunk's lease every third of its TTL while the chunk runs (a thread, so a long
+    forward pass or a slow read cannot starve it). `lost` turns true if the lease was taken
+    by another worker (this one was presumed dead): the chunk then stops at its next batch."""
+
+    def __init__(self, store: JobStore, job_id: str, chunk: int, holder: str, ttl_s: float):
+        self.store, self.job_id, self.chunk, self.holder, self.ttl_s = (
+            store,
+            job_id,
+            chunk,
+            holder,
+            ttl_s,
+        )
+        self.lost = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lease-heartbeat", daemon=True)
+
+    def __enter__(self) -> _Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.ttl_s / 3):
+            try:
+                if not self.store.renew_chunk(self.job_id, self.chunk, self.holder, self.ttl_s):
+                    self.lost = True
+                    log.warning("job %s chunk %d: lease lost", self.job_id, self.chunk)
+                    return
+            except PeritoError as exc:  # Redis down: keep trying; the lease may lapse
+                log.warning("job %s chunk %d: lease not renewed: %s", self.job_id, self.chunk, exc)
+
+
+def _holder() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
 def classify_chunk(
     rt: WorkerRuntime,
     job_id: str,
@@ -114,26 +180,63 @@ def classify_chunk(
     stop: int,
     finalize: Callable[[str], None],
 ) -> None:
-    """Classify items start..stop-1 of a job, recording each result exactly once."""
+    """Classify items start..stop-1 of a job, recording each result exactly once.
+
+    Never raises for anything an item or the chunk does: see the module docstring. Raises
+    `StorageUnavailable` only when the job store stays unreachable past
+    `store_outage_retry_s` before the chunk could start (the watchdog resends it later).
+    """
     store = rt.store
-    attempts = store.count_attempt(job_id, chunk)
-    job = store.get(job_id)
-    if job.state.terminal or job.cancel_requested:
-        metrics.CHUNKS.labels("skipped").inc()
+    holder = _holder()
+    lease = store.acquire_chunk(job_id, chunk, holder, rt.settings.lease_ttl_s)
+    if lease.outcome != "acquired":
+        metrics.CHUNKS.labels("duplicate" if lease.outcome == "busy" else "skipped").inc()
+        if lease.outcome == "done":  # every item recorded: finish the job if nobody did
+            job = store.get(job_id)
+            if job.done >= job.total:
+                finalize(job_id)
         return
+    error = ""
+    try:
+        with _Heartbeat(store, job_id, chunk, holder, rt.settings.lease_ttl_s) as heartbeat:
+            _run_chunk(rt, job_id, chunk, start, stop, lease.attempts, finalize, heartbeat)
+    except Exception as exc:
+        error = exc.message if isinstance(exc, PeritoError) else f"{type(exc).__name__}: {exc}"
+        reason = exc.reason if isinstance(exc, PeritoError) else "INTERNAL"
+        error = f"{reason}: {error}"
+        log.exception("job %s chunk %d attempt %d ended early", job_id, chunk, lease.attempts)
+        metrics.CHUNKS.labels("error").inc()
+    finally:
+        try:
+            store.release_chunk(job_id, chunk, holder, error)
+        except PeritoError as exc:  # the lease lapses by itself
+            log.warning("job %s chunk %d: lease not released: %s", job_id, chunk, exc)
+
+
+def _run_chunk(
+    rt: WorkerRuntime,
+    job_id: str,
+    chunk: int,
+    start: int,
+    stop: int,
+    attempt: int,
+    finalize: Callable[[str], None],
+    heartbeat: _Heartbeat,
+) -> None:
+    store = rt.store
+    job = store.get(job_id)
     inputs = store.inputs(job_id, start, stop - 1)
     recorded = store.recorded(job_id, range(start, start + len(inputs)))
     todo = [(start + i, item) for i, item in enumerate(inputs) if start + i not in recorded]
 
-    if not todo:  # redelivered after every item was recorded: finish the job if nobody did
-        if store.get(job_id).done >= job.total:
-            finalize(job_id)
-        return
-
-    if attempts > rt.settings.max_attempts:
+    if attempt > rt.settings.max_attempts:
+        last = store.chunk_error(job_id, chunk) or (
+            "the worker process running it stopped each time without finishing (killed, or "
+            "out of memory)"
+        )
         reason = (
-            f"chunk {chunk} was delivered {attempts - 1} times without finishing (a worker "
-            "died on it each time); given up and dead-lettered"
+            f"chunk {chunk} was started {attempt - 1} times without finishing; given up and "
+            f"dead-lettered. Last attempt: {last}"
         )
         store.dead_letter(job_id, chunk, reason)
         metrics.CHUNKS.labels("dead_lettered").inc()
@@ -168,18 +271,20 @@ def classify_chunk(
         return [rt.decode_pool.submit(_prepare, rt, job, i, item, model) for i, item in batch]
 
     upcoming = submit(batches[0]) if batches else []
-    for number in range(len(batches)):
-        prepared = [future.result() for future in upcoming]
-        upcoming = submit(batches[number + 1]) if number + 1 < len(batches) else []
-        if store.is_cancel_requested(job_id):
-            for future in upcoming:
-                future.cancel()
-            metrics.CHUNKS.labels("skipped").inc()
-            return
-        results = _classify(job, model, prepared)
-        _, complete = store.record_results(job_id, results)
-        for result in results:
-            metrics.ITEMS.labels(job.model, job.model_version, result.state.value).inc()
+    try:
+        for number in range(len(batches)):
+            prepared = [future.result() for future in upcoming]
+            upcoming = submit(batches[number + 1]) if number + 1 < len(batches) else []
+            if heartbeat.lost or store.is_cancel_requested(job_id):
+                metrics.CHUNKS.labels("skipped").inc()
+                return
+            results = _classify(job, model, prepared)
+            _, complete = store.record_results(job_id, results)
+            for result in results:
+                metrics.ITEMS.labels(job.model, job.model_version, result.state.value).inc()
+    finally:
+        for future in upcoming:
+            future.cancel()
     metrics.CHUNKS.labels("done").inc()
     if complete:
         finalize(job_id)

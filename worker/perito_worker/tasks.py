@@ -27,7 +27,7 @@ from perito_worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 
-app = make_celery("redis://127.0.0.1:6379/0")
+app = make_celery("redis://127.0.0.1:6379/0")  # re-pointed by `configure`
 
 _settings: WorkerSettings | None = None
 _runtime: WorkerRuntime | None = None
@@ -37,9 +37,9 @@ def configure(settings: WorkerSettings) -> None:
     """Point the app at `settings` (called by `perito worker` before the worker starts)."""
     global _settings
     _settings = settings
-    configured = make_celery(settings.redis_url, visibility_timeout_s=settings.visibility_timeout_s)
+    configured = make_celery(settings.broker, visibility_timeout_s=settings.visibility_timeout_s)
     app.conf.update(configured.conf)
-    app.conf.broker_url = settings.redis_url
+    app.conf.broker_url = settings.broker
 
 
 def runtime() -> WorkerRuntime:
@@ -75,20 +75,14 @@ def send_finalize(job_id: str) -> None:
     app.send_task(FINALIZE_JOB, kwargs={"job_id": job_id}, queue=BULK_QUEUE)
 
 
-# Transient failures (storage or Redis unreachable) retry with backoff; each retry is a new
-# delivery and counts towards the chunk's attempt cap.
+# Transient failures (storage or Redis unreachable) retry the finalize task with backoff. A
+# chunk is never retried by Celery: an attempt that ends early gives its lease back with the
+# reason, and the watchdog sends the chunk again (so a broker that is down when the retry
+# would be sent cannot lose it).
 _TRANSIENT = (StorageUnavailable, redis.ConnectionError, redis.TimeoutError)
 
 
-@app.task(
-    name=CLASSIFY_CHUNK,
-    acks_late=True,
-    reject_on_worker_lost=True,
-    autoretry_for=_TRANSIENT,
-    retry_backoff=True,
-    retry_backoff_max=60,
-    max_retries=8,
-)
+@app.task(name=CLASSIFY_CHUNK, acks_late=True, reject_on_worker_lost=True)
 def classify_chunk_task(**kwargs: Any) -> None:
     task = ChunkTask(**kwargs)
     token = JOB_ID.set(task.job_id)
@@ -105,6 +99,7 @@ def classify_chunk_task(**kwargs: Any) -> None:
     reject_on_worker_lost=True,
     autoretry_for=_TRANSIENT,
     retry_backoff=True,
+    retry_backoff_max=60,
     max_retries=8,
 )
 def finalize_job_task(job_id: str) -> None:

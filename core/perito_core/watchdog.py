@@ -1,0 +1,190 @@
+"""The job watchdog: every accepted job ends, whatever was lost on the way.
+
+A sweep, run every few seconds by the server (one replica at a time, under a Redis lock):
+
+1. **Retention.** Jobs that ended more than `retention_s` ago are deleted with everything the
+   store holds for them (their results files stay where they were written).
+2. **Finishing.** A job whose items are all recorded but which is not terminal (the worker
+   that recorded the last item died before finalising, or the finalize message was lost) is
+   finalised here; one whose results cannot be written ends FAILED after a few tries.
+3. **Lost chunks.** A chunk with unrecorded items, no live lease (no worker is running it)
+   and no message waiting in the broker's queue, seen so on two sweeps in a row, is sent
+   again. That covers a submission that died between recording the job and enqueueing it, a
+   message the broker dropped (a Redis restart, a task acknowledged as failed), a worker
+   killed while the broker's own redelivery is an hour away, and a chunk whose attempt ended
+   early with an error. Two sweeps, not one, because a message is briefly in neither place
+   while a worker takes it. A resend that duplicates a live message costs one skipped
+   delivery: results are recorded once, and a chunk runs under one lease at a time.
+
+The watchdog also makes chunk recovery independent of workers being up: with KEDA scaling
+workers to zero, the resent message lands in the queue KEDA watches.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+from perito_core.errors import PeritoError
+from perito_core.jobs import JobStore
+from perito_core.queue import queued_chunks, send_chunks
+from perito_core.results import finalize_job
+from perito_core.storage import S3Options
+
+log = logging.getLogger(__name__)
+
+LOCK_KEY = "perito:watchdog-lock"
+
+
+@dataclass
+class SweepReport:
+    """What one sweep did (for logs, metrics and tests)."""
+
+    ran: bool = False
+    deleted: int = 0
+    finalized: int = 0
+    resent: int = 0
+    suspects: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+class Watchdog:
+    """Sweeps the job store; see the module docstring.
+
+    Args:
+        store: the job store.
+        celery: the Celery app chunks are sent with.
+        broker: a Redis client on the Celery broker (to see which chunks are queued).
+        s3: options for writing results files when finalising.
+        retention_s: how long a finished job is kept.
+        item_time_limit_s: per-image time budget, for resent chunks' time limits.
+        interval_s: the time between sweeps; the lock is held for twice that.
+    """
+
+    def __init__(
+        self,
+        store: JobStore,
+        celery: Any,
+        broker: redis.Redis,
+        s3: S3Options,
+        *,
+        retention_s: float,
+        item_time_limit_s: float,
+        interval_s: float,
+        on_resend: Callable[[int], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.celery = celery
+        self.broker = broker
+        self.s3 = s3
+        self.retention_s = retention_s
+        self.item_time_limit_s = item_time_limit_s
+        self.interval_s = interval_s
+        self.on_resend = on_resend
+        self._token = uuid.uuid4().hex
+        self._suspects: set[tuple[str, int]] = set()
+
+    def _lock(self) -> bool:
+        """Hold the sweep lock (taken, or renewed if ours) for two intervals."""
+        ttl_ms = max(1000, int(self.interval_s * 2000))
+        client = self.store.redis
+        if client.set(LOCK_KEY, self._token, nx=True, px=ttl_ms):
+            return True
+        if client.get(LOCK_KEY) == self._token.encode():
+            client.pexpire(LOCK_KEY, ttl_ms)
+            return True
+        return False
+
+    def sweep(self) -> SweepReport:
+        """One pass over the store. Never raises: failures are logged and reported."""
+        report = SweepReport()
+        try:
+            if not self._lock():
+                return report
+            report.ran = True
+            self._expire(report)
+            candidates = self._scan_active(report)
+            self._resend_lost(candidates, report)
+        except (PeritoError, redis.RedisError) as exc:
+            message = exc.message if isinstance(exc, PeritoError) else str(exc)
+            report.errors.append(message)
+            log.warning("watchdog sweep failed: %s", message)
+        return report
+
+    def _expire(self, report: SweepReport) -> None:
+        for job_id in self.store.expired_jobs(self.retention_s):
+            try:
+                if self.store.delete(job_id):
+                    report.deleted += 1
+            except PeritoError as exc:  # already gone: another replica deleted it
+                log.debug("retention: %s: %s", job_id, exc.message)
+
+    def _scan_active(self, report: SweepReport) -> dict[str, list[int]]:
+        candidates: dict[str, list[int]] = {}
+        for job_id in self.store.active_jobs():
+            try:
+                job = self.store.get(job_id)
+            except PeritoError:  # deleted between the two reads
+                continue
+            if job.state.terminal:
+                continue
+            if job.done >= job.total:
+                try:
+                    finalize_job(self.store, job_id, self.s3)
+                    report.finalized += 1
+                    log.info("watchdog: finalised job %s", job_id)
+                except Exception as exc:  # noqa: BLE001 - counted by finalize_job; retried
+                    report.errors.append(f"finalising {job_id}: {exc}")
+                continue
+            unleased = self.store.unleased_chunks(job_id)
+            if unleased:
+                candidates[job_id] = unleased
+        return candidates
+
+    def _resend_lost(self, candidates: dict[str, list[int]], report: SweepReport) -> None:
+        if not candidates:
+            self._suspects = set()
+            return
+        queued = queued_chunks(self.broker)
+        now_suspect = {
+            (job_id, chunk)
+            for job_id, chunks in candidates.items()
+            for chunk in chunks
+            if (job_id, chunk) not in queued
+        }
+        lost = now_suspect & self._suspects
+        self._suspects = now_suspect - lost
+        report.suspects = len(self._suspects)
+        by_job: dict[str, list[int]] = defaultdict(list)
+        for job_id, chunk in sorted(lost):
+            by_job[job_id].append(chunk)
+        for job_id, chunks in by_job.items():
+            try:
+                job = self.store.get(job_id)
+                sent = send_chunks(
+                    self.celery,
+                    job_id,
+                    chunks,
+                    chunk_size=job.chunk_size,
+                    total=job.total,
+                    item_time_limit_s=self.item_time_limit_s,
+                )
+            except Exception as exc:  # noqa: BLE001 - kombu raises many types; next sweep retries
+                report.errors.append(f"resending {job_id}: {exc}")
+                continue
+            self.store.note_resent(job_id, sent)
+            report.resent += sent
+            if self.on_resend is not None:
+                self.on_resend(sent)
+            log.warning(
+                "watchdog: job %s: resent %d chunk(s) nobody was running or had queued: %s",
+                job_id,
+                sent,
+                ", ".join(map(str, chunks[:20])) + (" ..." if len(chunks) > 20 else ""),
+            )

@@ -1,0 +1,212 @@
+"""The job store and the watchdog on a real redis-server: leases, resends, retention."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from perito_core.errors import InvalidArgument, NotFound
+from perito_core.jobs import ItemInput, ItemResult, ItemState, JobState, JobStore
+from perito_core.queue import BULK_QUEUE, make_celery, queued_chunks
+from perito_core.storage import S3Options
+from perito_core.watchdog import Watchdog
+from tests.helpers import redis_server
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def store() -> Iterator[JobStore]:
+    with redis_server() as url:
+        yield JobStore.connect(url)
+
+
+def _create(store: JobStore, n: int, chunk_size: int, output: Path, **kwargs: object) -> str:
+    job, created = store.create(
+        model="m",
+        model_version="1",
+        items=(ItemInput(id=str(i), uri=f"s3://b/{i}.jpg") for i in range(n)),
+        inline={},
+        output_uri=str(output),
+        top_k=1,
+        confidence_threshold=0,
+        chunk_size=chunk_size,
+        labels={},
+        **kwargs,  # type: ignore[arg-type]
+    )
+    assert created
+    return job.id
+
+
+def _ok(index: int) -> ItemResult:
+    return ItemResult(index, ItemState.SUCCEEDED, predictions=[("a", 0, 1.0)])
+
+
+def _watchdog(store: JobStore, **kwargs: object) -> Watchdog:
+    url = store.redis.connection_pool.connection_kwargs
+    broker_url = f"redis://{url['host']}:{url['port']}/0"
+    options: dict[str, object] = {"retention_s": 3600.0, "item_time_limit_s": 1.0}
+    options.update(kwargs)
+    return Watchdog(
+        store,
+        make_celery(broker_url),
+        redis.Redis.from_url(broker_url),
+        S3Options(),
+        interval_s=0.1,
+        **options,  # type: ignore[arg-type]
+    )
+
+
+def test_a_job_over_the_item_cap_is_refused_while_listing_and_leaves_nothing(
+    store: JobStore, tmp_path: Path
+) -> None:
+    listed: list[int] = []
+
+    def endless() -> Iterator[ItemInput]:
+        n = 0
+        while True:
+            listed.append(n)
+            yield ItemInput(id=str(n), uri=f"s3://b/{n}")
+            n += 1
+
+    with pytest.raises(InvalidArgument, match="limit per job is 2,500") as caught:
+        store.create(
+            model="m",
+            model_version="1",
+            items=endless(),
+            inline={},
+            output_uri=str(tmp_path),
+            top_k=1,
+            confidence_threshold=0,
+            chunk_size=10,
+            labels={},
+            max_items=2500,
+        )
+    assert caught.value.field == "input"
+    assert len(listed) == 2501  # stopped at the first item over the cap
+    assert store.redis.keys("perito:job:*") == []
+
+
+def test_creating_the_same_job_id_twice_gives_the_first_job(
+    store: JobStore, tmp_path: Path
+) -> None:
+    job_id = store.claim_request("req-1", "first")
+    assert job_id == "first" and store.claim_request("req-1", "second") == "first"
+    _create(store, 5, 2, tmp_path, job_id=job_id)
+    again, created = store.create(
+        model="m",
+        model_version="1",
+        items=[ItemInput(id="x")],
+        inline={},
+        output_uri=str(tmp_path),
+        top_k=1,
+        confidence_threshold=0,
+        chunk_size=2,
+        labels={},
+        job_id=job_id,
+    )
+    assert not created and again.total == 5
+    assert store.state_counts()[JobState.QUEUED] == 1
+
+
+def test_a_chunk_runs_under_one_live_lease_and_a_dead_holder_loses_it(
+    store: JobStore, tmp_path: Path
+) -> None:
+    job_id = _create(store, 10, 4, tmp_path)  # chunks 0..2 (4, 4, 2)
+    assert store.unleased_chunks(job_id) == [0, 1, 2]
+    first = store.acquire_chunk(job_id, 1, "worker-a", ttl_s=0.3)
+    assert (first.outcome, first.attempts) == ("acquired", 1)
+    assert store.acquire_chunk(job_id, 1, "worker-b", ttl_s=5).outcome == "busy"
+    assert store.unleased_chunks(job_id) == [0, 2]
+    assert store.renew_chunk(job_id, 1, "worker-a", ttl_s=0.3)
+    time.sleep(0.4)  # worker-a died: its lease lapses
+    assert store.unleased_chunks(job_id) == [0, 1, 2]
+    second = store.acquire_chunk(job_id, 1, "worker-b", ttl_s=5)
+    assert (second.outcome, second.attempts) == ("acquired", 2)
+    assert not store.renew_chunk(job_id, 1, "worker-a", ttl_s=5)  # the old holder is told
+    store.record_results(job_id, [_ok(i) for i in range(4, 8)])
+    store.release_chunk(job_id, 1, "worker-b")
+    assert store.acquire_chunk(job_id, 1, "worker-c", ttl_s=5).outcome == "done"
+    assert store.unleased_chunks(job_id) == [0, 2]
+
+
+def test_a_finished_job_is_deleted_after_retention_and_redis_returns_to_baseline(
+    store: JobStore, tmp_path: Path
+) -> None:
+    watchdog = _watchdog(store, retention_s=2.0)
+    warm_up = _create(store, 1, 1, tmp_path / "warm-up")  # loads the scripts, opens connections
+    store.record_results(warm_up, [_ok(0)])
+    store.finish(warm_up, [])
+    store.delete(warm_up)
+    watchdog.sweep()
+    baseline = store.redis.info("memory")["used_memory"]
+    keys_before = set(store.redis.keys("*"))
+    job_ids = [_create(store, 300, 64, tmp_path / str(n)) for n in range(20)]
+    for job_id in job_ids:
+        store.record_results(job_id, [_ok(i) for i in range(300)])
+        store.finish(job_id, [])
+    assert store.state_counts()[JobState.SUCCEEDED] == 20
+    grown = store.redis.info("memory")["used_memory"] - baseline
+    assert watchdog.sweep().deleted == 0
+    time.sleep(2.1)
+    report = watchdog.sweep()
+    assert report.deleted == 20, report
+    assert store.state_counts()[JobState.SUCCEEDED] == 0
+    left = {k for k in store.redis.keys("*") if not k.startswith(b"perito:watchdog")}
+    assert left <= keys_before | {b"perito:job-states"}
+    left_over = store.redis.info("memory")["used_memory"] - baseline
+    assert grown > 1_000_000 and left_over < grown / 8, (grown, left_over)
+    with pytest.raises(NotFound):
+        store.get(job_ids[0])
+
+
+def test_the_watchdog_resends_only_chunks_nobody_runs_or_has_queued(
+    store: JobStore, tmp_path: Path
+) -> None:
+    job_id = _create(store, 10, 4, tmp_path)  # chunks 0, 1, 2; none was ever enqueued
+    watchdog = _watchdog(store)
+    watchdog.celery.send_task(
+        "perito.classify_chunk",
+        kwargs={"job_id": job_id, "chunk": 0, "start": 0, "stop": 4},
+        queue=BULK_QUEUE,
+    )
+    store.acquire_chunk(job_id, 1, "live-worker", ttl_s=60)
+    assert queued_chunks(watchdog.broker) == {(job_id, 0)}
+    first = watchdog.sweep()
+    assert (first.resent, first.suspects) == (0, 1)  # seen once: a suspect, not yet lost
+    second = watchdog.sweep()
+    assert second.resent == 1  # chunk 2 only: 0 is queued, 1 is running
+    assert queued_chunks(watchdog.broker) == {(job_id, 0), (job_id, 2)}
+    assert watchdog.sweep().resent == 0
+
+
+def test_the_watchdog_finishes_a_complete_job_nobody_finalised(
+    store: JobStore, tmp_path: Path
+) -> None:
+    job_id = _create(store, 6, 4, tmp_path / "out")
+    store.record_results(job_id, [_ok(i) for i in range(6)])  # the worker died before finalising
+    assert store.get(job_id).state is JobState.QUEUED
+    assert _watchdog(store).sweep().finalized == 1
+    job = store.get(job_id)
+    assert job.state is JobState.SUCCEEDED
+    assert (tmp_path / "out" / "results.jsonl").read_text().count("\n") == 6
+
+
+def test_results_that_cannot_be_written_end_the_job_failed_with_the_reason(
+    store: JobStore, tmp_path: Path
+) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    job_id = _create(store, 3, 4, blocker / "out")
+    store.record_results(job_id, [_ok(i) for i in range(3)])
+    watchdog = _watchdog(store)
+    for _ in range(5):
+        watchdog.sweep()
+    job = store.get(job_id)
+    assert job.state is JobState.FAILED
+    assert "results could not be written" in job.error and "5 tries" in job.error
+    assert [r.state for r in store.results(job_id, 0, 3)] == [ItemState.SUCCEEDED] * 3
