@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import grpc
+
+if TYPE_CHECKING:
+    from google.rpc import status_pb2
 
 
 @dataclass(frozen=True)
@@ -119,32 +123,101 @@ _BY_CODE: dict[grpc.StatusCode, type[PeritoError]] = {
 }
 
 
-def from_rpc_error(error: grpc.RpcError) -> PeritoError:
-    """Translate a `grpc.RpcError` (sync or aio) into the matching `PeritoError`."""
-    from google.rpc import error_details_pb2
-    from grpc_status import rpc_status
+GRPC_DETAILS_KEY = "grpc-status-details-bin"
 
-    code: grpc.StatusCode = error.code()
-    message: str = error.details() or code.name
-    reason = ""
-    violations: list[FieldViolation] = []
-    retry_after = None
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    for detail in status.details if status is not None else ():
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            reason = info.reason
-        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            violations += [FieldViolation(v.field, v.description) for v in bad.field_violations]
-        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-            retry = error_details_pb2.RetryInfo()
-            detail.Unpack(retry)
-            retry_after = retry.retry_delay.ToNanoseconds() / 1e9
+
+def from_rpc_error(error: grpc.RpcError) -> PeritoError:
+    """Translate a `grpc.RpcError` (sync or aio) into the matching `PeritoError`.
+
+    The code and message come from the call; the reason, violations and retry hint from its
+    rich status (`google.rpc.Status` in the `grpc-status-details-bin` trailer) when that
+    parses and carries the same code. Never raises: a status that cannot be read, or one
+    that disagrees with the call's code (trailers damaged or cut in transit), is ignored and
+    the error keeps the code and message alone.
+
+    Args:
+        error: what a failed gRPC call raised.
+
+    Returns:
+        The `PeritoError` subclass for the call's status code (`PeritoError` itself, with
+        `code` set, for codes without one).
+    """
+    code = _call_code(error)
+    message = _call_message(error) or code.name
+    reason, violations, retry_after = _rich_details(error, code)
     cls = _BY_CODE.get(code, PeritoError)
-    result = cls(message, reason=reason, violations=tuple(violations), retry_after=retry_after)
+    result = cls(message, reason=reason, violations=violations, retry_after=retry_after)
     if cls is PeritoError:
         result.code = code
     return result
+
+
+# What grpcio raises is both an `RpcError` and a `grpc.Call`; a bare `RpcError` is neither
+# (hence `Any`, and every read guarded).
+
+
+def _call_code(error: grpc.RpcError) -> grpc.StatusCode:
+    call: Any = error
+    try:
+        code = call.code()
+    except Exception:  # noqa: BLE001 - a bare RpcError, or a call in a strange state
+        return grpc.StatusCode.UNKNOWN
+    return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
+
+
+def _call_message(error: grpc.RpcError) -> str:
+    call: Any = error
+    try:
+        details = call.details()
+    except Exception:  # noqa: BLE001 - as in _call_code
+        return ""
+    if isinstance(details, bytes):
+        return details.decode("utf-8", "replace")
+    return details if isinstance(details, str) else ""
+
+
+def _rich_status(error: grpc.RpcError, code: grpc.StatusCode) -> status_pb2.Status | None:
+    """The call's `google.rpc.Status`, or None when absent, unreadable or about another code."""
+    from google.rpc import status_pb2
+
+    call: Any = error
+    try:
+        trailers = call.trailing_metadata() or ()
+        raw = next((value for key, value in trailers if key == GRPC_DETAILS_KEY), None)
+        if not isinstance(raw, bytes):
+            return None
+        status = status_pb2.Status.FromString(raw)
+    except Exception:  # noqa: BLE001 - damaged trailers are no reason to lose the error
+        return None
+    # A mismatch means the status was replaced in transit (e.g. trailers over the client's
+    # metadata limit become RESOURCE_EXHAUSTED): these details describe another error.
+    return status if status.code == code.value[0] else None
+
+
+def _rich_details(
+    error: grpc.RpcError, code: grpc.StatusCode
+) -> tuple[str, tuple[FieldViolation, ...], float | None]:
+    """(reason, violations, retry_after) from the call's rich status; empty when it has none."""
+    from google.rpc import error_details_pb2
+
+    reason = ""
+    violations: list[FieldViolation] = []
+    retry_after = None
+    status = _rich_status(error, code)
+    for detail in status.details if status is not None else ():
+        try:
+            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                info = error_details_pb2.ErrorInfo()
+                detail.Unpack(info)
+                reason = info.reason
+            elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                bad = error_details_pb2.BadRequest()
+                detail.Unpack(bad)
+                violations += [FieldViolation(v.field, v.description) for v in bad.field_violations]
+            elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+                retry = error_details_pb2.RetryInfo()
+                detail.Unpack(retry)
+                retry_after = max(0.0, retry.retry_delay.ToNanoseconds() / 1e9)
+        except Exception:  # noqa: BLE001 - one unreadable detail does not spoil the others
+            continue
+    return reason, tuple(violations), retry_after

@@ -48,6 +48,7 @@ class RunningServer:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
         await self.pool.close()
+        await self.servicer.jobs.close()
         self.servicer.close()
         self.metrics.stop()
 
@@ -74,10 +75,18 @@ async def create_server(settings: ServerSettings) -> RunningServer:
     interceptors: list[Any] = [TokenAuthInterceptor(tokens)] if tokens else []
     if settings.tracing:
         interceptors = [*tracing.server_interceptors(), *interceptors]
-    server = grpc.aio.server(options=options, interceptors=interceptors)
+    # Calls past `max_concurrent_rpcs` (health checks count too) are refused by gRPC itself,
+    # RESOURCE_EXHAUSTED "Concurrent RPC limit exceeded!" without a retry hint, before any
+    # handler runs: a flood of callers cannot pile up handlers and requests without bound.
+    server = grpc.aio.server(
+        options=options,
+        interceptors=interceptors,
+        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+    )
     metrics = ServerMetrics()
     metrics.watch_pool(pool)
     jobs = JobService(settings, pool)
+    jobs.start()
     metrics.watch_jobs(jobs.store)
     servicer = PeritoServicer(settings, pool, jobs, metrics)
     service_pb2_grpc.add_PeritoServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]

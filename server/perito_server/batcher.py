@@ -7,9 +7,10 @@ manner of `ray/serve/batching.py`:
   first item arrived, or as soon as no admitted item is still on its way (being decoded),
   whichever comes first. So a lone request never waits for companions that are not coming,
   and under load, while a batch runs, the next one fills greedily;
-- admission is bounded: `admit(n)` reserves room for a request's n items up front (before
-  decoding) and raises `QueueFull` with a retry hint when there is none, so the server sheds
-  load instead of queueing without end;
+- admission is bounded by images and by bytes: `admit(n, nbytes=..., budget=...)` reserves
+  room for a request's n items in this batcher and its bytes in a `ByteBudget` (shared by
+  every batcher of a server) up front, before decoding, and raises `QueueFull` with a retry
+  hint when either has none, so the server sheds load instead of queueing without end;
 - an item whose caller gave up (cancelled) or whose deadline passed is dropped before it runs;
 - a batch that raises fails its own items only; the loop goes on.
 """
@@ -64,7 +65,35 @@ class BatcherStats:
     dropped_expired: int = 0
     dropped_cancelled: int = 0
     failed_batches: int = 0
-    rejected: int = 0
+    rejected: int = 0  # requests refused for want of room (images or bytes), with a retry hint
+    rejected_for_bytes: int = 0  # of those, refused because the byte budget was spent
+
+
+# The retry hint's bounds, in seconds: never "now" (callers would spin), never absurdly late.
+MIN_RETRY_AFTER_S = 0.05
+MAX_RETRY_AFTER_S = 30.0
+
+
+class ByteBudget:
+    """Bytes admitted and not yet answered, shared by every batcher that is given it.
+
+    The server counts the encoded size of each admitted request (see
+    `ServerSettings.max_queue_bytes`), one budget for the whole process: memory is spent per
+    process, not per model.
+
+    Args:
+        max_bytes: the most bytes admitted at once; a request larger than this alone is
+            refused outright.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        if max_bytes < 1:
+            raise ValueError("max_bytes must be positive")
+        self.max_bytes = max_bytes
+        self.in_use = 0
+
+    def fits(self, nbytes: int) -> bool:
+        return self.in_use + nbytes <= self.max_bytes
 
 
 @dataclass
@@ -78,16 +107,28 @@ class _Pending(Generic[ItemT, ResultT]):
 class Admission(Generic[ItemT, ResultT]):
     """Room reserved in a batcher for one request's items; release it by leaving the block."""
 
-    def __init__(self, batcher: DynamicBatcher[ItemT, ResultT], size: int) -> None:
+    def __init__(
+        self,
+        batcher: DynamicBatcher[ItemT, ResultT],
+        size: int,
+        nbytes: int = 0,
+        budget: ByteBudget | None = None,
+    ) -> None:
         self._batcher = batcher
         self._size = size
         self._enqueued = 0
+        self._nbytes = nbytes
+        self._budget = budget
+        self._admitted_at = time.monotonic()
 
     def __enter__(self) -> Admission[ItemT, ResultT]:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._batcher._release(self._size, self._size - self._enqueued)
+        if self._budget is not None:
+            self._budget.in_use -= self._nbytes
+            self._budget = None
+        self._batcher._release(self._size, self._size - self._enqueued, self._admitted_at)
         self._size = self._enqueued = 0
 
     async def run(self, items: Sequence[ItemT], deadline: float | None) -> list[ResultT]:
@@ -137,15 +178,34 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         self._admitted = 0
         self._on_the_way = 0  # admitted items not queued yet (still being decoded)
         self._closing = False
-        self._seconds_per_item = 0.0  # moving average, for the retry hint
+        # Moving average of busy seconds per item answered (decode, queue and compute: the
+        # whole admission), so that admitted / rate is how long the backlog takes to drain.
+        self._seconds_per_item = 0.0
+        self._last_release = 0.0
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._loop(), name=self.name)
 
-    def admit(self, size: int) -> Admission[ItemT, ResultT]:
-        """Reserve room for `size` items, or raise `QueueFull` (with a retry hint)."""
+    def admit(
+        self, size: int, *, nbytes: int = 0, budget: ByteBudget | None = None
+    ) -> Admission[ItemT, ResultT]:
+        """Reserve room for `size` items here and `nbytes` in `budget`, both or neither.
+
+        Leave the returned `Admission`'s block to give both back.
+
+        Args:
+            size: the request's items (images).
+            nbytes: the request's bytes, counted against `budget` (none: not counted).
+            budget: the byte budget shared with other batchers, if any.
+
+        Raises:
+            QueueFull: no room now (`retry_after` says when to try again, in seconds), or
+                the request alone exceeds the queue or the budget (reason
+                REQUEST_TOO_LARGE, no retry hint: it never fits).
+            ShuttingDown: the batcher is closing.
+        """
         if self._closing:
             raise ShuttingDown(f"{self.name} is shutting down")
         if size > self.max_queue_size:
@@ -153,21 +213,59 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
                 f"a request of {size} items exceeds {self.name}'s queue of {self.max_queue_size}",
                 reason="REQUEST_TOO_LARGE",
             )
+        if budget is not None and nbytes > budget.max_bytes:
+            raise QueueFull(
+                f"a request of {nbytes} bytes exceeds the server's queue of "
+                f"{budget.max_bytes} bytes (send fewer or smaller images per call)",
+                reason="REQUEST_TOO_LARGE",
+            )
         if self._admitted + size > self.max_queue_size:
             self.stats.rejected += 1
-            retry_after = max(0.05, self._admitted * self._seconds_per_item)
+            retry_after = self.retry_after()
             raise QueueFull(
                 f"{self.name}: queue full ({self._admitted} of {self.max_queue_size} images "
                 f"waiting); retry in {retry_after:.2f}s",
                 retry_after=retry_after,
             )
+        if budget is not None and not budget.fits(nbytes):
+            self.stats.rejected += 1
+            self.stats.rejected_for_bytes += 1
+            retry_after = self.retry_after()
+            raise QueueFull(
+                f"{self.name}: queue full ({budget.in_use} of {budget.max_bytes} bytes "
+                f"waiting); retry in {retry_after:.2f}s",
+                retry_after=retry_after,
+            )
         self._admitted += size
         self._on_the_way += size
-        return Admission(self, size)
+        if budget is not None:
+            budget.in_use += nbytes
+        return Admission(self, size, nbytes, budget)
 
-    def _release(self, size: int, never_queued: int) -> None:
+    def retry_after(self) -> float:
+        """Seconds until the items admitted now are likely answered: the retry hint.
+
+        The items admitted times the recent pace of answers (seconds per item, measured from
+        admission to release while busy, so decoding counts as well as the forward pass); at
+        least `MIN_RETRY_AFTER_S`, at most `MAX_RETRY_AFTER_S`.
+        """
+        estimate = self._admitted * self._seconds_per_item
+        return min(MAX_RETRY_AFTER_S, max(MIN_RETRY_AFTER_S, estimate))
+
+    def _release(self, size: int, never_queued: int, admitted_at: float) -> None:
         self._admitted -= size
         self._on_the_way -= never_queued
+        if size:
+            # Time since the previous answer, or since this request came in if that was
+            # later (the batcher may have been idle between): the busy time of these items.
+            now = time.monotonic()
+            per_item = (now - max(self._last_release, admitted_at)) / size
+            self._last_release = now
+            self._seconds_per_item = (
+                0.8 * self._seconds_per_item + 0.2 * per_item
+                if self._seconds_per_item
+                else per_item
+            )
         # The loop may be waiting for these items, or to see the last request out.
         self._wakeup.set()
 
@@ -248,8 +346,6 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
                 continue
             elapsed = time.monotonic() - started
             self.stats.compute_seconds.observe(elapsed)
-            per_item = elapsed / len(live)
-            self._seconds_per_item = 0.8 * self._seconds_per_item + 0.2 * per_item
             for pending, result in zip(live, results, strict=True):
                 if not pending.future.done():
                     pending.future.set_result(result)

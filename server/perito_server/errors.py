@@ -3,16 +3,29 @@
 `ErrorInfo` carries the machine-readable reason, `BadRequest` names the fields at fault
 (`images[3]`), `RetryInfo` says when to try again. Handlers are wrapped in `maps_errors`, so
 they raise `PeritoError`s and never build statuses themselves.
+
+A status travels in HTTP/2 trailers: `grpc-message` (the message, percent-encoded) and
+`grpc-status-details-bin` (the `google.rpc.Status`, base64, holding the message again). gRPC
+clients refuse trailers over 8 KiB by default (`grpc.max_metadata_size`: past it calls fail at
+random, with RESOURCE_EXHAUSTED and the details dropped or disagreeing with the code; past the
+hard limit, 16 KiB, every call fails "Stream removed"). So `to_status` keeps every status
+within a budget whatever the error holds: the message cut to `MAX_MESSAGE_BYTES`, at most
+`MAX_VIOLATIONS` violations (then one "... and K more"), each description cut, and the
+whole serialized `Status` within `MAX_DETAILS_BYTES`; both trailers together stay under
+`MAX_TRAILER_BYTES`, well below 8 KiB. Caller-supplied strings quoted in messages go through
+`echo` first.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import functools
 import logging
+import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, NoReturn, TypeVar
 
 import grpc
@@ -41,29 +54,115 @@ GRPC_CODES: dict[ErrorCode, grpc.StatusCode] = {
 }
 
 
+# The size budget of a status (see the module docstring). UTF-8 bytes, before encoding.
+MAX_MESSAGE_BYTES = 400  # the status message (sent twice: grpc-message and in the Status)
+MAX_VIOLATIONS = 16  # BadRequest violations sent as they are; the rest become one summary
+MAX_FIELD_BYTES = 128  # a violation's field path
+MAX_DESCRIPTION_BYTES = 256  # a violation's description
+MAX_REASON_BYTES = 63  # ErrorInfo.reason, as google.rpc allows
+MAX_DETAILS_BYTES = 2560  # the serialized google.rpc.Status, details and all
+# Both trailers as sent: grpc-message percent-encoded (3 bytes per non-ASCII byte at worst),
+# grpc-status-details-bin in base64 (4 per 3), plus names and grpc-status.
+MAX_TRAILER_BYTES = 3 * MAX_MESSAGE_BYTES + 4 * -(-MAX_DETAILS_BYTES // 3) + 128
+# A caller-supplied string (an image id, a model name) quoted in a message keeps this many.
+ECHO_CHARS = 64
+ELLIPSIS = "…"
+
+
+def echo(text: str, limit: int = ECHO_CHARS) -> str:
+    """`text` as quoted back to its sender: its first `limit` characters, then '…' if cut."""
+    return text if len(text) <= limit else text[:limit] + ELLIPSIS
+
+
+def clip_utf8(text: str, max_bytes: int) -> str:
+    """`text` cut to at most `max_bytes` UTF-8 bytes, ending in '…' when cut."""
+    encoded = text.encode("utf-8", "replace")
+    if len(encoded) <= max_bytes:
+        return encoded.decode("utf-8")
+    room = max_bytes - len(ELLIPSIS.encode())
+    return encoded[:room].decode("utf-8", "ignore") + ELLIPSIS
+
+
 def _pack(message: Message) -> any_pb2.Any:
     packed = any_pb2.Any()
     packed.Pack(message)
     return packed
 
 
-def to_status(error: PeritoError) -> grpc.Status:
-    """The rich gRPC status for `error`."""
-    code = GRPC_CODES[error.code]
-    details = [_pack(error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN))]
-    if error.violations:
-        violations = [
-            error_details_pb2.BadRequest.FieldViolation(field=field, description=description)
-            for field, description in error.violations
-        ]
-        details.append(_pack(error_details_pb2.BadRequest(field_violations=violations)))
-    if error.retry_after is not None:
-        delay = duration_pb2.Duration()
-        delay.FromNanoseconds(int(error.retry_after * 1e9))
-        details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
-    status = status_pb2.Status(
-        code=getattr(code_pb2, code.name), message=error.message, details=details
+def _summary(omitted: Sequence[tuple[str, str]]) -> error_details_pb2.BadRequest.FieldViolation:
+    """One violation standing for the `omitted` ones: their count and first and last field."""
+    first, last = omitted[0][0], omitted[-1][0]
+    bases = {field.partition("[")[0].partition(".")[0] for field, _ in omitted}
+    span = f" ({first} to {last})" if len(omitted) > 1 else f" ({first})"
+    return error_details_pb2.BadRequest.FieldViolation(
+        field=clip_utf8(bases.pop() if len(bases) == 1 else "", MAX_FIELD_BYTES),
+        description=clip_utf8(f"... and {len(omitted)} more{span}", MAX_DESCRIPTION_BYTES),
     )
+
+
+def _bounded_violations(
+    violations: Sequence[tuple[str, str]], room: int
+) -> error_details_pb2.BadRequest:
+    """The first violations (at most `MAX_VIOLATIONS`, and as many as fit in `room`
+    serialized bytes), then one summarising the rest."""
+    kept = [
+        error_details_pb2.BadRequest.FieldViolation(
+            field=clip_utf8(field, MAX_FIELD_BYTES),
+            description=clip_utf8(description, MAX_DESCRIPTION_BYTES),
+        )
+        for field, description in violations[:MAX_VIOLATIONS]
+    ]
+    while True:
+        omitted = violations[len(kept) :]
+        summary = [_summary(omitted)] if omitted else []
+        bad = error_details_pb2.BadRequest(field_violations=[*kept, *summary])
+        if not kept or _packed_size(bad) <= room:
+            return bad
+        kept.pop()
+
+
+def _packed_size(message: Message) -> int:
+    """Bytes `message` adds to a Status's details: packed in an Any, tagged and sized."""
+    size = _pack(message).ByteSize()
+    return size + 1 + (size.bit_length() + 6) // 7
+
+
+def trailer_bytes(status: grpc.Status) -> int:
+    """Bytes `status` takes in HTTP/2 trailers as gRPC sends them (names, encoded values)."""
+    message = status.details.encode("utf-8")
+    # grpc-message: percent-encoding keeps printable ASCII except '%' (gRPC's HTTP/2 spec).
+    encoded = sum(1 if 0x20 <= b < 0x7F and b != 0x25 else 3 for b in message)
+    total = len("grpc-status") + 2 + len("grpc-message") + encoded
+    for key, value in status.trailing_metadata:
+        raw = value if isinstance(value, bytes) else value.encode()
+        total += len(key) + (len(base64.b64encode(raw)) if key.endswith("-bin") else len(raw))
+    return total
+
+
+def to_status(error: PeritoError) -> grpc.Status:
+    """The rich gRPC status for `error`, within the size budget (see the module docstring).
+
+    The message and each violation are cut to their budgets, violations beyond
+    `MAX_VIOLATIONS` (or beyond `MAX_DETAILS_BYTES`) are summarised in one last violation,
+    and the `Status` proto carries the same code and message as the call, so a client's
+    `rpc_status.from_call` accepts it.
+    """
+    code = GRPC_CODES[error.code]
+    message = clip_utf8(error.message or code.name, MAX_MESSAGE_BYTES)
+    info = error_details_pb2.ErrorInfo(
+        reason=clip_utf8(error.reason, MAX_REASON_BYTES), domain=DOMAIN
+    )
+    details = [_pack(info)]
+    if error.retry_after is not None and math.isfinite(error.retry_after):
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(int(max(error.retry_after, 0.0) * 1e9))
+        details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
+    status = status_pb2.Status(code=getattr(code_pb2, code.name), message=message, details=details)
+    if error.violations:
+        bad = _bounded_violations(error.violations, MAX_DETAILS_BYTES - status.ByteSize())
+        status = status_pb2.Status(
+            code=status.code, message=message, details=[details[0], _pack(bad), *details[1:]]
+        )
     return rpc_status.to_status(status)
 
 

@@ -20,7 +20,8 @@ from perito_core.imaging import ImageLimits, InputSpec, load_model_input
 from perito_core.manifest import ModelManifest
 from perito_core.registry import validate_model_name
 from perito_core.runtime import summarize
-from perito_server.errors import maps_errors, maps_stream_errors
+from perito_server.batcher import ByteBudget
+from perito_server.errors import echo, maps_errors, maps_stream_errors
 from perito_server.jobs import JobService
 from perito_server.metrics import ServerMetrics
 from perito_server.model_pool import ModelPool
@@ -30,9 +31,20 @@ log = logging.getLogger(__name__)
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
+# Longest caller-supplied names accepted, in characters; longer ones are refused before they
+# are used or quoted back (registry names are at most 63: this bounds what reaches that check).
+MAX_MODEL_NAME_CHARS = 128
+MAX_VERSION_CHARS = 128
+MAX_IMAGE_ID_CHARS = 256
+
 
 def _image_label(index: int, image_id: str) -> str:
-    return f"images[{index}] (id {image_id!r})" if image_id else f"images[{index}]"
+    """`images[3] (id 'claim-1.jpg')`, the id cut to `errors.ECHO_CHARS` characters."""
+    return f"images[{index}] (id {echo(image_id)!r})" if image_id else f"images[{index}]"
+
+
+def _too_long(field: str, length: int, limit: int) -> str:
+    return f"{field}: {length} characters; the limit is {limit}"
 
 
 class PeritoServicer(service_pb2_grpc.PeritoServicer):
@@ -49,6 +61,8 @@ class PeritoServicer(service_pb2_grpc.PeritoServicer):
         self.metrics = metrics
         self.limits: ImageLimits = settings.image_limits()
         self._decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
+        # Encoded request bytes admitted to any model's batcher and not yet answered.
+        self.queue_bytes = ByteBudget(settings.max_queue_bytes)
 
     def close(self) -> None:
         self._decode_pool.shutdown(wait=False, cancel_futures=True)
@@ -56,9 +70,24 @@ class PeritoServicer(service_pb2_grpc.PeritoServicer):
     # Classify
 
     def _validate(self, request: classify_pb2.ClassifyRequest) -> None:
+        """Refuse a malformed request before any work, naming the field at fault.
+
+        Raises:
+            InvalidArgument: a missing or over-long model name or version, no images or too
+                many, an image id over `MAX_IMAGE_ID_CHARS`, a bad `top_k` or threshold, an
+                image given by URI.
+        """
         if not request.model:
             raise InvalidArgument("model is required", field="model")
+        if len(request.model) > MAX_MODEL_NAME_CHARS:
+            raise InvalidArgument(
+                _too_long("model", len(request.model), MAX_MODEL_NAME_CHARS), field="model"
+            )
         validate_model_name(request.model)
+        if len(request.version) > MAX_VERSION_CHARS:
+            raise InvalidArgument(
+                _too_long("version", len(request.version), MAX_VERSION_CHARS), field="version"
+            )
         count = len(request.images)
         if count == 0:
             raise InvalidArgument("at least one image is required", field="images")
@@ -74,6 +103,15 @@ class PeritoServicer(service_pb2_grpc.PeritoServicer):
             raise InvalidArgument(
                 "confidence_threshold must be in [0, 1]", field="confidence_threshold"
             )
+        long_ids = [
+            (field, _too_long(field, len(image.id), MAX_IMAGE_ID_CHARS))
+            for index, image in enumerate(request.images)
+            if len(image.id) > MAX_IMAGE_ID_CHARS
+            for field in (f"images[{index}].id",)
+        ]
+        if long_ids:
+            more = f" (and {len(long_ids) - 1} more)" if len(long_ids) > 1 else ""
+            raise InvalidArgument(long_ids[0][1] + more, field=long_ids[0][0], violations=long_ids)
         for index, image in enumerate(request.images):
             if image.WhichOneof("source") != "content":
                 raise InvalidArgument(
@@ -113,12 +151,29 @@ class PeritoServicer(service_pb2_grpc.PeritoServicer):
     async def Classify(
         self, request: classify_pb2.ClassifyRequest, context: Context
     ) -> classify_pb2.ClassifyResponse:
+        """Classify the request's images inside the call deadline, results in order.
+
+        Admission is by images (`max_queue_size`, per model) and by encoded request bytes
+        (`max_queue_bytes`, server-wide), reserved before decoding.
+
+        Raises (as statuses, through `maps_errors`):
+            InvalidArgument: a malformed request (see `_validate`) or undecodable images,
+                each named in the violations.
+            NotFound: no such model, version or alias.
+            QueueFull: no room for the request now (RESOURCE_EXHAUSTED with a retry hint),
+                or it can never fit (reason REQUEST_TOO_LARGE).
+            DeadlineExceeded: the deadline passed while its images waited.
+            ShuttingDown: the server is draining.
+        """
         self._validate(request)
         served = await self.pool.get(request.model, request.version)
         manifest = served.model.manifest
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
-        with served.batcher.admit(len(request.images)) as admission:
+        admit = served.batcher.admit(
+            len(request.images), nbytes=request.ByteSize(), budget=self.queue_bytes
+        )
+        with admit as admission:
             with tracing.span("perito.decode", images=len(request.images)):
                 inputs = await self._decode_all(request, manifest.input.spec())
             with tracing.span("perito.batch", model=served.name, version=served.version):
@@ -175,6 +230,13 @@ class PeritoServicer(service_pb2_grpc.PeritoServicer):
     @maps_errors
     async def CancelJob(self, request: jobs_pb2.CancelJobRequest, context: Context) -> jobs_pb2.Job:
         return await self.jobs.cancel(request.job_id)
+
+    @maps_errors
+    async def DeleteJob(
+        self, request: jobs_pb2.DeleteJobRequest, context: Context
+    ) -> jobs_pb2.DeleteJobResponse:
+        await self.jobs.delete(request.job_id)
+        return jobs_pb2.DeleteJobResponse()
 
     # Models
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 
 from perito_core.settings import CommonSettings
 
@@ -30,13 +31,33 @@ class ServerSettings(CommonSettings):
     max_queue_size: int = Field(256, ge=1, description="images admitted and not yet answered")
     max_images_per_request: int = Field(64, ge=1)
     max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    # Encoded bytes, not decoded pixels: the serialized size of every admitted `Classify`
+    # request, server-wide, until it is answered. It is known before any work is done (decoded
+    # sizes are not, until each header is read), it is what grows with callers (gRPC holds each
+    # request message until its call ends), and decoded memory is already bounded by images
+    # (`max_queue_size` model inputs of fixed size, `decode_threads` full-size decodes at a
+    # time). Keep it at least `max_message_bytes`, or the largest requests never fit.
+    max_queue_bytes: int = Field(
+        256 * 1024 * 1024,
+        ge=1,
+        description="encoded request bytes admitted and not yet answered, server-wide",
+    )
+    # gRPC's own bound on calls in progress at once (every method, health checks included);
+    # beyond it gRPC answers RESOURCE_EXHAUSTED itself, without a retry hint. Keep it well
+    # above the callers the queues admit, so overload is shed by `max_queue_size` /
+    # `max_queue_bytes` (with a hint) and probes still get through.
+    max_concurrent_rpcs: int = Field(1000, ge=1, description="calls in progress at once")
     default_top_k: int = Field(5, ge=1)
 
     results_uri: str = Field("./var/results", description="default output location of jobs")
     # Each chunk drains the decode pipeline and costs a broker round trip: 64 gave 0.89x raw,
     # 256 gives 0.95x (bench/bulk.py); 256 images take ~3 s on 2 CPU cores.
     job_chunk_size: int = Field(256, ge=1, le=10_000)
+    # A request's chunk_size is clamped to this: a chunk must finish well inside its time
+    # limit and renew its lease, and one delivery should not hold a worker for long.
+    max_job_chunk_size: int = Field(1024, ge=1, le=10_000)
     max_job_items: int = Field(1_000_000, ge=1)
+    max_manifest_bytes: int = Field(256 * 1024 * 1024, ge=1)
 
     grace_s: float = Field(10.0, ge=0, description="how long in-flight calls get on shutdown")
 
@@ -46,3 +67,27 @@ class ServerSettings(CommonSettings):
     # Bearer tokens accepted in `authorization` metadata (env: a JSON list). Empty: no auth.
     # Health checks and reflection stay open so probes and grpcurl work.
     auth_tokens: list[SecretStr] = Field(default_factory=list)
+
+    # Jobs: how long a finished job's record and item results are kept (env
+    # PERITO_JOB_RETENTION: seconds, a number with s / m / h / d, or ISO 8601 such as P7D),
+    # and how often the watchdog sweeps.
+    job_retention: timedelta = Field(timedelta(days=7), ge=timedelta(seconds=1))
+    watchdog_interval_s: float = Field(5.0, gt=0, description="0 < s; the job watchdog's period")
+    submit_threads: int = Field(4, ge=1, description="threads that list and record new jobs")
+    # A Redis that evicts keys under memory pressure silently loses jobs and queued chunks:
+    # the server refuses to start against one unless this is set.
+    allow_evicting_redis: bool = False
+
+    @field_validator("job_retention", mode="before")
+    @classmethod
+    def _duration(cls, value: object) -> object:
+        """'90', '90s', '15m', '24h', '7d' -> seconds; anything else is left to pydantic."""
+        if isinstance(value, str):
+            text = value.strip().lower()
+            units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+            number, unit = (text[:-1], units[text[-1]]) if text[-1:] in units else (text, 1)
+            try:
+                return timedelta(seconds=float(number) * unit)
+            except ValueError:
+                return value
+        return value

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from perito_core.errors import DeadlineExceeded, QueueFull, ShuttingDown
-from perito_server.batcher import DynamicBatcher
+from perito_server.batcher import ByteBudget, DynamicBatcher
 
 
 class FakeModel:
@@ -107,6 +107,55 @@ async def test_a_request_larger_than_the_queue_is_refused_outright() -> None:
     batcher = DynamicBatcher(FakeModel(), max_batch_size=2, max_queue_delay=0.0, max_queue_size=4)
     with pytest.raises(QueueFull, match="exceeds"):
         batcher.admit(5)
+
+
+async def test_admission_is_bounded_by_bytes_shared_across_batchers() -> None:
+    budget = ByteBudget(1000)
+    first = DynamicBatcher(FakeModel(), max_batch_size=2, max_queue_delay=0.0, max_queue_size=8)
+    second = DynamicBatcher(FakeModel(), max_batch_size=2, max_queue_delay=0.0, max_queue_size=8)
+    with first.admit(1, nbytes=700, budget=budget):
+        assert budget.in_use == 700
+        with pytest.raises(QueueFull, match="bytes waiting") as caught:
+            second.admit(1, nbytes=400, budget=budget)  # room for images, not for bytes
+        assert caught.value.retry_after is not None and caught.value.retry_after > 0
+        assert caught.value.reason == "QUEUE_FULL"
+        with second.admit(8, nbytes=300, budget=budget):  # the refusal reserved nothing
+            assert budget.in_use == 1000
+    assert budget.in_use == 0
+    assert (second.stats.rejected, second.stats.rejected_for_bytes) == (1, 1)
+    with second.admit(8, nbytes=1000, budget=budget):  # released on exit: room again
+        pass
+
+
+async def test_a_refusal_for_images_reserves_no_bytes() -> None:
+    budget = ByteBudget(1000)
+    batcher = DynamicBatcher(FakeModel(), max_batch_size=2, max_queue_delay=0.0, max_queue_size=4)
+    with batcher.admit(4, nbytes=10, budget=budget):
+        with pytest.raises(QueueFull, match="images waiting"):
+            batcher.admit(1, nbytes=10, budget=budget)
+        assert budget.in_use == 10
+    assert budget.in_use == 0
+
+
+async def test_a_request_larger_than_the_byte_budget_is_refused_outright() -> None:
+    batcher = DynamicBatcher(FakeModel(), max_batch_size=2, max_queue_delay=0.0, max_queue_size=4)
+    with pytest.raises(QueueFull, match="exceeds") as caught:
+        batcher.admit(1, nbytes=1001, budget=ByteBudget(1000))
+    assert caught.value.reason == "REQUEST_TOO_LARGE"
+    assert caught.value.retry_after is None  # it never fits: retrying would not help
+
+
+async def test_the_retry_hint_grows_with_the_backlog() -> None:
+    model = FakeModel(seconds=0.02)
+    batcher = DynamicBatcher(model, max_batch_size=1, max_queue_delay=0.0, max_queue_size=64)
+    batcher.start()
+    await asyncio.gather(*(classify(batcher, [i]) for i in range(5)))  # learn the pace
+    with batcher.admit(60), pytest.raises(QueueFull) as caught:
+        batcher.admit(10)
+    # 60 images at ~20 ms each: about 1.2 s, not the 50 ms floor.
+    assert caught.value.retry_after is not None
+    assert 0.3 < caught.value.retry_after < 5
+    await batcher.close()
 
 
 async def test_expired_items_are_dropped_before_they_run() -> None:

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 import pytest
+from google.protobuf import any_pb2
+from google.protobuf.message import Message
+from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 import perito
 from perito._errors import from_rpc_error
@@ -118,3 +123,93 @@ class _Status(grpc.Status):
         self.code = code
         self.details = details
         self.trailing_metadata = trailing
+
+
+def _details_bin(code: int, message: str = "bad", *details: Message) -> tuple[str, bytes]:
+    packed = []
+    for detail in details:
+        any_detail = any_pb2.Any()
+        any_detail.Pack(detail)
+        packed.append(any_detail)
+    status = status_pb2.Status(code=code, message=message, details=packed)
+    return ("grpc-status-details-bin", status.SerializeToString())
+
+
+BAD_REQUEST = error_details_pb2.BadRequest(
+    field_violations=[error_details_pb2.BadRequest.FieldViolation(field="images[0]")]
+)
+
+
+@pytest.mark.parametrize(
+    "trailers",
+    [
+        # What a client saw when the trailers went over its metadata limit: the call failed
+        # RESOURCE_EXHAUSTED, the status it still carried said INVALID_ARGUMENT.
+        (_details_bin(code_pb2.INVALID_ARGUMENT, "bad", BAD_REQUEST),),
+        (("grpc-status-details-bin", b"\xff\x00 not a protobuf"),),
+        (("grpc-status-details-bin", "a str, not bytes"),),
+        None,
+        (),
+    ],
+    ids=["code-mismatch", "garbage", "not-bytes", "no-trailers", "empty"],
+)
+def test_a_status_that_cannot_be_trusted_falls_back_to_code_and_message(
+    trailers: tuple[tuple[str, object], ...] | None,
+) -> None:
+    detail = "Stream removed (received metadata size exceeds soft limit (11023 vs. 8192))"
+    error = from_rpc_error(
+        FakeRpcError(_Status(grpc.StatusCode.RESOURCE_EXHAUSTED, detail, trailers))  # type: ignore[arg-type]
+    )
+    assert type(error) is perito.ResourceExhaustedError
+    assert error.message == detail
+    assert error.violations == () and error.reason == "" and error.retry_after is None
+
+
+def test_a_message_that_differs_from_the_status_keeps_the_details() -> None:
+    trailers = (_details_bin(code_pb2.INVALID_ARGUMENT, "the server's words", BAD_REQUEST),)
+    error = from_rpc_error(
+        FakeRpcError(_Status(grpc.StatusCode.INVALID_ARGUMENT, "other words", trailers))
+    )
+    assert type(error) is perito.InvalidArgumentError
+    assert error.message == "other words"
+    assert [v.field for v in error.violations] == ["images[0]"]
+
+
+def test_one_unreadable_detail_does_not_spoil_the_others() -> None:
+    broken = any_pb2.Any(
+        type_url="type.googleapis.com/google.rpc.BadRequest", value=b"\xff\xff\xff"
+    )
+    retry = error_details_pb2.RetryInfo()
+    retry.retry_delay.FromMilliseconds(250)
+    packed_retry = any_pb2.Any()
+    packed_retry.Pack(retry)
+    status = status_pb2.Status(
+        code=code_pb2.RESOURCE_EXHAUSTED, message="full", details=[broken, packed_retry]
+    )
+    trailers = (("grpc-status-details-bin", status.SerializeToString()),)
+    error = from_rpc_error(
+        FakeRpcError(_Status(grpc.StatusCode.RESOURCE_EXHAUSTED, "full", trailers))
+    )
+    assert type(error) is perito.ResourceExhaustedError
+    assert error.retry_after == pytest.approx(0.25)
+
+
+class _BrokenCall(grpc.RpcError):
+    """An RpcError whose accessors fail or answer nonsense."""
+
+    def code(self) -> Any:
+        return "not a StatusCode"
+
+    def details(self) -> str:
+        raise RuntimeError("no details")
+
+    def trailing_metadata(self) -> Any:
+        raise RuntimeError("no trailers")
+
+
+@pytest.mark.parametrize("raised", [grpc.RpcError("bare"), _BrokenCall()], ids=["bare", "broken"])
+def test_an_rpc_error_without_a_call_becomes_unknown(raised: grpc.RpcError) -> None:
+    error = from_rpc_error(raised)
+    assert type(error) is perito.PeritoError
+    assert error.code is grpc.StatusCode.UNKNOWN
+    assert error.message == "UNKNOWN"
