@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import signal
 import time
 from collections.abc import Iterator
@@ -108,6 +109,8 @@ def bulk(
         local_roots=[work],
         job_chunk_size=50,
         visibility_timeout_s=10,
+        watchdog_interval_s=1,
+        lease_ttl_s=3,
     )
     worker_env = subprocess_env(
         PERITO_REDIS_URL=redis_url,
@@ -116,6 +119,7 @@ def bulk(
         PERITO_CACHE_DIR=str(work / "worker-cache"),
         PERITO_LOCAL_ROOTS=json.dumps([str(work)]),
         PERITO_VISIBILITY_TIMEOUT_S="10",
+        PERITO_LEASE_TTL_S="3",
         PERITO_NICE="0",
     )
     with ServerThread(settings) as server, perito.Client(server.target, timeout=60) as client:
@@ -319,7 +323,7 @@ def test_a_chunk_that_keeps_killing_workers_is_dead_lettered(bulk: Bulk, redis_u
 
     store = JobStore.connect(redis_url)
     items = [ItemInput(id=n, uri=f"s3://inspections/fmnist/{n}") for n in sorted(bulk.truth)[:8]]
-    job = store.create(
+    job, _ = store.create(
         model="fashion",
         model_version="1",
         items=items,
@@ -330,8 +334,9 @@ def test_a_chunk_that_keeps_killing_workers_is_dead_lettered(bulk: Bulk, redis_u
         chunk_size=8,
         labels={},
     )
-    for _ in range(3):  # three deliveries that died without a trace
-        store.count_attempt(job.id, 0)
+    for attempt in range(3):  # three workers took it and died without a trace
+        store.acquire_chunk(job.id, 0, f"dead-worker-{attempt}", ttl_s=0.001)
+        time.sleep(0.01)
     settings = WorkerSettings(
         redis_url=redis_url,
         registry=REGISTRY,
@@ -344,11 +349,68 @@ def test_a_chunk_that_keeps_killing_workers_is_dead_lettered(bulk: Bulk, redis_u
     after = store.get(job.id)
     assert (after.failed, after.succeeded) == (8, 0)
     assert finalized == [job.id]
-    assert "dead-lettered" in store.results(job.id, 0, 1)[0].error
+    error = store.results(job.id, 0, 1)[0].error
+    assert "dead-lettered" in error and "started 3 times" in error and "killed" in error
     letters = [json.loads(x) for x in store.redis.lrange("perito:dead-letter", 0, -1)]
     assert {"job_id": job.id, "chunk": 0} in [
         {"job_id": x["job_id"], "chunk": x["chunk"]} for x in letters
     ]
+
+
+def test_odd_files_in_a_folder_job_fail_alone_and_the_job_ends_within_seconds(
+    bulk: Bulk,
+) -> None:
+    folder = bulk.work / "odd-files"
+    folder.mkdir()
+    names = sorted(bulk.image_bytes)[:4]
+    for name in names:
+        (folder / name).write_bytes(bulk.image_bytes[name])
+    (folder / "outside.png").symlink_to("/etc/hostname")  # a symlink out of the allowed root
+    (folder / "x.jpg").mkdir()  # a directory named like a photo
+    os.mkfifo(folder / "pipe.png")  # reading it would block forever
+    with (folder / "sparse.png").open("wb") as sparse:  # 2 GB, no disk used
+        sparse.truncate(2 * 1024**3)
+    started = time.monotonic()
+    job = bulk.client.submit_job(folder, model="fashion").wait(60)
+    seconds = time.monotonic() - started
+    assert job.state is perito.JobState.PARTIALLY_SUCCEEDED, job
+    assert (job.total, job.succeeded, job.failed) == (8, 4, 4)
+    failed = {Path(r.uri).name: r.error for r in bulk.client.job(job.id).results(failed_only=True)}
+    assert set(failed) == {"outside.png", "x.jpg", "pipe.png", "sparse.png"}, failed
+    assert "not under an allowed local root" in failed["outside.png"]
+    assert "TOO_LARGE" in failed["sparse.png"]
+    assert seconds < 20, seconds
+
+
+def test_a_retried_submission_with_the_same_request_id_makes_one_job(bulk: Bulk) -> None:
+    uris = [f"s3://inspections/fmnist/{n}" for n in sorted(bulk.truth)[:5]]
+    first = bulk.client.submit_job(uris, model="fashion", request_id="claim-7f3a")
+    again = bulk.client.submit_job(uris, model="fashion", request_id="claim-7f3a")
+    assert again.id == first.id
+    assert first.wait(60).state is perito.JobState.SUCCEEDED
+    other = bulk.client.submit_job(uris, model="fashion")
+    assert other.id != first.id
+    with pytest.raises(perito.InvalidArgumentError, match="request_id"):
+        bulk.client.submit_job(uris, model="fashion", request_id="not/a valid id")
+
+
+def test_an_unwritable_output_location_is_refused_at_submission(bulk: Bulk) -> None:
+    uris = [f"s3://inspections/fmnist/{n}" for n in sorted(bulk.truth)[:2]]
+    with pytest.raises(perito.FailedPreconditionError, match="output_uri") as caught:
+        bulk.client.submit_job(uris, model="fashion", output_uri="s3://no-such-bucket/x")
+    assert "does not exist" in str(caught.value)
+
+
+def test_a_deleted_job_is_gone_and_its_results_file_stays(bulk: Bulk, redis_url: str) -> None:
+    uris = [f"s3://inspections/fmnist/{n}" for n in sorted(bulk.truth)[:3]]
+    job = bulk.client.submit_job(uris, model="fashion").wait(60)
+    bulk.client.delete_job(job.id)
+    with pytest.raises(perito.NotFoundError):
+        bulk.client.get_job(job.id)
+    assert not JobStore.connect(redis_url).redis.keys(f"perito:job:{job.id}*")
+    assert len(bulk.results_file(job)) == 3
+    with pytest.raises(perito.NotFoundError):
+        bulk.client.delete_job(job.id)
 
 
 def test_unknown_jobs_are_not_found(bulk: Bulk) -> None:
