@@ -3,24 +3,86 @@
 Every image passes `decode_image` before it reaches a model, so that a bad upload becomes a
 clear `InvalidImage` naming the check it failed instead of a crash, a hang or a wrong answer.
 Training, serving and the workers all use `load_model_input`, so a model sees its pixels
-prepared the same way everywhere.
+prepared the same way everywhere: the same accepted formats (`ACCEPTED_FORMATS`, decided by
+content, never by file name), EXIF orientation applied, embedded colour profiles converted to
+sRGB, alpha composited on white, and every bit depth brought to 8-bit RGB.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from perito_core.errors import InvalidImage
 
 ResizeMode = Literal["center_crop", "squash"]
 Interpolation = Literal["nearest", "bilinear", "bicubic"]
+
+
+def _register_heif_opener() -> bool:
+    """Teach Pillow HEIC/HEIF (iPhone photos) through `pillow-heif`, once, at import.
+
+    The package is a dependency of the server, worker and training installs; without it this
+    module still imports and HEIC files are refused as NOT_AN_IMAGE.
+    """
+    try:
+        from pillow_heif import register_heif_opener
+    except ImportError:  # pragma: no cover - the serve extra installs it
+        return False
+    # Never decode an embedded thumbnail in place of the photo (see _SCALED_DECODE_FORMATS).
+    register_heif_opener(thumbnails=False)
+    return True
+
+
+HEIF_SUPPORTED = _register_heif_opener()
+
+ACCEPTED_FORMATS: tuple[str, ...] = (
+    "JPEG",
+    "MPO",
+    "PNG",
+    "WEBP",
+    "GIF",
+    "BMP",
+    "TIFF",
+    "HEIF",
+    "AVIF",
+)
+"""Pillow format names `decode_image` opens; anything else is NOT_AN_IMAGE. MPO is the JPEG
+variant with extra embedded pictures (many Samsung, Fujifilm, Sony and iPhone portrait photos);
+HEIF covers `.heic`/`.heif` files (through `pillow-heif`)."""
+
+ACCEPTED_FORMATS_TEXT = "JPEG (and MPO), PNG, WebP, GIF, BMP, TIFF, HEIC/HEIF or AVIF"
+"""`ACCEPTED_FORMATS` for people: named in error messages and docs."""
+
+
+def _openers() -> tuple[str, ...]:
+    """The formats to let `Image.open` try: Pillow's JPEG opener also yields MPO files, and a
+    format whose plugin is missing from this install is left out."""
+    Image.init()
+    return tuple(name for name in ACCEPTED_FORMATS if name in Image.OPEN)
+
+
+_OPENERS = _openers()
+
+# Formats whose decoder can decode straight to a reduced size: libjpeg's DCT scaling, for the
+# JPEG family. HEIF is not among them: its HEVC decoder has no scaled mode, and what
+# pillow-heif offers instead (decoding an embedded thumbnail) swaps in a different, separately
+# encoded picture of unknown quality: libheif scales its thumbnails by nearest neighbour, which
+# moved model inputs by 3-6/255 on average (up to 100) against the full decode. iPhone
+# thumbnails (320x240) are too small for a 256-pixel resize anyway.
+_SCALED_DECODE_FORMATS = frozenset({"JPEG", "MPO"})
+
+# Rows per strip when high bit-depth pixels are brought to 8 bits: about 1M pixels at a time,
+# so the numpy working memory stays a few MiB whatever the image size.
+_STRIP_PIXELS = 1 << 20
 
 _RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
@@ -58,20 +120,78 @@ class InputSpec:
     interpolation: Interpolation = "bilinear"
 
 
+@dataclass(frozen=True)
+class DecodeInfo:
+    """What `decode_image_with_info` found besides the pixels.
+
+    Attributes:
+        format: Pillow's name of the file's format, one of `ACCEPTED_FORMATS`.
+        frames: frames (or pages, or images) in the file; 1 for a still photo. Only the first
+            (the primary image) is decoded.
+        icc_converted: True when an embedded colour profile other than sRGB was converted to
+            sRGB.
+    """
+
+    format: str
+    frames: int
+    icc_converted: bool
+
+    @property
+    def first_frame_only(self) -> bool:
+        """True when the file holds several pictures and only the first was classified (an
+        animated GIF / WebP / PNG, a multi-page TIFF, a HEIF burst). An MPO's extra pictures
+        (previews, depth or stereo views of the same shot) do not count."""
+        return self.frames > 1 and self.format != "MPO"
+
+
 def decode_image(
     data: bytes, limits: ImageLimits = ImageLimits(), *, min_size: tuple[int, int] | None = None
 ) -> Image.Image:
-    """Decode and validate image bytes into an upright 8-bit RGB image.
+    """Decode and validate image bytes into an upright 8-bit sRGB image.
+
+    The same as `decode_image_with_info`, without the information.
 
     Args:
-        data: the encoded file: JPEG, PNG, WebP, GIF, BMP, TIFF.
+        data: the encoded file, in one of `ACCEPTED_FORMATS` (decided by content).
         limits: size bounds checked before the pixels are decoded.
-        min_size: if given, a JPEG may be decoded at a reduced scale (libjpeg DCT scaling)
-            as long as both sides stay at least this large: much faster for big photos.
+        min_size: if given, a JPEG or MPO may be decoded at a reduced scale (libjpeg DCT
+            scaling) as long as both sides stay at least this large: much faster for big
+            photos.
+
+    Returns:
+        A loaded PIL image in mode "RGB" (8 bits per channel, sRGB).
 
     Raises:
         InvalidImage: with `reason` EMPTY, TOO_LARGE, NOT_AN_IMAGE, DECOMPRESSION_BOMB,
-            BAD_DIMENSIONS, TRUNCATED or UNSUPPORTED_MODE.
+            BAD_DIMENSIONS, TRUNCATED, CORRUPT or UNSUPPORTED_MODE.
+    """
+    image, _ = decode_image_with_info(data, limits, min_size=min_size)
+    return image
+
+
+def decode_image_with_info(
+    data: bytes, limits: ImageLimits = ImageLimits(), *, min_size: tuple[int, int] | None = None
+) -> tuple[Image.Image, DecodeInfo]:
+    """Decode and validate image bytes into an upright 8-bit sRGB image, saying what it was.
+
+    In order: the byte and header checks (the pixel count is checked from the header, before
+    anything is decoded), the reduced-scale decode when allowed, the first frame only, EXIF
+    orientation, high bit depths scaled to 8 bits, the embedded ICC profile converted to sRGB
+    (a profile that cannot be read leaves the pixels as stored), alpha composited on white.
+
+    Args:
+        data: the encoded file, in one of `ACCEPTED_FORMATS` (decided by content).
+        limits: size bounds checked before the pixels are decoded.
+        min_size: if given, a JPEG or MPO may be decoded at a reduced scale (libjpeg DCT
+            scaling) as long as both sides stay at least this large.
+
+    Returns:
+        The image (a loaded PIL image in mode "RGB", 8 bits per channel, sRGB) and a
+        `DecodeInfo` (format, frame count, whether a colour profile was converted).
+
+    Raises:
+        InvalidImage: with `reason` EMPTY, TOO_LARGE, NOT_AN_IMAGE, DECOMPRESSION_BOMB,
+            BAD_DIMENSIONS, TRUNCATED, CORRUPT or UNSUPPORTED_MODE.
     """
     if not data:
         raise InvalidImage("image is empty (0 bytes)", reason="EMPTY")
@@ -83,19 +203,27 @@ def decode_image(
         with warnings.catch_warnings():
             # Our own pixel limit below is the bound; PIL's warning is noise beside it.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image: Image.Image = Image.open(io.BytesIO(data))
+            image: Image.Image = Image.open(io.BytesIO(data), formats=_OPENERS)
     except UnidentifiedImageError:
-        raise InvalidImage(
-            "not a recognised image format (expected JPEG, PNG, WebP, GIF, BMP or TIFF)",
-            reason="NOT_AN_IMAGE",
-        ) from None
+        claimed = _claimed_format(data)
+        if claimed is not None:  # its header says what it is, but its body cannot be read
+            raise InvalidImage(
+                f"image data is damaged: the file starts as {claimed} but cannot be read "
+                "(cut short or corrupt)",
+                reason="CORRUPT",
+            ) from None
+        raise _not_an_image() from None
     except Image.DecompressionBombError as exc:
         raise InvalidImage(str(exc), reason="DECOMPRESSION_BOMB") from None
-    except (OSError, SyntaxError, ValueError) as exc:
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        if _claimed_format(data) is None:  # a weak match ("BM..." text taken for a bitmap)
+            raise _not_an_image() from None
         raise _damaged(exc) from None
 
     _check_dimensions(image.size, limits)
-    if min_size is not None and image.format == "JPEG":
+    image_format = image.format or ""
+    frames = _frame_count(image)
+    if min_size is not None and image_format in _SCALED_DECODE_FORMATS:
         image.draft("RGB", min_size)
     try:
         with warnings.catch_warnings():
@@ -105,14 +233,57 @@ def decode_image(
         raise InvalidImage(str(exc), reason="DECOMPRESSION_BOMB") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise _damaged(exc) from None
+    icc_profile = image.info.get("icc_profile")
     # A broken EXIF block must not cost the image: it is then used as stored.
     with contextlib.suppress(Exception):
         image = ImageOps.exif_transpose(image)
-    return _to_rgb(image)
+    image = _to_8_bit(image)
+    image, icc_converted = _to_srgb(image, icc_profile)
+    info = DecodeInfo(format=image_format, frames=frames, icc_converted=icc_converted)
+    return _flatten(image), info
+
+
+def _frame_count(image: Image.Image) -> int:
+    """How many frames the file holds, leaving it on the one it opened on (the first, or a
+    HEIF's primary image); 1 if the count is unreadable (damaged later frames do not cost
+    the first one)."""
+    current = image.tell()
+    try:
+        frames = int(getattr(image, "n_frames", 1))
+    except Exception:  # noqa: BLE001 - any decoder failure here only loses the count
+        frames = 1
+    if image.tell() != current:  # Pillow's n_frames seeks back itself; a failure may not
+        try:
+            image.seek(current)
+        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+            raise _damaged(exc) from None
+    return max(frames, 1)
+
+
+def _not_an_image() -> InvalidImage:
+    return InvalidImage(
+        f"not a recognised image format (accepted: {ACCEPTED_FORMATS_TEXT})",
+        reason="NOT_AN_IMAGE",
+    )
+
+
+def _claimed_format(data: bytes) -> str | None:
+    """The accepted format whose signature `data` starts with, if any. BMP's two-letter
+    signature ("BM") is too weak to call a text file a damaged bitmap."""
+    prefix = data[:16]
+    for name in _OPENERS:
+        if name == "BMP":
+            continue
+        accept = Image.OPEN[name][1]
+        with contextlib.suppress(Exception):
+            if accept is not None and accept(prefix) is True:
+                return "HEIC/HEIF" if name == "HEIF" else name
+    return None
 
 
 def _damaged(exc: BaseException) -> InvalidImage:
-    truncated = "truncated" in str(exc).lower()
+    text = str(exc).lower()
+    truncated = "truncated" in text or "end of file" in text
     return InvalidImage(
         f"image data is damaged{' (the file is cut short)' if truncated else ''}: {exc}",
         reason="TRUNCATED" if truncated else "CORRUPT",
@@ -142,26 +313,22 @@ def _check_dimensions(size: tuple[int, int], limits: ImageLimits) -> None:
         )
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """Bring any PIL mode to 8-bit RGB: alpha over white, 16-bit scaled, CMYK converted."""
+def _to_8_bit(image: Image.Image) -> Image.Image:
+    """Bring any PIL mode to one of L, LA, RGB, RGBA, CMYK with 8 bits per channel, the modes
+    a colour profile can be applied to: palettes expanded, 16-bit and float scaled."""
     mode = image.mode
-    if mode == "RGB":
+    if mode in ("L", "LA", "RGB", "RGBA", "CMYK"):
         return image
+    if mode == "1":
+        return image.convert("L")
     if mode == "P":
-        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
-        mode = image.mode
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
+        return image.convert("RGBA" if image.has_transparency_data else "RGB")
+    if mode in ("PA", "RGBa"):
+        return image.convert("RGBA")
+    if mode == "La":
+        return image.convert("LA")
     if mode.startswith("I;16") or mode in ("I", "F"):
-        pixels = np.asarray(image, dtype=np.float64)
-        if mode == "F":
-            scale = 255.0 if pixels.max(initial=0.0) <= 1.0 else 1.0
-        else:
-            scale = 255.0 / 65535.0 if pixels.max(initial=0.0) > 255 else 1.0
-        grey = np.clip(pixels * scale + 0.5, 0, 255).astype(np.uint8)
-        return Image.fromarray(grey).convert("RGB")
+        return _high_depth_to_l(image)
     try:
         return image.convert("RGB")
     except (ValueError, OSError) as exc:
@@ -170,8 +337,133 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         ) from None
 
 
+def _high_depth_to_l(image: Image.Image) -> Image.Image:
+    """A 16-bit, 32-bit integer or float greyscale image as 8-bit "L", in bounded memory.
+
+    16-bit values are scaled from 0..65535 (or kept when they all fit in 0..255, an 8-bit
+    image stored in a 16-bit container); floats are scaled from 0..1 when they all fit in it,
+    else clipped to 0..255. The work goes in strips of about 1M pixels with uint32 / float32
+    arithmetic, so the only whole-image buffer is the 8-bit result (never a float64 copy).
+    """
+    width, height = image.size
+    is_float = image.mode == "F"
+    if is_float:  # NaN would spoil getextrema: a first pass over the finite values
+        high = max(
+            (float(strip[np.isfinite(strip)].max(initial=0.0)) for _, strip in _strips(image)),
+            default=0.0,
+        )
+    else:
+        _, high = cast("tuple[float, float]", image.getextrema())  # no copy of the pixels
+    scale_unit = is_float and high <= 1.0
+    scale_16_bit = not is_float and high > 255
+    out = np.empty((height, width), dtype=np.uint8)
+    for top, strip in _strips(image):
+        bottom = top + strip.shape[0]
+        if is_float:
+            values = strip.astype(np.float32)
+            np.nan_to_num(values, copy=False, nan=0.0, posinf=255.0, neginf=0.0)
+            if scale_unit:
+                values *= np.float32(255.0)
+            values += np.float32(0.5)
+            np.clip(values, 0.0, 255.0, out=values)
+            out[top:bottom] = values  # truncating after +0.5: rounding
+        elif scale_16_bit:
+            wide = np.clip(strip, 0, 65535).astype(np.uint32)
+            # round(x * 255 / 65535), exactly, in integers.
+            wide *= np.uint32(255)
+            wide += np.uint32(32767)
+            wide //= np.uint32(65535)
+            out[top:bottom] = wide
+        else:
+            out[top:bottom] = np.clip(strip, 0, 255)
+    return Image.fromarray(out)
+
+
+def _strips(image: Image.Image) -> Iterator[tuple[int, np.ndarray]]:
+    """The image's pixels as numpy arrays of about `_STRIP_PIXELS` each: (top row, rows)."""
+    width, height = image.size
+    rows = max(1, _STRIP_PIXELS // width)
+    for top in range(0, height, rows):
+        yield top, np.asarray(image.crop((0, top, width, min(height, top + rows))))
+
+
+def _to_srgb(image: Image.Image, icc_profile: object) -> tuple[Image.Image, bool]:
+    """Convert pixels from their embedded ICC profile to sRGB (perceptual intent).
+
+    Returns the image and whether it was converted. No profile, an sRGB profile, a profile
+    that does not match the pixels (a greyscale profile on colour pixels) or one that cannot
+    be read all leave the image as stored: a broken profile must not cost the image.
+    """
+    if not isinstance(icc_profile, bytes) or not icc_profile:
+        return image, False
+    try:
+        transform = _srgb_transform(icc_profile, image.mode)
+        if transform is None:
+            return image, False
+        converted = ImageCms.applyTransform(image, transform)
+    except Exception:  # noqa: BLE001 - LittleCMS failures are many; the pixels stay usable
+        return image, False
+    if converted is None:  # pragma: no cover - only for in-place transforms
+        return image, False
+    return converted, True
+
+
+# (profile colour space, image mode) -> output mode, for the pairs LittleCMS converts.
+_ICC_MODES = {
+    ("RGB", "RGB"): "RGB",
+    ("RGB", "RGBA"): "RGBA",
+    ("GRAY", "L"): "RGB",
+    ("CMYK", "CMYK"): "RGB",
+}
+
+
+@functools.lru_cache(maxsize=32)
+def _srgb_transform(icc_profile: bytes, mode: str) -> ImageCms.ImageCmsTransform | None:
+    """The transform from `icc_profile` to sRGB for pixels in `mode`, built once per profile
+    (building costs milliseconds; applying it is the per-image cost). None when no conversion
+    is needed or possible."""
+    profile = ImageCms.ImageCmsProfile(io.BytesIO(icc_profile))
+    colour_space = profile.profile.xcolor_space.strip()
+    out_mode = _ICC_MODES.get((colour_space, mode))
+    if out_mode is None:
+        return None
+    description = ImageCms.getProfileDescription(profile).strip().lower()
+    if colour_space == "RGB" and description.startswith("srgb"):
+        return None  # already sRGB: the transform would cost time and change nothing
+    return ImageCms.buildTransform(
+        profile, _SRGB, mode, out_mode, renderingIntent=ImageCms.Intent.PERCEPTUAL
+    )
+
+
+_SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+
+
+def _flatten(image: Image.Image) -> Image.Image:
+    """L, LA, RGB, RGBA or CMYK as 8-bit RGB; transparent pixels composited on white."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("RGBA", "LA"):
+        background = Image.new("RGB", image.size, (255, 255, 255))
+        background.paste(image, (0, 0), image)
+        return background
+    try:
+        return image.convert("RGB")
+    except (ValueError, OSError) as exc:  # pragma: no cover - _to_8_bit leaves only these modes
+        raise InvalidImage(
+            f"unsupported image mode {image.mode!r}: {exc}", reason="UNSUPPORTED_MODE"
+        ) from None
+
+
 def resize_for_model(image: Image.Image, spec: InputSpec) -> np.ndarray:
-    """Resize (and centre-crop) an RGB image to the model's input: uint8, HxWx3."""
+    """Resize (and centre-crop) an RGB image to the model's input.
+
+    Args:
+        image: an 8-bit RGB image, as `decode_image` returns.
+        spec: the model's input size and resize recipe.
+
+    Returns:
+        A uint8 array of shape (spec.height, spec.width, 3).
+    """
     resample = _RESAMPLE[spec.interpolation]
     if spec.resize_mode == "squash":
         resized = image.resize((spec.width, spec.height), resample)
@@ -189,7 +481,21 @@ def resize_for_model(image: Image.Image, spec: InputSpec) -> np.ndarray:
 def load_model_input(
     data: bytes, spec: InputSpec, limits: ImageLimits = ImageLimits()
 ) -> np.ndarray:
-    """Validate, decode and resize one encoded image into a model input (uint8 HxWx3)."""
+    """Validate, decode and resize one encoded image into a model input.
+
+    The one preparation training, evaluation, serving and the workers all use.
+
+    Args:
+        data: the encoded file, in one of `ACCEPTED_FORMATS`.
+        spec: the model's input size and resize recipe.
+        limits: size bounds checked before the pixels are decoded.
+
+    Returns:
+        A uint8 array of shape (spec.height, spec.width, 3), sRGB.
+
+    Raises:
+        InvalidImage: as `decode_image`.
+    """
     target = spec.resize_size if spec.resize_mode == "center_crop" else max(spec.height, spec.width)
     image = decode_image(data, limits, min_size=(target, target))
     return resize_for_model(image, spec)

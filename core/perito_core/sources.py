@@ -2,6 +2,12 @@
 
 Local paths are honoured only under configured roots (the embedded single-machine mode), so a
 job cannot read arbitrary files from the server's or a worker's disk.
+
+URIs are taken literally (`perito_core.storage.split_s3_uri`, `local_path_of`): in
+`s3://bucket/key` the key is everything after the first `/` past the bucket, with `#`, `?`,
+`%`, `+`, spaces and non-ASCII as plain characters; nothing is percent-decoded. Listings and
+manifests are streamed: nothing here holds a whole listing or a whole manifest in memory, so
+a caller can stop at its item cap.
 """
 
 from __future__ import annotations
@@ -9,27 +15,72 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from urllib.parse import urlparse
 
-from perito_core.errors import InvalidArgument, NotFound
+from perito_core.errors import InvalidArgument, InvalidImage, NotFound
 from perito_core.jobs import ItemInput
-from perito_core.storage import LocalStore, ObjectStore, S3Options, S3Store
+from perito_core.storage import (
+    LocalStore,
+    ObjectStore,
+    S3Options,
+    S3Store,
+    local_path_of,
+    split_s3_uri,
+)
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+MANIFEST_MAX_BYTES = 256 * 1024 * 1024
+"""The default bound on a manifest's size (about two million lines of `uri,id`)."""
+
+_IGNORED_NAMES = frozenset({"thumbs.db", "ehthumbs.db", "desktop.ini"})
+_URI_HEADERS = ("uri", "url", "path")
+
+
+def is_ignored_key(key: str, size: int | None = None) -> bool:
+    """Whether a listed object is an obvious non-photo that a prefix job leaves out.
+
+    The rule, the only one: a key is ignored when
+    - any of its path components (below the listed prefix) starts with `.`: hidden files and
+      folders (`.DS_Store`, `._IMG_0001.JPG` from macOS, `.thumbnails/`, `.Trash/`);
+    - its file name is `Thumbs.db`, `ehthumbs.db` or `desktop.ini` (any case), Windows'
+      folder files;
+    - it ends in `/` and is empty (size 0, or unknown): a "folder" placeholder that S3
+      consoles create.
+    Everything else is an item, whatever its name: an object that is not an image fails as
+    that item's error (`NOT_AN_IMAGE`), never silently.
+
+    Args:
+        key: the key relative to the listed prefix (`2024/IMG_0001.HEIC`).
+        size: the object's size in bytes, if known.
+    """
+    if key.endswith("/"):
+        if not size:
+            return True
+        key = key.rstrip("/")
+    parts = [part for part in key.split("/") if part]
+    if any(part.startswith(".") for part in parts):
+        return True
+    return bool(parts) and parts[-1].lower() in _IGNORED_NAMES
 
 
 class SourceReader:
-    """Reads images, listings and manifests named by URI, within the allowed local roots."""
+    """Reads images, listings and manifests named by URI, within the allowed local roots.
+
+    Safe to share between threads.
+    """
 
     def __init__(self, s3: S3Options, local_roots: Sequence[Path] = ()) -> None:
         self.s3 = s3
         self.local_roots = [root.resolve() for root in local_roots]
         self._buckets: dict[str, S3Store] = {}
+        self._lock = threading.Lock()
 
     def _local_path(self, uri: str) -> Path:
-        path = Path(urlparse(uri).path if uri.startswith("file://") else uri).resolve()
+        try:
+            path = local_path_of(uri).resolve()
+        except (RuntimeError, OSError) as exc:  # a symlink loop
+            raise InvalidArgument(f"{uri!r} cannot be resolved: {exc}", field="input") from None
         if not any(path.is_relative_to(root) for root in self.local_roots):
             allowed = ", ".join(map(str, self.local_roots)) or "none configured"
             raise InvalidArgument(
@@ -39,90 +90,209 @@ class SourceReader:
             )
         return path
 
+    def _bucket(self, bucket: str) -> S3Store:
+        with self._lock:
+            store = self._buckets.get(bucket)
+            if store is None:
+                store = self._buckets[bucket] = S3Store(bucket, "", self.s3)
+            return store
+
     def _split(self, uri: str) -> tuple[ObjectStore, str]:
         """The store holding `uri` and the key within it."""
-        parsed = urlparse(uri)
-        if parsed.scheme == "s3":
-            if not parsed.netloc:
-                raise InvalidArgument(f"{uri!r} has no bucket", field="input")
-            store = self._buckets.get(parsed.netloc)
-            if store is None:
-                store = self._buckets[parsed.netloc] = S3Store(parsed.netloc, "", self.s3)
-            return store, parsed.path.lstrip("/")
-        if parsed.scheme in ("", "file"):
-            path = self._local_path(uri)
-            root = next(r for r in self.local_roots if path.is_relative_to(r))
-            return LocalStore(root), path.relative_to(root).as_posix()
-        raise InvalidArgument(f"unsupported URI {uri!r}: use s3://bucket/key or a local path")
+        if uri[:5].lower() == "s3://":
+            try:
+                bucket, key = split_s3_uri(uri)
+            except InvalidArgument as exc:
+                raise InvalidArgument(exc.message, field="input") from None
+            return self._bucket(bucket), key
+        scheme, sep, _ = uri.partition("://")
+        if sep and scheme.lower() != "file" and scheme.isalnum():
+            raise InvalidArgument(
+                f"unsupported URI {uri!r}: use s3://bucket/key or a local path", field="input"
+            )
+        path = self._local_path(uri)
+        root = next(r for r in self.local_roots if path.is_relative_to(r))
+        return LocalStore(root), path.relative_to(root).as_posix()
 
     def normalize(self, uri: str) -> str:
-        """The URI as recorded in a job: local paths made absolute. Raises InvalidArgument,
-        at submission, for a URI no worker could read."""
+        """The URI as recorded in a job: local paths made absolute (symlinks resolved).
+
+        Raises:
+            InvalidArgument: at submission, for a URI no worker could read (another scheme,
+                no bucket, a local path outside the allowed roots).
+        """
         store, key = self._split(uri)
         if isinstance(store, LocalStore):
             return str(store.root / key)
         return uri
 
-    def read(self, uri: str) -> bytes:
+    def read(self, uri: str, max_bytes: int | None = None) -> bytes:
+        """The bytes of one object or file.
+
+        Args:
+            uri: `s3://bucket/key` or a local path under an allowed root.
+            max_bytes: refuse anything larger, before reading it (S3 `ContentLength`, local
+                `stat`), and never read more than one byte past it.
+
+        Raises:
+            NotFound: no such object or file.
+            InvalidImage: reason TOO_LARGE, or NOT_A_REGULAR_FILE for a local directory, FIFO,
+                socket or device (never opened for reading).
+            InvalidArgument: a URI that cannot be read here (a local path, or a symlink's
+                target, outside the allowed roots).
+            StorageUnavailable: object storage cannot be reached.
+        """
         store, key = self._split(uri)
-        return store.read_bytes(key)
+        return store.read_bytes(key, max_bytes)
 
-    def list_images(self, prefix: str) -> list[str]:
-        """Every image URI under an `s3://bucket/prefix` or a local folder, in key order."""
+    def iter_prefix(self, prefix: str) -> Iterator[str]:
+        """The URI of every object under an `s3://bucket/prefix` or a local folder, in key order.
+
+        No file-name filter: every object listed is an item (one that is not an image fails
+        when decoded), except what `is_ignored_key` leaves out. S3 prefixes are folders
+        (`s3://b/2024` lists `2024/...`, not `2024-old/...`). Locally, symlinks, FIFOs,
+        sockets, devices and empty folders are items too (refused with a reason when read);
+        folders reached through a symlink are not walked.
+
+        Yields:
+            `s3://bucket/key` URIs (keys exactly as listed), or absolute local paths.
+
+        Raises:
+            InvalidArgument: the prefix is not a readable location (see `normalize`).
+            StorageUnavailable: object storage cannot be reached (possibly mid-listing).
+        """
         store, key = self._split(prefix)
-        if key and not key.endswith("/") and isinstance(store, S3Store):
-            key += "/"
-        keys = sorted(k for k in store.list_keys(key) if Path(k).suffix.lower() in IMAGE_SUFFIXES)
         if isinstance(store, S3Store):
-            return [f"s3://{store.bucket}/{k}" for k in keys]
+            if key and not key.endswith("/"):
+                key += "/"
+            for listed in store.iter_objects(key):
+                if not is_ignored_key(listed.key[len(key) :], listed.size):
+                    yield f"s3://{store.bucket}/{listed.key}"
+            return
         assert isinstance(store, LocalStore)
-        return [str(store.root / k) for k in keys]
+        key = "" if key == "." else key
+        for listed in store.iter_objects(key):
+            # The rule looks below the prefix only (a job may list a folder inside `.data/`);
+            # a prefix that is itself one file is judged by its name.
+            relative = listed.key[len(key) :].lstrip("/") or listed.key.rsplit("/", 1)[-1]
+            if not is_ignored_key(relative, listed.size):
+                yield str(store.root / listed.key)
 
-    def read_manifest(self, uri: str) -> list[ItemInput]:
-        """Items from a CSV (`uri[,id]`, header optional) or JSONL (`{"uri", "id"}`) file."""
+    def iter_manifest(self, uri: str, max_bytes: int = MANIFEST_MAX_BYTES) -> Iterator[ItemInput]:
+        """Items from a CSV or JSONL manifest, parsed line by line as it is read.
+
+        CSV: `uri[,id]` rows, or a header row naming the columns (`uri` or `url` or `path`,
+        and optionally `id`, in any order); whitespace around a field is dropped. JSONL (a
+        `.jsonl` / `.ndjson` name, or a first line starting with `{`): one
+        `{"uri": ..., "id": ...}` object per line, the URI taken exactly. Blank lines are
+        skipped. Yields nothing for an empty manifest (the caller decides what that means).
+
+        Args:
+            uri: where the manifest is (`s3://...` or a local path under an allowed root).
+            max_bytes: refuse a larger manifest: checked before reading, and while reading.
+
+        Raises:
+            NotFound: no manifest there (field `manifest_uri`).
+            InvalidArgument: field `manifest_uri`: over `max_bytes`, not UTF-8, not a
+                regular file, or a malformed line (named by its number).
+            StorageUnavailable: object storage cannot be reached.
+        """
+        store, key = self._split(uri)
         try:
-            text = self.read(uri).decode("utf-8-sig")
+            with store.open_read(key, max_bytes) as raw:
+                text = io.TextIOWrapper(raw, encoding="utf-8-sig", newline="")
+                lines = _numbered(text)
+                first = next(lines, None)
+                if first is None:
+                    return
+                jsonl = uri.lower().endswith((".jsonl", ".ndjson")) or first[1].lstrip().startswith(
+                    "{"
+                )
+                rows = _chain(first, lines)
+                yield from (_jsonl_items(rows, uri) if jsonl else _csv_items(rows, uri))
         except NotFound:
             raise NotFound(f"manifest {uri!r} not found", field="manifest_uri") from None
+        except InvalidImage as exc:
+            if exc.reason == "TOO_LARGE":
+                raise InvalidArgument(
+                    f"manifest {uri!r} is larger than {max_bytes:,} bytes, the limit",
+                    field="manifest_uri",
+                    reason="TOO_LARGE",
+                ) from None
+            raise InvalidArgument(
+                f"manifest {uri!r}: {exc.message}", field="manifest_uri", reason=exc.reason
+            ) from None
         except UnicodeDecodeError:
             raise InvalidArgument(
                 f"manifest {uri!r} is not UTF-8 text", field="manifest_uri"
             ) from None
-        items = (
-            _jsonl_items(text, uri)
-            if uri.lower().endswith((".jsonl", ".ndjson"))
-            else _csv_items(text)
-        )
-        if not items:
-            raise InvalidArgument(f"manifest {uri!r} lists no images", field="manifest_uri")
-        return items
 
 
-def _csv_items(text: str) -> list[ItemInput]:
-    rows = [row for row in csv.reader(io.StringIO(text)) if row and row[0].strip()]
-    if rows and rows[0][0].strip().lower() in ("uri", "url", "path"):
-        rows = rows[1:]
-    return [
-        ItemInput(id=(row[1].strip() if len(row) > 1 else ""), uri=row[0].strip()) for row in rows
-    ]
+def _numbered(text: io.TextIOWrapper) -> Iterator[tuple[int, str]]:
+    """Non-blank lines with their 1-based numbers."""
+    for number, line in enumerate(text, start=1):
+        if line.strip():
+            yield number, line
 
 
-def _jsonl_items(text: str, uri: str) -> list[ItemInput]:
-    items = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
+def _chain(first: tuple[int, str], rest: Iterator[tuple[int, str]]) -> Iterator[tuple[int, str]]:
+    yield first
+    yield from rest
+
+
+def _csv_items(rows: Iterator[tuple[int, str]], uri: str) -> Iterator[ItemInput]:
+    numbers: list[int] = [0]
+
+    def lines() -> Iterator[str]:
+        for number, line in rows:
+            numbers[0] = number
+            yield line
+
+    uri_column, id_column = 0, 1
+    header_checked = False
+    try:
+        for row in csv.reader(lines()):
+            fields = [field.strip() for field in row]
+            if not any(fields):
+                continue
+            if not header_checked:
+                header_checked = True
+                names = [field.lower() for field in fields]
+                found = next((name for name in _URI_HEADERS if name in names), None)
+                if found is not None:
+                    uri_column = names.index(found)
+                    id_column = names.index("id") if "id" in names else -1
+                    continue
+            item_uri = fields[uri_column] if uri_column < len(fields) else ""
+            if not item_uri:
+                raise InvalidArgument(
+                    f"manifest {uri!r} line {numbers[0]}: no URI in column {uri_column + 1}",
+                    field="manifest_uri",
+                )
+            item_id = fields[id_column] if 0 <= id_column < len(fields) else ""
+            yield ItemInput(id=item_id, uri=item_uri)
+    except csv.Error as exc:
+        raise InvalidArgument(
+            f"manifest {uri!r} line {numbers[0]}: not valid CSV ({exc})", field="manifest_uri"
+        ) from None
+
+
+def _jsonl_items(rows: Iterator[tuple[int, str]], uri: str) -> Iterator[ItemInput]:
+    for number, line in rows:
         try:
             record = json.loads(line)
-            items.append(ItemInput(id=str(record.get("id", "")), uri=str(record["uri"])))
+            item_uri = record["uri"]
+            item_id = record.get("id", "")
         except (ValueError, KeyError, TypeError, AttributeError):
+            item_uri = None
+        if not isinstance(item_uri, str) or not item_uri:
             raise InvalidArgument(
-                f'manifest {uri!r} line {number}: expected {{"uri": ..., "id": ...}}',
+                f'manifest {uri!r} line {number}: expected {{"uri": "...", "id": "..."}}',
                 field="manifest_uri",
-            ) from None
-    return items
+            )
+        yield ItemInput(id="" if item_id is None else str(item_id), uri=item_uri)
 
 
 def default_item_id(uri: str) -> str:
-    """An item's id when none was given: its file name."""
+    """An item's id when none was given: its file name (the last `/`-separated part)."""
     return uri.rstrip("/").rsplit("/", 1)[-1]

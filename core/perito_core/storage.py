@@ -3,23 +3,49 @@
 The registry and the bulk-job inputs and outputs are written once against `ObjectStore`;
 `LocalStore` is the embedded single-machine default, `S3Store` speaks the S3 protocol through
 boto3 to AWS, MinIO or any compatible server.
+
+Reads are bounded: `read_bytes` and `open_read` take `max_bytes`, checked against the object's
+size before anything is read (`stat` locally, `ContentLength` on S3) and enforced again while
+reading, and a local read opens only regular files (a FIFO would block the reader forever).
+
+Keys are opaque strings: `split_s3_uri` and `local_path_of` take URIs apart literally, so `#`,
+`?`, `%`, `+` and spaces in a key are just characters (no URL syntax, no percent-decoding).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import shutil
+import stat
 import tempfile
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
-from urllib.parse import urlparse
+from typing import IO, TYPE_CHECKING, Any, Protocol
 
-from perito_core.errors import InvalidArgument, NotFound, StorageUnavailable
+from perito_core.errors import InvalidArgument, InvalidImage, NotFound, StorageUnavailable
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
+
+_READ_CHUNK = 1 << 20
+_CLIENT_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class ListedObject:
+    """One entry of a listing.
+
+    Attributes:
+        key: the key, relative to the store's root (local: a `/`-separated path).
+        size: its size in bytes (local: of the entry itself, a symlink not followed).
+    """
+
+    key: str
+    size: int
 
 
 class ObjectStore(Protocol):
@@ -27,14 +53,94 @@ class ObjectStore(Protocol):
 
     description: str
 
-    def read_bytes(self, key: str) -> bytes: ...
+    def read_bytes(self, key: str, max_bytes: int | None = None) -> bytes: ...
+    def open_read(
+        self, key: str, max_bytes: int | None = None
+    ) -> contextlib.AbstractContextManager[IO[bytes]]: ...
     def write_bytes(self, key: str, data: bytes) -> None: ...
     def upload_file(self, key: str, path: Path) -> None: ...
     def download_file(self, key: str, path: Path) -> None: ...
     def exists(self, key: str) -> bool: ...
     def list_keys(self, prefix: str) -> Iterator[str]: ...
+    def iter_objects(self, prefix: str) -> Iterator[ListedObject]: ...
     def list_children(self, prefix: str) -> list[str]: ...
     def delete(self, key: str) -> None: ...
+
+
+def split_s3_uri(uri: str) -> tuple[str, str]:
+    """`s3://bucket/key` as (bucket, key), the key taken literally.
+
+    Everything after the first `/` following the bucket is the key, byte for byte: `#`, `?`,
+    `%`, `+`, spaces and non-ASCII are part of it (no URL fragment or query, no
+    percent-decoding), because S3 keys are opaque and people name photos `claim #1234.jpg`.
+
+    Raises:
+        InvalidArgument: not an `s3://` URI, or no bucket.
+    """
+    if uri[:5].lower() != "s3://":
+        raise InvalidArgument(f"{uri!r} is not an s3:// URI")
+    bucket, _, key = uri[5:].partition("/")
+    if not bucket:
+        raise InvalidArgument(f"{uri!r} has no bucket; expected s3://bucket/key")
+    return bucket, key
+
+
+def local_path_of(uri: str) -> Path:
+    """The local path named by `uri`: a plain path, or `file://` followed by an absolute path.
+
+    Taken literally, like S3 keys: `#`, `?`, `%` and spaces are part of the file name (a
+    `file://` URI is not percent-decoded). `file://localhost/path` is accepted.
+
+    Raises:
+        InvalidArgument: a `file://` URI naming another host.
+    """
+    if uri[:7].lower() != "file://":
+        return Path(uri)
+    rest = uri[7:]
+    if rest.startswith("localhost/"):
+        rest = rest[len("localhost") :]
+    if not rest.startswith("/"):
+        raise InvalidArgument(f"{uri!r}: a file:// URI must name an absolute local path")
+    return Path(rest)
+
+
+def _too_large(key: str, size: int | str, max_bytes: int) -> InvalidImage:
+    return InvalidImage(
+        f"{key} is {size if isinstance(size, str) else f'{size:,} bytes'}; "
+        f"the limit is {max_bytes:,} bytes",
+        reason="TOO_LARGE",
+    )
+
+
+class _CappedReader(io.RawIOBase):
+    """A raw binary stream over `read(n)` that refuses to go past `max_bytes`."""
+
+    def __init__(
+        self,
+        read: Callable[[int], bytes],
+        max_bytes: int | None,
+        too_large: Callable[[], Exception],
+    ) -> None:
+        super().__init__()
+        self._read = read
+        self._max_bytes = max_bytes
+        self._too_large = too_large
+        self._count = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        want = len(view)
+        if self._max_bytes is not None:
+            want = min(want, self._max_bytes - self._count + 1)
+        data = self._read(want)
+        self._count += len(data)
+        if self._max_bytes is not None and self._count > self._max_bytes:
+            raise self._too_large()
+        view[: len(data)] = data
+        return len(data)
 
 
 class LocalStore:
@@ -45,16 +151,79 @@ class LocalStore:
         self.description = str(self.root)
 
     def _path(self, key: str) -> Path:
-        path = (self.root / key).resolve()
+        try:
+            path = (self.root / key).resolve()
+        except (RuntimeError, OSError) as exc:  # a symlink loop
+            raise InvalidArgument(f"key {key!r} cannot be resolved: {exc}") from None
         if not path.is_relative_to(self.root):
             raise InvalidArgument(f"key {key!r} escapes the store root")
         return path
 
-    def read_bytes(self, key: str) -> bytes:
+    def _open_regular(self, key: str, max_bytes: int | None) -> tuple[int, Path]:
+        """Open `key` for reading if it is a regular file within the size bound: (fd, path).
+
+        The type is checked with `stat` before the file is opened (opening a FIFO for reading
+        blocks until a writer comes) and again with `fstat` on what was opened, so a file
+        swapped in between is caught too.
+        """
+        path = self._path(key)
         try:
-            return self._path(key).read_bytes()
-        except (FileNotFoundError, IsADirectoryError):
+            mode = os.stat(path).st_mode
+        except (FileNotFoundError, NotADirectoryError):
             raise NotFound(f"{key} not found in {self.description}") from None
+        if not stat.S_ISREG(mode):
+            raise _not_regular(str(path), mode)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError):
+            raise NotFound(f"{key} not found in {self.description}") from None
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise _not_regular(str(path), info.st_mode)
+            if max_bytes is not None and info.st_size > max_bytes:
+                raise _too_large(str(path), info.st_size, max_bytes)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, path
+
+    def read_bytes(self, key: str, max_bytes: int | None = None) -> bytes:
+        """The whole of `key`.
+
+        Args:
+            key: the file, relative to the root.
+            max_bytes: refuse a file larger than this, before reading it.
+
+        Raises:
+            NotFound: no such file.
+            InvalidImage: reason NOT_A_REGULAR_FILE (a directory, FIFO, socket or device) or
+                TOO_LARGE.
+            InvalidArgument: the key resolves outside the root (a symlink pointing out).
+        """
+        fd, path = self._open_regular(key, max_bytes)
+        with open(fd, "rb", closefd=True) as file:
+            data = file.read() if max_bytes is None else file.read(max_bytes + 1)
+        if max_bytes is not None and len(data) > max_bytes:  # it grew since it was checked
+            raise _too_large(str(path), f"over {max_bytes:,} bytes", max_bytes)
+        return data
+
+    @contextlib.contextmanager
+    def open_read(self, key: str, max_bytes: int | None = None) -> Iterator[IO[bytes]]:
+        """`key` as a binary stream, for reading it piece by piece (a manifest).
+
+        Raises:
+            The errors of `read_bytes`, on opening; TOO_LARGE also while reading, if the file
+            grows past `max_bytes`.
+        """
+        fd, path = self._open_regular(key, max_bytes)
+        with open(fd, "rb", buffering=0, closefd=True) as raw:
+            capped = _CappedReader(
+                raw.read,
+                max_bytes,
+                lambda: _too_large(str(path), f"over {max_bytes:,} bytes", max_bytes or 0),
+            )
+            yield io.BufferedReader(capped, _READ_CHUNK)
 
     def write_bytes(self, key: str, data: bytes) -> None:
         path = self._path(key)
@@ -91,6 +260,53 @@ class LocalStore:
             if path.is_file() and not path.name.startswith(".tmp-"):
                 yield path.relative_to(self.root).as_posix()
 
+    def iter_objects(self, prefix: str) -> Iterator[ListedObject]:
+        """Every entry under the folder `prefix` (or that one file), in key order.
+
+        Nothing is filtered: regular files, symlinks (never followed, wherever they point),
+        FIFOs, sockets and devices are all entries, to be accepted or refused when read. Real
+        folders are walked; an empty or unreadable folder is an entry itself (it fails when
+        read), so nothing under the prefix goes unaccounted for. The order is that of the
+        keys as strings (S3's listing order), walked folder by folder: only one folder's
+        names are held at a time.
+
+        Raises:
+            InvalidArgument: the prefix resolves outside the root.
+        """
+        base = self._path(prefix) if prefix else self.root
+        try:
+            base_stat = base.stat()
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        if not stat.S_ISDIR(base_stat.st_mode):
+            yield ListedObject(base.relative_to(self.root).as_posix(), base_stat.st_size)
+            return
+        yield from self._walk(base)
+
+    def _walk(self, folder: Path) -> Iterator[ListedObject]:
+        try:
+            with os.scandir(folder) as scan:
+                entries = [(e.name, e.is_dir(follow_symlinks=False), e) for e in scan]
+        except OSError:
+            yield ListedObject(folder.relative_to(self.root).as_posix(), 0)
+            return
+        if not entries and folder != self.root:
+            yield ListedObject(folder.relative_to(self.root).as_posix(), 0)
+            return
+        # Sorting a folder's names with "/" after each sub-folder's gives the order of the
+        # full keys as strings, the order S3 lists them in.
+        entries.sort(key=lambda entry: entry[0] + "/" if entry[1] else entry[0])
+        for name, is_dir, entry in entries:
+            path = folder / name
+            if is_dir:
+                yield from self._walk(path)
+                continue
+            try:
+                size = entry.stat(follow_symlinks=False).st_size
+            except OSError:
+                size = 0
+            yield ListedObject(path.relative_to(self.root).as_posix(), size)
+
     def list_children(self, prefix: str) -> list[str]:
         base = self._path(prefix) if prefix else self.root
         if not base.is_dir():
@@ -115,6 +331,8 @@ class S3Options:
 
 
 def make_s3_client(options: S3Options) -> S3Client:
+    """A boto3 S3 client for `options` (path-style addressing, bounded timeouts and retries);
+    safe to call from several threads at once."""
     import boto3
     from botocore.config import Config
 
@@ -125,14 +343,17 @@ def make_s3_client(options: S3Options) -> S3Client:
         # Path-style works with every S3-compatible server (MinIO, moto, Ceph ...).
         s3={"addressing_style": "path"},
     )
-    client: S3Client = boto3.client(
-        "s3",
-        endpoint_url=options.endpoint_url,
-        region_name=options.region or "us-east-1",
-        aws_access_key_id=options.access_key_id,
-        aws_secret_access_key=options.secret_access_key,
-        config=config,
-    )
+    # boto3's default session is not safe to build clients from several threads at once (the
+    # client itself is); decode pools and worker threads may each open a bucket.
+    with _CLIENT_LOCK:
+        client: S3Client = boto3.client(
+            "s3",
+            endpoint_url=options.endpoint_url,
+            region_name=options.region or "us-east-1",
+            aws_access_key_id=options.access_key_id,
+            aws_secret_access_key=options.secret_access_key,
+            config=config,
+        )
     return client
 
 
@@ -174,10 +395,80 @@ class S3Store:
                 f"object storage {self.description} is unreachable: {exc}"
             ) from None
 
-    def read_bytes(self, key: str) -> bytes:
+    def _get(self, key: str, max_bytes: int | None) -> Any:
+        """`get_object` with the size checked against `max_bytes` before the body is read;
+        a refused body is closed unread."""
         response = self._call(key, self.client.get_object, Key=self._key(key))
-        body: bytes = response["Body"].read()
-        return body
+        size = response.get("ContentLength")
+        if max_bytes is not None and size is not None and size > max_bytes:
+            response["Body"].close()
+            raise _too_large(self._uri(key), size, max_bytes)
+        return response
+
+    def _uri(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self._key(key)}"
+
+    def _read_body(self, key: str, body: Any, amount: int | None) -> bytes:
+        """Up to `amount` bytes of a response body (None: all of it); a connection that
+        breaks mid-body is StorageUnavailable, like one that never opened."""
+        from botocore.exceptions import BotoCoreError
+
+        try:
+            data: bytes = body.read(amount)
+        except (BotoCoreError, OSError) as exc:
+            raise StorageUnavailable(
+                f"reading {self._uri(key)} from {self.description} failed: {exc}"
+            ) from None
+        return data
+
+    def read_bytes(self, key: str, max_bytes: int | None = None) -> bytes:
+        """The whole object `key`.
+
+        Args:
+            key: the object, relative to the store's prefix.
+            max_bytes: refuse an object larger than this: checked against its ContentLength
+                before the body is read, and the body read no further than one byte past it.
+
+        Raises:
+            NotFound: no such object.
+            InvalidImage: reason TOO_LARGE.
+            StorageUnavailable: the server cannot be reached or refused the read.
+        """
+        body = self._get(key, max_bytes)["Body"]
+        try:
+            if max_bytes is None:
+                return self._read_body(key, body, None)
+            data = self._read_body(key, body, max_bytes + 1)
+            # On to the end of the body, where botocore checks it against ContentLength.
+            while len(data) <= max_bytes:
+                more = self._read_body(key, body, max_bytes + 1 - len(data))
+                if not more:
+                    break
+                data += more
+            if len(data) > max_bytes:
+                raise _too_large(self._uri(key), f"over {max_bytes:,} bytes", max_bytes)
+            return data
+        finally:
+            body.close()
+
+    @contextlib.contextmanager
+    def open_read(self, key: str, max_bytes: int | None = None) -> Iterator[IO[bytes]]:
+        """The object `key` as a binary stream, read from the network as it is consumed.
+
+        Raises:
+            The errors of `read_bytes`: TOO_LARGE before reading when the ContentLength says
+            so, or while reading past `max_bytes`; StorageUnavailable on a broken connection.
+        """
+        body = self._get(key, max_bytes)["Body"]
+        try:
+            capped = _CappedReader(
+                lambda amount: self._read_body(key, body, amount),
+                max_bytes,
+                lambda: _too_large(self._uri(key), f"over {max_bytes:,} bytes", max_bytes or 0),
+            )
+            yield io.BufferedReader(capped, _READ_CHUNK)
+        finally:
+            body.close()
 
     def write_bytes(self, key: str, data: bytes) -> None:
         self._call(key, self.client.put_object, Key=self._key(key), Body=data)
@@ -211,6 +502,21 @@ class S3Store:
                 return
             token = page["NextContinuationToken"]
 
+    def iter_objects(self, prefix: str) -> Iterator[ListedObject]:
+        """Every object whose key starts with `prefix`, in S3's order (by key, as UTF-8
+        bytes), a page of up to 1,000 at a time; keys relative to the store's prefix."""
+        full = self._key(prefix)
+        token: str | None = None
+        while True:
+            extra = {"ContinuationToken": token} if token else {}
+            page = self._call(prefix, self.client.list_objects_v2, Prefix=full, **extra)
+            for item in page.get("Contents", []):
+                key = item["Key"][len(self.prefix) + 1 :] if self.prefix else item["Key"]
+                yield ListedObject(key, int(item.get("Size", 0)))
+            if not page.get("IsTruncated"):
+                return
+            token = page["NextContinuationToken"]
+
     def list_children(self, prefix: str) -> list[str]:
         full = self._key(prefix).rstrip("/") + "/"
         names: list[str] = []
@@ -231,14 +537,33 @@ class S3Store:
 
 
 def open_store(uri: str, s3: S3Options | None = None) -> ObjectStore:
-    """Open `s3://bucket/prefix`, `file:///path` or a plain path."""
-    parsed = urlparse(uri)
-    if parsed.scheme == "s3":
-        if not parsed.netloc:
-            raise InvalidArgument(f"{uri!r} has no bucket; expected s3://bucket/prefix")
-        return S3Store(parsed.netloc, parsed.path, s3 or S3Options())
-    if parsed.scheme == "file":
-        return LocalStore(Path(parsed.path))
-    if parsed.scheme == "":
-        return LocalStore(Path(uri))
-    raise InvalidArgument(f"unsupported storage URI {uri!r}; use s3://..., file://... or a path")
+    """Open `s3://bucket/prefix`, `file:///path` or a plain path (see `split_s3_uri` and
+    `local_path_of` for how URIs are read: literally).
+
+    Raises:
+        InvalidArgument: an S3 URI without a bucket, or another scheme.
+    """
+    if uri[:5].lower() == "s3://":
+        bucket, prefix = split_s3_uri(uri)
+        return S3Store(bucket, prefix, s3 or S3Options())
+    scheme, sep, _ = uri.partition("://")
+    if sep and scheme.lower() != "file" and scheme.isalnum():
+        raise InvalidArgument(
+            f"unsupported storage URI {uri!r}; use s3://..., file://... or a path"
+        )
+    return LocalStore(local_path_of(uri))
+
+
+def _not_regular(key: str, mode: int) -> InvalidImage:
+    kind = (
+        "a directory"
+        if stat.S_ISDIR(mode)
+        else "a FIFO (named pipe)"
+        if stat.S_ISFIFO(mode)
+        else "a socket"
+        if stat.S_ISSOCK(mode)
+        else "a device"
+        if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+        else "not a regular file"
+    )
+    return InvalidImage(f"{key} is {kind}, not a regular file", reason="NOT_A_REGULAR_FILE")
