@@ -296,3 +296,59 @@ def write_pattern_images(
             stem = f"{index:02d}{n:04d}{suffixes[name]}" if suffixes else f"{name}-{n:04d}"
             image.save(folder / f"{stem}.{extension}")
     return root
+
+
+class SlowS3Proxy:
+    """An HTTP proxy in front of an S3 server that delays every object GET by `delay_s` and
+    counts the GETs per path: slow storage, for tests of long chunks."""
+
+    def __init__(self, endpoint: str, delay_s: float) -> None:
+        import http.client
+        import http.server
+        from collections import Counter
+        from urllib.parse import urlsplit
+
+        target = urlsplit(endpoint)
+        self.gets: Counter[str] = Counter()
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _forward(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                path = self.path.split("?", 1)[0]
+                if self.command == "GET" and path.count("/") >= 2:  # /bucket/key: an object
+                    proxy.gets[path] += 1
+                    time.sleep(delay_s)
+                upstream = http.client.HTTPConnection(target.hostname, target.port, timeout=60)
+                headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
+                upstream.request(self.command, self.path, body=body, headers=headers)
+                response = upstream.getresponse()
+                data = response.read()
+                self.send_response(response.status)
+                for key, value in response.getheaders():
+                    if key.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(key, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                upstream.close()
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _forward
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> SlowS3Proxy:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()

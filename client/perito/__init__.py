@@ -23,16 +23,18 @@ from perito._errors import (
     UnavailableError,
     UnimplementedError,
 )
-from perito._jobs import (
-    AsyncJobHandle,
+from perito._jobs import AsyncJobHandle, JobHandle, JobTimeoutError
+from perito._models import (
+    Classification,
     ItemState,
     Job,
-    JobHandle,
     JobItemResult,
     JobState,
-    JobTimeoutError,
+    Model,
+    ModelVersion,
+    Prediction,
+    RejectedImage,
 )
-from perito._models import Classification, Model, ModelVersion, Prediction
 from perito._requests import Limits
 
 __all__ = [
@@ -60,6 +62,7 @@ __all__ = [
     "PeritoError",
     "PermissionDeniedError",
     "Prediction",
+    "RejectedImage",
     "ResourceExhaustedError",
     "UnauthenticatedError",
     "UnavailableError",

@@ -1,20 +1,23 @@
-"""The asyncio client: `Client`'s methods, awaited, over `grpc.aio`."""
+"""The asyncio client: `Client`'s methods, awaited, over `grpc.aio`. What each call does is in
+`perito._core`; this class performs its steps (`_run`), and sends the parts of a split
+`classify` concurrently."""
 
 from __future__ import annotations
 
 import asyncio
 import os
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from typing import Any, Literal, TypeVar, overload
 
 import grpc
 import grpc.aio
 
-from perito._errors import UnavailableError, from_rpc_error
+from perito import _core
+from perito._core import OnInvalid, Pager, Policy, Program, Send
+from perito._errors import PeritoError, from_rpc_error
 from perito._images import ImageInput
-from perito._jobs import AsyncJobHandle, Job, JobItemResult
-from perito._models import Classification, Model
+from perito._jobs import AsyncJobHandle
+from perito._models import Classification, Job, JobItemResult, Model, RejectedImage
 from perito._requests import (
     DEFAULT_TARGET,
     Limits,
@@ -22,14 +25,13 @@ from perito._requests import (
     call_metadata,
     channel_credentials,
     channel_options,
-    classify_requests,
-    retry_wait,
     submit_request,
 )
 from perito._upload import upload_folder
-from perito.v1 import classify_pb2, jobs_pb2, models_pb2, service_pb2_grpc
+from perito.v1 import jobs_pb2, service_pb2_grpc
 
-ResponseT = TypeVar("ResponseT")
+R = TypeVar("R")
+T = TypeVar("T")
 
 
 class AsyncClient:
@@ -81,28 +83,64 @@ class AsyncClient:
         if self._owns_channel:
             await self._channel.close(None)
 
-    async def _call(
-        self,
-        method: Callable[..., Awaitable[ResponseT]],
-        request: Any,
-        timeout: float | None,
-        metadata: Metadata | None,
-    ) -> ResponseT:
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+    def _policy(self, timeout: float | None) -> Policy:
+        return Policy(self.timeout if timeout is None else timeout, self.max_retries)
+
+    async def _run(self, program: Program[R], metadata: Metadata | None) -> R:
+        """Perform a program's steps (see `perito._core`) until it returns or raises."""
         metadata = call_metadata(self._token, metadata)
-        attempt = 0
+        reply: Any = None
+        error: PeritoError | None = None
         while True:
             try:
-                return await method(
-                    request, timeout=max(deadline - time.monotonic(), 0.001), metadata=metadata
-                )
-            except grpc.RpcError as rpc_error:
-                error = from_rpc_error(rpc_error)
-            wait = retry_wait(error, attempt)
-            if wait is None or attempt >= self.max_retries or time.monotonic() + wait >= deadline:
-                raise error
-            await asyncio.sleep(wait)
-            attempt += 1
+                step = program.send(reply) if error is None else program.throw(error)
+            except StopIteration as stop:
+                result: R = stop.value
+                return result
+            reply, error = None, None
+            if isinstance(step, Send):
+                try:
+                    method = getattr(self._stub, step.method)
+                    reply = await method(step.request, timeout=step.timeout, metadata=metadata)
+                except grpc.RpcError as rpc_error:
+                    error = from_rpc_error(rpc_error)
+            else:
+                await asyncio.sleep(step.seconds)
+
+    async def _pages(self, pager: Pager[T], metadata: Metadata | None) -> AsyncIterator[T]:
+        while (page := pager.next_page()) is not None:
+            for item in await self._run(page, metadata):
+                yield item
+
+    @overload
+    async def classify(
+        self,
+        images: Sequence[ImageInput],
+        *,
+        model: str,
+        version: str = "",
+        top_k: int = 5,
+        confidence_threshold: float = 0.0,
+        ids: Sequence[str] | None = None,
+        on_invalid: Literal["fail"] = "fail",
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> list[Classification]: ...
+
+    @overload
+    async def classify(
+        self,
+        images: Sequence[ImageInput],
+        *,
+        model: str,
+        version: str = "",
+        top_k: int = 5,
+        confidence_threshold: float = 0.0,
+        ids: Sequence[str] | None = None,
+        on_invalid: Literal["skip"],
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> list[Classification | RejectedImage]: ...
 
     async def classify(
         self,
@@ -113,11 +151,17 @@ class AsyncClient:
         top_k: int = 5,
         confidence_threshold: float = 0.0,
         ids: Sequence[str] | None = None,
+        on_invalid: OnInvalid = "fail",
         timeout: float | None = None,
         metadata: Metadata | None = None,
-    ) -> list[Classification]:
-        """Classify images now; results in the order given. See `Client.classify`."""
-        requests = classify_requests(
+    ) -> list[Classification] | list[Classification | RejectedImage]:
+        """Classify images now; results in the order given. See `Client.classify`.
+
+        The parts of a split call are sent `limits.max_concurrent_requests` at a time, all
+        within the one `timeout`; when one fails (with `on_invalid="fail"`, or any other
+        error) the others are cancelled and its error is raised.
+        """
+        split = _core.SplitClassify.plan(
             images,
             model=model,
             version=version,
@@ -125,41 +169,28 @@ class AsyncClient:
             confidence_threshold=confidence_threshold,
             ids=ids,
             limits=self.limits,
+            policy=self._policy(timeout),
+            on_invalid=on_invalid,
         )
-        budget = self.timeout if timeout is None else timeout
         gate = asyncio.Semaphore(self.limits.max_concurrent_requests)
 
-        async def send(request: classify_pb2.ClassifyRequest) -> list[Classification]:
+        async def send(program: Program[list[_core.Outcome]]) -> list[_core.Outcome]:
             async with gate:
-                response = await self._call(self._stub.Classify, request, budget, metadata)
-            return [
-                Classification._from_proto(result, response.model, response.model_version)
-                for result in response.results
-            ]
+                return await self._run(program, metadata)
 
-        parts = await asyncio.gather(*(send(request) for request in requests))
-        return [result for part in parts for result in part]
+        return split.merge(await _all_or_none([send(p) for p in split.programs()]))
 
     async def list_models(
         self, *, timeout: float | None = None, metadata: Metadata | None = None
     ) -> list[Model]:
         """Every model in the server's registry, with its versions and aliases."""
-        models: list[Model] = []
-        token = ""
-        while True:
-            request = models_pb2.ListModelsRequest(page_token=token)
-            response = await self._call(self._stub.ListModels, request, timeout, metadata)
-            models += [Model._from_proto(m) for m in response.models]
-            token = response.next_page_token
-            if not token:
-                return models
+        return [m async for m in self._pages(_core.list_models(self._policy(timeout)), metadata)]
 
     async def get_model(
         self, name: str, *, timeout: float | None = None, metadata: Metadata | None = None
     ) -> Model:
         """One model with every version's model card."""
-        request = models_pb2.GetModelRequest(model=name)
-        return Model._from_proto(await self._call(self._stub.GetModel, request, timeout, metadata))
+        return await self._run(_core.get_model(name, self._policy(timeout)), metadata)
 
     async def submit_job(
         self,
@@ -197,7 +228,7 @@ class AsyncClient:
             ids=ids,
             request_id=request_id,
         )
-        job = Job._from_proto(await self._call(self._stub.SubmitJob, request, timeout, metadata))
+        job = await self._run(_core.submit_job(request, self._policy(timeout)), metadata)
         return AsyncJobHandle(self, job)
 
     async def job(self, job_id: str) -> AsyncJobHandle:
@@ -207,51 +238,62 @@ class AsyncClient:
     async def get_job(
         self, job_id: str, *, timeout: float | None = None, metadata: Metadata | None = None
     ) -> Job:
-        request = jobs_pb2.GetJobRequest(job_id=job_id)
-        return Job._from_proto(await self._call(self._stub.GetJob, request, timeout, metadata))
+        return await self._run(_core.get_job(job_id, self._policy(timeout)), metadata)
 
     async def cancel_job(
         self, job_id: str, *, timeout: float | None = None, metadata: Metadata | None = None
     ) -> Job:
-        request = jobs_pb2.CancelJobRequest(job_id=job_id)
-        return Job._from_proto(await self._call(self._stub.CancelJob, request, timeout, metadata))
+        return await self._run(_core.cancel_job(job_id, self._policy(timeout)), metadata)
 
     async def delete_job(
         self, job_id: str, *, timeout: float | None = None, metadata: Metadata | None = None
     ) -> None:
         """Delete a job's record and item results now (cancelling it first if it is still
         running); its results files stay. Raises NotFoundError for an unknown job."""
-        request = jobs_pb2.DeleteJobRequest(job_id=job_id)
-        await self._call(self._stub.DeleteJob, request, timeout, metadata)
+        await self._run(_core.delete_job(job_id, self._policy(timeout)), metadata)
 
-    async def _watch_job(self, job_id: str) -> AsyncIterator[Job]:
+    async def watch_job(
+        self, job_id: str, *, timeout: float | None = None, metadata: Metadata | None = None
+    ) -> AsyncIterator[Job]:
+        """Snapshots of a job as it progresses; see `Client.watch_job`."""
         stream = self._stub.WatchJob(
-            jobs_pb2.WatchJobRequest(job_id=job_id), metadata=call_metadata(self._token, None)
+            jobs_pb2.WatchJobRequest(job_id=job_id),
+            timeout=timeout,
+            metadata=call_metadata(self._token, metadata),
         )
         try:
             async for message in stream:
                 yield Job._from_proto(message)
         except grpc.RpcError as rpc_error:
             error = from_rpc_error(rpc_error)
-            if not isinstance(error, UnavailableError):
+            if not _core.watch_ended_by(error):
                 raise error from None
 
-    async def _job_results(
-        self, job_id: str, *, failed_only: bool, page_size: int
+    async def list_job_results(
+        self,
+        job_id: str,
+        *,
+        failed_only: bool = False,
+        page_size: int = 1000,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
     ) -> AsyncIterator[JobItemResult]:
-        token = ""
-        while True:
-            request = jobs_pb2.ListJobResultsRequest(
-                job_id=job_id,
-                page_size=page_size,
-                page_token=token,
-                filter=jobs_pb2.RESULT_FILTER_FAILED
-                if failed_only
-                else jobs_pb2.RESULT_FILTER_UNSPECIFIED,
-            )
-            response = await self._call(self._stub.ListJobResults, request, None, None)
-            for result in response.results:
-                yield JobItemResult._from_proto(result)
-            token = response.next_page_token
-            if not token:
-                return
+        """Every item's result in input order (or only the failures), page by page; see
+        `Client.list_job_results`."""
+        pager = _core.list_job_results(
+            job_id, failed_only=failed_only, page_size=page_size, policy=self._policy(timeout)
+        )
+        async for result in self._pages(pager, metadata):
+            yield result
+
+
+async def _all_or_none(calls: Sequence[Awaitable[R]]) -> list[R]:
+    """Every call's result in order; when one fails, the others are cancelled (and awaited,
+    so none is left running or with an unread error) and its error is raised."""
+    tasks = [asyncio.ensure_future(c) for c in calls]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

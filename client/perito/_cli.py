@@ -27,8 +27,8 @@ from perito._errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
-from perito._jobs import Job, JobHandle, JobState
-from perito._models import Classification, Model
+from perito._jobs import JobHandle
+from perito._models import Classification, Job, JobState, Model
 from perito._progress import ProgressBar
 from perito._requests import DEFAULT_TARGET
 

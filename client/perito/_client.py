@@ -1,18 +1,21 @@
-"""The synchronous client."""
+"""The synchronous client: blocking grpc calls, no event loop. What each call does is in
+`perito._core`; this class performs its steps (`_run`)."""
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any, TypeVar
+from collections.abc import Iterator, Sequence
+from typing import Any, Literal, TypeVar, overload
 
 import grpc
 
-from perito._errors import UnavailableError, from_rpc_error
+from perito import _core
+from perito._core import OnInvalid, Pager, Policy, Program, Send
+from perito._errors import PeritoError, from_rpc_error
 from perito._images import ImageInput
-from perito._jobs import Job, JobHandle, JobItemResult
-from perito._models import Classification, Model
+from perito._jobs import JobHandle
+from perito._models import Classification, Job, JobItemResult, Model, RejectedImage
 from perito._requests import (
     DEFAULT_TARGET,
     Limits,
@@ -20,14 +23,13 @@ from perito._requests import (
     call_metadata,
     channel_credentials,
     channel_options,
-    classify_requests,
-    retry_wait,
     submit_request,
 )
 from perito._upload import upload_folder
-from perito.v1 import jobs_pb2, models_pb2, service_pb2_grpc
+from perito.v1 import jobs_pb2, service_pb2_grpc
 
-ResponseT = TypeVar("ResponseT")
+R = TypeVar("R")
+T = TypeVar("T")
 
 
 class Client:
@@ -91,29 +93,63 @@ class Client:
         if self._owns_channel:
             self._channel.close()
 
-    def _call(
-        self,
-        method: Callable[..., ResponseT],
-        request: Any,
-        timeout: float | None,
-        metadata: Metadata | None,
-    ) -> ResponseT:
-        budget = self.timeout if timeout is None else timeout
-        deadline = time.monotonic() + budget
+    def _policy(self, timeout: float | None) -> Policy:
+        return Policy(self.timeout if timeout is None else timeout, self.max_retries)
+
+    def _run(self, program: Program[R], metadata: Metadata | None) -> R:
+        """Perform a program's steps (see `perito._core`) until it returns or raises."""
         metadata = call_metadata(self._token, metadata)
-        attempt = 0
+        reply: Any = None
+        error: PeritoError | None = None
         while True:
             try:
-                return method(
-                    request, timeout=max(deadline - time.monotonic(), 0.001), metadata=metadata
-                )
-            except grpc.RpcError as rpc_error:
-                error = from_rpc_error(rpc_error)
-            wait = retry_wait(error, attempt)
-            if wait is None or attempt >= self.max_retries or time.monotonic() + wait >= deadline:
-                raise error
-            time.sleep(wait)
-            attempt += 1
+                step = program.send(reply) if error is None else program.throw(error)
+            except StopIteration as stop:
+                result: R = stop.value
+                return result
+            reply, error = None, None
+            if isinstance(step, Send):
+                try:
+                    method = getattr(self._stub, step.method)
+                    reply = method(step.request, timeout=step.timeout, metadata=metadata)
+                except grpc.RpcError as rpc_error:
+                    error = from_rpc_error(rpc_error)
+            else:
+                time.sleep(step.seconds)
+
+    def _pages(self, pager: Pager[T], metadata: Metadata | None) -> Iterator[T]:
+        while (page := pager.next_page()) is not None:
+            yield from self._run(page, metadata)
+
+    @overload
+    def classify(
+        self,
+        images: Sequence[ImageInput],
+        *,
+        model: str,
+        version: str = "",
+        top_k: int = 5,
+        confidence_threshold: float = 0.0,
+        ids: Sequence[str] | None = None,
+        on_invalid: Literal["fail"] = "fail",
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> list[Classification]: ...
+
+    @overload
+    def classify(
+        self,
+        images: Sequence[ImageInput],
+        *,
+        model: str,
+        version: str = "",
+        top_k: int = 5,
+        confidence_threshold: float = 0.0,
+        ids: Sequence[str] | None = None,
+        on_invalid: Literal["skip"],
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> list[Classification | RejectedImage]: ...
 
     def classify(
         self,
@@ -124,9 +160,10 @@ class Client:
         top_k: int = 5,
         confidence_threshold: float = 0.0,
         ids: Sequence[str] | None = None,
+        on_invalid: OnInvalid = "fail",
         timeout: float | None = None,
         metadata: Metadata | None = None,
-    ) -> list[Classification]:
+    ) -> list[Classification] | list[Classification | RejectedImage]:
         """Classify images now; results come back in the order given.
 
         Args:
@@ -138,14 +175,24 @@ class Client:
             confidence_threshold: top-1 probability under which a result is `uncertain`;
                 0 uses the model's recommended threshold, if it has one.
             ids: your ids for the images; default: file names, or positions.
+            on_invalid: what a bad image (undecodable, truncated, too large) does. "fail"
+                (the default): the call raises `InvalidArgumentError` naming each bad image
+                by its index in `images` (`images[66]`), however the call was split. "skip":
+                the call returns one entry per image, a `RejectedImage` (with its `error`)
+                in place of each bad image's `Classification`; the others are classified.
             timeout: seconds for the whole call, all its parts and retries included.
 
         Raises:
             InvalidArgumentError: a bad image (see `violations`) or argument.
             NotFoundError: unknown model or version.
+            DeadlineExceededError: `timeout` ran out.
             ResourceExhaustedError, UnavailableError: after retries ran out.
+
+        Example:
+            >>> results = client.classify(photos, model="car-damage", on_invalid="skip")
+            >>> bad = [r for r in results if r.error]  # RejectedImage: r.index, r.error
         """
-        requests = classify_requests(
+        split = _core.SplitClassify.plan(
             images,
             model=model,
             version=version,
@@ -153,32 +200,22 @@ class Client:
             confidence_threshold=confidence_threshold,
             ids=ids,
             limits=self.limits,
+            policy=self._policy(timeout),
+            on_invalid=on_invalid,
         )
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-        results: list[Classification] = []
-        for request in requests:
-            response = self._call(
-                self._stub.Classify, request, max(deadline - time.monotonic(), 0.001), metadata
-            )
-            results += [
-                Classification._from_proto(result, response.model, response.model_version)
-                for result in response.results
-            ]
-        return results
+        return split.merge([self._run(program, metadata) for program in split.programs()])
 
     def list_models(
         self, *, timeout: float | None = None, metadata: Metadata | None = None
     ) -> list[Model]:
         """Every model in the server's registry, with its versions and aliases."""
-        models: list[Model] = []
-        token = ""
-        while True:
-            request = models_pb2.ListModelsRequest(page_token=token)
-            response = self._call(self._stub.ListModels, request, timeout, metadata)
-            models += [Model._from_proto(m) for m in response.models]
-            token = response.next_page_token
-            if not token:
-                return models
+        return list(self._pages(_core.list_models(self._policy(timeout)), metadata))
+
+    def get_model(
+        self, name: str, *, timeout: float | None = None, metadata: Metadata | None = None
+    ) -> Model:
+        """One model with every version's model card."""
+        return self._run(_core.get_model(name, self._policy(timeout)), metadata)
 
     def submit_job(
         self,
@@ -236,7 +273,7 @@ class Client:
             ids=ids,
             request_id=request_id,
         )
-        job = Job._from_proto(self._call(self._stub.SubmitJob, request, timeout, metadata))
+        job = self._run(_core.submit_job(request, self._policy(timeout)), metadata)
         return JobHandle(self, job)
 
     def job(self, job_id: str) -> JobHandle:
@@ -246,57 +283,51 @@ class Client:
     def get_job(
         self, job_id: str, *, timeout: float | None = None, metadata: Metadata | None = None
     ) -> Job:
-        request = jobs_pb2.GetJobRequest(job_id=job_id)
-        return Job._from_proto(self._call(self._stub.GetJob, request, timeout, metadata))
+        return self._run(_core.get_job(job_id, self._policy(timeout)), metadata)
 
     def cancel_job(
         self, job_id: str, *, timeout: float | None = None, metadata: Metadata | None = None
     ) -> Job:
-        request = jobs_pb2.CancelJobRequest(job_id=job_id)
-        return Job._from_proto(self._call(self._stub.CancelJob, request, timeout, metadata))
+        return self._run(_core.cancel_job(job_id, self._policy(timeout)), metadata)
 
     def delete_job(
         self, job_id: str, *, timeout: float | None = None, metadata: Metadata | None = None
     ) -> None:
         """Delete a job's record and item results now (cancelling it first if it is still
         running); its results files stay. Raises NotFoundError for an unknown job."""
-        request = jobs_pb2.DeleteJobRequest(job_id=job_id)
-        self._call(self._stub.DeleteJob, request, timeout, metadata)
+        self._run(_core.delete_job(job_id, self._policy(timeout)), metadata)
 
-    def _watch_job(self, job_id: str) -> Iterator[Job]:
+    def watch_job(
+        self, job_id: str, *, timeout: float | None = None, metadata: Metadata | None = None
+    ) -> Iterator[Job]:
+        """Snapshots of a job as it progresses (at least one a second while it runs), until
+        the terminal one. The stream ends early, without an error, if the connection breaks
+        (`JobHandle.watch` then reconnects). `timeout`: none by default, jobs run for hours."""
         try:
             stream = self._stub.WatchJob(
-                jobs_pb2.WatchJobRequest(job_id=job_id), metadata=call_metadata(self._token, None)
+                jobs_pb2.WatchJobRequest(job_id=job_id),
+                timeout=timeout,
+                metadata=call_metadata(self._token, metadata),
             )
             for message in stream:
                 yield Job._from_proto(message)
         except grpc.RpcError as rpc_error:
             error = from_rpc_error(rpc_error)
-            if not isinstance(error, UnavailableError):
+            if not _core.watch_ended_by(error):
                 raise error from None
 
-    def _job_results(
-        self, job_id: str, *, failed_only: bool, page_size: int
+    def list_job_results(
+        self,
+        job_id: str,
+        *,
+        failed_only: bool = False,
+        page_size: int = 1000,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
     ) -> Iterator[JobItemResult]:
-        token = ""
-        while True:
-            request = jobs_pb2.ListJobResultsRequest(
-                job_id=job_id,
-                page_size=page_size,
-                page_token=token,
-                filter=jobs_pb2.RESULT_FILTER_FAILED
-                if failed_only
-                else jobs_pb2.RESULT_FILTER_UNSPECIFIED,
-            )
-            response = self._call(self._stub.ListJobResults, request, None, None)
-            yield from (JobItemResult._from_proto(r) for r in response.results)
-            token = response.next_page_token
-            if not token:
-                return
-
-    def get_model(
-        self, name: str, *, timeout: float | None = None, metadata: Metadata | None = None
-    ) -> Model:
-        """One model with every version's model card."""
-        request = models_pb2.GetModelRequest(model=name)
-        return Model._from_proto(self._call(self._stub.GetModel, request, timeout, metadata))
+        """Every item's result in input order (or only the failures), fetched page by page
+        as you iterate; `timeout` is for each page."""
+        pager = _core.list_job_results(
+            job_id, failed_only=failed_only, page_size=page_size, policy=self._policy(timeout)
+        )
+        return self._pages(pager, metadata)

@@ -1,126 +1,56 @@
-"""Bulk jobs in the SDK: typed job snapshots and results, and a handle to follow a job."""
+"""Handles to follow a bulk job. They talk to a client through a small protocol
+(`JobCalls`, `AsyncJobCalls`) that `Client` and `AsyncClient` satisfy with their public
+methods, so this module imports neither."""
 
 from __future__ import annotations
 
 import asyncio
-import enum
 import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
-from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from perito._models import Classification
+from perito._models import ItemState, Job, JobItemResult, JobState
 from perito._progress import ProgressBar
-from perito.v1 import jobs_pb2
 
-if TYPE_CHECKING:
-    from perito._async import AsyncClient
-    from perito._client import Client
-
-
-class JobState(enum.StrEnum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    PARTIALLY_SUCCEEDED = "partially_succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-    @property
-    def terminal(self) -> bool:
-        return self not in (JobState.QUEUED, JobState.RUNNING)
+__all__ = [
+    "AsyncJobCalls",
+    "AsyncJobHandle",
+    "ItemState",
+    "Job",
+    "JobCalls",
+    "JobHandle",
+    "JobItemResult",
+    "JobState",
+    "JobTimeoutError",
+]
 
 
-class ItemState(enum.StrEnum):
-    PENDING = "pending"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
+class JobCalls(Protocol):
+    """What a `JobHandle` needs from a client (`Client` has it)."""
+
+    def get_job(self, job_id: str) -> Job: ...
+
+    def cancel_job(self, job_id: str) -> Job: ...
+
+    def watch_job(self, job_id: str) -> Iterator[Job]: ...
+
+    def list_job_results(
+        self, job_id: str, *, failed_only: bool = ..., page_size: int = ...
+    ) -> Iterator[JobItemResult]: ...
 
 
-def _time(message: jobs_pb2.Job, name: str) -> datetime | None:
-    return getattr(message, name).ToDatetime() if message.HasField(name) else None
+class AsyncJobCalls(Protocol):
+    """What an `AsyncJobHandle` needs from a client (`AsyncClient` has it)."""
 
+    async def get_job(self, job_id: str) -> Job: ...
 
-@dataclass(frozen=True)
-class Job:
-    """A snapshot of a bulk job. `succeeded + failed + cancelled == total` once it is done."""
+    async def cancel_job(self, job_id: str) -> Job: ...
 
-    id: str
-    state: JobState
-    model: str
-    model_version: str
-    total: int
-    succeeded: int
-    failed: int
-    cancelled: int
-    created: datetime | None
-    started: datetime | None
-    finished: datetime | None
-    output_uri: str
-    result_uris: list[str]
-    error: str
-    labels: dict[str, str] = field(default_factory=dict)
+    def watch_job(self, job_id: str) -> AsyncIterator[Job]: ...
 
-    @property
-    def done(self) -> int:
-        return self.succeeded + self.failed + self.cancelled
-
-    @property
-    def terminal(self) -> bool:
-        return self.state.terminal
-
-    @classmethod
-    def _from_proto(cls, message: jobs_pb2.Job) -> Job:
-        return cls(
-            id=message.id,
-            state=JobState(
-                jobs_pb2.JobState.Name(message.state).removeprefix("JOB_STATE_").lower()
-            ),
-            model=message.model,
-            model_version=message.model_version,
-            total=message.total_items,
-            succeeded=message.succeeded_items,
-            failed=message.failed_items,
-            cancelled=message.cancelled_items,
-            created=_time(message, "create_time"),
-            started=_time(message, "start_time"),
-            finished=_time(message, "end_time"),
-            output_uri=message.output_uri,
-            result_uris=list(message.result_uris),
-            error=message.error,
-            labels=dict(message.labels),
-        )
-
-
-@dataclass(frozen=True)
-class JobItemResult:
-    """One image's outcome in a job; `classification` is set when it succeeded."""
-
-    index: int
-    image_id: str
-    uri: str
-    state: ItemState
-    classification: Classification | None
-    error: str
-
-    @classmethod
-    def _from_proto(cls, message: jobs_pb2.JobItemResult) -> JobItemResult:
-        return cls(
-            index=message.index,
-            image_id=message.image_id,
-            uri=message.uri,
-            state=ItemState(
-                jobs_pb2.ItemState.Name(message.state).removeprefix("ITEM_STATE_").lower()
-            ),
-            classification=(
-                Classification._from_proto(message.classification)
-                if message.HasField("classification")
-                else None
-            ),
-            error=message.error,
-        )
+    def list_job_results(
+        self, job_id: str, *, failed_only: bool = ..., page_size: int = ...
+    ) -> AsyncIterator[JobItemResult]: ...
 
 
 class JobTimeoutError(TimeoutError):
@@ -130,7 +60,7 @@ class JobTimeoutError(TimeoutError):
 class JobHandle:
     """Follow and control one job: `status()`, `wait()`, `watch()`, `results()`, `cancel()`."""
 
-    def __init__(self, client: Client, job: Job) -> None:
+    def __init__(self, client: JobCalls, job: Job) -> None:
         self._client = client
         self.id = job.id
         self.last = job
@@ -147,7 +77,7 @@ class JobHandle:
         """Snapshots as the job progresses (at least one a second while it runs), ending with
         the terminal one. Reconnects if the stream breaks."""
         while True:
-            for job in self._client._watch_job(self.id):
+            for job in self._client.watch_job(self.id):
                 self.last = job
                 yield job
                 if job.terminal:
@@ -183,7 +113,9 @@ class JobHandle:
         self, *, failed_only: bool = False, page_size: int = 1000
     ) -> Iterator[JobItemResult]:
         """Every item's result in input order (or only the failures), fetched page by page."""
-        yield from self._client._job_results(self.id, failed_only=failed_only, page_size=page_size)
+        yield from self._client.list_job_results(
+            self.id, failed_only=failed_only, page_size=page_size
+        )
 
     def cancel(self) -> Job:
         """Cancel: items not yet classified are marked cancelled; returns the job as it stands."""
@@ -195,7 +127,7 @@ class AsyncJobHandle:
     """`JobHandle` for `AsyncClient`: the same methods, awaited (`watch` and `results` are
     async iterators)."""
 
-    def __init__(self, client: AsyncClient, job: Job) -> None:
+    def __init__(self, client: AsyncJobCalls, job: Job) -> None:
         self._client = client
         self.id = job.id
         self.last = job
@@ -211,7 +143,7 @@ class AsyncJobHandle:
     async def watch(self) -> AsyncIterator[Job]:
         """Snapshots as the job progresses, ending with the terminal one."""
         while True:
-            async for job in self._client._watch_job(self.id):
+            async for job in self._client.watch_job(self.id):
                 self.last = job
                 yield job
                 if job.terminal:
@@ -244,7 +176,7 @@ class AsyncJobHandle:
         self, *, failed_only: bool = False, page_size: int = 1000
     ) -> AsyncIterator[JobItemResult]:
         """Every item's result in input order (or only the failures), page by page."""
-        async for result in self._client._job_results(
+        async for result in self._client.list_job_results(
             self.id, failed_only=failed_only, page_size=page_size
         ):
             yield result

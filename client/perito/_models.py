@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, ClassVar
 
 from google.protobuf import json_format
 
-from perito.v1 import classify_pb2, models_pb2
+from perito._errors import InvalidArgumentError
+from perito.v1 import classify_pb2, jobs_pb2, models_pb2
 
 
 @dataclass(frozen=True)
@@ -30,7 +32,13 @@ class Classification:
         margin: top-1 minus top-2 probability; small means the model hesitates.
         normalized_entropy: 0 (certain) to 1 (uniform guess).
         uncertain: the top-1 probability is under the confidence threshold in effect.
+        first_frame_only: the image is animated (GIF or WebP); only its first frame was
+            classified.
+        error: always None (a `RejectedImage` has one): `classify(..., on_invalid="skip")`
+            returns both kinds, and `if result.error:` tells them apart.
     """
+
+    error: ClassVar[None] = None
 
     image_id: str
     predictions: list[Prediction]
@@ -39,6 +47,7 @@ class Classification:
     uncertain: bool
     model: str = ""
     model_version: str = ""
+    first_frame_only: bool = False
 
     @property
     def top(self) -> Prediction:
@@ -66,7 +75,29 @@ class Classification:
             uncertain=message.uncertain,
             model=model,
             model_version=model_version,
+            first_frame_only=message.first_frame_only,
         )
+
+
+@dataclass(frozen=True)
+class RejectedImage:
+    """An image the server refused, in place of its `Classification`.
+
+    `classify(..., on_invalid="skip")` returns one entry per image given, in order: a
+    `Classification`, or this for an image that could not be classified (as Google Cloud
+    Vision's batch annotate returns a status per image). With the default `on_invalid="fail"`
+    the whole call raises `InvalidArgumentError` instead.
+
+    Attributes:
+        image_id: the id you gave the image, or its file name or position.
+        index: the image's position in the list you gave `classify`.
+        error: why: an `InvalidArgumentError` whose message and `violations` name this image
+            as `images[index]`, e.g. "images[66] (id 'claim-67.jpg'): image is truncated".
+    """
+
+    image_id: str
+    index: int
+    error: InvalidArgumentError
 
 
 @dataclass(frozen=True)
@@ -118,4 +149,108 @@ class Model:
             latest_version=message.latest_version,
             aliases=dict(message.aliases),
             versions=[ModelVersion._from_proto(v) for v in message.versions],
+        )
+
+
+class JobState(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    PARTIALLY_SUCCEEDED = "partially_succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self not in (JobState.QUEUED, JobState.RUNNING)
+
+
+class ItemState(enum.StrEnum):
+    PENDING = "pending"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+def _time(message: jobs_pb2.Job, name: str) -> datetime | None:
+    return getattr(message, name).ToDatetime() if message.HasField(name) else None
+
+
+@dataclass(frozen=True)
+class Job:
+    """A snapshot of a bulk job. `succeeded + failed + cancelled == total` once it is done."""
+
+    id: str
+    state: JobState
+    model: str
+    model_version: str
+    total: int
+    succeeded: int
+    failed: int
+    cancelled: int
+    created: datetime | None
+    started: datetime | None
+    finished: datetime | None
+    output_uri: str
+    result_uris: list[str]
+    error: str
+    labels: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def done(self) -> int:
+        return self.succeeded + self.failed + self.cancelled
+
+    @property
+    def terminal(self) -> bool:
+        return self.state.terminal
+
+    @classmethod
+    def _from_proto(cls, message: jobs_pb2.Job) -> Job:
+        return cls(
+            id=message.id,
+            state=JobState(
+                jobs_pb2.JobState.Name(message.state).removeprefix("JOB_STATE_").lower()
+            ),
+            model=message.model,
+            model_version=message.model_version,
+            total=message.total_items,
+            succeeded=message.succeeded_items,
+            failed=message.failed_items,
+            cancelled=message.cancelled_items,
+            created=_time(message, "create_time"),
+            started=_time(message, "start_time"),
+            finished=_time(message, "end_time"),
+            output_uri=message.output_uri,
+            result_uris=list(message.result_uris),
+            error=message.error,
+            labels=dict(message.labels),
+        )
+
+
+@dataclass(frozen=True)
+class JobItemResult:
+    """One image's outcome in a job; `classification` is set when it succeeded."""
+
+    index: int
+    image_id: str
+    uri: str
+    state: ItemState
+    classification: Classification | None
+    error: str
+
+    @classmethod
+    def _from_proto(cls, message: jobs_pb2.JobItemResult) -> JobItemResult:
+        return cls(
+            index=message.index,
+            image_id=message.image_id,
+            uri=message.uri,
+            state=ItemState(
+                jobs_pb2.ItemState.Name(message.state).removeprefix("ITEM_STATE_").lower()
+            ),
+            classification=(
+                Classification._from_proto(message.classification)
+                if message.HasField("classification")
+                else None
+            ),
+            error=message.error,
         )

@@ -7,7 +7,7 @@ import time
 from typing import TYPE_CHECKING, TextIO
 
 if TYPE_CHECKING:
-    from perito._jobs import Job
+    from perito._models import Job
 
 
 class ProgressBar:

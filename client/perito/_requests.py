@@ -3,21 +3,21 @@
 from __future__ import annotations
 
 import os
-import random
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 
-from perito._errors import PeritoError, ResourceExhaustedError, UnavailableError
 from perito._images import ImageInput, encode_image, image_name
 from perito.v1 import classify_pb2, image_pb2, jobs_pb2
 
 MANIFEST_SUFFIXES = (".csv", ".jsonl", ".ndjson")
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+# Obvious non-photos a folder may hold; the same rule as the server's listings
+# (`perito_core.sources.is_ignored_key`), which the SDK cannot import.
+_IGNORED_NAMES = frozenset({"thumbs.db", "ehthumbs.db", "desktop.ini"})
 DEFAULT_TARGET = "localhost:8500"
 # Batches of photos are far over gRPC's 4 MB default.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -46,7 +46,16 @@ def model_ref(model: str, version: str) -> tuple[str, str]:
     return name, version or ref
 
 
-def classify_requests(
+@dataclass(frozen=True)
+class Part:
+    """Some of a `classify` call's images, sent as one request: `images[i]` is the caller's
+    image number `indexes[i]`."""
+
+    indexes: tuple[int, ...]
+    images: tuple[image_pb2.Image, ...]
+
+
+def classify_parts(
     images: Sequence[ImageInput],
     *,
     model: str,
@@ -55,8 +64,9 @@ def classify_requests(
     confidence_threshold: float,
     ids: Sequence[str] | None,
     limits: Limits,
-) -> list[classify_pb2.ClassifyRequest]:
-    """One or more `ClassifyRequest`s holding every image in order, each within `limits`."""
+) -> tuple[classify_pb2.ClassifyRequest, list[Part]]:
+    """The request every part shares (no images yet), and the images split into parts in
+    order, each within `limits`."""
     if isinstance(images, str | bytes | os.PathLike):
         raise TypeError("images must be a sequence: classify([image], ...)")
     if ids is not None and len(ids) != len(images):
@@ -64,25 +74,25 @@ def classify_requests(
     if not images:
         raise ValueError("no images to classify")
     name, ref = model_ref(model, version)
-    requests: list[classify_pb2.ClassifyRequest] = []
+    template = classify_pb2.ClassifyRequest(
+        model=name, version=ref, top_k=top_k, confidence_threshold=confidence_threshold
+    )
+    parts: list[tuple[list[int], list[image_pb2.Image]]] = []
     size = 0
     for index, image in enumerate(images):
         content = encode_image(image)
-        full = requests and (
-            len(requests[-1].images) >= limits.max_images_per_request
+        full = parts and (
+            len(parts[-1][0]) >= limits.max_images_per_request
             or size + len(content) > limits.max_request_bytes
         )
-        if not requests or full:
-            requests.append(
-                classify_pb2.ClassifyRequest(
-                    model=name, version=ref, top_k=top_k, confidence_threshold=confidence_threshold
-                )
-            )
+        if not parts or full:
+            parts.append(([], []))
             size = 0
         image_id = ids[index] if ids is not None else image_name(image, index)
-        requests[-1].images.append(image_pb2.Image(id=image_id, content=content))
+        parts[-1][0].append(index)
+        parts[-1][1].append(image_pb2.Image(id=image_id, content=content))
         size += len(content)
-    return requests
+    return template, [Part(tuple(indexes), tuple(protos)) for indexes, protos in parts]
 
 
 def submit_request(
@@ -164,20 +174,17 @@ def _job_input(
 
 
 def image_files(folder: Path) -> list[Path]:
-    """Image files under `folder`, sorted, by their suffix."""
+    """Every file under `folder`, sorted, except hidden ones (a part starting with `.`) and
+    `Thumbs.db`, `ehthumbs.db`, `desktop.ini`. The server decides by content what is an image
+    (HEIC, AVIF, MPO, `.jfif` ... included), and a file that is not one fails with its reason:
+    nothing is skipped by its name."""
     return sorted(
-        p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+        p
+        for p in folder.rglob("*")
+        if p.is_file()
+        and p.name.lower() not in _IGNORED_NAMES
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
     )
-
-
-def retry_wait(error: PeritoError, attempt: int) -> float | None:
-    """Seconds to wait before retrying `error`, or None when it must not be retried."""
-    if isinstance(error, ResourceExhaustedError) and error.retry_after is not None:
-        hint: float = error.retry_after
-        return hint * (1 + random.random() * 0.2)
-    if isinstance(error, UnavailableError):
-        return min(2.0, 0.1 * 2.0**attempt) * (0.5 + random.random())
-    return None
 
 
 def call_metadata(token: str | None, metadata: Metadata | None) -> Metadata | None:
@@ -206,8 +213,3 @@ def channel_credentials(
     else:
         roots = root_certificates
     return grpc.ssl_channel_credentials(root_certificates=roots)
-
-
-def chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]

@@ -496,6 +496,18 @@ def load_model_input(
     Raises:
         InvalidImage: as `decode_image`.
     """
+    return load_model_input_with_info(data, spec, limits)[0]
+
+
+def load_model_input_with_info(
+    data: bytes, spec: InputSpec, limits: ImageLimits = ImageLimits()
+) -> tuple[np.ndarray, DecodeInfo]:
+    """`load_model_input`, and what the decode found (format, frames, colour conversion), so
+    that an answer can say when only an animation's first frame was classified.
+
+    Raises:
+        InvalidImage: as `decode_image`.
+    """
     target = spec.resize_size if spec.resize_mode == "center_crop" else max(spec.height, spec.width)
-    image = decode_image(data, limits, min_size=(target, target))
-    return resize_for_model(image, spec)
+    image, info = decode_image_with_info(data, limits, min_size=(target, target))
+    return resize_for_model(image, spec), info

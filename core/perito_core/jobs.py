@@ -89,6 +89,7 @@ class ItemResult:
     normalized_entropy: float = 0.0
     uncertain: bool = False
     error: str = ""
+    first_frame_only: bool = False
 
     def to_json(self) -> str:
         return json.dumps(
@@ -99,6 +100,7 @@ class ItemResult:
                 "normalized_entropy": round(self.normalized_entropy, 6),
                 "uncertain": self.uncertain,
                 "error": self.error,
+                **({"first_frame_only": True} if self.first_frame_only else {}),
             },
             separators=(",", ":"),
         )
@@ -116,6 +118,7 @@ class ItemResult:
             normalized_entropy=data["normalized_entropy"],
             uncertain=data["uncertain"],
             error=data["error"],
+            first_frame_only=data.get("first_frame_only", False),
         )
 
 

@@ -40,6 +40,7 @@ def _json_line(result: ItemResult, job: Job) -> str:
                 for label, index, p in result.predictions
             ],
             "error": result.error or None,
+            "first_frame_only": result.first_frame_only,
             "model": job.model,
             "model_version": job.model_version,
         }

@@ -101,6 +101,7 @@ def result_to_proto(result: ItemResult) -> jobs_pb2.JobItemResult:
                 margin=result.margin,
                 normalized_entropy=result.normalized_entropy,
                 uncertain=result.uncertain,
+                first_frame_only=result.first_frame_only,
             )
         )
     return message

@@ -16,7 +16,7 @@ from google.protobuf import struct_pb2, timestamp_pb2
 from perito.v1 import classify_pb2, jobs_pb2, models_pb2, service_pb2_grpc
 from perito_core import tracing
 from perito_core.errors import InvalidArgument, InvalidImage
-from perito_core.imaging import ImageLimits, InputSpec, load_model_input
+from perito_core.imaging import DecodeInfo, ImageLimits, InputSpec, load_model_input_with_info
 from perito_core.manifest import ModelManifest
 from perito_core.registry import validate_model_name
 from perito_core.runtime import summarize
@@ -122,12 +122,12 @@ class PeritoServicer(service_pb2_grpc.PeritoServicer):
 
     async def _decode_all(
         self, request: classify_pb2.ClassifyRequest, spec: InputSpec
-    ) -> list[np.ndarray]:
+    ) -> list[tuple[np.ndarray, DecodeInfo]]:
         loop = asyncio.get_running_loop()
         decoded = await asyncio.gather(
             *(
                 loop.run_in_executor(
-                    self._decode_pool, load_model_input, image.content, spec, self.limits
+                    self._decode_pool, load_model_input_with_info, image.content, spec, self.limits
                 )
                 for image in request.images
             ),
@@ -145,7 +145,7 @@ class PeritoServicer(service_pb2_grpc.PeritoServicer):
             first = violations[0][1]
             more = f" (and {len(violations) - 1} more)" if len(violations) > 1 else ""
             raise InvalidImage(first + more, field=violations[0][0], violations=violations)
-        return [result for result in decoded if isinstance(result, np.ndarray)]
+        return [result for result in decoded if isinstance(result, tuple)]
 
     @maps_errors
     async def Classify(
@@ -175,15 +175,16 @@ class PeritoServicer(service_pb2_grpc.PeritoServicer):
         )
         with admit as admission:
             with tracing.span("perito.decode", images=len(request.images)):
-                inputs = await self._decode_all(request, manifest.input.spec())
+                decoded = await self._decode_all(request, manifest.input.spec())
             with tracing.span("perito.batch", model=served.name, version=served.version):
-                probabilities = await admission.run(inputs, deadline)
+                probabilities = await admission.run([pixels for pixels, _ in decoded], deadline)
         top_k = request.top_k or self.settings.default_top_k
         threshold = request.confidence_threshold or manifest.confidence_threshold or 0.0
         response = classify_pb2.ClassifyResponse(
             model=served.name, model_version=served.version, confidence_threshold=threshold
         )
-        for index, (image, probs) in enumerate(zip(request.images, probabilities, strict=True)):
+        results = zip(request.images, probabilities, decoded, strict=True)
+        for index, (image, probs, (_, info)) in enumerate(results):
             summary = summarize(probs, manifest.labels, top_k, threshold)
             response.results.append(
                 classify_pb2.Classification(
@@ -197,6 +198,7 @@ class PeritoServicer(service_pb2_grpc.PeritoServicer):
                     margin=summary.margin,
                     normalized_entropy=summary.normalized_entropy,
                     uncertain=summary.uncertain,
+                    first_frame_only=info.first_frame_only,
                 )
             )
         return response

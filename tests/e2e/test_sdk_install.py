@@ -70,7 +70,7 @@ def test_the_sdk_installs_without_torch_or_celery(clean_venv: Path) -> None:
         "print(json.dumps({"
         "'version': perito.__version__, "
         "'installed': {m: importlib.util.find_spec(m) is not None "
-        "for m in ('torch', 'celery', 'numpy', 'boto3')}, "
+        "for m in ('torch', 'celery', 'numpy', 'boto3', 'pydantic', 'grpc_status')}, "
         "'imported': sorted(m for m in sys.modules if m.startswith(('perito_', 'torch'))), "
         "'typed': (importlib.util.find_spec('perito').submodule_search_locations[0] + '/py.typed'),"
         "'async': hasattr(perito, 'AsyncClient')}))",
@@ -81,6 +81,8 @@ def test_the_sdk_installs_without_torch_or_celery(clean_venv: Path) -> None:
         "celery": False,
         "numpy": False,
         "boto3": False,
+        "pydantic": False,  # the SDK never imported it
+        "grpc_status": False,
     }
     assert found["imported"] == []  # the SDK imports no server-side package
     assert Path(found["typed"]).exists() and found["async"]

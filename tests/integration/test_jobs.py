@@ -413,6 +413,96 @@ def test_a_deleted_job_is_gone_and_its_results_file_stays(bulk: Bulk, redis_url:
         bulk.client.delete_job(job.id)
 
 
+def test_a_folder_job_accounts_for_every_phone_format_and_every_file(bulk: Bulk) -> None:
+    from perito_core.imaging import HEIF_SUPPORTED
+
+    assert HEIF_SUPPORTED, "pillow-heif is part of the serve install"
+    folder = bulk.work / "phone-photos"
+    folder.mkdir()
+    grey = Image.open(io.BytesIO(bulk.image_bytes[sorted(bulk.image_bytes)[0]])).convert("RGB")
+    photo = grey.resize((64, 64))
+    photo.save(folder / "IMG_0001.HEIC", format="HEIF")
+    photo.save(folder / "IMG_0002.heif", format="HEIF")
+    photo.save(folder / "IMG_0003.avif", format="AVIF")
+    photo.save(folder / "download.jfif", format="JPEG")
+    photo.save(folder / "DSC_0004.JPG", format="JPEG")
+    (folder / "x.jpg").write_text("not a photo at all")
+    (folder / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")  # ignored, by the documented rule
+    job = bulk.client.submit_job(folder, model="fashion").wait(60)
+    assert (job.total, job.succeeded, job.failed) == (6, 5, 1), job
+    results = {Path(r.uri).name: r for r in bulk.client.job(job.id).results()}
+    assert set(results) == {
+        "IMG_0001.HEIC",
+        "IMG_0002.heif",
+        "IMG_0003.avif",
+        "download.jfif",
+        "DSC_0004.JPG",
+        "x.jpg",
+    }
+    assert "NOT_AN_IMAGE" in results["x.jpg"].error
+
+
+ODD_KEYS = ["claim #1234.jpg", "what?.png", "100% dent.png", "a+b c.png", "Schäden/rück tür.png"]
+
+
+def test_odd_s3_keys_classify_from_a_prefix_a_manifest_and_a_uri_list(bulk: Bulk) -> None:
+    data = bulk.image_bytes[sorted(bulk.image_bytes)[1]]
+    for key in ODD_KEYS:
+        bulk.s3.put_object(Bucket="inspections", Key=f"odd/{key}", Body=data)  # type: ignore[attr-defined]
+    uris = [f"s3://inspections/odd/{key}" for key in ODD_KEYS]
+    manifest = "uri,id\n" + "".join(
+        '"{}",{}\n'.format(uri.replace('"', '""'), n) for n, uri in enumerate(uris)
+    )
+    bulk.s3.put_object(Bucket="inspections", Key="odd-manifest.csv", Body=manifest.encode())  # type: ignore[attr-defined]
+    for source in ("s3://inspections/odd/", "s3://inspections/odd-manifest.csv", uris):
+        job = bulk.client.submit_job(source, model="fashion").wait(60)
+        assert (job.total, job.succeeded) == (len(ODD_KEYS), len(ODD_KEYS)), (source, job)
+        rows = bulk.results_file(job)
+        assert sorted(r["uri"] for r in rows) == sorted(uris), source
+
+
+def test_a_chunk_slower_than_the_visibility_timeout_is_read_once_and_succeeds(
+    bulk: Bulk, s3_endpoint: str
+) -> None:
+    """Slow storage (0.8 s per object), two worker processes, a 10 s visibility timeout, a
+    chunk of 16 objects read one at a time: the broker hands the chunk to the second process
+    while the first is still on it, which must skip it (the lease is live)."""
+    from tests.helpers import SlowS3Proxy
+
+    names = sorted(bulk.truth)[:16]
+    for worker in bulk.workers:
+        worker.stop()
+    bulk.workers.clear()
+    try:
+        with SlowS3Proxy(s3_endpoint, delay_s=0.8) as proxy:
+            slow_env = {
+                **bulk.worker_env,
+                "PERITO_S3_ENDPOINT_URL": proxy.endpoint,
+                "PERITO_DECODE_THREADS": "1",
+            }
+            slow = [
+                WorkerProcess(slow_env, bulk.work / f"slow-{n}.log").wait_ready() for n in range(2)
+            ]
+            try:
+                uris = [f"s3://inspections/fmnist/{n}" for n in names]
+                started = time.monotonic()
+                job = bulk.client.submit_job(uris, model="fashion", chunk_size=16).wait(120)
+                took = time.monotonic() - started
+            finally:
+                for worker in slow:
+                    worker.stop()
+            reads = {path: count for path, count in proxy.gets.items() if "/fmnist/" in path}
+    finally:
+        bulk.start_worker()
+    assert took > 12, f"the chunk took {took:.1f} s: not longer than the visibility timeout"
+    assert job.state is perito.JobState.SUCCEEDED, job
+    assert (job.succeeded, job.failed) == (16, 0)
+    assert len(reads) == 16 and set(reads.values()) == {1}, reads
+    logs = "".join((bulk.work / f"slow-{n}.log").read_text() for n in range(2))
+    assert "died" not in logs
+    assert "another worker holds it; delivery skipped" in logs, "no second delivery: not tested"
+
+
 def test_unknown_jobs_are_not_found(bulk: Bulk) -> None:
     with pytest.raises(perito.NotFoundError, match="job 'nope' not found"):
         bulk.client.get_job("nope")

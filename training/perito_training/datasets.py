@@ -24,6 +24,7 @@ from PIL import Image
 
 from perito_core.errors import InvalidImage
 from perito_core.imaging import ImageLimits, InputSpec, load_model_input, resize_for_model
+from perito_core.sources import is_ignored_key
 from perito_training.config import DataConfig
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -39,7 +40,6 @@ FASHION_MNIST_LABELS = [
     "bag",
     "ankle boot",
 ]
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 SPLITS = ("train", "val", "test")
 CACHE_AUTO_LIMIT_BYTES = 4 << 30
 
@@ -218,16 +218,16 @@ def discover(config: DataConfig) -> Catalog:
     return _from_suffixes(config, roots)
 
 
-def _image_files(folder: Path, skipped: list[tuple[str, str]], base: Path) -> list[Path]:
-    files = []
-    for path in sorted(folder.rglob("*")):
-        if not path.is_file() or path.name.startswith("."):
-            continue
-        if path.suffix.lower() in IMAGE_SUFFIXES:
-            files.append(path)
-        else:
-            skipped.append((str(path.relative_to(base)), "not an image file name"))
-    return files
+def image_files(folder: Path) -> list[Path]:
+    """Every file under `folder` except obvious non-photos (`perito_core.sources.
+    is_ignored_key`: hidden files, `Thumbs.db` ...), sorted. Whether a file is an image is
+    decided by decoding it, never by its name: one that does not decode is listed as
+    unreadable with its reason, as the serving code would refuse it."""
+    return [
+        path
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and not is_ignored_key(path.relative_to(folder).as_posix())
+    ]
 
 
 def _class_index(classes: list[str]) -> dict[str, int]:
@@ -244,16 +244,15 @@ def _from_folders(config: DataConfig, roots: list[tuple[Path, str | None]]) -> C
         raise DatasetError(f"class folders {unknown} are not in data.classes {classes}")
     index = _class_index(classes)
     entries: list[Entry] = []
-    skipped: list[tuple[str, str]] = []
     for root, split in roots:
         for folder in folders:
             if not (root / folder).is_dir():
                 continue
             label = index[config.rename.get(folder, folder)]
-            for path in _image_files(root / folder, skipped, config.root):
+            for path in image_files(root / folder):
                 rel = str(path.relative_to(config.root))
                 entries.append(Entry(rel, label, path=path, split=split))
-    return Catalog(classes, entries, skipped=skipped)
+    return Catalog(classes, entries)
 
 
 def _from_suffixes(config: DataConfig, roots: list[tuple[Path, str | None]]) -> Catalog:
@@ -268,7 +267,7 @@ def _from_suffixes(config: DataConfig, roots: list[tuple[Path, str | None]]) -> 
     entries: list[Entry] = []
     skipped: list[tuple[str, str]] = []
     for root, split in roots:
-        for path in _image_files(root, skipped, config.root):
+        for path in image_files(root):
             rel = str(path.relative_to(config.root))
             suffix = next((s for s in suffixes if path.stem.upper().endswith(s.upper())), None)
             if suffix is None:

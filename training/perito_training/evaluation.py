@@ -20,7 +20,7 @@ import torch
 from perito_core.errors import InvalidImage
 from perito_core.imaging import ImageLimits, InputSpec, load_model_input
 from perito_training import plots
-from perito_training.datasets import IMAGE_SUFFIXES, ImageSet
+from perito_training.datasets import ImageSet, image_files
 from perito_training.metrics import classification_report
 
 
@@ -101,11 +101,9 @@ def evaluate_folder(
     Writes `predictions.csv` and `evaluation.json` (and `confusion_matrix.png` when labelled)
     to `out_dir`. An unreadable image is listed with its reason, not fatal.
     """
-    files = sorted(
-        p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-    )
+    files = image_files(folder)
     if not files:
-        raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {folder}")
+        raise FileNotFoundError(f"no files under {folder}")
     known = set(labels)
     results: list[FolderPrediction] = []
     pending: list[tuple[FolderPrediction, np.ndarray]] = []

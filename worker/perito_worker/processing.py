@@ -34,7 +34,7 @@ from perito_core.errors import (
     PeritoError,
     StorageUnavailable,
 )
-from perito_core.imaging import load_model_input
+from perito_core.imaging import load_model_input_with_info
 from perito_core.jobs import ItemInput, ItemResult, ItemState, Job, JobStore
 from perito_core.runtime import LoadedModel, summarize
 from perito_core.sources import SourceReader
@@ -80,6 +80,7 @@ class _Prepared:
     item: ItemInput
     pixels: np.ndarray | None
     error: str = ""
+    first_frame_only: bool = False
 
 
 def _prepare(
@@ -96,8 +97,8 @@ def _prepare(
             if inline is None:
                 raise NotFound("inline image data is missing from the job store")
             data = inline
-        pixels = load_model_input(data, model.manifest.input.spec(), limits)
-        return _Prepared(index, item, pixels)
+        pixels, info = load_model_input_with_info(data, model.manifest.input.spec(), limits)
+        return _Prepared(index, item, pixels, first_frame_only=info.first_frame_only)
     except StorageUnavailable:
         raise
     except PeritoError as error:
@@ -128,6 +129,7 @@ def _classify(job: Job, model: LoadedModel, batch: list[_Prepared]) -> list[Item
                 margin=summary.margin,
                 normalized_entropy=summary.normalized_entropy,
                 uncertain=summary.uncertain,
+                first_frame_only=prepared.first_frame_only,
             )
     return [results[p.index] for p in batch]
 
@@ -191,6 +193,8 @@ def classify_chunk(
     lease = store.acquire_chunk(job_id, chunk, holder, rt.settings.lease_ttl_s)
     if lease.outcome != "acquired":
         metrics.CHUNKS.labels("duplicate" if lease.outcome == "busy" else "skipped").inc()
+        if lease.outcome == "busy":
+            log.info("job %s chunk %d: another worker holds it; delivery skipped", job_id, chunk)
         if lease.outcome == "done":  # every item recorded: finish the job if nobody did
             job = store.get(job_id)
             if job.done >= job.total:
