@@ -210,3 +210,13 @@ def test_results_that_cannot_be_written_end_the_job_failed_with_the_reason(
     assert job.state is JobState.FAILED
     assert "results could not be written" in job.error and "5 tries" in job.error
     assert [r.state for r in store.results(job_id, 0, 3)] == [ItemState.SUCCEEDED] * 3
+
+
+def test_a_redis_that_evicts_keys_is_refused_unless_allowed(store: JobStore) -> None:
+    from perito_server.jobs import check_no_eviction
+
+    check_no_eviction(store.redis, "job store", allowed=False)  # noeviction: fine
+    store.redis.config_set("maxmemory-policy", "allkeys-lru")
+    with pytest.raises(RuntimeError, match="allkeys-lru.*noeviction"):
+        check_no_eviction(store.redis, "job store", allowed=False)
+    check_no_eviction(store.redis, "job store", allowed=True)  # logged, not refused
