@@ -19,8 +19,9 @@ Scenarios (issue 10, "Deliver" 6):
 - `cancel-running`: a 5,000-image job cancelled while a chunk runs: the chunk stops at its
   next batch, its late results are not recorded over the cancellation, the counters do not
   move afterwards, and no item is both cancelled and succeeded.
-- `chunk-error`: a model that raises in `forward` on an all-white image; with 2 attempts per
-  chunk, the unrecorded items of that chunk fail naming the error, the rest succeed.
+- `chunk-error`: a model that raises in `forward` on an all-white image: in a job of 48 that
+  image fails alone (its batch is rerun one image at a time); a chunk of only such images
+  ends its attempt, is retried, and after 2 attempts its items fail dead-lettered.
 - `odd-files`: a folder job holding a symlink out of the local root, a FIFO, a directory named
   `x.jpg` and a 2 GB sparse file beside 4 good images: those 4 fail, named, within seconds.
 - `unwritable-output`: an `output_uri` under a regular file (and a read-only folder, unless
@@ -865,46 +866,54 @@ FAULTS = Config(worker_env=(("PERITO_MAX_ATTEMPTS", "2"),))
 def scenario_chunk_error(lab: Lab, out: Outcome, sampler: Sampler) -> None:
     stack = lab.stack("faults", FAULTS, models=("tiny", "boom"))
     sampler.reset(stack)
+    client = stack.client()
+    started = time.monotonic()
+    # 1. One image breaks the model's forward pass: its batch is rerun one image at a time,
+    # and that image alone fails, naming the error.
     folder = lab.root / "boom"
     total, chunk, white = 48, 16, 21
     paths = write_pngs(folder, total, seed=3)
     paths[white].write_bytes(_png(np.full((32, 32, 3), 255, dtype=np.uint8)))
-    client = stack.client()
-    started = time.monotonic()
     handle = client.submit_job(str(folder), model="boom", chunk_size=chunk)
     [job] = wait_terminal(client, [handle.id], timeout=120)
-    seconds = time.monotonic() - started
     check = check_job(stack, job, out)
-    # The attempt ends at the batch holding the white image; what that chunk had not recorded
-    # fails when its attempts are used up.
-    first = (white // chunk) * chunk
-    expected = set(range(first + (white - first) // BATCH_SIZE * BATCH_SIZE, first + chunk))
     failed = {int(r["index"]): r["error"] or "" for r in check.rows if r["state"] == "failed"}
     out.expect(
         job.state is perito.JobState.PARTIALLY_SUCCEEDED,
         f"expected partially_succeeded, got {job.state.value}: {job.error}",
     )
+    out.expect(set(failed) == {white}, f"failed items {sorted(failed)}, expected [{white}]")
     out.expect(
-        set(failed) == expected,
-        f"failed items {sorted(failed)}, expected {sorted(expected)}",
+        all("boom" in e and "\n" not in e and len(e) < 400 for e in failed.values()),
+        f"failure reason is not one line naming the error: {next(iter(failed.values()), '')!r}",
     )
+    out.expect(job.succeeded == total - 1, f"{job.succeeded} succeeded")
+    # 2. The model fails on every image of a chunk: not the images' fault, so the attempt
+    # ends (retried); after 2 attempts the chunk's items fail with the error, dead-lettered.
+    every = lab.root / "boom-all"
+    for n, path in enumerate(write_pngs(every, 8, seed=4)):
+        path.write_bytes(_png(np.full((32, 32, 3), 255 - n % 2, dtype=np.uint8)))
+    handle = client.submit_job(str(every), model="boom", chunk_size=8)
+    [broken] = wait_terminal(client, [handle.id], timeout=120)
+    seconds = time.monotonic() - started
+    check = check_job(stack, broken, out)
+    reasons = [r["error"] or "" for r in check.rows]
+    out.expect(broken.state is perito.JobState.FAILED, f"got {broken.state.value}")
+    out.expect(broken.failed == 8, f"{broken.failed} failed")
     out.expect(
-        all("boom" in e and "dead-lettered" in e for e in failed.values()),
-        f"failure reasons do not name the error: {next(iter(failed.values()), '')[:200]}",
+        all("boom" in e and "dead-lettered" in e for e in reasons),
+        f"failure reasons do not name the error: {reasons[0][:200]}",
     )
-    out.expect(job.succeeded == total - len(expected), f"{job.succeeded} succeeded")
     letters = [json.loads(x) for x in stack.r.lrange("perito:dead-letter", 0, -1)]  # type: ignore[union-attr]
     out.expect(
-        any(x["job_id"] == job.id and x["chunk"] == white // chunk for x in letters),
+        any(x["job_id"] == broken.id and x["chunk"] == 0 for x in letters),
         "no dead-letter record for the chunk",
     )
     check_store(stack, out)
-    reason = next(iter(failed.values()), "")
-    boom = next((x.strip() for x in reversed(reason.splitlines()) if "boom" in x), reason[:80])
     out.notes.append(
-        f"forward() raises on an all-white image (item {white}); 2 attempts, then items "
-        f"{min(expected)}-{max(expected)} of chunk {white // chunk} failed ({boom!r}); "
-        f"ended in {seconds:.1f}s"
+        f"forward() raises on all-white images: item {white} of 48 failed alone "
+        f"({failed.get(white, '')[:60]!r}); a chunk of 8 white images ended its attempt twice, "
+        f"then failed dead-lettered; both ended in {seconds:.1f}s"
     )
 
 

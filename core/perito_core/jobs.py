@@ -143,7 +143,9 @@ class Job:
     confidence_threshold: float = 0.0
     chunk_size: int = 64
     cancel_requested: bool = False
+    completed_at: float = 0.0  # when the last item was recorded
     finalize_attempts: int = 0
+    finalize_last_failure: float = 0.0
 
     @property
     def done(self) -> int:
@@ -170,6 +172,10 @@ for i = 1, #ARGV, 3 do
   end
 end
 local v = redis.call('HMGET', KEYS[1], 'succeeded', 'failed', 'cancelled', 'total')
+if new > 0 and tonumber(v[1]) + tonumber(v[2]) + tonumber(v[3]) >= tonumber(v[4]) then
+  local t = redis.call('TIME')
+  redis.call('HSETNX', KEYS[1], 'completed_at', t[1] + t[2] / 1e6)
+end
 return {new, tonumber(v[1]), tonumber(v[2]), tonumber(v[3]), tonumber(v[4])}
 """
 
@@ -187,6 +193,8 @@ for i = 0, total - 1 do
   end
 end
 redis.call('DEL', KEYS[3])
+local t = redis.call('TIME')
+redis.call('HSETNX', KEYS[1], 'completed_at', t[1] + t[2] / 1e6)
 return marked
 """
 
@@ -554,7 +562,9 @@ class JobStore:
             confidence_threshold=float(data.get("confidence_threshold") or 0),
             chunk_size=int(data.get("chunk_size") or 64),
             cancel_requested=data.get("cancel_requested") == "1",
+            completed_at=float(data.get("completed_at") or 0),
             finalize_attempts=int(data.get("finalize_attempts") or 0),
+            finalize_last_failure=float(data.get("finalize_last_failure") or 0),
         )
 
     @_redis_unavailable
@@ -702,8 +712,17 @@ class JobStore:
         self.redis.hsetnx(self._key(job_id), "error", error)
 
     @_redis_unavailable
-    def count_finalize_attempt(self, job_id: str) -> int:
-        return int(self.redis.hincrby(self._key(job_id), "finalize_attempts", 1))
+    def note_finalize_failure(self, job_id: str) -> tuple[int, float]:
+        """Count a failed write of the results files; returns (failures so far, time of the
+        first one, in Unix seconds)."""
+        now = time.time()
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hincrby(self._key(job_id), "finalize_attempts", 1)
+            pipe.hsetnx(self._key(job_id), "finalize_first_failure", now)
+            pipe.hset(self._key(job_id), "finalize_last_failure", now)
+            pipe.hget(self._key(job_id), "finalize_first_failure")
+            attempts, _, _, first = pipe.execute()
+        return int(attempts), float(first)
 
     # Ending
 

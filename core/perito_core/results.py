@@ -3,16 +3,19 @@
 Called by the worker whose chunk accounts for the last item, by the server when a cancel
 accounts for the rest, and by the watchdog for a complete job nobody finished. Idempotent: a
 second call rewrites the same files and changes nothing. A job whose files cannot be written
-after `max_attempts` tries ends FAILED with the reason; its item results stay readable.
+for `give_up_after_s` ends FAILED with the reason; its item results stay readable.
 """
 
 from __future__ import annotations
 
 import csv
-import io
 import json
 import logging
+import tempfile
+import time
 import uuid
+from pathlib import Path
+from typing import IO
 
 from perito_core.errors import FailedPrecondition, PeritoError
 from perito_core.jobs import ItemResult, Job, JobStore
@@ -47,27 +50,27 @@ def _json_line(result: ItemResult, job: Job) -> str:
     )
 
 
-def render_results(store: JobStore, job: Job) -> tuple[bytes, bytes]:
-    """The JSONL and CSV files for a job: one row per item, in input order."""
-    lines: list[str] = []
-    table = io.StringIO()
+_CSV_HEADER = [
+    "index",
+    "id",
+    "uri",
+    "state",
+    "label",
+    "probability",
+    "uncertain",
+    "error",
+    "model_version",
+]
+
+
+def write_results(store: JobStore, job: Job, jsonl: IO[str], table: IO[str]) -> None:
+    """Write the JSONL and CSV files for a job, one row per item in input order, reading the
+    store a page of 2,000 items at a time (memory does not grow with the job)."""
     writer = csv.writer(table)
-    writer.writerow(
-        [
-            "index",
-            "id",
-            "uri",
-            "state",
-            "label",
-            "probability",
-            "uncertain",
-            "error",
-            "model_version",
-        ]
-    )
+    writer.writerow(_CSV_HEADER)
     for start in range(0, job.total, PAGE):
         for result in store.results(job.id, start, PAGE):
-            lines.append(_json_line(result, job))
+            jsonl.write(_json_line(result, job) + "\n")
             top = result.predictions[0] if result.predictions else None
             writer.writerow(
                 [
@@ -82,32 +85,51 @@ def render_results(store: JobStore, job: Job) -> tuple[bytes, bytes]:
                     job.model_version,
                 ]
             )
-    return ("\n".join(lines) + "\n").encode(), table.getvalue().encode()
 
 
-def finalize_job(store: JobStore, job_id: str, s3: S3Options, *, max_attempts: int = 5) -> Job:
+def finalize_job(
+    store: JobStore, job_id: str, s3: S3Options, *, give_up_after_s: float = 600.0
+) -> Job:
     """Write the results files to the job's output location and set its terminal state.
 
+    Args:
+        give_up_after_s: how long the output location may keep failing (from the first
+            failed write, with at least 3 tries) before the job ends FAILED with the reason.
+            Its item results stay readable through the API until its retention ends.
+
     Raises:
-        StorageUnavailable: Redis or the output location failed this time; after
-            `max_attempts` failed writes the job ends FAILED instead (no raise).
+        StorageUnavailable: Redis is unreachable.
+        Exception: writing to the output location failed this time, whatever it raised
+            (retried by the caller: the finalize task's backoff, or the watchdog).
     """
     job = store.get(job_id)
     if job.state.terminal:
         return job
-    jsonl, table = render_results(store, job)
-    try:
-        output = open_store(job.output_uri, s3)
-        output.write_bytes("results.jsonl", jsonl)
-        output.write_bytes("results.csv", table)
-    except Exception as exc:
-        attempts = store.count_finalize_attempt(job_id)
-        if attempts < max_attempts:
-            raise
-        message = exc.message if isinstance(exc, PeritoError) else f"{type(exc).__name__}: {exc}"
-        log.error("job %s: results cannot be written, ending it failed: %s", job_id, message)
-        error = f"results could not be written to {job.output_uri} ({attempts} tries): {message}"
-        return store.finish(job_id, [], error=error)
+    with tempfile.TemporaryDirectory(prefix="perito-results-") as folder:
+        jsonl_path, csv_path = Path(folder, "results.jsonl"), Path(folder, "results.csv")
+        with (
+            jsonl_path.open("w", encoding="utf-8") as jsonl,
+            csv_path.open("w", encoding="utf-8", newline="") as table,
+        ):
+            write_results(store, job, jsonl, table)
+        try:
+            output = open_store(job.output_uri, s3)
+            output.upload_file("results.jsonl", jsonl_path)
+            output.upload_file("results.csv", csv_path)
+        except Exception as exc:
+            message = (
+                exc.message if isinstance(exc, PeritoError) else f"{type(exc).__name__}: {exc}"
+            )
+            attempts, first_failure = store.note_finalize_failure(job_id)
+            if attempts < 3 or time.time() - first_failure < give_up_after_s:
+                log.warning("job %s: results not written (try %d): %s", job_id, attempts, message)
+                raise
+            log.error("job %s: results cannot be written, ending it failed: %s", job_id, message)
+            error = (
+                f"results could not be written to {job.output_uri} ({attempts} tries over "
+                f"{time.time() - first_failure:.0f} s): {message}"
+            )
+            return store.finish(job_id, [], error=error)
     base = job.output_uri.rstrip("/")
     return store.finish(job_id, [f"{base}/results.jsonl", f"{base}/results.csv"])
 

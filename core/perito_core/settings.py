@@ -39,6 +39,8 @@ class CommonSettings(BaseSettings):
     lease_ttl_s: float = Field(30.0, ge=1)
     # A chunk's Celery time limits: 60 s + this per image (soft), one more minute (hard).
     item_time_limit_s: float = Field(5.0, gt=0)
+    # A complete job whose results files cannot be written for this long ends FAILED.
+    finalize_timeout_s: float = Field(600.0, ge=0)
     device: str = "auto"
     log_format: Literal["text", "json"] = "text"
     # OpenTelemetry spans to OTEL_EXPORTER_OTLP_ENDPOINT (needs perito[tracing]).

@@ -4,9 +4,11 @@ A sweep, run every few seconds by the server (one replica at a time, under a Red
 
 1. **Retention.** Jobs that ended more than `retention_s` ago are deleted with everything the
    store holds for them (their results files stay where they were written).
-2. **Finishing.** A job whose items are all recorded but which is not terminal (the worker
-   that recorded the last item died before finalising, or the finalize message was lost) is
-   finalised here; one whose results cannot be written ends FAILED after a few tries.
+2. **Finishing.** A job whose items have all been recorded for `finalize_grace_s` but which is
+   not terminal (the worker that recorded the last item died before finalising, the finalize
+   message was lost, or it waits behind a long queue) is finalised here. A failed write is
+   tried again after a backoff (10 s doubling to 5 minutes); a job whose results cannot be
+   written for `finalize_timeout_s` ends FAILED with the reason.
 3. **Lost chunks.** A chunk with unrecorded items, no live lease (no worker is running it)
    and no message waiting in the broker's queue, seen so on two sweeps in a row, is sent
    again. That covers a submission that died between recording the job and enqueueing it, a
@@ -23,6 +25,7 @@ workers to zero, the resent message lands in the queue KEDA watches.
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections import defaultdict
 from collections.abc import Callable
@@ -32,7 +35,7 @@ from typing import Any
 import redis
 
 from perito_core.errors import PeritoError
-from perito_core.jobs import JobStore
+from perito_core.jobs import Job, JobStore
 from perito_core.queue import queued_chunks, send_chunks
 from perito_core.results import finalize_job
 from perito_core.storage import S3Options
@@ -65,6 +68,8 @@ class Watchdog:
         retention_s: how long a finished job is kept.
         item_time_limit_s: per-image time budget, for resent chunks' time limits.
         interval_s: the time between sweeps; the lock is held for twice that.
+        finalize_grace_s: how long a complete job is left to the worker's finalize task.
+        finalize_timeout_s: how long its results files may keep failing to be written.
     """
 
     def __init__(
@@ -77,6 +82,8 @@ class Watchdog:
         retention_s: float,
         item_time_limit_s: float,
         interval_s: float,
+        finalize_grace_s: float = 15.0,
+        finalize_timeout_s: float = 600.0,
         on_resend: Callable[[int], None] | None = None,
     ) -> None:
         self.store = store
@@ -86,6 +93,8 @@ class Watchdog:
         self.retention_s = retention_s
         self.item_time_limit_s = item_time_limit_s
         self.interval_s = interval_s
+        self.finalize_grace_s = finalize_grace_s
+        self.finalize_timeout_s = finalize_timeout_s
         self.on_resend = on_resend
         self._token = uuid.uuid4().hex
         self._suspects: set[tuple[str, int]] = set()
@@ -127,6 +136,7 @@ class Watchdog:
 
     def _scan_active(self, report: SweepReport) -> dict[str, list[int]]:
         candidates: dict[str, list[int]] = {}
+        now = time.time()
         for job_id in self.store.active_jobs():
             try:
                 job = self.store.get(job_id)
@@ -135,17 +145,30 @@ class Watchdog:
             if job.state.terminal:
                 continue
             if job.done >= job.total:
-                try:
-                    finalize_job(self.store, job_id, self.s3)
-                    report.finalized += 1
-                    log.info("watchdog: finalised job %s", job_id)
-                except Exception as exc:  # noqa: BLE001 - counted by finalize_job; retried
-                    report.errors.append(f"finalising {job_id}: {exc}")
+                if self._finalize_due(job, now):
+                    self._finalize(job_id, report)
                 continue
             unleased = self.store.unleased_chunks(job_id)
             if unleased:
                 candidates[job_id] = unleased
         return candidates
+
+    def _finalize_due(self, job: Job, now: float) -> bool:
+        if now - (job.completed_at or now) < self.finalize_grace_s:
+            return False  # the worker that recorded the last item is finalising it
+        if job.finalize_attempts:
+            backoff = min(300.0, 10.0 * 2.0 ** (job.finalize_attempts - 1))
+            return now - job.finalize_last_failure >= backoff
+        return True
+
+    def _finalize(self, job_id: str, report: SweepReport) -> None:
+        try:
+            job = finalize_job(self.store, job_id, self.s3, give_up_after_s=self.finalize_timeout_s)
+        except Exception as exc:  # noqa: BLE001 - counted by finalize_job; retried later
+            report.errors.append(f"finalising {job_id}: {exc}")
+            return
+        report.finalized += 1
+        log.info("watchdog: job %s ended %s", job_id, job.state.value)
 
     def _resend_lost(self, candidates: dict[str, list[int]], report: SweepReport) -> None:
         if not candidates:

@@ -137,6 +137,8 @@ class JobService:
             retention_s=settings.job_retention.total_seconds(),
             item_time_limit_s=settings.item_time_limit_s,
             interval_s=settings.watchdog_interval_s,
+            finalize_grace_s=max(10.0, 3 * settings.watchdog_interval_s),
+            finalize_timeout_s=settings.finalize_timeout_s,
         )
         self._executor = ThreadPoolExecutor(settings.submit_threads, thread_name_prefix="jobs")
         self._watchdog_thread = ThreadPoolExecutor(1, thread_name_prefix="watchdog")
@@ -328,7 +330,17 @@ class JobService:
             return job
         self.store.request_cancel(job_id)
         self.store.mark_unrecorded(job_id, ItemState.CANCELLED, "")
-        return finalize_job(self.store, job_id, self.settings.s3_options())
+        try:
+            return finalize_job(
+                self.store,
+                job_id,
+                self.settings.s3_options(),
+                give_up_after_s=self.settings.finalize_timeout_s,
+            )
+        except Exception as exc:  # noqa: BLE001 - every item is accounted for; the watchdog
+            # finishes the job once its results files can be written
+            log.warning("job %s: cancelled, results files not written yet: %s", job_id, exc)
+            return self.store.get(job_id)
 
     async def cancel(self, job_id: str) -> jobs_pb2.Job:
         """Every item without a result becomes cancelled now; running chunks stop at their

@@ -49,7 +49,11 @@ def _ok(index: int) -> ItemResult:
 def _watchdog(store: JobStore, **kwargs: object) -> Watchdog:
     url = store.redis.connection_pool.connection_kwargs
     broker_url = f"redis://{url['host']}:{url['port']}/0"
-    options: dict[str, object] = {"retention_s": 3600.0, "item_time_limit_s": 1.0}
+    options: dict[str, object] = {
+        "retention_s": 3600.0,
+        "item_time_limit_s": 1.0,
+        "finalize_grace_s": 0.0,
+    }
     options.update(kwargs)
     return Watchdog(
         store,
@@ -190,7 +194,10 @@ def test_the_watchdog_finishes_a_complete_job_nobody_finalised(
     job_id = _create(store, 6, 4, tmp_path / "out")
     store.record_results(job_id, [_ok(i) for i in range(6)])  # the worker died before finalising
     assert store.get(job_id).state is JobState.QUEUED
-    assert _watchdog(store).sweep().finalized == 1
+    watchdog = _watchdog(store, finalize_grace_s=60)
+    assert watchdog.sweep().finalized == 0  # the worker that recorded the last item finalises
+    watchdog.finalize_grace_s = 0  # ... unless it died: then the watchdog does
+    assert watchdog.sweep().finalized == 1
     job = store.get(job_id)
     assert job.state is JobState.SUCCEEDED
     assert (tmp_path / "out" / "results.jsonl").read_text().count("\n") == 6
@@ -199,17 +206,27 @@ def test_the_watchdog_finishes_a_complete_job_nobody_finalised(
 def test_results_that_cannot_be_written_end_the_job_failed_with_the_reason(
     store: JobStore, tmp_path: Path
 ) -> None:
+    from perito_core.results import finalize_job
+
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     job_id = _create(store, 3, 4, blocker / "out")
     store.record_results(job_id, [_ok(i) for i in range(3)])
-    watchdog = _watchdog(store)
-    for _ in range(5):
-        watchdog.sweep()
-    job = store.get(job_id)
+    for _ in range(2):  # an outage is retried, within the time allowed
+        with pytest.raises((NotADirectoryError, FileExistsError)):
+            finalize_job(store, job_id, S3Options(), give_up_after_s=0)
+    assert store.get(job_id).state is JobState.QUEUED
+    job = finalize_job(store, job_id, S3Options(), give_up_after_s=0)  # third try, time is up
     assert job.state is JobState.FAILED
-    assert "results could not be written" in job.error and "5 tries" in job.error
+    assert "results could not be written" in job.error and "3 tries" in job.error
     assert [r.state for r in store.results(job_id, 0, 3)] == [ItemState.SUCCEEDED] * 3
+    watchdog = _watchdog(store)  # and a failing write is not retried at every sweep
+    other = _create(store, 1, 4, blocker / "other")
+    store.record_results(other, [_ok(0)])
+    assert watchdog.sweep().finalized == 0  # first try failed (counted as an error)
+    assert store.get(other).finalize_attempts == 1
+    watchdog.sweep()
+    assert store.get(other).finalize_attempts == 1  # backing off
 
 
 def test_a_redis_that_evicts_keys_is_refused_unless_allowed(store: JobStore) -> None:
@@ -217,6 +234,6 @@ def test_a_redis_that_evicts_keys_is_refused_unless_allowed(store: JobStore) -> 
 
     check_no_eviction(store.redis, "job store", allowed=False)  # noeviction: fine
     store.redis.config_set("maxmemory-policy", "allkeys-lru")
-    with pytest.raises(RuntimeError, match="allkeys-lru.*noeviction"):
+    with pytest.raises(RuntimeError, match=r"allkeys-lru.*noeviction"):
         check_no_eviction(store.redis, "job store", allowed=False)
     check_no_eviction(store.redis, "job store", allowed=True)  # logged, not refused

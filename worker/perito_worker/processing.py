@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import threading
 import uuid
@@ -103,9 +104,43 @@ def _prepare(
         raise
     except PeritoError as error:
         return _Prepared(index, item, None, f"{error.reason}: {error.message}")
-    except Exception as error:
+    except Exception as error:  # an item must end recorded, whatever it raised
         log.exception("job %s item %d (%s): unexpected error", job.id, index, item.uri)
-        return _Prepared(index, item, None, f"INTERNAL: {type(error).__name__}: {error}")
+        return _Prepared(index, item, None, f"INTERNAL: {describe_exception(error)}")
+
+
+def describe_exception(error: BaseException, limit: int = 300) -> str:
+    """One line saying what `error` was, at most `limit` characters. TorchScript wraps an
+    error raised inside a module in its own traceback, whose last line is the real one
+    (`RuntimeError: ...`): that line is kept."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if lines and re.match(r"^[A-Za-z_.]+(Error|Exception): ", lines[-1]):
+        return lines[-1][:limit]
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"[:limit]
+
+
+def _predict(model: LoadedModel, good: list[_Prepared]) -> list[np.ndarray | str]:
+    """Probabilities for each prepared image, or the error of an image the model fails on.
+
+    A batch whose forward pass raises is run again one image at a time, so an image that
+    breaks the model fails alone. If every image fails alone too, the model (or the device:
+    out of memory) is at fault, not the images: the batch's error is raised, which ends the
+    attempt (retried within `max_attempts`)."""
+    pixels = np.stack([p.pixels for p in good])  # type: ignore[misc]
+    try:
+        return list(model.predict(pixels))
+    except Exception as batch_error:  # isolated below, or raised again
+        log.warning("a batch of %d failed (%s); one image at a time", len(good), batch_error)
+        outcomes: list[np.ndarray | str] = []
+        for one in pixels:
+            try:
+                outcomes.append(model.predict(one[None])[0])
+            except Exception as error:  # noqa: BLE001 - this image's failure
+                reason = describe_exception(error)
+                outcomes.append(f"INTERNAL: the model failed on this image: {reason}")
+        if all(isinstance(outcome, str) for outcome in outcomes):
+            raise batch_error from None
+        return outcomes
 
 
 def _classify(job: Job, model: LoadedModel, batch: list[_Prepared]) -> list[ItemResult]:
@@ -116,9 +151,17 @@ def _classify(job: Job, model: LoadedModel, batch: list[_Prepared]) -> list[Item
         if p.pixels is None
     }
     if good:
-        probabilities = model.predict(np.stack([p.pixels for p in good]))  # type: ignore[misc]
         threshold = job.confidence_threshold or model.manifest.confidence_threshold or 0.0
-        for prepared, probs in zip(good, probabilities, strict=True):
+        for prepared, probs in zip(good, _predict(model, good), strict=True):
+            if isinstance(probs, str):
+                results[prepared.index] = ItemResult(
+                    prepared.index,
+                    ItemState.FAILED,
+                    id=prepared.item.id,
+                    uri=prepared.item.uri,
+                    error=probs,
+                )
+                continue
             summary = summarize(probs, model.labels, job.top_k, threshold)
             results[prepared.index] = ItemResult(
                 prepared.index,
@@ -205,9 +248,11 @@ def classify_chunk(
         with _Heartbeat(store, job_id, chunk, holder, rt.settings.lease_ttl_s) as heartbeat:
             _run_chunk(rt, job_id, chunk, start, stop, lease.attempts, finalize, heartbeat)
     except Exception as exc:
-        error = exc.message if isinstance(exc, PeritoError) else f"{type(exc).__name__}: {exc}"
-        reason = exc.reason if isinstance(exc, PeritoError) else "INTERNAL"
-        error = f"{reason}: {error}"
+        error = (
+            f"{exc.reason}: {exc.message}"
+            if isinstance(exc, PeritoError)
+            else f"INTERNAL: {describe_exception(exc)}"
+        )
         log.exception("job %s chunk %d attempt %d ended early", job_id, chunk, lease.attempts)
         metrics.CHUNKS.labels("error").inc()
     finally:

@@ -104,7 +104,9 @@ def classify_chunk_task(**kwargs: Any) -> None:
 )
 def finalize_job_task(job_id: str) -> None:
     rt = runtime()
-    job = finalize_job(rt.store, job_id, rt.settings.s3_options())
+    job = finalize_job(
+        rt.store, job_id, rt.settings.s3_options(), give_up_after_s=rt.settings.finalize_timeout_s
+    )
     metrics.JOBS_FINISHED.labels(job.state.value).inc()
     log.info(
         "job %s %s: %d succeeded, %d failed, %d cancelled",
