@@ -4,11 +4,10 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
-TOOLS_STAMP := .venv-tools/.installed-stamp
 
 .PHONY: install system-deps proto docs demo test unit integration lint format bench faults train-fashion-mnist clean
 
-install: system-deps $(STAMP) $(TOOLS_STAMP)
+install: system-deps $(STAMP)
 
 # Exact versions of everything (torch 2.14.1 / torchvision 0.29.1 among them): constraints.txt.
 $(STAMP): pyproject.toml constraints.txt setup.py
@@ -16,15 +15,6 @@ $(STAMP): pyproject.toml constraints.txt setup.py
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
 	$(BIN)/python scripts/gen_protos.py
-	touch $@
-
-# docker-compose 1.29 (compose files checked offline, no engine) needs PyYAML 5, so it lives in
-# its own venv; PyYAML 5.4.1 builds only with Cython < 3.
-$(TOOLS_STAMP):
-	test -x .venv-tools/bin/python || $(PYTHON) -m venv .venv-tools
-	.venv-tools/bin/python -m pip install --quiet "cython<3" wheel "setuptools<70"
-	.venv-tools/bin/python -m pip install --quiet --no-build-isolation pyyaml==5.4.1
-	.venv-tools/bin/python -m pip install --quiet docker-compose==1.29.2
 	touch $@
 
 # redis-server backs the job store and the Celery broker; Fashion-MNIST is the bulk-job test set;
@@ -82,4 +72,4 @@ train-fashion-mnist: install
 	$(BIN)/perito train training/recipes/fashion-mnist.yaml --out runs/fashion-mnist-$$(date +%Y%m%d-%H%M%S)
 
 clean:
-	rm -rf var runs build .venv-tools .mypy_cache .ruff_cache .pytest_cache
+	rm -rf var runs build .mypy_cache .ruff_cache .pytest_cache
