@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping, Sequence
 from typing import Any, Literal, TypeVar, overload
 
 import grpc
@@ -17,7 +17,7 @@ from perito._core import OnInvalid, Pager, Policy, Program, Send
 from perito._errors import PeritoError, from_rpc_error
 from perito._images import ImageInput
 from perito._jobs import AsyncJobHandle
-from perito._models import Classification, Job, JobItemResult, Model, RejectedImage
+from perito._models import Classification, Job, JobItemResult, JobState, Model, RejectedImage
 from perito._requests import (
     DEFAULT_TARGET,
     Limits,
@@ -230,6 +230,26 @@ class AsyncClient:
         )
         job = await self._run(_core.submit_job(request, self._policy(timeout)), metadata)
         return AsyncJobHandle(self, job)
+
+    def list_jobs(
+        self,
+        *,
+        states: Iterable[JobState | str] = (),
+        labels: Mapping[str, str] | None = None,
+        page_size: int = 0,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> AsyncIterator[Job]:
+        """Your jobs (your tenant's), newest first, a page at a time: `async for`.
+
+        Raises:
+            ValueError: an unknown state name.
+            UnauthenticatedError, PermissionDeniedError: no token, or no `jobs` role.
+        """
+        pager = _core.list_jobs(
+            states=states, labels=labels, page_size=page_size, policy=self._policy(timeout)
+        )
+        return self._pages(pager, metadata)
 
     async def job(self, job_id: str) -> AsyncJobHandle:
         """A handle on an existing job."""

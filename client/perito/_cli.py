@@ -347,6 +347,50 @@ def job() -> None:
     """Follow, read and cancel bulk jobs."""
 
 
+@job.command("list")
+@click.option(
+    "--state",
+    "states",
+    multiple=True,
+    type=click.Choice([state.value for state in JobState]),
+    help="Only jobs in this state (repeatable).",
+)
+@click.option(
+    "--label", "labels", multiple=True, metavar="KEY=VALUE", help="Only jobs with this label."
+)
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
+@_server_option
+@_timeout_option
+@_json_option
+def job_list(
+    states: tuple[str, ...],
+    labels: tuple[str, ...],
+    limit: int,
+    server: str,
+    timeout: float,
+    as_json: bool,
+) -> None:
+    """List your jobs (your tenant's), newest first.
+
+    \b
+    Example:
+      perito job list --state running --label site=garage-7
+    """
+    wanted: dict[str, str] = {}
+    for label in labels:
+        key, sep, value = label.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{label!r}: expected KEY=VALUE", param_hint="--label")
+        wanted[key] = value
+    with _connect(server, timeout) as client:
+        for count, found in enumerate(
+            client.list_jobs(states=states, labels=wanted, page_size=min(limit, 1000)), start=1
+        ):
+            click.echo(json.dumps(asdict(found), default=_default) if as_json else _job_line(found))
+            if count >= limit:
+                break
+
+
 @job.command("status")
 @click.argument("job_id")
 @_server_option

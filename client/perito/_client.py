@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal, TypeVar, overload
 
 import grpc
@@ -15,7 +15,7 @@ from perito._core import OnInvalid, Pager, Policy, Program, Send
 from perito._errors import PeritoError, from_rpc_error
 from perito._images import ImageInput
 from perito._jobs import JobHandle
-from perito._models import Classification, Job, JobItemResult, Model, RejectedImage
+from perito._models import Classification, Job, JobItemResult, JobState, Model, RejectedImage
 from perito._requests import (
     DEFAULT_TARGET,
     Limits,
@@ -275,6 +275,35 @@ class Client:
         )
         job = self._run(_core.submit_job(request, self._policy(timeout)), metadata)
         return JobHandle(self, job)
+
+    def list_jobs(
+        self,
+        *,
+        states: Iterable[JobState | str] = (),
+        labels: Mapping[str, str] | None = None,
+        page_size: int = 0,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> Iterator[Job]:
+        """Your jobs (your tenant's; nobody else's are ever listed), newest first, fetched a
+        page at a time as you iterate.
+
+        Args:
+            states: only jobs in one of these states (`JobState` or its name).
+            labels: only jobs carrying every one of these labels.
+            page_size: jobs per request (0: the server's default, 100).
+
+        Raises:
+            ValueError: an unknown state name.
+            UnauthenticatedError, PermissionDeniedError: no token, or no `jobs` role.
+
+        Example:
+            >>> running = list(client.list_jobs(states=["running"], labels={"site": "7"}))
+        """
+        pager = _core.list_jobs(
+            states=states, labels=labels, page_size=page_size, policy=self._policy(timeout)
+        )
+        return self._pages(pager, metadata)
 
     def job(self, job_id: str) -> JobHandle:
         """A handle on an existing job."""

@@ -47,7 +47,7 @@ from perito._errors import (
     UnavailableError,
 )
 from perito._images import ImageInput
-from perito._models import Classification, Job, JobItemResult, Model, RejectedImage
+from perito._models import Classification, Job, JobItemResult, JobState, Model, RejectedImage
 from perito._requests import Limits, Part, classify_parts
 from perito.v1 import classify_pb2, jobs_pb2, models_pb2
 
@@ -196,6 +196,34 @@ def list_models(policy: Policy) -> Pager[Model]:
         lambda token: models_pb2.ListModelsRequest(page_token=token),
         lambda response: (Model._from_proto(m) for m in response.models),
         lambda: deadline,
+        policy.max_retries,
+    )
+
+
+def list_jobs(
+    *,
+    states: Iterable[JobState | str] = (),
+    labels: Mapping[str, str] | None = None,
+    page_size: int = 0,
+    policy: Policy,
+) -> Pager[Job]:
+    """The caller's jobs (its tenant's), newest first, page by page; each page has the
+    whole timeout. `states` and `labels` filter on the server.
+
+    Raises:
+        ValueError: an unknown state name.
+    """
+    wanted = [
+        jobs_pb2.JobState.Name(jobs_pb2.JobState.Value("JOB_STATE_" + JobState(state).name))
+        for state in states
+    ]
+    return Pager(
+        "ListJobs",
+        lambda token: jobs_pb2.ListJobsRequest(
+            page_size=page_size, page_token=token, states=wanted, labels=dict(labels or {})
+        ),
+        lambda response: (Job._from_proto(j) for j in response.jobs),
+        policy.deadline,
         policy.max_retries,
     )
 

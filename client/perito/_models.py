@@ -195,6 +195,7 @@ class Job:
     result_uris: list[str]
     error: str
     labels: dict[str, str] = field(default_factory=dict)
+    tenant: str = ""  # the tenant that submitted it
 
     @property
     def done(self) -> int:
@@ -224,6 +225,7 @@ class Job:
             result_uris=list(message.result_uris),
             error=message.error,
             labels=dict(message.labels),
+            tenant=message.tenant,
         )
 
 

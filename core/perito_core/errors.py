@@ -20,6 +20,8 @@ class ErrorCode(enum.Enum):
     UNAVAILABLE = "UNAVAILABLE"
     DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
     CANCELLED = "CANCELLED"
+    PERMISSION_DENIED = "PERMISSION_DENIED"
+    UNAUTHENTICATED = "UNAUTHENTICATED"
     INTERNAL = "INTERNAL"
 
 
@@ -102,6 +104,29 @@ class StorageUnavailable(PeritoError):
 
     code = ErrorCode.UNAVAILABLE
     default_reason = "STORAGE_UNAVAILABLE"
+
+
+class PermissionDenied(PeritoError):
+    """The caller is known but may not do this: a role it lacks, a model outside its list,
+    a storage location outside its prefixes (`field` names the request field)."""
+
+    code = ErrorCode.PERMISSION_DENIED
+    default_reason = "PERMISSION_DENIED"
+
+
+class Unauthenticated(PeritoError):
+    """No credentials, or credentials nobody issued."""
+
+    code = ErrorCode.UNAUTHENTICATED
+    default_reason = "UNAUTHENTICATED"
+
+
+class QuotaExceeded(PeritoError):
+    """A tenant's quota is used up; `retry_after` says when it may not be (none when waiting
+    cannot help, as for a job over the tenant's items-per-job quota)."""
+
+    code = ErrorCode.RESOURCE_EXHAUSTED
+    default_reason = "QUOTA_EXCEEDED"
 
 
 class QueueFull(PeritoError):

@@ -13,7 +13,10 @@ Keys, for job `{id}`:
     perito:jobs                  sorted set: job ids by creation time
     perito:active-jobs           sorted set: jobs not yet terminal, by creation time
     perito:finished-jobs         sorted set: terminal jobs by end time (for retention)
-    perito:request:{request_id}  string: the job a SubmitJob request id made (24 h)
+    perito:request:{tenant}:{request_id}  string: the job a tenant's request id made (24 h)
+    perito:tenant:{tenant}:jobs   sorted set: the tenant's job ids by creation time (ListJobs)
+    perito:tenant:{tenant}:active sorted set: the tenant's jobs not yet terminal, and those
+                                  being submitted (its concurrent-jobs quota)
     perito:dead-letter           list: chunks given up on, with the reason (capped)
 
 An item's result is written once: `record_results` sets it only if absent and bumps the
@@ -146,6 +149,7 @@ class Job:
     completed_at: float = 0.0  # when the last item was recorded
     finalize_attempts: int = 0
     finalize_last_failure: float = 0.0
+    tenant: str = ""  # who submitted it; "" for jobs recorded before tenants existed
 
     @property
     def done(self) -> int:
@@ -210,8 +214,8 @@ return redis.call('HGET', KEYS[1], 'state')
 """
 
 # Give a job its terminal state, once, and drop what only a running job needs.
-# KEYS: job, state counts, active jobs, finished jobs, inline, open, leases, attempts, errors.
-# ARGV: state, result URIs, error (kept if one is already set).
+# KEYS: job, state counts, active jobs, finished jobs, inline, open, leases, attempts, errors,
+# the tenant's active jobs. ARGV: state, result URIs, error (kept if one is already set), id.
 _FINISH = """
 local current = redis.call('HGET', KEYS[1], 'state')
 if current == 'queued' or current == 'running' then
@@ -224,6 +228,7 @@ if current == 'queued' or current == 'running' then
   redis.call('ZREM', KEYS[3], KEYS[1])
   redis.call('ZADD', KEYS[4], now, KEYS[1])
   redis.call('DEL', KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9])
+  redis.call('ZREM', KEYS[10], ARGV[4])
 end
 return current
 """
@@ -282,8 +287,9 @@ end
 return found
 """
 
-# Delete a terminal job. KEYS: job, state counts, jobs, finished jobs, active jobs, then every
-# per-job key. Returns the state it had, or false if it was not terminal (nothing deleted).
+# Delete a terminal job. KEYS: job, state counts, jobs, finished jobs, active jobs, the
+# tenant's jobs, then every per-job key. Returns the state it had, or false if it was not
+# terminal (nothing deleted).
 _DELETE = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return 'gone' end
@@ -292,9 +298,31 @@ redis.call('HINCRBY', KEYS[2], state, -1)
 redis.call('ZREM', KEYS[3], ARGV[1])
 redis.call('ZREM', KEYS[4], KEYS[1])
 redis.call('ZREM', KEYS[5], KEYS[1])
-for i = 6, #KEYS do redis.call('DEL', KEYS[i]) end
+redis.call('ZREM', KEYS[6], ARGV[1])
+for i = 7, #KEYS do redis.call('DEL', KEYS[i]) end
 redis.call('DEL', KEYS[1])
 return state
+"""
+
+# Reserve one of a tenant's concurrent-job slots for a job being submitted. KEYS: the
+# tenant's active jobs. ARGV: job id, limit, now, stale-before (both seconds), job key prefix.
+# Entries for jobs that never got a record (a submission that died) are dropped once stale.
+# Returns 1 if reserved (or already held by this job id), 0 if the tenant is at its limit.
+_RESERVE = """
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 1 end
+local members = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
+local count = 0
+for i = 1, #members, 2 do
+  local id, score = members[i], tonumber(members[i + 1])
+  if score < tonumber(ARGV[4]) and redis.call('EXISTS', ARGV[5] .. id) == 0 then
+    redis.call('ZREM', KEYS[1], id)
+  else
+    count = count + 1
+  end
+end
+if count >= tonumber(ARGV[2]) then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
+return 1
 """
 
 # Per-job keys besides the record itself; `_FINISH` drops the first five of them.
@@ -361,6 +389,7 @@ class JobStore:
         self._renew = client.register_script(_RENEW)
         self._unleased = client.register_script(_UNLEASED)
         self._delete = client.register_script(_DELETE)
+        self._reserve = client.register_script(_RESERVE)
 
     @classmethod
     def connect(cls, url: str, *, outage_retry_s: float = 0.0) -> JobStore:
@@ -392,16 +421,42 @@ class JobStore:
     def _key(job_id: str, part: str = "") -> str:
         return f"{PREFIX}:job:{job_id}" + (f":{part}" if part else "")
 
+    @staticmethod
+    def _tenant_key(tenant: str, part: str) -> str:
+        return f"{PREFIX}:tenant:{tenant}:{part}"
+
     # Creating
 
     @_redis_unavailable
-    def claim_request(self, request_id: str, job_id: str) -> str:
+    def claim_request(self, request_id: str, job_id: str, tenant: str = "") -> str:
         """The job id for a SubmitJob `request_id` (Google AIP-155): `job_id` if this is the
-        first time the id is seen in 24 h, else the job the first request made."""
-        key = f"{PREFIX}:request:{request_id}"
+        first time `tenant` used the id in 24 h, else the job its first request made. Ids are
+        scoped per tenant: another tenant's id never names (nor reveals) someone's job."""
+        scope = f"{tenant}:" if tenant else ""
+        key = f"{PREFIX}:request:{scope}{request_id}"
         if self.redis.set(key, job_id, nx=True, ex=REQUEST_ID_TTL_S):
             return job_id
         return _decode(self.redis.get(key)) or job_id
+
+    @_redis_unavailable
+    def reserve_slot(self, tenant: str, job_id: str, limit: int) -> bool:
+        """Hold one of `tenant`'s `limit` concurrent-job slots for `job_id`, which is about
+        to be created; False if every slot is taken. The slot is freed when the job ends
+        (`finish`), or by `release_slot` if its submission fails; a submission that died
+        without either frees it after an hour. Atomic across server replicas."""
+        now = time.time()
+        return bool(
+            self._reserve(
+                keys=[self._tenant_key(tenant, "active")],
+                args=[job_id, limit, now, now - _BUILDING_TTL_S, f"{PREFIX}:job:"],
+            )
+        )
+
+    @_redis_unavailable
+    def release_slot(self, tenant: str, job_id: str) -> None:
+        """Free `job_id`'s slot if it never became a job (its submission failed)."""
+        if not self.exists(job_id):
+            self.redis.zrem(self._tenant_key(tenant, "active"), job_id)
 
     @_redis_unavailable
     def exists(self, job_id: str) -> bool:
@@ -423,6 +478,7 @@ class JobStore:
         job_id: str | None = None,
         max_items: int | None = None,
         request_id: str = "",
+        tenant: str = "",
     ) -> tuple[Job, bool]:
         """Record a new queued job and its inputs; returns it, and whether this call made it.
 
@@ -472,6 +528,7 @@ class JobStore:
                 chunk_size=chunk_size,
                 labels=labels,
                 request_id=request_id,
+                tenant=tenant,
             )
         finally:
             self.redis.delete(building)  # gone already if committed (renamed)
@@ -491,6 +548,7 @@ class JobStore:
         *,
         chunk_size: int,
         labels: dict[str, str],
+        tenant: str,
         **fields: Any,
     ) -> tuple[Job, bool]:
         key = self._key(job_id)
@@ -516,6 +574,7 @@ class JobStore:
                     "created_at": now,
                     "labels": json.dumps(labels),
                     "chunk_size": chunk_size,
+                    "tenant": tenant,
                     **fields,
                 }
                 pipe.hset(key, mapping=record)
@@ -528,6 +587,8 @@ class JobStore:
                     pipe.hset(self._key(job_id, "open"), mapping=page)  # type: ignore[arg-type]
                 pipe.zadd(JOBS_KEY, {job_id: now})
                 pipe.zadd(ACTIVE_JOBS_KEY, {key: now})
+                pipe.zadd(self._tenant_key(tenant, "jobs"), {job_id: now})
+                pipe.zadd(self._tenant_key(tenant, "active"), {job_id: now})
                 pipe.hincrby(STATE_COUNTS_KEY, JobState.QUEUED.value, 1)
                 pipe.execute()
             except redis.WatchError:
@@ -541,6 +602,10 @@ class JobStore:
         raw = self.redis.hgetall(self._key(job_id))
         if not raw:
             raise NotFound(f"job {job_id!r} not found", field="job_id")
+        return self._job_of(raw)
+
+    @staticmethod
+    def _job_of(raw: dict[Any, Any]) -> Job:
         data = {_decode(k): _decode(v) for k, v in raw.items()}
         return Job(
             id=data["id"],
@@ -565,7 +630,76 @@ class JobStore:
             completed_at=float(data.get("completed_at") or 0),
             finalize_attempts=int(data.get("finalize_attempts") or 0),
             finalize_last_failure=float(data.get("finalize_last_failure") or 0),
+            tenant=data.get("tenant", ""),
         )
+
+    @_redis_unavailable
+    def list_jobs(
+        self,
+        tenant: str,
+        *,
+        page_size: int,
+        page_token: str = "",
+        states: frozenset[JobState] = frozenset(),
+        labels: dict[str, str] | None = None,
+        max_scanned: int = 2000,
+    ) -> tuple[list[Job], str]:
+        """`tenant`'s jobs, newest first, a page at a time; returns (jobs, next page token).
+
+        A page may hold fewer than `page_size` jobs when the filters (any of `states`, every
+        one of `labels`) skip many: at most `max_scanned` records are read per call, and
+        the token goes on from there (Google AIP-158). Tokens are positions in creation
+        time, so jobs created meanwhile never shift a listing already under way.
+
+        Raises:
+            InvalidArgument: a malformed `page_token`.
+        """
+        key = self._tenant_key(tenant, "jobs")
+        cursor: tuple[float, str] | None = None
+        if page_token:
+            score, _, member = page_token.partition(":")
+            try:
+                cursor = (float(score), member)
+            except ValueError:
+                raise InvalidArgument("invalid page_token", field="page_token") from None
+        found: list[Job] = []
+        scanned = 0
+        while len(found) < page_size and scanned < max_scanned:
+            entries = self._jobs_after(key, cursor, 200)
+            if not entries:
+                return found, ""
+            with self.redis.pipeline(transaction=False) as pipe:
+                for member, _ in entries:
+                    pipe.hgetall(self._key(member))
+                records = pipe.execute()
+            for (member, at), raw in zip(entries, records, strict=True):
+                scanned += 1
+                cursor = (at, member)
+                if raw:
+                    job = self._job_of(raw)
+                    if (not states or job.state in states) and all(
+                        job.labels.get(k) == v for k, v in (labels or {}).items()
+                    ):
+                        found.append(job)
+                if len(found) == page_size or scanned >= max_scanned:
+                    break
+        if cursor is None or not self._jobs_after(key, cursor, 1):
+            return found, ""
+        return found, f"{cursor[0]!r}:{cursor[1]}"
+
+    def _jobs_after(
+        self, key: str, cursor: tuple[float, str] | None, count: int
+    ) -> list[tuple[str, float]]:
+        """Up to `count` (job id, created) entries of a tenant's jobs after `cursor`, newest
+        first (ties in time in reverse id order, as Redis lists them)."""
+        high = "+inf" if cursor is None else repr(cursor[0])
+        raw = self.redis.zrevrangebyscore(
+            key, high, "-inf", start=0, num=count + 64, withscores=True
+        )
+        entries = [(_decode(member), float(at)) for member, at in raw]  # type: ignore[str-unpack,arg-type]
+        if cursor is not None:
+            entries = [(m, at) for m, at in entries if at < cursor[0] or m < cursor[1]]
+        return entries[:count]
 
     @_redis_unavailable
     def inputs(self, job_id: str, start: int = 0, stop: int = -1) -> list[ItemInput]:
@@ -754,8 +888,9 @@ class JobStore:
                 ACTIVE_JOBS_KEY,
                 FINISHED_JOBS_KEY,
                 *(self._key(job_id, part) for part in _RUNNING_PARTS),
+                self._tenant_key(job.tenant, "active"),
             ],
-            args=[state.value, json.dumps(result_uris), error],
+            args=[state.value, json.dumps(result_uris), error, job_id],
         )
         return self.get(job_id)
 
@@ -767,6 +902,7 @@ class JobStore:
         Raises:
             NotFound: no such job.
         """
+        tenant = _decode(self.redis.hget(self._key(job_id), "tenant"))
         outcome = self._delete(
             keys=[
                 self._key(job_id),
@@ -774,6 +910,7 @@ class JobStore:
                 JOBS_KEY,
                 FINISHED_JOBS_KEY,
                 ACTIVE_JOBS_KEY,
+                self._tenant_key(tenant, "jobs"),
                 *(self._key(job_id, part) for part in _PARTS),
             ],
             args=[job_id],

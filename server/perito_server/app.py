@@ -21,7 +21,8 @@ from grpc_reflection.v1alpha import reflection
 
 from perito.v1 import service_pb2, service_pb2_grpc
 from perito_core import tracing
-from perito_server.auth import TokenAuthInterceptor
+from perito_core.tenancy import Tenants
+from perito_server.auth import TenantInterceptor
 from perito_server.jobs import JobService
 from perito_server.metrics import ServerMetrics
 from perito_server.model_pool import ModelPool
@@ -31,6 +32,36 @@ from perito_server.settings import ServerSettings
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = service_pb2.DESCRIPTOR.services_by_name["Perito"].full_name
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+def open_tenants(settings: ServerSettings) -> Tenants:
+    """The tenants `settings` name; refuses to serve anonymously beyond loopback.
+
+    Raises:
+        RuntimeError: no tenants file and no tokens, a non-loopback host, and not `insecure`.
+        perito_core.errors.InvalidArgument: a malformed tenants file.
+    """
+    tokens = [token.get_secret_value() for token in settings.auth_tokens]
+    tenants = Tenants(settings.tenants_file, tokens)
+    if not tenants.requires_auth and settings.host not in LOOPBACK_HOSTS:
+        if not settings.insecure:
+            raise RuntimeError(
+                f"refusing to serve on {settings.host} without authentication: set "
+                "PERITO_TENANTS_FILE (perito tenants add NAME --role ...) or PERITO_AUTH_TOKENS, "
+                "or bind 127.0.0.1, or pass --insecure to accept anyone who can reach the port"
+            )
+        log.warning(
+            "--insecure: serving on %s WITHOUT authentication; anyone who can reach the port "
+            "acts with every right",
+            settings.host,
+        )
+    elif not tenants.requires_auth:
+        log.warning(
+            "no tenants file and no tokens: one anonymous tenant with every right, on %s only",
+            settings.host,
+        )
+    return tenants
 
 
 @dataclass
@@ -71,8 +102,8 @@ async def create_server(settings: ServerSettings) -> RunningServer:
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.so_reuseport", 0),
     ]
-    tokens = [token.get_secret_value() for token in settings.auth_tokens]
-    interceptors: list[Any] = [TokenAuthInterceptor(tokens)] if tokens else []
+    tenants = open_tenants(settings)
+    interceptors: list[Any] = [TenantInterceptor(tenants)]
     if settings.tracing:
         interceptors = [*tracing.server_interceptors(), *interceptors]
     # Calls past `max_concurrent_rpcs` (health checks count too) are refused by gRPC itself,
@@ -88,7 +119,7 @@ async def create_server(settings: ServerSettings) -> RunningServer:
     jobs = JobService(settings, pool)
     jobs.start()
     metrics.watch_jobs(jobs.store)
-    servicer = PeritoServicer(settings, pool, jobs, metrics)
+    servicer = PeritoServicer(settings, pool, jobs, metrics, tenants)
     service_pb2_grpc.add_PeritoServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -121,7 +152,7 @@ async def create_server(settings: ServerSettings) -> RunningServer:
         settings.host,
         port,
         "TLS" if settings.tls_cert_file else "plaintext",
-        ", bearer tokens required" if tokens else "",
+        f", {len(tenants.names)} tenants" if tenants.requires_auth else ", anonymous",
         registry.description,
     )
     metrics_port = None
@@ -141,6 +172,7 @@ async def serve(settings: ServerSettings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, running.servicer.reload_tenants)
     await stop.wait()
     log.info("shutting down (grace %.1fs)", settings.grace_s)
     await running.stop(settings.grace_s)

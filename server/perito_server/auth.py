@@ -1,21 +1,54 @@
-"""Bearer-token authentication for the gRPC service.
+"""Authentication and authorization of every `perito.v1` call, in one place.
 
-Every `perito.v1` call must carry `authorization: Bearer <token>` with one of the configured
-tokens; others are refused with UNAUTHENTICATED before any work is done. Health checks and
-reflection stay open, so load balancers and probes need no secret.
+Each call must carry `authorization: Bearer <token>`; the token names a tenant
+(`perito_core.tenancy`). The interceptor runs on the call's metadata alone, before gRPC reads
+the request message: a call with no token or an unknown one is UNAUTHENTICATED, one whose
+tenant lacks the method's role is PERMISSION_DENIED, and for both the request body is never
+read, whatever its size (the refusal is answered by a request-streaming handler that never
+asks for a message). A call let through runs with its tenant in `current_tenant()`, and the
+model it names (`model` of Classify, SubmitJob, GetModel) is checked against the tenant's
+model list before the handler runs.
+
+Roles are verbs on resources (`METHOD_ROLES`), like Kubernetes RBAC rules: adding a method
+means adding its line here, and a method missing from the table is refused to everyone.
+Health checks and reflection stay open, so load balancers and probes need no secret. With
+no tenants configured every call runs as the anonymous tenant (the server then listens on
+loopback only: see `perito_server.app`).
 """
 
 from __future__ import annotations
 
-import hmac
-from collections.abc import Awaitable, Callable
+import contextvars
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import grpc
 import grpc.aio
 
-OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+from perito_core.errors import PeritoError, PermissionDenied
+from perito_core.tenancy import Tenant, Tenants
+from perito_server.errors import abort
 
+OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+SERVICE_PREFIX = "/perito.v1.Perito/"
+
+# The role each method needs.
+METHOD_ROLES: dict[str, str] = {
+    "Classify": "classify",
+    "SubmitJob": "jobs",
+    "GetJob": "jobs",
+    "WatchJob": "jobs",
+    "ListJobs": "jobs",
+    "ListJobResults": "jobs",
+    "CancelJob": "jobs",
+    "DeleteJob": "jobs",
+    "ListModels": "models:read",
+    "GetModel": "models:read",
+}
+# Methods whose request names a model in `model`, checked against the tenant's list.
+MODEL_METHODS = frozenset({"Classify", "SubmitJob", "GetModel"})
+
+_TENANT: contextvars.ContextVar[Tenant] = contextvars.ContextVar("perito_tenant")
 
 if TYPE_CHECKING:
     _Interceptor = grpc.aio.ServerInterceptor[Any, Any]
@@ -23,18 +56,44 @@ else:
     _Interceptor = grpc.aio.ServerInterceptor
 
 
-class TokenAuthInterceptor(_Interceptor):
-    def __init__(self, tokens: list[str]) -> None:
-        self._tokens = [token.encode() for token in tokens if token]
+def current_tenant() -> Tenant:
+    """The tenant the current call acts as.
 
-    def _allowed(self, metadata: Any) -> bool:
-        for key, value in metadata or ():
-            if key == "authorization" and isinstance(value, str):
-                scheme, _, token = value.partition(" ")
-                if scheme.lower() == "bearer":
-                    presented = token.strip().encode()
-                    return any(hmac.compare_digest(presented, t) for t in self._tokens)
-        return False
+    Raises:
+        LookupError: outside a call let through by `TenantInterceptor`.
+    """
+    return _TENANT.get()
+
+
+def bearer_token(metadata: Any) -> str | None:
+    """The token of an `authorization: Bearer <token>` entry, if there is one."""
+    for key, value in metadata or ():
+        if key == "authorization" and isinstance(value, str):
+            scheme, _, token = value.partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                return token.strip()
+    return None
+
+
+class TenantInterceptor(_Interceptor):
+    """Authenticates each call, checks its role, and runs it as its tenant (module docs)."""
+
+    def __init__(self, tenants: Tenants) -> None:
+        self.tenants = tenants
+
+    def authorize(self, method: str, metadata: Any) -> Tenant:
+        """The tenant a call to `method` (`Classify`) with `metadata` runs as.
+
+        Raises:
+            Unauthenticated: no token or an unknown one.
+            PermissionDenied: the tenant lacks the method's role, or the method is unknown.
+        """
+        tenant = self.tenants.authenticate(bearer_token(metadata))
+        role = METHOD_ROLES.get(method)
+        if role is None:
+            raise PermissionDenied(f"{method} is not a method any tenant may call")
+        tenant.require_role(role, f"call {method}")
+        return tenant
 
     async def intercept_service(
         self,
@@ -43,24 +102,78 @@ class TokenAuthInterceptor(_Interceptor):
         ],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any]:
-        method: str = handler_call_details.method
+        full_method: str = handler_call_details.method
         handler = await continuation(handler_call_details)
-        if method.startswith(OPEN_PREFIXES) or handler is None:
+        if handler is None or full_method.startswith(OPEN_PREFIXES):
             return handler
-        if self._allowed(handler_call_details.invocation_metadata):
-            return handler
-        return _refusal(handler)
+        method = full_method.removeprefix(SERVICE_PREFIX)
+        try:
+            tenant = self.authorize(method, handler_call_details.invocation_metadata)
+        except PeritoError as error:
+            return _refusal(handler, error)
+        return _as_tenant(handler, tenant, method in MODEL_METHODS)
 
 
-def _refusal(handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
-    """A handler of the same shape that answers UNAUTHENTICATED."""
-    message = "missing or unknown bearer token: pass token= to the client (CLI: PERITO_TOKEN)"
+def _check_model(tenant: Tenant, request: Any) -> None:
+    model = getattr(request, "model", "")
+    if model:
+        tenant.require_model(model)
 
-    async def refuse(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
-    async def refuse_stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+def _as_tenant(
+    handler: grpc.RpcMethodHandler[Any, Any], tenant: Tenant, names_model: bool
+) -> grpc.RpcMethodHandler[Any, Any]:
+    """`handler`, run with `tenant` as the current tenant and its model checked first."""
+    kwargs = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_unary is not None:
+        inner = handler.unary_unary
+
+        async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            _TENANT.set(tenant)
+            if names_model:
+                try:
+                    _check_model(tenant, request)
+                except PeritoError as error:
+                    await abort(context, error)
+            return await inner(request, context)  # type: ignore[arg-type]
+
+        return grpc.unary_unary_rpc_method_handler(unary, **kwargs)
+    if handler.unary_stream is not None:
+        inner_stream = handler.unary_stream
+
+        async def stream(
+            request: Any, context: grpc.aio.ServicerContext[Any, Any]
+        ) -> AsyncIterator[Any]:
+            _TENANT.set(tenant)
+            if names_model:
+                try:
+                    _check_model(tenant, request)
+                except PeritoError as error:
+                    await abort(context, error)
+            async for message in inner_stream(request, context):  # type: ignore[arg-type,attr-defined]
+                yield message
+
+        return grpc.unary_stream_rpc_method_handler(stream, **kwargs)
+    raise TypeError("perito.v1 has only unary requests")
+
+
+def _refusal(
+    handler: grpc.RpcMethodHandler[Any, Any], error: PeritoError
+) -> grpc.RpcMethodHandler[Any, Any]:
+    """A handler answering `error` that never reads the request: request-streaming, so
+    gRPC hands it an iterator it leaves untouched rather than a parsed message. However
+    large the body the caller sends, it is not buffered or parsed by the server."""
+
+    async def refuse(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        await abort(context, error)
+
+    async def refuse_stream(
+        requests: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Any]:
+        await abort(context, error)
         yield  # pragma: no cover - makes this an async generator, as streams need
 
     kwargs = {
@@ -68,5 +181,5 @@ def _refusal(handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[
         "response_serializer": handler.response_serializer,
     }
     if handler.unary_stream is not None:
-        return grpc.unary_stream_rpc_method_handler(refuse_stream, **kwargs)
-    return grpc.unary_unary_rpc_method_handler(refuse, **kwargs)
+        return grpc.stream_stream_rpc_method_handler(refuse_stream, **kwargs)
+    return grpc.stream_unary_rpc_method_handler(refuse, **kwargs)

@@ -48,6 +48,18 @@ _registry_option = click.option(
 @click.option(
     "--metrics-port", type=int, help="Prometheus /metrics port (env PERITO_METRICS_PORT; off)."
 )
+@click.option(
+    "--tenants-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Tenants, their token digests, roles, models, storage and quotas (YAML; env "
+    "PERITO_TENANTS_FILE; re-read when it changes and on SIGHUP).",
+)
+@click.option(
+    "--insecure",
+    is_flag=True,
+    default=None,
+    help="Allow serving without authentication on an interface other than loopback.",
+)
 @click.option("--log-level", default="INFO", show_default=True)
 def serve(log_level: str, **flags: Any) -> None:
     """Run the gRPC service until SIGTERM or Ctrl-C.

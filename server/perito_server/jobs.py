@@ -18,12 +18,14 @@ import redis
 from google.protobuf import timestamp_pb2
 
 from perito.v1 import classify_pb2, jobs_pb2
-from perito_core.errors import InvalidArgument
+from perito_core.errors import InvalidArgument, NotFound, PermissionDenied, QuotaExceeded
 from perito_core.jobs import ItemInput, ItemResult, ItemState, Job, JobState, JobStore
 from perito_core.queue import make_celery, send_chunks
 from perito_core.registry import validate_model_name
 from perito_core.results import check_output_writable, finalize_job
 from perito_core.sources import SourceReader, default_item_id
+from perito_core.storage import split_s3_uri
+from perito_core.tenancy import Access, Tenant, check_uri
 from perito_core.watchdog import Watchdog
 from perito_server.model_pool import ModelPool
 from perito_server.settings import ServerSettings
@@ -48,6 +50,7 @@ ITEM_STATES = {
     ItemState.FAILED: jobs_pb2.ITEM_STATE_FAILED,
     ItemState.CANCELLED: jobs_pb2.ITEM_STATE_CANCELLED,
 }
+STATES_OF = {value: state for state, value in JOB_STATES.items()}
 FILTERS = {
     jobs_pb2.RESULT_FILTER_FAILED: ItemState.FAILED,
     jobs_pb2.RESULT_FILTER_SUCCEEDED: ItemState.SUCCEEDED,
@@ -79,6 +82,7 @@ def job_to_proto(job: Job) -> jobs_pb2.Job:
         result_uris=job.result_uris,
         error=job.error,
         labels=job.labels,
+        tenant=job.tenant,
     )
 
 
@@ -168,51 +172,88 @@ class JobService:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
 
-    def _uri_item(self, uri: str, item_id: str = "") -> ItemInput:
+    @property
+    def reserved_locations(self) -> list[str]:
+        """Where no job may read or write by name: the model registry, and the server's
+        default results area (every job's own folder is made there by the server)."""
+        return [self.settings.registry, self.settings.results_uri]
+
+    def check_location(self, tenant: Tenant, uri: str, access: Access, field: str) -> str:
+        """`uri` made canonical, if `tenant` may `access` it.
+
+        Raises:
+            InvalidArgument: a URI no worker could read (see `SourceReader.normalize`).
+            PermissionDenied: outside the tenant's prefixes, or in a reserved location.
+        """
+        if uri[:5].lower() != "s3://" and not _looks_local(uri):
+            return self.sources.normalize(uri)  # another scheme: refused there
+        try:
+            normalized = self.sources.normalize(uri)
+        except InvalidArgument as exc:
+            if uri[:5].lower() == "s3://":
+                raise PermissionDenied(exc.message, field=field) from None
+            raise InvalidArgument(exc.message, field=field) from None
+        check_uri(tenant, normalized, access, field, forbidden=self.reserved_locations)
+        return normalized
+
+    def _uri_item(self, tenant: Tenant, uri: str, field: str, item_id: str = "") -> ItemInput:
         """An item read from `uri` (checked and made canonical now), its id defaulted."""
-        uri = self.sources.normalize(uri)
+        uri = self.check_location(tenant, uri, "read", field)
         return ItemInput(id=item_id or default_item_id(uri), uri=uri)
 
     def _items(
-        self, request: jobs_pb2.SubmitJobRequest
+        self, request: jobs_pb2.SubmitJobRequest, tenant: Tenant
     ) -> tuple[Iterable[ItemInput], dict[int, bytes]]:
         """The job's items, lazily where they come from a listing or a manifest (read while
-        the job is recorded, with the item cap counted as they come), and its inline images."""
+        the job is recorded, with the item cap counted as they come), and its inline images.
+        Every URI is checked against the tenant's prefixes: the listing or manifest before
+        it is read, each item as it comes."""
         kind = request.WhichOneof("input")
         inline: dict[int, bytes] = {}
         if kind == "images":
             items = []
             for index, image in enumerate(request.images.images):
                 if image.WhichOneof("source") == "uri":
-                    items.append(self._uri_item(image.uri, image.id))
+                    field = f"images[{index}].uri"
+                    items.append(self._uri_item(tenant, image.uri, field, image.id))
                 else:  # a bad (even empty) image is that item's failure, not the job's
                     inline[index] = image.content
                     items.append(ItemInput(id=image.id or str(index)))
             return items, inline
         if kind == "uris":
-            return (self._uri_item(uri) for uri in request.uris.uris), inline
+            return (
+                self._uri_item(tenant, uri, f"uris[{index}]")
+                for index, uri in enumerate(request.uris.uris)
+            ), inline
         if kind == "prefix":
+            prefix = self.check_location(tenant, request.prefix, "read", "prefix")
             listed = (
-                ItemInput(id=default_item_id(u), uri=u)
-                for u in self.sources.iter_prefix(request.prefix)
+                self._uri_item(tenant, uri, "prefix") for uri in self.sources.iter_prefix(prefix)
             )
             return _non_empty(listed, f"no images under {request.prefix!r}", "prefix"), inline
         if kind == "manifest_uri":
-            rows = self.sources.iter_manifest(
-                request.manifest_uri, max_bytes=self.settings.max_manifest_bytes
+            manifest = self.check_location(tenant, request.manifest_uri, "read", "manifest_uri")
+            rows = self.sources.iter_manifest(manifest, max_bytes=self.settings.max_manifest_bytes)
+            listed = (
+                self._uri_item(tenant, item.uri, f"manifest_uri (item {number})", item.id)
+                for number, item in enumerate(rows, start=1)
             )
-            listed = (self._uri_item(item.uri, item.id) for item in rows)
             message = f"manifest {request.manifest_uri!r} lists no images"
             return _non_empty(listed, message, "manifest_uri"), inline
         raise InvalidArgument(
             "one of images, uris, prefix or manifest_uri is required", field="input"
         )
 
-    async def submit(self, request: jobs_pb2.SubmitJobRequest) -> jobs_pb2.Job:
-        """Record and enqueue a job; with a `request_id` seen before, the job it made.
+    async def submit(self, request: jobs_pb2.SubmitJobRequest, tenant: Tenant) -> jobs_pb2.Job:
+        """Record and enqueue a job owned by `tenant`; with a `request_id` the tenant used
+        before, the job it made.
 
         Raises:
             InvalidArgument: a field is malformed, or the job is empty or over the item cap.
+            PermissionDenied: a URI outside the tenant's prefixes or in a reserved location,
+                or an `output_uri` where another job writes (the field is named).
+            QuotaExceeded: the tenant runs its most concurrent jobs (with a retry hint), or
+                the job has more items than its quota allows.
             FailedPrecondition: `output_uri` cannot be written.
             NotFound: the model or version does not exist.
             StorageUnavailable: Redis is unreachable.
@@ -231,17 +272,47 @@ class JobService:
             )
         job_id = uuid.uuid4().hex[:20]
         if request.request_id:
-            job_id = await self._run(self.store.claim_request, request.request_id, job_id)
+            job_id = await self._run(
+                self.store.claim_request, request.request_id, job_id, tenant.name
+            )
             if await self._run(self.store.exists, job_id):  # a retry: the job it made
-                return job_to_proto(await self._run(self.store.get, job_id))
+                return job_to_proto(await self._owned(job_id, tenant))
+        if request.output_uri:
+            output_uri = self.check_location(tenant, request.output_uri, "write", "output_uri")
+        else:
+            output_uri = f"{self.settings.results_uri.rstrip('/')}/{job_id}"
+            output_uri = self.sources.normalize(output_uri)
+        limit = tenant.quotas.concurrent_jobs
+        if limit is not None and not await self._run(
+            self.store.reserve_slot, tenant.name, job_id, limit
+        ):
+            raise QuotaExceeded(
+                f"tenant {tenant.name!r} already runs {limit} jobs, its quota; submit again "
+                "when one ends",
+                reason="QUOTA_CONCURRENT_JOBS",
+                retry_after=max(5.0, self.settings.watchdog_interval_s),
+            )
+        try:
+            return await self._create(request, tenant, job_id, output_uri)
+        finally:
+            if limit is not None:  # frees the slot only if no job was made
+                await self._run(self.store.release_slot, tenant.name, job_id)
+
+    async def _create(
+        self, request: jobs_pb2.SubmitJobRequest, tenant: Tenant, job_id: str, output_uri: str
+    ) -> jobs_pb2.Job:
         version = await self.pool.resolve(request.model, request.version)  # pinned for the job
-        output_uri = request.output_uri or f"{self.settings.results_uri.rstrip('/')}/{job_id}"
-        output_uri = self.sources.normalize(output_uri)
+        if request.output_uri:
+            await self._run(self._claim_output, output_uri, job_id)
         await self._run(check_output_writable, output_uri, self.settings.s3_options())
         chunk_size = min(
             request.chunk_size or self.settings.job_chunk_size, self.settings.max_job_chunk_size
         )
-        items, inline = await self._run(self._items, request)
+        items, inline = await self._run(self._items, request, tenant)
+        max_items = self.settings.max_job_items
+        quota = tenant.quotas.items_per_job
+        if quota is not None and quota < max_items:
+            items = _within_quota(items, quota, tenant.name)
         job, created = await self._run(
             self.store.create,
             model=request.model,
@@ -254,12 +325,40 @@ class JobService:
             chunk_size=chunk_size,
             labels=dict(request.labels),
             job_id=job_id,
-            max_items=self.settings.max_job_items,
+            max_items=max_items,
             request_id=request.request_id,
+            tenant=tenant.name,
         )
         if created:
             await self._run(self._enqueue, job)
         return job_to_proto(job)
+
+    def _claim_output(self, output_uri: str, job_id: str) -> None:
+        """Make `output_uri` this job's; refuse it when it is, or is under, the output
+        location of another job kept now (its results files would be overwritten).
+
+        Raises:
+            PermissionDenied: field `output_uri`.
+        """
+        ttl = int(self.settings.job_retention.total_seconds()) + 86_400
+        key = "perito:output:"
+        candidates = _ancestors(output_uri.rstrip("/"))
+        owners = self.store.redis.mget([key + c for c in candidates])
+        for owner in owners:
+            if owner is not None and _text(owner) != job_id:
+                raise PermissionDenied(
+                    "output_uri: another job writes its results there; choose a new folder",
+                    field="output_uri",
+                    reason="OUTPUT_IN_USE",
+                )
+        if not self.store.redis.set(key + output_uri.rstrip("/"), job_id, nx=True, ex=ttl):
+            owner = self.store.redis.get(key + output_uri.rstrip("/"))
+            if owner is not None and _text(owner) != job_id:
+                raise PermissionDenied(
+                    "output_uri: another job writes its results there; choose a new folder",
+                    field="output_uri",
+                    reason="OUTPUT_IN_USE",
+                )
 
     def _enqueue(self, job: Job) -> None:
         """Send every chunk of a new job. A broker that cannot take them now does not fail
@@ -276,13 +375,54 @@ class JobService:
         except Exception as exc:  # noqa: BLE001 - kombu raises many types for a broker that is down
             log.warning("job %s: chunks not enqueued (the watchdog will): %s", job.id, exc)
 
-    async def get(self, job_id: str) -> jobs_pb2.Job:
-        return job_to_proto(await self._run(self.store.get, job_id))
+    async def _owned(self, job_id: str, tenant: Tenant) -> Job:
+        """The job, if `tenant` owns it.
 
-    async def watch(self, job_id: str) -> AsyncIterator[jobs_pb2.Job]:
+        Raises:
+            NotFound: no such job, or another tenant's: the same answer, so that a job id
+                says nothing about whether someone else's job exists.
+        """
+        job = await self._run(self.store.get, job_id)
+        if job.tenant != tenant.name:
+            raise NotFound(f"job {job_id!r} not found", field="job_id")
+        return job
+
+    async def get(self, job_id: str, tenant: Tenant) -> jobs_pb2.Job:
+        """Raises: NotFound: no such job of `tenant`'s."""
+        return job_to_proto(await self._owned(job_id, tenant))
+
+    async def list_jobs(
+        self, request: jobs_pb2.ListJobsRequest, tenant: Tenant
+    ) -> jobs_pb2.ListJobsResponse:
+        """`tenant`'s jobs, newest first, filtered and paged.
+
+        Raises:
+            InvalidArgument: a negative page size, a bad page token or state.
+        """
+        if request.page_size < 0:
+            raise InvalidArgument("page_size must not be negative", field="page_size")
+        page_size = min(request.page_size or 100, 1000)
+        try:
+            states = frozenset(STATES_OF[state] for state in request.states)
+        except KeyError:
+            raise InvalidArgument("unknown job state", field="states") from None
+        jobs, token = await self._run(
+            self.store.list_jobs,
+            tenant.name,
+            page_size=page_size,
+            page_token=request.page_token,
+            states=states,
+            labels=dict(request.labels),
+        )
+        return jobs_pb2.ListJobsResponse(
+            jobs=[job_to_proto(job) for job in jobs], next_page_token=token
+        )
+
+    async def watch(self, job_id: str, tenant: Tenant) -> AsyncIterator[jobs_pb2.Job]:
         """The job now, then whenever it changes (at least every second), until terminal."""
         last: jobs_pb2.Job | None = None
         last_sent = 0.0
+        await self._owned(job_id, tenant)
         while True:
             job = await self._run(self.store.get, job_id)
             message = job_to_proto(job)
@@ -295,7 +435,7 @@ class JobService:
             await asyncio.sleep(0.25)
 
     async def list_results(
-        self, request: jobs_pb2.ListJobResultsRequest
+        self, request: jobs_pb2.ListJobResultsRequest, tenant: Tenant
     ) -> jobs_pb2.ListJobResultsResponse:
         if request.page_size < 0:
             raise InvalidArgument("page_size must not be negative", field="page_size")
@@ -304,7 +444,7 @@ class JobService:
             start = int(request.page_token or 0)
         except ValueError:
             raise InvalidArgument("invalid page_token", field="page_token") from None
-        job = await self._run(self.store.get, request.job_id)
+        job = await self._owned(request.job_id, tenant)
         wanted = FILTERS.get(request.filter)
         found: list[ItemResult] = []
         position = start
@@ -342,17 +482,23 @@ class JobService:
             log.warning("job %s: cancelled, results files not written yet: %s", job_id, exc)
             return self.store.get(job_id)
 
-    async def cancel(self, job_id: str) -> jobs_pb2.Job:
+    async def cancel(self, job_id: str, tenant: Tenant) -> jobs_pb2.Job:
         """Every item without a result becomes cancelled now; running chunks stop at their
-        next batch (their late results are not recorded over the cancellation)."""
+        next batch (their late results are not recorded over the cancellation).
+
+        Raises:
+            NotFound: no such job of `tenant`'s.
+        """
+        await self._owned(job_id, tenant)
         return job_to_proto(await self._run(self._cancel, job_id))
 
-    async def delete(self, job_id: str) -> None:
+    async def delete(self, job_id: str, tenant: Tenant) -> None:
         """Delete a job's record and results now, cancelling it first if it has not ended.
 
         Raises:
-            NotFound: no such job.
+            NotFound: no such job of `tenant`'s.
         """
+        await self._owned(job_id, tenant)
 
         def delete() -> None:
             if not self.store.delete(job_id):
@@ -362,6 +508,39 @@ class JobService:
                 self.store.delete(job_id)
 
         await self._run(delete)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _looks_local(uri: str) -> bool:
+    """A plain path or a `file://` URI (anything else with a scheme is not local)."""
+    scheme, sep, _ = uri.partition("://")
+    return not sep or scheme.lower() == "file" or not scheme.isalnum()
+
+
+def _ancestors(uri: str) -> list[str]:
+    """`uri` and every folder above it, down to the bucket (or the filesystem root)."""
+    if uri[:5].lower() == "s3://":
+        bucket, key = split_s3_uri(uri)
+        parts = [p for p in key.split("/") if p]
+        return [f"s3://{bucket}/" + "/".join(parts[:n]) for n in range(len(parts), 0, -1)]
+    path = Path(uri)
+    return [str(path), *(str(parent) for parent in path.parents)]
+
+
+def _within_quota(items: Iterable[ItemInput], quota: int, tenant: str) -> Iterator[ItemInput]:
+    """`items` as they come, refusing the job once it passes `tenant`'s items-per-job quota."""
+    for count, item in enumerate(items, start=1):
+        if count > quota:
+            raise QuotaExceeded(
+                f"more than {quota:,} images; tenant {tenant!r} may submit at most {quota:,} "
+                "per job",
+                field="input",
+                reason="QUOTA_ITEMS_PER_JOB",
+            )
+        yield item
 
 
 def _non_empty(items: Iterable[ItemInput], message: str, field: str) -> Iterator[ItemInput]:

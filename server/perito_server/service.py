@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
@@ -15,11 +16,16 @@ from google.protobuf import struct_pb2, timestamp_pb2
 
 from perito.v1 import classify_pb2, jobs_pb2, models_pb2, service_pb2_grpc
 from perito_core import tracing
-from perito_core.errors import InvalidArgument, InvalidImage
+from perito_core.audit import AuditLog
+from perito_core.errors import InvalidArgument, InvalidImage, PeritoError
 from perito_core.imaging import DecodeInfo, ImageLimits, InputSpec, load_model_input_with_info
+from perito_core.logs import REQUEST_ID
 from perito_core.manifest import ModelManifest
+from perito_core.quotas import RateLimiter
 from perito_core.registry import validate_model_name
 from perito_core.runtime import summarize
+from perito_core.tenancy import Tenants
+from perito_server.auth import current_tenant
 from perito_server.batcher import ByteBudget
 from perito_server.errors import echo, maps_errors, maps_stream_errors
 from perito_server.jobs import JobService
@@ -30,6 +36,7 @@ from perito_server.settings import ServerSettings
 log = logging.getLogger(__name__)
 
 Context = grpc.aio.ServicerContext[Any, Any]
+T = TypeVar("T")
 
 # Longest caller-supplied names accepted, in characters; longer ones are refused before they
 # are used or quoted back (registry names are at most 63: this bounds what reaches that check).
@@ -54,11 +61,15 @@ class PeritoServicer(service_pb2_grpc.PeritoServicer):
         pool: ModelPool,
         jobs: JobService,
         metrics: ServerMetrics | None = None,
+        tenants: Tenants | None = None,
     ) -> None:
         self.settings = settings
         self.pool = pool
         self.jobs = jobs
         self.metrics = metrics
+        self.tenants = tenants or Tenants()
+        self.limiter = RateLimiter(jobs.store.redis)
+        self.audit = AuditLog(jobs.store.redis, settings.job_retention.total_seconds())
         self.limits: ImageLimits = settings.image_limits()
         self._decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
         # Encoded request bytes admitted to any model's batcher and not yet answered.
@@ -66,6 +77,41 @@ class PeritoServicer(service_pb2_grpc.PeritoServicer):
 
     def close(self) -> None:
         self._decode_pool.shutdown(wait=False, cancel_futures=True)
+
+    def reload_tenants(self) -> None:
+        """Re-read the tenants file (SIGHUP), and audit the change."""
+        if self.tenants.path is None:
+            return
+        loaded = self.tenants.reload()
+        self.audit.record(
+            tenant="",
+            method="tenants.reload",
+            resource=str(self.tenants.path),
+            outcome="OK" if loaded else "INVALID_ARGUMENT",
+            detail=f"{len(self.tenants.names)} tenants",
+        )
+
+    async def _audited(self, method: str, resource: str, action: Callable[[], Awaitable[T]]) -> T:
+        """Run `action`, then write its audit record (success or the error's code)."""
+        outcome = "OK"
+        try:
+            return await action()
+        except PeritoError as error:
+            outcome = error.code.name
+            raise
+        except Exception:
+            outcome = "INTERNAL"
+            raise
+        finally:
+            record = functools.partial(
+                self.audit.record,
+                tenant=current_tenant().name,
+                method=method,
+                resource=resource,
+                outcome=outcome,
+                request_id=REQUEST_ID.get() or "",
+            )
+            await asyncio.get_running_loop().run_in_executor(None, record)
 
     # Classify
 
@@ -166,6 +212,10 @@ class PeritoServicer(service_pb2_grpc.PeritoServicer):
             ShuttingDown: the server is draining.
         """
         self._validate(request)
+        tenant = current_tenant()
+        per_minute = tenant.quotas.images_per_minute
+        if per_minute is not None:
+            await asyncio.to_thread(self.limiter.take, tenant.name, len(request.images), per_minute)
         served = await self.pool.get(request.model, request.version)
         manifest = served.model.manifest
         remaining = context.time_remaining()
@@ -207,37 +257,62 @@ class PeritoServicer(service_pb2_grpc.PeritoServicer):
 
     @maps_errors
     async def SubmitJob(self, request: jobs_pb2.SubmitJobRequest, context: Context) -> jobs_pb2.Job:
-        job = await self.jobs.submit(request)
+        tenant = current_tenant()
+        resource = f"models/{request.model[:64]}"
+
+        async def submit() -> jobs_pb2.Job:
+            nonlocal resource
+            job = await self.jobs.submit(request, tenant)
+            resource = f"jobs/{job.id}"
+            return job
+
+        job = await self._audited("SubmitJob", resource, submit)
         if self.metrics is not None:
             self.metrics.jobs_submitted.labels(job.model).inc()
         return job
 
     @maps_errors
     async def GetJob(self, request: jobs_pb2.GetJobRequest, context: Context) -> jobs_pb2.Job:
-        return await self.jobs.get(request.job_id)
+        return await self.jobs.get(request.job_id, current_tenant())
+
+    @maps_errors
+    async def ListJobs(
+        self, request: jobs_pb2.ListJobsRequest, context: Context
+    ) -> jobs_pb2.ListJobsResponse:
+        return await self.jobs.list_jobs(request, current_tenant())
 
     @maps_stream_errors
     async def WatchJob(
         self, request: jobs_pb2.WatchJobRequest, context: Context
     ) -> AsyncIterator[jobs_pb2.Job]:
-        async for job in self.jobs.watch(request.job_id):
+        async for job in self.jobs.watch(request.job_id, current_tenant()):
             yield job
 
     @maps_errors
     async def ListJobResults(
         self, request: jobs_pb2.ListJobResultsRequest, context: Context
     ) -> jobs_pb2.ListJobResultsResponse:
-        return await self.jobs.list_results(request)
+        return await self.jobs.list_results(request, current_tenant())
 
     @maps_errors
     async def CancelJob(self, request: jobs_pb2.CancelJobRequest, context: Context) -> jobs_pb2.Job:
-        return await self.jobs.cancel(request.job_id)
+        tenant = current_tenant()
+        return await self._audited(
+            "CancelJob",
+            f"jobs/{request.job_id[:64]}",
+            lambda: self.jobs.cancel(request.job_id, tenant),
+        )
 
     @maps_errors
     async def DeleteJob(
         self, request: jobs_pb2.DeleteJobRequest, context: Context
     ) -> jobs_pb2.DeleteJobResponse:
-        await self.jobs.delete(request.job_id)
+        tenant = current_tenant()
+        await self._audited(
+            "DeleteJob",
+            f"jobs/{request.job_id[:64]}",
+            lambda: self.jobs.delete(request.job_id, tenant),
+        )
         return jobs_pb2.DeleteJobResponse()
 
     # Models
@@ -249,7 +324,12 @@ class PeritoServicer(service_pb2_grpc.PeritoServicer):
         if request.page_size < 0:
             raise InvalidArgument("page_size must not be negative", field="page_size")
         page_size = request.page_size or 100
-        names = await asyncio.to_thread(self.pool.registry.list_models)
+        tenant = current_tenant()
+        names = [
+            name
+            for name in await asyncio.to_thread(self.pool.registry.list_models)
+            if tenant.may_use_model(name)
+        ]
         after = [n for n in names if n > request.page_token] if request.page_token else names
         page = after[:page_size]
         models = [await self._describe(name, with_cards=False) for name in page]

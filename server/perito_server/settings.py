@@ -64,9 +64,15 @@ class ServerSettings(CommonSettings):
     # TLS: both files PEM. Without them the port is plaintext (fine behind a mesh or on localhost).
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
-    # Bearer tokens accepted in `authorization` metadata (env: a JSON list). Empty: no auth.
-    # Health checks and reflection stay open so probes and grpcurl work.
+    # Who may call (perito_core.tenancy): a tenants file (YAML; re-read when it changes and
+    # on SIGHUP), or else bearer tokens (env: a JSON list) that make one tenant with every
+    # right. Neither: one anonymous tenant, and the server binds loopback only unless
+    # `insecure` is set. Health checks and reflection stay open so probes and grpcurl work.
+    tenants_file: Path | None = None
     auth_tokens: list[SecretStr] = Field(default_factory=list)
+    insecure: bool = Field(
+        False, description="serve without authentication on an interface other than loopback"
+    )
 
     # Jobs: how long a finished job's record and item results are kept (env
     # PERITO_JOB_RETENTION: seconds, a number with s / m / h / d, or ISO 8601 such as P7D),

@@ -1,0 +1,567 @@
+"""Tenants: who a token belongs to, and what that tenant may read, write, use and spend.
+
+A tenants file (`PERITO_TENANTS_FILE`, YAML) lists the tenants:
+
+    tenants:
+      - name: acme-claims                      # [a-z0-9][a-z0-9_-]*, at most 63
+        tokens: ["sha256:9f86d0..."]           # digests only; `perito tenants add` makes them
+        roles: [classify, jobs, models:read]   # classify, jobs, models:read, models:publish, admin
+        models: ["car-damage", "car-*"]        # names or globs; default: none
+        storage:
+          read: ["s3://acme-inbox/", "/data/acme/"]
+          write: ["s3://results/acme/"]        # also readable
+        quotas:                                # each optional; absent: no limit
+          concurrent_jobs: 10
+          images_per_minute: 600               # Classify images, a token bucket of one minute
+          items_per_job: 100000
+
+Tokens are stored as `sha256:<hex>` digests, never in clear: the file can be read by whoever
+runs the server without giving anyone a token. A presented token is hashed and looked up;
+a digest does not reveal its token, and a 256-bit random token cannot be guessed from it.
+
+Without a tenants file, `PERITO_AUTH_TOKENS` is one tenant (`default`) with every role, every
+model and every storage location; with neither, the server serves one anonymous tenant
+(`anonymous`, the same rights) and binds to loopback only.
+
+Storage prefixes are checked on URIs made canonical first (`check_uri`): S3 buckets must be
+plain bucket names (no access-point ARNs, no other bucket), keys may not hold `.` or `..`
+segments, local paths are resolved (symlinks followed) before they are compared, and nothing
+under the model registry is ever a job's input or output.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import logging
+import os
+import re
+import secrets
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from perito_core.errors import InvalidArgument, PermissionDenied, Unauthenticated
+from perito_core.storage import local_path_of, split_s3_uri
+
+log = logging.getLogger(__name__)
+
+ROLES = ("classify", "jobs", "models:read", "models:publish", "admin")
+TENANT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+# S3 bucket names (the AWS rules, loosely): no ':' (ARNs), no '/', no upper case.
+BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+ANY = "*"
+DEFAULT_TENANT = "default"
+ANONYMOUS_TENANT = "anonymous"
+TOKEN_PREFIX = "prt_"
+
+Access = Literal["read", "write"]
+
+
+def hash_token(token: str) -> str:
+    """The digest a tenants file stores for `token`: `sha256:<hex>`."""
+    return "sha256:" + hashlib.sha256(token.encode()).hexdigest()
+
+
+def new_token() -> str:
+    """A new random token: `prt_` and 43 URL-safe characters (256 bits)."""
+    return TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+@dataclass(frozen=True)
+class Quotas:
+    """A tenant's limits; None means no limit of that kind."""
+
+    concurrent_jobs: int | None = None
+    images_per_minute: int | None = None
+    items_per_job: int | None = None
+
+
+@dataclass(frozen=True)
+class Location:
+    """One allowed storage prefix: an S3 bucket and key prefix, or a local folder."""
+
+    bucket: str = ""  # S3; "" for a local folder
+    key_prefix: str = ""  # ends in "/" unless it is the whole bucket ("")
+    folder: Path | None = None  # local, resolved
+
+    @classmethod
+    def parse(cls, text: str) -> Location:
+        """`s3://bucket/prefix/`, `s3://bucket` or an absolute local folder.
+
+        Raises:
+            InvalidArgument: anything else.
+        """
+        if text[:5].lower() == "s3://":
+            bucket, key = split_s3_uri(text)
+            if not BUCKET_NAME.match(bucket):
+                raise InvalidArgument(f"storage prefix {text!r}: not a plain S3 bucket name")
+            if _bad_segments(key):
+                raise InvalidArgument(f"storage prefix {text!r}: '.' or '..' in the key")
+            if key and not key.endswith("/"):
+                key += "/"
+            return cls(bucket=bucket, key_prefix=key)
+        path = local_path_of(text)
+        if not path.is_absolute():
+            raise InvalidArgument(f"storage prefix {text!r}: a local folder must be absolute")
+        return cls(folder=path.resolve())
+
+    def covers(self, bucket: str, key: str, path: Path | None) -> bool:
+        if self.folder is not None:
+            return path is not None and path.is_relative_to(self.folder)
+        return path is None and bucket == self.bucket and key.startswith(self.key_prefix)
+
+    def __str__(self) -> str:
+        return str(self.folder) if self.folder else f"s3://{self.bucket}/{self.key_prefix}"
+
+
+@dataclass(frozen=True)
+class Tenant:
+    """One tenant: its name, token digests, roles, models, storage prefixes and quotas.
+
+    `read` / `write` of None mean any location (the single-tenant modes); the registry's
+    prefix is refused either way.
+    """
+
+    name: str
+    token_digests: tuple[str, ...] = ()
+    roles: frozenset[str] = frozenset()
+    models: tuple[str, ...] = ()
+    read: tuple[Location, ...] | None = ()
+    write: tuple[Location, ...] | None = ()
+    quotas: Quotas = field(default_factory=Quotas)
+
+    @classmethod
+    def unrestricted(cls, name: str, digests: Iterable[str] = ()) -> Tenant:
+        """Every role, every model, every location: `PERITO_AUTH_TOKENS` and anonymous mode."""
+        return cls(name, tuple(digests), frozenset(ROLES), (ANY,), None, None)
+
+    def has_role(self, role: str) -> bool:
+        """`admin` holds every role."""
+        return role in self.roles or "admin" in self.roles
+
+    def may_use_model(self, name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.models)
+
+    def require_role(self, role: str, what: str) -> None:
+        """Raises PermissionDenied unless the tenant holds `role`."""
+        if not self.has_role(role):
+            raise PermissionDenied(
+                f"tenant {self.name!r} may not {what}: it lacks the role {role!r}",
+                reason="ROLE_REQUIRED",
+            )
+
+    def require_model(self, name: str, field: str = "model") -> None:
+        """Raises PermissionDenied unless the tenant may use model `name` (checked on the
+        name alone, before the registry is asked: it says nothing about what exists)."""
+        if not self.may_use_model(name):
+            raise PermissionDenied(
+                f"tenant {self.name!r} may not use model {name[:64]!r}",
+                field=field,
+                reason="MODEL_NOT_ALLOWED",
+            )
+
+
+def _bad_segments(key: str) -> bool:
+    return any(part in (".", "..") for part in key.split("/"))
+
+
+def check_uri(
+    tenant: Tenant, uri: str, access: Access, field: str, *, forbidden: Iterable[str] = ()
+) -> None:
+    """Refuse `uri` unless it falls under one of `tenant`'s prefixes for `access` and under
+    none of `forbidden` (the registry, the server's own results area).
+
+    `uri` must already be canonical (`SourceReader.normalize`: local paths absolute with
+    symlinks resolved); this resolves local paths again, so a link swapped in since cannot
+    lead out. Writable prefixes are readable too.
+
+    Raises:
+        PermissionDenied: naming `field`: an ARN or other non-bucket, a `.` / `..` key
+            segment, a location outside the tenant's prefixes or under a forbidden one.
+    """
+    bucket, key, path = _parts(uri, field)
+    for other in forbidden:
+        if _under(bucket, key, path, other):
+            raise PermissionDenied(
+                f"{field}: {uri[:200]!r} is in a location reserved to the service",
+                field=field,
+                reason="RESERVED_LOCATION",
+            )
+    allowed = tenant.write if access == "write" else _readable(tenant)
+    if allowed is None:
+        return
+    if not any(location.covers(bucket, key, path) for location in allowed):
+        raise PermissionDenied(
+            f"{field}: {uri[:200]!r} is outside the storage tenant {tenant.name!r} may {access}",
+            field=field,
+            reason="STORAGE_NOT_ALLOWED",
+        )
+
+
+def _readable(tenant: Tenant) -> tuple[Location, ...] | None:
+    if tenant.read is None or tenant.write is None:
+        return None
+    return (*tenant.read, *tenant.write)
+
+
+def _parts(uri: str, field: str) -> tuple[str, str, Path | None]:
+    if uri[:5].lower() == "s3://":
+        try:
+            bucket, key = split_s3_uri(uri)
+        except InvalidArgument as exc:
+            raise PermissionDenied(exc.message, field=field, reason="STORAGE_NOT_ALLOWED") from None
+        if not BUCKET_NAME.match(bucket):
+            raise PermissionDenied(
+                f"{field}: {bucket[:80]!r} is not a plain bucket name (access points and ARNs "
+                "are not accepted)",
+                field=field,
+                reason="STORAGE_NOT_ALLOWED",
+            )
+        if _bad_segments(key):
+            raise PermissionDenied(
+                f"{field}: '.' and '..' are not accepted in a key",
+                field=field,
+                reason="STORAGE_NOT_ALLOWED",
+            )
+        return bucket, key, None
+    try:
+        path = local_path_of(uri).resolve()
+    except (OSError, RuntimeError, InvalidArgument):
+        raise PermissionDenied(
+            f"{field}: {uri[:200]!r} cannot be resolved", field=field, reason="STORAGE_NOT_ALLOWED"
+        ) from None
+    return "", "", path
+
+
+def _under(bucket: str, key: str, path: Path | None, location: str) -> bool:
+    """Whether (bucket, key) or `path` is at or under `location` (a URI or folder)."""
+    if location[:5].lower() == "s3://":
+        other_bucket, prefix = split_s3_uri(location)
+        prefix = prefix.rstrip("/")
+        return (
+            path is None
+            and bucket == other_bucket
+            and (not prefix or key == prefix or key.startswith(prefix + "/"))
+        )
+    if path is None:
+        return False
+    try:
+        return path.is_relative_to(local_path_of(location).resolve())
+    except (OSError, RuntimeError, InvalidArgument):
+        return False
+
+
+# Parsing the tenants file.
+
+
+def _positive(value: Any, what: str) -> int | None:
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise InvalidArgument(f"{what} must be a positive whole number")
+    return value
+
+
+def _strings(value: Any, what: str) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise InvalidArgument(f"{what} must be a list of strings")
+    return list(value)
+
+
+def parse_tenant(entry: Any, index: int) -> Tenant:
+    """One entry of the tenants file's `tenants` list.
+
+    Raises:
+        InvalidArgument: a missing or malformed field, naming the entry.
+    """
+    where = f"tenants[{index}]"
+    if not isinstance(entry, Mapping):
+        raise InvalidArgument(f"{where} must be a mapping")
+    unknown = set(entry) - {"name", "tokens", "roles", "models", "storage", "quotas"}
+    if unknown:
+        raise InvalidArgument(f"{where}: unknown keys {sorted(unknown)}")
+    name = entry.get("name")
+    if not isinstance(name, str) or not TENANT_NAME.match(name):
+        raise InvalidArgument(f"{where}: name must match {TENANT_NAME.pattern}")
+    where = f"tenant {name!r}"
+    digests = _strings(entry.get("tokens"), f"{where}: tokens")
+    for digest in digests:
+        if not DIGEST.match(digest):
+            raise InvalidArgument(
+                f"{where}: tokens are stored as 'sha256:<64 hex digits>', never in clear "
+                "(perito tenants add writes them)"
+            )
+    roles = _strings(entry.get("roles"), f"{where}: roles")
+    for role in roles:
+        if role not in ROLES:
+            raise InvalidArgument(f"{where}: unknown role {role!r}; roles are {', '.join(ROLES)}")
+    storage = entry.get("storage") or {}
+    if not isinstance(storage, Mapping) or set(storage) - {"read", "write"}:
+        raise InvalidArgument(f"{where}: storage takes 'read' and 'write' lists")
+    quotas = entry.get("quotas") or {}
+    if not isinstance(quotas, Mapping) or set(quotas) - {
+        "concurrent_jobs",
+        "images_per_minute",
+        "items_per_job",
+    }:
+        raise InvalidArgument(
+            f"{where}: quotas take concurrent_jobs, images_per_minute and items_per_job"
+        )
+    try:
+        read = tuple(Location.parse(p) for p in _strings(storage.get("read"), "storage.read"))
+        write = tuple(Location.parse(p) for p in _strings(storage.get("write"), "storage.write"))
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"{where}: {exc.message}") from None
+    return Tenant(
+        name=name,
+        token_digests=tuple(digests),
+        roles=frozenset(roles),
+        models=tuple(_strings(entry.get("models"), f"{where}: models")),
+        read=read,
+        write=write,
+        quotas=Quotas(
+            concurrent_jobs=_positive(quotas.get("concurrent_jobs"), f"{where}: concurrent_jobs"),
+            images_per_minute=_positive(
+                quotas.get("images_per_minute"), f"{where}: images_per_minute"
+            ),
+            items_per_job=_positive(quotas.get("items_per_job"), f"{where}: items_per_job"),
+        ),
+    )
+
+
+def parse_tenants(text: str) -> list[Tenant]:
+    """Every tenant of a tenants file's text.
+
+    Raises:
+        InvalidArgument: not YAML, no `tenants` list, a malformed entry, a repeated name or
+            a token digest given to two tenants.
+    """
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise InvalidArgument(f"the tenants file is not valid YAML: {exc}") from None
+    if not isinstance(data, Mapping) or not isinstance(data.get("tenants", []), list):
+        raise InvalidArgument("the tenants file must be a mapping with a 'tenants' list")
+    tenants = [parse_tenant(entry, i) for i, entry in enumerate(data.get("tenants") or [])]
+    names: set[str] = set()
+    digests: set[str] = set()
+    for tenant in tenants:
+        if tenant.name in names:
+            raise InvalidArgument(f"tenant {tenant.name!r} appears twice")
+        names.add(tenant.name)
+        if digests & set(tenant.token_digests):
+            raise InvalidArgument(f"tenant {tenant.name!r} shares a token with another tenant")
+        digests.update(tenant.token_digests)
+    return tenants
+
+
+def tenant_to_yaml(tenant: Tenant) -> dict[str, Any]:
+    """The tenants-file entry for `tenant` (restricted tenants only)."""
+    entry: dict[str, Any] = {
+        "name": tenant.name,
+        "tokens": list(tenant.token_digests),
+        "roles": sorted(tenant.roles, key=ROLES.index),
+        "models": list(tenant.models),
+        "storage": {
+            "read": [str(location) for location in tenant.read or ()],
+            "write": [str(location) for location in tenant.write or ()],
+        },
+    }
+    quotas = {k: v for k, v in vars(tenant.quotas).items() if v is not None}
+    if quotas:
+        entry["quotas"] = quotas
+    return entry
+
+
+class Tenants:
+    """The tenants a server knows, looked up by token; re-read when the file changes.
+
+    Args:
+        path: the tenants file, or None.
+        tokens: `PERITO_AUTH_TOKENS`, used when there is no file: one tenant, every right.
+        check_interval_s: how often the file's modification time is looked at on lookup.
+    """
+
+    def __init__(
+        self,
+        path: Path | None = None,
+        tokens: Iterable[str] = (),
+        *,
+        check_interval_s: float = 1.0,
+    ) -> None:
+        self.path = path
+        self._tokens = [t for t in tokens if t]
+        self._interval = check_interval_s
+        self._lock = threading.Lock()
+        self._by_digest: dict[str, Tenant] = {}
+        self._by_name: dict[str, Tenant] = {}
+        self._stamp: tuple[int, int] | None = None
+        self._checked = 0.0
+        self.reloads = 0
+        self.anonymous: Tenant | None = None
+        if path is not None:
+            self._load()
+        elif self._tokens:
+            tenant = Tenant.unrestricted(DEFAULT_TENANT, (hash_token(t) for t in self._tokens))
+            self._index([tenant])
+        else:
+            self.anonymous = Tenant.unrestricted(ANONYMOUS_TENANT)
+            self._by_name = {ANONYMOUS_TENANT: self.anonymous}
+
+    @classmethod
+    def from_settings(cls, tenants_file: Path | None, tokens: Iterable[str]) -> Tenants:
+        return cls(tenants_file, tokens)
+
+    @property
+    def requires_auth(self) -> bool:
+        """False only in anonymous mode (no file, no tokens)."""
+        return self.anonymous is None
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self._by_name)
+
+    def get(self, name: str) -> Tenant | None:
+        self._maybe_reload()
+        return self._by_name.get(name)
+
+    def _index(self, tenants: list[Tenant]) -> None:
+        self._by_digest = {d: t for t in tenants for d in t.token_digests}
+        self._by_name = {t.name: t for t in tenants}
+
+    def _file_stamp(self) -> tuple[int, int]:
+        assert self.path is not None
+        info = os.stat(self.path)
+        return info.st_mtime_ns, info.st_size
+
+    def _load(self) -> None:
+        """Read the file now.
+
+        Raises:
+            InvalidArgument: the file is malformed (the tenants known so far stay).
+            OSError: it cannot be read.
+        """
+        assert self.path is not None
+        stamp = self._file_stamp()
+        tenants = parse_tenants(self.path.read_text())
+        with self._lock:
+            self._index(tenants)
+            self._stamp = stamp
+            self.reloads += 1
+
+    def reload(self) -> bool:
+        """Re-read the file (SIGHUP). A file that is now malformed or unreadable is logged
+        and the tenants known so far stay in force. Returns whether it was read."""
+        if self.path is None:
+            return False
+        try:
+            self._load()
+        except (InvalidArgument, OSError) as exc:
+            message = exc.message if isinstance(exc, InvalidArgument) else str(exc)
+            log.error("tenants file %s not reloaded (the previous stays): %s", self.path, message)
+            return False
+        log.info("tenants file %s loaded: %d tenants", self.path, len(self._by_name))
+        return True
+
+    def _maybe_reload(self) -> None:
+        if self.path is None:
+            return
+        now = time.monotonic()
+        if now - self._checked < self._interval:
+            return
+        self._checked = now
+        try:
+            changed = self._file_stamp() != self._stamp
+        except OSError:
+            return
+        if changed:
+            self.reload()
+
+    def authenticate(self, token: str | None) -> Tenant:
+        """The tenant holding `token` (the anonymous tenant when no auth is configured).
+
+        Raises:
+            Unauthenticated: no token, or one no tenant holds.
+        """
+        if self.anonymous is not None:
+            return self.anonymous
+        self._maybe_reload()
+        if not token:
+            raise Unauthenticated(
+                "missing bearer token: pass token= to the client (CLI: PERITO_TOKEN)"
+            )
+        tenant = self._by_digest.get(hash_token(token))
+        if tenant is None:
+            raise Unauthenticated("unknown bearer token")
+        return tenant
+
+
+def add_tenant(
+    path: Path,
+    name: str,
+    *,
+    roles: Iterable[str],
+    models: Iterable[str] = (),
+    read: Iterable[str] = (),
+    write: Iterable[str] = (),
+    quotas: Quotas | None = None,
+) -> str:
+    """Add a token to tenant `name` in the tenants file at `path` (creating the tenant, or
+    the file, if need be; an existing tenant keeps its other tokens, and takes the roles,
+    models, prefixes and quotas given when any are). Returns the new token, which is stored
+    nowhere in clear. The file is replaced atomically with mode 0600.
+
+    Raises:
+        InvalidArgument: a bad name, role or prefix, or the existing file is malformed.
+    """
+    if not TENANT_NAME.match(name):
+        raise InvalidArgument(f"tenant name must match {TENANT_NAME.pattern}")
+    text = path.read_text() if path.exists() else ""
+    tenants = parse_tenants(text)
+    token = new_token()
+    given = {
+        "roles": list(roles),
+        "models": list(models),
+        "storage": {"read": list(read), "write": list(write)},
+    }
+    entry = parse_tenant({"name": name, **given}, 0)  # validates what was given
+    existing = next((t for t in tenants if t.name == name), None)
+    if existing is None:
+        updated = Tenant(
+            name,
+            (hash_token(token),),
+            entry.roles,
+            entry.models,
+            entry.read,
+            entry.write,
+            quotas or Quotas(),
+        )
+        tenants.append(updated)
+    else:
+        updated = Tenant(
+            name,
+            (*existing.token_digests, hash_token(token)),
+            entry.roles or existing.roles,
+            entry.models or existing.models,
+            entry.read or existing.read,
+            entry.write or existing.write,
+            quotas or existing.quotas,
+        )
+        tenants = [updated if t.name == name else t for t in tenants]
+    document = {"tenants": [tenant_to_yaml(t) for t in tenants]}
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as out:
+        yaml.safe_dump(document, out, sort_keys=False)
+    os.replace(temporary, path)
+    return token
