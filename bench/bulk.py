@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import json
 import os
-import signal
 import sys
 import tempfile
 import time
@@ -32,9 +31,9 @@ import numpy as np  # noqa: E402
 
 import perito  # noqa: E402
 from bench.classify import MODEL, bench_grpc, make_jpegs, publish, timed_loop  # noqa: E402
-from bench.processes import free_port, start  # noqa: E402
 from perito_core.imaging import load_model_input  # noqa: E402
 from perito_core.runtime import LoadedModel  # noqa: E402
+from scripts.processes import Proc, free_port, redis_proc  # noqa: E402
 
 BIN = Path(sys.executable).parent
 
@@ -88,19 +87,12 @@ def main() -> int:
             "PERITO_RESULTS_URI": str(work / "results"),
         }
         processes = [
-            start(
-                ["redis-server", "--port", str(redis_port), "--save", "", "--appendonly", "no"],
-                work / "redis.log",
-                env,
-                "Ready to accept",
-            ),
-            start(
-                [str(BIN / "perito"), "worker"],
-                work / "worker.log",
-                env,
-                "ready.",
-            ),
-            start(
+            redis_proc(redis_port, work / "redis.log", env).start(),
+            Proc(
+                "perito worker", [str(BIN / "perito"), "worker"], env, work / "worker.log", "ready."
+            ).start(),
+            Proc(
+                "perito serve",
                 [
                     str(BIN / "perito"),
                     "serve",
@@ -111,10 +103,10 @@ def main() -> int:
                     "--log-level",
                     "WARNING",
                 ],
-                work / "serve.log",
                 env,
+                work / "serve.log",
                 "serving on",
-            ),
+            ).start(),
         ]
         try:
             with perito.Client(f"127.0.0.1:{port}", timeout=600) as client:
@@ -151,8 +143,7 @@ def main() -> int:
                 big.cancel()
         finally:
             for process in reversed(processes):
-                process.send_signal(signal.SIGTERM)
-                process.wait(60)
+                process.stop(60)
 
     print(
         f"# bulk: EfficientNet-Lite0, {args.images} 640x480 JPEGs from a local folder, one worker "

@@ -25,7 +25,6 @@ import json
 import os
 import platform
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,11 +40,11 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.processes import free_port, start  # noqa: E402
 from perito.v1 import classify_pb2, image_pb2, service_pb2_grpc  # noqa: E402
 from perito_core.imaging import load_model_input  # noqa: E402
 from perito_core.registry import ModelRegistry  # noqa: E402
 from perito_core.runtime import LoadedModel  # noqa: E402
+from scripts.processes import Proc, free_port  # noqa: E402
 from scripts.sample_photos import write_sample_photos  # noqa: E402
 
 MODEL = "bench-model"
@@ -185,7 +184,7 @@ async def bench_grpc(
     }
 
 
-def start_server(work: Path, port: int, extra_env: dict[str, str]) -> subprocess.Popen[bytes]:
+def start_server(work: Path, port: int, extra_env: dict[str, str]) -> Proc:
     env = {
         **os.environ,
         **extra_env,
@@ -195,7 +194,7 @@ def start_server(work: Path, port: int, extra_env: dict[str, str]) -> subprocess
     }
     perito = str(Path(sys.executable).parent / "perito")
     args = [perito, "serve", "--port", str(port), "--preload", MODEL, "--log-level", "WARNING"]
-    return start(args, work / "serve.log", env, "serving on")
+    return Proc("perito serve", args, env, work / "serve.log", "serving on").start()
 
 
 def main() -> int:

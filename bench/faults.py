@@ -59,9 +59,7 @@ import json
 import os
 import re
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -88,9 +86,9 @@ from PIL import Image  # noqa: E402
 from torch import nn  # noqa: E402
 
 import perito  # noqa: E402
-from bench.processes import free_port  # noqa: E402
 from perito_core.registry import ModelRegistry  # noqa: E402
 from perito_training.export import export_torchscript  # noqa: E402
+from scripts.processes import Proc, ProcessFailed, free_port, redis_proc  # noqa: E402
 from tests.helpers import TINY_INPUT, tiny_network  # noqa: E402
 
 BIN = Path(sys.executable).parent
@@ -129,78 +127,6 @@ def _group_memory_mb(groups: set[int]) -> dict[int, tuple[float, float]]:
     return found
 
 
-class Proc:
-    """A subprocess in its own process group (session), its output appended to `log`."""
-
-    def __init__(self, name: str, args: list[str], env: dict[str, str], log: Path, ready: str):
-        self.name, self.args, self.env, self.log, self.ready = name, args, env, log, ready
-        self.popen: subprocess.Popen[bytes] | None = None
-        self._mark = 0
-
-    @property
-    def pid(self) -> int:
-        assert self.popen is not None
-        return self.popen.pid
-
-    @property
-    def alive(self) -> bool:
-        return self.popen is not None and self.popen.poll() is None
-
-    def launch(self) -> None:
-        self._mark = self.log.stat().st_size if self.log.exists() else 0
-        with self.log.open("ab") as out:
-            self.popen = subprocess.Popen(
-                self.args,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=self.env,
-                start_new_session=True,
-            )
-
-    def wait_ready(self, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.ready.encode() in self.output():
-                return
-            if not self.alive:
-                break
-            time.sleep(0.05)
-        tail = self.output()[-3000:].decode(errors="replace")
-        raise Failure(f"{self.name} did not start (see {self.log}):\n{tail}")
-
-    def start(self) -> None:
-        self.launch()
-        self.wait_ready()
-
-    def output(self) -> bytes:
-        """What the process wrote since its last start."""
-        with self.log.open("rb") as log:
-            log.seek(self._mark)
-            return log.read()
-
-    def signal_group(self, sig: int) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.pid, sig)
-
-    def kill9(self) -> None:
-        """SIGKILL the whole process group: no goodbyes, no cleanup."""
-        self.signal_group(signal.SIGKILL)
-        assert self.popen is not None
-        self.popen.wait(10)
-
-    def stop(self, timeout: float = 30) -> None:
-        if self.popen is None:
-            return
-        if self.alive:
-            self.signal_group(signal.SIGTERM)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.signal_group(signal.SIGKILL)
-                self.popen.wait(10)
-        self.signal_group(signal.SIGKILL)  # any child left behind
-
-
 @dataclass(frozen=True)
 class Config:
     """What a stack is started with; scenarios with equal configs share one stack."""
@@ -233,26 +159,8 @@ class Stack:
             "PERITO_VISIBILITY_TIMEOUT_S": "30",
             "PERITO_NICE": "0",
         }
-        self.redis = Proc(
-            "redis-server",
-            [
-                "redis-server",
-                "--port",
-                str(self.redis_port),
-                "--bind",
-                "127.0.0.1",
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "everysec",
-                "--dir",
-                str(self.dir / "redis"),
-                "--save",
-                "",
-            ],
-            dict(os.environ),
-            self.dir / "redis.log",
-            "Ready to accept connections",
+        self.redis = redis_proc(
+            self.redis_port, self.dir / "redis.log", dict(os.environ), data_dir=self.dir / "redis"
         )
         self.workers = [
             Proc(
@@ -1390,7 +1298,7 @@ def main() -> int:
                 started = time.monotonic()
                 try:
                     SCENARIOS[name](lab, out, sampler)
-                except Failure as exc:
+                except (Failure, ProcessFailed) as exc:
                     out.problems.append(str(exc))
                 except Exception as exc:  # noqa: BLE001 - reported as that scenario's failure
                     traceback.print_exc()

@@ -15,14 +15,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from scripts.processes import Proc, free_port, redis_proc  # noqa: E402
+
 BIN = Path(sys.executable).parent
 MODEL = "imagenet-efficientnet-lite0"
 
@@ -34,37 +35,6 @@ def step(message: str) -> None:
 def run(*args: str, env: dict[str, str]) -> None:
     print("$ " + " ".join(args), flush=True)
     subprocess.run(args, check=True, env=env)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def start(args: list[str], log_path: Path, env: dict[str, str]) -> subprocess.Popen[str]:
-    with log_path.open("w") as log:
-        return subprocess.Popen(
-            args,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**env, "PYTHONUNBUFFERED": "1"},
-            text=True,
-        )
-
-
-def wait_for_line(
-    process: subprocess.Popen[str], log_path: Path, text: str, timeout: float = 120
-) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"{process.args[0]} exited:\n{log_path.read_text()}")
-        if text in log_path.read_text():
-            return
-        time.sleep(0.2)
-    raise SystemExit(f"{process.args[0]} not ready after {timeout}s:\n{log_path.read_text()}")
 
 
 def publish_model(perito: str, work: Path, registry: Path, env: dict[str, str]) -> None:
@@ -134,32 +104,21 @@ def main() -> int:
 
     step(f"starting redis-server, a worker and the server (logs in {work})")
     processes = {
-        "redis-server": start(
-            [
-                "redis-server",
-                "--port",
-                str(redis_port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ],
-            work / "redis.log",
-            env,
-        ),
-        "worker": start([perito, "worker"], work / "worker.log", env),
-        "server": start(
+        "redis-server": redis_proc(redis_port, work / "redis.log", env),
+        "worker": Proc("perito worker", [perito, "worker"], env, work / "worker.log", " ready."),
+        "server": Proc(
+            "perito serve",
             [perito, "serve", "--port", str(port), "--preload", f"{MODEL}@production"],
-            work / "serve.log",
             env,
+            work / "serve.log",
+            "perito: serving on",
         ),
     }
     try:
-        wait_for_line(processes["redis-server"], work / "redis.log", "Ready to accept")
-        wait_for_line(processes["worker"], work / "worker.log", " ready.")
-        wait_for_line(processes["server"], work / "serve.log", "perito: serving on")
+        for process in processes.values():
+            process.launch()
+        for process in processes.values():
+            process.wait_ready(180)
         print("redis-server, worker and server are up")
 
         step("classifying each photo (top 3; flagged uncertain under 50%)")
@@ -194,13 +153,10 @@ def main() -> int:
         run(perito, "models", "show", MODEL, env=env)
     finally:
         step("stopping the server (SIGTERM: drain, then exit), the worker and redis-server")
-        for name in ("server", "worker", "redis-server"):
-            if processes[name].poll() is None:
-                processes[name].send_signal(signal.SIGTERM)
-                processes[name].wait(60)
+        codes = {name: processes[name].stop(60) for name in ("server", "worker", "redis-server")}
     print((work / "serve.log").read_text().strip().splitlines()[-1])
-    if processes["server"].returncode != 0:
-        print(f"server exited with {processes['server'].returncode}", file=sys.stderr)
+    if codes["server"] != 0:
+        print(f"server exited with {codes['server']}", file=sys.stderr)
         return 1
     print("\ndemo finished: every process stopped, the server cleanly")
     return 0

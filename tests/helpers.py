@@ -5,10 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import signal
-import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -19,6 +18,7 @@ import torch
 from torch import nn
 
 from perito_core.manifest import InputContract
+from scripts.processes import Proc, ProcessFailed, free_port, redis_proc, wait_for_port
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -40,41 +40,22 @@ def tiny_network(num_classes: int = 3) -> nn.Module:
     ).eval()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def wait_for_port(
-    port: int, timeout: float = 30.0, process: subprocess.Popen[bytes] | None = None
-) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise RuntimeError(f"process exited with {process.returncode} before opening {port}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing listening on port {port} after {timeout}s")
-
-
 @contextlib.contextmanager
 def moto_s3_server() -> Iterator[str]:
     """A local S3-compatible HTTP server (moto) in its own process; yields its endpoint URL."""
     port = free_port()
-    process = subprocess.Popen(
-        [str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_for_port(port, process=process)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        process.terminate()
-        process.wait(10)
+    with tempfile.TemporaryDirectory(prefix="perito-moto-") as folder:
+        server = Proc(
+            "moto_server",
+            [str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+            dict(os.environ),
+            Path(folder) / "moto.log",
+        ).launch()
+        try:
+            wait_for_port(port, process=server)
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            server.stop(10)
 
 
 S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
@@ -115,18 +96,6 @@ class ServerThread:
         self.loop.close()
 
 
-def stop_process(process: subprocess.Popen[str], timeout: float = 30) -> int:
-    """SIGTERM, then wait; returns the exit code (kills if it does not stop in time)."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-    try:
-        return process.wait(timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-        raise
-
-
 def perito_command() -> list[str]:
     return [str(VENV_BIN / "perito")]
 
@@ -151,27 +120,17 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 def redis_server() -> Iterator[str]:
     """A real redis-server on a free port, no persistence; yields its URL."""
     port = free_port()
-    process = subprocess.Popen(
-        [
-            "redis-server",
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_for_port(port, process=process)  # type: ignore[arg-type]
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        process.terminate()
-        process.wait(10)
+    with tempfile.TemporaryDirectory(prefix="perito-redis-") as folder:
+        server = redis_proc(port, Path(folder) / "redis.log", dict(os.environ)).start(30)
+        try:
+            yield f"redis://127.0.0.1:{port}/0"
+        finally:
+            server.stop(10)
+
+
+def perito_proc(name: str, args: list[str], env: dict[str, str], log: Path, ready: str) -> Proc:
+    """The `perito` CLI as a process (`perito serve`, `perito worker`): see `Proc`."""
+    return Proc(name, [*perito_command(), *args], env, log, ready)
 
 
 class WorkerProcess:
@@ -179,40 +138,25 @@ class WorkerProcess:
 
     def __init__(self, env: dict[str, str], log_path: Path, *extra: str) -> None:
         self.log_path = log_path
-        self._log = log_path.open("w")
-        self.process = subprocess.Popen(
-            [*perito_command(), "worker", "--log-level", "INFO", *extra],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        )
+        self.proc = perito_proc(
+            "perito worker", ["worker", "--log-level", "INFO", *extra], env, log_path, " ready."
+        ).launch()
+
+    @property
+    def process(self) -> subprocess.Popen[bytes]:
+        assert self.proc.popen is not None
+        return self.proc.popen
 
     def wait_ready(self, timeout: float = 60) -> WorkerProcess:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"worker exited:\n{self.log_path.read_text()}")
-            if " ready." in self.log_path.read_text():
-                return self
-            time.sleep(0.1)
-        raise TimeoutError(f"worker not ready:\n{self.log_path.read_text()}")
+        self.proc.wait_ready(timeout)
+        return self
 
     def kill_hard(self) -> None:
         """SIGKILL the whole process group: the worker and its pool children, no goodbyes."""
-        os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(10)
-        self._log.close()
+        self.proc.kill9()
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(10)
-        self._log.close()
+        self.proc.stop(30)
 
 
 def train_fashion_mnist(path: Path, *, samples: int = 12_000, epochs: int = 2) -> list[str]:
@@ -352,3 +296,6 @@ class SlowS3Proxy:
     def __exit__(self, *exc: object) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+__all__ = ["Proc", "ProcessFailed", "free_port", "wait_for_port"]

@@ -13,9 +13,8 @@ from perito_core.registry import ModelRegistry
 from tests.helpers import (
     ROOT,
     free_port,
-    perito_command,
+    perito_proc,
     run_perito,
-    stop_process,
     subprocess_env,
     wait_for_port,
 )
@@ -57,19 +56,13 @@ def env(tmp_path_factory: pytest.TempPathFactory, lite0_dir: Path) -> Iterator[d
         env=environment,
     )
     assert f"published {LITE0}@1" in imported.stdout
-    log = (work / "serve.log").open("w")
-    server = subprocess.Popen(
-        [*perito_command(), "serve", "--port", str(port)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=environment,
-        text=True,
-    )
-    wait_for_port(port, timeout=120, process=server)  # type: ignore[arg-type]
+    server = perito_proc(
+        "perito serve", ["serve", "--port", str(port)], environment, work / "serve.log", ""
+    ).launch()
+    wait_for_port(port, timeout=120, process=server)
     environment["SERVE_LOG"] = str(work / "serve.log")
     yield environment
-    assert stop_process(server) == 0, "perito serve did not exit cleanly on SIGTERM"
-    log.close()
+    assert server.stop() == 0, "perito serve did not exit cleanly on SIGTERM"
     assert "perito: stopped" in (work / "serve.log").read_text()
 
 

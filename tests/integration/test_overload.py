@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -32,10 +31,10 @@ from perito_server.errors import MAX_TRAILER_BYTES
 from perito_server.settings import ServerSettings
 from tests.conftest import publish_tiny
 from tests.helpers import (
+    Proc,
     ServerThread,
     free_port,
-    perito_command,
-    stop_process,
+    perito_proc,
     subprocess_env,
     wait_for_port,
 )
@@ -54,7 +53,7 @@ MAX_RSS_GROWTH_MB = 300
 @dataclass
 class Served:
     target: str
-    process: subprocess.Popen[str]
+    process: Proc
     log: Path
 
     def rss_mb(self) -> float:
@@ -82,19 +81,13 @@ def served(tmp_path_factory: pytest.TempPathFactory, tiny_model_file: Path) -> I
         PERITO_TORCH_THREADS="1",
     )
     log_path = work / "serve.log"
-    with log_path.open("w") as log:
-        process = subprocess.Popen(
-            [*perito_command(), "serve", "--port", str(port), "--preload", "tiny"],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            text=True,
-        )
-        try:
-            wait_for_port(port, timeout=120, process=process)  # type: ignore[arg-type]
-            yield Served(f"127.0.0.1:{port}", process, log_path)
-        finally:
-            code = stop_process(process)
+    args = ["serve", "--port", str(port), "--preload", "tiny"]
+    process = perito_proc("perito serve", args, env, log_path, "serving on").launch()
+    try:
+        wait_for_port(port, timeout=120, process=process)
+        yield Served(f"127.0.0.1:{port}", process, log_path)
+    finally:
+        code = process.stop()
     assert code == 0, log_path.read_text()[-4000:]
 
 
