@@ -7,14 +7,16 @@ flags and `PERITO_*` environment variables, never read at import.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TextIO
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from perito_core.audit import AuditLog
 from perito_core.imaging import ImageLimits
 from perito_core.registry import ModelRegistry
 from perito_core.storage import S3Options
+from perito_core.tenancy import Tenant, Tenants, acting_tenant
 
 
 class CommonSettings(BaseSettings):
@@ -52,6 +54,45 @@ class CommonSettings(BaseSettings):
     decode_threads: int = Field(2, ge=1)
     max_image_bytes: int = Field(32 * 1024 * 1024, ge=1)
     max_image_pixels: int = Field(64_000_000, ge=1)
+
+    # Who may call (perito_core.tenancy): a tenants file (YAML; re-read when it changes and
+    # on SIGHUP), or else bearer tokens (env: a JSON list) that make one tenant with every
+    # right. Operator commands that write the registry or read the audit log act as the
+    # tenant holding `token` (PERITO_TOKEN).
+    tenants_file: Path | None = None
+    auth_tokens: list[SecretStr] = Field(default_factory=list)
+    token: SecretStr | None = Field(None, description="the caller's own token (PERITO_TOKEN)")
+
+    def open_tenants(self) -> Tenants:
+        """The tenants these settings name (see `perito_core.tenancy.Tenants`).
+
+        Raises:
+            InvalidArgument: a malformed tenants file.
+            OSError: it cannot be read.
+        """
+        tokens = [token.get_secret_value() for token in self.auth_tokens]
+        return Tenants(self.tenants_file, tokens)
+
+    def acting_tenant(self, role: str, what: str, model: str | None = None) -> Tenant:
+        """The tenant an operator command acts as (`perito_core.tenancy.acting_tenant`).
+
+        Raises:
+            Unauthenticated: PERITO_TOKEN missing or unknown (when tenants are configured).
+            PermissionDenied: its tenant lacks `role`, or may not use `model`.
+        """
+        token = self.token.get_secret_value() if self.token else None
+        return acting_tenant(self.open_tenants(), token, role, what, model)
+
+    def open_audit(self, stream: TextIO | None = None) -> AuditLog:
+        """The audit log in the job store's Redis, kept for `audit_retention_s`; its JSON
+        lines go to `stream` (default stdout)."""
+        import redis
+
+        client = redis.Redis.from_url(self.redis_url, socket_connect_timeout=2, socket_timeout=10)
+        return AuditLog(client, self.audit_retention_s, stream)
+
+    # How long audit records are kept in Redis (the server uses its job retention).
+    audit_retention_s: float = Field(7 * 86400, gt=0)
 
     @property
     def broker(self) -> str:

@@ -505,6 +505,24 @@ class Tenants:
         return tenant
 
 
+def acting_tenant(
+    tenants: Tenants, token: str | None, role: str, what: str, model: str | None = None
+) -> Tenant:
+    """The tenant an operator command (`perito models import`, `perito publish`,
+    `perito audit`) acts as: the holder of `token` (PERITO_TOKEN), which must have `role` and,
+    if `model` is given, may use that model. With no tenants configured, the anonymous tenant.
+
+    Raises:
+        Unauthenticated: no token, or one no tenant holds.
+        PermissionDenied: the tenant lacks `role` or may not use `model`.
+    """
+    tenant = tenants.authenticate(token)
+    tenant.require_role(role, what)
+    if model is not None:
+        tenant.require_model(model)
+    return tenant
+
+
 def add_tenant(
     path: Path,
     name: str,

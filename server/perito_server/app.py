@@ -42,8 +42,7 @@ def open_tenants(settings: ServerSettings) -> Tenants:
         RuntimeError: no tenants file and no tokens, a non-loopback host, and not `insecure`.
         perito_core.errors.InvalidArgument: a malformed tenants file.
     """
-    tokens = [token.get_secret_value() for token in settings.auth_tokens]
-    tenants = Tenants(settings.tenants_file, tokens)
+    tenants = settings.open_tenants()
     if not tenants.requires_auth and settings.host not in LOOPBACK_HOSTS:
         if not settings.insecure:
             raise RuntimeError(

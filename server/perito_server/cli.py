@@ -1,12 +1,15 @@
 """Server-side `perito` commands, plugged into the CLI through the `perito.commands` entry point.
 
 `perito serve` runs the gRPC service; `perito models import` / `alias` write to the registry
-directly (they are operator tools, used where the registry's credentials are).
+directly (they are operator tools, used where the registry's credentials are) as the tenant
+holding PERITO_TOKEN, which needs the `models:publish` role; `perito tenants add` issues
+tokens; `perito audit` reads the audit log (role `admin`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +19,7 @@ from pydantic import ValidationError
 from perito_core.errors import PeritoError
 from perito_core.manifest import InputContract
 from perito_core.registry import ModelRegistry
+from perito_core.tenancy import ROLES, Quotas, Tenant, add_tenant
 from perito_server.settings import ServerSettings
 
 
@@ -26,6 +30,24 @@ def _settings(**flags: Any) -> ServerSettings:
 
 def _registry(registry: str | None) -> ModelRegistry:
     return _settings(registry=registry).open_registry()
+
+
+def _publisher(settings: ServerSettings, model: str, what: str) -> Tenant:
+    """The tenant PERITO_TOKEN names, if it may publish `model`; else a CLI error."""
+    try:
+        return settings.acting_tenant("models:publish", what, model)
+    except PeritoError as error:
+        raise click.ClickException(f"{error.message} (PERITO_TOKEN)") from None
+
+
+def _audit(
+    settings: ServerSettings, tenant: str, method: str, resource: str, outcome: str, detail: str
+) -> None:
+    """One audit record (stderr, keeping stdout for the command's answer; Redis when it can
+    be reached)."""
+    settings.open_audit(sys.stderr).record(
+        tenant=tenant, method=method, resource=resource, outcome=outcome, detail=detail
+    )
 
 
 _registry_option = click.option(
@@ -77,6 +99,8 @@ def serve(log_level: str, **flags: Any) -> None:
         asyncio.run(run(settings))
     except PeritoError as error:
         raise click.ClickException(error.message) from None
+    except RuntimeError as error:  # refusing to start: no auth beyond loopback, a busy port
+        raise click.ClickException(str(error)) from None
 
 
 def _read_labels(path: Path) -> list[str]:
@@ -148,7 +172,9 @@ def import_model(
       perito models import model.pt --name car-damage --labels labels.txt --alias staging
     """
     labels = _read_labels(labels_file)
-    target = _registry(registry)
+    settings = _settings(registry=registry)
+    publisher = _publisher(settings, name, f"publish model {name!r}")
+    target = settings.open_registry()
     try:
         contract = InputContract(
             height=input_size,
@@ -165,15 +191,24 @@ def import_model(
             input=contract,
             description=description,
             confidence_threshold=confidence_threshold,
-            source={"imported_from": model_file.name},
+            source={"imported_from": model_file.name, "published_by": publisher.name},
             aliases=aliases,
         )
     except PeritoError as error:
+        _audit(settings, publisher.name, "models.import", f"models/{name}", error.code.name, "")
         raise click.ClickException(error.message) from None
     except ValidationError as error:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
         raise click.ClickException(f"cannot import {model_file}: {problems}") from None
     alias_note = f" (aliases: {', '.join(aliases)})" if aliases else ""
+    _audit(
+        settings,
+        publisher.name,
+        "models.import",
+        f"models/{name}/versions/{manifest.version}",
+        "OK",
+        f"aliases: {', '.join(aliases)}" if aliases else "",
+    )
     click.echo(f"published {manifest.name}@{manifest.version} to {target.description}{alias_note}")
 
 
@@ -204,12 +239,20 @@ def set_alias(name: str, alias: str, version: str, registry: str | None) -> None
     Example:
       perito models alias car-damage production 4
     """
-    target = _registry(registry)
+    settings = _settings(registry=registry)
+    publisher = _publisher(settings, name, f"move aliases of model {name!r}")
+    target = settings.open_registry()
+    resource = f"models/{name}/aliases/{alias}"
     try:
+        before = target.aliases(name).get(alias, "")
         target.set_alias(name, alias, version)
         resolved = target.resolve(name, alias)
     except PeritoError as error:
+        _audit(settings, publisher.name, "models.alias", resource, error.code.name, "")
         raise click.ClickException(error.message) from None
+    _audit(
+        settings, publisher.name, "models.alias", resource, "OK", f"{before or '-'} -> {resolved}"
+    )
     click.echo(f"{name}@{alias} -> {resolved}")
 
 
@@ -247,10 +290,149 @@ def health(server: str, timeout: float) -> None:
         raise SystemExit(1)
 
 
+@click.group()
+def tenants() -> None:
+    """Issue tokens and list the tenants of a tenants file."""
+
+
+_tenants_file_option = click.option(
+    "--tenants-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="PERITO_TENANTS_FILE",
+    required=True,
+    help="The tenants file (env PERITO_TENANTS_FILE).",
+)
+
+
+@tenants.command("add")
+@click.argument("name")
+@click.option(
+    "--role", "roles", multiple=True, type=click.Choice(ROLES), help="A role (repeatable)."
+)
+@click.option("--model", "models", multiple=True, help="A model name or glob (repeatable).")
+@click.option("--read", "read", multiple=True, help="s3://bucket/prefix/ or a folder it may read.")
+@click.option(
+    "--write", "write", multiple=True, help="s3://bucket/prefix/ or a folder it may write."
+)
+@click.option("--concurrent-jobs", type=click.IntRange(min=1), help="Quota: jobs at once.")
+@click.option("--images-per-minute", type=click.IntRange(min=1), help="Quota: Classify images.")
+@click.option("--items-per-job", type=click.IntRange(min=1), help="Quota: images in one job.")
+@_tenants_file_option
+def tenants_add(
+    name: str,
+    roles: tuple[str, ...],
+    models: tuple[str, ...],
+    read: tuple[str, ...],
+    write: tuple[str, ...],
+    concurrent_jobs: int | None,
+    images_per_minute: int | None,
+    items_per_job: int | None,
+    tenants_file: Path,
+) -> None:
+    """Give tenant NAME a new token (creating the tenant), print the token once, and store
+    only its sha256 digest. A running server picks the change up within a second.
+
+    An existing tenant keeps its other tokens (rotate: add a token, move callers to it,
+    then delete the old digest from the file); roles, models, prefixes and quotas given
+    here replace its own.
+
+    
+    Example:
+      perito tenants add acme --role classify --role jobs --role models:read \
+          --model 'car-*' --read s3://acme-inbox/ --write s3://results/acme/ \
+          --concurrent-jobs 10 --images-per-minute 600
+    """
+    quotas = None
+    if concurrent_jobs or images_per_minute or items_per_job:
+        quotas = Quotas(concurrent_jobs, images_per_minute, items_per_job)
+    try:
+        token = add_tenant(
+            tenants_file,
+            name,
+            roles=roles,
+            models=models,
+            read=read,
+            write=write,
+            quotas=quotas,
+        )
+    except PeritoError as error:
+        raise click.ClickException(error.message) from None
+    settings = _settings(tenants_file=tenants_file)
+    _audit(settings, "", "tenants.add", f"tenants/{name}", "OK", f"roles: {', '.join(roles)}")
+    click.echo(f"tenant {name!r}: new token (shown once, stored as its sha256 digest):", err=True)
+    click.echo(token)
+
+
+@tenants.command("list")
+@_tenants_file_option
+def tenants_list(tenants_file: Path) -> None:
+    """Name, roles, models, storage and quotas of every tenant (never a token)."""
+    try:
+        known = _settings(tenants_file=tenants_file).open_tenants()
+    except (PeritoError, OSError) as error:
+        raise click.ClickException(str(error)) from None
+    for name in known.names:
+        tenant = known.get(name)
+        assert tenant is not None
+        storage = ", ".join(
+            [f"read {location}" for location in tenant.read or ()]
+            + [f"write {location}" for location in tenant.write or ()]
+        )
+        quotas = ", ".join(f"{k}={v}" for k, v in vars(tenant.quotas).items() if v is not None)
+        click.echo(
+            f"{name}: roles {', '.join(sorted(tenant.roles)) or '-'}; models "
+            f"{', '.join(tenant.models) or '-'}; {storage or 'no storage'}; "
+            f"{len(tenant.token_digests)} tokens" + (f"; quotas {quotas}" if quotas else "")
+        )
+
+
+@click.command("audit")
+@click.option("--tenant", help="Only this tenant's records.")
+@click.option("--method", help="Only this method (SubmitJob, models.alias, ...).")
+@click.option("--since", type=float, help="Only records of the last SINCE hours.")
+@click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+def audit(
+    tenant: str | None, method: str | None, since: float | None, limit: int, as_json: bool
+) -> None:
+    """The audit log, newest first: who changed what, when, and how it ended. Needs an
+    `admin` token in PERITO_TOKEN (when tenants are configured) and PERITO_REDIS_URL.
+
+    
+    Example:
+      perito audit --tenant acme --since 24
+    """
+    import time
+
+    import redis
+
+    settings = _settings()
+    try:
+        settings.acting_tenant("admin", "read the audit log")
+    except PeritoError as error:
+        raise click.ClickException(f"{error.message} (PERITO_TOKEN)") from None
+    after = time.time() - since * 3600 if since else None
+    try:
+        records = settings.open_audit().list(tenant=tenant, method=method, since=after, limit=limit)
+    except redis.RedisError as error:
+        raise click.ClickException(f"the audit log (Redis) is unreachable: {error}") from None
+    for record in records:
+        if as_json:
+            click.echo(record.to_json())
+            continue
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(record.time))
+        click.echo(
+            f"{stamp}Z  {record.tenant or '-'}  {record.method}  {record.resource}  "
+            f"{record.outcome}" + (f"  {record.detail}" if record.detail else "")
+        )
+
+
 def register(cli: click.Group) -> None:
     """Entry point for `perito.commands`: add the server-side commands."""
     cli.add_command(serve)
     cli.add_command(health)
+    cli.add_command(tenants)
+    cli.add_command(audit)
     models = cli.commands["models"]
     assert isinstance(models, click.Group)
     models.add_command(import_model)

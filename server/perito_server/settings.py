@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 from pathlib import Path
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, field_validator
 
 from perito_core.settings import CommonSettings
 
@@ -64,12 +64,9 @@ class ServerSettings(CommonSettings):
     # TLS: both files PEM. Without them the port is plaintext (fine behind a mesh or on localhost).
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
-    # Who may call (perito_core.tenancy): a tenants file (YAML; re-read when it changes and
-    # on SIGHUP), or else bearer tokens (env: a JSON list) that make one tenant with every
-    # right. Neither: one anonymous tenant, and the server binds loopback only unless
-    # `insecure` is set. Health checks and reflection stay open so probes and grpcurl work.
-    tenants_file: Path | None = None
-    auth_tokens: list[SecretStr] = Field(default_factory=list)
+    # Tenants: `tenants_file` / `auth_tokens` (CommonSettings). Neither: one anonymous
+    # tenant, and the server binds loopback only unless `insecure` is set. Health checks and
+    # reflection stay open so probes and grpcurl work.
     insecure: bool = Field(
         False, description="serve without authentication on an interface other than loopback"
     )

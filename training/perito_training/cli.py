@@ -229,14 +229,48 @@ def _publish(
     description: str | None,
     as_json: bool = False,
 ) -> None:
-    from perito_core.errors import PeritoError
-    from perito_training.pipeline import RunError, publish_run
+    import sys
 
-    target = _open_registry(registry)
+    from perito_core.errors import PeritoError
+    from perito_core.settings import CommonSettings
+    from perito_training.pipeline import RunError, load_run, publish_run
+
+    settings = CommonSettings() if registry is None else CommonSettings(registry=registry)
     try:
-        manifest = publish_run(run_dir, target, name=name, aliases=aliases, description=description)
+        model = name or str(load_run(run_dir)[1]["name"])
+        # The tenant of PERITO_TOKEN must hold models:publish and may use this model.
+        publisher = settings.acting_tenant("models:publish", f"publish model {model!r}", model)
+    except RunError as error:
+        raise click.ClickException(str(error)) from None
+    except PeritoError as error:
+        raise click.ClickException(f"{error.message} (PERITO_TOKEN)") from None
+    target = settings.open_registry()
+    audit = settings.open_audit(sys.stderr)
+    try:
+        manifest = publish_run(
+            run_dir,
+            target,
+            name=name,
+            aliases=aliases,
+            description=description,
+            published_by=publisher.name,
+        )
     except (PeritoError, RunError) as error:
+        outcome = error.code.name if isinstance(error, PeritoError) else "FAILED_PRECONDITION"
+        audit.record(
+            tenant=publisher.name,
+            method="models.publish",
+            resource=f"models/{model}",
+            outcome=outcome,
+        )
         raise click.ClickException(getattr(error, "message", str(error))) from None
+    audit.record(
+        tenant=publisher.name,
+        method="models.publish",
+        resource=f"models/{manifest.name}/versions/{manifest.version}",
+        outcome="OK",
+        detail=f"aliases: {', '.join(aliases)}" if aliases else "",
+    )
     if as_json:
         click.echo(manifest.model_dump_json(indent=2))
         return

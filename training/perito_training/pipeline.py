@@ -322,11 +322,13 @@ def publish_run(
     name: str | None = None,
     aliases: tuple[str, ...] = (),
     description: str | None = None,
+    published_by: str = "",
 ) -> ModelManifest:
     """Publish a finished run as the next version of its model; the manifest is its card.
 
     The artifact is loaded and run through the serving runtime first, so a module that
-    serving cannot load is never published.
+    serving cannot load is never published. `published_by` (the publishing tenant) is
+    recorded in the manifest's `source`.
     """
     _, card = load_run(run_dir)
     model_path = run_dir / "model.pt"
@@ -342,7 +344,11 @@ def publish_run(
         metrics=card["metrics"],
         calibration=card["calibration"],
         training=card["training"],
-        source={**card["source"], "run": run_dir.name},
+        source={
+            **card["source"],
+            "run": run_dir.name,
+            **({"published_by": published_by} if published_by else {}),
+        },
         aliases=aliases,
     )
 
