@@ -34,6 +34,8 @@ class Classification:
         uncertain: the top-1 probability is under the confidence threshold in effect.
         first_frame_only: the image is animated (GIF or WebP); only its first frame was
             classified.
+        form: which form of the model answered: `torchscript-fp32` (the reference) or a
+            compiled form such as `openvino-int8` (empty from servers that predate forms).
         error: always None (a `RejectedImage` has one): `classify(..., on_invalid="skip")`
             returns both kinds, and `if result.error:` tells them apart.
     """
@@ -48,6 +50,7 @@ class Classification:
     model: str = ""
     model_version: str = ""
     first_frame_only: bool = False
+    form: str = ""
 
     @property
     def top(self) -> Prediction:
@@ -76,6 +79,7 @@ class Classification:
             model=model,
             model_version=model_version,
             first_frame_only=message.first_frame_only,
+            form=message.form,
         )
 
 

@@ -93,6 +93,8 @@ class ItemResult:
     uncertain: bool = False
     error: str = ""
     first_frame_only: bool = False
+    # Which form of the model answered (`openvino-int8`, `torchscript-fp32`, ...).
+    form: str = ""
 
     def to_json(self) -> str:
         return json.dumps(
@@ -104,6 +106,7 @@ class ItemResult:
                 "uncertain": self.uncertain,
                 "error": self.error,
                 **({"first_frame_only": True} if self.first_frame_only else {}),
+                **({"form": self.form} if self.form else {}),
             },
             separators=(",", ":"),
         )
@@ -122,6 +125,7 @@ class ItemResult:
             uncertain=data["uncertain"],
             error=data["error"],
             first_frame_only=data.get("first_frame_only", False),
+            form=data.get("form", ""),
         )
 
 

@@ -56,6 +56,51 @@ class Artifact(BaseModel):
     size_bytes: int = Field(ge=0)
 
 
+Precision = Literal["fp32", "bf16", "int8"]
+
+
+class FormFile(BaseModel):
+    """One file of a compiled form, verified like `model.pt` before it loads."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    file: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size_bytes: int = Field(ge=0)
+
+
+class CompiledForm(BaseModel):
+    """A compiled form of the same network beside `model.pt`, with the evidence it is the same.
+
+    `model.pt` stays the reference: every form was run against it on held-out images at
+    publish, and only forms that passed the accuracy gate are listed (DESIGN.md, "Artifact
+    forms"). An OpenVINO IR is ISA-independent: oneDNN picks its kernels when the form is
+    compiled at load, so a form built on one CPU loads on any x86-64 CPU; `requires` names the
+    CPU flags without which the form would not run at its precision (BF16), and a CPU that
+    lacks them skips the form with a logged reason.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(pattern=r"^[a-z0-9]+-(fp32|bf16|int8)$")
+    engine: Literal["openvino"]
+    engine_version: str
+    precision: Precision
+    files: list[FormFile] = Field(min_length=1)
+    # Any one of these CPU flags is enough (empty: runs everywhere).
+    requires: list[str] = Field(default_factory=list)
+    # Evidence measured at publish against model.pt, on `evaluated_on` held-out images.
+    agreement: float = Field(ge=0.0, le=1.0)
+    max_abs_diff: float = Field(ge=0.0)
+    evaluated_on: str = ""
+    images: int = Field(ge=0)
+    accuracy: float | None = None
+    reference_accuracy: float | None = None
+    ece: float | None = None
+    calibration_images: int = Field(0, ge=0)
+    built_on: str = ""
+
+
 class ModelManifest(BaseModel):
     """Everything known about one immutable model version."""
 
@@ -76,6 +121,12 @@ class ModelManifest(BaseModel):
     calibration: dict[str, Any] = Field(default_factory=dict)
     training: dict[str, Any] = Field(default_factory=dict)
     source: dict[str, Any] = Field(default_factory=dict)
+    # Compiled forms that passed the accuracy gate, and why the others were not published.
+    forms: list[CompiledForm] = Field(default_factory=list)
+    skipped_forms: dict[str, str] = Field(default_factory=dict)
+
+    def form(self, name: str) -> CompiledForm | None:
+        return next((form for form in self.forms if form.name == name), None)
 
     @field_validator("labels")
     @classmethod

@@ -3,6 +3,7 @@
 Layout under the store's root (a local folder or an S3 prefix):
 
     models/{name}/{version}/model.pt         TorchScript, uint8 images in, probabilities out
+    models/{name}/{version}/forms/{form}/... compiled forms (OpenVINO IR), listed in the manifest
     models/{name}/{version}/manifest.json    written last: a version exists once it is there
     models/{name}/aliases/{alias}.json       {"version": "3"}; aliases move, versions never do
 
@@ -19,6 +20,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,7 +35,13 @@ from perito_core.errors import (
     ModelLoadError,
     NotFound,
 )
-from perito_core.manifest import Artifact, InputContract, ModelManifest, sha256_file
+from perito_core.manifest import (
+    Artifact,
+    CompiledForm,
+    InputContract,
+    ModelManifest,
+    sha256_file,
+)
 from perito_core.storage import ObjectStore, S3Options, open_store
 
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
@@ -47,6 +55,14 @@ class LocalArtifact:
 
     path: Path
     manifest: ModelManifest
+
+
+@dataclass(frozen=True)
+class LocalForm:
+    """A compiled form's files on local disk, each sha256-verified against the manifest."""
+
+    form: CompiledForm
+    paths: list[Path]
 
 
 def validate_model_name(name: str) -> str:
@@ -154,24 +170,52 @@ class ModelRegistry:
             StorageUnavailable: the store cannot be reached.
         """
         manifest = self.manifest(name, version)
-        local = self.cache_dir / name / version / manifest.artifact.file
-        if local.is_file() and sha256_file(local) == manifest.artifact.sha256:
-            return LocalArtifact(local, manifest)
+        local = self._fetch_verified(
+            name, version, manifest.artifact.file, manifest.artifact.sha256, "model file"
+        )
+        return LocalArtifact(local, manifest)
+
+    def fetch_form(self, manifest: ModelManifest, form_name: str) -> LocalForm:
+        """Local, sha256-verified copies of a compiled form's files.
+
+        Raises:
+            NotFound: the version lists no such form.
+            ArtifactIntegrityError: a stored file does not match its manifest's sha256.
+        """
+        form = manifest.form(form_name)
+        if form is None:
+            raise NotFound(f"{manifest.name}@{manifest.version} has no form {form_name!r}")
+        paths = [
+            self._fetch_verified(
+                manifest.name,
+                manifest.version,
+                f"forms/{form.name}/{entry.file}",
+                entry.sha256,
+                f"{form.name} file {entry.file}",
+            )
+            for entry in form.files
+        ]
+        return LocalForm(form, paths)
+
+    def _fetch_verified(self, name: str, version: str, file: str, sha256: str, what: str) -> Path:
+        local = self.cache_dir / name / version / file
+        if local.is_file() and sha256_file(local) == sha256:
+            return local
         local.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=local.parent, delete=False, prefix=".tmp-") as tmp:
             tmp_path = Path(tmp.name)
         try:
-            self.store.download_file(f"models/{name}/{version}/{manifest.artifact.file}", tmp_path)
+            self.store.download_file(f"models/{name}/{version}/{file}", tmp_path)
             actual = sha256_file(tmp_path)
-            if actual != manifest.artifact.sha256:
+            if actual != sha256:
                 raise ArtifactIntegrityError(
-                    f"{name}@{version}: model file sha256 {actual[:12]}... does not match the "
-                    f"manifest's {manifest.artifact.sha256[:12]}...; refusing to load it"
+                    f"{name}@{version}: {what} sha256 {actual[:12]}... does not match the "
+                    f"manifest's {sha256[:12]}...; refusing to load it"
                 )
             os.replace(tmp_path, local)
         finally:
             tmp_path.unlink(missing_ok=True)
-        return LocalArtifact(local, manifest)
+        return local
 
     # Writing
 
@@ -189,11 +233,15 @@ class ModelRegistry:
         training: dict[str, Any] | None = None,
         source: dict[str, Any] | None = None,
         aliases: tuple[str, ...] = (),
+        forms: Sequence[tuple[CompiledForm, Path]] = (),
+        skipped_forms: dict[str, str] | None = None,
     ) -> ModelManifest:
         """Publish `model_file` as the next version of `name`, then point `aliases` at it.
 
         The model file goes first and the manifest last, so a reader never sees a version
-        whose file is missing. An existing version is never overwritten.
+        whose file is missing. An existing version is never overwritten. `forms` are compiled
+        forms that passed the accuracy gate, each with the folder holding its files
+        (`perito_core.compile.build_forms`); `skipped_forms` says why others were not built.
         """
         validate_model_name(name)
         for alias in aliases:
@@ -212,11 +260,18 @@ class ModelRegistry:
             calibration=calibration or {},
             training=training or {},
             source=source or {},
+            forms=[form for form, _ in forms],
+            skipped_forms=skipped_forms or {},
         )
         prefix = f"models/{name}/{version}"
         if self.store.exists(f"{prefix}/manifest.json"):
             raise AlreadyExists(f"{name}@{version} already exists; versions are immutable")
         self.store.upload_file(f"{prefix}/{manifest.artifact.file}", model_file)
+        for form, folder in forms:
+            for entry in form.files:
+                self.store.upload_file(
+                    f"{prefix}/forms/{form.name}/{entry.file}", folder / entry.file
+                )
         self.store.write_bytes(
             f"{prefix}/manifest.json", manifest.model_dump_json(indent=2).encode()
         )

@@ -44,6 +44,7 @@ def _json_line(result: ItemResult, job: Job) -> str:
             ],
             "error": result.error or None,
             "first_frame_only": result.first_frame_only,
+            "form": result.form or None,
             "model": job.model,
             "model_version": job.model_version,
         }

@@ -23,6 +23,9 @@ from perito_core.manifest import ModelManifest
 
 log = logging.getLogger(__name__)
 
+# The reference form: model.pt as TorchScript, FP32.
+TORCHSCRIPT_FORM = "torchscript-fp32"
+
 
 @dataclass(frozen=True)
 class Prediction:
@@ -63,6 +66,10 @@ class LoadedModel:
         self.device = device
         self.labels = manifest.labels
         self.load_seconds = 0.0
+        # Which form answers (`torchscript-fp32`, `openvino-int8`, ...), and why the faster
+        # ones were passed over (form name -> reason), for logs and `GetModel`.
+        self.form = TORCHSCRIPT_FORM
+        self.passed_over: dict[str, str] = {}
 
     @classmethod
     def load(

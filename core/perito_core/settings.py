@@ -44,6 +44,11 @@ class CommonSettings(BaseSettings):
     # A complete job whose results files cannot be written for this long ends FAILED.
     finalize_timeout_s: float = Field(600.0, ge=0)
     device: str = "auto"
+    # Which form of a model version serves (perito_core.forms): `auto` times each verified
+    # compiled form this CPU can run at load and keeps the fastest; `fp32`, `bf16`, `int8`
+    # ask for that precision; `torchscript` for the reference. TorchScript answers whenever
+    # no compiled form loads, with the reason logged.
+    precision: Literal["auto", "fp32", "bf16", "int8", "torchscript"] = "auto"
     log_format: Literal["text", "json"] = "text"
     # OpenTelemetry spans to OTEL_EXPORTER_OTLP_ENDPOINT (needs perito[tracing]).
     tracing: bool = False

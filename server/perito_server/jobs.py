@@ -106,6 +106,7 @@ def result_to_proto(result: ItemResult) -> jobs_pb2.JobItemResult:
                 normalized_entropy=result.normalized_entropy,
                 uncertain=result.uncertain,
                 first_frame_only=result.first_frame_only,
+                form=result.form,
             )
         )
     return message

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from perito_core.errors import PeritoError
+from perito_core.forms import load_model
 from perito_core.registry import ModelRegistry
 from perito_core.runtime import LoadedModel
 from perito_server.batcher import DynamicBatcher
@@ -192,10 +193,11 @@ class ModelPool:
         sizes = tuple(range(1, settings.max_batch_size + 1))
 
         def load() -> LoadedModel:
-            artifact = self.registry.fetch(name, version)
-            return LoadedModel.load(
-                artifact.path,
-                artifact.manifest,
+            return load_model(
+                self.registry,
+                name,
+                version,
+                precision=settings.precision,
                 device=settings.device,
                 optimize=settings.optimize_models,
                 warmup_batch_sizes=sizes,
@@ -210,7 +212,14 @@ class ModelPool:
         except BaseException:
             executor.shutdown(wait=False)
             raise
-        log.info("loaded %s@%s in %.1fs on %s", name, version, model.load_seconds, model.device)
+        log.info(
+            "loaded %s@%s in %.1fs on %s, form %s",
+            name,
+            version,
+            model.load_seconds,
+            model.device,
+            model.form,
+        )
         served = ServedModel(model, executor, settings)
         served.batcher.start()
         self._models[(name, version)] = served

@@ -91,8 +91,11 @@ class PeritoServicer(service_pb2_grpc.PeritoServicer):
             detail=f"{len(self.tenants.names)} tenants",
         )
 
-    async def _audited(self, method: str, resource: str, action: Callable[[], Awaitable[T]]) -> T:
-        """Run `action`, then write its audit record (success or the error's code)."""
+    async def _audited(
+        self, method: str, resource: str | Callable[[], str], action: Callable[[], Awaitable[T]]
+    ) -> T:
+        """Run `action`, then write its audit record (success or the error's code);
+        `resource` may be a function, asked once the action has ended."""
         outcome = "OK"
         try:
             return await action()
@@ -107,7 +110,7 @@ class PeritoServicer(service_pb2_grpc.PeritoServicer):
                 self.audit.record,
                 tenant=current_tenant().name,
                 method=method,
-                resource=resource,
+                resource=resource() if callable(resource) else resource,
                 outcome=outcome,
                 request_id=REQUEST_ID.get() or "",
             )
@@ -249,6 +252,7 @@ class PeritoServicer(service_pb2_grpc.PeritoServicer):
                     normalized_entropy=summary.normalized_entropy,
                     uncertain=summary.uncertain,
                     first_frame_only=info.first_frame_only,
+                    form=served.model.form,
                 )
             )
         return response
@@ -266,7 +270,7 @@ class PeritoServicer(service_pb2_grpc.PeritoServicer):
             resource = f"jobs/{job.id}"
             return job
 
-        job = await self._audited("SubmitJob", resource, submit)
+        job = await self._audited("SubmitJob", lambda: resource, submit)
         if self.metrics is not None:
             self.metrics.jobs_submitted.labels(job.model).inc()
         return job

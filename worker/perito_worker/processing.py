@@ -35,6 +35,7 @@ from perito_core.errors import (
     PeritoError,
     StorageUnavailable,
 )
+from perito_core.forms import load_model
 from perito_core.imaging import load_model_input_with_info
 from perito_core.jobs import ItemInput, ItemResult, ItemState, Job, JobStore
 from perito_core.runtime import LoadedModel, summarize
@@ -62,15 +63,18 @@ class WorkerRuntime:
         """The pinned version, loaded once per process (sha256-verified by the registry)."""
         key = (name, version)
         if key not in self.models:
-            artifact = self.registry.fetch(name, version)
-            self.models[key] = LoadedModel.load(
-                artifact.path,
-                artifact.manifest,
+            self.models[key] = load_model(
+                self.registry,
+                name,
+                version,
+                precision=self.settings.precision,
                 device=self.settings.device,
                 warmup_batch_sizes=tuple(range(1, self.settings.batch_size + 1)),
             )
             seconds = self.models[key].load_seconds
-            log.info("loaded %s@%s in %.1fs", name, version, seconds)
+            log.info(
+                "loaded %s@%s in %.1fs, form %s", name, version, seconds, self.models[key].form
+            )
             metrics.MODEL_LOAD_SECONDS.labels(name, version).set(seconds)
         return self.models[key]
 
@@ -173,6 +177,7 @@ def _classify(job: Job, model: LoadedModel, batch: list[_Prepared]) -> list[Item
                 normalized_entropy=summary.normalized_entropy,
                 uncertain=summary.uncertain,
                 first_frame_only=prepared.first_frame_only,
+                form=model.form,
             )
     return [results[p.index] for p in batch]
 

@@ -1,0 +1,296 @@
+"""Build compiled forms of a TorchScript artifact, and keep only those that pass the gate.
+
+`build_forms` converts `model.pt` to OpenVINO IR in FP32 (weights kept FP32, not the FP16
+default of `ov.save_model`), quantizes it to INT8 with NNCF post-training quantization on
+calibration images (the training run's validation split, or a folder the user gives), and,
+on a CPU that can run it, measures BF16 (the FP32 IR with OpenVINO's `bf16` precision hint).
+Every form is run against `model.pt` on held-out images: a form whose top-1 agreement with the
+reference is under `min_agreement`, or whose accuracy (when labels are known) drops more than
+`max_accuracy_drop`, is refused with the reason recorded. Used by `perito publish` (training)
+and `perito models import` (server): it lives in the shared package so neither imports the
+other. OpenVINO and NNCF are imported only here and only when called.
+
+The compiled network takes images already at the contract's input size (what serving always
+hands over): the artifact's resize branch for other sizes is TorchScript control flow no
+converter takes, so the form wraps the artifact's own `network`, `scale`, `shift` and
+`temperature` (see `perito_training.export.ImageClassifier`). A TorchScript file without them
+(an imported module of another shape) is converted as it is, or skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import platform
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from perito_core.forms import cpu_flags, isa_summary, openvino_version
+from perito_core.manifest import CompiledForm, FormFile, InputContract, sha256_file
+
+log = logging.getLogger(__name__)
+
+# The publish gate's defaults (issue 19): top-1 agreement with model.pt on held-out images,
+# and the largest test-accuracy drop, as a fraction (0.003: 0.3 points).
+MIN_AGREEMENT = 0.99
+MAX_ACCURACY_DROP = 0.003
+# At most this many calibration images go to NNCF (its own default subset is 300).
+MAX_CALIBRATION_IMAGES = 300
+BF16_FLAGS = ["avx512_bf16", "amx_bf16"]
+FORM_PRECISIONS = ("fp32", "int8", "bf16")
+
+
+@dataclass
+class BuiltForms:
+    """What `build_forms` made: the forms that passed (with their folders), and why not others."""
+
+    forms: list[tuple[CompiledForm, Path]] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def summary(self) -> list[str]:
+        lines = [
+            f"{form.name}: top-1 agreement {form.agreement:.2%} on {form.images} images"
+            + (f", accuracy {form.accuracy:.4f}" if form.accuracy is not None else "")
+            + (f" (reference {form.reference_accuracy:.4f})" if form.reference_accuracy else "")
+            for form, _ in self.forms
+        ]
+        lines += [f"{name}: skipped: {reason}" for name, reason in self.skipped.items()]
+        return lines
+
+
+class FixedSizeClassifier(nn.Module):
+    """The artifact's forward pass for images already at its input size (no resize branch)."""
+
+    scale: torch.Tensor
+    shift: torch.Tensor
+    temperature: torch.Tensor
+
+    def __init__(self, artifact: nn.Module) -> None:
+        super().__init__()
+        self.network: nn.Module = artifact.network  # type: ignore[assignment]
+        for name in ("scale", "shift", "temperature"):
+            buffer: torch.Tensor = getattr(artifact, name)
+            self.register_buffer(name, buffer.detach().clone())
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float() * self.scale + self.shift
+        return torch.softmax(self.network(x) / self.temperature, dim=1)
+
+
+def build_forms(
+    model_path: Path,
+    contract: InputContract,
+    out_dir: Path,
+    *,
+    calibration: np.ndarray,
+    holdout: np.ndarray,
+    holdout_targets: np.ndarray | None = None,
+    evaluated_on: str = "held-out images",
+    precisions: Sequence[str] = FORM_PRECISIONS,
+    min_agreement: float = MIN_AGREEMENT,
+    max_accuracy_drop: float = MAX_ACCURACY_DROP,
+) -> BuiltForms:
+    """Convert, quantize, measure and gate the compiled forms of `model_path`.
+
+    Args:
+        model_path: the TorchScript artifact (the reference).
+        contract: its input contract (the IR's input is uint8 N x 3 x height x width).
+        out_dir: each form's files go to `out_dir/{form name}/`.
+        calibration: uint8 images (N, H, W, 3) for INT8 calibration (validation images).
+        holdout: uint8 images (N, H, W, 3) the forms are compared with model.pt on.
+        holdout_targets: their class indices, when known: accuracy and ECE are then gated and
+            recorded too.
+        precisions: which of fp32, int8, bf16 to build.
+
+    Returns:
+        The forms that passed the gate and, by name, why each other one was not built.
+    """
+    built = BuiltForms()
+    version = openvino_version()
+    if version is None:
+        built.skipped = {f"openvino-{p}": "OpenVINO is not installed" for p in precisions}
+        return built
+    if len(holdout) == 0:
+        built.skipped = {f"openvino-{p}": "no held-out images to verify it on" for p in precisions}
+        return built
+    import openvino
+
+    reference_module = _load_torchscript(model_path)
+    reference = _torch_probabilities(reference_module, holdout)
+    try:
+        ov_model = _convert(reference_module, contract)
+    except Exception as exc:  # noqa: BLE001 - a network the converter cannot take is skipped
+        reason = f"OpenVINO cannot convert this module: {str(exc).splitlines()[0][:300]}"
+        built.skipped = {f"openvino-{p}": reason for p in precisions}
+        return built
+    core = openvino.Core()
+    fp32_dir = out_dir / "openvino-fp32"
+    fp32_dir.mkdir(parents=True, exist_ok=True)
+    openvino.save_model(ov_model, str(fp32_dir / "model.xml"), compress_to_fp16=False)
+    host = f"{platform.machine()} ({isa_summary()})"
+    candidates: list[tuple[str, Path, str, list[str], int]] = []
+    if "fp32" in precisions:
+        candidates.append(("fp32", fp32_dir, "f32", [], 0))
+    if "bf16" in precisions:
+        if "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+            candidates.append(("bf16", fp32_dir, "bf16", BF16_FLAGS, 0))
+        else:
+            built.skipped["openvino-bf16"] = (
+                f"this CPU cannot run BF16 ({isa_summary()}): built and verified only on one "
+                "with avx512_bf16 or AMX"
+            )
+    if "int8" in precisions:
+        int8_dir = out_dir / "openvino-int8"
+        try:
+            images = calibration[:MAX_CALIBRATION_IMAGES]
+            quantized = _quantize(ov_model, images)
+            int8_dir.mkdir(parents=True, exist_ok=True)
+            openvino.save_model(quantized, str(int8_dir / "model.xml"), compress_to_fp16=False)
+            candidates.append(("int8", int8_dir, "f32", [], len(images)))
+        except Exception as exc:  # noqa: BLE001 - a failed quantization skips the form only
+            built.skipped["openvino-int8"] = f"quantization failed: {exc}"
+    for precision, folder, hint, requires, calibrated in candidates:
+        name = f"openvino-{precision}"
+        compiled = core.compile_model(
+            str(folder / "model.xml"),
+            "CPU",
+            {"INFERENCE_PRECISION_HINT": hint, "INFERENCE_NUM_THREADS": torch.get_num_threads()},
+        )
+        probabilities = _openvino_probabilities(compiled, holdout)
+        agreement = float(np.mean(probabilities.argmax(1) == reference.argmax(1)))
+        accuracy = reference_accuracy = ece = None
+        if holdout_targets is not None and len(holdout_targets):
+            accuracy = float(np.mean(probabilities.argmax(1) == holdout_targets))
+            reference_accuracy = float(np.mean(reference.argmax(1) == holdout_targets))
+            ece = expected_calibration_error(probabilities, holdout_targets)
+        if agreement < min_agreement:
+            built.skipped[name] = (
+                f"top-1 agreement with model.pt {agreement:.2%} on {len(holdout)} {evaluated_on} "
+                f"is under the gate's {min_agreement:.2%}"
+            )
+        elif (
+            accuracy is not None
+            and reference_accuracy is not None
+            and reference_accuracy - accuracy > max_accuracy_drop
+        ):
+            built.skipped[name] = (
+                f"accuracy {accuracy:.4f} is {100 * (reference_accuracy - accuracy):.2f} points "
+                f"under model.pt's {reference_accuracy:.4f} (the gate allows "
+                f"{100 * max_accuracy_drop:.2f})"
+            )
+        else:
+            files = sorted(p for p in folder.iterdir() if p.is_file())
+            form = CompiledForm(
+                name=name,
+                engine="openvino",
+                engine_version=version,
+                precision=precision,
+                files=[
+                    FormFile(file=p.name, sha256=sha256_file(p), size_bytes=p.stat().st_size)
+                    for p in files
+                ],
+                requires=requires,
+                agreement=agreement,
+                max_abs_diff=float(np.abs(probabilities - reference).max()),
+                evaluated_on=evaluated_on,
+                images=len(holdout),
+                accuracy=accuracy,
+                reference_accuracy=reference_accuracy,
+                ece=ece,
+                calibration_images=calibrated,
+                built_on=host,
+            )
+            built.forms.append((form, folder))
+            continue
+        log.warning("%s refused: %s", name, built.skipped[name])
+    if "fp32" not in precisions and not any(f.precision == "bf16" for f, _ in built.forms):
+        for path in fp32_dir.iterdir():
+            path.unlink()
+        fp32_dir.rmdir()
+    return built
+
+
+def expected_calibration_error(
+    probabilities: np.ndarray, targets: np.ndarray, bins: int = 15
+) -> float:
+    """Confidence minus accuracy, averaged over equal-width confidence bins (as training's)."""
+    confidence = probabilities.max(axis=1)
+    correct = probabilities.argmax(axis=1) == targets
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    total = 0.0
+    for low, high in itertools.pairwise(edges):
+        inside = (confidence > low) & (confidence <= high)
+        if inside.any():
+            gap = abs(float(correct[inside].mean()) - float(confidence[inside].mean()))
+            total += float(inside.mean()) * gap
+    return total
+
+
+def _load_torchscript(path: Path) -> torch.jit.ScriptModule:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        module: torch.jit.ScriptModule = torch.jit.load(str(path), map_location="cpu")  # type: ignore[no-untyped-call]
+    return module.eval()
+
+
+def _convert(module: torch.jit.ScriptModule, contract: InputContract) -> object:
+    import openvino
+
+    example = torch.randint(0, 256, (1, 3, contract.height, contract.width), dtype=torch.uint8)
+    shape = [-1, 3, contract.height, contract.width]
+    source: nn.Module = module
+    if all(hasattr(module, a) for a in ("network", "scale", "shift", "temperature")):
+        source = FixedSizeClassifier(module).eval()
+    with warnings.catch_warnings(), torch.inference_mode(False):
+        warnings.simplefilter("ignore")
+        return openvino.convert_model(
+            source, example_input=example, input=[(shape, openvino.Type.u8)]
+        )
+
+
+def _quantize(ov_model: object, images: np.ndarray) -> object:
+    import nncf
+
+    nncf.set_log_level(logging.ERROR)
+    batches = [np.ascontiguousarray(image.transpose(2, 0, 1)[None]) for image in images]
+    if not batches:
+        raise ValueError("no calibration images")
+    return nncf.quantize(
+        ov_model,
+        nncf.Dataset(batches),
+        subset_size=len(batches),
+        preset=nncf.QuantizationPreset.MIXED,
+    )
+
+
+def _nchw(images: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(images.transpose(0, 3, 1, 2))
+
+
+def _torch_probabilities(module: torch.jit.ScriptModule, images: np.ndarray) -> np.ndarray:
+    outputs = []
+    with torch.inference_mode():
+        for start in range(0, len(images), 32):
+            batch = torch.from_numpy(_nchw(images[start : start + 32]))
+            outputs.append(module(batch).float().numpy())
+    return np.concatenate(outputs)
+
+
+def _openvino_probabilities(compiled: object, images: np.ndarray) -> np.ndarray:
+    request = compiled.create_infer_request()  # type: ignore[attr-defined]
+    outputs = []
+    for start in range(0, len(images), 32):
+        result = request.infer([_nchw(images[start : start + 32])])
+        outputs.append(np.array(result[0], dtype=np.float32, copy=True))
+    return np.concatenate(outputs)
+
+
+def has_bf16() -> bool:
+    """Whether this CPU reports a BF16 dot-product instruction set."""
+    return bool(cpu_flags() & set(BF16_FLAGS))

@@ -1,0 +1,233 @@
+"""Choose, verify and load the form of a model version that serves on this machine.
+
+A version's `model.pt` (TorchScript FP32) is the reference; its manifest may list compiled
+forms (OpenVINO IR in FP32, BF16 or INT8) that passed the accuracy gate at publish
+(`perito_core.compile`). `load_model` honours `PERITO_PRECISION`:
+
+- `auto`: every compiled form this CPU can run is loaded and timed on a short warm-up at the
+  largest batch the caller will use; the fastest serves. Measured rather than ruled, because
+  the order changes with the silicon: on an AVX2-only EPYC INT8 runs at about 1.5-2x FP32 (no
+  VNNI), on an AMX Xeon at about 8x, and BF16 beats INT8 on some networks.
+- `fp32` / `bf16` / `int8`: that precision's compiled form (`fp32` without one: TorchScript).
+- `torchscript`: the reference itself.
+
+Every compiled file is sha256-verified before it loads, like `model.pt`; a form that is
+missing, tampered with, needs CPU features this machine lacks, or fails to load or to honour
+the contract is passed over with a logged reason, and TorchScript answers when none is left.
+OpenVINO is optional (`perito[serve]` pins it): without it every version serves TorchScript.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from perito_core.errors import ModelLoadError, PeritoError
+from perito_core.manifest import CompiledForm, ModelManifest
+from perito_core.registry import ModelRegistry
+from perito_core.runtime import LoadedModel, pick_device
+
+log = logging.getLogger(__name__)
+
+PrecisionChoice = Literal["auto", "fp32", "bf16", "int8", "torchscript"]
+PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "int8", "torchscript")
+
+# Flags worth printing beside a benchmark: what makes INT8 and BF16 fast on x86.
+ISA_FLAGS = (
+    "avx2",
+    "avx512f",
+    "avx512_vnni",
+    "avx_vnni",
+    "avx512_bf16",
+    "amx_tile",
+    "amx_bf16",
+    "amx_int8",
+)
+
+# Seconds of timed warm-up per form when `auto` chooses.
+AUTO_TIMING_S = 0.6
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def isa_summary() -> str:
+    """The inference-relevant ISA flags this CPU reports, e.g. `avx2 avx512_vnni amx_tile`."""
+    flags = cpu_flags()
+    present = [flag for flag in ISA_FLAGS if flag in flags]
+    return " ".join(present) or "none of " + " ".join(ISA_FLAGS)
+
+
+def openvino_version() -> str | None:
+    """The installed OpenVINO's version, or None when it is not installed."""
+    try:
+        import openvino
+    except ImportError:
+        return None
+    return str(openvino.__version__)
+
+
+def unsupported_reason(form: CompiledForm) -> str | None:
+    """Why this machine cannot run `form` at its precision, or None when it can."""
+    if form.engine == "openvino" and openvino_version() is None:
+        return "OpenVINO is not installed (pip install 'perito[serve]')"
+    if form.requires and not cpu_flags() & set(form.requires):
+        return f"this CPU lacks {' or '.join(form.requires)} (has: {isa_summary()})"
+    return None
+
+
+class OpenVinoModel(LoadedModel):
+    """A compiled OpenVINO IR form: the same contract, compiled for this CPU at load.
+
+    The IR holds no ISA-specific code: `compile_model` picks oneDNN kernels for the CPU it runs
+    on, so a form built on one machine loads on any x86-64 CPU. The precision hint is always
+    explicit: on CPUs with BF16 OpenVINO would otherwise run an FP32 or INT8 IR's float parts
+    in BF16, which is not what the accuracy gate measured.
+    """
+
+    def __init__(self, manifest: ModelManifest, form: CompiledForm, xml: Path) -> None:
+        import openvino
+
+        super().__init__(None, manifest, torch.device("cpu"))  # type: ignore[arg-type]
+        core = openvino.Core()
+        config: dict[str, Any] = {
+            "INFERENCE_PRECISION_HINT": "bf16" if form.precision == "bf16" else "f32",
+            "PERFORMANCE_HINT": "LATENCY",
+            "INFERENCE_NUM_THREADS": max(1, torch.get_num_threads()),
+        }
+        self._compiled = core.compile_model(str(xml), "CPU", config)
+        self._request = self._compiled.create_infer_request()
+        self.form = form.name
+
+    def _forward(self, batch: torch.Tensor) -> torch.Tensor:
+        result = self._request.infer([np.ascontiguousarray(batch.numpy())])
+        return torch.from_numpy(np.array(result[0], dtype=np.float32, copy=True))
+
+
+def load_form(registry: ModelRegistry, manifest: ModelManifest, form: CompiledForm) -> LoadedModel:
+    """Fetch, verify, compile and check one compiled form.
+
+    Raises:
+        PeritoError: a file is missing or tampered with, or the form breaks the contract.
+    """
+    reason = unsupported_reason(form)
+    if reason is not None:
+        raise ModelLoadError(reason)
+    local = registry.fetch_form(manifest, form.name)
+    xml = next((path for path in local.paths if path.suffix == ".xml"), None)
+    if xml is None:
+        raise ModelLoadError(f"{form.name} lists no .xml file")
+    try:
+        model = OpenVinoModel(manifest, form, xml)
+    except Exception as exc:  # noqa: BLE001 - any engine failure here is a bad or foreign form
+        raise ModelLoadError(f"{form.name} does not compile here: {exc}") from None
+    model._check_output(model._forward(model._random_batch(2)), 2)
+    return model
+
+
+def candidate_forms(manifest: ModelManifest, precision: str) -> list[CompiledForm]:
+    """The compiled forms `precision` may serve, most preferred first."""
+    if precision == "torchscript":
+        return []
+    if precision == "auto":
+        return list(manifest.forms)
+    return [form for form in manifest.forms if form.precision == precision]
+
+
+def load_model(
+    registry: ModelRegistry,
+    name: str,
+    version: str,
+    *,
+    precision: str = "auto",
+    device: str = "auto",
+    optimize: bool = True,
+    warmup_batch_sizes: tuple[int, ...] = (1,),
+) -> LoadedModel:
+    """Load the form of `name@version` that `precision` asks for, falling back to TorchScript.
+
+    `model.pt` is always fetched and verified (it is the fallback and the reference); compiled
+    forms only serve on the CPU. The returned model says which form it is (`model.form`) and
+    why others were passed over (`model.passed_over`).
+
+    Raises:
+        NotFound, ArtifactIntegrityError, ModelLoadError: as `LoadedModel.load` for model.pt.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    start = time.perf_counter()
+    artifact = registry.fetch(name, version)
+    manifest = artifact.manifest
+    passed_over: dict[str, str] = {}
+    loaded: list[LoadedModel] = []
+    candidates = candidate_forms(manifest, precision)
+    if candidates and pick_device(device).type != "cpu":
+        passed_over = {form.name: "compiled forms serve on the CPU only" for form in candidates}
+        candidates = []
+    for form in candidates:
+        try:
+            loaded.append(load_form(registry, manifest, form))
+        except PeritoError as error:
+            passed_over[form.name] = error.message
+            log.warning("%s@%s: not serving %s: %s", name, version, form.name, error.message)
+    chosen: LoadedModel | None = None
+    if len(loaded) == 1:
+        chosen = loaded[0]
+    elif loaded:
+        batch = max(warmup_batch_sizes)
+        rates = {model.form: _images_per_second(model, batch) for model in loaded}
+        chosen = max(loaded, key=lambda model: rates[model.form])
+        summary = ", ".join(f"{form} {rate:.0f}" for form, rate in rates.items())
+        log.info("%s@%s: images/s at batch %d: %s", name, version, batch, summary)
+        passed_over.update(
+            {
+                m.form: f"slower here ({rates[m.form]:.0f} images/s)"
+                for m in loaded
+                if m is not chosen
+            }
+        )
+    if chosen is None:
+        if candidates:
+            log.warning("%s@%s: no compiled form loads; serving TorchScript", name, version)
+        chosen = LoadedModel.load(
+            artifact.path,
+            manifest,
+            device=device,
+            optimize=optimize,
+            warmup_batch_sizes=warmup_batch_sizes,
+        )
+    else:
+        for batch_size in warmup_batch_sizes:
+            for _ in range(2):
+                chosen._forward(chosen._random_batch(batch_size))
+    chosen.passed_over = passed_over
+    chosen.load_seconds = time.perf_counter() - start
+    log.info("%s@%s: serving form %s", name, version, chosen.form)
+    return chosen
+
+
+def _images_per_second(model: LoadedModel, batch_size: int) -> float:
+    """A short timed run at `batch_size` after one untimed batch."""
+    images = model._random_batch(batch_size)
+    model._forward(images)
+    done, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < AUTO_TIMING_S or done < 2 * batch_size:
+        model._forward(images)
+        done += batch_size
+    return done / elapsed

@@ -1,0 +1,202 @@
+"""Compiled forms (OpenVINO IR, FP32 and INT8) against the TorchScript reference.
+
+Real networks, real photos, the real engine: each registered architecture is compiled and
+compared with `model.pt`; ImageNet EfficientNet-Lite0 quantized to INT8 must agree with FP32 on
+the real photos; a tampered compiled file is refused and the version falls back to TorchScript.
+Skipped with a reason where OpenVINO is not installed (it is an optional engine).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from perito_core.compile import build_forms
+from perito_core.forms import load_model
+from perito_core.imaging import InputSpec, load_model_input
+from perito_core.manifest import InputContract
+from perito_core.registry import ModelRegistry
+
+pytest.importorskip("openvino", reason="OpenVINO (optional engine, perito[serve]) not installed")
+pytest.importorskip("nncf", reason="NNCF (INT8 quantization) not installed")
+
+# Not the test photos: other real images from scikit-image, for INT8 calibration only.
+CALIBRATION_SOURCES = ("retina", "immunohistochemistry", "hubble_deep_field", "colorwheel")
+
+
+def _jpeg(array: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(array).convert("RGB").save(buffer, format="JPEG", quality=92)
+    return buffer.getvalue()
+
+
+def _views(array: np.ndarray, count: int, seed: int) -> list[bytes]:
+    """The whole image and `count - 1` random crops (at least half each side), as JPEGs."""
+    rng = np.random.default_rng(seed)
+    views = [_jpeg(array)]
+    h, w = array.shape[:2]
+    for _ in range(count - 1):
+        ch, cw = int(h * rng.uniform(0.5, 1.0)), int(w * rng.uniform(0.5, 1.0))
+        top, left = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+        crop = array[top : top + ch, left : left + cw]
+        views.append(_jpeg(crop[:, ::-1] if rng.random() < 0.5 else crop))
+    return views
+
+
+def _prepare(files: list[bytes], spec: InputSpec) -> np.ndarray:
+    return np.stack([load_model_input(data, spec) for data in files])
+
+
+def _calibration(spec: InputSpec, per_image: int = 12) -> np.ndarray:
+    import skimage.data
+
+    files: list[bytes] = []
+    for seed, name in enumerate(CALIBRATION_SOURCES):
+        files += _views(getattr(skimage.data, name)(), per_image, seed)
+    left, right, _ = skimage.data.stereo_motorcycle()
+    files += _views(left, per_image, 10) + _views(right, per_image, 11)
+    return _prepare(files, spec)
+
+
+def _holdout(photos: dict[str, Path], spec: InputSpec, per_photo: int = 6) -> np.ndarray:
+    from PIL import Image
+
+    files: list[bytes] = []
+    for seed, path in enumerate(photos.values()):
+        files += _views(np.asarray(Image.open(path).convert("RGB")), per_photo, 100 + seed)
+    return _prepare(files, spec)
+
+
+@pytest.mark.slow
+def test_imagenet_int8_agrees_with_fp32_on_real_photos(
+    lite0_dir: Path, photos: dict[str, Path], tmp_path: Path
+) -> None:
+    from perito_training.pretrained import EFFICIENTNET_LITE0_INPUT
+
+    contract = EFFICIENTNET_LITE0_INPUT
+    spec = contract.spec()
+    holdout = _holdout(photos, spec)
+    built = build_forms(
+        lite0_dir / "model.pt",
+        contract,
+        tmp_path / "forms",
+        calibration=_calibration(spec),
+        holdout=holdout,
+        evaluated_on="crops of the sample photos",
+        precisions=("fp32", "int8", "bf16"),
+    )
+    print("\n".join(built.summary()))
+    forms = {form.name: form for form, _ in built.forms}
+    assert set(forms) == {"openvino-fp32", "openvino-int8"}, built.skipped
+    assert forms["openvino-fp32"].agreement == 1.0
+    assert forms["openvino-fp32"].max_abs_diff < 1e-4
+    assert forms["openvino-int8"].agreement >= 0.99
+    assert forms["openvino-int8"].calibration_images == 72
+    assert "openvino-bf16" in built.skipped or "openvino-bf16" in forms
+
+    labels = (lite0_dir / "labels.txt").read_text().splitlines()
+    registry = ModelRegistry.open(str(tmp_path / "registry"), cache_dir=tmp_path / "cache")
+    registry.publish(
+        "lite0",
+        lite0_dir / "model.pt",
+        labels=labels,
+        input=contract,
+        forms=built.forms,
+        skipped_forms=built.skipped,
+    )
+    coffee = load_model_input(photos["coffee"].read_bytes(), spec)[None]
+    for precision, expected in (("int8", "openvino-int8"), ("fp32", "openvino-fp32")):
+        model = load_model(registry, "lite0", "1", precision=precision, warmup_batch_sizes=(1,))
+        assert model.form == expected
+        assert labels[int(model.predict(coffee)[0].argmax())] == "espresso"
+    auto = load_model(registry, "lite0", "1", precision="auto", warmup_batch_sizes=(4,))
+    assert auto.form in forms
+    assert set(auto.passed_over) == set(forms) - {auto.form}
+
+
+def _publish_with_forms(
+    registry: ModelRegistry, name: str, model_file: Path, contract: InputContract, work: Path
+) -> None:
+    spec = contract.spec()
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (24, spec.height, spec.width, 3), dtype=np.uint8)
+    built = build_forms(
+        model_file,
+        contract,
+        work,
+        calibration=images[:16],
+        holdout=images[16:],
+        precisions=("fp32",),
+    )
+    assert [form.name for form, _ in built.forms] == ["openvino-fp32"], built.skipped
+    labels = [f"class-{i}" for i in range(3)]
+    registry.publish(name, model_file, labels=labels, input=contract, forms=built.forms)
+
+
+def test_a_tampered_compiled_file_is_refused_and_torchscript_answers(
+    tiny_model_file: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from tests.helpers import TINY_INPUT
+
+    registry = ModelRegistry.open(str(tmp_path / "registry"), cache_dir=tmp_path / "cache")
+    _publish_with_forms(registry, "tiny", tiny_model_file, TINY_INPUT, tmp_path / "forms")
+    assert load_model(registry, "tiny", "1", precision="fp32").form == "openvino-fp32"
+
+    # A cached copy changed after it was verified is not loaded: it is fetched and checked again.
+    cached = registry.cache_dir / "tiny" / "1" / "forms" / "openvino-fp32" / "model.xml"
+    cached.write_text("<net/>")
+    assert load_model(registry, "tiny", "1", precision="fp32").form == "openvino-fp32"
+    assert cached.read_text() != "<net/>"
+
+    stored = tmp_path / "registry" / "models" / "tiny" / "1" / "forms" / "openvino-fp32"
+    weights = stored / "model.bin"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    fresh = ModelRegistry.open(str(tmp_path / "registry"), cache_dir=tmp_path / "cache2")
+    with caplog.at_level(logging.WARNING):
+        model = load_model(fresh, "tiny", "1", precision="fp32")
+    assert model.form == "torchscript-fp32"
+    assert "does not match the manifest" in model.passed_over["openvino-fp32"]
+    assert "not serving openvino-fp32" in caplog.text
+
+
+def test_a_version_without_compiled_forms_serves_torchscript(
+    tiny_model_file: Path, tmp_path: Path
+) -> None:
+    from tests.helpers import TINY_INPUT
+
+    registry = ModelRegistry.open(str(tmp_path / "registry"), cache_dir=tmp_path / "cache")
+    registry.publish("plain", tiny_model_file, labels=["a", "b", "c"], input=TINY_INPUT)
+    manifest = json.loads((tmp_path / "registry/models/plain/1/manifest.json").read_text())
+    assert manifest["forms"] == []
+    for precision in ("auto", "int8", "bf16", "fp32", "torchscript"):
+        model = load_model(registry, "plain", "1", precision=precision)
+        assert model.form == "torchscript-fp32"
+        assert model.predict(np.zeros((1, 32, 32, 3), dtype=np.uint8)).shape == (1, 3)
+
+
+def test_precision_names_are_checked(tiny_model_file: Path, tmp_path: Path) -> None:
+    registry = ModelRegistry.open(str(tmp_path / "registry"), cache_dir=tmp_path / "cache")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        load_model(registry, "plain", "1", precision="fp16")
+
+
+def test_torch_reference_is_untouched_by_conversion(tiny_model_file: Path, tmp_path: Path) -> None:
+    """Converting must not change model.pt or its outputs (the reference stays canonical)."""
+    from perito_core.manifest import sha256_file
+    from tests.helpers import TINY_INPUT
+
+    before = sha256_file(tiny_model_file)
+    registry = ModelRegistry.open(str(tmp_path / "registry"), cache_dir=tmp_path / "cache")
+    _publish_with_forms(registry, "tiny", tiny_model_file, TINY_INPUT, tmp_path / "forms")
+    assert sha256_file(tiny_model_file) == before
+    assert torch.jit.load(str(tiny_model_file)) is not None  # type: ignore[no-untyped-call]
