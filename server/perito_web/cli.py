@@ -14,11 +14,18 @@ import click
     envvar="PERITO_SERVER",
     default="localhost:8500",
     show_default=True,
-    help="host:port of the Perito gRPC service (env PERITO_SERVER; token from PERITO_TOKEN).",
+    help="host:port of the Perito gRPC service (env PERITO_SERVER). Each person signs in "
+    "with their tenant's token; the page has no token of its own.",
 )
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind.")
 @click.option("--port", default=8080, show_default=True, type=int, help="HTTP port.")
-def web(server: str, host: str, port: int) -> None:
+@click.option(
+    "--tls-ca",
+    type=click.Path(exists=True, dir_okay=False),
+    envvar="PERITO_TLS_CA",
+    help="CA certificate of a service that serves TLS (env PERITO_TLS_CA).",
+)
+def web(server: str, host: str, port: int, tls_ca: str | None) -> None:
     """Serve the web page: classify a photo, run a folder as a job, browse model cards.
 
     \b
@@ -29,9 +36,11 @@ def web(server: str, host: str, port: int) -> None:
 
     from perito_web.app import create_app
 
-    app = create_app(server, token=os.environ.get("PERITO_TOKEN") or None)
+    tls = tls_ca is not None or os.environ.get("PERITO_TLS", "").lower() in ("1", "true", "yes")
+    app = create_app(server, tls=tls, root_certificates=tls_ca)
     click.echo(f"perito web: http://{host}:{port} (service {server})")
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    # Behind a TLS-terminating proxy, X-Forwarded-Proto makes session cookies Secure.
+    uvicorn.run(app, host=host, port=port, log_level="info", proxy_headers=True)
 
 
 def register(cli: click.Group) -> None:
