@@ -50,7 +50,10 @@ class InputContract(BaseModel):
 class Artifact(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    file: str = "model.pt"
+    # A plain file name, checked when a manifest is written and when one is read: no path
+    # separators, no leading dot (so no `..`), nothing a stored manifest could use to make a
+    # reader fetch or write outside the version's folder.
+    file: str = Field("model.pt", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
     format: Literal["torchscript"] = "torchscript"
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     size_bytes: int = Field(ge=0)
@@ -67,6 +70,14 @@ class FormFile(BaseModel):
     file: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     size_bytes: int = Field(ge=0)
+
+    @field_validator("file")
+    @classmethod
+    def _inside_the_form(cls, value: str) -> str:
+        """A relative path that stays inside the form's folder: no `.` / `..` / empty parts."""
+        if any(part in ("", ".", "..") for part in value.split("/")):
+            raise ValueError(f"{value!r}: '.', '..' and empty path parts are not allowed")
+        return value
 
 
 class CompiledForm(BaseModel):

@@ -46,6 +46,7 @@ from perito_core.storage import ObjectStore, S3Options, open_store
 
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 ALIAS_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+VERSION_PATTERN = re.compile(r"^[1-9][0-9]{0,9}$")
 LATEST = "latest"
 
 
@@ -117,13 +118,38 @@ class ModelRegistry:
         ]
 
     def aliases(self, name: str) -> dict[str, str]:
+        """Alias -> version. Stored entries whose name or target is not valid (written by
+        something else than this class) are left out.
+
+        Raises:
+            InvalidArgument: an invalid model name.
+        """
         validate_model_name(name)
         result: dict[str, str] = {}
         for child in self.store.list_children(f"models/{name}/aliases"):
-            if child.endswith(".json"):
-                record = json.loads(self.store.read_bytes(f"models/{name}/aliases/{child}"))
-                result[child.removesuffix(".json")] = str(record["version"])
+            alias = child.removesuffix(".json")
+            if child.endswith(".json") and ALIAS_PATTERN.match(alias) and alias != LATEST:
+                try:
+                    result[alias] = self._alias_target(name, alias)
+                except ModelLoadError:
+                    continue
         return result
+
+    def _alias_target(self, name: str, alias: str) -> str:
+        """The version an alias record points at, checked as it is read.
+
+        Raises:
+            NotFound: no such alias.
+            ModelLoadError: a record that is not JSON or names no valid version.
+        """
+        raw = self.store.read_bytes(f"models/{name}/aliases/{alias}.json")
+        try:
+            version = str(json.loads(raw)["version"])
+        except (ValueError, KeyError, TypeError):
+            version = ""
+        if not VERSION_PATTERN.match(version):
+            raise ModelLoadError(f"model {name!r}: alias {alias!r} does not name a valid version")
+        return version
 
     def resolve(self, name: str, ref: str = "") -> str:
         """Turn a version number, an alias or "" / `latest` into a concrete version.
@@ -142,11 +168,12 @@ class ModelRegistry:
             if not self.store.exists(f"models/{name}/{int(ref)}/manifest.json"):
                 raise self._not_found(name, f"version {ref}")
             return str(int(ref))
+        if not ALIAS_PATTERN.match(ref):  # never a path: no '/', no '..'
+            raise self._not_found(name, f"alias {ref[:64]!r}")
         try:
-            record = json.loads(self.store.read_bytes(f"models/{name}/aliases/{ref}.json"))
+            return self._alias_target(name, ref)
         except NotFound:
             raise self._not_found(name, f"alias {ref!r}") from None
-        return str(record["version"])
 
     def _not_found(self, name: str, what: str) -> NotFound:
         if not self.list_versions(name):
@@ -154,12 +181,28 @@ class ModelRegistry:
         return NotFound(f"model {name!r} has no {what}", field="version")
 
     def manifest(self, name: str, version: str) -> ModelManifest:
+        """A version's manifest, checked as it is read: valid, and naming this model and
+        version (a manifest copied elsewhere is not trusted for another).
+
+        Raises:
+            InvalidArgument: an invalid model name or version.
+            NotFound: no such version.
+            ModelLoadError: a manifest that is invalid or names another model or version.
+        """
         validate_model_name(name)
+        if not VERSION_PATTERN.match(version):
+            raise InvalidArgument(f"invalid version {version[:64]!r}", field="version")
         raw = self.store.read_bytes(f"models/{name}/{version}/manifest.json")
         try:
-            return ModelManifest.model_validate_json(raw)
+            manifest = ModelManifest.model_validate_json(raw)
         except ValidationError as exc:
             raise ModelLoadError(f"{name}@{version}: manifest.json is invalid: {exc}") from None
+        if manifest.name != name or manifest.version != version:
+            raise ModelLoadError(
+                f"{name}@{version}: manifest.json names {manifest.name[:64]!r} version "
+                f"{manifest.version[:16]!r}; refusing it"
+            )
+        return manifest
 
     def fetch(self, name: str, version: str) -> LocalArtifact:
         """Return a local, sha256-verified copy of a version's model file.
