@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from pydantic import ValidationError
@@ -21,6 +21,9 @@ from perito_core.manifest import InputContract
 from perito_core.registry import ModelRegistry
 from perito_core.tenancy import ROLES, Quotas, Tenant, add_tenant
 from perito_server.settings import ServerSettings
+
+if TYPE_CHECKING:
+    from perito_core.compile import BuiltForms
 
 
 def _settings(**flags: Any) -> ServerSettings:
@@ -148,6 +151,19 @@ def _read_labels(path: Path) -> list[str]:
     help="Recommended top-1 probability below which predictions are uncertain.",
 )
 @click.option("--alias", "aliases", multiple=True, help="Point this alias at the new version.")
+@click.option(
+    "--forms",
+    default="",
+    help="Compiled forms to build beside the file, e.g. fp32,int8,bf16 (OpenVINO; needs "
+    "--calibration).",
+)
+@click.option(
+    "--calibration",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="A folder of typical images: half calibrate INT8, the other half verify every form "
+    "against the TorchScript file (top-1 agreement at least --min-agreement).",
+)
+@click.option("--min-agreement", default=0.99, show_default=True)
 @_registry_option
 def import_model(
     model_file: Path,
@@ -160,6 +176,9 @@ def import_model(
     description: str,
     confidence_threshold: float | None,
     aliases: tuple[str, ...],
+    forms: str,
+    calibration: Path | None,
+    min_agreement: float,
     registry: str | None,
 ) -> None:
     """Publish a TorchScript file and its labels as the next version of a model.
@@ -170,7 +189,16 @@ def import_model(
     \b
     Example:
       perito models import model.pt --name car-damage --labels labels.txt --alias staging
+      perito models import model.pt --name car-damage --labels labels.txt \\
+          --forms fp32,int8 --calibration ~/photos/sample
     """
+    precisions = tuple(p.strip() for p in forms.split(",") if p.strip())
+    if any(p not in ("fp32", "int8", "bf16") for p in precisions):
+        raise click.BadParameter("forms are fp32, int8 and bf16", param_hint="--forms")
+    if precisions and calibration is None:
+        raise click.BadParameter(
+            "compiled forms need a folder of images", param_hint="--calibration"
+        )
     labels = _read_labels(labels_file)
     settings = _settings(registry=registry)
     publisher = _publisher(settings, name, f"publish model {name!r}")
@@ -184,6 +212,7 @@ def import_model(
             interpolation=interpolation,
         )
         _check_loads(model_file, name, labels, contract)
+        built = _build_forms(model_file, contract, precisions, calibration, min_agreement)
         manifest = target.publish(
             name,
             model_file,
@@ -193,7 +222,11 @@ def import_model(
             confidence_threshold=confidence_threshold,
             source={"imported_from": model_file.name, "published_by": publisher.name},
             aliases=aliases,
+            forms=built.forms if built else (),
+            skipped_forms=built.skipped if built else None,
         )
+        if built:
+            built.remove_files()
     except PeritoError as error:
         _audit(settings, publisher.name, "models.import", f"models/{name}", error.code.name, "")
         raise click.ClickException(error.message) from None
@@ -210,6 +243,29 @@ def import_model(
         f"aliases: {', '.join(aliases)}" if aliases else "",
     )
     click.echo(f"published {manifest.name}@{manifest.version} to {target.description}{alias_note}")
+
+
+def _build_forms(
+    model_file: Path,
+    contract: InputContract,
+    precisions: tuple[str, ...],
+    calibration: Path | None,
+    min_agreement: float,
+) -> BuiltForms | None:
+    """Compiled forms of an imported file, gated on the user's images; None when not asked."""
+    import tempfile
+
+    from perito_core.compile import build_forms_from_folder
+
+    if not precisions or calibration is None:
+        return None
+    out = Path(tempfile.mkdtemp(prefix="perito-forms-"))
+    built = build_forms_from_folder(
+        model_file, contract, out, calibration, precisions=precisions, min_agreement=min_agreement
+    )
+    for line in built.summary():
+        click.echo(line)
+    return built
 
 
 def _check_loads(model_file: Path, name: str, labels: list[str], contract: InputContract) -> None:

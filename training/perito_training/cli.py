@@ -204,6 +204,24 @@ def _evaluate_test_split(
 @_registry_option
 @_alias_option
 @click.option("--json", "as_json", is_flag=True, help="Print the published manifest as JSON.")
+@click.option(
+    "--forms",
+    default="",
+    help="Compiled forms to build beside model.pt, e.g. fp32,int8,bf16 (OpenVINO; INT8 "
+    "calibrated on the validation split, each gated on the test split).",
+)
+@click.option(
+    "--min-agreement",
+    default=0.99,
+    show_default=True,
+    help="Refuse a form whose top-1 agreement with model.pt on the test split is lower.",
+)
+@click.option(
+    "--max-accuracy-drop",
+    default=0.003,
+    show_default=True,
+    help="Refuse a form whose test accuracy is lower than model.pt's by more (0.003: 0.3 points).",
+)
 def publish(
     run_dir: Path,
     name: str | None,
@@ -211,14 +229,31 @@ def publish(
     registry: str | None,
     aliases: tuple[str, ...],
     as_json: bool,
+    forms: str,
+    min_agreement: float,
+    max_accuracy_drop: float,
 ) -> None:
     """Publish a finished run as a new immutable model version; its card is the manifest.
 
     \b
     Example:
       perito publish runs/car-damage --registry s3://models --alias staging
+      perito publish runs/car-damage --forms fp32,int8,bf16
     """
-    _publish(run_dir, name, registry, aliases, description, as_json)
+    gate = (_parse_forms(forms), min_agreement, max_accuracy_drop)
+    _publish(run_dir, name, registry, aliases, description, as_json, gate)
+
+
+def _parse_forms(forms: str) -> tuple[str, ...]:
+    from perito_core.compile import FORM_PRECISIONS
+
+    chosen = tuple(p.strip() for p in forms.split(",") if p.strip())
+    unknown = [p for p in chosen if p not in FORM_PRECISIONS]
+    if unknown:
+        raise click.BadParameter(
+            f"{', '.join(unknown)}: forms are {', '.join(FORM_PRECISIONS)}", param_hint="--forms"
+        )
+    return chosen
 
 
 def _publish(
@@ -228,6 +263,7 @@ def _publish(
     aliases: tuple[str, ...],
     description: str | None,
     as_json: bool = False,
+    gate: tuple[tuple[str, ...], float, float] = ((), 0.99, 0.003),
 ) -> None:
     import sys
 
@@ -254,6 +290,10 @@ def _publish(
             aliases=aliases,
             description=description,
             published_by=publisher.name,
+            forms=gate[0],
+            min_agreement=gate[1],
+            max_accuracy_drop=gate[2],
+            log=click.echo,
         )
     except (PeritoError, RunError) as error:
         outcome = error.code.name if isinstance(error, PeritoError) else "FAILED_PRECONDITION"
@@ -276,6 +316,9 @@ def _publish(
         return
     alias_note = f" (aliases: {', '.join(aliases)})" if aliases else ""
     click.echo(f"published {manifest.name}@{manifest.version} to {target.description}{alias_note}")
+    if manifest.forms or manifest.skipped_forms:
+        served = ", ".join(form.name for form in manifest.forms) or "none"
+        click.echo(f"compiled forms: {served} (the gate's evidence is in the manifest)")
 
 
 @click.command("export-pretrained")

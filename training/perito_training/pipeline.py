@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from perito_core.compile import MAX_ACCURACY_DROP, MIN_AGREEMENT, BuiltForms, build_forms
 from perito_core.manifest import InputContract, ModelManifest
 from perito_core.registry import ModelRegistry
 from perito_training import plots
@@ -323,17 +324,30 @@ def publish_run(
     aliases: tuple[str, ...] = (),
     description: str | None = None,
     published_by: str = "",
+    forms: tuple[str, ...] = (),
+    min_agreement: float = MIN_AGREEMENT,
+    max_accuracy_drop: float = MAX_ACCURACY_DROP,
+    log: Log = print,
 ) -> ModelManifest:
     """Publish a finished run as the next version of its model; the manifest is its card.
 
     The artifact is loaded and run through the serving runtime first, so a module that
     serving cannot load is never published. `published_by` (the publishing tenant) is
-    recorded in the manifest's `source`.
+    recorded in the manifest's `source`. `forms` (precisions: fp32, int8, bf16) are built
+    beside model.pt (`perito_core.compile`): INT8 is calibrated on the run's validation
+    images, and every form is gated on the test split (top-1 agreement with model.pt under
+    `min_agreement`, or test accuracy more than `max_accuracy_drop` under it: refused, the
+    reason printed and recorded in the manifest's `skipped_forms`).
     """
-    _, card = load_run(run_dir)
+    config, card = load_run(run_dir)
     model_path = run_dir / "model.pt"
     contract = InputContract.model_validate(card["input"])
     _check_serving_loads(model_path, card, contract)
+    built = BuiltForms()
+    if forms:
+        built = build_run_forms(
+            config, contract, run_dir, forms, min_agreement, max_accuracy_drop, log=log
+        )
     return registry.publish(
         name or card["name"],
         model_path,
@@ -350,7 +364,45 @@ def publish_run(
             **({"published_by": published_by} if published_by else {}),
         },
         aliases=aliases,
+        forms=built.forms,
+        skipped_forms=built.skipped,
     )
+
+
+def build_run_forms(
+    config: TrainConfig,
+    contract: InputContract,
+    run_dir: Path,
+    precisions: tuple[str, ...],
+    min_agreement: float = MIN_AGREEMENT,
+    max_accuracy_drop: float = MAX_ACCURACY_DROP,
+    *,
+    log: Log = print,
+) -> BuiltForms:
+    """Compiled forms of a run's model.pt: calibrated on validation, gated on test."""
+    log(f"building compiled forms ({', '.join(precisions)}): preparing validation and test")
+    data = prepare_data(config.data, contract.spec(), threads=max(2, torch.get_num_threads()))
+    val, test = data.splits["val"], data.splits["test"]
+    held_out, evaluated_on = (test, "test") if len(test) else (val, "val")
+    built = build_forms(
+        run_dir / "model.pt",
+        contract,
+        run_dir / "forms",
+        calibration=_images(val if len(val) else held_out),
+        holdout=_images(held_out),
+        holdout_targets=held_out.targets,
+        evaluated_on=f"{evaluated_on} split",
+        precisions=precisions,
+        min_agreement=min_agreement,
+        max_accuracy_drop=max_accuracy_drop,
+    )
+    for line in built.summary():
+        log(line)
+    return built
+
+
+def _images(split: ImageSet) -> np.ndarray:
+    return np.stack([split.image(i) for i in range(len(split))])
 
 
 def _check_serving_loads(model_path: Path, card: dict[str, Any], contract: InputContract) -> None:
