@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install system-deps proto docs demo test unit integration lint format bench faults train-fashion-mnist clean
+.PHONY: install system-deps proto docs demo test unit integration lint format bench faults train-fashion-mnist clean deploy-secrets compose-up
 
 install: system-deps $(STAMP)
 
@@ -39,6 +39,14 @@ docs: $(STAMP)
 
 demo: install
 	$(BIN)/python scripts/demo.py
+
+# deploy/secrets/ (gitignored): TLS certificate, tenants file with an admin tenant (token in
+# admin.token), random MinIO credentials, Kubernetes Secrets. Made once; never replaced.
+deploy-secrets: $(STAMP)
+	$(BIN)/python scripts/deploy_secrets.py
+
+compose-up: deploy-secrets
+	docker compose -f deploy/compose.yaml up -d
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

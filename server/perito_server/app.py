@@ -72,11 +72,15 @@ class RunningServer:
     servicer: PeritoServicer
     metrics: ServerMetrics
     metrics_port: int | None = None
+    health_server: grpc.aio.Server | None = None
+    health_port: int | None = None
 
     async def stop(self, grace: float) -> None:
         """Drain: NOT_SERVING, let in-flight calls finish within `grace`, free the models."""
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
+        if self.health_server is not None:
+            await self.health_server.stop(0)
         await self.pool.close()
         await self.servicer.jobs.close()
         self.servicer.close()
@@ -158,7 +162,18 @@ async def create_server(settings: ServerSettings) -> RunningServer:
     if settings.metrics_port is not None:
         metrics_port = metrics.serve(settings.metrics_host, settings.metrics_port)
         log.info("metrics on http://%s:%d/metrics", settings.metrics_host, metrics_port)
-    return RunningServer(server, port, pool, health, servicer, metrics, metrics_port)
+    health_server, health_port = None, None
+    if settings.health_port is not None:
+        # The same health states, on a plaintext port with nothing else: probes need no TLS
+        # and no token, and this port gives no way to the API.
+        health_server = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(health, health_server)
+        health_port = health_server.add_insecure_port(f"{settings.host}:{settings.health_port}")
+        await health_server.start()
+        log.info("health checks (plaintext) on %s:%d", settings.host, health_port)
+    return RunningServer(
+        server, port, pool, health, servicer, metrics, metrics_port, health_server, health_port
+    )
 
 
 async def serve(settings: ServerSettings) -> None:

@@ -61,6 +61,9 @@ class ServerSettings(CommonSettings):
 
     grace_s: float = Field(10.0, ge=0, description="how long in-flight calls get on shutdown")
 
+    # A second, plaintext port serving only grpc.health.v1 (unset: none). Kubernetes gRPC
+    # probes and `perito health` cannot speak TLS; this port carries no API and no data.
+    health_port: int | None = Field(None, ge=0, le=65535)
     # TLS: both files PEM. Without them the port is plaintext (fine behind a mesh or on localhost).
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None

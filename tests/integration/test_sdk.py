@@ -138,6 +138,7 @@ async def test_tls_and_bearer_tokens(
         tls_cert_file=cert,
         tls_key_file=key,
         auth_tokens=[TOKEN, "second-team-token"],
+        health_port=0,
     )
     with ServerThread(settings) as server:
         target = f"localhost:{server.port}"
@@ -163,3 +164,14 @@ async def test_tls_and_bearer_tokens(
             health = health_pb2_grpc.HealthStub(channel)
             reply = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        # Probes that cannot speak TLS use the plaintext health port, which serves nothing else.
+        plain = f"127.0.0.1:{server.running.health_port}"  # type: ignore[attr-defined]
+        with grpc.insecure_channel(plain) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            reply = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        with (
+            perito.Client(plain, token=TOKEN, max_retries=0) as client,
+            pytest.raises(perito.PeritoError, match="Method not found"),
+        ):
+            client.list_models()

@@ -105,10 +105,9 @@ def test_kubernetes_overlays_validate_against_the_schemas(overlay: str) -> None:
             "PodDisruptionBudget",
             "PodDisruptionBudget",
             "ScaledObject",
-            "Secret",
             "Service",
         ]
-    )
+    )  # no Secret: generated per deployment (test_generated_secrets_...), never shipped
     for obj in objects:
         if obj["apiVersion"].startswith("keda.sh/"):
             _check_scaled_object(obj, objects)
@@ -117,7 +116,18 @@ def test_kubernetes_overlays_validate_against_the_schemas(overlay: str) -> None:
     deployments = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Deployment"}
     server = _containers(deployments["perito-server"])[0]
     assert server["image"] == "ghcr.io/perito/perito-server:0.1.0"
-    assert server["readinessProbe"]["grpc"]["port"] == 8500
+    # gRPC probes cannot speak TLS: they use the plaintext health-only port.
+    assert server["readinessProbe"]["grpc"]["port"] == 8501
+    env = {e["name"]: e for e in server["env"]}
+    assert env["PERITO_HEALTH_PORT"]["value"] == "8501"
+    assert env["PERITO_TLS_CERT_FILE"]["value"].startswith("/var/run/perito/tls/")
+    assert env["PERITO_TENANTS_FILE"]["value"] == "/var/run/perito/tenants/tenants.yaml"
+    volumes = {
+        v["name"]: v["secret"]["secretName"]
+        for v in deployments["perito-server"]["spec"]["template"]["spec"]["volumes"]
+        if "secret" in v
+    }
+    assert volumes == {"tls": "perito-tls", "tenants": "perito-tenants"}
     worker_spec = deployments["perito-worker"]["spec"]["template"]["spec"]
     worker = worker_spec["containers"][0]
     if overlay == "production":
@@ -127,11 +137,42 @@ def test_kubernetes_overlays_validate_against_the_schemas(overlay: str) -> None:
     else:
         assert "nvidia.com/gpu" not in worker["resources"]["limits"]
         assert "nodeSelector" not in worker_spec
-        assert {e["name"]: e["value"] for e in worker["env"]}["PERITO_DEVICE"] == "cpu"
+        assert {e["name"]: e.get("value") for e in worker["env"]}["PERITO_DEVICE"] == "cpu"
     for deployment in deployments.values():
         pod = deployment["spec"]["template"]["spec"]
         assert pod["securityContext"]["runAsNonRoot"] is True
         assert deployment["metadata"]["namespace"] == "perito"
+        [container] = pod["containers"]
+        metrics_host = {e["name"]: e for e in container["env"]}["PERITO_METRICS_HOST"]
+        assert metrics_host["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+        assert {"secretRef": {"name": "perito-s3"}} in container["envFrom"]
+
+
+def test_generated_secrets_validate_and_nothing_ships_a_default(tmp_path: Path) -> None:
+    import kubernetes_validate
+
+    from scripts.deploy_secrets import generate
+
+    written = generate(tmp_path)
+    assert "admin.token" in written and "server/tenants.yaml" in written
+    assert generate(tmp_path) == []  # a second run replaces nothing
+    token = (tmp_path / "admin.token").read_text().strip()
+    assert (tmp_path / "admin.token").stat().st_mode & 0o077 == 0
+    assert token not in (tmp_path / "server" / "tenants.yaml").read_text()
+    secrets = list(yaml.safe_load_all((tmp_path / "k8s.yaml").read_text()))
+    assert {s["metadata"]["name"] for s in secrets} == {"perito-tls", "perito-tenants", "perito-s3"}
+    for secret in secrets:
+        kubernetes_validate.validate(secret, K8S_VERSION, strict=True)
+    from perito_core.tenancy import Tenants
+
+    assert Tenants(tmp_path / "server" / "tenants.yaml").authenticate(token).has_role("admin")
+    other = tmp_path / "other"
+    generate(other)
+    assert (other / "minio.env").read_text() != (tmp_path / "minio.env").read_text()
+    for path in DEPLOY.rglob("*"):
+        if path.is_file() and "secrets" not in path.parts:
+            text = path.read_text(errors="ignore")
+            assert "change-me" not in text and "perito-secret" not in text, path
 
 
 def _check_scaled_object(obj: dict[str, Any], objects: list[dict[str, Any]]) -> None:
@@ -209,3 +250,15 @@ def test_compose_validates_against_the_compose_spec(tmp_path: Path) -> None:
     assert gpu["capabilities"] == ["gpu"]
     for name in ("redis", "minio", "server"):
         assert "healthcheck" in config["services"][name]
+    services = config["services"]
+    server = services["server"]
+    assert server["ports"] == ["8500:8500"]  # metrics stay on the compose network
+    assert server["environment"]["PERITO_TLS_CERT_FILE"].startswith("/run/perito/secrets/")
+    assert server["environment"]["PERITO_TENANTS_FILE"] == "/run/perito/secrets/tenants.yaml"
+    assert server["volumes"] == ["./secrets/server:/run/perito/secrets:ro"]
+    assert "8501" in server["healthcheck"]["test"][-1]
+    for name in ("minio", "minio-init"):
+        assert services[name]["env_file"] == "secrets/minio.env"
+        assert "environment" not in services[name]  # no default credentials
+    for name in ("web", "minio", "prometheus"):
+        assert all(p.startswith("127.0.0.1:") for p in services[name]["ports"]), name
