@@ -14,6 +14,12 @@ Measured, each for `--seconds` after a warm-up:
 Prints images/s, p50 and p99, and each ratio to the raw reference; `--json` writes them too.
 Targets (issue 2): throughput at concurrency 16 >= 0.9 x raw; p50 at concurrency 1 within 3 ms
 of the raw single-image time.
+
+`--form torchscript,fp32,int8,bf16` (issue 19) builds the compiled forms (OpenVINO IR; INT8
+calibrated on half of the JPEGs, agreement with TorchScript measured on the other half), then
+measures, for each form in the same run: the forward pass alone at batch 1 and 8, the raw
+pipeline and `Classify` c1 / c16 with the server's `PERITO_PRECISION` set to that form. The
+CPU's ISA flags are printed first (INT8 is fast with VNNI / AMX, BF16 needs AVX-512 BF16 / AMX).
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from perito.v1 import classify_pb2, image_pb2, service_pb2_grpc  # noqa: E402
+from perito_core.forms import isa_summary, load_model  # noqa: E402
 from perito_core.imaging import load_model_input  # noqa: E402
 from perito_core.registry import ModelRegistry  # noqa: E402
 from perito_core.runtime import LoadedModel  # noqa: E402
@@ -67,7 +74,9 @@ def make_jpegs(work: Path, count: int) -> list[bytes]:
     return images
 
 
-def publish(arch: str, work: Path) -> ModelRegistry:
+def publish(
+    arch: str, work: Path, forms: tuple[str, ...] = (), jpegs: list[bytes] | None = None
+) -> ModelRegistry:
     from perito_training.export import export_torchscript
     from perito_training.pretrained import EFFICIENTNET_LITE0_INPUT, efficientnet_lite0_imagenet
 
@@ -85,8 +94,56 @@ def publish(arch: str, work: Path) -> ModelRegistry:
         )
     path = work / "model.pt"
     export_torchscript(network, contract, path)
-    registry.publish(MODEL, path, labels=labels, input=contract)
+    built = None
+    if forms:
+        from perito_core.compile import build_forms
+
+        images = np.stack([load_model_input(data, contract.spec()) for data in jpegs or []])
+        built = build_forms(
+            path,
+            contract,
+            work / "forms",
+            calibration=images[0::2],
+            holdout=images[1::2],
+            evaluated_on="bench JPEGs not used for calibration",
+            precisions=forms,
+            min_agreement=0.0,  # measured and printed here; the publish gate is not the bench's
+        )
+        for line in built.summary():
+            print(f"# {line}")
+    registry.publish(
+        MODEL,
+        path,
+        labels=labels,
+        input=contract,
+        forms=built.forms if built else (),
+        skipped_forms=built.skipped if built else None,
+    )
     return registry
+
+
+def forward_rates(model: LoadedModel, seconds: float) -> dict[str, float]:
+    """The forward pass alone (prepared uint8 images), images/s at batch 1 and 8."""
+    rates = {}
+    for batch in (1, 8):
+        images = np.random.default_rng(0).integers(0, 256, (batch, 224, 224, 3), dtype=np.uint8)
+
+        def step(images: np.ndarray = images, batch: int = batch) -> int:
+            model.predict(images)
+            return batch
+
+        rates[f"forward_b{batch}"], _ = timed_loop(seconds, step)
+    return rates
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def timed_loop(seconds: float, step: Callable[[], int]) -> tuple[float, list[float]]:
@@ -215,7 +272,15 @@ def main() -> int:
         help="server setting to try, e.g. PERITO_DECODE_THREADS=1",
     )
     parser.add_argument("--skip-raw", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--form",
+        default="torchscript",
+        help="comma-separated forms to measure side by side: torchscript, fp32, int8, bf16, auto",
+    )
     args = parser.parse_args()
+    forms = [f.strip() for f in args.form.split(",") if f.strip()]
+    if forms != ["torchscript"]:
+        return compare_forms(args, forms)
 
     with tempfile.TemporaryDirectory(prefix="perito-bench-") as tmp:
         work = Path(tmp)
@@ -292,6 +357,78 @@ def main() -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"arch": args.arch, **raw, "c1": c1, "c16": c16}, indent=2))
+    return 0
+
+
+def compare_forms(args: argparse.Namespace, forms: list[str]) -> int:
+    """Every requested form through the same measurements, in one run: ratios to TorchScript."""
+    print(f"# CPU: {cpu_name()}; ISA: {isa_summary()}; load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"# {args.arch}, 640x480 JPEGs, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, {os.cpu_count()} cores, {args.seconds:g} s each"
+    )
+    compiled = tuple(sorted({f for f in forms if f in ("fp32", "int8", "bf16")}))
+    figures: dict[str, dict[str, object]] = {}
+    with tempfile.TemporaryDirectory(prefix="perito-bench-") as tmp:
+        work = Path(tmp)
+        jpegs = make_jpegs(work, args.images)
+        registry = publish(args.arch, work, compiled, jpegs)
+        manifest = registry.manifest(MODEL, "1")
+        for requested in forms:
+            model = load_model(
+                registry, MODEL, "1", precision=requested, warmup_batch_sizes=(1, 4, 8, 16)
+            )
+            form = model.form
+            if requested != "torchscript" and form == "torchscript-fp32":
+                reasons = {**manifest.skipped_forms, **model.passed_over}
+                print(f"# {requested}: not available here ({reasons}); skipped")
+                continue
+            row: dict[str, object] = {"form": form, "requested": requested}
+            row.update(forward_rates(model, args.seconds))
+            row.update(bench_raw(model, jpegs, args.seconds))
+            evidence = manifest.form(form)
+            row["agreement"] = evidence.agreement if evidence else 1.0
+            del model
+            port = free_port()
+            env = {
+                "PERITO_PRECISION": requested,
+                **dict(kv.split("=", 1) for kv in args.server_env),
+            }
+            server = start_server(work, port, env)
+            try:
+                row["c1"] = asyncio.run(bench_grpc(f"127.0.0.1:{port}", jpegs, 1, args.seconds))
+                row["c16"] = asyncio.run(bench_grpc(f"127.0.0.1:{port}", jpegs, 16, args.seconds))
+            finally:
+                server.send_signal(signal.SIGTERM)
+                server.wait(60)
+            figures[requested] = row
+            load = os.getloadavg()[0]
+            print(f"# measured {requested} ({form}); load average {load:.1f}", flush=True)
+
+    base = figures.get("torchscript")
+    base_b8 = float(base["forward_b8"]) if base else float("nan")  # type: ignore[arg-type]
+    print(
+        "\n| form | agreement | forward b1 | forward b8 | b8 vs TorchScript | raw best "
+        "| raw overlapped | raw single p50 ms | Classify c1 p50 ms | c16 images/s | c16 p99 ms "
+        "| c16 / overlapped |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for row in figures.values():
+        c1, c16 = row["c1"], row["c16"]
+        assert isinstance(c1, dict) and isinstance(c16, dict)
+        overlapped = float(row["raw_overlapped_b8"])  # type: ignore[arg-type]
+        print(
+            f"| {row['form']} | {float(row['agreement']):.1%} "  # type: ignore[arg-type]
+            f"| {float(row['forward_b1']):.1f} | {float(row['forward_b8']):.1f} "  # type: ignore[arg-type]
+            f"| {float(row['forward_b8']) / base_b8:.2f}x "  # type: ignore[arg-type]
+            f"| {float(row['raw_sequential_best']):.1f} | {overlapped:.1f} "  # type: ignore[arg-type]
+            f"| {float(row['raw_single_p50_ms']):.1f} | {c1['p50_ms']:.1f} "  # type: ignore[arg-type]
+            f"| {c16['images_per_s']:.1f} | {c16['p99_ms']:.0f} "
+            f"| {c16['images_per_s'] / overlapped:.2f} |"
+        )
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"arch": args.arch, "forms": figures}, indent=2))
     return 0
 
 

@@ -1,0 +1,92 @@
+"""The form that answers, over a real socket and in a worker: `PERITO_PRECISION` and fallback.
+
+A tiny model published with an OpenVINO FP32 form: the server answers with it when asked for
+`fp32` (or `auto`), with TorchScript when asked for `torchscript` or for a precision the
+version lacks, and every result says which; a job item does the same in the worker's code.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import perito
+from perito_core.compile import build_forms
+from perito_core.forms import load_model
+from perito_core.jobs import ItemInput, ItemState, Job, JobState
+from perito_core.registry import ModelRegistry
+from perito_server.settings import ServerSettings
+from tests.conftest import publish_tiny
+from tests.helpers import TINY_INPUT, ServerThread
+
+pytest.importorskip("openvino", reason="OpenVINO (optional engine, perito[serve]) not installed")
+pytest.importorskip("nncf", reason="NNCF (INT8 quantization) not installed")
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def registry_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_file: Path) -> Path:
+    root = tmp_path_factory.mktemp("registry")
+    registry = ModelRegistry.open(str(root), cache_dir=root / ".publish-cache")
+    spec = TINY_INPUT.spec()
+    images = np.random.default_rng(0).integers(0, 256, (24, spec.height, spec.width, 3), np.uint8)
+    built = build_forms(
+        tiny_model_file,
+        TINY_INPUT,
+        tmp_path_factory.mktemp("forms"),
+        calibration=images[:16],
+        holdout=images[16:],
+        precisions=("fp32",),
+    )
+    publish_tiny(registry, tiny_model_file, forms=built.forms, skipped_forms=built.skipped)
+    return root
+
+
+def _jpeg() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48), (200, 40, 40)).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(params=["fp32", "auto", "torchscript", "int8"])
+def served(
+    request: pytest.FixtureRequest, registry_dir: Path, tmp_path: Path
+) -> Iterator[tuple[str, ServerThread]]:
+    settings = ServerSettings(
+        port=0, registry=str(registry_dir), cache_dir=tmp_path, precision=request.param
+    )
+    with ServerThread(settings) as running:
+        yield request.param, running
+
+
+def test_every_classify_result_names_the_form_that_answered(
+    served: tuple[str, ServerThread],
+) -> None:
+    precision, server = served
+    expected = "openvino-fp32" if precision in ("fp32", "auto") else "torchscript-fp32"
+    with perito.Client(server.target, timeout=60) as client:
+        results = client.classify([_jpeg(), _jpeg()], model="tiny")
+        assert [r.form for r in results] == [expected, expected]
+        card = client.get_model("tiny")
+    forms = card.versions[-1].card["forms"]
+    assert [form["name"] for form in forms] == ["openvino-fp32"]
+
+
+def test_a_job_item_names_the_form_that_answered(registry_dir: Path, tmp_path: Path) -> None:
+    from perito_worker.processing import _classify, _Prepared
+
+    registry = ModelRegistry.open(str(registry_dir), cache_dir=tmp_path)
+    model = load_model(registry, "tiny", "1", precision="fp32")
+    job = Job(id="j", state=JobState.RUNNING, model="tiny", model_version="1", total=1)
+    pixels = np.zeros((32, 32, 3), dtype=np.uint8)
+    item = ItemInput(uri="file:///x.jpg", id="x")
+    (result,) = _classify(job, model, [_Prepared(0, item, pixels)])
+    assert result.state is ItemState.SUCCEEDED
+    assert result.form == "openvino-fp32"
+    assert '"form":"openvino-fp32"' in result.to_json()
