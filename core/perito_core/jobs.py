@@ -73,10 +73,13 @@ class ItemState(enum.StrEnum):
 
 @dataclass(frozen=True)
 class ItemInput:
-    """One item of a job as submitted: an id, and a URI unless it came inline."""
+    """One item of a job as submitted: an id, and a URI unless it came inline. `error` is set
+    for an item found unreadable at submission (a listed object outside what the caller may
+    read, such as a symlink out of the folder): it fails with that reason, never read."""
 
     id: str
     uri: str = ""
+    error: str = ""
 
 
 @dataclass
@@ -511,7 +514,10 @@ class JobStore:
                         f"more than {max_items:,} images; the limit per job is {max_items:,}",
                         field="input",
                     )
-                page.append(json.dumps({"id": item.id, "uri": item.uri}))
+                record = {"id": item.id, "uri": item.uri}
+                if item.error:
+                    record["error"] = item.error
+                page.append(json.dumps(record))
                 if len(page) == _INPUTS_PAGE:
                     self._append_inputs(building, page)
                     page = []

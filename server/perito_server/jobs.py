@@ -202,6 +202,15 @@ class JobService:
         uri = self.check_location(tenant, uri, "read", field)
         return ItemInput(id=item_id or default_item_id(uri), uri=uri)
 
+    def _listed_item(self, tenant: Tenant, uri: str) -> ItemInput:
+        """An object found under a listed prefix. One the tenant may not read (a symlink out
+        of the folder, out of the tenant's prefixes) is not the job's failure but that item's:
+        it is recorded failed with the reason, and never read."""
+        try:
+            return self._uri_item(tenant, uri, "prefix")
+        except (InvalidArgument, PermissionDenied) as exc:
+            return ItemInput(id=default_item_id(uri), uri=uri, error=f"{exc.reason}: {exc.message}")
+
     def _items(
         self, request: jobs_pb2.SubmitJobRequest, tenant: Tenant
     ) -> tuple[Iterable[ItemInput], dict[int, bytes]]:
@@ -228,9 +237,7 @@ class JobService:
             ), inline
         if kind == "prefix":
             prefix = self.check_location(tenant, request.prefix, "read", "prefix")
-            listed = (
-                self._uri_item(tenant, uri, "prefix") for uri in self.sources.iter_prefix(prefix)
-            )
+            listed = (self._listed_item(tenant, uri) for uri in self.sources.iter_prefix(prefix))
             return _non_empty(listed, f"no images under {request.prefix!r}", "prefix"), inline
         if kind == "manifest_uri":
             manifest = self.check_location(tenant, request.manifest_uri, "read", "manifest_uri")

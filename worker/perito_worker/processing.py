@@ -94,6 +94,8 @@ def _prepare(
     """Fetch and decode one image; whatever goes wrong with it is that item's failure only,
     except object storage being unreachable, which ends the attempt (retried later)."""
     limits = rt.settings.image_limits()
+    if item.error:  # found unreadable at submission
+        return _Prepared(index, item, None, item.error)
     try:
         if item.uri:
             data = rt.sources.read(item.uri, max_bytes=limits.max_bytes)
