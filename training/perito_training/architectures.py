@@ -105,7 +105,13 @@ def _resnet18(num_classes: int, config: ModelConfig) -> nn.Module:
         scratch: nn.Module = resnet18(weights=None, num_classes=num_classes)
         return scratch
     network = resnet18(weights=None)
-    state = load_state_dict_file(config.weights)
+    # The head is replaced below: a file from a network trained on other classes (any number
+    # of them, not only ImageNet's 1,000) fits, as its `fc.*` tensors are not used.
+    state = {
+        key: value
+        for key, value in load_state_dict_file(config.weights).items()
+        if not key.startswith("fc.")
+    }
     missing, unexpected = network.load_state_dict(state, strict=False)
     backbone_missing = [key for key in missing if not key.startswith("fc.")]
     if backbone_missing or unexpected:
