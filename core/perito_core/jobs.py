@@ -342,6 +342,8 @@ JOBS_KEY = f"{PREFIX}:jobs"
 DEAD_LETTER_KEY = f"{PREFIX}:dead-letter"
 DEAD_LETTER_CAP = 10_000
 REQUEST_ID_TTL_S = 24 * 3600
+# What a request id's key holds once the job it made is deleted: "deleted:{job id}".
+DELETED_MARK = "deleted:"
 # A half-written job's inputs (its submission died while listing) expire after this.
 _BUILDING_TTL_S = 3600
 _INPUTS_PAGE = 1000
@@ -439,11 +441,15 @@ class JobStore:
         """The job id for a SubmitJob `request_id` (Google AIP-155): `job_id` if this is the
         first time `tenant` used the id in 24 h, else the job its first request made. Ids are
         scoped per tenant: another tenant's id never names (nor reveals) someone's job."""
-        scope = f"{tenant}:" if tenant else ""
-        key = f"{PREFIX}:request:{scope}{request_id}"
+        key = self._request_key(request_id, tenant)
         if self.redis.set(key, job_id, nx=True, ex=REQUEST_ID_TTL_S):
             return job_id
         return _decode(self.redis.get(key)) or job_id
+
+    @staticmethod
+    def _request_key(request_id: str, tenant: str) -> str:
+        scope = f"{tenant}:" if tenant else ""
+        return f"{PREFIX}:request:{scope}{request_id}"
 
     @_redis_unavailable
     def reserve_slot(self, tenant: str, job_id: str, limit: int) -> bool:
@@ -912,7 +918,9 @@ class JobStore:
         Raises:
             NotFound: no such job.
         """
-        tenant = _decode(self.redis.hget(self._key(job_id), "tenant"))
+        tenant, request_id = (
+            _decode(v) for v in self.redis.hmget(self._key(job_id), ["tenant", "request_id"])
+        )
         outcome = self._delete(
             keys=[
                 self._key(job_id),
@@ -927,6 +935,9 @@ class JobStore:
         )
         if outcome == b"gone" or outcome == "gone":
             raise NotFound(f"job {job_id!r} not found", field="job_id")
+        if outcome and request_id:  # a retry of its request must not make the job again
+            key = self._request_key(request_id, tenant)
+            self.redis.set(key, DELETED_MARK + job_id, xx=True, keepttl=True)
         return bool(outcome)
 
     @_redis_unavailable

@@ -83,9 +83,17 @@ class SourceReader:
             raise InvalidArgument(f"{uri!r} cannot be resolved: {exc}", field="input") from None
         if not any(path.is_relative_to(root) for root in self.local_roots):
             allowed = ", ".join(map(str, self.local_roots)) or "none configured"
+            given = Path(local_path_of(uri)).absolute()
+            if any(given.is_relative_to(root) for root in self.local_roots):
+                # Where the link points is not told: it may be somewhere the caller cannot read.
+                raise InvalidArgument(
+                    f"{uri!r} is a symbolic link that leads out of the allowed local roots "
+                    f"({allowed}); links are followed only within them",
+                    field="input",
+                )
             raise InvalidArgument(
-                f"{uri!r} is not under an allowed local root ({allowed}); use s3:// URIs, "
-                "or start the server and workers with --local-root",
+                f"{uri!r} is not under an allowed local root ({allowed}); use s3:// URIs, or "
+                "start the server and workers with --local-root (PERITO_LOCAL_ROOTS)",
                 field="input",
             )
         return path

@@ -67,6 +67,14 @@ _registry_option = click.option(
 @_registry_option
 @click.option("--device", help="auto, cpu, cuda, cuda:1 ... (env PERITO_DEVICE).")
 @click.option("--preload", multiple=True, help="NAME[@VERSION] to load before serving.")
+@click.option(
+    "--local-root",
+    "local_roots",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="A folder jobs may read images from and write results to (repeatable; env "
+    "PERITO_LOCAL_ROOTS, a JSON list). The workers need the same.",
+)
 @click.option("--max-batch-size", type=int, help="Images per forward pass (default 4).")
 @click.option("--max-queue-delay-ms", type=float, help="Wait for a fuller batch (default 2).")
 @click.option("--max-queue-size", type=int, help="Images admitted and waiting (default 256).")

@@ -18,8 +18,14 @@ import redis
 from google.protobuf import timestamp_pb2
 
 from perito.v1 import classify_pb2, jobs_pb2
-from perito_core.errors import InvalidArgument, NotFound, PermissionDenied, QuotaExceeded
-from perito_core.jobs import ItemInput, ItemResult, ItemState, Job, JobState, JobStore
+from perito_core.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    QuotaExceeded,
+)
+from perito_core.jobs import DELETED_MARK, ItemInput, ItemResult, ItemState, Job, JobState, JobStore
 from perito_core.queue import make_celery, send_chunks
 from perito_core.registry import validate_model_name
 from perito_core.results import check_output_writable, finalize_job
@@ -283,6 +289,13 @@ class JobService:
             job_id = await self._run(
                 self.store.claim_request, request.request_id, job_id, tenant.name
             )
+            if job_id.startswith(DELETED_MARK):
+                raise FailedPrecondition(
+                    f"request_id {request.request_id!r} made job "
+                    f"{job_id.removeprefix(DELETED_MARK)!r}, since deleted; a new job needs a "
+                    "new request_id",
+                    field="request_id",
+                )
             if await self._run(self.store.exists, job_id):  # a retry: the job it made
                 return job_to_proto(await self._owned(job_id, tenant))
         if request.output_uri:

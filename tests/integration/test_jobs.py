@@ -377,7 +377,7 @@ def test_odd_files_in_a_folder_job_fail_alone_and_the_job_ends_within_seconds(
     assert (job.total, job.succeeded, job.failed) == (8, 4, 4)
     failed = {Path(r.uri).name: r.error for r in bulk.client.job(job.id).results(failed_only=True)}
     assert set(failed) == {"outside.png", "x.jpg", "pipe.png", "sparse.png"}, failed
-    assert "not under an allowed local root" in failed["outside.png"]
+    assert "symbolic link that leads out of the allowed local roots" in failed["outside.png"]
     assert "TOO_LARGE" in failed["sparse.png"]
     assert seconds < 20, seconds
 
@@ -403,8 +403,10 @@ def test_an_unwritable_output_location_is_refused_at_submission(bulk: Bulk) -> N
 
 def test_a_deleted_job_is_gone_and_its_results_file_stays(bulk: Bulk, redis_url: str) -> None:
     uris = [f"s3://inspections/fmnist/{n}" for n in sorted(bulk.truth)[:3]]
-    job = bulk.client.submit_job(uris, model="fashion").wait(60)
+    job = bulk.client.submit_job(uris, model="fashion", request_id="to-delete").wait(60)
     bulk.client.delete_job(job.id)
+    with pytest.raises(perito.FailedPreconditionError, match="since deleted"):
+        bulk.client.submit_job(uris, model="fashion", request_id="to-delete")  # not made again
     with pytest.raises(perito.NotFoundError):
         bulk.client.get_job(job.id)
     assert not JobStore.connect(redis_url).redis.keys(f"perito:job:{job.id}*")
