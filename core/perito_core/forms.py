@@ -6,8 +6,10 @@ forms (OpenVINO IR in FP32, BF16 or INT8) that passed the accuracy gate at publi
 
 - `auto`: every compiled form this CPU can run is loaded and timed on a short warm-up at the
   largest batch the caller will use; the fastest serves. Measured rather than ruled, because
-  the order changes with the silicon: on an AVX2-only EPYC INT8 runs at about 1.5-2x FP32 (no
-  VNNI), on an AMX Xeon at about 8x, and BF16 beats INT8 on some networks.
+  the order changes with the silicon and the network: on an AMX Xeon OpenVINO INT8 ran
+  ResNet-18 at 8x TorchScript and BF16 at 4.8x (shared/PERFORMANCE.md); on an AVX2-only EPYC
+  (no VNNI, no BF16) INT8 gains only about 1.2-1.4x over OpenVINO FP32 (README), and a
+  partly quantized network (depthwise convolutions kept FP32) may not beat FP32 at all.
 - `fp32` / `bf16` / `int8`: that precision's compiled form (`fp32` without one: TorchScript).
 - `torchscript`: the reference itself.
 
