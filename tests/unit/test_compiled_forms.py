@@ -26,8 +26,12 @@ from perito_training.architectures import ARCHITECTURES, get_architecture
 from perito_training.export import save_torchscript
 from perito_training.trainer import build_model, input_contract
 
-pytest.importorskip("openvino", reason="OpenVINO (optional engine, perito[serve]) not installed")
-pytest.importorskip("nncf", reason="NNCF (INT8 quantization) not installed")
+
+def _needs_engine() -> None:
+    """Skip, saying why, where the optional engine is not installed."""
+    pytest.importorskip("openvino", reason="OpenVINO (optional engine, perito[serve]) missing")
+    pytest.importorskip("nncf", reason="NNCF (INT8 quantization, perito[serve]) missing")
+
 
 # Largest probability difference INT8 may show against model.pt for an untrained 3-class head
 # at temperature 0.5 (sharp outputs; measured up to 0.14 for EfficientNet-Lite0).
@@ -89,6 +93,7 @@ def _holdout(photos: dict[str, Path], spec: InputSpec, per_photo: int = 6) -> np
 def test_imagenet_int8_agrees_with_fp32_on_real_photos(
     lite0_dir: Path, photos: dict[str, Path], tmp_path: Path
 ) -> None:
+    _needs_engine()
     from perito_training.pretrained import EFFICIENTNET_LITE0_INPUT
 
     contract = EFFICIENTNET_LITE0_INPUT
@@ -165,6 +170,7 @@ def _publish_with_forms(
 def test_a_tampered_compiled_file_is_refused_and_torchscript_answers(
     tiny_model_file: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    _needs_engine()
     from tests.helpers import TINY_INPUT
 
     registry = ModelRegistry.open(str(tmp_path / "registry"), cache_dir=tmp_path / "cache")
@@ -213,6 +219,7 @@ def test_precision_names_are_checked(tiny_model_file: Path, tmp_path: Path) -> N
 
 def test_torch_reference_is_untouched_by_conversion(tiny_model_file: Path, tmp_path: Path) -> None:
     """Converting must not change model.pt or its outputs (the reference stays canonical)."""
+    _needs_engine()
     from perito_core.manifest import sha256_file
     from tests.helpers import TINY_INPUT
 
@@ -229,6 +236,7 @@ def test_every_architecture_compiles_and_matches_the_reference_on_photos(
 ) -> None:
     """FP32 IR matches model.pt to 1e-4; INT8 loads, serves and stays close (untrained nets:
     near-uniform outputs, so top-1 agreement is not a fair test here; the ImageNet one is)."""
+    _needs_engine()
     from tests.unit.test_training_export import _config, _weights_file
 
     extra = {"weights": _weights_file(tmp_path)} if architecture == "resnet18" else {}
@@ -267,3 +275,39 @@ def test_every_architecture_compiles_and_matches_the_reference_on_photos(
         np.testing.assert_allclose(
             served.predict(holdout), reference.predict(holdout), atol=tolerance
         )
+
+
+def test_a_form_that_cannot_load_here_falls_back_with_the_reason(
+    tiny_model_file: Path, tmp_path: Path
+) -> None:
+    """A listed, verified form this machine cannot run (no engine installed, or an IR it cannot
+    compile, e.g. from a newer engine) is passed over, and TorchScript answers."""
+    from perito_core.manifest import CompiledForm, FormFile, sha256_file
+    from tests.helpers import TINY_INPUT
+
+    folder = tmp_path / "openvino-fp32"
+    folder.mkdir()
+    (folder / "model.xml").write_text('<?xml version="1.0"?><net name="x" version="99"></net>')
+    entry = FormFile(
+        file="model.xml",
+        sha256=sha256_file(folder / "model.xml"),
+        size_bytes=(folder / "model.xml").stat().st_size,
+    )
+    form = CompiledForm(
+        name="openvino-fp32",
+        engine="openvino",
+        engine_version="2099.1",
+        precision="fp32",
+        files=[entry],
+        agreement=1.0,
+        max_abs_diff=0.0,
+        images=8,
+    )
+    registry = ModelRegistry.open(str(tmp_path / "registry"), cache_dir=tmp_path / "cache")
+    registry.publish(
+        "foreign", tiny_model_file, labels=["a", "b", "c"], input=TINY_INPUT, forms=[(form, folder)]
+    )
+    model = load_model(registry, "foreign", "1", precision="auto")
+    assert model.form == "torchscript-fp32"
+    reason = model.passed_over["openvino-fp32"]
+    assert "not installed" in reason or "does not compile here" in reason
