@@ -66,6 +66,12 @@ _registry_option = click.option(
 @click.option("--port", type=int, help="Port, 0 for any free one (env PERITO_PORT, default 8500).")
 @_registry_option
 @click.option("--device", help="auto, cpu, cuda, cuda:1 ... (env PERITO_DEVICE).")
+@click.option(
+    "--precision",
+    type=click.Choice(["auto", "fp32", "bf16", "int8", "torchscript"]),
+    help="Which form serves: auto (the fastest verified compiled form, else TorchScript), "
+    "fp32, bf16, int8 or torchscript (env PERITO_PRECISION).",
+)
 @click.option("--preload", multiple=True, help="NAME[@VERSION] to load before serving.")
 @click.option(
     "--local-root",

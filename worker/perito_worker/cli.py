@@ -26,6 +26,12 @@ import click
     help="A folder jobs may read images from and write results to (repeatable).",
 )
 @click.option("--device", help="auto, cpu, cuda, cuda:1 ... (env PERITO_DEVICE).")
+@click.option(
+    "--precision",
+    type=click.Choice(["auto", "fp32", "bf16", "int8", "torchscript"]),
+    help="Which form serves: auto (the fastest verified compiled form, else TorchScript), "
+    "fp32, bf16, int8 or torchscript (env PERITO_PRECISION).",
+)
 @click.option("--concurrency", type=int, help="Worker processes (default 1).")
 @click.option(
     "--pool",
