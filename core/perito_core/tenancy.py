@@ -39,7 +39,7 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -389,6 +389,9 @@ class Tenants:
         path: the tenants file, or None.
         tokens: `PERITO_AUTH_TOKENS`, used when there is no file: one tenant, every right.
         check_interval_s: how often the file's modification time is looked at on lookup.
+
+    `on_reload`, if set, is called after each re-read with whether it was read (the server
+    writes the change to the audit log).
     """
 
     def __init__(
@@ -407,6 +410,7 @@ class Tenants:
         self._stamp: tuple[int, int] | None = None
         self._checked = 0.0
         self.reloads = 0
+        self.on_reload: Callable[[bool], None] | None = None
         self.anonymous: Tenant | None = None
         if path is not None:
             self._load()
@@ -468,9 +472,13 @@ class Tenants:
         except (InvalidArgument, OSError) as exc:
             message = exc.message if isinstance(exc, InvalidArgument) else str(exc)
             log.error("tenants file %s not reloaded (the previous stays): %s", self.path, message)
-            return False
-        log.info("tenants file %s loaded: %d tenants", self.path, len(self._by_name))
-        return True
+            loaded = False
+        else:
+            log.info("tenants file %s loaded: %d tenants", self.path, len(self._by_name))
+            loaded = True
+        if self.on_reload is not None:
+            self.on_reload(loaded)
+        return loaded
 
     def _maybe_reload(self) -> None:
         if self.path is None:

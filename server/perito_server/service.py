@@ -70,6 +70,7 @@ class PeritoServicer(service_pb2_grpc.PeritoServicer):
         self.tenants = tenants or Tenants()
         self.limiter = RateLimiter(jobs.store.redis)
         self.audit = AuditLog(jobs.store.redis, settings.job_retention.total_seconds())
+        self.tenants.on_reload = self._audit_reload
         self.limits: ImageLimits = settings.image_limits()
         self._decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
         # Encoded request bytes admitted to any model's batcher and not yet answered.
@@ -79,10 +80,11 @@ class PeritoServicer(service_pb2_grpc.PeritoServicer):
         self._decode_pool.shutdown(wait=False, cancel_futures=True)
 
     def reload_tenants(self) -> None:
-        """Re-read the tenants file (SIGHUP), and audit the change."""
-        if self.tenants.path is None:
-            return
-        loaded = self.tenants.reload()
+        """Re-read the tenants file (SIGHUP); `_audit_reload` records it."""
+        self.tenants.reload()
+
+    def _audit_reload(self, loaded: bool) -> None:
+        """Audit a re-read of the tenants file (changed on disk, or SIGHUP)."""
         self.audit.record(
             tenant="",
             method="tenants.reload",

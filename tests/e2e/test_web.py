@@ -4,6 +4,7 @@ With tenants: sign-in with a token, CSRF refusals, and each tenant seeing its ow
 
 from __future__ import annotations
 
+import re
 import shutil
 import socket
 import threading
@@ -331,7 +332,10 @@ def test_the_page_signs_in_and_shows_only_the_tenants_jobs(
         page.click("nav a[data-tab=job]")
         page.set_input_files("#files", [str(photos["coffee"])])
         page.click("#job-button")
-        expect(page.locator("#job-state")).to_have_text("queued", timeout=30_000)
+        # Queued here, unless a worker of another test's service shares this Redis.
+        expect(page.locator("#job-state")).to_have_text(
+            re.compile("queued|running|succeeded"), timeout=30_000
+        )
         mine = page.url.rsplit("/", 1)[-1]
         with perito.Client(target, token=tokens["acme"]) as acme:
             acmes = [job.id for job in acme.list_jobs()]

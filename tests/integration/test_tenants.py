@@ -384,6 +384,11 @@ def test_the_tenants_file_is_reread_when_it_changes(tenancy: Tenancy) -> None:
     time.sleep(1.2)  # the file is looked at once a second
     with perito.Client(tenancy.server.target, token=token) as client:
         assert [m.name for m in client.list_models()] == ["tiny"]
+    from perito_core.audit import AuditLog
+
+    store = tenancy.server.running.servicer.jobs.store  # type: ignore[attr-defined]
+    [reload] = AuditLog(store.redis, 3600).list(method="tenants.reload", limit=1)
+    assert reload.outcome == "OK" and reload.resource == str(path)
 
 
 def _peak_rss_kib(pid: int) -> int:
