@@ -162,6 +162,16 @@ class Job:
     def done(self) -> int:
         return self.succeeded + self.failed + self.cancelled
 
+    @property
+    def chunks(self) -> int:
+        """How many chunks the job is split into."""
+        return chunk_count(self.total, self.chunk_size)
+
+
+def chunk_count(total: int, chunk_size: int) -> int:
+    """Chunks of `chunk_size` items (the last may be shorter) that `total` items make."""
+    return -(-total // chunk_size)
+
 
 # The scripts below refuse to touch a job that is gone (deleted after its retention) or
 # terminal, so a late worker never recreates keys nobody will delete.
@@ -568,10 +578,7 @@ class JobStore:
         **fields: Any,
     ) -> tuple[Job, bool]:
         key = self._key(job_id)
-        chunks = {
-            chunk: min(chunk_size, total - chunk * chunk_size)
-            for chunk in range(-(-total // chunk_size))
-        }
+        chunks = chunk_count(total, chunk_size)
         with self.redis.pipeline(transaction=True) as pipe:
             try:
                 pipe.watch(key)  # type: ignore[no-untyped-call]
@@ -598,8 +605,11 @@ class JobStore:
                 pipe.persist(self._key(job_id, "inputs"))
                 if inline:
                     pipe.hset(self._key(job_id, "inline"), mapping=inline)  # type: ignore[arg-type]
-                for start in range(0, len(chunks), _INPUTS_PAGE):
-                    page = dict(list(chunks.items())[start : start + _INPUTS_PAGE])
+                for first in range(0, chunks, _INPUTS_PAGE):  # chunk -> its items not recorded
+                    page = {
+                        chunk: min(chunk_size, total - chunk * chunk_size)
+                        for chunk in range(first, min(first + _INPUTS_PAGE, chunks))
+                    }
                     pipe.hset(self._key(job_id, "open"), mapping=page)  # type: ignore[arg-type]
                 pipe.zadd(JOBS_KEY, {job_id: now})
                 pipe.zadd(ACTIVE_JOBS_KEY, {key: now})

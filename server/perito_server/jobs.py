@@ -388,7 +388,7 @@ class JobService:
             send_chunks(
                 self.celery,
                 job.id,
-                range(-(-job.total // job.chunk_size)),
+                range(job.chunks),
                 chunk_size=job.chunk_size,
                 total=job.total,
                 item_time_limit_s=self.settings.item_time_limit_s,
