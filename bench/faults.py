@@ -86,7 +86,9 @@ from PIL import Image  # noqa: E402
 from torch import nn  # noqa: E402
 
 import perito  # noqa: E402
+from perito_core.jobs import JobStore  # noqa: E402
 from perito_core.registry import ModelRegistry  # noqa: E402
+from perito_core.tenancy import ANONYMOUS_TENANT  # noqa: E402
 from perito_training.export import export_torchscript  # noqa: E402
 from scripts.processes import Proc, ProcessFailed, free_port, redis_proc  # noqa: E402
 from tests.helpers import TINY_INPUT, tiny_network  # noqa: E402
@@ -763,8 +765,9 @@ def scenario_kill_server(lab: Lab, out: Outcome, sampler: Sampler) -> None:
 
 
 def _request_job(stack: Stack, request_id: str) -> str:
-    """The job id a request id is recorded with in Redis ('' if none)."""
-    value = stack.r.get(f"perito:request:{request_id}")
+    """The job id a request id is recorded with in Redis ('' if none). The stacks run without
+    auth, so the id is the anonymous tenant's (request ids are scoped per tenant)."""
+    value = stack.r.get(JobStore._request_key(request_id, ANONYMOUS_TENANT))
     return value.decode() if isinstance(value, bytes) else ""
 
 
