@@ -17,6 +17,10 @@ Every compiled file is sha256-verified before it loads, like `model.pt`; a form 
 missing, tampered with, needs CPU features this machine lacks, or fails to load or to honour
 the contract is passed over with a logged reason, and TorchScript answers when none is left.
 OpenVINO is optional (`perito[serve]` pins it): without it every version serves TorchScript.
+
+A version imported from ONNX (`artifact.format == "onnx"`) has no `model.pt`: its verified
+`model.onnx` is the reference and the only form, served by ONNX Runtime on the CPU
+(`perito_core.onnx_model.OnnxModel`, form `onnxruntime-fp32`) whatever the precision asked.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import torch
 
 from perito_core.errors import ModelLoadError, PeritoError
 from perito_core.manifest import CompiledForm, ModelManifest
-from perito_core.registry import ModelRegistry
+from perito_core.registry import LocalArtifact, ModelRegistry
 from perito_core.runtime import LoadedModel, pick_device
 
 log = logging.getLogger(__name__)
@@ -176,6 +180,8 @@ def load_model(
     start = time.perf_counter()
     artifact = registry.fetch(name, version)
     manifest = artifact.manifest
+    if manifest.artifact.format == "onnx":
+        return _load_onnx(artifact, precision, device, warmup_batch_sizes, start)
     passed_over: dict[str, str] = {}
     loaded: list[LoadedModel] = []
     candidates = candidate_forms(manifest, precision)
@@ -222,6 +228,30 @@ def load_model(
     chosen.load_seconds = time.perf_counter() - start
     log.info("%s@%s: serving form %s", name, version, chosen.form)
     return chosen
+
+
+def _load_onnx(
+    artifact: LocalArtifact,
+    precision: str,
+    device: str,
+    warmup_batch_sizes: tuple[int, ...],
+    start: float,
+) -> LoadedModel:
+    """An imported ONNX version: its one form, whatever `precision` asked, on the CPU."""
+    from perito_core.onnx_model import OnnxModel
+
+    manifest = artifact.manifest
+    model = OnnxModel.load(artifact.path, manifest, warmup_batch_sizes=warmup_batch_sizes)
+    label = f"{manifest.name}@{manifest.version}"
+    if precision not in ("auto", "fp32"):
+        model.passed_over[precision] = "an imported ONNX model has only its own form"
+        log.info("%s: precision %s asked; an ONNX model serves as imported", label, precision)
+    if pick_device(device).type != "cpu":
+        model.passed_over[str(pick_device(device))] = "ONNX models serve on the CPU"
+        log.info("%s: ONNX Runtime serves on the CPU, not %s", label, device)
+    model.load_seconds = time.perf_counter() - start
+    log.info("%s: serving form %s", label, model.form)
+    return model
 
 
 def _images_per_second(model: LoadedModel, batch_size: int) -> float:

@@ -2,7 +2,9 @@
 
 `{registry}/models/{name}/{version}/manifest.json` says how to feed the module (`input`), what
 its outputs mean (`labels`), how to verify it (`artifact.sha256`), and carries the model card
-(metrics, calibration, training data fingerprint, training config).
+(metrics, calibration, training data fingerprint, training config). An imported ONNX model
+(`artifact.format == "onnx"`) also carries its tensor contract (`tensor`): the layout, dtype,
+scaling, mean / std and channel order its graph expects, and what its output means.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from perito_core.imaging import InputSpec, Interpolation, ResizeMode
 
@@ -47,6 +49,11 @@ class InputContract(BaseModel):
         )
 
 
+ArtifactFormat = Literal["torchscript", "onnx"]
+# The reference file's name in a version's folder, by format.
+ARTIFACT_FILES: dict[str, str] = {"torchscript": "model.pt", "onnx": "model.onnx"}
+
+
 class Artifact(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -54,9 +61,68 @@ class Artifact(BaseModel):
     # separators, no leading dot (so no `..`), nothing a stored manifest could use to make a
     # reader fetch or write outside the version's folder.
     file: str = Field("model.pt", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-    format: Literal["torchscript"] = "torchscript"
+    # `torchscript`: model.pt, uint8 NCHW RGB in, probabilities out, normalising inside.
+    # `onnx`: model.onnx, fed and read as the manifest's `tensor` contract says (ONNX Runtime).
+    format: ArtifactFormat = "torchscript"
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     size_bytes: int = Field(ge=0)
+
+
+Layout = Literal["NCHW", "NHWC"]
+TensorDtype = Literal["float32", "float16", "uint8"]
+ChannelOrder = Literal["RGB", "BGR"]
+OutputKind = Literal["probabilities", "logits", "sigmoid"]
+
+
+class TensorContract(BaseModel):
+    """How the runtime feeds a graph that does not normalise inside, and reads its output.
+
+    The shared decode and resize (`perito_core.imaging.load_model_input`) give every model the
+    same uint8 RGB image at the input size; for an ONNX model the runtime then computes, per
+    pixel and channel, `(value * scale - mean[c]) / std[c]` in float32 after reordering the
+    channels to `channel_order` (so `mean` and `std` are in that order too), lays the batch out
+    as `layout` and casts it to `dtype`. Keras' `rescale=1/255` is `scale=1/255` with the
+    default mean 0 and std 1; torchvision's is `scale=1/255` with the ImageNet mean and std;
+    Keras' Caffe-style `preprocess_input` is `channel_order=BGR`, `scale=1`, `mean=(103.939,
+    116.779, 123.68)`.
+
+    `output`: `probabilities` (N, classes) summing to 1; `logits` (N, classes), softmaxed by
+    the runtime; `sigmoid`, one unit (N, 1) giving the second label's probability p, served as
+    `[1 - p, p]` for exactly two labels.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    layout: Layout
+    dtype: TensorDtype = "float32"
+    scale: float = Field(gt=0.0, le=1e6)
+    mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    channel_order: ChannelOrder = "RGB"
+    output: OutputKind = "probabilities"
+
+    @field_validator("std")
+    @classmethod
+    def _std_positive(cls, std: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(value <= 0 for value in std):
+            raise ValueError(f"std must be positive in every channel, not {std}")
+        return std
+
+    @model_validator(mode="after")
+    def _uint8_is_unscaled(self) -> TensorContract:
+        """A uint8 input carries the pixels as they are: scaling it would have to round."""
+        unscaled = self.scale == 1.0 and self.mean == (0.0,) * 3 and self.std == (1.0,) * 3
+        if self.dtype == "uint8" and not unscaled:
+            raise ValueError(
+                "dtype uint8 takes the pixels as they are: scale must be 1, mean 0 and std 1 "
+                f"(got scale {self.scale}, mean {self.mean}, std {self.std})"
+            )
+        return self
+
+    @property
+    def precision(self) -> str:
+        """The form's precision, as in form names: `fp16` for a float16 graph, else `fp32`."""
+        return "fp16" if self.dtype == "float16" else "fp32"
 
 
 Precision = Literal["fp32", "bf16", "int8"]
@@ -135,6 +201,22 @@ class ModelManifest(BaseModel):
     # Compiled forms that passed the accuracy gate, and why the others were not published.
     forms: list[CompiledForm] = Field(default_factory=list)
     skipped_forms: dict[str, str] = Field(default_factory=dict)
+    # How an ONNX artifact is fed and read (required for `artifact.format == "onnx"`, absent
+    # otherwise: TorchScript takes uint8 NCHW RGB and returns probabilities).
+    tensor: TensorContract | None = None
+
+    @model_validator(mode="after")
+    def _tensor_contract_matches_format(self) -> ModelManifest:
+        onnx = self.artifact.format == "onnx"
+        if onnx and self.tensor is None:
+            raise ValueError("tensor: an ONNX artifact needs its tensor contract")
+        if not onnx and self.tensor is not None:
+            raise ValueError(f"tensor: only ONNX artifacts take one, not {self.artifact.format}")
+        if self.tensor is not None and self.tensor.output == "sigmoid" and len(self.labels) != 2:
+            raise ValueError(
+                f"tensor.output: a sigmoid unit serves exactly two labels, not {len(self.labels)}"
+            )
+        return self
 
     def form(self, name: str) -> CompiledForm | None:
         return next((form for form in self.forms if form.name == name), None)

@@ -3,6 +3,8 @@
 Layout under the store's root (a local folder or an S3 prefix):
 
     models/{name}/{version}/model.pt         TorchScript, uint8 images in, probabilities out
+    models/{name}/{version}/model.onnx       or an imported ONNX model, fed by its `tensor`
+                                             contract (then there is no model.pt)
     models/{name}/{version}/forms/{form}/... compiled forms (OpenVINO IR), listed in the manifest
     models/{name}/{version}/manifest.json    written last: a version exists once it is there
     models/{name}/aliases/{alias}.json       {"version": "3"}; aliases move, versions never do
@@ -36,10 +38,13 @@ from perito_core.errors import (
     NotFound,
 )
 from perito_core.manifest import (
+    ARTIFACT_FILES,
     Artifact,
+    ArtifactFormat,
     CompiledForm,
     InputContract,
     ModelManifest,
+    TensorContract,
     sha256_file,
 )
 from perito_core.storage import ObjectStore, S3Options, open_store
@@ -278,6 +283,8 @@ class ModelRegistry:
         aliases: tuple[str, ...] = (),
         forms: Sequence[tuple[CompiledForm, Path]] = (),
         skipped_forms: dict[str, str] | None = None,
+        artifact_format: ArtifactFormat = "torchscript",
+        tensor: TensorContract | None = None,
     ) -> ModelManifest:
         """Publish `model_file` as the next version of `name`, then point `aliases` at it.
 
@@ -285,6 +292,13 @@ class ModelRegistry:
         whose file is missing. An existing version is never overwritten. `forms` are compiled
         forms that passed the accuracy gate, each with the folder holding its files
         (`perito_core.compile.build_forms`); `skipped_forms` says why others were not built.
+        `artifact_format="onnx"` stores the file as `model.onnx` with its `tensor` contract
+        (required then, refused otherwise).
+
+        Raises:
+            InvalidArgument: an invalid model name or alias.
+            pydantic.ValidationError: a manifest that breaks its own rules (an ONNX file
+                without a tensor contract, a sigmoid output for other than two labels, ...).
         """
         validate_model_name(name)
         for alias in aliases:
@@ -296,7 +310,13 @@ class ModelRegistry:
             version=version,
             labels=labels,
             input=input,
-            artifact=Artifact(sha256=sha256_file(model_file), size_bytes=model_file.stat().st_size),
+            artifact=Artifact(
+                file=ARTIFACT_FILES[artifact_format],
+                format=artifact_format,
+                sha256=sha256_file(model_file),
+                size_bytes=model_file.stat().st_size,
+            ),
+            tensor=tensor,
             description=description,
             confidence_threshold=confidence_threshold,
             metrics=metrics or {},

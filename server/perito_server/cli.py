@@ -20,6 +20,7 @@ from perito_core.errors import PeritoError
 from perito_core.manifest import InputContract
 from perito_core.registry import ModelRegistry
 from perito_core.tenancy import ROLES, Quotas, Tenant, add_tenant
+from perito_server.onnx_import import check_onnx_loads, contract_options, is_onnx, tensor_contract
 from perito_server.settings import ServerSettings
 
 if TYPE_CHECKING:
@@ -86,6 +87,12 @@ _registry_option = click.option(
 @click.option("--max-queue-size", type=int, help="Images admitted and waiting (default 256).")
 @click.option(
     "--metrics-port", type=int, help="Prometheus /metrics port (env PERITO_METRICS_PORT; off)."
+)
+@click.option(
+    "--http-port",
+    type=int,
+    help="HTTP port for the Open Inference Protocol REST endpoints and the JSON API, 0 for any "
+    "free one (env PERITO_HTTP_PORT; off).",
 )
 @click.option(
     "--tenants-file",
@@ -178,6 +185,7 @@ def _read_labels(path: Path) -> list[str]:
     "against the TorchScript file (top-1 agreement at least --min-agreement).",
 )
 @click.option("--min-agreement", default=0.99, show_default=True)
+@contract_options
 @_registry_option
 def import_model(
     model_file: Path,
@@ -194,18 +202,30 @@ def import_model(
     calibration: Path | None,
     min_agreement: float,
     registry: str | None,
+    **contract_flags: Any,
 ) -> None:
-    """Publish a TorchScript file and its labels as the next version of a model.
+    """Publish a TorchScript or ONNX file and its labels as the next version of a model.
 
-    The module must take a uint8 RGB batch (N, 3, H, W) and return probabilities (N, classes),
-    normalising inside. It is loaded and run once before anything is written.
+    A TorchScript module must take a uint8 RGB batch (N, 3, H, W) and return probabilities
+    (N, classes), normalising inside. An ONNX file (.onnx) is served by ONNX Runtime with the
+    input contract given by --layout, --scale and the other ONNX options. Either is loaded and
+    run once before anything is written.
 
     \b
     Example:
       perito models import model.pt --name car-damage --labels labels.txt --alias staging
       perito models import model.pt --name car-damage --labels labels.txt \\
           --forms fp32,int8 --calibration ~/photos/sample
+      perito models import waste.onnx --name waste --labels labels.txt \\
+          --input-size 224 --resize-mode squash --layout NHWC --scale 1/255 --output sigmoid
     """
+    onnx = is_onnx(model_file)
+    if onnx and forms:
+        raise click.BadParameter(
+            "compiled forms are built from a TorchScript file; an ONNX model serves as "
+            "imported, by ONNX Runtime",
+            param_hint="--forms",
+        )
     precisions = tuple(p.strip() for p in forms.split(",") if p.strip())
     if any(p not in ("fp32", "int8", "bf16") for p in precisions):
         raise click.BadParameter("forms are fp32, int8 and bf16", param_hint="--forms")
@@ -225,7 +245,11 @@ def import_model(
             resize_mode=resize_mode,
             interpolation=interpolation,
         )
-        _check_loads(model_file, name, labels, contract)
+        tensor = tensor_contract(model_file, contract_flags)
+        if tensor is not None:
+            check_onnx_loads(model_file, name, labels, contract, tensor)
+        else:
+            _check_loads(model_file, name, labels, contract)
         built = _build_forms(model_file, contract, precisions, calibration, min_agreement)
         manifest = target.publish(
             name,
@@ -238,6 +262,8 @@ def import_model(
             aliases=aliases,
             forms=built.forms if built else (),
             skipped_forms=built.skipped if built else None,
+            artifact_format="onnx" if tensor is not None else "torchscript",
+            tensor=tensor,
         )
         if built:
             built.remove_files()

@@ -1,0 +1,311 @@
+"""Imported ONNX models, served by ONNX Runtime behind the same `LoadedModel` interface.
+
+Teams that train in Keras or TensorFlow reach Perito through ONNX (`tf2onnx`, `keras2onnx`,
+`torch.onnx.export`). Such a graph rarely normalises inside and rarely takes uint8: it takes
+what its training pipeline fed it, so the version's manifest carries that contract
+(`perito_core.manifest.TensorContract`): layout (NCHW / NHWC), dtype, scale, mean and std,
+channel order, and what the output is (probabilities, logits, or one sigmoid unit).
+
+The image itself is prepared by the one shared function (`perito_core.imaging.
+load_model_input`: decode, orientation, colour, resize), exactly as for TorchScript; only the
+step from those uint8 RGB pixels to the graph's input tensor is driven by the contract
+(`tensor_from_images`), and the graph's output is turned into class probabilities by
+`probabilities_from_output`. `perito_core.forms.load_model` picks `OnnxModel` when the
+manifest's artifact is ONNX, after the registry has verified `model.onnx`'s sha256.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from perito_core.errors import ModelLoadError
+from perito_core.manifest import ModelManifest, TensorContract
+from perito_core.runtime import LoadedModel
+
+log = logging.getLogger(__name__)
+
+ONNX_ENGINE = "onnxruntime"
+
+_ONNX_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "uint8": "tensor(uint8)"}
+
+
+@functools.cache
+def onnxruntime_version() -> str | None:
+    """The installed ONNX Runtime's version, or None when it is not installed."""
+    try:
+        import onnxruntime
+    except ImportError:
+        return None
+    return str(onnxruntime.__version__)
+
+
+def onnx_form_name(contract: TensorContract) -> str:
+    """What `Classify` results and job items name as the form: `onnxruntime-fp32` (or fp16)."""
+    return f"{ONNX_ENGINE}-{contract.precision}"
+
+
+def tensor_from_images(images: np.ndarray, contract: TensorContract) -> np.ndarray:
+    """The graph's input tensor for a batch of prepared images.
+
+    Args:
+        images: uint8 RGB array (N, H, W, 3) from `perito_core.imaging.load_model_input`.
+        contract: the manifest's tensor contract.
+
+    Returns:
+        A C-contiguous array in `contract.layout` ((N, 3, H, W) or (N, H, W, 3)) of
+        `contract.dtype`: `(pixel * scale - mean[c]) / std[c]`, computed in float32, with the
+        channels in `contract.channel_order` (mean and std are given in that order). uint8
+        passes the pixels through unchanged (only the channel order and layout apply).
+
+    Raises:
+        ValueError: `images` is not a uint8 (N, H, W, 3) array.
+    """
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3:
+        raise ValueError(f"expected uint8 images (N, H, W, 3), got {images.dtype} {images.shape}")
+    x: np.ndarray = images[..., ::-1] if contract.channel_order == "BGR" else images
+    if contract.dtype != "uint8":
+        x = x.astype(np.float32) * np.float32(contract.scale)
+        if contract.mean != (0.0, 0.0, 0.0):
+            x -= np.asarray(contract.mean, dtype=np.float32)
+        if contract.std != (1.0, 1.0, 1.0):
+            x /= np.asarray(contract.std, dtype=np.float32)
+    if contract.layout == "NCHW":
+        x = x.transpose(0, 3, 1, 2)
+    return np.ascontiguousarray(x, dtype=np.dtype(contract.dtype))
+
+
+def probabilities_from_output(output: np.ndarray, contract: TensorContract) -> np.ndarray:
+    """Class probabilities from the graph's first output.
+
+    Args:
+        output: (N, classes) for `probabilities` and `logits`; (N, 1) or (N,) for `sigmoid`.
+        contract: the manifest's tensor contract (`output` says which of the three it is).
+
+    Returns:
+        float32 (N, classes): as they are for `probabilities`, softmaxed `logits`, and
+        `[1 - p, p]` per image for a `sigmoid` unit p (the second label's probability).
+    """
+    values = np.asarray(output, dtype=np.float32)
+    if contract.output == "sigmoid":
+        p = values.reshape(len(values), -1)[:, :1]
+        return np.concatenate([1.0 - p, p], axis=1)
+    if contract.output == "logits":
+        shifted = values - values.max(axis=1, keepdims=True)
+        exp = np.exp(shifted)
+        return np.asarray(exp / exp.sum(axis=1, keepdims=True), dtype=np.float32)
+    return values
+
+
+def _dims(shape: Sequence[Any]) -> str:
+    return "[" + ", ".join(str(d) if isinstance(d, int) else str(d or "?") for d in shape) + "]"
+
+
+def _describe(manifest: ModelManifest) -> str:
+    """`waste@3: model.onnx`, or the file name alone for a draft being imported (version 0)."""
+    if manifest.version == "0":
+        return manifest.artifact.file
+    return f"{manifest.name}@{manifest.version}: {manifest.artifact.file}"
+
+
+def check_graph(session: Any, manifest: ModelManifest) -> int | None:
+    """Check the graph's input and output against the manifest before anything runs.
+
+    Args:
+        session: an `onnxruntime.InferenceSession` on the file.
+        manifest: the (draft or stored) manifest with its `tensor` contract.
+
+    Returns:
+        The graph's fixed batch size, or None when the batch dimension is dynamic.
+
+    Raises:
+        ModelLoadError: the graph's input shape or type contradicts the declared layout,
+            input size or dtype, or its output cannot be the declared output kind for the
+            manifest's labels; the message names the field at fault.
+    """
+    contract = manifest.tensor
+    assert contract is not None
+    what = _describe(manifest)
+    inputs = session.get_inputs()
+    if len(inputs) != 1:
+        names = ", ".join(repr(i.name) for i in inputs)
+        raise ModelLoadError(f"{what} takes {len(inputs)} inputs ({names}); an image model takes 1")
+    graph_input = inputs[0]
+    shape = list(graph_input.shape)
+    height, width = manifest.input.height, manifest.input.width
+    nchw, nhwc = ["N", 3, height, width], ["N", height, width, 3]
+    wanted = nchw if contract.layout == "NCHW" else nhwc
+    if len(shape) != 4:
+        raise ModelLoadError(
+            f"{what}: input {graph_input.name!r} has shape {_dims(shape)}; layout "
+            f"{contract.layout} needs a 4-D batch {_dims(wanted)}"
+        )
+
+    def fits(expected: list[Any]) -> bool:
+        return all(
+            not isinstance(got, int) or got == want
+            for got, want in zip(shape[1:], expected[1:], strict=True)
+        )
+
+    if not fits(wanted):
+        other, other_shape = ("NHWC", nhwc) if contract.layout == "NCHW" else ("NCHW", nchw)
+        if fits(other_shape):
+            raise ModelLoadError(
+                f"{what}: layout {contract.layout} contradicts input {graph_input.name!r} of "
+                f"shape {_dims(shape)}, which is {other}: declare layout {other}"
+            )
+        raise ModelLoadError(
+            f"{what}: input {graph_input.name!r} of shape {_dims(shape)} does not take "
+            f"{_dims(wanted)}: check the input size ({height}x{width}) and layout "
+            f"({contract.layout})"
+        )
+    expected_type = _ONNX_TYPES[contract.dtype]
+    if graph_input.type != expected_type:
+        raise ModelLoadError(
+            f"{what}: dtype {contract.dtype} contradicts input {graph_input.name!r}, which "
+            f"is {graph_input.type}"
+        )
+    outputs = session.get_outputs()
+    out_shape = list(outputs[0].shape)
+    classes = len(manifest.labels)
+    units = 1 if contract.output == "sigmoid" else classes
+    last = out_shape[-1] if out_shape else None
+    if contract.output == "sigmoid" and len(out_shape) == 1:
+        last = 1
+    if len(out_shape) not in (1, 2) or (isinstance(last, int) and last != units):
+        need = "(N, 1) for one sigmoid unit" if units == 1 else f"(N, {classes}) for the labels"
+        raise ModelLoadError(
+            f"{what}: output {contract.output} with {classes} labels needs {need}, but output "
+            f"{outputs[0].name!r} has shape {_dims(out_shape)}"
+        )
+    batch = shape[0]
+    return batch if isinstance(batch, int) and batch > 0 else None
+
+
+class OnnxModel(LoadedModel):
+    """An imported ONNX model run by ONNX Runtime on the CPU, with the manifest's contract.
+
+    Like every `LoadedModel`: `predict` takes uint8 (N, H, W, 3) images from the shared
+    preprocessing and returns float32 (N, labels) probabilities; one batch at a time.
+    """
+
+    def __init__(self, session: Any, manifest: ModelManifest, fixed_batch: int | None) -> None:
+        super().__init__(None, manifest, torch.device("cpu"))  # type: ignore[arg-type]
+        assert manifest.tensor is not None
+        self.contract = manifest.tensor
+        self._session = session
+        self._input_name: str = session.get_inputs()[0].name
+        self._output_name: str = session.get_outputs()[0].name
+        self._fixed_batch = fixed_batch
+        self.form = onnx_form_name(self.contract)
+
+    @classmethod
+    def load(  # type: ignore[override]
+        cls,
+        path: Path,
+        manifest: ModelManifest,
+        *,
+        warmup_batch_sizes: tuple[int, ...] = (1,),
+        threads: int | None = None,
+    ) -> OnnxModel:
+        """Open, check and warm an ONNX file that has already been sha256-verified.
+
+        Args:
+            path: the local, verified `model.onnx`.
+            manifest: its manifest (`artifact.format == "onnx"`, with `tensor`).
+            warmup_batch_sizes: batch sizes run twice each before the model serves.
+            threads: ONNX Runtime's intra-op threads (default: torch's thread count, the
+                same budget the TorchScript runtime uses).
+
+        Raises:
+            ModelLoadError: ONNX Runtime is not installed, the file is not a loadable ONNX
+                graph, or its input / output contradicts the manifest (naming the field).
+        """
+        start = time.perf_counter()
+        if manifest.tensor is None:
+            raise ModelLoadError(f"{manifest.name}@{manifest.version}: no tensor contract")
+        if onnxruntime_version() is None:
+            raise ModelLoadError("ONNX Runtime is not installed (pip install 'perito[serve]')")
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = max(1, threads or torch.get_num_threads())
+        options.inter_op_num_threads = 1
+        options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3
+        try:
+            session = onnxruntime.InferenceSession(
+                str(path), sess_options=options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:  # noqa: BLE001 - any failure here is a bad artifact
+            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else repr(exc)
+            raise ModelLoadError(
+                f"{_describe(manifest)}: not a loadable ONNX file: {first}"
+            ) from None
+        fixed_batch = check_graph(session, manifest)
+        model = cls(session, manifest, fixed_batch)
+        try:
+            output = model._forward(model._random_batch(2))
+        except Exception as exc:  # noqa: BLE001 - a graph that fails on a valid batch
+            raise ModelLoadError(
+                f"{_describe(manifest)}: ONNX Runtime fails on a batch of 2: {exc}"
+            ) from None
+        model._check_output(output, 2)
+        for batch_size in warmup_batch_sizes:
+            for _ in range(2):
+                model._forward(model._random_batch(batch_size))
+        model.load_seconds = time.perf_counter() - start
+        return model
+
+    def _check_output(self, output: torch.Tensor, batch_size: int) -> None:
+        if self.contract.output == "sigmoid" and not bool(
+            ((output >= 0) & (output <= 1)).all().item()
+        ):
+            raise ModelLoadError(
+                f"{_describe(self.manifest)}: output sigmoid, but the unit "
+                "gives values outside [0, 1] (logits? the sigmoid must be inside the graph)"
+            )
+        super()._check_output(output, batch_size)
+
+    def run_graph(self, tensor: np.ndarray) -> np.ndarray:
+        """The graph's first output for an input tensor already laid out by the contract.
+
+        A graph with a fixed batch size runs in slices of that size (the last one padded).
+        """
+        fixed = self._fixed_batch
+        if fixed is None or len(tensor) == fixed:
+            return np.asarray(self._session.run([self._output_name], {self._input_name: tensor})[0])
+        outputs = []
+        for start in range(0, len(tensor), fixed):
+            part = tensor[start : start + fixed]
+            real = len(part)
+            if real < fixed:
+                pad = np.zeros((fixed - real, *part.shape[1:]), dtype=part.dtype)
+                part = np.concatenate([part, pad])
+            result = self._session.run([self._output_name], {self._input_name: part})[0]
+            outputs.append(np.asarray(result)[:real])
+        return np.concatenate(outputs)
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        """Class probabilities for a batch of prepared images.
+
+        Args:
+            images: uint8 RGB array (N, H, W, 3) at the manifest's input size.
+
+        Returns:
+            float32 array (N, number of labels).
+        """
+        tensor = tensor_from_images(np.asarray(images), self.contract)
+        return probabilities_from_output(self.run_graph(tensor), self.contract)
+
+    def _forward(self, batch: torch.Tensor) -> torch.Tensor:
+        images = np.ascontiguousarray(batch.numpy().transpose(0, 2, 3, 1))
+        return torch.from_numpy(self.predict(images))

@@ -1,0 +1,186 @@
+"""The ONNX half of `perito models import`: the tensor-contract flags and their checks.
+
+An ONNX file (`.onnx`) is imported with the contract its graph was trained with: layout,
+dtype, scale, mean / std, channel order and output kind (`perito_core.manifest.
+TensorContract`). The file is opened by ONNX Runtime and run against a draft manifest before
+anything is written, so a contract that contradicts the graph (an NCHW declaration for an NHWC
+input, another input size, another dtype, an output that cannot be the declared kind) is
+refused with the field named.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from pydantic import ValidationError
+
+from perito_core.manifest import InputContract, TensorContract
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+ONNX_SUFFIX = ".onnx"
+# The flags below, by parameter name, as a user types them.
+CONTRACT_FLAGS = {
+    "layout": "--layout",
+    "dtype": "--dtype",
+    "scale": "--scale",
+    "mean": "--mean",
+    "std": "--std",
+    "channel_order": "--channel-order",
+    "output_kind": "--output",
+}
+
+
+def is_onnx(model_file: Path) -> bool:
+    """Whether `perito models import` treats the file as ONNX (by its `.onnx` suffix)."""
+    return model_file.suffix.lower() == ONNX_SUFFIX
+
+
+def contract_options(command: F) -> F:
+    """The ONNX tensor-contract options of `perito models import`."""
+    options = [
+        click.option(
+            "--layout",
+            type=click.Choice(["NCHW", "NHWC"], case_sensitive=False),
+            help="ONNX: the input tensor's layout (required for .onnx; Keras: NHWC).",
+        ),
+        click.option(
+            "--dtype",
+            type=click.Choice(["float32", "float16", "uint8"], case_sensitive=False),
+            help="ONNX: the input tensor's type (default float32).",
+        ),
+        click.option(
+            "--scale",
+            help="ONNX: pixels (0-255) are multiplied by this first, e.g. 1/255 or 1 "
+            "(required for .onnx).",
+        ),
+        click.option(
+            "--mean",
+            help="ONNX: subtracted after scaling, per channel in the model's channel order, "
+            "e.g. 0.485,0.456,0.406 (default 0).",
+        ),
+        click.option(
+            "--std",
+            help="ONNX: divided by after the mean, per channel, e.g. 0.229,0.224,0.225 "
+            "(default 1).",
+        ),
+        click.option(
+            "--channel-order",
+            type=click.Choice(["RGB", "BGR"], case_sensitive=False),
+            help="ONNX: the channel order the graph takes (default RGB; Caffe-style: BGR).",
+        ),
+        click.option(
+            "--output",
+            "output_kind",
+            type=click.Choice(["probabilities", "logits", "sigmoid"], case_sensitive=False),
+            help="ONNX: what the graph returns: probabilities (default); logits (softmaxed "
+            "when served); or sigmoid, one unit for two labels, served as [1-p, p].",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _number(text: str, flag: str) -> float:
+    """A float, or a fraction like `1/255`."""
+    try:
+        if "/" in text:
+            top, bottom = text.split("/", 1)
+            return float(top) / float(bottom)
+        return float(text)
+    except (ValueError, ZeroDivisionError):
+        raise click.BadParameter(f"{text!r} is not a number", param_hint=flag) from None
+
+
+def _triple(text: str, flag: str) -> tuple[float, float, float]:
+    values = [_number(part.strip(), flag) for part in text.split(",") if part.strip()]
+    if len(values) == 1:
+        return (values[0],) * 3
+    if len(values) != 3:
+        raise click.BadParameter(
+            f"{text!r}: give one value or three (one per channel)", param_hint=flag
+        )
+    return (values[0], values[1], values[2])
+
+
+def tensor_contract(model_file: Path, flags: dict[str, Any]) -> TensorContract | None:
+    """The tensor contract the flags declare for an ONNX file; None for a TorchScript file.
+
+    Raises:
+        click.UsageError: contract flags for a TorchScript file, or a required one missing.
+        click.BadParameter: a value that is not a number or not three of them.
+        click.UsageError: values the contract refuses (a non-positive std, a scaled uint8
+            input), naming the flag.
+    """
+    given = {name: value for name, value in flags.items() if value is not None}
+    if not is_onnx(model_file):
+        if given:
+            names = ", ".join(CONTRACT_FLAGS[name] for name in given)
+            raise click.UsageError(
+                f"{names}: these describe an ONNX file's input; a TorchScript file takes "
+                "uint8 RGB and normalises inside"
+            )
+        return None
+    missing = [CONTRACT_FLAGS[name] for name in ("layout", "scale") if name not in given]
+    if missing:
+        raise click.UsageError(
+            f"an ONNX model needs its input contract: {' and '.join(missing)} "
+            "(e.g. --layout NHWC --scale 1/255 for a Keras model with Rescaling(1/255))"
+        )
+    contract: dict[str, Any] = {
+        "layout": given["layout"].upper(),
+        "scale": _number(given["scale"], "--scale"),
+    }
+    if "dtype" in given:
+        contract["dtype"] = given["dtype"].lower()
+    if "mean" in given:
+        contract["mean"] = _triple(given["mean"], "--mean")
+    if "std" in given:
+        contract["std"] = _triple(given["std"], "--std")
+    if "channel_order" in given:
+        contract["channel_order"] = given["channel_order"].upper()
+    if "output_kind" in given:
+        contract["output"] = given["output_kind"].lower()
+    try:
+        return TensorContract(**contract)
+    except ValidationError as error:
+        problems = []
+        for problem in error.errors():
+            field = str(problem["loc"][0]) if problem["loc"] else ""
+            message = str(problem["msg"]).removeprefix("Value error, ")
+            flag = CONTRACT_FLAGS.get("output_kind" if field == "output" else field)
+            problems.append(f"{flag}: {message}" if flag else message)
+        raise click.UsageError("; ".join(problems)) from None
+
+
+def check_onnx_loads(
+    model_file: Path, name: str, labels: list[str], contract: InputContract, tensor: TensorContract
+) -> None:
+    """Open and run the ONNX file against a draft manifest, so a bad one is never published.
+
+    Raises:
+        ModelLoadError: the file is not ONNX, or contradicts the contract (naming the field).
+        pydantic.ValidationError: a manifest the contract makes invalid (a sigmoid output for
+            other than two labels).
+    """
+    from perito_core.manifest import Artifact, ModelManifest, sha256_file
+    from perito_core.onnx_model import OnnxModel
+
+    draft = ModelManifest(
+        name=name,
+        version="0",
+        labels=labels,
+        input=contract,
+        artifact=Artifact(
+            file="model.onnx",
+            format="onnx",
+            sha256=sha256_file(model_file),
+            size_bytes=model_file.stat().st_size,
+        ),
+        tensor=tensor,
+    )
+    OnnxModel.load(model_file, draft)
