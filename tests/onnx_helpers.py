@@ -1,0 +1,134 @@
+"""Keras-shaped networks built in torch and exported to ONNX, for the ONNX model tests.
+
+Keras models take NHWC batches and leave normalisation to the input pipeline (`rescale=1/255`,
+or `preprocess_input`); the two use cases Perito was founded on were such models: a waste
+classifier (organic / recyclable, one sigmoid unit on [0, 1] pixels) and a minerals classifier
+(10 classes, softmax). These are built in torch with the same contract, normalisation outside
+the graph, and exported with `torch.onnx.export`, as a Keras user's `tf2onnx` would give.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+WASTE_LABELS = ["organic", "recyclable"]
+MINERALS_LABELS = [
+    "biotite",
+    "bornite",
+    "chrysocolla",
+    "malachite",
+    "muscovite",
+    "pyrite",
+    "quartz",
+    "calcite",
+    "fluorite",
+    "hematite",
+]
+# Keras' Caffe-style `preprocess_input` (ResNet50, VGG): BGR, mean subtracted, no scaling.
+CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+
+
+class KerasShaped(nn.Module):
+    """NHWC in, a small CNN inside (channels first, as torch wants), `head` out."""
+
+    def __init__(self, units: int, head: nn.Module, seed: int) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(8, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
+        self.dense = nn.Linear(16, units)
+        # Spread the outputs, so that a wrong normalisation shows in the probabilities.
+        with torch.no_grad():
+            self.dense.weight.mul_(8.0)
+        self.head = head
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.permute(0, 3, 1, 2)
+        output: torch.Tensor = self.head(self.dense(self.features(x)))
+        return output
+
+
+class NchwLogits(nn.Module):
+    """A torchvision-shaped network: NCHW in, logits out (no softmax)."""
+
+    def __init__(self, classes: int, seed: int) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.network = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(8, classes),
+        )
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.network(images) * 4.0  # type: ignore[no-any-return]
+
+
+def export_onnx(
+    network: nn.Module,
+    example_shape: tuple[int, ...],
+    path: Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    dynamic_batch: bool = True,
+) -> Path:
+    """`torch.onnx.export` (the TorchScript-based exporter: no onnxscript needed)."""
+    network = network.eval()
+    example = torch.zeros(example_shape, dtype=dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            network,
+            (example,),
+            str(path),
+            dynamo=False,
+            input_names=["input"],
+            output_names=["output"],
+            dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}} if dynamic_batch else None,
+            opset_version=17,
+        )
+    return path
+
+
+def waste_model(path: Path, size: int) -> Path:
+    """Organic / recyclable: NHWC float32 in [0, 1] (`rescale=1/255`), one sigmoid unit."""
+    return export_onnx(KerasShaped(1, nn.Sigmoid(), seed=1), (1, size, size, 3), path)
+
+
+def minerals_model(path: Path, size: int) -> Path:
+    """10 minerals: NHWC float32, Caffe-style BGR minus the mean, softmax."""
+    return export_onnx(KerasShaped(10, nn.Softmax(dim=1), seed=2), (1, size, size, 3), path)
+
+
+def ort_probabilities(path: Path, tensor: np.ndarray) -> np.ndarray:
+    """ONNX Runtime's own answer for an input tensor, with a plain default session."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return np.asarray(session.run(None, {name: tensor})[0], dtype=np.float32)
+
+
+def keras_rescale(images: np.ndarray) -> np.ndarray:
+    """What a Keras pipeline with `Rescaling(1/255)` outside the model feeds: NHWC float32."""
+    return images.astype(np.float32) / 255.0
+
+
+def caffe_preprocess(images: np.ndarray) -> np.ndarray:
+    """Keras' `preprocess_input(mode="caffe")`: RGB to BGR, minus the ImageNet mean (BGR)."""
+    bgr = images[..., ::-1].astype(np.float32)
+    return np.ascontiguousarray(bgr - np.asarray(CAFFE_MEAN_BGR, dtype=np.float32))
