@@ -106,7 +106,13 @@ async def create_server(settings: ServerSettings) -> RunningServer:
         ("grpc.so_reuseport", 0),
     ]
     tenants = open_tenants(settings)
-    interceptors: list[Any] = [TenantInterceptor(tenants)]
+    metrics = ServerMetrics()
+    metrics.watch_pool(pool)
+    jobs = JobService(settings, pool)
+    jobs.start()
+    metrics.watch_jobs(jobs.store)
+    servicer = PeritoServicer(settings, pool, jobs, metrics, tenants)
+    interceptors: list[Any] = [TenantInterceptor(tenants, servicer.limiter)]
     if settings.tracing:
         interceptors = [*tracing.server_interceptors(), *interceptors]
     # Calls past `max_concurrent_rpcs` (health checks count too) are refused by gRPC itself,
@@ -117,12 +123,6 @@ async def create_server(settings: ServerSettings) -> RunningServer:
         interceptors=interceptors,
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
     )
-    metrics = ServerMetrics()
-    metrics.watch_pool(pool)
-    jobs = JobService(settings, pool)
-    jobs.start()
-    metrics.watch_jobs(jobs.store)
-    servicer = PeritoServicer(settings, pool, jobs, metrics, tenants)
     service_pb2_grpc.add_PeritoServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)

@@ -26,27 +26,56 @@ import grpc
 import grpc.aio
 
 from perito_core.errors import PeritoError, PermissionDenied
+from perito_core.quotas import RateLimiter
 from perito_core.tenancy import Tenant, Tenants
 from perito_server.errors import abort
 
-OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+OPEN_PREFIXES = (
+    "/grpc.health.v1.Health/",
+    "/grpc.reflection.",
+    # Open Inference Protocol liveness and readiness: probes, like the health service.
+    "/inference.GRPCInferenceService/ServerLive",
+    "/inference.GRPCInferenceService/ServerReady",
+)
 SERVICE_PREFIX = "/perito.v1.Perito/"
+OIP_PREFIX = "/inference.GRPCInferenceService/"
 
-# The role each method needs.
+# The role each method needs, by full gRPC method name.
 METHOD_ROLES: dict[str, str] = {
-    "Classify": "classify",
-    "SubmitJob": "jobs",
-    "GetJob": "jobs",
-    "WatchJob": "jobs",
-    "ListJobs": "jobs",
-    "ListJobResults": "jobs",
-    "CancelJob": "jobs",
-    "DeleteJob": "jobs",
-    "ListModels": "models:read",
-    "GetModel": "models:read",
+    **{
+        SERVICE_PREFIX + method: role
+        for method, role in {
+            "Classify": "classify",
+            "SubmitJob": "jobs",
+            "GetJob": "jobs",
+            "WatchJob": "jobs",
+            "ListJobs": "jobs",
+            "ListJobResults": "jobs",
+            "CancelJob": "jobs",
+            "DeleteJob": "jobs",
+            "ListModels": "models:read",
+            "GetModel": "models:read",
+        }.items()
+    },
+    # What a KServe v2 / Triton client needs to classify: metadata, readiness, inference.
+    **{
+        OIP_PREFIX + method: "classify"
+        for method in ("ServerMetadata", "ModelMetadata", "ModelReady", "ModelInfer")
+    },
 }
-# Methods whose request names a model in `model`, checked against the tenant's list.
-MODEL_METHODS = frozenset({"Classify", "SubmitJob", "GetModel"})
+# Methods whose request names a model, and the field that names it, checked against the
+# tenant's list before the handler runs.
+MODEL_FIELDS: dict[str, str] = {
+    SERVICE_PREFIX + "Classify": "model",
+    SERVICE_PREFIX + "SubmitJob": "model",
+    SERVICE_PREFIX + "GetModel": "model",
+    OIP_PREFIX + "ModelMetadata": "name",
+    OIP_PREFIX + "ModelReady": "name",
+    OIP_PREFIX + "ModelInfer": "model_name",
+}
+# Methods that spend the tenant's images-per-minute quota: while a recent refusal says not
+# one image fits, they are refused here, before the request body is read.
+RATE_LIMITED_METHODS = frozenset({SERVICE_PREFIX + "Classify", OIP_PREFIX + "ModelInfer"})
 
 _TENANT: contextvars.ContextVar[Tenant] = contextvars.ContextVar("perito_tenant")
 
@@ -78,21 +107,28 @@ def bearer_token(metadata: Any) -> str | None:
 class TenantInterceptor(_Interceptor):
     """Authenticates each call, checks its role, and runs it as its tenant (module docs)."""
 
-    def __init__(self, tenants: Tenants) -> None:
+    def __init__(self, tenants: Tenants, limiter: RateLimiter | None = None) -> None:
         self.tenants = tenants
+        self.limiter = limiter
 
     def authorize(self, method: str, metadata: Any) -> Tenant:
-        """The tenant a call to `method` (`Classify`) with `metadata` runs as.
+        """The tenant a call to `method` (`/perito.v1.Perito/Classify`) with `metadata` runs as.
 
         Raises:
             Unauthenticated: no token or an unknown one.
             PermissionDenied: the tenant lacks the method's role, or the method is unknown.
+            QuotaExceeded: a rate-limited method while the tenant is known to be over its
+                images-per-minute quota (`RateLimiter.refuse_if_blocked`).
         """
         tenant = self.tenants.authenticate(bearer_token(metadata))
         role = METHOD_ROLES.get(method)
+        name = method.rpartition("/")[2]
         if role is None:
-            raise PermissionDenied(f"{method} is not a method any tenant may call")
-        tenant.require_role(role, f"call {method}")
+            raise PermissionDenied(f"{name} is not a method any tenant may call")
+        tenant.require_role(role, f"call {name}")
+        per_minute = tenant.quotas.images_per_minute
+        if self.limiter is not None and per_minute is not None and method in RATE_LIMITED_METHODS:
+            self.limiter.refuse_if_blocked(tenant.name, per_minute)
         return tenant
 
     async def intercept_service(
@@ -106,22 +142,21 @@ class TenantInterceptor(_Interceptor):
         handler = await continuation(handler_call_details)
         if handler is None or full_method.startswith(OPEN_PREFIXES):
             return handler
-        method = full_method.removeprefix(SERVICE_PREFIX)
         try:
-            tenant = self.authorize(method, handler_call_details.invocation_metadata)
+            tenant = self.authorize(full_method, handler_call_details.invocation_metadata)
         except PeritoError as error:
             return _refusal(handler, error)
-        return _as_tenant(handler, tenant, method in MODEL_METHODS)
+        return _as_tenant(handler, tenant, MODEL_FIELDS.get(full_method))
 
 
-def _check_model(tenant: Tenant, request: Any) -> None:
-    model = getattr(request, "model", "")
+def _check_model(tenant: Tenant, request: Any, field: str) -> None:
+    model = getattr(request, field, "")
     if model:
         tenant.require_model(model)
 
 
 def _as_tenant(
-    handler: grpc.RpcMethodHandler[Any, Any], tenant: Tenant, names_model: bool
+    handler: grpc.RpcMethodHandler[Any, Any], tenant: Tenant, model_field: str | None
 ) -> grpc.RpcMethodHandler[Any, Any]:
     """`handler`, run with `tenant` as the current tenant and its model checked first."""
     kwargs = {
@@ -133,9 +168,9 @@ def _as_tenant(
 
         async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             _TENANT.set(tenant)
-            if names_model:
+            if model_field:
                 try:
-                    _check_model(tenant, request)
+                    _check_model(tenant, request, model_field)
                 except PeritoError as error:
                     await abort(context, error)
             return await inner(request, context)  # type: ignore[arg-type]
@@ -148,16 +183,16 @@ def _as_tenant(
             request: Any, context: grpc.aio.ServicerContext[Any, Any]
         ) -> AsyncIterator[Any]:
             _TENANT.set(tenant)
-            if names_model:
+            if model_field:
                 try:
-                    _check_model(tenant, request)
+                    _check_model(tenant, request, model_field)
                 except PeritoError as error:
                     await abort(context, error)
             async for message in inner_stream(request, context):  # type: ignore[arg-type,attr-defined]
                 yield message
 
         return grpc.unary_stream_rpc_method_handler(stream, **kwargs)
-    raise TypeError("perito.v1 has only unary requests")
+    raise TypeError("only unary requests are served")
 
 
 def _refusal(

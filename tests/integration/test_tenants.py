@@ -344,9 +344,10 @@ print(ok, refused, hinted)
 
 
 @pytest.mark.xfail(
-    reason="open: on a quiet 2-core machine two refused-as-fast-as-possible callers slow the other "
-    "tenant's Classify p50 2.5-3.9x (idle 3-4 ms; 0.76x was measured under other load): each "
-    "refusal still costs the server an auth and a Redis quota check",
+    reason="open: on 2 cores shared by the server, this test's client and the two hammering "
+    "processes, the other tenant's Classify p50 measured 1.8-3.7x idle (refusals are answered "
+    "from memory in the interceptor, about 1.2 ms of server CPU each; a bare health check "
+    "costs 0.7 ms): the load generators' own CPU is much of what slows it",
     strict=False,
 )
 def test_an_over_rate_tenant_is_refused_and_does_not_slow_another(tenancy: Tenancy) -> None:
