@@ -233,6 +233,13 @@ def _print_model(model: Model) -> None:
     labels = latest.labels
     shown = " | ".join(labels[:10]) + (f", ... ({len(labels)} in all)" if len(labels) > 10 else "")
     click.echo(f"\nlabels: {shown}")
+    tensor = latest.card.get("tensor")
+    if isinstance(tensor, dict):  # an imported ONNX model: how its graph is fed and read
+        click.echo(
+            f"onnx input: {tensor.get('layout')} {tensor.get('dtype')} "
+            f"{tensor.get('channel_order')}, (pixel x {float(tensor.get('scale', 0)):.6g} - mean "
+            f"{tensor.get('mean')}) / std {tensor.get('std')}; output: {tensor.get('output')}"
+        )
     metrics = latest.card.get("metrics") or {}
     if metrics:
         click.echo("metrics:")

@@ -159,6 +159,11 @@ def test_import_records_the_contract_in_the_manifest(onnx_service: OnnxService) 
     assert card["tensor"]["channel_order"] == "BGR"
     assert card["tensor"]["mean"] == list(CAFFE_MEAN_BGR)
     assert minerals.aliases == {"production": "1"}
+    shown = run_perito(
+        "models", "show", "waste", "--server", onnx_service.server.target, env=onnx_service.env
+    ).stdout
+    assert "onnx input: NHWC float32 RGB, (pixel x 0.00392157 - mean [0.0, 0.0, 0.0])" in shown
+    assert "output: sigmoid" in shown
 
 
 @pytest.mark.parametrize("name", ["waste", "minerals"])
