@@ -1,4 +1,6 @@
-"""Generate the Python code for `proto/perito/v1/*.proto` into `client/perito/v1/`.
+"""Generate the Python code for `proto/perito/v1/*.proto` into `client/perito/v1/`, and the
+messages of the Open Inference Protocol (`proto/inference/grpc_service.proto`) into
+`server/perito_server/_oip/`.
 
 The generated modules are build output (git-ignored). `make proto`, `make install` and the
 package build call this; `tests/unit/test_proto_fresh.py` fails when they are stale.
@@ -7,12 +9,16 @@ package build call this; `tests/unit/test_proto_fresh.py` fails when they are st
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "proto"
 DEFAULT_OUT = ROOT / "client"
+OIP_PROTO = PROTO_ROOT / "inference" / "grpc_service.proto"
+OIP_OUT = ROOT / "server" / "perito_server" / "_oip"
 
 
 def proto_files() -> list[Path]:
@@ -41,11 +47,44 @@ def generate(out_dir: Path = DEFAULT_OUT) -> list[Path]:
     return sorted(p for p in package_dir.iterdir() if "_pb2" in p.name)
 
 
+def generate_oip(out_dir: Path = OIP_OUT) -> list[Path]:
+    """Generate the OIP messages (`grpc_service_pb2.py` / `.pyi`) into `out_dir`.
+
+    Messages only: the server registers its handlers itself (`perito_server.oip`), so no
+    generated module imports another and the files can live inside the server package. They
+    are for the server alone: the SDK never ships an `inference` package, which would clash
+    with tritonclient's copy of the same messages in one process.
+    """
+    from grpc_tools import protoc
+
+    with tempfile.TemporaryDirectory() as scratch:
+        args = [
+            "grpc_tools.protoc",
+            f"-I{PROTO_ROOT}",
+            f"--python_out={scratch}",
+            f"--pyi_out={scratch}",
+            str(OIP_PROTO.relative_to(PROTO_ROOT)),
+        ]
+        if protoc.main(args) != 0:
+            raise RuntimeError(f"protoc failed: {' '.join(args)}")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        written = []
+        for path in sorted((Path(scratch) / "inference").glob("*_pb2*")):
+            target = out_dir / path.name
+            shutil.copyfile(path, target)
+            written.append(target)
+    return written
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    written = generate(parser.parse_args().out)
+    args = parser.parse_args()
+    written = generate(args.out)
     print(f"generated {len(written)} files from {len(proto_files())} protos")
+    if args.out == DEFAULT_OUT:
+        written = generate_oip()
+        print(f"generated {len(written)} files from {OIP_PROTO.relative_to(ROOT)}")
     return 0
 
 
