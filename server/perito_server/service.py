@@ -6,8 +6,9 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
@@ -24,7 +25,7 @@ from perito_core.manifest import ModelManifest
 from perito_core.quotas import RateLimiter
 from perito_core.registry import validate_model_name
 from perito_core.runtime import summarize
-from perito_core.tenancy import Tenants
+from perito_core.tenancy import Tenant, Tenants
 from perito_server.auth import current_tenant
 from perito_server.batcher import ByteBudget
 from perito_server.errors import echo, maps_errors, maps_stream_errors
@@ -37,12 +38,35 @@ log = logging.getLogger(__name__)
 
 Context = grpc.aio.ServicerContext[Any, Any]
 T = TypeVar("T")
+# An image's index -> (the field naming it, a label for messages): see `PeritoServicer.infer`.
+Describe = Callable[[int], tuple[str, str]]
 
 # Longest caller-supplied names accepted, in characters; longer ones are refused before they
 # are used or quoted back (registry names are at most 63: this bounds what reaches that check).
 MAX_MODEL_NAME_CHARS = 128
 MAX_VERSION_CHARS = 128
 MAX_IMAGE_ID_CHARS = 256
+
+
+@dataclass(frozen=True)
+class Inference:
+    """What `PeritoServicer.infer` answers: each image's probabilities, in order.
+
+    Attributes:
+        model: the model's name.
+        version: the version that answered (an alias resolved).
+        form: the served form that answered (`torchscript-fp32`, ...).
+        manifest: that version's manifest (labels, input size, threshold).
+        probabilities: one float32 array [C] per image, C = len(manifest.labels).
+        infos: what decoding each image found; None for images sent as pixels.
+    """
+
+    model: str
+    version: str
+    form: str
+    manifest: ModelManifest
+    probabilities: list[np.ndarray]
+    infos: list[DecodeInfo | None]
 
 
 def _image_label(index: int, image_id: str) -> str:
@@ -94,7 +118,11 @@ class PeritoServicer(service_pb2_grpc.PeritoServicer):
         )
 
     async def _audited(
-        self, method: str, resource: str | Callable[[], str], action: Callable[[], Awaitable[T]]
+        self,
+        tenant: Tenant,
+        method: str,
+        resource: str | Callable[[], str],
+        action: Callable[[], Awaitable[T]],
     ) -> T:
         """Run `action`, then write its audit record (success or the error's code);
         `resource` may be a function, asked once the action has ended."""
@@ -110,7 +138,7 @@ class PeritoServicer(service_pb2_grpc.PeritoServicer):
         finally:
             record = functools.partial(
                 self.audit.record,
-                tenant=current_tenant().name,
+                tenant=tenant.name,
                 method=method,
                 resource=resource() if callable(resource) else resource,
                 outcome=outcome,
@@ -120,6 +148,39 @@ class PeritoServicer(service_pb2_grpc.PeritoServicer):
 
     # Classify
 
+    def check_target(self, model: str, version: str, images: int, images_field: str) -> None:
+        """Refuse a request for a bad model name or version, or with no images or too many,
+        before any work: the checks every door (Classify, ModelInfer, the JSON API) shares.
+
+        Args:
+            model: the model's name.
+            version: a version, an alias or "" (latest).
+            images: how many images the request holds.
+            images_field: the name of the field holding them, quoted in a refusal.
+
+        Raises:
+            InvalidArgument: naming the field at fault.
+        """
+        if not model:
+            raise InvalidArgument("model is required", field="model")
+        if len(model) > MAX_MODEL_NAME_CHARS:
+            raise InvalidArgument(
+                _too_long("model", len(model), MAX_MODEL_NAME_CHARS), field="model"
+            )
+        validate_model_name(model)
+        if len(version) > MAX_VERSION_CHARS:
+            raise InvalidArgument(
+                _too_long("version", len(version), MAX_VERSION_CHARS), field="version"
+            )
+        if images == 0:
+            raise InvalidArgument("at least one image is required", field=images_field)
+        if images > self.settings.max_images_per_request:
+            raise InvalidArgument(
+                f"{images} images in one request; the limit is "
+                f"{self.settings.max_images_per_request} (split the batch, or use SubmitJob)",
+                field=images_field,
+            )
+
     def _validate(self, request: classify_pb2.ClassifyRequest) -> None:
         """Refuse a malformed request before any work, naming the field at fault.
 
@@ -128,26 +189,7 @@ class PeritoServicer(service_pb2_grpc.PeritoServicer):
                 many, an image id over `MAX_IMAGE_ID_CHARS`, a bad `top_k` or threshold, an
                 image given by URI.
         """
-        if not request.model:
-            raise InvalidArgument("model is required", field="model")
-        if len(request.model) > MAX_MODEL_NAME_CHARS:
-            raise InvalidArgument(
-                _too_long("model", len(request.model), MAX_MODEL_NAME_CHARS), field="model"
-            )
-        validate_model_name(request.model)
-        if len(request.version) > MAX_VERSION_CHARS:
-            raise InvalidArgument(
-                _too_long("version", len(request.version), MAX_VERSION_CHARS), field="version"
-            )
-        count = len(request.images)
-        if count == 0:
-            raise InvalidArgument("at least one image is required", field="images")
-        if count > self.settings.max_images_per_request:
-            raise InvalidArgument(
-                f"{count} images in one request; the limit is "
-                f"{self.settings.max_images_per_request} (split the batch, or use SubmitJob)",
-                field="images",
-            )
+        self.check_target(request.model, request.version, len(request.images), "images")
         if request.top_k < 0:
             raise InvalidArgument("top_k must be 0 (default) or positive", field="top_k")
         if not 0.0 <= request.confidence_threshold <= 1.0:
@@ -172,24 +214,23 @@ class PeritoServicer(service_pb2_grpc.PeritoServicer):
                 )
 
     async def _decode_all(
-        self, request: classify_pb2.ClassifyRequest, spec: InputSpec
+        self, contents: Sequence[bytes], spec: InputSpec, describe: Describe
     ) -> list[tuple[np.ndarray, DecodeInfo]]:
         loop = asyncio.get_running_loop()
         decoded = await asyncio.gather(
             *(
                 loop.run_in_executor(
-                    self._decode_pool, load_model_input_with_info, image.content, spec, self.limits
+                    self._decode_pool, load_model_input_with_info, content, spec, self.limits
                 )
-                for image in request.images
+                for content in contents
             ),
             return_exceptions=True,
         )
         violations = []
-        for index, (image, result) in enumerate(zip(request.images, decoded, strict=True)):
+        for index, result in enumerate(decoded):
             if isinstance(result, InvalidImage):
-                violations.append(
-                    (f"images[{index}]", f"{_image_label(index, image.id)}: {result}")
-                )
+                field, label = describe(index)
+                violations.append((field, f"{label}: {result}"))
             elif isinstance(result, BaseException):
                 raise result
         if violations:
@@ -198,16 +239,98 @@ class PeritoServicer(service_pb2_grpc.PeritoServicer):
             raise InvalidImage(first + more, field=violations[0][0], violations=violations)
         return [result for result in decoded if isinstance(result, tuple)]
 
+    async def infer(
+        self,
+        tenant: Tenant,
+        model: str,
+        version: str,
+        images: Sequence[bytes] | np.ndarray,
+        *,
+        nbytes: int,
+        deadline: float | None,
+        describe: Describe,
+    ) -> Inference:
+        """Classify `images` with `model@version`: the one path every door takes.
+
+        Spends the tenant's images-per-minute quota, admits the request by images
+        (`max_queue_size`, per model) and by bytes (`max_queue_bytes`, server-wide) before
+        decoding, decodes and resizes with the shared function, and runs the model version's
+        dynamic batcher. The caller has checked the tenant's role and model list (at the
+        door's auth edge) and `check_target`.
+
+        Args:
+            tenant: the tenant the call acts as.
+            model: the model's name.
+            version: a version, an alias or "" (latest).
+            images: encoded images (any accepted format), or a uint8 array [N, H, W, 3]
+                already at the model's input size (RGB).
+            nbytes: the request's size, counted against `max_queue_bytes`.
+            deadline: `time.monotonic()` by which the answer is due, or None.
+            describe: index -> (field, label) naming an image in a refusal, e.g.
+                `("images[3]", "images[3] (id 'a.jpg')")`.
+
+        Returns:
+            The probabilities of each image, in order, and what answered.
+
+        Raises:
+            QuotaExceeded: over the tenant's images per minute.
+            NotFound: no such model, version or alias.
+            InvalidArgument: pixels not [N, H, W, 3] at the model's input size.
+            InvalidImage: undecodable images, each named by `describe` in the violations.
+            QueueFull: no room now (with a retry hint), or never (REQUEST_TOO_LARGE).
+            DeadlineExceeded: the deadline passed while its images waited.
+            ShuttingDown: the server is draining.
+        """
+        per_minute = tenant.quotas.images_per_minute
+        if per_minute is not None:
+            await asyncio.to_thread(self.limiter.take, tenant.name, len(images), per_minute)
+        served = await self.pool.get(model, version)
+        manifest = served.model.manifest
+        spec = manifest.input.spec()
+        infos: list[DecodeInfo | None]
+        with served.batcher.admit(len(images), nbytes=nbytes, budget=self.queue_bytes) as admit:
+            if isinstance(images, np.ndarray):
+                expected = (spec.height, spec.width, 3)
+                if images.dtype != np.uint8 or images.shape[1:] != expected:
+                    field, _ = describe(0)
+                    raise InvalidArgument(
+                        f"pixels must be uint8 [N, {spec.height}, {spec.width}, 3] for "
+                        f"{served.name}@{served.version}; got {images.dtype} "
+                        f"{list(images.shape)}",
+                        field=field.partition("[")[0],
+                    )
+                pixels, infos = list(images), [None] * len(images)
+            else:
+                with tracing.span("perito.decode", images=len(images)):
+                    decoded = await self._decode_all(images, spec, describe)
+                pixels, infos = [p for p, _ in decoded], [info for _, info in decoded]
+            with tracing.span("perito.batch", model=served.name, version=served.version):
+                probabilities = await admit.run(pixels, deadline)
+        return Inference(
+            served.name, served.version, served.model.form, manifest, probabilities, infos
+        )
+
     @maps_errors
     async def Classify(
         self, request: classify_pb2.ClassifyRequest, context: Context
     ) -> classify_pb2.ClassifyResponse:
         """Classify the request's images inside the call deadline, results in order.
 
+        Raises (as statuses, through `maps_errors`): see `classify`.
+        """
+        remaining = context.time_remaining()
+        deadline = time.monotonic() + remaining if remaining is not None else None
+        return await self.classify(request, current_tenant(), deadline)
+
+    async def classify(
+        self, request: classify_pb2.ClassifyRequest, tenant: Tenant, deadline: float | None
+    ) -> classify_pb2.ClassifyResponse:
+        """`Classify` as `tenant`, due by `deadline` (monotonic): shared with the JSON API.
+
         Admission is by images (`max_queue_size`, per model) and by encoded request bytes
         (`max_queue_bytes`, server-wide), reserved before decoding.
 
-        Raises (as statuses, through `maps_errors`):
+        Raises:
             InvalidArgument: a malformed request (see `_validate`) or undecodable images,
                 each named in the violations.
             NotFound: no such model, version or alias.
@@ -217,29 +340,23 @@ class PeritoServicer(service_pb2_grpc.PeritoServicer):
             ShuttingDown: the server is draining.
         """
         self._validate(request)
-        tenant = current_tenant()
-        per_minute = tenant.quotas.images_per_minute
-        if per_minute is not None:
-            await asyncio.to_thread(self.limiter.take, tenant.name, len(request.images), per_minute)
-        served = await self.pool.get(request.model, request.version)
-        manifest = served.model.manifest
-        remaining = context.time_remaining()
-        deadline = time.monotonic() + remaining if remaining is not None else None
-        admit = served.batcher.admit(
-            len(request.images), nbytes=request.ByteSize(), budget=self.queue_bytes
+        inference = await self.infer(
+            tenant,
+            request.model,
+            request.version,
+            [image.content for image in request.images],
+            nbytes=request.ByteSize(),
+            deadline=deadline,
+            describe=lambda i: (f"images[{i}]", _image_label(i, request.images[i].id)),
         )
-        with admit as admission:
-            with tracing.span("perito.decode", images=len(request.images)):
-                decoded = await self._decode_all(request, manifest.input.spec())
-            with tracing.span("perito.batch", model=served.name, version=served.version):
-                probabilities = await admission.run([pixels for pixels, _ in decoded], deadline)
+        manifest = inference.manifest
         top_k = request.top_k or self.settings.default_top_k
         threshold = request.confidence_threshold or manifest.confidence_threshold or 0.0
         response = classify_pb2.ClassifyResponse(
-            model=served.name, model_version=served.version, confidence_threshold=threshold
+            model=inference.model, model_version=inference.version, confidence_threshold=threshold
         )
-        results = zip(request.images, probabilities, decoded, strict=True)
-        for index, (image, probs, (_, info)) in enumerate(results):
+        results = zip(request.images, inference.probabilities, inference.infos, strict=True)
+        for index, (image, probs, info) in enumerate(results):
             summary = summarize(probs, manifest.labels, top_k, threshold)
             response.results.append(
                 classify_pb2.Classification(
@@ -253,8 +370,8 @@ class PeritoServicer(service_pb2_grpc.PeritoServicer):
                     margin=summary.margin,
                     normalized_entropy=summary.normalized_entropy,
                     uncertain=summary.uncertain,
-                    first_frame_only=info.first_frame_only,
-                    form=served.model.form,
+                    first_frame_only=info is not None and info.first_frame_only,
+                    form=inference.form,
                 )
             )
         return response
@@ -263,7 +380,14 @@ class PeritoServicer(service_pb2_grpc.PeritoServicer):
 
     @maps_errors
     async def SubmitJob(self, request: jobs_pb2.SubmitJobRequest, context: Context) -> jobs_pb2.Job:
-        tenant = current_tenant()
+        return await self.submit_job(request, current_tenant())
+
+    async def submit_job(self, request: jobs_pb2.SubmitJobRequest, tenant: Tenant) -> jobs_pb2.Job:
+        """`SubmitJob` as `tenant`, audited and counted: shared with the JSON API.
+
+        Raises:
+            PeritoError: as `JobService.submit`.
+        """
         resource = f"models/{request.model[:64]}"
 
         async def submit() -> jobs_pb2.Job:
@@ -272,7 +396,7 @@ class PeritoServicer(service_pb2_grpc.PeritoServicer):
             resource = f"jobs/{job.id}"
             return job
 
-        job = await self._audited("SubmitJob", lambda: resource, submit)
+        job = await self._audited(tenant, "SubmitJob", lambda: resource, submit)
         if self.metrics is not None:
             self.metrics.jobs_submitted.labels(job.model).inc()
         return job
@@ -302,11 +426,16 @@ class PeritoServicer(service_pb2_grpc.PeritoServicer):
 
     @maps_errors
     async def CancelJob(self, request: jobs_pb2.CancelJobRequest, context: Context) -> jobs_pb2.Job:
-        tenant = current_tenant()
+        return await self.cancel_job(request.job_id, current_tenant())
+
+    async def cancel_job(self, job_id: str, tenant: Tenant) -> jobs_pb2.Job:
+        """`CancelJob` as `tenant`, audited: shared with the JSON API.
+
+        Raises:
+            PeritoError: as `JobService.cancel`.
+        """
         return await self._audited(
-            "CancelJob",
-            f"jobs/{request.job_id[:64]}",
-            lambda: self.jobs.cancel(request.job_id, tenant),
+            tenant, "CancelJob", f"jobs/{job_id[:64]}", lambda: self.jobs.cancel(job_id, tenant)
         )
 
     @maps_errors
@@ -315,6 +444,7 @@ class PeritoServicer(service_pb2_grpc.PeritoServicer):
     ) -> jobs_pb2.DeleteJobResponse:
         tenant = current_tenant()
         await self._audited(
+            tenant,
             "DeleteJob",
             f"jobs/{request.job_id[:64]}",
             lambda: self.jobs.delete(request.job_id, tenant),
@@ -327,10 +457,19 @@ class PeritoServicer(service_pb2_grpc.PeritoServicer):
     async def ListModels(
         self, request: models_pb2.ListModelsRequest, context: Context
     ) -> models_pb2.ListModelsResponse:
+        return await self.list_models(request, current_tenant())
+
+    async def list_models(
+        self, request: models_pb2.ListModelsRequest, tenant: Tenant
+    ) -> models_pb2.ListModelsResponse:
+        """`ListModels` as `tenant` (its allowed models only): shared with the JSON API.
+
+        Raises:
+            InvalidArgument: a negative page size.
+        """
         if request.page_size < 0:
             raise InvalidArgument("page_size must not be negative", field="page_size")
         page_size = request.page_size or 100
-        tenant = current_tenant()
         names = [
             name
             for name in await asyncio.to_thread(self.pool.registry.list_models)
@@ -346,8 +485,17 @@ class PeritoServicer(service_pb2_grpc.PeritoServicer):
     async def GetModel(
         self, request: models_pb2.GetModelRequest, context: Context
     ) -> models_pb2.Model:
-        validate_model_name(request.model)
-        return await self._describe(request.model, with_cards=True)
+        return await self.get_model(request.model)
+
+    async def get_model(self, name: str) -> models_pb2.Model:
+        """`GetModel`, cards and all (the caller has checked the tenant may use `name`).
+
+        Raises:
+            InvalidArgument: a malformed name.
+            NotFound: no such model.
+        """
+        validate_model_name(name)
+        return await self._describe(name, with_cards=True)
 
     async def _describe(self, name: str, *, with_cards: bool) -> models_pb2.Model:
         registry = self.pool.registry
