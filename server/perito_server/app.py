@@ -23,9 +23,12 @@ from perito.v1 import service_pb2, service_pb2_grpc
 from perito_core import tracing
 from perito_core.tenancy import Tenants
 from perito_server.auth import TenantInterceptor
+from perito_server.http_api import HttpApi, HttpServer
 from perito_server.jobs import JobService
 from perito_server.metrics import ServerMetrics
 from perito_server.model_pool import ModelPool
+from perito_server.oip import SERVICE_NAME as OIP_SERVICE_NAME
+from perito_server.oip import OipCore, OipServicer, add_oip_servicer
 from perito_server.service import PeritoServicer
 from perito_server.settings import ServerSettings
 
@@ -74,11 +77,23 @@ class RunningServer:
     metrics_port: int | None = None
     health_server: grpc.aio.Server | None = None
     health_port: int | None = None
+    oip: OipCore | None = None
+    http: HttpServer | None = None
+
+    @property
+    def http_port(self) -> int | None:
+        """The HTTP port (`settings.http_port`), or None without HTTP."""
+        return self.http.port if self.http is not None else None
 
     async def stop(self, grace: float) -> None:
         """Drain: NOT_SERVING, let in-flight calls finish within `grace`, free the models."""
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace)
+        if self.oip is not None:
+            self.oip.ready = False
+        if self.http is not None:
+            await asyncio.gather(self.server.stop(grace), self.http.stop())
+        else:
+            await self.server.stop(grace)
         if self.health_server is not None:
             await self.health_server.stop(0)
         await self.pool.close()
@@ -124,11 +139,15 @@ async def create_server(settings: ServerSettings) -> RunningServer:
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
     )
     service_pb2_grpc.add_PeritoServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+    # The Open Inference Protocol on the same port, over the same servicer (perito_server.oip).
+    oip = OipCore(servicer)
+    add_oip_servicer(OipServicer(oip), server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
         (
             SERVICE_NAME,
+            OIP_SERVICE_NAME,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         ),
@@ -171,8 +190,25 @@ async def create_server(settings: ServerSettings) -> RunningServer:
         health_port = health_server.add_insecure_port(f"{settings.host}:{settings.health_port}")
         await health_server.start()
         log.info("health checks (plaintext) on %s:%d", settings.host, health_port)
+    http = None
+    if settings.http_port is not None:
+        # The gRPC interceptor's own checks (tokens, roles, quota refusals) guard HTTP too.
+        authorizer = next(i for i in interceptors if isinstance(i, TenantInterceptor))
+        api = HttpApi(oip, authorizer, settings.max_message_bytes)
+        http = await HttpServer.start(api.app(), settings, grace=settings.grace_s)
+        log.info("HTTP (OIP REST, JSON API) on %s:%d", settings.host, http.port)
     return RunningServer(
-        server, port, pool, health, servicer, metrics, metrics_port, health_server, health_port
+        server,
+        port,
+        pool,
+        health,
+        servicer,
+        metrics,
+        metrics_port,
+        health_server,
+        health_port,
+        oip,
+        http,
     )
 
 
@@ -182,6 +218,8 @@ async def serve(settings: ServerSettings) -> None:
         tracing.setup_tracing("perito-server")
     running = await create_server(settings)
     print(f"perito: serving on {settings.host}:{running.port}", flush=True)
+    if running.http is not None:
+        print(f"perito: HTTP on {settings.host}:{running.http.port}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

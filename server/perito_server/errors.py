@@ -29,7 +29,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, NoReturn, TypeVar
 
 import grpc
-from google.protobuf import any_pb2, duration_pb2
+from google.protobuf import any_pb2, duration_pb2, json_format
 from google.protobuf.message import Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
@@ -253,3 +253,70 @@ def maps_stream_errors(handler: StreamT) -> StreamT:
             _observe(self, handler.__name__, code, started)
 
     return wrapper  # type: ignore[return-value]
+
+
+# The HTTP status of each gRPC code: google/rpc/code.proto's table, which Google AIP-193
+# ("Errors") and the gRPC-HTTP transcoding use.
+HTTP_STATUS: dict[grpc.StatusCode, int] = {
+    grpc.StatusCode.OK: 200,
+    grpc.StatusCode.CANCELLED: 499,
+    grpc.StatusCode.UNKNOWN: 500,
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.ABORTED: 409,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
+    grpc.StatusCode.INTERNAL: 500,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DATA_LOSS: 500,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+}
+
+
+def to_http(error: PeritoError) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """`error` as an HTTP answer: status, body and headers, from the same status as gRPC's.
+
+    The body is Google AIP-193's JSON error, `{"error": {"code": 404, "message": ...,
+    "status": "NOT_FOUND", "details": [...]}}`, the details being the `google.rpc` messages
+    of `to_status` (ErrorInfo, BadRequest, RetryInfo) in their JSON mapping with `@type`,
+    within the same size budget. A retry hint is also `Retry-After` (whole seconds, RFC 9110).
+    """
+    code = GRPC_CODES[error.code]
+    status = rpc_status_of(error)
+    details = [
+        json_format.MessageToDict(detail, preserving_proto_field_name=False)
+        for detail in status.details
+    ]
+    body = {
+        "error": {
+            "code": HTTP_STATUS[code],
+            "message": status.message,
+            "status": code.name,
+            "details": details,
+        }
+    }
+    headers = {}
+    if error.retry_after is not None and math.isfinite(error.retry_after):
+        headers["Retry-After"] = str(max(1, math.ceil(error.retry_after)))
+    return HTTP_STATUS[code], body, headers
+
+
+def rpc_status_of(error: PeritoError) -> status_pb2.Status:
+    """The `google.rpc.Status` that `to_status` sends for `error`, as a message."""
+    for key, value in to_status(error).trailing_metadata:
+        if key == "grpc-status-details-bin":
+            return status_pb2.Status.FromString(value)
+    raise AssertionError("to_status always sends details")  # pragma: no cover
+
+
+def as_perito_error(exc: BaseException, where: str) -> PeritoError:
+    """`exc` as a `PeritoError`: itself, or (logged) an INTERNAL error, as `_abort_for` does."""
+    if isinstance(exc, PeritoError):
+        return exc
+    log.error("%s failed", where, exc_info=exc)
+    return PeritoError(f"internal error: {type(exc).__name__}: {exc}")

@@ -64,6 +64,11 @@ class ServerSettings(CommonSettings):
     # A second, plaintext port serving only grpc.health.v1 (unset: none). Kubernetes gRPC
     # probes and `perito health` cannot speak TLS; this port carries no API and no data.
     health_port: int | None = Field(None, ge=0, le=65535)
+    # HTTP (unset: none): the Open Inference Protocol's REST endpoints (/v2/...) and the JSON
+    # API (/v1/...), in the same process and event loop as gRPC, sharing its batchers; 0 picks
+    # a free port. Same host, TLS files and tokens as the gRPC port. Bodies are read up to
+    # `max_message_bytes`.
+    http_port: int | None = Field(None, ge=0, le=65535)
     # TLS: both files PEM. Without them the port is plaintext (fine behind a mesh or on localhost).
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None

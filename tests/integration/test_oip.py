@@ -1,0 +1,226 @@
+"""The Open Inference Protocol with the real clients: tritonclient over gRPC and HTTP.
+
+`perito serve` runs in its own process (tritonclient.grpc registers its own copy of the
+`inference.*` messages, which cannot share a process with the server's), with a bearer token,
+gRPC and HTTP on two ports. Every answer is checked against `Classify`'s for the same bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+import perito
+from perito_core.imaging import load_model_input
+from perito_core.registry import ModelRegistry
+from scripts.processes import Proc, free_port, wait_for_port
+from tests.conftest import publish_tiny
+from tests.helpers import TINY_INPUT, perito_proc, subprocess_env
+
+pytestmark = pytest.mark.integration
+
+TOKEN = "oip-test-token"
+
+
+def auth() -> dict[str, str]:
+    """The token header, a fresh dict each call: tritonclient.http's `infer` adds its own
+    headers to the dict it is given."""
+    return {"authorization": f"Bearer {TOKEN}"}
+
+LABELS = ["minor", "moderate", "severe"]
+
+
+@dataclass
+class Served:
+    grpc_url: str
+    http_url: str
+    process: Proc
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory, tiny_model_file: Path) -> Iterator[Served]:
+    work = tmp_path_factory.mktemp("oip")
+    registry = ModelRegistry.open(str(work / "registry"), cache_dir=work / ".publish-cache")
+    publish_tiny(registry, tiny_model_file, aliases=("production",))
+    port, http_port = free_port(), free_port()
+    env = subprocess_env(
+        PERITO_REGISTRY=str(work / "registry"),
+        PERITO_CACHE_DIR=str(work / "cache"),
+        PERITO_REDIS_URL="redis://127.0.0.1:1/0",  # no jobs here: nothing listens there
+        PERITO_AUTH_TOKENS=f'["{TOKEN}"]',
+        PERITO_TORCH_THREADS="1",
+    )
+    args = ["serve", "--port", str(port), "--http-port", str(http_port), "--preload", "tiny"]
+    process = perito_proc("perito serve", args, env, work / "serve.log", "HTTP on").launch()
+    try:
+        wait_for_port(port, timeout=120, process=process)
+        wait_for_port(http_port, timeout=60, process=process)
+        yield Served(f"127.0.0.1:{port}", f"127.0.0.1:{http_port}", process)
+    finally:
+        code = process.stop()
+    assert code == 0, (work / "serve.log").read_text()[-4000:]
+
+
+@pytest.fixture(scope="module")
+def images(photos: dict[str, Path]) -> list[bytes]:
+    return [photos[name].read_bytes() for name in ("coffee", "chelsea", "rocket")]
+
+
+@pytest.fixture(scope="module")
+def classify_probabilities(served: Served, images: list[bytes]) -> np.ndarray:
+    """What perito.v1 Classify answers for `images`: the full [N, C] probabilities."""
+    with perito.Client(served.grpc_url, token=TOKEN, timeout=60) as client:
+        results = client.classify(images, model="tiny", top_k=len(LABELS))
+    table = np.zeros((len(images), len(LABELS)), dtype=np.float32)
+    for row, result in enumerate(results):
+        for prediction in result.predictions:
+            table[row, prediction.class_index] = prediction.probability
+    return table
+
+
+def _check_classification(strings: np.ndarray, probabilities: np.ndarray, k: int) -> None:
+    """Triton's classification output: "score:index:label", best first, k per image."""
+    assert strings.shape == (len(probabilities), k)
+    for row, expected in zip(strings, probabilities, strict=True):
+        # Binary answers come back as bytes, JSON ones as str.
+        parsed = [(s.decode() if isinstance(s, bytes) else s).split(":", 2) for s in row]
+        indices = [int(index) for _, index, _ in parsed]
+        assert indices == list(np.argsort(-expected, kind="stable")[:k])
+        assert [label for _, _, label in parsed] == [LABELS[i] for i in indices]
+        np.testing.assert_allclose([float(s) for s, _, _ in parsed], expected[indices], atol=1e-6)
+
+
+def _bytes_input(module: object, images: list[bytes], shape_n1: bool = False) -> object:
+    batch = np.array(images, dtype=np.object_)
+    if shape_n1:
+        batch = batch.reshape(-1, 1)
+    tensor = module.InferInput("images", list(batch.shape), "BYTES")  # type: ignore[attr-defined]
+    tensor.set_data_from_numpy(batch)
+    return tensor
+
+
+def test_health_and_server_metadata_over_grpc_and_http(served: Served) -> None:
+    grpc_client = grpcclient.InferenceServerClient(served.grpc_url)
+    http_client = httpclient.InferenceServerClient(served.http_url)
+    # Liveness and readiness are open, like grpc.health.v1: probes carry no token.
+    assert grpc_client.is_server_live() and grpc_client.is_server_ready()
+    assert http_client.is_server_live() and http_client.is_server_ready()
+    assert grpc_client.is_model_ready("tiny", headers=auth())
+    assert http_client.is_model_ready("tiny", "production", headers=auth())
+    assert not http_client.is_model_ready("no-such-model", headers=auth())
+    metadata = grpc_client.get_server_metadata(headers=auth())
+    assert metadata.name == "perito" and "classification" in metadata.extensions
+    assert "binary_tensor_data" in http_client.get_server_metadata(headers=auth())["extensions"]
+
+
+def test_model_metadata_describes_both_inputs_and_the_output(served: Served) -> None:
+    grpc_meta = grpcclient.InferenceServerClient(served.grpc_url).get_model_metadata(
+        "tiny", "production", headers=auth()
+    )
+    assert grpc_meta.name == "tiny" and list(grpc_meta.versions) == ["1"]
+    assert grpc_meta.platform == "pytorch_libtorch"
+    inputs = {t.name: (t.datatype, list(t.shape)) for t in grpc_meta.inputs}
+    size = (TINY_INPUT.height, TINY_INPUT.width)
+    assert inputs == {"images": ("BYTES", [-1]), "pixels": ("UINT8", [-1, *size, 3])}
+    outputs = [(t.name, t.datatype, list(t.shape)) for t in grpc_meta.outputs]
+    assert outputs == [("probabilities", "FP32", [-1, 3])]
+    http_meta = httpclient.InferenceServerClient(served.http_url).get_model_metadata(
+        "tiny", headers=auth()
+    )
+    assert http_meta["inputs"][0] == {"name": "images", "datatype": "BYTES", "shape": [-1]}
+    assert http_meta["outputs"] == [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 3]}]
+
+
+@pytest.mark.parametrize("shape_n1", [False, True], ids=["[N]", "[N,1]"])
+def test_grpc_infer_answers_what_classify_answers(
+    served: Served, images: list[bytes], classify_probabilities: np.ndarray, shape_n1: bool
+) -> None:
+    client = grpcclient.InferenceServerClient(served.grpc_url)
+    outputs = [grpcclient.InferRequestedOutput("probabilities")]
+    result = client.infer(
+        "tiny", [_bytes_input(grpcclient, images, shape_n1)], outputs=outputs, headers=auth()
+    )
+    probabilities = result.as_numpy("probabilities")
+    assert probabilities.dtype == np.float32 and probabilities.shape == (3, 3)
+    np.testing.assert_allclose(probabilities, classify_probabilities, rtol=1e-5, atol=1e-7)
+    response = result.get_response()
+    assert response.model_name == "tiny" and response.model_version == "1"
+
+    classes = client.infer(
+        "tiny",
+        [_bytes_input(grpcclient, images)],
+        model_version="production",
+        outputs=[grpcclient.InferRequestedOutput("probabilities", class_count=3)],
+        headers=auth(),
+    )
+    _check_classification(classes.as_numpy("probabilities"), classify_probabilities, 3)
+
+
+@pytest.mark.parametrize("binary_output", [True, False], ids=["binary", "json"])
+def test_http_infer_answers_what_classify_answers(
+    served: Served, images: list[bytes], classify_probabilities: np.ndarray, binary_output: bool
+) -> None:
+    client = httpclient.InferenceServerClient(served.http_url)
+    result = client.infer(
+        "tiny",
+        [_bytes_input(httpclient, images)],
+        outputs=[httpclient.InferRequestedOutput("probabilities", binary_data=binary_output)],
+        headers=auth(),
+    )
+    np.testing.assert_allclose(
+        result.as_numpy("probabilities"), classify_probabilities, rtol=1e-5, atol=1e-7
+    )
+    classes = client.infer(
+        "tiny",
+        [_bytes_input(httpclient, images)],
+        outputs=[
+            httpclient.InferRequestedOutput(
+                "probabilities", binary_data=binary_output, class_count=3
+            )
+        ],
+        headers=auth(),
+    )
+    _check_classification(classes.as_numpy("probabilities"), classify_probabilities, 3)
+
+
+def test_uint8_pixels_at_the_input_size_answer_as_the_encoded_images(
+    served: Served, images: list[bytes], classify_probabilities: np.ndarray
+) -> None:
+    pixels = np.stack([load_model_input(image, TINY_INPUT.spec()) for image in images])
+    for module, url in ((grpcclient, served.grpc_url), (httpclient, served.http_url)):
+        tensor = module.InferInput("pixels", list(pixels.shape), "UINT8")
+        tensor.set_data_from_numpy(pixels)
+        result = module.InferenceServerClient(url).infer("tiny", [tensor], headers=auth())
+        np.testing.assert_allclose(
+            result.as_numpy("probabilities"), classify_probabilities, rtol=1e-5, atol=1e-7
+        )
+
+
+def test_refusals_carry_the_status_of_the_grpc_code(served: Served, images: list[bytes]) -> None:
+    grpc_client = grpcclient.InferenceServerClient(served.grpc_url)
+    http_client = httpclient.InferenceServerClient(served.http_url)
+    cases = [
+        # unknown model: NOT_FOUND / 404
+        ("no-such-model", images[:1], auth(), "StatusCode.NOT_FOUND", "404", "no-such-model"),
+        # a bad image: INVALID_ARGUMENT / 400, naming the input and the element
+        ("tiny", [images[0], b"not an image"], auth(), "StatusCode.INVALID_ARGUMENT", "400",
+         "input 'images', image 1"),
+        # no token: UNAUTHENTICATED / 401
+        ("tiny", images[:1], {}, "StatusCode.UNAUTHENTICATED", "401", "token"),
+    ]  # fmt: skip
+    for model, batch, headers, grpc_status, http_status, text in cases:
+        for module, client, status in (
+            (grpcclient, grpc_client, grpc_status),
+            (httpclient, http_client, http_status),
+        ):
+            with pytest.raises(InferenceServerException) as refused:
+                client.infer(model, [_bytes_input(module, batch)], headers=headers)
+            assert refused.value.status() == status, refused.value
+            assert text in refused.value.message(), refused.value
