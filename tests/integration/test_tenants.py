@@ -343,13 +343,6 @@ print(ok, refused, hinted)
 """
 
 
-@pytest.mark.xfail(
-    reason="open: on 2 cores shared by the server, this test's client and the two hammering "
-    "processes, the other tenant's Classify p50 measured 1.8-3.7x idle (refusals are answered "
-    "from memory in the interceptor, about 1.2 ms of server CPU each; a bare health check "
-    "costs 0.7 ms): the load generators' own CPU is much of what slows it",
-    strict=False,
-)
 def test_an_over_rate_tenant_is_refused_and_does_not_slow_another(tenancy: Tenancy) -> None:
     image = jpeg(3)
     (tenancy.work / "hammer.jpg").write_bytes(image)
@@ -370,6 +363,10 @@ def test_an_over_rate_tenant_is_refused_and_does_not_slow_another(tenancy: Tenan
                 stdout=subprocess.PIPE,
                 text=True,
                 env=subprocess_env(),
+                # In service the hammering caller runs on its own machine; here it shares the
+                # server's 2 cores, and at the lowest priority its own CPU stays out of the
+                # figure, which then measures what its refused calls cost the server.
+                preexec_fn=lambda: os.nice(19),
             )
             for _ in range(2)
         ]
