@@ -1,0 +1,158 @@
+"""The same network as TorchScript (`model.pt`) and as an imported ONNX model, side by side.
+
+ImageNet EfficientNet-Lite0 (real weights) is exported twice: as Perito's TorchScript artifact
+(uint8 in, normalisation and softmax inside) and, with `torch.onnx.export`, as an ONNX graph
+that takes NCHW float32 already normalised and returns logits, the way a model trained
+elsewhere arrives. Both are published into a temporary registry and loaded by
+`perito_core.forms.load_model`, as the server and the workers load them; then, in one run:
+
+- agreement: top-1 and the largest probability difference on the real sample photos and
+  random crops of them, prepared once by the shared `load_model_input`;
+- speed: `predict` (contract normalisation + forward + softmax) images/s at batch 1, 4 and 8,
+  interleaved rounds, the median kept.
+
+Usage: .venv/bin/python bench/onnx_forms.py [--seconds 3] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from perito_core.forms import isa_summary, load_model  # noqa: E402
+from perito_core.imaging import load_model_input  # noqa: E402
+from perito_core.manifest import TensorContract  # noqa: E402
+from perito_core.registry import ModelRegistry  # noqa: E402
+from perito_core.runtime import LoadedModel  # noqa: E402
+
+
+def _photos(folder: Path, views: int) -> list[bytes]:
+    import io
+
+    from PIL import Image
+
+    from scripts.sample_photos import write_sample_photos
+
+    rng = np.random.default_rng(0)
+    files = []
+    for path in write_sample_photos(folder):
+        data = path.read_bytes()
+        files.append(data)
+        image = Image.open(io.BytesIO(data)).convert("RGB")
+        for _ in range(views - 1):
+            w, h = image.size
+            cw, ch = int(w * rng.uniform(0.5, 1)), int(h * rng.uniform(0.5, 1))
+            left, top = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+            buffer = io.BytesIO()
+            image.crop((left, top, left + cw, top + ch)).save(buffer, "JPEG", quality=92)
+            files.append(buffer.getvalue())
+    return files
+
+
+def _rate(model: LoadedModel, images: np.ndarray, batch: int, seconds: float) -> float:
+    chunk = images[:batch]
+    model.predict(chunk)
+    done, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds:
+        model.predict(chunk)
+        done += batch
+    return done / elapsed
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=3.0, help="per measurement")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
+    parser.add_argument("--views", type=int, default=6, help="framings per sample photo")
+    args = parser.parse_args(argv)
+
+    from perito_training.export import export_torchscript
+    from perito_training.pretrained import EFFICIENTNET_LITE0_INPUT, efficientnet_lite0_imagenet
+
+    contract = EFFICIENTNET_LITE0_INPUT
+    assert contract.mean is not None and contract.std is not None
+    tensor = TensorContract(
+        layout="NCHW", scale=1 / 255, mean=contract.mean, std=contract.std, output="logits"
+    )
+    print(
+        f"efficientnet-lite0, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{os.cpu_count()} cores, {platform.machine()} ({isa_summary()}), "
+        f"load average {os.getloadavg()[0]:.1f}"
+    )
+    with tempfile.TemporaryDirectory(prefix="perito-onnx-bench-") as tmp:
+        work = Path(tmp)
+        network, labels = efficientnet_lite0_imagenet()
+        export_torchscript(network, contract, work / "model.pt")
+        example = torch.zeros(1, 3, contract.height, contract.width)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                network,
+                (example,),
+                str(work / "model.onnx"),
+                dynamo=False,
+                input_names=["input"],
+                output_names=["logits"],
+                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                opset_version=17,
+            )
+        registry = ModelRegistry.open(str(work / "registry"), cache_dir=work / "cache")
+        registry.publish("lite0-ts", work / "model.pt", labels=labels, input=contract)
+        registry.publish(
+            "lite0-onnx",
+            work / "model.onnx",
+            labels=labels,
+            input=contract,
+            artifact_format="onnx",
+            tensor=tensor,
+        )
+        sizes = (1, 4, 8)
+        models = {
+            "torchscript-fp32 (model.pt)": load_model(
+                registry, "lite0-ts", "1", precision="torchscript", warmup_batch_sizes=sizes
+            ),
+            "onnxruntime-fp32 (model.onnx)": load_model(
+                registry, "lite0-onnx", "1", warmup_batch_sizes=sizes
+            ),
+        }
+        spec = contract.spec()
+        images = np.stack([load_model_input(d, spec) for d in _photos(work / "p", args.views)])
+        ts, onnx = (model.predict(images) for model in models.values())
+        agree = float(np.mean(ts.argmax(1) == onnx.argmax(1)))
+        print(
+            f"\nagreement on {len(images)} photo framings: top-1 {agree:.1%}, largest "
+            f"probability difference {float(np.abs(ts - onnx).max()):.2e}"
+        )
+        rates: dict[str, dict[int, list[float]]] = {n: {b: [] for b in sizes} for n in models}
+        for _ in range(args.rounds):
+            for batch in sizes:
+                for name, model in models.items():
+                    rates[name][batch].append(_rate(model, images, batch, args.seconds))
+        base = next(iter(models))
+        columns = " | ".join(f"batch {b} images/s" for b in sizes)
+        print(f"\n| form | {columns} | b4 vs TorchScript |")
+        print("|---|" + "---|" * (len(sizes) + 1))
+        for name in models:
+            medians = [statistics.median(rates[name][b]) for b in sizes]
+            ratio = medians[1] / statistics.median(rates[base][4])
+            cells = " | ".join(f"{m:.1f}" for m in medians)
+            print(f"| {name} | {cells} | {ratio:.2f}x |")
+        print(f"\nload average after: {os.getloadavg()[0]:.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
