@@ -409,7 +409,6 @@ class Tenants:
         self._by_name: dict[str, Tenant] = {}
         self._stamp: tuple[int, int] | None = None
         self._checked = 0.0
-        self.reloads = 0
         self.on_reload: Callable[[bool], None] | None = None
         self.anonymous: Tenant | None = None
         if path is not None:
@@ -420,10 +419,6 @@ class Tenants:
         else:
             self.anonymous = Tenant.unrestricted(ANONYMOUS_TENANT)
             self._by_name = {ANONYMOUS_TENANT: self.anonymous}
-
-    @classmethod
-    def from_settings(cls, tenants_file: Path | None, tokens: Iterable[str]) -> Tenants:
-        return cls(tenants_file, tokens)
 
     @property
     def requires_auth(self) -> bool:
@@ -460,7 +455,6 @@ class Tenants:
         with self._lock:
             self._index(tenants)
             self._stamp = stamp
-            self.reloads += 1
 
     def reload(self) -> bool:
         """Re-read the file (SIGHUP). A file that is now malformed or unreadable is logged
