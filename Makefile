@@ -18,12 +18,13 @@ $(STAMP): pyproject.toml constraints.txt setup.py
 	touch $@
 
 # redis-server backs the job store and the Celery broker; Fashion-MNIST is the bulk-job test set;
-# chromium runs the web page's browser test.
+# chromium runs the web page's browser test; curl uploads to the JSON API in its test.
 system-deps:
 	@missing=""; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	test -d /usr/share/datasets/fashion-mnist || missing="$$missing dataset-fashion-mnist"; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v curl >/dev/null || missing="$$missing curl"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing:$$missing"; \
 		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \

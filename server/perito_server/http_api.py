@@ -81,7 +81,8 @@ PERITO = "/perito.v1.Perito/"
 OIP = "/inference.GRPCInferenceService/"
 NDJSON = "application/x-ndjson"
 HEADER_LENGTH = "inference-header-content-length"
-MAX_JSON_PAGE = 1000
+# The proto fields query parameters fill are int32.
+MAX_INT32 = 2**31 - 1
 
 Handler = Callable[[Request, Tenant], Awaitable[Response]]
 
@@ -105,9 +106,12 @@ def _int_param(request: Request, name: str, default: int = 0) -> int:
     if text is None or text == "":
         return default
     try:
-        return int(text)
+        value = int(text)
     except ValueError:
         raise InvalidArgument(f"{name} must be a whole number", field=name) from None
+    if not 0 <= value <= MAX_INT32:
+        raise InvalidArgument(f"{name} must be in [0, {MAX_INT32}]", field=name)
+    return value
 
 
 class HttpApi:
@@ -425,8 +429,6 @@ class HttpApi:
             page_token=request.query_params.get("page_token", ""),
             filter=filters[chosen],
         )
-        if message.page_size < 0:
-            raise InvalidArgument("page_size must not be negative", field="page_size")
         jobs = self.servicer.jobs
         first = await jobs.list_results(message, tenant)  # errors before any byte is sent
         if NDJSON not in request.headers.get("accept", ""):

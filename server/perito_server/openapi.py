@@ -106,7 +106,7 @@ def openapi_document(version: str) -> dict[str, Any]:
                 **_ok(_ref("Ready")),
                 "400": {
                     "description": "Not ready (no such version), or a malformed name.",
-                    "content": {JSON: {"schema": {"oneOf": [_ref("Ready"), _ref("OipError")]}}},
+                    "content": {JSON: {"schema": {"anyOf": [_ref("Ready"), _ref("OipError")]}}},
                 },
                 **_errors("401 403 404 429 503", oip=True),
             },

@@ -34,6 +34,7 @@ def auth() -> dict[str, str]:
     headers to the dict it is given."""
     return {"authorization": f"Bearer {TOKEN}"}
 
+
 LABELS = ["minor", "moderate", "severe"]
 
 
