@@ -119,12 +119,32 @@ class PoolCollector(Collector):
                 "perito_batch_size", "Images per forward pass.", labels=labels
             ),
         }
-        for (name, version), served in list(self.pool._models.items()):
-            values = [name, version]
+        # The batcher's own counters: what it refused or dropped, and why.
+        refused = CounterMetricFamily(
+            "perito_batcher_rejected",
+            "Requests refused for want of room (RESOURCE_EXHAUSTED with a retry hint), by "
+            "what was full: the model's image queue or the server's byte budget.",
+            labels=[*labels, "budget"],
+        )
+        dropped = CounterMetricFamily(
+            "perito_batcher_dropped",
+            "Images admitted but never run: the deadline passed or the caller left.",
+            labels=[*labels, "reason"],
+        )
+        failed_batches = CounterMetricFamily(
+            "perito_batches_failed", "Forward passes that raised.", labels=labels
+        )
+        for served in self.pool.served():
+            values = [served.name, served.version]
             stats = served.batcher.stats
             loaded.add_metric(values, 1)
             load_seconds.add_metric(values, served.model.load_seconds)
             images.add_metric(values, stats.batch_size.total)
+            refused.add_metric([*values, "images"], stats.rejected - stats.rejected_for_bytes)
+            refused.add_metric([*values, "bytes"], stats.rejected_for_bytes)
+            dropped.add_metric([*values, "deadline"], stats.dropped_expired)
+            dropped.add_metric([*values, "cancelled"], stats.dropped_cancelled)
+            failed_batches.add_metric(values, stats.failed_batches)
             for key, histogram in (
                 ("queue", stats.queue_seconds),
                 ("compute", stats.compute_seconds),
@@ -138,7 +158,8 @@ class PoolCollector(Collector):
         )
         for (name, _), error in list(self.pool.rollout_errors.items()):
             failed.add_metric([name, error.alias, error.version], 1)
-        yield from (loaded, load_seconds, images, *families.values(), failed)
+        yield from (loaded, load_seconds, images, *families.values(), refused, dropped)
+        yield from (failed_batches, failed)
 
 
 class JobsCollector(Collector):

@@ -97,6 +97,10 @@ class ModelPool:
     def loaded(self) -> list[tuple[str, str]]:
         return list(self._models)
 
+    def served(self) -> list[ServedModel]:
+        """The model versions held in memory now (a copy: safe from any thread)."""
+        return list(self._models.values())
+
     def start(self) -> None:
         """Start following alias moves (every `alias_ttl_s`)."""
         if self._watcher is None and self.settings.alias_ttl_s > 0:

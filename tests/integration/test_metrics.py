@@ -95,6 +95,16 @@ def test_server_and_worker_metrics_and_json_logs(
     assert value(metrics, "perito_batch_size_count", model="car-damage", version="1") >= 3
     assert value(metrics, "perito_model_loaded", model="car-damage", version="1") == 1
     assert value(metrics, "perito_model_load_seconds", model="car-damage", version="1") > 0
+    # The batcher's refusals, drops and failures are exported (none happened here).
+    car = {"model": "car-damage", "version": "1"}
+    for name, extra in (
+        ("perito_batcher_rejected_total", {"budget": "images"}),
+        ("perito_batcher_rejected_total", {"budget": "bytes"}),
+        ("perito_batcher_dropped_total", {"reason": "deadline"}),
+        ("perito_batcher_dropped_total", {"reason": "cancelled"}),
+        ("perito_batches_failed_total", {}),
+    ):
+        assert metrics[(name, tuple(sorted({**car, **extra}.items())))] == 0, name
     assert value(metrics, "perito_jobs_submitted_total", model="car-damage") == 1
     # Jobs per state come from the shared job store: other tests' jobs may be there too.
     assert value(metrics, "perito_jobs", state="partially_succeeded") == before + 1
