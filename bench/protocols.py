@@ -1,0 +1,246 @@
+"""Benchmark the front doors against each other: perito.v1 `Classify`, the Open Inference
+Protocol over gRPC (`ModelInfer`), the HTTP JSON API (`POST /v1/models/{m}:classify`) and OIP
+over HTTP (binary tensors), one `perito serve` (gRPC and `--http-port`) in its own process,
+measured in the same run on the same machine.
+
+Each door gets `--callers` concurrent callers (16: issue 18's figure) in this process, one
+640x480 JPEG per request, for `--seconds`, in `--rounds` interleaved rounds (so drift in the
+machine's load hits every door alike); the figure is the mean images/s over the rounds, with
+p50 / p99 latency. Callers: grpc.aio stubs for both gRPC doors (the OIP one sends
+`raw_input_contents`, as tritonclient does), httpx.AsyncClient for HTTP (JSON with base64
+images; OIP binary with `Inference-Header-Content-Length`). Target (issue 18): each door
+>= 0.9 x `Classify`.
+
+    .venv/bin/python bench/protocols.py            # EfficientNet-Lite0, 16 callers
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import platform
+import signal
+import struct
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import grpc
+import httpx
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.classify import MODEL, cpu_name, make_jpegs, percentile, publish  # noqa: E402
+from perito.v1 import classify_pb2, image_pb2, service_pb2_grpc  # noqa: E402
+from perito_core.forms import isa_summary  # noqa: E402
+from perito_server._oip import grpc_service_pb2 as oip_pb2  # noqa: E402
+from scripts.processes import Proc, free_port, wait_for_port  # noqa: E402
+
+Call = Callable[[int], Awaitable[None]]
+
+
+async def drive(call: Call, callers: int, seconds: float) -> dict[str, float]:
+    """`callers` loops calling `call(index)` for `seconds`: images/s, p50 and p99 in ms."""
+    for index in range(callers):  # warm: connections open, the model's batch sizes seen
+        await call(index)
+    latencies: list[float] = []
+    stop_at = time.perf_counter() + seconds
+
+    async def caller(offset: int) -> None:
+        index = offset
+        while time.perf_counter() < stop_at:
+            began = time.perf_counter()
+            await call(index)
+            latencies.append(time.perf_counter() - began)
+            index += callers
+
+    start = time.perf_counter()
+    await asyncio.gather(*(caller(i) for i in range(callers)))
+    elapsed = time.perf_counter() - start
+    return {
+        "images_per_s": len(latencies) / elapsed,
+        "p50_ms": percentile(latencies, 50) * 1000,
+        "p99_ms": percentile(latencies, 99) * 1000,
+    }
+
+
+async def measure(
+    grpc_target: str, http_base: str, jpegs: list[bytes], callers: int, seconds: float, rounds: int
+) -> dict[str, list[dict[str, float]]]:
+    classify = [
+        classify_pb2.ClassifyRequest(model=MODEL, images=[image_pb2.Image(id=str(i), content=d)])
+        for i, d in enumerate(jpegs)
+    ]
+    infer = [
+        oip_pb2.ModelInferRequest(
+            model_name=MODEL,
+            inputs=[oip_pb2.ModelInferRequest.InferInputTensor(
+                name="images", datatype="BYTES", shape=[1]
+            )],
+            outputs=[oip_pb2.ModelInferRequest.InferRequestedOutputTensor(name="probabilities")],
+            raw_input_contents=[struct.pack("<I", len(d)) + d],
+        )
+        for d in jpegs
+    ]  # fmt: skip
+    bodies = [
+        json.dumps({"images": [{"content": base64.b64encode(d).decode(), "id": str(i)}]})
+        for i, d in enumerate(jpegs)
+    ]
+    headers = [
+        json.dumps(
+            {
+                "inputs": [
+                    {
+                        "name": "images",
+                        "datatype": "BYTES",
+                        "shape": [1],
+                        "parameters": {"binary_data_size": 4 + len(d)},
+                    }
+                ],
+                "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}],
+            }
+        ).encode()
+        for d in jpegs
+    ]
+    limits = httpx.Limits(max_connections=callers, max_keepalive_connections=callers)
+    async with (
+        grpc.aio.insecure_channel(grpc_target) as channel,
+        httpx.AsyncClient(base_url=http_base, limits=limits, timeout=60) as http,
+    ):
+        perito_stub = service_pb2_grpc.PeritoStub(channel)
+        model_infer = channel.unary_unary(
+            "/inference.GRPCInferenceService/ModelInfer",
+            request_serializer=oip_pb2.ModelInferRequest.SerializeToString,
+            response_deserializer=oip_pb2.ModelInferResponse.FromString,
+        )
+
+        async def call_classify(index: int) -> None:
+            await perito_stub.Classify(classify[index % len(jpegs)], timeout=60)
+
+        async def call_oip_grpc(index: int) -> None:
+            await model_infer(infer[index % len(jpegs)], timeout=60)
+
+        async def call_json(index: int) -> None:
+            response = await http.post(
+                f"/v1/models/{MODEL}:classify",
+                content=bodies[index % len(jpegs)],
+                headers={"content-type": "application/json"},
+            )
+            response.raise_for_status()
+
+        async def call_oip_http(index: int) -> None:
+            data = jpegs[index % len(jpegs)]
+            header = headers[index % len(jpegs)]
+            response = await http.post(
+                f"/v2/models/{MODEL}/infer",
+                content=header + struct.pack("<I", len(data)) + data,
+                headers={
+                    "content-type": "application/octet-stream",
+                    "inference-header-content-length": str(len(header)),
+                },
+            )
+            response.raise_for_status()
+
+        doors: dict[str, Call] = {
+            "perito.v1 Classify (gRPC)": call_classify,
+            "OIP ModelInfer (gRPC)": call_oip_grpc,
+            "JSON API classify (HTTP)": call_json,
+            "OIP infer, binary (HTTP)": call_oip_http,
+        }
+        figures: dict[str, list[dict[str, float]]] = {name: [] for name in doors}
+        for round_index in range(rounds):
+            order = list(doors.items())
+            if round_index % 2:
+                order.reverse()
+            for name, call in order:
+                figures[name].append(await drive(call, callers, seconds))
+                print(f"# round {round_index + 1}: {name}: "
+                      f"{figures[name][-1]['images_per_s']:.1f} images/s", flush=True)  # fmt: skip
+    return figures
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--arch", choices=["efficientnet-lite0", "resnet18"], default="efficientnet-lite0"
+    )
+    parser.add_argument("--callers", type=int, default=16)
+    parser.add_argument("--seconds", type=float, default=8.0, help="per door and round")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--images", type=int, default=48, help="distinct JPEGs to cycle through")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args()
+
+    print(f"# CPU: {cpu_name()}; ISA: {isa_summary()}; load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"# {args.arch}, 640x480 JPEGs, one per request, {args.callers} callers, torch "
+        f"{torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores, "
+        f"{platform.machine()}, {args.rounds} x {args.seconds:g} s per door"
+    )
+    with tempfile.TemporaryDirectory(prefix="perito-bench-") as tmp:
+        work = Path(tmp)
+        jpegs = make_jpegs(work, args.images)
+        publish(args.arch, work)
+        port, http_port = free_port(), free_port()
+        env = {
+            **os.environ,
+            "PERITO_REGISTRY": str(work / "registry"),
+            "PERITO_CACHE_DIR": str(work / "server-cache"),
+            "PYTHONUNBUFFERED": "1",
+        }
+        command = [
+            str(Path(sys.executable).parent / "perito"), "serve", "--port", str(port),
+            "--http-port", str(http_port), "--preload", MODEL, "--log-level", "WARNING",
+        ]  # fmt: skip
+        server = Proc("perito serve", command, env, work / "serve.log", "HTTP on").start()
+        try:
+            wait_for_port(http_port, process=server)
+            figures = asyncio.run(
+                measure(
+                    f"127.0.0.1:{port}",
+                    f"http://127.0.0.1:{http_port}",
+                    jpegs,
+                    args.callers,
+                    args.seconds,
+                    args.rounds,
+                )
+            )
+        finally:
+            server.send_signal(signal.SIGTERM)
+            server.wait(60)
+
+    def mean(runs: list[dict[str, float]], key: str) -> float:
+        return sum(run[key] for run in runs) / len(runs)
+
+    reference = mean(figures["perito.v1 Classify (gRPC)"], "images_per_s")
+    print(f"\n| door, {args.callers} callers | images/s | p50 ms | p99 ms | ratio to Classify |")
+    print("|---|---|---|---|---|")
+    verdicts = []
+    for name, runs in figures.items():
+        rate = mean(runs, "images_per_s")
+        print(
+            f"| {name} | {rate:.1f} | {mean(runs, 'p50_ms'):.1f} | {mean(runs, 'p99_ms'):.1f} "
+            f"| {rate / reference:.2f} |"
+        )
+        if not name.startswith("perito.v1"):
+            verdicts.append(f"{name}: {rate / reference:.2f} x Classify (target >= 0.90) -> "
+                            f"{'PASS' if rate / reference >= 0.9 else 'MISS'}")  # fmt: skip
+    print()
+    print("\n".join(verdicts))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"arch": args.arch, **figures}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
