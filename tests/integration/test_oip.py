@@ -7,6 +7,9 @@ gRPC and HTTP on two ports. Every answer is checked against `Classify`'s for the
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -225,3 +228,37 @@ def test_refusals_carry_the_status_of_the_grpc_code(served: Served, images: list
                 client.infer(model, [_bytes_input(module, batch)], headers=headers)
             assert refused.value.status() == status, refused.value
             assert text in refused.value.message(), refused.value
+
+
+_DUMP_FIELDS = """
+import json, sys, importlib
+module = importlib.import_module(sys.argv[1])
+def fields(descriptor, prefix=""):
+    for field in descriptor.fields:
+        yield (prefix + descriptor.name + "." + field.name, field.number, field.type,
+               field.is_repeated, field.message_type.name if field.message_type else "")
+    for nested in descriptor.nested_types:
+        yield from fields(nested, prefix + descriptor.name + ".")
+out = [row for d in module.DESCRIPTOR.message_types_by_name.values() for row in fields(d)]
+service = module.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+out += [("rpc " + m.name, m.input_type.name, m.output_type.name, False, "")
+        for m in service.methods]
+print(json.dumps(out))
+"""
+
+
+def test_the_messages_are_wire_compatible_with_tritonclients() -> None:
+    """Every field Perito declares has tritonclient's number and type, and every method its
+    messages (each side in its own process: both register `inference.*`)."""
+
+    def dump(module: str) -> set[tuple[object, ...]]:
+        completed = subprocess.run(
+            [sys.executable, "-c", _DUMP_FIELDS, module],
+            capture_output=True, text=True, check=True, timeout=60,
+        )  # fmt: skip
+        return {tuple(row) for row in json.loads(completed.stdout)}
+
+    ours = dump("perito_server._oip.grpc_service_pb2")
+    triton = dump("tritonclient.grpc.service_pb2")
+    assert len(ours) > 60
+    assert ours - triton == set()
