@@ -241,6 +241,10 @@ class OnnxModel(LoadedModel):
         options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
+        # No spin-waiting between runs: the decode threads share these cores. Measured on this
+        # 2-core EPYC, Lite0 at batch 4 with two threads decoding 640x480 JPEGs alongside, 3
+        # interleaved rounds under load: 21.5 images/s without spinning, 15.3 with.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             session = onnxruntime.InferenceSession(
                 str(path), sess_options=options, providers=["CPUExecutionProvider"]
