@@ -23,6 +23,7 @@ from tritonclient.utils import InferenceServerException
 import perito
 from perito_core.imaging import load_model_input
 from perito_core.registry import ModelRegistry
+from perito_core.tenancy import Quotas, add_tenant
 from scripts.processes import Proc, free_port, wait_for_port
 from tests.conftest import publish_tiny
 from tests.helpers import TINY_INPUT, perito_proc, subprocess_env
@@ -262,3 +263,79 @@ def test_the_messages_are_wire_compatible_with_tritonclients() -> None:
     triton = dump("tritonclient.grpc.service_pb2")
     assert len(ours) > 60
     assert ours - triton == set()
+
+
+@pytest.fixture(scope="module")
+def tenants_served(
+    tmp_path_factory: pytest.TempPathFactory, tiny_model_file: Path, redis_url: str
+) -> Iterator[tuple[Served, dict[str, str]]]:
+    """A server with a tenants file: `reader` (models:read only), `other` (classify, but only
+    the model `other-model`), `metered` (classify, 4 images a minute)."""
+    work = tmp_path_factory.mktemp("oip-tenants")
+    registry = ModelRegistry.open(str(work / "registry"), cache_dir=work / ".publish-cache")
+    publish_tiny(registry, tiny_model_file)
+    tenants = work / "tenants.yaml"
+    tokens = {
+        "reader": add_tenant(tenants, "reader", roles=["models:read"]),
+        "other": add_tenant(tenants, "other", roles=["classify"], models=["other-model"]),
+        "metered": add_tenant(
+            tenants,
+            "metered",
+            roles=["classify"],
+            models=["tiny"],
+            quotas=Quotas(images_per_minute=4),
+        ),
+    }
+    port, http_port = free_port(), free_port()
+    env = subprocess_env(
+        PERITO_REGISTRY=str(work / "registry"),
+        PERITO_CACHE_DIR=str(work / "cache"),
+        PERITO_REDIS_URL=redis_url.rsplit("/", 1)[0] + "/8",
+        PERITO_TENANTS_FILE=str(tenants),
+        PERITO_TORCH_THREADS="1",
+    )
+    args = ["serve", "--port", str(port), "--http-port", str(http_port), "--preload", "tiny"]
+    process = perito_proc("perito serve", args, env, work / "serve.log", "HTTP on").launch()
+    try:
+        wait_for_port(http_port, timeout=120, process=process)
+        yield Served(f"127.0.0.1:{port}", f"127.0.0.1:{http_port}", process), tokens
+    finally:
+        code = process.stop()
+    assert code == 0, (work / "serve.log").read_text()[-4000:]
+
+
+def test_tenants_roles_models_and_quotas_hold_on_both_transports(
+    tenants_served: tuple[Served, dict[str, str]], images: list[bytes]
+) -> None:
+    served, tokens = tenants_served
+    clients = (
+        (grpcclient, grpcclient.InferenceServerClient(served.grpc_url)),
+        (httpclient, httpclient.InferenceServerClient(served.http_url)),
+    )
+    statuses = {
+        "PERMISSION_DENIED": ("StatusCode.PERMISSION_DENIED", "403"),
+        "RESOURCE_EXHAUSTED": ("StatusCode.RESOURCE_EXHAUSTED", "429"),
+    }
+
+    def refused(tenant: str, batch: list[bytes], code: str, text: str) -> None:
+        for index, (module, client) in enumerate(clients):
+            with pytest.raises(InferenceServerException) as error:
+                client.infer(
+                    "tiny",
+                    [_bytes_input(module, batch)],
+                    headers={"authorization": f"Bearer {tokens[tenant]}"},
+                )
+            assert error.value.status() == statuses[code][index], error.value
+            assert text in error.value.message(), error.value
+
+    refused("reader", images[:1], "PERMISSION_DENIED", "classify")
+    refused("other", images[:1], "PERMISSION_DENIED", "tiny")
+    # 4 images a minute, gRPC and HTTP together: 2 + 2 pass, the next is refused on both.
+    for module, client in clients:
+        result = client.infer(
+            "tiny",
+            [_bytes_input(module, images[:2])],
+            headers={"authorization": f"Bearer {tokens['metered']}"},
+        )
+        assert result.as_numpy("probabilities").shape == (2, 3)
+    refused("metered", images[:1], "RESOURCE_EXHAUSTED", "")
