@@ -14,6 +14,8 @@ field; a tampered `model.onnx` is refused when it would load.
 from __future__ import annotations
 
 import json
+import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +28,7 @@ from perito_core.imaging import load_model_input
 from perito_core.registry import ModelRegistry
 from perito_core.storage import S3Options, make_s3_client
 from perito_server.settings import ServerSettings
+from scripts.processes import free_port
 from tests.helpers import ServerThread, WorkerProcess, run_perito, subprocess_env
 from tests.onnx_helpers import (
     CAFFE_MEAN_BGR,
@@ -246,3 +249,47 @@ def test_a_tampered_model_onnx_is_refused_when_it_would_load(
     with pytest.raises(perito.FailedPreconditionError, match="sha256") as refused:
         onnx_service.client.classify([photo], model="tampered")
     assert refused.value.reason == "MODEL_CHECKSUM_MISMATCH"
+
+
+def test_the_web_page_classifies_with_an_onnx_model(onnx_service: OnnxService) -> None:
+    """The web page's API (uvicorn on a real port, gRPC behind it) answers the same."""
+    httpx = pytest.importorskip("httpx")
+    uvicorn = pytest.importorskip("uvicorn")
+    from perito_web.app import create_app
+
+    port = free_port()
+    config = uvicorn.Config(
+        create_app(onnx_service.server.target), host="127.0.0.1", port=port, log_level="warning"
+    )
+    web = uvicorn.Server(config)
+    thread = threading.Thread(target=web.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not web.started:
+            assert time.monotonic() < deadline, "the web app did not start"
+            time.sleep(0.05)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
+            http.headers["X-CSRF-Token"] = http.get("/api/session").json()["csrf"]
+            names = list(onnx_service.photos)
+            answer = http.post(
+                "/api/classify",
+                data={"model": "waste@production", "top_k": "2"},
+                files=[
+                    ("image", (f"{n}.jpg", onnx_service.photos[n], "image/jpeg")) for n in names
+                ],
+            )
+            assert answer.status_code == 200, answer.text
+            served = np.array(
+                [
+                    [next(p["probability"] for p in r["predictions"] if p["class_index"] == i)
+                     for i in range(2)]
+                    for r in answer.json()
+                ]
+            )  # fmt: skip
+            np.testing.assert_allclose(served, onnx_service.expected("waste"), atol=1e-5)
+            card = http.get("/api/models/waste").json()["versions"][-1]["card"]
+            assert card["tensor"]["output"] == "sigmoid"
+    finally:
+        web.should_exit = True
+        thread.join(timeout=10)
