@@ -27,7 +27,9 @@ from perito_worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 
-app = make_celery("redis://127.0.0.1:6379/0")  # re-pointed by `configure`
+# Wired to the environment's settings (`PERITO_REDIS_URL`, `PERITO_BROKER_URL`), so that plain
+# `celery -A perito_worker.tasks` works too; `perito worker` re-points it with its flags.
+app = make_celery(WorkerSettings().broker)
 
 _settings: WorkerSettings | None = None
 _runtime: WorkerRuntime | None = None
@@ -82,7 +84,9 @@ def send_finalize(job_id: str) -> None:
 _TRANSIENT = (StorageUnavailable, redis.ConnectionError, redis.TimeoutError)
 
 
-@app.task(name=CLASSIFY_CHUNK, acks_late=True, reject_on_worker_lost=True)
+# Both tasks are acknowledged late and put back when their process dies: `make_celery` sets
+# that for every task (`task_acks_late`, `task_reject_on_worker_lost`).
+@app.task(name=CLASSIFY_CHUNK)
 def classify_chunk_task(**kwargs: Any) -> None:
     task = ChunkTask(**kwargs)
     token = JOB_ID.set(task.job_id)
@@ -95,8 +99,6 @@ def classify_chunk_task(**kwargs: Any) -> None:
 
 @app.task(
     name=FINALIZE_JOB,
-    acks_late=True,
-    reject_on_worker_lost=True,
     autoretry_for=_TRANSIENT,
     retry_backoff=True,
     retry_backoff_max=60,
