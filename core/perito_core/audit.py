@@ -2,9 +2,11 @@
 
 Submit, cancel and delete of jobs, model publishes and alias moves, tenants changes: each
 writes one JSON line to stdout (where container platforms ship logs from) and one entry in
-the Redis stream `perito:audit`, trimmed to the job retention period, which `perito audit`
-reads. A record says when, who (tenant), what (method), on what (resource), how it ended
-(outcome: `OK` or the status code name) and the request id; refused calls are recorded too.
+the Redis stream `perito:audit`, trimmed to the job retention period and to at most
+`max_entries` entries (a flood of refused calls cannot grow it without bound), which
+`perito audit` reads. A record says when, who (tenant), what (method), on what (resource),
+how it ended (outcome: `OK` or the status code name) and the request id; refused calls are
+recorded too.
 
 Writing the Redis entry is best effort: an audit record that cannot be stored is logged as
 an error and the call goes on (stdout has the line either way); the job store would be down
@@ -50,13 +52,21 @@ class AuditLog:
         client: the job store's Redis, or None for stdout only (tools run without Redis).
         retention_s: entries older than this are trimmed as new ones are added.
         stream: where the JSON lines go (stdout).
+        max_entries: the most entries kept, whatever their age (about 300 bytes each in
+            Redis: 100,000 are some 30 MB); the oldest go first.
     """
 
     def __init__(
-        self, client: redis.Redis | None, retention_s: float, stream: TextIO | None = None
+        self,
+        client: redis.Redis | None,
+        retention_s: float,
+        stream: TextIO | None = None,
+        *,
+        max_entries: int = 100_000,
     ) -> None:
         self.redis = client
         self.retention_s = retention_s
+        self.max_entries = max_entries
         self._stream = stream
 
     def record(
@@ -89,7 +99,10 @@ class AuditLog:
             oldest_ms = int((entry.time - self.retention_s) * 1000)
             fields: dict[Any, Any] = {k: str(v) for k, v in asdict(entry).items()}
             try:
-                self.redis.xadd(AUDIT_KEY, fields, minid=max(oldest_ms, 0), approximate=True)
+                with self.redis.pipeline(transaction=False) as pipe:
+                    pipe.xadd(AUDIT_KEY, fields, minid=max(oldest_ms, 0), approximate=True)
+                    pipe.xtrim(AUDIT_KEY, maxlen=self.max_entries, approximate=True)
+                    pipe.execute()
             except redis.RedisError as exc:
                 log.error("audit record not stored in Redis (stdout has it): %s", exc)
         return entry
