@@ -127,7 +127,7 @@ async def create_server(settings: ServerSettings) -> RunningServer:
     jobs.start()
     metrics.watch_jobs(jobs.store)
     servicer = PeritoServicer(settings, pool, jobs, metrics, tenants)
-    interceptors: list[Any] = [TenantInterceptor(tenants, servicer.limiter)]
+    interceptors: list[Any] = [TenantInterceptor(tenants, servicer.limiter, servicer.audit)]
     if settings.tracing:
         interceptors = [*tracing.server_interceptors(), *interceptors]
     # Calls past `max_concurrent_rpcs` (health checks count too) are refused by gRPC itself,

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import grpc.aio
 
+from perito_core.audit import AuditLog
 from perito_core.errors import PeritoError, PermissionDenied
 from perito_core.quotas import RateLimiter
 from perito_core.tenancy import Tenant, Tenants
@@ -73,6 +74,11 @@ MODEL_FIELDS: dict[str, str] = {
     OIP_PREFIX + "ModelReady": "name",
     OIP_PREFIX + "ModelInfer": "model_name",
 }
+# State-changing methods: a refusal here (no token, a wrong one, a role missing) is written to
+# the audit log, as the handlers write their own outcomes once let through.
+AUDITED_METHODS = frozenset(
+    SERVICE_PREFIX + method for method in ("SubmitJob", "CancelJob", "DeleteJob")
+)
 # Methods that spend the tenant's images-per-minute quota: while a recent refusal says not
 # one image fits, they are refused here, before the request body is read.
 RATE_LIMITED_METHODS = frozenset({SERVICE_PREFIX + "Classify", OIP_PREFIX + "ModelInfer"})
@@ -94,6 +100,13 @@ def current_tenant() -> Tenant:
     return _TENANT.get()
 
 
+def _metadata_value(metadata: Any, key: str) -> str:
+    for name, value in metadata or ():
+        if name == key and isinstance(value, str):
+            return value
+    return ""
+
+
 def bearer_token(metadata: Any) -> str | None:
     """The token of an `authorization: Bearer <token>` entry, if there is one."""
     for key, value in metadata or ():
@@ -107,9 +120,12 @@ def bearer_token(metadata: Any) -> str | None:
 class TenantInterceptor(_Interceptor):
     """Authenticates each call, checks its role, and runs it as its tenant (module docs)."""
 
-    def __init__(self, tenants: Tenants, limiter: RateLimiter | None = None) -> None:
+    def __init__(
+        self, tenants: Tenants, limiter: RateLimiter | None = None, audit: AuditLog | None = None
+    ) -> None:
         self.tenants = tenants
         self.limiter = limiter
+        self.audit = audit
 
     def authorize(self, method: str, metadata: Any) -> Tenant:
         """The tenant a call to `method` (`/perito.v1.Perito/Classify`) with `metadata` runs as.
@@ -119,16 +135,31 @@ class TenantInterceptor(_Interceptor):
             PermissionDenied: the tenant lacks the method's role, or the method is unknown.
             QuotaExceeded: a rate-limited method while the tenant is known to be over its
                 images-per-minute quota (`RateLimiter.refuse_if_blocked`).
+
+        A refused state-changing method (`AUDITED_METHODS`) is written to the audit log.
         """
-        tenant = self.tenants.authenticate(bearer_token(metadata))
-        role = METHOD_ROLES.get(method)
         name = method.rpartition("/")[2]
-        if role is None:
-            raise PermissionDenied(f"{name} is not a method any tenant may call")
-        tenant.require_role(role, f"call {name}")
-        per_minute = tenant.quotas.images_per_minute
-        if self.limiter is not None and per_minute is not None and method in RATE_LIMITED_METHODS:
-            self.limiter.refuse_if_blocked(tenant.name, per_minute)
+        tenant: Tenant | None = None
+        try:
+            tenant = self.tenants.authenticate(bearer_token(metadata))
+            role = METHOD_ROLES.get(method)
+            if role is None:
+                raise PermissionDenied(f"{name} is not a method any tenant may call")
+            tenant.require_role(role, f"call {name}")
+            per_minute = tenant.quotas.images_per_minute
+            if self.limiter and per_minute is not None and method in RATE_LIMITED_METHODS:
+                self.limiter.refuse_if_blocked(tenant.name, per_minute)
+        except PeritoError as error:
+            if self.audit is not None and method in AUDITED_METHODS:
+                self.audit.record(
+                    tenant=tenant.name if tenant is not None else "",
+                    method=name,
+                    resource="",
+                    outcome=error.code.name,
+                    request_id=_metadata_value(metadata, "x-request-id")[:128],
+                    detail=error.message,
+                )
+            raise
         return tenant
 
     async def intercept_service(

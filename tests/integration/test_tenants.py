@@ -165,6 +165,30 @@ def test_roles_and_models_are_enforced(tenancy: Tenancy) -> None:
         assert {m.name for m in globex.list_models()} == {"tiny", "globex-secret"}
 
 
+def test_refused_state_changes_are_audited(tenancy: Tenancy) -> None:
+    """A state-changing call refused before its handler (no role, no token) is in the
+    audit log with who asked, the outcome and the request id."""
+    from perito_core.audit import AuditLog
+
+    with tenancy.client("viewer") as viewer, pytest.raises(perito.PermissionDeniedError):
+        viewer.submit_job(["s3://inspections/acme/0.jpg"], model="tiny", request_id="audit-1")
+    with (
+        perito.Client(tenancy.server.target, token="prt_wrong") as stranger,
+        pytest.raises(perito.UnauthenticatedError),
+    ):
+        stranger.cancel_job("0123456789abcdef", metadata=[("x-request-id", "audit-2")])
+    store = tenancy.server.running.servicer.jobs.store  # type: ignore[attr-defined]
+    records = AuditLog(store.redis, 3600).list(limit=50)
+    denied = next(r for r in records if r.method == "SubmitJob" and r.tenant == "viewer")
+    assert denied.outcome == "PERMISSION_DENIED" and "jobs" in denied.detail
+    unknown = next(r for r in records if r.request_id == "audit-2")
+    assert (unknown.method, unknown.tenant, unknown.outcome) == (
+        "CancelJob",
+        "",
+        "UNAUTHENTICATED",
+    )
+
+
 def test_another_tenants_job_is_not_found(tenancy: Tenancy) -> None:
     with tenancy.client("acme") as acme, tenancy.client("globex") as globex:
         job = acme.submit_job(
