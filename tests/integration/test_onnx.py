@@ -14,6 +14,8 @@ field; a tampered `model.onnx` is refused when it would load.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -293,3 +295,43 @@ def test_the_web_page_classifies_with_an_onnx_model(onnx_service: OnnxService) -
     finally:
         web.should_exit = True
         thread.join(timeout=10)
+
+
+# tritonclient's generated `inference.*` messages clash with the server's own in one process
+# (duplicate symbols in protobuf's pool), so the client runs in its own, as a user's would.
+TRITON_CALL = """
+import json, sys
+import numpy as np
+import tritonclient.grpc as grpcclient
+
+target, model, *paths = sys.argv[1:]
+client = grpcclient.InferenceServerClient(target)
+images = np.array([open(p, "rb").read() for p in paths], dtype=np.object_)
+tensor = grpcclient.InferInput("images", list(images.shape), "BYTES")
+tensor.set_data_from_numpy(images)
+result = client.infer(model, [tensor], outputs=[grpcclient.InferRequestedOutput("probabilities")])
+print(json.dumps({
+    "platform": client.get_model_metadata(model).platform,
+    "probabilities": result.as_numpy("probabilities").tolist(),
+}))
+"""
+
+
+def test_the_open_inference_protocol_serves_an_onnx_model(
+    onnx_service: OnnxService, photos: dict[str, Path]
+) -> None:
+    """tritonclient's ModelMetadata and ModelInfer (BYTES images) over the same gRPC port."""
+    pytest.importorskip("tritonclient", reason="tritonclient (a test dependency) not installed")
+    paths = [str(photos[name]) for name in onnx_service.photos]
+    answer = subprocess.run(
+        [sys.executable, "-c", TRITON_CALL, onnx_service.server.target, "minerals", *paths],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    result = json.loads(answer.stdout)
+    assert result["platform"] == "onnxruntime_onnx"
+    np.testing.assert_allclose(
+        np.array(result["probabilities"]), onnx_service.expected("minerals"), atol=1e-5
+    )
