@@ -251,6 +251,12 @@ class OnnxModel(LoadedModel):
             )
         except Exception as exc:  # noqa: BLE001 - any failure here is a bad artifact
             first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else repr(exc)
+            if "external data" in first.lower():
+                raise ModelLoadError(
+                    f"{_describe(manifest)} keeps its weights in a separate file (ONNX external "
+                    "data), which a version does not carry: save the graph as one file "
+                    "(onnx.save_model(model, path, save_as_external_data=False), up to 2 GB)"
+                ) from None
             raise ModelLoadError(
                 f"{_describe(manifest)}: not a loadable ONNX file: {first}"
             ) from None

@@ -10,6 +10,8 @@ refused with the field named.
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -162,6 +164,10 @@ def check_onnx_loads(
 ) -> None:
     """Open and run the ONNX file against a draft manifest, so a bad one is never published.
 
+    The file is opened alone in an empty folder, as serving will open `model.onnx` from the
+    registry's cache: a graph whose weights live in files beside it (external data) is refused
+    here rather than when it would serve.
+
     Raises:
         ModelLoadError: the file is not ONNX, or contradicts the contract (naming the field).
         pydantic.ValidationError: a manifest the contract makes invalid (a sigmoid output for
@@ -183,4 +189,7 @@ def check_onnx_loads(
         ),
         tensor=tensor,
     )
-    OnnxModel.load(model_file, draft)
+    with tempfile.TemporaryDirectory(prefix="perito-onnx-import-") as folder:
+        alone = Path(folder) / "model.onnx"
+        shutil.copyfile(model_file, alone)
+        OnnxModel.load(alone, draft)

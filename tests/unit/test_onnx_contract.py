@@ -272,3 +272,26 @@ def test_a_tampered_model_onnx_and_an_unknown_stored_layout_are_refused(
     path.write_text(json.dumps(raw))
     with pytest.raises(ModelLoadError, match=r"manifest.json is invalid(.|\n)*tensor.layout"):
         load_model(registry, "waste", "2")
+
+
+def test_a_graph_with_its_weights_in_another_file_is_refused_at_import(
+    files: dict[str, Path], tmp_path: Path
+) -> None:
+    """The registry stores `model.onnx` alone: ONNX external data would be lost on publish."""
+    onnx = pytest.importorskip("onnx")
+    from perito_server.onnx_import import check_onnx_loads
+
+    graph = onnx.load(str(files["waste"]))
+    split = tmp_path / "waste.onnx"
+    onnx.save_model(
+        graph,
+        str(split),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="waste.onnx.data",
+        size_threshold=0,
+    )
+    assert (tmp_path / "waste.onnx.data").is_file()
+    with pytest.raises(ModelLoadError, match="keeps its weights in a separate file"):
+        check_onnx_loads(split, "waste", WASTE_LABELS, INPUT, KERAS)
+    check_onnx_loads(files["waste"], "waste", WASTE_LABELS, INPUT, KERAS)  # one file: fine
