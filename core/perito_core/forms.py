@@ -241,7 +241,7 @@ def _load_onnx(
     from perito_core.onnx_model import OnnxModel
 
     manifest = artifact.manifest
-    model = OnnxModel.load(artifact.path, manifest, warmup_batch_sizes=warmup_batch_sizes)
+    model = OnnxModel.open(artifact.path, manifest, warmup_batch_sizes=warmup_batch_sizes)
     label = f"{manifest.name}@{manifest.version}"
     if precision not in ("auto", "fp32"):
         model.passed_over[precision] = "an imported ONNX model has only its own form"

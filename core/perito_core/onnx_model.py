@@ -207,7 +207,7 @@ class OnnxModel(LoadedModel):
         self.form = onnx_form_name(self.contract)
 
     @classmethod
-    def load(  # type: ignore[override]
+    def open(
         cls,
         path: Path,
         manifest: ModelManifest,

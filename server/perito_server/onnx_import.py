@@ -192,4 +192,4 @@ def check_onnx_loads(
     with tempfile.TemporaryDirectory(prefix="perito-onnx-import-") as folder:
         alone = Path(folder) / "model.onnx"
         shutil.copyfile(model_file, alone)
-        OnnxModel.load(alone, draft)
+        OnnxModel.open(alone, draft)

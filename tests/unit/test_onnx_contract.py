@@ -165,12 +165,12 @@ def _write(path: Path, data: bytes) -> Path:
 
 def test_served_probabilities_equal_onnx_runtime_on_the_same_pixels(files: dict[str, Path]) -> None:
     images = _images(7)
-    waste = OnnxModel.load(files["waste"], _manifest(KERAS, WASTE_LABELS))
+    waste = OnnxModel.open(files["waste"], _manifest(KERAS, WASTE_LABELS))
     p = ort_probabilities(files["waste"], keras_rescale(images))
     np.testing.assert_allclose(waste.predict(images), np.concatenate([1 - p, p], 1), atol=1e-6)
     assert waste.form == "onnxruntime-fp32"
 
-    minerals = OnnxModel.load(files["minerals"], _manifest(CAFFE, MINERALS_LABELS))
+    minerals = OnnxModel.open(files["minerals"], _manifest(CAFFE, MINERALS_LABELS))
     expected = ort_probabilities(files["minerals"], caffe_preprocess(images))
     np.testing.assert_allclose(minerals.predict(images), expected, atol=1e-6)
     # The test can fail: the same graph fed Keras-rescaled pixels answers otherwise.
@@ -187,9 +187,9 @@ def test_logits_are_softmaxed_and_a_fixed_batch_graph_takes_any_batch(
     logits = ort_probabilities(files["logits"], tensor)
     expected = torch.softmax(torch.from_numpy(logits), 1).numpy()
     labels = ["a", "b", "c", "d"]
-    dynamic = OnnxModel.load(files["logits"], _manifest(contract, labels))
+    dynamic = OnnxModel.open(files["logits"], _manifest(contract, labels))
     np.testing.assert_allclose(dynamic.predict(images), expected, atol=1e-6)
-    fixed = OnnxModel.load(files["batch1"], _manifest(contract, labels), warmup_batch_sizes=(1, 3))
+    fixed = OnnxModel.open(files["batch1"], _manifest(contract, labels), warmup_batch_sizes=(1, 3))
     np.testing.assert_allclose(fixed.predict(images), expected, atol=1e-6)
 
 
@@ -230,7 +230,7 @@ def test_a_graph_that_contradicts_its_contract_is_refused_naming_the_field(
     files: dict[str, Path], file: str, tensor: TensorContract, labels: list[str], message: str
 ) -> None:
     with pytest.raises(ModelLoadError, match=message):
-        OnnxModel.load(files[file], _manifest(tensor, labels))
+        OnnxModel.open(files[file], _manifest(tensor, labels))
 
 
 def test_another_input_size_is_refused(files: dict[str, Path]) -> None:
@@ -238,7 +238,7 @@ def test_another_input_size_is_refused(files: dict[str, Path]) -> None:
         update={"input": InputContract(height=48, width=48, resize_size=48)}
     )
     with pytest.raises(ModelLoadError, match=r"check the input size \(48x48\)"):
-        OnnxModel.load(files["waste"], manifest)
+        OnnxModel.open(files["waste"], manifest)
 
 
 def test_a_tampered_model_onnx_and_an_unknown_stored_layout_are_refused(
