@@ -176,10 +176,9 @@ def check_graph(session: Any, manifest: ModelManifest) -> int | None:
     out_shape = list(outputs[0].shape)
     classes = len(manifest.labels)
     units = 1 if contract.output == "sigmoid" else classes
-    last = out_shape[-1] if out_shape else None
-    if contract.output == "sigmoid" and len(out_shape) == 1:
-        last = 1
-    if len(out_shape) not in (1, 2) or (isinstance(last, int) and last != units):
+    one_unit = contract.output == "sigmoid" and len(out_shape) == 1  # (N,): one unit too
+    last = 1 if one_unit else (out_shape[-1] if out_shape else None)
+    if (len(out_shape) != 2 and not one_unit) or (isinstance(last, int) and last != units):
         need = "(N, 1) for one sigmoid unit" if units == 1 else f"(N, {classes}) for the labels"
         raise ModelLoadError(
             f"{what}: output {contract.output} with {classes} labels needs {need}, but output "
