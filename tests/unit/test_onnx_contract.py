@@ -254,6 +254,10 @@ def test_a_tampered_model_onnx_and_an_unknown_stored_layout_are_refused(
     assert sorted(p.name for p in stored.iterdir()) == ["manifest.json", "model.onnx"]
     assert manifest.artifact.file == "model.onnx"
     assert load_model(registry, "waste", "1").form == "onnxruntime-fp32"
+    # PERITO_PRECISION cannot turn an imported graph into another form: it serves as imported.
+    asked_int8 = load_model(registry, "waste", "1", precision="int8")
+    assert asked_int8.form == "onnxruntime-fp32"
+    assert "only its own form" in asked_int8.passed_over["int8"]
 
     data = bytearray((stored / "model.onnx").read_bytes())
     data[-1] ^= 0xFF
