@@ -6,10 +6,12 @@ measured in the same run on the same machine.
 Each door gets `--callers` concurrent callers (16: issue 18's figure) in this process, one
 640x480 JPEG per request, for `--seconds`, in `--rounds` interleaved rounds (so drift in the
 machine's load hits every door alike); the figure is the mean images/s over the rounds, with
-p50 / p99 latency. Callers: grpc.aio stubs for both gRPC doors (the OIP one sends
-`raw_input_contents`, as tritonclient does), httpx.AsyncClient for HTTP (JSON with base64
-images; OIP binary with `Inference-Header-Content-Length`). Target (issue 18): each door
->= 0.9 x `Classify`.
+p50 / p99 latency, and the server process's CPU time per image (user + system, all threads,
+from /proc): on a shared machine the rates move with other load, the CPU cost per image much
+less, so it says what each door itself costs. Callers: grpc.aio stubs for both gRPC doors
+(the OIP one sends `raw_input_contents`, as tritonclient does), httpx.AsyncClient for HTTP
+(JSON with base64 images; OIP binary with `Inference-Header-Content-Length`). Target
+(issue 18): each door >= 0.9 x `Classify`.
 
     .venv/bin/python bench/protocols.py            # EfficientNet-Lite0, 16 callers
 """
@@ -46,8 +48,15 @@ from scripts.processes import Proc, free_port, wait_for_port  # noqa: E402
 Call = Callable[[int], Awaitable[None]]
 
 
-async def drive(call: Call, callers: int, seconds: float) -> dict[str, float]:
-    """`callers` loops calling `call(index)` for `seconds`: images/s, p50 and p99 in ms."""
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system, every thread) process `pid` has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def drive(call: Call, callers: int, seconds: float, server_pid: int) -> dict[str, float]:
+    """`callers` loops calling `call(index)` for `seconds`: images/s, p50 and p99 in ms, and
+    the server's CPU ms per image (which other load on the machine hardly moves)."""
     for index in range(callers):  # warm: connections open, the model's batch sizes seen
         await call(index)
     latencies: list[float] = []
@@ -61,18 +70,25 @@ async def drive(call: Call, callers: int, seconds: float) -> dict[str, float]:
             latencies.append(time.perf_counter() - began)
             index += callers
 
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), cpu_seconds(server_pid)
     await asyncio.gather(*(caller(i) for i in range(callers)))
     elapsed = time.perf_counter() - start
     return {
         "images_per_s": len(latencies) / elapsed,
+        "server_cpu_ms_per_image": (cpu_seconds(server_pid) - cpu_start) * 1000 / len(latencies),
         "p50_ms": percentile(latencies, 50) * 1000,
         "p99_ms": percentile(latencies, 99) * 1000,
     }
 
 
 async def measure(
-    grpc_target: str, http_base: str, jpegs: list[bytes], callers: int, seconds: float, rounds: int
+    grpc_target: str,
+    http_base: str,
+    jpegs: list[bytes],
+    callers: int,
+    seconds: float,
+    rounds: int,
+    server_pid: int,
 ) -> dict[str, list[dict[str, float]]]:
     classify = [
         classify_pb2.ClassifyRequest(model=MODEL, images=[image_pb2.Image(id=str(i), content=d)])
@@ -160,7 +176,7 @@ async def measure(
             if round_index % 2:
                 order.reverse()
             for name, call in order:
-                figures[name].append(await drive(call, callers, seconds))
+                figures[name].append(await drive(call, callers, seconds, server_pid))
                 print(f"# round {round_index + 1}: {name}: "
                       f"{figures[name][-1]['images_per_s']:.1f} images/s", flush=True)  # fmt: skip
     return figures
@@ -174,8 +190,8 @@ def main() -> int:
         "--arch", choices=["efficientnet-lite0", "resnet18"], default="efficientnet-lite0"
     )
     parser.add_argument("--callers", type=int, default=16)
-    parser.add_argument("--seconds", type=float, default=8.0, help="per door and round")
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--seconds", type=float, default=4.0, help="per door and round")
+    parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--images", type=int, default=48, help="distinct JPEGs to cycle through")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
@@ -212,6 +228,7 @@ def main() -> int:
                     args.callers,
                     args.seconds,
                     args.rounds,
+                    server.pid,
                 )
             )
         finally:
@@ -222,14 +239,19 @@ def main() -> int:
         return sum(run[key] for run in runs) / len(runs)
 
     reference = mean(figures["perito.v1 Classify (gRPC)"], "images_per_s")
-    print(f"\n| door, {args.callers} callers | images/s | p50 ms | p99 ms | ratio to Classify |")
-    print("|---|---|---|---|---|")
+    reference_cpu = mean(figures["perito.v1 Classify (gRPC)"], "server_cpu_ms_per_image")
+    print(
+        f"\n| door, {args.callers} callers | images/s | p50 ms | p99 ms | ratio to Classify "
+        "| server CPU ms / image | ratio to Classify |"
+    )
+    print("|---|---|---|---|---|---|---|")
     verdicts = []
     for name, runs in figures.items():
         rate = mean(runs, "images_per_s")
+        cpu = mean(runs, "server_cpu_ms_per_image")
         print(
             f"| {name} | {rate:.1f} | {mean(runs, 'p50_ms'):.1f} | {mean(runs, 'p99_ms'):.1f} "
-            f"| {rate / reference:.2f} |"
+            f"| {rate / reference:.2f} | {cpu:.1f} | {cpu / reference_cpu:.2f} |"
         )
         if not name.startswith("perito.v1"):
             verdicts.append(f"{name}: {rate / reference:.2f} x Classify (target >= 0.90) -> "
