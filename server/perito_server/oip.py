@@ -507,4 +507,6 @@ def add_oip_servicer(servicer: OipServicer, server: grpc.aio.Server) -> None:
         )
         for name, (message, handler) in methods.items()
     }
+    # Both, as generated code registers them: registered methods skip gRPC's per-call lookup.
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)  # type: ignore[attr-defined]
