@@ -7,6 +7,7 @@ gRPC and HTTP on two ports. Every answer is checked against `Classify`'s for the
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
@@ -47,6 +49,7 @@ class Served:
     grpc_url: str
     http_url: str
     process: Proc
+    metrics_url: str = ""
 
 
 @pytest.fixture(scope="module")
@@ -54,12 +57,13 @@ def served(tmp_path_factory: pytest.TempPathFactory, tiny_model_file: Path) -> I
     work = tmp_path_factory.mktemp("oip")
     registry = ModelRegistry.open(str(work / "registry"), cache_dir=work / ".publish-cache")
     publish_tiny(registry, tiny_model_file, aliases=("production",))
-    port, http_port = free_port(), free_port()
+    port, http_port, metrics_port = free_port(), free_port(), free_port()
     env = subprocess_env(
         PERITO_REGISTRY=str(work / "registry"),
         PERITO_CACHE_DIR=str(work / "cache"),
         PERITO_REDIS_URL="redis://127.0.0.1:1/0",  # no jobs here: nothing listens there
         PERITO_AUTH_TOKENS=f'["{TOKEN}"]',
+        PERITO_METRICS_PORT=str(metrics_port),
         PERITO_TORCH_THREADS="1",
     )
     args = ["serve", "--port", str(port), "--http-port", str(http_port), "--preload", "tiny"]
@@ -67,7 +71,8 @@ def served(tmp_path_factory: pytest.TempPathFactory, tiny_model_file: Path) -> I
     try:
         wait_for_port(port, timeout=120, process=process)
         wait_for_port(http_port, timeout=60, process=process)
-        yield Served(f"127.0.0.1:{port}", f"127.0.0.1:{http_port}", process)
+        metrics = f"http://127.0.0.1:{metrics_port}/metrics"
+        yield Served(f"127.0.0.1:{port}", f"127.0.0.1:{http_port}", process, metrics)
     finally:
         code = process.stop()
     assert code == 0, (work / "serve.log").read_text()[-4000:]
@@ -339,3 +344,37 @@ def test_tenants_roles_models_and_quotas_hold_on_both_transports(
         )
         assert result.as_numpy("probabilities").shape == (2, 3)
     refused("metered", images[:1], "RESOURCE_EXHAUSTED", "")
+
+
+def test_calls_are_counted_per_door_and_answer_with_the_request_id(
+    served: Served, images: list[bytes]
+) -> None:
+    grpcclient.InferenceServerClient(served.grpc_url).infer(
+        "tiny", [_bytes_input(grpcclient, images[:1])], headers=auth()
+    )
+    answer = httpx.post(
+        f"http://{served.http_url}/v2/models/tiny/infer",
+        json={
+            "inputs": [
+                {
+                    "name": "images",
+                    "datatype": "BYTES",
+                    "shape": [1],
+                    "data": [base64.b64encode(images[0]).decode()],
+                }
+            ]
+        },
+        headers={**auth(), "x-request-id": "claim-123-oip"},
+        timeout=60,
+    )
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["x-request-id"] == "claim-123-oip"
+    assert answer.json()["outputs"][0]["shape"] == [1, 3]
+    with pytest.raises(InferenceServerException):
+        grpcclient.InferenceServerClient(served.grpc_url).infer(
+            "no-such-model", [_bytes_input(grpcclient, images[:1])], headers=auth()
+        )
+    text = httpx.get(served.metrics_url, timeout=10).text
+    assert 'perito_requests_total{code="OK",method="ModelInfer"}' in text
+    assert 'perito_requests_total{code="OK",method="HTTP ModelInfer"}' in text
+    assert 'perito_requests_total{code="NOT_FOUND",method="ModelInfer"}' in text
