@@ -39,6 +39,7 @@ import contextlib
 import json
 import logging
 import math
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -648,14 +649,25 @@ class HttpServer:
             timeout_graceful_shutdown=max(1, math.ceil(grace)),
             server_header=False,
         )
+        # Bound here rather than by uvicorn, which answers a busy port with sys.exit(1).
+        host, port = settings.host, settings.http_port or 0
+        try:
+            family, kind, proto, _, address = socket.getaddrinfo(
+                host.strip("[]"), port, type=socket.SOCK_STREAM
+            )[0]
+            sock = socket.socket(family, kind, proto)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+        except OSError as error:
+            raise RuntimeError(f"could not bind HTTP on {host}:{port}: {error}") from error
+        port = sock.getsockname()[1]
         server = _Uvicorn(config)
-        task = asyncio.create_task(server.serve(), name="http")
+        task = asyncio.create_task(server.serve(sockets=[sock]), name="http")
         while not server.started:
             if task.done():
                 task.result()  # raises what stopped it
-                raise RuntimeError(f"could not bind HTTP on {settings.host}:{settings.http_port}")
+                raise RuntimeError(f"HTTP on {host}:{port} stopped before it started")
             await asyncio.sleep(0.01)
-        port = server.servers[0].sockets[0].getsockname()[1]
         return cls(server, task, port)
 
     async def stop(self) -> None:
