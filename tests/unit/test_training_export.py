@@ -94,3 +94,51 @@ def test_model_config_defaults_follow_the_imagenet_convention() -> None:
     assert ModelConfig(architecture="cnn4", input_size=224).resolved_resize_size() == 256
     squash = ModelConfig(architecture="cnn4", input_size=28, resize_mode="squash")
     assert squash.resolved_resize_size() == 28
+
+
+def test_resnet8_takes_its_stage_widths_from_the_config() -> None:
+    default = build_model(_config("resnet8"), num_classes=10)
+    wide = build_model(_config("resnet8", widths=[16, 24, 48, 96]), num_classes=10)
+    assert default.network.head[-1].in_features == 128  # type: ignore[index,union-attr]
+    assert wide.network.head[-1].in_features == 96  # type: ignore[index,union-attr]
+    images = torch.randint(0, 256, (2, 3, 28, 28), dtype=torch.uint8)
+    assert wide.eval()(images).shape == (2, 10)
+
+
+def test_test_time_flip_is_inside_the_exported_model(tmp_path: Path) -> None:
+    """Evaluation and serving both average each image with its mirror image; training does
+    not. The exported module gives a picture and its mirror image the same probabilities."""
+    torch.manual_seed(0)
+    model = build_model(_config("resnet8", test_time_flip=True), num_classes=4).eval()
+    plain = build_model(_config("resnet8"), num_classes=4).eval()
+    plain.load_state_dict(model.state_dict())  # same weights, same state dict keys
+    path = tmp_path / "model.pt"
+    save_torchscript(model, path)
+    exported = load_module(path)
+    images = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8)
+    with torch.no_grad():
+        served, mirrored = exported(images), exported(images.flip(3))
+        by_hand = torch.softmax((plain.logits(images) + plain.logits(images.flip(3))) / 2, dim=1)
+        torch.testing.assert_close(served, model(images), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(served, by_hand, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(mirrored, served, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(plain(images), served, atol=1e-4)
+    model.train()
+    assert model.logits(images).shape == (3, 4)  # one pass: no averaging while training
+
+
+def test_random_erasing_blacks_out_a_rectangle_of_uint8_images() -> None:
+    from perito_training.config import AugmentConfig
+    from perito_training.trainer import augmentation
+
+    transform = augmentation(AugmentConfig(hflip=False, random_erasing=1.0), 28)
+    assert transform is not None
+    torch.manual_seed(0)
+    image = torch.full((3, 28, 28), 200, dtype=torch.uint8)
+    erased = transform(image)
+    assert erased.dtype == torch.uint8 and erased.shape == image.shape
+    black = (erased == 0).all(0)
+    assert 0.02 * 28 * 28 <= int(black.sum()) <= 0.34 * 28 * 28
+    rows, cols = black.any(1).nonzero(), black.any(0).nonzero()
+    assert int(black.sum()) == len(rows) * len(cols)  # one rectangle
+    assert int(image.min()) == 200  # the cached original is untouched

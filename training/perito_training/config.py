@@ -70,6 +70,12 @@ class ModelConfig(_Section):
     interpolation: Interpolation = "bilinear"
     # A torchvision-format state dict to start from (ResNet-18 fine-tuning).
     weights: Path | None = None
+    # resnet8: the channels of its residual stages (each next one at half the resolution);
+    # null: 32, 64, 128.
+    widths: tuple[int, ...] | None = Field(default=None, min_length=1)
+    # Test-time flip: the exported model averages its logits for each image and its mirror
+    # image (twice the inference cost); evaluation and serving both see it.
+    test_time_flip: bool = False
     # EfficientNet-Lite0: start from the ImageNet weights that ship with the package.
     pretrained: bool = True
     dropout: float = Field(default=0.5, ge=0.0, lt=1.0)
@@ -98,6 +104,9 @@ class AugmentConfig(_Section):
     crop_scale: tuple[float, float] | None = None
     # Random translation by up to this many pixels (zero padding, as for small images).
     translate_pixels: int = Field(default=0, ge=0)
+    # Random erasing (Zhong et al.): the probability that a random rectangle of 2-33% of the
+    # image is blacked out (0: off).
+    random_erasing: float = Field(default=0.0, ge=0.0, le=1.0)
 
 
 class OptimConfig(_Section):

@@ -51,7 +51,11 @@ def input_contract(config: TrainConfig, architecture: Architecture) -> InputCont
 def build_model(config: TrainConfig, num_classes: int) -> ImageClassifier:
     architecture = get_architecture(config.model.architecture)
     network = architecture.build(num_classes, config.model)
-    return ImageClassifier(network, input_contract(config, architecture))
+    return ImageClassifier(
+        network,
+        input_contract(config, architecture),
+        flip_average=config.model.test_time_flip,
+    )
 
 
 class TorchImages(Dataset[tuple[torch.Tensor, int]]):
@@ -92,6 +96,9 @@ def augmentation(config: AugmentConfig, size: int) -> nn.Module | None:
                 brightness=jitter, contrast=jitter, saturation=jitter, hue=config.hue_jitter or None
             )
         )
+    if config.random_erasing:
+        # Last, on the final pixels: a random rectangle (2-33% of the area) set to black.
+        steps.append(v2.RandomErasing(p=config.random_erasing, value=0))
     return v2.Compose(steps) if steps else None
 
 
