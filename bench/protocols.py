@@ -9,8 +9,9 @@ machine's load hits every door alike); the figure is the mean images/s over the 
 p50 / p99 latency, and the server process's CPU time per image (user + system, all threads,
 from /proc): on a shared machine the rates move with other load, the CPU cost per image much
 less, so it says what each door itself costs. Callers: grpc.aio stubs for both gRPC doors
-(the OIP one sends `raw_input_contents`, as tritonclient does), httpx.AsyncClient for HTTP
-(JSON with base64 images; OIP binary with `Inference-Header-Content-Length`). Target
+(the OIP one sends `raw_input_contents`, as tritonclient does), aiohttp for HTTP (JSON with
+base64 images; OIP binary with `Inference-Header-Content-Length`; aiohttp's C parser keeps
+the callers' own CPU, which shares the machine with the server, near gRPC's). Target
 (issue 18): each door >= 0.9 x `Classify`.
 
     .venv/bin/python bench/protocols.py            # EfficientNet-Lite0, 16 callers
@@ -32,8 +33,8 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import aiohttp
 import grpc
-import httpx
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -125,10 +126,12 @@ async def measure(
         ).encode()
         for d in jpegs
     ]
-    limits = httpx.Limits(max_connections=callers, max_keepalive_connections=callers)
+    connector = aiohttp.TCPConnector(limit=callers)
     async with (
         grpc.aio.insecure_channel(grpc_target) as channel,
-        httpx.AsyncClient(base_url=http_base, limits=limits, timeout=60) as http,
+        aiohttp.ClientSession(
+            http_base, connector=connector, timeout=aiohttp.ClientTimeout(total=60)
+        ) as http,
     ):
         perito_stub = service_pb2_grpc.PeritoStub(channel)
         model_infer = channel.unary_unary(
@@ -144,25 +147,27 @@ async def measure(
             await model_infer(infer[index % len(jpegs)], timeout=60)
 
         async def call_json(index: int) -> None:
-            response = await http.post(
+            async with http.post(
                 f"/v1/models/{MODEL}:classify",
-                content=bodies[index % len(jpegs)],
+                data=bodies[index % len(jpegs)],
                 headers={"content-type": "application/json"},
-            )
-            response.raise_for_status()
+            ) as response:
+                response.raise_for_status()
+                await response.read()
 
         async def call_oip_http(index: int) -> None:
             data = jpegs[index % len(jpegs)]
             header = headers[index % len(jpegs)]
-            response = await http.post(
+            async with http.post(
                 f"/v2/models/{MODEL}/infer",
-                content=header + struct.pack("<I", len(data)) + data,
+                data=header + struct.pack("<I", len(data)) + data,
                 headers={
                     "content-type": "application/octet-stream",
                     "inference-header-content-length": str(len(header)),
                 },
-            )
-            response.raise_for_status()
+            ) as response:
+                response.raise_for_status()
+                await response.read()
 
         doors: dict[str, Call] = {
             "perito.v1 Classify (gRPC)": call_classify,
