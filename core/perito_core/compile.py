@@ -19,11 +19,10 @@ converter takes, so the form wraps the artifact's own `network`, `scale`, `shift
 
 from __future__ import annotations
 
-import itertools
 import logging
 import platform
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +30,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from perito_core.calibration import (
+    confidence_threshold,
+    expected_calibration_error,
+    fit_temperature,
+    log_probabilities,
+)
+from perito_core.calibration import rescale as calibration_rescale
 from perito_core.forms import cpu_flags, isa_summary, openvino_version
 from perito_core.manifest import CompiledForm, FormFile, InputContract, sha256_file
 
@@ -98,10 +104,15 @@ def build_forms(
     calibration: np.ndarray,
     holdout: np.ndarray,
     holdout_targets: np.ndarray | None = None,
+    calibration_targets: np.ndarray | None = None,
+    target_accuracy: float | None = None,
     evaluated_on: str = "held-out images",
     precisions: Sequence[str] = FORM_PRECISIONS,
     min_agreement: float = MIN_AGREEMENT,
     max_accuracy_drop: float = MAX_ACCURACY_DROP,
+    accuracy_control: bool = True,
+    validation: np.ndarray | None = None,
+    control_agreement: float | None = None,
 ) -> BuiltForms:
     """Convert, quantize, measure and gate the compiled forms of `model_path`.
 
@@ -111,13 +122,34 @@ def build_forms(
         out_dir: each form's files go to `out_dir/{form name}/`.
         calibration: uint8 images (N, H, W, 3) for INT8 calibration (validation images).
         holdout: uint8 images (N, H, W, 3) the forms are compared with model.pt on.
-        holdout_targets: their class indices, when known: accuracy and ECE are then gated and
-            recorded too.
+        holdout_targets: their class indices (N,), when known: accuracy and ECE are then gated
+            and recorded too, and each form's temperature (and, with `target_accuracy`, its
+            `uncertain` threshold) is re-fitted on its own outputs (`_refit`).
+        calibration_targets: the calibration images' class indices (N,) (the validation
+            split's): the re-fit then uses them, as training fitted the artifact's; without
+            them it uses the held-out images, and the record says so (its ECE is then measured
+            on the data it was fitted on).
+        target_accuracy: the accuracy above the threshold the trainer aimed at
+            (`calibration.target_accuracy`); None: no per-form threshold.
         precisions: which of fp32, int8, bf16 to build.
+        accuracy_control: quantize INT8 with NNCF's accuracy control (`_quantize`): quantized
+            operations are reverted to FP32 until INT8 agrees with the FP32 IR on
+            `validation` to within `1 - min_agreement`; False: plain post-training INT8.
+        validation: uint8 images (N, H, W, 3) accuracy control tunes on; default the
+            calibration images (at most `MAX_CALIBRATION_IMAGES`). Never the held-out
+            images: the gate then scores images the reverting did not see.
+        control_agreement: the agreement accuracy control aims at on `validation` (default
+            `min_agreement`; a benchmark that gates at 0 still tunes at 0.99).
 
     Returns:
         The forms that passed the gate and, by name, why each other one was not built.
+
+    Raises:
+        ValueError: targets whose length differs from their images'.
     """
+    for targets, images_ in ((holdout_targets, holdout), (calibration_targets, calibration)):
+        if targets is not None and len(targets) != len(images_):
+            raise ValueError(f"{len(targets)} targets for {len(images_)} images")
     built = BuiltForms()
     version = openvino_version()
     if version is None:
@@ -152,14 +184,20 @@ def build_forms(
                 f"this CPU cannot run BF16 ({isa_summary()}): built and verified only on one "
                 "with avx512_bf16 or AMX"
             )
+    quantization = ""
     if "int8" in precisions:
         int8_dir = out_dir / "openvino-int8"
         try:
             images = calibration[:MAX_CALIBRATION_IMAGES]
-            quantized = _quantize(ov_model, images)
+            checks = None
+            if accuracy_control:
+                checks = images if validation is None else validation[:MAX_CALIBRATION_IMAGES]
+            target = min_agreement if control_agreement is None else control_agreement
+            quantized = _quantize(ov_model, images, validation=checks, min_agreement=target)
             int8_dir.mkdir(parents=True, exist_ok=True)
             openvino.save_model(quantized, str(int8_dir / "model.xml"), compress_to_fp16=False)
             candidates.append(("int8", int8_dir, "f32", [], len(images)))
+            quantization = "accuracy-control" if checks is not None else "post-training"
         except Exception as exc:  # noqa: BLE001 - a failed quantization skips the form only
             built.skipped["openvino-int8"] = f"quantization failed: {exc}"
     for precision, folder, hint, requires, calibrated in candidates:
@@ -172,10 +210,20 @@ def build_forms(
         probabilities = _openvino_probabilities(compiled, holdout)
         agreement = float(np.mean(probabilities.argmax(1) == reference.argmax(1)))
         accuracy = reference_accuracy = ece = None
+        fit = Refit()
         if holdout_targets is not None and len(holdout_targets):
             accuracy = float(np.mean(probabilities.argmax(1) == holdout_targets))
             reference_accuracy = float(np.mean(reference.argmax(1) == holdout_targets))
-            ece = expected_calibration_error(probabilities, holdout_targets)
+            if calibration_targets is not None and len(calibration_targets):
+                fit_on = _openvino_probabilities(compiled, calibration)
+                fit = _refit(fit_on, calibration_targets, target_accuracy, "calibration images")
+            else:
+                where = f"{len(holdout)} {evaluated_on} (also where its ECE is measured)"
+                fit = _refit(probabilities, holdout_targets, target_accuracy, where)
+            fit.ece_before = expected_calibration_error(probabilities, holdout_targets)
+            ece = expected_calibration_error(
+                calibration_rescale(probabilities, fit.temperature), holdout_targets
+            )
         refused = gate_reason(
             agreement, accuracy, reference_accuracy, min_agreement, max_accuracy_drop
         )
@@ -202,6 +250,11 @@ def build_forms(
                 ece=ece,
                 calibration_images=calibrated,
                 built_on=host,
+                quantization=quantization if precision == "int8" else "",
+                temperature=fit.temperature,
+                confidence_threshold=fit.threshold,
+                calibration_fitted_on=fit.fitted_on,
+                ece_before_fit=fit.ece_before,
             )
             built.forms.append((form, folder))
             continue
@@ -211,6 +264,29 @@ def build_forms(
             path.unlink()
         fp32_dir.rmdir()
     return built
+
+
+@dataclass
+class Refit:
+    """A form's calibration re-fitted on its own outputs (`_refit`); identity by default."""
+
+    temperature: float = 1.0
+    threshold: float | None = None
+    fitted_on: str = ""
+    ece_before: float | None = None
+
+
+def _refit(
+    probabilities: np.ndarray, targets: np.ndarray, target_accuracy: float | None, fitted_on: str
+) -> Refit:
+    """Temperature (Guo et al. 2017) and `uncertain` threshold for a form's probabilities (N, C)
+    on labelled images (targets (N,)): as training fits the artifact's, on the form's outputs."""
+    temperature = fit_temperature(log_probabilities(probabilities), targets)
+    threshold = None
+    if target_accuracy is not None:
+        scaled = calibration_rescale(probabilities, temperature)
+        threshold = confidence_threshold(scaled, targets, target_accuracy)
+    return Refit(temperature=temperature, threshold=threshold, fitted_on=fitted_on)
 
 
 def gate_reason(
@@ -282,22 +358,6 @@ def build_forms_from_folder(
     )
 
 
-def expected_calibration_error(
-    probabilities: np.ndarray, targets: np.ndarray, bins: int = 15
-) -> float:
-    """Confidence minus accuracy, averaged over equal-width confidence bins (as training's)."""
-    confidence = probabilities.max(axis=1)
-    correct = probabilities.argmax(axis=1) == targets
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    total = 0.0
-    for low, high in itertools.pairwise(edges):
-        inside = (confidence > low) & (confidence <= high)
-        if inside.any():
-            gap = abs(float(correct[inside].mean()) - float(confidence[inside].mean()))
-            total += float(inside.mean()) * gap
-    return total
-
-
 def _load_torchscript(path: Path) -> torch.jit.ScriptModule:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
@@ -320,8 +380,15 @@ def _convert(module: torch.jit.ScriptModule, contract: InputContract) -> object:
         )
 
 
-def _quantize(ov_model: object, images: np.ndarray) -> object:
-    """NNCF post-training INT8, chosen for an IR that must be exact on every x86 CPU.
+def _quantize(
+    ov_model: object,
+    images: np.ndarray,
+    *,
+    validation: np.ndarray | None = None,
+    min_agreement: float = MIN_AGREEMENT,
+) -> object:
+    """NNCF INT8 of `ov_model` (uint8 N x 3 x H x W input), chosen for an IR that must be exact
+    on every x86 CPU.
 
     - `OverflowFix.ENABLE`: weights get 7 bits. Without VNNI (AVX2-only CPUs) oneDNN's u8 x s8
       products saturate their 16-bit sums; NNCF's default fixes only the first layer, and on
@@ -330,6 +397,21 @@ def _quantize(ov_model: object, images: np.ndarray) -> object:
     - Depthwise (group) convolutions stay FP32: with them quantized too, Lite0 agreed on 81%
       of 36 photo framings, without 97%; networks without them (ResNet) are unchanged.
     - `MIXED` preset: asymmetric activations (inputs after the normalisation are not centred).
+
+    With `validation` (uint8 images (N, H, W, 3), never the gate's held-out images), NNCF's
+    accuracy-aware quantization (`nncf.quantize_with_accuracy_control`; NNCF docs,
+    "Post-training Quantization with Accuracy Control") quantizes as above, then reverts the
+    most sensitive quantized operations to FP32, one by one in order of their contribution to
+    the drop, until the metric drops by at most `1 - min_agreement` (absolute). The metric is
+    top-1 agreement with the FP32 IR on `validation` (1.0 for the FP32 IR itself), so no
+    labels are needed.
+
+    Returns:
+        The quantized `openvino.Model`.
+
+    Raises:
+        ValueError: no calibration images.
+        nncf errors: as `nncf.quantize` / `nncf.quantize_with_accuracy_control`.
     """
     import nncf
     from nncf.quantization.advanced_parameters import (
@@ -341,14 +423,47 @@ def _quantize(ov_model: object, images: np.ndarray) -> object:
     batches = [np.ascontiguousarray(image.transpose(2, 0, 1)[None]) for image in images]
     if not batches:
         raise ValueError("no calibration images")
-    return nncf.quantize(
+    options: dict[str, object] = {
+        "subset_size": len(batches),
+        "preset": nncf.QuantizationPreset.MIXED,
+        "ignored_scope": nncf.IgnoredScope(types=["GroupConvolution"], validate=False),
+    }
+    advanced = AdvancedQuantizationParameters(overflow_fix=OverflowFix.ENABLE)
+    if validation is None or len(validation) == 0:
+        return nncf.quantize(
+            ov_model, nncf.Dataset(batches), advanced_parameters=advanced, **options
+        )
+    import openvino
+    from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters
+
+    checks = [np.ascontiguousarray(image.transpose(2, 0, 1)[None]) for image in validation]
+    fp32 = openvino.Core().compile_model(ov_model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    reference = [int(np.argmax(fp32([batch])[0])) for batch in checks]
+    items = list(zip(checks, reference, strict=True))
+    return nncf.quantize_with_accuracy_control(
         ov_model,
         nncf.Dataset(batches),
-        subset_size=len(batches),
-        preset=nncf.QuantizationPreset.MIXED,
-        ignored_scope=nncf.IgnoredScope(types=["GroupConvolution"], validate=False),
-        advanced_parameters=AdvancedQuantizationParameters(overflow_fix=OverflowFix.ENABLE),
+        nncf.Dataset(items, lambda item: item[0]),
+        _agreement,
+        max_drop=1.0 - min_agreement,
+        drop_type=nncf.DropType.ABSOLUTE,
+        advanced_quantization_parameters=advanced,
+        advanced_accuracy_restorer_parameters=AdvancedAccuracyRestorerParameters(
+            num_ranking_workers=1
+        ),
+        **options,
     )
+
+
+def _agreement(
+    compiled: object, items: Iterable[tuple[np.ndarray, int]]
+) -> tuple[float, list[float]]:
+    """Accuracy control's metric: top-1 agreement with the FP32 reference, and per item."""
+    hits = [
+        float(np.argmax(compiled([batch])[0]) == label)  # type: ignore[operator]
+        for batch, label in items
+    ]
+    return (float(np.mean(hits)) if hits else 1.0), hits
 
 
 def _nchw(images: np.ndarray) -> np.ndarray:

@@ -34,6 +34,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from perito_core.calibration import rescale
 from perito_core.errors import ModelLoadError, PeritoError
 from perito_core.manifest import CompiledForm, ModelManifest
 from perito_core.registry import LocalArtifact, ModelRegistry
@@ -105,12 +106,22 @@ class OpenVinoModel(LoadedModel):
     on, so a form built on one machine loads on any x86-64 CPU. The precision hint is always
     explicit: on CPUs with BF16 OpenVINO would otherwise run an FP32 or INT8 IR's float parts
     in BF16, which is not what the accuracy gate measured.
+
+    A form whose calibration was re-fitted at publish (`CompiledForm.temperature`,
+    `confidence_threshold`) serves `softmax(log(p) / temperature)` of the IR's probabilities
+    p, and its `manifest` carries the form's `uncertain` threshold in place of the version's,
+    so the server and the workers apply the served form's own.
     """
 
     def __init__(self, manifest: ModelManifest, form: CompiledForm, xml: Path) -> None:
         import openvino
 
+        if form.confidence_threshold is not None:
+            manifest = manifest.model_copy(
+                update={"confidence_threshold": form.confidence_threshold}
+            )
         super().__init__(None, manifest, torch.device("cpu"))  # type: ignore[arg-type]
+        self.temperature = form.temperature
         core = openvino.Core()
         config: dict[str, Any] = {
             "INFERENCE_PRECISION_HINT": "bf16" if form.precision == "bf16" else "f32",
@@ -123,7 +134,10 @@ class OpenVinoModel(LoadedModel):
 
     def _forward(self, batch: torch.Tensor) -> torch.Tensor:
         result = self._request.infer([np.ascontiguousarray(batch.numpy())])
-        return torch.from_numpy(np.array(result[0], dtype=np.float32, copy=True))
+        probabilities = np.array(result[0], dtype=np.float32, copy=True)
+        if self.temperature != 1.0:
+            probabilities = rescale(probabilities, self.temperature)
+        return torch.from_numpy(probabilities)
 
 
 def load_form(registry: ModelRegistry, manifest: ModelManifest, form: CompiledForm) -> LoadedModel:

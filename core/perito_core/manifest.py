@@ -176,6 +176,17 @@ class CompiledForm(BaseModel):
     ece: float | None = None
     calibration_images: int = Field(0, ge=0)
     built_on: str = ""
+    # How INT8 was made: `post-training` (NNCF) or `accuracy-control` (NNCF reverted the most
+    # sensitive operations to FP32 until it agreed with FP32 on validation images).
+    quantization: str = ""
+    # Calibration re-fitted on this form's own outputs when labelled data was given (Guo et al.
+    # 2017): it serves `softmax(log(p) / temperature)` of its probabilities p, and
+    # `confidence_threshold` (when set) replaces the manifest's for `uncertain`. `ece` is then
+    # the re-fitted form's; `ece_before_fit` the form's as compiled.
+    temperature: float = Field(1.0, gt=0.0)
+    confidence_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
+    calibration_fitted_on: str = ""
+    ece_before_fit: float | None = None
 
 
 class ModelManifest(BaseModel):

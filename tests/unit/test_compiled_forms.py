@@ -311,3 +311,119 @@ def test_a_form_that_cannot_load_here_falls_back_with_the_reason(
     assert model.form == "torchscript-fp32"
     reason = model.passed_over["openvino-fp32"]
     assert "not installed" in reason or "does not compile here" in reason
+
+
+def test_calibration_formulas_match_training_and_recover_a_known_temperature() -> None:
+    """Core's copies (serving may not import training) give training's figures, and the fit
+    finds the temperature labels were drawn at (Guo et al. 2017)."""
+    from perito_core import calibration
+    from perito_training import metrics
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0.0, 3.0, (4000, 5))
+    drawn = calibration.softmax(logits / 2.5)
+    targets = np.array([rng.choice(5, p=row) for row in drawn])
+    assert calibration.fit_temperature(logits, targets) == pytest.approx(2.5, rel=0.1)
+    assert calibration.fit_temperature(logits, targets) == metrics.fit_temperature(logits, targets)
+    # On probabilities: the relative temperature of softmax(log(p) / t), the same fit.
+    probabilities = calibration.softmax(logits)
+    relative = calibration.fit_temperature(calibration.log_probabilities(probabilities), targets)
+    assert relative == pytest.approx(calibration.fit_temperature(logits, targets), rel=1e-6)
+    np.testing.assert_allclose(
+        calibration.rescale(probabilities, relative),
+        calibration.softmax(logits / relative),
+        atol=1e-6,
+    )
+    assert calibration.rescale(probabilities, 1.0).dtype == np.float32
+    with pytest.raises(ValueError, match="positive"):
+        calibration.rescale(probabilities, 0.0)
+    assert calibration.expected_calibration_error(
+        drawn, targets
+    ) == metrics.expected_calibration_error(drawn, targets)
+    threshold = metrics.confidence_threshold(drawn, targets, 0.9)
+    assert threshold is not None
+    assert calibration.confidence_threshold(drawn, targets, 0.9) == threshold["threshold"]
+    assert calibration.confidence_threshold(drawn, targets, 1.1) is None
+
+
+def test_a_form_built_with_labels_serves_its_own_temperature_and_threshold(
+    tiny_model_file: Path, tmp_path: Path
+) -> None:
+    """Re-fitted on the form's own outputs, recorded in the manifest, applied when it serves;
+    TorchScript keeps the version's own threshold and temperature."""
+    _needs_engine()
+    from perito_core.calibration import rescale
+    from tests.helpers import TINY_INPUT
+
+    spec = TINY_INPUT.spec()
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (48, spec.height, spec.width, 3), dtype=np.uint8)
+    registry = ModelRegistry.open(str(tmp_path / "registry"), cache_dir=tmp_path / "cache")
+    from perito_core.runtime import LoadedModel
+
+    plain = registry.publish(
+        "ref", tiny_model_file, labels=["a", "b", "c"], input=TINY_INPUT, confidence_threshold=0.5
+    )
+    torchscript = LoadedModel.load(registry.fetch("ref", plain.version).path, plain, device="cpu")
+    predicted = torchscript.predict(images).argmax(1)
+    # Labels that mostly agree with the model: a finite, fitted temperature.
+    targets = np.where(rng.random(48) < 0.75, predicted, rng.integers(0, 3, 48))
+    built = build_forms(
+        tiny_model_file,
+        TINY_INPUT,
+        tmp_path / "forms",
+        calibration=images[:32],
+        calibration_targets=targets[:32],
+        holdout=images[32:],
+        holdout_targets=targets[32:],
+        target_accuracy=0.8,
+        evaluated_on="random images",
+        precisions=("fp32",),
+        min_agreement=0.0,
+        max_accuracy_drop=1.0,
+    )
+    ((form, _),) = built.forms
+    assert form.calibration_fitted_on == "calibration images"
+    assert form.temperature != 1.0
+    assert form.ece is not None and form.ece_before_fit is not None
+    assert form.confidence_threshold is not None
+    registry.publish(
+        "tiny",
+        tiny_model_file,
+        labels=["a", "b", "c"],
+        input=TINY_INPUT,
+        confidence_threshold=0.5,
+        forms=built.forms,
+    )
+    stored = registry.manifest("tiny", "1").form("openvino-fp32")
+    assert stored is not None and stored.temperature == form.temperature
+    assert stored.confidence_threshold == form.confidence_threshold
+
+    served = load_model(registry, "tiny", "1", precision="fp32")
+    assert served.form == "openvino-fp32"
+    assert served.manifest.confidence_threshold == form.confidence_threshold != 0.5
+    np.testing.assert_allclose(
+        served.predict(images),
+        rescale(torchscript.predict(images), form.temperature),
+        atol=1e-4,
+    )
+    fallback = load_model(registry, "tiny", "1", precision="torchscript")
+    assert fallback.manifest.confidence_threshold == 0.5
+    np.testing.assert_allclose(fallback.predict(images), torchscript.predict(images), atol=1e-5)
+
+    # Without calibration labels the held-out split is used, and the record says so.
+    again = build_forms(
+        tiny_model_file,
+        TINY_INPUT,
+        tmp_path / "forms2",
+        calibration=images[:32],
+        holdout=images[32:],
+        holdout_targets=targets[32:],
+        evaluated_on="random images",
+        precisions=("fp32",),
+        min_agreement=0.0,
+        max_accuracy_drop=1.0,
+    )
+    ((unlabelled, _),) = again.forms
+    assert "also where its ECE is measured" in unlabelled.calibration_fitted_on
+    assert unlabelled.confidence_threshold is None
