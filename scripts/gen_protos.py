@@ -9,7 +9,6 @@ package build call this; `tests/unit/test_proto_fresh.py` fails when they are st
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -52,8 +51,8 @@ def generate_oip(out_dir: Path = OIP_OUT) -> list[Path]:
 
     Messages only: the server registers its handlers itself (`perito_server.oip`), so no
     generated module imports another and the files can live inside the server package. They
-    are for the server alone: the SDK never ships an `inference` package, which would clash
-    with tritonclient's copy of the same messages in one process.
+    are for the server alone (the SDK ships no `inference` package), and live in a descriptor
+    pool of their own (`_private_pool`).
     """
     from grpc_tools import protoc
 
@@ -71,9 +70,31 @@ def generate_oip(out_dir: Path = OIP_OUT) -> list[Path]:
         written = []
         for path in sorted((Path(scratch) / "inference").glob("*_pb2*")):
             target = out_dir / path.name
-            shutil.copyfile(path, target)
+            text = path.read_text()
+            if path.suffix == ".py":
+                text = _private_pool(text)
+            target.write_text(text)
             written.append(target)
     return written
+
+
+def _private_pool(code: str) -> str:
+    """`code` with its messages built in a descriptor pool of their own, not the default one.
+
+    tritonclient.grpc (and any other client of the protocol) registers the same `inference.*`
+    names in the default pool; two registrations of one name in a pool fail ("duplicate
+    symbol"). In a pool of their own, Perito's copy and a client's coexist in one process
+    (a test, a notebook, a service that calls Triton too).
+    """
+    default = "DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile("
+    if code.count(default) != 1:
+        raise RuntimeError("protoc's output changed shape: update _private_pool")
+    private = (
+        "# Perito: a pool of its own (scripts/gen_protos.py, _private_pool).\n"
+        "POOL = _descriptor_pool.DescriptorPool()\n"
+        "DESCRIPTOR = POOL.AddSerializedFile("
+    )
+    return code.replace(default, private)
 
 
 def main() -> int:

@@ -27,7 +27,6 @@ from perito_server.http_api import HttpApi, HttpServer
 from perito_server.jobs import JobService
 from perito_server.metrics import ServerMetrics
 from perito_server.model_pool import ModelPool
-from perito_server.oip import SERVICE_NAME as OIP_SERVICE_NAME
 from perito_server.oip import OipCore, OipServicer, add_oip_servicer
 from perito_server.service import PeritoServicer
 from perito_server.settings import ServerSettings
@@ -140,6 +139,8 @@ async def create_server(settings: ServerSettings) -> RunningServer:
     )
     service_pb2_grpc.add_PeritoServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
     # The Open Inference Protocol on the same port, over the same servicer (perito_server.oip).
+    # Not listed by reflection: its messages live in a descriptor pool of their own
+    # (scripts/gen_protos.py), and its clients carry their own copy of the protocol.
     oip = OipCore(servicer)
     add_oip_servicer(OipServicer(oip), server)
     health = HealthServicer()
@@ -147,7 +148,6 @@ async def create_server(settings: ServerSettings) -> RunningServer:
     reflection.enable_server_reflection(
         (
             SERVICE_NAME,
-            OIP_SERVICE_NAME,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         ),
