@@ -108,11 +108,13 @@ _registry_option = click.option(
 )
 @click.option("--log-level", default="INFO", show_default=True)
 def serve(log_level: str, **flags: Any) -> None:
-    """Run the gRPC service until SIGTERM or Ctrl-C.
+    """Run the gRPC service (perito.v1 and the Open Inference Protocol) until SIGTERM or
+    Ctrl-C; with --http-port, the OIP REST endpoints and the JSON API too.
 
     \b
     Example:
       perito serve --registry ./var/registry --port 8500 --preload car-damage@production
+      perito serve --registry ./var/registry --port 8500 --http-port 8000
     """
     from perito_core.logs import configure_logging
     from perito_server.app import serve as run
