@@ -310,10 +310,21 @@ class HttpApi:
             raise InvalidArgument("the inference request must be a JSON object", field="body")
         inputs = _rest_inputs(document.get("inputs"), memoryview(body)[split:])
         parameters = document.get("parameters") or {}
-        binary_default = bool(isinstance(parameters, dict) and parameters.get("binary_data_output"))
+        if not isinstance(parameters, dict):
+            raise InvalidArgument("parameters must be an object", field="parameters")
+        binary_default = bool(parameters.get("binary_data_output"))
         outputs = _rest_outputs(document.get("outputs"), binary_default)
+        # Triton's `timeout` request parameter (tritonclient.http's `timeout=`), microseconds.
+        timeout = parameters.get("timeout")
+        if timeout is not None and (
+            isinstance(timeout, bool) or not isinstance(timeout, int) or timeout <= 0
+        ):
+            raise InvalidArgument(
+                "timeout must be a positive count of microseconds", field="timeout"
+            )
+        deadline = time.monotonic() + timeout / 1e6 if timeout else None
         result = await self.core.infer(
-            tenant, model, version, inputs, outputs, nbytes=len(body), deadline=None
+            tenant, model, version, inputs, outputs, nbytes=len(body), deadline=deadline
         )
         request_id = document.get("id")
         return _rest_response(result, request_id if isinstance(request_id, str) else None)

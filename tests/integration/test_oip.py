@@ -378,3 +378,16 @@ def test_calls_are_counted_per_door_and_answer_with_the_request_id(
     assert 'perito_requests_total{code="OK",method="ModelInfer"}' in text
     assert 'perito_requests_total{code="OK",method="HTTP ModelInfer"}' in text
     assert 'perito_requests_total{code="NOT_FOUND",method="ModelInfer"}' in text
+
+
+def test_a_rest_request_past_its_timeout_is_deadline_exceeded(
+    served: Served, images: list[bytes]
+) -> None:
+    """Triton's `timeout` request parameter (microseconds): 1 us has passed before the batch."""
+    client = httpclient.InferenceServerClient(served.http_url)
+    with pytest.raises(InferenceServerException) as refused:
+        client.infer("tiny", [_bytes_input(httpclient, images[:1])], timeout=1, headers=auth())
+    assert refused.value.status() == "504", refused.value
+    assert client.infer(
+        "tiny", [_bytes_input(httpclient, images[:1])], timeout=60_000_000, headers=auth()
+    ).as_numpy("probabilities").shape == (1, 3)
