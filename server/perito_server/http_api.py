@@ -204,7 +204,10 @@ class HttpApi:
             try:
                 tenant = Tenant.unrestricted("anonymous")
                 if method is not None:
-                    metadata = [("authorization", request.headers.get("authorization", ""))]
+                    metadata = [
+                        ("authorization", request.headers.get("authorization", "")),
+                        ("x-request-id", request_id),  # for the audit of a refused change
+                    ]
                     tenant = self.authorizer.authorize(method, metadata)
                     if model:
                         tenant.require_model(self._model_ref(request)[0])
