@@ -11,6 +11,7 @@ class BuildPyWithProtos(build_py):
     def run(self) -> None:
         gen = runpy.run_path(str(Path(__file__).parent / "scripts" / "gen_protos.py"))
         gen["generate"]()
+        gen["generate_oip"]()
         super().run()
 
 
