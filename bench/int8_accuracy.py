@@ -1,0 +1,216 @@
+"""INT8 by plain NNCF post-training quantization against INT8 with NNCF's accuracy control.
+
+For each network (ImageNet EfficientNet-Lite0 with its real weights; ResNet-18 with random
+weights), in one run:
+
+- build FP32 and plain post-training INT8 with `perito_core.compile.build_forms`, then INT8
+  by `nncf.quantize_with_accuracy_control` for each `--control` metric (`agreement`: top-1
+  agreement with the FP32 IR at least 99%; `fidelity`: its largest probability difference
+  under 0.01 on average), tuned on the calibration images (72 crops of other scikit-image
+  pictures, as the unit test uses); the gate's figure, agreement with `model.pt`, is measured
+  on 36 framings of the six sample photos that no quantization saw;
+- time the forward pass of FP32, plain INT8 and each controlled INT8 as the server compiles them
+  (`perito_core.forms.OpenVinoModel`), at batch 1 and 8, in interleaved rounds (the median
+  kept, every round printed) with the load average beside them: the machine is shared.
+
+Usage: .venv/bin/python bench/int8_accuracy.py [--arch efficientnet-lite0,resnet18]
+    [--control agreement,fidelity] [--seconds 2] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+from perito_core.compile import build_forms  # noqa: E402
+from perito_core.forms import OpenVinoModel, isa_summary  # noqa: E402
+from perito_core.manifest import (  # noqa: E402
+    Artifact,
+    CompiledForm,
+    FormFile,
+    InputContract,
+    ModelManifest,
+)
+
+
+def _network(arch: str, work: Path) -> tuple[Path, InputContract, list[str]]:
+    from perito_training.export import export_torchscript
+    from perito_training.pretrained import EFFICIENTNET_LITE0_INPUT, efficientnet_lite0_imagenet
+
+    if arch == "efficientnet-lite0":
+        network, labels = efficientnet_lite0_imagenet()
+        contract = EFFICIENTNET_LITE0_INPUT
+    else:
+        import torch
+        import torchvision
+
+        torch.manual_seed(0)
+        network = torchvision.models.resnet18(weights=None).eval()
+        labels = [f"class-{i}" for i in range(1000)]
+        contract = EFFICIENTNET_LITE0_INPUT.model_copy(
+            update={"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+        )
+    path = work / f"{arch}.pt"
+    export_torchscript(network, contract, path)
+    return path, contract, labels
+
+
+def _images(contract: InputContract, work: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Calibration (other scikit-image pictures) and the gate's held-out photo framings."""
+    from scripts.sample_photos import PHOTOS, write_sample_photos
+    from tests.unit.test_compiled_forms import _calibration, _holdout
+
+    photos = dict(zip(PHOTOS, write_sample_photos(work / "photos"), strict=True))
+    spec = contract.spec()
+    return _calibration(spec), _holdout(photos, spec)
+
+
+def _controlled(
+    path: Path,
+    contract: InputContract,
+    calibration: np.ndarray,
+    holdout: np.ndarray,
+    metric: str,
+    work: Path,
+    key: str,
+) -> OpenVinoModel:
+    """INT8 by accuracy control (always, whatever plain INT8 scored), its gate figure printed."""
+    import openvino
+
+    from perito_core import compile as forms_compile
+
+    start = time.perf_counter()
+    module = forms_compile._load_torchscript(path)
+    reference = forms_compile._torch_probabilities(module, holdout)
+    quantized = forms_compile._quantize(
+        forms_compile._convert(module, contract),
+        calibration,
+        validation=calibration,
+        min_agreement=0.99,
+        metric=metric,
+    )
+    folder = work / key
+    folder.mkdir(exist_ok=True)
+    openvino.save_model(quantized, str(folder / "model.xml"), compress_to_fp16=False)
+    took = time.perf_counter() - start
+    compiled = openvino.Core().compile_model(str(folder / "model.xml"), "CPU")
+    probabilities = forms_compile._openvino_probabilities(compiled, holdout)
+    agreed = int(np.sum(probabilities.argmax(1) == reference.argmax(1)))
+    kept = sum(1 for op in quantized.get_ops() if op.get_type_name() == "FakeQuantize")
+    print(
+        f"{key}: agreement with model.pt {agreed / len(holdout):.2%} ({agreed}/{len(holdout)}), "
+        f"max |dp| {float(np.abs(probabilities - reference).max()):.3f}, built in {took:.0f} s, "
+        f"{kept} FakeQuantize left"
+    )
+    form = CompiledForm(
+        name="openvino-int8",
+        engine="openvino",
+        engine_version=openvino.__version__,
+        precision="int8",
+        files=[FormFile(file="model.xml", sha256="0" * 64, size_bytes=0)],
+        agreement=agreed / len(holdout),
+        max_abs_diff=0.0,
+        images=len(holdout),
+    )
+    manifest = ModelManifest(
+        name=key,
+        version="1",
+        labels=[str(i) for i in range(reference.shape[1])],
+        input=contract,
+        artifact=Artifact(sha256="0" * 64, size_bytes=0),
+    )
+    return OpenVinoModel(manifest, form, folder / "model.xml")
+
+
+def _rate(model: OpenVinoModel, batch: int, seconds: float) -> float:
+    images = np.random.default_rng(0).integers(0, 256, (batch, 224, 224, 3), dtype=np.uint8)
+    model.predict(images)
+    done, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds:
+        model.predict(images)
+        done += batch
+    return done / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", default="efficientnet-lite0,resnet18")
+    parser.add_argument("--seconds", type=float, default=2.0)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--control", default="agreement,fidelity", help="accuracy control metrics to build"
+    )
+    args = parser.parse_args()
+    print(f"# CPU ISA: {isa_summary()}; {os.cpu_count()} cores")
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        for arch in args.arch.split(","):
+            path, contract, labels = _network(arch, work)
+            calibration, holdout = _images(contract, work)
+            print(f"\n## {arch}: {len(calibration)} calibration, {len(holdout)} held-out images")
+            models: dict[str, OpenVinoModel] = {}
+            manifest = ModelManifest(
+                name=arch,
+                version="1",
+                labels=labels,
+                input=contract,
+                artifact=Artifact(sha256="0" * 64, size_bytes=0),
+            )
+            start = time.perf_counter()
+            built = build_forms(
+                path,
+                contract,
+                work / arch,
+                calibration=calibration,
+                holdout=holdout,
+                evaluated_on="framings of the sample photos",
+                precisions=("fp32", "int8"),
+                min_agreement=0.0,  # printed here, not gated
+                accuracy_control=False,
+            )
+            took = time.perf_counter() - start
+            for form, folder in built.forms:
+                key = "fp32" if form.precision == "fp32" else "int8-plain"
+                print(
+                    f"{key}: agreement with model.pt {form.agreement:.2%} "
+                    f"({round(form.agreement * form.images)}/{form.images}), "
+                    f"max |dp| {form.max_abs_diff:.3f}"
+                    + (f", built in {took:.0f} s" if key != "fp32" else "")
+                )
+                models[key] = OpenVinoModel(manifest, form, folder / "model.xml")
+            for metric in args.control.split(","):
+                key = f"int8-{metric}"
+                models[key] = _controlled(path, contract, calibration, holdout, metric, work, key)
+            rates: dict[str, list[float]] = {f"{k} b{b}": [] for k in models for b in (1, 8)}
+            for round_ in range(args.rounds):
+                load = os.getloadavg()[0]
+                line = []
+                for batch in (1, 8):
+                    for key, model in models.items():
+                        rate = _rate(model, batch, args.seconds)
+                        rates[f"{key} b{batch}"].append(rate)
+                        line.append(f"{key} b{batch} {rate:.1f}")
+                print(f"round {round_ + 1} (load average {load:.1f}): " + ", ".join(line))
+            print("| form | b1 images/s | b8 images/s | b1 vs fp32 | b8 vs fp32 |")
+            print("|---|---|---|---|---|")
+            median = {key: statistics.median(values) for key, values in rates.items()}
+            for key in models:
+                b1, b8 = median[f"{key} b1"], median[f"{key} b8"]
+                print(
+                    f"| {key} | {b1:.1f} | {b8:.1f} | {b1 / median['fp32 b1']:.2f}x "
+                    f"| {b8 / median['fp32 b8']:.2f}x |"
+                )
+
+
+if __name__ == "__main__":
+    main()
