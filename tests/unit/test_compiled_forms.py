@@ -108,7 +108,8 @@ def test_imagenet_int8_agrees_with_fp32_on_real_photos(
         evaluated_on="crops of the sample photos",
         precisions=("fp32", "int8", "bf16"),
         # The default 99% gate refuses this INT8 form on an AVX2-only CPU (35 of 36 agree,
-        # README); a lower gate here so that the form is built, loaded and served.
+        # and still 35 with NNCF accuracy control tuned on the calibration images, README);
+        # a lower gate here so that the form is built, loaded and served.
         min_agreement=0.95,
     )
     print("\n".join(built.summary()))
@@ -118,6 +119,7 @@ def test_imagenet_int8_agrees_with_fp32_on_real_photos(
     assert forms["openvino-fp32"].max_abs_diff < 1e-4
     assert forms["openvino-int8"].agreement >= 0.95
     assert forms["openvino-int8"].calibration_images == 72
+    assert forms["openvino-int8"].quantization == "post-training"  # passed: no control needed
     assert "openvino-bf16" in built.skipped or "openvino-bf16" in forms
 
     labels = (lite0_dir / "labels.txt").read_text().splitlines()
