@@ -429,3 +429,50 @@ def test_a_form_built_with_labels_serves_its_own_temperature_and_threshold(
     ((unlabelled, _),) = again.forms
     assert "also where its ECE is measured" in unlabelled.calibration_fitted_on
     assert unlabelled.confidence_threshold is None
+
+
+def test_int8_refused_by_the_gate_is_quantized_again_with_accuracy_control(
+    tiny_model_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Plain INT8 first; when the gate refuses it, NNCF's accuracy control (real) builds
+    another, which faces the gate again and says how it was made."""
+    _needs_engine()
+    from perito_core import compile as forms_compile
+    from tests.helpers import TINY_INPUT
+
+    verdicts: list[str | None] = []
+
+    def gate(*args: object, **kwargs: object) -> str | None:
+        # Candidates are judged in order: fp32, plain int8 (refused here), controlled int8.
+        verdicts.append("refused for the test" if len(verdicts) == 1 else None)
+        return verdicts[-1]
+
+    monkeypatch.setattr(forms_compile, "gate_reason", gate)
+    spec = TINY_INPUT.spec()
+    images = np.random.default_rng(0).integers(0, 256, (24, spec.height, spec.width, 3), np.uint8)
+    built = build_forms(
+        tiny_model_file,
+        TINY_INPUT,
+        tmp_path / "forms",
+        calibration=images[:16],
+        holdout=images[16:],
+        precisions=("fp32", "int8"),
+    )
+    forms = {form.name: form for form, _ in built.forms}
+    assert len(verdicts) == 3
+    assert forms["openvino-int8"].quantization == "accuracy-control"
+    assert forms["openvino-fp32"].quantization == ""
+    assert "openvino-int8" not in built.skipped
+
+    verdicts[:] = [None]  # the next verdict, plain int8's, refuses
+    off = build_forms(
+        tiny_model_file,
+        TINY_INPUT,
+        tmp_path / "forms-off",
+        calibration=images[:16],
+        holdout=images[16:],
+        precisions=("int8",),
+        accuracy_control=False,
+    )
+    assert off.forms == []
+    assert off.skipped["openvino-int8"].startswith("refused for the test")
