@@ -23,6 +23,7 @@ from perito.v1 import service_pb2, service_pb2_grpc
 from perito_core import tracing
 from perito_core.tenancy import Tenants
 from perito_server.auth import TenantInterceptor
+from perito_server.errors import CallInterceptor
 from perito_server.http_api import HttpApi, HttpServer
 from perito_server.jobs import JobService
 from perito_server.metrics import ServerMetrics
@@ -126,7 +127,12 @@ async def create_server(settings: ServerSettings) -> RunningServer:
     jobs.start()
     metrics.watch_jobs(jobs.store)
     servicer = PeritoServicer(settings, pool, jobs, metrics, tenants)
-    interceptors: list[Any] = [TenantInterceptor(tenants, servicer.limiter, servicer.audit)]
+    # Outermost first: tracing spans, then request ids, error mapping and metrics (which so
+    # also count the calls auth refuses), then auth.
+    interceptors: list[Any] = [
+        CallInterceptor(metrics.observe_call),
+        TenantInterceptor(tenants, servicer.limiter, servicer.audit),
+    ]
     if settings.tracing:
         interceptors = [*tracing.server_interceptors(), *interceptors]
     # Calls past `max_concurrent_rpcs` (health checks count too) are refused by gRPC itself,

@@ -1,8 +1,8 @@
 """The one place where errors become gRPC statuses, with `google.rpc` details.
 
 `ErrorInfo` carries the machine-readable reason, `BadRequest` names the fields at fault
-(`images[3]`), `RetryInfo` says when to try again. Handlers are wrapped in `maps_errors`, so
-they raise `PeritoError`s and never build statuses themselves.
+(`images[3]`), `RetryInfo` says when to try again. Every call runs under `CallInterceptor`,
+so handlers raise `PeritoError`s and never build statuses themselves.
 
 A status travels in HTTP/2 trailers: `grpc-message` (the message, percent-encoded) and
 `grpc-status-details-bin` (the `google.rpc.Status`, base64, holding the message again). gRPC
@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import functools
 import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any, NoReturn, TypeVar
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2, json_format
@@ -187,30 +186,121 @@ async def _abort_for(
     await abort(context, PeritoError(f"internal error: {type(exc).__name__}: {exc}"))
 
 
-HandlerT = TypeVar("HandlerT", bound=Callable[..., Awaitable[Any]])
+Observer = Callable[[str, str, float], None]
+# Not counted or wrapped: probes and tooling, answered by grpc's own servicers.
+UNOBSERVED_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+if TYPE_CHECKING:
+    _Interceptor = grpc.aio.ServerInterceptor[Any, Any]
+else:
+    _Interceptor = grpc.aio.ServerInterceptor
 
 
-def maps_errors(handler: HandlerT) -> HandlerT:
-    """Abort the call with the mapped status when `handler` raises (see `_abort_for`)."""
+class CallInterceptor(_Interceptor):
+    """Every call's request id, error mapping and metrics, for every service, in one place.
 
-    @functools.wraps(handler)
-    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        started, code = time.perf_counter(), "OK"
-        REQUEST_ID.set(_request_id(context))
+    It must be the outermost interceptor, so that it also sees the calls the inner ones
+    refuse (`perito_server.auth`: no token, a role missing). For each call it:
+
+    - sets `REQUEST_ID` (logs) from the caller's `x-request-id`, or a new one;
+    - turns what the handler raises into a status (`_abort_for`): a `PeritoError` keeps its
+      code, message and details, anything else is logged and becomes INTERNAL;
+    - reports `(method, status code name, seconds)` to `observe` once the call has ended,
+      whatever ended it (an abort's code is read from the context).
+
+    Handlers therefore only raise `PeritoError`s; none builds a status or counts itself.
+
+    Args:
+        observe: called with the method's short name (`Classify`, `ModelInfer`), the status
+            code's name (`OK`, `NOT_FOUND`) and the call's duration in seconds; None: no metrics.
+    """
+
+    def __init__(self, observe: Observer | None = None) -> None:
+        self.observe = observe
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]
+        ],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        handler = await continuation(handler_call_details)
+        full_method: str = handler_call_details.method
+        if handler is None or full_method.startswith(UNOBSERVED_PREFIXES):
+            return handler
+        method = full_method.rpartition("/")[2]
+        metadata = handler_call_details.invocation_metadata
+        return _observed(handler, method, metadata, self.observe)
+
+
+def _observed(
+    handler: grpc.RpcMethodHandler[Any, Any],
+    method: str,
+    metadata: Any,
+    observe: Observer | None,
+) -> grpc.RpcMethodHandler[Any, Any]:
+    """`handler`, any of the four kinds, run under `CallInterceptor`'s rules."""
+
+    # grpc's stubs type these as the sync API's; on a grpc.aio server they are coroutines
+    # (unary) and async generators (stream).
+    inner_unary: Any = handler.unary_unary or handler.stream_unary
+    inner_stream: Any = handler.unary_stream or handler.stream_stream
+
+    def begin() -> float:
+        REQUEST_ID.set(_request_id(metadata))
+        return time.perf_counter()
+
+    def end(context: grpc.aio.ServicerContext[Any, Any], code: str, started: float) -> None:
+        if observe is not None:
+            if code == "ABORTED_BY_HANDLER":
+                status = context.code()
+                code = status.name if isinstance(status, grpc.StatusCode) else "UNKNOWN"
+            observe(method, code, time.perf_counter() - started)
+
+    async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        started, code = begin(), "OK"
         try:
-            return await handler(self, request, context)
+            return await inner_unary(request, context)
+        except asyncio.CancelledError:  # the caller left, or the server is stopping
+            code = "CANCELLED"
+            raise
         except Exception as exc:  # noqa: BLE001 - every error becomes a status
             code = _code_of(exc)
-            await _abort_for(context, exc, handler.__name__)
+            await _abort_for(context, exc, method)
         finally:
-            _observe(self, handler.__name__, code, started)
+            end(context, code, started)
 
-    return wrapper  # type: ignore[return-value]
+    async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        started, code = begin(), "OK"
+        try:
+            async for message in inner_stream(request, context):
+                yield message
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        except Exception as exc:  # noqa: BLE001 - every error becomes a status
+            code = _code_of(exc)
+            await _abort_for(context, exc, method)
+        finally:
+            end(context, code, started)
+
+    kwargs = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(unary, **kwargs)
+    if handler.stream_unary is not None:
+        return grpc.stream_unary_rpc_method_handler(unary, **kwargs)
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(stream, **kwargs)
+    return grpc.stream_stream_rpc_method_handler(stream, **kwargs)
 
 
-def _request_id(context: grpc.aio.ServicerContext[Any, Any]) -> str:
-    """The caller's `x-request-id`, or a new one, for the logs of this call."""
-    for key, value in context.invocation_metadata() or ():
+def _request_id(metadata: Any) -> str:
+    """The caller's `x-request-id` (cut to 128 characters), or a new one, for the logs."""
+    for key, value in metadata or ():
         if key == "x-request-id" and isinstance(value, str) and value:
             return value[:128]
     return uuid.uuid4().hex[:16]
@@ -219,40 +309,7 @@ def _request_id(context: grpc.aio.ServicerContext[Any, Any]) -> str:
 def _code_of(exc: Exception) -> str:
     if isinstance(exc, PeritoError):
         return exc.code.name
-    if isinstance(exc, asyncio.CancelledError):
-        return "CANCELLED"
-    return "UNKNOWN" if isinstance(exc, grpc.aio.AbortError) else "INTERNAL"
-
-
-def _observe(servicer: Any, method: str, code: str, started: float) -> None:
-    """Count the call in the servicer's metrics, if it has any."""
-    metrics = getattr(servicer, "metrics", None)
-    if metrics is not None:
-        metrics.observe_call(method, code, time.perf_counter() - started)
-
-
-StreamT = TypeVar("StreamT", bound=Callable[..., AsyncIterator[Any]])
-
-
-def maps_stream_errors(handler: StreamT) -> StreamT:
-    """`maps_errors` for server-streaming handlers (async generators)."""
-
-    @functools.wraps(handler)
-    async def wrapper(
-        self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[Any]:
-        started, code = time.perf_counter(), "OK"
-        REQUEST_ID.set(_request_id(context))
-        try:
-            async for message in handler(self, request, context):
-                yield message
-        except Exception as exc:  # noqa: BLE001 - every error becomes a status
-            code = _code_of(exc)
-            await _abort_for(context, exc, handler.__name__)
-        finally:
-            _observe(self, handler.__name__, code, started)
-
-    return wrapper  # type: ignore[return-value]
+    return "ABORTED_BY_HANDLER" if isinstance(exc, grpc.aio.AbortError) else "INTERNAL"
 
 
 # The HTTP status of each gRPC code: google/rpc/code.proto's table, which Google AIP-193

@@ -43,7 +43,7 @@ from perito_core.runtime import summarize
 from perito_core.tenancy import Tenant
 from perito_server._oip import grpc_service_pb2 as pb
 from perito_server.auth import current_tenant
-from perito_server.errors import echo, maps_errors
+from perito_server.errors import echo
 from perito_server.metrics import ServerMetrics
 from perito_server.service import Inference, PeritoServicer
 
@@ -396,26 +396,23 @@ class OipServicer:
 
     Auth is the server's interceptor (`perito_server.auth`: ServerLive and ServerReady are
     open, the rest need the `classify` role and the model on the tenant's list); errors,
-    request ids and call metrics are `maps_errors`, as for `perito.v1`.
+    request ids and call metrics are `errors.CallInterceptor`'s, as for `perito.v1`.
     """
 
     def __init__(self, core: OipCore) -> None:
         self.core = core
         self.metrics = core.metrics
 
-    @maps_errors
     async def ServerLive(
         self, request: pb.ServerLiveRequest, context: Context
     ) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
 
-    @maps_errors
     async def ServerReady(
         self, request: pb.ServerReadyRequest, context: Context
     ) -> pb.ServerReadyResponse:
         return pb.ServerReadyResponse(ready=self.core.ready)
 
-    @maps_errors
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: Context
     ) -> pb.ServerMetadataResponse:
@@ -423,7 +420,6 @@ class OipServicer:
             name="perito", version=server_version(), extensions=EXTENSIONS
         )
 
-    @maps_errors
     async def ModelReady(
         self, request: pb.ModelReadyRequest, context: Context
     ) -> pb.ModelReadyResponse:
@@ -431,7 +427,6 @@ class OipServicer:
             ready=await self.core.model_ready(request.name, request.version)
         )
 
-    @maps_errors
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: Context
     ) -> pb.ModelMetadataResponse:
@@ -445,7 +440,6 @@ class OipServicer:
             outputs=[tensor(**t) for t in metadata["outputs"]],
         )
 
-    @maps_errors
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: Context
     ) -> pb.ModelInferResponse:

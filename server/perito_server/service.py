@@ -28,7 +28,7 @@ from perito_core.runtime import summarize
 from perito_core.tenancy import Tenant, Tenants
 from perito_server.auth import current_tenant
 from perito_server.batcher import ByteBudget
-from perito_server.errors import echo, maps_errors, maps_stream_errors
+from perito_server.errors import echo
 from perito_server.jobs import JobService
 from perito_server.metrics import ServerMetrics
 from perito_server.model_pool import ModelPool
@@ -310,13 +310,12 @@ class PeritoServicer(service_pb2_grpc.PeritoServicer):
             served.name, served.version, served.model.form, manifest, probabilities, infos
         )
 
-    @maps_errors
     async def Classify(
         self, request: classify_pb2.ClassifyRequest, context: Context
     ) -> classify_pb2.ClassifyResponse:
         """Classify the request's images inside the call deadline, results in order.
 
-        Raises (as statuses, through `maps_errors`): see `classify`.
+        Raises (as statuses, through `errors.CallInterceptor`): see `classify`.
         """
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
@@ -378,7 +377,6 @@ class PeritoServicer(service_pb2_grpc.PeritoServicer):
 
     # Bulk jobs
 
-    @maps_errors
     async def SubmitJob(self, request: jobs_pb2.SubmitJobRequest, context: Context) -> jobs_pb2.Job:
         return await self.submit_job(request, current_tenant())
 
@@ -401,30 +399,25 @@ class PeritoServicer(service_pb2_grpc.PeritoServicer):
             self.metrics.jobs_submitted.labels(job.model).inc()
         return job
 
-    @maps_errors
     async def GetJob(self, request: jobs_pb2.GetJobRequest, context: Context) -> jobs_pb2.Job:
         return await self.jobs.get(request.job_id, current_tenant())
 
-    @maps_errors
     async def ListJobs(
         self, request: jobs_pb2.ListJobsRequest, context: Context
     ) -> jobs_pb2.ListJobsResponse:
         return await self.jobs.list_jobs(request, current_tenant())
 
-    @maps_stream_errors
     async def WatchJob(
         self, request: jobs_pb2.WatchJobRequest, context: Context
     ) -> AsyncIterator[jobs_pb2.Job]:
         async for job in self.jobs.watch(request.job_id, current_tenant()):
             yield job
 
-    @maps_errors
     async def ListJobResults(
         self, request: jobs_pb2.ListJobResultsRequest, context: Context
     ) -> jobs_pb2.ListJobResultsResponse:
         return await self.jobs.list_results(request, current_tenant())
 
-    @maps_errors
     async def CancelJob(self, request: jobs_pb2.CancelJobRequest, context: Context) -> jobs_pb2.Job:
         return await self.cancel_job(request.job_id, current_tenant())
 
@@ -438,7 +431,6 @@ class PeritoServicer(service_pb2_grpc.PeritoServicer):
             tenant, "CancelJob", f"jobs/{job_id[:64]}", lambda: self.jobs.cancel(job_id, tenant)
         )
 
-    @maps_errors
     async def DeleteJob(
         self, request: jobs_pb2.DeleteJobRequest, context: Context
     ) -> jobs_pb2.DeleteJobResponse:
@@ -453,7 +445,6 @@ class PeritoServicer(service_pb2_grpc.PeritoServicer):
 
     # Models
 
-    @maps_errors
     async def ListModels(
         self, request: models_pb2.ListModelsRequest, context: Context
     ) -> models_pb2.ListModelsResponse:
@@ -481,7 +472,6 @@ class PeritoServicer(service_pb2_grpc.PeritoServicer):
         token = page[-1] if len(after) > page_size else ""
         return models_pb2.ListModelsResponse(models=models, next_page_token=token)
 
-    @maps_errors
     async def GetModel(
         self, request: models_pb2.GetModelRequest, context: Context
     ) -> models_pb2.Model:

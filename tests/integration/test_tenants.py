@@ -137,6 +137,25 @@ def test_a_token_is_required_and_must_be_known(tenancy: Tenancy) -> None:
             pytest.raises(perito.UnauthenticatedError),
         ):
             client.list_models()
+    # Refused before any handler ran, the calls are still counted, by method and code.
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    registry = tenancy.server.running.metrics.registry  # type: ignore[attr-defined]
+
+    def refused() -> float:
+        return sum(
+            sample.value
+            for family in text_string_to_metric_families(generate_latest(registry).decode())
+            for sample in family.samples
+            if sample.name == "perito_requests_total"
+            and sample.labels == {"method": "ListModels", "code": "UNAUTHENTICATED"}
+        )
+
+    deadline = time.monotonic() + 5  # a call is counted as it ends, just after its answer
+    while refused() < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert refused() >= 3
     assert tenancy.tokens["acme"] not in tenancy.work.joinpath("tenants.yaml").read_text()
     assert hash_token(tenancy.tokens["acme"]) in tenancy.work.joinpath("tenants.yaml").read_text()
 
