@@ -107,7 +107,8 @@ def test_resnet8_takes_its_stage_widths_from_the_config() -> None:
 
 def test_test_time_flip_is_inside_the_exported_model(tmp_path: Path) -> None:
     """Evaluation and serving both average each image with its mirror image; training does
-    not. The exported module gives a picture and its mirror image the same probabilities."""
+    not. The exported module gives a picture and its mirror image the same probabilities, and
+    so does the network alone (what compiled forms convert)."""
     torch.manual_seed(0)
     model = build_model(_config("resnet8", test_time_flip=True), num_classes=4).eval()
     plain = build_model(_config("resnet8"), num_classes=4).eval()
@@ -123,8 +124,12 @@ def test_test_time_flip_is_inside_the_exported_model(tmp_path: Path) -> None:
         torch.testing.assert_close(served, by_hand, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(mirrored, served, atol=1e-5, rtol=1e-5)
         assert not torch.allclose(plain(images), served, atol=1e-4)
+        x = torch.rand(3, 3, 28, 28)
+        torch.testing.assert_close(model.network(x), model.network(x.flip(3)))
     model.train()
     assert model.logits(images).shape == (3, 4)  # one pass: no averaging while training
+    with pytest.raises(ValueError, match="test_time_flip is for cnn4, cnn5 and resnet8"):
+        build_model(_config("efficientnet_lite0", test_time_flip=True), num_classes=2)
 
 
 def test_random_erasing_blacks_out_a_rectangle_of_uint8_images() -> None:

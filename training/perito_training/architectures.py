@@ -43,14 +43,43 @@ def _conv_block(inputs: int, outputs: int) -> list[nn.Module]:
     ]
 
 
-class SmallCNN(nn.Module):
+class FlipAveraging(nn.Module):
+    """Test-time flip inside the network (`model.test_time_flip`): in eval mode the logits are
+    the mean of `once` on the batch and on its mirror image (flipped along W), so every form of
+    the exported model (TorchScript, and compiled forms, which run `network` itself) does what
+    evaluation measured, at twice the inference cost; in training mode, `once` alone.
+
+    (N, 3, H, W) float32 -> (N, classes) logits.
+    """
+
+    def __init__(self, test_time_flip: bool) -> None:
+        super().__init__()
+        self.test_time_flip = test_time_flip
+
+    def once(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.test_time_flip and not self.training:
+            original, mirrored = self.once(torch.cat([x, x.flip(3)])).chunk(2)
+            return (original + mirrored) / 2
+        return self.once(x)
+
+
+class SmallCNN(FlipAveraging):
     """Conv (3x3) + batch norm + ReLU + 2x2 max pool per width, then a dense layer.
 
     Global average pooling before the dense layer keeps it independent of the input size.
     """
 
-    def __init__(self, widths: tuple[int, ...], num_classes: int, dropout: float) -> None:
-        super().__init__()
+    def __init__(
+        self,
+        widths: tuple[int, ...],
+        num_classes: int,
+        dropout: float,
+        test_time_flip: bool = False,
+    ) -> None:
+        super().__init__(test_time_flip)
         layers: list[nn.Module] = []
         inputs = 3
         for width in widths:
@@ -66,17 +95,17 @@ class SmallCNN(nn.Module):
             nn.Linear(512, num_classes),
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def once(self, x: torch.Tensor) -> torch.Tensor:
         logits: torch.Tensor = self.head(self.pool(self.features(x)))
         return logits
 
 
 def _cnn4(num_classes: int, config: ModelConfig) -> nn.Module:
-    return SmallCNN((32, 64, 128, 256), num_classes, config.dropout)
+    return SmallCNN((32, 64, 128, 256), num_classes, config.dropout, config.test_time_flip)
 
 
 def _cnn5(num_classes: int, config: ModelConfig) -> nn.Module:
-    return SmallCNN((32, 64, 128, 256, 512), num_classes, config.dropout)
+    return SmallCNN((32, 64, 128, 256, 512), num_classes, config.dropout, config.test_time_flip)
 
 
 class BasicBlock(nn.Module):
@@ -102,7 +131,7 @@ class BasicBlock(nn.Module):
         return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
 
 
-class SmallResNet(nn.Module):
+class SmallResNet(FlipAveraging):
     """A residual network for small images (Fashion-MNIST's 28 px): ResNet-8.
 
     A 3x3 stem conv at full resolution with `widths[0]` channels and a 2x2 max pool, then one
@@ -111,8 +140,14 @@ class SmallResNet(nn.Module):
     At 28 px and widths 32-64-128: 0.31 M parameters, about 11 M multiply-adds an image.
     """
 
-    def __init__(self, widths: tuple[int, ...], num_classes: int, dropout: float) -> None:
-        super().__init__()
+    def __init__(
+        self,
+        widths: tuple[int, ...],
+        num_classes: int,
+        dropout: float,
+        test_time_flip: bool = False,
+    ) -> None:
+        super().__init__(test_time_flip)
         self.stem = nn.Sequential(*_conv_block(3, widths[0]))
         blocks: list[nn.Module] = []
         inputs = widths[0]
@@ -123,13 +158,14 @@ class SmallResNet(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.head = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(inputs, num_classes))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def once(self, x: torch.Tensor) -> torch.Tensor:
         logits: torch.Tensor = self.head(self.pool(self.blocks(self.stem(x))))
         return logits
 
 
 def _resnet8(num_classes: int, config: ModelConfig) -> nn.Module:
-    return SmallResNet(tuple(config.widths or (32, 64, 128)), num_classes, config.dropout)
+    widths = tuple(config.widths or (32, 64, 128))
+    return SmallResNet(widths, num_classes, config.dropout, config.test_time_flip)
 
 
 def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
@@ -151,8 +187,17 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
     return {key.removeprefix("module."): value for key, value in loaded.items()}
 
 
+def _no_test_time_flip(config: ModelConfig) -> None:
+    if config.test_time_flip:
+        raise ValueError(
+            f"model.test_time_flip is for cnn4, cnn5 and resnet8, not {config.architecture}"
+        )
+
+
 def _resnet18(num_classes: int, config: ModelConfig) -> nn.Module:
     from torchvision.models import resnet18
+
+    _no_test_time_flip(config)
 
     if config.weights is None:
         scratch: nn.Module = resnet18(weights=None, num_classes=num_classes)
@@ -179,6 +224,8 @@ def _resnet18(num_classes: int, config: ModelConfig) -> nn.Module:
 
 def _efficientnet_lite0(num_classes: int, config: ModelConfig) -> nn.Module:
     import timm
+
+    _no_test_time_flip(config)
 
     network: nn.Module
     if config.pretrained:

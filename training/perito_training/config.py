@@ -73,8 +73,8 @@ class ModelConfig(_Section):
     # resnet8: the channels of its residual stages (each next one at half the resolution);
     # null: 32, 64, 128.
     widths: tuple[int, ...] | None = Field(default=None, min_length=1)
-    # Test-time flip: the exported model averages its logits for each image and its mirror
-    # image (twice the inference cost); evaluation and serving both see it.
+    # Test-time flip (cnn4, cnn5, resnet8): the network averages its logits for each image and
+    # its mirror image in eval mode (twice the inference cost); evaluation and serving see it.
     test_time_flip: bool = False
     # EfficientNet-Lite0: start from the ImageNet weights that ship with the package.
     pretrained: bool = True

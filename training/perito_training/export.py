@@ -24,25 +24,14 @@ class ImageClassifier(nn.Module):
         network: maps a normalised float batch (N, 3, H, W) to logits (N, C).
         contract: the input size and normalisation.
         temperature: logits are divided by it before the softmax (1.0: uncalibrated).
-        flip_average: test-time augmentation inside the module: in eval mode the logits are the
-            mean of the network's logits for the images and their mirror images (flipped left
-            to right), so the exported, served model does exactly what evaluation measured, at
-            twice the inference cost. Training mode always runs the network once.
     """
 
     scale: Tensor
     shift: Tensor
     temperature: Tensor
 
-    def __init__(
-        self,
-        network: nn.Module,
-        contract: InputContract,
-        temperature: float = 1.0,
-        flip_average: bool = False,
-    ):
+    def __init__(self, network: nn.Module, contract: InputContract, temperature: float = 1.0):
         super().__init__()
-        self.flip_average = flip_average
         self.network = network
         mean = contract.mean or (0.0, 0.0, 0.0)
         std = contract.std or (1.0, 1.0, 1.0)
@@ -66,10 +55,6 @@ class ImageClassifier(nn.Module):
         if x.shape[-2] != self.height or x.shape[-1] != self.width:
             x = self._resize(x)
         x = x * self.scale + self.shift
-        if self.flip_average and not self.training:
-            both: Tensor = self.network(torch.cat([x, x.flip(3)]))
-            original, mirrored = both.chunk(2)
-            return (original + mirrored) / 2
         logits: Tensor = self.network(x)
         return logits
 

@@ -51,11 +51,7 @@ def input_contract(config: TrainConfig, architecture: Architecture) -> InputCont
 def build_model(config: TrainConfig, num_classes: int) -> ImageClassifier:
     architecture = get_architecture(config.model.architecture)
     network = architecture.build(num_classes, config.model)
-    return ImageClassifier(
-        network,
-        input_contract(config, architecture),
-        flip_average=config.model.test_time_flip,
-    )
+    return ImageClassifier(network, input_contract(config, architecture))
 
 
 class TorchImages(Dataset[tuple[torch.Tensor, int]]):
