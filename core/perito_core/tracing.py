@@ -2,8 +2,8 @@
 
 Spans go to the OTLP endpoint of the standard `OTEL_EXPORTER_OTLP_ENDPOINT` variable. The
 server traces every RPC (OpenTelemetry's gRPC interceptor, which also continues a caller's
-trace) with child spans for decoding and for the batched forward pass; the worker traces each
-chunk. Without the packages or the setting, `span()` costs nothing.
+trace: `perito_server.app`) with child spans for decoding and for the batched forward pass;
+the worker traces each chunk. Without the packages or the setting, `span()` costs nothing.
 """
 
 from __future__ import annotations
@@ -31,13 +31,6 @@ def setup_tracing(service_name: str) -> None:
     provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     trace.set_tracer_provider(provider)
-
-
-def server_interceptors() -> list[Any]:
-    """gRPC interceptors that open a span per call."""
-    from opentelemetry.instrumentation.grpc import aio_server_interceptor
-
-    return [aio_server_interceptor()]  # type: ignore[no-untyped-call]
 
 
 @contextlib.contextmanager

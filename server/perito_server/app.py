@@ -102,6 +102,13 @@ class RunningServer:
         self.metrics.stop()
 
 
+def _tracing_interceptor() -> Any:
+    """OpenTelemetry's gRPC interceptor: a span per call, continuing the caller's trace."""
+    from opentelemetry.instrumentation.grpc import aio_server_interceptor
+
+    return aio_server_interceptor()  # type: ignore[no-untyped-call]
+
+
 async def create_server(settings: ServerSettings) -> RunningServer:
     """Start a server on `settings.host:settings.port` and load `settings.preload` models."""
     if settings.torch_threads:
@@ -134,7 +141,7 @@ async def create_server(settings: ServerSettings) -> RunningServer:
         TenantInterceptor(tenants, servicer.limiter, servicer.audit),
     ]
     if settings.tracing:
-        interceptors = [*tracing.server_interceptors(), *interceptors]
+        interceptors = [_tracing_interceptor(), *interceptors]
     # Calls past `max_concurrent_rpcs` (health checks count too) are refused by gRPC itself,
     # RESOURCE_EXHAUSTED "Concurrent RPC limit exceeded!" without a retry hint, before any
     # handler runs: a flood of callers cannot pile up handlers and requests without bound.
