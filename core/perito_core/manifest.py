@@ -232,6 +232,11 @@ class ModelManifest(BaseModel):
     def form(self, name: str) -> CompiledForm | None:
         return next((form for form in self.forms if form.name == name), None)
 
+    def threshold(self, requested: float = 0.0) -> float:
+        """The top-1 probability under which an answer is `uncertain`: the caller's
+        `requested` one, else this model's recommended one, else 0 (never uncertain)."""
+        return requested or self.confidence_threshold or 0.0
+
     @field_validator("labels")
     @classmethod
     def _labels_unique(cls, labels: list[str]) -> list[str]:

@@ -350,7 +350,7 @@ class PeritoServicer(service_pb2_grpc.PeritoServicer):
         )
         manifest = inference.manifest
         top_k = request.top_k or self.settings.default_top_k
-        threshold = request.confidence_threshold or manifest.confidence_threshold or 0.0
+        threshold = manifest.threshold(request.confidence_threshold)
         response = classify_pb2.ClassifyResponse(
             model=inference.model, model_version=inference.version, confidence_threshold=threshold
         )

@@ -157,7 +157,7 @@ def _classify(job: Job, model: LoadedModel, batch: list[_Prepared]) -> list[Item
         if p.pixels is None
     }
     if good:
-        threshold = job.confidence_threshold or model.manifest.confidence_threshold or 0.0
+        threshold = model.manifest.threshold(job.confidence_threshold)
         for prepared, probs in zip(good, _predict(model, good), strict=True):
             if isinstance(probs, str):
                 results[prepared.index] = ItemResult(
