@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 import perito  # noqa: E402
 from bench.classify import MODEL, bench_grpc, make_jpegs, publish, timed_loop  # noqa: E402
 from perito_core.imaging import load_model_input  # noqa: E402
-from perito_core.runtime import LoadedModel  # noqa: E402
+from perito_core.models.runtime import LoadedModel  # noqa: E402
 from scripts.processes import Proc, free_port, redis_proc  # noqa: E402
 
 BIN = Path(sys.executable).parent

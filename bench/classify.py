@@ -47,10 +47,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from perito.v1 import classify_pb2, image_pb2, service_pb2_grpc  # noqa: E402
-from perito_core.forms import isa_summary, load_model  # noqa: E402
 from perito_core.imaging import load_model_input  # noqa: E402
-from perito_core.registry import ModelRegistry  # noqa: E402
-from perito_core.runtime import LoadedModel  # noqa: E402
+from perito_core.models.forms import isa_summary, load_model  # noqa: E402
+from perito_core.models.registry import ModelRegistry  # noqa: E402
+from perito_core.models.runtime import LoadedModel  # noqa: E402
 from scripts.processes import Proc, free_port  # noqa: E402
 from scripts.sample_photos import write_sample_photos  # noqa: E402
 
@@ -96,7 +96,7 @@ def publish(
     export_torchscript(network, contract, path)
     built = None
     if forms:
-        from perito_core.compile import build_forms
+        from perito_core.models.compile import build_forms
 
         images = np.stack([load_model_input(data, contract.spec()) for data in jpegs or []])
         built = build_forms(

@@ -86,9 +86,9 @@ from PIL import Image  # noqa: E402
 from torch import nn  # noqa: E402
 
 import perito  # noqa: E402
-from perito_core.jobs import JobStore  # noqa: E402
-from perito_core.registry import ModelRegistry  # noqa: E402
-from perito_core.tenancy import ANONYMOUS_TENANT  # noqa: E402
+from perito_core.access.tenancy import ANONYMOUS_TENANT  # noqa: E402
+from perito_core.jobs.store import JobStore  # noqa: E402
+from perito_core.models.registry import ModelRegistry  # noqa: E402
 from perito_training.export import export_torchscript  # noqa: E402
 from scripts.processes import Proc, ProcessFailed, free_port, redis_proc  # noqa: E402
 from tests.helpers import TINY_INPUT, tiny_network  # noqa: E402

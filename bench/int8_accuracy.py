@@ -3,14 +3,14 @@
 For each network (ImageNet EfficientNet-Lite0 with its real weights; ResNet-18 with random
 weights), in one run:
 
-- build FP32 and plain post-training INT8 with `perito_core.compile.build_forms`, then INT8
+- build FP32 and plain post-training INT8 with `perito_core.models.compile.build_forms`, then INT8
   by `nncf.quantize_with_accuracy_control` for each `--control` metric (`agreement`: top-1
   agreement with the FP32 IR at least 99%; `fidelity`: its largest probability difference
   under 0.01 on average), tuned on the calibration images (72 crops of other scikit-image
   pictures, as the unit test uses); the gate's figure, agreement with `model.pt`, is measured
   on 36 framings of the six sample photos that no quantization saw;
 - time the forward pass of FP32, plain INT8 and each controlled INT8 as the server compiles them
-  (`perito_core.forms.OpenVinoModel`), at batch 1 and 8, in interleaved rounds (the median
+  (`perito_core.models.forms.OpenVinoModel`), at batch 1 and 8, in interleaved rounds (the median
   kept, every round printed) with the load average beside them: the machine is shared.
 
 Usage: .venv/bin/python bench/int8_accuracy.py [--arch efficientnet-lite0,resnet18]
@@ -32,9 +32,9 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from perito_core.compile import build_forms  # noqa: E402
-from perito_core.forms import OpenVinoModel, isa_summary  # noqa: E402
-from perito_core.manifest import (  # noqa: E402
+from perito_core.models.compile import build_forms  # noqa: E402
+from perito_core.models.forms import OpenVinoModel, isa_summary  # noqa: E402
+from perito_core.models.manifest import (  # noqa: E402
     Artifact,
     CompiledForm,
     FormFile,
@@ -87,7 +87,7 @@ def _controlled(
     """INT8 by accuracy control (always, whatever plain INT8 scored), its gate figure printed."""
     import openvino
 
-    from perito_core import compile as forms_compile
+    from perito_core.models import compile as forms_compile
 
     start = time.perf_counter()
     module = forms_compile._load_torchscript(path)

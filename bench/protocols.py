@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.classify import MODEL, cpu_name, make_jpegs, percentile, publish  # noqa: E402
 from perito.v1 import classify_pb2, image_pb2, service_pb2_grpc  # noqa: E402
-from perito_core.forms import isa_summary  # noqa: E402
+from perito_core.models.forms import isa_summary  # noqa: E402
 from perito_server._oip import grpc_service_pb2 as oip_pb2  # noqa: E402
 from scripts.processes import Proc, free_port, wait_for_port  # noqa: E402
 

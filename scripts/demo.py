@@ -117,7 +117,7 @@ def write_calibration(folder: Path, views: int = 8) -> Path:
 
 def make_tenants(work: Path) -> tuple[Path, dict[str, str]]:
     """A new tenants file with the demo's two tenants; returns it and their tokens."""
-    from perito_core.tenancy import add_tenant
+    from perito_core.access.tenancy import add_tenant
 
     path = work / "tenants.yaml"
     path.unlink(missing_ok=True)  # fresh tokens each run

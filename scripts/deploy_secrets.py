@@ -132,7 +132,7 @@ def generate(out: Path) -> list[str]:
     tenants = out / "server" / "tenants.yaml"
     if not tenants.exists():
         sys.path.insert(0, str(ROOT / "core"))
-        from perito_core.tenancy import add_tenant
+        from perito_core.access.tenancy import add_tenant
 
         token = add_tenant(
             tenants,

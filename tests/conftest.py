@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from perito_core.registry import ModelRegistry
+from perito_core.models.registry import ModelRegistry
 from perito_core.storage import S3Options, make_s3_client
 from tests.helpers import S3_ENV, TINY_INPUT, moto_s3_server, redis_server, tiny_network
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from perito_core.manifest import InputContract
+from perito_core.models.manifest import InputContract
 from scripts.processes import Proc, ProcessFailed, free_port, redis_proc, wait_for_port
 
 ROOT = Path(__file__).resolve().parent.parent

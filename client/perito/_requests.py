@@ -16,7 +16,7 @@ from perito.v1 import classify_pb2, image_pb2, jobs_pb2
 
 MANIFEST_SUFFIXES = (".csv", ".jsonl", ".ndjson")
 # Obvious non-photos a folder may hold; the same rule as the server's listings
-# (`perito_core.sources.is_ignored_key`), which the SDK cannot import.
+# (`perito_core.jobs.sources.is_ignored_key`), which the SDK cannot import.
 _IGNORED_NAMES = frozenset({"thumbs.db", "ehthumbs.db", "desktop.ini"})
 DEFAULT_TARGET = "localhost:8500"
 # Batches of photos are far over gRPC's 4 MB default.

@@ -12,11 +12,11 @@ from typing import Literal, TextIO
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from perito_core.audit import AuditLog
+from perito_core.access.audit import AuditLog
+from perito_core.access.tenancy import Tenant, Tenants, acting_tenant
 from perito_core.imaging import ImageLimits
-from perito_core.registry import ModelRegistry
+from perito_core.models.registry import ModelRegistry
 from perito_core.storage import S3Options
-from perito_core.tenancy import Tenant, Tenants, acting_tenant
 
 
 class CommonSettings(BaseSettings):
@@ -44,7 +44,7 @@ class CommonSettings(BaseSettings):
     # A complete job whose results files cannot be written for this long ends FAILED.
     finalize_timeout_s: float = Field(600.0, ge=0)
     device: str = "auto"
-    # Which form of a model version serves (perito_core.forms): `auto` times each verified
+    # Which form of a model version serves (perito_core.models.forms): `auto` times each verified
     # compiled form this CPU can run at load and keeps the fastest; `fp32`, `bf16`, `int8`
     # ask for that precision; `torchscript` for the reference. TorchScript answers whenever
     # no compiled form loads, with the reason logged.
@@ -60,7 +60,7 @@ class CommonSettings(BaseSettings):
     max_image_bytes: int = Field(32 * 1024 * 1024, ge=1)
     max_image_pixels: int = Field(64_000_000, ge=1)
 
-    # Who may call (perito_core.tenancy): a tenants file (YAML; re-read when it changes and
+    # Who may call (perito_core.access.tenancy): a tenants file (YAML; re-read when it changes and
     # on SIGHUP), or else bearer tokens (env: a JSON list) that make one tenant with every
     # right. Operator commands that write the registry or read the audit log act as the
     # tenant holding `token` (PERITO_TOKEN).
@@ -69,7 +69,7 @@ class CommonSettings(BaseSettings):
     token: SecretStr | None = Field(None, description="the caller's own token (PERITO_TOKEN)")
 
     def open_tenants(self) -> Tenants:
-        """The tenants these settings name (see `perito_core.tenancy.Tenants`).
+        """The tenants these settings name (see `perito_core.access.tenancy.Tenants`).
 
         Raises:
             InvalidArgument: a malformed tenants file.
@@ -79,7 +79,7 @@ class CommonSettings(BaseSettings):
         return Tenants(self.tenants_file, tokens)
 
     def acting_tenant(self, role: str, what: str, model: str | None = None) -> Tenant:
-        """The tenant an operator command acts as (`perito_core.tenancy.acting_tenant`).
+        """The tenant an operator command acts as (`perito_core.access.tenancy.acting_tenant`).
 
         Raises:
             Unauthenticated: PERITO_TOKEN missing or unknown (when tenants are configured).

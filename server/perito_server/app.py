@@ -21,7 +21,7 @@ from grpc_reflection.v1alpha import reflection
 
 from perito.v1 import service_pb2, service_pb2_grpc
 from perito_core import tracing
-from perito_core.tenancy import Tenants
+from perito_core.access.tenancy import Tenants
 from perito_server.auth import TenantInterceptor
 from perito_server.errors import CallInterceptor
 from perito_server.http_api import HttpApi, HttpServer

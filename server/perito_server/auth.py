@@ -1,7 +1,7 @@
 """Authentication and authorization of every `perito.v1` call, in one place.
 
 Each call must carry `authorization: Bearer <token>`; the token names a tenant
-(`perito_core.tenancy`). The interceptor runs on the call's metadata alone, before gRPC reads
+(`perito_core.access.tenancy`). The interceptor runs on the call's metadata alone, before gRPC reads
 the request message: a call with no token or an unknown one is UNAUTHENTICATED, one whose
 tenant lacks the method's role is PERMISSION_DENIED, and for both the request body is never
 read, whatever its size (the refusal is answered by a request-streaming handler that never
@@ -25,10 +25,10 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import grpc.aio
 
-from perito_core.audit import AuditLog
+from perito_core.access.audit import AuditLog
+from perito_core.access.quotas import RateLimiter
+from perito_core.access.tenancy import Tenant, Tenants
 from perito_core.errors import PeritoError, PermissionDenied
-from perito_core.quotas import RateLimiter
-from perito_core.tenancy import Tenant, Tenants
 from perito_server.errors import abort
 
 OPEN_PREFIXES = (

@@ -16,15 +16,15 @@ from typing import TYPE_CHECKING, Any
 import click
 from pydantic import ValidationError
 
+from perito_core.access.tenancy import ROLES, Quotas, Tenant, add_tenant
 from perito_core.errors import PeritoError
-from perito_core.manifest import InputContract
-from perito_core.registry import ModelRegistry
-from perito_core.tenancy import ROLES, Quotas, Tenant, add_tenant
+from perito_core.models.manifest import InputContract
+from perito_core.models.registry import ModelRegistry
 from perito_server.onnx_import import check_onnx_loads, contract_options, is_onnx, tensor_contract
 from perito_server.settings import ServerSettings
 
 if TYPE_CHECKING:
-    from perito_core.compile import BuiltForms
+    from perito_core.models.compile import BuiltForms
 
 
 def _settings(**flags: Any) -> ServerSettings:
@@ -297,7 +297,7 @@ def _build_forms(
     """Compiled forms of an imported file, gated on the user's images; None when not asked."""
     import tempfile
 
-    from perito_core.compile import build_forms_from_folder
+    from perito_core.models.compile import build_forms_from_folder
 
     if not precisions or calibration is None:
         return None
@@ -312,8 +312,8 @@ def _build_forms(
 
 def _check_loads(model_file: Path, name: str, labels: list[str], contract: InputContract) -> None:
     """Load and run the module against a draft manifest, so a bad file is never published."""
-    from perito_core.manifest import Artifact, ModelManifest, sha256_file
-    from perito_core.runtime import LoadedModel  # imports torch: only when importing a model
+    from perito_core.models.manifest import Artifact, ModelManifest, sha256_file
+    from perito_core.models.runtime import LoadedModel  # imports torch: only when importing a model
 
     draft = ModelManifest(
         name=name,

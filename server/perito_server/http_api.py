@@ -56,9 +56,9 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from perito.v1 import classify_pb2, image_pb2, jobs_pb2, models_pb2
+from perito_core.access.tenancy import Tenant
 from perito_core.errors import ErrorCode, InvalidArgument, PeritoError
 from perito_core.logs import REQUEST_ID
-from perito_core.tenancy import Tenant
 from perito_server.auth import TenantInterceptor
 from perito_server.errors import as_perito_error, echo, to_http
 from perito_server.oip import (

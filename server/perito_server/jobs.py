@@ -1,5 +1,5 @@
 """The bulk-job RPCs: submit (resolve, pin, split, enqueue), read, watch, page, cancel,
-delete; and the job watchdog that makes every accepted job end (`perito_core.watchdog`)."""
+delete; and the job watchdog that makes every accepted job end (`perito_core.jobs.watchdog`)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import redis
 from google.protobuf import timestamp_pb2
 
 from perito.v1 import classify_pb2, jobs_pb2
+from perito_core.access.tenancy import Access, Tenant, check_uri
 from perito_core.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -25,14 +26,21 @@ from perito_core.errors import (
     PermissionDenied,
     QuotaExceeded,
 )
-from perito_core.jobs import DELETED_MARK, ItemInput, ItemResult, ItemState, Job, JobState, JobStore
-from perito_core.queue import make_celery, send_chunks
-from perito_core.registry import validate_model_name
-from perito_core.results import check_output_writable, finalize_job
-from perito_core.sources import SourceReader, default_item_id
+from perito_core.jobs.queue import make_celery, send_chunks
+from perito_core.jobs.results import check_output_writable, finalize_job
+from perito_core.jobs.sources import SourceReader, default_item_id
+from perito_core.jobs.store import (
+    DELETED_MARK,
+    ItemInput,
+    ItemResult,
+    ItemState,
+    Job,
+    JobState,
+    JobStore,
+)
+from perito_core.jobs.watchdog import Watchdog
+from perito_core.models.registry import validate_model_name
 from perito_core.storage import split_s3_uri
-from perito_core.tenancy import Access, Tenant, check_uri
-from perito_core.watchdog import Watchdog
 from perito_server.model_pool import ModelPool
 from perito_server.settings import ServerSettings
 

@@ -27,7 +27,7 @@ from perito_core.errors import PeritoError
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
 
-    from perito_core.jobs import JobStore
+    from perito_core.jobs.store import JobStore
     from perito_server.batcher import Histogram as BatchHistogram
     from perito_server.model_pool import ModelPool
 

@@ -25,9 +25,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from perito_core.errors import PeritoError
-from perito_core.forms import load_model
-from perito_core.registry import ModelRegistry
-from perito_core.runtime import LoadedModel
+from perito_core.models.forms import load_model
+from perito_core.models.registry import ModelRegistry
+from perito_core.models.runtime import LoadedModel
 from perito_server.batcher import DynamicBatcher
 from perito_server.settings import ServerSettings
 

@@ -1,7 +1,7 @@
 """The ONNX half of `perito models import`: the tensor-contract flags and their checks.
 
 An ONNX file (`.onnx`) is imported with the contract its graph was trained with: layout,
-dtype, scale, mean / std, channel order and output kind (`perito_core.manifest.
+dtype, scale, mean / std, channel order and output kind (`perito_core.models.manifest.
 TensorContract`). The file is opened by ONNX Runtime and run against a draft manifest before
 anything is written, so a contract that contradicts the graph (an NCHW declaration for an NHWC
 input, another input size, another dtype, an output that cannot be the declared kind) is
@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import click
 from pydantic import ValidationError
 
-from perito_core.manifest import InputContract, TensorContract
+from perito_core.models.manifest import InputContract, TensorContract
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -173,8 +173,8 @@ def check_onnx_loads(
         pydantic.ValidationError: a manifest the contract makes invalid (a sigmoid output for
             other than two labels).
     """
-    from perito_core.manifest import Artifact, ModelManifest, sha256_file
-    from perito_core.onnx_model import OnnxModel
+    from perito_core.models.manifest import Artifact, ModelManifest, sha256_file
+    from perito_core.models.onnx_model import OnnxModel
 
     draft = ModelManifest(
         name=name,

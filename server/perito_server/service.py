@@ -17,15 +17,15 @@ from google.protobuf import struct_pb2, timestamp_pb2
 
 from perito.v1 import classify_pb2, jobs_pb2, models_pb2, service_pb2_grpc
 from perito_core import tracing
-from perito_core.audit import AuditLog
+from perito_core.access.audit import AuditLog
+from perito_core.access.quotas import RateLimiter
+from perito_core.access.tenancy import Tenant, Tenants
 from perito_core.errors import InvalidArgument, InvalidImage, PeritoError
 from perito_core.imaging import DecodeInfo, ImageLimits, InputSpec, load_model_input_with_info
 from perito_core.logs import REQUEST_ID
-from perito_core.manifest import ModelManifest
-from perito_core.quotas import RateLimiter
-from perito_core.registry import validate_model_name
-from perito_core.runtime import summarize
-from perito_core.tenancy import Tenant, Tenants
+from perito_core.models.manifest import ModelManifest
+from perito_core.models.registry import validate_model_name
+from perito_core.models.runtime import summarize
 from perito_server.auth import current_tenant
 from perito_server.batcher import ByteBudget
 from perito_server.errors import echo

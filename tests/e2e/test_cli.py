@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from perito_core.registry import ModelRegistry
+from perito_core.models.registry import ModelRegistry
 from tests.helpers import (
     ROOT,
     free_port,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from perito_core.registry import ModelRegistry
+from perito_core.models.registry import ModelRegistry
 from perito_server.settings import ServerSettings
 from tests.conftest import publish_lite0
 from tests.helpers import ROOT, ServerThread

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from perito_core.registry import ModelRegistry
+from perito_core.models.registry import ModelRegistry
 from tests.helpers import TINY_INPUT, perito_command, run_perito, subprocess_env
 
 pytestmark = pytest.mark.e2e

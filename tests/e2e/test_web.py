@@ -16,7 +16,7 @@ import httpx
 import pytest
 import uvicorn
 
-from perito_core.registry import ModelRegistry
+from perito_core.models.registry import ModelRegistry
 from perito_server.settings import ServerSettings
 from perito_web.app import create_app
 from tests.conftest import publish_lite0, publish_tiny
@@ -202,7 +202,7 @@ def tenant_site(
 ) -> Iterator[tuple[str, dict[str, str], str]]:
     """A service with two tenants (acme, globex) behind the page; no worker, so jobs stay
     queued. Yields the page's URL, each tenant's token, and the service's address."""
-    from perito_core.tenancy import add_tenant
+    from perito_core.access.tenancy import add_tenant
 
     work = tmp_path_factory.mktemp("web-tenants")
     registry = ModelRegistry.open(str(work / "registry"), cache_dir=work / "publish-cache")

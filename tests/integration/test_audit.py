@@ -6,7 +6,7 @@ import io
 
 import redis
 
-from perito_core.audit import AUDIT_KEY, AuditLog
+from perito_core.access.audit import AUDIT_KEY, AuditLog
 
 
 def test_a_flood_of_records_keeps_the_stream_bounded(redis_url: str) -> None:

@@ -17,7 +17,7 @@ from PIL import Image
 
 import perito
 from perito.v1 import classify_pb2, image_pb2, service_pb2_grpc
-from perito_core.registry import ModelRegistry
+from perito_core.models.registry import ModelRegistry
 from perito_server.settings import ServerSettings
 from tests.conftest import publish_lite0, publish_tiny
 from tests.helpers import ServerThread

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from perito_core.forms import load_model
-from perito_core.registry import ModelRegistry
+from perito_core.models.forms import load_model
+from perito_core.models.registry import ModelRegistry
 from perito_training.pipeline import publish_run, train_run
 from tests.helpers import write_pattern_images
 from tests.integration.test_training import quick_config
@@ -33,9 +33,10 @@ def test_publish_builds_gates_and_records_the_forms(tmp_path: Path) -> None:
     assert fp32.agreement == 1.0 and fp32.evaluated_on == "test split" and fp32.images == 36
     assert fp32.accuracy == pytest.approx(card["metrics"]["accuracy"])
     assert fp32.ece is not None
-    # Temperature re-fitted on the form's own outputs; training passes no validation labels,
-    # so on the test split, and the record says so.
-    assert fp32.temperature > 0 and "also where its ECE is measured" in fp32.calibration_fitted_on
+    # Temperature and threshold re-fitted on the form's own outputs over the validation split
+    # (as the trainer fitted model.pt's), never on the test split that gates it.
+    assert fp32.temperature > 0 and fp32.calibration_fitted_on == "calibration images"
+    assert fp32.confidence_threshold is not None  # the recipe's calibration.target_accuracy
     # INT8 either passed the gate (and then within 0.3 points) or was refused with its reason.
     if "openvino-int8" in forms:
         int8 = forms["openvino-int8"]

@@ -16,10 +16,10 @@ import pytest
 from PIL import Image
 
 import perito
-from perito_core.compile import build_forms
-from perito_core.forms import load_model
-from perito_core.jobs import ItemInput, ItemState, Job, JobState
-from perito_core.registry import ModelRegistry
+from perito_core.jobs.store import ItemInput, ItemState, Job, JobState
+from perito_core.models.compile import build_forms
+from perito_core.models.forms import load_model
+from perito_core.models.registry import ModelRegistry
 from perito_server.settings import ServerSettings
 from tests.conftest import publish_tiny
 from tests.helpers import TINY_INPUT, ServerThread

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 import perito
-from perito_core.registry import ModelRegistry
+from perito_core.models.registry import ModelRegistry
 from scripts.processes import Proc, free_port, wait_for_port
 from tests.conftest import publish_tiny
 from tests.helpers import VENV_BIN, perito_proc, subprocess_env

@@ -10,10 +10,10 @@ import pytest
 import redis
 
 from perito_core.errors import InvalidArgument, NotFound
-from perito_core.jobs import ItemInput, ItemResult, ItemState, JobState, JobStore
-from perito_core.queue import BULK_QUEUE, make_celery, queued_chunks
+from perito_core.jobs.queue import BULK_QUEUE, make_celery, queued_chunks
+from perito_core.jobs.store import ItemInput, ItemResult, ItemState, JobState, JobStore
+from perito_core.jobs.watchdog import Watchdog
 from perito_core.storage import S3Options
-from perito_core.watchdog import Watchdog
 from tests.helpers import redis_server
 
 pytestmark = pytest.mark.integration
@@ -206,7 +206,7 @@ def test_the_watchdog_finishes_a_complete_job_nobody_finalised(
 def test_results_that_cannot_be_written_end_the_job_failed_with_the_reason(
     store: JobStore, tmp_path: Path
 ) -> None:
-    from perito_core.results import finalize_job
+    from perito_core.jobs.results import finalize_job
 
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")

@@ -18,9 +18,9 @@ from PIL import Image
 
 import perito
 from perito_core.imaging import load_model_input
-from perito_core.jobs import ItemInput, JobStore
-from perito_core.registry import ModelRegistry
-from perito_core.runtime import LoadedModel
+from perito_core.jobs.store import ItemInput, JobStore
+from perito_core.models.registry import ModelRegistry
+from perito_core.models.runtime import LoadedModel
 from perito_core.storage import S3Options, make_s3_client
 from perito_server.settings import ServerSettings
 from perito_training.datasets import load_fashion_mnist
@@ -594,7 +594,7 @@ async def test_the_async_client_submits_watches_and_reads_a_job(
 
 def test_job_state_counts_match_the_jobs(bulk: Bulk, redis_url: str) -> None:
     """The per-state counters behind the `perito_jobs` gauge agree with the jobs themselves."""
-    from perito_core.jobs import PREFIX, JobStore
+    from perito_core.jobs.store import PREFIX, JobStore
 
     bulk.client.submit_job(
         [bulk.image_bytes[n] for n in sorted(bulk.image_bytes)[:3]], model="fashion"

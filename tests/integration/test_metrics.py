@@ -12,7 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import perito
-from perito_core.registry import ModelRegistry
+from perito_core.models.registry import ModelRegistry
 from perito_server.settings import ServerSettings
 from tests.conftest import publish_tiny
 from tests.helpers import ServerThread, WorkerProcess, free_port, subprocess_env

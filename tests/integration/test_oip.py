@@ -20,9 +20,9 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 import perito
+from perito_core.access.tenancy import Quotas, add_tenant
 from perito_core.imaging import load_model_input
-from perito_core.registry import ModelRegistry
-from perito_core.tenancy import Quotas, add_tenant
+from perito_core.models.registry import ModelRegistry
 from scripts.processes import Proc, free_port, wait_for_port
 from tests.conftest import publish_tiny
 from tests.helpers import TINY_INPUT, perito_proc, subprocess_env

@@ -27,7 +27,7 @@ import pytest
 
 import perito
 from perito_core.imaging import load_model_input
-from perito_core.registry import ModelRegistry
+from perito_core.models.registry import ModelRegistry
 from perito_core.storage import S3Options, make_s3_client
 from perito_server.settings import ServerSettings
 from scripts.processes import free_port

@@ -10,8 +10,8 @@ from collections.abc import Iterator
 import pytest
 import redis
 
+from perito_core.access.quotas import RateLimiter
 from perito_core.errors import QuotaExceeded
-from perito_core.quotas import RateLimiter
 
 
 class Clock:

@@ -8,7 +8,7 @@ import pytest
 
 import perito
 from perito_core.errors import StorageUnavailable
-from perito_core.registry import ModelRegistry
+from perito_core.models.registry import ModelRegistry
 from perito_core.storage import S3Options
 from perito_server.settings import ServerSettings
 from tests.conftest import publish_lite0, publish_tiny

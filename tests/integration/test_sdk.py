@@ -13,7 +13,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import perito
-from perito_core.registry import ModelRegistry
+from perito_core.models.registry import ModelRegistry
 from perito_server.settings import ServerSettings
 from tests.conftest import publish_lite0, publish_tiny
 from tests.helpers import ServerThread

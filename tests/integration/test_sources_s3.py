@@ -15,7 +15,7 @@ from PIL import Image
 
 from perito_core.errors import InvalidArgument, InvalidImage, NotFound
 from perito_core.imaging import decode_image_with_info
-from perito_core.sources import SourceReader, default_item_id
+from perito_core.jobs.sources import SourceReader, default_item_id
 from perito_core.storage import S3Options, S3Store, make_s3_client
 
 pytestmark = pytest.mark.integration

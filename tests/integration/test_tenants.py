@@ -21,9 +21,9 @@ from PIL import Image
 
 import perito
 from perito.v1 import classify_pb2, image_pb2, service_pb2_grpc
-from perito_core.registry import ModelRegistry
+from perito_core.access.tenancy import add_tenant, hash_token
+from perito_core.models.registry import ModelRegistry
 from perito_core.storage import S3Options, make_s3_client
-from perito_core.tenancy import add_tenant, hash_token
 from perito_server.settings import ServerSettings
 from tests.conftest import publish_tiny
 from tests.helpers import ServerThread, free_port, perito_command, subprocess_env, wait_for_port
@@ -67,7 +67,7 @@ def write_tenants(path: Path, work: Path) -> dict[str, str]:
             **common,  # type: ignore[arg-type]
         )
     tokens["viewer"] = add_tenant(path, "viewer", roles=["models:read"], models=["*"])
-    from perito_core.tenancy import Quotas
+    from perito_core.access.tenancy import Quotas
 
     tokens["busy"] = add_tenant(
         path,
@@ -187,7 +187,7 @@ def test_roles_and_models_are_enforced(tenancy: Tenancy) -> None:
 def test_refused_state_changes_are_audited(tenancy: Tenancy) -> None:
     """A state-changing call refused before its handler (no role, no token) is in the
     audit log with who asked, the outcome and the request id."""
-    from perito_core.audit import AuditLog
+    from perito_core.access.audit import AuditLog
 
     with tenancy.client("viewer") as viewer, pytest.raises(perito.PermissionDeniedError):
         viewer.submit_job(["s3://inspections/acme/0.jpg"], model="tiny", request_id="audit-1")
@@ -435,7 +435,7 @@ def test_the_tenants_file_is_reread_when_it_changes(tenancy: Tenancy) -> None:
     time.sleep(1.2)  # the file is looked at once a second
     with perito.Client(tenancy.server.target, token=token) as client:
         assert [m.name for m in client.list_models()] == ["tiny"]
-    from perito_core.audit import AuditLog
+    from perito_core.access.audit import AuditLog
 
     store = tenancy.server.running.servicer.jobs.store  # type: ignore[attr-defined]
     [reload] = AuditLog(store.redis, 3600).list(method="tenants.reload", limit=1)

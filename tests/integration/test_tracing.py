@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import perito
-from perito_core.registry import ModelRegistry
+from perito_core.models.registry import ModelRegistry
 from perito_server.settings import ServerSettings
 from tests.conftest import publish_tiny
 from tests.helpers import ServerThread

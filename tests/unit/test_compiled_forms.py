@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 import torch
 
-from perito_core.compile import build_forms, gate_reason
-from perito_core.forms import load_model
 from perito_core.imaging import InputSpec, load_model_input
-from perito_core.manifest import InputContract
-from perito_core.registry import ModelRegistry
+from perito_core.models.compile import build_forms, gate_reason
+from perito_core.models.forms import load_model
+from perito_core.models.manifest import InputContract
+from perito_core.models.registry import ModelRegistry
 from perito_training.architectures import ARCHITECTURES, get_architecture
 from perito_training.export import save_torchscript
 from perito_training.trainer import build_model, input_contract
@@ -222,7 +222,7 @@ def test_precision_names_are_checked(tiny_model_file: Path, tmp_path: Path) -> N
 def test_torch_reference_is_untouched_by_conversion(tiny_model_file: Path, tmp_path: Path) -> None:
     """Converting must not change model.pt or its outputs (the reference stays canonical)."""
     _needs_engine()
-    from perito_core.manifest import sha256_file
+    from perito_core.models.manifest import sha256_file
     from tests.helpers import TINY_INPUT
 
     before = sha256_file(tiny_model_file)
@@ -284,7 +284,7 @@ def test_a_form_that_cannot_load_here_falls_back_with_the_reason(
 ) -> None:
     """A listed, verified form this machine cannot run (no engine installed, or an IR it cannot
     compile, e.g. from a newer engine) is passed over, and TorchScript answers."""
-    from perito_core.manifest import CompiledForm, FormFile, sha256_file
+    from perito_core.models.manifest import CompiledForm, FormFile, sha256_file
     from tests.helpers import TINY_INPUT
 
     folder = tmp_path / "openvino-fp32"
@@ -315,10 +315,11 @@ def test_a_form_that_cannot_load_here_falls_back_with_the_reason(
     assert "not installed" in reason or "does not compile here" in reason
 
 
-def test_calibration_formulas_match_training_and_recover_a_known_temperature() -> None:
-    """Core's copies (serving may not import training) give training's figures, and the fit
-    finds the temperature labels were drawn at (Guo et al. 2017)."""
-    from perito_core import calibration
+def test_calibration_formulas_are_training_s_and_recover_a_known_temperature() -> None:
+    """One set of formulas (core's, which training re-exports): the fit finds the temperature
+    labels were drawn at (Guo et al. 2017), and ECE agrees with the reliability table the
+    model card plots."""
+    from perito_core.models import calibration
     from perito_training import metrics
 
     rng = np.random.default_rng(0)
@@ -326,7 +327,7 @@ def test_calibration_formulas_match_training_and_recover_a_known_temperature() -
     drawn = calibration.softmax(logits / 2.5)
     targets = np.array([rng.choice(5, p=row) for row in drawn])
     assert calibration.fit_temperature(logits, targets) == pytest.approx(2.5, rel=0.1)
-    assert calibration.fit_temperature(logits, targets) == metrics.fit_temperature(logits, targets)
+    assert metrics.fit_temperature is calibration.fit_temperature
     # On probabilities: the relative temperature of softmax(log(p) / t), the same fit.
     probabilities = calibration.softmax(logits)
     relative = calibration.fit_temperature(calibration.log_probabilities(probabilities), targets)
@@ -339,12 +340,16 @@ def test_calibration_formulas_match_training_and_recover_a_known_temperature() -
     assert calibration.rescale(probabilities, 1.0).dtype == np.float32
     with pytest.raises(ValueError, match="positive"):
         calibration.rescale(probabilities, 0.0)
-    assert calibration.expected_calibration_error(
-        drawn, targets
-    ) == metrics.expected_calibration_error(drawn, targets)
-    threshold = metrics.confidence_threshold(drawn, targets, 0.9)
-    assert threshold is not None
-    assert calibration.confidence_threshold(drawn, targets, 0.9) == threshold["threshold"]
+    table = metrics.reliability(drawn, targets)
+    from_table = sum(
+        count / len(targets) * abs(accuracy - confidence)
+        for count, accuracy, confidence in zip(
+            table["count"], table["accuracy"], table["confidence"], strict=True
+        )
+    )
+    assert calibration.expected_calibration_error(drawn, targets) == pytest.approx(from_table)
+    threshold = calibration.confidence_threshold(drawn, targets, 0.9)
+    assert threshold is not None and threshold["accuracy_above"] >= 0.9
     assert calibration.confidence_threshold(drawn, targets, 1.1) is None
 
 
@@ -354,14 +359,14 @@ def test_a_form_built_with_labels_serves_its_own_temperature_and_threshold(
     """Re-fitted on the form's own outputs, recorded in the manifest, applied when it serves;
     TorchScript keeps the version's own threshold and temperature."""
     _needs_engine()
-    from perito_core.calibration import rescale
+    from perito_core.models.calibration import rescale
     from tests.helpers import TINY_INPUT
 
     spec = TINY_INPUT.spec()
     rng = np.random.default_rng(1)
     images = rng.integers(0, 256, (48, spec.height, spec.width, 3), dtype=np.uint8)
     registry = ModelRegistry.open(str(tmp_path / "registry"), cache_dir=tmp_path / "cache")
-    from perito_core.runtime import LoadedModel
+    from perito_core.models.runtime import LoadedModel
 
     plain = registry.publish(
         "ref", tiny_model_file, labels=["a", "b", "c"], input=TINY_INPUT, confidence_threshold=0.5
@@ -437,7 +442,7 @@ def test_int8_refused_by_the_gate_is_quantized_again_with_accuracy_control(
     """Plain INT8 first; when the gate refuses it, NNCF's accuracy control (real) builds
     another, which faces the gate again and says how it was made."""
     _needs_engine()
-    from perito_core import compile as forms_compile
+    from perito_core.models import compile as forms_compile
     from tests.helpers import TINY_INPUT
 
     verdicts: list[str | None] = []

@@ -163,7 +163,7 @@ def test_generated_secrets_validate_and_nothing_ships_a_default(tmp_path: Path) 
     assert {s["metadata"]["name"] for s in secrets} == {"perito-tls", "perito-tenants", "perito-s3"}
     for secret in secrets:
         kubernetes_validate.validate(secret, K8S_VERSION, strict=True)
-    from perito_core.tenancy import Tenants
+    from perito_core.access.tenancy import Tenants
 
     assert Tenants(tmp_path / "server" / "tenants.yaml").authenticate(token).has_role("admin")
     other = tmp_path / "other"
@@ -184,7 +184,7 @@ def _check_scaled_object(obj: dict[str, Any], objects: list[dict[str, Any]]) -> 
     assert 0 <= spec["minReplicaCount"] <= spec["maxReplicaCount"]
     [trigger] = spec["triggers"]
     assert trigger["type"] == "redis"
-    from perito_core.queue import BULK_QUEUE
+    from perito_core.jobs.queue import BULK_QUEUE
 
     assert trigger["metadata"]["listName"] == BULK_QUEUE
     assert int(trigger["metadata"]["listLength"]) > 0

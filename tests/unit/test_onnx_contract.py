@@ -18,10 +18,10 @@ import torch
 from pydantic import ValidationError
 
 from perito_core.errors import ArtifactIntegrityError, ModelLoadError
-from perito_core.forms import load_model
-from perito_core.manifest import Artifact, InputContract, ModelManifest, TensorContract
-from perito_core.onnx_model import OnnxModel, probabilities_from_output, tensor_from_images
-from perito_core.registry import ModelRegistry
+from perito_core.models.forms import load_model
+from perito_core.models.manifest import Artifact, InputContract, ModelManifest, TensorContract
+from perito_core.models.onnx_model import OnnxModel, probabilities_from_output, tensor_from_images
+from perito_core.models.registry import ModelRegistry
 from tests.onnx_helpers import (
     CAFFE_MEAN_BGR,
     MINERALS_LABELS,

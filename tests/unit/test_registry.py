@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from perito_core.errors import ArtifactIntegrityError, InvalidArgument, NotFound
-from perito_core.registry import ModelRegistry
+from perito_core.models.registry import ModelRegistry
 from tests.conftest import publish_tiny
 
 

@@ -11,8 +11,8 @@ import pytest
 from pydantic import ValidationError
 
 from perito_core.errors import InvalidArgument, ModelLoadError, NotFound
-from perito_core.manifest import Artifact, FormFile
-from perito_core.registry import ModelRegistry
+from perito_core.models.manifest import Artifact, FormFile
+from perito_core.models.registry import ModelRegistry
 from tests.conftest import publish_tiny
 
 

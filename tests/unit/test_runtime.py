@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from perito_core.errors import ModelLoadError
-from perito_core.manifest import Artifact, ModelManifest, sha256_file
-from perito_core.runtime import LoadedModel, summarize
+from perito_core.models.manifest import Artifact, ModelManifest, sha256_file
+from perito_core.models.runtime import LoadedModel, summarize
 from perito_training.export import export_torchscript
 from tests.helpers import TINY_INPUT, tiny_network
 

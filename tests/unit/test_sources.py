@@ -22,7 +22,7 @@ from PIL import Image
 
 from perito_core.errors import InvalidArgument, InvalidImage, NotFound, PeritoError
 from perito_core.imaging import decode_image_with_info
-from perito_core.sources import SourceReader, default_item_id, is_ignored_key
+from perito_core.jobs.sources import SourceReader, default_item_id, is_ignored_key
 from perito_core.storage import LocalStore, S3Options, local_path_of, open_store, split_s3_uri
 
 # Names people and phones give files, that URL syntax would mangle.

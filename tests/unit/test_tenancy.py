@@ -8,8 +8,15 @@ from pathlib import Path
 
 import pytest
 
+from perito_core.access.tenancy import (
+    Location,
+    Tenant,
+    Tenants,
+    add_tenant,
+    check_uri,
+    parse_tenants,
+)
 from perito_core.errors import InvalidArgument, PermissionDenied, Unauthenticated
-from perito_core.tenancy import Location, Tenant, Tenants, add_tenant, check_uri, parse_tenants
 
 REGISTRY = "s3://models/registry"
 

@@ -131,7 +131,7 @@ def evaluate(run_dir: Path, images: Path | None, out: Path | None, show: int) ->
       perito evaluate runs/car-damage                     # the card's test figures, recomputed
       perito evaluate runs/car-damage --images ~/claims/  # each image's top-3, to a CSV
     """
-    from perito_core.manifest import InputContract
+    from perito_core.models.manifest import InputContract
     from perito_training.evaluation import evaluate_folder, load_module
     from perito_training.pipeline import RunError, load_run
 
@@ -245,7 +245,7 @@ def publish(
 
 
 def _parse_forms(forms: str) -> tuple[str, ...]:
-    from perito_core.compile import FORM_PRECISIONS
+    from perito_core.models.compile import FORM_PRECISIONS
 
     chosen = tuple(p.strip() for p in forms.split(",") if p.strip())
     unknown = [p for p in chosen if p not in FORM_PRECISIONS]

@@ -24,7 +24,7 @@ from PIL import Image
 
 from perito_core.errors import InvalidImage
 from perito_core.imaging import ImageLimits, InputSpec, load_model_input, resize_for_model
-from perito_core.sources import is_ignored_key
+from perito_core.jobs.sources import is_ignored_key
 from perito_training.config import DataConfig
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -219,7 +219,7 @@ def discover(config: DataConfig) -> Catalog:
 
 
 def image_files(folder: Path) -> list[Path]:
-    """Every file under `folder` except obvious non-photos (`perito_core.sources.
+    """Every file under `folder` except obvious non-photos (`perito_core.jobs.sources.
     is_ignored_key`: hidden files, `Thumbs.db` ...), sorted. Whether a file is an image is
     decided by decoding it, never by its name: one that does not decode is listed as
     unreadable with its reason, as the serving code would refuse it."""

@@ -1,6 +1,6 @@
 """Export a classifier as a self-contained TorchScript artifact.
 
-The exported module honours the artifact contract in `perito_core.manifest`: it takes a uint8
+The exported module honours the artifact contract in `perito_core.models.manifest`: it takes a uint8
 RGB batch (N, 3, H, W), resizes it if it is not already at the input size, normalises it, runs
 the network and returns class probabilities (N, C), temperature-scaled when calibrated. So
 preprocessing travels with the weights and serving cannot drift from training.
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from perito_core.manifest import InputContract
+from perito_core.models.manifest import InputContract
 
 
 class ImageClassifier(nn.Module):

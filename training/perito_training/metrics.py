@@ -8,16 +8,34 @@ counted half; one-vs-rest AUC is averaged over classes that have both positives 
 from __future__ import annotations
 
 import itertools
-import math
 from typing import Any
 
 import numpy as np
 
+# Temperature scaling, ECE and the confidence threshold are shared with publish-time form
+# building, so they live in core; re-exported here for the figures of a run's model card.
+from perito_core.models.calibration import (
+    confidence_threshold,
+    expected_calibration_error,
+    fit_temperature,
+    negative_log_likelihood,
+    softmax,
+)
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    exp = np.exp(shifted)
-    return np.asarray(exp / exp.sum(axis=1, keepdims=True))
+__all__ = [
+    "classification_report",
+    "confidence_threshold",
+    "confusion_matrix",
+    "expected_calibration_error",
+    "fit_temperature",
+    "negative_log_likelihood",
+    "per_class_scores",
+    "reliability",
+    "roc_auc",
+    "roc_auc_binary",
+    "roc_curve",
+    "softmax",
+]
 
 
 def confusion_matrix(targets: np.ndarray, predicted: np.ndarray, num_classes: int) -> np.ndarray:
@@ -109,79 +127,6 @@ def reliability(
         out["confidence"].append(float(confidence[in_bin].mean()) if used else (low + high) / 2)
         out["accuracy"].append(float(correct[in_bin].mean()) if used else 0.0)
     return out
-
-
-def expected_calibration_error(
-    probabilities: np.ndarray, targets: np.ndarray, bins: int = 15
-) -> float:
-    """The gap between confidence and accuracy, averaged over equal-width confidence bins."""
-    if len(targets) == 0:
-        return 0.0
-    table = reliability(probabilities, targets, bins)
-    return float(
-        sum(
-            count / len(targets) * abs(accuracy - confidence)
-            for count, accuracy, confidence in zip(
-                table["count"], table["accuracy"], table["confidence"], strict=True
-            )
-        )
-    )
-
-
-def negative_log_likelihood(logits: np.ndarray, targets: np.ndarray, temperature: float) -> float:
-    scaled = logits / temperature
-    shifted = scaled - scaled.max(axis=1, keepdims=True)
-    log_norm = np.log(np.exp(shifted).sum(axis=1))
-    return float(np.mean(log_norm - shifted[np.arange(len(targets)), targets]))
-
-
-def fit_temperature(logits: np.ndarray, targets: np.ndarray) -> float:
-    """The temperature T minimising validation NLL of softmax(logits / T).
-
-    NLL is convex in 1/T, so a golden-section search over log T in [0.05, 20] finds it.
-    """
-    low, high = math.log(0.05), math.log(20.0)
-    ratio = (math.sqrt(5) - 1) / 2
-    a, b = high - ratio * (high - low), low + ratio * (high - low)
-    fa = negative_log_likelihood(logits, targets, math.exp(a))
-    fb = negative_log_likelihood(logits, targets, math.exp(b))
-    for _ in range(60):
-        if fa < fb:
-            high, b, fb = b, a, fa
-            a = high - ratio * (high - low)
-            fa = negative_log_likelihood(logits, targets, math.exp(a))
-        else:
-            low, a, fa = a, b, fb
-            b = low + ratio * (high - low)
-            fb = negative_log_likelihood(logits, targets, math.exp(b))
-    return math.exp((low + high) / 2)
-
-
-def confidence_threshold(
-    probabilities: np.ndarray, targets: np.ndarray, target_accuracy: float
-) -> dict[str, float] | None:
-    """The lowest top-1 probability at which predictions are at least `target_accuracy` right.
-
-    Returns the threshold and the share of images it leaves confident (coverage), or None when
-    no threshold reaches the target.
-    """
-    confidence = probabilities.max(axis=1)
-    correct = (probabilities.argmax(axis=1) == targets).astype(np.float64)
-    order = np.argsort(-confidence, kind="mergesort")
-    running = np.cumsum(correct[order]) / np.arange(1, len(order) + 1)
-    # Only thresholds between distinct confidences can be applied.
-    sorted_conf = confidence[order]
-    boundary = np.r_[sorted_conf[1:] < sorted_conf[:-1], True]
-    reaching = np.nonzero((running >= target_accuracy) & boundary)[0]
-    if len(reaching) == 0:
-        return None
-    last = int(reaching[-1])
-    return {
-        "threshold": float(sorted_conf[last]),
-        "coverage": (last + 1) / len(order),
-        "accuracy_above": float(running[last]),
-        "target_accuracy": target_accuracy,
-    }
 
 
 def classification_report(

@@ -27,9 +27,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from perito_core.compile import MAX_ACCURACY_DROP, MIN_AGREEMENT, BuiltForms, build_forms
-from perito_core.manifest import InputContract, ModelManifest
-from perito_core.registry import ModelRegistry
+from perito_core.models.compile import MAX_ACCURACY_DROP, MIN_AGREEMENT, BuiltForms, build_forms
+from perito_core.models.manifest import InputContract, ModelManifest
+from perito_core.models.registry import ModelRegistry
 from perito_training import plots
 from perito_training.config import TrainConfig, load_config
 from perito_training.datasets import ImageSet, PreparedData, prepare_data
@@ -334,7 +334,7 @@ def publish_run(
     The artifact is loaded and run through the serving runtime first, so a module that
     serving cannot load is never published. `published_by` (the publishing tenant) is
     recorded in the manifest's `source`. `forms` (precisions: fp32, int8, bf16) are built
-    beside model.pt (`perito_core.compile`): INT8 is calibrated on the run's validation
+    beside model.pt (`perito_core.models.compile`): INT8 is calibrated on the run's validation
     images, and every form is gated on the test split (top-1 agreement with model.pt under
     `min_agreement`, or test accuracy more than `max_accuracy_drop` under it: refused, the
     reason printed and recorded in the manifest's `skipped_forms`).
@@ -379,18 +379,24 @@ def build_run_forms(
     *,
     log: Log = print,
 ) -> BuiltForms:
-    """Compiled forms of a run's model.pt: calibrated on validation, gated on test."""
+    """Compiled forms of a run's model.pt: calibrated (INT8, temperature, threshold) on
+    validation, gated on test."""
     log(f"building compiled forms ({', '.join(precisions)}): preparing validation and test")
     data = prepare_data(config.data, contract.spec(), threads=max(2, torch.get_num_threads()))
     val, test = data.splits["val"], data.splits["test"]
     held_out, evaluated_on = (test, "test") if len(test) else (val, "val")
+    calibration = val if len(val) else held_out
     built = build_forms(
         run_dir / "model.pt",
         contract,
         run_dir / "forms",
-        calibration=_images(val if len(val) else held_out),
+        calibration=_images(calibration),
         holdout=_images(held_out),
         holdout_targets=held_out.targets,
+        # Each form's temperature and threshold are re-fitted on the validation split, as the
+        # trainer fitted model.pt's, not on the test split that gates it.
+        calibration_targets=calibration.targets,
+        target_accuracy=config.calibration.target_accuracy,
         evaluated_on=f"{evaluated_on} split",
         precisions=precisions,
         min_agreement=min_agreement,
@@ -406,8 +412,8 @@ def _images(split: ImageSet) -> np.ndarray:
 
 
 def _check_serving_loads(model_path: Path, card: dict[str, Any], contract: InputContract) -> None:
-    from perito_core.manifest import Artifact, sha256_file
-    from perito_core.runtime import LoadedModel
+    from perito_core.models.manifest import Artifact, sha256_file
+    from perito_core.models.runtime import LoadedModel
 
     draft = ModelManifest(
         name=card["name"],

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from perito_core.manifest import InputContract
+from perito_core.models.manifest import InputContract
 from perito_training.export import export_torchscript
 
 EFFICIENTNET_LITE0_INPUT = InputContract(

@@ -51,8 +51,8 @@ def worker(name: str | None, log_level: str, **flags: Any) -> None:
     Example:
       perito worker --redis-url redis://localhost:6379/0 --registry s3://models/perito
     """
+    from perito_core.jobs.queue import BULK_QUEUE
     from perito_core.logs import configure_logging
-    from perito_core.queue import BULK_QUEUE
     from perito_worker.settings import WorkerSettings
 
     settings = WorkerSettings(**{k: v for k, v in flags.items() if v not in (None, ())})

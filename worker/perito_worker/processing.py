@@ -35,11 +35,11 @@ from perito_core.errors import (
     PeritoError,
     StorageUnavailable,
 )
-from perito_core.forms import load_model
 from perito_core.imaging import load_model_input_with_info
-from perito_core.jobs import ItemInput, ItemResult, ItemState, Job, JobStore
-from perito_core.runtime import LoadedModel, summarize
-from perito_core.sources import SourceReader
+from perito_core.jobs.sources import SourceReader
+from perito_core.jobs.store import ItemInput, ItemResult, ItemState, Job, JobStore
+from perito_core.models.forms import load_model
+from perito_core.models.runtime import LoadedModel, summarize
 from perito_worker import metrics
 from perito_worker.settings import WorkerSettings
 

@@ -18,9 +18,9 @@ from pydantic import BaseModel, Field
 
 from perito_core import tracing
 from perito_core.errors import StorageUnavailable
+from perito_core.jobs.queue import BULK_QUEUE, CLASSIFY_CHUNK, FINALIZE_JOB, make_celery
+from perito_core.jobs.results import finalize_job
 from perito_core.logs import JOB_ID
-from perito_core.queue import BULK_QUEUE, CLASSIFY_CHUNK, FINALIZE_JOB, make_celery
-from perito_core.results import finalize_job
 from perito_worker import metrics
 from perito_worker.processing import WorkerRuntime, classify_chunk
 from perito_worker.settings import WorkerSettings

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from perito_core.errors import ModelLoadError
-from perito_core.manifest import ModelManifest
+from perito_core.models.manifest import ModelManifest
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import IO
 
 from perito_core.errors import FailedPrecondition, PeritoError
-from perito_core.jobs import ItemResult, Job, JobStore
+from perito_core.jobs.store import ItemResult, Job, JobStore
 from perito_core.storage import S3Options, open_store
 
 log = logging.getLogger(__name__)

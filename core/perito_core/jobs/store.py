@@ -27,7 +27,7 @@ told so, and finalises the job (results files, terminal state).
 A chunk is run under a lease: the worker that takes it renews the lease while it works, so a
 second delivery of the same chunk (the broker's visibility timeout, or a resend) is skipped
 while the first is alive, and a dead worker's chunk is found by its expired lease. The
-watchdog (`perito_core.watchdog`) resends chunks that are open, unleased and not queued.
+watchdog (`perito_core.jobs.watchdog`) resends chunks that are open, unleased and not queued.
 Times in the Lua scripts come from Redis's own clock (`TIME`), so hosts need not agree.
 """
 

@@ -20,7 +20,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from perito_core.errors import InvalidArgument, InvalidImage, NotFound
-from perito_core.jobs import ItemInput
+from perito_core.jobs.store import ItemInput
 from perito_core.storage import (
     LocalStore,
     ObjectStore,

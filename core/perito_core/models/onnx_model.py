@@ -3,14 +3,14 @@
 Teams that train in Keras or TensorFlow reach Perito through ONNX (`tf2onnx`, `keras2onnx`,
 `torch.onnx.export`). Such a graph rarely normalises inside and rarely takes uint8: it takes
 what its training pipeline fed it, so the version's manifest carries that contract
-(`perito_core.manifest.TensorContract`): layout (NCHW / NHWC), dtype, scale, mean and std,
+(`perito_core.models.manifest.TensorContract`): layout (NCHW / NHWC), dtype, scale, mean and std,
 channel order, and what the output is (probabilities, logits, or one sigmoid unit).
 
 The image itself is prepared by the one shared function (`perito_core.imaging.
 load_model_input`: decode, orientation, colour, resize), exactly as for TorchScript; only the
 step from those uint8 RGB pixels to the graph's input tensor is driven by the contract
 (`tensor_from_images`), and the graph's output is turned into class probabilities by
-`probabilities_from_output`. `perito_core.forms.load_model` picks `OnnxModel` when the
+`probabilities_from_output`. `perito_core.models.forms.load_model` picks `OnnxModel` when the
 manifest's artifact is ONNX, after the registry has verified `model.onnx`'s sha256.
 """
 
@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from perito_core.errors import ModelLoadError
-from perito_core.manifest import ModelManifest, TensorContract
-from perito_core.runtime import LoadedModel
+from perito_core.models.manifest import ModelManifest, TensorContract
+from perito_core.models.runtime import LoadedModel
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,8 @@
 """Calibration of a served form: temperature scaling, the `uncertain` threshold, and ECE.
 
-Plain numpy, shared by publish-time form building (`perito_core.compile`) and serving
-(`perito_core.forms`). The formulas are those of `perito_training.metrics` (which training
-keeps for its own figures; core does not import training):
+Plain numpy, shared by publish-time form building (`perito_core.models.compile`) and serving
+(`perito_core.models.forms`), and by training (`perito_training.metrics` re-exports them for
+the figures of a run's model card):
 
 - temperature scaling (Guo et al., "On Calibration of Modern Neural Networks", ICML 2017):
   one scalar T dividing the logits before the softmax, fitted by minimising the negative
@@ -88,14 +88,15 @@ def fit_temperature(logits: np.ndarray, targets: np.ndarray) -> float:
 
 def confidence_threshold(
     probabilities: np.ndarray, targets: np.ndarray, target_accuracy: float
-) -> float | None:
+) -> dict[str, float] | None:
     """The lowest top-1 probability at which predictions are at least `target_accuracy` right.
 
     Args:
         probabilities: float (N, C); targets: int class indices (N,).
 
     Returns:
-        The threshold, or None when no threshold reaches the target.
+        `threshold`, the share of images it leaves confident (`coverage`), their accuracy
+        (`accuracy_above`) and `target_accuracy`; None when no threshold reaches the target.
     """
     confidence = probabilities.max(axis=1)
     correct = (probabilities.argmax(axis=1) == targets).astype(np.float64)
@@ -107,7 +108,13 @@ def confidence_threshold(
     reaching = np.nonzero((running >= target_accuracy) & boundary)[0]
     if len(reaching) == 0:
         return None
-    return float(sorted_conf[int(reaching[-1])])
+    last = int(reaching[-1])
+    return {
+        "threshold": float(sorted_conf[last]),
+        "coverage": (last + 1) / len(order),
+        "accuracy_above": float(running[last]),
+        "target_accuracy": target_accuracy,
+    }
 
 
 def expected_calibration_error(

@@ -30,15 +30,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from perito_core.calibration import (
+from perito_core.models.calibration import (
     confidence_threshold,
     expected_calibration_error,
     fit_temperature,
     log_probabilities,
 )
-from perito_core.calibration import rescale as calibration_rescale
-from perito_core.forms import cpu_flags, isa_summary, openvino_version
-from perito_core.manifest import CompiledForm, FormFile, InputContract, sha256_file
+from perito_core.models.calibration import rescale as calibration_rescale
+from perito_core.models.forms import cpu_flags, isa_summary, openvino_version
+from perito_core.models.manifest import CompiledForm, FormFile, InputContract, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -309,7 +309,8 @@ def _refit(
     threshold = None
     if target_accuracy is not None:
         scaled = calibration_rescale(probabilities, temperature)
-        threshold = confidence_threshold(scaled, targets, target_accuracy)
+        found = confidence_threshold(scaled, targets, target_accuracy)
+        threshold = found["threshold"] if found is not None else None
     return Refit(temperature=temperature, threshold=threshold, fitted_on=fitted_on)
 
 
@@ -358,7 +359,7 @@ def build_forms_from_folder(
     forms"), so an import does not pay for it unless asked."""
     from perito_core.errors import InvalidImage
     from perito_core.imaging import load_model_input
-    from perito_core.sources import is_ignored_key
+    from perito_core.jobs.sources import is_ignored_key
 
     spec = contract.spec()
     images: list[np.ndarray] = []

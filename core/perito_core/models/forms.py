@@ -2,7 +2,7 @@
 
 A version's `model.pt` (TorchScript FP32) is the reference; its manifest may list compiled
 forms (OpenVINO IR in FP32, BF16 or INT8) that passed the accuracy gate at publish
-(`perito_core.compile`). `load_model` honours `PERITO_PRECISION`:
+(`perito_core.models.compile`). `load_model` honours `PERITO_PRECISION`:
 
 - `auto`: every compiled form this CPU can run is loaded and timed on a short warm-up at the
   largest batch the caller will use; the fastest serves. Measured rather than ruled, because
@@ -20,7 +20,7 @@ OpenVINO is optional (`perito[serve]` pins it): without it every version serves 
 
 A version imported from ONNX (`artifact.format == "onnx"`) has no `model.pt`: its verified
 `model.onnx` is the reference and the only form, served by ONNX Runtime on the CPU
-(`perito_core.onnx_model.OnnxModel`, form `onnxruntime-fp32`) whatever the precision asked.
+(`perito_core.models.onnx_model.OnnxModel`, form `onnxruntime-fp32`) whatever the precision asked.
 """
 
 from __future__ import annotations
@@ -34,11 +34,11 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from perito_core.calibration import rescale
 from perito_core.errors import ModelLoadError, PeritoError
-from perito_core.manifest import CompiledForm, ModelManifest
-from perito_core.registry import LocalArtifact, ModelRegistry
-from perito_core.runtime import LoadedModel, pick_device
+from perito_core.models.calibration import rescale
+from perito_core.models.manifest import CompiledForm, ModelManifest
+from perito_core.models.registry import LocalArtifact, ModelRegistry
+from perito_core.models.runtime import LoadedModel, pick_device
 
 log = logging.getLogger(__name__)
 
@@ -252,7 +252,7 @@ def _load_onnx(
     start: float,
 ) -> LoadedModel:
     """An imported ONNX version: its one form, whatever `precision` asked, on the CPU."""
-    from perito_core.onnx_model import OnnxModel
+    from perito_core.models.onnx_model import OnnxModel
 
     manifest = artifact.manifest
     model = OnnxModel.open(artifact.path, manifest, warmup_batch_sizes=warmup_batch_sizes)

@@ -37,7 +37,7 @@ from perito_core.errors import (
     ModelLoadError,
     NotFound,
 )
-from perito_core.manifest import (
+from perito_core.models.manifest import (
     ARTIFACT_FILES,
     Artifact,
     ArtifactFormat,
@@ -291,7 +291,7 @@ class ModelRegistry:
         The model file goes first and the manifest last, so a reader never sees a version
         whose file is missing. An existing version is never overwritten. `forms` are compiled
         forms that passed the accuracy gate, each with the folder holding its files
-        (`perito_core.compile.build_forms`); `skipped_forms` says why others were not built.
+        (`perito_core.models.compile.build_forms`); `skipped_forms` says why others were not built.
         `artifact_format="onnx"` stores the file as `model.onnx` with its `tensor` contract
         (required then, refused otherwise).
 

@@ -35,9 +35,9 @@ from typing import Any
 import redis
 
 from perito_core.errors import PeritoError
-from perito_core.jobs import Job, JobStore
-from perito_core.queue import queued_chunks, send_chunks
-from perito_core.results import finalize_job
+from perito_core.jobs.queue import queued_chunks, send_chunks
+from perito_core.jobs.results import finalize_job
+from perito_core.jobs.store import Job, JobStore
 from perito_core.storage import S3Options
 
 log = logging.getLogger(__name__)
