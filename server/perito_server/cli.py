@@ -273,8 +273,12 @@ def import_model(
         _audit(settings, publisher.name, "models.import", f"models/{name}", error.code.name, "")
         raise click.ClickException(error.message) from None
     except ValidationError as error:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
-        raise click.ClickException(f"cannot import {model_file}: {problems}") from None
+        problems = []
+        for problem in error.errors():
+            where = ".".join(map(str, problem["loc"]))  # empty for a whole-manifest rule
+            message = str(problem["msg"]).removeprefix("Value error, ")
+            problems.append(f"{where}: {message}" if where else message)
+        raise click.ClickException(f"cannot import {model_file}: {'; '.join(problems)}") from None
     alias_note = f" (aliases: {', '.join(aliases)})" if aliases else ""
     _audit(
         settings,

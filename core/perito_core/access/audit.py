@@ -104,7 +104,7 @@ class AuditLog:
                     pipe.xtrim(AUDIT_KEY, maxlen=self.max_entries, approximate=True)
                     pipe.execute()
             except redis.RedisError as exc:
-                log.error("audit record not stored in Redis (stdout has it): %s", exc)
+                log.error("audit record not stored in Redis (its JSON line was written): %s", exc)
         return entry
 
     def list(

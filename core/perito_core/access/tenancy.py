@@ -499,7 +499,8 @@ class Tenants:
         self._maybe_reload()
         if not token:
             raise Unauthenticated(
-                "missing bearer token: pass token= to the client (CLI: PERITO_TOKEN)"
+                "missing bearer token: send the header 'authorization: Bearer <token>' "
+                "(Perito's SDK: token=; the perito CLI: PERITO_TOKEN)"
             )
         tenant = self._by_digest.get(hash_token(token))
         if tenant is None:

@@ -167,7 +167,7 @@ class ModelRegistry:
         if ref in ("", LATEST):
             versions = self.list_versions(name)
             if not versions:
-                raise NotFound(f"model {name!r} not found in {self.description}", field="model")
+                raise NotFound(f"model {name!r} not found", field="model")
             return versions[-1]
         if ref.isdigit():
             if not self.store.exists(f"models/{name}/{int(ref)}/manifest.json"):
@@ -182,7 +182,7 @@ class ModelRegistry:
 
     def _not_found(self, name: str, what: str) -> NotFound:
         if not self.list_versions(name):
-            return NotFound(f"model {name!r} not found in {self.description}", field="model")
+            return NotFound(f"model {name!r} not found", field="model")
         return NotFound(f"model {name!r} has no {what}", field="version")
 
     def manifest(self, name: str, version: str) -> ModelManifest:
