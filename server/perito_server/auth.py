@@ -29,7 +29,7 @@ from perito_core.access.audit import AuditLog
 from perito_core.access.quotas import RateLimiter
 from perito_core.access.tenancy import Tenant, Tenants
 from perito_core.errors import PeritoError, PermissionDenied
-from perito_server.errors import abort
+from perito_server.errors import abort, metadata_value
 
 OPEN_PREFIXES = (
     "/grpc.health.v1.Health/",
@@ -100,20 +100,11 @@ def current_tenant() -> Tenant:
     return _TENANT.get()
 
 
-def _metadata_value(metadata: Any, key: str) -> str:
-    for name, value in metadata or ():
-        if name == key and isinstance(value, str):
-            return value
-    return ""
-
-
 def bearer_token(metadata: Any) -> str | None:
     """The token of an `authorization: Bearer <token>` entry, if there is one."""
-    for key, value in metadata or ():
-        if key == "authorization" and isinstance(value, str):
-            scheme, _, token = value.partition(" ")
-            if scheme.lower() == "bearer" and token.strip():
-                return token.strip()
+    scheme, _, token = metadata_value(metadata, "authorization").partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
     return None
 
 
@@ -156,7 +147,7 @@ class TenantInterceptor(_Interceptor):
                     method=name,
                     resource="",
                     outcome=error.code.name,
-                    request_id=_metadata_value(metadata, "x-request-id")[:128],
+                    request_id=metadata_value(metadata, "x-request-id")[:128],
                     detail=error.message,
                 )
             raise

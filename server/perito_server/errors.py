@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 import math
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import grpc
@@ -247,21 +248,12 @@ def _observed(
     inner_unary: Any = handler.unary_unary or handler.stream_unary
     inner_stream: Any = handler.unary_stream or handler.stream_stream
 
-    def begin() -> float:
-        REQUEST_ID.set(_request_id(metadata))
-        return time.perf_counter()
-
-    def end(context: grpc.aio.ServicerContext[Any, Any], code: str, started: float) -> None:
-        if observe is not None:
-            if code == "ABORTED_BY_HANDLER":
-                status = context.code()
-                code = status.name if isinstance(status, grpc.StatusCode) else "UNKNOWN"
-            observe(method, code, time.perf_counter() - started)
-
-    async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        started, code = begin(), "OK"
+    @contextlib.asynccontextmanager
+    async def call(context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[None]:
+        REQUEST_ID.set(metadata_value(metadata, "x-request-id")[:128] or uuid.uuid4().hex[:16])
+        started, code = time.perf_counter(), "OK"
         try:
-            return await inner_unary(request, context)
+            yield
         except asyncio.CancelledError:  # the caller left, or the server is stopping
             code = "CANCELLED"
             raise
@@ -269,21 +261,20 @@ def _observed(
             code = _code_of(exc)
             await _abort_for(context, exc, method)
         finally:
-            end(context, code, started)
+            if observe is not None:
+                if code == "ABORTED_BY_HANDLER":  # the status was set by `abort`: read it
+                    status = context.code()
+                    code = status.name if isinstance(status, grpc.StatusCode) else "UNKNOWN"
+                observe(method, code, time.perf_counter() - started)
+
+    async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        async with call(context):
+            return await inner_unary(request, context)
 
     async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        started, code = begin(), "OK"
-        try:
+        async with call(context):
             async for message in inner_stream(request, context):
                 yield message
-        except asyncio.CancelledError:
-            code = "CANCELLED"
-            raise
-        except Exception as exc:  # noqa: BLE001 - every error becomes a status
-            code = _code_of(exc)
-            await _abort_for(context, exc, method)
-        finally:
-            end(context, code, started)
 
     kwargs = {
         "request_deserializer": handler.request_deserializer,
@@ -298,12 +289,12 @@ def _observed(
     return grpc.stream_stream_rpc_method_handler(stream, **kwargs)
 
 
-def _request_id(metadata: Any) -> str:
-    """The caller's `x-request-id` (cut to 128 characters), or a new one, for the logs."""
-    for key, value in metadata or ():
-        if key == "x-request-id" and isinstance(value, str) and value:
-            return value[:128]
-    return uuid.uuid4().hex[:16]
+def metadata_value(metadata: Any, key: str) -> str:
+    """The first string value of `key` in a call's metadata (pairs), or ""."""
+    for name, value in metadata or ():
+        if name == key and isinstance(value, str):
+            return value
+    return ""
 
 
 def _code_of(exc: Exception) -> str:
