@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from perito_core.errors import ModelLoadError
+from perito_core.models.calibration import softmax
 from perito_core.models.manifest import ModelManifest, TensorContract
 from perito_core.models.runtime import LoadedModel
 
@@ -98,9 +99,7 @@ def probabilities_from_output(output: np.ndarray, contract: TensorContract) -> n
         p = values.reshape(len(values), -1)[:, :1]
         return np.concatenate([1.0 - p, p], axis=1)
     if contract.output == "logits":
-        shifted = values - values.max(axis=1, keepdims=True)
-        exp = np.exp(shifted)
-        return np.asarray(exp / exp.sum(axis=1, keepdims=True), dtype=np.float32)
+        return softmax(values).astype(np.float32, copy=False)
     return values
 
 
