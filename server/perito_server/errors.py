@@ -250,7 +250,7 @@ def _observed(
 
     @contextlib.asynccontextmanager
     async def call(context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[None]:
-        REQUEST_ID.set(metadata_value(metadata, "x-request-id")[:128] or uuid.uuid4().hex[:16])
+        REQUEST_ID.set(request_id(metadata_value(metadata, "x-request-id")))
         started, code = time.perf_counter(), "OK"
         try:
             yield
@@ -287,6 +287,12 @@ def _observed(
     if handler.unary_stream is not None:
         return grpc.unary_stream_rpc_method_handler(stream, **kwargs)
     return grpc.stream_stream_rpc_method_handler(stream, **kwargs)
+
+
+def request_id(given: str) -> str:
+    """The id a call is logged under: the caller's `x-request-id` cut to 128 characters, or
+    a new one when it sent none (every door: gRPC here, HTTP in `perito_server.http_api`)."""
+    return given[:128] or uuid.uuid4().hex[:16]
 
 
 def metadata_value(metadata: Any, key: str) -> str:

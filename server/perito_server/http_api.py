@@ -41,7 +41,6 @@ import logging
 import math
 import socket
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, cast
 
@@ -60,7 +59,7 @@ from perito_core.access.tenancy import Tenant
 from perito_core.errors import ErrorCode, InvalidArgument, PeritoError
 from perito_core.logs import REQUEST_ID
 from perito_server.auth import TenantInterceptor
-from perito_server.errors import as_perito_error, echo, to_http
+from perito_server.errors import as_perito_error, echo, request_id, to_http
 from perito_server.oip import (
     EXTENSIONS,
     InferResult,
@@ -199,14 +198,14 @@ class HttpApi:
 
         async def endpoint(request: Request) -> Response:
             started, code = time.perf_counter(), "OK"
-            request_id = request.headers.get("x-request-id", "")[:128] or uuid.uuid4().hex[:16]
-            REQUEST_ID.set(request_id)
+            call_id = request_id(request.headers.get("x-request-id", ""))
+            REQUEST_ID.set(call_id)
             try:
                 tenant = Tenant.unrestricted("anonymous")
                 if method is not None:
                     metadata = [
                         ("authorization", request.headers.get("authorization", "")),
-                        ("x-request-id", request_id),  # for the audit of a refused change
+                        ("x-request-id", call_id),  # for the audit of a refused change
                     ]
                     tenant = self.authorizer.authorize(method, metadata)
                     if model:
@@ -220,7 +219,7 @@ class HttpApi:
                 metrics = self.servicer.metrics
                 if metrics is not None:
                     metrics.observe_call(name, code, time.perf_counter() - started)
-            response.headers["x-request-id"] = request_id
+            response.headers["x-request-id"] = call_id
             return response
 
         return endpoint
