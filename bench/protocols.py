@@ -5,10 +5,11 @@ measured in the same run on the same machine.
 
 Each door gets `--callers` concurrent callers (16: issue 18's figure) in this process, one
 640x480 JPEG per request, for `--seconds`, in `--rounds` interleaved rounds (so drift in the
-machine's load hits every door alike); the figure is the mean images/s over the rounds, with
-p50 / p99 latency, and the server process's CPU time per image (user + system, all threads,
-from /proc): on a shared machine the rates move with other load, the CPU cost per image much
-less, so it says what each door itself costs. Callers: grpc.aio stubs for both gRPC doors
+machine's load hits every door alike); the figure is the mean images/s over the rounds (and
+the range of the per-round ratios to that round's `Classify`), with p50 / p99 latency, the
+server process's CPU time per image (user + system, all threads, from /proc: on a shared
+machine the rates move with other load, the CPU cost per image much less, so it says what each
+door itself costs) and this process's (the callers'). Callers: grpc.aio stubs for both gRPC doors
 (the OIP one sends `raw_input_contents`, as tritonclient does), aiohttp for HTTP (JSON with
 base64 images; OIP binary with `Inference-Header-Content-Length`; aiohttp's C parser keeps
 the callers' own CPU, which shares the machine with the server, near gRPC's). Target
@@ -72,11 +73,13 @@ async def drive(call: Call, callers: int, seconds: float, server_pid: int) -> di
             index += callers
 
     start, cpu_start = time.perf_counter(), cpu_seconds(server_pid)
+    own_start = time.process_time()
     await asyncio.gather(*(caller(i) for i in range(callers)))
     elapsed = time.perf_counter() - start
     return {
         "images_per_s": len(latencies) / elapsed,
         "server_cpu_ms_per_image": (cpu_seconds(server_pid) - cpu_start) * 1000 / len(latencies),
+        "caller_cpu_ms_per_image": (time.process_time() - own_start) * 1000 / len(latencies),
         "p50_ms": percentile(latencies, 50) * 1000,
         "p99_ms": percentile(latencies, 99) * 1000,
     }
@@ -195,8 +198,8 @@ def main() -> int:
         "--arch", choices=["efficientnet-lite0", "resnet18"], default="efficientnet-lite0"
     )
     parser.add_argument("--callers", type=int, default=16)
-    parser.add_argument("--seconds", type=float, default=4.0, help="per door and round")
-    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--seconds", type=float, default=5.0, help="per door and round")
+    parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--images", type=int, default=48, help="distinct JPEGs to cycle through")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
@@ -247,16 +250,23 @@ def main() -> int:
     reference_cpu = mean(figures["perito.v1 Classify (gRPC)"], "server_cpu_ms_per_image")
     print(
         f"\n| door, {args.callers} callers | images/s | p50 ms | p99 ms | ratio to Classify "
-        "| server CPU ms / image | ratio to Classify |"
+        "(rounds' range) "
+        "| server CPU ms / image | ratio to Classify | callers' CPU ms / image |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     verdicts = []
     for name, runs in figures.items():
         rate = mean(runs, "images_per_s")
         cpu = mean(runs, "server_cpu_ms_per_image")
+        per_round = [
+            run["images_per_s"] / classify["images_per_s"]
+            for run, classify in zip(runs, figures["perito.v1 Classify (gRPC)"], strict=True)
+        ]
         print(
             f"| {name} | {rate:.1f} | {mean(runs, 'p50_ms'):.1f} | {mean(runs, 'p99_ms'):.1f} "
-            f"| {rate / reference:.2f} | {cpu:.1f} | {cpu / reference_cpu:.2f} |"
+            f"| {rate / reference:.2f} ({min(per_round):.2f}-{max(per_round):.2f}) "
+            f"| {cpu:.1f} | {cpu / reference_cpu:.2f} "
+            f"| {mean(runs, 'caller_cpu_ms_per_image'):.1f} |"
         )
         if not name.startswith("perito.v1"):
             verdicts.append(f"{name}: {rate / reference:.2f} x Classify (target >= 0.90) -> "

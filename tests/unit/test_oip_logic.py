@@ -3,12 +3,18 @@ status of each error, and the generated messages kept fresh."""
 
 from __future__ import annotations
 
+import base64
+import copy
 from pathlib import Path
+from typing import Any
 
 import pytest
+from google.protobuf import json_format
 
+from perito.v1 import classify_pb2
 from perito_core.errors import InvalidArgument, InvalidImage, NotFound, QueueFull, Unauthenticated
 from perito_server.errors import to_http
+from perito_server.http_api import parse_classify
 from perito_server.oip import (
     classification_count,
     deserialize_bytes,
@@ -92,3 +98,46 @@ def test_generated_oip_messages_match_the_proto(tmp_path: Path) -> None:
         checked_in = OIP_OUT / path.name
         assert checked_in.exists(), f"{checked_in} is missing: run `make proto`"
         assert checked_in.read_bytes() == path.read_bytes(), f"{checked_in} is stale: make proto"
+
+
+def _proto_json(document: dict[str, Any]) -> classify_pb2.ClassifyRequest | str:
+    """What the proto3 JSON mapping alone makes of `document` (the message, or the error)."""
+    message = classify_pb2.ClassifyRequest()
+    try:
+        json_format.ParseDict(document, message)
+    except json_format.ParseError as error:
+        return f"refused: {error}"
+    return message
+
+
+def _json_api(document: dict[str, Any]) -> classify_pb2.ClassifyRequest | str:
+    message = classify_pb2.ClassifyRequest()
+    try:
+        parse_classify(document, message)
+    except InvalidArgument as error:
+        return f"refused: {error.message.removeprefix('the body does not fit: ')}"
+    return message
+
+
+PHOTO = bytes(range(256)) * 3 + b"\xff\xd8\xfe"  # every byte value; base64 with '+' and '/'
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        {"id": "a", "content": base64.b64encode(PHOTO).decode()},  # the fast path
+        {"content": base64.urlsafe_b64encode(PHOTO).decode()},  # URL-safe
+        {"content": base64.b64encode(PHOTO).decode().rstrip("=")},  # unpadded
+        {"content": base64.encodebytes(PHOTO).decode()},  # wrapped at 76 columns, as `base64`
+        {"content": ""},
+        {"uri": "s3://bucket/key.jpg"},
+        {"uri": "s3://bucket/key.jpg", "content": base64.b64encode(PHOTO).decode()},  # both
+        {"content": 42},
+        "not an object",
+    ],
+)
+def test_json_api_images_read_as_the_proto3_json_mapping_reads_them(image: Any) -> None:
+    document = {"model": "m", "top_k": 3, "images": [{"id": "first", "content": "AAEC"}, image]}
+    before = copy.deepcopy(document)
+    assert _json_api(document) == _proto_json(document)
+    assert document == before  # the caller's document is not changed
