@@ -34,7 +34,7 @@ ENV PATH=/opt/perito/bin:$PATH \
     PERITO_LOG_FORMAT=json
 USER 10001:10001
 WORKDIR /var/lib/perito
-EXPOSE 8500 9500
+EXPOSE 8500 8000 9500
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
     CMD ["perito", "health", "--server", "127.0.0.1:8500"]
 # SIGTERM: NOT_SERVING first, in-flight calls finish, then exit (PERITO_GRACE_S).

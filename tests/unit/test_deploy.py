@@ -252,7 +252,7 @@ def test_compose_validates_against_the_compose_spec(tmp_path: Path) -> None:
         assert "healthcheck" in config["services"][name]
     services = config["services"]
     server = services["server"]
-    assert server["ports"] == ["8500:8500"]  # metrics stay on the compose network
+    assert server["ports"] == ["8500:8500", "8000:8000"]  # metrics stay on the compose network
     assert server["environment"]["PERITO_TLS_CERT_FILE"].startswith("/run/perito/secrets/")
     assert server["environment"]["PERITO_TENANTS_FILE"] == "/run/perito/secrets/tenants.yaml"
     assert server["volumes"] == ["./secrets/server:/run/perito/secrets:ro"]
