@@ -86,6 +86,7 @@ NDJSON = "application/x-ndjson"
 HEADER_LENGTH = "inference-header-content-length"
 # The proto fields query parameters fill are int32.
 MAX_INT32 = 2**31 - 1
+MAX_TIMEOUT_S = 86400
 
 Handler = Callable[[Request, Tenant], Awaitable[Response]]
 
@@ -115,6 +116,28 @@ def _int_param(request: Request, name: str, default: int = 0) -> int:
     if not 0 <= value <= MAX_INT32:
         raise InvalidArgument(f"{name} must be in [0, {MAX_INT32}]", field=name)
     return value
+
+
+def _deadline(request: Request) -> float | None:
+    """`time.monotonic()` by which the caller wants its answer: its `X-Server-Timeout` header
+    (seconds, as Google's HTTP APIs take it), or None without one.
+
+    Raises:
+        InvalidArgument: naming the header, when it is not a number of seconds in (0, 86400].
+    """
+    text = request.headers.get("x-server-timeout")
+    if text is None:
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds <= MAX_TIMEOUT_S:
+        raise InvalidArgument(
+            f"X-Server-Timeout: {echo(text)!r} is not a number of seconds in (0, {MAX_TIMEOUT_S}]",
+            field="X-Server-Timeout",
+        )
+    return time.monotonic() + seconds
 
 
 class HttpApi:
@@ -350,7 +373,7 @@ class HttpApi:
             if version:
                 document["version"] = version
             parse_classify(document, message)
-        response = await self.servicer.classify(message, tenant, None)
+        response = await self.servicer.classify(message, tenant, _deadline(request))
         return JSONResponse(_json(response))
 
     async def _read_multipart(

@@ -36,6 +36,14 @@ VERSION_PARAMETER = {
     "description": "A version number or an alias (`production`).",
     "schema": {"type": "string"},
 }
+TIMEOUT_PARAMETER = {
+    "name": "X-Server-Timeout",
+    "in": "header",
+    "required": False,
+    "description": "Seconds the caller will wait (as Google's HTTP APIs read it; gRPC's "
+    "deadline): images still waiting then are given up and the call answers 504.",
+    "schema": {"type": "number", "exclusiveMinimum": True, "minimum": 0, "maximum": 86400},
+}
 JOB_PARAMETER = {
     "name": "job",
     "in": "path",
@@ -183,7 +191,7 @@ def openapi_document(version: str) -> dict[str, Any]:
             **oip_infer,
         },
         "/v1/models/{model}:classify": {
-            "parameters": [MODEL_PARAMETER],
+            "parameters": [MODEL_PARAMETER, TIMEOUT_PARAMETER],
             "post": {
                 "operationId": "classify",
                 "summary": "Classify images (Classify's answer, as JSON)",

@@ -182,6 +182,19 @@ def _error(response: httpx.Response, status: int, code: str) -> dict[str, object
     return error  # type: ignore[no-any-return]
 
 
+def test_the_callers_timeout_bounds_the_call(http: httpx.Client, photos: dict[str, Path]) -> None:
+    upload = [("images", ("a.jpg", photos["coffee"].read_bytes()))]
+    url = "/v1/models/tiny:classify"
+    late = http.post(url, files=upload, headers={**AUTH, "X-Server-Timeout": "0.000001"})
+    _error(late, 504, "DEADLINE_EXCEEDED")
+    in_time = http.post(url, files=upload, headers={**AUTH, "X-Server-Timeout": "30"})
+    assert in_time.status_code == 200, in_time.text
+    for text in ("soon", "-1", "0", "nan", "1e9"):
+        bad = http.post(url, files=upload, headers={**AUTH, "X-Server-Timeout": text})
+        error = _error(bad, 400, "INVALID_ARGUMENT")
+        assert "X-Server-Timeout" in str(error["message"])
+
+
 def test_refusals_are_aip193_errors_with_the_grpc_codes_status(
     http: httpx.Client, photos: dict[str, Path]
 ) -> None:
