@@ -39,6 +39,19 @@ class PeritoError(Exception):
     code: ErrorCode = ErrorCode.INTERNAL
     default_reason = "INTERNAL"
 
+    def __init_subclass__(
+        cls, *, code: ErrorCode | None = None, reason: str | None = None, **kwargs: object
+    ) -> None:
+        """`class X(PeritoError, code=ErrorCode.NOT_FOUND, reason="NO_MODEL")`: the status a
+        caller sees and the default `reason` (the code's name unless given); both inherited
+        when not given."""
+        super().__init_subclass__(**kwargs)
+        if code is not None:
+            cls.code = code
+            cls.default_reason = code.name
+        if reason is not None:
+            cls.default_reason = reason
+
     def __init__(
         self,
         message: str,
@@ -56,89 +69,62 @@ class PeritoError(Exception):
         self.violations = violations or ([(field, message)] if field else [])
 
 
-class InvalidArgument(PeritoError):
-    code = ErrorCode.INVALID_ARGUMENT
-    default_reason = "INVALID_ARGUMENT"
+class InvalidArgument(PeritoError, code=ErrorCode.INVALID_ARGUMENT):
+    """A request field the server cannot accept; `field` names it."""
 
 
-class InvalidImage(InvalidArgument):
+class InvalidImage(InvalidArgument, reason="INVALID_IMAGE"):
     """An image that cannot be classified; `reason` says which check it failed."""
 
-    default_reason = "INVALID_IMAGE"
+
+class NotFound(PeritoError, code=ErrorCode.NOT_FOUND):
+    """No such model, version, alias, job or object (or none the caller may see)."""
 
 
-class NotFound(PeritoError):
-    code = ErrorCode.NOT_FOUND
-    default_reason = "NOT_FOUND"
+class AlreadyExists(PeritoError, code=ErrorCode.ALREADY_EXISTS):
+    """The name or version is taken: published versions are immutable."""
 
 
-class AlreadyExists(PeritoError):
-    code = ErrorCode.ALREADY_EXISTS
-    default_reason = "ALREADY_EXISTS"
-
-
-class FailedPrecondition(PeritoError):
+class FailedPrecondition(PeritoError, code=ErrorCode.FAILED_PRECONDITION):
     """The request is well-formed but the system is not in a state to run it (for example,
     an output location that cannot be written)."""
 
-    code = ErrorCode.FAILED_PRECONDITION
-    default_reason = "FAILED_PRECONDITION"
 
-
-class ArtifactIntegrityError(PeritoError):
+class ArtifactIntegrityError(
+    PeritoError, code=ErrorCode.FAILED_PRECONDITION, reason="MODEL_CHECKSUM_MISMATCH"
+):
     """A model file whose sha256 differs from its manifest: it is never loaded."""
 
-    code = ErrorCode.FAILED_PRECONDITION
-    default_reason = "MODEL_CHECKSUM_MISMATCH"
 
-
-class ModelLoadError(PeritoError):
+class ModelLoadError(PeritoError, code=ErrorCode.FAILED_PRECONDITION, reason="MODEL_LOAD_FAILED"):
     """A model artifact that does not load or does not honour the artifact contract."""
 
-    code = ErrorCode.FAILED_PRECONDITION
-    default_reason = "MODEL_LOAD_FAILED"
 
-
-class StorageUnavailable(PeritoError):
+class StorageUnavailable(PeritoError, code=ErrorCode.UNAVAILABLE, reason="STORAGE_UNAVAILABLE"):
     """The registry or object store cannot be reached; retrying later may work."""
 
-    code = ErrorCode.UNAVAILABLE
-    default_reason = "STORAGE_UNAVAILABLE"
 
-
-class PermissionDenied(PeritoError):
+class PermissionDenied(PeritoError, code=ErrorCode.PERMISSION_DENIED):
     """The caller is known but may not do this: a role it lacks, a model outside its list,
     a storage location outside its prefixes (`field` names the request field)."""
 
-    code = ErrorCode.PERMISSION_DENIED
-    default_reason = "PERMISSION_DENIED"
 
-
-class Unauthenticated(PeritoError):
+class Unauthenticated(PeritoError, code=ErrorCode.UNAUTHENTICATED):
     """No credentials, or credentials nobody issued."""
 
-    code = ErrorCode.UNAUTHENTICATED
-    default_reason = "UNAUTHENTICATED"
 
-
-class QuotaExceeded(PeritoError):
+class QuotaExceeded(PeritoError, code=ErrorCode.RESOURCE_EXHAUSTED, reason="QUOTA_EXCEEDED"):
     """A tenant's quota is used up; `retry_after` says when it may not be (none when waiting
     cannot help, as for a job over the tenant's items-per-job quota)."""
 
-    code = ErrorCode.RESOURCE_EXHAUSTED
-    default_reason = "QUOTA_EXCEEDED"
+
+class QueueFull(PeritoError, code=ErrorCode.RESOURCE_EXHAUSTED, reason="QUEUE_FULL"):
+    """The batcher has no room; `retry_after` says when to try again."""
 
 
-class QueueFull(PeritoError):
-    code = ErrorCode.RESOURCE_EXHAUSTED
-    default_reason = "QUEUE_FULL"
+class DeadlineExceeded(PeritoError, code=ErrorCode.DEADLINE_EXCEEDED):
+    """The caller's deadline passed before the answer was ready."""
 
 
-class DeadlineExceeded(PeritoError):
-    code = ErrorCode.DEADLINE_EXCEEDED
-    default_reason = "DEADLINE_EXCEEDED"
-
-
-class ShuttingDown(PeritoError):
-    code = ErrorCode.UNAVAILABLE
-    default_reason = "SHUTTING_DOWN"
+class ShuttingDown(PeritoError, code=ErrorCode.UNAVAILABLE, reason="SHUTTING_DOWN"):
+    """The process is draining for a restart: another replica can answer."""

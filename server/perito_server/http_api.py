@@ -91,11 +91,8 @@ MAX_TIMEOUT_S = 86400
 Handler = Callable[[Request, Tenant], Awaitable[Response]]
 
 
-class BodyTooLarge(PeritoError):
+class BodyTooLarge(PeritoError, code=ErrorCode.RESOURCE_EXHAUSTED, reason="REQUEST_TOO_LARGE"):
     """A request body over the server's bound (answered 413)."""
-
-    code = ErrorCode.RESOURCE_EXHAUSTED
-    default_reason = "REQUEST_TOO_LARGE"
 
 
 def _json(message: Message) -> dict[str, Any]:
