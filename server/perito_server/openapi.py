@@ -22,55 +22,57 @@ ERROR_STATUSES = {
     "503": "UNAVAILABLE: the server drains, or storage or the broker is down.",
     "504": "DEADLINE_EXCEEDED.",
 }
-MODEL_PARAMETER = {
-    "name": "model",
-    "in": "path",
-    "required": True,
-    "description": "The model's name; `name@version` (or `?version=`) picks a version or alias.",
-    "schema": {"type": "string"},
-}
-VERSION_PARAMETER = {
-    "name": "version",
-    "in": "path",
-    "required": True,
-    "description": "A version number or an alias (`production`).",
-    "schema": {"type": "string"},
-}
-TIMEOUT_PARAMETER = {
-    "name": "X-Server-Timeout",
-    "in": "header",
-    "required": False,
-    "description": "Seconds the caller will wait (as Google's HTTP APIs read it; gRPC's "
-    "deadline): images still waiting then are given up and the call answers 504.",
-    "schema": {"type": "number", "exclusiveMinimum": True, "minimum": 0, "maximum": 86400},
-}
-JOB_PARAMETER = {
-    "name": "job",
-    "in": "path",
-    "required": True,
-    "description": "The job's id.",
-    "schema": {"type": "string"},
-}
+
+
+def _parameter(
+    name: str, where: str, description: str, schema: dict[str, Any], **more: Any
+) -> dict[str, Any]:
+    """An OpenAPI parameter object `in` path (required), query or header."""
+    return {
+        "name": name,
+        "in": where,
+        "required": where == "path",
+        "description": description,
+        "schema": schema,
+        **more,
+    }
+
+
+STRING = {"type": "string"}
+NUMBER = {"type": "number"}
+BOOLEAN = {"type": "boolean"}
+MODEL_PARAMETER = _parameter(
+    "model",
+    "path",
+    "The model's name; `name@version` (or `?version=`) picks a version or alias.",
+    STRING,
+)
+VERSION_PARAMETER = _parameter(
+    "version", "path", "A version number or an alias (`production`).", STRING
+)
+TIMEOUT_PARAMETER = _parameter(
+    "X-Server-Timeout",
+    "header",
+    "Seconds the caller will wait (as Google's HTTP APIs read it; gRPC's deadline): images "
+    "still waiting then are given up and the call answers 504.",
+    {"type": "number", "exclusiveMinimum": True, "minimum": 0, "maximum": 86400},
+)
+JOB_PARAMETER = _parameter("job", "path", "The job's id.", STRING)
 PAGE_PARAMETERS = [
-    {
-        "name": "page_size",
-        "in": "query",
-        "description": "At most this many per page (0: the default).",
-        "schema": {"type": "integer", "minimum": 0, "maximum": 1000},
-    },
-    {
-        "name": "page_token",
-        "in": "query",
-        "description": "`next_page_token` of the previous page.",
-        "schema": {"type": "string"},
-    },
+    _parameter(
+        "page_size",
+        "query",
+        "At most this many per page (0: the default).",
+        {"type": "integer", "minimum": 0, "maximum": 1000},
+    ),
+    _parameter("page_token", "query", "`next_page_token` of the previous page.", STRING),
 ]
 TENSOR_METADATA = {
     "type": "object",
     "required": ["name", "datatype", "shape"],
     "properties": {
-        "name": {"type": "string"},
-        "datatype": {"type": "string"},
+        "name": STRING,
+        "datatype": STRING,
         "shape": {"type": "array", "items": {"type": "integer"}},
     },
 }
@@ -87,6 +89,17 @@ def _errors(codes: str, *, oip: bool) -> dict[str, Any]:
 
 def _ok(schema: dict[str, Any], description: str = "OK") -> dict[str, Any]:
     return {"200": {"description": description, "content": {JSON: {"schema": schema}}}}
+
+
+def _page(key: str, item: dict[str, Any]) -> dict[str, Any]:
+    """A page of a list: `{key: [item, ...], "next_page_token": "..."}` (AIP-158)."""
+    return {
+        "type": "object",
+        "properties": {
+            key: {"type": "array", "items": item},
+            "next_page_token": STRING,
+        },
+    }
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -251,14 +264,14 @@ def openapi_document(version: str) -> dict[str, Any]:
                 "tags": ["JSON API"],
                 "parameters": [
                     *PAGE_PARAMETERS,
-                    {
-                        "name": "state",
-                        "in": "query",
-                        "description": "Only jobs in these states (queued, running, ...).",
-                        "schema": {"type": "array", "items": {"type": "string"}},
-                        "style": "form",
-                        "explode": True,
-                    },
+                    _parameter(
+                        "state",
+                        "query",
+                        "Only jobs in these states (queued, running, ...).",
+                        {"type": "array", "items": STRING},
+                        style="form",
+                        explode=True,
+                    ),
                 ],
                 "responses": {**_ok(_ref("JobList")), **_errors(authed, oip=False)},
             },
@@ -282,18 +295,19 @@ def openapi_document(version: str) -> dict[str, Any]:
                 "tags": ["JSON API"],
                 "parameters": [
                     *PAGE_PARAMETERS,
-                    {
-                        "name": "filter",
-                        "in": "query",
-                        "schema": {"type": "string", "enum": ["failed", "succeeded"]},
-                    },
+                    _parameter(
+                        "filter",
+                        "query",
+                        "Only the items that failed, or only those that succeeded.",
+                        {"type": "string", "enum": ["failed", "succeeded"]},
+                    ),
                 ],
                 "responses": {
                     "200": {
                         "description": "OK",
                         "content": {
                             JSON: {"schema": _ref("ResultPage")},
-                            "application/x-ndjson": {"schema": {"type": "string"}},
+                            "application/x-ndjson": {"schema": STRING},
                         },
                     },
                     **_errors(authed, oip=False),
@@ -328,18 +342,18 @@ def openapi_document(version: str) -> dict[str, Any]:
 
 
 def _schemas() -> dict[str, Any]:
-    detail = {"type": "object", "properties": {"@type": {"type": "string"}}}
+    detail = {"type": "object", "properties": {"@type": STRING}}
     status_fields = {
         "code": {"type": "integer"},
-        "status": {"type": "string"},
+        "status": STRING,
         "details": {"type": "array", "items": detail},
     }
     prediction = {
         "type": "object",
         "properties": {
-            "label": {"type": "string"},
+            "label": STRING,
             "class_index": {"type": "integer"},
-            "probability": {"type": "number"},
+            "probability": NUMBER,
         },
     }
     image = {
@@ -347,14 +361,14 @@ def _schemas() -> dict[str, Any]:
         "required": ["content"],
         "properties": {
             "content": {"type": "string", "format": "byte", "description": "The image, base64."},
-            "id": {"type": "string"},
+            "id": STRING,
         },
     }
     tensor = {
         "type": "object",
         "required": ["name", "datatype", "shape"],
         "properties": {
-            "name": {"type": "string"},
+            "name": STRING,
             "datatype": {"type": "string", "enum": ["BYTES", "UINT8"]},
             "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
             "parameters": ANY_OBJECT,
@@ -369,31 +383,31 @@ def _schemas() -> dict[str, Any]:
                 "error": {
                     "type": "object",
                     "required": ["code", "message", "status"],
-                    "properties": {"message": {"type": "string"}, **status_fields},
+                    "properties": {"message": STRING, **status_fields},
                 }
             },
         },
         "OipError": {
             "type": "object",
             "required": ["error"],
-            "properties": {"error": {"type": "string"}, **status_fields},
+            "properties": {"error": STRING, **status_fields},
         },
-        "Live": {"type": "object", "properties": {"live": {"type": "boolean"}}},
-        "Ready": {"type": "object", "properties": {"ready": {"type": "boolean"}}},
+        "Live": {"type": "object", "properties": {"live": BOOLEAN}},
+        "Ready": {"type": "object", "properties": {"ready": BOOLEAN}},
         "ServerMetadata": {
             "type": "object",
             "properties": {
-                "name": {"type": "string"},
-                "version": {"type": "string"},
-                "extensions": {"type": "array", "items": {"type": "string"}},
+                "name": STRING,
+                "version": STRING,
+                "extensions": {"type": "array", "items": STRING},
             },
         },
         "ModelMetadata": {
             "type": "object",
             "properties": {
-                "name": {"type": "string"},
-                "versions": {"type": "array", "items": {"type": "string"}},
-                "platform": {"type": "string"},
+                "name": STRING,
+                "versions": {"type": "array", "items": STRING},
+                "platform": STRING,
                 "inputs": {"type": "array", "items": TENSOR_METADATA},
                 "outputs": {"type": "array", "items": TENSOR_METADATA},
             },
@@ -402,14 +416,14 @@ def _schemas() -> dict[str, Any]:
             "type": "object",
             "required": ["inputs"],
             "properties": {
-                "id": {"type": "string"},
+                "id": STRING,
                 "parameters": ANY_OBJECT,
                 "inputs": {"type": "array", "items": tensor},
                 "outputs": {
                     "type": "array",
                     "items": {
                         "type": "object",
-                        "properties": {"name": {"type": "string"}, "parameters": ANY_OBJECT},
+                        "properties": {"name": STRING, "parameters": ANY_OBJECT},
                     },
                 },
             },
@@ -417,108 +431,87 @@ def _schemas() -> dict[str, Any]:
         "InferenceResponse": {
             "type": "object",
             "properties": {
-                "model_name": {"type": "string"},
-                "model_version": {"type": "string"},
-                "id": {"type": "string"},
+                "model_name": STRING,
+                "model_version": STRING,
+                "id": STRING,
                 "outputs": {"type": "array", "items": {"type": "object"}},
             },
         },
-        "ClassifyRequest": {
-            "type": "object",
-            "required": ["images"],
-            "properties": {
-                "images": {"type": "array", "items": image},
-                "version": {"type": "string"},
-                "top_k": {"type": "integer", "minimum": 0},
-                "confidence_threshold": {"type": "number", "minimum": 0, "maximum": 1},
-            },
-        },
-        "ClassifyUpload": {
-            "type": "object",
-            "required": ["images"],
-            "properties": {
-                "images": {"type": "array", "items": {"type": "string", "format": "binary"}},
-                "version": {"type": "string"},
-                "top_k": {"type": "integer", "minimum": 0},
-                "confidence_threshold": {"type": "number", "minimum": 0, "maximum": 1},
-            },
+        # The same fields as JSON (base64 images) and as a multipart upload (files).
+        **{
+            name: {
+                "type": "object",
+                "required": ["images"],
+                "properties": {
+                    "images": {"type": "array", "items": images},
+                    "version": STRING,
+                    "top_k": {"type": "integer", "minimum": 0},
+                    "confidence_threshold": {"type": "number", "minimum": 0, "maximum": 1},
+                },
+            }
+            for name, images in (
+                ("ClassifyRequest", image),
+                ("ClassifyUpload", {"type": "string", "format": "binary"}),
+            )
         },
         "ClassifyResponse": {
             "type": "object",
             "properties": {
-                "model": {"type": "string"},
-                "model_version": {"type": "string"},
-                "confidence_threshold": {"type": "number"},
+                "model": STRING,
+                "model_version": STRING,
+                "confidence_threshold": NUMBER,
                 "results": {
                     "type": "array",
                     "items": {
                         "type": "object",
                         "properties": {
-                            "image_id": {"type": "string"},
+                            "image_id": STRING,
                             "predictions": {"type": "array", "items": prediction},
-                            "margin": {"type": "number"},
-                            "normalized_entropy": {"type": "number"},
-                            "uncertain": {"type": "boolean"},
-                            "first_frame_only": {"type": "boolean"},
-                            "form": {"type": "string"},
+                            "margin": NUMBER,
+                            "normalized_entropy": NUMBER,
+                            "uncertain": BOOLEAN,
+                            "first_frame_only": BOOLEAN,
+                            "form": STRING,
                         },
                     },
                 },
             },
         },
-        "Model": {"type": "object", "properties": {"name": {"type": "string"}}},
-        "ModelList": {
-            "type": "object",
-            "properties": {
-                "models": {"type": "array", "items": _ref("Model")},
-                "next_page_token": {"type": "string"},
-            },
-        },
+        "Model": {"type": "object", "properties": {"name": STRING}},
+        "ModelList": _page("models", _ref("Model")),
         "JobRequest": {
             "type": "object",
             "required": ["model"],
             "description": "perito.v1.SubmitJobRequest in the protobuf JSON mapping: one of "
             "images / uris / prefix / manifest_uri.",
             "properties": {
-                "model": {"type": "string"},
-                "version": {"type": "string"},
+                "model": STRING,
+                "version": STRING,
                 "images": {
                     "type": "object",
                     "properties": {"images": {"type": "array", "items": image}},
                 },
                 "uris": {
                     "type": "object",
-                    "properties": {"uris": {"type": "array", "items": {"type": "string"}}},
+                    "properties": {"uris": {"type": "array", "items": STRING}},
                 },
-                "prefix": {"type": "string"},
-                "manifest_uri": {"type": "string"},
-                "output_uri": {"type": "string"},
+                "prefix": STRING,
+                "manifest_uri": STRING,
+                "output_uri": STRING,
                 "top_k": {"type": "integer", "minimum": 0},
-                "request_id": {"type": "string"},
+                "request_id": STRING,
             },
         },
         "Job": {
             "type": "object",
             "properties": {
-                "id": {"type": "string"},
-                "state": {"type": "string"},
-                "model": {"type": "string"},
-                "model_version": {"type": "string"},
+                "id": STRING,
+                "state": STRING,
+                "model": STRING,
+                "model_version": STRING,
                 "total_items": {"type": "string", "description": "int64, as a JSON string"},
             },
         },
-        "JobList": {
-            "type": "object",
-            "properties": {
-                "jobs": {"type": "array", "items": _ref("Job")},
-                "next_page_token": {"type": "string"},
-            },
-        },
-        "ResultPage": {
-            "type": "object",
-            "properties": {
-                "results": {"type": "array", "items": {"type": "object"}},
-                "next_page_token": {"type": "string"},
-            },
-        },
+        "JobList": _page("jobs", _ref("Job")),
+        "ResultPage": _page("results", {"type": "object"}),
     }
