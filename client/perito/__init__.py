@@ -5,8 +5,8 @@
 ...     [result] = client.classify(["photo.jpg"], model="imagenet-efficientnet-lite0")
 """
 
-from perito._async import AsyncClient
-from perito._client import Client
+from perito._async import AsyncClient, AsyncJobHandle
+from perito._client import Client, JobHandle
 from perito._errors import (
     AlreadyExistsError,
     CancelledError,
@@ -23,7 +23,7 @@ from perito._errors import (
     UnavailableError,
     UnimplementedError,
 )
-from perito._jobs import AsyncJobHandle, JobHandle, JobTimeoutError
+from perito._jobs import JobTimeoutError
 from perito._models import (
     Classification,
     ItemState,

@@ -1,23 +1,30 @@
-"""The asyncio client: `Client`'s methods, awaited, over `grpc.aio`. What each call does is in
-`perito._core`; this class performs its steps (`_run`), and sends the parts of a split
-`classify` concurrently."""
+"""The asyncio client, `AsyncClient` over `grpc.aio`, and its `AsyncJobHandle`.
+
+This file is also the source of the synchronous `Client` and `JobHandle`:
+`scripts/gen_sync_client.py` writes `perito/_client.py` from it with `unasync` (no `async`,
+no `await`, `grpc` for `grpc.aio`, `perito._concurrency`'s blocking twins), and a unit test
+fails when that file is stale. What each call does (requests, the deadline of a split call,
+retries, pages) is in `perito._core`; the clients perform its steps (`_run`).
+"""
 
 from __future__ import annotations
 
-import asyncio
 import os
-from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping, Sequence
+import time
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from typing import Any, Literal, TypeVar, overload
 
 import grpc
 import grpc.aio
 
 from perito import _core
+from perito._concurrency import async_map_all, async_run_blocking, async_sleep, async_time_limit
 from perito._core import OnInvalid, Pager, Policy, Program, Send
 from perito._errors import PeritoError, from_rpc_error
 from perito._images import ImageInput
-from perito._jobs import AsyncJobHandle
+from perito._jobs import JobTimeoutError
 from perito._models import Classification, Job, JobItemResult, JobState, Model, RejectedImage
+from perito._progress import ProgressBar
 from perito._requests import (
     DEFAULT_TARGET,
     Limits,
@@ -35,14 +42,27 @@ T = TypeVar("T")
 
 
 class AsyncClient:
-    """A connection to a Perito server for asyncio code; arguments as for `Client`.
+    """A connection to a Perito server.
 
-    A large `classify` is split into several calls sent concurrently
-    (`limits.max_concurrent_requests` at once).
+    Args:
+        target: `host:port` of the server.
+        timeout: default deadline in seconds for each call.
+        max_retries: how often a call is retried on UNAVAILABLE, or on RESOURCE_EXHAUSTED when
+            the server sent a retry hint; waits back off exponentially, or follow the hint.
+        tls: connect with TLS, verified against the system's CA roots.
+        root_certificates: a CA bundle (PEM bytes or a file path) to verify the server with;
+            implies TLS.
+        token: sent as `authorization: Bearer <token>` on every call.
+        limits: how a large `classify` is split into several calls (sent concurrently by the
+            asyncio client, `limits.max_concurrent_requests` at once).
+        channel: a ready channel to use instead of opening one (tests, custom setups).
+
+    Use as a context manager (`async with`), or call `close()`.
 
     Example:
         >>> async with AsyncClient("localhost:8500") as client:
         ...     [result] = await client.classify(["claim-123.jpg"], model="car-damage")
+        ...     print(result.label, result.probability, result.uncertain)
     """
 
     def __init__(
@@ -105,7 +125,7 @@ class AsyncClient:
                 except grpc.RpcError as rpc_error:
                     error = from_rpc_error(rpc_error)
             else:
-                await asyncio.sleep(step.seconds)
+                await async_sleep(step.seconds)
 
     async def _pages(self, pager: Pager[T], metadata: Metadata | None) -> AsyncIterator[T]:
         while (page := pager.next_page()) is not None:
@@ -155,11 +175,35 @@ class AsyncClient:
         timeout: float | None = None,
         metadata: Metadata | None = None,
     ) -> list[Classification] | list[Classification | RejectedImage]:
-        """Classify images now; results in the order given. See `Client.classify`.
+        """Classify images now; results come back in the order given.
 
-        The parts of a split call are sent `limits.max_concurrent_requests` at a time, all
-        within the one `timeout`; when one fails (with `on_invalid="fail"`, or any other
-        error) the others are cancelled and its error is raised.
+        Args:
+            images: file paths, encoded bytes, PIL images or numpy arrays (HxWx3 uint8). Many
+                images are sent as several calls within `limits`, results still in order (the
+                asyncio client sends `limits.max_concurrent_requests` of them at once, and
+                cancels the others when one fails).
+            model: the model's name, or `name@version` / `name@alias`.
+            version: a version number or alias; "" means latest.
+            top_k: classes to return per image.
+            confidence_threshold: top-1 probability under which a result is `uncertain`;
+                0 uses the model's recommended threshold, if it has one.
+            ids: your ids for the images; default: file names, or positions.
+            on_invalid: what a bad image (undecodable, truncated, too large) does. "fail"
+                (the default): the call raises `InvalidArgumentError` naming each bad image
+                by its index in `images` (`images[66]`), however the call was split. "skip":
+                the call returns one entry per image, a `RejectedImage` (with its `error`)
+                in place of each bad image's `Classification`; the others are classified.
+            timeout: seconds for the whole call, all its parts and retries included.
+
+        Raises:
+            InvalidArgumentError: a bad image (see `violations`) or argument.
+            NotFoundError: unknown model or version.
+            DeadlineExceededError: `timeout` ran out.
+            ResourceExhaustedError, UnavailableError: after retries ran out.
+
+        Example:
+            >>> results = await client.classify(photos, model="car-damage", on_invalid="skip")
+            >>> bad = [r for r in results if r.error]  # RejectedImage: r.index, r.error
         """
         split = _core.SplitClassify.plan(
             images,
@@ -172,13 +216,12 @@ class AsyncClient:
             policy=self._policy(timeout),
             on_invalid=on_invalid,
         )
-        gate = asyncio.Semaphore(self.limits.max_concurrent_requests)
-
-        async def send(program: Program[list[_core.Outcome]]) -> list[_core.Outcome]:
-            async with gate:
-                return await self._run(program, metadata)
-
-        return split.merge(await _all_or_none([send(p) for p in split.programs()]))
+        answers = await async_map_all(
+            lambda program: self._run(program, metadata),
+            split.programs(),
+            self.limits.max_concurrent_requests,
+        )
+        return split.merge(answers)
 
     async def list_models(
         self, *, timeout: float | None = None, metadata: Metadata | None = None
@@ -210,11 +253,31 @@ class AsyncClient:
         timeout: float | None = None,
         metadata: Metadata | None = None,
     ) -> AsyncJobHandle:
-        """Submit a bulk job; returns a handle to follow it. See `Client.submit_job`."""
+        """Submit a bulk job; returns a handle to follow it.
+
+        Args:
+            source: an `s3://bucket/prefix/`, an `s3://` or local CSV / JSONL manifest, a local
+                folder (read by the workers, which must have it under a local root), or a list
+                of URIs. With `inline=True`, a local folder's files or a list of images (paths,
+                bytes, PIL images, arrays) are sent in the request instead.
+            model, version: the model; the version is resolved now and pinned for the job.
+            output_uri: where the results files go (default: the server's results location).
+            ids: your ids for a list of images sent inline (default: file names or positions).
+            upload_to: an `s3://bucket/prefix/` to upload a local folder's images to first (with
+                boto3, `pip install 'perito[s3]'`); the job then reads them from there.
+            request_id: makes the call idempotent (Google AIP-155): the same id within 24 h
+                returns the job the first call made. Default: a new UUID for this call, reused
+                by its own retries, so a retry after a lost answer never makes a second job.
+
+        Example:
+            >>> job = await client.submit_job("s3://inspections/garage-7/", model="cracks")
+            >>> await job.wait()
+            >>> failures = [r async for r in job.results(failed_only=True)]
+        """
         if upload_to is not None:
             if not isinstance(source, str | os.PathLike):
                 raise TypeError("upload_to needs a local folder as the source")
-            source = await asyncio.to_thread(upload_folder, source, upload_to)
+            source = await async_run_blocking(upload_folder, source, upload_to)
         request = submit_request(
             source,
             model=model,
@@ -240,11 +303,20 @@ class AsyncClient:
         timeout: float | None = None,
         metadata: Metadata | None = None,
     ) -> AsyncIterator[Job]:
-        """Your jobs (your tenant's), newest first, a page at a time: `async for`.
+        """Your jobs (your tenant's; nobody else's are ever listed), newest first, fetched a
+        page at a time as you iterate (`async for`).
+
+        Args:
+            states: only jobs in one of these states (`JobState` or its name).
+            labels: only jobs carrying every one of these labels.
+            page_size: jobs per request (0: the server's default, 100).
 
         Raises:
             ValueError: an unknown state name.
             UnauthenticatedError, PermissionDeniedError: no token, or no `jobs` role.
+
+        Example:
+            >>> running = [j async for j in client.list_jobs(states=["running"])]
         """
         pager = _core.list_jobs(
             states=states, labels=labels, page_size=page_size, policy=self._policy(timeout)
@@ -275,13 +347,16 @@ class AsyncClient:
     async def watch_job(
         self, job_id: str, *, timeout: float | None = None, metadata: Metadata | None = None
     ) -> AsyncIterator[Job]:
-        """Snapshots of a job as it progresses; see `Client.watch_job`."""
-        stream = self._stub.WatchJob(
-            jobs_pb2.WatchJobRequest(job_id=job_id),
-            timeout=timeout,
-            metadata=call_metadata(self._token, metadata),
-        )
+        """Snapshots of a job as it progresses (at least one a second while it runs), until
+        the terminal one. The stream ends early, without an error, if the connection breaks
+        (`AsyncJobHandle.watch` then reconnects). `timeout`: none by default, jobs run for
+        hours."""
         try:
+            stream = self._stub.WatchJob(
+                jobs_pb2.WatchJobRequest(job_id=job_id),
+                timeout=timeout,
+                metadata=call_metadata(self._token, metadata),
+            )
             async for message in stream:
                 yield Job._from_proto(message)
         except grpc.RpcError as rpc_error:
@@ -289,7 +364,7 @@ class AsyncClient:
             if not _core.watch_ended_by(error):
                 raise error from None
 
-    async def list_job_results(
+    def list_job_results(
         self,
         job_id: str,
         *,
@@ -298,22 +373,82 @@ class AsyncClient:
         timeout: float | None = None,
         metadata: Metadata | None = None,
     ) -> AsyncIterator[JobItemResult]:
-        """Every item's result in input order (or only the failures), page by page; see
-        `Client.list_job_results`."""
+        """Every item's result in input order (or only the failures), fetched page by page
+        as you iterate; `timeout` is for each page."""
         pager = _core.list_job_results(
             job_id, failed_only=failed_only, page_size=page_size, policy=self._policy(timeout)
         )
-        async for result in self._pages(pager, metadata):
-            yield result
+        return self._pages(pager, metadata)
 
 
-async def _all_or_none(calls: Sequence[Awaitable[R]]) -> list[R]:
-    """Every call's result in order; when one fails, the others are cancelled (and awaited,
-    so none is left running or with an unread error) and its error is raised."""
-    tasks = [asyncio.ensure_future(c) for c in calls]
-    try:
-        return list(await asyncio.gather(*tasks))
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+class AsyncJobHandle:
+    """Follow and control one job: `status()`, `wait()`, `watch()`, `results()`, `cancel()`."""
+
+    def __init__(self, client: AsyncClient, job: Job) -> None:
+        self._client = client
+        self.id = job.id
+        self.last = job
+
+    def __repr__(self) -> str:
+        job = self.last
+        return f"AsyncJobHandle({self.id!r}, state={job.state.value}, {job.done}/{job.total})"
+
+    async def status(self) -> Job:
+        self.last = await self._client.get_job(self.id)
+        return self.last
+
+    async def watch(self) -> AsyncIterator[Job]:
+        """Snapshots as the job progresses (at least one a second while it runs), ending with
+        the terminal one. Reconnects if the stream breaks."""
+        while True:
+            async for job in self._client.watch_job(self.id):
+                self.last = job
+                yield job
+                if job.terminal:
+                    return
+            latest = await self.status()
+            if latest.terminal:
+                yield latest
+                return
+
+    async def wait(self, timeout: float | None = None, *, progress: bool = False) -> Job:
+        """Wait until the job is done; returns its final snapshot.
+
+        Args:
+            timeout: seconds to wait at most (the job is not cancelled when they run out).
+            progress: draw a progress bar on stderr.
+
+        Raises:
+            JobTimeoutError: `timeout` seconds passed first.
+        """
+        bar = ProgressBar() if progress else None
+        deadline = None if timeout is None else time.monotonic() + timeout
+
+        async def follow() -> Job:
+            async for job in self.watch():
+                if bar is not None:
+                    bar.update(job)
+                if job.terminal:
+                    return job
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError
+            return self.last
+
+        try:
+            return await async_time_limit(follow(), timeout)
+        except TimeoutError:
+            job = self.last
+            raise JobTimeoutError(
+                f"job {self.id} not done after {timeout}s: {job.done}/{job.total}"
+            ) from None
+
+    def results(
+        self, *, failed_only: bool = False, page_size: int = 1000
+    ) -> AsyncIterator[JobItemResult]:
+        """Every item's result in input order (or only the failures), fetched page by page."""
+        return self._client.list_job_results(self.id, failed_only=failed_only, page_size=page_size)
+
+    async def cancel(self) -> Job:
+        """Cancel: items not yet classified are marked cancelled; returns the job as it stands."""
+        self.last = await self._client.cancel_job(self.id)
+        return self.last

@@ -19,7 +19,7 @@ from typing import Any
 
 import click
 
-from perito._client import Client
+from perito._client import Client, JobHandle
 from perito._errors import (
     InvalidArgumentError,
     NotFoundError,
@@ -27,7 +27,6 @@ from perito._errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
-from perito._jobs import JobHandle
 from perito._models import Classification, Job, JobState, Model
 from perito._progress import ProgressBar
 from perito._requests import DEFAULT_TARGET

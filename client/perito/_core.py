@@ -6,17 +6,18 @@ back, or has the attempt's `PeritoError` thrown into it. The program decides eve
 else: the request, the deadline each attempt gets out of the call's budget (one `Deadline`
 shared by every part and retry of a split `classify`), whether and when to retry, which page
 comes next, and how the parts of a split call are renumbered and merged. Each client only
-performs the steps, in a loop of a dozen lines (`_run`): `Client` with blocking grpc calls
-and `time.sleep`, `AsyncClient` with `grpc.aio` and `asyncio.sleep`, plus the concurrency of
-split calls (`limits.max_concurrent_requests` parts at once). A unit test runs a program by
-hand with a fake clock, no network at all.
+performs the steps, in a loop of a dozen lines (`_run`): `AsyncClient` with `grpc.aio` and
+`asyncio.sleep`, plus the concurrency of split calls (`limits.max_concurrent_requests` parts
+at once), and `Client` with blocking grpc calls and `time.sleep`. A unit test runs a program
+by hand with a fake clock, no network at all.
 
 Why not an async core with a sync facade: `Client` would need an event loop, either in the
 caller's thread (which breaks under Jupyter or any caller already running a loop) or in a
 background thread (every call crossing threads, `grpc.aio` channels tied to that loop, fork
-and signal handling harder). Why not `unasync`-generated sync code: two copies of the logic
-would still exist and drift the moment someone edits the generated one. Here the sync client
-stays plain blocking grpc, with no loop anywhere, and the logic exists once.
+and signal handling harder). So `Client` stays plain blocking grpc, with no loop anywhere;
+and as the two clients differ only in `async` / `await` once the logic is here, `Client` is
+generated from `AsyncClient` (`scripts/gen_sync_client.py`, with `unasync`; a unit test fails
+when the generated file is stale), so the client code is written once too.
 
 Why a hand-written retry loop rather than gRPC's `retryPolicy` service config: that retries
 on status codes alone, while the SDK retries RESOURCE_EXHAUSTED only when the server sent a
