@@ -19,7 +19,7 @@ loopback only: see `perito_server.app`).
 from __future__ import annotations
 
 import contextvars
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -29,7 +29,7 @@ from perito_core.access.audit import AuditLog
 from perito_core.access.quotas import RateLimiter
 from perito_core.access.tenancy import Tenant, Tenants
 from perito_core.errors import PeritoError, PermissionDenied
-from perito_server.errors import abort, metadata_value
+from perito_server.errors import Continuation, abort, metadata_value
 
 OPEN_PREFIXES = (
     "/grpc.health.v1.Health/",
@@ -154,11 +154,7 @@ class TenantInterceptor(_Interceptor):
         return tenant
 
     async def intercept_service(
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]
-        ],
-        handler_call_details: grpc.HandlerCallDetails,
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler[Any, Any]:
         full_method: str = handler_call_details.method
         handler = await continuation(handler_call_details)
@@ -171,10 +167,18 @@ class TenantInterceptor(_Interceptor):
         return _as_tenant(handler, tenant, MODEL_FIELDS.get(full_method))
 
 
-def _check_model(tenant: Tenant, request: Any, field: str) -> None:
-    model = getattr(request, field, "")
+async def _enter(
+    tenant: Tenant, request: Any, context: grpc.aio.ServicerContext[Any, Any], field: str | None
+) -> None:
+    """Make `tenant` the call's tenant; abort the call unless it may use the model named in
+    the request's `field` (None: the method names no model)."""
+    _TENANT.set(tenant)
+    model = getattr(request, field, "") if field else ""
     if model:
-        tenant.require_model(model)
+        try:
+            tenant.require_model(model)
+        except PeritoError as error:
+            await abort(context, error)
 
 
 def _as_tenant(
@@ -189,12 +193,7 @@ def _as_tenant(
         inner = handler.unary_unary
 
         async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            _TENANT.set(tenant)
-            if model_field:
-                try:
-                    _check_model(tenant, request, model_field)
-                except PeritoError as error:
-                    await abort(context, error)
+            await _enter(tenant, request, context, model_field)
             return await inner(request, context)  # type: ignore[arg-type]
 
         return grpc.unary_unary_rpc_method_handler(unary, **kwargs)
@@ -204,12 +203,7 @@ def _as_tenant(
         async def stream(
             request: Any, context: grpc.aio.ServicerContext[Any, Any]
         ) -> AsyncIterator[Any]:
-            _TENANT.set(tenant)
-            if model_field:
-                try:
-                    _check_model(tenant, request, model_field)
-                except PeritoError as error:
-                    await abort(context, error)
+            await _enter(tenant, request, context, model_field)
             async for message in inner_stream(request, context):  # type: ignore[arg-type,attr-defined]
                 yield message
 

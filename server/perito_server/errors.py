@@ -188,6 +188,8 @@ async def _abort_for(
 
 
 Observer = Callable[[str, str, float], None]
+# What a grpc.aio server interceptor is handed: the next step, answering a call's handler.
+Continuation = Callable[[grpc.HandlerCallDetails], Awaitable["grpc.RpcMethodHandler[Any, Any]"]]
 # Not counted or wrapped: probes and tooling, answered by grpc's own servicers.
 UNOBSERVED_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
@@ -220,11 +222,7 @@ class CallInterceptor(_Interceptor):
         self.observe = observe
 
     async def intercept_service(
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]
-        ],
-        handler_call_details: grpc.HandlerCallDetails,
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler[Any, Any]:
         handler = await continuation(handler_call_details)
         full_method: str = handler_call_details.method
