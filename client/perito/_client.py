@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any, Literal, TypeVar, overload
+from typing import Any, Literal, TypeVar, Unpack, overload
 
 import grpc
 
@@ -24,6 +24,7 @@ from perito._models import Classification, Job, JobItemResult, JobState, Model, 
 from perito._progress import ProgressBar
 from perito._requests import (
     DEFAULT_TARGET,
+    ClassifyOptions,
     Limits,
     Metadata,
     call_metadata,
@@ -133,14 +134,8 @@ class Client:
         self,
         images: Sequence[ImageInput],
         *,
-        model: str,
-        version: str = "",
-        top_k: int = 5,
-        confidence_threshold: float = 0.0,
-        ids: Sequence[str] | None = None,
         on_invalid: Literal["fail"] = "fail",
-        timeout: float | None = None,
-        metadata: Metadata | None = None,
+        **options: Unpack[ClassifyOptions],
     ) -> list[Classification]: ...
 
     @overload
@@ -148,14 +143,8 @@ class Client:
         self,
         images: Sequence[ImageInput],
         *,
-        model: str,
-        version: str = "",
-        top_k: int = 5,
-        confidence_threshold: float = 0.0,
-        ids: Sequence[str] | None = None,
         on_invalid: Literal["skip"],
-        timeout: float | None = None,
-        metadata: Metadata | None = None,
+        **options: Unpack[ClassifyOptions],
     ) -> list[Classification | RejectedImage]: ...
 
     def classify(
@@ -203,14 +192,14 @@ class Client:
         """
         split = _core.SplitClassify.plan(
             images,
+            self.limits,
+            self._policy(timeout),
+            on_invalid,
             model=model,
             version=version,
             top_k=top_k,
             confidence_threshold=confidence_threshold,
             ids=ids,
-            limits=self.limits,
-            policy=self._policy(timeout),
-            on_invalid=on_invalid,
         )
         answers = map_all(
             lambda program: self._run(program, metadata),

@@ -34,7 +34,7 @@ import re
 import time
 from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, Literal, TypeAlias, TypeVar
+from typing import Any, Generic, Literal, TypeAlias, TypeVar, Unpack
 
 from google.protobuf.message import Message
 
@@ -49,7 +49,7 @@ from perito._errors import (
 )
 from perito._images import ImageInput
 from perito._models import Classification, Job, JobItemResult, JobState, Model, RejectedImage
-from perito._requests import Limits, Part, classify_parts
+from perito._requests import ImageOptions, Limits, Part, classify_parts
 from perito.v1 import classify_pb2, jobs_pb2, models_pb2
 
 R = TypeVar("R")
@@ -385,27 +385,14 @@ class SplitClassify:
     def plan(
         cls,
         images: Sequence[ImageInput],
-        *,
-        model: str,
-        version: str,
-        top_k: int,
-        confidence_threshold: float,
-        ids: Sequence[str] | None,
         limits: Limits,
         policy: Policy,
         on_invalid: OnInvalid,
+        **options: Unpack[ImageOptions],
     ) -> SplitClassify:
         """Encode and split the images; the call's deadline starts once they are ready."""
         _check(on_invalid)
-        template, parts = classify_parts(
-            images,
-            model=model,
-            version=version,
-            top_k=top_k,
-            confidence_threshold=confidence_threshold,
-            ids=ids,
-            limits=limits,
-        )
+        template, parts = classify_parts(images, limits=limits, **options)
         return cls(template, parts, policy, on_invalid)
 
     def programs(self) -> list[Program[list[Outcome]]]:

@@ -7,7 +7,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Required, TypedDict
 
 import grpc
 
@@ -44,6 +44,29 @@ def model_ref(model: str, version: str) -> tuple[str, str]:
     if at and version and version != ref:
         raise ValueError(f"model {model!r} names a version and version={version!r} another")
     return name, version or ref
+
+
+class ImageOptions(TypedDict):
+    """What `classify_parts` makes its requests of, besides the images and `limits`."""
+
+    model: str
+    version: str
+    top_k: int
+    confidence_threshold: float
+    ids: Sequence[str] | None
+
+
+class ClassifyOptions(TypedDict, total=False):
+    """`classify`'s keyword arguments but `on_invalid` (its overloads differ in that alone);
+    see `Client.classify`."""
+
+    model: Required[str]
+    version: str
+    top_k: int
+    confidence_threshold: float
+    ids: Sequence[str] | None
+    timeout: float | None
+    metadata: Metadata | None
 
 
 @dataclass(frozen=True)
