@@ -23,7 +23,7 @@ import collections
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Generic, NoReturn, TypeVar
 
 from perito_core.errors import DeadlineExceeded, QueueFull, ShuttingDown
 
@@ -220,27 +220,28 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
                 reason="REQUEST_TOO_LARGE",
             )
         if self._admitted + size > self.max_queue_size:
-            self.stats.rejected += 1
-            retry_after = self.retry_after()
-            raise QueueFull(
-                f"{self.name}: queue full ({self._admitted} of {self.max_queue_size} images "
-                f"waiting); retry in {retry_after:.2f}s",
-                retry_after=retry_after,
-            )
+            self._queue_full(f"{self._admitted} of {self.max_queue_size} images")
         if budget is not None and not budget.fits(nbytes):
-            self.stats.rejected += 1
             self.stats.rejected_for_bytes += 1
-            retry_after = self.retry_after()
-            raise QueueFull(
-                f"{self.name}: queue full ({budget.in_use} of {budget.max_bytes} bytes "
-                f"waiting); retry in {retry_after:.2f}s",
-                retry_after=retry_after,
-            )
+            self._queue_full(f"{budget.in_use} of {budget.max_bytes} bytes")
         self._admitted += size
         self._on_the_way += size
         if budget is not None:
             budget.in_use += nbytes
         return Admission(self, size, nbytes, budget)
+
+    def _queue_full(self, waiting: str) -> NoReturn:
+        """Count a refusal and raise it, with the retry hint (`waiting`: what fills the queue).
+
+        Raises:
+            QueueFull: always.
+        """
+        self.stats.rejected += 1
+        retry_after = self.retry_after()
+        raise QueueFull(
+            f"{self.name}: queue full ({waiting} waiting); retry in {retry_after:.2f}s",
+            retry_after=retry_after,
+        )
 
     def retry_after(self) -> float:
         """Seconds until the items admitted now are likely answered: the retry hint.
