@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import asdict
 from datetime import datetime
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
@@ -61,6 +62,21 @@ _json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON 
 _timeout_option = click.option(
     "--timeout", type=float, default=60.0, show_default=True, help="Deadline in seconds."
 )
+_model_option = click.option(
+    "--model", "-m", "model_ref", required=True, help="NAME or NAME@VERSION_OR_ALIAS."
+)
+_threshold_option = click.option(
+    "--threshold",
+    type=click.FloatRange(0, 1),
+    default=0.0,
+    help="Top-1 probability under which a result is flagged uncertain.",
+)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _job_arguments(command: F) -> F:
+    """`JOB_ID`, `--server` and `--timeout`: what every command on one job takes."""
+    return click.argument("job_id")(_server_option(_timeout_option(command)))
 
 
 class PeritoGroup(click.Group):
@@ -111,14 +127,9 @@ def _print_json(value: object) -> None:
 
 @cli.command()
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
-@click.option("--model", "-m", "model_ref", required=True, help="NAME or NAME@VERSION_OR_ALIAS.")
+@_model_option
 @click.option("--top-k", "-k", default=3, show_default=True, type=click.IntRange(min=1))
-@click.option(
-    "--threshold",
-    type=click.FloatRange(0, 1),
-    default=0.0,
-    help="Top-1 probability under which a result is flagged uncertain.",
-)
+@_threshold_option
 @_server_option
 @_timeout_option
 @_json_option
@@ -261,6 +272,10 @@ def _job_line(job: Job) -> str:
     return line
 
 
+def _print_job(job: Job, as_json: bool) -> None:
+    click.echo(json.dumps(asdict(job), default=_default, indent=2) if as_json else _job_line(job))
+
+
 def _follow(handle: JobHandle, as_json: bool) -> Job:
     bar = None if as_json else ProgressBar()
     job = handle.last
@@ -272,17 +287,12 @@ def _follow(handle: JobHandle, as_json: bool) -> Job:
 
 @cli.command()
 @click.argument("source")
-@click.option("--model", "-m", "model_ref", required=True, help="NAME or NAME@VERSION_OR_ALIAS.")
+@_model_option
 @click.option(
     "--output", "output_uri", default="", help="s3://bucket/prefix/ or a folder for results."
 )
 @click.option("--top-k", "-k", default=5, show_default=True, type=click.IntRange(min=1))
-@click.option(
-    "--threshold",
-    type=click.FloatRange(0, 1),
-    default=0.0,
-    help="Top-1 probability under which a result is flagged uncertain.",
-)
+@_threshold_option
 @click.option(
     "--chunk-size",
     type=click.IntRange(min=1),
@@ -397,29 +407,25 @@ def job_list(
                 break
 
 
-@job.command("status")
-@click.argument("job_id")
-@_server_option
-@_timeout_option
-@_json_option
-def job_status(job_id: str, server: str, timeout: float, as_json: bool) -> None:
-    """Show a job's state and counts.
+def _job_call(name: str, summary: str, call: Callable[[Client, str], Job]) -> None:
+    """Add `perito job NAME JOB_ID [--json]`: `call` the server, print the job it answers."""
 
-    \b
-    Example:
-      perito job status 3f1c9e0a7b2d4c6e8f10
-    """
-    with _connect(server, timeout) as client:
-        found = client.get_job(job_id)
-    click.echo(
-        json.dumps(asdict(found), default=_default, indent=2) if as_json else _job_line(found)
-    )
+    @job.command(name, help=f"{summary}\n\n\b\nExample:\n  perito job {name} 3f1c9e0a7b2d4c6e8f10")
+    @_job_arguments
+    @_json_option
+    def command(job_id: str, server: str, timeout: float, as_json: bool) -> None:
+        with _connect(server, timeout) as client:
+            _print_job(call(client, job_id), as_json)
+
+
+_job_call("status", "Show a job's state and counts.", Client.get_job)
+_job_call(
+    "cancel", "Cancel a job: images not classified yet are marked cancelled.", Client.cancel_job
+)
 
 
 @job.command("watch")
-@click.argument("job_id")
-@_server_option
-@_timeout_option
+@_job_arguments
 @click.option(
     "--json", "as_json", is_flag=True, help="One JSON line per snapshot instead of a bar."
 )
@@ -474,29 +480,8 @@ def job_results(
                 )
 
 
-@job.command("cancel")
-@click.argument("job_id")
-@_server_option
-@_timeout_option
-@_json_option
-def job_cancel(job_id: str, server: str, timeout: float, as_json: bool) -> None:
-    """Cancel a job: images not classified yet are marked cancelled.
-
-    \b
-    Example:
-      perito job cancel 3f1c9e0a7b2d4c6e8f10
-    """
-    with _connect(server, timeout) as client:
-        found = client.cancel_job(job_id)
-    click.echo(
-        json.dumps(asdict(found), default=_default, indent=2) if as_json else _job_line(found)
-    )
-
-
 @job.command("delete")
-@click.argument("job_id")
-@_server_option
-@_timeout_option
+@_job_arguments
 def job_delete(job_id: str, server: str, timeout: float) -> None:
     """Delete a job's record and results from the server now (a running job is cancelled
     first). Results files already written stay. Jobs are deleted by themselves after the
