@@ -491,16 +491,7 @@ class S3Store:
         return True
 
     def list_keys(self, prefix: str) -> Iterator[str]:
-        full = self._key(prefix)
-        token: str | None = None
-        while True:
-            extra = {"ContinuationToken": token} if token else {}
-            page = self._call(prefix, self.client.list_objects_v2, Prefix=full, **extra)
-            for item in page.get("Contents", []):
-                yield item["Key"][len(self.prefix) + 1 :] if self.prefix else item["Key"]
-            if not page.get("IsTruncated"):
-                return
-            token = page["NextContinuationToken"]
+        return (listed.key for listed in self.iter_objects(prefix))
 
     def iter_objects(self, prefix: str) -> Iterator[ListedObject]:
         """Every object whose key starts with `prefix`, in S3's order (by key, as UTF-8
