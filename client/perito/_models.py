@@ -5,12 +5,31 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from google.protobuf import json_format
+from google.protobuf.message import Message
 
 from perito._errors import InvalidArgumentError
 from perito.v1 import classify_pb2, jobs_pb2, models_pb2
+
+S = TypeVar("S", bound=enum.StrEnum)
+
+
+def _same(message: Message, names: str) -> dict[str, Any]:
+    """The fields `names` (space-separated) of `message`, for the arguments of a type that
+    takes them as they are and by the same names."""
+    return {name: getattr(message, name) for name in names.split()}
+
+
+def _state(kind: type[S], name: str) -> S:
+    """A proto enum value's name as `kind`: `JOB_STATE_RUNNING` -> `JobState.RUNNING`."""
+    return kind(name.partition("_STATE_")[2].lower())
+
+
+def _time(message: Message, name: str) -> datetime | None:
+    """A timestamp field, None when unset."""
+    return getattr(message, name).ToDatetime() if message.HasField(name) else None
 
 
 @dataclass(frozen=True)
@@ -69,17 +88,12 @@ class Classification:
         cls, message: classify_pb2.Classification, model: str = "", model_version: str = ""
     ) -> Classification:
         return cls(
-            image_id=message.image_id,
+            **_same(message, "image_id margin normalized_entropy uncertain first_frame_only form"),
             predictions=[
                 Prediction(p.label, p.class_index, p.probability) for p in message.predictions
             ],
-            margin=message.margin,
-            normalized_entropy=message.normalized_entropy,
-            uncertain=message.uncertain,
             model=model,
             model_version=model_version,
-            first_frame_only=message.first_frame_only,
-            form=message.form,
         )
 
 
@@ -123,16 +137,10 @@ class ModelVersion:
     @classmethod
     def _from_proto(cls, message: models_pb2.ModelVersion) -> ModelVersion:
         return cls(
-            model=message.model,
-            version=message.version,
+            **_same(message, "model version input_height input_width sha256 description loaded"),
             aliases=list(message.aliases),
             labels=list(message.labels),
-            input_height=message.input_height,
-            input_width=message.input_width,
-            sha256=message.sha256,
-            created=message.create_time.ToDatetime() if message.HasField("create_time") else None,
-            description=message.description,
-            loaded=message.loaded,
+            created=_time(message, "create_time"),
             card=json_format.MessageToDict(message.card) if message.HasField("card") else {},
         )
 
@@ -149,8 +157,7 @@ class Model:
     @classmethod
     def _from_proto(cls, message: models_pb2.Model) -> Model:
         return cls(
-            name=message.name,
-            latest_version=message.latest_version,
+            **_same(message, "name latest_version"),
             aliases=dict(message.aliases),
             versions=[ModelVersion._from_proto(v) for v in message.versions],
         )
@@ -174,10 +181,6 @@ class ItemState(enum.StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
-
-
-def _time(message: jobs_pb2.Job, name: str) -> datetime | None:
-    return getattr(message, name).ToDatetime() if message.HasField(name) else None
 
 
 @dataclass(frozen=True)
@@ -212,12 +215,8 @@ class Job:
     @classmethod
     def _from_proto(cls, message: jobs_pb2.Job) -> Job:
         return cls(
-            id=message.id,
-            state=JobState(
-                jobs_pb2.JobState.Name(message.state).removeprefix("JOB_STATE_").lower()
-            ),
-            model=message.model,
-            model_version=message.model_version,
+            **_same(message, "id model model_version output_uri error tenant"),
+            state=_state(JobState, jobs_pb2.JobState.Name(message.state)),
             total=message.total_items,
             succeeded=message.succeeded_items,
             failed=message.failed_items,
@@ -225,11 +224,8 @@ class Job:
             created=_time(message, "create_time"),
             started=_time(message, "start_time"),
             finished=_time(message, "end_time"),
-            output_uri=message.output_uri,
             result_uris=list(message.result_uris),
-            error=message.error,
             labels=dict(message.labels),
-            tenant=message.tenant,
         )
 
 
@@ -247,16 +243,11 @@ class JobItemResult:
     @classmethod
     def _from_proto(cls, message: jobs_pb2.JobItemResult) -> JobItemResult:
         return cls(
-            index=message.index,
-            image_id=message.image_id,
-            uri=message.uri,
-            state=ItemState(
-                jobs_pb2.ItemState.Name(message.state).removeprefix("ITEM_STATE_").lower()
-            ),
+            **_same(message, "index image_id uri error"),
+            state=_state(ItemState, jobs_pb2.ItemState.Name(message.state)),
             classification=(
                 Classification._from_proto(message.classification)
                 if message.HasField("classification")
                 else None
             ),
-            error=message.error,
         )
