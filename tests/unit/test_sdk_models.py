@@ -3,34 +3,36 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 import perito
 from perito.v1 import classify_pb2, jobs_pb2, models_pb2
 
 
-def test_a_job_and_its_item_results_from_their_messages() -> None:
+def test_a_job_from_its_message() -> None:
+    # Fields the result has under the message's names, with the message's values.
+    same: dict[str, Any] = {
+        "id": "j",
+        "model": "m",
+        "model_version": "2",
+        "output_uri": "s3://out/",
+        "result_uris": ["s3://out/r.jsonl"],
+        "error": "e",
+        "labels": {"site": "7"},
+        "tenant": "acme",
+    }
     message = jobs_pb2.Job(
-        id="j",
         state=jobs_pb2.JOB_STATE_PARTIALLY_SUCCEEDED,
-        model="m",
-        model_version="2",
         total_items=5,
         succeeded_items=2,
         failed_items=1,
         cancelled_items=1,
-        output_uri="s3://out/",
-        result_uris=["s3://out/r.jsonl"],
-        error="e",
-        labels={"site": "7"},
-        tenant="acme",
+        **same,
     )
     message.start_time.FromSeconds(5)
     job = perito.Job._from_proto(message)
     assert job == perito.Job(
-        id="j",
         state=perito.JobState.PARTIALLY_SUCCEEDED,
-        model="m",
-        model_version="2",
         total=5,
         succeeded=2,
         failed=1,
@@ -38,30 +40,28 @@ def test_a_job_and_its_item_results_from_their_messages() -> None:
         created=None,
         started=datetime(1970, 1, 1, 0, 0, 5),
         finished=None,
-        output_uri="s3://out/",
-        result_uris=["s3://out/r.jsonl"],
-        error="e",
-        labels={"site": "7"},
-        tenant="acme",
+        **same,
     )
     assert job.terminal and job.done == 4
 
-    found = classify_pb2.Classification(
-        image_id="a.jpg",
-        predictions=[classify_pb2.Prediction(label="cat", class_index=1, probability=0.75)],
-        margin=0.5,
-        normalized_entropy=0.25,
-        uncertain=True,
-        first_frame_only=True,
-        form="openvino-int8",
-    )
+
+def test_item_results_from_their_messages() -> None:
+    scores: dict[str, Any] = {
+        "image_id": "a.jpg",
+        "margin": 0.5,
+        "normalized_entropy": 0.25,
+        "uncertain": True,
+        "first_frame_only": True,
+        "form": "openvino-int8",
+    }
+    top = classify_pb2.Prediction(label="cat", class_index=1, probability=0.75)
     item = perito.JobItemResult._from_proto(
         jobs_pb2.JobItemResult(
             index=3,
             image_id="a.jpg",
             uri="s3://in/a.jpg",
             state=jobs_pb2.ITEM_STATE_SUCCEEDED,
-            classification=found,
+            classification=classify_pb2.Classification(predictions=[top], **scores),
         )
     )
     assert (item.index, item.image_id, item.uri, item.state, item.error) == (
@@ -71,15 +71,8 @@ def test_a_job_and_its_item_results_from_their_messages() -> None:
         perito.ItemState.SUCCEEDED,
         "",
     )
-    assert item.classification == perito.Classification(
-        image_id="a.jpg",
-        predictions=[perito.Prediction("cat", 1, 0.75)],
-        margin=0.5,
-        normalized_entropy=0.25,
-        uncertain=True,
-        first_frame_only=True,
-        form="openvino-int8",
-    )
+    expected = perito.Classification(predictions=[perito.Prediction("cat", 1, 0.75)], **scores)
+    assert item.classification == expected
     failed = perito.JobItemResult._from_proto(
         jobs_pb2.JobItemResult(index=4, state=jobs_pb2.ITEM_STATE_FAILED, error="truncated")
     )
@@ -87,17 +80,18 @@ def test_a_job_and_its_item_results_from_their_messages() -> None:
 
 
 def test_a_model_and_its_versions_from_their_messages() -> None:
-    version = models_pb2.ModelVersion(
-        model="m",
-        version="2",
-        aliases=["production"],
-        labels=["cat", "dog"],
-        input_height=224,
-        input_width=224,
-        sha256="abc",
-        description="d",
-        loaded=True,
-    )
+    same: dict[str, Any] = {
+        "model": "m",
+        "version": "2",
+        "aliases": ["production"],
+        "labels": ["cat", "dog"],
+        "input_height": 224,
+        "input_width": 224,
+        "sha256": "abc",
+        "description": "d",
+        "loaded": True,
+    }
+    version = models_pb2.ModelVersion(**same)
     version.create_time.FromSeconds(60)
     version.card.update({"accuracy": 0.9})
     model = perito.Model._from_proto(
@@ -110,16 +104,6 @@ def test_a_model_and_its_versions_from_their_messages() -> None:
     )
     assert (model.name, model.latest_version, model.aliases) == ("m", "2", {"production": "2"})
     assert model.versions[0] == perito.ModelVersion(
-        model="m",
-        version="2",
-        aliases=["production"],
-        labels=["cat", "dog"],
-        input_height=224,
-        input_width=224,
-        sha256="abc",
-        created=datetime(1970, 1, 1, 0, 1),
-        description="d",
-        loaded=True,
-        card={"accuracy": 0.9},
+        created=datetime(1970, 1, 1, 0, 1), card={"accuracy": 0.9}, **same
     )
     assert model.versions[1].created is None and model.versions[1].card == {}
