@@ -159,34 +159,28 @@ def call(method: str, request: Message, deadline: Deadline, max_retries: int) ->
 # Pagination.
 
 
+@dataclass
 class Pager(Generic[T]):
     """A paged listing: the program for each page in turn, until the server says it was the
     last. A client runs `next_page()`'s program before asking for the next one."""
 
-    def __init__(
-        self,
-        method: str,
-        request_for: Callable[[str], Message],
-        items_of: Callable[[Any], Iterable[T]],
-        deadline_for: Callable[[], Deadline],
-        max_retries: int,
-    ) -> None:
-        self._method = method
-        self._request_for = request_for
-        self._items_of = items_of
-        self._deadline_for = deadline_for
-        self._max_retries = max_retries
-        self._token: str | None = ""
+    method: str
+    request_for: Callable[[str], Message]
+    items_of: Callable[[Any], Iterable[T]]
+    deadline_for: Callable[[], Deadline]
+    max_retries: int
+    # The next page's token: "" for the first page, None after the last.
+    _token: str | None = dataclasses.field(default="", init=False)
 
     def next_page(self) -> Program[list[T]] | None:
         """The program fetching the next page's items, or None after the last page."""
         return None if self._token is None else self._page(self._token)
 
     def _page(self, token: str) -> Program[list[T]]:
-        request = self._request_for(token)
-        response = yield from call(self._method, request, self._deadline_for(), self._max_retries)
+        request = self.request_for(token)
+        response = yield from call(self.method, request, self.deadline_for(), self.max_retries)
         self._token = response.next_page_token or None
-        return list(self._items_of(response))
+        return list(self.items_of(response))
 
 
 def list_models(policy: Policy) -> Pager[Model]:
