@@ -13,7 +13,6 @@ import argparse
 import contextlib
 import io
 import os
-import platform
 import statistics
 import sys
 import time
@@ -25,18 +24,9 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from bench.classify import cpu_name  # noqa: E402
 from perito_core.imaging import HEIF_SUPPORTED, decode_image_with_info, load_model_input  # noqa: E402
 from perito_training.pretrained import EFFICIENTNET_LITE0_INPUT  # noqa: E402
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def photo(width: int, height: int) -> Image.Image:
@@ -92,7 +82,7 @@ def main() -> int:
     jpeg = statistics.median(times["JPEG"])
     print(
         f"# decode: {width}x{height} photo -> {spec.width}x{spec.height} model input "
-        f"(load_model_input), {args.rounds} interleaved rounds; {cpu_model()}, "
+        f"(load_model_input), {args.rounds} interleaved rounds; {cpu_name()}, "
         f"{os.cpu_count()} cores"
     )
     print("| file | decoded as | bytes | median ms | min ms | vs JPEG |")

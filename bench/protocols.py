@@ -30,7 +30,6 @@ import signal
 import struct
 import sys
 import tempfile
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -41,48 +40,13 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.classify import MODEL, cpu_name, make_jpegs, percentile, publish  # noqa: E402
+from bench.classify import MODEL, cpu_name, drive, make_jpegs, publish  # noqa: E402
 from perito.v1 import classify_pb2, image_pb2, service_pb2_grpc  # noqa: E402
 from perito_core.models.forms import isa_summary  # noqa: E402
 from perito_server._oip import grpc_service_pb2 as oip_pb2  # noqa: E402
 from scripts.processes import Proc, free_port, wait_for_port  # noqa: E402
 
 Call = Callable[[int], Awaitable[None]]
-
-
-def cpu_seconds(pid: int) -> float:
-    """CPU time (user + system, every thread) process `pid` has used so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-async def drive(call: Call, callers: int, seconds: float, server_pid: int) -> dict[str, float]:
-    """`callers` loops calling `call(index)` for `seconds`: images/s, p50 and p99 in ms, and
-    the server's CPU ms per image (which other load on the machine hardly moves)."""
-    for index in range(callers):  # warm: connections open, the model's batch sizes seen
-        await call(index)
-    latencies: list[float] = []
-    stop_at = time.perf_counter() + seconds
-
-    async def caller(offset: int) -> None:
-        index = offset
-        while time.perf_counter() < stop_at:
-            began = time.perf_counter()
-            await call(index)
-            latencies.append(time.perf_counter() - began)
-            index += callers
-
-    start, cpu_start = time.perf_counter(), cpu_seconds(server_pid)
-    own_start = time.process_time()
-    await asyncio.gather(*(caller(i) for i in range(callers)))
-    elapsed = time.perf_counter() - start
-    return {
-        "images_per_s": len(latencies) / elapsed,
-        "server_cpu_ms_per_image": (cpu_seconds(server_pid) - cpu_start) * 1000 / len(latencies),
-        "caller_cpu_ms_per_image": (time.process_time() - own_start) * 1000 / len(latencies),
-        "p50_ms": percentile(latencies, 50) * 1000,
-        "p99_ms": percentile(latencies, 99) * 1000,
-    }
 
 
 async def measure(
