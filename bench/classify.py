@@ -122,18 +122,35 @@ def publish(
     return registry
 
 
+def forward_rate(model: LoadedModel, images: np.ndarray, seconds: float) -> float:
+    """Images/s of `model.predict(images)`, `images` (uint8, [N, H, W, 3]) one batch, for
+    `seconds` after one warm-up call."""
+
+    def step() -> int:
+        model.predict(images)
+        return len(images)
+
+    return timed_loop(seconds, step)[0]
+
+
+def random_images(batch: int, size: int = 224) -> np.ndarray:
+    """`batch` seeded random uint8 images, [batch, size, size, 3]: prepared model input."""
+    return np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
+
+
 def forward_rates(model: LoadedModel, seconds: float) -> dict[str, float]:
     """The forward pass alone (prepared uint8 images), images/s at batch 1 and 8."""
-    rates = {}
-    for batch in (1, 8):
-        images = np.random.default_rng(0).integers(0, 256, (batch, 224, 224, 3), dtype=np.uint8)
+    return {f"forward_b{b}": forward_rate(model, random_images(b), seconds) for b in (1, 8)}
 
-        def step(images: np.ndarray = images, batch: int = batch) -> int:
-            model.predict(images)
-            return batch
 
-        rates[f"forward_b{batch}"], _ = timed_loop(seconds, step)
-    return rates
+def machine_line() -> str:
+    """What every benchmark prints first: the CPU, its ISA as the compiled forms see it,
+    torch's threads, the cores and the load average (figures compare only within a run)."""
+    return (
+        f"# CPU: {cpu_name()} ({platform.machine()}); ISA: {isa_summary()}; torch "
+        f"{torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores; "
+        f"load average {os.getloadavg()[0]:.1f}"
+    )
 
 
 def cpu_name() -> str:
@@ -318,10 +335,8 @@ def main() -> int:
         registry = publish(args.arch, work)
         artifact = registry.fetch(MODEL, "1")
         model = LoadedModel.load(artifact.path, artifact.manifest, warmup_batch_sizes=(1, 4, 8, 16))
-        print(
-            f"# {args.arch}, 640x480 JPEGs, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads, {os.cpu_count()} cores, {platform.machine()}"
-        )
+        print(machine_line())
+        print(f"# {args.arch}, 640x480 JPEGs")
         raw = bench_raw(model, jpegs, args.seconds)
         del model
 
@@ -392,11 +407,8 @@ def main() -> int:
 
 def compare_forms(args: argparse.Namespace, forms: list[str]) -> int:
     """Every requested form through the same measurements, in one run: ratios to TorchScript."""
-    print(f"# CPU: {cpu_name()}; ISA: {isa_summary()}; load average {os.getloadavg()[0]:.1f}")
-    print(
-        f"# {args.arch}, 640x480 JPEGs, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, {os.cpu_count()} cores, {args.seconds:g} s each"
-    )
+    print(machine_line())
+    print(f"# {args.arch}, 640x480 JPEGs, {args.seconds:g} s each")
     compiled = tuple(sorted({f for f in forms if f in ("fp32", "int8", "bf16")}))
     figures: dict[str, dict[str, object]] = {}
     with tempfile.TemporaryDirectory(prefix="perito-bench-") as tmp:

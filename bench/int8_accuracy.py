@@ -32,8 +32,9 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
+from bench.classify import forward_rate, machine_line, random_images  # noqa: E402
 from perito_core.models.compile import build_forms  # noqa: E402
-from perito_core.models.forms import OpenVinoModel, isa_summary  # noqa: E402
+from perito_core.models.forms import OpenVinoModel  # noqa: E402
 from perito_core.models.manifest import (  # noqa: E402
     Artifact,
     CompiledForm,
@@ -132,16 +133,6 @@ def _controlled(
     return OpenVinoModel(manifest, form, folder / "model.xml")
 
 
-def _rate(model: OpenVinoModel, batch: int, seconds: float) -> float:
-    images = np.random.default_rng(0).integers(0, 256, (batch, 224, 224, 3), dtype=np.uint8)
-    model.predict(images)
-    done, start = 0, time.perf_counter()
-    while (elapsed := time.perf_counter() - start) < seconds:
-        model.predict(images)
-        done += batch
-    return done / elapsed
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", default="efficientnet-lite0,resnet18")
@@ -151,7 +142,7 @@ def main() -> None:
         "--control", default="agreement,fidelity", help="accuracy control metrics to build"
     )
     args = parser.parse_args()
-    print(f"# CPU ISA: {isa_summary()}; {os.cpu_count()} cores")
+    print(machine_line())
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for arch in args.arch.split(","):
@@ -197,7 +188,7 @@ def main() -> None:
                 line = []
                 for batch in (1, 8):
                     for key, model in models.items():
-                        rate = _rate(model, batch, args.seconds)
+                        rate = forward_rate(model, random_images(batch), args.seconds)
                         rates[f"{key} b{batch}"].append(rate)
                         line.append(f"{key} b{batch} {rate:.1f}")
                 print(f"round {round_ + 1} (load average {load:.1f}): " + ", ".join(line))

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -34,9 +33,9 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench.classify import make_jpegs  # noqa: E402
+from bench.classify import forward_rate, machine_line, make_jpegs  # noqa: E402
 from perito_core.imaging import load_model_input  # noqa: E402
-from perito_core.models.forms import isa_summary, load_model  # noqa: E402
+from perito_core.models.forms import load_model  # noqa: E402
 from perito_core.models.manifest import TensorContract  # noqa: E402
 from perito_core.models.registry import ModelRegistry  # noqa: E402
 from perito_core.models.runtime import LoadedModel  # noqa: E402
@@ -63,16 +62,6 @@ def _photos(folder: Path, views: int) -> list[bytes]:
             image.crop((left, top, left + cw, top + ch)).save(buffer, "JPEG", quality=92)
             files.append(buffer.getvalue())
     return files
-
-
-def _rate(model: LoadedModel, images: np.ndarray, batch: int, seconds: float) -> float:
-    chunk = images[:batch]
-    model.predict(chunk)
-    done, start = 0, time.perf_counter()
-    while (elapsed := time.perf_counter() - start) < seconds:
-        model.predict(chunk)
-        done += batch
-    return done / elapsed
 
 
 def _overlapped_rate(model: LoadedModel, jpegs: list[bytes], seconds: float) -> float:
@@ -114,11 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     tensor = TensorContract(
         layout="NCHW", scale=1 / 255, mean=contract.mean, std=contract.std, output="logits"
     )
-    print(
-        f"efficientnet-lite0, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"{os.cpu_count()} cores, {platform.machine()} ({isa_summary()}), "
-        f"load average {os.getloadavg()[0]:.1f}"
-    )
+    print(machine_line())
+    print("# efficientnet-lite0")
     with tempfile.TemporaryDirectory(prefix="perito-onnx-bench-") as tmp:
         work = Path(tmp)
         network, labels = efficientnet_lite0_imagenet()
@@ -169,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.rounds):
             for batch in sizes:
                 for name, model in models.items():
-                    rates[name][batch].append(_rate(model, images, batch, args.seconds))
+                    rates[name][batch].append(forward_rate(model, images[:batch], args.seconds))
             for name, model in models.items():
                 overlapped[name].append(_overlapped_rate(model, jpegs, args.seconds))
         base = next(iter(models))

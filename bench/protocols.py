@@ -25,7 +25,6 @@ import asyncio
 import base64
 import json
 import os
-import platform
 import signal
 import struct
 import sys
@@ -35,14 +34,12 @@ from pathlib import Path
 
 import aiohttp
 import grpc
-import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.classify import MODEL, cpu_name, drive, make_jpegs, publish  # noqa: E402
+from bench.classify import MODEL, drive, machine_line, make_jpegs, publish  # noqa: E402
 from perito.v1 import classify_pb2, image_pb2, service_pb2_grpc  # noqa: E402
-from perito_core.models.forms import isa_summary  # noqa: E402
 from perito_server._oip import grpc_service_pb2 as oip_pb2  # noqa: E402
 from scripts.processes import Proc, free_port, wait_for_port  # noqa: E402
 
@@ -168,11 +165,10 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
 
-    print(f"# CPU: {cpu_name()}; ISA: {isa_summary()}; load average {os.getloadavg()[0]:.1f}")
+    print(machine_line())
     print(
-        f"# {args.arch}, 640x480 JPEGs, one per request, {args.callers} callers, torch "
-        f"{torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores, "
-        f"{platform.machine()}, {args.rounds} x {args.seconds:g} s per door"
+        f"# {args.arch}, 640x480 JPEGs, one per request, {args.callers} callers, "
+        f"{args.rounds} x {args.seconds:g} s per door"
     )
     with tempfile.TemporaryDirectory(prefix="perito-bench-") as tmp:
         work = Path(tmp)
