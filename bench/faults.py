@@ -560,6 +560,21 @@ def check_job(stack: Stack, job: perito.Job, out: Outcome) -> JobCheck:
     return JobCheck(job, rows, duplicates, lost, resent)
 
 
+def expect_all_succeeded(
+    stack: Stack, client: perito.Client, job_id: str, total: int, out: Outcome
+) -> None:
+    """Wait (up to 300 s) for job `job_id` to end, check it and the store, and expect all
+    `total` items succeeded."""
+    [job] = wait_terminal(client, [job_id], timeout=300)
+    check_job(stack, job, out)
+    out.expect(
+        job.state is perito.JobState.SUCCEEDED and job.succeeded == total,
+        f"expected {total} succeeded, got {job.state.value} {job.succeeded}/{job.total}: "
+        f"{job.error}",
+    )
+    check_store(stack, out)
+
+
 def check_store(stack: Stack, out: Outcome) -> None:
     """No job in the store may be left non-terminal."""
     active = stack.active_jobs()
@@ -572,12 +587,20 @@ def check_store(stack: Stack, out: Outcome) -> None:
 DEFAULT = Config()
 
 
-def scenario_kill_worker(lab: Lab, out: Outcome, sampler: Sampler) -> None:
+def submit_on_main(
+    lab: Lab, sampler: Sampler, photos: int, *, chunk_size: int
+) -> tuple[Stack, perito.Client, perito.JobHandle]:
+    """The shared stack, its memory sampler reset, and a job over `photos` generated photos
+    submitted to the `tiny` model in chunks of `chunk_size`."""
     stack = lab.stack("main", DEFAULT)
     sampler.reset(stack)
-    photos = lab.photos(5000)
     client = stack.client()
-    handle = client.submit_job(str(photos), model="tiny", chunk_size=100)
+    handle = client.submit_job(str(lab.photos(photos)), model="tiny", chunk_size=chunk_size)
+    return stack, client, handle
+
+
+def scenario_kill_worker(lab: Lab, out: Outcome, sampler: Sampler) -> None:
+    stack, client, handle = submit_on_main(lab, sampler, 5000, chunk_size=100)
     total = handle.last.total
     out.expect(total == 5000, f"the job has {total} items, not 5000")
     killed_at = []
@@ -588,13 +611,7 @@ def scenario_kill_worker(lab: Lab, out: Outcome, sampler: Sampler) -> None:
         stack.workers[0].kill9()
         killed_at.append(_done(stack, handle.id))
         stack.workers[0].start()
-    [job] = wait_terminal(client, [handle.id], timeout=300)
-    check_job(stack, job, out)
-    out.expect(
-        job.state is perito.JobState.SUCCEEDED and job.succeeded == 5000,
-        f"expected 5000 succeeded, got {job.state.value} {job.succeeded}/{job.total}: {job.error}",
-    )
-    check_store(stack, out)
+    expect_all_succeeded(stack, client, handle.id, 5000, out)
     mid_chunk = sum(1 for done in killed_at if done % 100)
     out.notes.append(
         f"worker killed (SIGKILL, process group) and restarted 3 times, at {killed_at} items "
@@ -610,10 +627,7 @@ def _done(stack: Stack, job_id: str) -> int:
 
 
 def scenario_cancel_running(lab: Lab, out: Outcome, sampler: Sampler) -> None:
-    stack = lab.stack("main", DEFAULT)
-    sampler.reset(stack)
-    client = stack.client()
-    handle = client.submit_job(str(lab.photos(5000)), model="tiny", chunk_size=100)
+    stack, client, handle = submit_on_main(lab, sampler, 5000, chunk_size=100)
     job = wait_done(client, handle.id, 1500, timeout=120)
     if job.terminal:
         raise Failure("the job ended before the cancel: nothing was tested")
@@ -637,11 +651,7 @@ def scenario_cancel_running(lab: Lab, out: Outcome, sampler: Sampler) -> None:
 
 
 def scenario_kill_redis(lab: Lab, out: Outcome, sampler: Sampler) -> None:
-    stack = lab.stack("main", DEFAULT)
-    sampler.reset(stack)
-    photos = lab.photos(6000)
-    client = stack.client()
-    handle = client.submit_job(str(photos), model="tiny", chunk_size=64)
+    stack, client, handle = submit_on_main(lab, sampler, 6000, chunk_size=64)
     job = wait_done(client, handle.id, 1500, timeout=120)
     if job.terminal:
         raise Failure("the job ended before Redis was killed: nothing was tested")
@@ -652,13 +662,7 @@ def scenario_kill_redis(lab: Lab, out: Outcome, sampler: Sampler) -> None:
     stack.redis.start()  # same port, same --dir: replays the append-only file
     down = time.monotonic() - killed
     after = int(stack.r.hget(f"perito:job:{handle.id}", "succeeded") or 0)  # type: ignore[arg-type]
-    [job] = wait_terminal(client, [handle.id], timeout=300)
-    check_job(stack, job, out)
-    out.expect(
-        job.state is perito.JobState.SUCCEEDED and job.succeeded == 6000,
-        f"expected 6000 succeeded, got {job.state.value} {job.succeeded}/{job.total}: {job.error}",
-    )
-    check_store(stack, out)
+    expect_all_succeeded(stack, client, handle.id, 6000, out)
     out.notes.append(
         f"Redis SIGKILLed at {before} succeeded, restarted {down:.1f}s later from its "
         f"append-only file with {after} ({max(0, before - after)} recorded results lost)"
