@@ -53,7 +53,13 @@ def descriptor_set() -> descriptor_pb2.FileDescriptorSet:
     return result
 
 
-def _comments(file: descriptor_pb2.FileDescriptorProto) -> dict[tuple[int, ...], str]:
+# A descriptor's location in its file (field numbers and indexes, as SourceCodeInfo gives it),
+# and the comment written above each location.
+Location = tuple[int, ...]
+Comments = dict[Location, str]
+
+
+def _comments(file: descriptor_pb2.FileDescriptorProto) -> Comments:
     found = {}
     for location in file.source_code_info.location:
         text = (location.leading_comments or location.trailing_comments).strip()
@@ -110,10 +116,7 @@ def render(files: descriptor_pb2.FileDescriptorSet) -> str:
 
 
 def _message(
-    message: descriptor_pb2.DescriptorProto,
-    path: tuple[int, ...],
-    comments: dict[tuple[int, ...], str],
-    name: str,
+    message: descriptor_pb2.DescriptorProto, path: Location, comments: Comments, name: str
 ) -> list[str]:
     lines = [f"#### {name}", "", comments.get(path, ""), ""]
     if message.field:
@@ -139,10 +142,7 @@ def _message(
 
 
 def _enum(
-    enum: descriptor_pb2.EnumDescriptorProto,
-    path: tuple[int, ...],
-    comments: dict[tuple[int, ...], str],
-    name: str,
+    enum: descriptor_pb2.EnumDescriptorProto, path: Location, comments: Comments, name: str
 ) -> list[str]:
     lines = [f"#### {name}", "", comments.get(path, ""), "", "| Value | Number | Description |"]
     lines.append("|---|---|---|")
