@@ -17,6 +17,12 @@ import click
 from pydantic import ValidationError
 
 from perito_core.access.tenancy import ROLES, Quotas, Tenant, add_tenant
+from perito_core.cli_options import (
+    device_option,
+    local_roots_option,
+    precision_option,
+    registry_option,
+)
 from perito_core.errors import PeritoError
 from perito_core.models.manifest import InputContract
 from perito_core.models.registry import ModelRegistry
@@ -54,34 +60,14 @@ def _audit(
     )
 
 
-_registry_option = click.option(
-    "--registry",
-    envvar="PERITO_REGISTRY",
-    help="Folder, file:// or s3://bucket/prefix "
-    "(env PERITO_REGISTRY; S3 endpoint and keys from PERITO_S3_* or the AWS defaults).",
-)
-
-
 @click.command()
 @click.option("--host", help="Interface to bind (env PERITO_HOST, default 127.0.0.1).")
 @click.option("--port", type=int, help="Port, 0 for any free one (env PERITO_PORT, default 8500).")
-@_registry_option
-@click.option("--device", help="auto, cpu, cuda, cuda:1 ... (env PERITO_DEVICE).")
-@click.option(
-    "--precision",
-    type=click.Choice(["auto", "fp32", "bf16", "int8", "torchscript"]),
-    help="Which form serves: auto (the fastest verified compiled form, else TorchScript), "
-    "fp32, bf16, int8 or torchscript (env PERITO_PRECISION).",
-)
+@registry_option
+@device_option
+@precision_option
 @click.option("--preload", multiple=True, help="NAME[@VERSION] to load before serving.")
-@click.option(
-    "--local-root",
-    "local_roots",
-    multiple=True,
-    type=click.Path(path_type=Path),
-    help="A folder jobs may read images from and write results to (repeatable; env "
-    "PERITO_LOCAL_ROOTS, a JSON list). The workers need the same.",
-)
+@local_roots_option
 @click.option("--max-batch-size", type=int, help="Images per forward pass (default 4).")
 @click.option("--max-queue-delay-ms", type=float, help="Wait for a fuller batch (default 2).")
 @click.option("--max-queue-size", type=int, help="Images admitted and waiting (default 256).")
@@ -188,7 +174,7 @@ def _read_labels(path: Path) -> list[str]:
 )
 @click.option("--min-agreement", default=0.99, show_default=True)
 @contract_options
-@_registry_option
+@registry_option
 def import_model(
     model_file: Path,
     name: str,
@@ -333,7 +319,7 @@ def _check_loads(model_file: Path, name: str, labels: list[str], contract: Input
 @click.argument("name")
 @click.argument("alias")
 @click.argument("version")
-@_registry_option
+@registry_option
 def set_alias(name: str, alias: str, version: str, registry: str | None) -> None:
     """Point ALIAS of model NAME at VERSION (a number or another alias).
 

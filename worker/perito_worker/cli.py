@@ -7,31 +7,24 @@ import logging
 import os
 import socket
 import tempfile
-from pathlib import Path
 from typing import Any
 
 import click
 
+from perito_core.cli_options import (
+    device_option,
+    local_roots_option,
+    precision_option,
+    registry_option,
+)
+
 
 @click.command()
 @click.option("--redis-url", help="Broker and job store (env PERITO_REDIS_URL).")
-@click.option(
-    "--registry", help="Model registry: folder or s3://bucket/prefix (env PERITO_REGISTRY)."
-)
-@click.option(
-    "--local-root",
-    "local_roots",
-    multiple=True,
-    type=click.Path(path_type=Path),
-    help="A folder jobs may read images from and write results to (repeatable).",
-)
-@click.option("--device", help="auto, cpu, cuda, cuda:1 ... (env PERITO_DEVICE).")
-@click.option(
-    "--precision",
-    type=click.Choice(["auto", "fp32", "bf16", "int8", "torchscript"]),
-    help="Which form serves: auto (the fastest verified compiled form, else TorchScript), "
-    "fp32, bf16, int8 or torchscript (env PERITO_PRECISION).",
-)
+@registry_option
+@local_roots_option
+@device_option
+@precision_option
 @click.option("--concurrency", type=int, help="Worker processes (default 1).")
 @click.option(
     "--pool",
