@@ -349,7 +349,14 @@ class HttpApi:
             )
         deadline = time.monotonic() + timeout / 1e6 if timeout else None
         result = await self.core.infer(
-            tenant, model, version, inputs, outputs, nbytes=len(body), deadline=deadline
+            tenant,
+            model,
+            version,
+            inputs,
+            outputs,
+            nbytes=len(body),
+            deadline=deadline,
+            precision=parameters.get("precision"),
         )
         request_id = document.get("id")
         return _rest_response(result, request_id if isinstance(request_id, str) else None)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from perito_core.errors import PeritoError
-from perito_core.models.forms import load_model
+from perito_core.models.forms import load_model, requested_precision
 from perito_core.models.registry import ModelRegistry
 from perito_core.models.runtime import LoadedModel
 from perito_server.batcher import DynamicBatcher
@@ -82,10 +82,12 @@ class ModelPool:
     def __init__(self, registry: ModelRegistry, settings: ServerSettings) -> None:
         self.registry = registry
         self.settings = settings
-        self._models: collections.OrderedDict[tuple[str, str], ServedModel] = (
+        # (name, version, precision) -> the loaded model; a version is loaded once per
+        # precision asked for (`PERITO_PRECISION`, or a request's more exact one).
+        self._models: collections.OrderedDict[tuple[str, str, str], ServedModel] = (
             collections.OrderedDict()
         )
-        self._loading: dict[tuple[str, str], asyncio.Lock] = {}
+        self._loading: dict[tuple[str, str, str], asyncio.Lock] = {}
         # (name, alias or "") -> the version that alias is served by here.
         self._serving: dict[tuple[str, str], str] = {}
         self._checked_versions: set[tuple[str, str]] = set()
@@ -95,11 +97,12 @@ class ModelPool:
 
     @property
     def loaded(self) -> list[tuple[str, str]]:
-        return list(self._models)
+        """(name, version) of every version held in memory (once, whatever its precisions)."""
+        return list(dict.fromkeys((name, version) for name, version, _ in self._models))
 
     def served(self) -> list[ServedModel]:
-        """The model versions held in memory now (a copy: safe from any thread)."""
-        return list(self._models.values())
+        """The loaded models held in memory now, each once (a copy: safe from any thread)."""
+        return list({id(served): served for served in list(self._models.values())}.values())
 
     def start(self) -> None:
         """Start following alias moves (every `alias_ttl_s`)."""
@@ -123,23 +126,35 @@ class ModelPool:
             return serving
         return await asyncio.to_thread(self.registry.resolve, name, ref)
 
-    async def get(self, name: str, ref: str = "") -> ServedModel:
-        """The served model for `name` at `ref`, loading it on first use."""
+    async def get(self, name: str, ref: str = "", precision: str = "") -> ServedModel:
+        """The served model for `name` at `ref`, loading it on first use.
+
+        Args:
+            precision: the request's (`forms.requested_precision`: at least as exact as the
+                server's); "" for the server's `precision` setting.
+
+        Raises:
+            InvalidArgument: a `precision` less exact than the server's, or not one.
+            NotFound, ArtifactIntegrityError, ModelLoadError: as `load_model`.
+        """
+        precision = requested_precision(precision, self.settings.precision)
         version = await self.resolve(name, ref)
-        served = await self._get_version(name, version)
+        served = await self._get_version(name, version, precision)
         if not ref.isdigit():
             self._serving.setdefault((name, ref), version)
         return served
 
-    async def _get_version(self, name: str, version: str) -> ServedModel:
-        key = (name, version)
+    async def _get_version(
+        self, name: str, version: str, precision: str | None = None
+    ) -> ServedModel:
+        key = (name, version, precision or self.settings.precision)
         served = self._models.get(key)
         if served is None:
             lock = self._loading.setdefault(key, asyncio.Lock())
             async with lock:
                 served = self._models.get(key)
                 if served is None:
-                    served = await self._load(name, version)
+                    served = await self._load(*key)
         self._models.move_to_end(key)
         return served
 
@@ -192,7 +207,7 @@ class ModelPool:
         self.rollout_errors.pop((name, alias), None)
         log.info("%s now serves v%s (ready in %.1fs)", label, target, time.perf_counter() - started)
 
-    async def _load(self, name: str, version: str) -> ServedModel:
+    async def _load(self, name: str, version: str, precision: str) -> ServedModel:
         settings = self.settings
         sizes = tuple(range(1, settings.max_batch_size + 1))
 
@@ -201,7 +216,7 @@ class ModelPool:
                 self.registry,
                 name,
                 version,
-                precision=settings.precision,
+                precision=precision,
                 device=settings.device,
                 optimize=settings.optimize_models,
                 warmup_batch_sizes=sizes,
@@ -217,21 +232,35 @@ class ModelPool:
             executor.shutdown(wait=False)
             raise
         log.info(
-            "loaded %s@%s in %.1fs on %s, form %s",
+            "loaded %s@%s (precision %s) in %.1fs on %s, form %s",
             name,
             version,
+            precision,
             model.load_seconds,
             model.device,
             model.form,
         )
+        for (other_name, other_version, _), other in self._models.items():
+            if (other_name, other_version) == (name, version) and other.model.form == model.form:
+                # Another precision setting already loaded this form: one copy serves both.
+                executor.shutdown(wait=False)
+                self._models[(name, version, precision)] = other
+                return other
         served = ServedModel(model, executor, settings)
         served.batcher.start()
-        self._models[(name, version)] = served
+        self._models[(name, version, precision)] = served
         for callback in self.on_load:
             callback(served)
-        while len(self._models) > settings.max_loaded_models:
-            (old_name, old_version), old = self._models.popitem(last=False)
-            log.info("evicting %s@%s (least recently used)", old_name, old_version)
+        while len(self.served()) > settings.max_loaded_models:
+            (old_name, old_version, old_precision), old = self._models.popitem(last=False)
+            if any(other is old for other in self._models.values()):
+                continue  # the same loaded form still serves another precision
+            log.info(
+                "evicting %s@%s, precision %s (least recently used)",
+                old_name,
+                old_version,
+                old_precision,
+            )
             await old.close()
         return served
 
@@ -241,6 +270,6 @@ class ModelPool:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watcher
             self._watcher = None
-        for served in list(self._models.values()):
+        for served in self.served():
             await served.close()
         self._models.clear()

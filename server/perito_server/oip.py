@@ -259,6 +259,7 @@ class OipCore:
         *,
         nbytes: int,
         deadline: float | None,
+        precision: object = None,
     ) -> InferResult:
         """Classify the images of the one input, and answer the requested outputs.
 
@@ -269,6 +270,8 @@ class OipCore:
             outputs: what to answer; empty means `probabilities`.
             nbytes: the request's size, for admission (`max_queue_bytes`).
             deadline: `time.monotonic()` by which to answer, or None.
+            precision: the request's `precision` parameter (Perito's: a form at least as
+                exact as the server's, as `ClassifyRequest.precision`), None when absent.
 
         Returns:
             `probabilities` FP32 [N, C], or with `classification` = k, BYTES [N, k] of
@@ -299,6 +302,8 @@ class OipCore:
                 raise InvalidArgument(
                     "the classification parameter must be a positive count", field="outputs"
                 )
+        if precision is not None and not isinstance(precision, str):
+            raise InvalidArgument("the precision parameter must be a string", field="precision")
         self.servicer.check_target(model, version, count, tensor.name)
         name = echo(tensor.name)
         inference = await self.servicer.infer(
@@ -309,6 +314,7 @@ class OipCore:
             nbytes=nbytes,
             deadline=deadline,
             describe=lambda i: (f"{tensor.name[:64]}[{i}]", f"input {name!r}, image {i}"),
+            precision=precision or "",
         )
         wanted = outputs or [RequestedOutput(PROBABILITIES_OUTPUT)]
         return InferResult(
@@ -472,6 +478,9 @@ class OipServicer:
             outputs,
             nbytes=request.ByteSize(),
             deadline=time.monotonic() + remaining if remaining is not None else None,
+            precision=parameter_value(request.parameters["precision"])
+            if "precision" in request.parameters
+            else None,
         )
         response = pb.ModelInferResponse(
             model_name=result.model, model_version=result.version, id=request.id

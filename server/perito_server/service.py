@@ -249,6 +249,7 @@ class PeritoServicer(service_pb2_grpc.PeritoServicer):
         nbytes: int,
         deadline: float | None,
         describe: Describe,
+        precision: str = "",
     ) -> Inference:
         """Classify `images` with `model@version`: the one path every door takes.
 
@@ -268,6 +269,8 @@ class PeritoServicer(service_pb2_grpc.PeritoServicer):
             deadline: `time.monotonic()` by which the answer is due, or None.
             describe: index -> (field, label) naming an image in a refusal, e.g.
                 `("images[3]", "images[3] (id 'a.jpg')")`.
+            precision: a form at least as exact as the server's (`forms.requested_precision`),
+                or "" for the server's.
 
         Returns:
             The probabilities of each image, in order, and what answered.
@@ -275,7 +278,8 @@ class PeritoServicer(service_pb2_grpc.PeritoServicer):
         Raises:
             QuotaExceeded: over the tenant's images per minute.
             NotFound: no such model, version or alias.
-            InvalidArgument: pixels not [N, H, W, 3] at the model's input size.
+            InvalidArgument: pixels not [N, H, W, 3] at the model's input size, or a
+                `precision` less exact than the server's.
             InvalidImage: undecodable images, each named by `describe` in the violations.
             QueueFull: no room now (with a retry hint), or never (REQUEST_TOO_LARGE).
             DeadlineExceeded: the deadline passed while its images waited.
@@ -284,7 +288,7 @@ class PeritoServicer(service_pb2_grpc.PeritoServicer):
         per_minute = tenant.quotas.images_per_minute
         if per_minute is not None:
             await asyncio.to_thread(self.limiter.take, tenant.name, len(images), per_minute)
-        served = await self.pool.get(model, version)
+        served = await self.pool.get(model, version, precision)
         manifest = served.model.manifest
         spec = manifest.input.spec()
         infos: list[DecodeInfo | None]
@@ -347,6 +351,7 @@ class PeritoServicer(service_pb2_grpc.PeritoServicer):
             nbytes=request.ByteSize(),
             deadline=deadline,
             describe=lambda i: (f"images[{i}]", _image_label(i, request.images[i].id)),
+            precision=request.precision,
         )
         manifest = inference.manifest
         top_k = request.top_k or self.settings.default_top_k

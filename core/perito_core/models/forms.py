@@ -34,7 +34,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from perito_core.errors import ModelLoadError, PeritoError
+from perito_core.errors import InvalidArgument, ModelLoadError, PeritoError
 from perito_core.models.calibration import rescale
 from perito_core.models.manifest import CompiledForm, ModelManifest
 from perito_core.models.registry import LocalArtifact, ModelRegistry
@@ -44,6 +44,37 @@ log = logging.getLogger(__name__)
 
 PrecisionChoice = Literal["auto", "fp32", "bf16", "int8", "torchscript"]
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "int8", "torchscript")
+# From the least exact choice to the most: `auto` lets INT8 serve; `torchscript` is model.pt.
+EXACTNESS = {"auto": 0, "int8": 1, "bf16": 2, "fp32": 3, "torchscript": 4}
+
+
+def requested_precision(requested: str, default: str) -> str:
+    """The precision to serve one request with: the caller's `requested` one, or the server's
+    `default` (`PERITO_PRECISION`) when it asks for none.
+
+    A caller may ask only for a form at least as exact as the server's setting (issue 19:
+    operators choose speed, a caller who needs exactness opts into it): `fp32` or
+    `torchscript` on a server set to `auto` or `int8`, never `int8` on one set to `fp32`.
+
+    Raises:
+        InvalidArgument: (field `precision`) not a precision, or less exact than `default`.
+    """
+    if not requested or requested == default:
+        return default
+    if requested not in EXACTNESS:
+        raise InvalidArgument(
+            f"precision must be one of {', '.join(PRECISIONS)}, or empty for the server's "
+            f"({default})",
+            field="precision",
+        )
+    if EXACTNESS[requested] < EXACTNESS[default]:
+        raise InvalidArgument(
+            f"precision {requested} is less exact than this server's {default}: a request may "
+            "ask only for a more exact form",
+            field="precision",
+        )
+    return requested
+
 
 # Flags worth printing beside a benchmark: what makes INT8 and BF16 fast on x86.
 ISA_FLAGS = (

@@ -1,0 +1,127 @@
+"""A request may ask for a more exact form than the server's `PERITO_PRECISION`, never a less
+exact one (issue 19): `ClassifyRequest.precision` over gRPC, the OIP `precision` parameter.
+
+A tiny model published with an OpenVINO FP32 form, served over a real socket: `auto` answers
+with that form, a request for `torchscript` with model.pt, and a server set to `fp32` refuses
+a request for `int8` naming the field.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from PIL import Image
+
+from perito.v1 import classify_pb2, image_pb2, service_pb2_grpc
+from perito_core.models.compile import build_forms
+from perito_core.models.registry import ModelRegistry
+from perito_server._oip import grpc_service_pb2 as oip_pb2
+from perito_server.settings import ServerSettings
+from tests.conftest import publish_tiny
+from tests.helpers import TINY_INPUT, ServerThread
+
+pytest.importorskip("openvino", reason="OpenVINO (optional engine, perito[serve]) not installed")
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def registry_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_file: Path) -> Path:
+    root = tmp_path_factory.mktemp("registry")
+    registry = ModelRegistry.open(str(root), cache_dir=root / ".publish-cache")
+    spec = TINY_INPUT.spec()
+    images = np.random.default_rng(0).integers(0, 256, (24, spec.height, spec.width, 3), np.uint8)
+    built = build_forms(
+        tiny_model_file,
+        TINY_INPUT,
+        tmp_path_factory.mktemp("forms"),
+        calibration=images[:16],
+        holdout=images[16:],
+        precisions=("fp32",),
+    )
+    publish_tiny(registry, tiny_model_file, forms=built.forms, skipped_forms=built.skipped)
+    return root
+
+
+def _server(registry_dir: Path, tmp_path: Path, precision: str) -> ServerThread:
+    return ServerThread(
+        ServerSettings(port=0, registry=str(registry_dir), cache_dir=tmp_path, precision=precision)
+    )
+
+
+def _jpeg() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48), (200, 40, 40)).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+def _classify(target: str, precision: str) -> classify_pb2.ClassifyResponse:
+    request = classify_pb2.ClassifyRequest(
+        model="tiny", images=[image_pb2.Image(id="a", content=_jpeg())], precision=precision
+    )
+    with grpc.insecure_channel(target) as channel:
+        return service_pb2_grpc.PeritoStub(channel).Classify(request, timeout=60)  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def auto(registry_dir: Path, tmp_path: Path) -> Iterator[ServerThread]:
+    with _server(registry_dir, tmp_path, "auto") as server:
+        yield server
+
+
+def test_a_request_may_ask_for_a_more_exact_form(auto: ServerThread) -> None:
+    default = _classify(auto.target, "")
+    exact = _classify(auto.target, "torchscript")
+    assert default.results[0].form == "openvino-fp32"
+    assert exact.results[0].form == "torchscript-fp32"
+    # `fp32` on this version is its OpenVINO FP32 form: already loaded, so not loaded twice.
+    assert _classify(auto.target, "fp32").results[0].form == "openvino-fp32"
+    pool = auto.running.pool  # type: ignore[attr-defined]
+    assert sorted(served.model.form for served in pool.served()) == [
+        "openvino-fp32",
+        "torchscript-fp32",
+    ]
+    assert pool.loaded == [("tiny", "1")]
+    probabilities = [p.probability for p in default.results[0].predictions]
+    reference = [p.probability for p in exact.results[0].predictions]
+    np.testing.assert_allclose(probabilities, reference, atol=1e-4)
+
+
+def test_oip_takes_the_precision_parameter(auto: ServerThread) -> None:
+    request = oip_pb2.ModelInferRequest(
+        model_name="tiny",
+        inputs=[
+            oip_pb2.ModelInferRequest.InferInputTensor(name="images", datatype="BYTES", shape=[1])
+        ],
+        raw_input_contents=[len(_jpeg()).to_bytes(4, "little") + _jpeg()],
+    )
+    request.parameters["precision"].string_param = "torchscript"
+    with grpc.insecure_channel(auto.target) as channel:
+        infer = channel.unary_unary(
+            "/inference.GRPCInferenceService/ModelInfer",
+            request_serializer=oip_pb2.ModelInferRequest.SerializeToString,
+            response_deserializer=oip_pb2.ModelInferResponse.FromString,
+        )
+        infer(request, timeout=60)
+        request.parameters["precision"].string_param = "int4"
+        with pytest.raises(grpc.RpcError) as refused:
+            infer(request, timeout=60)
+    assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "precision" in str(refused.value.details())
+    forms = {served.model.form for served in auto.running.pool.served()}  # type: ignore[attr-defined]
+    assert "torchscript-fp32" in forms
+
+
+def test_a_less_exact_form_than_the_servers_is_refused(registry_dir: Path, tmp_path: Path) -> None:
+    with _server(registry_dir, tmp_path, "fp32") as server:
+        assert _classify(server.target, "torchscript").results[0].form == "torchscript-fp32"
+        for precision in ("int8", "auto", "fp64"):
+            with pytest.raises(grpc.RpcError) as refused:
+                _classify(server.target, precision)
+            assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+            assert "precision" in str(refused.value.details())
