@@ -521,7 +521,8 @@ class PeritoServicer(service_pb2_grpc.PeritoServicer):
             )
             if with_cards:
                 card = struct_pb2.Struct()
-                card.update(manifest.card())
+                # The card's JSON, as manifest.json holds it (the SDK and the web page read it).
+                card.update(manifest.card().model_dump(mode="json"))
                 version.card.CopyFrom(card)
             model.versions.append(version)
         return model

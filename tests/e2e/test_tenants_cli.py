@@ -68,7 +68,7 @@ def test_tokens_roles_publishing_and_the_audit_log(
     run_perito(*command, env={**env, "PERITO_TOKEN": team})
     run_perito("models", "alias", "tiny", "production", "1", env={**env, "PERITO_TOKEN": team})
     registry = ModelRegistry.open(str(tmp_path / "registry"), cache_dir=tmp_path / "c2")
-    assert registry.manifest("tiny", "1").source["published_by"] == "ds-team"
+    assert registry.manifest("tiny", "1").source.published_by == "ds-team"
 
     denied = run_perito("audit", env={**env, "PERITO_TOKEN": team}, check=False)
     assert denied.returncode != 0 and "lacks the role 'admin'" in denied.stderr

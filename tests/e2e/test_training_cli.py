@@ -166,7 +166,7 @@ def test_publish_to_s3_makes_immutable_versions(
     assert registry.resolve("concrete-cracks", "production") == "1"
     manifest = registry.manifest("concrete-cracks", "2")
     assert manifest.confidence_threshold is not None
-    assert manifest.training["config"]["model"]["architecture"] == "cnn4"
+    assert manifest.training.config["model"]["architecture"] == "cnn4"
 
 
 def test_training_mistakes_are_one_clear_line(trained: dict[str, Path], tmp_path: Path) -> None:

@@ -46,7 +46,7 @@ def test_manifest_records_the_contract_and_checksum(
     assert manifest.labels == ["minor", "moderate", "severe"]
     assert manifest.input.height == 32
     assert len(manifest.artifact.sha256) == 64
-    assert manifest.card()["metrics"] == {"accuracy": 0.9}
+    assert manifest.card().metrics.model_dump(mode="json") == {"accuracy": 0.9}
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,11 @@ its outputs mean (`labels`), how to verify it (`artifact.sha256`), and carries t
 (metrics, calibration, training data fingerprint, training config). An imported ONNX model
 (`artifact.format == "onnx"`) also carries its tensor contract (`tensor`): the layout, dtype,
 scaling, mean / std and channel order its graph expects, and what its output means.
+
+The card's parts are typed in `perito_core.models.card`; `ModelCard` is what a person reads
+of a version (`ModelManifest.card()`, the card of `GetModel` answers and of the web page),
+`RunCard` what a training run writes to its `card.json` and `perito publish` turns into a
+manifest.
 """
 
 from __future__ import annotations
@@ -12,11 +17,32 @@ from __future__ import annotations
 import hashlib
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from perito_core.imaging import InputSpec, Interpolation, ResizeMode
+
+# The card's parts, re-exported: the manifest's fields are of these types.
+from perito_core.models.card import Calibration, Metrics, Source, TrainingRecord
+
+__all__ = [
+    "ARTIFACT_FILES",
+    "MANIFEST_SCHEMA_VERSION",
+    "Artifact",
+    "Calibration",
+    "CompiledForm",
+    "FormFile",
+    "InputContract",
+    "Metrics",
+    "ModelCard",
+    "ModelManifest",
+    "RunCard",
+    "Source",
+    "TensorContract",
+    "TrainingRecord",
+    "sha256_file",
+]
 
 MANIFEST_SCHEMA_VERSION = 1
 
@@ -205,10 +231,11 @@ class ModelManifest(BaseModel):
     # A top-1 probability under this marks a prediction `uncertain` unless the caller says
     # otherwise; chosen from validation data by the trainer.
     confidence_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
-    metrics: dict[str, Any] = Field(default_factory=dict)
-    calibration: dict[str, Any] = Field(default_factory=dict)
-    training: dict[str, Any] = Field(default_factory=dict)
-    source: dict[str, Any] = Field(default_factory=dict)
+    # The model card's parts (`perito_core.models.card`); empty for an imported model.
+    metrics: Metrics = Field(default_factory=Metrics)
+    calibration: Calibration = Field(default_factory=Calibration)
+    training: TrainingRecord = Field(default_factory=TrainingRecord)
+    source: Source = Field(default_factory=Source)
     # Compiled forms that passed the accuracy gate, and why the others were not published.
     forms: list[CompiledForm] = Field(default_factory=list)
     skipped_forms: dict[str, str] = Field(default_factory=dict)
@@ -246,9 +273,59 @@ class ModelManifest(BaseModel):
             raise ValueError("labels must not be blank")
         return labels
 
-    def card(self) -> dict[str, Any]:
+    def card(self) -> ModelCard:
         """The parts of the manifest a person reads to judge the model."""
-        return self.model_dump(mode="json", exclude={"schema_version", "name", "version"})
+        return ModelCard.model_validate(
+            {name: getattr(self, name) for name in ModelCard.model_fields}
+        )
+
+
+class ModelCard(BaseModel):
+    """What a person reads to judge one model version: the manifest but its identity
+    (`schema_version`, `name`, `version`), field for field (`ModelManifest.card()`).
+
+    Its JSON (`model_dump(mode="json")`) is the card of `GetModel` / `ListModels` answers, so
+    the SDK's `ModelVersion.card` and the web page read the same keys as `manifest.json`.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    labels: list[str]
+    input: InputContract
+    artifact: Artifact
+    created_at: datetime
+    description: str = ""
+    confidence_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
+    metrics: Metrics = Field(default_factory=Metrics)
+    calibration: Calibration = Field(default_factory=Calibration)
+    training: TrainingRecord = Field(default_factory=TrainingRecord)
+    source: Source = Field(default_factory=Source)
+    forms: list[CompiledForm] = Field(default_factory=list)
+    skipped_forms: dict[str, str] = Field(default_factory=dict)
+    tensor: TensorContract | None = None
+
+
+class RunCard(BaseModel):
+    """A training run's model card (`card.json` in the run folder): what the trainer measured,
+    and what `perito publish` puts into the version's manifest.
+
+    Open to unknown fields (`extra="allow"`), like the card's parts, so that a run folder
+    written by a newer or older trainer can still be read, compared and published.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    name: str
+    description: str = ""
+    labels: list[str] = Field(min_length=2)
+    input: InputContract
+    # The recommended threshold (`ModelManifest.confidence_threshold`), a probability in
+    # [0, 1]; the evidence behind it is `calibration.confidence_threshold`.
+    confidence_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
+    metrics: Metrics = Field(default_factory=Metrics)
+    calibration: Calibration = Field(default_factory=Calibration)
+    training: TrainingRecord = Field(default_factory=TrainingRecord)
+    source: Source = Field(default_factory=Source)
 
 
 def sha256_file(path: Path) -> str:
