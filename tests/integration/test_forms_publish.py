@@ -31,7 +31,7 @@ def test_publish_builds_gates_and_records_the_forms(tmp_path: Path) -> None:
     assert "openvino-fp32" in forms, manifest.skipped_forms
     fp32 = forms["openvino-fp32"]
     assert fp32.agreement == 1.0 and fp32.evaluated_on == "test split" and fp32.images == 36
-    assert fp32.accuracy == pytest.approx(card["metrics"]["accuracy"])
+    assert fp32.accuracy == pytest.approx(card.metrics.accuracy)
     assert fp32.ece is not None
     # Temperature and threshold re-fitted on the form's own outputs over the validation split
     # (as the trainer fitted model.pt's), never on the test split that gates it.

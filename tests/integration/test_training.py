@@ -51,13 +51,13 @@ def test_a_small_cnn_learns_and_the_run_folder_has_everything(
     lines: list[str] = []
     card = train_run(quick_config(patterns), tmp_path, log=lines.append, progress=False)
 
-    assert card["metrics"]["accuracy"] >= 0.85, lines  # chance is 0.33
-    assert card["metrics"]["images"] == 36
-    assert card["labels"] == ["minor", "moderate", "severe"]
-    assert card["calibration"]["temperature"] > 0
-    assert card["training"]["dataset"]["fingerprint_sha256"]
-    assert card["training"]["config"]["model"]["architecture"] == "cnn4"
-    assert card["source"]["torch"] == torch.__version__
+    assert card.metrics.accuracy >= 0.85, lines  # chance is 0.33
+    assert card.metrics.images == 36
+    assert card.labels == ["minor", "moderate", "severe"]
+    assert card.calibration.temperature > 0
+    assert card.training.dataset.fingerprint_sha256
+    assert card.training.config["model"]["architecture"] == "cnn4"
+    assert card.source.torch == torch.__version__
     assert sum(1 for line in lines if line.startswith("epoch ")) == 12
     for name in ("learning_curves", "confusion_matrix", "roc", "reliability"):
         assert (tmp_path / "plots" / f"{name}.png").read_bytes()[:8] == PNG_MAGIC
@@ -67,7 +67,7 @@ def test_a_small_cnn_learns_and_the_run_folder_has_everything(
         rows = list(csv.DictReader(file))
     assert len(rows) == 36
     right = sum(row["correct"] == "True" for row in rows)
-    assert right / len(rows) == pytest.approx(card["metrics"]["accuracy"])
+    assert right / len(rows) == pytest.approx(card.metrics.accuracy)
     assert "Test accuracy" in (tmp_path / "report.md").read_text()
     with pytest.raises(RunError, match="already holds a run"):
         train_run(quick_config(patterns), tmp_path, progress=False)
@@ -105,8 +105,8 @@ def test_early_stopping_ends_a_run_that_stopped_improving(patterns: Path, tmp_pa
     )
     lines: list[str] = []
     card = train_run(config, tmp_path, log=lines.append, progress=False)
-    assert card["training"]["stopped_early"] is True
-    assert card["training"]["epochs_run"] == 3
+    assert card.training.stopped_early is True
+    assert card.training.epochs_run == 3
     assert any(line.startswith("early stop") for line in lines)
 
 
@@ -155,4 +155,4 @@ def test_efficientnet_lite0_transfer_learning_from_imagenet(patterns: Path, tmp_
     )
     card = train_run(config, tmp_path, log=lambda _: None, progress=False)
     # Only the new head trained, on ImageNet features: stripes' orientation is among them.
-    assert card["metrics"]["accuracy"] >= 0.75
+    assert card.metrics.accuracy >= 0.75

@@ -13,9 +13,12 @@ import importlib.util
 import json
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
+
+if TYPE_CHECKING:
+    from perito_core.models.manifest import InputContract, RunCard
 
 _registry_option = click.option(
     "--registry",
@@ -131,19 +134,18 @@ def evaluate(run_dir: Path, images: Path | None, out: Path | None, show: int) ->
       perito evaluate runs/car-damage                     # the card's test figures, recomputed
       perito evaluate runs/car-damage --images ~/claims/  # each image's top-3, to a CSV
     """
-    from perito_core.models.manifest import InputContract
     from perito_training.evaluation import evaluate_folder, load_module
     from perito_training.pipeline import RunError, load_run
 
     try:
         config, card = load_run(run_dir)
         module = load_module(run_dir / "model.pt")
-        contract = InputContract.model_validate(card["input"])
+        contract = card.input
         if images is None:
             _evaluate_test_split(run_dir, config, card, module, contract)
             return
         target = out or run_dir / "evaluations" / images.resolve().name
-        summary = evaluate_folder(module, card["labels"], contract.spec(), images, target)
+        summary = evaluate_folder(module, card.labels, contract.spec(), images, target)
     except (RunError, FileNotFoundError, ValueError) as error:
         raise _fail(error) from None
     import csv
@@ -172,14 +174,17 @@ def evaluate(run_dir: Path, images: Path | None, out: Path | None, show: int) ->
 
 
 def _evaluate_test_split(
-    run_dir: Path, config: Any, card: dict[str, Any], module: Any, contract: Any
+    run_dir: Path, config: Any, card: RunCard, module: Any, contract: InputContract
 ) -> None:
     from perito_training.datasets import prepare_data
     from perito_training.evaluation import predict_probabilities
     from perito_training.metrics import classification_report
 
     data = prepare_data(config.data, contract.spec())
-    if data.fingerprint != card["training"]["dataset"]["fingerprint_sha256"]:
+    dataset = card.training.dataset
+    if dataset is None:
+        click.echo("warning: the card records no data fingerprint to check the data against")
+    elif data.fingerprint != dataset.fingerprint_sha256:
         click.echo("warning: the data differs from what the run was trained on (fingerprint)")
     test = data.splits["test"]
     probabilities = predict_probabilities(module, test, config.train.eval_batch_size)
@@ -188,13 +193,18 @@ def _evaluate_test_split(
     (run_dir / "evaluations" / "test.json").write_text(json.dumps(report, indent=2) + "\n")
     click.echo(
         f"test: {report['images']} images, accuracy {report['accuracy']:.4f} "
-        f"(card: {card['metrics']['accuracy']:.4f}), macro F1 {report['macro_avg']['f1']:.4f}"
+        f"(card: {_card_figure(card.metrics.accuracy)}), "
+        f"macro F1 {report['macro_avg']['f1']:.4f}"
     )
     for name, row in report["per_class"].items():
         click.echo(
             f"  {name:>20}  precision {row['precision']:.3f}  recall {row['recall']:.3f}  "
             f"F1 {row['f1']:.3f}  n={row['support']}"
         )
+
+
+def _card_figure(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
 
 
 @click.command("publish")
@@ -273,7 +283,7 @@ def _publish(
 
     settings = CommonSettings() if registry is None else CommonSettings(registry=registry)
     try:
-        model = name or str(load_run(run_dir)[1]["name"])
+        model = name or load_run(run_dir)[1].name
         # The tenant of PERITO_TOKEN must hold models:publish and may use this model.
         publisher = settings.acting_tenant("models:publish", f"publish model {model!r}", model)
     except RunError as error:

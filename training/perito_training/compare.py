@@ -7,10 +7,15 @@ rows come from each run's `card.json`, so they are the exported artifacts' own t
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
+
+from perito_core.models.card import RocAuc
+from perito_core.models.manifest import RunCard
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -31,23 +36,31 @@ class RunSummary:
 
 
 def summarize_run(run_dir: Path) -> RunSummary:
-    """The headline figures of a finished run (`FileNotFoundError` before it has a card)."""
-    card = json.loads((run_dir / "card.json").read_text())
-    metrics, training = card["metrics"], card["training"]
-    auc = metrics["roc_auc"]
+    """The headline figures of a finished run (`FileNotFoundError` before it has a card;
+    `ValueError` for a card that is not one, or lacks a figure)."""
+    card = RunCard.model_validate_json((run_dir / "card.json").read_bytes())
+    metrics, training = card.metrics, card.training
+    auc = metrics.roc_auc or RocAuc()
     return RunSummary(
         run=run_dir.name,
-        architecture=training["config"]["model"]["architecture"],
-        input_size=int(card["input"]["height"]),
-        epochs=int(training["epochs_run"]),
-        train_seconds=float(training["seconds"]),
-        test_images=int(metrics["images"]),
-        accuracy=float(metrics["accuracy"]),
-        macro_f1=float(metrics["macro_avg"]["f1"]),
-        roc_auc=auc.get("binary") if auc.get("binary") is not None else auc.get("ovr_macro"),
-        ece=float(card["calibration"]["ece_test_after"]),
+        architecture=_held(training.architecture, "training.config.model.architecture"),
+        input_size=card.input.height,
+        epochs=_held(training.epochs_run, "training.epochs_run"),
+        train_seconds=_held(training.seconds, "training.seconds"),
+        test_images=_held(metrics.images, "metrics.images"),
+        accuracy=_held(metrics.accuracy, "metrics.accuracy"),
+        macro_f1=_held(metrics.macro_avg, "metrics.macro_avg").f1,
+        roc_auc=auc.binary if auc.binary is not None else auc.ovr_macro,
+        ece=_held(card.calibration.ece_test_after, "calibration.ece_test_after"),
         model_megabytes=(run_dir / "model.pt").stat().st_size / 1e6,
     )
+
+
+def _held(value: _T | None, field: str) -> _T:
+    """`value`, which a trainer's card always holds; `ValueError` naming `field` if absent."""
+    if value is None:
+        raise ValueError(f"the run's card.json has no {field}")
+    return value
 
 
 def comparison_table(runs: Sequence[RunSummary]) -> str:
