@@ -155,6 +155,7 @@ class Client:
         version: str = "",
         top_k: int = 5,
         confidence_threshold: float = 0.0,
+        precision: str = "",
         ids: Sequence[str] | None = None,
         on_invalid: OnInvalid = "fail",
         timeout: float | None = None,
@@ -172,6 +173,9 @@ class Client:
             top_k: classes to return per image.
             confidence_threshold: top-1 probability under which a result is `uncertain`;
                 0 uses the model's recommended threshold, if it has one.
+            precision: a form at least as exact as the server's: "fp32" or "torchscript"
+                (the reference model.pt) where the server serves INT8; "" is the server's.
+                Each result's `form` says which answered.
             ids: your ids for the images; default: file names, or positions.
             on_invalid: what a bad image (undecodable, truncated, too large) does. "fail"
                 (the default): the call raises `InvalidArgumentError` naming each bad image
@@ -199,6 +203,7 @@ class Client:
             version=version,
             top_k=top_k,
             confidence_threshold=confidence_threshold,
+            precision=precision,
             ids=ids,
         )
         answers = map_all(
@@ -229,6 +234,7 @@ class Client:
         output_uri: str = "",
         top_k: int = 5,
         confidence_threshold: float = 0.0,
+        precision: str = "",
         chunk_size: int = 0,
         labels: dict[str, str] | None = None,
         inline: bool = False,
@@ -247,6 +253,7 @@ class Client:
                 bytes, PIL images, arrays) are sent in the request instead.
             model, version: the model; the version is resolved now and pinned for the job.
             output_uri: where the results files go (default: the server's results location).
+            precision: a form at least as exact as the workers', as in `classify`.
             ids: your ids for a list of images sent inline (default: file names or positions).
             upload_to: an `s3://bucket/prefix/` to upload a local folder's images to first (with
                 boto3, `pip install 'perito[s3]'`); the job then reads them from there.
@@ -275,6 +282,7 @@ class Client:
             inline=inline,
             ids=ids,
             request_id=request_id,
+            precision=precision,
         )
         job = self._run(_core.submit_job(request, self._policy(timeout)), metadata)
         return JobHandle(self, job)

@@ -7,7 +7,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Required, TypedDict
+from typing import Any, NotRequired, Required, TypedDict
 
 import grpc
 
@@ -53,6 +53,7 @@ class ImageOptions(TypedDict):
     version: str
     top_k: int
     confidence_threshold: float
+    precision: NotRequired[str]
     ids: Sequence[str] | None
 
 
@@ -64,6 +65,7 @@ class ClassifyOptions(TypedDict, total=False):
     version: str
     top_k: int
     confidence_threshold: float
+    precision: str
     ids: Sequence[str] | None
     timeout: float | None
     metadata: Metadata | None
@@ -87,6 +89,7 @@ def classify_parts(
     confidence_threshold: float,
     ids: Sequence[str] | None,
     limits: Limits,
+    precision: str = "",
 ) -> tuple[classify_pb2.ClassifyRequest, list[Part]]:
     """The request every part shares (no images yet), and the images split into parts in
     order, each within `limits`."""
@@ -98,7 +101,11 @@ def classify_parts(
         raise ValueError("no images to classify")
     name, ref = model_ref(model, version)
     template = classify_pb2.ClassifyRequest(
-        model=name, version=ref, top_k=top_k, confidence_threshold=confidence_threshold
+        model=name,
+        version=ref,
+        top_k=top_k,
+        confidence_threshold=confidence_threshold,
+        precision=precision,
     )
     parts: list[tuple[list[int], list[image_pb2.Image]]] = []
     size = 0
@@ -131,6 +138,7 @@ def submit_request(
     inline: bool,
     ids: Sequence[str] | None = None,
     request_id: str | None = None,
+    precision: str = "",
 ) -> jobs_pb2.SubmitJobRequest:
     """The SubmitJobRequest for `Client.submit_job`. It carries `request_id` (a new UUID if
     none is given), so the client's retries of this one request never make a second job."""
@@ -142,6 +150,7 @@ def submit_request(
         output_uri=output_uri,
         top_k=top_k,
         confidence_threshold=confidence_threshold,
+        precision=precision,
         chunk_size=chunk_size,
         labels=labels or {},
     )

@@ -39,6 +39,7 @@ from perito_core.jobs.store import (
     JobStore,
 )
 from perito_core.jobs.watchdog import Watchdog
+from perito_core.models.forms import requested_precision
 from perito_core.models.registry import validate_model_name
 from perito_core.storage import split_s3_uri
 from perito_server.model_pool import ModelPool
@@ -287,6 +288,7 @@ class JobService:
             raise InvalidArgument(
                 "confidence_threshold must be in [0, 1]", field="confidence_threshold"
             )
+        requested_precision(request.precision, self.settings.precision)  # refused here, early
         if request.request_id and not REQUEST_ID.fullmatch(request.request_id):
             raise InvalidArgument(
                 "request_id must be 1 to 64 letters, digits, '-' or '_' (a UUID)",
@@ -351,6 +353,7 @@ class JobService:
             output_uri=output_uri,
             top_k=request.top_k or self.settings.default_top_k,
             confidence_threshold=request.confidence_threshold,
+            precision=request.precision,
             chunk_size=chunk_size,
             labels=dict(request.labels),
             job_id=job_id,

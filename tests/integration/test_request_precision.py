@@ -17,13 +17,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import perito
 from perito.v1 import classify_pb2, image_pb2, service_pb2_grpc
 from perito_core.models.compile import build_forms
 from perito_core.models.registry import ModelRegistry
 from perito_server._oip import grpc_service_pb2 as oip_pb2
 from perito_server.settings import ServerSettings
 from tests.conftest import publish_tiny
-from tests.helpers import TINY_INPUT, ServerThread
+from tests.helpers import TINY_INPUT, ServerThread, Stores, WorkerProcess
 
 pytest.importorskip("openvino", reason="OpenVINO (optional engine, perito[serve]) not installed")
 
@@ -125,3 +126,32 @@ def test_a_less_exact_form_than_the_servers_is_refused(registry_dir: Path, tmp_p
                 _classify(server.target, precision)
             assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
             assert "precision" in str(refused.value.details())
+
+
+def test_a_job_may_ask_for_a_more_exact_form(
+    registry_dir: Path, tmp_path: Path, redis_url: str
+) -> None:
+    stores = Stores(tmp_path, redis_url, registry=str(registry_dir))
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for index in range(3):
+        (photos / f"{index}.jpg").write_bytes(_jpeg())
+    env = stores.worker_env(PERITO_PRECISION="auto")
+    with (
+        ServerThread(stores.server_settings(precision="auto")) as server,
+        WorkerProcess(env, tmp_path / "worker.log").wait_ready(),
+        perito.Client(server.target, timeout=60) as client,
+    ):
+        default = client.submit_job(str(photos), model="tiny").wait(120)
+        exact = client.submit_job(str(photos), model="tiny", precision="torchscript").wait(120)
+        assert default.succeeded == exact.succeeded == 3
+        forms = {
+            job.id: {
+                r.classification.form for r in client.job(job.id).results() if r.classification
+            }
+            for job in (default, exact)
+        }
+        assert forms == {default.id: {"openvino-fp32"}, exact.id: {"torchscript-fp32"}}
+        with pytest.raises(perito.InvalidArgumentError) as refused:
+            client.submit_job(str(photos), model="tiny", precision="fp64")
+    assert "precision" in str(refused.value)

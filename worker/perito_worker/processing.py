@@ -30,6 +30,7 @@ import numpy as np
 
 from perito_core.errors import (
     ArtifactIntegrityError,
+    InvalidArgument,
     ModelLoadError,
     NotFound,
     PeritoError,
@@ -38,7 +39,7 @@ from perito_core.errors import (
 from perito_core.imaging import load_model_input_with_info
 from perito_core.jobs.sources import SourceReader
 from perito_core.jobs.store import ItemInput, ItemResult, ItemState, Job, JobStore
-from perito_core.models.forms import load_model
+from perito_core.models.forms import load_model, requested_precision
 from perito_core.models.runtime import LoadedModel, summarize
 from perito_worker import metrics
 from perito_worker.settings import WorkerSettings
@@ -57,17 +58,24 @@ class WorkerRuntime:
         self.registry = settings.open_registry()
         self.sources = SourceReader(settings.s3_options(), settings.local_roots)
         self.decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
-        self.models: dict[tuple[str, str], LoadedModel] = {}
+        self.models: dict[tuple[str, str, str], LoadedModel] = {}
 
-    def model(self, name: str, version: str) -> LoadedModel:
-        """The pinned version, loaded once per process (sha256-verified by the registry)."""
-        key = (name, version)
+    def model(self, name: str, version: str, precision: str = "") -> LoadedModel:
+        """The pinned version, loaded once per process and precision (sha256-verified by the
+        registry). `precision`: the job's; one less exact than this worker's setting (as the
+        server refuses at submission) gives way to the setting.
+        """
+        try:
+            precision = requested_precision(precision, self.settings.precision)
+        except InvalidArgument:
+            precision = self.settings.precision
+        key = (name, version, precision)
         if key not in self.models:
             self.models[key] = load_model(
                 self.registry,
                 name,
                 version,
-                precision=self.settings.precision,
+                precision=precision,
                 device=self.settings.device,
                 warmup_batch_sizes=tuple(range(1, self.settings.batch_size + 1)),
             )
@@ -309,7 +317,7 @@ def _run_chunk(
 
     store.mark_running(job_id)
     try:
-        model = rt.model(job.model, job.model_version)
+        model = rt.model(job.model, job.model_version, job.precision)
     except (NotFound, ArtifactIntegrityError, ModelLoadError) as error:
         message = f"model {job.model}@{job.model_version} cannot be used: {error.message}"
         log.error("job %s: %s", job_id, message)

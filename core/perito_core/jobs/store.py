@@ -151,6 +151,8 @@ class Job:
     labels: dict[str, str] = field(default_factory=dict)
     top_k: int = 5
     confidence_threshold: float = 0.0
+    # The form the caller asked for ("": the workers' PERITO_PRECISION; never less exact).
+    precision: str = ""
     chunk_size: int = 64
     cancel_requested: bool = False
     completed_at: float = 0.0  # when the last item was recorded
@@ -502,6 +504,7 @@ class JobStore:
         max_items: int | None = None,
         request_id: str = "",
         tenant: str = "",
+        precision: str = "",
     ) -> tuple[Job, bool]:
         """Record a new queued job and its inputs; returns it, and whether this call made it.
 
@@ -551,6 +554,7 @@ class JobStore:
                 output_uri=output_uri,
                 top_k=top_k,
                 confidence_threshold=confidence_threshold,
+                precision=precision,
                 chunk_size=chunk_size,
                 labels=labels,
                 request_id=request_id,
@@ -651,6 +655,7 @@ class JobStore:
             labels=json.loads(data.get("labels") or "{}"),
             top_k=int(data.get("top_k") or 5),
             confidence_threshold=float(data.get("confidence_threshold") or 0),
+            precision=data.get("precision", ""),
             chunk_size=int(data.get("chunk_size") or 64),
             cancel_requested=data.get("cancel_requested") == "1",
             completed_at=float(data.get("completed_at") or 0),
