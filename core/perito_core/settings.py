@@ -24,6 +24,9 @@ class CommonSettings(BaseSettings):
 
     registry: str = Field("./var/registry", description="a folder, file:// or s3://bucket/prefix")
     cache_dir: Path = Path("./var/cache")
+    # Model forms held in memory at once (a version per precision asked for); the least
+    # recently used is dropped when one more is needed.
+    max_loaded_models: int = Field(4, ge=1)
     s3_endpoint_url: str | None = None
     s3_region: str | None = None
     s3_access_key_id: str | None = None

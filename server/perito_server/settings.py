@@ -17,7 +17,6 @@ class ServerSettings(CommonSettings):
     port: int = Field(8500, ge=0, le=65535, description="0 picks a free port")
     optimize_models: bool = True
     preload: list[str] = Field(default_factory=list, description="NAME[@VERSION] to load at start")
-    max_loaded_models: int = Field(4, ge=1)
     alias_ttl_s: float = Field(
         5.0,
         ge=0,

@@ -16,6 +16,7 @@ lease renewed by a heartbeat thread, so a second delivery of it while it runs is
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import re
@@ -58,7 +59,10 @@ class WorkerRuntime:
         self.registry = settings.open_registry()
         self.sources = SourceReader(settings.s3_options(), settings.local_roots)
         self.decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
-        self.models: dict[tuple[str, str, str], LoadedModel] = {}
+        # (name, version, precision), least recently used first; at most max_loaded_models.
+        self.models: collections.OrderedDict[tuple[str, str, str], LoadedModel] = (
+            collections.OrderedDict()
+        )
 
     def model(self, name: str, version: str, precision: str = "") -> LoadedModel:
         """The pinned version, loaded once per process and precision (sha256-verified by the
@@ -70,7 +74,12 @@ class WorkerRuntime:
         except InvalidArgument:
             precision = self.settings.precision
         key = (name, version, precision)
-        if key not in self.models:
+        if key in self.models:
+            self.models.move_to_end(key)
+        else:
+            while len(self.models) >= self.settings.max_loaded_models:
+                dropped, _ = self.models.popitem(last=False)
+                log.info("dropping %s@%s (%s): least recently used", *dropped)
             self.models[key] = load_model(
                 self.registry,
                 name,

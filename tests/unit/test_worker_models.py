@@ -1,0 +1,66 @@
+"""The worker's loaded models: one per version and precision, the job's precision never less
+exact than the worker's, at most `max_loaded_models` held (least recently used dropped)."""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from perito_worker import processing
+from perito_worker.processing import WorkerRuntime
+from perito_worker.settings import WorkerSettings
+
+
+@dataclass
+class _Loaded:
+    key: tuple[str, str, str]
+    form: str = "torchscript-fp32"
+    load_seconds: float = 0.1
+
+
+@pytest.fixture
+def runtime(monkeypatch: pytest.MonkeyPatch) -> WorkerRuntime:
+    loads: list[tuple[str, str, str]] = []
+
+    def load_model(registry: object, name: str, version: str, **options: Any) -> _Loaded:
+        loads.append((name, version, options["precision"]))
+        return _Loaded(loads[-1])
+
+    monkeypatch.setattr(processing, "load_model", load_model)
+    worker = object.__new__(WorkerRuntime)  # no Redis, registry or pools: the cache alone
+    worker.settings = WorkerSettings(precision="int8", max_loaded_models=2)
+    worker.registry = None  # type: ignore[assignment]
+    worker.models = collections.OrderedDict()
+    worker.loads = loads  # type: ignore[attr-defined]
+    return worker
+
+
+def test_a_version_is_loaded_once_per_precision(runtime: WorkerRuntime) -> None:
+    runtime.model("tiny", "1")
+    runtime.model("tiny", "1", "int8")  # the worker's own setting: the same model
+    runtime.model("tiny", "1", "torchscript")
+    assert runtime.loads == [("tiny", "1", "int8"), ("tiny", "1", "torchscript")]  # type: ignore[attr-defined]
+
+
+def test_a_less_exact_or_unknown_precision_gives_way_to_the_workers(
+    runtime: WorkerRuntime,
+) -> None:
+    runtime.model("tiny", "1", "auto")
+    runtime.model("tiny", "1", "fp64")
+    assert runtime.loads == [("tiny", "1", "int8")]  # type: ignore[attr-defined]
+
+
+def test_at_most_max_loaded_models_are_held_least_recently_used_dropped(
+    runtime: WorkerRuntime,
+) -> None:
+    runtime.model("a", "1")
+    runtime.model("b", "1")
+    runtime.model("a", "1")  # a is now the most recently used
+    runtime.model("c", "1")  # drops b
+    assert list(runtime.models) == [("a", "1", "int8"), ("c", "1", "int8")]
+    runtime.model("b", "1")  # loaded again
+    assert runtime.loads[-1] == ("b", "1", "int8")  # type: ignore[attr-defined]
+    assert len(runtime.models) == 2
