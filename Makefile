@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install system-deps proto docs demo test unit integration scenarios lint format bench faults train-fashion-mnist clean deploy-secrets compose-up
+.PHONY: install system-deps proto sdk docs demo test unit integration scenarios lint format bench faults train-fashion-mnist clean deploy-secrets compose-up
 
 install: system-deps $(STAMP)
 
@@ -33,6 +33,11 @@ system-deps:
 
 proto: $(STAMP)
 	$(BIN)/python scripts/gen_protos.py
+
+# client/perito/_client.py (the sync SDK client) from _async.py, with unasync: edit _async.py,
+# then run this (tests/unit/test_sdk_generated.py fails while the two differ).
+sdk: $(STAMP)
+	$(BIN)/python scripts/gen_sync_client.py
 
 # docs/api.md, the API reference, from the comments in proto/ (a test fails when it is stale).
 docs: $(STAMP)
