@@ -15,6 +15,7 @@ Keys are opaque strings: `split_s3_uri` and `local_path_of` take URIs apart lite
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import os
 import shutil
@@ -112,6 +113,33 @@ def _too_large(key: str, size: int | str, max_bytes: int) -> InvalidImage:
     )
 
 
+def _open_beneath(root: Path, relative: Path) -> int:
+    """Open `root / relative` for reading without following a symbolic link anywhere below
+    `root`: each folder is opened relative to its parent with O_NOFOLLOW, as `openat2`'s
+    RESOLVE_NO_SYMLINKS would (Python has no binding for it). The path was resolved and
+    checked against the root just before; a link swapped into it since is refused, not
+    followed out of the root.
+
+    Raises:
+        OSError: ELOOP where a link stands in the path; FileNotFoundError, NotADirectoryError.
+    """
+    parts = relative.parts
+    if not parts:
+        raise IsADirectoryError(f"{root} is a folder")
+    folder = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for part in parts[:-1]:
+            inner = os.open(
+                part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=folder
+            )
+            os.close(folder)
+            folder = inner
+        flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
+        return os.open(parts[-1], flags, dir_fd=folder)
+    finally:
+        os.close(folder)
+
+
 class _CappedReader(io.RawIOBase):
     """A raw binary stream over `read(n)` that refuses to go past `max_bytes`."""
 
@@ -174,9 +202,16 @@ class LocalStore:
         if not stat.S_ISREG(mode):
             raise _not_regular(str(path), mode)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fd = _open_beneath(self.root, path.relative_to(self.root))
         except (FileNotFoundError, NotADirectoryError):
             raise NotFound(f"{key} not found in {self.description}") from None
+        except OSError as error:
+            if error.errno != errno.ELOOP:
+                raise
+            raise InvalidArgument(
+                f"key {key!r}: a symbolic link took the place of part of its path after it was "
+                "checked; it is not followed"
+            ) from None
         try:
             info = os.fstat(fd)
             if not stat.S_ISREG(info.st_mode):
