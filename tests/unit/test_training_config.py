@@ -70,6 +70,8 @@ def test_a_config_from_overrides_alone(tmp_path: Path) -> None:
         (["data.kind=csv", "data.csv=null"], "data.kind csv needs data.csv"),
         (["data.val_fraction=0.6", "data.test_fraction=0.5"], "must leave images to train on"),
         (["name=Car Damage"], "name: String should match pattern"),
+        (["model.architecture=vgg7", "model.widths=[32, 64]"], "vgg7 takes 4 model.widths"),
+        (["model.widths=[32, 0, 64]"], "model.widths must be positive channel counts"),
     ],
 )
 def test_mistakes_are_reported_with_the_field(overrides: list[str], message: str) -> None:

@@ -71,9 +71,10 @@ class ModelConfig(_Section):
     # A torchvision-format state dict to start from (ResNet-18 fine-tuning).
     weights: Path | None = None
     # resnet8: the channels of its residual stages (each next one at half the resolution);
-    # null: 32, 64, 128.
+    # null: 32, 64, 128. vgg7: the channels of its four stages (1, 2, 2 and 1 conv layers);
+    # null: 32, 64, 128, 256.
     widths: tuple[int, ...] | None = Field(default=None, min_length=1)
-    # Test-time flip (cnn4, cnn5, resnet8): the network averages its logits for each image and
+    # Test-time flip (cnn4, cnn5, resnet8, vgg7): the network averages its logits for each image and
     # its mirror image in eval mode (twice the inference cost); evaluation and serving see it.
     test_time_flip: bool = False
     # EfficientNet-Lite0: start from the ImageNet weights that ship with the package.
@@ -84,6 +85,16 @@ class ModelConfig(_Section):
     unfreeze_at_epoch: int | None = Field(default=None, ge=1)
     # Learning-rate factor for the pretrained layers once they train.
     backbone_lr_scale: float = Field(default=1.0, gt=0.0)
+
+    @model_validator(mode="after")
+    def _widths_fit(self) -> ModelConfig:
+        if self.widths is None:
+            return self
+        if any(width < 1 for width in self.widths):
+            raise ValueError(f"model.widths must be positive channel counts, not {self.widths}")
+        if self.architecture == "vgg7" and len(self.widths) != 4:
+            raise ValueError(f"vgg7 takes 4 model.widths (one per stage), not {self.widths}")
+        return self
 
     def resolved_resize_size(self) -> int:
         if self.resize_mode == "squash":
