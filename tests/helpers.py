@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
+import json
 import os
 import subprocess
 import sys
@@ -11,13 +13,18 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from perito_core.models.manifest import InputContract
+from perito_core.models.registry import ModelRegistry
+from perito_core.storage import S3Options
+from perito_server.settings import ServerSettings
 from scripts.processes import Proc, ProcessFailed, free_port, redis_proc, wait_for_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -158,6 +165,61 @@ class WorkerProcess:
     def stop(self) -> None:
         self.proc.stop(30)
 
+    def __enter__(self) -> WorkerProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@dataclass(frozen=True)
+class Stores:
+    """Where a test's server and workers keep things: the registry (`work/registry` unless
+    given, e.g. `s3://…` on the S3 server at `s3_endpoint`), Redis for jobs, job results
+    (`work/results` unless given), caches under `work`, and `work` readable as local files."""
+
+    work: Path
+    redis_url: str
+    registry: str = ""
+    s3_endpoint: str | None = None
+    results_uri: str = ""
+
+    @property
+    def registry_uri(self) -> str:
+        return self.registry or str(self.work / "registry")
+
+    def open_registry(self, cache: str = "publish-cache") -> ModelRegistry:
+        """The registry as the test itself reads and publishes it, with its own cache."""
+        s3 = S3Options(endpoint_url=self.s3_endpoint) if self.s3_endpoint else None
+        return ModelRegistry.open(self.registry_uri, cache_dir=self.work / cache, s3=s3)
+
+    def server_settings(self, **options: Any) -> ServerSettings:
+        """`perito serve`'s settings over these stores on a free port; `options` on top."""
+        return ServerSettings(
+            port=0,
+            registry=self.registry_uri,
+            s3_endpoint_url=self.s3_endpoint,
+            redis_url=self.redis_url,
+            cache_dir=self.work / "server-cache",
+            results_uri=self.results_uri or str(self.work / "results"),
+            local_roots=[self.work],
+            **options,
+        )
+
+    def worker_env(self, **extra: str) -> dict[str, str]:
+        """The environment of a `perito worker` (or any `perito` command) over these stores,
+        at normal priority; `extra` `PERITO_*` variables on top."""
+        stores = {
+            "PERITO_REDIS_URL": self.redis_url,
+            "PERITO_REGISTRY": self.registry_uri,
+            "PERITO_CACHE_DIR": str(self.work / "worker-cache"),
+            "PERITO_LOCAL_ROOTS": json.dumps([str(self.work)]),
+            "PERITO_NICE": "0",
+        }
+        if self.s3_endpoint:
+            stores["PERITO_S3_ENDPOINT_URL"] = self.s3_endpoint
+        return subprocess_env(**{**stores, **extra})
+
 
 def train_fashion_mnist(path: Path, *, samples: int = 12_000, epochs: int = 2) -> list[str]:
     """Train a small CNN on Fashion-MNIST for a few seconds and export it; returns labels."""
@@ -240,6 +302,16 @@ def write_pattern_images(
             stem = f"{index:02d}{n:04d}{suffixes[name]}" if suffixes else f"{name}-{n:04d}"
             image.save(folder / f"{stem}.{extension}")
     return root
+
+
+def encoded(pixels: np.ndarray, fmt: str, **params: Any) -> bytes:
+    """A uint8 array (grey H x W, or RGB H x W x 3) as the bytes of an image file in `fmt`
+    (PNG, JPEG, ...); `params` for PIL's encoder."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format=fmt, **params)
+    return buffer.getvalue()
 
 
 class SlowS3Proxy:

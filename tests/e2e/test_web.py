@@ -16,11 +16,9 @@ import httpx
 import pytest
 import uvicorn
 
-from perito_core.models.registry import ModelRegistry
-from perito_server.settings import ServerSettings
 from perito_web.app import create_app
 from tests.conftest import publish_lite0, publish_tiny
-from tests.helpers import ServerThread, WorkerProcess, free_port, subprocess_env
+from tests.helpers import ServerThread, Stores, WorkerProcess, free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -75,8 +73,8 @@ def site(
     tiny_model_file: Path,
     redis_url: str,
 ) -> Iterator[str]:
-    work = tmp_path_factory.mktemp("web")
-    registry = ModelRegistry.open(str(work / "registry"), cache_dir=work / "publish-cache")
+    stores = Stores(tmp_path_factory.mktemp("web"), redis_url)
+    registry = stores.open_registry()
     publish_lite0(registry, lite0_dir, aliases=("production",), confidence_threshold=0.5)
     publish_tiny(
         registry,
@@ -85,29 +83,12 @@ def site(
         metrics=CARD_METRICS,
         description="Car damage severity from claim photos.",
     )
-    settings = ServerSettings(
-        port=0,
-        registry=str(work / "registry"),
-        cache_dir=work / "server-cache",
-        redis_url=redis_url,
-        results_uri=str(work / "results"),
-        local_roots=[work],
-    )
-    worker = WorkerProcess(
-        subprocess_env(
-            PERITO_REDIS_URL=redis_url,
-            PERITO_REGISTRY=str(work / "registry"),
-            PERITO_CACHE_DIR=str(work / "worker-cache"),
-            PERITO_LOCAL_ROOTS=f'["{work}"]',
-            PERITO_NICE="0",
-        ),
-        work / "worker.log",
-    ).wait_ready()
-    try:
-        with ServerThread(settings) as server, WebThread(server.target) as url:
-            yield url
-    finally:
-        worker.stop()
+    with (
+        WorkerProcess(stores.worker_env(), stores.work / "worker.log").wait_ready(),
+        ServerThread(stores.server_settings()) as server,
+        WebThread(server.target) as url,
+    ):
+        yield url
 
 
 def test_the_http_api_answers_with_json_and_clear_errors(
@@ -205,8 +186,8 @@ def tenant_site(
     from perito_core.access.tenancy import add_tenant
 
     work = tmp_path_factory.mktemp("web-tenants")
-    registry = ModelRegistry.open(str(work / "registry"), cache_dir=work / "publish-cache")
-    publish_tiny(registry, tiny_model_file, name="car-damage")
+    stores = Stores(work, redis_url)
+    publish_tiny(stores.open_registry(), tiny_model_file, name="car-damage")
     tenants_file = work / "tenants.yaml"
     tokens = {
         name: add_tenant(
@@ -218,17 +199,8 @@ def tenant_site(
         )
         for name in ("acme", "globex")
     }
-    settings = ServerSettings(
-        port=0,
-        registry=str(work / "registry"),
-        cache_dir=work / "server-cache",
-        redis_url=redis_url,
-        results_uri=str(work / "results"),
-        local_roots=[work],
-        tenants_file=tenants_file,
-    )
     with (
-        ServerThread(settings) as server,
+        ServerThread(stores.server_settings(tenants_file=tenants_file)) as server,
         WebThread(server.target, max_upload_bytes=UPLOAD_LIMIT) as url,
     ):
         yield url, tokens, server.target

@@ -27,8 +27,9 @@ from perito_training.datasets import load_fashion_mnist
 from tests.helpers import (
     FASHION_MNIST_INPUT,
     ServerThread,
+    Stores,
     WorkerProcess,
-    subprocess_env,
+    encoded,
     train_fashion_mnist,
 )
 
@@ -38,10 +39,12 @@ IMAGES = 2000
 REGISTRY = "s3://models/bulk-tests"
 
 
-def png(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
+def wait_for_items_done(handle: perito.JobHandle, items: int, timeout: float = 120) -> None:
+    """Return once `items` of the job's items are done; fail, with its status, after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while handle.status().done < items:
+        assert time.monotonic() < deadline, handle.last
+        time.sleep(0.02)
 
 
 @dataclass
@@ -75,20 +78,20 @@ def bulk(
     tmp_path_factory: pytest.TempPathFactory, s3_endpoint: str, redis_url: str
 ) -> Iterator[Bulk]:
     work = tmp_path_factory.mktemp("bulk")
+    stores = Stores(work, redis_url, REGISTRY, s3_endpoint, results_uri="s3://results/jobs")
     model_file = work / "fashion.pt"
     labels = train_fashion_mnist(model_file)
-    options = S3Options(endpoint_url=s3_endpoint)
-    registry = ModelRegistry.open(REGISTRY, cache_dir=work / "publish-cache", s3=options)
+    registry = stores.open_registry()
     registry.publish(
         "fashion", model_file, labels=labels, input=FASHION_MNIST_INPUT, aliases=("production",)
     )
 
-    s3 = make_s3_client(options)
+    s3 = make_s3_client(S3Options(endpoint_url=s3_endpoint))
     images, classes = load_fashion_mnist("test")
     truth, image_bytes = {}, {}
     for index in range(IMAGES):
         name = f"{index:05d}.png"
-        truth[name], image_bytes[name] = int(classes[index]), png(images[index])
+        truth[name], image_bytes[name] = int(classes[index]), encoded(images[index], "PNG")
     with ThreadPoolExecutor(8) as pool:
         list(
             pool.map(
@@ -99,29 +102,10 @@ def bulk(
             )
         )
 
-    settings = ServerSettings(
-        port=0,
-        registry=REGISTRY,
-        s3_endpoint_url=s3_endpoint,
-        redis_url=redis_url,
-        cache_dir=work / "server-cache",
-        results_uri="s3://results/jobs",
-        local_roots=[work],
-        job_chunk_size=50,
-        visibility_timeout_s=10,
-        watchdog_interval_s=1,
-        lease_ttl_s=3,
+    settings = stores.server_settings(
+        job_chunk_size=50, visibility_timeout_s=10, watchdog_interval_s=1, lease_ttl_s=3
     )
-    worker_env = subprocess_env(
-        PERITO_REDIS_URL=redis_url,
-        PERITO_REGISTRY=REGISTRY,
-        PERITO_S3_ENDPOINT_URL=s3_endpoint,
-        PERITO_CACHE_DIR=str(work / "worker-cache"),
-        PERITO_LOCAL_ROOTS=json.dumps([str(work)]),
-        PERITO_VISIBILITY_TIMEOUT_S="10",
-        PERITO_LEASE_TTL_S="3",
-        PERITO_NICE="0",
-    )
+    worker_env = stores.worker_env(PERITO_VISIBILITY_TIMEOUT_S="10", PERITO_LEASE_TTL_S="3")
     with ServerThread(settings) as server, perito.Client(server.target, timeout=60) as client:
         state = Bulk(
             server, client, registry, s3, worker_env, work, model_file, labels, truth, image_bytes
@@ -175,10 +159,7 @@ def test_a_prefix_job_matches_the_offline_evaluation_item_for_item(bulk: Bulk) -
 
 def test_a_worker_killed_mid_job_loses_nothing_and_counts_nothing_twice(bulk: Bulk) -> None:
     handle = bulk.client.submit_job("s3://inspections/fmnist/", model="fashion", chunk_size=20)
-    deadline = time.monotonic() + 120
-    while handle.status().done < 300:
-        assert time.monotonic() < deadline, handle.last
-        time.sleep(0.05)
+    wait_for_items_done(handle, 300)
     bulk.workers[-1].kill_hard()
     done_at_kill = handle.status().done
     assert done_at_kill < IMAGES, "the job finished before the kill: nothing was tested"
@@ -195,10 +176,7 @@ def test_a_worker_killed_mid_job_loses_nothing_and_counts_nothing_twice(bulk: Bu
 def test_a_worker_stopped_with_sigterm_finishes_its_chunk_and_exits_cleanly(bulk: Bulk) -> None:
     """What Kubernetes and Docker do on a scale-down or rollout: SIGTERM to the main process."""
     handle = bulk.client.submit_job("s3://inspections/fmnist/", model="fashion", chunk_size=40)
-    deadline = time.monotonic() + 120
-    while handle.status().done < 200:
-        assert time.monotonic() < deadline, handle.last
-        time.sleep(0.05)
+    wait_for_items_done(handle, 200)
     worker = bulk.workers[-1]
     try:
         worker.process.send_signal(signal.SIGTERM)
@@ -281,10 +259,7 @@ def test_a_local_folder_is_uploaded_to_s3_and_run_from_there(
 
 def test_cancel_stops_a_running_job_and_accounts_for_every_item(bulk: Bulk) -> None:
     handle = bulk.client.submit_job("s3://inspections/fmnist/", model="fashion", chunk_size=10)
-    deadline = time.monotonic() + 60
-    while handle.status().done < 50:
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    wait_for_items_done(handle, 50, timeout=60)
     job = handle.cancel()
     assert job.state is perito.JobState.CANCELLED
     assert job.cancelled > 0 and job.done == job.total == IMAGES

@@ -12,10 +12,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import perito
-from perito_core.models.registry import ModelRegistry
-from perito_server.settings import ServerSettings
 from tests.conftest import publish_tiny
-from tests.helpers import ServerThread, WorkerProcess, free_port, subprocess_env
+from tests.helpers import ServerThread, Stores, WorkerProcess, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -38,31 +36,13 @@ def value(
 def test_server_and_worker_metrics_and_json_logs(
     tmp_path: Path, tiny_model_file: Path, redis_url: str
 ) -> None:
-    registry = ModelRegistry.open(str(tmp_path / "registry"), cache_dir=tmp_path / "publish")
-    publish_tiny(registry, tiny_model_file, name="car-damage")
+    stores = Stores(tmp_path, redis_url)
+    publish_tiny(stores.open_registry("publish"), tiny_model_file, name="car-damage")
     worker_port = free_port()
-    worker = WorkerProcess(
-        subprocess_env(
-            PERITO_REDIS_URL=redis_url,
-            PERITO_REGISTRY=str(tmp_path / "registry"),
-            PERITO_CACHE_DIR=str(tmp_path / "worker-cache"),
-            PERITO_METRICS_PORT=str(worker_port),
-            PERITO_LOG_FORMAT="json",
-            PERITO_NICE="0",
-        ),
-        tmp_path / "worker.log",
-    ).wait_ready()
-    settings = ServerSettings(
-        port=0,
-        registry=str(tmp_path / "registry"),
-        cache_dir=tmp_path / "server-cache",
-        redis_url=redis_url,
-        results_uri=str(tmp_path / "results"),
-        local_roots=[tmp_path],
-        metrics_port=0,
-    )
+    worker_env = stores.worker_env(PERITO_METRICS_PORT=str(worker_port), PERITO_LOG_FORMAT="json")
     image = np.full((32, 32, 3), 120, dtype=np.uint8)
-    try:
+    with WorkerProcess(worker_env, tmp_path / "worker.log").wait_ready():
+        settings = stores.server_settings(metrics_port=0)
         with ServerThread(settings) as server, perito.Client(server.target) as client:
             for _ in range(3):
                 client.classify([image, image], model="car-damage")
@@ -84,8 +64,6 @@ def test_server_and_worker_metrics_and_json_logs(
             ):
                 break
             time.sleep(0.2)
-    finally:
-        worker.stop()
 
     assert value(metrics, "perito_requests_total", method="Classify", code="OK") == 3
     assert value(metrics, "perito_requests_total", method="Classify", code="INVALID_ARGUMENT") == 1

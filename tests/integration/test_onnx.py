@@ -29,9 +29,8 @@ import perito
 from perito_core.imaging import load_model_input
 from perito_core.models.registry import ModelRegistry
 from perito_core.storage import S3Options, make_s3_client
-from perito_server.settings import ServerSettings
 from scripts.processes import free_port
-from tests.helpers import ServerThread, WorkerProcess, run_perito, subprocess_env
+from tests.helpers import ServerThread, Stores, WorkerProcess, run_perito
 from tests.onnx_helpers import (
     CAFFE_MEAN_BGR,
     MINERALS_LABELS,
@@ -104,14 +103,8 @@ def onnx_service(
     }
     for name, model in models.items():
         (work / f"{name}.txt").write_text("\n".join(model.labels) + "\n")
-    env = subprocess_env(
-        PERITO_REGISTRY=REGISTRY,
-        PERITO_S3_ENDPOINT_URL=s3_endpoint,
-        PERITO_REDIS_URL=redis_url,
-        PERITO_CACHE_DIR=str(work / "worker-cache"),
-        PERITO_LOCAL_ROOTS=json.dumps([str(work)]),
-        PERITO_NICE="0",
-    )
+    stores = Stores(work, redis_url, REGISTRY, s3_endpoint)
+    env = stores.worker_env()
     common = ["--input-size", str(SIZE), "--alias", "production"]
     run_perito(
         *("models", "import", str(models["waste"].file), "--name", "waste"),
@@ -126,25 +119,14 @@ def onnx_service(
         *("--mean", ",".join(map(str, CAFFE_MEAN_BGR))),
         env=env,
     )
-    options = S3Options(endpoint_url=s3_endpoint)
-    registry = ModelRegistry.open(REGISTRY, cache_dir=work / "test-cache", s3=options)
-    settings = ServerSettings(
-        port=0,
-        registry=REGISTRY,
-        s3_endpoint_url=s3_endpoint,
-        redis_url=redis_url,
-        cache_dir=work / "server-cache",
-        results_uri=str(work / "results"),
-        local_roots=[work],
-        job_chunk_size=4,
-    )
+    registry = stores.open_registry("test-cache")
     photo_bytes = {name: path.read_bytes() for name, path in photos.items()}
-    with ServerThread(settings) as server, perito.Client(server.target, timeout=60) as client:
-        worker = WorkerProcess(env, work / "worker.log").wait_ready()
-        try:
-            yield OnnxService(server, client, registry, env, work, models, photo_bytes)
-        finally:
-            worker.stop()
+    with (
+        ServerThread(stores.server_settings(job_chunk_size=4)) as server,
+        perito.Client(server.target, timeout=60) as client,
+        WorkerProcess(env, work / "worker.log").wait_ready(),
+    ):
+        yield OnnxService(server, client, registry, env, work, models, photo_bytes)
 
 
 def test_import_records_the_contract_in_the_manifest(onnx_service: OnnxService) -> None:

@@ -4,7 +4,6 @@ its status code and, where one is named, its field."""
 
 from __future__ import annotations
 
-import io
 import os
 import statistics
 import subprocess
@@ -17,16 +16,22 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from PIL import Image
 
 import perito
 from perito.v1 import classify_pb2, image_pb2, service_pb2_grpc
 from perito_core.access.tenancy import add_tenant, hash_token
 from perito_core.models.registry import ModelRegistry
 from perito_core.storage import S3Options, make_s3_client
-from perito_server.settings import ServerSettings
 from tests.conftest import publish_tiny
-from tests.helpers import ServerThread, free_port, perito_command, subprocess_env, wait_for_port
+from tests.helpers import (
+    ServerThread,
+    Stores,
+    encoded,
+    free_port,
+    perito_command,
+    subprocess_env,
+    wait_for_port,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -35,9 +40,7 @@ REGISTRY = "s3://models/tenant-tests"
 
 def jpeg(seed: int, size: int = 48) -> bytes:
     pixels = np.random.default_rng(seed).integers(0, 255, (size, size, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="JPEG")
-    return buffer.getvalue()
+    return encoded(pixels, "JPEG")
 
 
 @dataclass
@@ -92,11 +95,11 @@ def tenancy(
     tiny_model_file: Path,
 ) -> Iterator[Tenancy]:
     work = tmp_path_factory.mktemp("tenancy")
-    options = S3Options(endpoint_url=s3_endpoint)
-    registry = ModelRegistry.open(REGISTRY, cache_dir=work / "publish-cache", s3=options)
+    stores = Stores(work, redis_url, REGISTRY, s3_endpoint, results_uri="s3://results/jobs")
+    registry = stores.open_registry()
     publish_tiny(registry, tiny_model_file)
     publish_tiny(registry, tiny_model_file, name="globex-secret")
-    s3 = make_s3_client(options)
+    s3 = make_s3_client(S3Options(endpoint_url=s3_endpoint))
     for tenant in ("acme", "globex", "busy"):
         for n in range(3):
             s3.put_object(Bucket="inspections", Key=f"{tenant}/{n}.jpg", Body=jpeg(n))
@@ -115,17 +118,7 @@ def tenancy(
     (work / "acme" / "link").symlink_to(work / "globex")
     tenants_file = work / "tenants.yaml"
     tokens = write_tenants(tenants_file, work)
-    settings = ServerSettings(
-        port=0,
-        registry=REGISTRY,
-        s3_endpoint_url=s3_endpoint,
-        redis_url=redis_url,
-        cache_dir=work / "server-cache",
-        results_uri="s3://results/jobs",
-        local_roots=[work],
-        tenants_file=tenants_file,
-        watchdog_interval_s=1,
-    )
+    settings = stores.server_settings(tenants_file=tenants_file, watchdog_interval_s=1)
     with ServerThread(settings) as server:
         yield Tenancy(server, tokens, work, s3)
 

@@ -10,7 +10,6 @@ the one `perito evaluate --images` gives offline for the same file.
 from __future__ import annotations
 
 import csv
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +17,8 @@ from pathlib import Path
 import pytest
 
 import perito
-from perito_server.settings import ServerSettings
 from perito_training.synthetic import write_concrete_cracks
-from tests.helpers import ServerThread, WorkerProcess, run_perito, subprocess_env
+from tests.helpers import ServerThread, Stores, WorkerProcess, run_perito, subprocess_env
 from tests.scenarios.recipes import TrainedRun, registry_env, train
 
 # Training runs in the module's fixture: far longer than the suite's 300 s per test.
@@ -66,30 +64,13 @@ def cracks(tmp_path_factory: pytest.TempPathFactory) -> Cracks:
 @pytest.fixture(scope="module")
 def service(cracks: Cracks, redis_url: str) -> Iterator[perito.Client]:
     """The registry served by a real gRPC server, with one real `perito worker` for jobs."""
-    work = cracks.work
-    settings = ServerSettings(
-        port=0,
-        registry=str(work / "registry"),
-        cache_dir=work / "server-cache",
-        redis_url=redis_url,
-        results_uri=str(work / "results"),
-        local_roots=[work],
-    )
-    worker = WorkerProcess(
-        subprocess_env(
-            PERITO_REDIS_URL=redis_url,
-            PERITO_REGISTRY=str(work / "registry"),
-            PERITO_CACHE_DIR=str(work / "worker-cache"),
-            PERITO_LOCAL_ROOTS=json.dumps([str(work)]),
-            PERITO_NICE="0",
-        ),
-        work / "worker.log",
-    ).wait_ready(120)
-    try:
-        with ServerThread(settings) as server, perito.Client(server.target, timeout=60) as client:
-            yield client
-    finally:
-        worker.stop()
+    stores = Stores(cracks.work, redis_url)
+    with (
+        WorkerProcess(stores.worker_env(), stores.work / "worker.log").wait_ready(120),
+        ServerThread(stores.server_settings()) as server,
+        perito.Client(server.target, timeout=60) as client,
+    ):
+        yield client
 
 
 def is_cracked(name: str) -> bool:
