@@ -140,6 +140,44 @@ def perito_proc(name: str, args: list[str], env: dict[str, str], log: Path, read
     return Proc(name, [*perito_command(), *args], env, log, ready)
 
 
+@dataclass
+class ServeProcess:
+    """`perito serve` in its own process: gRPC at `grpc_url`, HTTP at `http_url` (both
+    `127.0.0.1:PORT`, no scheme, as tritonclient takes them)."""
+
+    grpc_url: str
+    http_url: str
+    process: Proc
+
+
+@contextlib.contextmanager
+def perito_serve_with_http(work: Path, **env: str) -> Iterator[ServeProcess]:
+    """`perito serve --http-port --preload tiny` over the registry `work/registry`, its cache
+    in `work/cache`, one torch thread, `env` (`PERITO_*`) on top, logging to `work/serve.log`.
+    Yields once both ports accept connections; on the way out stops it and fails unless it
+    exited 0."""
+    port, http_port = free_port(), free_port()
+    process = perito_proc(
+        "perito serve",
+        ["serve", "--port", str(port), "--http-port", str(http_port), "--preload", "tiny"],
+        subprocess_env(
+            PERITO_REGISTRY=str(work / "registry"),
+            PERITO_CACHE_DIR=str(work / "cache"),
+            PERITO_TORCH_THREADS="1",
+            **env,
+        ),
+        work / "serve.log",
+        "HTTP on",
+    ).launch()
+    try:
+        wait_for_port(port, timeout=120, process=process)
+        wait_for_port(http_port, timeout=60, process=process)
+        yield ServeProcess(f"127.0.0.1:{port}", f"127.0.0.1:{http_port}", process)
+    finally:
+        code = process.stop()
+    assert code == 0, (work / "serve.log").read_text()[-4000:]
+
+
 class WorkerProcess:
     """`perito worker` in its own process group (so kill -9 takes its children too)."""
 

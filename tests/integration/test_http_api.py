@@ -16,9 +16,9 @@ import pytest
 
 import perito
 from perito_core.models.registry import ModelRegistry
-from scripts.processes import Proc, free_port, wait_for_port
+from scripts.processes import Proc
 from tests.conftest import publish_tiny
-from tests.helpers import VENV_BIN, perito_proc, subprocess_env
+from tests.helpers import VENV_BIN, perito_serve_with_http
 
 pytestmark = pytest.mark.integration
 
@@ -42,10 +42,8 @@ def served(
     registry = ModelRegistry.open(str(work / "registry"), cache_dir=work / ".publish-cache")
     publish_tiny(registry, tiny_model_file, aliases=("production",))
     (work / "results").mkdir()
-    port, http_port = free_port(), free_port()
-    env = subprocess_env(
-        PERITO_REGISTRY=str(work / "registry"),
-        PERITO_CACHE_DIR=str(work / "cache"),
+    with perito_serve_with_http(
+        work,
         # A database of its own: no other test's worker takes these jobs' chunks.
         PERITO_REDIS_URL=redis_url.rsplit("/", 1)[0] + "/7",
         PERITO_AUTH_TOKENS=f'["{TOKEN}"]',
@@ -53,17 +51,8 @@ def served(
         PERITO_LOCAL_ROOTS=json.dumps([str(work)]),
         PERITO_MAX_MESSAGE_BYTES=str(MAX_BODY),
         PERITO_MAX_QUEUE_BYTES=str(4 * MAX_BODY),
-        PERITO_TORCH_THREADS="1",
-    )
-    args = ["serve", "--port", str(port), "--http-port", str(http_port), "--preload", "tiny"]
-    process = perito_proc("perito serve", args, env, work / "serve.log", "HTTP on").launch()
-    try:
-        wait_for_port(port, timeout=120, process=process)
-        wait_for_port(http_port, timeout=60, process=process)
-        yield Served(f"127.0.0.1:{port}", f"http://127.0.0.1:{http_port}", process)
-    finally:
-        code = process.stop()
-    assert code == 0, (work / "serve.log").read_text()[-4000:]
+    ) as serve:
+        yield Served(serve.grpc_url, f"http://{serve.http_url}", serve.process)
 
 
 @pytest.fixture(scope="module")

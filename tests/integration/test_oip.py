@@ -23,9 +23,9 @@ import perito
 from perito_core.access.tenancy import Quotas, add_tenant
 from perito_core.imaging import load_model_input
 from perito_core.models.registry import ModelRegistry
-from scripts.processes import Proc, free_port, wait_for_port
+from scripts.processes import Proc, free_port
 from tests.conftest import publish_tiny
-from tests.helpers import TINY_INPUT, perito_proc, subprocess_env
+from tests.helpers import TINY_INPUT, perito_serve_with_http
 
 pytestmark = pytest.mark.integration
 
@@ -54,25 +54,15 @@ def served(tmp_path_factory: pytest.TempPathFactory, tiny_model_file: Path) -> I
     work = tmp_path_factory.mktemp("oip")
     registry = ModelRegistry.open(str(work / "registry"), cache_dir=work / ".publish-cache")
     publish_tiny(registry, tiny_model_file, aliases=("production",))
-    port, http_port, metrics_port = free_port(), free_port(), free_port()
-    env = subprocess_env(
-        PERITO_REGISTRY=str(work / "registry"),
-        PERITO_CACHE_DIR=str(work / "cache"),
+    metrics_port = free_port()
+    with perito_serve_with_http(
+        work,
         PERITO_REDIS_URL="redis://127.0.0.1:1/0",  # no jobs here: nothing listens there
         PERITO_AUTH_TOKENS=f'["{TOKEN}"]',
         PERITO_METRICS_PORT=str(metrics_port),
-        PERITO_TORCH_THREADS="1",
-    )
-    args = ["serve", "--port", str(port), "--http-port", str(http_port), "--preload", "tiny"]
-    process = perito_proc("perito serve", args, env, work / "serve.log", "HTTP on").launch()
-    try:
-        wait_for_port(port, timeout=120, process=process)
-        wait_for_port(http_port, timeout=60, process=process)
+    ) as serve:
         metrics = f"http://127.0.0.1:{metrics_port}/metrics"
-        yield Served(f"127.0.0.1:{port}", f"127.0.0.1:{http_port}", process, metrics)
-    finally:
-        code = process.stop()
-    assert code == 0, (work / "serve.log").read_text()[-4000:]
+        yield Served(serve.grpc_url, serve.http_url, serve.process, metrics)
 
 
 @pytest.fixture(scope="module")
@@ -291,22 +281,12 @@ def tenants_served(
             quotas=Quotas(images_per_minute=4),
         ),
     }
-    port, http_port = free_port(), free_port()
-    env = subprocess_env(
-        PERITO_REGISTRY=str(work / "registry"),
-        PERITO_CACHE_DIR=str(work / "cache"),
+    with perito_serve_with_http(
+        work,
         PERITO_REDIS_URL=redis_url.rsplit("/", 1)[0] + "/8",
         PERITO_TENANTS_FILE=str(tenants),
-        PERITO_TORCH_THREADS="1",
-    )
-    args = ["serve", "--port", str(port), "--http-port", str(http_port), "--preload", "tiny"]
-    process = perito_proc("perito serve", args, env, work / "serve.log", "HTTP on").launch()
-    try:
-        wait_for_port(http_port, timeout=120, process=process)
-        yield Served(f"127.0.0.1:{port}", f"127.0.0.1:{http_port}", process), tokens
-    finally:
-        code = process.stop()
-    assert code == 0, (work / "serve.log").read_text()[-4000:]
+    ) as serve:
+        yield Served(serve.grpc_url, serve.http_url, serve.process), tokens
 
 
 def test_tenants_roles_models_and_quotas_hold_on_both_transports(
