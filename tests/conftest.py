@@ -81,6 +81,17 @@ def publish_lite0(registry: ModelRegistry, lite0_dir: Path, **kwargs: object) ->
     return manifest.version
 
 
+def lite0_and_tiny_registry(
+    root: Path, lite0_dir: Path, tiny_model_file: Path, tiny_name: str = "tiny"
+) -> Path:
+    """A registry folder at `root`: EfficientNet-Lite0 (alias `production`) and the tiny model
+    as `tiny_name`."""
+    registry = ModelRegistry.open(str(root), cache_dir=root / ".publish-cache")
+    publish_lite0(registry, lite0_dir, aliases=("production",))
+    publish_tiny(registry, tiny_model_file, name=tiny_name)
+    return root
+
+
 def publish_tiny(
     registry: ModelRegistry, model_file: Path, name: str = "tiny", **kwargs: object
 ) -> str:

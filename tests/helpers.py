@@ -12,7 +12,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,6 +76,12 @@ class ServerThread:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.running: object = None
+
+    @classmethod
+    def serving(cls, registry: Path | str, cache_dir: Path, **options: Any) -> ServerThread:
+        """A server on a free port over `registry` (a folder or a URI), its model cache in
+        `cache_dir`; `options`: any other `ServerSettings`."""
+        return cls(ServerSettings(port=0, registry=str(registry), cache_dir=cache_dir, **options))
 
     def __enter__(self) -> ServerThread:
         from perito_server.app import create_server
@@ -176,6 +182,15 @@ def perito_serve_with_http(work: Path, **env: str) -> Iterator[ServeProcess]:
     finally:
         code = process.stop()
     assert code == 0, (work / "serve.log").read_text()[-4000:]
+
+
+def run_in_threads(call: Callable[[], None], count: int, timeout: float = 120) -> None:
+    """`call` in `count` threads at once; returns when they have ended (`timeout` a join)."""
+    threads = [threading.Thread(target=call) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout)
 
 
 class WorkerProcess:

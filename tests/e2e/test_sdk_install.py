@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from perito_core.models.registry import ModelRegistry
-from perito_server.settings import ServerSettings
 from tests.conftest import publish_lite0
 from tests.helpers import ROOT, ServerThread
 
@@ -57,8 +56,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, lite0_dir: Path) -> Iterato
     root = tmp_path_factory.mktemp("install-registry")
     registry = ModelRegistry.open(str(root / "registry"), cache_dir=root / "cache")
     publish_lite0(registry, lite0_dir)
-    settings = ServerSettings(port=0, registry=str(root / "registry"), cache_dir=root / "c2")
-    with ServerThread(settings) as running:
+    with ServerThread.serving(root / "registry", root / "c2") as running:
         yield running
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,8 +18,8 @@ import perito
 from perito.v1 import classify_pb2, image_pb2, service_pb2_grpc
 from perito_core.models.registry import ModelRegistry
 from perito_server.settings import ServerSettings
-from tests.conftest import publish_lite0, publish_tiny
-from tests.helpers import ServerThread
+from tests.conftest import lite0_and_tiny_registry, publish_tiny
+from tests.helpers import ServerThread, run_in_threads
 
 pytestmark = pytest.mark.integration
 
@@ -31,24 +30,18 @@ LITE0 = "imagenet-efficientnet-lite0"
 def registry_dir(
     tmp_path_factory: pytest.TempPathFactory, lite0_dir: Path, tiny_model_file: Path
 ) -> Path:
-    root = tmp_path_factory.mktemp("registry")
-    registry = ModelRegistry.open(str(root), cache_dir=root / ".publish-cache")
-    publish_lite0(registry, lite0_dir, aliases=("production",))
-    publish_tiny(registry, tiny_model_file)
-    return root
+    return lite0_and_tiny_registry(tmp_path_factory.mktemp("registry"), lite0_dir, tiny_model_file)
 
 
 @pytest.fixture(scope="module")
 def server(registry_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
-    settings = ServerSettings(
-        port=0,
-        registry=str(registry_dir),
-        cache_dir=tmp_path_factory.mktemp("cache"),
+    with ServerThread.serving(
+        registry_dir,
+        tmp_path_factory.mktemp("cache"),
         preload=[LITE0],
         max_images_per_request=16,
         max_message_bytes=8 * 1024 * 1024,
-    )
-    with ServerThread(settings) as running:
+    ) as running:
         yield running
 
 
@@ -200,11 +193,7 @@ def test_concurrent_calls_are_batched_together(
         except BaseException as exc:  # noqa: BLE001
             errors.append(exc)
 
-    threads = [threading.Thread(target=call) for _ in range(12)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
+    run_in_threads(call, 12)
     assert not errors
     batches = batcher.stats.batch_size.count - before[0]
     images = batcher.stats.batch_size.total - before[1]
@@ -234,11 +223,7 @@ def test_a_full_queue_is_resource_exhausted_with_a_retry_hint(
                 except perito.PeritoError as exc:
                     results.append(exc)
 
-        threads = [threading.Thread(target=call) for _ in range(6)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(120)
+        run_in_threads(call, 6)
     rejected = [r for r in results if isinstance(r, perito.ResourceExhaustedError)]
     assert rejected, results
     assert all(r.reason == "QUEUE_FULL" and r.retry_after and r.retry_after > 0 for r in rejected)
@@ -261,10 +246,10 @@ def test_a_tampered_artifact_is_refused_with_failed_precondition(
     publish_tiny(registry, tiny_model_file)
     stored = tmp_path / "registry/models/tiny/1/model.pt"
     stored.write_bytes(stored.read_bytes() + b"tampered")
-    settings = ServerSettings(
-        port=0, registry=str(tmp_path / "registry"), cache_dir=tmp_path / "c2"
-    )
-    with ServerThread(settings) as running, perito.Client(running.target) as c:
+    with (
+        ServerThread.serving(tmp_path / "registry", tmp_path / "c2") as running,
+        perito.Client(running.target) as c,
+    ):
         with pytest.raises(perito.FailedPreconditionError, match="does not match") as caught:
             c.classify([photos["coffee"]], model="tiny")
         assert caught.value.reason == "MODEL_CHECKSUM_MISMATCH"

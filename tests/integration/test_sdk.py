@@ -3,7 +3,6 @@ client-side, TLS and bearer tokens."""
 
 from __future__ import annotations
 
-import datetime
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,9 +12,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import perito
-from perito_core.models.registry import ModelRegistry
-from perito_server.settings import ServerSettings
-from tests.conftest import publish_lite0, publish_tiny
+from scripts.deploy_secrets import generate
+from tests.conftest import lite0_and_tiny_registry
 from tests.helpers import ServerThread
 
 pytestmark = pytest.mark.integration
@@ -28,22 +26,15 @@ TOKEN = "claims-team-token"
 def registry_dir(
     tmp_path_factory: pytest.TempPathFactory, lite0_dir: Path, tiny_model_file: Path
 ) -> Path:
-    root = tmp_path_factory.mktemp("sdk-registry")
-    registry = ModelRegistry.open(str(root), cache_dir=root / ".cache")
-    publish_lite0(registry, lite0_dir, aliases=("production",))
-    publish_tiny(registry, tiny_model_file, name="car-damage")
-    return root
+    return lite0_and_tiny_registry(
+        tmp_path_factory.mktemp("sdk-registry"), lite0_dir, tiny_model_file, "car-damage"
+    )
 
 
 @pytest.fixture(scope="module")
 def server(registry_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
-    settings = ServerSettings(
-        port=0,
-        registry=str(registry_dir),
-        cache_dir=tmp_path_factory.mktemp("cache"),
-        max_images_per_request=16,
-    )
-    with ServerThread(settings) as running:
+    cache = tmp_path_factory.mktemp("cache")
+    with ServerThread.serving(registry_dir, cache, max_images_per_request=16) as running:
         yield running
 
 
@@ -94,62 +85,30 @@ def test_a_model_reference_names_one_version_only() -> None:
         client.classify([b"x"], model="car-damage@2", version="3")
 
 
-def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_file, key_file = tmp_path / "server.pem", tmp_path / "server.key"
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_file, key_file
-
-
 async def test_tls_and_bearer_tokens(
     registry_dir: Path, tmp_path: Path, photos: dict[str, Path]
 ) -> None:
-    cert, key = _self_signed(tmp_path)
-    settings = ServerSettings(
-        port=0,
-        registry=str(registry_dir),
-        cache_dir=tmp_path / "cache",
-        tls_cert_file=cert,
-        tls_key_file=key,
+    # The certificates a deployment gets: its own CA, and a server certificate for localhost.
+    generate(tmp_path / "secrets")
+    tls = tmp_path / "secrets" / "server" / "tls"
+    ca = tls / "ca.pem"
+    with ServerThread.serving(
+        registry_dir,
+        tmp_path / "cache",
+        tls_cert_file=tls / "server.pem",
+        tls_key_file=tls / "server.key",
         auth_tokens=[TOKEN, "second-team-token"],
         health_port=0,
-    )
-    with ServerThread(settings) as server:
+    ) as server:
         target = f"localhost:{server.port}"
-        with perito.Client(target, root_certificates=cert, token=TOKEN) as client:
+        with perito.Client(target, root_certificates=ca, token=TOKEN) as client:
             [result] = client.classify([photos["coffee"]], model=LITE0)
             assert result.label == "espresso"
-        async with perito.AsyncClient(target, root_certificates=str(cert), token=TOKEN) as aclient:
+        async with perito.AsyncClient(target, root_certificates=str(ca), token=TOKEN) as aclient:
             assert [m.name for m in await aclient.list_models()] == ["car-damage", LITE0]
         for token in (None, "wrong-token"):
             with (
-                perito.Client(target, root_certificates=cert, token=token) as client,
+                perito.Client(target, root_certificates=ca, token=token) as client,
                 pytest.raises(perito.UnauthenticatedError, match="bearer token"),
             ):
                 client.list_models()
@@ -159,7 +118,7 @@ async def test_tls_and_bearer_tokens(
         ):
             client.list_models()
         # Probes need no token.
-        credentials = grpc.ssl_channel_credentials(cert.read_bytes())
+        credentials = grpc.ssl_channel_credentials(ca.read_bytes())
         with grpc.secure_channel(target, credentials) as channel:
             health = health_pb2_grpc.HealthStub(channel)
             reply = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=10)

@@ -11,7 +11,6 @@ import pytest
 
 import perito
 from perito_core.models.registry import ModelRegistry
-from perito_server.settings import ServerSettings
 from tests.conftest import publish_tiny
 from tests.helpers import ServerThread
 
@@ -25,8 +24,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, tiny_model_file: Path) -> I
     root = tmp_path_factory.mktemp("split-registry")
     registry = ModelRegistry.open(str(root / "registry"), cache_dir=root / "publish-cache")
     publish_tiny(registry, tiny_model_file)
-    settings = ServerSettings(port=0, registry=str(root / "registry"), cache_dir=root / "cache")
-    with ServerThread(settings) as running:
+    with ServerThread.serving(root / "registry", root / "cache") as running:
         yield running.target
 
 
