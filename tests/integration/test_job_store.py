@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pytest
@@ -11,7 +11,7 @@ import redis
 
 from perito_core.errors import InvalidArgument, NotFound
 from perito_core.jobs.queue import BULK_QUEUE, make_celery, queued_chunks
-from perito_core.jobs.store import ItemInput, ItemResult, ItemState, JobState, JobStore
+from perito_core.jobs.store import ItemInput, ItemResult, ItemState, Job, JobState, JobStore
 from perito_core.jobs.watchdog import Watchdog
 from perito_core.storage import S3Options
 from tests.helpers import redis_server
@@ -25,11 +25,14 @@ def store() -> Iterator[JobStore]:
         yield JobStore.connect(url)
 
 
-def _create(store: JobStore, n: int, chunk_size: int, output: Path, **kwargs: object) -> str:
-    job, created = store.create(
+def _submit(
+    store: JobStore, items: Iterable[ItemInput], chunk_size: int, output: Path, **kwargs: object
+) -> tuple[Job, bool]:
+    """`store.create` for model m@1, top 1, no threshold, no labels, results to `output`."""
+    return store.create(
         model="m",
         model_version="1",
-        items=(ItemInput(id=str(i), uri=f"s3://b/{i}.jpg") for i in range(n)),
+        items=items,
         inline={},
         output_uri=str(output),
         top_k=1,
@@ -38,6 +41,11 @@ def _create(store: JobStore, n: int, chunk_size: int, output: Path, **kwargs: ob
         labels={},
         **kwargs,  # type: ignore[arg-type]
     )
+
+
+def _create(store: JobStore, n: int, chunk_size: int, output: Path, **kwargs: object) -> str:
+    items = (ItemInput(id=str(i), uri=f"s3://b/{i}.jpg") for i in range(n))
+    job, created = _submit(store, items, chunk_size, output, **kwargs)
     assert created
     return job.id
 
@@ -78,18 +86,7 @@ def test_a_job_over_the_item_cap_is_refused_while_listing_and_leaves_nothing(
             n += 1
 
     with pytest.raises(InvalidArgument, match="limit per job is 2,500") as caught:
-        store.create(
-            model="m",
-            model_version="1",
-            items=endless(),
-            inline={},
-            output_uri=str(tmp_path),
-            top_k=1,
-            confidence_threshold=0,
-            chunk_size=10,
-            labels={},
-            max_items=2500,
-        )
+        _submit(store, endless(), 10, tmp_path, max_items=2500)
     assert caught.value.field == "input"
     assert len(listed) == 2501  # stopped at the first item over the cap
     assert store.redis.keys("perito:job:*") == []
@@ -101,18 +98,7 @@ def test_creating_the_same_job_id_twice_gives_the_first_job(
     job_id = store.claim_request("req-1", "first")
     assert job_id == "first" and store.claim_request("req-1", "second") == "first"
     _create(store, 5, 2, tmp_path, job_id=job_id)
-    again, created = store.create(
-        model="m",
-        model_version="1",
-        items=[ItemInput(id="x")],
-        inline={},
-        output_uri=str(tmp_path),
-        top_k=1,
-        confidence_threshold=0,
-        chunk_size=2,
-        labels={},
-        job_id=job_id,
-    )
+    again, created = _submit(store, [ItemInput(id="x")], 2, tmp_path, job_id=job_id)
     assert not created and again.total == 5
     assert store.state_counts()[JobState.QUEUED] == 1
 

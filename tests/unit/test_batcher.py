@@ -32,6 +32,13 @@ async def classify(
         return await admission.run(items, deadline)
 
 
+def one_at_a_time(model: FakeModel) -> DynamicBatcher[int, int]:
+    """A started batcher that runs one image at a time, without waiting for companions."""
+    batcher = DynamicBatcher(model, max_batch_size=1, max_queue_delay=0.0, max_queue_size=64)
+    batcher.start()
+    return batcher
+
+
 async def test_concurrent_requests_share_batches_up_to_the_limit() -> None:
     model = FakeModel(seconds=0.01)
     batcher = DynamicBatcher(model, max_batch_size=4, max_queue_delay=0.05, max_queue_size=64)
@@ -147,8 +154,7 @@ async def test_a_request_larger_than_the_byte_budget_is_refused_outright() -> No
 
 async def test_the_retry_hint_grows_with_the_backlog() -> None:
     model = FakeModel(seconds=0.02)
-    batcher = DynamicBatcher(model, max_batch_size=1, max_queue_delay=0.0, max_queue_size=64)
-    batcher.start()
+    batcher = one_at_a_time(model)
     await asyncio.gather(*(classify(batcher, [i]) for i in range(5)))  # learn the pace
     with batcher.admit(60), pytest.raises(QueueFull) as caught:
         batcher.admit(10)
@@ -160,8 +166,7 @@ async def test_the_retry_hint_grows_with_the_backlog() -> None:
 
 async def test_expired_items_are_dropped_before_they_run() -> None:
     model = FakeModel(seconds=0.05)
-    batcher = DynamicBatcher(model, max_batch_size=1, max_queue_delay=0.0, max_queue_size=64)
-    batcher.start()
+    batcher = one_at_a_time(model)
     blocker = asyncio.ensure_future(classify(batcher, [1]))
     await asyncio.sleep(0.01)  # item 1 is running for 50 ms
     with pytest.raises(DeadlineExceeded):
@@ -174,8 +179,7 @@ async def test_expired_items_are_dropped_before_they_run() -> None:
 
 async def test_cancelled_callers_are_dropped_before_they_run() -> None:
     model = FakeModel(seconds=0.05)
-    batcher = DynamicBatcher(model, max_batch_size=1, max_queue_delay=0.0, max_queue_size=64)
-    batcher.start()
+    batcher = one_at_a_time(model)
     blocker = asyncio.ensure_future(classify(batcher, [1]))
     await asyncio.sleep(0.01)
     impatient = asyncio.ensure_future(classify(batcher, [2]))
@@ -190,8 +194,7 @@ async def test_cancelled_callers_are_dropped_before_they_run() -> None:
 
 async def test_a_failing_batch_fails_only_its_own_items() -> None:
     model = FakeModel(seconds=0.02, fail_on=13)
-    batcher = DynamicBatcher(model, max_batch_size=1, max_queue_delay=0.0, max_queue_size=64)
-    batcher.start()
+    batcher = one_at_a_time(model)
     results = await asyncio.gather(
         classify(batcher, [1]),
         classify(batcher, [13]),

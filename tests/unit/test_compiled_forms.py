@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from perito_core.imaging import InputSpec, load_model_input
 from perito_core.models.compile import build_forms, gate_reason
@@ -23,8 +22,7 @@ from perito_core.models.forms import load_model
 from perito_core.models.manifest import InputContract
 from perito_core.models.registry import ModelRegistry
 from perito_training.architectures import ARCHITECTURES, get_architecture
-from perito_training.export import save_torchscript
-from perito_training.trainer import build_model, input_contract
+from perito_training.trainer import input_contract
 
 
 def _needs_engine() -> None:
@@ -239,15 +237,10 @@ def test_every_architecture_compiles_and_matches_the_reference_on_photos(
     """FP32 IR matches model.pt to 1e-4; INT8 loads, serves and stays close (untrained nets:
     near-uniform outputs, so top-1 agreement is not a fair test here; the ImageNet one is)."""
     _needs_engine()
-    from tests.unit.test_training_export import _config, _weights_file
+    from tests.unit.test_training_export import export_untrained
 
-    extra = {"weights": _weights_file(tmp_path)} if architecture == "resnet18" else {}
-    torch.manual_seed(0)
-    model = build_model(_config(architecture, **extra), num_classes=3).eval()
-    model.temperature.fill_(0.5)
-    model_file = tmp_path / "model.pt"
-    save_torchscript(model, model_file)
-    contract = input_contract(_config(architecture, **extra), get_architecture(architecture))
+    _, config, model_file = export_untrained(architecture, tmp_path, temperature=0.5)
+    contract = input_contract(config, get_architecture(architecture))
     spec = contract.spec()
     holdout = _holdout(photos, spec, per_photo=2)
     built = build_forms(

@@ -11,7 +11,7 @@ import torch
 from perito_training.architectures import ARCHITECTURES
 from perito_training.config import ModelConfig, TrainConfig
 from perito_training.evaluation import load_module
-from perito_training.export import save_torchscript
+from perito_training.export import ImageClassifier, save_torchscript
 from perito_training.trainer import build_model, lr_factor
 
 
@@ -34,14 +34,25 @@ def _weights_file(tmp_path: Path) -> Path:
     return path
 
 
+def export_untrained(
+    architecture: str, folder: Path, temperature: float
+) -> tuple[ImageClassifier, TrainConfig, Path]:
+    """An untrained three-class `architecture` (seed 0; ResNet-18 from a random weights file
+    in `folder`) with `temperature`, exported to `folder/model.pt`: the eager module, its
+    config and the file."""
+    extra = {"weights": _weights_file(folder)} if architecture == "resnet18" else {}
+    config = _config(architecture, **extra)
+    torch.manual_seed(0)
+    model = build_model(config, num_classes=3).eval()
+    model.temperature.fill_(temperature)
+    path = folder / "model.pt"
+    save_torchscript(model, path)
+    return model, config, path
+
+
 @pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))
 def test_scripted_and_eager_outputs_match(architecture: str, tmp_path: Path) -> None:
-    extra = {"weights": _weights_file(tmp_path)} if architecture == "resnet18" else {}
-    torch.manual_seed(0)
-    model = build_model(_config(architecture, **extra), num_classes=3).eval()
-    model.temperature.fill_(1.7)
-    path = tmp_path / "model.pt"
-    save_torchscript(model, path)
+    model, _, path = export_untrained(architecture, tmp_path, temperature=1.7)
     exported = load_module(path)
     for size in (64, 97):  # the input size, and one the module must resize itself
         images = torch.randint(0, 256, (4, 3, size, size), dtype=torch.uint8)
