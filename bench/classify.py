@@ -15,11 +15,13 @@ Prints images/s, p50 and p99, and each ratio to the raw reference; `--json` writ
 Targets (issue 2): throughput at concurrency 16 >= 0.9 x raw; p50 at concurrency 1 within 3 ms
 of the raw single-image time.
 
-`--form torchscript,fp32,int8,bf16` (issue 19) builds the compiled forms (OpenVINO IR; INT8
-calibrated on half of the JPEGs, agreement with TorchScript measured on the other half), then
-measures, for each form in the same run: the forward pass alone at batch 1 and 8, the raw
-pipeline and `Classify` c1 / c16 with the server's `PERITO_PRECISION` set to that form. The
-CPU's ISA flags are printed first (INT8 is fast with VNNI / AMX, BF16 needs AVX-512 BF16 / AMX).
+`--form torchscript,fp32,int8,bf16` (issue 19) builds the compiled forms (`--engines`:
+OpenVINO IR and ONNX Runtime; INT8 calibrated on half of the JPEGs, agreement with
+TorchScript measured on the other half), then measures, for each form in the same run: the
+forward pass alone at batch 1 and 8, the raw pipeline and `Classify` c1 / c16 with the
+server's `PERITO_PRECISION` set to that form (the fastest verified form of that precision
+serves it: the row names which). The CPU's ISA flags are printed first (INT8 is fast with
+VNNI / AMX, BF16 needs AVX-512 BF16 / AMX).
 """
 
 from __future__ import annotations
@@ -75,7 +77,11 @@ def make_jpegs(work: Path, count: int) -> list[bytes]:
 
 
 def publish(
-    arch: str, work: Path, forms: tuple[str, ...] = (), jpegs: list[bytes] | None = None
+    arch: str,
+    work: Path,
+    forms: tuple[str, ...] = (),
+    jpegs: list[bytes] | None = None,
+    engines: tuple[str, ...] = ("openvino", "onnxruntime"),
 ) -> ModelRegistry:
     from perito_training.export import export_torchscript
     from perito_training.pretrained import EFFICIENTNET_LITE0_INPUT, efficientnet_lite0_imagenet
@@ -107,6 +113,7 @@ def publish(
             holdout=images[1::2],
             evaluated_on="bench JPEGs not used for calibration",
             precisions=forms,
+            engines=engines,
             min_agreement=0.0,  # measured and printed here; the publish gate is not the bench's
         )
         for line in built.summary():
@@ -324,6 +331,12 @@ def main() -> int:
         default="torchscript",
         help="comma-separated forms to measure side by side: torchscript, fp32, int8, bf16, auto",
     )
+    parser.add_argument(
+        "--engines",
+        default="openvino,onnxruntime",
+        help="engines to build the forms for (each precision serves the fastest verified one: "
+        "name one engine to measure it alone)",
+    )
     args = parser.parse_args()
     forms = [f.strip() for f in args.form.split(",") if f.strip()]
     if forms != ["torchscript"]:
@@ -414,7 +427,8 @@ def compare_forms(args: argparse.Namespace, forms: list[str]) -> int:
     with tempfile.TemporaryDirectory(prefix="perito-bench-") as tmp:
         work = Path(tmp)
         jpegs = make_jpegs(work, args.images)
-        registry = publish(args.arch, work, compiled, jpegs)
+        engines = tuple(e.strip() for e in args.engines.split(",") if e.strip())
+        registry = publish(args.arch, work, compiled, jpegs, engines)
         manifest = registry.manifest(MODEL, "1")
         for requested in forms:
             model = load_model(

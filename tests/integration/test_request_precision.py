@@ -44,6 +44,7 @@ def registry_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_file: Path
         calibration=images[:16],
         holdout=images[16:],
         precisions=("fp32",),
+        engines=("openvino",),
     )
     publish_tiny(registry, tiny_model_file, forms=built.forms, skipped_forms=built.skipped)
     return root

@@ -125,6 +125,11 @@ def unsupported_reason(form: CompiledForm) -> str | None:
     """Why this machine cannot run `form` at its precision, or None when it can."""
     if form.engine == "openvino" and openvino_version() is None:
         return "OpenVINO is not installed (pip install 'perito[serve]')"
+    if form.engine == "onnxruntime":
+        from perito_core.models.onnx_model import onnxruntime_version
+
+        if onnxruntime_version() is None:
+            return "ONNX Runtime is not installed (pip install 'perito[serve]')"
     if form.requires and not cpu_flags() & set(form.requires):
         return f"this CPU lacks {' or '.join(form.requires)} (has: {isa_summary()})"
     return None
@@ -181,11 +186,16 @@ def load_form(registry: ModelRegistry, manifest: ModelManifest, form: CompiledFo
     if reason is not None:
         raise ModelLoadError(reason)
     local = registry.fetch_form(manifest, form.name)
-    xml = next((path for path in local.paths if path.suffix == ".xml"), None)
-    if xml is None:
-        raise ModelLoadError(f"{form.name} lists no .xml file")
+    suffix = ".onnx" if form.engine == "onnxruntime" else ".xml"
+    path = next((path for path in local.paths if path.suffix == suffix), None)
+    if path is None:
+        raise ModelLoadError(f"{form.name} lists no {suffix} file")
+    if form.engine == "onnxruntime":
+        from perito_core.models.onnx_model import OnnxModel
+
+        return OnnxModel.open_form(path, manifest, form)
     try:
-        model = OpenVinoModel(manifest, form, xml)
+        model = OpenVinoModel(manifest, form, path)
     except Exception as exc:  # noqa: BLE001 - any engine failure here is a bad or foreign form
         raise ModelLoadError(f"{form.name} does not compile here: {exc}") from None
     model._check_output(model._forward(model._random_batch(2)), 2)

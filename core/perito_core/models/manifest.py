@@ -177,16 +177,17 @@ class CompiledForm(BaseModel):
 
     `model.pt` stays the reference: every form was run against it on held-out images at
     publish, and only forms that passed the accuracy gate are listed (DESIGN.md, "Artifact
-    forms"). An OpenVINO IR is ISA-independent: oneDNN picks its kernels when the form is
-    compiled at load, so a form built on one CPU loads on any x86-64 CPU; `requires` names the
-    CPU flags without which the form would not run at its precision (BF16), and a CPU that
-    lacks them skips the form with a logged reason.
+    forms"). Engines: `openvino` (an IR) and `onnxruntime` (an ONNX graph, uint8 NCHW in,
+    probabilities out). Neither file holds ISA-specific code: oneDNN or ONNX Runtime's MLAS
+    picks kernels when the form is loaded, so a form built on one CPU loads on any x86-64 CPU;
+    `requires` names the CPU flags without which the form would not run at its precision
+    (BF16), and a CPU that lacks them skips the form with a logged reason.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: str = Field(pattern=r"^[a-z0-9]+-(fp32|bf16|int8)$")
-    engine: Literal["openvino"]
+    engine: Literal["openvino", "onnxruntime"]
     engine_version: str
     precision: Precision
     files: list[FormFile] = Field(min_length=1)

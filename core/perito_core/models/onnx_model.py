@@ -27,13 +27,17 @@ import numpy as np
 import torch
 
 from perito_core.errors import ModelLoadError
-from perito_core.models.calibration import softmax
-from perito_core.models.manifest import ModelManifest, TensorContract
+from perito_core.models.calibration import rescale, softmax
+from perito_core.models.manifest import CompiledForm, ModelManifest, TensorContract
 from perito_core.models.runtime import LoadedModel
 
 log = logging.getLogger(__name__)
 
 ONNX_ENGINE = "onnxruntime"
+
+# What a compiled ONNX Runtime form takes and gives (`compile._export_onnx`): the serving
+# pipeline's uint8 pixels, NCHW, and probabilities (normalisation and softmax inside).
+COMPILED_FORM_TENSOR = TensorContract(layout="NCHW", dtype="uint8", scale=1.0)
 
 _ONNX_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "uint8": "tensor(uint8)"}
 
@@ -101,6 +105,24 @@ def probabilities_from_output(output: np.ndarray, contract: TensorContract) -> n
     if contract.output == "logits":
         return softmax(values).astype(np.float32, copy=False)
     return values
+
+
+def session_options(threads: int | None = None) -> Any:
+    """ONNX Runtime's session options as Perito runs every graph: `threads` intra-op threads
+    (default: torch's thread count, the TorchScript runtime's budget), one inter-op thread,
+    every graph optimisation, and no spin-waiting between runs (the decode threads share these
+    cores: Lite0 at batch 4 beside two threads decoding 640x480 JPEGs, this 2-core EPYC, 3
+    interleaved rounds under load: 21.5 images/s without spinning, 15.3 with)."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = max(1, threads or torch.get_num_threads())
+    options.inter_op_num_threads = 1
+    options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
 
 
 def _dims(shape: Sequence[Any]) -> str:
@@ -203,6 +225,8 @@ class OnnxModel(LoadedModel):
         self._output_name: str = session.get_outputs()[0].name
         self._fixed_batch = fixed_batch
         self.form = onnx_form_name(self.contract)
+        # A compiled form's re-fitted calibration (`open_form`): softmax(log(p) / temperature).
+        self.temperature = 1.0
 
     @classmethod
     def open(
@@ -233,19 +257,9 @@ class OnnxModel(LoadedModel):
             raise ModelLoadError("ONNX Runtime is not installed (pip install 'perito[serve]')")
         import onnxruntime
 
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = max(1, threads or torch.get_num_threads())
-        options.inter_op_num_threads = 1
-        options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
-        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 3
-        # No spin-waiting between runs: the decode threads share these cores. Measured on this
-        # 2-core EPYC, Lite0 at batch 4 with two threads decoding 640x480 JPEGs alongside, 3
-        # interleaved rounds under load: 21.5 images/s without spinning, 15.3 with.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             session = onnxruntime.InferenceSession(
-                str(path), sess_options=options, providers=["CPUExecutionProvider"]
+                str(path), sess_options=session_options(threads), providers=["CPUExecutionProvider"]
             )
         except Exception as exc:  # noqa: BLE001 - any failure here is a bad artifact
             first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else repr(exc)
@@ -271,6 +285,24 @@ class OnnxModel(LoadedModel):
             for _ in range(2):
                 model._forward(model._random_batch(batch_size))
         model.load_seconds = time.perf_counter() - start
+        return model
+
+    @classmethod
+    def open_form(cls, path: Path, manifest: ModelManifest, form: CompiledForm) -> OnnxModel:
+        """A compiled ONNX Runtime form of a TorchScript version (`compile.build_forms`): the
+        graph takes the uint8 N x 3 x H x W images and returns probabilities, like an OpenVINO
+        IR; it serves the form's re-fitted temperature and `uncertain` threshold, and names
+        itself by the form (`onnxruntime-int8`).
+
+        Raises:
+            ModelLoadError: as `open`.
+        """
+        update: dict[str, Any] = {"tensor": COMPILED_FORM_TENSOR}
+        if form.confidence_threshold is not None:
+            update["confidence_threshold"] = form.confidence_threshold
+        model = cls.open(path, manifest.model_copy(update=update))
+        model.form = form.name
+        model.temperature = form.temperature
         return model
 
     def _check_output(self, output: torch.Tensor, batch_size: int) -> None:
@@ -312,7 +344,10 @@ class OnnxModel(LoadedModel):
             float32 array (N, number of labels).
         """
         tensor = tensor_from_images(np.asarray(images), self.contract)
-        return probabilities_from_output(self.run_graph(tensor), self.contract)
+        probabilities = probabilities_from_output(self.run_graph(tensor), self.contract)
+        if self.temperature != 1.0:
+            probabilities = rescale(probabilities, self.temperature)
+        return probabilities
 
     def _forward(self, batch: torch.Tensor) -> torch.Tensor:
         images = np.ascontiguousarray(batch.numpy().transpose(0, 2, 3, 1))
