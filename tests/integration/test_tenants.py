@@ -28,7 +28,7 @@ from tests.helpers import (
     Stores,
     encoded,
     free_port,
-    perito_command,
+    perito_proc,
     subprocess_env,
     wait_for_port,
 )
@@ -458,17 +458,13 @@ def test_an_unauthenticated_64_mib_body_is_refused_before_it_is_read(
         PERITO_MAX_MESSAGE_BYTES=str(128 * 1024 * 1024),
         PERITO_MAX_QUEUE_BYTES=str(256 * 1024 * 1024),
     )
-    server = subprocess.Popen(
-        [*perito_command(), "serve", "--port", str(port), "--preload", "tiny"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    args = ["serve", "--port", str(port), "--preload", "tiny"]
+    server = perito_proc("perito serve", args, env, tmp_path / "serve.log", "").launch()
     body = classify_pb2.ClassifyRequest(
         model="tiny", images=[image_pb2.Image(content=os.urandom(64 * 1024 * 1024))]
     )
     try:
-        wait_for_port(port, timeout=120)
+        wait_for_port(port, timeout=120, process=server)
         options = [("grpc.max_send_message_length", 128 * 1024 * 1024)]
         with grpc.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
             stub = service_pb2_grpc.PeritoStub(channel)
@@ -498,5 +494,4 @@ def test_an_unauthenticated_64_mib_body_is_refused_before_it_is_read(
         assert refused_peak - before < 16 * 1024
         assert read_peak - before > 60 * 1024
     finally:
-        server.terminate()
-        server.wait(30)
+        server.stop(30)
