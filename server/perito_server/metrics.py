@@ -94,7 +94,9 @@ class PoolCollector(Collector):
         self.pool = pool
 
     def collect(self) -> Iterator[Metric]:
-        labels = ["model", "version"]
+        # `form`: which form of the version is loaded (torchscript-fp32, openvino-int8, ...);
+        # a version runs in two forms when a request asks for a more exact one.
+        labels = ["model", "version", "form"]
         loaded = GaugeMetricFamily(
             "perito_model_loaded", "1 for each model version held in memory.", labels=labels
         )
@@ -135,7 +137,7 @@ class PoolCollector(Collector):
             "perito_batches_failed", "Forward passes that raised.", labels=labels
         )
         for served in self.pool.served():
-            values = [served.name, served.version]
+            values = [served.name, served.version, served.model.form]
             stats = served.batcher.stats
             loaded.add_metric(values, 1)
             load_seconds.add_metric(values, served.model.load_seconds)

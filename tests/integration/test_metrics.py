@@ -69,12 +69,14 @@ def test_server_and_worker_metrics_and_json_logs(
     assert value(metrics, "perito_requests_total", method="Classify", code="INVALID_ARGUMENT") == 1
     assert value(metrics, "perito_requests_total", method="Classify", code="NOT_FOUND") == 1
     assert value(metrics, "perito_request_seconds_count", method="Classify") == 5
-    assert value(metrics, "perito_images_classified_total", model="car-damage", version="1") == 6
-    assert value(metrics, "perito_batch_size_count", model="car-damage", version="1") >= 3
-    assert value(metrics, "perito_model_loaded", model="car-damage", version="1") == 1
-    assert value(metrics, "perito_model_load_seconds", model="car-damage", version="1") > 0
+    # Per loaded form: a version served in two forms (a request asked for a more exact one)
+    # has a series for each.
+    served = {"model": "car-damage", "version": "1", "form": "torchscript-fp32"}
+    assert value(metrics, "perito_images_classified_total", **served) == 6
+    assert value(metrics, "perito_batch_size_count", **served) >= 3
+    assert value(metrics, "perito_model_loaded", **served) == 1
+    assert value(metrics, "perito_model_load_seconds", **served) > 0
     # The batcher's refusals, drops and failures are exported (none happened here).
-    car = {"model": "car-damage", "version": "1"}
     for name, extra in (
         ("perito_batcher_rejected_total", {"budget": "images"}),
         ("perito_batcher_rejected_total", {"budget": "bytes"}),
@@ -82,7 +84,7 @@ def test_server_and_worker_metrics_and_json_logs(
         ("perito_batcher_dropped_total", {"reason": "cancelled"}),
         ("perito_batches_failed_total", {}),
     ):
-        assert metrics[(name, tuple(sorted({**car, **extra}.items())))] == 0, name
+        assert metrics[(name, tuple(sorted({**served, **extra}.items())))] == 0, name
     assert value(metrics, "perito_jobs_submitted_total", model="car-damage") == 1
     # Jobs per state come from the shared job store: other tests' jobs may be there too.
     assert value(metrics, "perito_jobs", state="partially_succeeded") == before + 1
