@@ -1,6 +1,6 @@
 """The `perito` command line.
 
-Client commands (classify, models list / show) live here and need only the SDK. Server-side
+Client commands (classify, jobs, models list / show, health) live here and need only the SDK. Server-side
 commands (serve, models import, ...) are plugged in through the `perito.commands` entry point
 group by packages that are installed with `perito[serve]` or `perito[train]`, so the SDK never
 imports them.
@@ -39,14 +39,21 @@ EXIT_NOT_FOUND = 3
 EXIT_INVALID_INPUT = 4
 EXIT_UNAVAILABLE = 5
 
-_server_option = click.option(
-    "--server",
-    envvar="PERITO_SERVER",
-    default=DEFAULT_TARGET,
-    show_default=True,
-    help="host:port of the Perito server (env PERITO_SERVER). TLS and auth come from the "
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def server_option(
+    help: str = "host:port of the Perito server (env PERITO_SERVER). TLS and auth come from the "
     "environment: PERITO_TLS=1 (system CAs) or PERITO_TLS_CA=ca.pem, PERITO_TOKEN=<token>.",
-)
+) -> Callable[[F], F]:
+    """`--server` (env PERITO_SERVER, default localhost:8500), as every command that talks to
+    a Perito server takes it (also `perito web`'s)."""
+    return click.option(
+        "--server", envvar="PERITO_SERVER", default=DEFAULT_TARGET, show_default=True, help=help
+    )
+
+
+_server_option = server_option()
 
 
 def _connect(server: str, timeout: float) -> Client:
@@ -71,7 +78,6 @@ _threshold_option = click.option(
     default=0.0,
     help="Top-1 probability under which a result is flagged uncertain.",
 )
-F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _job_arguments(command: F) -> F:
@@ -494,6 +500,34 @@ def job_delete(job_id: str, server: str, timeout: float) -> None:
     with _connect(server, timeout) as client:
         client.delete_job(job_id)
     click.echo(f"deleted job {job_id}")
+
+
+@cli.command()
+@server_option("host:port to check (env PERITO_SERVER): the API port or the health port.")
+@click.option("--timeout", default=3.0, show_default=True, help="Seconds to wait.")
+def health(server: str, timeout: float) -> None:
+    """Exit 0 when the server reports SERVING (grpc.health.v1), 1 otherwise.
+
+    For container health checks where no gRPC probe is built in.
+
+    \b
+    Example:
+      perito health --server localhost:8500
+    """
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    try:
+        with grpc.insecure_channel(server) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=timeout
+            )
+    except grpc.RpcError as error:
+        raise click.ClickException(f"{server}: {error.code().name}") from None
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    click.echo(f"{server}: {status}")
+    if reply.status != health_pb2.HealthCheckResponse.SERVING:
+        raise SystemExit(1)
 
 
 def _load_plugins() -> None:

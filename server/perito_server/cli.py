@@ -344,40 +344,6 @@ def set_alias(name: str, alias: str, version: str, registry: str | None) -> None
     click.echo(f"{name}@{alias} -> {resolved}")
 
 
-@click.command("health")
-@click.option(
-    "--server",
-    envvar="PERITO_SERVER",
-    default="localhost:8500",
-    show_default=True,
-    help="host:port to check (env PERITO_SERVER).",
-)
-@click.option("--timeout", default=3.0, show_default=True, help="Seconds to wait.")
-def health(server: str, timeout: float) -> None:
-    """Exit 0 when the server reports SERVING (grpc.health.v1), 1 otherwise.
-
-    For container health checks where no gRPC probe is built in.
-
-    \b
-    Example:
-      perito health --server localhost:8500
-    """
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    try:
-        with grpc.insecure_channel(server) as channel:
-            reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=""), timeout=timeout
-            )
-    except grpc.RpcError as error:
-        raise click.ClickException(f"{server}: {error.code().name}") from None
-    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-    click.echo(f"{server}: {status}")
-    if reply.status != health_pb2.HealthCheckResponse.SERVING:
-        raise SystemExit(1)
-
-
 @click.group()
 def tenants() -> None:
     """Issue tokens and list the tenants of a tenants file."""
@@ -518,7 +484,6 @@ def audit(
 def register(cli: click.Group) -> None:
     """Entry point for `perito.commands`: add the server-side commands."""
     cli.add_command(serve)
-    cli.add_command(health)
     cli.add_command(tenants)
     cli.add_command(audit)
     models = cli.commands["models"]

@@ -7,15 +7,13 @@ import os
 
 import click
 
+from perito._cli import server_option
+
 
 @click.command("web")
-@click.option(
-    "--server",
-    envvar="PERITO_SERVER",
-    default="localhost:8500",
-    show_default=True,
-    help="host:port of the Perito gRPC service (env PERITO_SERVER). Each person signs in "
-    "with their tenant's token; the page has no token of its own.",
+@server_option(
+    "host:port of the Perito gRPC service (env PERITO_SERVER). Each person signs in with "
+    "their tenant's token; the page has no token of its own."
 )
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind.")
 @click.option("--port", default=8080, show_default=True, type=int, help="HTTP port.")
