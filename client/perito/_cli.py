@@ -1,9 +1,9 @@
 """The `perito` command line.
 
-Client commands (classify, jobs, models list / show, health) live here and need only the SDK. Server-side
-commands (serve, models import, ...) are plugged in through the `perito.commands` entry point
-group by packages that are installed with `perito[serve]` or `perito[train]`, so the SDK never
-imports them.
+Client commands (classify, jobs, models list / show, health) live here and need only the SDK.
+Server-side commands (serve, models import, ...) are plugged in through the `perito.commands`
+entry point group by packages that are installed with `perito[serve]` or `perito[train]`, so
+the SDK never imports them.
 """
 
 from __future__ import annotations
