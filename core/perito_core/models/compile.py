@@ -159,23 +159,16 @@ def build_forms(
     images = calibration[:MAX_CALIBRATION_IMAGES]
     candidates: list[_Candidate] = []
     retry: Callable[[], _Candidate | None] | None = None
+    build = _Build(reference_module, contract, out_dir, precisions, images, built, candidates)
     if "openvino" in engines:
         retry = _openvino_candidates(
-            reference_module,
-            contract,
-            out_dir,
-            precisions,
-            images,
-            built,
-            candidates,
+            build,
             validation=validation,
             control_agreement=min_agreement if control_agreement is None else control_agreement,
             control_metric=control_metric,
         )
     if "onnxruntime" in engines:
-        _onnxruntime_candidates(
-            reference_module, contract, out_dir, precisions, images, built, candidates
-        )
+        _onnxruntime_candidates(build)
     for candidate in candidates:
         name = candidate.name
         probabilities = candidate.predict(holdout)
@@ -272,14 +265,23 @@ class _Candidate:
         return f"{self.engine}-{self.precision}"
 
 
+@dataclass(frozen=True)
+class _Build:
+    """What each engine builds its forms from, and where they go: the TorchScript reference,
+    its contract, the output folder, the precisions asked for, the calibration images; the
+    built candidates into `candidates`, the reasons for any not built into `built.skipped`."""
+
+    module: torch.jit.ScriptModule
+    contract: InputContract
+    out_dir: Path
+    precisions: Sequence[str]
+    images: np.ndarray
+    built: BuiltForms
+    candidates: list[_Candidate]
+
+
 def _openvino_candidates(
-    reference_module: torch.jit.ScriptModule,
-    contract: InputContract,
-    out_dir: Path,
-    precisions: Sequence[str],
-    images: np.ndarray,
-    built: BuiltForms,
-    candidates: list[_Candidate],
+    build: _Build,
     *,
     validation: np.ndarray | None,
     control_agreement: float,
@@ -293,21 +295,21 @@ def _openvino_candidates(
         What quantizes INT8 again with accuracy control, for the gate to call when it refuses
         plain INT8 (None when OpenVINO is absent or cannot convert the module).
     """
-    names = [f"openvino-{p}" for p in precisions]
+    names = [f"openvino-{p}" for p in build.precisions]
     version = openvino_version()
     if version is None:
-        built.skipped.update({name: "OpenVINO is not installed" for name in names})
+        build.built.skipped.update({name: "OpenVINO is not installed" for name in names})
         return None
     import openvino
 
     try:
-        ov_model = _convert(reference_module, contract)
+        ov_model = _convert(build.module, build.contract)
     except Exception as exc:  # noqa: BLE001 - a network the converter cannot take is skipped
         reason = f"OpenVINO cannot convert this module: {str(exc).splitlines()[0][:300]}"
-        built.skipped.update({name: reason for name in names})
+        build.built.skipped.update({name: reason for name in names})
         return None
     core = openvino.Core()
-    fp32_dir = out_dir / "openvino-fp32"
+    fp32_dir = build.out_dir / "openvino-fp32"
     fp32_dir.mkdir(parents=True, exist_ok=True)
     openvino.save_model(ov_model, str(fp32_dir / "model.xml"), compress_to_fp16=False)
 
@@ -325,35 +327,35 @@ def _openvino_candidates(
 
         return _Candidate("openvino", version, precision, folder, predict, **more)
 
-    if "fp32" in precisions:
-        candidates.append(candidate("fp32", fp32_dir, "f32"))
-    if "bf16" in precisions:
+    if "fp32" in build.precisions:
+        build.candidates.append(candidate("fp32", fp32_dir, "f32"))
+    if "bf16" in build.precisions:
         if "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
-            bf16_dir = out_dir / "openvino-bf16"
+            bf16_dir = build.out_dir / "openvino-bf16"
             shutil.copytree(fp32_dir, bf16_dir, dirs_exist_ok=True)
-            candidates.append(candidate("bf16", bf16_dir, "bf16", requires=BF16_FLAGS))
+            build.candidates.append(candidate("bf16", bf16_dir, "bf16", requires=BF16_FLAGS))
         else:
-            built.skipped["openvino-bf16"] = (
+            build.built.skipped["openvino-bf16"] = (
                 f"this CPU cannot run BF16 ({isa_summary()}): built and verified only on one "
                 "with avx512_bf16 or AMX"
             )
-    int8_dir = out_dir / "openvino-int8"
+    int8_dir = build.out_dir / "openvino-int8"
 
     def quantize(control: bool) -> _Candidate | None:
         """INT8 (plain, or by accuracy control) written to int8_dir; None when it failed."""
         checks = None
         if control:
-            checks = images if validation is None else validation[:MAX_CALIBRATION_IMAGES]
+            checks = build.images if validation is None else validation[:MAX_CALIBRATION_IMAGES]
         try:
             quantized = _quantize(
                 ov_model,
-                images,
+                build.images,
                 validation=checks,
                 min_agreement=control_agreement,
                 metric=control_metric,
             )
         except Exception as exc:  # noqa: BLE001 - a failed quantization skips the form only
-            built.skipped["openvino-int8"] = f"quantization failed: {exc}"
+            build.built.skipped["openvino-int8"] = f"quantization failed: {exc}"
             return None
         int8_dir.mkdir(parents=True, exist_ok=True)
         openvino.save_model(quantized, str(int8_dir / "model.xml"), compress_to_fp16=False)
@@ -361,27 +363,19 @@ def _openvino_candidates(
             "int8",
             int8_dir,
             "f32",
-            calibrated=len(images),
+            calibrated=len(build.images),
             quantization="accuracy-control" if control else "post-training",
             retried_by_control=not control,
         )
 
-    if "int8" in precisions:
+    if "int8" in build.precisions:
         plain = quantize(control=False)
         if plain is not None:
-            candidates.append(plain)
+            build.candidates.append(plain)
     return lambda: quantize(control=True)
 
 
-def _onnxruntime_candidates(
-    reference_module: torch.jit.ScriptModule,
-    contract: InputContract,
-    out_dir: Path,
-    precisions: Sequence[str],
-    images: np.ndarray,
-    built: BuiltForms,
-    candidates: list[_Candidate],
-) -> None:
+def _onnxruntime_candidates(build: _Build) -> None:
     """ONNX Runtime's forms of the module into `candidates` (or the reason into
     `built.skipped`): the module exported to ONNX (TorchScript-based exporter, opset 17; uint8
     N x 3 x H x W in, probabilities out, a dynamic batch) as FP32, and INT8 by ONNX Runtime's
@@ -390,24 +384,26 @@ def _onnxruntime_candidates(
     """
     from perito_core.models.onnx_model import ONNX_ENGINE, onnxruntime_version
 
-    wanted = [p for p in precisions if p in ("fp32", "int8")]
-    if "bf16" in precisions:
-        built.skipped["onnxruntime-bf16"] = "ONNX Runtime forms are FP32 or INT8 (BF16: OpenVINO)"
+    wanted = [p for p in build.precisions if p in ("fp32", "int8")]
+    if "bf16" in build.precisions:
+        build.built.skipped["onnxruntime-bf16"] = (
+            "ONNX Runtime forms are FP32 or INT8 (BF16: OpenVINO)"
+        )
     if not wanted:
         return
     version = onnxruntime_version()
     if version is None:
-        built.skipped.update(
+        build.built.skipped.update(
             {f"{ONNX_ENGINE}-{p}": "ONNX Runtime is not installed" for p in wanted}
         )
         return
-    fp32_dir = out_dir / f"{ONNX_ENGINE}-fp32"
+    fp32_dir = build.out_dir / f"{ONNX_ENGINE}-fp32"
     fp32_dir.mkdir(parents=True, exist_ok=True)
     try:
-        _export_onnx(reference_module, contract, fp32_dir / "model.onnx")
+        _export_onnx(build.module, build.contract, fp32_dir / "model.onnx")
     except Exception as exc:  # noqa: BLE001 - a module the exporter cannot take is skipped
         reason = f"cannot export this module to ONNX: {str(exc).strip().splitlines()[0][:300]}"
-        built.skipped.update({f"{ONNX_ENGINE}-{p}": reason for p in wanted})
+        build.built.skipped.update({f"{ONNX_ENGINE}-{p}": reason for p in wanted})
         shutil.rmtree(fp32_dir)
         return
 
@@ -422,18 +418,18 @@ def _onnxruntime_candidates(
         return _Candidate(ONNX_ENGINE, version, precision, folder, predict, **more)
 
     if "fp32" in wanted:
-        candidates.append(candidate("fp32", fp32_dir))
+        build.candidates.append(candidate("fp32", fp32_dir))
     if "int8" in wanted:
-        int8_dir = out_dir / f"{ONNX_ENGINE}-int8"
+        int8_dir = build.out_dir / f"{ONNX_ENGINE}-int8"
         int8_dir.mkdir(parents=True, exist_ok=True)
         try:
-            mode = _onnxruntime_int8(fp32_dir / "model.onnx", int8_dir / "model.onnx", images)
+            mode = _onnxruntime_int8(fp32_dir / "model.onnx", int8_dir / "model.onnx", build.images)
         except Exception as exc:  # noqa: BLE001 - a failed quantization skips the form only
-            built.skipped[f"{ONNX_ENGINE}-int8"] = f"quantization failed: {exc}"
+            build.built.skipped[f"{ONNX_ENGINE}-int8"] = f"quantization failed: {exc}"
             shutil.rmtree(int8_dir)
         else:
-            candidates.append(
-                candidate("int8", int8_dir, calibrated=len(images), quantization=mode)
+            build.candidates.append(
+                candidate("int8", int8_dir, calibrated=len(build.images), quantization=mode)
             )
 
 
