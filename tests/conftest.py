@@ -6,6 +6,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from perito_core.models.registry import ModelRegistry
@@ -103,3 +104,24 @@ def publish_tiny(
         **kwargs,  # type: ignore[arg-type]
     )
     return manifest.version
+
+
+def tiny_registry_with_fp32_form(root: Path, tiny_model_file: Path) -> Path:
+    """A registry folder at `root` whose tiny model carries an OpenVINO FP32 form (built and
+    gated on seeded random images), for tests of which form serves."""
+    from perito_core.models.compile import build_forms
+
+    registry = ModelRegistry.open(str(root), cache_dir=root / ".publish-cache")
+    spec = TINY_INPUT.spec()
+    images = np.random.default_rng(0).integers(0, 256, (24, spec.height, spec.width, 3), np.uint8)
+    built = build_forms(
+        tiny_model_file,
+        TINY_INPUT,
+        root / ".forms",
+        calibration=images[:16],
+        holdout=images[16:],
+        precisions=("fp32",),
+        engines=("openvino",),
+    )
+    publish_tiny(registry, tiny_model_file, forms=built.forms, skipped_forms=built.skipped)
+    return root

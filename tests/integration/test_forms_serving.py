@@ -17,12 +17,11 @@ from PIL import Image
 
 import perito
 from perito_core.jobs.store import ItemInput, ItemState, Job, JobState
-from perito_core.models.compile import build_forms
 from perito_core.models.forms import load_model
 from perito_core.models.registry import ModelRegistry
 from perito_server.settings import ServerSettings
-from tests.conftest import publish_tiny
-from tests.helpers import TINY_INPUT, ServerThread
+from tests.conftest import tiny_registry_with_fp32_form
+from tests.helpers import ServerThread
 
 pytest.importorskip("openvino", reason="OpenVINO (optional engine, perito[serve]) not installed")
 pytest.importorskip("nncf", reason="NNCF (INT8 quantization) not installed")
@@ -32,20 +31,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def registry_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_file: Path) -> Path:
-    root = tmp_path_factory.mktemp("registry")
-    registry = ModelRegistry.open(str(root), cache_dir=root / ".publish-cache")
-    spec = TINY_INPUT.spec()
-    images = np.random.default_rng(0).integers(0, 256, (24, spec.height, spec.width, 3), np.uint8)
-    built = build_forms(
-        tiny_model_file,
-        TINY_INPUT,
-        tmp_path_factory.mktemp("forms"),
-        calibration=images[:16],
-        holdout=images[16:],
-        precisions=("fp32",),
-    )
-    publish_tiny(registry, tiny_model_file, forms=built.forms, skipped_forms=built.skipped)
-    return root
+    return tiny_registry_with_fp32_form(tmp_path_factory.mktemp("registry"), tiny_model_file)
 
 
 def _jpeg() -> bytes:

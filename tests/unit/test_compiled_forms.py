@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from perito_core.imaging import InputSpec, load_model_input
-from perito_core.models.compile import build_forms, gate_reason
-from perito_core.models.forms import load_model
+from perito_core.models.compile import ENGINES, build_forms, gate_reason
+from perito_core.models.forms import load_form, load_model
 from perito_core.models.manifest import InputContract
 from perito_core.models.registry import ModelRegistry
 from perito_training.architectures import ARCHITECTURES, get_architecture
@@ -105,6 +105,7 @@ def test_imagenet_int8_agrees_with_fp32_on_real_photos(
         holdout=holdout,
         evaluated_on="crops of the sample photos",
         precisions=("fp32", "int8", "bf16"),
+        engines=("openvino",),
         # The default 99% gate refuses this INT8 form on an AVX2-only CPU (35 of 36 agree,
         # and still 35 with NNCF accuracy control tuned on the calibration images, README);
         # a lower gate here so that the form is built, loaded and served.
@@ -161,6 +162,7 @@ def _publish_with_forms(
         calibration=images[:16],
         holdout=images[16:],
         precisions=("fp32",),
+        engines=("openvino",),
     )
     assert [form.name for form, _ in built.forms] == ["openvino-fp32"], built.skipped
     labels = [f"class-{i}" for i in range(3)]
@@ -234,8 +236,9 @@ def test_torch_reference_is_untouched_by_conversion(tiny_model_file: Path, tmp_p
 def test_every_architecture_compiles_and_matches_the_reference_on_photos(
     architecture: str, photos: dict[str, Path], tmp_path: Path
 ) -> None:
-    """FP32 IR matches model.pt to 1e-4; INT8 loads, serves and stays close (untrained nets:
-    near-uniform outputs, so top-1 agreement is not a fair test here; the ImageNet one is)."""
+    """Every engine's FP32 form (OpenVINO IR, ONNX) matches model.pt to 1e-4; every INT8 form
+    loads, serves and stays close (untrained nets: near-uniform outputs, so top-1 agreement is
+    not a fair test here; the ImageNet one is)."""
     _needs_engine()
     from tests.unit.test_training_export import export_untrained
 
@@ -250,25 +253,26 @@ def test_every_architecture_compiles_and_matches_the_reference_on_photos(
         calibration=_calibration(spec, per_image=3),
         holdout=holdout,
         precisions=("fp32", "int8"),
+        engines=ENGINES,
         min_agreement=0.0,
     )
     forms = {form.name: form for form, _ in built.forms}
-    assert set(forms) == {"openvino-fp32", "openvino-int8"}, built.skipped
-    assert forms["openvino-fp32"].max_abs_diff < 1e-4
-    assert forms["openvino-fp32"].agreement == 1.0
-    assert forms["openvino-int8"].max_abs_diff < INT8_TOLERANCE
-
+    expected = {f"{engine}-{p}" for engine in ENGINES for p in ("fp32", "int8")}
+    assert set(forms) == expected, built.skipped
     registry = ModelRegistry.open(str(tmp_path / "registry"), cache_dir=tmp_path / "cache")
-    registry.publish(
+    manifest = registry.publish(
         architecture, model_file, labels=["a", "b", "c"], input=contract, forms=built.forms
     )
     reference = load_model(registry, architecture, "1", precision="torchscript")
-    for precision in ("fp32", "int8"):
-        served = load_model(registry, architecture, "1", precision=precision)
-        assert served.form == f"openvino-{precision}"
-        tolerance = 1e-4 if precision == "fp32" else INT8_TOLERANCE
+    for name, form in forms.items():
+        tolerance = 1e-4 if form.precision == "fp32" else INT8_TOLERANCE
+        assert form.max_abs_diff < tolerance, name
+        if form.precision == "fp32":
+            assert form.agreement == 1.0, name
+        served = load_form(registry, manifest, form)
+        assert served.form == name
         np.testing.assert_allclose(
-            served.predict(holdout), reference.predict(holdout), atol=tolerance
+            served.predict(holdout), reference.predict(holdout), atol=tolerance, err_msg=name
         )
 
 
@@ -379,6 +383,7 @@ def test_a_form_built_with_labels_serves_its_own_temperature_and_threshold(
         target_accuracy=0.8,
         evaluated_on="random images",
         precisions=("fp32",),
+        engines=("openvino",),
         min_agreement=0.0,
         max_accuracy_drop=1.0,
     )
@@ -421,6 +426,7 @@ def test_a_form_built_with_labels_serves_its_own_temperature_and_threshold(
         holdout_targets=targets[32:],
         evaluated_on="random images",
         precisions=("fp32",),
+        engines=("openvino",),
         min_agreement=0.0,
         max_accuracy_drop=1.0,
     )
@@ -455,6 +461,7 @@ def test_int8_refused_by_the_gate_is_quantized_again_with_accuracy_control(
         calibration=images[:16],
         holdout=images[16:],
         precisions=("fp32", "int8"),
+        engines=("openvino",),
     )
     forms = {form.name: form for form, _ in built.forms}
     assert len(verdicts) == 3
@@ -470,6 +477,7 @@ def test_int8_refused_by_the_gate_is_quantized_again_with_accuracy_control(
         calibration=images[:16],
         holdout=images[16:],
         precisions=("int8",),
+        engines=("openvino",),
         accuracy_control=False,
     )
     assert off.forms == []

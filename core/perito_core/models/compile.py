@@ -54,7 +54,6 @@ BF16_FLAGS = ["avx512_bf16", "amx_bf16"]
 FORM_PRECISIONS = ("fp32", "int8", "bf16")
 # The engines a form can be built for; `auto` serves whichever verified form runs fastest here.
 ENGINES = ("openvino", "onnxruntime")
-DEFAULT_ENGINES = ("openvino",)
 
 
 @dataclass
@@ -94,7 +93,7 @@ def build_forms(
     target_accuracy: float | None = None,
     evaluated_on: str = "held-out images",
     precisions: Sequence[str] = FORM_PRECISIONS,
-    engines: Sequence[str] = DEFAULT_ENGINES,
+    engines: Sequence[str] = ENGINES,
     min_agreement: float = MIN_AGREEMENT,
     max_accuracy_drop: float = MAX_ACCURACY_DROP,
     accuracy_control: bool = True,
