@@ -6,9 +6,15 @@ settings (`perito_core.settings`); a flag given here overrides its `PERITO_*` va
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import click
+
+from perito_core.models.manifest import MAX_ACCURACY_DROP, MIN_AGREEMENT
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 PRECISIONS = ["auto", "fp32", "bf16", "int8", "torchscript"]
 
@@ -24,6 +30,36 @@ precision_option = click.option(
     type=click.Choice(PRECISIONS),
     help="Which form serves: auto (the fastest verified compiled form, else TorchScript), "
     "fp32, bf16, int8 or torchscript (env PERITO_PRECISION).",
+)
+alias_option = click.option(
+    "--alias", "aliases", multiple=True, help="Point this alias at the new version (repeatable)."
+)
+
+
+def forms_option(calibrated_on: str) -> Callable[[F], F]:
+    """`--forms`: the compiled forms to build beside the reference (`compile.build_forms`),
+    INT8 calibrated on `calibrated_on`."""
+    return click.option(
+        "--forms",
+        default="",
+        help="Compiled forms to build beside the reference, e.g. fp32,int8,bf16, each for "
+        f"OpenVINO and ONNX Runtime (INT8 calibrated on {calibrated_on}); each is gated "
+        "against the reference on held-out images.",
+    )
+
+
+min_agreement_option = click.option(
+    "--min-agreement",
+    default=MIN_AGREEMENT,
+    show_default=True,
+    help="Refuse a form whose top-1 agreement with the reference on held-out images is lower.",
+)
+max_accuracy_drop_option = click.option(
+    "--max-accuracy-drop",
+    default=MAX_ACCURACY_DROP,
+    show_default=True,
+    help="Refuse a form whose test accuracy is lower than the reference's by more (0.003: "
+    "0.3 points).",
 )
 local_roots_option = click.option(
     "--local-root",

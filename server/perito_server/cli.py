@@ -18,8 +18,11 @@ from pydantic import ValidationError
 
 from perito_core.access.tenancy import ROLES, Quotas, Tenant, add_tenant
 from perito_core.cli_options import (
+    alias_option,
     device_option,
+    forms_option,
     local_roots_option,
+    min_agreement_option,
     precision_option,
     registry_option,
 )
@@ -159,20 +162,15 @@ def _read_labels(path: Path) -> list[str]:
     type=click.FloatRange(0, 1),
     help="Recommended top-1 probability below which predictions are uncertain.",
 )
-@click.option("--alias", "aliases", multiple=True, help="Point this alias at the new version.")
-@click.option(
-    "--forms",
-    default="",
-    help="Compiled forms to build beside the file, e.g. fp32,int8,bf16 (OpenVINO; needs "
-    "--calibration).",
-)
+@alias_option
+@forms_option("the --calibration folder's images")
 @click.option(
     "--calibration",
     type=click.Path(exists=True, file_okay=False, path_type=Path),
     help="A folder of typical images: half calibrate INT8, the other half verify every form "
     "against the TorchScript file (top-1 agreement at least --min-agreement).",
 )
-@click.option("--min-agreement", default=0.99, show_default=True)
+@min_agreement_option
 @contract_options
 @registry_option
 def import_model(

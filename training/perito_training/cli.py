@@ -17,18 +17,16 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from perito_core.cli_options import (
+    alias_option,
+    forms_option,
+    max_accuracy_drop_option,
+    min_agreement_option,
+    registry_option,
+)
+
 if TYPE_CHECKING:
     from perito_core.models.manifest import InputContract, RunCard
-
-_registry_option = click.option(
-    "--registry",
-    envvar="PERITO_REGISTRY",
-    help="Folder, file:// or s3://bucket/prefix (env PERITO_REGISTRY, default ./var/registry; "
-    "S3 endpoint and keys from PERITO_S3_* or the AWS defaults).",
-)
-_alias_option = click.option(
-    "--alias", "aliases", multiple=True, help="Point this alias at the new version (repeatable)."
-)
 
 
 def _open_registry(uri: str | None) -> Any:
@@ -64,8 +62,8 @@ def _fail(error: Exception) -> click.ClickException:
 )
 @click.option("--publish", is_flag=True, help="Publish the result as a new model version.")
 @click.option("--name", help="Model name to publish under (default: the config's name).")
-@_registry_option
-@_alias_option
+@registry_option
+@alias_option
 @click.option("--progress/--no-progress", default=True, help="Progress bar per epoch.")
 def train(
     config_file: Path | None,
@@ -211,27 +209,12 @@ def _card_figure(value: float | None) -> str:
 @click.argument("run_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
 @click.option("--name", help="Model name (default: the config's name).")
 @click.option("--description", help="Replaces the config's description in the card.")
-@_registry_option
-@_alias_option
+@registry_option
+@alias_option
 @click.option("--json", "as_json", is_flag=True, help="Print the published manifest as JSON.")
-@click.option(
-    "--forms",
-    default="",
-    help="Compiled forms to build beside model.pt, e.g. fp32,int8,bf16 (OpenVINO; INT8 "
-    "calibrated on the validation split, each gated on the test split).",
-)
-@click.option(
-    "--min-agreement",
-    default=0.99,
-    show_default=True,
-    help="Refuse a form whose top-1 agreement with model.pt on the test split is lower.",
-)
-@click.option(
-    "--max-accuracy-drop",
-    default=0.003,
-    show_default=True,
-    help="Refuse a form whose test accuracy is lower than model.pt's by more (0.003: 0.3 points).",
-)
+@forms_option("the validation split; held out: the test split")
+@min_agreement_option
+@max_accuracy_drop_option
 def publish(
     run_dir: Path,
     name: str | None,

@@ -36,8 +36,14 @@ from perito_core.models.card import (
     TrainingRecord,
     unknown_fields,
 )
-from perito_core.models.compile import MAX_ACCURACY_DROP, MIN_AGREEMENT, BuiltForms, build_forms
-from perito_core.models.manifest import InputContract, ModelManifest, RunCard
+from perito_core.models.compile import BuiltForms, build_forms
+from perito_core.models.manifest import (
+    MAX_ACCURACY_DROP,
+    MIN_AGREEMENT,
+    InputContract,
+    ModelManifest,
+    RunCard,
+)
 from perito_core.models.registry import ModelRegistry
 from perito_training import plots
 from perito_training.config import TrainConfig, load_config

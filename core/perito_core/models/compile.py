@@ -40,14 +40,17 @@ from perito_core.models.calibration import (
 from perito_core.models.calibration import rescale as calibration_rescale
 from perito_core.models.fixed_size import fixed_size
 from perito_core.models.forms import cpu_flags, isa_summary, openvino_version
-from perito_core.models.manifest import CompiledForm, FormFile, InputContract, sha256_file
+from perito_core.models.manifest import (
+    MAX_ACCURACY_DROP,
+    MIN_AGREEMENT,
+    CompiledForm,
+    FormFile,
+    InputContract,
+    sha256_file,
+)
 
 log = logging.getLogger(__name__)
 
-# The publish gate's defaults (issue 19): top-1 agreement with model.pt on held-out images,
-# and the largest test-accuracy drop, as a fraction (0.003: 0.3 points).
-MIN_AGREEMENT = 0.99
-MAX_ACCURACY_DROP = 0.003
 # At most this many calibration images go to NNCF (its own default subset is 300).
 MAX_CALIBRATION_IMAGES = 300
 BF16_FLAGS = ["avx512_bf16", "amx_bf16"]

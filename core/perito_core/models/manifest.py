@@ -152,6 +152,10 @@ class TensorContract(BaseModel):
 
 
 Precision = Literal["fp32", "bf16", "int8"]
+# The publish gate's defaults (issue 19): top-1 agreement with model.pt on held-out images,
+# and the largest test-accuracy drop, as a fraction (0.003: 0.3 points).
+MIN_AGREEMENT = 0.99
+MAX_ACCURACY_DROP = 0.003
 
 
 class FormFile(BaseModel):
