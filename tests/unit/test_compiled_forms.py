@@ -19,10 +19,10 @@ import pytest
 from perito_core.imaging import InputSpec, load_model_input
 from perito_core.models.compile import ENGINES, build_forms, gate_reason
 from perito_core.models.forms import load_form, load_model
-from perito_core.models.manifest import InputContract
 from perito_core.models.registry import ModelRegistry
 from perito_training.architectures import ARCHITECTURES, get_architecture
 from perito_training.trainer import input_contract
+from tests.conftest import tiny_registry_with_fp32_form
 
 
 def _needs_engine() -> None:
@@ -149,34 +149,12 @@ def test_the_gate_refuses_low_agreement_or_an_accuracy_drop() -> None:
     assert gate_reason(0.95, None, None, min_agreement=0.95) is None
 
 
-def _publish_with_forms(
-    registry: ModelRegistry, name: str, model_file: Path, contract: InputContract, work: Path
-) -> None:
-    spec = contract.spec()
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (24, spec.height, spec.width, 3), dtype=np.uint8)
-    built = build_forms(
-        model_file,
-        contract,
-        work,
-        calibration=images[:16],
-        holdout=images[16:],
-        precisions=("fp32",),
-        engines=("openvino",),
-    )
-    assert [form.name for form, _ in built.forms] == ["openvino-fp32"], built.skipped
-    labels = [f"class-{i}" for i in range(3)]
-    registry.publish(name, model_file, labels=labels, input=contract, forms=built.forms)
-
-
 def test_a_tampered_compiled_file_is_refused_and_torchscript_answers(
     tiny_model_file: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     _needs_engine()
-    from tests.helpers import TINY_INPUT
-
-    registry = ModelRegistry.open(str(tmp_path / "registry"), cache_dir=tmp_path / "cache")
-    _publish_with_forms(registry, "tiny", tiny_model_file, TINY_INPUT, tmp_path / "forms")
+    root = tiny_registry_with_fp32_form(tmp_path / "registry", tiny_model_file)
+    registry = ModelRegistry.open(str(root), cache_dir=tmp_path / "cache")
     assert load_model(registry, "tiny", "1", precision="fp32").form == "openvino-fp32"
 
     # A cached copy changed after it was verified is not loaded: it is fetched and checked again.
@@ -223,11 +201,9 @@ def test_torch_reference_is_untouched_by_conversion(tiny_model_file: Path, tmp_p
     """Converting must not change model.pt or its outputs (the reference stays canonical)."""
     _needs_engine()
     from perito_core.models.manifest import sha256_file
-    from tests.helpers import TINY_INPUT
 
     before = sha256_file(tiny_model_file)
-    registry = ModelRegistry.open(str(tmp_path / "registry"), cache_dir=tmp_path / "cache")
-    _publish_with_forms(registry, "tiny", tiny_model_file, TINY_INPUT, tmp_path / "forms")
+    tiny_registry_with_fp32_form(tmp_path / "registry", tiny_model_file)
     assert sha256_file(tiny_model_file) == before
 
 
