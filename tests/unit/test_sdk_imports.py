@@ -14,9 +14,10 @@ from pathlib import Path
 SDK = Path(__file__).resolve().parents[2] / "client" / "perito"
 
 # Third-party packages the SDK may import. The base install brings grpcio, protobuf,
-# googleapis-common-protos (`google.rpc`) and click; Pillow and numpy are only imported when
-# the caller hands over PIL images or arrays, boto3 only for `upload_to=` (the `s3` extra).
-ALLOWED_THIRD_PARTY = {"grpc", "google", "click", "PIL", "numpy", "boto3"}
+# googleapis-common-protos (`google.rpc`), grpcio-health-checking (`grpc_health`, for
+# `perito health`) and click; Pillow and numpy are only imported when the caller hands over
+# PIL images or arrays, boto3 only for `upload_to=` (the `s3` extra).
+ALLOWED_THIRD_PARTY = {"grpc", "grpc_health", "google", "click", "PIL", "numpy", "boto3"}
 
 
 def _module_name(path: Path) -> str:
