@@ -50,6 +50,7 @@ sys.path.insert(0, str(ROOT))
 
 from perito.v1 import classify_pb2, image_pb2, service_pb2_grpc  # noqa: E402
 from perito_core.imaging import load_model_input  # noqa: E402
+from perito_core.models.compile import ENGINES  # noqa: E402
 from perito_core.models.forms import isa_summary, load_model  # noqa: E402
 from perito_core.models.registry import ModelRegistry  # noqa: E402
 from perito_core.models.runtime import LoadedModel  # noqa: E402
@@ -81,7 +82,7 @@ def publish(
     work: Path,
     forms: tuple[str, ...] = (),
     jpegs: list[bytes] | None = None,
-    engines: tuple[str, ...] = ("openvino", "onnxruntime"),
+    engines: tuple[str, ...] = ENGINES,
 ) -> ModelRegistry:
     from perito_training.export import export_torchscript
     from perito_training.pretrained import EFFICIENTNET_LITE0_INPUT, efficientnet_lite0_imagenet
@@ -333,7 +334,7 @@ def main() -> int:
     )
     parser.add_argument(
         "--engines",
-        default="openvino,onnxruntime",
+        default=",".join(ENGINES),
         help="engines to build the forms for (each precision serves the fastest verified one: "
         "name one engine to measure it alone)",
     )

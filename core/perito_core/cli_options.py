@@ -12,11 +12,9 @@ from typing import Any, TypeVar
 
 import click
 
-from perito_core.models.manifest import MAX_ACCURACY_DROP, MIN_AGREEMENT
+from perito_core.models.manifest import MAX_ACCURACY_DROP, MIN_AGREEMENT, PRECISIONS
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-PRECISIONS = ["auto", "fp32", "bf16", "int8", "torchscript"]
 
 registry_option = click.option(
     "--registry",

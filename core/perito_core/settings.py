@@ -15,6 +15,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from perito_core.access.audit import AuditLog
 from perito_core.access.tenancy import Tenant, Tenants, acting_tenant
 from perito_core.imaging import ImageLimits
+from perito_core.models.manifest import PrecisionChoice
 from perito_core.models.registry import ModelRegistry
 from perito_core.storage import S3Options
 
@@ -51,7 +52,7 @@ class CommonSettings(BaseSettings):
     # compiled form this CPU can run at load and keeps the fastest; `fp32`, `bf16`, `int8`
     # ask for that precision; `torchscript` for the reference. TorchScript answers whenever
     # no compiled form loads, with the reason logged.
-    precision: Literal["auto", "fp32", "bf16", "int8", "torchscript"] = "auto"
+    precision: PrecisionChoice = "auto"
     log_format: Literal["text", "json"] = "text"
     # OpenTelemetry spans to OTEL_EXPORTER_OTLP_ENDPOINT (needs perito[tracing]).
     tracing: bool = False

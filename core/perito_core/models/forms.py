@@ -29,21 +29,19 @@ import functools
 import logging
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 
 from perito_core.errors import InvalidArgument, ModelLoadError, PeritoError
 from perito_core.models.calibration import rescale
-from perito_core.models.manifest import CompiledForm, ModelManifest
+from perito_core.models.manifest import PRECISIONS, CompiledForm, ModelManifest
 from perito_core.models.registry import LocalArtifact, ModelRegistry
 from perito_core.models.runtime import LoadedModel, pick_device
 
 log = logging.getLogger(__name__)
 
-PrecisionChoice = Literal["auto", "fp32", "bf16", "int8", "torchscript"]
-PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "int8", "torchscript")
 # From the least exact choice to the most: `auto` lets INT8 serve; `torchscript` is model.pt.
 EXACTNESS = {"auto": 0, "int8": 1, "bf16": 2, "fp32": 3, "torchscript": 4}
 

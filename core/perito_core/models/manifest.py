@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -152,6 +152,10 @@ class TensorContract(BaseModel):
 
 
 Precision = Literal["fp32", "bf16", "int8"]
+# What serves (`PERITO_PRECISION`, a request's `precision`): `auto` is the fastest verified
+# form, `torchscript` is model.pt itself.
+PrecisionChoice = Literal["auto", "fp32", "bf16", "int8", "torchscript"]
+PRECISIONS: tuple[str, ...] = get_args(PrecisionChoice)
 # The publish gate's defaults (issue 19): top-1 agreement with model.pt on held-out images,
 # and the largest test-accuracy drop, as a fraction (0.003: 0.3 points).
 MIN_AGREEMENT = 0.99
