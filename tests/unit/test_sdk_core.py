@@ -4,6 +4,7 @@ renumbering and merging of split calls with bad images."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -67,20 +68,45 @@ def failing(*errors: perito.PeritoError, then: Any = "ok") -> Callable[[Send], A
     return answer
 
 
+def call(
+    answer: Callable[[Send], Any], clock: Clock, deadline: Deadline, max_retries: int = 3
+) -> tuple[Any, list[Send], list[float]]:
+    """One `_core.call` within `deadline`, driven against `answer` (which RPC it is does not
+    matter to the retry loop)."""
+    return drive(_core.call("GetJob", models_pb2.Model(), deadline, max_retries), answer, clock)
+
+
 # Splitting.
 
+# What the split calls below ask for, beside their images.
+REQUEST: dict[str, Any] = {"model": "m", "version": "", "top_k": 5, "confidence_threshold": 0.0}
 
-def _split(images: list[bytes], **limits: int) -> list[Part]:
+
+def _split(images: list[bytes], ids: list[str] | None = None, **limits: int) -> list[Part]:
     _, parts = classify_parts(
         images,
-        model="m",
-        version="",
-        top_k=5,
-        confidence_threshold=0.0,
-        ids=None,
+        **REQUEST,
+        ids=ids,
         limits=perito.Limits(**limits),
     )
     return parts
+
+
+def _split_call(
+    images: list[bytes],
+    on_invalid: _core.OnInvalid,
+    per_request: int = 4,
+    clock: Callable[[], float] = time.monotonic,
+) -> _core.SplitClassify:
+    """A split call of `per_request` images a part, with 10 s in all and no retries."""
+    return _core.SplitClassify.plan(
+        images,
+        **REQUEST,
+        ids=None,
+        limits=perito.Limits(max_images_per_request=per_request),
+        policy=Policy(timeout=10.0, max_retries=0, clock=clock),
+        on_invalid=on_invalid,
+    )
 
 
 def test_images_are_split_by_count_in_order() -> None:
@@ -117,15 +143,7 @@ def test_bad_arguments_are_refused_before_anything_is_sent(
     images: Any, ids: list[str] | None, error: type[Exception]
 ) -> None:
     with pytest.raises(error):
-        classify_parts(
-            images,
-            model="m",
-            version="",
-            top_k=5,
-            confidence_threshold=0.0,
-            ids=ids,
-            limits=perito.Limits(),
-        )
+        _split(images, ids)
 
 
 # The retry decision.
@@ -158,28 +176,16 @@ def test_other_errors_are_not_retried(error: perito.PeritoError) -> None:
     assert _core.retry_wait(error, 0) is None
     clock = Clock()
     with pytest.raises(type(error)):
-        drive(
-            _core.call("GetJob", models_pb2.Model(), Deadline.after(10, clock), 3),
-            failing(error),
-            clock,
-        )
+        call(failing(error), clock, Deadline.after(10, clock))
 
 
 def test_a_call_is_retried_at_most_max_retries_times() -> None:
     clock = Clock()
     down = perito.UnavailableError("down")
-    result, sends, sleeps = drive(
-        _core.call("GetJob", models_pb2.Model(), Deadline.after(30, clock), 3),
-        failing(down, down, down),
-        clock,
-    )
+    result, sends, sleeps = call(failing(down, down, down), clock, Deadline.after(30, clock))
     assert result == "ok" and len(sends) == 4 and len(sleeps) == 3
     with pytest.raises(perito.UnavailableError):
-        drive(
-            _core.call("GetJob", models_pb2.Model(), Deadline.after(30, clock), 2),
-            failing(down, down, down),
-            clock,
-        )
+        call(failing(down, down, down), clock, Deadline.after(30, clock), max_retries=2)
 
 
 # The deadline budget.
@@ -197,11 +203,7 @@ def test_each_attempt_gets_what_is_left_of_the_calls_deadline() -> None:
         return "ok"
 
     attempts: list[float] = []
-    result, _, sleeps = drive(
-        _core.call("Classify", models_pb2.Model(), Deadline.after(5.0, clock), 3),
-        slow_then_ok,
-        clock,
-    )
+    result, _, sleeps = call(slow_then_ok, clock, Deadline.after(5.0, clock))
     assert result == "ok"
     # 5 s in all: the second attempt starts after 1 s + its wait, the third after two each.
     assert attempts[0] == pytest.approx(5.0)
@@ -213,11 +215,7 @@ def test_no_retry_waits_past_the_deadline() -> None:
     clock = Clock()
     error = perito.ResourceExhaustedError("full", retry_after=3.0)
     with pytest.raises(perito.ResourceExhaustedError):
-        drive(
-            _core.call("Classify", models_pb2.Model(), Deadline.after(2.0, clock), 3),
-            failing(error),
-            clock,
-        )
+        call(failing(error), clock, Deadline.after(2.0, clock))
 
 
 def test_an_expired_deadline_raises_without_sending() -> None:
@@ -225,7 +223,7 @@ def test_an_expired_deadline_raises_without_sending() -> None:
     deadline = Deadline.after(1.0, clock)
     clock.now += 1.5
     with pytest.raises(perito.DeadlineExceededError):
-        drive(_core.call("Classify", models_pb2.Model(), deadline, 3), failing(), clock)
+        call(failing(), clock, deadline)
 
 
 def _response(request: classify_pb2.ClassifyRequest) -> classify_pb2.ClassifyResponse:
@@ -246,17 +244,7 @@ def test_the_parts_of_a_split_call_share_one_deadline() -> None:
     """Sent one after the other (as `Client` does, or `AsyncClient` when parts wait for a
     slot), each part gets what the earlier ones left."""
     clock = Clock()
-    split = _core.SplitClassify.plan(
-        [b"a", b"b", b"c"],
-        model="m",
-        version="",
-        top_k=5,
-        confidence_threshold=0.0,
-        ids=None,
-        limits=perito.Limits(max_images_per_request=1),
-        policy=Policy(timeout=10.0, max_retries=0, clock=clock),
-        on_invalid="fail",
-    )
+    split = _split_call([b"a", b"b", b"c"], "fail", per_request=1, clock=clock)
     timeouts = []
 
     def two_seconds(step: Send) -> Any:
@@ -385,20 +373,6 @@ class BadImages:
                 FieldViolation("images", f"... and {len(rest)} more"),
             ]
         raise perito.InvalidArgumentError(violations[0].description, violations=tuple(violations))
-
-
-def _split_call(images: list[bytes], on_invalid: _core.OnInvalid) -> _core.SplitClassify:
-    return _core.SplitClassify.plan(
-        images,
-        model="m",
-        version="",
-        top_k=5,
-        confidence_threshold=0.0,
-        ids=None,
-        limits=perito.Limits(max_images_per_request=4),
-        policy=Policy(timeout=10.0, max_retries=0),
-        on_invalid=on_invalid,
-    )
 
 
 def test_fail_raises_with_the_callers_indexes() -> None:
