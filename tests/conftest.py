@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
@@ -12,6 +13,9 @@ import pytest
 from perito_core.models.registry import ModelRegistry
 from perito_core.storage import S3Options, make_s3_client
 from tests.helpers import S3_ENV, TINY_INPUT, moto_s3_server, redis_server, tiny_network
+
+if TYPE_CHECKING:
+    from perito_core.models.compile import BuiltForms
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
@@ -106,22 +110,24 @@ def publish_tiny(
     return manifest.version
 
 
+def build_tiny_forms(model_file: Path, out_dir: Path, **options: Any) -> BuiltForms:
+    """The tiny model's compiled forms, built and gated on 24 seeded random images (16 to
+    calibrate, 8 held out); `options` (precisions, engines, ...) go to `build_forms`."""
+    from perito_core.models.compile import build_forms
+
+    spec = TINY_INPUT.spec()
+    images = np.random.default_rng(0).integers(0, 256, (24, spec.height, spec.width, 3), np.uint8)
+    return build_forms(
+        model_file, TINY_INPUT, out_dir, calibration=images[:16], holdout=images[16:], **options
+    )
+
+
 def tiny_registry_with_fp32_form(root: Path, tiny_model_file: Path) -> Path:
     """A registry folder at `root` whose tiny model carries an OpenVINO FP32 form (built and
     gated on seeded random images), for tests of which form serves."""
-    from perito_core.models.compile import build_forms
-
     registry = ModelRegistry.open(str(root), cache_dir=root / ".publish-cache")
-    spec = TINY_INPUT.spec()
-    images = np.random.default_rng(0).integers(0, 256, (24, spec.height, spec.width, 3), np.uint8)
-    built = build_forms(
-        tiny_model_file,
-        TINY_INPUT,
-        root / ".forms",
-        calibration=images[:16],
-        holdout=images[16:],
-        precisions=("fp32",),
-        engines=("openvino",),
+    built = build_tiny_forms(
+        tiny_model_file, root / ".forms", precisions=("fp32",), engines=("openvino",)
     )
     publish_tiny(registry, tiny_model_file, forms=built.forms, skipped_forms=built.skipped)
     return root

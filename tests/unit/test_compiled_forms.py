@@ -12,17 +12,18 @@ import io
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from perito_core.imaging import InputSpec, load_model_input
-from perito_core.models.compile import ENGINES, build_forms, gate_reason
+from perito_core.models.compile import ENGINES, BuiltForms, build_forms, gate_reason
 from perito_core.models.forms import load_form, load_model
 from perito_core.models.registry import ModelRegistry
 from perito_training.architectures import ARCHITECTURES, get_architecture
 from perito_training.trainer import input_contract
-from tests.conftest import tiny_registry_with_fp32_form
+from tests.conftest import build_tiny_forms, tiny_registry_with_fp32_form
 
 
 def _needs_engine() -> None:
@@ -348,21 +349,25 @@ def test_a_form_built_with_labels_serves_its_own_temperature_and_threshold(
     predicted = torchscript.predict(images).argmax(1)
     # Labels that mostly agree with the model: a finite, fitted temperature.
     targets = np.where(rng.random(48) < 0.75, predicted, rng.integers(0, 3, 48))
-    built = build_forms(
-        tiny_model_file,
-        TINY_INPUT,
-        tmp_path / "forms",
-        calibration=images[:32],
-        calibration_targets=targets[:32],
-        holdout=images[32:],
-        holdout_targets=targets[32:],
-        target_accuracy=0.8,
-        evaluated_on="random images",
-        precisions=("fp32",),
-        engines=("openvino",),
-        min_agreement=0.0,
-        max_accuracy_drop=1.0,
-    )
+
+    def build(out_dir: str, **calibration_labels: Any) -> BuiltForms:
+        """An FP32 form, every gate open, evaluated on the labelled held-out split."""
+        return build_forms(
+            tiny_model_file,
+            TINY_INPUT,
+            tmp_path / out_dir,
+            calibration=images[:32],
+            holdout=images[32:],
+            holdout_targets=targets[32:],
+            evaluated_on="random images",
+            precisions=("fp32",),
+            engines=("openvino",),
+            min_agreement=0.0,
+            max_accuracy_drop=1.0,
+            **calibration_labels,
+        )
+
+    built = build("forms", calibration_targets=targets[:32], target_accuracy=0.8)
     ((form, _),) = built.forms
     assert form.calibration_fitted_on == "calibration images"
     assert form.temperature != 1.0
@@ -393,19 +398,7 @@ def test_a_form_built_with_labels_serves_its_own_temperature_and_threshold(
     np.testing.assert_allclose(fallback.predict(images), torchscript.predict(images), atol=1e-5)
 
     # Without calibration labels the held-out split is used, and the record says so.
-    again = build_forms(
-        tiny_model_file,
-        TINY_INPUT,
-        tmp_path / "forms2",
-        calibration=images[:32],
-        holdout=images[32:],
-        holdout_targets=targets[32:],
-        evaluated_on="random images",
-        precisions=("fp32",),
-        engines=("openvino",),
-        min_agreement=0.0,
-        max_accuracy_drop=1.0,
-    )
+    again = build("forms2")
     ((unlabelled, _),) = again.forms
     assert "also where its ECE is measured" in unlabelled.calibration_fitted_on
     assert unlabelled.confidence_threshold is None
@@ -418,7 +411,6 @@ def test_int8_refused_by_the_gate_is_quantized_again_with_accuracy_control(
     another, which faces the gate again and says how it was made."""
     _needs_engine()
     from perito_core.models import compile as forms_compile
-    from tests.helpers import TINY_INPUT
 
     verdicts: list[str | None] = []
 
@@ -428,16 +420,8 @@ def test_int8_refused_by_the_gate_is_quantized_again_with_accuracy_control(
         return verdicts[-1]
 
     monkeypatch.setattr(forms_compile, "gate_reason", gate)
-    spec = TINY_INPUT.spec()
-    images = np.random.default_rng(0).integers(0, 256, (24, spec.height, spec.width, 3), np.uint8)
-    built = build_forms(
-        tiny_model_file,
-        TINY_INPUT,
-        tmp_path / "forms",
-        calibration=images[:16],
-        holdout=images[16:],
-        precisions=("fp32", "int8"),
-        engines=("openvino",),
+    built = build_tiny_forms(
+        tiny_model_file, tmp_path / "forms", precisions=("fp32", "int8"), engines=("openvino",)
     )
     forms = {form.name: form for form, _ in built.forms}
     assert len(verdicts) == 3
@@ -446,12 +430,9 @@ def test_int8_refused_by_the_gate_is_quantized_again_with_accuracy_control(
     assert "openvino-int8" not in built.skipped
 
     verdicts[:] = [None]  # the next verdict, plain int8's, refuses
-    off = build_forms(
+    off = build_tiny_forms(
         tiny_model_file,
-        TINY_INPUT,
         tmp_path / "forms-off",
-        calibration=images[:16],
-        holdout=images[16:],
         precisions=("int8",),
         engines=("openvino",),
         accuracy_control=False,
