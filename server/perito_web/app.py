@@ -29,10 +29,10 @@ import hmac
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from starlette.applications import Starlette
@@ -44,6 +44,8 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import perito
+
+T = TypeVar("T")
 
 STATIC = Path(__file__).parent / "static"
 MAX_UPLOAD_BYTES = 256 * 1024 * 1024
@@ -297,24 +299,23 @@ def create_app(
         name = request.path_params["name"]
         return JSONResponse(to_json(await sdk().get_model(name, metadata=session.metadata())))
 
-    async def classify(request: Request) -> Response:
+    async def send_upload(
+        request: Request, call: Callable[..., Awaitable[T]], max_files: int, default_top_k: int
+    ) -> T:
+        """The uploaded images, model and top_k passed to `call` (the SDK's `classify` or
+        `submit_job`) as the session's tenant."""
         session = session_of(request)
         model, images, names, top_k = await _upload(
-            request, max_files=MAX_CLASSIFY_FILES, default_top_k=5
+            request, max_files=max_files, default_top_k=default_top_k
         )
-        results = await sdk().classify(
-            images, model=model, top_k=top_k, ids=names, metadata=session.metadata()
-        )
+        return await call(images, model=model, top_k=top_k, ids=names, metadata=session.metadata())
+
+    async def classify(request: Request) -> Response:
+        results = await send_upload(request, sdk().classify, MAX_CLASSIFY_FILES, default_top_k=5)
         return JSONResponse(to_json(results))
 
     async def submit_job(request: Request) -> Response:
-        session = session_of(request)
-        model, images, names, top_k = await _upload(
-            request, max_files=MAX_JOB_FILES, default_top_k=3
-        )
-        handle = await sdk().submit_job(
-            images, model=model, top_k=top_k, ids=names, metadata=session.metadata()
-        )
+        handle = await send_upload(request, sdk().submit_job, MAX_JOB_FILES, default_top_k=3)
         return JSONResponse(to_json(handle.last), status_code=202)
 
     async def list_jobs(request: Request) -> Response:
