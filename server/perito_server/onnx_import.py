@@ -13,6 +13,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -24,67 +25,11 @@ from perito_core.models.manifest import InputContract, TensorContract
 F = TypeVar("F", bound=Callable[..., Any])
 
 ONNX_SUFFIX = ".onnx"
-# The flags below, by parameter name, as a user types them.
-CONTRACT_FLAGS = {
-    "layout": "--layout",
-    "dtype": "--dtype",
-    "scale": "--scale",
-    "mean": "--mean",
-    "std": "--std",
-    "channel_order": "--channel-order",
-    "output_kind": "--output",
-}
 
 
 def is_onnx(model_file: Path) -> bool:
     """Whether `perito models import` treats the file as ONNX (by its `.onnx` suffix)."""
     return model_file.suffix.lower() == ONNX_SUFFIX
-
-
-def contract_options(command: F) -> F:
-    """The ONNX tensor-contract options of `perito models import`."""
-    options = [
-        click.option(
-            "--layout",
-            type=click.Choice(["NCHW", "NHWC"], case_sensitive=False),
-            help="ONNX: the input tensor's layout (required for .onnx; Keras: NHWC).",
-        ),
-        click.option(
-            "--dtype",
-            type=click.Choice(["float32", "float16", "uint8"], case_sensitive=False),
-            help="ONNX: the input tensor's type (default float32).",
-        ),
-        click.option(
-            "--scale",
-            help="ONNX: pixels (0-255) are multiplied by this first, e.g. 1/255 or 1 "
-            "(required for .onnx).",
-        ),
-        click.option(
-            "--mean",
-            help="ONNX: subtracted after scaling, per channel in the model's channel order, "
-            "e.g. 0.485,0.456,0.406 (default 0).",
-        ),
-        click.option(
-            "--std",
-            help="ONNX: divided by after the mean, per channel, e.g. 0.229,0.224,0.225 "
-            "(default 1).",
-        ),
-        click.option(
-            "--channel-order",
-            type=click.Choice(["RGB", "BGR"], case_sensitive=False),
-            help="ONNX: the channel order the graph takes (default RGB; Caffe-style: BGR).",
-        ),
-        click.option(
-            "--output",
-            "output_kind",
-            type=click.Choice(["probabilities", "logits", "sigmoid"], case_sensitive=False),
-            help="ONNX: what the graph returns: probabilities (default); logits (softmaxed "
-            "when served); or sigmoid, one unit for two labels, served as [1-p, p].",
-        ),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
 
 
 def _number(text: str, flag: str) -> float:
@@ -109,6 +54,87 @@ def _triple(text: str, flag: str) -> tuple[float, float, float]:
     return (values[0], values[1], values[2])
 
 
+@dataclass(frozen=True)
+class _Flag:
+    """One tensor-contract flag: as a user types it, its help, the values it may take (any
+    when empty), and how its text becomes the `TensorContract` field `field`."""
+
+    flag: str
+    field: str
+    help: str
+    parse: Callable[[str, str], Any]
+    choices: tuple[str, ...] = ()
+
+
+def _upper(text: str, flag: str) -> str:
+    return text.upper()
+
+
+def _lower(text: str, flag: str) -> str:
+    return text.lower()
+
+
+# The flags by parameter name, in the order `--help` lists them.
+CONTRACT_FLAGS = {
+    "layout": _Flag(
+        "--layout",
+        "layout",
+        "ONNX: the input tensor's layout (required for .onnx; Keras: NHWC).",
+        _upper,
+        ("NCHW", "NHWC"),
+    ),
+    "dtype": _Flag(
+        "--dtype",
+        "dtype",
+        "ONNX: the input tensor's type (default float32).",
+        _lower,
+        ("float32", "float16", "uint8"),
+    ),
+    "scale": _Flag(
+        "--scale",
+        "scale",
+        "ONNX: pixels (0-255) are multiplied by this first, e.g. 1/255 or 1 (required for .onnx).",
+        _number,
+    ),
+    "mean": _Flag(
+        "--mean",
+        "mean",
+        "ONNX: subtracted after scaling, per channel in the model's channel order, "
+        "e.g. 0.485,0.456,0.406 (default 0).",
+        _triple,
+    ),
+    "std": _Flag(
+        "--std",
+        "std",
+        "ONNX: divided by after the mean, per channel, e.g. 0.229,0.224,0.225 (default 1).",
+        _triple,
+    ),
+    "channel_order": _Flag(
+        "--channel-order",
+        "channel_order",
+        "ONNX: the channel order the graph takes (default RGB; Caffe-style: BGR).",
+        _upper,
+        ("RGB", "BGR"),
+    ),
+    "output_kind": _Flag(
+        "--output",
+        "output",
+        "ONNX: what the graph returns: probabilities (default); logits (softmaxed when "
+        "served); or sigmoid, one unit for two labels, served as [1-p, p].",
+        _lower,
+        ("probabilities", "logits", "sigmoid"),
+    ),
+}
+
+
+def contract_options(command: F) -> F:
+    """The ONNX tensor-contract options of `perito models import`."""
+    for name, flag in reversed(CONTRACT_FLAGS.items()):
+        choice = click.Choice(flag.choices, case_sensitive=False) if flag.choices else None
+        command = click.option(flag.flag, name, type=choice, help=flag.help)(command)
+    return command
+
+
 def tensor_contract(model_file: Path, flags: dict[str, Any]) -> TensorContract | None:
     """The tensor contract the flags declare for an ONNX file; None for a TorchScript file.
 
@@ -121,32 +147,22 @@ def tensor_contract(model_file: Path, flags: dict[str, Any]) -> TensorContract |
     given = {name: value for name, value in flags.items() if value is not None}
     if not is_onnx(model_file):
         if given:
-            names = ", ".join(CONTRACT_FLAGS[name] for name in given)
+            names = ", ".join(CONTRACT_FLAGS[name].flag for name in given)
             raise click.UsageError(
                 f"{names}: these describe an ONNX file's input; a TorchScript file takes "
                 "uint8 RGB and normalises inside"
             )
         return None
-    missing = [CONTRACT_FLAGS[name] for name in ("layout", "scale") if name not in given]
+    missing = [CONTRACT_FLAGS[name].flag for name in ("layout", "scale") if name not in given]
     if missing:
         raise click.UsageError(
             f"an ONNX model needs its input contract: {' and '.join(missing)} "
             "(e.g. --layout NHWC --scale 1/255 for a Keras model with Rescaling(1/255))"
         )
-    contract: dict[str, Any] = {
-        "layout": given["layout"].upper(),
-        "scale": _number(given["scale"], "--scale"),
-    }
-    if "dtype" in given:
-        contract["dtype"] = given["dtype"].lower()
-    if "mean" in given:
-        contract["mean"] = _triple(given["mean"], "--mean")
-    if "std" in given:
-        contract["std"] = _triple(given["std"], "--std")
-    if "channel_order" in given:
-        contract["channel_order"] = given["channel_order"].upper()
-    if "output_kind" in given:
-        contract["output"] = given["output_kind"].lower()
+    contract: dict[str, Any] = {}
+    for name, text in given.items():
+        flag = CONTRACT_FLAGS[name]
+        contract[flag.field] = flag.parse(text, flag.flag)
     try:
         return TensorContract(**contract)
     except ValidationError as error:
@@ -154,7 +170,7 @@ def tensor_contract(model_file: Path, flags: dict[str, Any]) -> TensorContract |
         for problem in error.errors():
             field = str(problem["loc"][0]) if problem["loc"] else ""
             message = str(problem["msg"]).removeprefix("Value error, ")
-            flag = CONTRACT_FLAGS.get("output_kind" if field == "output" else field)
+            flag = next((f.flag for f in CONTRACT_FLAGS.values() if f.field == field), None)
             problems.append(f"{flag}: {message}" if flag else message)
         raise click.UsageError("; ".join(problems)) from None
 
