@@ -170,8 +170,8 @@ def tensor_contract(model_file: Path, flags: dict[str, Any]) -> TensorContract |
         for problem in error.errors():
             field = str(problem["loc"][0]) if problem["loc"] else ""
             message = str(problem["msg"]).removeprefix("Value error, ")
-            flag = next((f.flag for f in CONTRACT_FLAGS.values() if f.field == field), None)
-            problems.append(f"{flag}: {message}" if flag else message)
+            named = next((f.flag for f in CONTRACT_FLAGS.values() if f.field == field), None)
+            problems.append(f"{named}: {message}" if named else message)
         raise click.UsageError("; ".join(problems)) from None
 
 
