@@ -36,6 +36,7 @@ __all__ = [
     "InputContract",
     "Metrics",
     "ModelCard",
+    "ModelIdentity",
     "ModelManifest",
     "RunCard",
     "Source",
@@ -224,14 +225,16 @@ class CompiledForm(BaseModel):
     ece_before_fit: float | None = None
 
 
-class ModelManifest(BaseModel):
-    """Everything known about one immutable model version."""
+class ModelCard(BaseModel):
+    """What a person reads to judge one model version: the manifest but its identity
+    (`ModelIdentity`), field for field (`ModelManifest.card()`).
+
+    Its JSON (`model_dump(mode="json")`) is the card of `GetModel` / `ListModels` answers, so
+    the SDK's `ModelVersion.card` and the web page read the same keys as `manifest.json`.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    schema_version: int = MANIFEST_SCHEMA_VERSION
-    name: str
-    version: str
     labels: list[str] = Field(min_length=2)
     input: InputContract
     artifact: Artifact
@@ -251,6 +254,22 @@ class ModelManifest(BaseModel):
     # How an ONNX artifact is fed and read (required for `artifact.format == "onnx"`, absent
     # otherwise: TorchScript takes uint8 NCHW RGB and returns probabilities).
     tensor: TensorContract | None = None
+
+
+class ModelIdentity(BaseModel):
+    """Which model version a manifest describes, and in which schema."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    schema_version: int = MANIFEST_SCHEMA_VERSION
+    name: str
+    version: str
+
+
+# Its identity, then its card: pydantic orders fields from the last base to the first, so
+# manifest.json starts with `schema_version`, `name` and `version`.
+class ModelManifest(ModelCard, ModelIdentity):
+    """Everything known about one immutable model version."""
 
     @model_validator(mode="after")
     def _tensor_contract_matches_format(self) -> ModelManifest:
@@ -287,31 +306,6 @@ class ModelManifest(BaseModel):
         return ModelCard.model_validate(
             {name: getattr(self, name) for name in ModelCard.model_fields}
         )
-
-
-class ModelCard(BaseModel):
-    """What a person reads to judge one model version: the manifest but its identity
-    (`schema_version`, `name`, `version`), field for field (`ModelManifest.card()`).
-
-    Its JSON (`model_dump(mode="json")`) is the card of `GetModel` / `ListModels` answers, so
-    the SDK's `ModelVersion.card` and the web page read the same keys as `manifest.json`.
-    """
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    labels: list[str]
-    input: InputContract
-    artifact: Artifact
-    created_at: datetime
-    description: str = ""
-    confidence_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
-    metrics: Metrics = Field(default_factory=Metrics)
-    calibration: Calibration = Field(default_factory=Calibration)
-    training: TrainingRecord = Field(default_factory=TrainingRecord)
-    source: Source = Field(default_factory=Source)
-    forms: list[CompiledForm] = Field(default_factory=list)
-    skipped_forms: dict[str, str] = Field(default_factory=dict)
-    tensor: TensorContract | None = None
 
 
 class RunCard(BaseModel):
