@@ -23,7 +23,6 @@ import statistics
 import sys
 import tempfile
 import time
-import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -35,6 +34,7 @@ import torch  # noqa: E402
 
 from bench.classify import forward_rate, machine_line, make_jpegs  # noqa: E402
 from perito_core.imaging import load_model_input  # noqa: E402
+from perito_core.models.compile import export_onnx  # noqa: E402
 from perito_core.models.forms import load_model  # noqa: E402
 from perito_core.models.manifest import TensorContract  # noqa: E402
 from perito_core.models.registry import ModelRegistry  # noqa: E402
@@ -110,18 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         network, labels = efficientnet_lite0_imagenet()
         export_torchscript(network, contract, work / "model.pt")
         example = torch.zeros(1, 3, contract.height, contract.width)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                network,
-                (example,),
-                str(work / "model.onnx"),
-                dynamo=False,
-                input_names=["input"],
-                output_names=["logits"],
-                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-                opset_version=17,
-            )
+        export_onnx(network, example, work / "model.onnx", output_name="logits")
         registry = ModelRegistry.open(str(work / "registry"), cache_dir=work / "cache")
         registry.publish("lite0-ts", work / "model.pt", labels=labels, input=contract)
         registry.publish(

@@ -9,12 +9,13 @@ the graph, and exported with `torch.onnx.export`, as a Keras user's `tf2onnx` wo
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
+
+from perito_core.models.compile import export_onnx as compile_export_onnx
 
 WASTE_LABELS = ["organic", "recyclable"]
 MINERALS_LABELS = [
@@ -86,22 +87,10 @@ def export_onnx(
     dtype: torch.dtype = torch.float32,
     dynamic_batch: bool = True,
 ) -> Path:
-    """`torch.onnx.export` (the TorchScript-based exporter: no onnxscript needed)."""
-    network = network.eval()
+    """The network in eval mode as ONNX (`perito_core.models.compile.export_onnx`: `input` in,
+    `output` out), exported on zeros of `example_shape`."""
     example = torch.zeros(example_shape, dtype=dtype)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            network,
-            (example,),
-            str(path),
-            dynamo=False,
-            input_names=["input"],
-            output_names=["output"],
-            dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}} if dynamic_batch else None,
-            opset_version=17,
-        )
-    return path
+    return compile_export_onnx(network.eval(), example, path, dynamic_batch=dynamic_batch)
 
 
 def waste_model(path: Path, size: int) -> Path:

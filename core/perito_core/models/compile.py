@@ -655,25 +655,48 @@ def _fidelity(
     return (float(np.mean(values)) if values else 1.0), values
 
 
-def _export_onnx(module: torch.jit.ScriptModule, contract: InputContract, path: Path) -> None:
-    """The module's fixed-size forward pass (`fixed_size`) as ONNX: uint8 `images`
-    (N, 3, H, W) in, `probabilities` out, the batch dynamic. Scripted, then exported by the
-    TorchScript-based exporter (`dynamo=False`): the artifact's network is already TorchScript,
-    which neither tracing into it nor the dynamo exporter takes."""
-    source = torch.jit.script(fixed_size(module))
-    example = torch.zeros((1, 3, contract.height, contract.width), dtype=torch.uint8)
+def export_onnx(
+    network: torch.nn.Module,
+    example: torch.Tensor,
+    path: Path,
+    *,
+    input_name: str = "input",
+    output_name: str = "output",
+    dynamic_batch: bool = True,
+) -> Path:
+    """`network` (a module or a scripted one) as an ONNX graph at `path`: one input and one
+    output, named, the batch dimension dynamic unless `dynamic_batch` is False, opset 17. By
+    the TorchScript-based exporter (`dynamo=False`: no onnxscript needed, and it takes
+    scripted modules, which the dynamo exporter does not)."""
     with warnings.catch_warnings(), torch.inference_mode(False):
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            source,
+            network,
             (example,),
             str(path),
             dynamo=False,
-            input_names=["images"],
-            output_names=["probabilities"],
-            dynamic_axes={"images": {0: "batch"}, "probabilities": {0: "batch"}},
+            input_names=[input_name],
+            output_names=[output_name],
+            dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}}
+            if dynamic_batch
+            else None,
             opset_version=17,
         )
+    return path
+
+
+def _export_onnx(module: torch.jit.ScriptModule, contract: InputContract, path: Path) -> None:
+    """The module's fixed-size forward pass (`fixed_size`) as ONNX: uint8 `images`
+    (N, 3, H, W) in, `probabilities` out, the batch dynamic. Scripted first: the artifact's
+    network is already TorchScript, which tracing cannot step into."""
+    example = torch.zeros((1, 3, contract.height, contract.width), dtype=torch.uint8)
+    export_onnx(
+        torch.jit.script(fixed_size(module)),
+        example,
+        path,
+        input_name="images",
+        output_name="probabilities",
+    )
 
 
 def _onnxruntime_int8(source: Path, target: Path, images: np.ndarray) -> str:
