@@ -29,7 +29,7 @@ import time
 import uuid
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
 
 import redis
@@ -57,6 +57,7 @@ class SweepReport:
     errors: list[str] = field(default_factory=list)
 
 
+@dataclass(eq=False)
 class Watchdog:
     """Sweeps the job store; see the module docstring.
 
@@ -72,32 +73,19 @@ class Watchdog:
         finalize_timeout_s: how long its results files may keep failing to be written.
     """
 
-    def __init__(
-        self,
-        store: JobStore,
-        celery: Any,
-        broker: redis.Redis,
-        s3: S3Options,
-        *,
-        retention_s: float,
-        item_time_limit_s: float,
-        interval_s: float,
-        finalize_grace_s: float = 15.0,
-        finalize_timeout_s: float = 600.0,
-        on_resend: Callable[[int], None] | None = None,
-    ) -> None:
-        self.store = store
-        self.celery = celery
-        self.broker = broker
-        self.s3 = s3
-        self.retention_s = retention_s
-        self.item_time_limit_s = item_time_limit_s
-        self.interval_s = interval_s
-        self.finalize_grace_s = finalize_grace_s
-        self.finalize_timeout_s = finalize_timeout_s
-        self.on_resend = on_resend
-        self._token = uuid.uuid4().hex
-        self._suspects: set[tuple[str, int]] = set()
+    store: JobStore
+    celery: Any
+    broker: redis.Redis
+    s3: S3Options
+    _: KW_ONLY
+    retention_s: float
+    item_time_limit_s: float
+    interval_s: float
+    finalize_grace_s: float = 15.0
+    finalize_timeout_s: float = 600.0
+    on_resend: Callable[[int], None] | None = None
+    _token: str = field(default_factory=lambda: uuid.uuid4().hex, init=False, repr=False)
+    _suspects: set[tuple[str, int]] = field(default_factory=set, init=False, repr=False)
 
     def _lock(self) -> bool:
         """Hold the sweep lock (taken, or renewed if ours) for two intervals."""
