@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import itertools
 import json
 import os
 import subprocess
@@ -33,6 +34,18 @@ VENV_BIN = Path(sys.executable).parent
 TINY_INPUT = InputContract(
     height=32, width=32, resize_size=32, resize_mode="squash", mean=(0.5,) * 3, std=(0.25,) * 3
 )
+
+
+def conv_layers(*channels: int) -> list[nn.Module]:
+    """3x3 convolutions (padding 1), each followed by a ReLU, from `channels[0]` channels to
+    `channels[-1]`, with a 2x2 max pool between two of them: the body of the tests' small
+    CNNs."""
+    layers: list[nn.Module] = []
+    for depth, (given, made) in enumerate(itertools.pairwise(channels)):
+        if depth:
+            layers.append(nn.MaxPool2d(2))
+        layers += [nn.Conv2d(given, made, 3, padding=1), nn.ReLU()]
+    return layers
 
 
 def tiny_network(num_classes: int = 3) -> nn.Module:
@@ -284,15 +297,7 @@ def train_fashion_mnist(path: Path, *, samples: int = 12_000, epochs: int = 2) -
     x = torch.from_numpy(images[:samples].copy()).float().unsqueeze(1) / 255.0
     y = torch.from_numpy(labels[:samples].astype("int64"))
     network = nn.Sequential(
-        _Grey(),
-        nn.Conv2d(1, 16, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(32 * 7 * 7, 10),
+        _Grey(), *conv_layers(1, 16, 32), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(32 * 7 * 7, 10)
     )
     optimizer = torch.optim.Adam(network.parameters(), lr=2e-3)
     network.train()

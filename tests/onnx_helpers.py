@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from perito_core.models.compile import export_onnx as compile_export_onnx
+from tests.helpers import conv_layers
 
 WASTE_LABELS = ["organic", "recyclable"]
 MINERALS_LABELS = [
@@ -40,15 +41,7 @@ class KerasShaped(nn.Module):
     def __init__(self, units: int, head: nn.Module, seed: int) -> None:
         super().__init__()
         torch.manual_seed(seed)
-        self.features = nn.Sequential(
-            nn.Conv2d(3, 8, 3, padding=1),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Conv2d(8, 16, 3, padding=1),
-            nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1),
-            nn.Flatten(),
-        )
+        self.features = nn.Sequential(*conv_layers(3, 8, 16), nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.dense = nn.Linear(16, units)
         # Spread the outputs, so that a wrong normalisation shows in the probabilities.
         with torch.no_grad():
@@ -68,11 +61,7 @@ class NchwLogits(nn.Module):
         super().__init__()
         torch.manual_seed(seed)
         self.network = nn.Sequential(
-            nn.Conv2d(3, 8, 3, padding=1),
-            nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1),
-            nn.Flatten(),
-            nn.Linear(8, classes),
+            *conv_layers(3, 8), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, classes)
         )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
