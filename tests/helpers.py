@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from perito_core.models.manifest import InputContract
+from perito_core.models.manifest import Artifact, InputContract, ModelManifest
 from perito_core.models.registry import ModelRegistry
 from perito_core.storage import S3Options
 from perito_server.settings import ServerSettings
@@ -34,6 +34,25 @@ VENV_BIN = Path(sys.executable).parent
 TINY_INPUT = InputContract(
     height=32, width=32, resize_size=32, resize_mode="squash", mean=(0.5,) * 3, std=(0.25,) * 3
 )
+
+
+def unpublished_manifest(
+    labels: list[str],
+    *,
+    input: InputContract = TINY_INPUT,
+    artifact: Artifact | None = None,
+    **fields: Any,
+) -> ModelManifest:
+    """Version 1 of a model `m` that no registry holds, for tests that open or check a model
+    directly; the artifact a TorchScript placeholder unless given."""
+    return ModelManifest(
+        name="m",
+        version="1",
+        labels=labels,
+        input=input,
+        artifact=artifact or Artifact(sha256="0" * 64, size_bytes=0),
+        **fields,
+    )
 
 
 def conv_layers(*channels: int) -> list[nn.Module]:

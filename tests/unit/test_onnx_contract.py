@@ -22,6 +22,7 @@ from perito_core.models.forms import load_model
 from perito_core.models.manifest import Artifact, InputContract, ModelManifest, TensorContract
 from perito_core.models.onnx_model import OnnxModel, probabilities_from_output, tensor_from_images
 from perito_core.models.registry import ModelRegistry
+from tests.helpers import unpublished_manifest
 from tests.onnx_helpers import (
     CAFFE_MEAN_BGR,
     MINERALS_LABELS,
@@ -41,6 +42,7 @@ SIZE = 32
 INPUT = InputContract(height=SIZE, width=SIZE, resize_size=SIZE, resize_mode="squash")
 KERAS = TensorContract(layout="NHWC", scale=1 / 255, output="sigmoid")
 CAFFE = TensorContract(layout="NHWC", scale=1.0, mean=CAFFE_MEAN_BGR, channel_order="BGR")
+ONNX_ARTIFACT = Artifact(file="model.onnx", format="onnx", sha256="0" * 64, size_bytes=0)
 
 
 def _images(count: int = 5, seed: int = 0) -> np.ndarray:
@@ -48,14 +50,7 @@ def _images(count: int = 5, seed: int = 0) -> np.ndarray:
 
 
 def _manifest(tensor: TensorContract, labels: list[str]) -> ModelManifest:
-    return ModelManifest(
-        name="imported",
-        version="1",
-        labels=labels,
-        input=INPUT,
-        artifact=Artifact(file="model.onnx", format="onnx", sha256="0" * 64, size_bytes=0),
-        tensor=tensor,
-    )
+    return unpublished_manifest(labels, input=INPUT, artifact=ONNX_ARTIFACT, tensor=tensor)
 
 
 # The arithmetic
@@ -124,18 +119,10 @@ def test_the_contract_refuses_what_cannot_be_meant() -> None:
 def test_the_manifest_ties_the_contract_to_the_format() -> None:
     with pytest.raises(ValidationError, match="sigmoid unit serves exactly two labels"):
         _manifest(KERAS, ["a", "b", "c"])
-    artifact = Artifact(file="model.onnx", format="onnx", sha256="0" * 64, size_bytes=0)
     with pytest.raises(ValidationError, match="needs its tensor contract"):
-        ModelManifest(name="m", version="1", labels=["a", "b"], input=INPUT, artifact=artifact)
+        unpublished_manifest(["a", "b"], input=INPUT, artifact=ONNX_ARTIFACT)
     with pytest.raises(ValidationError, match="only ONNX artifacts"):
-        ModelManifest(
-            name="m",
-            version="1",
-            labels=["a", "b"],
-            input=INPUT,
-            artifact=Artifact(sha256="0" * 64, size_bytes=0),
-            tensor=KERAS,
-        )
+        unpublished_manifest(["a", "b"], input=INPUT, tensor=KERAS)
     for bad in ("../model.onnx", "forms/model.onnx", ".model.onnx"):
         with pytest.raises(ValidationError, match="file"):
             Artifact(file=bad, format="onnx", sha256="0" * 64, size_bytes=0)

@@ -12,17 +12,12 @@ from perito_core.errors import ModelLoadError
 from perito_core.models.manifest import Artifact, ModelManifest, sha256_file
 from perito_core.models.runtime import LoadedModel, summarize
 from perito_training.export import export_torchscript
-from tests.helpers import TINY_INPUT, tiny_network
+from tests.helpers import TINY_INPUT, tiny_network, unpublished_manifest
 
 
 def manifest_for(path: Path, labels: list[str]) -> ModelManifest:
-    return ModelManifest(
-        name="tiny",
-        version="1",
-        labels=labels,
-        input=TINY_INPUT,
-        artifact=Artifact(sha256=sha256_file(path), size_bytes=path.stat().st_size),
-    )
+    artifact = Artifact(sha256=sha256_file(path), size_bytes=path.stat().st_size)
+    return unpublished_manifest(labels, artifact=artifact)
 
 
 def test_optimised_module_gives_the_same_probabilities_as_eager(tmp_path: Path) -> None:
