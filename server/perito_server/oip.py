@@ -40,7 +40,7 @@ from google.protobuf.message import Message
 from perito_core.access.tenancy import Tenant
 from perito_core.errors import InvalidArgument, NotFound
 from perito_core.models.manifest import ModelManifest
-from perito_core.models.runtime import summarize
+from perito_core.models.summary import summarize
 from perito_server._oip import grpc_service_pb2 as pb
 from perito_server.auth import current_tenant
 from perito_server.errors import echo

@@ -25,7 +25,7 @@ from perito_core.imaging import DecodeInfo, ImageLimits, InputSpec, load_model_i
 from perito_core.logs import REQUEST_ID
 from perito_core.models.manifest import ModelManifest
 from perito_core.models.registry import validate_model_name
-from perito_core.models.runtime import summarize
+from perito_core.models.summary import summarize
 from perito_server.auth import current_tenant
 from perito_server.batcher import ByteBudget
 from perito_server.errors import echo

@@ -10,7 +10,8 @@ import torch
 
 from perito_core.errors import ModelLoadError
 from perito_core.models.manifest import Artifact, ModelManifest, sha256_file
-from perito_core.models.runtime import LoadedModel, summarize
+from perito_core.models.runtime import LoadedModel
+from perito_core.models.summary import summarize
 from perito_training.export import export_torchscript
 from tests.helpers import TINY_INPUT, tiny_network, unpublished_manifest
 

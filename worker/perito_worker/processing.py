@@ -41,7 +41,8 @@ from perito_core.imaging import load_model_input_with_info
 from perito_core.jobs.sources import SourceReader
 from perito_core.jobs.store import ItemInput, ItemResult, ItemState, Job, JobStore
 from perito_core.models.forms import load_model, requested_precision
-from perito_core.models.runtime import LoadedModel, summarize
+from perito_core.models.runtime import LoadedModel
+from perito_core.models.summary import summarize
 from perito_worker import metrics
 from perito_worker.settings import WorkerSettings
 

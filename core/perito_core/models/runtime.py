@@ -9,10 +9,8 @@ batch size it will see, so that no request pays for TorchScript's first-shape pr
 from __future__ import annotations
 
 import logging
-import math
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,23 +23,6 @@ log = logging.getLogger(__name__)
 
 # The reference form: model.pt as TorchScript, FP32.
 TORCHSCRIPT_FORM = "torchscript-fp32"
-
-
-@dataclass(frozen=True)
-class Prediction:
-    label: str
-    class_index: int
-    probability: float
-
-
-@dataclass(frozen=True)
-class Classification:
-    """Top-k classes and how sure the model is about the top one."""
-
-    predictions: list[Prediction]
-    margin: float
-    normalized_entropy: float
-    uncertain: bool
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -155,18 +136,3 @@ class LoadedModel:
             images = images.copy()
         batch = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
         return self._forward(batch).numpy()
-
-
-def summarize(
-    probabilities: np.ndarray, labels: list[str], top_k: int, threshold: float | None
-) -> Classification:
-    """Top-k predictions and uncertainty measures for one image's probabilities."""
-    k = max(1, min(top_k, len(labels)))
-    order = np.argsort(-probabilities, kind="stable")[:k]
-    predictions = [Prediction(labels[i], int(i), float(probabilities[i])) for i in order]
-    ranked = np.sort(probabilities)[::-1]
-    margin = float(ranked[0] - ranked[1]) if len(ranked) > 1 else 1.0
-    clipped = np.clip(probabilities.astype(np.float64), 1e-12, 1.0)
-    entropy = float(-(clipped * np.log(clipped)).sum() / math.log(len(labels)))
-    uncertain = threshold is not None and threshold > 0 and float(ranked[0]) < threshold
-    return Classification(predictions, margin, min(max(entropy, 0.0), 1.0), uncertain)
