@@ -97,6 +97,13 @@ def lite0_and_tiny_registry(
     return root
 
 
+def tiny_registry(root: Path, tiny_model_file: Path, name: str = "tiny") -> Path:
+    """A registry folder at `root` holding the tiny model as `name`, version 1."""
+    registry = ModelRegistry.open(str(root), cache_dir=root / ".publish-cache")
+    publish_tiny(registry, tiny_model_file, name=name)
+    return root
+
+
 def publish_tiny(
     registry: ModelRegistry, model_file: Path, name: str = "tiny", **kwargs: object
 ) -> str:

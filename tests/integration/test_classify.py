@@ -16,9 +16,8 @@ from PIL import Image
 
 import perito
 from perito.v1 import classify_pb2, image_pb2, service_pb2_grpc
-from perito_core.models.registry import ModelRegistry
 from perito_server.settings import ServerSettings
-from tests.conftest import lite0_and_tiny_registry, publish_tiny
+from tests.conftest import lite0_and_tiny_registry, tiny_registry
 from tests.helpers import ServerThread, run_in_threads
 
 pytestmark = pytest.mark.integration
@@ -242,8 +241,7 @@ def test_a_full_queue_is_resource_exhausted_with_a_retry_hint(
 def test_a_tampered_artifact_is_refused_with_failed_precondition(
     tmp_path: Path, tiny_model_file: Path, photos: dict[str, Path]
 ) -> None:
-    registry = ModelRegistry.open(str(tmp_path / "registry"), cache_dir=tmp_path / "c1")
-    publish_tiny(registry, tiny_model_file)
+    tiny_registry(tmp_path / "registry", tiny_model_file)
     stored = tmp_path / "registry/models/tiny/1/model.pt"
     stored.write_bytes(stored.read_bytes() + b"tampered")
     with (

@@ -522,15 +522,12 @@ def test_the_cli_submits_follows_and_reads_jobs(bulk: Bulk) -> None:
 def test_with_redis_down_jobs_are_unavailable_and_classify_still_works(
     tmp_path: Path, tiny_model_file: Path, photos: dict[str, Path]
 ) -> None:
-    from tests.conftest import publish_tiny
+    from tests.conftest import tiny_registry
     from tests.helpers import free_port
 
-    publish_tiny(
-        ModelRegistry.open(str(tmp_path / "registry"), cache_dir=tmp_path), tiny_model_file
-    )
     settings = ServerSettings(
         port=0,
-        registry=str(tmp_path / "registry"),
+        registry=str(tiny_registry(tmp_path / "registry", tiny_model_file)),
         cache_dir=tmp_path / "cache",
         redis_url=f"redis://127.0.0.1:{free_port()}/0",
         local_roots=[tmp_path],

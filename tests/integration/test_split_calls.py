@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 
 import perito
-from perito_core.models.registry import ModelRegistry
-from tests.conftest import publish_tiny
+from tests.conftest import tiny_registry
 from tests.helpers import ServerThread
 
 pytestmark = pytest.mark.integration
@@ -22,9 +21,8 @@ COUNT, BAD = 70, 66  # 70 photos, the 67th truncated: in the second 64-image par
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, tiny_model_file: Path) -> Iterator[str]:
     root = tmp_path_factory.mktemp("split-registry")
-    registry = ModelRegistry.open(str(root / "registry"), cache_dir=root / "publish-cache")
-    publish_tiny(registry, tiny_model_file)
-    with ServerThread.serving(root / "registry", root / "cache") as running:
+    registry = tiny_registry(root / "registry", tiny_model_file)
+    with ServerThread.serving(registry, root / "cache") as running:
         yield running.target
 
 

@@ -20,9 +20,8 @@ import pytest
 import perito
 from perito.v1 import classify_pb2, image_pb2, service_pb2_grpc
 from perito_core.access.tenancy import add_tenant, hash_token
-from perito_core.models.registry import ModelRegistry
 from perito_core.storage import S3Options, make_s3_client
-from tests.conftest import publish_tiny
+from tests.conftest import publish_tiny, tiny_registry
 from tests.helpers import (
     ServerThread,
     Stores,
@@ -445,8 +444,7 @@ def _peak_rss_kib(pid: int) -> int:
 def test_an_unauthenticated_64_mib_body_is_refused_before_it_is_read(
     tmp_path: Path, redis_url: str, tiny_model_file: Path
 ) -> None:
-    registry = ModelRegistry.open(str(tmp_path / "registry"), cache_dir=tmp_path / "cache")
-    publish_tiny(registry, tiny_model_file)
+    tiny_registry(tmp_path / "registry", tiny_model_file)
     tenants_file = tmp_path / "tenants.yaml"
     token = add_tenant(tenants_file, "acme", roles=["classify"], models=["tiny"])
     port = free_port()

@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 
 import perito
-from perito_core.models.registry import ModelRegistry
 from perito_server.settings import ServerSettings
-from tests.conftest import publish_tiny
+from tests.conftest import tiny_registry
 from tests.helpers import ServerThread
 
 pytestmark = pytest.mark.integration
@@ -27,10 +26,9 @@ def test_classify_calls_are_traced(tmp_path: Path, tiny_model_file: Path) -> Non
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     trace.set_tracer_provider(provider)  # what setup_tracing does, with OTLP instead
 
-    registry = ModelRegistry.open(str(tmp_path / "registry"), cache_dir=tmp_path / "publish")
-    publish_tiny(registry, tiny_model_file, name="car-damage")
+    registry = tiny_registry(tmp_path / "registry", tiny_model_file, name="car-damage")
     settings = ServerSettings(
-        port=0, registry=str(tmp_path / "registry"), cache_dir=tmp_path / "cache", tracing=True
+        port=0, registry=str(registry), cache_dir=tmp_path / "cache", tracing=True
     )
     image = np.zeros((16, 16, 3), dtype=np.uint8)
     with ServerThread(settings) as server, perito.Client(server.target) as client:
