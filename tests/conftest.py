@@ -12,7 +12,15 @@ import pytest
 
 from perito_core.models.registry import ModelRegistry
 from perito_core.storage import S3Options, make_s3_client
-from tests.helpers import S3_ENV, TINY_INPUT, moto_s3_server, redis_server, tiny_network
+from tests.helpers import (
+    S3_ENV,
+    TINY_INPUT,
+    MakeStores,
+    Stores,
+    moto_s3_server,
+    redis_server,
+    tiny_network,
+)
 
 if TYPE_CHECKING:
     from perito_core.models.compile import BuiltForms
@@ -70,6 +78,19 @@ def s3_endpoint() -> Iterator[str]:
 def redis_url() -> Iterator[str]:
     with redis_server() as url:
         yield url
+
+
+@pytest.fixture(scope="session")
+def s3_stores(
+    tmp_path_factory: pytest.TempPathFactory, s3_endpoint: str, redis_url: str
+) -> MakeStores:
+    """Makes a test module's stores on the session's S3 server and Redis: a fresh folder
+    `name`, the registry at `registry` (an `s3://` URI), `options` (`results_uri`) on top."""
+
+    def make(name: str, registry: str, **options: str) -> Stores:
+        return Stores(tmp_path_factory.mktemp(name), redis_url, registry, s3_endpoint, **options)
+
+    return make
 
 
 def publish_lite0(registry: ModelRegistry, lite0_dir: Path, **kwargs: object) -> str:

@@ -24,7 +24,7 @@ from torch import nn
 
 from perito_core.models.manifest import Artifact, InputContract, ModelManifest
 from perito_core.models.registry import ModelRegistry
-from perito_core.storage import S3Options
+from perito_core.storage import S3Options, make_s3_client
 from perito_server.settings import ServerSettings
 from scripts.processes import Proc, ProcessFailed, free_port, redis_proc, wait_for_port
 
@@ -273,6 +273,10 @@ class Stores:
     def registry_uri(self) -> str:
         return self.registry or str(self.work / "registry")
 
+    def s3_client(self) -> Any:
+        """A boto3 S3 client on the S3 server these stores use."""
+        return make_s3_client(S3Options(endpoint_url=self.s3_endpoint))
+
     def open_registry(self, cache: str = "publish-cache") -> ModelRegistry:
         """The registry as the test itself reads and publishes it, with its own cache."""
         s3 = S3Options(endpoint_url=self.s3_endpoint) if self.s3_endpoint else None
@@ -304,6 +308,11 @@ class Stores:
         if self.s3_endpoint:
             stores["PERITO_S3_ENDPOINT_URL"] = self.s3_endpoint
         return subprocess_env(**{**stores, **extra})
+
+
+# `s3_stores(name, registry, **options)` (the conftest fixture): a test module's `Stores` on
+# the session's S3 server and Redis, in a fresh folder `name`.
+MakeStores = Callable[..., Stores]
 
 
 def train_fashion_mnist(path: Path, *, samples: int = 12_000, epochs: int = 2) -> list[str]:

@@ -21,13 +21,12 @@ from perito_core.imaging import load_model_input
 from perito_core.jobs.store import ItemInput, JobStore
 from perito_core.models.registry import ModelRegistry
 from perito_core.models.runtime import LoadedModel
-from perito_core.storage import S3Options, make_s3_client
 from perito_server.settings import ServerSettings
 from perito_training.datasets import load_fashion_mnist
 from tests.helpers import (
     FASHION_MNIST_INPUT,
+    MakeStores,
     ServerThread,
-    Stores,
     WorkerProcess,
     encoded,
     train_fashion_mnist,
@@ -74,11 +73,9 @@ class Bulk:
 
 
 @pytest.fixture(scope="module")
-def bulk(
-    tmp_path_factory: pytest.TempPathFactory, s3_endpoint: str, redis_url: str
-) -> Iterator[Bulk]:
-    work = tmp_path_factory.mktemp("bulk")
-    stores = Stores(work, redis_url, REGISTRY, s3_endpoint, results_uri="s3://results/jobs")
+def bulk(s3_stores: MakeStores) -> Iterator[Bulk]:
+    stores = s3_stores("bulk", REGISTRY, results_uri="s3://results/jobs")
+    work = stores.work
     model_file = work / "fashion.pt"
     labels = train_fashion_mnist(model_file)
     registry = stores.open_registry()
@@ -86,7 +83,7 @@ def bulk(
         "fashion", model_file, labels=labels, input=FASHION_MNIST_INPUT, aliases=("production",)
     )
 
-    s3 = make_s3_client(S3Options(endpoint_url=s3_endpoint))
+    s3 = stores.s3_client()
     images, classes = load_fashion_mnist("test")
     truth, image_bytes = {}, {}
     for index in range(IMAGES):

@@ -30,7 +30,7 @@ from perito_core.imaging import load_model_input
 from perito_core.models.registry import ModelRegistry
 from perito_core.storage import S3Options, make_s3_client
 from scripts.processes import free_port
-from tests.helpers import ServerThread, Stores, WorkerProcess, run_perito
+from tests.helpers import MakeStores, ServerThread, WorkerProcess, run_perito
 from tests.onnx_helpers import (
     CAFFE_MEAN_BGR,
     MINERALS_LABELS,
@@ -88,13 +88,9 @@ def _vector(predictions: list[perito.Prediction], classes: int) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def onnx_service(
-    tmp_path_factory: pytest.TempPathFactory,
-    s3_endpoint: str,
-    redis_url: str,
-    photos: dict[str, Path],
-) -> Iterator[OnnxService]:
-    work = tmp_path_factory.mktemp("onnx")
+def onnx_service(s3_stores: MakeStores, photos: dict[str, Path]) -> Iterator[OnnxService]:
+    stores = s3_stores("onnx", REGISTRY)
+    work = stores.work
     models = {
         "waste": Imported(waste_model(work / "waste.onnx", SIZE), WASTE_LABELS, keras_rescale),
         "minerals": Imported(
@@ -103,7 +99,6 @@ def onnx_service(
     }
     for name, model in models.items():
         (work / f"{name}.txt").write_text("\n".join(model.labels) + "\n")
-    stores = Stores(work, redis_url, REGISTRY, s3_endpoint)
     env = stores.worker_env()
     common = ["--input-size", str(SIZE), "--alias", "production"]
     run_perito(

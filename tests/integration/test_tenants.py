@@ -20,11 +20,10 @@ import pytest
 import perito
 from perito.v1 import classify_pb2, image_pb2, service_pb2_grpc
 from perito_core.access.tenancy import add_tenant, hash_token
-from perito_core.storage import S3Options, make_s3_client
 from tests.conftest import publish_tiny, tiny_registry
 from tests.helpers import (
+    MakeStores,
     ServerThread,
-    Stores,
     encoded,
     free_port,
     perito_proc,
@@ -87,18 +86,13 @@ def write_tenants(path: Path, work: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def tenancy(
-    tmp_path_factory: pytest.TempPathFactory,
-    s3_endpoint: str,
-    redis_url: str,
-    tiny_model_file: Path,
-) -> Iterator[Tenancy]:
-    work = tmp_path_factory.mktemp("tenancy")
-    stores = Stores(work, redis_url, REGISTRY, s3_endpoint, results_uri="s3://results/jobs")
+def tenancy(s3_stores: MakeStores, tiny_model_file: Path) -> Iterator[Tenancy]:
+    stores = s3_stores("tenancy", REGISTRY, results_uri="s3://results/jobs")
+    work = stores.work
     registry = stores.open_registry()
     publish_tiny(registry, tiny_model_file)
     publish_tiny(registry, tiny_model_file, name="globex-secret")
-    s3 = make_s3_client(S3Options(endpoint_url=s3_endpoint))
+    s3 = stores.s3_client()
     for tenant in ("acme", "globex", "busy"):
         for n in range(3):
             s3.put_object(Bucket="inspections", Key=f"{tenant}/{n}.jpg", Body=jpeg(n))
