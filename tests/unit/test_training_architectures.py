@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from perito_training.architectures import VGGNet, get_architecture
+from perito_training.architectures import PooledNetwork, get_architecture, vgg_net
 from perito_training.config import ModelConfig
 
 
@@ -32,7 +32,7 @@ def _multiply_adds(network: torch.nn.Module, size: int) -> int:
 def test_vgg7_is_what_its_description_says() -> None:
     architecture = get_architecture("vgg7")
     network = architecture.build(10, ModelConfig(architecture="vgg7", input_size=28))
-    assert isinstance(network, VGGNet)
+    assert isinstance(network, PooledNetwork)
     convs = [m for m in network.modules() if isinstance(m, torch.nn.Conv2d)]
     assert [c.out_channels for c in convs] == [32, 64, 64, 128, 128, 256]
     assert sum(p.numel() for p in network.parameters()) == pytest.approx(0.58e6, rel=0.01)
@@ -51,7 +51,7 @@ def test_vgg7_widths_scale_every_stage() -> None:
     assert [c.out_channels for c in convs] == [8, 16, 16, 24, 24, 40]
     assert network(torch.rand(1, 3, 33, 33)).shape == (1, 4)  # any size: global pooling
     with pytest.raises(ValueError, match="vgg7 takes 4 widths"):
-        VGGNet((8, 16), 4, 0.0)
+        vgg_net((8, 16), 4, ModelConfig(architecture="vgg7"))
 
 
 def test_vgg7_test_time_flip_averages_the_mirror_image_in_eval_mode() -> None:

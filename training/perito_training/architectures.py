@@ -66,90 +66,77 @@ class FlipAveraging(nn.Module):
         return self.once(x)
 
 
-class SmallCNN(FlipAveraging):
-    """Conv (3x3) + batch norm + ReLU + 2x2 max pool per width, then a dense layer.
-
-    Global average pooling before the dense layer keeps it independent of the input size.
+class PooledNetwork(FlipAveraging):
+    """`features`, then global average pooling and `head`: (N, 3, H, W) float32 -> (N, classes)
+    logits. Global pooling keeps the head independent of the input size.
     """
 
-    def __init__(
-        self,
-        widths: tuple[int, ...],
-        num_classes: int,
-        dropout: float,
-        test_time_flip: bool = False,
-    ) -> None:
+    def __init__(self, features: nn.Sequential, head: nn.Sequential, test_time_flip: bool) -> None:
         super().__init__(test_time_flip)
-        layers: list[nn.Module] = []
-        inputs = 3
-        for width in widths:
-            layers += _conv_block(inputs, width)
-            inputs = width
-        self.features = nn.Sequential(*layers)
+        self.features = features
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.head = nn.Sequential(
-            nn.Flatten(),
-            nn.Linear(inputs, 512),
-            nn.ReLU(inplace=True),
-            nn.Dropout(dropout),
-            nn.Linear(512, num_classes),
-        )
+        self.head = head
 
     def once(self, x: torch.Tensor) -> torch.Tensor:
         logits: torch.Tensor = self.head(self.pool(self.features(x)))
         return logits
+
+
+def small_cnn(widths: tuple[int, ...], num_classes: int, config: ModelConfig) -> PooledNetwork:
+    """cnn4 / cnn5: conv (3x3) + batch norm + ReLU + 2x2 max pool per width, then a dense layer
+    of 512 with dropout (`config.dropout`)."""
+    layers: list[nn.Module] = []
+    inputs = 3
+    for width in widths:
+        layers += _conv_block(inputs, width)
+        inputs = width
+    head = nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(inputs, 512),
+        nn.ReLU(inplace=True),
+        nn.Dropout(config.dropout),
+        nn.Linear(512, num_classes),
+    )
+    return PooledNetwork(nn.Sequential(*layers), head, config.test_time_flip)
 
 
 def _cnn4(num_classes: int, config: ModelConfig) -> nn.Module:
-    return SmallCNN((32, 64, 128, 256), num_classes, config.dropout, config.test_time_flip)
+    return small_cnn((32, 64, 128, 256), num_classes, config)
 
 
 def _cnn5(num_classes: int, config: ModelConfig) -> nn.Module:
-    return SmallCNN((32, 64, 128, 256, 512), num_classes, config.dropout, config.test_time_flip)
+    return small_cnn((32, 64, 128, 256, 512), num_classes, config)
 
 
-class VGGNet(FlipAveraging):
-    """A VGG-style network for small images (Fashion-MNIST's 28 px): vgg7.
+def vgg_net(widths: tuple[int, ...], num_classes: int, config: ModelConfig) -> PooledNetwork:
+    """vgg7, a VGG-style network for small images (Fashion-MNIST's 28 px).
 
     Stages of 3x3 conv + batch norm + ReLU layers with a 2x2 max pool between stages, then
-    global average pooling, dropout and a linear layer: (N, 3, H, W) float32 -> (N, classes)
-    logits. One conv at full resolution, two at each of the next two (where most of the work
-    goes, at 1/2 and 1/4 of the input size), one at 1/8: `widths` (w1, w2, w3, w4) gives
-    w1 | w2 w2 | w3 w3 | w4. At 28 px and widths 32-64-128-256: 0.58 M parameters, about 27 M
-    multiply-adds an image.
+    global average pooling, dropout and a linear layer. One conv at full resolution, two at
+    each of the next two (where most of the work goes, at 1/2 and 1/4 of the input size), one
+    at 1/8: `widths` (w1, w2, w3, w4) gives w1 | w2 w2 | w3 w3 | w4. At 28 px and widths
+    32-64-128-256: 0.58 M parameters, about 27 M multiply-adds an image.
+
+    Raises:
+        ValueError: `widths` is not four numbers.
     """
-
-    def __init__(
-        self,
-        widths: tuple[int, ...],
-        num_classes: int,
-        dropout: float,
-        test_time_flip: bool = False,
-    ) -> None:
-        super().__init__(test_time_flip)
-        if len(widths) != 4:
-            raise ValueError(f"vgg7 takes 4 widths, not {len(widths)}")
-        stages = ((widths[0],), (widths[1],) * 2, (widths[2],) * 2, (widths[3],))
-        layers: list[nn.Module] = []
-        inputs = 3
-        for i, stage in enumerate(stages):
-            if i:
-                layers.append(nn.MaxPool2d(2, ceil_mode=True))
-            for width in stage:
-                layers += _conv_block(inputs, width)[:-1]  # without its pool
-                inputs = width
-        self.features = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(inputs, num_classes))
-
-    def once(self, x: torch.Tensor) -> torch.Tensor:
-        logits: torch.Tensor = self.head(self.pool(self.features(x)))
-        return logits
+    if len(widths) != 4:
+        raise ValueError(f"vgg7 takes 4 widths, not {len(widths)}")
+    stages = ((widths[0],), (widths[1],) * 2, (widths[2],) * 2, (widths[3],))
+    layers: list[nn.Module] = []
+    inputs = 3
+    for i, stage in enumerate(stages):
+        if i:
+            layers.append(nn.MaxPool2d(2, ceil_mode=True))
+        for width in stage:
+            layers += _conv_block(inputs, width)[:-1]  # without its pool
+            inputs = width
+    head = nn.Sequential(nn.Flatten(), nn.Dropout(config.dropout), nn.Linear(inputs, num_classes))
+    return PooledNetwork(nn.Sequential(*layers), head, config.test_time_flip)
 
 
 def _vgg7(num_classes: int, config: ModelConfig) -> nn.Module:
-    widths = tuple(config.widths or (32, 64, 128, 256))
-    return VGGNet(widths, num_classes, config.dropout, config.test_time_flip)
+    return vgg_net(tuple(config.widths or (32, 64, 128, 256)), num_classes, config)
 
 
 class BasicBlock(nn.Module):
