@@ -110,6 +110,24 @@ def test_early_stopping_ends_a_run_that_stopped_improving(patterns: Path, tmp_pa
     assert any(line.startswith("early stop") for line in lines)
 
 
+def test_a_time_limit_ends_training_on_time_with_the_schedule_run_to_its_end(
+    patterns: Path, tmp_path: Path
+) -> None:
+    config = quick_config(
+        patterns, "schedule.name=onecycle", "train.max_minutes=0.05", "train.epochs=1000"
+    )
+    lines: list[str] = []
+    card = train_run(config, tmp_path, log=lines.append, progress=False)
+    history = json.loads((tmp_path / "history.json").read_text())
+    last = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
+    assert 3.0 <= last["state"]["seconds"] < 3.0 + 5.0, lines  # at most a step + validation more
+    assert card.training.epochs_run == len(history) < 1000
+    assert any(line.startswith("time limit: train.max_minutes=0.05 reached") for line in lines)
+    rates = [epoch["lr"] for epoch in history]
+    assert max(rates) == pytest.approx(0.003, rel=0.05)  # the one-cycle peak, then down to
+    assert rates[-1] < 0.003 / 20  # nearly nothing when the time was up
+
+
 def test_a_frozen_backbone_trains_only_the_head_until_unfrozen(
     patterns: Path, tmp_path: Path
 ) -> None:

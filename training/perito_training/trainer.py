@@ -210,8 +210,9 @@ def _make_optimizer(
     return torch.optim.AdamW(groups, lr=lr, weight_decay=optim.weight_decay)
 
 
-def lr_factor(config: TrainConfig, step: int, steps_per_epoch: int) -> float:
-    """The learning-rate multiplier at optimiser step `step` (schedules run per step)."""
+def lr_factor(config: TrainConfig, step: float, steps_per_epoch: int) -> float:
+    """The learning-rate multiplier at optimiser step `step` (schedules run per step; under
+    `train.max_minutes`, `step` is the share of the time used times the steps of `epochs`)."""
     schedule = config.schedule
     total = config.train.epochs * steps_per_epoch
     warmup = schedule.warmup_epochs * steps_per_epoch
@@ -255,6 +256,8 @@ class TrainState:
     bad_epochs: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
     stopped_early: bool = False
+    # Wall-clock seconds spent in training so far (all sessions of a resumed run).
+    seconds: float = 0.0
 
     def improved(self, value: float, maximise: bool) -> bool:
         if self.best_value is None:
@@ -319,25 +322,36 @@ class Trainer:
         optimizer = _make_optimizer(config, model, self.head)
         loader = self._train_loader(train)
         steps_per_epoch = len(loader)
+        state = TrainState()
+        clock = _Clock(state)
+
+        def scheduled_step(step: int) -> float:
+            limit = config.train.max_minutes
+            if limit is None:
+                return step
+            share = min(clock.seconds() / (60 * limit), 1.0)
+            return share * config.train.epochs * steps_per_epoch
+
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: lr_factor(config, step, steps_per_epoch)
+            optimizer, lambda step: lr_factor(config, scheduled_step(step), steps_per_epoch)
         )
         scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp)
-        state = TrainState()
         if resume and self.checkpoint_path.exists():
             state = self._load_checkpoint(model, optimizer, scheduler, scaler)
+            clock = _Clock(state)
             self.log(f"resumed from {self.checkpoint_path} after epoch {state.epoch}")
         maximise = config.train.monitor == "val_accuracy"
         for epoch in range(state.epoch + 1, config.train.epochs + 1):
-            if state.stopped_early:
+            if state.stopped_early or _out_of_time(config, state.seconds):
                 break
             frozen = self._frozen_at(epoch)
             set_backbone_trainable(model, self.head, not frozen)
             started = time.perf_counter()
             train_loss, train_accuracy = self._train_epoch(
-                model, loader, optimizer, scheduler, scaler, epoch, frozen
+                model, loader, optimizer, scheduler, scaler, epoch, frozen, clock
             )
             val_loss, val_accuracy = self._validate(model, val)
+            state.seconds = clock.seconds()
             record = {
                 "epoch": float(epoch),
                 "train_loss": train_loss,
@@ -370,6 +384,11 @@ class Trainer:
                 self.log(
                     f"early stop: {config.train.monitor} has not improved for {patience} epochs "
                     f"(best: epoch {state.best_epoch})"
+                )
+            if _out_of_time(config, state.seconds):
+                self.log(
+                    f"time limit: train.max_minutes={config.train.max_minutes} reached in epoch "
+                    f"{epoch} after {state.seconds / 60:.1f} min (best: epoch {state.best_epoch})"
                 )
         best = torch.load(self.best_path, map_location=self.device, weights_only=True)
         model.load_state_dict(best["model"])
@@ -408,6 +427,7 @@ class Trainer:
         scaler: torch.amp.GradScaler,
         epoch: int,
         frozen: bool,
+        clock: _Clock,
     ) -> tuple[float, float]:
         seed = self.config.train.seed * 100_003 + epoch
         torch.manual_seed(seed)
@@ -448,6 +468,8 @@ class Trainer:
             correct += int((logits.argmax(1) == targets).sum())
             seen += len(targets)
             bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}")
+            if _out_of_time(self.config, clock.seconds()):
+                break
         return total_loss / max(seen, 1), correct / max(seen, 1)
 
     def _validate(self, model: ImageClassifier, val: ImageSet) -> tuple[float, float]:
@@ -504,9 +526,27 @@ class Trainer:
         return TrainState(**saved["state"])
 
 
+class _Clock:
+    """Training's wall-clock time: what `state` already spent (earlier sessions of a resumed
+    run) plus the time since this clock was made, in seconds."""
+
+    def __init__(self, state: TrainState) -> None:
+        self.spent = state.seconds
+        self.started = time.perf_counter()
+
+    def seconds(self) -> float:
+        return self.spent + time.perf_counter() - self.started
+
+
+def _out_of_time(config: TrainConfig, seconds: float) -> bool:
+    limit = config.train.max_minutes
+    return limit is not None and seconds >= 60 * limit
+
+
 def _config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
     allowed = {
         "train.epochs",
+        "train.max_minutes",
         "train.early_stopping_patience",
         "train.num_workers",
         "train.threads",
