@@ -412,7 +412,10 @@ def test_an_over_rate_tenant_is_refused_and_does_not_slow_another(tenancy: Tenan
     )
     assert refused > 0 and hinted == refused
     assert ok * 4 <= 120 + 2 * 12 + 4  # a minute's allowance, and 2 a second for 12 s
-    assert loaded <= 2 * idle, (idle, loaded)
+    # Twice the idle p50, or 10 ms more where that is larger: the hammers share the server's
+    # 2 cores here, and at a 5 ms p50 a few ms of scheduling is noise (a clean clone once saw
+    # 4.9 -> 11.4 ms); a queue behind the refused calls would cost far more.
+    assert loaded <= max(2 * idle, idle + 0.010), (idle, loaded)
 
 
 def test_the_tenants_file_is_reread_when_it_changes(tenancy: Tenancy) -> None:
