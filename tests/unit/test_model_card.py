@@ -16,123 +16,13 @@ from perito_core.models.card import Metrics, RocAuc, unknown_fields
 from perito_core.models.manifest import ModelManifest, RunCard
 from perito_training.compare import summarize_run
 
-SHA = "ab" * 32
-
-# What `perito publish` wrote for a trained run before the card was typed (three classes: a
-# class-less split gives a null ROC AUC; no threshold reached the target: a null evidence).
-TRAINED: dict[str, Any] = {
-    "schema_version": 1,
-    "name": "car-damage",
-    "version": "3",
-    "labels": ["minor", "moderate", "severe"],
-    "input": {
-        "height": 32,
-        "width": 32,
-        "resize_size": 32,
-        "resize_mode": "squash",
-        "interpolation": "bilinear",
-        "mean": [0.5, 0.5, 0.5],
-        "std": [0.5, 0.5, 0.5],
-    },
-    "artifact": {"file": "model.pt", "format": "torchscript", "sha256": SHA, "size_bytes": 2048},
-    "created_at": "2026-11-30T01:36:13.229869Z",
-    "description": "Car damage severity from claim photos.",
-    "confidence_threshold": None,
-    "metrics": {
-        "images": 36,
-        "accuracy": 0.9722222222222222,
-        "per_class": {
-            name: {"precision": 1.0, "recall": 0.9166666666666666, "f1": 0.9565, "support": 12}
-            for name in ("minor", "moderate", "severe")
-        },
-        "macro_avg": {"precision": 0.975, "recall": 0.9722, "f1": 0.9721},
-        "weighted_avg": {"precision": 0.975, "recall": 0.9722, "f1": 0.9721},
-        "confusion_matrix": {
-            "labels": ["minor", "moderate", "severe"],
-            "matrix": [[11, 1, 0], [0, 12, 0], [0, 0, 12]],
-        },
-        "roc_auc": {"ovr_macro": 0.99, "ovr_weighted": 0.99, "per_class": [0.98, 1.0, None]},
-        "ece": 0.011783136261834038,
-        "split": "test",
-        "val_accuracy": 0.9444444444444444,
-    },
-    "calibration": {
-        "method": "temperature_scaling",
-        "temperature": 0.0500001665204372,
-        "fitted_on": "val",
-        "ece_test_before": 0.23364107683300972,
-        "ece_test_after": 0.011783136261834038,
-        "nll_val_before": 0.1515476256608963,
-        "nll_val_after": 0.001108936732634902,
-        "confidence_threshold": None,
-    },
-    "training": {
-        "config": {"name": "car-damage", "model": {"architecture": "cnn4", "input_size": 32}},
-        "dataset": {
-            "classes": ["minor", "moderate", "severe"],
-            "fingerprint_sha256": "98ffd43d39983b10" + "5e" * 24,
-            "splits": {
-                "train": {"images": 288, "minor": 96, "moderate": 96, "severe": 96},
-                "val": {"images": 36, "minor": 12, "moderate": 12, "severe": 12},
-                "test": {"images": 36, "minor": 12, "moderate": 12, "severe": 12},
-            },
-            "unreadable": [{"image": "minor/09.jpg", "reason": "image data is damaged"}],
-        },
-        "epochs_run": 8,
-        "best_epoch": 4,
-        "stopped_early": True,
-        "seconds": 69.5,
-    },
-    "source": {
-        "torch": "2.14.1+cu130",
-        "perito": "0.1.0",
-        "torchvision": "0.29.1",
-        "timm": "1.0.31",
-        "git_commit": "b7bcf37996528e4d7db8ce2cae816eab26d41a4a",
-        "git_dirty": False,
-        "run": "car-damage",
-        "published_by": "ds-team",
-    },
-    "forms": [],
-    "skipped_forms": {"openvino-bf16": "this CPU has no BF16 instructions"},
-    "tensor": None,
-}
-
-# What `perito models import` wrote for an ONNX file: no metrics, calibration or training.
-IMPORTED: dict[str, Any] = {
-    "schema_version": 1,
-    "name": "minerals",
-    "version": "1",
-    "labels": ["biotite", "bornite", "chrysocolla"],
-    "input": {
-        "height": 224,
-        "width": 224,
-        "resize_size": 256,
-        "resize_mode": "center_crop",
-        "interpolation": "bilinear",
-        "mean": None,
-        "std": None,
-    },
-    "artifact": {"file": "model.onnx", "format": "onnx", "sha256": SHA, "size_bytes": 4096},
-    "created_at": "2026-11-29T22:10:00Z",
-    "description": "",
-    "confidence_threshold": None,
-    "metrics": {},
-    "calibration": {},
-    "training": {},
-    "source": {"imported_from": "minerals.onnx", "published_by": "anonymous"},
-    "forms": [],
-    "skipped_forms": {},
-    "tensor": {
-        "layout": "NHWC",
-        "dtype": "float32",
-        "scale": 1.0,
-        "mean": [103.939, 116.779, 123.68],
-        "std": [1.0, 1.0, 1.0],
-        "channel_order": "BGR",
-        "output": "probabilities",
-    },
-}
+# Manifests as earlier versions wrote them, kept as files (tests/data/manifests):
+DATA = Path(__file__).resolve().parent.parent / "data" / "manifests"
+# what `perito publish` wrote for a trained run before the card was typed (three classes: a
+# class-less split gives a null ROC AUC; no threshold reached the target: a null evidence);
+TRAINED: dict[str, Any] = json.loads((DATA / "trained.json").read_text())
+# what `perito models import` wrote for an ONNX file: no metrics, calibration or training.
+IMPORTED: dict[str, Any] = json.loads((DATA / "imported.json").read_text())
 
 
 def _trained_with(**metrics: Any) -> dict[str, Any]:
