@@ -124,8 +124,9 @@ def test_a_time_limit_ends_training_on_time_with_the_schedule_run_to_its_end(
     assert card.training.epochs_run == len(history) < 1000
     assert any(line.startswith("time limit: train.max_minutes=0.05 reached") for line in lines)
     rates = [epoch["lr"] for epoch in history]
-    assert max(rates) == pytest.approx(0.003, rel=0.05)  # the one-cycle peak, then down to
-    assert rates[-1] < 0.003 / 20  # nearly nothing when the time was up
+    peak = rates.index(max(rates))
+    assert max(rates) > 0.003 * 0.75  # near the one-cycle peak (epochs end where they end),
+    assert 0 < peak < len(rates) - 1 and rates[-1] < 0.003 / 20  # then down to nearly nothing
 
 
 def test_a_frozen_backbone_trains_only_the_head_until_unfrozen(
