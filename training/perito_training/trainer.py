@@ -323,14 +323,11 @@ class Trainer:
         loader = self._train_loader(train)
         steps_per_epoch = len(loader)
         state = TrainState()
-        clock = _Clock(state)
+        clock = _Clock(config.train.max_minutes)
 
         def scheduled_step(step: int) -> float:
-            limit = config.train.max_minutes
-            if limit is None:
-                return step
-            share = min(clock.seconds() / (60 * limit), 1.0)
-            return share * config.train.epochs * steps_per_epoch
+            share = clock.share()
+            return step if share is None else share * config.train.epochs * steps_per_epoch
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_factor(config, scheduled_step(step), steps_per_epoch)
@@ -338,11 +335,11 @@ class Trainer:
         scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp)
         if resume and self.checkpoint_path.exists():
             state = self._load_checkpoint(model, optimizer, scheduler, scaler)
-            clock = _Clock(state)
+            clock.resume(state.seconds)
             self.log(f"resumed from {self.checkpoint_path} after epoch {state.epoch}")
         maximise = config.train.monitor == "val_accuracy"
         for epoch in range(state.epoch + 1, config.train.epochs + 1):
-            if state.stopped_early or _out_of_time(config, state.seconds):
+            if state.stopped_early or clock.over(state.seconds):
                 break
             frozen = self._frozen_at(epoch)
             set_backbone_trainable(model, self.head, not frozen)
@@ -385,7 +382,7 @@ class Trainer:
                     f"early stop: {config.train.monitor} has not improved for {patience} epochs "
                     f"(best: epoch {state.best_epoch})"
                 )
-            if _out_of_time(config, state.seconds):
+            if clock.over(state.seconds):
                 self.log(
                     f"time limit: train.max_minutes={config.train.max_minutes} reached in epoch "
                     f"{epoch} after {state.seconds / 60:.1f} min (best: epoch {state.best_epoch})"
@@ -468,7 +465,7 @@ class Trainer:
             correct += int((logits.argmax(1) == targets).sum())
             seen += len(targets)
             bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}")
-            if _out_of_time(self.config, clock.seconds()):
+            if clock.over(clock.seconds()):
                 break
         return total_loss / max(seen, 1), correct / max(seen, 1)
 
@@ -527,20 +524,26 @@ class Trainer:
 
 
 class _Clock:
-    """Training's wall-clock time: what `state` already spent (earlier sessions of a resumed
-    run) plus the time since this clock was made, in seconds."""
+    """Training's wall-clock time against `train.max_minutes`, in seconds: what earlier
+    sessions of a resumed run spent plus the time since this one started."""
 
-    def __init__(self, state: TrainState) -> None:
-        self.spent = state.seconds
+    def __init__(self, max_minutes: float | None) -> None:
+        self.limit = None if max_minutes is None else 60 * max_minutes
+        self.resume(0.0)
+
+    def resume(self, spent: float) -> None:
+        self.spent = spent
         self.started = time.perf_counter()
 
     def seconds(self) -> float:
         return self.spent + time.perf_counter() - self.started
 
+    def share(self) -> float | None:
+        """The share of the limit used, in [0, 1]; None without a limit."""
+        return None if self.limit is None else min(self.seconds() / self.limit, 1.0)
 
-def _out_of_time(config: TrainConfig, seconds: float) -> bool:
-    limit = config.train.max_minutes
-    return limit is not None and seconds >= 60 * limit
+    def over(self, seconds: float) -> bool:
+        return self.limit is not None and seconds >= self.limit
 
 
 def _config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
