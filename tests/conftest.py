@@ -118,10 +118,13 @@ def lite0_and_tiny_registry(
     return root
 
 
-def tiny_registry(root: Path, tiny_model_file: Path, name: str = "tiny") -> Path:
-    """A registry folder at `root` holding the tiny model as `name`, version 1."""
+def tiny_registry(
+    root: Path, tiny_model_file: Path, name: str = "tiny", **publish_options: object
+) -> Path:
+    """A registry folder at `root` holding the tiny model as `name`, version 1;
+    `publish_options` (aliases, forms, ...) go to `publish_tiny`."""
     registry = ModelRegistry.open(str(root), cache_dir=root / ".publish-cache")
-    publish_tiny(registry, tiny_model_file, name=name)
+    publish_tiny(registry, tiny_model_file, name=name, **publish_options)
     return root
 
 
@@ -153,9 +156,8 @@ def build_tiny_forms(model_file: Path, out_dir: Path, **options: Any) -> BuiltFo
 def tiny_registry_with_fp32_form(root: Path, tiny_model_file: Path) -> Path:
     """A registry folder at `root` whose tiny model carries an OpenVINO FP32 form (built and
     gated on seeded random images), for tests of which form serves."""
-    registry = ModelRegistry.open(str(root), cache_dir=root / ".publish-cache")
     built = build_tiny_forms(
         tiny_model_file, root / ".forms", precisions=("fp32",), engines=("openvino",)
     )
-    publish_tiny(registry, tiny_model_file, forms=built.forms, skipped_forms=built.skipped)
-    return root
+    assert [form.name for form, _ in built.forms] == ["openvino-fp32"], built.skipped
+    return tiny_registry(root, tiny_model_file, forms=built.forms, skipped_forms=built.skipped)
