@@ -75,3 +75,34 @@ def test_a_tampered_onnx_form_is_refused_and_torchscript_answers(
     served = load_model(registry, "tiny", "1", precision="fp32")
     assert served.form == "torchscript-fp32"
     assert "sha256" in served.passed_over["onnxruntime-fp32"]
+
+
+def test_only_the_forms_kept_are_left_in_the_output_folder(
+    tiny_model_file: Path, tmp_path: Path
+) -> None:
+    """INT8 alone: the FP32 ONNX model it was quantized from is removed with the refused
+    forms, as OpenVINO's FP32 IR is."""
+    out = tmp_path / "forms"
+    kept = build_forms(
+        tiny_model_file,
+        TINY_INPUT,
+        out,
+        calibration=_images(32, 1),
+        holdout=_images(24, 2),
+        precisions=("int8",),
+        engines=("onnxruntime",),
+        min_agreement=0.0,
+    )
+    assert [form.name for form, _ in kept.forms] == ["onnxruntime-int8"]
+    assert sorted(p.name for p in out.iterdir()) == ["onnxruntime-int8"]
+    refused = build_forms(
+        tiny_model_file,
+        TINY_INPUT,
+        tmp_path / "refused",
+        calibration=_images(32, 1),
+        holdout=_images(24, 2),
+        precisions=("fp32", "int8"),
+        engines=("onnxruntime",),
+        min_agreement=1.01,  # nothing passes
+    )
+    assert refused.forms == [] and list((tmp_path / "refused").iterdir()) == []

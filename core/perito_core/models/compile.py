@@ -68,8 +68,6 @@ class BuiltForms:
 
     def remove_files(self) -> None:
         """Delete the forms' folders (once published)."""
-        import shutil
-
         for _, folder in self.forms:
             shutil.rmtree(folder, ignore_errors=True)
 
@@ -237,12 +235,9 @@ def build_forms(
             continue
         log.warning("%s refused: %s", name, built.skipped[name])
     kept = {folder for _, folder in built.forms}
-    for candidate in candidates:  # what the gate refused, and the FP32 IR built only for INT8
-        if candidate.folder not in kept and candidate.folder.is_dir():
-            shutil.rmtree(candidate.folder)
-    fp32_ir = out_dir / "openvino-fp32"
-    if fp32_ir.is_dir() and fp32_ir not in kept:
-        shutil.rmtree(fp32_ir)
+    for folder in build.made:  # what the gate refused, what failed, and FP32 made for INT8
+        if folder not in kept and folder.is_dir():
+            shutil.rmtree(folder)
     return built
 
 
@@ -271,7 +266,9 @@ class _Candidate:
 class _Build:
     """What each engine builds its forms from, and where they go: the TorchScript reference,
     its contract, the output folder, the precisions asked for, the calibration images; the
-    built candidates into `candidates`, the reasons for any not built into `built.skipped`."""
+    built candidates into `candidates`, the reasons for any not built into `built.skipped`,
+    and every folder made (`folder`) into `made`, for `build_forms` to remove what it keeps
+    no form from."""
 
     module: torch.jit.ScriptModule
     contract: InputContract
@@ -280,6 +277,14 @@ class _Build:
     images: np.ndarray
     built: BuiltForms
     candidates: list[_Candidate]
+    made: list[Path] = field(default_factory=list)
+
+    def folder(self, name: str) -> Path:
+        """`out_dir/name`, created (and recorded in `made`)."""
+        folder = self.out_dir / name
+        folder.mkdir(parents=True, exist_ok=True)
+        self.made.append(folder)
+        return folder
 
 
 def _openvino_candidates(
@@ -311,8 +316,7 @@ def _openvino_candidates(
         build.built.skipped.update({name: reason for name in names})
         return None
     core = openvino.Core()
-    fp32_dir = build.out_dir / "openvino-fp32"
-    fp32_dir.mkdir(parents=True, exist_ok=True)
+    fp32_dir = build.folder("openvino-fp32")
     openvino.save_model(ov_model, str(fp32_dir / "model.xml"), compress_to_fp16=False)
 
     def candidate(precision: str, folder: Path, hint: str, **more: Any) -> _Candidate:
@@ -333,7 +337,7 @@ def _openvino_candidates(
         build.candidates.append(candidate("fp32", fp32_dir, "f32"))
     if "bf16" in build.precisions:
         if "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
-            bf16_dir = build.out_dir / "openvino-bf16"
+            bf16_dir = build.folder("openvino-bf16")
             shutil.copytree(fp32_dir, bf16_dir, dirs_exist_ok=True)
             build.candidates.append(candidate("bf16", bf16_dir, "bf16", requires=BF16_FLAGS))
         else:
@@ -341,10 +345,10 @@ def _openvino_candidates(
                 f"this CPU cannot run BF16 ({isa_summary()}): built and verified only on one "
                 "with avx512_bf16 or AMX"
             )
-    int8_dir = build.out_dir / "openvino-int8"
 
     def quantize(control: bool) -> _Candidate | None:
-        """INT8 (plain, or by accuracy control) written to int8_dir; None when it failed."""
+        """INT8 (plain, or by accuracy control) written to `openvino-int8`; None when it
+        failed."""
         checks = None
         if control:
             checks = build.images if validation is None else validation[:MAX_CALIBRATION_IMAGES]
@@ -359,7 +363,7 @@ def _openvino_candidates(
         except Exception as exc:  # noqa: BLE001 - a failed quantization skips the form only
             build.built.skipped["openvino-int8"] = f"quantization failed: {exc}"
             return None
-        int8_dir.mkdir(parents=True, exist_ok=True)
+        int8_dir = build.folder("openvino-int8")
         openvino.save_model(quantized, str(int8_dir / "model.xml"), compress_to_fp16=False)
         return candidate(
             "int8",
@@ -399,14 +403,12 @@ def _onnxruntime_candidates(build: _Build) -> None:
             {f"{ONNX_ENGINE}-{p}": "ONNX Runtime is not installed" for p in wanted}
         )
         return
-    fp32_dir = build.out_dir / f"{ONNX_ENGINE}-fp32"
-    fp32_dir.mkdir(parents=True, exist_ok=True)
+    fp32_dir = build.folder(f"{ONNX_ENGINE}-fp32")
     try:
         _export_onnx(build.module, build.contract, fp32_dir / "model.onnx")
     except Exception as exc:  # noqa: BLE001 - a module the exporter cannot take is skipped
         reason = f"cannot export this module to ONNX: {str(exc).strip().splitlines()[0][:300]}"
         build.built.skipped.update({f"{ONNX_ENGINE}-{p}": reason for p in wanted})
-        shutil.rmtree(fp32_dir)
         return
 
     def candidate(precision: str, folder: Path, **more: Any) -> _Candidate:
@@ -422,13 +424,11 @@ def _onnxruntime_candidates(build: _Build) -> None:
     if "fp32" in wanted:
         build.candidates.append(candidate("fp32", fp32_dir))
     if "int8" in wanted:
-        int8_dir = build.out_dir / f"{ONNX_ENGINE}-int8"
-        int8_dir.mkdir(parents=True, exist_ok=True)
+        int8_dir = build.folder(f"{ONNX_ENGINE}-int8")
         try:
             mode = _onnxruntime_int8(fp32_dir / "model.onnx", int8_dir / "model.onnx", build.images)
         except Exception as exc:  # noqa: BLE001 - a failed quantization skips the form only
             build.built.skipped[f"{ONNX_ENGINE}-int8"] = f"quantization failed: {exc}"
-            shutil.rmtree(int8_dir)
         else:
             build.candidates.append(
                 candidate("int8", int8_dir, calibrated=len(build.images), quantization=mode)
