@@ -158,10 +158,9 @@ def build_forms(
     host = f"{platform.machine()} ({isa_summary()})"
     images = calibration[:MAX_CALIBRATION_IMAGES]
     candidates: list[_Candidate] = []
-    retry: Callable[[], _Candidate | None] | None = None
     build = _Build(reference_module, contract, out_dir, precisions, images, built, candidates)
     if "openvino" in engines:
-        retry = _openvino_candidates(
+        _openvino_candidates(
             build,
             validation=validation,
             control_agreement=min_agreement if control_agreement is None else control_agreement,
@@ -196,10 +195,10 @@ def build_forms(
             if candidate.quantization == "accuracy-control":
                 reason = f"{built.skipped[name]}; with accuracy control: {reason}"
             built.skipped[name] = reason
-            if candidate.retried_by_control and accuracy_control and retry is not None:
+            if candidate.retry is not None and accuracy_control:
                 log.warning("%s refused: %s; trying accuracy control", name, reason)
                 built.skipped[name] = f"post-training: {reason}"
-                again = retry()
+                again = candidate.retry()
                 if again is not None:
                     candidates.append(again)
                 continue
@@ -254,8 +253,9 @@ class _Candidate:
     requires: list[str] = field(default_factory=list)
     calibrated: int = 0
     quantization: str = ""
-    # Plain OpenVINO INT8: refused, it is quantized again with accuracy control.
-    retried_by_control: bool = False
+    # What builds the form again when the gate refuses it (plain OpenVINO INT8: quantized
+    # again with accuracy control, `build_forms(accuracy_control=True)`); None: nothing.
+    retry: Callable[[], _Candidate | None] | None = None
 
     @property
     def name(self) -> str:
@@ -293,20 +293,17 @@ def _openvino_candidates(
     validation: np.ndarray | None,
     control_agreement: float,
     control_metric: str,
-) -> Callable[[], _Candidate | None] | None:
+) -> None:
     """OpenVINO's forms of the module into `candidates` (or the reason into `built.skipped`):
     FP32 IR (weights kept FP32, not `save_model`'s FP16 default), BF16 (that IR with the `bf16`
-    precision hint, on a CPU that has it) and INT8 (NNCF, `_quantize`).
-
-    Returns:
-        What quantizes INT8 again with accuracy control, for the gate to call when it refuses
-        plain INT8 (None when OpenVINO is absent or cannot convert the module).
+    precision hint, on a CPU that has it) and INT8 (NNCF, `_quantize`; its `retry` quantizes
+    again with accuracy control).
     """
     names = [f"openvino-{p}" for p in build.precisions]
     version = openvino_version()
     if version is None:
         build.built.skipped.update({name: "OpenVINO is not installed" for name in names})
-        return None
+        return
     import openvino
 
     try:
@@ -314,7 +311,7 @@ def _openvino_candidates(
     except Exception as exc:  # noqa: BLE001 - a network the converter cannot take is skipped
         reason = f"OpenVINO cannot convert this module: {str(exc).splitlines()[0][:300]}"
         build.built.skipped.update({name: reason for name in names})
-        return None
+        return
     core = openvino.Core()
     fp32_dir = build.folder("openvino-fp32")
     openvino.save_model(ov_model, str(fp32_dir / "model.xml"), compress_to_fp16=False)
@@ -371,14 +368,13 @@ def _openvino_candidates(
             "f32",
             calibrated=len(build.images),
             quantization="accuracy-control" if control else "post-training",
-            retried_by_control=not control,
+            retry=None if control else lambda: quantize(control=True),
         )
 
     if "int8" in build.precisions:
         plain = quantize(control=False)
         if plain is not None:
             build.candidates.append(plain)
-    return lambda: quantize(control=True)
 
 
 def _onnxruntime_candidates(build: _Build) -> None:
