@@ -150,11 +150,7 @@ class OpenVinoModel(LoadedModel):
     def __init__(self, manifest: ModelManifest, form: CompiledForm, xml: Path) -> None:
         import openvino
 
-        if form.confidence_threshold is not None:
-            manifest = manifest.model_copy(
-                update={"confidence_threshold": form.confidence_threshold}
-            )
-        super().__init__(None, manifest, torch.device("cpu"))  # type: ignore[arg-type]
+        super().__init__(None, manifest.served_by(form), torch.device("cpu"))  # type: ignore[arg-type]
         self.temperature = form.temperature
         core = openvino.Core()
         config: dict[str, Any] = {
@@ -169,9 +165,7 @@ class OpenVinoModel(LoadedModel):
     def _forward(self, batch: torch.Tensor) -> torch.Tensor:
         result = self._request.infer([np.ascontiguousarray(batch.numpy())])
         probabilities = np.array(result[0], dtype=np.float32, copy=True)
-        if self.temperature != 1.0:
-            probabilities = rescale(probabilities, self.temperature)
-        return torch.from_numpy(probabilities)
+        return torch.from_numpy(rescale(probabilities, self.temperature))
 
 
 def load_form(registry: ModelRegistry, manifest: ModelManifest, form: CompiledForm) -> LoadedModel:

@@ -287,6 +287,13 @@ class ModelManifest(ModelCard, ModelIdentity):
     def form(self, name: str) -> CompiledForm | None:
         return next((form for form in self.forms if form.name == name), None)
 
+    def served_by(self, form: CompiledForm) -> ModelManifest:
+        """This manifest as `form` serves it: with the form's own `uncertain` threshold (re-fitted
+        at publish) in place of the version's, where it has one."""
+        if form.confidence_threshold is None:
+            return self
+        return self.model_copy(update={"confidence_threshold": form.confidence_threshold})
+
     def threshold(self, requested: float = 0.0) -> float:
         """The top-1 probability under which an answer is `uncertain`: the caller's
         `requested` one, else this model's recommended one, else 0 (never uncertain)."""

@@ -297,10 +297,8 @@ class OnnxModel(LoadedModel):
         Raises:
             ModelLoadError: as `open`.
         """
-        update: dict[str, Any] = {"tensor": COMPILED_FORM_TENSOR}
-        if form.confidence_threshold is not None:
-            update["confidence_threshold"] = form.confidence_threshold
-        model = cls.open(path, manifest.model_copy(update=update))
+        served = manifest.served_by(form).model_copy(update={"tensor": COMPILED_FORM_TENSOR})
+        model = cls.open(path, served)
         model.form = form.name
         model.temperature = form.temperature
         return model
@@ -345,9 +343,7 @@ class OnnxModel(LoadedModel):
         """
         tensor = tensor_from_images(np.asarray(images), self.contract)
         probabilities = probabilities_from_output(self.run_graph(tensor), self.contract)
-        if self.temperature != 1.0:
-            probabilities = rescale(probabilities, self.temperature)
-        return probabilities
+        return rescale(probabilities, self.temperature)
 
     def _forward(self, batch: torch.Tensor) -> torch.Tensor:
         images = np.ascontiguousarray(batch.numpy().transpose(0, 2, 3, 1))
