@@ -14,7 +14,7 @@ import pytest
 from perito_core.models.compile import build_forms
 from perito_core.models.forms import load_model
 from perito_core.models.registry import ModelRegistry
-from tests.conftest import publish_tiny
+from tests.conftest import build_tiny_forms, publish_tiny
 from tests.helpers import TINY_INPUT
 
 pytest.importorskip("onnxruntime", reason="ONNX Runtime (optional engine, perito[serve]) missing")
@@ -82,27 +82,20 @@ def test_only_the_forms_kept_are_left_in_the_output_folder(
 ) -> None:
     """INT8 alone: the FP32 ONNX model it was quantized from is removed with the refused
     forms, as OpenVINO's FP32 IR is."""
-    out = tmp_path / "forms"
-    kept = build_forms(
+    kept = build_tiny_forms(
         tiny_model_file,
-        TINY_INPUT,
-        out,
-        calibration=_images(32, 1),
-        holdout=_images(24, 2),
+        tmp_path / "kept",
         precisions=("int8",),
         engines=("onnxruntime",),
         min_agreement=0.0,
     )
     assert [form.name for form, _ in kept.forms] == ["onnxruntime-int8"]
-    assert sorted(p.name for p in out.iterdir()) == ["onnxruntime-int8"]
-    refused = build_forms(
+    assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["onnxruntime-int8"]
+    refused = build_tiny_forms(  # nothing passes
         tiny_model_file,
-        TINY_INPUT,
         tmp_path / "refused",
-        calibration=_images(32, 1),
-        holdout=_images(24, 2),
         precisions=("fp32", "int8"),
         engines=("onnxruntime",),
-        min_agreement=1.01,  # nothing passes
+        min_agreement=1.01,
     )
     assert refused.forms == [] and list((tmp_path / "refused").iterdir()) == []
