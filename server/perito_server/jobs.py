@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import redis
 from google.protobuf import timestamp_pb2
 
+from perito import ItemState, JobState
 from perito.v1 import classify_pb2, jobs_pb2
 from perito_core.access.tenancy import Access, Tenant, check_uri
 from perito_core.errors import (
@@ -33,9 +34,7 @@ from perito_core.jobs.store import (
     DELETED_MARK,
     ItemInput,
     ItemResult,
-    ItemState,
     Job,
-    JobState,
     JobStore,
 )
 from perito_core.jobs.watchdog import Watchdog

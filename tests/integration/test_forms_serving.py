@@ -16,7 +16,8 @@ import pytest
 from PIL import Image
 
 import perito
-from perito_core.jobs.store import ItemInput, ItemState, Job, JobState
+from perito import ItemState, JobState
+from perito_core.jobs.store import ItemInput, Job
 from perito_core.models.forms import load_model
 from perito_core.models.registry import ModelRegistry
 from perito_server.settings import ServerSettings

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import redis
 
+from perito import ItemState, JobState
 from perito_core.errors import InvalidArgument, NotFound
 from perito_core.jobs.queue import BULK_QUEUE, make_celery, queued_chunks
-from perito_core.jobs.store import ItemInput, ItemResult, ItemState, Job, JobState, JobStore
+from perito_core.jobs.store import ItemInput, ItemResult, Job, JobStore
 from perito_core.jobs.watchdog import Watchdog
 from perito_core.storage import S3Options
 from tests.helpers import redis_server

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from perito import ItemState
 from perito_core.errors import (
     ArtifactIntegrityError,
     InvalidArgument,
@@ -39,7 +40,7 @@ from perito_core.errors import (
 )
 from perito_core.imaging import load_model_input_with_info
 from perito_core.jobs.sources import SourceReader
-from perito_core.jobs.store import ItemInput, ItemResult, ItemState, Job, JobStore
+from perito_core.jobs.store import ItemInput, ItemResult, Job, JobStore
 from perito_core.models.forms import load_model, requested_precision
 from perito_core.models.runtime import LoadedModel
 from perito_core.models.summary import summarize

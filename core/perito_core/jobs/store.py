@@ -33,7 +33,6 @@ Times in the Lua scripts come from Redis's own clock (`TIME`), so hosts need not
 
 from __future__ import annotations
 
-import enum
 import functools
 import json
 import time
@@ -44,31 +43,13 @@ from typing import Any, TypeVar
 
 import redis
 
+# The API's job and item states: the SDK's own, so that the two can never drift.
+from perito import ItemState, JobState
 from perito_core.errors import InvalidArgument, NotFound, StorageUnavailable
 
 PREFIX = "perito"
 # Jobs per state, moved by the same scripts that move each job.
 STATE_COUNTS_KEY = f"{PREFIX}:job-states"
-
-
-class JobState(enum.StrEnum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    PARTIALLY_SUCCEEDED = "partially_succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-    @property
-    def terminal(self) -> bool:
-        return self not in (JobState.QUEUED, JobState.RUNNING)
-
-
-class ItemState(enum.StrEnum):
-    PENDING = "pending"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
 
 
 @dataclass(frozen=True)

@@ -13,12 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-
-@dataclass(frozen=True)
-class Prediction:
-    label: str
-    class_index: int
-    probability: float
+# One class and its probability: the SDK's own type, so the two can never drift.
+from perito import Prediction
 
 
 @dataclass(frozen=True)
