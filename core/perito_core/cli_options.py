@@ -12,7 +12,12 @@ from typing import Any, TypeVar
 
 import click
 
-from perito_core.models.manifest import MAX_ACCURACY_DROP, MIN_AGREEMENT, PRECISIONS
+from perito_core.models.manifest import (
+    FORM_PRECISIONS,
+    MAX_ACCURACY_DROP,
+    MIN_AGREEMENT,
+    PRECISIONS,
+)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -34,12 +39,24 @@ alias_option = click.option(
 )
 
 
+def _parse_forms(
+    _context: click.Context, _parameter: click.Parameter, value: str
+) -> tuple[str, ...]:
+    """`fp32, int8` -> ("fp32", "int8"); click.BadParameter naming an unknown precision."""
+    chosen = tuple(p.strip() for p in value.split(",") if p.strip())
+    unknown = [p for p in chosen if p not in FORM_PRECISIONS]
+    if unknown:
+        raise click.BadParameter(f"{', '.join(unknown)}: forms are {', '.join(FORM_PRECISIONS)}")
+    return chosen
+
+
 def forms_option(calibrated_on: str) -> Callable[[F], F]:
     """`--forms`: the compiled forms to build beside the reference (`compile.build_forms`),
-    INT8 calibrated on `calibrated_on`."""
+    INT8 calibrated on `calibrated_on`; the command receives them as a tuple of precisions."""
     return click.option(
         "--forms",
         default="",
+        callback=_parse_forms,
         help="Compiled forms to build beside the reference, e.g. fp32,int8,bf16, each for "
         f"OpenVINO and ONNX Runtime (INT8 calibrated on {calibrated_on}); each is gated "
         "against the reference on held-out images.",

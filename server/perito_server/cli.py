@@ -184,7 +184,7 @@ def import_model(
     description: str,
     confidence_threshold: float | None,
     aliases: tuple[str, ...],
-    forms: str,
+    forms: tuple[str, ...],
     calibration: Path | None,
     min_agreement: float,
     registry: str | None,
@@ -212,10 +212,7 @@ def import_model(
             "imported, by ONNX Runtime",
             param_hint="--forms",
         )
-    precisions = tuple(p.strip() for p in forms.split(",") if p.strip())
-    if any(p not in ("fp32", "int8", "bf16") for p in precisions):
-        raise click.BadParameter("forms are fp32, int8 and bf16", param_hint="--forms")
-    if precisions and calibration is None:
+    if forms and calibration is None:
         raise click.BadParameter(
             "compiled forms need a folder of images", param_hint="--calibration"
         )
@@ -236,7 +233,7 @@ def import_model(
             check_onnx_loads(model_file, name, labels, contract, tensor)
         else:
             _check_loads(model_file, name, labels, contract)
-        built = _build_forms(model_file, contract, precisions, calibration, min_agreement)
+        built = _build_forms(model_file, contract, forms, calibration, min_agreement)
         manifest = target.publish(
             name,
             model_file,

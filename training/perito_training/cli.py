@@ -222,7 +222,7 @@ def publish(
     registry: str | None,
     aliases: tuple[str, ...],
     as_json: bool,
-    forms: str,
+    forms: tuple[str, ...],
     min_agreement: float,
     max_accuracy_drop: float,
 ) -> None:
@@ -233,20 +233,8 @@ def publish(
       perito publish runs/car-damage --registry s3://models --alias staging
       perito publish runs/car-damage --forms fp32,int8,bf16
     """
-    gate = (_parse_forms(forms), min_agreement, max_accuracy_drop)
+    gate = (forms, min_agreement, max_accuracy_drop)
     _publish(run_dir, name, registry, aliases, description, as_json, gate)
-
-
-def _parse_forms(forms: str) -> tuple[str, ...]:
-    from perito_core.models.compile import FORM_PRECISIONS
-
-    chosen = tuple(p.strip() for p in forms.split(",") if p.strip())
-    unknown = [p for p in chosen if p not in FORM_PRECISIONS]
-    if unknown:
-        raise click.BadParameter(
-            f"{', '.join(unknown)}: forms are {', '.join(FORM_PRECISIONS)}", param_hint="--forms"
-        )
-    return chosen
 
 
 def _publish(

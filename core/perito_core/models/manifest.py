@@ -153,6 +153,8 @@ class TensorContract(BaseModel):
 
 
 Precision = Literal["fp32", "bf16", "int8"]
+# The precisions a compiled form can have (`--forms`, `compile.build_forms`).
+FORM_PRECISIONS: tuple[str, ...] = get_args(Precision)
 # What serves (`PERITO_PRECISION`, a request's `precision`): `auto` is the fastest verified
 # form, `torchscript` is model.pt itself.
 PrecisionChoice = Literal["auto", "fp32", "bf16", "int8", "torchscript"]
