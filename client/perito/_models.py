@@ -132,6 +132,7 @@ class ModelVersion:
     created: datetime | None
     description: str
     loaded: bool
+    # The model card as manifest.json holds it (JSON: a whole number is an int).
     card: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -141,8 +142,21 @@ class ModelVersion:
             aliases=list(message.aliases),
             labels=list(message.labels),
             created=_time(message, "create_time"),
-            card=json_format.MessageToDict(message.card) if message.HasField("card") else {},
+            card=_json_numbers(json_format.MessageToDict(message.card)),
         )
+
+
+def _json_numbers(value: Any) -> Any:
+    """A `google.protobuf.Struct` read back as the JSON it was made from: Struct holds every
+    number as a double (`struct.proto`), so whole numbers (epochs, image counts, a confusion
+    matrix's cells) come back as ints, as JSON writes them; other values are as they are."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {key: _json_numbers(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_json_numbers(item) for item in value]
+    return value
 
 
 @dataclass(frozen=True)

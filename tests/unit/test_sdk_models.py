@@ -93,7 +93,8 @@ def test_a_model_and_its_versions_from_their_messages() -> None:
     }
     version = models_pb2.ModelVersion(**same)
     version.create_time.FromSeconds(60)
-    version.card.update({"accuracy": 0.9})
+    card = {"accuracy": 0.9, "epochs": 26, "confusion_matrix": [[5, 0], [1, 4]], "ece": 0.0}
+    version.card.update(card)
     model = perito.Model._from_proto(
         models_pb2.Model(
             name="m",
@@ -104,6 +105,8 @@ def test_a_model_and_its_versions_from_their_messages() -> None:
     )
     assert (model.name, model.latest_version, model.aliases) == ("m", "2", {"production": "2"})
     assert model.versions[0] == perito.ModelVersion(
-        created=datetime(1970, 1, 1, 0, 1), card={"accuracy": 0.9}, **same
+        created=datetime(1970, 1, 1, 0, 1), card=card, **same
     )
+    # Struct holds numbers as doubles; the card's whole numbers come back as ints.
+    assert type(model.versions[0].card["confusion_matrix"][1][0]) is int
     assert model.versions[1].created is None and model.versions[1].card == {}
