@@ -142,20 +142,21 @@ class ModelVersion:
             aliases=list(message.aliases),
             labels=list(message.labels),
             created=_time(message, "create_time"),
-            card=_json_numbers(json_format.MessageToDict(message.card)),
+            card=json_numbers(json_format.MessageToDict(message.card)),
         )
 
 
-def _json_numbers(value: Any) -> Any:
+def json_numbers(value: Any) -> Any:
     """A `google.protobuf.Struct` read back as the JSON it was made from: Struct holds every
     number as a double (`struct.proto`), so whole numbers (epochs, image counts, a confusion
-    matrix's cells) come back as ints, as JSON writes them; other values are as they are."""
+    matrix's cells) come back as ints, as JSON writes them; other values are as they are.
+    The server's JSON API reads model cards back through it too."""
     if isinstance(value, float) and value.is_integer():
         return int(value)
     if isinstance(value, dict):
-        return {key: _json_numbers(item) for key, item in value.items()}
+        return {key: json_numbers(item) for key, item in value.items()}
     if isinstance(value, list):
-        return [_json_numbers(item) for item in value]
+        return [json_numbers(item) for item in value]
     return value
 
 

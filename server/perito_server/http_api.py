@@ -57,6 +57,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from perito._models import json_numbers
 from perito.v1 import classify_pb2, image_pb2, jobs_pb2, models_pb2
 from perito_core.access.tenancy import Tenant
 from perito_core.errors import ErrorCode, InvalidArgument, PeritoError
@@ -424,7 +425,10 @@ class HttpApi:
 
     async def _get_model(self, request: Request, tenant: Tenant) -> Response:
         model, _ = self._model_ref(request)
-        return JSONResponse(_json(await self.servicer.get_model(model)))
+        answer = _json(await self.servicer.get_model(model))
+        for version in answer["versions"]:  # Struct's doubles back to the card's whole numbers
+            version["card"] = json_numbers(version.get("card", {}))
+        return JSONResponse(answer)
 
     async def _submit_job(self, request: Request, tenant: Tenant) -> Response:
         document = await self._json_body(request)
