@@ -387,14 +387,12 @@ def publish_run(
         input=contract,
         description=card.description if description is None else description,
         confidence_threshold=card.confidence_threshold,
-        metrics=card.metrics.model_dump(mode="json"),
-        calibration=card.calibration.model_dump(mode="json"),
-        training=card.training.model_dump(mode="json"),
-        source={
-            **card.source.model_dump(mode="json"),
-            "run": run_dir.name,
-            **({"published_by": published_by} if published_by else {}),
-        },
+        metrics=card.metrics,
+        calibration=card.calibration,
+        training=card.training,
+        source=card.source.model_copy(
+            update={"run": run_dir.name, **({"published_by": published_by} if published_by else {})}
+        ),
         aliases=aliases,
         forms=built.forms,
         skipped_forms=built.skipped,

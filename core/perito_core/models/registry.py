@@ -37,6 +37,7 @@ from perito_core.errors import (
     ModelLoadError,
     NotFound,
 )
+from perito_core.models.card import Calibration, Metrics, Source, TrainingRecord
 from perito_core.models.manifest import (
     ARTIFACT_FILES,
     Artifact,
@@ -276,10 +277,10 @@ class ModelRegistry:
         input: InputContract,
         description: str = "",
         confidence_threshold: float | None = None,
-        metrics: dict[str, Any] | None = None,
-        calibration: dict[str, Any] | None = None,
-        training: dict[str, Any] | None = None,
-        source: dict[str, Any] | None = None,
+        metrics: Metrics | dict[str, Any] | None = None,
+        calibration: Calibration | dict[str, Any] | None = None,
+        training: TrainingRecord | dict[str, Any] | None = None,
+        source: Source | dict[str, Any] | None = None,
         aliases: tuple[str, ...] = (),
         forms: Sequence[tuple[CompiledForm, Path]] = (),
         skipped_forms: dict[str, str] | None = None,
@@ -292,8 +293,9 @@ class ModelRegistry:
         whose file is missing. An existing version is never overwritten. `forms` are compiled
         forms that passed the accuracy gate, each with the folder holding its files
         (`perito_core.models.compile.build_forms`); `skipped_forms` says why others were not built.
-        `artifact_format="onnx"` stores the file as `model.onnx` with its `tensor` contract
-        (required then, refused otherwise).
+        The card's parts (`metrics`, `calibration`, `training`, `source`) are its typed parts
+        (`perito_core.models.card`) or their JSON as dicts. `artifact_format="onnx"` stores
+        the file as `model.onnx` with its `tensor` contract (required then, refused otherwise).
 
         Raises:
             InvalidArgument: an invalid model name or alias.
