@@ -790,8 +790,3 @@ def _openvino_probabilities(compiled: object, images: np.ndarray) -> np.ndarray:
         result = request.infer([_nchw(images[start : start + 32])])
         outputs.append(np.array(result[0], dtype=np.float32, copy=True))
     return np.concatenate(outputs)
-
-
-def has_bf16() -> bool:
-    """Whether this CPU reports a BF16 dot-product instruction set."""
-    return bool(cpu_flags() & set(BF16_FLAGS))
