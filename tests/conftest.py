@@ -161,3 +161,10 @@ def tiny_registry_with_fp32_form(root: Path, tiny_model_file: Path) -> Path:
     )
     assert [form.name for form, _ in built.forms] == ["openvino-fp32"], built.skipped
     return tiny_registry(root, tiny_model_file, forms=built.forms, skipped_forms=built.skipped)
+
+
+@pytest.fixture(scope="session")
+def fp32_form_registry(tmp_path_factory: pytest.TempPathFactory, tiny_model_file: Path) -> Path:
+    """`tiny_registry_with_fp32_form`, built once for the session: for tests that only read it
+    (the forms are slow to build and gate)."""
+    return tiny_registry_with_fp32_form(tmp_path_factory.mktemp("registry"), tiny_model_file)

@@ -21,18 +21,12 @@ from perito_core.jobs.store import ItemInput, Job
 from perito_core.models.forms import load_model
 from perito_core.models.registry import ModelRegistry
 from perito_server.settings import ServerSettings
-from tests.conftest import tiny_registry_with_fp32_form
 from tests.helpers import ServerThread
 
 pytest.importorskip("openvino", reason="OpenVINO (optional engine, perito[serve]) not installed")
 pytest.importorskip("nncf", reason="NNCF (INT8 quantization) not installed")
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def registry_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_file: Path) -> Path:
-    return tiny_registry_with_fp32_form(tmp_path_factory.mktemp("registry"), tiny_model_file)
 
 
 def _jpeg() -> bytes:
@@ -43,10 +37,10 @@ def _jpeg() -> bytes:
 
 @pytest.fixture(params=["fp32", "auto", "torchscript", "int8"])
 def served(
-    request: pytest.FixtureRequest, registry_dir: Path, tmp_path: Path
+    request: pytest.FixtureRequest, fp32_form_registry: Path, tmp_path: Path
 ) -> Iterator[tuple[str, ServerThread]]:
     settings = ServerSettings(
-        port=0, registry=str(registry_dir), cache_dir=tmp_path, precision=request.param
+        port=0, registry=str(fp32_form_registry), cache_dir=tmp_path, precision=request.param
     )
     with ServerThread(settings) as running:
         yield request.param, running
@@ -65,10 +59,10 @@ def test_every_classify_result_names_the_form_that_answered(
     assert [form["name"] for form in forms] == ["openvino-fp32"]
 
 
-def test_a_job_item_names_the_form_that_answered(registry_dir: Path, tmp_path: Path) -> None:
+def test_a_job_item_names_the_form_that_answered(fp32_form_registry: Path, tmp_path: Path) -> None:
     from perito_worker.processing import _classify, _Prepared
 
-    registry = ModelRegistry.open(str(registry_dir), cache_dir=tmp_path)
+    registry = ModelRegistry.open(str(fp32_form_registry), cache_dir=tmp_path)
     model = load_model(registry, "tiny", "1", precision="fp32")
     job = Job(id="j", state=JobState.RUNNING, model="tiny", model_version="1", total=1)
     pixels = np.zeros((32, 32, 3), dtype=np.uint8)

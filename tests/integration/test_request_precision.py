@@ -21,17 +21,11 @@ import perito
 from perito.v1 import classify_pb2, image_pb2, service_pb2_grpc
 from perito_server._oip import grpc_service_pb2 as oip_pb2
 from perito_server.settings import ServerSettings
-from tests.conftest import tiny_registry_with_fp32_form
 from tests.helpers import ServerThread, Stores, WorkerProcess
 
 pytest.importorskip("openvino", reason="OpenVINO (optional engine, perito[serve]) not installed")
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def registry_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_file: Path) -> Path:
-    return tiny_registry_with_fp32_form(tmp_path_factory.mktemp("registry"), tiny_model_file)
 
 
 def _server(registry_dir: Path, tmp_path: Path, precision: str) -> ServerThread:
@@ -55,8 +49,8 @@ def _classify(target: str, precision: str) -> classify_pb2.ClassifyResponse:
 
 
 @pytest.fixture
-def auto(registry_dir: Path, tmp_path: Path) -> Iterator[ServerThread]:
-    with _server(registry_dir, tmp_path, "auto") as server:
+def auto(fp32_form_registry: Path, tmp_path: Path) -> Iterator[ServerThread]:
+    with _server(fp32_form_registry, tmp_path, "auto") as server:
         yield server
 
 
@@ -103,8 +97,10 @@ def test_oip_takes_the_precision_parameter(auto: ServerThread) -> None:
     assert "torchscript-fp32" in forms
 
 
-def test_a_less_exact_form_than_the_servers_is_refused(registry_dir: Path, tmp_path: Path) -> None:
-    with _server(registry_dir, tmp_path, "fp32") as server:
+def test_a_less_exact_form_than_the_servers_is_refused(
+    fp32_form_registry: Path, tmp_path: Path
+) -> None:
+    with _server(fp32_form_registry, tmp_path, "fp32") as server:
         assert _classify(server.target, "torchscript").results[0].form == "torchscript-fp32"
         for precision in ("int8", "auto", "fp64"):
             with pytest.raises(grpc.RpcError) as refused:
@@ -114,9 +110,9 @@ def test_a_less_exact_form_than_the_servers_is_refused(registry_dir: Path, tmp_p
 
 
 def test_a_job_may_ask_for_a_more_exact_form(
-    registry_dir: Path, tmp_path: Path, redis_url: str
+    fp32_form_registry: Path, tmp_path: Path, redis_url: str
 ) -> None:
-    stores = Stores(tmp_path, redis_url, registry=str(registry_dir))
+    stores = Stores(tmp_path, redis_url, registry=str(fp32_form_registry))
     photos = tmp_path / "photos"
     photos.mkdir()
     for index in range(3):
