@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from perito_core.models.compile import build_forms
 from perito_core.models.forms import load_model
 from perito_core.models.registry import ModelRegistry
 from tests.conftest import build_tiny_forms, publish_tiny
@@ -28,12 +27,9 @@ def _images(count: int, seed: int) -> np.ndarray:
 
 @pytest.fixture
 def registry(tiny_model_file: Path, tmp_path: Path) -> ModelRegistry:
-    built = build_forms(
+    built = build_tiny_forms(
         tiny_model_file,
-        TINY_INPUT,
         tmp_path / "forms",
-        calibration=_images(32, 1),
-        holdout=_images(24, 2),
         precisions=("fp32", "int8"),
         engines=("onnxruntime",),
         min_agreement=0.0,  # random images and weights: the gate itself is tested elsewhere
