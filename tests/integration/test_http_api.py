@@ -15,9 +15,8 @@ import httpx
 import pytest
 
 import perito
-from perito_core.models.registry import ModelRegistry
 from scripts.processes import Proc
-from tests.conftest import publish_tiny
+from tests.conftest import tiny_registry
 from tests.helpers import VENV_BIN, perito_serve_with_http
 
 pytestmark = pytest.mark.integration
@@ -39,8 +38,7 @@ def served(
     tmp_path_factory: pytest.TempPathFactory, tiny_model_file: Path, redis_url: str
 ) -> Iterator[Served]:
     work = tmp_path_factory.mktemp("http")
-    registry = ModelRegistry.open(str(work / "registry"), cache_dir=work / ".publish-cache")
-    publish_tiny(registry, tiny_model_file, aliases=("production",))
+    tiny_registry(work / "registry", tiny_model_file, aliases=("production",))
     (work / "results").mkdir()
     with perito_serve_with_http(
         work,

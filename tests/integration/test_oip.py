@@ -22,9 +22,8 @@ from tritonclient.utils import InferenceServerException
 import perito
 from perito_core.access.tenancy import Quotas, add_tenant
 from perito_core.imaging import load_model_input
-from perito_core.models.registry import ModelRegistry
 from scripts.processes import Proc, free_port
-from tests.conftest import publish_tiny
+from tests.conftest import tiny_registry
 from tests.helpers import TINY_INPUT, perito_serve_with_http
 
 pytestmark = pytest.mark.integration
@@ -52,8 +51,7 @@ class Served:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory, tiny_model_file: Path) -> Iterator[Served]:
     work = tmp_path_factory.mktemp("oip")
-    registry = ModelRegistry.open(str(work / "registry"), cache_dir=work / ".publish-cache")
-    publish_tiny(registry, tiny_model_file, aliases=("production",))
+    tiny_registry(work / "registry", tiny_model_file, aliases=("production",))
     metrics_port = free_port()
     with perito_serve_with_http(
         work,
@@ -267,8 +265,7 @@ def tenants_served(
     """A server with a tenants file: `reader` (models:read only), `other` (classify, but only
     the model `other-model`), `metered` (classify, 4 images a minute)."""
     work = tmp_path_factory.mktemp("oip-tenants")
-    registry = ModelRegistry.open(str(work / "registry"), cache_dir=work / ".publish-cache")
-    publish_tiny(registry, tiny_model_file)
+    tiny_registry(work / "registry", tiny_model_file)
     tenants = work / "tenants.yaml"
     tokens = {
         "reader": add_tenant(tenants, "reader", roles=["models:read"]),
