@@ -154,7 +154,6 @@ def build_forms(
         built.skipped = {f"{e}-{p}": reason for e in engines for p in precisions}
         return built
     reference_module = _load_torchscript(model_path)
-    reference = _torch_probabilities(reference_module, holdout)
     host = f"{platform.machine()} ({isa_summary()})"
     images = calibration[:MAX_CALIBRATION_IMAGES]
     candidates: list[_Candidate] = []
@@ -168,6 +167,10 @@ def build_forms(
         )
     if "onnxruntime" in engines:
         _onnxruntime_candidates(build)
+    if not candidates:  # nothing built to compare with model.pt: no reference pass
+        build.remove_unkept()
+        return built
+    reference = _torch_probabilities(reference_module, holdout)
     for candidate in candidates:
         name = candidate.name
         probabilities = candidate.predict(holdout)
@@ -233,10 +236,7 @@ def build_forms(
             built.forms.append((form, candidate.folder))
             continue
         log.warning("%s refused: %s", name, built.skipped[name])
-    kept = {folder for _, folder in built.forms}
-    for folder in build.made:  # what the gate refused, what failed, and FP32 made for INT8
-        if folder not in kept and folder.is_dir():
-            shutil.rmtree(folder)
+    build.remove_unkept()
     return built
 
 
@@ -267,8 +267,8 @@ class _Build:
     """What each engine builds its forms from, and where they go: the TorchScript reference,
     its contract, the output folder, the precisions asked for, the calibration images; the
     built candidates into `candidates`, the reasons for any not built into `built.skipped`,
-    and every folder made (`folder`) into `made`, for `build_forms` to remove what it keeps
-    no form from."""
+    and every folder made (`folder`) into `made`, for `remove_unkept` to remove those no
+    kept form is in."""
 
     module: torch.jit.ScriptModule
     contract: InputContract
@@ -285,6 +285,14 @@ class _Build:
         folder.mkdir(parents=True, exist_ok=True)
         self.made.append(folder)
         return folder
+
+    def remove_unkept(self) -> None:
+        """Remove each folder made that no form in `built.forms` keeps: what the gate refused,
+        what failed, and FP32 made only to quantize INT8."""
+        kept = {folder for _, folder in self.built.forms}
+        for folder in self.made:
+            if folder not in kept and folder.is_dir():
+                shutil.rmtree(folder)
 
 
 def _openvino_candidates(
