@@ -53,6 +53,8 @@ log = logging.getLogger(__name__)
 
 # At most this many calibration images go to NNCF (its own default subset is 300).
 MAX_CALIBRATION_IMAGES = 300
+# The forms and model.pt run the held-out and calibration images this many at a time.
+BATCH_SIZE = 32
 BF16_FLAGS = ["avx512_bf16", "amx_bf16"]
 FORM_PRECISIONS = ("fp32", "int8", "bf16")
 # The engines a form can be built for; `auto` serves whichever verified form runs fastest here.
@@ -770,31 +772,32 @@ def _onnxruntime_session(path: Path) -> Any:
     )
 
 
-def _onnxruntime_probabilities(session: Any, images: np.ndarray) -> np.ndarray:
-    outputs = []
-    for start in range(0, len(images), 32):
-        result = session.run(None, {"images": _nchw(images[start : start + 32])})
-        outputs.append(np.asarray(result[0], dtype=np.float32))
-    return np.concatenate(outputs)
-
-
 def _nchw(images: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(images.transpose(0, 3, 1, 2))
 
 
+def _in_batches(images: np.ndarray, run: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """`run`'s probabilities for uint8 `images` (N, H, W, 3), handed to it as uint8 NCHW
+    batches of `BATCH_SIZE`, concatenated."""
+    batches = (_nchw(images[i : i + BATCH_SIZE]) for i in range(0, len(images), BATCH_SIZE))
+    return np.concatenate([run(batch) for batch in batches])
+
+
+def _onnxruntime_probabilities(session: Any, images: np.ndarray) -> np.ndarray:
+    return _in_batches(
+        images,
+        lambda batch: np.asarray(session.run(None, {"images": batch})[0], dtype=np.float32),
+    )
+
+
 def _torch_probabilities(module: torch.jit.ScriptModule, images: np.ndarray) -> np.ndarray:
-    outputs = []
     with torch.inference_mode():
-        for start in range(0, len(images), 32):
-            batch = torch.from_numpy(_nchw(images[start : start + 32]))
-            outputs.append(module(batch).float().numpy())
-    return np.concatenate(outputs)
+        return _in_batches(images, lambda batch: module(torch.from_numpy(batch)).float().numpy())
 
 
 def _openvino_probabilities(compiled: object, images: np.ndarray) -> np.ndarray:
     request = compiled.create_infer_request()  # type: ignore[attr-defined]
-    outputs = []
-    for start in range(0, len(images), 32):
-        result = request.infer([_nchw(images[start : start + 32])])
-        outputs.append(np.array(result[0], dtype=np.float32, copy=True))
-    return np.concatenate(outputs)
+    # Copied: the request's output tensor is overwritten by its next batch.
+    return _in_batches(
+        images, lambda batch: np.array(request.infer([batch])[0], dtype=np.float32, copy=True)
+    )
