@@ -125,6 +125,15 @@ def session_options(threads: int | None = None) -> Any:
     return options
 
 
+def inference_session(path: Path, threads: int | None = None) -> Any:
+    """An ONNX Runtime session on the CPU for the graph at `path`, with `session_options`."""
+    import onnxruntime
+
+    return onnxruntime.InferenceSession(
+        str(path), sess_options=session_options(threads), providers=["CPUExecutionProvider"]
+    )
+
+
 def _dims(shape: Sequence[Any]) -> str:
     return "[" + ", ".join(str(d) if isinstance(d, int) else str(d or "?") for d in shape) + "]"
 
@@ -255,12 +264,8 @@ class OnnxModel(LoadedModel):
             raise ModelLoadError(f"{manifest.name}@{manifest.version}: no tensor contract")
         if onnxruntime_version() is None:
             raise ModelLoadError("ONNX Runtime is not installed (pip install 'perito[serve]')")
-        import onnxruntime
-
         try:
-            session = onnxruntime.InferenceSession(
-                str(path), sess_options=session_options(threads), providers=["CPUExecutionProvider"]
-            )
+            session = inference_session(path, threads)
         except Exception as exc:  # noqa: BLE001 - any failure here is a bad artifact
             first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else repr(exc)
             if "external data" in first.lower():
