@@ -20,7 +20,6 @@ from perito import ItemState, JobState
 from perito_core.jobs.store import ItemInput, Job
 from perito_core.models.forms import load_model
 from perito_core.models.registry import ModelRegistry
-from perito_server.settings import ServerSettings
 from tests.helpers import ServerThread
 
 pytest.importorskip("openvino", reason="OpenVINO (optional engine, perito[serve]) not installed")
@@ -39,10 +38,7 @@ def _jpeg() -> bytes:
 def served(
     request: pytest.FixtureRequest, fp32_form_registry: Path, tmp_path: Path
 ) -> Iterator[tuple[str, ServerThread]]:
-    settings = ServerSettings(
-        port=0, registry=str(fp32_form_registry), cache_dir=tmp_path, precision=request.param
-    )
-    with ServerThread(settings) as running:
+    with ServerThread.serving(fp32_form_registry, tmp_path, precision=request.param) as running:
         yield request.param, running
 
 

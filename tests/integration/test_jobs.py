@@ -21,7 +21,6 @@ from perito_core.imaging import load_model_input
 from perito_core.jobs.store import ItemInput, JobStore
 from perito_core.models.registry import ModelRegistry
 from perito_core.models.runtime import LoadedModel
-from perito_server.settings import ServerSettings
 from perito_training.datasets import load_fashion_mnist
 from tests.helpers import (
     FASHION_MNIST_INPUT,
@@ -522,14 +521,13 @@ def test_with_redis_down_jobs_are_unavailable_and_classify_still_works(
     from tests.conftest import tiny_registry
     from tests.helpers import free_port
 
-    settings = ServerSettings(
-        port=0,
-        registry=str(tiny_registry(tmp_path / "registry", tiny_model_file)),
-        cache_dir=tmp_path / "cache",
+    server = ServerThread.serving(
+        tiny_registry(tmp_path / "registry", tiny_model_file),
+        tmp_path / "cache",
         redis_url=f"redis://127.0.0.1:{free_port()}/0",
         local_roots=[tmp_path],
     )
-    with ServerThread(settings) as server, perito.Client(server.target, max_retries=0) as client:
+    with server, perito.Client(server.target, max_retries=0) as client:
         assert client.classify([photos["coffee"]], model="tiny")[0].label in {
             "minor",
             "moderate",

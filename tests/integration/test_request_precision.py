@@ -20,7 +20,6 @@ from PIL import Image
 import perito
 from perito.v1 import classify_pb2, image_pb2, service_pb2_grpc
 from perito_server._oip import grpc_service_pb2 as oip_pb2
-from perito_server.settings import ServerSettings
 from tests.helpers import ServerThread, Stores, WorkerProcess
 
 pytest.importorskip("openvino", reason="OpenVINO (optional engine, perito[serve]) not installed")
@@ -29,9 +28,7 @@ pytestmark = pytest.mark.integration
 
 
 def _server(registry_dir: Path, tmp_path: Path, precision: str) -> ServerThread:
-    return ServerThread(
-        ServerSettings(port=0, registry=str(registry_dir), cache_dir=tmp_path, precision=precision)
-    )
+    return ServerThread.serving(registry_dir, tmp_path, precision=precision)
 
 
 def _jpeg() -> bytes:

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 import perito
-from perito_server.settings import ServerSettings
 from tests.conftest import tiny_registry
 from tests.helpers import ServerThread
 
@@ -27,11 +26,11 @@ def test_classify_calls_are_traced(tmp_path: Path, tiny_model_file: Path) -> Non
     trace.set_tracer_provider(provider)  # what setup_tracing does, with OTLP instead
 
     registry = tiny_registry(tmp_path / "registry", tiny_model_file, name="car-damage")
-    settings = ServerSettings(
-        port=0, registry=str(registry), cache_dir=tmp_path / "cache", tracing=True
-    )
     image = np.zeros((16, 16, 3), dtype=np.uint8)
-    with ServerThread(settings) as server, perito.Client(server.target) as client:
+    with (
+        ServerThread.serving(registry, tmp_path / "cache", tracing=True) as server,
+        perito.Client(server.target) as client,
+    ):
         client.classify([image, image], model="car-damage")
     spans = {span.name: span for span in exporter.get_finished_spans()}
     call = spans["/perito.v1.Perito/Classify"]
