@@ -19,6 +19,7 @@ converter takes, so the form wraps the artifact's own `network`, `scale`, `shift
 
 from __future__ import annotations
 
+import functools
 import logging
 import platform
 import shutil
@@ -245,13 +246,16 @@ def build_forms(
 @dataclass
 class _Candidate:
     """A compiled form built and waiting for the gate: its files in `folder`, and how to run
-    it (`predict`: uint8 (N, H, W, 3) images -> float32 (N, classes) probabilities)."""
+    it (`predict`): `load` opens it (OpenVINO's compiled model, an ONNX Runtime session), on
+    first use and once; `run` runs what it opened on uint8 (N, H, W, 3) images, giving
+    float32 (N, classes) probabilities."""
 
     engine: str
     engine_version: str
     precision: str
     folder: Path
-    predict: Callable[[np.ndarray], np.ndarray]
+    load: Callable[[], Any]
+    run: Callable[[Any, np.ndarray], np.ndarray]
     requires: list[str] = field(default_factory=list)
     calibrated: int = 0
     quantization: str = ""
@@ -262,6 +266,14 @@ class _Candidate:
     @property
     def name(self) -> str:
         return f"{self.engine}-{self.precision}"
+
+    @functools.cached_property
+    def _loaded(self) -> Any:
+        return self.load()
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        """Probabilities for uint8 `images` (N, H, W, 3): float32 (N, classes)."""
+        return self.run(self._loaded, images)
 
 
 @dataclass(frozen=True)
@@ -327,18 +339,16 @@ def _openvino_candidates(
     openvino.save_model(ov_model, str(fp32_dir / "model.xml"), compress_to_fp16=False)
 
     def candidate(precision: str, folder: Path, hint: str, **more: Any) -> _Candidate:
-        compiled: list[object] = []
+        def compile_form() -> object:  # by the candidate, on first use
+            config = {
+                "INFERENCE_PRECISION_HINT": hint,
+                "INFERENCE_NUM_THREADS": torch.get_num_threads(),
+            }
+            return core.compile_model(str(folder / "model.xml"), "CPU", config)
 
-        def predict(batch: np.ndarray) -> np.ndarray:
-            if not compiled:  # compiled on first use, once
-                config = {
-                    "INFERENCE_PRECISION_HINT": hint,
-                    "INFERENCE_NUM_THREADS": torch.get_num_threads(),
-                }
-                compiled.append(core.compile_model(str(folder / "model.xml"), "CPU", config))
-            return _openvino_probabilities(compiled[0], batch)
-
-        return _Candidate("openvino", version, precision, folder, predict, **more)
+        return _Candidate(
+            "openvino", version, precision, folder, compile_form, _openvino_probabilities, **more
+        )
 
     if "fp32" in build.precisions:
         build.candidates.append(candidate("fp32", fp32_dir, "f32"))
@@ -394,7 +404,7 @@ def _onnxruntime_candidates(build: _Build) -> None:
     static quantization (QDQ, per-channel weights, `_onnxruntime_int8`). BF16 is OpenVINO's
     only.
     """
-    from perito_core.models.onnx_model import ONNX_ENGINE, onnxruntime_version
+    from perito_core.models.onnx_model import ONNX_ENGINE, inference_session, onnxruntime_version
 
     wanted = [p for p in build.precisions if p in ("fp32", "int8")]
     if "bf16" in build.precisions:
@@ -418,14 +428,11 @@ def _onnxruntime_candidates(build: _Build) -> None:
         return
 
     def candidate(precision: str, folder: Path, **more: Any) -> _Candidate:
-        sessions: list[Any] = []
-
-        def predict(batch: np.ndarray) -> np.ndarray:
-            if not sessions:
-                sessions.append(_onnxruntime_session(folder / "model.onnx"))
-            return _onnxruntime_probabilities(sessions[0], batch)
-
-        return _Candidate(ONNX_ENGINE, version, precision, folder, predict, **more)
+        # The serving runtime's session (`OnnxModel.open`'s), opened on first use.
+        session = functools.partial(inference_session, folder / "model.onnx")
+        return _Candidate(
+            ONNX_ENGINE, version, precision, folder, session, _onnxruntime_probabilities, **more
+        )
 
     if "fp32" in wanted:
         build.candidates.append(candidate("fp32", fp32_dir))
@@ -758,18 +765,6 @@ def _onnxruntime_int8(source: Path, target: Path, images: np.ndarray) -> str:
     finally:
         prepared.unlink(missing_ok=True)
     return "post-training (QDQ, per-channel" + (", 7-bit weights)" if reduce_range else ")")
-
-
-def _onnxruntime_session(path: Path) -> Any:
-    """An ONNX Runtime session on `path` with the serving runtime's options
-    (`onnx_model.session_options`)."""
-    import onnxruntime
-
-    from perito_core.models.onnx_model import session_options
-
-    return onnxruntime.InferenceSession(
-        str(path), sess_options=session_options(), providers=["CPUExecutionProvider"]
-    )
 
 
 def _nchw(images: np.ndarray) -> np.ndarray:
