@@ -157,7 +157,9 @@ def test_models_list_and_card(http: httpx.Client) -> None:
     model = http.get("/v1/models/tiny", headers=AUTH).json()
     assert model["aliases"] == {"production": "1"}
     assert model["versions"][0]["labels"] == ["minor", "moderate", "severe"]
-    assert "card" in model["versions"][0]
+    card = model["versions"][0]["card"]
+    # The card's whole numbers are JSON integers, as in manifest.json (Struct holds doubles).
+    assert card["input"]["height"] == 32 and isinstance(card["input"]["height"], int)
 
 
 def _error(response: httpx.Response, status: int, code: str) -> dict[str, object]:
