@@ -64,7 +64,8 @@ ENGINES = ("openvino", "onnxruntime")
 
 @dataclass
 class BuiltForms:
-    """What `build_forms` made: the forms that passed (with their folders), and why not others."""
+    """What `build_forms` made: the forms that passed (with their folders; OpenVINO's BF16 and
+    FP32 share one), and why not others."""
 
     forms: list[tuple[CompiledForm, Path]] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
@@ -110,7 +111,9 @@ def build_forms(
     Args:
         model_path: the TorchScript artifact (the reference).
         contract: its input contract (the IR's input is uint8 N x 3 x height x width).
-        out_dir: each form's files go to `out_dir/{form name}/`.
+        out_dir: each form's files go to `out_dir/{form name}/`; BF16 has none of its own:
+            it is the FP32 IR (`openvino-fp32/`) with another precision hint, published under
+            its own name like any form (`ModelRegistry.publish`).
         calibration: uint8 images (N, H, W, 3) for INT8 calibration (validation images).
         holdout: uint8 images (N, H, W, 3) the forms are compared with model.pt on.
         holdout_targets: their class indices (N,), when known: accuracy and ECE are then gated
@@ -354,9 +357,8 @@ def _openvino_candidates(
         build.candidates.append(candidate("fp32", fp32_dir, "f32"))
     if "bf16" in build.precisions:
         if "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
-            bf16_dir = build.folder("openvino-bf16")
-            shutil.copytree(fp32_dir, bf16_dir, dirs_exist_ok=True)
-            build.candidates.append(candidate("bf16", bf16_dir, "bf16", requires=BF16_FLAGS))
+            # The FP32 IR's own files, compiled with another hint: no copy of them.
+            build.candidates.append(candidate("bf16", fp32_dir, "bf16", requires=BF16_FLAGS))
         else:
             build.built.skipped["openvino-bf16"] = (
                 f"this CPU cannot run BF16 ({isa_summary()}): built and verified only on one "
