@@ -57,10 +57,10 @@ def _triple(text: str, flag: str) -> tuple[float, float, float]:
 @dataclass(frozen=True)
 class _Flag:
     """One tensor-contract flag: as a user types it, its help, the values it may take (any
-    when empty), and how its text becomes the `TensorContract` field `field`."""
+    when empty), and how its text becomes the `TensorContract` field named by its key in
+    `CONTRACT_FLAGS`."""
 
     flag: str
-    field: str
     help: str
     parse: Callable[[str, str], Any]
     choices: tuple[str, ...] = ()
@@ -74,51 +74,45 @@ def _lower(text: str, flag: str) -> str:
     return text.lower()
 
 
-# The flags by parameter name, in the order `--help` lists them.
+# The flags by parameter name, which is the `TensorContract` field each gives, in the order
+# `--help` lists them.
 CONTRACT_FLAGS = {
     "layout": _Flag(
         "--layout",
-        "layout",
         "ONNX: the input tensor's layout (required for .onnx; Keras: NHWC).",
         _upper,
         ("NCHW", "NHWC"),
     ),
     "dtype": _Flag(
         "--dtype",
-        "dtype",
         "ONNX: the input tensor's type (default float32).",
         _lower,
         ("float32", "float16", "uint8"),
     ),
     "scale": _Flag(
         "--scale",
-        "scale",
         "ONNX: pixels (0-255) are multiplied by this first, e.g. 1/255 or 1 (required for .onnx).",
         _number,
     ),
     "mean": _Flag(
         "--mean",
-        "mean",
         "ONNX: subtracted after scaling, per channel in the model's channel order, "
         "e.g. 0.485,0.456,0.406 (default 0).",
         _triple,
     ),
     "std": _Flag(
         "--std",
-        "std",
         "ONNX: divided by after the mean, per channel, e.g. 0.229,0.224,0.225 (default 1).",
         _triple,
     ),
     "channel_order": _Flag(
         "--channel-order",
-        "channel_order",
         "ONNX: the channel order the graph takes (default RGB; Caffe-style: BGR).",
         _upper,
         ("RGB", "BGR"),
     ),
-    "output_kind": _Flag(
+    "output": _Flag(
         "--output",
-        "output",
         "ONNX: what the graph returns: probabilities (default); logits (softmaxed when "
         "served); or sigmoid, one unit for two labels, served as [1-p, p].",
         _lower,
@@ -162,7 +156,7 @@ def tensor_contract(model_file: Path, flags: dict[str, Any]) -> TensorContract |
     contract: dict[str, Any] = {}
     for name, text in given.items():
         flag = CONTRACT_FLAGS[name]
-        contract[flag.field] = flag.parse(text, flag.flag)
+        contract[name] = flag.parse(text, flag.flag)
     try:
         return TensorContract(**contract)
     except ValidationError as error:
@@ -170,8 +164,8 @@ def tensor_contract(model_file: Path, flags: dict[str, Any]) -> TensorContract |
         for problem in error.errors():
             field = str(problem["loc"][0]) if problem["loc"] else ""
             message = str(problem["msg"]).removeprefix("Value error, ")
-            named = next((f.flag for f in CONTRACT_FLAGS.values() if f.field == field), None)
-            problems.append(f"{named}: {message}" if named else message)
+            named = CONTRACT_FLAGS.get(field)
+            problems.append(f"{named.flag}: {message}" if named else message)
         raise click.UsageError("; ".join(problems)) from None
 
 
