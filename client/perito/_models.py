@@ -132,7 +132,7 @@ class ModelVersion:
     created: datetime | None
     description: str
     loaded: bool
-    # The model card as manifest.json holds it (JSON: a whole number is an int).
+    # The model card: manifest.json's fields, a whole number as an int (see json_numbers).
     card: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -147,10 +147,11 @@ class ModelVersion:
 
 
 def json_numbers(value: Any) -> Any:
-    """A `google.protobuf.Struct` read back as the JSON it was made from: Struct holds every
-    number as a double (`struct.proto`), so whole numbers (epochs, image counts, a confusion
-    matrix's cells) come back as ints, as JSON writes them; other values are as they are.
-    The server's JSON API reads model cards back through it too."""
+    """A `google.protobuf.Struct`'s values with every whole number as an int. Struct holds
+    each number as a double (`struct.proto`), so without this the card's counts (epochs, image
+    counts, a confusion matrix's cells) would read 26.0; the price is that a float field
+    holding a whole value (a mean of 0.0) reads 0, which compares equal. Other values are as
+    they are. The server's JSON API reads model cards back through it too."""
     if isinstance(value, float) and value.is_integer():
         return int(value)
     if isinstance(value, dict):

@@ -144,7 +144,7 @@ def test_import_records_the_contract_in_the_manifest(onnx_service: OnnxService) 
     shown = run_perito(
         "models", "show", "waste", "--server", onnx_service.server.target, env=onnx_service.env
     ).stdout
-    assert "onnx input: NHWC float32 RGB, (pixel x 0.00392157 - mean [0.0, 0.0, 0.0])" in shown
+    assert "onnx input: NHWC float32 RGB, (pixel x 0.00392157 - mean [0, 0, 0])" in shown
     assert "output: sigmoid" in shown
 
 
