@@ -42,6 +42,7 @@ from perito_core.models.calibration import rescale as calibration_rescale
 from perito_core.models.fixed_size import fixed_size
 from perito_core.models.forms import cpu_flags, isa_summary, openvino_version
 from perito_core.models.manifest import (
+    FORM_PRECISIONS,
     MAX_ACCURACY_DROP,
     MIN_AGREEMENT,
     CompiledForm,
@@ -57,7 +58,6 @@ MAX_CALIBRATION_IMAGES = 300
 # The forms and model.pt run the held-out and calibration images this many at a time.
 BATCH_SIZE = 32
 BF16_FLAGS = ["avx512_bf16", "amx_bf16"]
-FORM_PRECISIONS = ("fp32", "int8", "bf16")
 # The engines a form can be built for; `auto` serves whichever verified form runs fastest here.
 ENGINES = ("openvino", "onnxruntime")
 
