@@ -28,7 +28,6 @@ from perito_core.cli_options import (
 )
 from perito_core.errors import PeritoError
 from perito_core.models.manifest import InputContract
-from perito_core.models.registry import ModelRegistry
 from perito_server.onnx_import import check_onnx_loads, contract_options, is_onnx, tensor_contract
 from perito_server.settings import ServerSettings
 
@@ -39,10 +38,6 @@ if TYPE_CHECKING:
 def _settings(**flags: Any) -> ServerSettings:
     """Flags given on the command line win over `PERITO_*` environment variables."""
     return ServerSettings(**{k: v for k, v in flags.items() if v not in (None, ())})
-
-
-def _registry(registry: str | None) -> ModelRegistry:
-    return _settings(registry=registry).open_registry()
 
 
 def _publisher(settings: ServerSettings, model: str, what: str) -> Tenant:

@@ -52,7 +52,8 @@ class ServerMetrics:
         )
         self.images_rejected = Counter(
             "perito_images_rejected",
-            "Images refused before classification (invalid), by reason.",
+            "Images refused before classification, by reason (InvalidImage's: NOT_AN_IMAGE, "
+            "TRUNCATED, DECOMPRESSION_BOMB, ...).",
             ["reason"],
             registry=self.registry,
         )

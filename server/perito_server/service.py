@@ -231,6 +231,8 @@ class PeritoServicer(service_pb2_grpc.PeritoServicer):
             if isinstance(result, InvalidImage):
                 field, label = describe(index)
                 violations.append((field, f"{label}: {result}"))
+                if self.metrics is not None:
+                    self.metrics.images_rejected.labels(result.reason).inc()
             elif isinstance(result, BaseException):
                 raise result
         if violations:

@@ -69,6 +69,7 @@ def test_server_and_worker_metrics_and_json_logs(
     assert value(metrics, "perito_requests_total", method="Classify", code="INVALID_ARGUMENT") == 1
     assert value(metrics, "perito_requests_total", method="Classify", code="NOT_FOUND") == 1
     assert value(metrics, "perito_request_seconds_count", method="Classify") == 5
+    assert value(metrics, "perito_images_rejected_total", reason="NOT_AN_IMAGE") == 1
     # Per loaded form: a version served in two forms (a request asked for a more exact one)
     # has a series for each.
     served = {"model": "car-damage", "version": "1", "form": "torchscript-fp32"}

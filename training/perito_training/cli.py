@@ -29,13 +29,6 @@ if TYPE_CHECKING:
     from perito_core.models.manifest import InputContract, RunCard
 
 
-def _open_registry(uri: str | None) -> Any:
-    from perito_core.settings import CommonSettings
-
-    settings = CommonSettings() if uri is None else CommonSettings(registry=uri)
-    return settings.open_registry()
-
-
 def _fail(error: Exception) -> click.ClickException:
     return click.ClickException(str(error))
 
