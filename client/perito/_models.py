@@ -132,7 +132,7 @@ class ModelVersion:
     created: datetime | None
     description: str
     loaded: bool
-    # The model card: manifest.json's fields, a whole number as an int (see json_numbers).
+    # The model card: manifest.json's fields, a whole number as an int (see _json_numbers).
     card: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -142,22 +142,22 @@ class ModelVersion:
             aliases=list(message.aliases),
             labels=list(message.labels),
             created=_time(message, "create_time"),
-            card=json_numbers(json_format.MessageToDict(message.card)),
+            card=_json_numbers(json_format.MessageToDict(message.card)),
         )
 
 
-def json_numbers(value: Any) -> Any:
+def _json_numbers(value: Any) -> Any:
     """A `google.protobuf.Struct`'s values with every whole number as an int. Struct holds
     each number as a double (`struct.proto`), so without this the card's counts (epochs, image
     counts, a confusion matrix's cells) would read 26.0; the price is that a float field
     holding a whole value (a mean of 0.0) reads 0, which compares equal. Other values are as
-    they are. The server's JSON API reads model cards back through it too."""
+    they are."""
     if isinstance(value, float) and value.is_integer():
         return int(value)
     if isinstance(value, dict):
-        return {key: json_numbers(item) for key, item in value.items()}
+        return {key: _json_numbers(item) for key, item in value.items()}
     if isinstance(value, list):
-        return [json_numbers(item) for item in value]
+        return [_json_numbers(item) for item in value]
     return value
 
 

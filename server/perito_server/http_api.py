@@ -57,7 +57,6 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from perito._models import json_numbers
 from perito.v1 import classify_pb2, image_pb2, jobs_pb2, models_pb2
 from perito_core.access.tenancy import Tenant
 from perito_core.errors import ErrorCode, InvalidArgument, PeritoError
@@ -425,9 +424,10 @@ class HttpApi:
 
     async def _get_model(self, request: Request, tenant: Tenant) -> Response:
         model, _ = self._model_ref(request)
-        answer = _json(await self.servicer.get_model(model))
-        for version in answer["versions"]:  # Struct's doubles back to the card's whole numbers
-            version["card"] = json_numbers(version.get("card", {}))
+        described, cards = await self.servicer.get_model_cards(model)
+        answer = _json(described)
+        for version, card in zip(answer["versions"], cards, strict=True):
+            version["card"] = card.model_dump(mode="json")  # as manifest.json types it
         return JSONResponse(answer)
 
     async def _submit_job(self, request: Request, tenant: Tenant) -> Response:

@@ -23,7 +23,7 @@ from perito_core.access.tenancy import Tenant, Tenants
 from perito_core.errors import InvalidArgument, InvalidImage, PeritoError
 from perito_core.imaging import DecodeInfo, ImageLimits, InputSpec, load_model_input_with_info
 from perito_core.logs import REQUEST_ID
-from perito_core.models.manifest import ModelManifest
+from perito_core.models.manifest import ModelCard, ModelManifest
 from perito_core.models.registry import validate_model_name
 from perito_core.models.summary import summarize
 from perito_server.auth import current_tenant
@@ -475,7 +475,7 @@ class PeritoServicer(service_pb2_grpc.PeritoServicer):
         ]
         after = [n for n in names if n > request.page_token] if request.page_token else names
         page = after[:page_size]
-        models = [await self._describe(name, with_cards=False) for name in page]
+        models = [(await self._describe(name, with_cards=False))[0] for name in page]
         token = page[-1] if len(after) > page_size else ""
         return models_pb2.ListModelsResponse(models=models, next_page_token=token)
 
@@ -492,9 +492,25 @@ class PeritoServicer(service_pb2_grpc.PeritoServicer):
             NotFound: no such model.
         """
         validate_model_name(name)
-        return await self._describe(name, with_cards=True)
+        model, _ = await self._describe(name, with_cards=True)
+        return model
 
-    async def _describe(self, name: str, *, with_cards: bool) -> models_pb2.Model:
+    async def get_model_cards(self, name: str) -> tuple[models_pb2.Model, list[ModelCard]]:
+        """`get_model` without the cards in the message, and each version's typed card beside
+        it, oldest first: for the JSON API, which writes the card as manifest.json types it
+        (the message's `Struct` holds every number as a double).
+
+        Raises:
+            InvalidArgument: a malformed name.
+            NotFound: no such model.
+        """
+        validate_model_name(name)
+        model, manifests = await self._describe(name, with_cards=False)
+        return model, [manifest.card() for manifest in manifests]
+
+    async def _describe(
+        self, name: str, *, with_cards: bool
+    ) -> tuple[models_pb2.Model, list[ModelManifest]]:
         registry = self.pool.registry
 
         def read() -> tuple[list[ModelManifest], dict[str, str]]:
@@ -527,4 +543,4 @@ class PeritoServicer(service_pb2_grpc.PeritoServicer):
                 card.update(manifest.card().model_dump(mode="json"))
                 version.card.CopyFrom(card)
             model.versions.append(version)
-        return model
+        return model, manifests
