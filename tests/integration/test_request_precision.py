@@ -27,10 +27,6 @@ pytest.importorskip("openvino", reason="OpenVINO (optional engine, perito[serve]
 pytestmark = pytest.mark.integration
 
 
-def _server(registry_dir: Path, tmp_path: Path, precision: str) -> ServerThread:
-    return ServerThread.serving(registry_dir, tmp_path, precision=precision)
-
-
 def _jpeg() -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", (64, 48), (200, 40, 40)).save(buffer, "JPEG")
@@ -47,7 +43,7 @@ def _classify(target: str, precision: str) -> classify_pb2.ClassifyResponse:
 
 @pytest.fixture
 def auto(fp32_form_registry: Path, tmp_path: Path) -> Iterator[ServerThread]:
-    with _server(fp32_form_registry, tmp_path, "auto") as server:
+    with ServerThread.serving(fp32_form_registry, tmp_path, precision="auto") as server:
         yield server
 
 
@@ -97,7 +93,7 @@ def test_oip_takes_the_precision_parameter(auto: ServerThread) -> None:
 def test_a_less_exact_form_than_the_servers_is_refused(
     fp32_form_registry: Path, tmp_path: Path
 ) -> None:
-    with _server(fp32_form_registry, tmp_path, "fp32") as server:
+    with ServerThread.serving(fp32_form_registry, tmp_path, precision="fp32") as server:
         assert _classify(server.target, "torchscript").results[0].form == "torchscript-fp32"
         for precision in ("int8", "auto", "fp64"):
             with pytest.raises(grpc.RpcError) as refused:

@@ -18,12 +18,14 @@ import numpy as np
 import pytest
 
 from perito_core.imaging import InputSpec, load_model_input
-from perito_core.models.compile import ENGINES, BuiltForms, build_forms, gate_reason
+from perito_core.models.compile import ENGINES, BuiltForms, _Build, build_forms, gate_reason
 from perito_core.models.forms import load_form, load_model
+from perito_core.models.manifest import sha256_file
 from perito_core.models.registry import ModelRegistry
 from perito_training.architectures import ARCHITECTURES, get_architecture
 from perito_training.trainer import input_contract
-from tests.conftest import build_tiny_forms, tiny_registry_with_fp32_form
+from tests.conftest import build_tiny_forms, publish_tiny, tiny_registry_with_fp32_form
+from tests.helpers import TINY_INPUT
 
 
 def _needs_engine() -> None:
@@ -439,3 +441,33 @@ def test_int8_refused_by_the_gate_is_quantized_again_with_accuracy_control(
     )
     assert off.forms == []
     assert off.skipped["openvino-int8"].startswith("refused for the test")
+
+
+def test_bf16_shares_the_fp32_ir_folder_and_each_form_is_published_whole(
+    tiny_model_file: Path, tmp_path: Path
+) -> None:
+    """OpenVINO's BF16 form is the FP32 IR compiled with another hint: one folder while
+    building, kept while either form is kept, and each form's files published under its own
+    name. (This CPU may have no BF16: the BF16 form is the FP32 one renamed.)"""
+    _needs_engine()
+    out = tmp_path / "forms"
+    built = build_tiny_forms(tiny_model_file, out, precisions=("fp32",), engines=("openvino",))
+    [(fp32, folder)] = built.forms
+    bf16 = fp32.model_copy(update={"name": "openvino-bf16", "precision": "bf16"})
+    refused = out / "openvino-int8"
+    refused.mkdir()
+    # FP32 and INT8 refused, BF16 kept: the shared folder stays, the refused one goes.
+    kept = BuiltForms(forms=[(bf16, folder)])
+    module = None  # removing folders reads no module
+    _Build(
+        module, TINY_INPUT, out, ("bf16",), np.empty(0), kept, [], [folder, refused]
+    ).remove_unkept()
+    assert (folder / "model.xml").is_file() and not refused.exists()
+
+    registry = ModelRegistry.open(str(tmp_path / "registry"))
+    publish_tiny(registry, tiny_model_file, forms=[(fp32, folder), (bf16, folder)])
+    for form in (fp32, bf16):
+        stored = tmp_path / "registry" / "models" / "tiny" / "1" / "forms" / form.name
+        assert {entry.file: entry.sha256 for entry in form.files} == {
+            path.name: sha256_file(path) for path in stored.iterdir()
+        }

@@ -431,9 +431,15 @@ def _onnxruntime_candidates(build: _Build) -> None:
 
     def candidate(precision: str, folder: Path, **more: Any) -> _Candidate:
         # The serving runtime's session (`OnnxModel.open`'s), opened on first use.
-        session = functools.partial(inference_session, folder / "model.onnx")
+        open_session = functools.partial(inference_session, folder / "model.onnx")
         return _Candidate(
-            ONNX_ENGINE, version, precision, folder, session, _onnxruntime_probabilities, **more
+            ONNX_ENGINE,
+            version,
+            precision,
+            folder,
+            open_session,
+            _onnxruntime_probabilities,
+            **more,
         )
 
     if "fp32" in wanted:

@@ -1,9 +1,10 @@
 """What a model's probabilities say about one image: the top-k classes, the margin between
 the first two, the normalised entropy and whether the top-1 is under the threshold.
 
-Pure numpy, whichever engine computed the probabilities (TorchScript, OpenVINO, ONNX
-Runtime): the server's `Classify`, the Open Inference Protocol door and the worker summarise
-each image with it.
+Numpy only (and the SDK's `Prediction`, so that what the server answers and what the SDK
+returns are one type), whichever engine computed the probabilities (TorchScript, OpenVINO,
+ONNX Runtime): the server's `Classify`, the Open Inference Protocol door and the worker
+summarise each image with it.
 """
 
 from __future__ import annotations
