@@ -400,6 +400,11 @@ def encoded(pixels: np.ndarray, fmt: str, **params: Any) -> bytes:
     return buffer.getvalue()
 
 
+def red_jpeg() -> bytes:
+    """A 64 x 48 JPEG of one colour, RGB (200, 40, 40): any image a model can take."""
+    return encoded(np.full((48, 64, 3), (200, 40, 40), np.uint8), "JPEG")
+
+
 class SlowS3Proxy:
     """An HTTP proxy in front of an S3 server that delays every object GET by `delay_s` and
     counts the GETs per path: slow storage, for tests of long chunks."""

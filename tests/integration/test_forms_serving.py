@@ -7,31 +7,23 @@ version lacks, and every result says which; a job item does the same in the work
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 import perito
 from perito import ItemState, JobState
 from perito_core.jobs.store import ItemInput, Job
 from perito_core.models.forms import load_model
 from perito_core.models.registry import ModelRegistry
-from tests.helpers import ServerThread
+from tests.helpers import ServerThread, red_jpeg
 
 pytest.importorskip("openvino", reason="OpenVINO (optional engine, perito[serve]) not installed")
 pytest.importorskip("nncf", reason="NNCF (INT8 quantization) not installed")
 
 pytestmark = pytest.mark.integration
-
-
-def _jpeg() -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (64, 48), (200, 40, 40)).save(buffer, "JPEG")
-    return buffer.getvalue()
 
 
 @pytest.fixture(params=["fp32", "auto", "torchscript", "int8"])
@@ -48,7 +40,7 @@ def test_every_classify_result_names_the_form_that_answered(
     precision, server = served
     expected = "openvino-fp32" if precision in ("fp32", "auto") else "torchscript-fp32"
     with perito.Client(server.target, timeout=60) as client:
-        results = client.classify([_jpeg(), _jpeg()], model="tiny")
+        results = client.classify([red_jpeg(), red_jpeg()], model="tiny")
         assert [r.form for r in results] == [expected, expected]
         card = client.get_model("tiny")
     forms = card.versions[-1].card["forms"]

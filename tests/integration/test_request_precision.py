@@ -8,34 +8,26 @@ a request for `int8` naming the field.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
-from PIL import Image
 
 import perito
 from perito.v1 import classify_pb2, image_pb2, service_pb2_grpc
 from perito_server._oip import grpc_service_pb2 as oip_pb2
-from tests.helpers import ServerThread, Stores, WorkerProcess
+from tests.helpers import ServerThread, Stores, WorkerProcess, red_jpeg
 
 pytest.importorskip("openvino", reason="OpenVINO (optional engine, perito[serve]) not installed")
 
 pytestmark = pytest.mark.integration
 
 
-def _jpeg() -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (64, 48), (200, 40, 40)).save(buffer, "JPEG")
-    return buffer.getvalue()
-
-
 def _classify(target: str, precision: str) -> classify_pb2.ClassifyResponse:
     request = classify_pb2.ClassifyRequest(
-        model="tiny", images=[image_pb2.Image(id="a", content=_jpeg())], precision=precision
+        model="tiny", images=[image_pb2.Image(id="a", content=red_jpeg())], precision=precision
     )
     with grpc.insecure_channel(target) as channel:
         return service_pb2_grpc.PeritoStub(channel).Classify(request, timeout=60)  # type: ignore[no-any-return]
@@ -71,7 +63,7 @@ def test_oip_takes_the_precision_parameter(auto: ServerThread) -> None:
         inputs=[
             oip_pb2.ModelInferRequest.InferInputTensor(name="images", datatype="BYTES", shape=[1])
         ],
-        raw_input_contents=[len(_jpeg()).to_bytes(4, "little") + _jpeg()],
+        raw_input_contents=[len(red_jpeg()).to_bytes(4, "little") + red_jpeg()],
     )
     request.parameters["precision"].string_param = "torchscript"
     with grpc.insecure_channel(auto.target) as channel:
@@ -109,7 +101,7 @@ def test_a_job_may_ask_for_a_more_exact_form(
     photos = tmp_path / "photos"
     photos.mkdir()
     for index in range(3):
-        (photos / f"{index}.jpg").write_bytes(_jpeg())
+        (photos / f"{index}.jpg").write_bytes(red_jpeg())
     env = stores.worker_env(PERITO_PRECISION="auto")
     with (
         ServerThread(stores.server_settings(precision="auto")) as server,
