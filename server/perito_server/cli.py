@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -228,23 +229,23 @@ def import_model(
             check_onnx_loads(model_file, name, labels, contract, tensor)
         else:
             _check_loads(model_file, name, labels, contract)
-        built = _build_forms(model_file, contract, forms, calibration, min_agreement)
-        manifest = target.publish(
-            name,
-            model_file,
-            labels=labels,
-            input=contract,
-            description=description,
-            confidence_threshold=confidence_threshold,
-            source={"imported_from": model_file.name, "published_by": publisher.name},
-            aliases=aliases,
-            forms=built.forms if built else (),
-            skipped_forms=built.skipped if built else None,
-            artifact_format="onnx" if tensor is not None else "torchscript",
-            tensor=tensor,
-        )
-        if built:
-            built.remove_files()
+        # The forms are built in a scratch folder, removed whether or not publishing succeeds.
+        with tempfile.TemporaryDirectory(prefix="perito-forms-") as scratch:
+            built = _build_forms(model_file, contract, forms, calibration, min_agreement, scratch)
+            manifest = target.publish(
+                name,
+                model_file,
+                labels=labels,
+                input=contract,
+                description=description,
+                confidence_threshold=confidence_threshold,
+                source={"imported_from": model_file.name, "published_by": publisher.name},
+                aliases=aliases,
+                forms=built.forms if built else (),
+                skipped_forms=built.skipped if built else None,
+                artifact_format="onnx" if tensor is not None else "torchscript",
+                tensor=tensor,
+            )
     except PeritoError as error:
         _audit(settings, publisher.name, "models.import", f"models/{name}", error.code.name, "")
         raise click.ClickException(error.message) from None
@@ -273,15 +274,15 @@ def _build_forms(
     precisions: tuple[str, ...],
     calibration: Path | None,
     min_agreement: float,
+    scratch: str,
 ) -> BuiltForms | None:
-    """Compiled forms of an imported file, gated on the user's images; None when not asked."""
-    import tempfile
-
+    """Compiled forms of an imported file, gated on the user's images, built in `scratch`;
+    None when not asked."""
     from perito_core.models.compile import build_forms_from_folder
 
     if not precisions or calibration is None:
         return None
-    out = Path(tempfile.mkdtemp(prefix="perito-forms-"))
+    out = Path(scratch)
     built = build_forms_from_folder(
         model_file, contract, out, calibration, precisions=precisions, min_agreement=min_agreement
     )

@@ -25,7 +25,7 @@ from perito_core.models.registry import ModelRegistry
 from perito_training.architectures import ARCHITECTURES, get_architecture
 from perito_training.trainer import input_contract
 from tests.conftest import build_tiny_forms, publish_tiny, tiny_registry_with_fp32_form
-from tests.helpers import TINY_INPUT
+from tests.helpers import TINY_INPUT, encoded
 
 
 def _needs_engine() -> None:
@@ -471,3 +471,41 @@ def test_bf16_shares_the_fp32_ir_folder_and_each_form_is_published_whole(
         assert {entry.file: entry.sha256 for entry in form.files} == {
             path.name: sha256_file(path) for path in stored.iterdir()
         }
+
+
+def test_models_import_builds_forms_in_a_scratch_folder_it_always_removes(
+    tiny_model_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`perito models import --forms`: the forms are built in a temporary folder, gone after
+    the import whether it published or failed (an alias refused after the build)."""
+    _needs_engine()
+    import tempfile
+
+    from click.testing import CliRunner
+
+    from perito_server.cli import import_model
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    for index in range(12):
+        pixels = rng.integers(0, 256, (40, 40, 3), np.uint8)
+        (photos / f"{index}.png").write_bytes(encoded(pixels, "PNG"))
+    (tmp_path / "labels.txt").write_text("minor\nmoderate\nsevere\n")
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    arguments = [
+        str(tiny_model_file),
+        *("--name", "tiny", "--labels", str(tmp_path / "labels.txt"), "--input-size", "32"),
+        *("--forms", "fp32", "--calibration", str(photos)),
+        *("--registry", str(tmp_path / "registry")),
+    ]
+    published = CliRunner().invoke(import_model, arguments)
+    assert published.exit_code == 0, published.output
+    assert "openvino-fp32" in published.output
+    stored = tmp_path / "registry" / "models" / "tiny" / "1" / "forms" / "openvino-fp32"
+    assert (stored / "model.xml").is_file()
+    refused = CliRunner().invoke(import_model, [*arguments, "--alias", "Not An Alias!"])
+    assert refused.exit_code == 1 and "alias" in refused.output
+    assert list(scratch.iterdir()) == []
