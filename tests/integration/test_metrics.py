@@ -39,7 +39,11 @@ def test_server_and_worker_metrics_and_json_logs(
     stores = Stores(tmp_path, redis_url)
     publish_tiny(stores.open_registry("publish"), tiny_model_file, name="car-damage")
     worker_port = free_port()
-    worker_env = stores.worker_env(PERITO_METRICS_PORT=str(worker_port), PERITO_LOG_FORMAT="json")
+    worker_tmp = tmp_path / "worker-tmp"
+    worker_tmp.mkdir()
+    worker_env = stores.worker_env(
+        PERITO_METRICS_PORT=str(worker_port), PERITO_LOG_FORMAT="json", TMPDIR=str(worker_tmp)
+    )
     image = np.full((32, 32, 3), 120, dtype=np.uint8)
     with WorkerProcess(worker_env, tmp_path / "worker.log").wait_ready():
         settings = stores.server_settings(metrics_port=0)
@@ -91,6 +95,9 @@ def test_server_and_worker_metrics_and_json_logs(
     assert value(metrics, "perito_jobs", state="partially_succeeded") == before + 1
     assert value(metrics, "perito_jobs", state="running") >= 0
     assert ("perito_jobs", (("state", "queued"),)) in metrics
+
+    # The pool's metric samples were in a temporary folder, removed when the worker stopped.
+    assert list(worker_tmp.iterdir()) == []
 
     items = "perito_worker_items_total"
     assert value(work, items, model="car-damage", version="1", outcome="succeeded") == 5

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import logging
 import os
+import shutil
 import socket
 import tempfile
 from typing import Any
@@ -56,7 +58,8 @@ def worker(name: str | None, log_level: str, **flags: Any) -> None:
         setup_tracing("perito-worker")
     if settings.metrics_port is not None:
         # Before prometheus_client is imported: every pool process writes its samples here.
-        os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="perito-"))
+        if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = _samples_folder()
         from perito_worker.metrics import serve_metrics
 
         port = serve_metrics(settings.metrics_host, settings.metrics_port)
@@ -87,3 +90,18 @@ def register(cli: click.Group) -> None:
     """Entry point for `perito.commands`: only where `perito[serve]` is installed."""
     if all(importlib.util.find_spec(name) for name in ("celery", "torch", "redis")):
         cli.add_command(worker)
+
+
+def _samples_folder() -> str:
+    """A new temporary folder for the pool's metric samples (prometheus_client's multiprocess
+    files), removed when this worker exits (not by its forked pool processes). A worker killed
+    with SIGKILL leaves it: it lives under the temporary folder (TMPDIR)."""
+    folder = tempfile.mkdtemp(prefix="perito-metrics-")
+    owner = os.getpid()
+
+    def remove() -> None:
+        if os.getpid() == owner:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    atexit.register(remove)
+    return folder
