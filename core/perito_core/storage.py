@@ -261,20 +261,24 @@ class LocalStore:
             yield io.BufferedReader(capped, _READ_CHUNK)
 
     def write_bytes(self, key: str, data: bytes) -> None:
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, delete=False, prefix=".tmp-") as tmp:
-            tmp.write(data)
-        os.replace(tmp.name, path)
+        self._write(key, lambda file: file.write(data))
 
     def upload_file(self, key: str, path: Path) -> None:
+        with path.open("rb") as source:
+            self._write(key, lambda file: shutil.copyfileobj(source, file))
+
+    def _write(self, key: str, write: Callable[[IO[bytes]], object]) -> None:
+        """Write `key` whole or not at all: into a temporary file beside it, renamed over it
+        when written (a reader never sees half a file), removed if writing fails."""
         target = self._path(key)
         target.parent.mkdir(parents=True, exist_ok=True)
-        with (
-            tempfile.NamedTemporaryFile(dir=target.parent, delete=False, prefix=".tmp-") as tmp,
-            path.open("rb") as source,
-        ):
-            shutil.copyfileobj(source, tmp)
+        with tempfile.NamedTemporaryFile(dir=target.parent, delete=False, prefix=".tmp-") as tmp:
+            try:
+                write(tmp)
+            except BaseException:
+                tmp.close()
+                os.unlink(tmp.name)
+                raise
         os.replace(tmp.name, target)
 
     def download_file(self, key: str, path: Path) -> None:

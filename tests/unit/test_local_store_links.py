@@ -4,6 +4,7 @@ time-of-check to time-of-use gap between a job's submission and a worker's read)
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from pathlib import Path
 
@@ -51,3 +52,21 @@ def test_a_link_swapped_in_after_the_check_is_refused(
     with pytest.raises((InvalidArgument, NotFound)) as refused:
         store.read_bytes("claims/a/photo.jpg")
     assert "theirs" not in str(refused.value)
+
+
+def test_a_write_that_fails_leaves_neither_half_a_file_nor_its_temporary(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    store.write_bytes("models/m/1/manifest.json", b"{}")
+
+    class Unreadable:
+        def read(self, size: int = -1) -> bytes:
+            raise OSError("the disk went away")
+
+    source = tmp_path / "model.pt"
+    source.write_bytes(b"weights")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Path, "open", lambda *_args, **_kwargs: contextlib.nullcontext(Unreadable()))
+        with pytest.raises(OSError, match="disk went away"):
+            store.upload_file("models/m/1/manifest.json", source)
+    assert sorted(p.name for p in (tmp_path / "models/m/1").iterdir()) == ["manifest.json"]
+    assert (tmp_path / "models/m/1/manifest.json").read_bytes() == b"{}"
