@@ -291,6 +291,32 @@ def _follow(handle: JobHandle, as_json: bool) -> Job:
     return job
 
 
+def _parse_labels(
+    _context: click.Context, _parameter: click.Parameter, given: tuple[str, ...]
+) -> dict[str, str]:
+    """`("site=garage-7", "floor=2")` -> `{"site": "garage-7", "floor": "2"}`; click.BadParameter
+    for one without `=` or a key."""
+    labels: dict[str, str] = {}
+    for label in given:
+        key, sep, value = label.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{label!r}: expected KEY=VALUE")
+        labels[key] = value
+    return labels
+
+
+def _label_option(description: str) -> Callable[[F], F]:
+    """`--label KEY=VALUE` (repeatable), received as a dict."""
+    return click.option(
+        "--label",
+        "labels",
+        multiple=True,
+        metavar="KEY=VALUE",
+        callback=_parse_labels,
+        help=description,
+    )
+
+
 @cli.command()
 @click.argument("source")
 @_model_option
@@ -314,6 +340,7 @@ def _follow(handle: JobHandle, as_json: bool) -> Job:
 @click.option(
     "--wait", "wait_", is_flag=True, help="Follow the job with a progress bar until done."
 )
+@_label_option("A label for the job, to find it by (`perito job list --label`; repeatable).")
 @_server_option
 @_timeout_option
 @_json_option
@@ -327,6 +354,7 @@ def submit(
     inline: bool,
     upload_to: str | None,
     wait_: bool,
+    labels: dict[str, str],
     server: str,
     timeout: float,
     as_json: bool,
@@ -339,6 +367,7 @@ def submit(
       perito submit photos.csv --model cracks --output s3://results/garage-7/
       perito submit ./photos --model cracks --inline --wait --json
       perito submit ./photos --model cracks --upload-to s3://inspections/site-9/ --wait
+      perito submit ./photos --model cracks --label site=garage-7 --label floor=2
     """
     name, version = split_model_ref(model_ref)
     with _connect(server, timeout) as client:
@@ -352,6 +381,7 @@ def submit(
             chunk_size=chunk_size or 0,
             inline=inline,
             upload_to=upload_to,
+            labels=labels,
         )
         if not as_json:
             click.echo(f"submitted job {handle.id}: {handle.last.total} images", err=True)
@@ -377,16 +407,14 @@ def job() -> None:
     type=click.Choice([state.value for state in JobState]),
     help="Only jobs in this state (repeatable).",
 )
-@click.option(
-    "--label", "labels", multiple=True, metavar="KEY=VALUE", help="Only jobs with this label."
-)
+@_label_option("Only jobs with this label (repeatable).")
 @click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
 @_server_option
 @_timeout_option
 @_json_option
 def job_list(
     states: tuple[str, ...],
-    labels: tuple[str, ...],
+    labels: dict[str, str],
     limit: int,
     server: str,
     timeout: float,
@@ -398,15 +426,9 @@ def job_list(
     Example:
       perito job list --state running --label site=garage-7
     """
-    wanted: dict[str, str] = {}
-    for label in labels:
-        key, sep, value = label.partition("=")
-        if not sep or not key:
-            raise click.BadParameter(f"{label!r}: expected KEY=VALUE", param_hint="--label")
-        wanted[key] = value
     with _connect(server, timeout) as client:
         for count, found in enumerate(
-            client.list_jobs(states=states, labels=wanted, page_size=min(limit, 1000)), start=1
+            client.list_jobs(states=states, labels=labels, page_size=min(limit, 1000)), start=1
         ):
             click.echo(json.dumps(asdict(found), default=_default) if as_json else _job_line(found))
             if count >= limit:

@@ -383,9 +383,9 @@ def tenants_add(
 
     
     Example:
-      perito tenants add acme --role classify --role jobs --role models:read \
-          --model 'car-*' --read s3://acme-inbox/ --write s3://results/acme/ \
-          --concurrent-jobs 10 --images-per-minute 600
+      perito tenants add acme --tenants-file tenants.yaml --role classify --role jobs \\
+          --role models:read --model 'car-*' --read s3://acme-inbox/ \\
+          --write s3://results/acme/ --concurrent-jobs 10 --images-per-minute 600
     """
     quotas = None
     if concurrent_jobs or images_per_minute or items_per_job:

@@ -499,7 +499,8 @@ def test_the_cli_submits_follows_and_reads_jobs(bulk: Bulk) -> None:
         + "".join(f"s3://inspections/fmnist/{n},photo-{n}\n" for n in names)
         + "s3://inspections/fmnist/nope.png,ghost\n"
     )
-    job = perito_json("submit", str(manifest), "--model", "fashion", "--wait", "--top-k", "2")
+    labels = ("--label", "site=garage-7", "--label", "floor=2")
+    job = perito_json("submit", str(manifest), "--model", "fashion", "--wait", "-k", "2", *labels)
     assert isinstance(job, dict)
     assert job["state"] == "partially_succeeded" and job["total"] == 13 and job["failed"] == 1
     status = perito_json("job", "status", job["id"])
@@ -507,6 +508,9 @@ def test_the_cli_submits_follows_and_reads_jobs(bulk: Bulk) -> None:
     rows = [json.loads(line) for line in perito_lines("job", "results", job["id"], "--json")]
     assert [r["image_id"] for r in rows] == [f"photo-{n}" for n in names] + ["ghost"]
     assert len(rows[0]["classification"]["predictions"]) == 2
+    labelled = perito_lines("job", "list", *labels, "--json")
+    assert [json.loads(line)["id"] for line in labelled] == [job["id"]]
+    assert json.loads(labelled[0])["labels"] == {"site": "garage-7", "floor": "2"}
     failed = "\n".join(perito_lines("job", "results", job["id"], "--failed"))
     assert "ghost" in failed and "NOT_FOUND" in failed and "photo-" not in failed
     watched = perito_lines("job", "watch", job["id"], "--json")
