@@ -18,11 +18,13 @@ class ProgressBar:
         self.tty = self.stream.isatty()
         self.started = time.monotonic()
         self.reported = -1
+        self.first_done: int | None = None
 
     def update(self, job: Job) -> None:
         fraction = job.done / job.total if job.total else 1.0
-        elapsed = time.monotonic() - self.started
-        rate = job.done / elapsed if elapsed > 0 else 0.0
+        if self.first_done is None:
+            self.first_done = job.done
+        rate = self._rate(job, self.first_done)
         eta = f"{(job.total - job.done) / rate:.0f}s left" if rate > 0 and not job.terminal else ""
         filled = int(fraction * 30)
         text = (
@@ -36,3 +38,13 @@ class ProgressBar:
             self.reported = int(fraction * 10)
             self.stream.write(text + "\n")
             self.stream.flush()
+
+    def _rate(self, job: Job, first_done: int) -> float:
+        """Images per second: over the job's own run once it has ended (its start and end
+        times), else over what this bar saw done since it started (a job half done before
+        the bar was made does not count as done in no time)."""
+        if job.terminal and job.started and job.finished:
+            seconds = (job.finished - job.started).total_seconds()
+            return job.done / seconds if seconds > 0 else 0.0
+        elapsed = time.monotonic() - self.started
+        return (job.done - first_done) / elapsed if elapsed > 0 else 0.0

@@ -110,3 +110,29 @@ def test_a_model_and_its_versions_from_their_messages() -> None:
     # Struct holds numbers as doubles; the card's whole numbers come back as ints.
     assert type(model.versions[0].card["confusion_matrix"][1][0]) is int
     assert model.versions[1].created is None and model.versions[1].card == {}
+
+
+def _job(state: perito.JobState, succeeded: int, **times: datetime) -> perito.Job:
+    return perito.Job(
+        id="j", state=state, model="m", model_version="1", total=100, succeeded=succeeded,
+        failed=0, cancelled=0, created=None, started=times.get("started"),
+        finished=times.get("finished"), output_uri="", result_uris=[], error="",
+    )  # fmt: skip
+
+
+def test_the_progress_rate_is_the_jobs_own_not_the_bars() -> None:
+    import io
+
+    from perito._progress import ProgressBar
+
+    # A job that ended before the bar was made: 100 images in its own 20 s, not "in no time".
+    out = io.StringIO()
+    started, finished = datetime(2026, 1, 1, 0, 0, 0), datetime(2026, 1, 1, 0, 0, 20)
+    ProgressBar(out).update(
+        _job(perito.JobState.SUCCEEDED, 100, started=started, finished=finished)
+    )
+    assert "100/100" in out.getvalue() and "  5.0 img/s" in out.getvalue()
+    # A running job half done when the bar starts: what was done before does not count.
+    out = io.StringIO()
+    ProgressBar(out).update(_job(perito.JobState.RUNNING, 50, started=started))
+    assert "50/100" in out.getvalue() and "  0.0 img/s" in out.getvalue()
