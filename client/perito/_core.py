@@ -236,7 +236,10 @@ def list_job_results(
         lambda token: jobs_pb2.ListJobResultsRequest(
             job_id=job_id, page_size=page_size, page_token=token, filter=result_filter
         ),
-        lambda response: (JobItemResult._from_proto(r) for r in response.results),
+        lambda response: (
+            JobItemResult._from_proto(r, response.model, response.model_version)
+            for r in response.results
+        ),
         policy.deadline,
         policy.max_retries,
     )

@@ -257,12 +257,16 @@ class JobItemResult:
     error: str
 
     @classmethod
-    def _from_proto(cls, message: jobs_pb2.JobItemResult) -> JobItemResult:
+    def _from_proto(
+        cls, message: jobs_pb2.JobItemResult, model: str = "", model_version: str = ""
+    ) -> JobItemResult:
+        """`model` and `model_version`: the job's (ListJobResultsResponse's), which every item
+        ran on."""
         return cls(
             **_same(message, "index image_id uri error"),
             state=_state(ItemState, jobs_pb2.ItemState.Name(message.state)),
             classification=(
-                Classification._from_proto(message.classification)
+                Classification._from_proto(message.classification, model, model_version)
                 if message.HasField("classification")
                 else None
             ),

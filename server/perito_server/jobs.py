@@ -492,7 +492,10 @@ class JobService:
                         break
         token = str(position) if position < job.total else ""
         return jobs_pb2.ListJobResultsResponse(
-            results=[result_to_proto(r) for r in found], next_page_token=token
+            results=[result_to_proto(r) for r in found],
+            next_page_token=token,
+            model=job.model,
+            model_version=job.model_version,
         )
 
     def _cancel(self, job_id: str) -> Job:

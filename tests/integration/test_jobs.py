@@ -508,6 +508,9 @@ def test_the_cli_submits_follows_and_reads_jobs(bulk: Bulk) -> None:
     rows = [json.loads(line) for line in perito_lines("job", "results", job["id"], "--json")]
     assert [r["image_id"] for r in rows] == [f"photo-{n}" for n in names] + ["ghost"]
     assert len(rows[0]["classification"]["predictions"]) == 2
+    # Each answer names the model and the concrete version that gave it.
+    assert rows[0]["classification"]["model"] == "fashion"
+    assert rows[0]["classification"]["model_version"] == job["model_version"] == "1"
     labelled = perito_lines("job", "list", *labels, "--json")
     assert [json.loads(line)["id"] for line in labelled] == [job["id"]]
     assert json.loads(labelled[0])["labels"] == {"site": "garage-7", "floor": "2"}
