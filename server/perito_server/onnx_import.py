@@ -198,6 +198,7 @@ def check_onnx_loads(
             size_bytes=model_file.stat().st_size,
         ),
         tensor=tensor,
+        source={"imported_from": model_file.name},  # what errors name
     )
     with tempfile.TemporaryDirectory(prefix="perito-onnx-import-") as folder:
         alone = Path(folder) / "model.onnx"

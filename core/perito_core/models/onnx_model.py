@@ -139,9 +139,10 @@ def _dims(shape: Sequence[Any]) -> str:
 
 
 def _describe(manifest: ModelManifest) -> str:
-    """`waste@3: model.onnx`, or the file name alone for a draft being imported (version 0)."""
+    """`waste@3: model.onnx`; for a draft being imported (version 0), the file the user gave
+    (`source.imported_from`), else the artifact's name."""
     if manifest.version == "0":
-        return manifest.artifact.file
+        return manifest.source.imported_from or manifest.artifact.file
     return f"{manifest.name}@{manifest.version}: {manifest.artifact.file}"
 
 
