@@ -48,7 +48,7 @@ def load_module(path: Path) -> torch.jit.ScriptModule:
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
     with warnings.catch_warnings():
-        # torch 2.14 marks TorchScript deprecated; it is our artifact format (DESIGN.md).
+        # torch 2.14 marks TorchScript deprecated; it is the artifact format (model.pt).
         warnings.simplefilter("ignore", FutureWarning)
         module: torch.jit.ScriptModule = torch.jit.load(str(path), map_location="cpu")  # type: ignore[no-untyped-call]
     return module.eval()

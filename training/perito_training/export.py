@@ -89,7 +89,7 @@ def export_torchscript(
 def save_torchscript(module: ImageClassifier, path: Path) -> torch.jit.ScriptModule:
     """Script a (trained) `ImageClassifier` in eval mode and save it to `path`."""
     with warnings.catch_warnings():
-        # torch 2.14 marks TorchScript deprecated; it is our artifact format (DESIGN.md).
+        # torch 2.14 marks TorchScript deprecated; it is the artifact format (model.pt).
         warnings.simplefilter("ignore", FutureWarning)
         scripted = torch.jit.script(module.eval())
     path.parent.mkdir(parents=True, exist_ok=True)
