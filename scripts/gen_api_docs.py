@@ -119,17 +119,23 @@ def _message(
     message: descriptor_pb2.DescriptorProto, path: Location, comments: Comments, name: str
 ) -> list[str]:
     lines = [f"#### {name}", "", comments.get(path, ""), ""]
+    # A map field is a repeated nested *Entry message, which gets no section of its own.
+    maps = {f".{name}.{n.name}": n for n in message.nested_type if n.options.map_entry}
     if message.field:
         lines += ["| Field | Type | Description |", "|---|---|---|"]
         for f, field in enumerate(message.field):
             repeated = "repeated " if field.label == field.LABEL_REPEATED else ""
+            typed = field
+            entry = maps.get(field.type_name.removeprefix(".perito.v1"))
+            if entry is not None:
+                repeated, typed = f"map from {_type_name(entry.field[0])} to ", entry.field[1]
             oneof = (
                 f" (one of `{message.oneof_decl[field.oneof_index].name}`)"
                 if field.HasField("oneof_index") and not field.proto3_optional
                 else ""
             )
             lines.append(
-                f"| `{field.name}` | {repeated}{_type_name(field)} | "
+                f"| `{field.name}` | {repeated}{_type_name(typed)} | "
                 f"{_cell(comments.get((*path, FIELD, f), ''))}{oneof} |"
             )
         lines.append("")
