@@ -12,6 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import perito
+from perito_core.jobs.store import ItemInput, JobStore
 from tests.conftest import publish_tiny
 from tests.helpers import ServerThread, Stores, WorkerProcess, free_port
 
@@ -31,6 +32,39 @@ def value(
     samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str
 ) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def _hold_a_job_running(redis_url: str, port: int) -> dict[str, list[float]]:
+    """A job made in the shared job store, then started there (as a worker's first chunk
+    starts it), and removed: how much each of `perito_jobs{state="queued"}` and
+    `{state="running"}` rose over its count before, once made and once started."""
+    store = JobStore.connect(redis_url)
+    states = ("queued", "running")
+    before = scrape(port)
+    job, _ = store.create(
+        model="car-damage",
+        model_version="1",
+        items=[ItemInput(id="0", uri="s3://never/read.jpg")],
+        inline={},
+        output_uri="s3://never/written",
+        top_k=1,
+        confidence_threshold=0,
+        chunk_size=1,
+        labels={},
+    )
+    made = scrape(port)
+    store.mark_running(job.id)
+    started = scrape(port)
+    store.mark_unrecorded(job.id, perito.ItemState.FAILED, "made by the metrics test")
+    store.finish(job.id, [])
+    assert store.delete(job.id)
+    return {
+        state: [
+            value(after, "perito_jobs", state=state) - value(before, "perito_jobs", state=state)
+            for after in (made, started)
+        ]
+        for state in states
+    }
 
 
 def test_server_and_worker_metrics_and_json_logs(
@@ -59,6 +93,7 @@ def test_server_and_worker_metrics_and_json_logs(
             job = client.submit_job([image] * 5 + [b""], model="car-damage").wait(60)
             assert (job.succeeded, job.failed) == (5, 1)
             metrics = scrape(port)
+            held = _hold_a_job_running(redis_url, port)
         # The finalising task may land a moment after the job reads as done.
         deadline = time.monotonic() + 20
         while True:
@@ -93,8 +128,7 @@ def test_server_and_worker_metrics_and_json_logs(
     assert value(metrics, "perito_jobs_submitted_total", model="car-damage") == 1
     # Jobs per state come from the shared job store: other tests' jobs may be there too.
     assert value(metrics, "perito_jobs", state="partially_succeeded") == before + 1
-    assert value(metrics, "perito_jobs", state="running") >= 0
-    assert ("perito_jobs", (("state", "queued"),)) in metrics
+    assert held == {"queued": [1, 0], "running": [0, 1]}
 
     # The pool's metric samples were in a temporary folder, removed when the worker stopped.
     assert list(worker_tmp.iterdir()) == []
