@@ -21,15 +21,21 @@ from grpc_reflection.v1alpha import reflection
 
 from perito.v1 import service_pb2, service_pb2_grpc
 from perito_core import tracing
+from perito_core.access.audit import AuditLog
+from perito_core.access.quotas import RateLimiter
 from perito_core.access.tenancy import Tenants
 from perito_server.auth import TenantInterceptor
+from perito_server.doors.http_edge import HttpEdge, http_app
+from perito_server.doors.json_api import JsonApi
+from perito_server.doors.oip_grpc import OipServicer, add_oip_servicer
+from perito_server.doors.oip_rest import OipRest
+from perito_server.doors.perito_grpc import PeritoServicer
 from perito_server.errors import CallInterceptor
-from perito_server.http_api import HttpApi, HttpServer
+from perito_server.http_server import HttpServer
+from perito_server.inference import InferenceService
 from perito_server.jobs import JobService
 from perito_server.metrics import ServerMetrics
 from perito_server.model_pool import ModelPool
-from perito_server.oip import OipCore, OipServicer, add_oip_servicer
-from perito_server.service import PeritoServicer
 from perito_server.settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -72,12 +78,11 @@ class RunningServer:
     port: int
     pool: ModelPool
     health: HealthServicer
-    servicer: PeritoServicer
+    service: InferenceService
     metrics: ServerMetrics
     metrics_port: int | None = None
     health_server: grpc.aio.Server | None = None
     health_port: int | None = None
-    oip: OipCore | None = None
     http: HttpServer | None = None
 
     @property
@@ -88,8 +93,7 @@ class RunningServer:
     async def stop(self, grace: float) -> None:
         """Drain: NOT_SERVING, let in-flight calls finish within `grace`, free the models."""
         await self.health.enter_graceful_shutdown()
-        if self.oip is not None:
-            self.oip.ready = False
+        self.service.ready = False
         if self.http is not None:
             await asyncio.gather(self.server.stop(grace), self.http.stop())
         else:
@@ -97,8 +101,8 @@ class RunningServer:
         if self.health_server is not None:
             await self.health_server.stop(0)
         await self.pool.close()
-        await self.servicer.jobs.close()
-        self.servicer.close()
+        await self.service.jobs.close()
+        self.service.close()
         self.metrics.stop()
 
 
@@ -133,13 +137,13 @@ async def create_server(settings: ServerSettings) -> RunningServer:
     jobs = JobService(settings, pool)
     jobs.start()
     metrics.watch_jobs(jobs.store)
-    servicer = PeritoServicer(settings, pool, jobs, metrics, tenants)
+    limiter = RateLimiter(jobs.store.redis)
+    audit = AuditLog(jobs.store.redis, settings.job_retention.total_seconds())
+    service = InferenceService(settings, pool, jobs, limiter, audit, tenants, metrics)
     # Outermost first: tracing spans, then request ids, error mapping and metrics (which so
     # also count the calls auth refuses), then auth.
-    interceptors: list[Any] = [
-        CallInterceptor(metrics.observe_call),
-        TenantInterceptor(tenants, servicer.limiter, servicer.audit),
-    ]
+    authorizer = TenantInterceptor(tenants, limiter, audit)
+    interceptors: list[Any] = [CallInterceptor(metrics.observe_call), authorizer]
     if settings.tracing:
         interceptors = [_tracing_interceptor(), *interceptors]
     # Calls past `max_concurrent_rpcs` (health checks count too) are refused by gRPC itself,
@@ -150,12 +154,12 @@ async def create_server(settings: ServerSettings) -> RunningServer:
         interceptors=interceptors,
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
     )
-    service_pb2_grpc.add_PeritoServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
-    # The Open Inference Protocol on the same port, over the same servicer (perito_server.oip).
-    # Not listed by reflection: its messages live in a descriptor pool of their own
+    # The doors over the one inference service: perito.v1 and the Open Inference Protocol on
+    # the gRPC port, OIP REST and the JSON API on the HTTP port.
+    service_pb2_grpc.add_PeritoServicer_to_server(PeritoServicer(service), server)  # type: ignore[no-untyped-call]
+    # OIP is not listed by reflection: its messages live in a descriptor pool of their own
     # (scripts/gen_protos.py), and its clients carry their own copy of the protocol.
-    oip = OipCore(servicer)
-    add_oip_servicer(OipServicer(oip), server)
+    add_oip_servicer(OipServicer(service), server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
@@ -206,21 +210,20 @@ async def create_server(settings: ServerSettings) -> RunningServer:
     http = None
     if settings.http_port is not None:
         # The gRPC interceptor's own checks (tokens, roles, quota refusals) guard HTTP too.
-        authorizer = next(i for i in interceptors if isinstance(i, TenantInterceptor))
-        api = HttpApi(oip, authorizer, settings.max_message_bytes)
-        http = await HttpServer.start(api.app(), settings, grace=settings.grace_s)
+        edge = HttpEdge(authorizer, metrics, settings.max_message_bytes)
+        app = http_app(OipRest(service, edge).routes(), JsonApi(service, edge).routes())
+        http = await HttpServer.start(app, settings, grace=settings.grace_s)
         log.info("HTTP (OIP REST, JSON API) on %s:%d", settings.host, http.port)
     return RunningServer(
         server,
         port,
         pool,
         health,
-        servicer,
+        service,
         metrics,
         metrics_port,
         health_server,
         health_port,
-        oip,
         http,
     )
 
@@ -237,7 +240,7 @@ async def serve(settings: ServerSettings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, running.servicer.reload_tenants)
+    loop.add_signal_handler(signal.SIGHUP, running.service.reload_tenants)
     await stop.wait()
     log.info("shutting down (grace %.1fs)", settings.grace_s)
     await running.stop(settings.grace_s)

@@ -289,7 +289,8 @@ def _observed(
 
 def request_id(given: str) -> str:
     """The id a call is logged under: the caller's `x-request-id` cut to 128 characters, or
-    a new one when it sent none (every door: gRPC here, HTTP in `perito_server.http_api`)."""
+    a new one when it sent none (every door: gRPC here, HTTP in
+    `perito_server.doors.http_edge`)."""
     return given[:128] or uuid.uuid4().hex[:16]
 
 

@@ -1,4 +1,4 @@
-"""The OpenAPI 3.0 document of the HTTP API (`GET /openapi.json`, `perito_server.http_api`).
+"""The OpenAPI 3.0 document of the HTTP doors (`GET /openapi.json`, `perito_server.doors`).
 
 Written by hand, next to the routes it describes; `tests/integration/test_http_api.py` runs
 schemathesis against it over a real socket (no 5xx, every answer's status, content type and

@@ -182,7 +182,7 @@ def test_refused_state_changes_are_audited(tenancy: Tenancy) -> None:
         pytest.raises(perito.UnauthenticatedError),
     ):
         stranger.cancel_job("0123456789abcdef", metadata=[("x-request-id", "audit-2")])
-    store = tenancy.server.running.servicer.jobs.store  # type: ignore[attr-defined]
+    store = tenancy.server.running.service.jobs.store  # type: ignore[attr-defined]
     records = AuditLog(store.redis, 3600).list(limit=50)
     denied = next(r for r in records if r.method == "SubmitJob" and r.tenant == "viewer")
     assert denied.outcome == "PERMISSION_DENIED" and "jobs" in denied.detail
@@ -426,7 +426,7 @@ def test_the_tenants_file_is_reread_when_it_changes(tenancy: Tenancy) -> None:
         assert [m.name for m in client.list_models()] == ["tiny"]
     from perito_core.access.audit import AuditLog
 
-    store = tenancy.server.running.servicer.jobs.store  # type: ignore[attr-defined]
+    store = tenancy.server.running.service.jobs.store  # type: ignore[attr-defined]
     [reload] = AuditLog(store.redis, 3600).list(method="tenants.reload", limit=1)
     assert reload.outcome == "OK" and reload.resource == str(path)
 

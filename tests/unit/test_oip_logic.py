@@ -13,9 +13,9 @@ from google.protobuf import json_format
 
 from perito.v1 import classify_pb2
 from perito_core.errors import InvalidArgument, InvalidImage, NotFound, QueueFull, Unauthenticated
+from perito_server.doors.json_api import parse_classify
 from perito_server.errors import to_http
-from perito_server.http_api import parse_classify
-from perito_server.oip import (
+from perito_server.oip_protocol import (
     classification_count,
     deserialize_bytes,
     image_count,

@@ -1,44 +1,61 @@
-"""The `perito.v1.Perito` servicer: request validation, then the model pool and batcher."""
+"""The inference service: what every protocol door calls (KServe calls it the data plane).
+
+`InferenceService` holds the logic of classification (`classify`, and `infer`, the one path
+every door's images take: quota, model version, admission, decode, dynamic batcher), of the
+Open Inference Protocol (`oip_infer`, `model_manifest`, `model_ready`), of the model listing
+and of the bulk-job calls, given its collaborators explicitly. The doors
+(`perito_server.doors`: perito.v1 gRPC, OIP gRPC, OIP REST, the JSON API) are siblings over
+it: each only translates its protocol's request into these calls and the answers and errors
+back (`perito_server.errors`, one table for every door), so a fix or a speed-up here lands once
+for all of them. Nothing here knows a wire protocol beyond the messages of the API contract
+(`perito.v1`) and the protocol-neutral OIP tensors (`perito_server.oip_protocol`).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import functools
 import logging
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
-import grpc
 import numpy as np
 from google.protobuf import struct_pb2, timestamp_pb2
 
-from perito.v1 import classify_pb2, jobs_pb2, models_pb2, service_pb2_grpc
+from perito.v1 import classify_pb2, jobs_pb2, models_pb2
 from perito_core import tracing
 from perito_core.access.audit import AuditLog
 from perito_core.access.quotas import RateLimiter
 from perito_core.access.tenancy import Tenant, Tenants
-from perito_core.errors import InvalidArgument, InvalidImage, PeritoError
+from perito_core.errors import InvalidArgument, InvalidImage, NotFound, PeritoError
 from perito_core.imaging import DecodeInfo, ImageLimits, InputSpec, load_model_input_with_info
 from perito_core.logs import REQUEST_ID
 from perito_core.models.manifest import ModelCard, ModelManifest
 from perito_core.models.registry import validate_model_name
 from perito_core.models.summary import summarize
-from perito_server.auth import current_tenant
 from perito_server.batcher import ByteBudget
 from perito_server.errors import echo
 from perito_server.jobs import JobService
 from perito_server.metrics import ServerMetrics
 from perito_server.model_pool import ModelPool
+from perito_server.oip_protocol import (
+    IMAGES_INPUT,
+    PIXELS_INPUT,
+    PROBABILITIES_OUTPUT,
+    InferResult,
+    InputTensor,
+    OutputTensor,
+    RequestedOutput,
+    image_count,
+)
 from perito_server.settings import ServerSettings
 
 log = logging.getLogger(__name__)
 
-Context = grpc.aio.ServicerContext[Any, Any]
 T = TypeVar("T")
-# An image's index -> (the field naming it, a label for messages): see `PeritoServicer.infer`.
+# An image's index -> (the field naming it, a label for messages): see `InferenceService.infer`.
 Describe = Callable[[int], tuple[str, str]]
 
 # Longest caller-supplied names accepted, in characters; longer ones are refused before they
@@ -50,7 +67,7 @@ MAX_IMAGE_ID_CHARS = 256
 
 @dataclass(frozen=True)
 class Inference:
-    """What `PeritoServicer.infer` answers: each image's probabilities, in order.
+    """What `InferenceService.infer` answers: each image's probabilities, in order.
 
     Attributes:
         model: the model's name.
@@ -78,27 +95,47 @@ def _too_long(field: str, length: int, limit: int) -> str:
     return f"{field}: {length} characters; the limit is {limit}"
 
 
-class PeritoServicer(service_pb2_grpc.PeritoServicer):
+class InferenceService:
+    """Classification, the Open Inference Protocol, models and bulk jobs, for every door.
+
+    Each method takes the tenant the call acts as (the door's auth edge has checked its token,
+    role and, where the path names one, its model) and raises `PeritoError`s, which each door
+    turns into its protocol's error with `perito_server.errors`.
+
+    Args:
+        settings: the server's settings (limits, defaults).
+        pool: the loaded model versions and their dynamic batchers.
+        jobs: the bulk-job calls over the job store.
+        limiter: the tenants' images-per-minute quotas.
+        audit: where state-changing calls are recorded.
+        tenants: the tenants (a re-read of their file is audited).
+        metrics: the server's metrics, or None.
+    """
+
     def __init__(
         self,
         settings: ServerSettings,
         pool: ModelPool,
         jobs: JobService,
+        limiter: RateLimiter,
+        audit: AuditLog,
+        tenants: Tenants,
         metrics: ServerMetrics | None = None,
-        tenants: Tenants | None = None,
     ) -> None:
         self.settings = settings
         self.pool = pool
         self.jobs = jobs
+        self.limiter = limiter
+        self.audit = audit
         self.metrics = metrics
-        self.tenants = tenants or Tenants()
-        self.limiter = RateLimiter(jobs.store.redis)
-        self.audit = AuditLog(jobs.store.redis, settings.job_retention.total_seconds())
+        self.tenants = tenants
         self.tenants.on_reload = self._audit_reload
         self.limits: ImageLimits = settings.image_limits()
         self._decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
         # Encoded request bytes admitted to any model's batcher and not yet answered.
         self.queue_bytes = ByteBudget(settings.max_queue_bytes)
+        # False once the server drains (OIP readiness).
+        self.ready = True
 
     def close(self) -> None:
         self._decode_pool.shutdown(wait=False, cancel_futures=True)
@@ -316,21 +353,10 @@ class PeritoServicer(service_pb2_grpc.PeritoServicer):
             served.name, served.version, served.model.form, manifest, probabilities, infos
         )
 
-    async def Classify(
-        self, request: classify_pb2.ClassifyRequest, context: Context
-    ) -> classify_pb2.ClassifyResponse:
-        """Classify the request's images inside the call deadline, results in order.
-
-        Raises (as statuses, through `errors.CallInterceptor`): see `classify`.
-        """
-        remaining = context.time_remaining()
-        deadline = time.monotonic() + remaining if remaining is not None else None
-        return await self.classify(request, current_tenant(), deadline)
-
     async def classify(
         self, request: classify_pb2.ClassifyRequest, tenant: Tenant, deadline: float | None
     ) -> classify_pb2.ClassifyResponse:
-        """`Classify` as `tenant`, due by `deadline` (monotonic): shared with the JSON API.
+        """`Classify` as `tenant`, due by `deadline` (monotonic): for every door.
 
         Admission is by images (`max_queue_size`, per model) and by encoded request bytes
         (`max_queue_bytes`, server-wide), reserved before decoding.
@@ -382,13 +408,111 @@ class PeritoServicer(service_pb2_grpc.PeritoServicer):
             )
         return response
 
+    # The Open Inference Protocol
+
+    async def model_manifest(self, model: str, version: str) -> ModelManifest:
+        """The manifest of `model` at `version` (a version, an alias or "" for latest).
+
+        Raises:
+            InvalidArgument: a malformed name.
+            NotFound: no such model, version or alias.
+        """
+        self.check_target(model, version, 1, "inputs")
+        pool = self.pool
+        resolved = await pool.resolve(model, version)
+        return await asyncio.to_thread(pool.registry.manifest, model, resolved)
+
+    async def model_ready(self, model: str, version: str) -> bool:
+        """Whether `model@version` exists and the server takes requests (a version that is
+        not loaded yet is loaded by the first request).
+
+        Raises:
+            InvalidArgument: a malformed name.
+        """
+        if not self.ready:
+            return False
+        try:
+            await self.model_manifest(model, version)
+        except NotFound:
+            return False
+        return True
+
+    async def oip_infer(
+        self,
+        tenant: Tenant,
+        model: str,
+        version: str,
+        inputs: Sequence[InputTensor],
+        outputs: Sequence[RequestedOutput],
+        *,
+        nbytes: int,
+        deadline: float | None,
+        precision: object = None,
+    ) -> InferResult:
+        """Classify the images of the one input, and answer the requested outputs.
+
+        Args:
+            tenant: the caller's tenant (its role and model list already checked).
+            model, version: the model, and a version, alias or "" (latest).
+            inputs: exactly one: BYTES [N] / [N, 1] of encoded images, or UINT8 [N, H, W, 3].
+            outputs: what to answer; empty means `probabilities`.
+            nbytes: the request's size, for admission (`max_queue_bytes`).
+            deadline: `time.monotonic()` by which to answer, or None.
+            precision: the request's `precision` parameter (Perito's: a form at least as
+                exact as the server's, as `ClassifyRequest.precision`), None when absent.
+
+        Returns:
+            `probabilities` FP32 [N, C], or with `classification` = k, BYTES [N, k] of
+            "score:index:label" (k clipped to C), for each output asked for.
+
+        Raises:
+            InvalidArgument: not one input, a bad shape or datatype, an unknown output, a bad
+                `classification`, an undecodable image (named `<input>[i]`).
+            NotFound, QueueFull, QuotaExceeded, DeadlineExceeded, ShuttingDown: as
+                `infer`.
+        """
+        if len(inputs) != 1:
+            raise InvalidArgument(
+                f"{len(inputs)} inputs; send exactly one: {IMAGES_INPUT!r} (BYTES) or "
+                f"{PIXELS_INPUT!r} (UINT8)",
+                field="inputs",
+            )
+        tensor = inputs[0]
+        count = image_count(tensor.shape, tensor.datatype, tensor.name)
+        for output in outputs:
+            if output.name != PROBABILITIES_OUTPUT:
+                raise InvalidArgument(
+                    f"output {echo(output.name)!r}: unknown; the output is "
+                    f"{PROBABILITIES_OUTPUT!r}",
+                    field="outputs",
+                )
+            if output.classification < 0:
+                raise InvalidArgument(
+                    "the classification parameter must be a positive count", field="outputs"
+                )
+        if precision is not None and not isinstance(precision, str):
+            raise InvalidArgument("the precision parameter must be a string", field="precision")
+        self.check_target(model, version, count, tensor.name)
+        name = echo(tensor.name)
+        inference = await self.infer(
+            tenant,
+            model,
+            version,
+            tensor.data,
+            nbytes=nbytes,
+            deadline=deadline,
+            describe=lambda i: (f"{tensor.name[:64]}[{i}]", f"input {name!r}, image {i}"),
+            precision=precision or "",
+        )
+        wanted = outputs or [RequestedOutput(PROBABILITIES_OUTPUT)]
+        return InferResult(
+            inference.model, inference.version, [_output(inference, o) for o in wanted]
+        )
+
     # Bulk jobs
 
-    async def SubmitJob(self, request: jobs_pb2.SubmitJobRequest, context: Context) -> jobs_pb2.Job:
-        return await self.submit_job(request, current_tenant())
-
     async def submit_job(self, request: jobs_pb2.SubmitJobRequest, tenant: Tenant) -> jobs_pb2.Job:
-        """`SubmitJob` as `tenant`, audited and counted: shared with the JSON API.
+        """`SubmitJob` as `tenant`, audited and counted: for every door.
 
         Raises:
             PeritoError: as `JobService.submit`.
@@ -406,30 +530,45 @@ class PeritoServicer(service_pb2_grpc.PeritoServicer):
             self.metrics.jobs_submitted.labels(job.model).inc()
         return job
 
-    async def GetJob(self, request: jobs_pb2.GetJobRequest, context: Context) -> jobs_pb2.Job:
-        return await self.jobs.get(request.job_id, current_tenant())
+    async def get_job(self, job_id: str, tenant: Tenant) -> jobs_pb2.Job:
+        """`GetJob` as `tenant`.
 
-    async def ListJobs(
-        self, request: jobs_pb2.ListJobsRequest, context: Context
+        Raises:
+            NotFound: no such job, or another tenant's.
+        """
+        return await self.jobs.get(job_id, tenant)
+
+    async def list_jobs(
+        self, request: jobs_pb2.ListJobsRequest, tenant: Tenant
     ) -> jobs_pb2.ListJobsResponse:
-        return await self.jobs.list_jobs(request, current_tenant())
+        """`ListJobs` as `tenant` (its own jobs only).
 
-    async def WatchJob(
-        self, request: jobs_pb2.WatchJobRequest, context: Context
-    ) -> AsyncIterator[jobs_pb2.Job]:
-        async for job in self.jobs.watch(request.job_id, current_tenant()):
-            yield job
+        Raises:
+            InvalidArgument: a bad page size or token.
+        """
+        return await self.jobs.list_jobs(request, tenant)
 
-    async def ListJobResults(
-        self, request: jobs_pb2.ListJobResultsRequest, context: Context
+    def watch_job(self, job_id: str, tenant: Tenant) -> AsyncIterator[jobs_pb2.Job]:
+        """`WatchJob` as `tenant`: the job now, then at each change, until it ends.
+
+        Raises:
+            NotFound: no such job, or another tenant's.
+        """
+        return self.jobs.watch(job_id, tenant)
+
+    async def list_job_results(
+        self, request: jobs_pb2.ListJobResultsRequest, tenant: Tenant
     ) -> jobs_pb2.ListJobResultsResponse:
-        return await self.jobs.list_results(request, current_tenant())
+        """`ListJobResults` as `tenant`: one page of item results, in input order.
 
-    async def CancelJob(self, request: jobs_pb2.CancelJobRequest, context: Context) -> jobs_pb2.Job:
-        return await self.cancel_job(request.job_id, current_tenant())
+        Raises:
+            NotFound: no such job, or another tenant's.
+            InvalidArgument: a bad page size, token or filter.
+        """
+        return await self.jobs.list_results(request, tenant)
 
     async def cancel_job(self, job_id: str, tenant: Tenant) -> jobs_pb2.Job:
-        """`CancelJob` as `tenant`, audited: shared with the JSON API.
+        """`CancelJob` as `tenant`, audited: for every door.
 
         Raises:
             PeritoError: as `JobService.cancel`.
@@ -438,29 +577,22 @@ class PeritoServicer(service_pb2_grpc.PeritoServicer):
             tenant, "CancelJob", f"jobs/{job_id[:64]}", lambda: self.jobs.cancel(job_id, tenant)
         )
 
-    async def DeleteJob(
-        self, request: jobs_pb2.DeleteJobRequest, context: Context
-    ) -> jobs_pb2.DeleteJobResponse:
-        tenant = current_tenant()
+    async def delete_job(self, job_id: str, tenant: Tenant) -> None:
+        """`DeleteJob` as `tenant`, audited.
+
+        Raises:
+            PeritoError: as `JobService.delete`.
+        """
         await self._audited(
-            tenant,
-            "DeleteJob",
-            f"jobs/{request.job_id[:64]}",
-            lambda: self.jobs.delete(request.job_id, tenant),
+            tenant, "DeleteJob", f"jobs/{job_id[:64]}", lambda: self.jobs.delete(job_id, tenant)
         )
-        return jobs_pb2.DeleteJobResponse()
 
     # Models
-
-    async def ListModels(
-        self, request: models_pb2.ListModelsRequest, context: Context
-    ) -> models_pb2.ListModelsResponse:
-        return await self.list_models(request, current_tenant())
 
     async def list_models(
         self, request: models_pb2.ListModelsRequest, tenant: Tenant
     ) -> models_pb2.ListModelsResponse:
-        """`ListModels` as `tenant` (its allowed models only): shared with the JSON API.
+        """`ListModels` as `tenant` (its allowed models only): for every door.
 
         Raises:
             InvalidArgument: a negative page size.
@@ -478,11 +610,6 @@ class PeritoServicer(service_pb2_grpc.PeritoServicer):
         models = [(await self._describe(name, with_cards=False))[0] for name in page]
         token = page[-1] if len(after) > page_size else ""
         return models_pb2.ListModelsResponse(models=models, next_page_token=token)
-
-    async def GetModel(
-        self, request: models_pb2.GetModelRequest, context: Context
-    ) -> models_pb2.Model:
-        return await self.get_model(request.model)
 
     async def get_model(self, name: str) -> models_pb2.Model:
         """`GetModel`, cards and all (the caller has checked the tenant may use `name`).
@@ -544,3 +671,21 @@ class PeritoServicer(service_pb2_grpc.PeritoServicer):
                 version.card.CopyFrom(card)
             model.versions.append(version)
         return model, manifests
+
+
+def _output(inference: Inference, output: RequestedOutput) -> OutputTensor:
+    probabilities = np.stack(inference.probabilities).astype(np.float32, copy=False)
+    if not output.classification:
+        return OutputTensor(
+            output.name, "FP32", list(probabilities.shape), probabilities, output.binary
+        )
+    labels = inference.manifest.labels
+    k = min(output.classification, len(labels))
+    strings = [
+        f"{p.probability:f}:{p.class_index}:{p.label}".encode()
+        for probs in inference.probabilities
+        for p in summarize(probs, labels, k, None).predictions
+    ]
+    return OutputTensor(
+        output.name, "BYTES", [len(inference.probabilities), k], strings, output.binary
+    )

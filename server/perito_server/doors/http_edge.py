@@ -1,0 +1,161 @@
+"""The edge both HTTP doors share (OIP REST, the JSON API): request id, auth, errors, bodies.
+
+Not a door itself: `HttpEdge.door` wraps each route's handler so that it runs as the tenant
+the `Authorization: Bearer <token>` header names, checked by the gRPC interceptor's own code
+(`TenantInterceptor.authorize`, with the gRPC method the route stands for) before the body is
+read, with the model in the path checked against the tenant's list. Errors are answered with
+`errors.to_http` (the HTTP status of the gRPC code, from the one table every door uses, and
+Google AIP-193's JSON error); OIP routes keep the protocol's `{"error": "<message>"}` string
+(what OIP clients print) and add the AIP-193 `code`, `status` and `details` beside it. A body
+over `max_message_bytes` is refused while it streams in, 413 RESOURCE_EXHAUSTED.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from perito_core.access.tenancy import Tenant
+from perito_core.errors import ErrorCode, InvalidArgument, PeritoError
+from perito_core.logs import REQUEST_ID
+from perito_server.auth import TenantInterceptor
+from perito_server.errors import as_perito_error, request_id, to_http
+from perito_server.metrics import ServerMetrics
+from perito_server.oip_protocol import server_version
+from perito_server.openapi import openapi_document
+
+# The gRPC methods HTTP routes stand for, whose roles authorise them.
+PERITO = "/perito.v1.Perito/"
+OIP = "/inference.GRPCInferenceService/"
+
+Handler = Callable[[Request, Tenant], Awaitable[Response]]
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+class BodyTooLarge(PeritoError, code=ErrorCode.RESOURCE_EXHAUSTED, reason="REQUEST_TOO_LARGE"):
+    """A request body over the server's bound (answered 413)."""
+
+
+class HttpEdge:
+    """What every HTTP route goes through.
+
+    Args:
+        authorizer: the gRPC server's interceptor, whose `authorize` checks tokens and roles.
+        metrics: the server's metrics (each call counted as `HTTP <method>`), or None.
+        max_body_bytes: the largest body read (the gRPC `max_message_bytes`).
+    """
+
+    def __init__(
+        self, authorizer: TenantInterceptor, metrics: ServerMetrics | None, max_body_bytes: int
+    ) -> None:
+        self.authorizer = authorizer
+        self.metrics = metrics
+        self.max_body_bytes = max_body_bytes
+
+    def door(
+        self, method: str | None, handler: Handler, *, model: bool = False, oip: bool = False
+    ) -> Endpoint:
+        """`handler` behind auth (for `method`'s role; None: open), the path's model checked,
+        errors answered as JSON (`oip`: in the protocol's shape), the call counted in the
+        metrics as `HTTP <method>`."""
+        name = "HTTP " + (method.rpartition("/")[2] if method else handler.__name__.strip("_"))
+
+        async def endpoint(request: Request) -> Response:
+            started, code = time.perf_counter(), "OK"
+            call_id = request_id(request.headers.get("x-request-id", ""))
+            REQUEST_ID.set(call_id)
+            try:
+                tenant = Tenant.unrestricted("anonymous")
+                if method is not None:
+                    metadata = [
+                        ("authorization", request.headers.get("authorization", "")),
+                        ("x-request-id", call_id),  # for the audit of a refused change
+                    ]
+                    tenant = self.authorizer.authorize(method, metadata)
+                    if model:
+                        tenant.require_model(model_ref(request)[0])
+                response = await handler(request, tenant)
+            except Exception as exc:  # noqa: BLE001 - every error becomes an answer
+                error = as_perito_error(exc, name)
+                code = error.code.name
+                response = error_response(error, oip)
+            finally:
+                if self.metrics is not None:
+                    self.metrics.observe_call(name, code, time.perf_counter() - started)
+            response.headers["x-request-id"] = call_id
+            return response
+
+        return endpoint
+
+    async def body(self, request: Request) -> bytes:
+        """The body, refused (413) once it grows past `max_body_bytes`, while streaming.
+
+        Raises:
+            BodyTooLarge: over the bound.
+        """
+        limit = self.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise BodyTooLarge(f"the body is {declared} bytes; the limit is {limit}")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise BodyTooLarge(f"the body is over the limit of {limit} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def json_body(self, request: Request) -> Any:
+        """The body parsed as JSON.
+
+        Raises:
+            BodyTooLarge: over the bound.
+            InvalidArgument: naming `body`, when it is not JSON.
+        """
+        body = await self.body(request)
+        try:
+            return json.loads(body)
+        except (ValueError, UnicodeDecodeError) as error:
+            raise InvalidArgument(f"the body is not JSON: {error}", field="body") from None
+
+
+def error_response(error: PeritoError, oip: bool) -> Response:
+    """`error` as a JSON response: AIP-193's body, or for OIP the protocol's with it beside."""
+    status, body, headers = to_http(error)
+    if isinstance(error, BodyTooLarge):
+        status = 413
+        body["error"]["code"] = status
+    if oip:  # the protocol's {"error": "<message>"}, the AIP-193 fields beside it
+        body = {**body["error"], "error": body["error"]["message"]}
+        body.pop("message")
+    return JSONResponse(body, status, headers=headers)
+
+
+def model_ref(request: Request) -> tuple[str, str]:
+    """(model, version) of the path: `/versions/{v}`, `name@version`, or `?version=`."""
+    name: str = request.path_params["model"]
+    version: str | None = request.path_params.get("version")
+    if version is None:
+        name, _, version = name.partition("@")
+        version = version or request.query_params.get("version", "")
+    return name, version
+
+
+def http_app(*doors: list[BaseRoute]) -> Starlette:
+    """One Starlette app serving the routes of `doors` and `GET /openapi.json`, which
+    describes them."""
+
+    async def openapi(request: Request) -> Response:
+        return JSONResponse(openapi_document(server_version()))
+
+    routes: list[BaseRoute] = [Route("/openapi.json", openapi, methods=["GET"])]
+    for door_routes in doors:
+        routes.extend(door_routes)
+    return Starlette(routes=routes)

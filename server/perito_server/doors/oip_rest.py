@@ -1,0 +1,298 @@
+"""The Open Inference Protocol over HTTP/REST (KServe v2), a door.
+
+The protocol: `inference_rest.md` of https://github.com/kserve/open-inference-protocol:
+`GET /v2/health/live`, `/v2/health/ready`, `/v2`, `/v2/models/{model}[/versions/{version}]`,
+`.../ready`, and `POST .../infer` with JSON tensors or Triton's binary tensor extension (the
+`Inference-Header-Content-Length` header: that many bytes of JSON, then each binary tensor's
+bytes in order, sized by its `binary_data_size` parameter; what `tritonclient.http` sends and
+reads). In JSON, BYTES images are base64 strings (raw image bytes are not text), decoded by
+`pybase64`.
+
+It only translates: the body into the protocol's tensors (`perito_server.oip_protocol`), the
+inference service's `InferResult` back into JSON (and binary parts). Auth, errors and bodies
+are the HTTP edge's (`doors.http_edge`).
+"""
+
+from __future__ import annotations
+
+import binascii
+import json
+import time
+from typing import Any
+
+import numpy as np
+import pybase64
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from perito_core.access.tenancy import Tenant
+from perito_core.errors import InvalidArgument
+from perito_server.doors.http_edge import OIP, HttpEdge, model_ref
+from perito_server.errors import echo
+from perito_server.inference import InferenceService
+from perito_server.oip_protocol import (
+    EXTENSIONS,
+    InferResult,
+    InputTensor,
+    RequestedOutput,
+    classification_count,
+    deserialize_bytes,
+    image_count,
+    model_metadata,
+    server_version,
+)
+
+HEADER_LENGTH = "inference-header-content-length"
+
+
+class OipRest:
+    """The protocol's REST routes over `service`, behind `edge`."""
+
+    def __init__(self, service: InferenceService, edge: HttpEdge) -> None:
+        self.service = service
+        self.edge = edge
+
+    def routes(self) -> list[BaseRoute]:
+        """The routes, each behind the edge with the gRPC method whose role it needs."""
+        door = self.edge.door
+        model_paths = ("/v2/models/{model}", "/v2/models/{model}/versions/{version}")
+        return [
+            Route("/v2/health/live", door(None, self._live, oip=True), methods=["GET"]),
+            Route("/v2/health/ready", door(None, self._ready, oip=True), methods=["GET"]),
+            Route("/v2", door(OIP + "ServerMetadata", self._server_metadata, oip=True)),
+            *(
+                route
+                for path in model_paths
+                for route in (
+                    Route(
+                        path,
+                        door(OIP + "ModelMetadata", self._model_metadata, model=True, oip=True),
+                        methods=["GET"],
+                    ),
+                    Route(
+                        path + "/ready",
+                        door(OIP + "ModelReady", self._model_ready, model=True, oip=True),
+                        methods=["GET"],
+                    ),
+                    Route(
+                        path + "/infer",
+                        door(OIP + "ModelInfer", self._infer, model=True, oip=True),
+                        methods=["POST"],
+                    ),
+                )
+            ),
+        ]
+
+    async def _live(self, request: Request, tenant: Tenant) -> Response:
+        return JSONResponse({"live": True})
+
+    async def _ready(self, request: Request, tenant: Tenant) -> Response:
+        ready = self.service.ready
+        return JSONResponse({"ready": ready}, 200 if ready else 503)
+
+    async def _server_metadata(self, request: Request, tenant: Tenant) -> Response:
+        return JSONResponse(
+            {"name": "perito", "version": server_version(), "extensions": list(EXTENSIONS)}
+        )
+
+    async def _model_metadata(self, request: Request, tenant: Tenant) -> Response:
+        return JSONResponse(model_metadata(await self.service.model_manifest(*model_ref(request))))
+
+    async def _model_ready(self, request: Request, tenant: Tenant) -> Response:
+        ready = await self.service.model_ready(*model_ref(request))
+        return JSONResponse({"ready": ready}, 200 if ready else 400)
+
+    async def _infer(self, request: Request, tenant: Tenant) -> Response:
+        model, version = model_ref(request)
+        body = await self.edge.body(request)
+        header = request.headers.get(HEADER_LENGTH)
+        split = len(body)
+        if header is not None:
+            if not header.isdigit() or int(header) > len(body):
+                raise InvalidArgument(
+                    f"{HEADER_LENGTH}: {echo(header)!r} is not a length within the body",
+                    field=HEADER_LENGTH,
+                )
+            split = int(header)
+        try:
+            document = json.loads(body[:split])
+        except (ValueError, UnicodeDecodeError) as error:
+            raise InvalidArgument(
+                f"the inference header is not JSON: {error}", field="body"
+            ) from None
+        if not isinstance(document, dict):
+            raise InvalidArgument("the inference request must be a JSON object", field="body")
+        inputs = _rest_inputs(document.get("inputs"), memoryview(body)[split:])
+        parameters = document.get("parameters") or {}
+        if not isinstance(parameters, dict):
+            raise InvalidArgument("parameters must be an object", field="parameters")
+        binary_default = bool(parameters.get("binary_data_output"))
+        outputs = _rest_outputs(document.get("outputs"), binary_default)
+        # Triton's `timeout` request parameter (tritonclient.http's `timeout=`), microseconds.
+        timeout = parameters.get("timeout")
+        if timeout is not None and (
+            isinstance(timeout, bool) or not isinstance(timeout, int) or timeout <= 0
+        ):
+            raise InvalidArgument(
+                "timeout must be a positive count of microseconds", field="timeout"
+            )
+        deadline = time.monotonic() + timeout / 1e6 if timeout else None
+        result = await self.service.oip_infer(
+            tenant,
+            model,
+            version,
+            inputs,
+            outputs,
+            nbytes=len(body),
+            deadline=deadline,
+            precision=parameters.get("precision"),
+        )
+        request_id = document.get("id")
+        return _rest_response(result, request_id if isinstance(request_id, str) else None)
+
+    # The JSON API
+
+
+def _flatten(data: Any) -> list[Any]:
+    """Row-major elements of a JSON tensor's `data` (flat or nested lists)."""
+    if not isinstance(data, list):
+        return [data]
+    flat: list[Any] = []
+    for element in data:
+        flat.extend(_flatten(element) if isinstance(element, list) else [element])
+    return flat
+
+
+def _rest_inputs(inputs: Any, binary: memoryview) -> list[InputTensor]:
+    """The inputs of a REST inference request, their data from JSON or the binary part.
+
+    Raises:
+        InvalidArgument: naming the input, for a malformed one.
+    """
+    if not isinstance(inputs, list) or not all(isinstance(i, dict) for i in inputs):
+        raise InvalidArgument("inputs must be a list of tensors", field="inputs")
+    tensors, offset = [], 0
+    for spec in inputs:
+        name, datatype, shape = spec.get("name"), spec.get("datatype"), spec.get("shape")
+        if not isinstance(name, str) or not isinstance(datatype, str):
+            raise InvalidArgument("each input needs a name and a datatype", field="inputs")
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) for d in shape
+        ):
+            raise InvalidArgument(f"input {echo(name)!r}: shape must be integers", field=name)
+        count = image_count(shape, datatype, name)
+        parameters = spec.get("parameters") or {}
+        size = parameters.get("binary_data_size") if isinstance(parameters, dict) else None
+        data: list[bytes] | np.ndarray
+        if size is not None:
+            if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+                raise InvalidArgument(
+                    f"input {echo(name)!r}: binary_data_size {echo(str(size))} is past the body",
+                    field=name,
+                )
+            raw = bytes(binary[offset : offset + size])
+            offset += size
+            if datatype == "BYTES":
+                data = deserialize_bytes(raw, count, name)
+            else:
+                data = _pixels(np.frombuffer(raw, dtype=np.uint8), shape, name)
+        else:
+            elements = _flatten(spec.get("data"))
+            if datatype == "BYTES":
+                data = [_base64(e, name, i) for i, e in enumerate(elements)]
+                if len(data) != count:
+                    raise InvalidArgument(
+                        f"input {echo(name)!r}: {len(data)} elements for shape {shape}", field=name
+                    )
+            else:
+                if not all(isinstance(e, int) and 0 <= e <= 255 for e in elements):
+                    raise InvalidArgument(
+                        f"input {echo(name)!r}: UINT8 data must be integers 0..255", field=name
+                    )
+                data = _pixels(np.asarray(elements, dtype=np.uint8), shape, name)
+        tensors.append(InputTensor(name, datatype, shape, data))
+    if offset != len(binary):
+        raise InvalidArgument(
+            f"{len(binary) - offset} bytes after the last binary input", field="body"
+        )
+    return tensors
+
+
+def _pixels(flat: np.ndarray, shape: list[int], name: str) -> np.ndarray:
+    if flat.size != int(np.prod(shape)):
+        raise InvalidArgument(
+            f"input {echo(name)!r}: {flat.size} values for shape {shape}", field=name
+        )
+    return flat.reshape(shape)
+
+
+def _base64(element: Any, name: str, index: int) -> bytes:
+    if not isinstance(element, str):
+        raise InvalidArgument(
+            f"input {echo(name)!r}[{index}]: BYTES elements in JSON are base64 strings",
+            field=f"{name[:64]}[{index}]",
+        )
+    try:
+        return pybase64.b64decode(element, validate=True)
+    except binascii.Error:
+        raise InvalidArgument(
+            f"input {echo(name)!r}[{index}]: not base64 (send images as base64 in JSON, or as "
+            "binary data with binary_data_size)",
+            field=f"{name[:64]}[{index}]",
+        ) from None
+
+
+def _rest_outputs(outputs: Any, binary_default: bool) -> list[RequestedOutput]:
+    if outputs is None:
+        return [RequestedOutput("probabilities", binary=binary_default)] if binary_default else []
+    if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
+        raise InvalidArgument("outputs must be a list of {name, parameters}", field="outputs")
+    wanted = []
+    for output in outputs:
+        parameters = output.get("parameters") or {}
+        if not isinstance(parameters, dict):
+            raise InvalidArgument("output parameters must be an object", field="outputs")
+        wanted.append(
+            RequestedOutput(
+                str(output.get("name", "")),
+                classification_count(parameters.get("classification")),
+                bool(parameters.get("binary_data", binary_default)),
+            )
+        )
+    return wanted
+
+
+def _rest_response(result: InferResult, request_id: str | None) -> Response:
+    """The REST inference response: JSON, or JSON then binary outputs (binary extension)."""
+    outputs, blobs = [], []
+    for output in result.outputs:
+        tensor: dict[str, Any] = {
+            "name": output.name,
+            "datatype": output.datatype,
+            "shape": output.shape,
+        }
+        if output.binary:
+            raw = output.raw()
+            tensor["parameters"] = {"binary_data_size": len(raw)}
+            blobs.append(raw)
+        elif isinstance(output.data, np.ndarray):
+            tensor["data"] = output.data.ravel().tolist()
+        else:
+            tensor["data"] = [s.decode() for s in output.data]
+        outputs.append(tensor)
+    document: dict[str, Any] = {
+        "model_name": result.model,
+        "model_version": result.version,
+        "outputs": outputs,
+    }
+    if request_id:
+        document["id"] = request_id
+    header = json.dumps(document).encode()
+    if not blobs:
+        return Response(header, media_type="application/json")
+    return Response(
+        b"".join([header, *blobs]),
+        media_type="application/octet-stream",
+        headers={"Inference-Header-Content-Length": str(len(header))},
+    )

@@ -1,0 +1,83 @@
+"""uvicorn serving the HTTP doors' Starlette app on the gRPC server's event loop.
+
+Served on `--http-port`, in the same process and event loop as the gRPC server
+(`perito_server.app`), so both share the model pool, the dynamic batchers and their limits.
+uvicorn parses HTTP with `httptools` (C).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import socket
+from collections.abc import Iterator
+
+import uvicorn
+from starlette.applications import Starlette
+
+from perito_server.settings import ServerSettings
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn's server without its signal handling: `perito serve` owns SIGTERM / SIGINT and
+    stops HTTP with gRPC (`RunningServer.stop`)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class HttpServer:
+    """uvicorn serving an ASGI app as a task on the running event loop (the gRPC server's)."""
+
+    def __init__(self, server: uvicorn.Server, task: asyncio.Task[None], port: int) -> None:
+        self._server = server
+        self._task = task
+        self.port = port
+
+    @classmethod
+    async def start(cls, app: Starlette, settings: ServerSettings, *, grace: float) -> HttpServer:
+        """Bind `settings.host:settings.http_port` (TLS with the gRPC port's files) and serve.
+
+        Raises:
+            RuntimeError: the port could not be bound.
+        """
+        config = uvicorn.Config(
+            app,
+            host=settings.host,
+            port=settings.http_port or 0,
+            log_level="warning",
+            access_log=False,
+            http="httptools",
+            lifespan="off",
+            ssl_certfile=settings.tls_cert_file,
+            ssl_keyfile=settings.tls_key_file,
+            timeout_graceful_shutdown=max(1, math.ceil(grace)),
+            server_header=False,
+        )
+        # Bound here rather than by uvicorn, which answers a busy port with sys.exit(1).
+        host, port = settings.host, settings.http_port or 0
+        try:
+            family, kind, proto, _, address = socket.getaddrinfo(
+                host.strip("[]"), port, type=socket.SOCK_STREAM
+            )[0]
+            sock = socket.socket(family, kind, proto)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+        except OSError as error:
+            raise RuntimeError(f"could not bind HTTP on {host}:{port}: {error}") from error
+        port = sock.getsockname()[1]
+        server = _Uvicorn(config)
+        task = asyncio.create_task(server.serve(sockets=[sock]), name="http")
+        while not server.started:
+            if task.done():
+                task.result()  # raises what stopped it
+                raise RuntimeError(f"HTTP on {host}:{port} stopped before it started")
+            await asyncio.sleep(0.01)
+        return cls(server, task, port)
+
+    async def stop(self) -> None:
+        """Stop accepting, let requests in progress finish (within the grace), then return."""
+        self._server.should_exit = True
+        await self._task

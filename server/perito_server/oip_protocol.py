@@ -1,0 +1,209 @@
+"""The Open Inference Protocol's data model, shared by its two transports and the core.
+
+The protocol: the KServe v2 / Open Inference Protocol specification
+(https://github.com/kserve/open-inference-protocol, `inference_grpc.md` and
+`inference_rest.md`), with Triton's extensions that its clients use: classification
+(`docs/protocol/extension_classification.md` in triton-inference-server/server: an output
+requested with the parameter `classification` = k answers BYTES "score:index:label", which is
+what tritonclient's `class_count=k` sends) and binary tensor data over HTTP
+(`extension_binary_data.md`, handled by the REST door).
+
+The tensors here are protocol-neutral: the gRPC door (`doors.oip_grpc`) and the REST door
+(`doors.oip_rest`) decode their wire format into `InputTensor` / `RequestedOutput`, the
+inference service (`InferenceService.oip_infer`) answers an `InferResult`, and each door
+encodes it back. Neither door decodes an image or checks a tenant itself.
+
+How a model looks through the protocol (`model_metadata`):
+
+- inputs: `images`, BYTES [-1] (encoded images, one per element; [N,1] is accepted, as
+  Triton's image examples send), or `pixels`, UINT8 [-1, H, W, 3] (RGB already at the model's
+  input size). A request sends exactly one input; it is told apart by its datatype.
+- outputs: `probabilities`, FP32 [-1, C] (C = the model's labels). With the `classification`
+  parameter k it is BYTES [-1, k] of "score:index:label", best first.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from perito_core.errors import InvalidArgument
+from perito_core.models.manifest import ModelManifest
+from perito_server.errors import echo
+
+# Triton's extension names, as ServerMetadata lists them.
+EXTENSIONS = ("classification", "binary_tensor_data")
+IMAGES_INPUT = "images"
+PIXELS_INPUT = "pixels"
+PROBABILITIES_OUTPUT = "probabilities"
+# Triton's `platform` names for the served artifact's format.
+PLATFORMS = {"torchscript": "pytorch_libtorch", "onnx": "onnxruntime_onnx"}
+
+
+def server_version() -> str:
+    """The installed `perito` package's version."""
+    try:
+        return importlib.metadata.version("perito")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - a source tree
+        return "0"
+
+
+@dataclass
+class InputTensor:
+    """One input of an inference request, its data decoded from the transport.
+
+    Attributes:
+        name: the input's name as sent.
+        datatype: "BYTES" or "UINT8" (others are refused).
+        shape: as sent.
+        data: for BYTES, one `bytes` per element; for UINT8, a uint8 array of `shape`.
+    """
+
+    name: str
+    datatype: str
+    shape: list[int]
+    data: list[bytes] | np.ndarray
+
+
+@dataclass
+class RequestedOutput:
+    """An output asked for: its name, `classification` k (0: the tensor itself), and for
+    HTTP whether its data goes as binary (Triton's `binary_data` parameter)."""
+
+    name: str
+    classification: int = 0
+    binary: bool = False
+
+
+@dataclass
+class OutputTensor:
+    """One output of an inference response.
+
+    Attributes:
+        name: the requested output's name.
+        datatype: "FP32" (probabilities) or "BYTES" (classification strings).
+        shape: [N, C] or [N, k].
+        data: float32 array of `shape`, or the strings (UTF-8 bytes) in row-major order.
+        binary: for HTTP, whether the data goes in the binary part.
+    """
+
+    name: str
+    datatype: str
+    shape: list[int]
+    data: np.ndarray | list[bytes]
+    binary: bool = False
+
+    def raw(self) -> bytes:
+        """The data as the protocol's raw contents: little-endian FP32, or BYTES elements each
+        a 4-byte little-endian length then the bytes."""
+        if isinstance(self.data, np.ndarray):
+            return self.data.astype("<f4", copy=False).tobytes()
+        return serialize_bytes(self.data)
+
+
+@dataclass
+class InferResult:
+    """What `InferenceService.oip_infer` answers: the model and version that answered, and
+    the outputs."""
+
+    model: str
+    version: str
+    outputs: list[OutputTensor] = field(default_factory=list)
+
+
+def serialize_bytes(elements: Sequence[bytes]) -> bytes:
+    """BYTES elements as raw contents: each a 4-byte little-endian length, then the bytes."""
+    return b"".join(struct.pack("<I", len(e)) + e for e in elements)
+
+
+def deserialize_bytes(raw: bytes, count: int, name: str) -> list[bytes]:
+    """The `count` BYTES elements of `raw` (see `serialize_bytes`).
+
+    Raises:
+        InvalidArgument: naming input `name`, if `raw` does not hold exactly `count` elements.
+    """
+    view = memoryview(raw)
+    elements: list[bytes] = []
+    offset = 0
+    while offset < len(view):
+        if len(elements) == count or offset + 4 > len(view):
+            break
+        (length,) = struct.unpack_from("<I", view, offset)
+        offset += 4
+        if offset + length > len(view):
+            break
+        elements.append(bytes(view[offset : offset + length]))
+        offset += length
+    if len(elements) != count or offset != len(view):
+        raise InvalidArgument(
+            f"input {echo(name)!r}: its raw BYTES contents do not hold {count} elements, each "
+            "a 4-byte little-endian length then that many bytes",
+            field=name,
+        )
+    return elements
+
+
+def image_count(shape: Sequence[int], datatype: str, name: str) -> int:
+    """N, the images an input of `shape` holds: [N] or [N, 1] for BYTES, [N, H, W, 3] for UINT8.
+
+    Raises:
+        InvalidArgument: naming the input, for any other shape or datatype.
+    """
+    dims = list(shape)
+    if datatype == "BYTES" and (len(dims) == 1 or (len(dims) == 2 and dims[1] == 1)):
+        ok = dims[0] >= 0
+    elif datatype == "UINT8" and len(dims) == 4 and dims[3] == 3:
+        ok = all(d >= 0 for d in dims)
+    elif datatype in ("BYTES", "UINT8"):
+        want = "[N] or [N, 1]" if datatype == "BYTES" else "[N, H, W, 3]"
+        raise InvalidArgument(
+            f"input {echo(name)!r}: shape {dims} for {datatype}; want {want}", field=name
+        )
+    else:
+        raise InvalidArgument(
+            f"input {echo(name)!r}: datatype {echo(datatype)!r}; want BYTES (encoded images) "
+            "or UINT8 (pixels [N, H, W, 3])",
+            field=name,
+        )
+    if not ok:
+        raise InvalidArgument(f"input {echo(name)!r}: negative dimension in {dims}", field=name)
+    return dims[0]
+
+
+def model_metadata(manifest: ModelManifest) -> dict[str, Any]:
+    """The OIP model metadata of `manifest`'s version: name, versions, platform, inputs and
+    outputs (each `{"name", "datatype", "shape"}`), as the REST response's JSON."""
+    size = manifest.input
+    return {
+        "name": manifest.name,
+        "versions": [manifest.version],
+        "platform": PLATFORMS.get(manifest.artifact.format, manifest.artifact.format),
+        "inputs": [
+            {"name": IMAGES_INPUT, "datatype": "BYTES", "shape": [-1]},
+            {"name": PIXELS_INPUT, "datatype": "UINT8", "shape": [-1, size.height, size.width, 3]},
+        ],
+        "outputs": [
+            {"name": PROBABILITIES_OUTPUT, "datatype": "FP32", "shape": [-1, len(manifest.labels)]}
+        ],
+    }
+
+
+def classification_count(value: object) -> int:
+    """The `classification` parameter as a count (0 when absent).
+
+    Raises:
+        InvalidArgument: not a whole number.
+    """
+    if value is None or value is False:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
+        raise InvalidArgument(
+            f"the classification parameter must be a whole number, not {echo(str(value))!r}",
+            field="outputs",
+        )
+    return int(value)
