@@ -9,6 +9,7 @@ the SDK never imports them.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from collections.abc import Callable
@@ -565,6 +566,10 @@ def _load_plugins() -> None:
 
 
 def main() -> None:
+    # A command's log records of WARNING and above, as bare lines on stderr (what Python shows
+    # when nothing is set up), whichever library logs first; `perito serve` and `perito worker`
+    # set up their own (perito_core.logs.configure_logging).
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
     _load_plugins()
     sys.exit(cli.main(standalone_mode=True))
 

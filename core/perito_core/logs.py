@@ -3,12 +3,19 @@
 `PERITO_LOG_FORMAT=json` gives one JSON object per line with the time, level, logger, message
 and, when known, the gRPC call's `request_id` (the caller's `x-request-id` metadata, or a new
 one) and the bulk job's `job_id`: set per call or per task in these context variables.
+
+`building_forms_quietly` keeps two notices that torch gives on every build of compiled forms
+out of a command's output.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import re
+import warnings
+from collections.abc import Iterator
 from contextvars import ContextVar
 from datetime import UTC, datetime
 
@@ -53,3 +60,46 @@ def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+
+
+class _DropMessage(logging.Filter):
+    """Drops the records whose message matches `pattern` (a regular expression, from the
+    start); lets every other record through."""
+
+    def __init__(self, pattern: str) -> None:
+        super().__init__()
+        self.pattern = re.compile(pattern)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.pattern.match(record.getMessage())
+
+
+# torch.utils.cpp_extension logs this when it is imported on a machine with a CUDA toolkit
+# (nvcc) but no GPU: NNCF's check of which framework a model is from imports it, while it
+# quantizes an OpenVINO model for the CPU, where CUDA plays no part.
+_NO_CUDA = _DropMessage(r"No CUDA runtime is found")
+
+
+@contextlib.contextmanager
+def building_forms_quietly() -> Iterator[None]:
+    """Around building compiled forms (`perito_core.models.compile`), leave out two notices
+    that tell the person running the command nothing they can act on:
+
+    - torch's FutureWarning "`torch.jit.script` is deprecated" (torch 2.14): the artifact is
+      TorchScript (`model.pt`), so its ONNX export scripts the network first;
+    - torch.utils.cpp_extension's "No CUDA runtime is found, using CUDA_HOME=..." (see
+      `_NO_CUDA`).
+
+    Every other warning and log record is shown as before. Not thread-safe (it changes the
+    process's warning filters while inside): for a command's main thread.
+    """
+    cuda_probe = logging.getLogger("torch.utils.cpp_extension")
+    cuda_probe.addFilter(_NO_CUDA)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings(
+                "ignore", r"`torch\.jit\.script` is deprecated", category=FutureWarning
+            )
+            yield
+    finally:
+        cuda_probe.removeFilter(_NO_CUDA)

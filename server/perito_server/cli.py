@@ -9,7 +9,6 @@ tokens; `perito audit` reads the audit log (role `admin`).
 from __future__ import annotations
 
 import asyncio
-import sys
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import click
 from pydantic import ValidationError
 
+from perito_core.access.audit import record_command
 from perito_core.access.tenancy import ROLES, Quotas, Tenant, add_tenant
 from perito_core.cli_options import (
     alias_option,
@@ -52,11 +52,13 @@ def _publisher(settings: ServerSettings, model: str, what: str) -> Tenant:
 def _audit(
     settings: ServerSettings, tenant: str, method: str, resource: str, outcome: str, detail: str
 ) -> None:
-    """One audit record (stderr, keeping stdout for the command's answer; Redis when it can
-    be reached)."""
-    settings.open_audit(sys.stderr).record(
-        tenant=tenant, method=method, resource=resource, outcome=outcome, detail=detail
+    """The change's record in the audit log (`perito_core.access.audit.record_command`):
+    nothing printed, but a line on stderr when the configured Redis cannot be reached."""
+    unstored = record_command(
+        settings, tenant=tenant, method=method, resource=resource, outcome=outcome, detail=detail
     )
+    if unstored:
+        click.echo(unstored, err=True)
 
 
 @click.command()
@@ -278,14 +280,21 @@ def _build_forms(
 ) -> BuiltForms | None:
     """Compiled forms of an imported file, gated on the user's images, built in `scratch`;
     None when not asked."""
+    from perito_core.logs import building_forms_quietly
     from perito_core.models.compile import build_forms_from_folder
 
     if not precisions or calibration is None:
         return None
     out = Path(scratch)
-    built = build_forms_from_folder(
-        model_file, contract, out, calibration, precisions=precisions, min_agreement=min_agreement
-    )
+    with building_forms_quietly():  # torch's TorchScript deprecation and CUDA probe notices
+        built = build_forms_from_folder(
+            model_file,
+            contract,
+            out,
+            calibration,
+            precisions=precisions,
+            min_agreement=min_agreement,
+        )
     for line in built.summary():
         click.echo(line)
     return built

@@ -239,9 +239,9 @@ def _publish(
     as_json: bool = False,
     gate: tuple[tuple[str, ...], float, float] = ((), 0.99, 0.003),
 ) -> None:
-    import sys
-
+    from perito_core.access.audit import record_command
     from perito_core.errors import PeritoError
+    from perito_core.logs import building_forms_quietly
     from perito_core.settings import CommonSettings
     from perito_training.pipeline import RunError, load_run, publish_run
 
@@ -255,32 +255,36 @@ def _publish(
     except PeritoError as error:
         raise click.ClickException(f"{error.message} (PERITO_TOKEN)") from None
     target = settings.open_registry()
-    audit = settings.open_audit(sys.stderr)
-    try:
-        manifest = publish_run(
-            run_dir,
-            target,
-            name=name,
-            aliases=aliases,
-            description=description,
-            published_by=publisher.name,
-            forms=gate[0],
-            min_agreement=gate[1],
-            max_accuracy_drop=gate[2],
-            log=click.echo,
+
+    def audit(**record: str) -> None:
+        """The publish's audit record (`record_command`): printed only when not stored in a
+        Redis the user configured."""
+        unstored = record_command(
+            settings, tenant=publisher.name, method="models.publish", **record
         )
+        if unstored:
+            click.echo(unstored, err=True)
+
+    try:
+        # torch's TorchScript deprecation and CUDA probe notices, when it builds forms
+        with building_forms_quietly():
+            manifest = publish_run(
+                run_dir,
+                target,
+                name=name,
+                aliases=aliases,
+                description=description,
+                published_by=publisher.name,
+                forms=gate[0],
+                min_agreement=gate[1],
+                max_accuracy_drop=gate[2],
+                log=click.echo,
+            )
     except (PeritoError, RunError) as error:
         outcome = error.code.name if isinstance(error, PeritoError) else "FAILED_PRECONDITION"
-        audit.record(
-            tenant=publisher.name,
-            method="models.publish",
-            resource=f"models/{model}",
-            outcome=outcome,
-        )
+        audit(resource=f"models/{model}", outcome=outcome)
         raise click.ClickException(getattr(error, "message", str(error))) from None
-    audit.record(
-        tenant=publisher.name,
-        method="models.publish",
+    audit(
         resource=f"models/{manifest.name}/versions/{manifest.version}",
         outcome="OK",
         detail=f"aliases: {', '.join(aliases)}" if aliases else "",

@@ -1,16 +1,20 @@
 """The audit log: one structured record per state-changing call.
 
 Submit, cancel and delete of jobs, model publishes and alias moves, tenants changes: each
-writes one JSON line to stdout (where container platforms ship logs from) and one entry in
-the Redis stream `perito:audit`, trimmed to the job retention period and to at most
-`max_entries` entries (a flood of refused calls cannot grow it without bound), which
-`perito audit` reads. A record says when, who (tenant), what (method), on what (resource),
-how it ended (outcome: `OK` or the status code name) and the request id; refused calls are
-recorded too.
+writes one entry in the Redis stream `perito:audit`, trimmed to the job retention period and
+to at most `max_entries` entries (a flood of refused calls cannot grow it without bound),
+which `perito audit` reads. A record says when, who (tenant), what (method), on what
+(resource), how it ended (outcome: `OK` or the status code name) and the request id; refused
+calls are recorded too.
 
-Writing the Redis entry is best effort: an audit record that cannot be stored is logged as
-an error and the call goes on (stdout has the line either way); the job store would be down
-too, and the call would fail on its own.
+`perito serve` also writes each record as one JSON line to stdout, where container platforms
+ship a server's logs from. A one-shot command (`perito models import`, `models alias`,
+`tenants add`, `perito publish`) prints none: its output is for the person who ran it
+(`record_command`).
+
+Writing the Redis entry is best effort: in the server, an audit record that cannot be stored
+is logged as an error and the call goes on (stdout has the line either way); the job store
+would be down too, and the call would fail on its own.
 """
 
 from __future__ import annotations
@@ -20,9 +24,12 @@ import logging
 import sys
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import redis
+
+if TYPE_CHECKING:
+    from perito_core.settings import CommonSettings
 
 log = logging.getLogger(__name__)
 
@@ -41,17 +48,39 @@ class AuditRecord:
     request_id: str = ""
     detail: str = ""
 
+    @classmethod
+    def now(
+        cls,
+        *,
+        tenant: str,
+        method: str,
+        resource: str,
+        outcome: str,
+        request_id: str = "",
+        detail: str = "",
+    ) -> AuditRecord:
+        """A record of a call ending now, its free-text fields cut to a bounded length."""
+        return cls(
+            time=time.time(),
+            tenant=tenant,
+            method=method,
+            resource=resource[:512],
+            outcome=outcome,
+            request_id=request_id[:128],
+            detail=detail[:512],
+        )
+
     def to_json(self) -> str:
         return json.dumps({"audit": True, **asdict(self)}, separators=(",", ":"))
 
 
 class AuditLog:
-    """Records to stdout as JSON lines and to a Redis stream kept for `retention_s`.
+    """Records to a Redis stream kept for `retention_s`, and as JSON lines to `stream`.
 
     Args:
-        client: the job store's Redis, or None for stdout only (tools run without Redis).
+        client: the job store's Redis, or None for the JSON lines only.
         retention_s: entries older than this are trimmed as new ones are added.
-        stream: where the JSON lines go (stdout).
+        stream: where the JSON lines go (default: stdout, read when a record is written).
         max_entries: the most entries kept, whatever their age (about 300 bytes each in
             Redis: 100,000 are some 30 MB); the oldest go first.
     """
@@ -80,14 +109,13 @@ class AuditLog:
         detail: str = "",
     ) -> AuditRecord:
         """Write one record (see the module docstring); never raises for storage."""
-        entry = AuditRecord(
-            time=time.time(),
+        entry = AuditRecord.now(
             tenant=tenant,
             method=method,
-            resource=resource[:512],
+            resource=resource,
             outcome=outcome,
-            request_id=request_id[:128],
-            detail=detail[:512],
+            request_id=request_id,
+            detail=detail,
         )
         out = self._stream or sys.stdout
         try:
@@ -96,16 +124,25 @@ class AuditLog:
         except (OSError, ValueError):  # stdout closed: the Redis entry still counts
             pass
         if self.redis is not None:
-            oldest_ms = int((entry.time - self.retention_s) * 1000)
-            fields: dict[Any, Any] = {k: str(v) for k, v in asdict(entry).items()}
             try:
-                with self.redis.pipeline(transaction=False) as pipe:
-                    pipe.xadd(AUDIT_KEY, fields, minid=max(oldest_ms, 0), approximate=True)
-                    pipe.xtrim(AUDIT_KEY, maxlen=self.max_entries, approximate=True)
-                    pipe.execute()
+                self.store(entry)
             except redis.RedisError as exc:
                 log.error("audit record not stored in Redis (its JSON line was written): %s", exc)
         return entry
+
+    def store(self, entry: AuditRecord) -> None:
+        """Append `entry` to the Redis stream, trimming it by age and by count.
+
+        Raises:
+            redis.RedisError: Redis is unreachable or refused the write.
+        """
+        assert self.redis is not None
+        oldest_ms = int((entry.time - self.retention_s) * 1000)
+        fields: dict[Any, Any] = {k: str(v) for k, v in asdict(entry).items()}
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.xadd(AUDIT_KEY, fields, minid=max(oldest_ms, 0), approximate=True)
+            pipe.xtrim(AUDIT_KEY, maxlen=self.max_entries, approximate=True)
+            pipe.execute()
 
     def list(
         self,
@@ -147,6 +184,39 @@ class AuditLog:
                         break
             high = "(" + _text(batch[-1][0] or b"")  # exclusive: older than the last one read
         return found
+
+
+def record_command(
+    settings: CommonSettings,
+    *,
+    tenant: str,
+    method: str,
+    resource: str,
+    outcome: str,
+    detail: str = "",
+) -> str | None:
+    """Store the audit record of a one-shot command's change in the audit log of `settings`
+    (the Redis at `settings.redis_url`, kept for `settings.audit_retention_s`); print nothing.
+
+    Returns:
+        None when stored, or when it could not be and the user set no Redis URL
+        (PERITO_REDIS_URL): a command run without Redis, publishing to a folder registry,
+        has no audit log to write to and nothing to say about it. Else a sentence for the
+        command to print once: the configured Redis could not be reached.
+    """
+    entry = AuditRecord.now(
+        tenant=tenant, method=method, resource=resource, outcome=outcome, detail=detail
+    )
+    client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=10)
+    try:
+        AuditLog(client, settings.audit_retention_s).store(entry)
+    except redis.RedisError as exc:
+        if "redis_url" not in settings.model_fields_set:
+            return None
+        return f"note: the audit log (PERITO_REDIS_URL) did not get a record of this change: {exc}"
+    finally:
+        client.close()
+    return None
 
 
 def _text(value: bytes | str) -> str:
