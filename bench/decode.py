@@ -4,7 +4,8 @@
 on the same pixels in each format, interleaved rounds, median per format and its ratio to the
 JPEG measured in the same run. Also a Display P3 JPEG (colour conversion to sRGB on).
 
-Target (issue 20): MPO within 1.3x of JPEG. Run: `.venv/bin/python bench/decode.py`.
+Targets: MPO within 1.3x of JPEG, and the MPO's model input the JPEG's exactly; exits 1 when
+either is missed. Run: `.venv/bin/python bench/decode.py`.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from bench.classify import cpu_name  # noqa: E402
+from bench.targets import report  # noqa: E402
 from perito_core.imaging import HEIF_SUPPORTED, decode_image_with_info, load_model_input  # noqa: E402
 from perito_training.pretrained import EFFICIENTNET_LITE0_INPUT  # noqa: E402
 
@@ -94,14 +96,17 @@ def main() -> int:
             f"{min(samples):.1f} | {median / jpeg:.2f}x |"
         )
     mpo = statistics.median(times["MPO (JPEG + a second picture)"]) / jpeg
-    verdict = "PASS" if mpo <= 1.3 else "MISS"
-    print(f"\nMPO: {mpo:.2f} x JPEG (target <= 1.3) -> {verdict}")
     same = np.array_equal(
         load_model_input(files["JPEG"], spec),
         load_model_input(files["MPO (JPEG + a second picture)"], spec),
     )
-    print(f"MPO model input identical to the JPEG's: {same}")
-    return 0 if mpo <= 1.3 else 1
+    print()
+    return report(
+        [
+            (f"MPO: {mpo:.2f} x JPEG (target <= 1.3)", mpo <= 1.3),
+            (f"MPO model input identical to the JPEG's: {same}", same),
+        ]
+    )
 
 
 if __name__ == "__main__":

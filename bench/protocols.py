@@ -3,7 +3,7 @@ Protocol over gRPC (`ModelInfer`), the HTTP JSON API (`POST /v1/models/{m}:class
 over HTTP (binary tensors), one `perito serve` (gRPC and `--http-port`) in its own process,
 measured in the same run on the same machine.
 
-Each door gets `--callers` concurrent callers (16: issue 18's figure) in this process, one
+Each door gets `--callers` concurrent callers (16 by default) in this process, one
 640x480 JPEG per request, for `--seconds`, in `--rounds` interleaved rounds (so drift in the
 machine's load hits every door alike); the figure is the mean images/s over the rounds (and
 the range of the per-round ratios to that round's `Classify`), with p50 / p99 latency, the
@@ -12,8 +12,11 @@ machine the rates move with other load, the CPU cost per image much less, so it 
 door itself costs) and this process's (the callers'). Callers: grpc.aio stubs for both gRPC doors
 (the OIP one sends `raw_input_contents`, as tritonclient does), aiohttp for HTTP (JSON with
 base64 images; OIP binary with `Inference-Header-Content-Length`; aiohttp's C parser keeps
-the callers' own CPU, which shares the machine with the server, near gRPC's). Target
-(issue 18): each door >= 0.9 x `Classify`.
+the callers' own CPU, which shares the machine with the server, near gRPC's). Every answer is
+checked: its top-1 class must be the one the published model gives that JPEG in this process
+(a wrong answer is counted, not taken as throughput; a malformed one stops the run).
+Targets: each door >= 0.9 x `Classify`, and no wrong answer from any door; exits 1 when one
+is missed.
 
     .venv/bin/python bench/protocols.py            # EfficientNet-Lite0, 16 callers
 """
@@ -34,16 +37,48 @@ from pathlib import Path
 
 import aiohttp
 import grpc
+import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.classify import MODEL, drive, machine_line, make_jpegs, publish  # noqa: E402
+from bench.targets import report  # noqa: E402
 from perito.v1 import classify_pb2, image_pb2, service_pb2_grpc  # noqa: E402
+from perito_core.imaging import load_model_input  # noqa: E402
+from perito_core.models.registry import ModelRegistry  # noqa: E402
+from perito_core.models.runtime import LoadedModel  # noqa: E402
 from perito_server._oip import grpc_service_pb2 as oip_pb2  # noqa: E402
-from scripts.processes import Proc, free_port, wait_for_port  # noqa: E402
+from tests.processes import Proc, free_port, wait_for_port  # noqa: E402
 
-Call = Callable[[int], Awaitable[None]]
+Call = Callable[[int], Awaitable[bool]]
+
+# An answer is right when its top-1 class is one the model, run in this process, gives within
+# this much of its own top-1 probability (batching may reorder a near tie, nothing more).
+TIE = 1e-3
+
+
+def expected_answers(
+    registry: ModelRegistry, jpegs: list[bytes]
+) -> tuple[list[set[int]], list[str]]:
+    """For each JPEG, the class indices a right answer may name first (`TIE`), from the
+    published model run in this process; and the model's labels."""
+    artifact = registry.fetch(MODEL, "1")
+    model = LoadedModel.load(artifact.path, artifact.manifest, warmup_batch_sizes=(1,))
+    spec = artifact.manifest.input.spec()
+    right = []
+    for data in jpegs:
+        probabilities = model.predict(load_model_input(data, spec)[None])[0]
+        right.append(set(np.flatnonzero(probabilities >= probabilities.max() - TIE).tolist()))
+    return right, list(artifact.manifest.labels)
+
+
+def top_class(raw: bytes, classes: int) -> int:
+    """The most probable class in one image's `probabilities` (little-endian FP32, [1, C])."""
+    probabilities = np.frombuffer(raw, dtype="<f4")
+    if probabilities.size != classes:
+        return -1
+    return int(probabilities.argmax())
 
 
 async def measure(
@@ -54,7 +89,11 @@ async def measure(
     seconds: float,
     rounds: int,
     server_pid: int,
+    right: list[set[int]],
+    labels: list[str],
 ) -> dict[str, list[dict[str, float]]]:
+    """Each door driven (`drive`) in interleaved rounds; every answer's top-1 class checked
+    against `right` (per JPEG), a wrong one counted in `wrong_answers`."""
     classify = [
         classify_pb2.ClassifyRequest(model=MODEL, images=[image_pb2.Image(id=str(i), content=d)])
         for i, d in enumerate(jpegs)
@@ -104,22 +143,30 @@ async def measure(
             response_deserializer=oip_pb2.ModelInferResponse.FromString,
         )
 
-        async def call_classify(index: int) -> None:
-            await perito_stub.Classify(classify[index % len(jpegs)], timeout=60)
+        def named_right(index: int, label: str) -> bool:
+            return label in {labels[c] for c in right[index % len(jpegs)]}
 
-        async def call_oip_grpc(index: int) -> None:
-            await model_infer(infer[index % len(jpegs)], timeout=60)
+        async def call_classify(index: int) -> bool:
+            answer = await perito_stub.Classify(classify[index % len(jpegs)], timeout=60)
+            [result] = answer.results
+            return named_right(index, result.predictions[0].label)
 
-        async def call_json(index: int) -> None:
+        async def call_oip_grpc(index: int) -> bool:
+            answer = await model_infer(infer[index % len(jpegs)], timeout=60)
+            found = top_class(answer.raw_output_contents[0], len(labels))
+            return found in right[index % len(jpegs)]
+
+        async def call_json(index: int) -> bool:
             async with http.post(
                 f"/v1/models/{MODEL}:classify",
                 data=bodies[index % len(jpegs)],
                 headers={"content-type": "application/json"},
             ) as response:
                 response.raise_for_status()
-                await response.read()
+                [result] = (await response.json())["results"]
+            return named_right(index, result["predictions"][0]["label"])
 
-        async def call_oip_http(index: int) -> None:
+        async def call_oip_http(index: int) -> bool:
             data = jpegs[index % len(jpegs)]
             header = headers[index % len(jpegs)]
             async with http.post(
@@ -131,7 +178,11 @@ async def measure(
                 },
             ) as response:
                 response.raise_for_status()
-                await response.read()
+                body = await response.read()
+                length = int(response.headers["Inference-Header-Content-Length"])
+            [output] = json.loads(body[:length])["outputs"]
+            found = top_class(body[length:], len(labels))
+            return output["name"] == "probabilities" and found in right[index % len(jpegs)]
 
         doors: dict[str, Call] = {
             "perito.v1 Classify (gRPC)": call_classify,
@@ -147,7 +198,8 @@ async def measure(
             for name, call in order:
                 figures[name].append(await drive(call, callers, seconds, server_pid))
                 print(f"# round {round_index + 1}: {name}: "
-                      f"{figures[name][-1]['images_per_s']:.1f} images/s", flush=True)  # fmt: skip
+                      f"{figures[name][-1]['images_per_s']:.1f} images/s, "
+                      f"{figures[name][-1]['wrong_answers']:.0f} wrong", flush=True)  # fmt: skip
     return figures
 
 
@@ -173,7 +225,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="perito-bench-") as tmp:
         work = Path(tmp)
         jpegs = make_jpegs(work, args.images)
-        publish(args.arch, work)
+        right, labels = expected_answers(publish(args.arch, work), jpegs)
         port, http_port = free_port(), free_port()
         env = {
             **os.environ,
@@ -197,6 +249,8 @@ def main() -> int:
                     args.seconds,
                     args.rounds,
                     server.pid,
+                    right,
+                    labels,
                 )
             )
         finally:
@@ -214,7 +268,7 @@ def main() -> int:
         "| server CPU ms / image | ratio to Classify | callers' CPU ms / image |"
     )
     print("|---|---|---|---|---|---|---|---|")
-    verdicts = []
+    targets = []
     for name, runs in figures.items():
         rate = mean(runs, "images_per_s")
         cpu = mean(runs, "server_cpu_ms_per_image")
@@ -228,15 +282,16 @@ def main() -> int:
             f"| {cpu:.1f} | {cpu / reference_cpu:.2f} "
             f"| {mean(runs, 'caller_cpu_ms_per_image'):.1f} |"
         )
+        wrong = sum(run["wrong_answers"] for run in runs)
+        targets.append((f"{name}: {wrong:.0f} wrong answers (target 0)", wrong == 0))
         if not name.startswith("perito.v1"):
-            verdicts.append(f"{name}: {rate / reference:.2f} x Classify (target >= 0.90) -> "
-                            f"{'PASS' if rate / reference >= 0.9 else 'MISS'}")  # fmt: skip
-    print()
-    print("\n".join(verdicts))
+            ratio = f"{name}: {rate / reference:.2f} x Classify (target >= 0.90)"
+            targets.append((ratio, rate >= 0.9 * reference))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"arch": args.arch, **figures}, indent=2))
-    return 0
+    print()
+    return report(targets)
 
 
 if __name__ == "__main__":
