@@ -5,37 +5,91 @@
 ...     [result] = client.classify(["photo.jpg"], model="imagenet-efficientnet-lite0")
 """
 
-from perito._async import AsyncClient, AsyncJobHandle
-from perito._client import Client, JobHandle
-from perito._errors import (
-    AlreadyExistsError,
-    CancelledError,
-    DeadlineExceededError,
-    FailedPreconditionError,
-    FieldViolation,
-    InternalError,
-    InvalidArgumentError,
-    NotFoundError,
-    PeritoError,
-    PermissionDeniedError,
-    ResourceExhaustedError,
-    UnauthenticatedError,
-    UnavailableError,
-    UnimplementedError,
-)
-from perito._jobs import JobTimeoutError
-from perito._models import (
-    Classification,
-    ItemState,
-    Job,
-    JobItemResult,
-    JobState,
-    Model,
-    ModelVersion,
-    Prediction,
-    RejectedImage,
-)
-from perito._requests import Limits
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from perito._async import AsyncClient, AsyncJobHandle
+    from perito._client import Client, JobHandle
+    from perito._errors import (
+        AlreadyExistsError,
+        CancelledError,
+        DeadlineExceededError,
+        FailedPreconditionError,
+        FieldViolation,
+        InternalError,
+        InvalidArgumentError,
+        NotFoundError,
+        PeritoError,
+        PermissionDeniedError,
+        ResourceExhaustedError,
+        UnauthenticatedError,
+        UnavailableError,
+        UnimplementedError,
+    )
+    from perito._jobs import JobTimeoutError
+    from perito._models import (
+        Classification,
+        Job,
+        JobItemResult,
+        Model,
+        ModelVersion,
+        RejectedImage,
+    )
+    from perito._requests import Limits
+    from perito.v1.vocabulary import ItemState, JobState, Prediction
+
+# Each public name and the module that defines it, imported when the name is first used: so
+# the API contract, `perito.v1` (which the server imports), loads none of the client.
+_HOMES = {
+    "AsyncClient": "perito._async",
+    "AsyncJobHandle": "perito._async",
+    "Client": "perito._client",
+    "JobHandle": "perito._client",
+    **dict.fromkeys(
+        [
+            "AlreadyExistsError",
+            "CancelledError",
+            "DeadlineExceededError",
+            "FailedPreconditionError",
+            "FieldViolation",
+            "InternalError",
+            "InvalidArgumentError",
+            "NotFoundError",
+            "PeritoError",
+            "PermissionDeniedError",
+            "ResourceExhaustedError",
+            "UnauthenticatedError",
+            "UnavailableError",
+            "UnimplementedError",
+        ],
+        "perito._errors",
+    ),
+    "JobTimeoutError": "perito._jobs",
+    **dict.fromkeys(
+        ["Classification", "Job", "JobItemResult", "Model", "ModelVersion", "RejectedImage"],
+        "perito._models",
+    ),
+    "Limits": "perito._requests",
+    **dict.fromkeys(["ItemState", "JobState", "Prediction"], "perito.v1.vocabulary"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    """`perito.Client` and the other public names, imported on first use (PEP 562)."""
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'perito' has no attribute {name!r}")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_HOMES})
+
 
 __all__ = [
     "AlreadyExistsError",

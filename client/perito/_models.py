@@ -1,4 +1,5 @@
-"""Typed results: what the SDK returns instead of protobuf messages."""
+"""Typed results: what the SDK returns instead of protobuf messages. The states and
+`Prediction` are the contract's own (`perito.v1.vocabulary`), shared with the server."""
 
 from __future__ import annotations
 
@@ -12,6 +13,11 @@ from google.protobuf.message import Message
 
 from perito._errors import InvalidArgumentError
 from perito.v1 import classify_pb2, jobs_pb2, models_pb2
+
+# Re-exported: the SDK's modules name them from here, users as `perito.JobState`.
+from perito.v1.vocabulary import ItemState as ItemState
+from perito.v1.vocabulary import JobState as JobState
+from perito.v1.vocabulary import Prediction as Prediction
 
 S = TypeVar("S", bound=enum.StrEnum)
 
@@ -30,15 +36,6 @@ def _state(kind: type[S], name: str) -> S:
 def _time(message: Message, name: str) -> datetime | None:
     """A timestamp field, None when unset."""
     return getattr(message, name).ToDatetime() if message.HasField(name) else None
-
-
-@dataclass(frozen=True)
-class Prediction:
-    """One class and the probability the model gives it."""
-
-    label: str
-    class_index: int
-    probability: float
 
 
 @dataclass(frozen=True)
@@ -177,26 +174,6 @@ class Model:
             aliases=dict(message.aliases),
             versions=[ModelVersion._from_proto(v) for v in message.versions],
         )
-
-
-class JobState(enum.StrEnum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    PARTIALLY_SUCCEEDED = "partially_succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-    @property
-    def terminal(self) -> bool:
-        return self not in (JobState.QUEUED, JobState.RUNNING)
-
-
-class ItemState(enum.StrEnum):
-    PENDING = "pending"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
 
 
 @dataclass(frozen=True)

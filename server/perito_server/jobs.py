@@ -17,8 +17,8 @@ from typing import Any, TypeVar
 import redis
 from google.protobuf import timestamp_pb2
 
-from perito import ItemState, JobState
 from perito.v1 import classify_pb2, jobs_pb2
+from perito.v1.vocabulary import ItemState, JobState
 from perito_core.access.tenancy import Access, Tenant, check_uri
 from perito_core.errors import (
     FailedPrecondition,

@@ -7,7 +7,7 @@ import os
 
 import click
 
-from perito._cli import server_option
+from perito.cli import server_option
 
 
 @click.command("web")

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from perito import ItemState
+from perito.v1.vocabulary import ItemState
 from perito_core.errors import (
     ArtifactIntegrityError,
     InvalidArgument,

@@ -43,8 +43,8 @@ from typing import Any, TypeVar
 
 import redis
 
-# The API's job and item states: the SDK's own, so that the two can never drift.
-from perito import ItemState, JobState
+# The API's job and item states: the contract's, which the SDK returns too.
+from perito.v1.vocabulary import ItemState, JobState
 from perito_core.errors import InvalidArgument, NotFound, StorageUnavailable
 
 PREFIX = "perito"

@@ -1,8 +1,8 @@
 """What a model's probabilities say about one image: the top-k classes, the margin between
 the first two, the normalised entropy and whether the top-1 is under the threshold.
 
-Numpy only (and the SDK's `Prediction`, so that what the server answers and what the SDK
-returns are one type), whichever engine computed the probabilities (TorchScript, OpenVINO,
+Numpy only (and the contract's `Prediction`, so that what the server answers and what the
+SDK returns are one type), whichever engine computed the probabilities (TorchScript, OpenVINO,
 ONNX Runtime): the server's `Classify`, the Open Inference Protocol door and the worker
 summarise each image with it.
 """
@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# One class and its probability: the SDK's own type, so the two can never drift.
-from perito import Prediction
+# One class and its probability: the contract's type, which the SDK returns too.
+from perito.v1.vocabulary import Prediction
 
 
 @dataclass(frozen=True)
