@@ -371,25 +371,13 @@ class JobService:
         Raises:
             PermissionDenied: field `output_uri`.
         """
-        ttl = int(self.settings.job_retention.total_seconds()) + 86_400
-        key = "perito:output:"
-        candidates = _ancestors(output_uri.rstrip("/"))
-        owners = self.store.redis.mget([key + c for c in candidates])
-        for owner in owners:
-            if owner is not None and _text(owner) != job_id:
-                raise PermissionDenied(
-                    "output_uri: another job writes its results there; choose a new folder",
-                    field="output_uri",
-                    reason="OUTPUT_IN_USE",
-                )
-        if not self.store.redis.set(key + output_uri.rstrip("/"), job_id, nx=True, ex=ttl):
-            owner = self.store.redis.get(key + output_uri.rstrip("/"))
-            if owner is not None and _text(owner) != job_id:
-                raise PermissionDenied(
-                    "output_uri: another job writes its results there; choose a new folder",
-                    field="output_uri",
-                    reason="OUTPUT_IN_USE",
-                )
+        ttl_s = int(self.settings.job_retention.total_seconds()) + 86_400
+        if not self.store.claim_output(job_id, _ancestors(output_uri.rstrip("/")), ttl_s):
+            raise PermissionDenied(
+                "output_uri: another job writes its results there; choose a new folder",
+                field="output_uri",
+                reason="OUTPUT_IN_USE",
+            )
 
     def _enqueue(self, job: Job) -> None:
         """Send every chunk of a new job. A broker that cannot take them now does not fail
@@ -542,10 +530,6 @@ class JobService:
                 self.store.delete(job_id)
 
         await self._run(delete)
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def _looks_local(uri: str) -> bool:

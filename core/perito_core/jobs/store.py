@@ -18,6 +18,8 @@ Keys, for job `{id}`:
     perito:tenant:{tenant}:active sorted set: the tenant's jobs not yet terminal, and those
                                   being submitted (its concurrent-jobs quota)
     perito:dead-letter           list: chunks given up on, with the reason (capped)
+    perito:output:{location}     string: the job writing its results files there (see
+                                  `claim_output`), kept the job's retention and a day more
 
 An item's result is written once: `record_results` sets it only if absent and bumps the
 counters in the same Lua script, so a redelivered chunk never double-counts, and
@@ -37,8 +39,9 @@ import functools
 import json
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from importlib import resources
 from typing import Any, TypeVar
 
 import redis
@@ -156,179 +159,22 @@ def chunk_count(total: int, chunk_size: int) -> int:
     return -(-total // chunk_size)
 
 
-# The scripts below refuse to touch a job that is gone (deleted after its retention) or
-# terminal, so a late worker never recreates keys nobody will delete.
+@functools.cache
+def _lua(name: str) -> str:
+    """The Lua script `lua/{name}.lua` beside this module (package data: in a wheel too).
 
-# Record results. KEYS: job, results, open. ARGV: triples of (index, result json, state).
-# Returns {newly recorded, succeeded, failed, cancelled, total}; {-1, ...} for a job that is
-# gone or terminal.
-_RECORD = """
-local state = redis.call('HGET', KEYS[1], 'state')
-if state ~= 'queued' and state ~= 'running' then return {-1, 0, 0, 0, 0} end
-local size = tonumber(redis.call('HGET', KEYS[1], 'chunk_size'))
-local new = 0
-for i = 1, #ARGV, 3 do
-  if redis.call('HSETNX', KEYS[2], ARGV[i], ARGV[i + 1]) == 1 then
-    new = new + 1
-    redis.call('HINCRBY', KEYS[1], ARGV[i + 2], 1)
-    local chunk = math.floor(tonumber(ARGV[i]) / size)
-    if redis.call('HINCRBY', KEYS[3], chunk, -1) <= 0 then redis.call('HDEL', KEYS[3], chunk) end
-  end
-end
-local v = redis.call('HMGET', KEYS[1], 'succeeded', 'failed', 'cancelled', 'total')
-if new > 0 and tonumber(v[1]) + tonumber(v[2]) + tonumber(v[3]) >= tonumber(v[4]) then
-  local t = redis.call('TIME')
-  redis.call('HSETNX', KEYS[1], 'completed_at', t[1] + t[2] / 1e6)
-end
-return {new, tonumber(v[1]), tonumber(v[2]), tonumber(v[3]), tonumber(v[4])}
-"""
+    Each file says its KEYS, ARGV and reply. The scripts that write refuse to touch a job
+    that is gone (deleted after its retention) or terminal, so a late worker never recreates
+    keys nobody will delete.
+    """
+    return resources.files(__package__).joinpath("lua", f"{name}.lua").read_text()
 
-# Mark every item without a result with ARGV[1] (a result json) and state ARGV[2], for
-# indices 0 .. total-1. KEYS: job, results, open. Returns the number marked.
-_MARK_REST = """
-local state = redis.call('HGET', KEYS[1], 'state')
-if state ~= 'queued' and state ~= 'running' then return 0 end
-local total = tonumber(redis.call('HGET', KEYS[1], 'total'))
-local marked = 0
-for i = 0, total - 1 do
-  if redis.call('HSETNX', KEYS[2], i, ARGV[1]) == 1 then
-    marked = marked + 1
-    redis.call('HINCRBY', KEYS[1], ARGV[2], 1)
-  end
-end
-redis.call('DEL', KEYS[3])
-local t = redis.call('TIME')
-redis.call('HSETNX', KEYS[1], 'completed_at', t[1] + t[2] / 1e6)
-return marked
-"""
 
-# Move a job from queued to running, once. KEYS: job, state counts.
-_START = """
-if redis.call('HGET', KEYS[1], 'state') == 'queued' then
-  local t = redis.call('TIME')
-  redis.call('HSET', KEYS[1], 'state', 'running', 'started_at', t[1] + t[2] / 1e6)
-  redis.call('HINCRBY', KEYS[2], 'queued', -1)
-  redis.call('HINCRBY', KEYS[2], 'running', 1)
-end
-return redis.call('HGET', KEYS[1], 'state')
-"""
-
-# Give a job its terminal state, once, and drop what only a running job needs.
-# KEYS: job, state counts, active jobs, finished jobs, inline, open, leases, attempts, errors,
-# the tenant's active jobs. ARGV: state, result URIs, error (kept if one is already set), id.
-_FINISH = """
-local current = redis.call('HGET', KEYS[1], 'state')
-if current == 'queued' or current == 'running' then
-  local t = redis.call('TIME')
-  local now = t[1] + t[2] / 1e6
-  redis.call('HSET', KEYS[1], 'state', ARGV[1], 'finished_at', now, 'result_uris', ARGV[2])
-  if ARGV[3] ~= '' then redis.call('HSETNX', KEYS[1], 'error', ARGV[3]) end
-  redis.call('HINCRBY', KEYS[2], current, -1)
-  redis.call('HINCRBY', KEYS[2], ARGV[1], 1)
-  redis.call('ZREM', KEYS[3], KEYS[1])
-  redis.call('ZADD', KEYS[4], now, KEYS[1])
-  redis.call('DEL', KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9])
-  redis.call('ZREM', KEYS[10], ARGV[4])
-end
-return current
-"""
-
-# Take the lease on a chunk. KEYS: job, open, leases, attempts. ARGV: chunk, holder, ttl_ms.
-# Returns {outcome, attempts}: outcome is 'acquired', 'busy' (another live holder), 'done'
-# (every item recorded), 'terminal' or 'gone'.
-_ACQUIRE = """
-local state = redis.call('HGET', KEYS[1], 'state')
-if not state then return {'gone', 0} end
-if state ~= 'queued' and state ~= 'running' then return {'terminal', 0} end
-if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 0 then return {'done', 0} end
-local t = redis.call('TIME')
-local now = t[1] * 1000 + math.floor(t[2] / 1000)
-local lease = redis.call('HGET', KEYS[3], ARGV[1])
-if lease then
-  local holder, expiry = string.match(lease, '^(.*) (%d+)$')
-  if holder ~= ARGV[2] and tonumber(expiry) > now then return {'busy', 0} end
-end
-redis.call('HSET', KEYS[3], ARGV[1], ARGV[2] .. ' ' .. (now + tonumber(ARGV[3])))
-return {'acquired', redis.call('HINCRBY', KEYS[4], ARGV[1], 1)}
-"""
-
-# Renew (ARGV[3] > 0) or release (ARGV[3] == 0) a lease held by ARGV[2]. KEYS: leases.
-# ARGV: chunk, holder, ttl_ms. Returns 1 if the caller held it, 0 if it had been lost.
-_RENEW = """
-local lease = redis.call('HGET', KEYS[1], ARGV[1])
-if not lease then return 0 end
-local holder = string.match(lease, '^(.*) %d+$')
-if holder ~= ARGV[2] then return 0 end
-if tonumber(ARGV[3]) == 0 then
-  redis.call('HDEL', KEYS[1], ARGV[1])
-else
-  local t = redis.call('TIME')
-  local now = t[1] * 1000 + math.floor(t[2] / 1000)
-  redis.call('HSET', KEYS[1], ARGV[1], holder .. ' ' .. (now + tonumber(ARGV[3])))
-end
-return 1
-"""
-
-# The chunks of a job that are open (items unrecorded) and not leased by a live worker.
-# KEYS: open, leases. Returns a flat list of chunk numbers.
-_UNLEASED = """
-local t = redis.call('TIME')
-local now = t[1] * 1000 + math.floor(t[2] / 1000)
-local found = {}
-for _, chunk in ipairs(redis.call('HKEYS', KEYS[1])) do
-  local lease = redis.call('HGET', KEYS[2], chunk)
-  local live = false
-  if lease then
-    local expiry = string.match(lease, ' (%d+)$')
-    live = tonumber(expiry) > now
-  end
-  if not live then table.insert(found, chunk) end
-end
-return found
-"""
-
-# Delete a terminal job. KEYS: job, state counts, jobs, finished jobs, active jobs, the
-# tenant's jobs, then every per-job key. Returns the state it had, or false if it was not
-# terminal (nothing deleted).
-_DELETE = """
-local state = redis.call('HGET', KEYS[1], 'state')
-if not state then return 'gone' end
-if state == 'queued' or state == 'running' then return false end
-redis.call('HINCRBY', KEYS[2], state, -1)
-redis.call('ZREM', KEYS[3], ARGV[1])
-redis.call('ZREM', KEYS[4], KEYS[1])
-redis.call('ZREM', KEYS[5], KEYS[1])
-redis.call('ZREM', KEYS[6], ARGV[1])
-for i = 7, #KEYS do redis.call('DEL', KEYS[i]) end
-redis.call('DEL', KEYS[1])
-return state
-"""
-
-# Reserve one of a tenant's concurrent-job slots for a job being submitted. KEYS: the
-# tenant's active jobs. ARGV: job id, limit, now, stale-before (both seconds), job key prefix.
-# Entries for jobs that never got a record (a submission that died) are dropped once stale.
-# Returns 1 if reserved (or already held by this job id), 0 if the tenant is at its limit.
-_RESERVE = """
-if redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 1 end
-local members = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
-local count = 0
-for i = 1, #members, 2 do
-  local id, score = members[i], tonumber(members[i + 1])
-  if score < tonumber(ARGV[4]) and redis.call('EXISTS', ARGV[5] .. id) == 0 then
-    redis.call('ZREM', KEYS[1], id)
-  else
-    count = count + 1
-  end
-end
-if count >= tonumber(ARGV[2]) then return 0 end
-redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
-return 1
-"""
-
-# Per-job keys besides the record itself; `_FINISH` drops the first five of them.
+# Per-job keys besides the record itself; `finish.lua` drops the first five of them.
 _RUNNING_PARTS = ("inline", "open", "leases", "attempts", "chunk-errors")
 _PARTS = (*_RUNNING_PARTS, "inputs", "results")
 
+_OUTPUT_PREFIX = f"{PREFIX}:output:"
 ACTIVE_JOBS_KEY = f"{PREFIX}:active-jobs"
 FINISHED_JOBS_KEY = f"{PREFIX}:finished-jobs"
 JOBS_KEY = f"{PREFIX}:jobs"
@@ -383,15 +229,15 @@ class JobStore:
 
     def __init__(self, client: redis.Redis) -> None:
         self.redis = client
-        self._record = client.register_script(_RECORD)
-        self._mark_rest = client.register_script(_MARK_REST)
-        self._start = client.register_script(_START)
-        self._finish = client.register_script(_FINISH)
-        self._acquire = client.register_script(_ACQUIRE)
-        self._renew = client.register_script(_RENEW)
-        self._unleased = client.register_script(_UNLEASED)
-        self._delete = client.register_script(_DELETE)
-        self._reserve = client.register_script(_RESERVE)
+        self._record = client.register_script(_lua("record"))
+        self._mark_rest = client.register_script(_lua("mark_rest"))
+        self._start = client.register_script(_lua("start"))
+        self._finish = client.register_script(_lua("finish"))
+        self._acquire = client.register_script(_lua("acquire"))
+        self._renew = client.register_script(_lua("renew"))
+        self._unleased = client.register_script(_lua("unleased"))
+        self._delete = client.register_script(_lua("delete"))
+        self._reserve = client.register_script(_lua("reserve"))
 
     @classmethod
     def connect(cls, url: str, *, outage_retry_s: float = 0.0) -> JobStore:
@@ -463,6 +309,19 @@ class JobStore:
         """Free `job_id`'s slot if it never became a job (its submission failed)."""
         if not self.exists(job_id):
             self.redis.zrem(self._tenant_key(tenant, "active"), job_id)
+
+    @_redis_unavailable
+    def claim_output(self, job_id: str, locations: Sequence[str], ttl_s: int) -> bool:
+        """Make the output location `locations[0]` `job_id`'s for `ttl_s` seconds, unless it,
+        or a folder above it (the rest of `locations`), is another job's; then return False
+        and claim nothing. Claiming a location the job holds already is True."""
+        keys = [_OUTPUT_PREFIX + location for location in locations]
+        owners = self.redis.mget(keys)
+        if any(owner is not None and _decode(owner) != job_id for owner in owners):
+            return False
+        if self.redis.set(keys[0], job_id, nx=True, ex=ttl_s):
+            return True
+        return _decode(self.redis.get(keys[0])) in ("", job_id)  # "": expired since
 
     @_redis_unavailable
     def exists(self, job_id: str) -> bool:
