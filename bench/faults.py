@@ -7,7 +7,7 @@ the SDK (`perito.Client`, `perito.AsyncClient`) over TCP. The model is a tiny To
 (32x32 input) and the images small PNGs in a local folder, so the suite runs in minutes on two
 CPU cores without an S3 server.
 
-Scenarios (issue 10, "Deliver" 6):
+Scenarios:
 
 - `kill-worker`: a 5,000-image job (chunks of 100); the worker's process group is killed with
   SIGKILL three times and restarted each time. Expect all 5,000 succeeded.
@@ -90,8 +90,8 @@ from perito_core.access.tenancy import ANONYMOUS_TENANT  # noqa: E402
 from perito_core.jobs.store import JobStore  # noqa: E402
 from perito_core.models.registry import ModelRegistry  # noqa: E402
 from perito_training.export import export_torchscript  # noqa: E402
-from scripts.processes import Proc, ProcessFailed, free_port, redis_proc  # noqa: E402
 from tests.helpers import TINY_INPUT, tiny_network  # noqa: E402
+from tests.processes import Proc, ProcessFailed, free_port, redis_proc  # noqa: E402
 
 BIN = Path(sys.executable).parent
 LABELS = ["minor", "moderate", "severe"]
@@ -105,24 +105,41 @@ class Failure(Exception):
 # Processes
 
 
+def _stat(pid: str) -> tuple[str, int, int]:
+    """(state letter, parent pid, process group) of process `pid`, from /proc/PID/stat.
+
+    Raises:
+        FileNotFoundError: no such process (any more).
+    """
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    state, ppid, pgid = stat[stat.rindex(")") + 2 :].split()[:3]
+    return state, int(ppid), int(pgid)
+
+
 def _group_memory_mb(groups: set[int]) -> dict[int, tuple[float, float]]:
     """(RSS, PSS) in MB of each of the process `groups`, summed over their processes, from
-    /proc. PSS counts pages shared between a prefork worker and its pool children once."""
+    /proc. PSS counts pages shared between a prefork worker and its pool children once.
+
+    Raises:
+        OSError, ValueError, KeyError: a running process's figures could not be read (a
+            process that exits while read is skipped).
+    """
     found: dict[int, tuple[float, float]] = {}
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
         try:
-            stat = Path(f"/proc/{entry.name}/stat").read_text()
-            pgid = int(stat[stat.rindex(")") + 2 :].split()[2])
-            if pgid not in groups:
+            state, _, pgid = _stat(entry.name)
+            if pgid not in groups or state in "ZX":  # another group's, or exited unreaped
                 continue
             fields = dict(
                 line.split(":", 1)
                 for line in Path(f"/proc/{entry.name}/smaps_rollup").read_text().splitlines()[1:]
             )
+            if "Rss" not in fields and _stat(entry.name)[0] in "ZX":
+                continue  # it exited while read: its memory was gone
             rss, pss = (int(fields[k].split()[0]) / 1024 for k in ("Rss", "Pss"))
-        except (OSError, ValueError, IndexError, KeyError):
+        except (FileNotFoundError, ProcessLookupError):  # it exited between list and read
             continue
         old_rss, old_pss = found.get(pgid, (0.0, 0.0))
         found[pgid] = (old_rss + rss, old_pss + pss)
@@ -231,37 +248,74 @@ class Stack:
         return int(self.r.zcard("perito:active-jobs"))  # type: ignore[arg-type]
 
     def rss(self) -> tuple[float, float]:
-        """(the server's RSS, the PSS of every worker process) in MB, now."""
+        """(the server's RSS, the PSS of every worker process) in MB, now; 0 for a stopped one.
+
+        Raises:
+            OSError, ValueError, IndexError, KeyError: /proc could not be read or parsed.
+            SampleMissing: a running process's group had no figures.
+        """
         procs = [p for p in (self.server, *self.workers) if p.alive]
         groups = _group_memory_mb({p.pid for p in procs})
-        server = groups.get(self.server.pid, (0.0, 0.0))[0] if self.server.alive else 0.0
-        workers = sum(groups.get(w.pid, (0.0, 0.0))[1] for w in self.workers if w.alive)
+        missing = [p.name for p in procs if p.pid not in groups and p.alive]
+        if missing:
+            raise SampleMissing(f"no memory figures for running {', '.join(missing)}")
+        server = groups.get(self.server.pid, (0.0, 0.0))[0]
+        workers = sum(groups.get(w.pid, (0.0, 0.0))[1] for w in self.workers)
         return server, workers
 
 
+class SampleMissing(Exception):
+    """A memory sample that could not be taken."""
+
+
 class Sampler:
-    """Samples the current stack's server and worker RSS every 0.2 s; keeps the peaks."""
+    """Samples the current stack's server and worker RSS every 0.2 s; keeps the peaks.
+
+    A sample that fails is not a small one: the first failure since `reset` is kept in
+    `error`, and the peaks read as missing (None), never as 0 under a bound."""
 
     def __init__(self) -> None:
         self.stack: Stack | None = None
-        self.peak_server = self.peak_workers = 0.0
+        self._peak_server = self._peak_workers = 0.0
+        self.samples = 0
+        self.error = ""
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def reset(self, stack: Stack) -> None:
         self.stack = stack
-        self.peak_server = self.peak_workers = 0.0
+        self._peak_server = self._peak_workers = 0.0
+        self.samples = 0
+        self.error = ""
+
+    @property
+    def peak_server(self) -> float | None:
+        """The server's peak RSS in MB since `reset`; None when a sample failed or none ran."""
+        return None if self.error or not self.samples else self._peak_server
+
+    @property
+    def peak_workers(self) -> float | None:
+        """The workers' peak summed PSS in MB since `reset`; None as for `peak_server`."""
+        return None if self.error or not self.samples else self._peak_workers
+
+    def sample(self) -> None:
+        """Take one sample of the current stack now (the thread does this every 0.2 s)."""
+        stack = self.stack
+        if stack is None:
+            return
+        try:
+            server, workers = stack.rss()
+        except Exception as exc:  # noqa: BLE001 - kept, and the scenario fails on it
+            self.error = self.error or f"memory sample failed: {type(exc).__name__}: {exc}"
+            return
+        self._peak_server = max(self._peak_server, server)
+        self._peak_workers = max(self._peak_workers, workers)
+        self.samples += 1
 
     def _run(self) -> None:
         while not self._stop.wait(0.2):
-            stack = self.stack
-            if stack is None:
-                continue
-            with contextlib.suppress(Exception):
-                server, workers = stack.rss()
-                self.peak_server = max(self.peak_server, server)
-                self.peak_workers = max(self.peak_workers, workers)
+            self.sample()
 
     def close(self) -> None:
         self._stop.set()
@@ -469,7 +523,14 @@ def wait_done(client: perito.Client, job_id: str, at_least: int, timeout: float)
     raise Failure(f"job {job_id}: {seen} after {timeout:.0f}s, waiting for {at_least} done")
 
 
-def wait_terminal(client: perito.Client, job_ids: list[str], timeout: float) -> list[perito.Job]:
+def wait_terminal(
+    client: perito.Client,
+    job_ids: list[str],
+    timeout: float,
+    on_terminal: Callable[[perito.Job], object] | None = None,
+) -> list[perito.Job]:
+    """Poll until every job is terminal; `on_terminal(job)` runs as each is first seen so
+    (before a short retention deletes it)."""
     deadline = time.monotonic() + timeout
     final: dict[str, perito.Job] = {}
     last: dict[str, perito.Job] = {}
@@ -482,6 +543,8 @@ def wait_terminal(client: perito.Client, job_ids: list[str], timeout: float) -> 
                 last[job_id] = job
                 if job.terminal:
                     final[job_id] = job
+                    if on_terminal is not None:
+                        on_terminal(job)
         if len(final) < len(job_ids):
             if time.monotonic() > deadline:
                 stuck = [
@@ -496,8 +559,21 @@ def wait_terminal(client: perito.Client, job_ids: list[str], timeout: float) -> 
     return [final[i] for i in job_ids]
 
 
+def duplicates_in_results(rows: list[dict[str, Any]], done: int) -> int:
+    """Items recorded more than once, by a job's results file (its rows, as parsed JSON) and
+    its `done` counter (succeeded + failed + cancelled): an index listed again, or more items
+    counted done than distinct indices settled in the file. The larger of the two, since
+    one item recorded twice may show in both."""
+    indices = Counter(int(row["index"]) for row in rows)
+    listed_again = sum(n - 1 for n in indices.values() if n > 1)
+    settled = {int(row["index"]) for row in rows if row["state"] != "pending"}
+    return max(listed_again, done - len(settled))
+
+
 def check_job(stack: Stack, job: perito.Job, out: Outcome) -> JobCheck:
-    """Check one terminal job against its counters, its results file and Redis; add it up."""
+    """Check one terminal job against its counters, its results file and Redis; add it up.
+    Its Redis record must still be there: a job with a short retention is checked as soon as
+    it ends (`wait_terminal`'s `on_terminal`)."""
     key = f"perito:job:{job.id}"
     with stack.r.pipeline(transaction=True) as pipe:
         pipe.hgetall(key)
@@ -510,18 +586,16 @@ def check_job(stack: Stack, job: perito.Job, out: Outcome) -> JobCheck:
         job.done == job.total,
         f"{label}: succeeded + failed + cancelled = {job.done} != total {job.total}",
     )
-    duplicates = 0
-    if record:  # else already deleted after its retention: the file says the rest
-        duplicates += max(0, job.done - recorded)
-        out.expect(
-            recorded == job.total,
-            f"{label}: {recorded} item results in Redis for {job.total} items",
-        )
-        counters = tuple(int(record.get(f) or 0) for f in ("succeeded", "failed", "cancelled"))
-        out.expect(
-            counters == (job.succeeded, job.failed, job.cancelled),
-            f"{label}: Redis counters {counters} differ from GetJob's",
-        )
+    out.expect(bool(record), f"{label}: gone from Redis before it was checked")
+    duplicates = max(0, job.done - recorded)
+    out.expect(
+        recorded == job.total, f"{label}: {recorded} item results in Redis for {job.total} items"
+    )
+    counters = tuple(int(record.get(f) or 0) for f in ("succeeded", "failed", "cancelled"))
+    out.expect(
+        counters == (job.succeeded, job.failed, job.cancelled),
+        f"{label}: Redis counters {counters} differ from GetJob's",
+    )
     rows: list[dict[str, Any]] = []
     jsonl = next((u for u in job.result_uris if u.endswith(".jsonl")), "")
     if not jsonl:
@@ -529,8 +603,8 @@ def check_job(stack: Stack, job: perito.Job, out: Outcome) -> JobCheck:
         lost = job.total - min(recorded, job.total)
     else:
         rows = [json.loads(line) for line in Path(jsonl).read_text().splitlines() if line]
-        indices = Counter(int(r["index"]) for r in rows)
-        duplicates += sum(n - 1 for n in indices.values() if n > 1)
+        duplicates = max(duplicates, duplicates_in_results(rows, job.done))
+        indices = {int(r["index"]) for r in rows}
         out.expect(
             all(0 <= i < job.total for i in indices), f"{label}: index out of range in results"
         )
@@ -1014,7 +1088,10 @@ def scenario_overload(lab: Lab, out: Outcome, sampler: Sampler) -> None:
         stop.set()
         prober.join(5)
     seconds = time.monotonic() - started
+    sampler.sample()
     peak = sampler.peak_server
+    if peak is None:
+        raise Failure(sampler.error or "no memory sample of the server was taken")
     rejected = len(burst.hints) + burst.without_hint
     out.items = burst.attempts
     out.succeeded = burst.answered
@@ -1102,11 +1179,13 @@ def scenario_retention(lab: Lab, out: Outcome, sampler: Sampler) -> None:
         client.submit_job(inline, model="tiny"),
         client.submit_job(inline, model="tiny"),
     ]
-    jobs = wait_terminal(client, [h.id for h in handles], timeout=180)
+    # Each job is checked (Redis included) as it ends, within its 5 s retention.
+    jobs = wait_terminal(
+        client, [h.id for h in handles], timeout=180, on_terminal=lambda j: check_job(stack, j, out)
+    )
     ended = time.monotonic()
     peak_memory, peak_keys = _redis_memory(stack)
     for job in jobs:
-        check_job(stack, job, out)
         out.expect(job.state is perito.JobState.SUCCEEDED, f"job {job.id}: {job.state.value}")
     for handle in handles[2:]:
         out.expect(
@@ -1315,6 +1394,8 @@ def main() -> int:
                     out.peak_worker_pss_mb = sampler.peak_workers
                 if name in SERVER_RSS:
                     out.peak_server_rss_mb = sampler.peak_server
+                if sampler.error and (name in WORKER_RSS or name in SERVER_RSS):
+                    out.problems.append(sampler.error)
                 outcomes.append(out)
                 print(line(out), flush=True)
                 for note in out.notes:

@@ -21,19 +21,71 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import shlex
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from scripts.processes import Proc, free_port, redis_proc  # noqa: E402
-
 BIN = Path(sys.executable).parent
 MODEL = "imagenet-efficientnet-lite0"
+
+
+class Service:
+    """One of the demo's long-running processes (redis-server, the worker, the server): in
+    its own process group, so that stopping it stops the worker's pool too; its output in
+    `log`; ready once `ready` appears there."""
+
+    def __init__(self, name: str, args: list[str], env: dict[str, str], log: Path, ready: str):
+        self.name, self.args, self.env, self.log, self.ready = name, args, env, log, ready
+        self.popen: subprocess.Popen[bytes] | None = None
+
+    def launch(self) -> None:
+        with self.log.open("wb") as out:
+            self.popen = subprocess.Popen(
+                self.args,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env={**self.env, "PYTHONUNBUFFERED": "1"},
+                start_new_session=True,
+            )
+
+    def wait_ready(self, timeout: float) -> None:
+        """Return once it is ready; exit the demo, with the end of its log, if it stops first
+        or takes longer than `timeout` seconds."""
+        assert self.popen is not None
+        deadline = time.monotonic() + timeout
+        while self.ready not in self.log.read_text(errors="replace"):
+            if self.popen.poll() is not None or time.monotonic() > deadline:
+                tail = self.log.read_text(errors="replace")[-3000:]
+                raise SystemExit(f"{self.name} did not start (its log, {self.log}):\n{tail}")
+            time.sleep(0.1)
+
+    def stop(self, timeout: float) -> int | None:
+        """SIGTERM, then SIGKILL after `timeout` seconds (and to any child left); the main
+        process's exit code, None if it never started."""
+        if self.popen is None:
+            return None
+        group = self.popen.pid
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(group, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.popen.wait(timeout)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(group, signal.SIGKILL)
+        return self.popen.wait(10)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def step(message: str) -> None:
@@ -155,10 +207,18 @@ def main() -> int:
     }
     print(f"tenants inspector and other-firm in {tenants_file} (tokens made for this run)")
 
+    # Nothing kept on disk: each run makes its own tenants, jobs and audit records.
+    redis_args = f"--port {redis_port} --bind 127.0.0.1 --save '' --appendonly no"
     processes = {
-        "redis-server": redis_proc(redis_port, work / "redis.log", env),
-        "worker": Proc("perito worker", [perito, "worker"], env, work / "worker.log", " ready."),
-        "server": Proc(
+        "redis-server": Service(
+            "redis-server",
+            ["redis-server", *shlex.split(redis_args)],
+            env,
+            work / "redis.log",
+            "Ready to accept",
+        ),
+        "worker": Service("perito worker", [perito, "worker"], env, work / "worker.log", " ready."),
+        "server": Service(
             "perito serve",
             [perito, "serve", "--port", str(port), "--preload", f"{MODEL}@production"],
             env,
@@ -169,7 +229,8 @@ def main() -> int:
     try:
         # Redis first: it also keeps the audit log that publishing the model writes to.
         step(f"starting redis-server (logs in {work})")
-        processes["redis-server"].launch().wait_ready(60)
+        processes["redis-server"].launch()
+        processes["redis-server"].wait_ready(60)
 
         step(f"model registry at {registry}")
         publish_model(perito, work, registry, env)

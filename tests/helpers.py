@@ -26,7 +26,7 @@ from perito_core.models.manifest import Artifact, InputContract, ModelManifest
 from perito_core.models.registry import ModelRegistry
 from perito_core.storage import S3Options, make_s3_client
 from perito_server.settings import ServerSettings
-from scripts.processes import Proc, ProcessFailed, free_port, redis_proc, wait_for_port
+from tests.processes import Proc, ProcessFailed, free_port, redis_proc, wait_for_port
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from scripts.processes import free_port
 from tests.helpers import ServerThread, run_perito, subprocess_env
+from tests.processes import free_port
 
 pytestmark = pytest.mark.integration
 

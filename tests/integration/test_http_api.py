@@ -15,9 +15,9 @@ import httpx
 import pytest
 
 import perito
-from scripts.processes import Proc
 from tests.conftest import tiny_registry
 from tests.helpers import VENV_BIN, perito_serve_with_http
+from tests.processes import Proc
 
 pytestmark = pytest.mark.integration
 

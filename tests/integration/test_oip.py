@@ -22,9 +22,9 @@ from tritonclient.utils import InferenceServerException
 import perito
 from perito_core.access.tenancy import Quotas, add_tenant
 from perito_core.imaging import load_model_input
-from scripts.processes import Proc, free_port
 from tests.conftest import tiny_registry
 from tests.helpers import TINY_INPUT, perito_serve_with_http
+from tests.processes import Proc, free_port
 
 pytestmark = pytest.mark.integration
 

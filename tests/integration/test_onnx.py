@@ -29,7 +29,6 @@ import perito
 from perito_core.imaging import load_model_input
 from perito_core.models.registry import ModelRegistry
 from perito_core.storage import S3Options, make_s3_client
-from scripts.processes import free_port
 from tests.helpers import MakeStores, ServerThread, WorkerProcess, run_perito
 from tests.onnx_helpers import (
     CAFFE_MEAN_BGR,
@@ -41,6 +40,7 @@ from tests.onnx_helpers import (
     ort_probabilities,
     waste_model,
 )
+from tests.processes import free_port
 
 pytest.importorskip("onnxruntime", reason="ONNX Runtime (perito[serve]) not installed")
 

@@ -1,5 +1,5 @@
-"""Starting and stopping the real processes that the demo, the tests and the benchmarks run:
-`redis-server`, `perito serve`, `perito worker`, an S3 server. One way, used by all three.
+"""Starting and stopping the real processes that the tests and the benchmarks run:
+`redis-server`, `perito serve`, `perito worker`, an S3 server. One way, used by both.
 
 Each process runs in its own process group (so stopping or `kill -9` takes a worker's pool
 children too), writes to a log file, and counts as ready when a line appears in that log.
