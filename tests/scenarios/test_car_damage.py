@@ -15,9 +15,9 @@ import pytest
 
 import perito
 from perito_server.settings import ServerSettings
-from perito_training.synthetic import CAR_SEVERITIES, write_car_damage
 from tests.helpers import ServerThread
 from tests.scenarios.recipes import PNG_MAGIC, TrainedRun, registry_env, train
+from tests.synthetic import CAR_SEVERITIES, write_car_damage
 
 # Training runs in the module's fixture: far longer than the suite's 300 s per test.
 pytestmark = [pytest.mark.scenario, pytest.mark.timeout(1800)]

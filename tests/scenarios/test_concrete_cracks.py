@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 import perito
-from perito_training.synthetic import write_concrete_cracks
 from tests.helpers import ServerThread, Stores, WorkerProcess, run_perito, subprocess_env
 from tests.scenarios.recipes import TrainedRun, registry_env, train
+from tests.synthetic import write_concrete_cracks
 
 # Training runs in the module's fixture: far longer than the suite's 300 s per test.
 pytestmark = [pytest.mark.scenario, pytest.mark.timeout(1800)]

@@ -16,9 +16,9 @@ import pytest
 import perito
 from perito_server.settings import ServerSettings
 from perito_training.compare import compare_runs, summarize_run
-from perito_training.synthetic import MINERALS, write_minerals
 from tests.helpers import ServerThread
 from tests.scenarios.recipes import TrainedRun, registry_env, train
+from tests.synthetic import MINERALS, write_minerals
 
 # Training runs in the module's fixture: far longer than the suite's 300 s per test.
 pytestmark = [pytest.mark.scenario, pytest.mark.timeout(1800)]

@@ -18,13 +18,13 @@ import torch
 
 import perito
 from perito_server.settings import ServerSettings
-from perito_training.synthetic import (
+from tests.helpers import ServerThread, run_perito, subprocess_env
+from tests.scenarios.recipes import TrainedRun, registry_env, train
+from tests.synthetic import (
     FINETUNE_SHAPES,
     PRETRAIN_SHAPES,
     write_objects,
 )
-from tests.helpers import ServerThread, run_perito, subprocess_env
-from tests.scenarios.recipes import TrainedRun, registry_env, train
 
 # Training runs in the module's fixture: far longer than the suite's 300 s per test.
 pytestmark = [pytest.mark.scenario, pytest.mark.timeout(1800)]

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 
 from perito_server.settings import ServerSettings
-from perito_training.synthetic import write_waste
 from tests.e2e.test_web import CHROMIUM, WebThread
 from tests.helpers import ServerThread
 from tests.scenarios.recipes import PNG_MAGIC, TrainedRun, registry_env, train
+from tests.synthetic import write_waste
 
 # Training runs in the module's fixture: far longer than the suite's 300 s per test.
 pytestmark = [pytest.mark.scenario, pytest.mark.timeout(1800)]

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from perito_training.synthetic import (
+from tests.synthetic import (
     CRACK_SIZE,
     FINETUNE_SHAPES,
     MINERALS,

@@ -17,7 +17,7 @@ runs on the real data with `--set data.root=...`.
     objects          flat shapes on textured backgrounds, one folder per shape: the ResNet-18
                      scenario pre-trains on one set of shapes and fine-tunes on six others
 
-`python -m perito_training.synthetic KIND OUT [--count N] [--seed S]` writes one of them.
+`python -m tests.synthetic KIND OUT [--count N] [--seed S]`, from the repository root, writes one.
 The same seed gives the same files (byte for byte with the same Pillow version).
 """
 
