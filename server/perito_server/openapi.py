@@ -1,517 +1,352 @@
-"""The OpenAPI 3.0 document of the HTTP doors (`GET /openapi.json`, `perito_server.doors`).
+"""The OpenAPI 3.0 document of the HTTP doors (`GET /openapi.json`), derived from the routes.
 
-Written by hand, next to the routes it describes; `tests/integration/test_http_api.py` runs
-schemathesis against it over a real socket (no 5xx, every answer's status, content type and
-body as documented). Error bodies: Google AIP-193 (`/v1`), and the Open Inference Protocol's
-`{"error": "<message>"}` with the same fields beside it (`/v2`).
+Nothing here lists the routes. Each door makes its routes with `HttpEdge.route`, which keeps
+the route's `Operation` (its id, summary, parameters, bodies, error statuses) on the route as
+an `OperationRoute`; `openapi_document` walks an app's routes and refuses a route made
+without one, so the document cannot miss a route. Bodies that are perito.v1 messages are
+described from their descriptors by `message_schema`, as the protobuf JSON mapping writes
+them (what the JSON API speaks), so a new proto field is in the document without an edit
+here; bodies that are not messages (the Open Inference Protocol's, the error bodies) are
+`Named` schemas written once, beside the code that reads or writes them.
+
+`tests/unit/test_openapi.py` checks the document against the routes and the descriptors;
+`tests/integration/test_http_api.py` runs schemathesis against it over a real socket (no 5xx,
+every answer's status, content type and body as documented).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, cast
+
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.message import Message
+from starlette.routing import BaseRoute, Route
 
 JSON = "application/json"
+# What each error status means, for the operations that answer it.
 ERROR_STATUSES = {
     "400": "INVALID_ARGUMENT or FAILED_PRECONDITION: the request is malformed; the details name "
     "the field (`images[3]`, an input's name).",
     "401": "UNAUTHENTICATED: no bearer token, or an unknown one.",
     "403": "PERMISSION_DENIED: the token's tenant lacks the role, the model or the location.",
     "404": "NOT_FOUND: no such model, version, alias or job (or another tenant's job).",
+    "409": "ALREADY_EXISTS.",
     "413": "RESOURCE_EXHAUSTED (REQUEST_TOO_LARGE): the body is over the server's limit.",
     "429": "RESOURCE_EXHAUSTED: a full queue or the tenant's quota; see Retry-After.",
     "503": "UNAVAILABLE: the server drains, or storage or the broker is down.",
     "504": "DEADLINE_EXCEEDED.",
 }
 
-
-def _parameter(
-    name: str, where: str, description: str, schema: dict[str, Any], **more: Any
-) -> dict[str, Any]:
-    """An OpenAPI parameter object `in` path (required), query or header."""
-    return {
-        "name": name,
-        "in": where,
-        "required": where == "path",
-        "description": description,
-        "schema": schema,
-        **more,
-    }
-
-
-STRING = {"type": "string"}
-NUMBER = {"type": "number"}
-BOOLEAN = {"type": "boolean"}
-MODEL_PARAMETER = _parameter(
-    "model",
-    "path",
-    "The model's name; `name@version` (or `?version=`) picks a version or alias.",
-    STRING,
-)
-VERSION_PARAMETER = _parameter(
-    "version", "path", "A version number or an alias (`production`).", STRING
-)
-TIMEOUT_PARAMETER = _parameter(
-    "X-Server-Timeout",
-    "header",
-    "Seconds the caller will wait (as Google's HTTP APIs read it; gRPC's deadline): images "
-    "still waiting then are given up and the call answers 504.",
-    {"type": "number", "exclusiveMinimum": True, "minimum": 0, "maximum": 86400},
-)
-JOB_PARAMETER = _parameter("job", "path", "The job's id.", STRING)
-PAGE_PARAMETERS = [
-    _parameter(
-        "page_size",
-        "query",
-        "At most this many per page (0: the default).",
-        {"type": "integer", "minimum": 0, "maximum": 1000},
-    ),
-    _parameter("page_token", "query", "`next_page_token` of the previous page.", STRING),
-]
-TENSOR_METADATA = {
-    "type": "object",
-    "required": ["name", "datatype", "shape"],
-    "properties": {
-        "name": STRING,
-        "datatype": STRING,
-        "shape": {"type": "array", "items": {"type": "integer"}},
-    },
+MAX_INT32 = 2**31 - 1
+MAX_UINT32 = 2**32 - 1
+_T = FieldDescriptor
+_INT32 = {"type": "integer", "format": "int32", "minimum": -MAX_INT32 - 1, "maximum": MAX_INT32}
+_UINT32 = {"type": "integer", "minimum": 0, "maximum": MAX_UINT32}
+_INT64 = {"type": "string", "pattern": "^-?[0-9]+$", "description": "int64, a decimal string"}
+_UINT64 = {"type": "string", "pattern": "^[0-9]+$", "description": "uint64, a decimal string"}
+# The proto3 JSON mapping of each scalar type
+# (https://protobuf.dev/programming-guides/json/): 64-bit integers are decimal strings.
+SCALARS: dict[int, dict[str, Any]] = {
+    _T.TYPE_DOUBLE: {"type": "number", "format": "double"},
+    _T.TYPE_FLOAT: {"type": "number", "format": "float"},
+    _T.TYPE_INT32: _INT32,
+    _T.TYPE_SINT32: _INT32,
+    _T.TYPE_SFIXED32: _INT32,
+    _T.TYPE_UINT32: _UINT32,
+    _T.TYPE_FIXED32: _UINT32,
+    _T.TYPE_INT64: _INT64,
+    _T.TYPE_SINT64: _INT64,
+    _T.TYPE_SFIXED64: _INT64,
+    _T.TYPE_UINT64: _UINT64,
+    _T.TYPE_FIXED64: _UINT64,
+    _T.TYPE_BOOL: {"type": "boolean"},
+    _T.TYPE_STRING: {"type": "string"},
+    _T.TYPE_BYTES: {"type": "string", "format": "byte", "description": "base64"},
 }
-ANY_OBJECT: dict[str, Any] = {"type": "object", "additionalProperties": True}
+# The well-known types the perito.v1 messages hold, in their JSON mapping.
+WELL_KNOWN: dict[str, dict[str, Any]] = {
+    "google.protobuf.Timestamp": {"type": "string", "format": "date-time"},
+    "google.protobuf.Duration": {"type": "string", "pattern": "^-?[0-9]+(\\.[0-9]{1,9})?s$"},
+    "google.protobuf.Struct": {"type": "object", "additionalProperties": True},
+    "google.protobuf.Value": {},
+    "google.protobuf.ListValue": {"type": "array", "items": {}},
+    "google.protobuf.Empty": {"type": "object"},
+}
 
 
-def _errors(codes: str, *, oip: bool) -> dict[str, Any]:
-    schema = {"$ref": "#/components/schemas/OipError" if oip else "#/components/schemas/Error"}
-    return {
-        code: {"description": ERROR_STATUSES[code], "content": {JSON: {"schema": schema}}}
-        for code in codes.split()
-    }
+@dataclass(frozen=True)
+class Named:
+    """A body schema written by hand (not a perito.v1 message): the component `name`."""
+
+    name: str
+    schema: Mapping[str, Any]
 
 
-def _ok(schema: dict[str, Any], description: str = "OK") -> dict[str, Any]:
-    return {"200": {"description": description, "content": {JSON: {"schema": schema}}}}
+# A body: a perito.v1 message (its class), or a schema written by hand.
+Body = type[Message] | Named
 
 
-def _page(key: str, item: dict[str, Any]) -> dict[str, Any]:
-    """A page of a list: `{key: [item, ...], "next_page_token": "..."}` (AIP-158)."""
-    return {
-        "type": "object",
-        "properties": {
-            key: {"type": "array", "items": item},
-            "next_page_token": STRING,
-        },
-    }
+@dataclass(frozen=True)
+class Parameter:
+    """An OpenAPI parameter: in the path (required), the query or a header."""
+
+    name: str
+    where: Literal["path", "query", "header"]
+    description: str
+    schema: Mapping[str, Any]
+
+    def openapi(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "in": self.where,
+            "required": self.where == "path",
+            "description": self.description,
+            "schema": dict(self.schema),
+        }
 
 
-def _ref(name: str) -> dict[str, str]:
+@dataclass(frozen=True)
+class Operation:
+    """What the document says of one route, declared by its door where it makes the route.
+
+    Args:
+        operation_id: unique in the document (`classify`, `oipModelInfer`).
+        summary: one line.
+        tag: the door's name (`JSON API`, `Open Inference Protocol`).
+        ok: the 200 answer's JSON body: a perito.v1 message class (`jobs_pb2.Job`), in the
+            protobuf JSON mapping, or a `Named` schema.
+        errors: the error statuses it answers, space-separated keys of `ERROR_STATUSES`.
+        parameters: its query, header and path parameters (`HttpEdge.route` adds the path's
+            `{model}` and `{version}`); the path's must be exactly those in the path.
+        body: the request's JSON body, or None.
+        body_also: the body in other content types (`multipart/form-data`).
+        checks: JSON Schema keywords the server enforces on the body's fields, by field
+            (`{"images": {"minItems": 1}}`); a field the body lacks fails the document.
+        required: the body's fields the server requires.
+        ok_also: the 200 answer in other content types (`application/x-ndjson`).
+        answers: other statuses it answers with a body of their own: description and body.
+        description: more than the summary, or "".
+        open: no token needed (set by `HttpEdge.route`: a route with no gRPC method).
+        error: the error body (set by `HttpEdge.route`: AIP-193's, or the protocol's).
+    """
+
+    operation_id: str
+    summary: str
+    tag: str
+    ok: Body
+    errors: str = ""
+    parameters: tuple[Parameter, ...] = ()
+    body: Body | None = None
+    body_also: Mapping[str, Body] = dataclasses.field(default_factory=dict)
+    checks: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+    required: tuple[str, ...] = ()
+    ok_also: Mapping[str, Body] = dataclasses.field(default_factory=dict)
+    answers: Mapping[str, tuple[str, Body]] = dataclasses.field(default_factory=dict)
+    description: str = ""
+    open: bool = False
+    error: Named | None = None
+
+
+class OperationRoute(Route):
+    """A Starlette route for one HTTP method, with the `Operation` that documents it."""
+
+    def __init__(self, path: str, endpoint: Any, method: str, operation: Operation) -> None:
+        super().__init__(path, endpoint, methods=[method])
+        self.method = method
+        self.operation = operation
+
+
+def _ref(name: str) -> dict[str, Any]:
     return {"$ref": f"#/components/schemas/{name}"}
 
 
-def openapi_document(version: str) -> dict[str, Any]:
-    """The OpenAPI 3.0.3 document of every HTTP route, for server version `version`."""
-    authed = "400 401 403 404 429 503"
-    open_op: dict[str, Any] = {"security": []}
-    oip_model = {
-        "get": {
-            "operationId": "oipModelMetadata",
-            "summary": "OIP: a model's inputs and outputs",
-            "tags": ["Open Inference Protocol"],
-            "responses": {**_ok(_ref("ModelMetadata")), **_errors(authed, oip=True)},
+def message_schema(message: Descriptor, components: dict[str, Any]) -> dict[str, Any]:
+    """A `$ref` to `message`'s JSON Schema, added to `components` (the document's
+    `components.schemas`, by message name) with the messages its fields hold.
+
+    As the protobuf JSON mapping writes a message (field names as in the proto): 32-bit
+    integers as numbers, 64-bit ones as decimal strings, bytes as base64 strings (`format:
+    byte`), enums as their value names, repeated fields as arrays, maps as objects with
+    `additionalProperties`, `Timestamp` as an RFC 3339 `date-time` string, `Struct` as a free
+    object, other messages as `$ref`s to their components.
+
+    Raises:
+        ValueError: two messages of one name (in different packages).
+        NotImplementedError: a well-known type not in `WELL_KNOWN`.
+    """
+    name = message.name
+    if name in components:
+        if components[name].get("title") != message.full_name:
+            raise ValueError(f"two schemas named {name}: {message.full_name} and another")
+        return _ref(name)
+    schema: dict[str, Any] = {"type": "object", "title": message.full_name}
+    components[name] = schema  # before its fields: a message may hold itself
+    schema["properties"] = {f.name: _field_schema(f, components) for f in message.fields}
+    groups = [
+        o for o in message.oneofs if not (len(o.fields) == 1 and o.name == "_" + o.fields[0].name)
+    ]
+    if groups:
+        schema["description"] = " ".join(
+            f"At most one of {', '.join(f'`{f.name}`' for f in o.fields)} (oneof `{o.name}`)."
+            for o in groups
+        )
+    return _ref(name)
+
+
+def _field_schema(field: FieldDescriptor, components: dict[str, Any]) -> dict[str, Any]:
+    entry = field.message_type
+    if entry is not None and entry.GetOptions().map_entry:
+        value = _single_schema(entry.fields_by_name["value"], components)
+        return {"type": "object", "additionalProperties": value}
+    single = _single_schema(field, components)
+    return {"type": "array", "items": single} if field.is_repeated else single
+
+
+def _single_schema(field: FieldDescriptor, components: dict[str, Any]) -> dict[str, Any]:
+    if field.enum_type is not None:
+        return {"type": "string", "enum": [value.name for value in field.enum_type.values]}
+    if field.message_type is not None:
+        full_name = field.message_type.full_name
+        if full_name in WELL_KNOWN:
+            return dict(WELL_KNOWN[full_name])
+        if full_name.startswith("google.protobuf."):
+            raise NotImplementedError(f"no JSON Schema for {full_name} (add it to WELL_KNOWN)")
+        return message_schema(field.message_type, components)
+    return dict(SCALARS[field.type])
+
+
+class _Components:
+    """The document's `components.schemas`, filled as operations name their bodies."""
+
+    def __init__(self) -> None:
+        self.schemas: dict[str, Any] = {}
+        self._checked: dict[str, Any] = {}
+
+    def ref(self, body: Body) -> dict[str, Any]:
+        if not isinstance(body, Named):
+            # upb's descriptor at run time, which the stubs type apart from Descriptor.
+            return message_schema(cast(Descriptor, body.DESCRIPTOR), self.schemas)
+        if self.schemas.setdefault(body.name, dict(body.schema)) != body.schema:
+            raise ValueError(f"two schemas named {body.name}")
+        return _ref(body.name)
+
+    def checked(
+        self, body: Body, checks: Mapping[str, Mapping[str, Any]], required: tuple[str, ...]
+    ) -> dict[str, Any]:
+        """`ref(body)`, its schema given `checks` and `required` (`Operation`'s)."""
+        ref = self.ref(body)
+        if not checks and not required:
+            return ref
+        name = ref["$ref"].rpartition("/")[2]
+        schema = self._checked.get(name, self.schemas[name])
+        properties = dict(schema["properties"])
+        for field_name in (*checks, *required):
+            if field_name not in properties:
+                raise ValueError(f"{name} has no field {field_name!r} to check")
+        for field_name, keywords in checks.items():
+            properties[field_name] = {**properties[field_name], **keywords}
+        checked = {**schema, "properties": properties}
+        if required:
+            checked["required"] = list(required)
+        if self._checked.setdefault(name, checked) != checked:
+            raise ValueError(f"{name} is checked differently by two operations")
+        self.schemas[name] = checked
+        return ref
+
+
+def _content(main: Body, more: Mapping[str, Body], components: _Components) -> dict[str, Any]:
+    return {kind: {"schema": components.ref(body)} for kind, body in {JSON: main, **more}.items()}
+
+
+def _operation(operation: Operation, components: _Components) -> dict[str, Any]:
+    found: dict[str, Any] = {
+        "operationId": operation.operation_id,
+        "summary": operation.summary,
+        "tags": [operation.tag],
+    }
+    if operation.description:
+        found["description"] = operation.description
+    if operation.open:
+        found["security"] = []
+    if operation.parameters:
+        found["parameters"] = [p.openapi() for p in operation.parameters]
+    if operation.body is not None:
+        body = components.checked(operation.body, operation.checks, operation.required)
+        content = {JSON: {"schema": body}}
+        content.update(
+            (kind, {"schema": components.ref(also)}) for kind, also in operation.body_also.items()
+        )
+        found["requestBody"] = {"required": True, "content": content}
+    responses = {
+        "200": {
+            "description": "OK",
+            "content": _content(operation.ok, operation.ok_also, components),
         }
     }
-    oip_ready = {
-        "get": {
-            "operationId": "oipModelReady",
-            "summary": "OIP: whether a model version can be inferred (400 when it cannot)",
-            "tags": ["Open Inference Protocol"],
-            "responses": {
-                **_ok(_ref("Ready")),
-                "400": {
-                    "description": "Not ready (no such version), or a malformed name.",
-                    "content": {JSON: {"schema": {"anyOf": [_ref("Ready"), _ref("OipError")]}}},
-                },
-                **_errors("401 403 404 429 503", oip=True),
-            },
+    for status, (description, answer) in operation.answers.items():
+        responses[status] = {
+            "description": description,
+            "content": _content(answer, {}, components),
         }
-    }
-    oip_infer = {
-        "post": {
-            "operationId": "oipModelInfer",
-            "summary": "OIP: classify images",
-            "description": "One input: `images` BYTES [N] or [N,1] (base64 strings in JSON, or "
-            "binary with `binary_data_size` and the Inference-Header-Content-Length header), "
-            "or `pixels` UINT8 [N,H,W,3]. Output `probabilities` FP32 [N,C]; with the "
-            "parameter `classification`: k, BYTES [N,k] of `score:index:label`.",
-            "tags": ["Open Inference Protocol"],
-            "requestBody": {
-                "required": True,
-                "content": {JSON: {"schema": _ref("InferenceRequest")}},
-            },
-            "responses": {
-                **_ok(_ref("InferenceResponse")),
-                **_errors(authed + " 413 504", oip=True),
-            },
+    for status in operation.errors.split():
+        if status in responses:
+            raise ValueError(f"{operation.operation_id}: status {status} documented twice")
+        if operation.error is None:
+            raise ValueError(f"{operation.operation_id}: error statuses without an error body")
+        responses[status] = {
+            "description": ERROR_STATUSES[status],
+            "content": _content(operation.error, {}, components),
         }
-    }
-    paths: dict[str, Any] = {
-        "/v2/health/live": {
-            "get": {
-                **open_op,
-                "operationId": "oipLive",
-                "summary": "OIP: the server is alive",
-                "tags": ["Open Inference Protocol"],
-                "responses": _ok(_ref("Live")),
-            }
-        },
-        "/v2/health/ready": {
-            "get": {
-                **open_op,
-                "operationId": "oipReady",
-                "summary": "OIP: the server takes requests (503 while it drains)",
-                "tags": ["Open Inference Protocol"],
-                "responses": {
-                    **_ok(_ref("Ready")),
-                    "503": {
-                        "description": "Draining.",
-                        "content": {JSON: {"schema": _ref("Ready")}},
-                    },
-                },
-            }
-        },
-        "/v2": {
-            "get": {
-                "operationId": "oipServerMetadata",
-                "summary": "OIP: server name, version and extensions",
-                "tags": ["Open Inference Protocol"],
-                "responses": {
-                    **_ok(_ref("ServerMetadata")),
-                    **_errors("401 403 429", oip=True),
-                },
-            }
-        },
-        "/v2/models/{model}": {"parameters": [MODEL_PARAMETER], **oip_model},
-        "/v2/models/{model}/versions/{version}": {
-            "parameters": [MODEL_PARAMETER, VERSION_PARAMETER],
-            **oip_model,
-        },
-        "/v2/models/{model}/ready": {"parameters": [MODEL_PARAMETER], **oip_ready},
-        "/v2/models/{model}/versions/{version}/ready": {
-            "parameters": [MODEL_PARAMETER, VERSION_PARAMETER],
-            **oip_ready,
-        },
-        "/v2/models/{model}/infer": {"parameters": [MODEL_PARAMETER], **oip_infer},
-        "/v2/models/{model}/versions/{version}/infer": {
-            "parameters": [MODEL_PARAMETER, VERSION_PARAMETER],
-            **oip_infer,
-        },
-        "/v1/models/{model}:classify": {
-            "parameters": [MODEL_PARAMETER, TIMEOUT_PARAMETER],
-            "post": {
-                "operationId": "classify",
-                "summary": "Classify images (Classify's answer, as JSON)",
-                "tags": ["JSON API"],
-                "requestBody": {
-                    "required": True,
-                    "content": {
-                        JSON: {"schema": _ref("ClassifyRequest")},
-                        "multipart/form-data": {"schema": _ref("ClassifyUpload")},
-                    },
-                },
-                "responses": {
-                    **_ok(_ref("ClassifyResponse")),
-                    **_errors(authed + " 413 504", oip=False),
-                },
-            },
-        },
-        "/v1/models": {
-            "get": {
-                "operationId": "listModels",
-                "summary": "The models the caller may use",
-                "tags": ["JSON API"],
-                "parameters": PAGE_PARAMETERS,
-                "responses": {**_ok(_ref("ModelList")), **_errors(authed, oip=False)},
-            }
-        },
-        "/v1/models/{model}": {
-            "parameters": [MODEL_PARAMETER],
-            "get": {
-                "operationId": "getModel",
-                "summary": "A model, its versions, aliases and model cards",
-                "tags": ["JSON API"],
-                "responses": {**_ok(_ref("Model")), **_errors(authed, oip=False)},
-            },
-        },
-        "/v1/jobs": {
-            "post": {
-                "operationId": "submitJob",
-                "summary": "Submit a bulk job (SubmitJobRequest in the protobuf JSON mapping)",
-                "tags": ["JSON API"],
-                "requestBody": {
-                    "required": True,
-                    "content": {JSON: {"schema": _ref("JobRequest")}},
-                },
-                "responses": {
-                    **_ok(_ref("Job")),
-                    **_errors(authed + " 413", oip=False),
-                    "409": {
-                        "description": "ALREADY_EXISTS.",
-                        "content": {JSON: {"schema": _ref("Error")}},
-                    },
-                },
-            },
-            "get": {
-                "operationId": "listJobs",
-                "summary": "The caller's jobs, newest first",
-                "tags": ["JSON API"],
-                "parameters": [
-                    *PAGE_PARAMETERS,
-                    _parameter(
-                        "state",
-                        "query",
-                        "Only jobs in these states (queued, running, ...).",
-                        {"type": "array", "items": STRING},
-                        style="form",
-                        explode=True,
-                    ),
-                ],
-                "responses": {**_ok(_ref("JobList")), **_errors(authed, oip=False)},
-            },
-        },
-        "/v1/jobs/{job}": {
-            "parameters": [JOB_PARAMETER],
-            "get": {
-                "operationId": "getJob",
-                "summary": "A job's state and counts",
-                "tags": ["JSON API"],
-                "responses": {**_ok(_ref("Job")), **_errors(authed, oip=False)},
-            },
-        },
-        "/v1/jobs/{job}/results": {
-            "parameters": [JOB_PARAMETER],
-            "get": {
-                "operationId": "listJobResults",
-                "summary": "A job's per-image results, in input order",
-                "description": "A page of JSON; with `Accept: application/x-ndjson`, every "
-                "result (all pages), one JSON object per line.",
-                "tags": ["JSON API"],
-                "parameters": [
-                    *PAGE_PARAMETERS,
-                    _parameter(
-                        "filter",
-                        "query",
-                        "Only the items that failed, or only those that succeeded.",
-                        {"type": "string", "enum": ["failed", "succeeded"]},
-                    ),
-                ],
-                "responses": {
-                    "200": {
-                        "description": "OK",
-                        "content": {
-                            JSON: {"schema": _ref("ResultPage")},
-                            "application/x-ndjson": {"schema": STRING},
-                        },
-                    },
-                    **_errors(authed, oip=False),
-                },
-            },
-        },
-        "/v1/jobs/{job}:cancel": {
-            "parameters": [JOB_PARAMETER],
-            "post": {
-                "operationId": "cancelJob",
-                "summary": "Cancel a job: its unfinished items end `cancelled`",
-                "tags": ["JSON API"],
-                "responses": {**_ok(_ref("Job")), **_errors(authed, oip=False)},
-            },
-        },
-    }
+    found["responses"] = responses
+    return found
+
+
+def openapi_document(routes: Iterable[BaseRoute], version: str) -> dict[str, Any]:
+    """The OpenAPI 3.0.3 document of `routes` (an app's), for server version `version`.
+
+    Raises:
+        TypeError: a route that is not an `OperationRoute` (made without its operation).
+        ValueError: two operations of one id, or of one path and method; path parameters
+            other than the path's; a check naming no field of its body; two bodies of one name.
+    """
+    components = _Components()
+    paths: dict[str, dict[str, Any]] = {}
+    ids: set[str] = set()
+    for route in routes:
+        if not isinstance(route, OperationRoute):
+            where = getattr(route, "path", repr(route))
+            raise TypeError(f"the route {where} has no OpenAPI operation (see HttpEdge.route)")
+        operation = route.operation
+        if operation.operation_id in ids:
+            raise ValueError(f"two operations with the id {operation.operation_id}")
+        ids.add(operation.operation_id)
+        declared = sorted(p.name for p in operation.parameters if p.where == "path")
+        if declared != sorted(route.param_convertors):
+            raise ValueError(
+                f"{route.path}: path parameters {sorted(route.param_convertors)}, "
+                f"documented {declared}"
+            )
+        methods = paths.setdefault(route.path, {})
+        if route.method.lower() in methods:
+            raise ValueError(f"two operations for {route.method} {route.path}")
+        methods[route.method.lower()] = _operation(operation, components)
     return {
         "openapi": "3.0.3",
         "info": {
             "title": "Perito HTTP API",
             "version": version,
             "description": "The Open Inference Protocol (KServe v2) REST endpoints and a JSON "
-            "API over the same models, batchers and tenants as the perito.v1 gRPC service.",
+            "API over the same models, batchers and tenants as the perito.v1 gRPC service. "
+            "The JSON API's bodies are perito.v1 messages in the protobuf JSON mapping "
+            "(docs/api.md describes each field).",
         },
         "security": [{"bearer": []}],
         "paths": paths,
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-            "schemas": _schemas(),
+            "schemas": components.schemas,
         },
-    }
-
-
-def _schemas() -> dict[str, Any]:
-    detail = {"type": "object", "properties": {"@type": STRING}}
-    status_fields = {
-        "code": {"type": "integer"},
-        "status": STRING,
-        "details": {"type": "array", "items": detail},
-    }
-    prediction = {
-        "type": "object",
-        "properties": {
-            "label": STRING,
-            "class_index": {"type": "integer"},
-            "probability": NUMBER,
-        },
-    }
-    image = {
-        "type": "object",
-        "required": ["content"],
-        "properties": {
-            "content": {"type": "string", "format": "byte", "description": "The image, base64."},
-            "id": STRING,
-        },
-    }
-    tensor = {
-        "type": "object",
-        "required": ["name", "datatype", "shape"],
-        "properties": {
-            "name": STRING,
-            "datatype": {"type": "string", "enum": ["BYTES", "UINT8"]},
-            "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
-            "parameters": ANY_OBJECT,
-            "data": {"type": "array", "items": {}},
-        },
-    }
-    return {
-        "Error": {
-            "type": "object",
-            "required": ["error"],
-            "properties": {
-                "error": {
-                    "type": "object",
-                    "required": ["code", "message", "status"],
-                    "properties": {"message": STRING, **status_fields},
-                }
-            },
-        },
-        "OipError": {
-            "type": "object",
-            "required": ["error"],
-            "properties": {"error": STRING, **status_fields},
-        },
-        "Live": {"type": "object", "properties": {"live": BOOLEAN}},
-        "Ready": {"type": "object", "properties": {"ready": BOOLEAN}},
-        "ServerMetadata": {
-            "type": "object",
-            "properties": {
-                "name": STRING,
-                "version": STRING,
-                "extensions": {"type": "array", "items": STRING},
-            },
-        },
-        "ModelMetadata": {
-            "type": "object",
-            "properties": {
-                "name": STRING,
-                "versions": {"type": "array", "items": STRING},
-                "platform": STRING,
-                "inputs": {"type": "array", "items": TENSOR_METADATA},
-                "outputs": {"type": "array", "items": TENSOR_METADATA},
-            },
-        },
-        "InferenceRequest": {
-            "type": "object",
-            "required": ["inputs"],
-            "properties": {
-                "id": STRING,
-                "parameters": ANY_OBJECT,
-                "inputs": {"type": "array", "items": tensor},
-                "outputs": {
-                    "type": "array",
-                    "items": {
-                        "type": "object",
-                        "properties": {"name": STRING, "parameters": ANY_OBJECT},
-                    },
-                },
-            },
-        },
-        "InferenceResponse": {
-            "type": "object",
-            "properties": {
-                "model_name": STRING,
-                "model_version": STRING,
-                "id": STRING,
-                "outputs": {"type": "array", "items": {"type": "object"}},
-            },
-        },
-        # The same fields as JSON (base64 images) and as a multipart upload (files).
-        **{
-            name: {
-                "type": "object",
-                "required": ["images"],
-                "properties": {
-                    "images": {"type": "array", "items": images},
-                    "version": STRING,
-                    "top_k": {"type": "integer", "minimum": 0},
-                    "confidence_threshold": {"type": "number", "minimum": 0, "maximum": 1},
-                },
-            }
-            for name, images in (
-                ("ClassifyRequest", image),
-                ("ClassifyUpload", {"type": "string", "format": "binary"}),
-            )
-        },
-        "ClassifyResponse": {
-            "type": "object",
-            "properties": {
-                "model": STRING,
-                "model_version": STRING,
-                "confidence_threshold": NUMBER,
-                "results": {
-                    "type": "array",
-                    "items": {
-                        "type": "object",
-                        "properties": {
-                            "image_id": STRING,
-                            "predictions": {"type": "array", "items": prediction},
-                            "margin": NUMBER,
-                            "normalized_entropy": NUMBER,
-                            "uncertain": BOOLEAN,
-                            "first_frame_only": BOOLEAN,
-                            "form": STRING,
-                        },
-                    },
-                },
-            },
-        },
-        "Model": {"type": "object", "properties": {"name": STRING}},
-        "ModelList": _page("models", _ref("Model")),
-        "JobRequest": {
-            "type": "object",
-            "required": ["model"],
-            "description": "perito.v1.SubmitJobRequest in the protobuf JSON mapping: one of "
-            "images / uris / prefix / manifest_uri.",
-            "properties": {
-                "model": STRING,
-                "version": STRING,
-                "images": {
-                    "type": "object",
-                    "properties": {"images": {"type": "array", "items": image}},
-                },
-                "uris": {
-                    "type": "object",
-                    "properties": {"uris": {"type": "array", "items": STRING}},
-                },
-                "prefix": STRING,
-                "manifest_uri": STRING,
-                "output_uri": STRING,
-                "top_k": {"type": "integer", "minimum": 0},
-                "request_id": STRING,
-            },
-        },
-        "Job": {
-            "type": "object",
-            "properties": {
-                "id": STRING,
-                "state": STRING,
-                "model": STRING,
-                "model_version": STRING,
-                "total_items": {"type": "string", "description": "int64, as a JSON string"},
-            },
-        },
-        "JobList": _page("jobs", _ref("Job")),
-        "ResultPage": _page("results", {"type": "object"}),
     }

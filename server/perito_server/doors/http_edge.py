@@ -8,6 +8,11 @@ read, with the model in the path checked against the tenant's list. Errors are a
 Google AIP-193's JSON error); OIP routes keep the protocol's `{"error": "<message>"}` string
 (what OIP clients print) and add the AIP-193 `code`, `status` and `details` beside it. A body
 over `max_message_bytes` is refused while it streams in, 413 RESOURCE_EXHAUSTED.
+
+Doors make their routes with `HttpEdge.route`, each with its `Operation`: what the OpenAPI
+document (`GET /openapi.json`, built by `perito_server.openapi` from the app's routes) says of
+it. The edge adds what it does itself: the path's `{model}` and `{version}`, the error body,
+and no security for open routes.
 """
 
 from __future__ import annotations
@@ -15,12 +20,13 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import BaseRoute, Route
+from starlette.routing import BaseRoute
 
 from perito_core.access.tenancy import Tenant
 from perito_core.errors import ErrorCode, InvalidArgument, PeritoError
@@ -29,7 +35,7 @@ from perito_server.auth import TenantInterceptor
 from perito_server.errors import as_perito_error, request_id, to_http
 from perito_server.metrics import ServerMetrics
 from perito_server.oip_protocol import server_version
-from perito_server.openapi import openapi_document
+from perito_server.openapi import Named, Operation, OperationRoute, Parameter, openapi_document
 
 # The gRPC methods HTTP routes stand for, whose roles authorise them.
 PERITO = "/perito.v1.Perito/"
@@ -37,6 +43,50 @@ OIP = "/inference.GRPCInferenceService/"
 
 Handler = Callable[[Request, Tenant], Awaitable[Response]]
 Endpoint = Callable[[Request], Awaitable[Response]]
+
+# The path parameters `model_ref` reads.
+MODEL = Parameter(
+    "model",
+    "path",
+    "The model's name; `name@version` (or `?version=`) picks a version or alias.",
+    {"type": "string"},
+)
+VERSION = Parameter(
+    "version", "path", "A version number or an alias (`production`).", {"type": "string"}
+)
+
+# The error bodies `error_response` writes: Google AIP-193's, and for OIP the protocol's
+# `{"error": "<message>"}` with the same fields beside it.
+_STATUS_FIELDS = {
+    "code": {"type": "integer"},
+    "status": {"type": "string"},
+    "details": {
+        "type": "array",
+        "items": {"type": "object", "properties": {"@type": {"type": "string"}}},
+    },
+}
+ERROR = Named(
+    "Error",
+    {
+        "type": "object",
+        "required": ["error"],
+        "properties": {
+            "error": {
+                "type": "object",
+                "required": ["code", "message", "status"],
+                "properties": {"message": {"type": "string"}, **_STATUS_FIELDS},
+            }
+        },
+    },
+)
+OIP_ERROR = Named(
+    "OipError",
+    {
+        "type": "object",
+        "required": ["error"],
+        "properties": {"error": {"type": "string"}, **_STATUS_FIELDS},
+    },
+)
 
 
 class BodyTooLarge(PeritoError, code=ErrorCode.RESOURCE_EXHAUSTED, reason="REQUEST_TOO_LARGE"):
@@ -94,6 +144,30 @@ class HttpEdge:
 
         return endpoint
 
+    def route(
+        self,
+        verb: str,
+        path: str,
+        operation: Operation,
+        method: str | None,
+        handler: Handler,
+        *,
+        model: bool = False,
+        oip: bool = False,
+    ) -> OperationRoute:
+        """The route for `verb path`: `handler` behind `door(method, handler, model=model,
+        oip=oip)`, documented by `operation` with what the edge adds (the path's `{model}`
+        and `{version}` with `model`, the error body, no security without `method`)."""
+        edge_parameters = (MODEL, VERSION) if "{version}" in path else (MODEL,)
+        documented = replace(
+            operation,
+            parameters=(*(edge_parameters if model else ()), *operation.parameters),
+            open=method is None,
+            error=OIP_ERROR if oip else ERROR,
+        )
+        endpoint = self.door(method, handler, model=model, oip=oip)
+        return OperationRoute(path, endpoint, verb, documented)
+
     async def body(self, request: Request) -> bytes:
         """The body, refused (413) once it grows past `max_body_bytes`, while streaming.
 
@@ -148,14 +222,30 @@ def model_ref(request: Request) -> tuple[str, str]:
     return name, version
 
 
+DOCUMENT = Operation(
+    "openapi",
+    "This document: the OpenAPI 3.0 description of every route",
+    "Document",
+    Named("OpenApi", {"type": "object", "required": ["openapi", "paths"]}),
+    open=True,
+)
+
+
 def http_app(*doors: list[BaseRoute]) -> Starlette:
     """One Starlette app serving the routes of `doors` and `GET /openapi.json`, which
-    describes them."""
+    describes them (built here, once).
+
+    Raises:
+        TypeError: a route not made by `HttpEdge.route` (no OpenAPI operation).
+        ValueError: an operation the document cannot hold (`openapi_document`).
+    """
+    document: dict[str, Any] = {}
 
     async def openapi(request: Request) -> Response:
-        return JSONResponse(openapi_document(server_version()))
+        return JSONResponse(document)
 
-    routes: list[BaseRoute] = [Route("/openapi.json", openapi, methods=["GET"])]
+    routes: list[BaseRoute] = [OperationRoute("/openapi.json", openapi, "GET", DOCUMENT)]
     for door_routes in doors:
         routes.extend(door_routes)
+    document.update(openapi_document(routes, server_version()))
     return Starlette(routes=routes)

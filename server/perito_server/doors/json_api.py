@@ -27,7 +27,7 @@ from google.protobuf.message import Message
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import BaseRoute, Route
+from starlette.routing import BaseRoute
 
 from perito.v1 import classify_pb2, image_pb2, jobs_pb2, models_pb2
 from perito_core.access.tenancy import Tenant
@@ -35,11 +35,18 @@ from perito_core.errors import InvalidArgument
 from perito_server.doors.http_edge import PERITO, HttpEdge, model_ref
 from perito_server.errors import echo
 from perito_server.inference import InferenceService
+from perito_server.openapi import Named, Operation, Parameter
 
 NDJSON = "application/x-ndjson"
 # The proto fields query parameters fill are int32.
 MAX_INT32 = 2**31 - 1
 MAX_TIMEOUT_S = 86400
+# `GET /v1/jobs/{job}/results?filter=`
+RESULT_FILTERS = {
+    "": jobs_pb2.RESULT_FILTER_UNSPECIFIED,
+    "failed": jobs_pb2.RESULT_FILTER_FAILED,
+    "succeeded": jobs_pb2.RESULT_FILTER_SUCCEEDED,
+}
 
 
 def _json(message: Message) -> dict[str, Any]:
@@ -84,6 +91,151 @@ def _deadline(request: Request) -> float | None:
     return time.monotonic() + seconds
 
 
+# What the OpenAPI document says of each route (`perito_server.openapi`): the bodies are the
+# messages themselves, the checks those the inference service makes before any work.
+TAG = "JSON API"
+ERRORS = "400 401 403 404 429 503"
+PAGE = (
+    Parameter(
+        "page_size",
+        "query",
+        "At most this many per page (0: the server's default; a larger page than the server's "
+        "largest is cut to it).",
+        {"type": "integer", "minimum": 0, "maximum": MAX_INT32},
+    ),
+    Parameter("page_token", "query", "`next_page_token` of the previous page.", {"type": "string"}),
+)
+JOB = Parameter("job", "path", "The job's id.", {"type": "string"})
+ANSWER_CHECKS = {
+    "top_k": {"minimum": 0},
+    "confidence_threshold": {"minimum": 0, "maximum": 1},
+}
+CLASSIFY = Operation(
+    "classify",
+    "Classify images (Classify's answer, as JSON)",
+    TAG,
+    classify_pb2.ClassifyResponse,
+    ERRORS + " 413 504",
+    parameters=(
+        Parameter(
+            "X-Server-Timeout",
+            "header",
+            "Seconds the caller will wait (as Google's HTTP APIs read it; gRPC's deadline): "
+            "images still waiting then are given up and the call answers 504.",
+            {"type": "number", "exclusiveMinimum": True, "minimum": 0, "maximum": MAX_TIMEOUT_S},
+        ),
+    ),
+    body=classify_pb2.ClassifyRequest,
+    body_also={
+        "multipart/form-data": Named(
+            "ClassifyUpload",
+            {
+                "type": "object",
+                "required": ["images"],
+                "description": "The image files (any field name; the file names become the "
+                "image ids) and ClassifyRequest's fields below.",
+                "properties": {
+                    "images": {
+                        "type": "array",
+                        "minItems": 1,
+                        "items": {"type": "string", "format": "binary"},
+                    },
+                    "version": {"type": "string"},
+                    "top_k": {"type": "integer", **ANSWER_CHECKS["top_k"]},
+                    "confidence_threshold": {
+                        "type": "number",
+                        **ANSWER_CHECKS["confidence_threshold"],
+                    },
+                },
+            },
+        )
+    },
+    checks={"images": {"minItems": 1}, **ANSWER_CHECKS},
+    required=("images",),
+)
+LIST_MODELS = Operation(
+    "listModels",
+    "The models the caller may use",
+    TAG,
+    models_pb2.ListModelsResponse,
+    ERRORS,
+    parameters=PAGE,
+)
+GET_MODEL = Operation(
+    "getModel",
+    "A model, its versions, aliases and model cards",
+    TAG,
+    models_pb2.Model,
+    ERRORS,
+)
+SUBMIT_JOB = Operation(
+    "submitJob",
+    "Submit a bulk job",
+    TAG,
+    jobs_pb2.Job,
+    ERRORS + " 409 413",
+    body=jobs_pb2.SubmitJobRequest,
+    checks={"model": {"minLength": 1}, "chunk_size": {"minimum": 0}, **ANSWER_CHECKS},
+    required=("model",),
+)
+LIST_JOBS = Operation(
+    "listJobs",
+    "The caller's jobs, newest first",
+    TAG,
+    jobs_pb2.ListJobsResponse,
+    ERRORS,
+    parameters=(
+        *PAGE,
+        Parameter(
+            "state",
+            "query",
+            "Only jobs in these states (`queued`, or `JOB_STATE_QUEUED`; any case).",
+            {
+                "type": "array",
+                "items": {
+                    "type": "string",
+                    "enum": [
+                        name.removeprefix("JOB_STATE_").lower()
+                        for name in jobs_pb2.JobState.keys()  # noqa: SIM118 - not a dict
+                    ],
+                },
+            },
+        ),
+    ),
+)
+GET_JOB = Operation(
+    "getJob", "A job's state and counts", TAG, jobs_pb2.Job, ERRORS, parameters=(JOB,)
+)
+LIST_JOB_RESULTS = Operation(
+    "listJobResults",
+    "A job's per-image results, in input order",
+    TAG,
+    jobs_pb2.ListJobResultsResponse,
+    ERRORS,
+    parameters=(
+        JOB,
+        *PAGE,
+        Parameter(
+            "filter",
+            "query",
+            "Only the items that failed, or only those that succeeded.",
+            {"type": "string", "enum": [name for name in RESULT_FILTERS if name]},
+        ),
+    ),
+    ok_also={NDJSON: Named("JobItemResultLines", {"type": "string"})},
+    description="A page of JSON; with `Accept: application/x-ndjson`, every result (all "
+    "pages), one JobItemResult per line.",
+)
+CANCEL_JOB = Operation(
+    "cancelJob",
+    "Cancel a job: its unfinished items end `cancelled`",
+    TAG,
+    jobs_pb2.Job,
+    ERRORS,
+    parameters=(JOB,),
+)
+
+
 class JsonApi:
     """The JSON API's routes over `service`, behind `edge`."""
 
@@ -93,31 +245,37 @@ class JsonApi:
 
     def routes(self) -> list[BaseRoute]:
         """The routes, each behind the edge with the gRPC method it stands for."""
-        door = self.edge.door
+        route = self.edge.route
         return [
-            Route(
+            route(
+                "POST",
                 "/v1/models/{model}:classify",
-                door(PERITO + "Classify", self._classify, model=True),
-                methods=["POST"],
+                CLASSIFY,
+                PERITO + "Classify",
+                self._classify,
+                model=True,
             ),
-            Route("/v1/models", door(PERITO + "ListModels", self._list_models), methods=["GET"]),
-            Route(
+            route("GET", "/v1/models", LIST_MODELS, PERITO + "ListModels", self._list_models),
+            route(
+                "GET",
                 "/v1/models/{model}",
-                door(PERITO + "GetModel", self._get_model, model=True),
-                methods=["GET"],
+                GET_MODEL,
+                PERITO + "GetModel",
+                self._get_model,
+                model=True,
             ),
-            Route("/v1/jobs", door(PERITO + "SubmitJob", self._submit_job), methods=["POST"]),
-            Route("/v1/jobs", door(PERITO + "ListJobs", self._list_jobs), methods=["GET"]),
-            Route("/v1/jobs/{job}", door(PERITO + "GetJob", self._get_job), methods=["GET"]),
-            Route(
+            route("POST", "/v1/jobs", SUBMIT_JOB, PERITO + "SubmitJob", self._submit_job),
+            route("GET", "/v1/jobs", LIST_JOBS, PERITO + "ListJobs", self._list_jobs),
+            route("GET", "/v1/jobs/{job}", GET_JOB, PERITO + "GetJob", self._get_job),
+            route(
+                "GET",
                 "/v1/jobs/{job}/results",
-                door(PERITO + "ListJobResults", self._job_results),
-                methods=["GET"],
+                LIST_JOB_RESULTS,
+                PERITO + "ListJobResults",
+                self._job_results,
             ),
-            Route(
-                "/v1/jobs/{job}:cancel",
-                door(PERITO + "CancelJob", self._cancel_job),
-                methods=["POST"],
+            route(
+                "POST", "/v1/jobs/{job}:cancel", CANCEL_JOB, PERITO + "CancelJob", self._cancel_job
             ),
         ]
 
@@ -221,19 +379,14 @@ class JsonApi:
         return JSONResponse(_json(job))
 
     async def _job_results(self, request: Request, tenant: Tenant) -> Response:
-        filters = {
-            "": jobs_pb2.RESULT_FILTER_UNSPECIFIED,
-            "failed": jobs_pb2.RESULT_FILTER_FAILED,
-            "succeeded": jobs_pb2.RESULT_FILTER_SUCCEEDED,
-        }
         chosen = request.query_params.get("filter", "")
-        if chosen not in filters:
+        if chosen not in RESULT_FILTERS:
             raise InvalidArgument("filter is failed or succeeded", field="filter")
         message = jobs_pb2.ListJobResultsRequest(
             job_id=request.path_params["job"],
             page_size=_int_param(request, "page_size"),
             page_token=request.query_params.get("page_token", ""),
-            filter=filters[chosen],
+            filter=RESULT_FILTERS[chosen],
         )
         first = await self.service.list_job_results(
             message, tenant

@@ -18,17 +18,18 @@ from __future__ import annotations
 import binascii
 import json
 import time
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import pybase64
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import BaseRoute, Route
+from starlette.routing import BaseRoute
 
 from perito_core.access.tenancy import Tenant
 from perito_core.errors import InvalidArgument
-from perito_server.doors.http_edge import OIP, HttpEdge, model_ref
+from perito_server.doors.http_edge import OIP, OIP_ERROR, HttpEdge, model_ref
 from perito_server.errors import echo
 from perito_server.inference import InferenceService
 from perito_server.oip_protocol import (
@@ -42,8 +43,145 @@ from perito_server.oip_protocol import (
     model_metadata,
     server_version,
 )
+from perito_server.openapi import Named, Operation
 
 HEADER_LENGTH = "inference-header-content-length"
+
+
+# The protocol's bodies, and what the OpenAPI document says of each route
+# (`perito_server.openapi`).
+TAG = "Open Inference Protocol"
+STRING = {"type": "string"}
+ANY_OBJECT = {"type": "object", "additionalProperties": True}
+TENSOR_METADATA = {
+    "type": "object",
+    "required": ["name", "datatype", "shape"],
+    "properties": {
+        "name": STRING,
+        "datatype": STRING,
+        "shape": {"type": "array", "items": {"type": "integer"}},
+    },
+}
+READY_BODY = Named("Ready", {"type": "object", "properties": {"ready": {"type": "boolean"}}})
+LIVE = Operation(
+    "oipLive",
+    "OIP: the server is alive",
+    TAG,
+    Named("Live", {"type": "object", "properties": {"live": {"type": "boolean"}}}),
+)
+READY = Operation(
+    "oipReady",
+    "OIP: the server takes requests (503 while it drains)",
+    TAG,
+    READY_BODY,
+    answers={"503": ("Draining.", READY_BODY)},
+)
+SERVER_METADATA = Operation(
+    "oipServerMetadata",
+    "OIP: server name, version and extensions",
+    TAG,
+    Named(
+        "ServerMetadata",
+        {
+            "type": "object",
+            "properties": {
+                "name": STRING,
+                "version": STRING,
+                "extensions": {"type": "array", "items": STRING},
+            },
+        },
+    ),
+    "401 403 429",
+)
+MODEL_METADATA = Operation(
+    "oipModelMetadata",
+    "OIP: a model's inputs and outputs",
+    TAG,
+    Named(
+        "ModelMetadata",
+        {
+            "type": "object",
+            "properties": {
+                "name": STRING,
+                "versions": {"type": "array", "items": STRING},
+                "platform": STRING,
+                "inputs": {"type": "array", "items": TENSOR_METADATA},
+                "outputs": {"type": "array", "items": TENSOR_METADATA},
+            },
+        },
+    ),
+    "400 401 403 404 429 503",
+)
+MODEL_READY = Operation(
+    "oipModelReady",
+    "OIP: whether a model version can be inferred (400 when it cannot)",
+    TAG,
+    READY_BODY,
+    "401 403 404 429 503",
+    answers={
+        "400": (
+            "Not ready (no such version), or a malformed name.",
+            Named(
+                "NotReady",
+                {"anyOf": [READY_BODY.schema, OIP_ERROR.schema]},
+            ),
+        )
+    },
+)
+MODEL_INFER = Operation(
+    "oipModelInfer",
+    "OIP: classify images",
+    TAG,
+    Named(
+        "InferenceResponse",
+        {
+            "type": "object",
+            "properties": {
+                "model_name": STRING,
+                "model_version": STRING,
+                "id": STRING,
+                "outputs": {"type": "array", "items": {"type": "object"}},
+            },
+        },
+    ),
+    "400 401 403 404 413 429 503 504",
+    body=Named(
+        "InferenceRequest",
+        {
+            "type": "object",
+            "required": ["inputs"],
+            "properties": {
+                "id": STRING,
+                "parameters": ANY_OBJECT,
+                "inputs": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["name", "datatype", "shape"],
+                        "properties": {
+                            "name": STRING,
+                            "datatype": {"type": "string", "enum": ["BYTES", "UINT8"]},
+                            "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+                            "parameters": ANY_OBJECT,
+                            "data": {"type": "array", "items": {}},
+                        },
+                    },
+                },
+                "outputs": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "properties": {"name": STRING, "parameters": ANY_OBJECT},
+                    },
+                },
+            },
+        },
+    ),
+    description="One input: `images` BYTES [N] or [N,1] (base64 strings in JSON, or binary "
+    "with `binary_data_size` and the Inference-Header-Content-Length header), or `pixels` "
+    "UINT8 [N,H,W,3]. Output `probabilities` FP32 [N,C]; with the parameter "
+    "`classification`: k, BYTES [N,k] of `score:index:label`.",
+)
 
 
 class OipRest:
@@ -55,31 +193,37 @@ class OipRest:
 
     def routes(self) -> list[BaseRoute]:
         """The routes, each behind the edge with the gRPC method whose role it needs."""
-        door = self.edge.door
-        model_paths = ("/v2/models/{model}", "/v2/models/{model}/versions/{version}")
+        route = self.edge.route
+        model_paths = (
+            ("/v2/models/{model}", ""),
+            ("/v2/models/{model}/versions/{version}", "Version"),
+        )
         return [
-            Route("/v2/health/live", door(None, self._live, oip=True), methods=["GET"]),
-            Route("/v2/health/ready", door(None, self._ready, oip=True), methods=["GET"]),
-            Route("/v2", door(OIP + "ServerMetadata", self._server_metadata, oip=True)),
+            route("GET", "/v2/health/live", LIVE, None, self._live, oip=True),
+            route("GET", "/v2/health/ready", READY, None, self._ready, oip=True),
+            route(
+                "GET",
+                "/v2",
+                SERVER_METADATA,
+                OIP + "ServerMetadata",
+                self._server_metadata,
+                oip=True,
+            ),
             *(
-                route
-                for path in model_paths
-                for route in (
-                    Route(
-                        path,
-                        door(OIP + "ModelMetadata", self._model_metadata, model=True, oip=True),
-                        methods=["GET"],
-                    ),
-                    Route(
-                        path + "/ready",
-                        door(OIP + "ModelReady", self._model_ready, model=True, oip=True),
-                        methods=["GET"],
-                    ),
-                    Route(
-                        path + "/infer",
-                        door(OIP + "ModelInfer", self._infer, model=True, oip=True),
-                        methods=["POST"],
-                    ),
+                route(
+                    verb,
+                    path + tail,
+                    replace(operation, operation_id=operation.operation_id + suffix),
+                    OIP + method,
+                    handler,
+                    model=True,
+                    oip=True,
+                )
+                for path, suffix in model_paths
+                for verb, tail, operation, method, handler in (
+                    ("GET", "", MODEL_METADATA, "ModelMetadata", self._model_metadata),
+                    ("GET", "/ready", MODEL_READY, "ModelReady", self._model_ready),
+                    ("POST", "/infer", MODEL_INFER, "ModelInfer", self._infer),
                 )
             ),
         ]
@@ -150,8 +294,6 @@ class OipRest:
         )
         request_id = document.get("id")
         return _rest_response(result, request_id if isinstance(request_id, str) else None)
-
-    # The JSON API
 
 
 def _flatten(data: Any) -> list[Any]:

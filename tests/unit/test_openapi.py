@@ -1,0 +1,202 @@
+"""The OpenAPI document is derived: every route of the real HTTP app is in it, the JSON API's
+schemas are the perito.v1 messages' fields, and what the door writes fits them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, cast
+
+import jsonschema
+import pytest
+from google.protobuf import descriptor_pool
+from google.protobuf.struct_pb2 import Struct
+from google.protobuf.timestamp_pb2 import Timestamp
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.testclient import TestClient
+
+from perito.v1 import classify_pb2, jobs_pb2, models_pb2
+from perito_core.access.tenancy import Tenants
+from perito_server.auth import TenantInterceptor
+from perito_server.doors.http_edge import HttpEdge, http_app
+from perito_server.doors.json_api import JsonApi, _json
+from perito_server.doors.oip_rest import OipRest
+from perito_server.inference import InferenceService
+
+# Making the routes calls nothing of the inference service (the handlers do, per request),
+# so the doors are given none: the app, its routes and its document are the server's own.
+NO_SERVICE = cast(InferenceService, None)
+
+
+def _doors() -> list[list[Any]]:
+    edge = HttpEdge(TenantInterceptor(Tenants()), None, 1 << 20)
+    return [OipRest(NO_SERVICE, edge).routes(), JsonApi(NO_SERVICE, edge).routes()]
+
+
+@pytest.fixture(scope="module")
+def app() -> Starlette:
+    return http_app(*_doors())
+
+
+@pytest.fixture(scope="module")
+def document(app: Starlette) -> dict[str, Any]:
+    response = TestClient(app).get("/openapi.json")
+    assert response.status_code == 200
+    return cast(dict[str, Any], response.json())
+
+
+def _route_operations(app: Starlette) -> Iterator[tuple[str, str]]:
+    for route in app.routes:
+        assert isinstance(route, Route)
+        for method in sorted(route.methods or ()):
+            if method != "HEAD":  # Starlette answers HEAD wherever GET is
+                yield route.path, method.lower()
+
+
+def test_every_route_of_the_app_is_in_the_document_and_nothing_else(
+    app: Starlette, document: dict[str, Any]
+) -> None:
+    served = set(_route_operations(app))
+    documented = {(path, method) for path, item in document["paths"].items() for method in item}
+    assert served == documented
+    # The doors' routes, not a handful: both HTTP doors and the document itself.
+    assert ("/v1/models/{model}:classify", "post") in served
+    assert ("/v2/models/{model}/versions/{version}/infer", "post") in served
+    assert ("/openapi.json", "get") in served
+    ids = [op["operationId"] for item in document["paths"].values() for op in item.values()]
+    assert len(ids) == len(set(ids)) == len(served)
+
+
+def test_a_route_made_without_its_operation_fails_the_app() -> None:
+    async def extra(request: Request) -> Response:
+        return JSONResponse({})
+
+    with pytest.raises(TypeError, match="/v1/extra has no OpenAPI operation"):
+        http_app(*_doors(), [Route("/v1/extra", extra, methods=["GET"])])
+
+
+def test_path_parameters_are_those_of_the_path(document: dict[str, Any]) -> None:
+    for path, item in document["paths"].items():
+        for operation in item.values():
+            names = {p["name"] for p in operation.get("parameters", []) if p["in"] == "path"}
+            parts = path.replace(":", "/").split("/")
+            assert names == {part[1:-1] for part in parts if part.startswith("{")}
+
+
+def _message_components(document: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {
+        name: schema
+        for name, schema in document["components"]["schemas"].items()
+        if schema.get("title", "").startswith("perito.v1.")
+    }
+
+
+def test_each_message_schema_has_exactly_its_messages_fields(document: dict[str, Any]) -> None:
+    pool = descriptor_pool.Default()
+    messages = _message_components(document)
+    for schema in messages.values():
+        descriptor = pool.FindMessageTypeByName(schema["title"])
+        assert list(schema["properties"]) == [field.name for field in descriptor.fields]
+    # Every JSON API answer and body is one of them, found through its $ref.
+    answers = {
+        "/v1/models/{model}:classify": ("post", "ClassifyResponse"),
+        "/v1/models": ("get", "ListModelsResponse"),
+        "/v1/models/{model}": ("get", "Model"),
+        "/v1/jobs": ("get", "ListJobsResponse"),
+        "/v1/jobs/{job}": ("get", "Job"),
+        "/v1/jobs/{job}/results": ("get", "ListJobResultsResponse"),
+        "/v1/jobs/{job}:cancel": ("post", "Job"),
+    }
+    for path, (method, message) in answers.items():
+        ok = document["paths"][path][method]["responses"]["200"]["content"]["application/json"]
+        assert ok["schema"] == {"$ref": f"#/components/schemas/{message}"}
+    post_jobs = document["paths"]["/v1/jobs"]["post"]
+    assert post_jobs["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith(
+        "/SubmitJobRequest"
+    )
+    # The messages those hold are there too: a Job's, a result's, a version's.
+    assert {"Job", "JobItemResult", "Classification", "Prediction", "ModelVersion"} <= set(messages)
+
+
+def _validator(document: dict[str, Any], name: str) -> jsonschema.Draft4Validator:
+    return jsonschema.Draft4Validator(
+        {"$ref": f"#/components/schemas/{name}", "components": document["components"]},
+        format_checker=jsonschema.Draft4Validator.FORMAT_CHECKER,
+    )
+
+
+def _timestamp(seconds: int) -> Timestamp:
+    return Timestamp(seconds=seconds, nanos=250_000_000)
+
+
+def test_what_the_json_api_writes_fits_the_schemas(document: dict[str, Any]) -> None:
+    """Every kind of field, set, in the door's own JSON mapping: int64 as strings, enums by
+    name, timestamps, maps, a Struct, nested and repeated messages."""
+    classification = classify_pb2.Classification(
+        image_id="a.jpg",
+        predictions=[classify_pb2.Prediction(label="cat", class_index=3, probability=0.75)],
+        margin=0.5,
+        uncertain=True,
+        form="fp32",
+    )
+    card = Struct()
+    card.update({"metrics": {"top1": 0.9}, "intended_use": "photos"})
+    answers = {
+        "Job": jobs_pb2.Job(
+            id="j1",
+            state=jobs_pb2.JOB_STATE_RUNNING,
+            total_items=2**40,
+            create_time=_timestamp(1_700_000_000),
+            result_uris=["s3://b/r"],
+            labels={"team": "claims"},
+        ),
+        "ClassifyResponse": classify_pb2.ClassifyResponse(
+            model="m", model_version="1", results=[classification], confidence_threshold=0.2
+        ),
+        "ListJobResultsResponse": jobs_pb2.ListJobResultsResponse(
+            results=[
+                jobs_pb2.JobItemResult(
+                    index=7, state=jobs_pb2.ITEM_STATE_SUCCEEDED, classification=classification
+                )
+            ],
+            next_page_token="8",
+        ),
+        "ListModelsResponse": models_pb2.ListModelsResponse(
+            models=[
+                models_pb2.Model(
+                    name="m",
+                    aliases={"production": "1"},
+                    versions=[
+                        models_pb2.ModelVersion(
+                            version="1", labels=["cat"], create_time=_timestamp(1), card=card
+                        )
+                    ],
+                )
+            ]
+        ),
+        "ListJobsResponse": jobs_pb2.ListJobsResponse(jobs=[jobs_pb2.Job()]),
+    }
+    for name, message in answers.items():
+        _validator(document, name).validate(_json(message))
+
+
+@pytest.mark.parametrize(
+    ("name", "wrong"),
+    [
+        ("Job", {"total_items": 5}),  # int64 is a string in the JSON mapping
+        ("Job", {"state": 2}),  # enums by name
+        ("Job", {"create_time": "yesterday"}),
+        ("Job", {"labels": {"team": 1}}),
+        ("ListJobResultsResponse", {"results": [{"classification": {"margin": "high"}}]}),
+        ("ClassifyRequest", {"images": []}),  # at least one image, as the server checks
+        ("ClassifyRequest", {"images": [{"content": "eA=="}], "top_k": -1}),
+        ("SubmitJobRequest", {"model": "m", "confidence_threshold": 1.5}),
+        ("SubmitJobRequest", {"images": {"images": []}}),  # the model is required
+    ],
+)
+def test_the_schemas_refuse_what_the_mapping_or_the_server_refuses(
+    document: dict[str, Any], name: str, wrong: dict[str, Any]
+) -> None:
+    assert not _validator(document, name).is_valid(wrong)
