@@ -1,5 +1,5 @@
 """A request may ask for a more exact form than the server's `PERITO_PRECISION`, never a less
-exact one (issue 19): `ClassifyRequest.precision` over gRPC, the OIP `precision` parameter.
+exact one: `ClassifyRequest.precision` over gRPC, the OIP `precision` parameter.
 
 A tiny model published with an OpenVINO FP32 form, served over a real socket: `auto` answers
 with that form, a request for `torchscript` with model.pt, and a server set to `fp32` refuses

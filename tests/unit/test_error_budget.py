@@ -128,7 +128,8 @@ def test_clip_utf8_never_splits_a_character() -> None:
 
 
 def test_sixty_four_bad_images_with_long_ids_reach_the_sdk_typed_and_whole() -> None:
-    """The case from issue 20, without the network: what the server now sends."""
+    """64 undecodable images with 250-character ids, without the network: what the server
+    now sends reaches the SDK typed, every violation whole."""
     ids = [f"{i:03d}-" + "c" * 246 for i in range(64)]
     violations = [
         (f"images[{i}]", f"images[{i}] (id {echo(id_)!r}): not a recognised image format")

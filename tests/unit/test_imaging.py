@@ -1,5 +1,6 @@
-"""Every bad-input case from DESIGN.md gets a clear `InvalidImage`, and odd-but-valid images
-(CMYK, 16-bit, palette, alpha, EXIF-rotated) come out as upright 8-bit RGB."""
+"""Every kind of bad input (empty, not an image, truncated, too large, a decompression bomb,
+absurd dimensions) gets a clear `InvalidImage`, and odd-but-valid images (CMYK, 16-bit,
+palette, alpha, EXIF-rotated) come out as upright 8-bit RGB."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""ONNX Runtime as a second engine for compiled forms (issue 19): a TorchScript version gets
+"""ONNX Runtime as a second engine for compiled forms: a TorchScript version gets
 `onnxruntime-fp32` (the network exported to ONNX) and `onnxruntime-int8` (static QDQ INT8)
 beside OpenVINO's, each through the same accuracy gate, listed with its sha256, verified
 before it loads, and served with the form's own calibration; `auto` serves whichever verified
