@@ -2,7 +2,8 @@
 
 Requests name a model and a version or alias; the pool resolves the reference, fetches and
 verifies the artifact, loads and warms it once, and evicts the least recently used model when
-more than `max_loaded_models` are held.
+more than `max_loaded_models` are held (`perito_core.models.cache.ModelCache`, the cache the
+workers use too).
 
 Aliases (and `latest`) roll out without a restart and without a failed request: every
 `alias_ttl_s` a background task re-reads the aliases in use; when one has moved, the new
@@ -14,7 +15,6 @@ switch. A version that fails to load leaves the old one serving; the reason is l
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 import time
@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from perito_core.errors import PeritoError
+from perito_core.models.cache import ModelCache
 from perito_core.models.forms import load_model, requested_precision
 from perito_core.models.registry import ModelRegistry
 from perito_core.models.runtime import LoadedModel
@@ -82,11 +83,9 @@ class ModelPool:
     def __init__(self, registry: ModelRegistry, settings: ServerSettings) -> None:
         self.registry = registry
         self.settings = settings
-        # (name, version, precision) -> the loaded model; a version is loaded once per
-        # precision asked for (`PERITO_PRECISION`, or a request's more exact one).
-        self._models: collections.OrderedDict[tuple[str, str, str], ServedModel] = (
-            collections.OrderedDict()
-        )
+        # Found by (name, version, precision): a version is loaded once per precision asked
+        # for (`PERITO_PRECISION`, or a request's more exact one), and once per form.
+        self._models: ModelCache[ServedModel] = ModelCache(settings.max_loaded_models)
         self._loading: dict[tuple[str, str, str], asyncio.Lock] = {}
         # (name, alias or "") -> the version that alias is served by here.
         self._serving: dict[tuple[str, str], str] = {}
@@ -98,11 +97,11 @@ class ModelPool:
     @property
     def loaded(self) -> list[tuple[str, str]]:
         """(name, version) of every version held in memory (once, whatever its precisions)."""
-        return list(dict.fromkeys((name, version) for name, version, _ in self._models))
+        return self._models.versions()
 
     def served(self) -> list[ServedModel]:
         """The loaded models held in memory now, each once (a copy: safe from any thread)."""
-        return list({id(served): served for served in list(self._models.values())}.values())
+        return self._models.models()
 
     def start(self) -> None:
         """Start following alias moves (every `alias_ttl_s`)."""
@@ -130,8 +129,8 @@ class ModelPool:
         """The served model for `name` at `ref`, loading it on first use.
 
         Args:
-            precision: the request's (`forms.requested_precision`: at least as exact as the
-                server's); "" for the server's `precision` setting.
+            precision: the request's (`selection.requested_precision`: at least as exact as
+                the server's); "" for the server's `precision` setting.
 
         Raises:
             InvalidArgument: a `precision` less exact than the server's, or not one.
@@ -148,14 +147,13 @@ class ModelPool:
         self, name: str, version: str, precision: str | None = None
     ) -> ServedModel:
         key = (name, version, precision or self.settings.precision)
-        served = self._models.get(key)
+        served = self._models.get(*key)
         if served is None:
             lock = self._loading.setdefault(key, asyncio.Lock())
             async with lock:
-                served = self._models.get(key)
+                served = self._models.get(*key)
                 if served is None:
                     served = await self._load(*key)
-        self._models.move_to_end(key)
         return served
 
     async def _follow_aliases(self) -> None:
@@ -240,26 +238,22 @@ class ModelPool:
             model.device,
             model.form,
         )
-        for (other_name, other_version, _), other in self._models.items():
-            if (other_name, other_version) == (name, version) and other.model.form == model.form:
-                # Another precision setting already loaded this form: one copy serves both.
-                executor.shutdown(wait=False)
-                self._models[(name, version, precision)] = other
-                return other
-        served = ServedModel(model, executor, settings)
+        served, evicted = self._models.add(
+            name, version, precision, model.form, lambda: ServedModel(model, executor, settings)
+        )
+        if served.model is not model:
+            # Another precision setting already loaded this form: one copy serves both.
+            executor.shutdown(wait=False)
+            return served
         served.batcher.start()
-        self._models[(name, version, precision)] = served
         for callback in self.on_load:
             callback(served)
-        while len(self.served()) > settings.max_loaded_models:
-            (old_name, old_version, old_precision), old = self._models.popitem(last=False)
-            if any(other is old for other in self._models.values()):
-                continue  # the same loaded form still serves another precision
+        for old in evicted:
             log.info(
-                "evicting %s@%s, precision %s (least recently used)",
-                old_name,
-                old_version,
-                old_precision,
+                "evicting %s@%s, form %s (least recently used)",
+                old.name,
+                old.version,
+                old.model.form,
             )
             await old.close()
         return served
@@ -270,6 +264,5 @@ class ModelPool:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watcher
             self._watcher = None
-        for served in self.served():
+        for served in self._models.clear():
             await served.close()
-        self._models.clear()

@@ -1,22 +1,29 @@
 """The worker's loaded models: one per version and precision, the job's precision never less
-exact than the worker's, at most `max_loaded_models` held (least recently used dropped)."""
+exact than the worker's, at most `max_loaded_models` held (least recently used dropped first,
+before the next one loads)."""
 
 from __future__ import annotations
 
-import collections
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
+from perito_core.models.cache import ModelCache
 from perito_worker import processing
 from perito_worker.processing import WorkerRuntime
 from perito_worker.settings import WorkerSettings
 
 
 @dataclass
+class _Manifest:
+    name: str
+    version: str
+
+
+@dataclass
 class _Loaded:
-    key: tuple[str, str, str]
+    manifest: _Manifest
     form: str = "torchscript-fp32"
     load_seconds: float = 0.1
 
@@ -27,13 +34,13 @@ def runtime(monkeypatch: pytest.MonkeyPatch) -> WorkerRuntime:
 
     def load_model(registry: object, name: str, version: str, **options: Any) -> _Loaded:
         loads.append((name, version, options["precision"]))
-        return _Loaded(loads[-1])
+        return _Loaded(_Manifest(name, version))
 
     monkeypatch.setattr(processing, "load_model", load_model)
     worker = object.__new__(WorkerRuntime)  # no Redis, registry or pools: the cache alone
     worker.settings = WorkerSettings(precision="int8", max_loaded_models=2)
     worker.registry = None  # type: ignore[assignment]
-    worker.models = collections.OrderedDict()
+    worker.models = ModelCache(worker.settings.max_loaded_models)
     worker.loads = loads  # type: ignore[attr-defined]
     return worker
 
@@ -60,7 +67,7 @@ def test_at_most_max_loaded_models_are_held_least_recently_used_dropped(
     runtime.model("b", "1")
     runtime.model("a", "1")  # a is now the most recently used
     runtime.model("c", "1")  # drops b
-    assert list(runtime.models) == [("a", "1", "int8"), ("c", "1", "int8")]
+    assert runtime.models.versions() == [("a", "1"), ("c", "1")]
     runtime.model("b", "1")  # loaded again
     assert runtime.loads[-1] == ("b", "1", "int8")  # type: ignore[attr-defined]
     assert len(runtime.models) == 2

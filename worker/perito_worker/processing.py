@@ -16,7 +16,6 @@ lease renewed by a heartbeat thread, so a second delivery of it while it runs is
 
 from __future__ import annotations
 
-import collections
 import logging
 import os
 import re
@@ -41,6 +40,7 @@ from perito_core.errors import (
 from perito_core.imaging import load_model_input_with_info
 from perito_core.jobs.sources import SourceReader
 from perito_core.jobs.store import ItemInput, ItemResult, Job, JobStore
+from perito_core.models.cache import ModelCache
 from perito_core.models.forms import load_model, requested_precision
 from perito_core.models.runtime import LoadedModel
 from perito_core.models.summary import summarize
@@ -61,10 +61,8 @@ class WorkerRuntime:
         self.registry = settings.open_registry()
         self.sources = SourceReader(settings.s3_options(), settings.local_roots)
         self.decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
-        # (name, version, precision), least recently used first; at most max_loaded_models.
-        self.models: collections.OrderedDict[tuple[str, str, str], LoadedModel] = (
-            collections.OrderedDict()
-        )
+        # Found by (name, version, precision); at most max_loaded_models forms held.
+        self.models: ModelCache[LoadedModel] = ModelCache(settings.max_loaded_models)
 
     def model(self, name: str, version: str, precision: str = "") -> LoadedModel:
         """The pinned version, loaded once per process and precision (sha256-verified by the
@@ -75,27 +73,30 @@ class WorkerRuntime:
             precision = requested_precision(precision, self.settings.precision)
         except InvalidArgument:
             precision = self.settings.precision
-        key = (name, version, precision)
-        if key in self.models:
-            self.models.move_to_end(key)
-        else:
-            while len(self.models) >= self.settings.max_loaded_models:
-                dropped, _ = self.models.popitem(last=False)
-                log.info("dropping %s@%s (%s): least recently used", *dropped)
-            self.models[key] = load_model(
-                self.registry,
-                name,
-                version,
-                precision=precision,
-                device=self.settings.device,
-                warmup_batch_sizes=tuple(range(1, self.settings.batch_size + 1)),
-            )
-            seconds = self.models[key].load_seconds
+        held = self.models.get(name, version, precision)
+        if held is not None:
+            return held
+        # Room first: a worker holds no more than its bound, even while it loads.
+        for dropped in self.models.make_room():
+            manifest = dropped.manifest
             log.info(
-                "loaded %s@%s in %.1fs, form %s", name, version, seconds, self.models[key].form
+                "dropping %s@%s (%s): least recently used",
+                manifest.name,
+                manifest.version,
+                dropped.form,
             )
-            metrics.MODEL_LOAD_SECONDS.labels(name, version).set(seconds)
-        return self.models[key]
+        loaded = load_model(
+            self.registry,
+            name,
+            version,
+            precision=precision,
+            device=self.settings.device,
+            warmup_batch_sizes=tuple(range(1, self.settings.batch_size + 1)),
+        )
+        log.info("loaded %s@%s in %.1fs, form %s", name, version, loaded.load_seconds, loaded.form)
+        metrics.MODEL_LOAD_SECONDS.labels(name, version).set(loaded.load_seconds)
+        model, _ = self.models.add(name, version, precision, loaded.form, lambda: loaded)
+        return model
 
 
 @dataclass
