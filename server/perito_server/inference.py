@@ -35,6 +35,7 @@ from perito_core.logs import REQUEST_ID
 from perito_core.models.manifest import ModelCard, ModelManifest
 from perito_core.models.registry import validate_model_name
 from perito_core.models.summary import summarize
+from perito_server.answers import classification_message
 from perito_server.batcher import ByteBudget
 from perito_server.errors import echo
 from perito_server.jobs import JobService
@@ -185,6 +186,39 @@ class InferenceService:
 
     # Classify
 
+    @staticmethod
+    def check_model(model: str, version: str) -> None:
+        """Refuse a missing, malformed or over-long model name or version, before any work.
+
+        Raises:
+            InvalidArgument: naming `model` or `version`.
+        """
+        if not model:
+            raise InvalidArgument("model is required", field="model")
+        if len(model) > MAX_MODEL_NAME_CHARS:
+            raise InvalidArgument(
+                _too_long("model", len(model), MAX_MODEL_NAME_CHARS), field="model"
+            )
+        validate_model_name(model)
+        if len(version) > MAX_VERSION_CHARS:
+            raise InvalidArgument(
+                _too_long("version", len(version), MAX_VERSION_CHARS), field="version"
+            )
+
+    @staticmethod
+    def check_answer_options(top_k: int, confidence_threshold: float) -> None:
+        """Refuse a negative `top_k` or a threshold outside [0, 1] (Classify and SubmitJob).
+
+        Raises:
+            InvalidArgument: naming `top_k` or `confidence_threshold`.
+        """
+        if top_k < 0:
+            raise InvalidArgument("top_k must be 0 (default) or positive", field="top_k")
+        if not 0.0 <= confidence_threshold <= 1.0:
+            raise InvalidArgument(
+                "confidence_threshold must be in [0, 1]", field="confidence_threshold"
+            )
+
     def check_target(self, model: str, version: str, images: int, images_field: str) -> None:
         """Refuse a request for a bad model name or version, or with no images or too many,
         before any work: the checks every door (Classify, ModelInfer, the JSON API) shares.
@@ -198,17 +232,7 @@ class InferenceService:
         Raises:
             InvalidArgument: naming the field at fault.
         """
-        if not model:
-            raise InvalidArgument("model is required", field="model")
-        if len(model) > MAX_MODEL_NAME_CHARS:
-            raise InvalidArgument(
-                _too_long("model", len(model), MAX_MODEL_NAME_CHARS), field="model"
-            )
-        validate_model_name(model)
-        if len(version) > MAX_VERSION_CHARS:
-            raise InvalidArgument(
-                _too_long("version", len(version), MAX_VERSION_CHARS), field="version"
-            )
+        self.check_model(model, version)
         if images == 0:
             raise InvalidArgument("at least one image is required", field=images_field)
         if images > self.settings.max_images_per_request:
@@ -227,12 +251,7 @@ class InferenceService:
                 image given by URI.
         """
         self.check_target(request.model, request.version, len(request.images), "images")
-        if request.top_k < 0:
-            raise InvalidArgument("top_k must be 0 (default) or positive", field="top_k")
-        if not 0.0 <= request.confidence_threshold <= 1.0:
-            raise InvalidArgument(
-                "confidence_threshold must be in [0, 1]", field="confidence_threshold"
-            )
+        self.check_answer_options(request.top_k, request.confidence_threshold)
         long_ids = [
             (field, _too_long(field, len(image.id), MAX_IMAGE_ID_CHARS))
             for index, image in enumerate(request.images)
@@ -391,19 +410,11 @@ class InferenceService:
         for index, (image, probs, info) in enumerate(results):
             summary = summarize(probs, manifest.labels, top_k, threshold)
             response.results.append(
-                classify_pb2.Classification(
+                classification_message(
+                    summary,
                     image_id=image.id or str(index),
-                    predictions=[
-                        classify_pb2.Prediction(
-                            label=p.label, class_index=p.class_index, probability=p.probability
-                        )
-                        for p in summary.predictions
-                    ],
-                    margin=summary.margin,
-                    normalized_entropy=summary.normalized_entropy,
-                    uncertain=summary.uncertain,
-                    first_frame_only=info is not None and info.first_frame_only,
                     form=inference.form,
+                    first_frame_only=info is not None and info.first_frame_only,
                 )
             )
         return response
@@ -417,7 +428,7 @@ class InferenceService:
             InvalidArgument: a malformed name.
             NotFound: no such model, version or alias.
         """
-        self.check_target(model, version, 1, "inputs")
+        self.check_model(model, version)
         pool = self.pool
         resolved = await pool.resolve(model, version)
         return await asyncio.to_thread(pool.registry.manifest, model, resolved)
@@ -515,12 +526,20 @@ class InferenceService:
         """`SubmitJob` as `tenant`, audited and counted: for every door.
 
         Raises:
+            InvalidArgument: a malformed model, version, `top_k`, `confidence_threshold` or
+                `chunk_size` (named), or as `JobService.submit`.
             PeritoError: as `JobService.submit`.
         """
         resource = f"models/{request.model[:64]}"
 
         async def submit() -> jobs_pb2.Job:
             nonlocal resource
+            self.check_model(request.model, request.version)
+            self.check_answer_options(request.top_k, request.confidence_threshold)
+            if request.chunk_size < 0:
+                raise InvalidArgument(
+                    "chunk_size must be 0 (default) or positive", field="chunk_size"
+                )
             job = await self.jobs.submit(request, tenant)
             resource = f"jobs/{job.id}"
             return job

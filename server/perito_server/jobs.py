@@ -17,8 +17,8 @@ from typing import Any, TypeVar
 import redis
 from google.protobuf import timestamp_pb2
 
-from perito.v1 import classify_pb2, jobs_pb2
-from perito.v1.vocabulary import ItemState, JobState
+from perito.v1 import jobs_pb2
+from perito.v1.vocabulary import ItemState, JobState, Prediction
 from perito_core.access.tenancy import Access, Tenant, check_uri
 from perito_core.errors import (
     FailedPrecondition,
@@ -39,8 +39,9 @@ from perito_core.jobs.store import (
 )
 from perito_core.jobs.watchdog import Watchdog
 from perito_core.models.forms import requested_precision
-from perito_core.models.registry import validate_model_name
+from perito_core.models.summary import Classification
 from perito_core.storage import split_s3_uri
+from perito_server.answers import classification_message
 from perito_server.model_pool import ModelPool
 from perito_server.settings import ServerSettings
 
@@ -109,18 +110,18 @@ def result_to_proto(result: ItemResult) -> jobs_pb2.JobItemResult:
         error=result.error,
     )
     if result.state is ItemState.SUCCEEDED:
+        summary = Classification(
+            [Prediction(label, index, p) for label, index, p in result.predictions],
+            result.margin,
+            result.normalized_entropy,
+            result.uncertain,
+        )
         message.classification.CopyFrom(
-            classify_pb2.Classification(
+            classification_message(
+                summary,
                 image_id=result.id,
-                predictions=[
-                    classify_pb2.Prediction(label=label, class_index=index, probability=p)
-                    for label, index, p in result.predictions
-                ],
-                margin=result.margin,
-                normalized_entropy=result.normalized_entropy,
-                uncertain=result.uncertain,
-                first_frame_only=result.first_frame_only,
                 form=result.form,
+                first_frame_only=result.first_frame_only,
             )
         )
     return message
@@ -268,7 +269,8 @@ class JobService:
 
     async def submit(self, request: jobs_pb2.SubmitJobRequest, tenant: Tenant) -> jobs_pb2.Job:
         """Record and enqueue a job owned by `tenant`; with a `request_id` the tenant used
-        before, the job it made.
+        before, the job it made. The model, version, `top_k`, `confidence_threshold` and
+        `chunk_size` are checked first by `InferenceService.submit_job`.
 
         Raises:
             InvalidArgument: a field is malformed, or the job is empty or over the item cap.
@@ -280,13 +282,6 @@ class JobService:
             NotFound: the model or version does not exist.
             StorageUnavailable: Redis is unreachable.
         """
-        validate_model_name(request.model)
-        if request.top_k < 0 or request.chunk_size < 0:
-            raise InvalidArgument("top_k and chunk_size must not be negative")
-        if not 0.0 <= request.confidence_threshold <= 1.0:
-            raise InvalidArgument(
-                "confidence_threshold must be in [0, 1]", field="confidence_threshold"
-            )
         requested_precision(request.precision, self.settings.precision)  # refused here, early
         if request.request_id and not REQUEST_ID.fullmatch(request.request_id):
             raise InvalidArgument(
