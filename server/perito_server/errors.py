@@ -34,6 +34,7 @@ from google.protobuf.message import Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from perito.v1.vocabulary import HTTP_STATUS
 from perito_core.errors import ErrorCode, PeritoError
 from perito_core.logs import REQUEST_ID
 
@@ -308,29 +309,6 @@ def _code_of(exc: Exception) -> str:
     return "ABORTED_BY_HANDLER" if isinstance(exc, grpc.aio.AbortError) else "INTERNAL"
 
 
-# The HTTP status of each gRPC code: google/rpc/code.proto's table, which Google AIP-193
-# ("Errors") and the gRPC-HTTP transcoding use.
-HTTP_STATUS: dict[grpc.StatusCode, int] = {
-    grpc.StatusCode.OK: 200,
-    grpc.StatusCode.CANCELLED: 499,
-    grpc.StatusCode.UNKNOWN: 500,
-    grpc.StatusCode.INVALID_ARGUMENT: 400,
-    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
-    grpc.StatusCode.NOT_FOUND: 404,
-    grpc.StatusCode.ALREADY_EXISTS: 409,
-    grpc.StatusCode.PERMISSION_DENIED: 403,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
-    grpc.StatusCode.FAILED_PRECONDITION: 400,
-    grpc.StatusCode.ABORTED: 409,
-    grpc.StatusCode.OUT_OF_RANGE: 400,
-    grpc.StatusCode.UNIMPLEMENTED: 501,
-    grpc.StatusCode.INTERNAL: 500,
-    grpc.StatusCode.UNAVAILABLE: 503,
-    grpc.StatusCode.DATA_LOSS: 500,
-    grpc.StatusCode.UNAUTHENTICATED: 401,
-}
-
-
 def to_http(error: PeritoError) -> tuple[int, dict[str, Any], dict[str, str]]:
     """`error` as an HTTP answer: status, body and headers, from the same status as gRPC's.
 
@@ -347,7 +325,7 @@ def to_http(error: PeritoError) -> tuple[int, dict[str, Any], dict[str, str]]:
     ]
     body = {
         "error": {
-            "code": HTTP_STATUS[code],
+            "code": HTTP_STATUS[code.name],
             "message": status.message,
             "status": code.name,
             "details": details,
@@ -356,7 +334,7 @@ def to_http(error: PeritoError) -> tuple[int, dict[str, Any], dict[str, str]]:
     headers = {}
     if error.retry_after is not None and math.isfinite(error.retry_after):
         headers["Retry-After"] = str(max(1, math.ceil(error.retry_after)))
-    return HTTP_STATUS[code], body, headers
+    return HTTP_STATUS[code.name], body, headers
 
 
 def rpc_status_of(error: PeritoError) -> status_pb2.Status:

@@ -44,6 +44,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import perito
+from perito.v1.vocabulary import HTTP_STATUS
 
 T = TypeVar("T")
 
@@ -56,19 +57,6 @@ SESSION_COOKIE = "perito_session"
 CSRF_HEADER = "x-csrf-token"
 SESSION_IDLE_S = 12 * 3600
 MAX_SESSIONS = 10_000
-
-# HTTP status for each SDK error: what a browser (or curl) expects.
-HTTP_STATUS = {
-    perito.InvalidArgumentError: 400,
-    perito.UnauthenticatedError: 401,
-    perito.PermissionDeniedError: 403,
-    perito.NotFoundError: 404,
-    perito.AlreadyExistsError: 409,
-    perito.FailedPreconditionError: 409,
-    perito.ResourceExhaustedError: 429,
-    perito.UnavailableError: 503,
-    perito.DeadlineExceededError: 504,
-}
 
 
 def to_json(value: Any) -> Any:
@@ -361,7 +349,7 @@ def create_app(
 
     async def on_sdk_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, perito.PeritoError)
-        status = next((s for t, s in HTTP_STATUS.items() if isinstance(exc, t)), 502)
+        status = HTTP_STATUS[exc.code.name]  # the same table as the server's HTTP doors
         body: dict[str, Any] = {"error": str(exc), "code": exc.code.name, "reason": exc.reason}
         if exc.violations:
             body["violations"] = [dataclasses.asdict(v) for v in exc.violations]

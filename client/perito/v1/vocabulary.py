@@ -1,5 +1,5 @@
 """The words both sides of the perito.v1 API speak that are not protobuf messages: a bulk
-job's and an item's states, and one class's prediction.
+job's and an item's states, one class's prediction, and the HTTP status of each status code.
 
 The SDK returns these (`perito.JobState`, `perito.ItemState`, `perito.Prediction` are these
 very types), and the server, the worker and the job store record and answer with them, so
@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-__all__ = ["ItemState", "JobState", "Prediction"]
+__all__ = ["HTTP_STATUS", "ItemState", "JobState", "Prediction"]
 
 
 class JobState(enum.StrEnum):
@@ -58,3 +58,28 @@ class Prediction:
     label: str
     class_index: int
     probability: float
+
+
+# The HTTP status of each gRPC status code, by the code's name: google/rpc/code.proto's table,
+# which Google AIP-193 ("Errors") and gRPC-HTTP transcoding use. Every HTTP door answers a
+# refusal with it (the server's OIP REST and JSON API, the web page), so one error has one
+# status whichever door it comes through.
+HTTP_STATUS: dict[str, int] = {
+    "OK": 200,
+    "CANCELLED": 499,
+    "UNKNOWN": 500,
+    "INVALID_ARGUMENT": 400,
+    "DEADLINE_EXCEEDED": 504,
+    "NOT_FOUND": 404,
+    "ALREADY_EXISTS": 409,
+    "PERMISSION_DENIED": 403,
+    "RESOURCE_EXHAUSTED": 429,
+    "FAILED_PRECONDITION": 400,
+    "ABORTED": 409,
+    "OUT_OF_RANGE": 400,
+    "UNIMPLEMENTED": 501,
+    "INTERNAL": 500,
+    "UNAVAILABLE": 503,
+    "DATA_LOSS": 500,
+    "UNAUTHENTICATED": 401,
+}
