@@ -116,6 +116,14 @@ def _stat(pid: str) -> tuple[str, int, int]:
     return state, int(ppid), int(pgid)
 
 
+def _running(pid: int) -> bool:
+    """Whether process `pid` exists and has not exited (a killed one not yet reaped has)."""
+    try:
+        return _stat(str(pid))[0] not in "ZX"
+    except FileNotFoundError:
+        return False
+
+
 def _group_memory_mb(groups: set[int]) -> dict[int, tuple[float, float]]:
     """(RSS, PSS) in MB of each of the process `groups`, summed over their processes, from
     /proc. PSS counts pages shared between a prefork worker and its pool children once.
@@ -254,9 +262,9 @@ class Stack:
             OSError, ValueError, IndexError, KeyError: /proc could not be read or parsed.
             SampleMissing: a running process's group had no figures.
         """
-        procs = [p for p in (self.server, *self.workers) if p.alive]
-        groups = _group_memory_mb({p.pid for p in procs})
-        missing = [p.name for p in procs if p.pid not in groups and p.alive]
+        leaders = {p.pid: p.name for p in (self.server, *self.workers) if p.alive}
+        groups = _group_memory_mb(set(leaders))
+        missing = [name for pid, name in leaders.items() if pid not in groups and _running(pid)]
         if missing:
             raise SampleMissing(f"no memory figures for running {', '.join(missing)}")
         server = groups.get(self.server.pid, (0.0, 0.0))[0]
