@@ -1,34 +1,63 @@
 """`perito publish --forms`: a trained run's compiled forms, calibrated on its validation split
-and gated on its test split, with the evidence in the manifest."""
+and gated on its test split, with the evidence in the manifest. Where the gate passes INT8 it
+is built, recorded and served; where it refuses INT8, the card and the CLI say why."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
-from perito_core.models.forms import load_model
+from perito_core.models.manifest import RunCard
 from perito_core.models.registry import ModelRegistry
+from perito_core.models.forms import load_model
 from perito_training.pipeline import publish_run, train_run
 from tests.helpers import write_pattern_images
 from tests.integration.test_training import quick_config
 
-pytest.importorskip("openvino", reason="OpenVINO (optional engine, perito[serve]) not installed")
+openvino = pytest.importorskip(
+    "openvino", reason="OpenVINO (optional engine, perito[serve]) not installed"
+)
 pytest.importorskip("nncf", reason="NNCF (INT8 quantization) not installed")
 
 pytestmark = pytest.mark.integration
 
 
-def test_publish_builds_gates_and_records_the_forms(tmp_path: Path) -> None:
-    patterns = write_pattern_images(tmp_path / "patterns", per_class=60, size=40)
-    run = tmp_path / "run"
-    card = train_run(quick_config(patterns), run, log=lambda _: None, progress=False)
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, RunCard]:
+    """One run of the quick recipe on pattern images (36 validation, 36 test images)."""
+    work = tmp_path_factory.mktemp("forms-publish")
+    patterns = write_pattern_images(work / "patterns", per_class=60, size=40)
+    card = train_run(quick_config(patterns), work / "run", log=lambda _: None, progress=False)
+    return work / "run", card
+
+
+def _cpu_runs_bf16() -> bool:
+    """What OpenVINO says this CPU can do (AVX-512 BF16 or AMX)."""
+    return "BF16" in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+def test_where_the_gate_passes_int8_it_is_built_recorded_and_served(
+    trained: tuple[Path, RunCard], tmp_path: Path
+) -> None:
+    run, card = trained
     registry = ModelRegistry.open(str(tmp_path / "registry"), cache_dir=tmp_path / "cache")
     lines: list[str] = []
-    manifest = publish_run(run, registry, forms=("fp32", "int8", "bf16"), log=lines.append)
+    # A gate every form passes: what is tested is what a passed form carries, not the figures.
+    manifest = publish_run(
+        run,
+        registry,
+        forms=("fp32", "int8", "bf16"),
+        min_agreement=0.0,
+        max_accuracy_drop=1.0,
+        log=lines.append,
+    )
 
     forms = {form.name: form for form in manifest.forms}
-    assert "openvino-fp32" in forms, manifest.skipped_forms
+    bf16 = {"openvino-bf16"} if _cpu_runs_bf16() else set()
+    openvino_forms = {name for name in forms if name.startswith("openvino-")}
+    assert openvino_forms == {"openvino-fp32", "openvino-int8"} | bf16, manifest.skipped_forms
     fp32 = forms["openvino-fp32"]
     assert fp32.agreement == 1.0 and fp32.evaluated_on == "test split" and fp32.images == 36
     assert fp32.accuracy == pytest.approx(card.metrics.accuracy)
@@ -37,17 +66,51 @@ def test_publish_builds_gates_and_records_the_forms(tmp_path: Path) -> None:
     # (as the trainer fitted model.pt's), never on the test split that gates it.
     assert fp32.temperature > 0 and fp32.calibration_fitted_on == "calibration images"
     assert fp32.confidence_threshold is not None  # the recipe's calibration.target_accuracy
-    # INT8 either passed the gate (and then within 0.3 points) or was refused with its reason.
-    if "openvino-int8" in forms:
-        int8 = forms["openvino-int8"]
-        assert int8.agreement >= 0.99 and int8.calibration_images == 36  # the val split
-        assert int8.accuracy is not None and int8.accuracy >= fp32.accuracy - 0.003  # type: ignore[operator]
-        # Plain post-training INT8 first; accuracy control only when the gate refused it.
-        assert int8.quantization in ("post-training", "accuracy-control")
-    else:
-        assert "gate" in manifest.skipped_forms["openvino-int8"]
-    assert "openvino-bf16" in forms or "BF16" in manifest.skipped_forms["openvino-bf16"]
-    assert any(line.startswith("openvino-fp32: top-1 agreement 100.00%") for line in lines)
 
-    served = load_model(registry, manifest.name, manifest.version, precision="auto")
-    assert served.form in forms
+    int8 = forms["openvino-int8"]
+    assert int8.calibration_images == 36  # the validation split
+    assert int8.quantization == "post-training"  # passed at once: no accuracy control
+    assert int8.evaluated_on == "test split" and int8.images == 36
+    assert int8.accuracy is not None and 0.0 <= int8.agreement <= 1.0
+    assert "openvino-int8" not in manifest.skipped_forms
+    if _cpu_runs_bf16():
+        assert forms["openvino-bf16"].agreement >= 0.9
+    else:
+        assert "BF16" in manifest.skipped_forms["openvino-bf16"]
+    assert any(line.startswith("openvino-fp32: top-1 agreement 100.00%") for line in lines)
+    assert any(line.startswith("openvino-int8: top-1 agreement") for line in lines), lines
+
+    stored = tmp_path / "registry" / "models" / manifest.name / manifest.version / "forms"
+    assert (stored / "openvino-int8" / "model.xml").is_file()
+    served = load_model(registry, manifest.name, manifest.version, precision="int8")
+    assert served.form in ("openvino-int8", "onnxruntime-int8")  # the faster of the two
+    auto = load_model(registry, manifest.name, manifest.version, precision="auto")
+    assert auto.form in forms
+
+
+def test_where_the_gate_refuses_int8_the_card_and_the_cli_say_why(
+    trained: tuple[Path, RunCard], tmp_path: Path
+) -> None:
+    from perito_training.cli import publish
+
+    run, _ = trained
+    registry = tmp_path / "registry"
+    # A gate no form can pass (agreement above 100%): refused plain, refused again after
+    # NNCF's accuracy control, whatever this CPU's INT8 does.
+    result = CliRunner().invoke(
+        publish,
+        [str(run), "--registry", str(registry), "--forms", "int8", "--min-agreement", "1.01"],
+    )
+    assert result.exit_code == 0, result.output
+    assert "compiled forms: none" in result.output
+    refusal = next(line for line in result.output.splitlines() if "openvino-int8" in line)
+    assert "under the gate's 101.00%" in refusal, result.output
+
+    opened = ModelRegistry.open(str(registry), cache_dir=tmp_path / "cache")
+    manifest = opened.manifest("car-damage", "1")
+    assert manifest.forms == []
+    for form in ("openvino-int8", "onnxruntime-int8"):
+        assert "under the gate's 101.00%" in manifest.skipped_forms[form], form
+    assert not (registry / "models" / "car-damage" / "1" / "forms").exists()
+    served = load_model(opened, "car-damage", "1", precision="int8")
+    assert served.form == "torchscript-fp32"
