@@ -34,7 +34,8 @@ import perito  # noqa: E402
 from bench.classify import MODEL, bench_grpc, make_jpegs, publish, timed_loop  # noqa: E402
 from bench.targets import report  # noqa: E402
 from perito_core.imaging import load_model_input  # noqa: E402
-from perito_core.models.runtime import LoadedModel  # noqa: E402
+from perito_core.models.engines.base import LoadedModel  # noqa: E402
+from perito_core.models.engines.torchscript import TorchScriptModel  # noqa: E402
 from tests.processes import Proc, free_port, redis_proc  # noqa: E402
 
 BIN = Path(sys.executable).parent
@@ -76,7 +77,7 @@ def main() -> int:
         registry = publish("efficientnet-lite0", work)
         artifact = registry.fetch(MODEL, "1")
         batch = 4
-        model = LoadedModel.load(artifact.path, artifact.manifest, warmup_batch_sizes=(batch,))
+        model = TorchScriptModel.load(artifact.path, artifact.manifest, warmup_batch_sizes=(batch,))
 
         redis_port, port = free_port(), free_port()
         env = {

@@ -51,10 +51,11 @@ sys.path.insert(0, str(ROOT))
 from bench.targets import report  # noqa: E402
 from perito.v1 import classify_pb2, image_pb2, service_pb2_grpc  # noqa: E402
 from perito_core.imaging import load_model_input  # noqa: E402
-from perito_core.models.compile import ENGINES  # noqa: E402
-from perito_core.models.forms import isa_summary, load_model  # noqa: E402
+from perito_core.models.engines import ENGINE_NAMES  # noqa: E402
+from perito_core.models.engines.base import LoadedModel, isa_summary  # noqa: E402
+from perito_core.models.engines.torchscript import TorchScriptModel  # noqa: E402
 from perito_core.models.registry import ModelRegistry  # noqa: E402
-from perito_core.models.runtime import LoadedModel  # noqa: E402
+from perito_core.models.selection import load_model  # noqa: E402
 from scripts.sample_photos import write_sample_photos  # noqa: E402
 from tests.processes import Proc, free_port  # noqa: E402
 
@@ -83,7 +84,7 @@ def publish(
     work: Path,
     forms: tuple[str, ...] = (),
     jpegs: list[bytes] | None = None,
-    engines: tuple[str, ...] = ENGINES,
+    engines: tuple[str, ...] = ENGINE_NAMES,
 ) -> ModelRegistry:
     from perito_training.export import export_torchscript
     from perito_training.pretrained import EFFICIENTNET_LITE0_INPUT, efficientnet_lite0_imagenet
@@ -104,7 +105,7 @@ def publish(
     export_torchscript(network, contract, path)
     built = None
     if forms:
-        from perito_core.models.compile import build_forms
+        from perito_core.models.gate import build_forms
 
         images = np.stack([load_model_input(data, contract.spec()) for data in jpegs or []])
         built = build_forms(
@@ -340,7 +341,7 @@ def main() -> int:
     )
     parser.add_argument(
         "--engines",
-        default=",".join(ENGINES),
+        default=",".join(ENGINE_NAMES),
         help="engines to build the forms for (each precision serves the fastest verified one: "
         "name one engine to measure it alone)",
     )
@@ -354,7 +355,9 @@ def main() -> int:
         jpegs = make_jpegs(work, args.images)
         registry = publish(args.arch, work)
         artifact = registry.fetch(MODEL, "1")
-        model = LoadedModel.load(artifact.path, artifact.manifest, warmup_batch_sizes=(1, 4, 8, 16))
+        model = TorchScriptModel.load(
+            artifact.path, artifact.manifest, warmup_batch_sizes=(1, 4, 8, 16)
+        )
         print(machine_line())
         print(f"# {args.arch}, 640x480 JPEGs")
         raw = bench_raw(model, jpegs, args.seconds)

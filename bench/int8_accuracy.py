@@ -3,15 +3,16 @@
 For each network (ImageNet EfficientNet-Lite0 with its real weights; ResNet-18 with random
 weights), in one run:
 
-- build FP32 and plain post-training INT8 with `perito_core.models.compile.build_forms`, then INT8
+- build FP32 and plain post-training INT8 with `perito_core.models.gate.build_forms`, then INT8
   by `nncf.quantize_with_accuracy_control` for each `--control` metric (`agreement`: top-1
   agreement with the FP32 IR at least 99%; `fidelity`: its largest probability difference
   under 0.01 on average), tuned on the calibration images (72 crops of other scikit-image
   pictures, as the unit test uses); the gate's figure, agreement with `model.pt`, is measured
   on 36 framings of the six sample photos that no quantization saw;
 - time the forward pass of FP32, plain INT8 and each controlled INT8 as the server compiles them
-  (`perito_core.models.forms.OpenVinoModel`), at batch 1 and 8, in interleaved rounds (the median
-  kept, every round printed) with the load average beside them: the machine is shared.
+  (`perito_core.models.engines.openvino.OpenVinoModel`), at batch 1 and 8, in interleaved
+  rounds (the median kept, every round printed) with the load average beside them: the
+  machine is shared.
 
 Usage: .venv/bin/python bench/int8_accuracy.py [--arch efficientnet-lite0,resnet18]
     [--control agreement,fidelity] [--seconds 2] [--rounds 3]
@@ -33,8 +34,10 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 from bench.classify import forward_rate, machine_line, random_images  # noqa: E402
-from perito_core.models.compile import build_forms  # noqa: E402
-from perito_core.models.forms import OpenVinoModel  # noqa: E402
+from perito_core.models.engines import openvino as openvino_engine  # noqa: E402
+from perito_core.models.engines import torchscript  # noqa: E402
+from perito_core.models.engines.openvino import OpenVinoModel  # noqa: E402
+from perito_core.models.gate import build_forms  # noqa: E402
 from perito_core.models.manifest import (  # noqa: E402
     Artifact,
     CompiledForm,
@@ -88,13 +91,11 @@ def _controlled(
     """INT8 by accuracy control (always, whatever plain INT8 scored), its gate figure printed."""
     import openvino
 
-    from perito_core.models import compile as forms_compile
-
     start = time.perf_counter()
-    module = forms_compile._load_torchscript(path)
-    reference = forms_compile._torch_probabilities(module, holdout)
-    quantized = forms_compile._quantize(
-        forms_compile._convert(module, contract),
+    module = torchscript.load_module(path)
+    reference = torchscript.reference_probabilities(module, holdout)
+    quantized = openvino_engine.quantize(
+        openvino_engine.convert(module, contract),
         calibration,
         validation=calibration,
         min_agreement=0.99,
@@ -105,7 +106,7 @@ def _controlled(
     openvino.save_model(quantized, str(folder / "model.xml"), compress_to_fp16=False)
     took = time.perf_counter() - start
     compiled = openvino.Core().compile_model(str(folder / "model.xml"), "CPU")
-    probabilities = forms_compile._openvino_probabilities(compiled, holdout)
+    probabilities = openvino_engine.probabilities(compiled, holdout)
     agreed = int(np.sum(probabilities.argmax(1) == reference.argmax(1)))
     kept = sum(1 for op in quantized.get_ops() if op.get_type_name() == "FakeQuantize")
     print(

@@ -4,7 +4,8 @@ ImageNet EfficientNet-Lite0 (real weights) is exported twice: as Perito's TorchS
 (uint8 in, normalisation and softmax inside) and, with `torch.onnx.export`, as an ONNX graph
 that takes NCHW float32 already normalised and returns logits, the way a model trained
 elsewhere arrives. Both are published into a temporary registry and loaded by
-`perito_core.models.forms.load_model`, as the server and the workers load them; then, in one run:
+`perito_core.models.selection.load_model`, as the server and the workers load them; then, in
+one run:
 
 - agreement: top-1 and the largest probability difference on the real sample photos and
   random crops of them, prepared once by the shared `load_model_input`;
@@ -34,11 +35,11 @@ import torch  # noqa: E402
 
 from bench.classify import forward_rate, machine_line, make_jpegs  # noqa: E402
 from perito_core.imaging import load_model_input  # noqa: E402
-from perito_core.models.compile import export_onnx  # noqa: E402
-from perito_core.models.forms import load_model  # noqa: E402
+from perito_core.models.engines.base import LoadedModel  # noqa: E402
+from perito_core.models.engines.onnxruntime import export_onnx  # noqa: E402
 from perito_core.models.manifest import TensorContract  # noqa: E402
 from perito_core.models.registry import ModelRegistry  # noqa: E402
-from perito_core.models.runtime import LoadedModel  # noqa: E402
+from perito_core.models.selection import load_model  # noqa: E402
 
 
 def _photos(folder: Path, views: int) -> list[bytes]:

@@ -46,8 +46,8 @@ from bench.classify import MODEL, drive, machine_line, make_jpegs, publish  # no
 from bench.targets import report  # noqa: E402
 from perito.v1 import classify_pb2, image_pb2, service_pb2_grpc  # noqa: E402
 from perito_core.imaging import load_model_input  # noqa: E402
+from perito_core.models.engines.torchscript import TorchScriptModel  # noqa: E402
 from perito_core.models.registry import ModelRegistry  # noqa: E402
-from perito_core.models.runtime import LoadedModel  # noqa: E402
 from perito_server._oip import grpc_service_pb2 as oip_pb2  # noqa: E402
 from tests.processes import Proc, free_port, wait_for_port  # noqa: E402
 
@@ -64,7 +64,7 @@ def expected_answers(
     """For each JPEG, the class indices a right answer may name first (`TIE`), from the
     published model run in this process; and the model's labels."""
     artifact = registry.fetch(MODEL, "1")
-    model = LoadedModel.load(artifact.path, artifact.manifest, warmup_batch_sizes=(1,))
+    model = TorchScriptModel.load(artifact.path, artifact.manifest, warmup_batch_sizes=(1,))
     spec = artifact.manifest.input.spec()
     right = []
     for data in jpegs:

@@ -23,7 +23,7 @@ from tests.helpers import (
 )
 
 if TYPE_CHECKING:
-    from perito_core.models.compile import BuiltForms
+    from perito_core.models.engines.base import BuiltForms
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
@@ -144,7 +144,7 @@ def publish_tiny(
 def build_tiny_forms(model_file: Path, out_dir: Path, **options: Any) -> BuiltForms:
     """The tiny model's compiled forms, built and gated on 24 seeded random images (16 to
     calibrate, 8 held out); `options` (precisions, engines, ...) go to `build_forms`."""
-    from perito_core.models.compile import build_forms
+    from perito_core.models.gate import build_forms
 
     spec = TINY_INPUT.spec()
     images = np.random.default_rng(0).integers(0, 256, (24, spec.height, spec.width, 3), np.uint8)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from perito_core.models.compile import export_onnx as compile_export_onnx
+from perito_core.models.engines.onnxruntime import export_onnx as compile_export_onnx
 from tests.helpers import conv_layers
 
 WASTE_LABELS = ["organic", "recyclable"]
@@ -76,8 +76,8 @@ def export_onnx(
     dtype: torch.dtype = torch.float32,
     dynamic_batch: bool = True,
 ) -> Path:
-    """The network in eval mode as ONNX (`perito_core.models.compile.export_onnx`: `input` in,
-    `output` out), exported on zeros of `example_shape`."""
+    """The network in eval mode as ONNX (`perito_core.models.engines.onnxruntime.export_onnx`:
+    `input` in, `output` out), exported on zeros of `example_shape`."""
     example = torch.zeros(example_shape, dtype=dtype)
     return compile_export_onnx(network.eval(), example, path, dynamic_batch=dynamic_batch)
 

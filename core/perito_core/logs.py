@@ -82,7 +82,7 @@ _NO_CUDA = _DropMessage(r"No CUDA runtime is found")
 
 @contextlib.contextmanager
 def building_forms_quietly() -> Iterator[None]:
-    """Around building compiled forms (`perito_core.models.compile`), leave out two notices
+    """Around building compiled forms (`perito_core.models.gate`), leave out two notices
     that tell the person running the command nothing they can act on:
 
     - torch's FutureWarning "`torch.jit.script` is deprecated" (torch 2.14): the artifact is

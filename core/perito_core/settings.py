@@ -48,7 +48,7 @@ class CommonSettings(BaseSettings):
     # A complete job whose results files cannot be written for this long ends FAILED.
     finalize_timeout_s: float = Field(600.0, ge=0)
     device: str = "auto"
-    # Which form of a model version serves (perito_core.models.forms): `auto` times each verified
+    # Which form of a model version serves (perito_core.models.selection): `auto` times each verified
     # compiled form this CPU can run at load and keeps the fastest; `fp32`, `bf16`, `int8`
     # ask for that precision; `torchscript` for the reference. TorchScript answers whenever
     # no compiled form loads, with the reason logged.

@@ -33,7 +33,7 @@ from perito_server.onnx_import import check_onnx_loads, contract_options, is_onn
 from perito_server.settings import ServerSettings
 
 if TYPE_CHECKING:
-    from perito_core.models.compile import BuiltForms
+    from perito_core.models.engines.base import BuiltForms
 
 
 def _settings(**flags: Any) -> ServerSettings:
@@ -281,7 +281,7 @@ def _build_forms(
     """Compiled forms of an imported file, gated on the user's images, built in `scratch`;
     None when not asked."""
     from perito_core.logs import building_forms_quietly
-    from perito_core.models.compile import build_forms_from_folder
+    from perito_core.models.gate import build_forms_from_folder
 
     if not precisions or calibration is None:
         return None
@@ -302,8 +302,8 @@ def _build_forms(
 
 def _check_loads(model_file: Path, name: str, labels: list[str], contract: InputContract) -> None:
     """Load and run the module against a draft manifest, so a bad file is never published."""
+    from perito_core.models.engines.torchscript import TorchScriptModel  # imports torch: only here
     from perito_core.models.manifest import Artifact, ModelManifest, sha256_file
-    from perito_core.models.runtime import LoadedModel  # imports torch: only when importing a model
 
     draft = ModelManifest(
         name=name,
@@ -312,7 +312,7 @@ def _check_loads(model_file: Path, name: str, labels: list[str], contract: Input
         input=contract,
         artifact=Artifact(sha256=sha256_file(model_file), size_bytes=model_file.stat().st_size),
     )
-    LoadedModel.load(model_file, draft, device="cpu", optimize=False)
+    TorchScriptModel.load(model_file, draft, device="cpu", optimize=False)
 
 
 @click.command("alias")

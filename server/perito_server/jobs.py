@@ -38,7 +38,7 @@ from perito_core.jobs.store import (
     JobStore,
 )
 from perito_core.jobs.watchdog import Watchdog
-from perito_core.models.forms import requested_precision
+from perito_core.models.selection import requested_precision
 from perito_core.models.summary import Classification
 from perito_core.storage import split_s3_uri
 from perito_server.answers import classification_message

@@ -26,9 +26,9 @@ import numpy as np
 
 from perito_core.errors import PeritoError
 from perito_core.models.cache import ModelCache
-from perito_core.models.forms import load_model, requested_precision
+from perito_core.models.engines.base import LoadedModel
 from perito_core.models.registry import ModelRegistry
-from perito_core.models.runtime import LoadedModel
+from perito_core.models.selection import load_model, requested_precision
 from perito_server.batcher import DynamicBatcher
 from perito_server.settings import ServerSettings
 

@@ -183,8 +183,8 @@ def check_onnx_loads(
         pydantic.ValidationError: a manifest the contract makes invalid (a sigmoid output for
             other than two labels).
     """
+    from perito_core.models.engines.onnxruntime import OnnxModel
     from perito_core.models.manifest import Artifact, ModelManifest, sha256_file
-    from perito_core.models.onnx_model import OnnxModel
 
     draft = ModelManifest(
         name=name,

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from perito_core.models.manifest import RunCard
 from perito_core.models.registry import ModelRegistry
-from perito_core.models.forms import load_model
+from perito_core.models.selection import load_model
 from perito_training.pipeline import publish_run, train_run
 from tests.helpers import write_pattern_images
 from tests.integration.test_training import quick_config

@@ -16,8 +16,8 @@ import pytest
 import perito
 from perito import ItemState, JobState
 from perito_core.jobs.store import ItemInput, Job
-from perito_core.models.forms import load_model
 from perito_core.models.registry import ModelRegistry
+from perito_core.models.selection import load_model
 from tests.helpers import ServerThread, red_jpeg
 
 pytest.importorskip("openvino", reason="OpenVINO (optional engine, perito[serve]) not installed")

@@ -19,8 +19,8 @@ from PIL import Image
 import perito
 from perito_core.imaging import load_model_input
 from perito_core.jobs.store import ItemInput, JobStore
+from perito_core.models.engines.torchscript import TorchScriptModel
 from perito_core.models.registry import ModelRegistry
-from perito_core.models.runtime import LoadedModel
 from perito_training.datasets import load_fashion_mnist
 from tests.helpers import (
     FASHION_MNIST_INPUT,
@@ -134,7 +134,7 @@ def test_a_prefix_job_matches_the_offline_evaluation_item_for_item(bulk: Bulk) -
 
     # The same version, evaluated offline on the same bytes, with the same preprocessing.
     artifact = bulk.registry.fetch("fashion", "1")
-    model = LoadedModel.load(artifact.path, artifact.manifest, device="cpu")
+    model = TorchScriptModel.load(artifact.path, artifact.manifest, device="cpu")
     spec = artifact.manifest.input.spec()
     names = sorted(bulk.truth)
     offline = []

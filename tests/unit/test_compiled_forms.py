@@ -18,10 +18,13 @@ import numpy as np
 import pytest
 
 from perito_core.imaging import InputSpec, load_model_input
-from perito_core.models.compile import ENGINES, BuiltForms, _Build, build_forms, gate_reason
-from perito_core.models.forms import load_form, load_model
+from perito_core.models.engines import ENGINE_NAMES as ENGINES
+from perito_core.models.engines.base import BuildContext as _Build
+from perito_core.models.engines.base import BuiltForms
+from perito_core.models.gate import build_forms, gate_reason
 from perito_core.models.manifest import sha256_file
 from perito_core.models.registry import ModelRegistry
+from perito_core.models.selection import load_form, load_model
 from perito_training.architectures import ARCHITECTURES, get_architecture
 from perito_training.trainer import input_contract
 from tests.conftest import build_tiny_forms, publish_tiny, tiny_registry_with_fp32_form
@@ -342,7 +345,7 @@ def test_a_form_built_with_labels_serves_its_own_temperature_and_threshold(
     rng = np.random.default_rng(1)
     images = rng.integers(0, 256, (48, spec.height, spec.width, 3), dtype=np.uint8)
     registry = ModelRegistry.open(str(tmp_path / "registry"), cache_dir=tmp_path / "cache")
-    from perito_core.models.runtime import LoadedModel
+    from perito_core.models.engines.torchscript import TorchScriptModel as LoadedModel
 
     plain = registry.publish(
         "ref", tiny_model_file, labels=["a", "b", "c"], input=TINY_INPUT, confidence_threshold=0.5
@@ -412,7 +415,7 @@ def test_int8_refused_by_the_gate_is_quantized_again_with_accuracy_control(
     """Plain INT8 first; when the gate refuses it, NNCF's accuracy control (real) builds
     another, which faces the gate again and says how it was made."""
     _needs_engine()
-    from perito_core.models import compile as forms_compile
+    from perito_core.models import gate as forms_compile
 
     verdicts: list[str | None] = []
 

@@ -18,10 +18,14 @@ import torch
 from pydantic import ValidationError
 
 from perito_core.errors import ArtifactIntegrityError, ModelLoadError
-from perito_core.models.forms import load_model
+from perito_core.models.engines.onnxruntime import (
+    OnnxModel,
+    probabilities_from_output,
+    tensor_from_images,
+)
 from perito_core.models.manifest import Artifact, InputContract, ModelManifest, TensorContract
-from perito_core.models.onnx_model import OnnxModel, probabilities_from_output, tensor_from_images
 from perito_core.models.registry import ModelRegistry
+from perito_core.models.selection import load_model
 from tests.helpers import unpublished_manifest
 from tests.onnx_helpers import (
     CAFFE_MEAN_BGR,

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from perito_core.models.forms import load_model
 from perito_core.models.registry import ModelRegistry
+from perito_core.models.selection import load_model
 from tests.conftest import build_tiny_forms, publish_tiny
 from tests.helpers import TINY_INPUT
 

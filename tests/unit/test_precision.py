@@ -1,12 +1,12 @@
 """Which precision serves a request: the caller may ask only for a more exact form than the
-server's setting (`perito_core.models.forms.requested_precision`)."""
+server's setting (`perito_core.models.selection.requested_precision`)."""
 
 from __future__ import annotations
 
 import pytest
 
 from perito_core.errors import InvalidArgument
-from perito_core.models.forms import requested_precision
+from perito_core.models.selection import requested_precision
 
 
 @pytest.mark.parametrize(

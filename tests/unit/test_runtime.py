@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from perito_core.errors import ModelLoadError
+from perito_core.models.engines.torchscript import TorchScriptModel
 from perito_core.models.manifest import Artifact, ModelManifest, sha256_file
-from perito_core.models.runtime import LoadedModel
 from perito_core.models.summary import summarize
 from perito_training.export import export_torchscript
 from tests.helpers import TINY_INPUT, tiny_network, unpublished_manifest
@@ -25,7 +25,7 @@ def test_optimised_module_gives_the_same_probabilities_as_eager(tmp_path: Path) 
     network = tiny_network(3)
     path = tmp_path / "model.pt"
     export_torchscript(network, TINY_INPUT, path)
-    model = LoadedModel.load(
+    model = TorchScriptModel.load(
         path, manifest_for(path, ["a", "b", "c"]), device="cpu", warmup_batch_sizes=(1, 2)
     )
     images = np.random.default_rng(1).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
@@ -37,14 +37,16 @@ def test_optimised_module_gives_the_same_probabilities_as_eager(tmp_path: Path) 
 
 def test_label_count_that_does_not_match_the_output_is_refused(tiny_model_file: Path) -> None:
     with pytest.raises(ModelLoadError, match="2 labels"):
-        LoadedModel.load(tiny_model_file, manifest_for(tiny_model_file, ["a", "b"]), device="cpu")
+        TorchScriptModel.load(
+            tiny_model_file, manifest_for(tiny_model_file, ["a", "b"]), device="cpu"
+        )
 
 
 def test_a_file_that_is_not_torchscript_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "model.pt"
     path.write_bytes(b"not a zip archive")
     with pytest.raises(ModelLoadError, match="not a loadable TorchScript"):
-        LoadedModel.load(path, manifest_for(path, ["a", "b", "c"]), device="cpu")
+        TorchScriptModel.load(path, manifest_for(path, ["a", "b", "c"]), device="cpu")
 
 
 def test_a_module_returning_logits_is_refused(tmp_path: Path) -> None:
@@ -52,7 +54,7 @@ def test_a_module_returning_logits_is_refused(tmp_path: Path) -> None:
     scripted = torch.jit.script(_Logits())
     scripted.save(str(path))
     with pytest.raises(ModelLoadError, match="do not sum to 1"):
-        LoadedModel.load(path, manifest_for(path, ["a", "b", "c"]), device="cpu")
+        TorchScriptModel.load(path, manifest_for(path, ["a", "b", "c"]), device="cpu")
 
 
 class _Logits(torch.nn.Module):

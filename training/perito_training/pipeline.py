@@ -36,7 +36,8 @@ from perito_core.models.card import (
     TrainingRecord,
     unknown_fields,
 )
-from perito_core.models.compile import BuiltForms, build_forms
+from perito_core.models.engines.base import BuiltForms
+from perito_core.models.gate import build_forms
 from perito_core.models.manifest import (
     MAX_ACCURACY_DROP,
     MIN_AGREEMENT,
@@ -366,7 +367,7 @@ def publish_run(
     The artifact is loaded and run through the serving runtime first, so a module that
     serving cannot load is never published. `published_by` (the publishing tenant) is
     recorded in the manifest's `source`. `forms` (precisions: fp32, int8, bf16) are built
-    beside model.pt (`perito_core.models.compile`): INT8 is calibrated on the run's validation
+    beside model.pt (`perito_core.models.gate`): INT8 is calibrated on the run's validation
     images, and every form is gated on the test split (top-1 agreement with model.pt under
     `min_agreement`, or test accuracy more than `max_accuracy_drop` under it: refused, the
     reason printed and recorded in the manifest's `skipped_forms`).
@@ -442,8 +443,8 @@ def _images(split: ImageSet) -> np.ndarray:
 
 
 def _check_serving_loads(model_path: Path, card: RunCard, contract: InputContract) -> None:
+    from perito_core.models.engines.torchscript import TorchScriptModel
     from perito_core.models.manifest import Artifact, sha256_file
-    from perito_core.models.runtime import LoadedModel
 
     draft = ModelManifest(
         name=card.name,
@@ -452,4 +453,4 @@ def _check_serving_loads(model_path: Path, card: RunCard, contract: InputContrac
         input=contract,
         artifact=Artifact(sha256=sha256_file(model_path), size_bytes=model_path.stat().st_size),
     )
-    LoadedModel.load(model_path, draft, device="cpu", optimize=False)
+    TorchScriptModel.load(model_path, draft, device="cpu", optimize=False)

@@ -25,8 +25,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 from tqdm import tqdm
 
+from perito_core.models.engines.base import pick_device
 from perito_core.models.manifest import InputContract
-from perito_core.models.runtime import pick_device
 from perito_training.architectures import Architecture, get_architecture
 from perito_training.config import AugmentConfig, TrainConfig
 from perito_training.datasets import ImageSet

@@ -41,8 +41,8 @@ from perito_core.imaging import load_model_input_with_info
 from perito_core.jobs.sources import SourceReader
 from perito_core.jobs.store import ItemInput, ItemResult, Job, JobStore
 from perito_core.models.cache import ModelCache
-from perito_core.models.forms import load_model, requested_precision
-from perito_core.models.runtime import LoadedModel
+from perito_core.models.engines.base import LoadedModel
+from perito_core.models.selection import load_model, requested_precision
 from perito_core.models.summary import summarize
 from perito_worker import metrics
 from perito_worker.settings import WorkerSettings

@@ -1,7 +1,7 @@
 """Calibration of a served form: temperature scaling, the `uncertain` threshold, and ECE.
 
-Plain numpy, shared by publish-time form building (`perito_core.models.compile`) and serving
-(`perito_core.models.forms`), and by training (`perito_training.metrics` re-exports them for
+Plain numpy, shared by publish-time form building (`perito_core.models.gate`) and serving
+(`perito_core.models.engines`), and by training (`perito_training.metrics` re-exports them for
 the figures of a run's model card):
 
 - temperature scaling (Guo et al., "On Calibration of Modern Neural Networks", ICML 2017):

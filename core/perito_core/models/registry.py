@@ -292,7 +292,7 @@ class ModelRegistry:
         The model file goes first and the manifest last, so a reader never sees a version
         whose file is missing. An existing version is never overwritten. `forms` are compiled
         forms that passed the accuracy gate, each with the folder holding its files
-        (`perito_core.models.compile.build_forms`); `skipped_forms` says why others were not built.
+        (`perito_core.models.gate.build_forms`); `skipped_forms` says why others were not built.
         The card's parts (`metrics`, `calibration`, `training`, `source`) are its typed parts
         (`perito_core.models.card`) or their JSON as dicts. `artifact_format="onnx"` stores
         the file as `model.onnx` with its `tensor` contract (required then, refused otherwise).
