@@ -153,13 +153,13 @@ class TensorContract(BaseModel):
 
 
 Precision = Literal["fp32", "bf16", "int8"]
-# The precisions a compiled form can have (`--forms`, `compile.build_forms`).
+# The precisions a compiled form can have (`--forms`, `gate.build_forms`).
 FORM_PRECISIONS: tuple[str, ...] = get_args(Precision)
 # What serves (`PERITO_PRECISION`, a request's `precision`): `auto` is the fastest verified
 # form, `torchscript` is model.pt itself.
 PrecisionChoice = Literal["auto", "fp32", "bf16", "int8", "torchscript"]
 PRECISIONS: tuple[str, ...] = get_args(PrecisionChoice)
-# The publish gate's defaults (issue 19): top-1 agreement with model.pt on held-out images,
+# The publish gate's defaults: top-1 agreement with model.pt on held-out images,
 # and the largest test-accuracy drop, as a fraction (0.003: 0.3 points).
 MIN_AGREEMENT = 0.99
 MAX_ACCURACY_DROP = 0.003
@@ -187,8 +187,8 @@ class CompiledForm(BaseModel):
     """A compiled form of the same network beside `model.pt`, with the evidence it is the same.
 
     `model.pt` stays the reference: every form was run against it on held-out images at
-    publish, and only forms that passed the accuracy gate are listed (DESIGN.md, "Artifact
-    forms"). Engines: `openvino` (an IR) and `onnxruntime` (an ONNX graph, uint8 NCHW in,
+    publish, and only forms that passed the accuracy gate (`perito_core.models.gate`) are
+    listed. Engines: `openvino` (an IR) and `onnxruntime` (an ONNX graph, uint8 NCHW in,
     probabilities out). Neither file holds ISA-specific code: oneDNN or ONNX Runtime's MLAS
     picks kernels when the form is loaded, so a form built on one CPU loads on any x86-64 CPU;
     `requires` names the CPU flags without which the form would not run at its precision
