@@ -224,3 +224,15 @@ def test_a_redis_that_evicts_keys_is_refused_unless_allowed(store: JobStore) -> 
     with pytest.raises(RuntimeError, match=r"allkeys-lru.*noeviction"):
         check_no_eviction(store.redis, "job store", allowed=False)
     check_no_eviction(store.redis, "job store", allowed=True)  # logged, not refused
+
+
+def test_one_watchdog_sweeps_at_a_time_and_another_takes_over_when_it_stops(
+    store: JobStore,
+) -> None:
+    first, second = _watchdog(store), _watchdog(store)  # two servers' watchdogs, 0.1 s apart
+    assert first.sweep().ran
+    assert not second.sweep().ran  # the lock is the first's (two intervals, 1 s at least)
+    assert first.sweep().ran  # renewed by its holder
+    time.sleep(1.1)  # the first server stopped sweeping: its lock lapses (1 s at least)
+    assert second.sweep().ran
+    assert not first.sweep().ran

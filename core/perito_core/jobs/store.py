@@ -175,6 +175,8 @@ _RUNNING_PARTS = ("inline", "open", "leases", "attempts", "chunk-errors")
 _PARTS = (*_RUNNING_PARTS, "inputs", "results")
 
 _OUTPUT_PREFIX = f"{PREFIX}:output:"
+# The watchdog's sweep lock: one server at a time runs a sweep (`watchdog.Watchdog`).
+_SWEEP_LOCK_KEY = f"{PREFIX}:watchdog-lock"
 ACTIVE_JOBS_KEY = f"{PREFIX}:active-jobs"
 FINISHED_JOBS_KEY = f"{PREFIX}:finished-jobs"
 JOBS_KEY = f"{PREFIX}:jobs"
@@ -238,6 +240,7 @@ class JobStore:
         self._unleased = client.register_script(_lua("unleased"))
         self._delete = client.register_script(_lua("delete"))
         self._reserve = client.register_script(_lua("reserve"))
+        self._sweep_lock = client.register_script(_lua("sweep_lock"))
 
     @classmethod
     def connect(cls, url: str, *, outage_retry_s: float = 0.0) -> JobStore:
@@ -322,6 +325,12 @@ class JobStore:
         if self.redis.set(keys[0], job_id, nx=True, ex=ttl_s):
             return True
         return _decode(self.redis.get(keys[0])) in ("", job_id)  # "": expired since
+
+    @_redis_unavailable
+    def hold_sweep_lock(self, holder: str, ttl_ms: int) -> bool:
+        """Take the watchdog's sweep lock for `holder`, or renew it if `holder` has it, for
+        `ttl_ms` milliseconds: True if `holder` holds it now (one server sweeps at a time)."""
+        return bool(self._sweep_lock(keys=[_SWEEP_LOCK_KEY], args=[holder, ttl_ms]))
 
     @_redis_unavailable
     def exists(self, job_id: str) -> bool:

@@ -42,8 +42,6 @@ from perito_core.storage import S3Options
 
 log = logging.getLogger(__name__)
 
-LOCK_KEY = "perito:watchdog-lock"
-
 
 @dataclass
 class SweepReport:
@@ -89,14 +87,7 @@ class Watchdog:
 
     def _lock(self) -> bool:
         """Hold the sweep lock (taken, or renewed if ours) for two intervals."""
-        ttl_ms = max(1000, int(self.interval_s * 2000))
-        client = self.store.redis
-        if client.set(LOCK_KEY, self._token, nx=True, px=ttl_ms):
-            return True
-        if client.get(LOCK_KEY) == self._token.encode():
-            client.pexpire(LOCK_KEY, ttl_ms)
-            return True
-        return False
+        return self.store.hold_sweep_lock(self._token, max(1000, int(self.interval_s * 2000)))
 
     def sweep(self) -> SweepReport:
         """One pass over the store. Never raises: failures are logged and reported."""
