@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import grpc.aio
 
-from perito_core.access.audit import AuditLog
+from perito_core.access.audit import AuditLog, AuditRecord
 from perito_core.access.quotas import RateLimiter
 from perito_core.access.tenancy import Tenant, Tenants
 from perito_core.errors import PeritoError, PermissionDenied
@@ -143,12 +143,14 @@ class TenantInterceptor(_Interceptor):
         except PeritoError as error:
             if self.audit is not None and method in AUDITED_METHODS:
                 self.audit.record(
-                    tenant=tenant.name if tenant is not None else "",
-                    method=name,
-                    resource="",
-                    outcome=error.code.name,
-                    request_id=metadata_value(metadata, "x-request-id")[:128],
-                    detail=error.message,
+                    AuditRecord.now(
+                        tenant=tenant.name if tenant is not None else "",
+                        method=name,
+                        resource="",
+                        outcome=error.code.name,
+                        request_id=metadata_value(metadata, "x-request-id")[:128],
+                        detail=error.message,
+                    )
                 )
             raise
         return tenant

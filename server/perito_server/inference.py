@@ -14,7 +14,6 @@ for all of them. Nothing here knows a wire protocol beyond the messages of the A
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -26,7 +25,7 @@ from google.protobuf import struct_pb2, timestamp_pb2
 
 from perito.v1 import classify_pb2, jobs_pb2, models_pb2
 from perito_core import tracing
-from perito_core.access.audit import AuditLog
+from perito_core.access.audit import AuditLog, AuditRecord
 from perito_core.access.quotas import RateLimiter
 from perito_core.access.tenancy import Tenant, Tenants
 from perito_core.errors import InvalidArgument, InvalidImage, NotFound, PeritoError
@@ -148,11 +147,13 @@ class InferenceService:
     def _audit_reload(self, loaded: bool) -> None:
         """Audit a re-read of the tenants file (changed on disk, or SIGHUP)."""
         self.audit.record(
-            tenant="",
-            method="tenants.reload",
-            resource=str(self.tenants.path),
-            outcome="OK" if loaded else "INVALID_ARGUMENT",
-            detail=f"{len(self.tenants.names)} tenants",
+            AuditRecord.now(
+                tenant="",
+                method="tenants.reload",
+                resource=str(self.tenants.path),
+                outcome="OK" if loaded else "INVALID_ARGUMENT",
+                detail=f"{len(self.tenants.names)} tenants",
+            )
         )
 
     async def _audited(
@@ -174,15 +175,14 @@ class InferenceService:
             outcome = "INTERNAL"
             raise
         finally:
-            record = functools.partial(
-                self.audit.record,
+            entry = AuditRecord.now(
                 tenant=tenant.name,
                 method=method,
                 resource=resource() if callable(resource) else resource,
                 outcome=outcome,
                 request_id=REQUEST_ID.get() or "",
             )
-            await asyncio.get_running_loop().run_in_executor(None, record)
+            await asyncio.get_running_loop().run_in_executor(None, self.audit.record, entry)
 
     # Classify
 

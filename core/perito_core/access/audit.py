@@ -98,25 +98,9 @@ class AuditLog:
         self.max_entries = max_entries
         self._stream = stream
 
-    def record(
-        self,
-        *,
-        tenant: str,
-        method: str,
-        resource: str,
-        outcome: str,
-        request_id: str = "",
-        detail: str = "",
-    ) -> AuditRecord:
-        """Write one record (see the module docstring); never raises for storage."""
-        entry = AuditRecord.now(
-            tenant=tenant,
-            method=method,
-            resource=resource,
-            outcome=outcome,
-            request_id=request_id,
-            detail=detail,
-        )
+    def record(self, entry: AuditRecord) -> None:
+        """Write `entry` (made by `AuditRecord.now`; see the module docstring); never raises
+        for storage."""
         out = self._stream or sys.stdout
         try:
             out.write(entry.to_json() + "\n")
@@ -128,7 +112,6 @@ class AuditLog:
                 self.store(entry)
             except redis.RedisError as exc:
                 log.error("audit record not stored in Redis (its JSON line was written): %s", exc)
-        return entry
 
     def store(self, entry: AuditRecord) -> None:
         """Append `entry` to the Redis stream, trimming it by age and by count.
