@@ -10,16 +10,17 @@ import redis
 from perito_core.access.audit import AUDIT_KEY, AuditLog, AuditRecord
 
 
+def _record(audit: AuditLog, tenant: str, method: str, resource: str) -> None:
+    """A call that succeeded, written to `audit`."""
+    audit.record(AuditRecord.now(tenant=tenant, method=method, resource=resource, outcome="OK"))
+
+
 def test_a_flood_of_records_keeps_the_stream_bounded(redis_url: str) -> None:
     with redis.Redis.from_url(redis_url) as client:
         client.delete(AUDIT_KEY)
         audit = AuditLog(client, retention_s=3600, stream=io.StringIO(), max_entries=100)
         for n in range(1000):
-            audit.record(
-                AuditRecord.now(
-                    tenant="hammer", method="SubmitJob", resource=f"job-{n}", outcome="OK"
-                )
-            )
+            _record(audit, "hammer", "SubmitJob", f"job-{n}")
         # Trimming is approximate (whole stream nodes of up to 100 entries): never far over.
         assert 100 <= client.xlen(AUDIT_KEY) <= 200
         newest = audit.list(limit=1)
@@ -34,19 +35,11 @@ def test_records_older_than_the_retention_are_trimmed_and_recent_ones_kept(
         client.delete(AUDIT_KEY)
         audit = AuditLog(client, retention_s=1.0, stream=io.StringIO(), max_entries=100_000)
         for n in range(1000):
-            audit.record(
-                AuditRecord.now(
-                    tenant="early", method="SubmitJob", resource=f"old-{n}", outcome="OK"
-                )
-            )
+            _record(audit, "early", "SubmitJob", f"old-{n}")
         assert client.xlen(AUDIT_KEY) == 1000  # all within the retention while written
         time.sleep(1.5)
         for n in range(20):
-            audit.record(
-                AuditRecord.now(
-                    tenant="late", method="CancelJob", resource=f"new-{n}", outcome="OK"
-                )
-            )
+            _record(audit, "late", "CancelJob", f"new-{n}")
         # Trimming by age is approximate too: a stream node is dropped once all of it is older
         # than the retention, so at most one node of old records (up to 100) stays.
         kept = audit.list(limit=2000)
