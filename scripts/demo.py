@@ -31,10 +31,24 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import BinaryIO
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 MODEL = "imagenet-efficientnet-lite0"
+
+
+def spawn(args: list[str], env: dict[str, str], out: BinaryIO) -> subprocess.Popen[bytes]:
+    """Start `args` in a process group of its own (so that signalling the group reaches the
+    children it starts), with `env` and unbuffered Python output, its stdout and stderr both
+    to `out`. Also how the tests and benchmarks start their processes (`tests.processes`)."""
+    return subprocess.Popen(
+        args,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        env={**env, "PYTHONUNBUFFERED": "1"},
+        start_new_session=True,
+    )
 
 
 class Service:
@@ -48,13 +62,7 @@ class Service:
 
     def launch(self) -> None:
         with self.log.open("wb") as out:
-            self.popen = subprocess.Popen(
-                self.args,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env={**self.env, "PYTHONUNBUFFERED": "1"},
-                start_new_session=True,
-            )
+            self.popen = spawn(self.args, self.env, out)
 
     def wait_ready(self, timeout: float) -> None:
         """Return once it is ready; exit the demo, with the end of its log, if it stops first

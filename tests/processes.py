@@ -2,7 +2,8 @@
 `redis-server`, `perito serve`, `perito worker`, an S3 server. One way, used by both.
 
 Each process runs in its own process group (so stopping or `kill -9` takes a worker's pool
-children too), writes to a log file, and counts as ready when a line appears in that log.
+children too), writes to a log file, and counts as ready when a line appears in that log. It is
+started as `make demo` starts its own (`scripts.demo.spawn`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+
+from scripts.demo import spawn
 
 
 class ProcessFailed(RuntimeError):
@@ -80,13 +83,7 @@ class Proc:
         """Start it without waiting; a restart appends to the same log."""
         self._mark = self.log.stat().st_size if self.log.exists() else 0
         with self.log.open("ab") as out:
-            self.popen = subprocess.Popen(
-                self.args,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env={**self.env, "PYTHONUNBUFFERED": "1"},
-                start_new_session=True,
-            )
+            self.popen = spawn(self.args, self.env, out)
         return self
 
     def wait_ready(self, timeout: float = 180) -> Proc:
