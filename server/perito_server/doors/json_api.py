@@ -244,39 +244,29 @@ class JsonApi:
         self.edge = edge
 
     def routes(self) -> list[BaseRoute]:
-        """The routes, each behind the edge with the gRPC method it stands for."""
-        route = self.edge.route
-        return [
-            route(
-                "POST",
-                "/v1/models/{model}:classify",
-                CLASSIFY,
-                PERITO + "Classify",
-                self._classify,
-                model=True,
-            ),
-            route("GET", "/v1/models", LIST_MODELS, PERITO + "ListModels", self._list_models),
-            route(
-                "GET",
-                "/v1/models/{model}",
-                GET_MODEL,
-                PERITO + "GetModel",
-                self._get_model,
-                model=True,
-            ),
-            route("POST", "/v1/jobs", SUBMIT_JOB, PERITO + "SubmitJob", self._submit_job),
-            route("GET", "/v1/jobs", LIST_JOBS, PERITO + "ListJobs", self._list_jobs),
-            route("GET", "/v1/jobs/{job}", GET_JOB, PERITO + "GetJob", self._get_job),
-            route(
+        """The routes, each behind the edge with the gRPC method it stands for; one with
+        `{model}` in its path only for a caller who may use that model."""
+        table = (
+            ("POST", "/v1/models/{model}:classify", CLASSIFY, "Classify", self._classify),
+            ("GET", "/v1/models", LIST_MODELS, "ListModels", self._list_models),
+            ("GET", "/v1/models/{model}", GET_MODEL, "GetModel", self._get_model),
+            ("POST", "/v1/jobs", SUBMIT_JOB, "SubmitJob", self._submit_job),
+            ("GET", "/v1/jobs", LIST_JOBS, "ListJobs", self._list_jobs),
+            ("GET", "/v1/jobs/{job}", GET_JOB, "GetJob", self._get_job),
+            (
                 "GET",
                 "/v1/jobs/{job}/results",
                 LIST_JOB_RESULTS,
-                PERITO + "ListJobResults",
+                "ListJobResults",
                 self._job_results,
             ),
-            route(
-                "POST", "/v1/jobs/{job}:cancel", CANCEL_JOB, PERITO + "CancelJob", self._cancel_job
-            ),
+            ("POST", "/v1/jobs/{job}:cancel", CANCEL_JOB, "CancelJob", self._cancel_job),
+        )
+        return [
+            self.edge.route(
+                verb, path, operation, PERITO + method, handler, model="{model}" in path
+            )
+            for verb, path, operation, method, handler in table
         ]
 
     async def _classify(self, request: Request, tenant: Tenant) -> Response:

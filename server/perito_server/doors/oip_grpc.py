@@ -18,20 +18,11 @@ import numpy as np
 from google.protobuf.message import Message
 
 from perito_core.errors import InvalidArgument
+from perito_server import oip_protocol
 from perito_server._oip import grpc_service_pb2 as pb
 from perito_server.auth import current_tenant
 from perito_server.errors import echo
 from perito_server.inference import InferenceService
-from perito_server.oip_protocol import (
-    EXTENSIONS,
-    InputTensor,
-    RequestedOutput,
-    classification_count,
-    deserialize_bytes,
-    image_count,
-    model_metadata,
-    server_version,
-)
 
 SERVICE_NAME = "inference.GRPCInferenceService"
 
@@ -44,14 +35,16 @@ def parameter_value(parameter: pb.InferParameter) -> bool | int | float | str | 
     return None if which is None else getattr(parameter, which)
 
 
-def _grpc_input(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None) -> InputTensor:
+def _grpc_input(
+    tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None
+) -> oip_protocol.InputTensor:
     """An `InputTensor` from the gRPC message, its data from `raw` or from `contents`."""
     shape = list(tensor.shape)
-    count = image_count(shape, tensor.datatype, tensor.name)
+    count = oip_protocol.image_count(shape, tensor.datatype, tensor.name)
     data: list[bytes] | np.ndarray
     if tensor.datatype == "BYTES":
         if raw is not None:
-            data = deserialize_bytes(raw, count, tensor.name)
+            data = oip_protocol.deserialize_bytes(raw, count, tensor.name)
         else:
             data = list(tensor.contents.bytes_contents)
             if len(data) != count:
@@ -76,7 +69,7 @@ def _grpc_input(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None
                 field=tensor.name,
             )
         data = flat.reshape(shape)
-    return InputTensor(tensor.name, tensor.datatype, shape, data)
+    return oip_protocol.InputTensor(tensor.name, tensor.datatype, shape, data)
 
 
 class OipServicer:
@@ -105,7 +98,7 @@ class OipServicer:
         self, request: pb.ServerMetadataRequest, context: Context
     ) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(
-            name="perito", version=server_version(), extensions=EXTENSIONS
+            name="perito", version=oip_protocol.server_version(), extensions=oip_protocol.EXTENSIONS
         )
 
     async def ModelReady(
@@ -118,7 +111,9 @@ class OipServicer:
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: Context
     ) -> pb.ModelMetadataResponse:
-        metadata = model_metadata(await self.service.model_manifest(request.name, request.version))
+        metadata = oip_protocol.model_metadata(
+            await self.service.model_manifest(request.name, request.version)
+        )
         tensor = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
             name=metadata["name"],
@@ -141,9 +136,9 @@ class OipServicer:
             _grpc_input(tensor, raw[i] if raw else None) for i, tensor in enumerate(request.inputs)
         ]
         outputs = [
-            RequestedOutput(
+            oip_protocol.RequestedOutput(
                 o.name,
-                classification_count(
+                oip_protocol.classification_count(
                     parameter_value(o.parameters["classification"])
                     if "classification" in o.parameters
                     else None
