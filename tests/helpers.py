@@ -13,7 +13,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from perito_core.jobs.store import ItemInput, Job, JobStore
 from perito_core.models.manifest import Artifact, InputContract, ModelManifest
 from perito_core.models.registry import ModelRegistry
 from perito_core.storage import S3Options, make_s3_client
@@ -308,6 +309,34 @@ class Stores:
         if self.s3_endpoint:
             stores["PERITO_S3_ENDPOINT_URL"] = self.s3_endpoint
         return subprocess_env(**{**stores, **extra})
+
+
+def create_job(
+    store: JobStore,
+    items: Iterable[ItemInput],
+    *,
+    output_uri: str,
+    chunk_size: int,
+    model: str = "m",
+    top_k: int = 1,
+    **options: Any,
+) -> tuple[Job, bool]:
+    """`store.create` for a job made in the store directly, not through a server: version 1
+    of `model`, no inline images, no confidence threshold, no labels; `options` are the rest
+    of `JobStore.create`'s (`job_id`, `max_items`, `tenant`, ...). Returns the job and
+    whether this call made it."""
+    return store.create(
+        model=model,
+        model_version="1",
+        items=items,
+        inline={},
+        output_uri=output_uri,
+        top_k=top_k,
+        confidence_threshold=0,
+        chunk_size=chunk_size,
+        labels={},
+        **options,
+    )
 
 
 # `s3_stores(name, registry, **options)` (the conftest fixture): a test module's `Stores` on

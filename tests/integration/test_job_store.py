@@ -15,7 +15,7 @@ from perito_core.jobs.queue import BULK_QUEUE, make_celery, queued_chunks
 from perito_core.jobs.store import ItemInput, ItemResult, Job, JobStore
 from perito_core.jobs.watchdog import Watchdog
 from perito_core.storage import S3Options
-from tests.helpers import redis_server
+from tests.helpers import create_job, redis_server
 
 pytestmark = pytest.mark.integration
 
@@ -29,19 +29,8 @@ def store() -> Iterator[JobStore]:
 def _submit(
     store: JobStore, items: Iterable[ItemInput], chunk_size: int, output: Path, **kwargs: object
 ) -> tuple[Job, bool]:
-    """`store.create` for model m@1, top 1, no threshold, no labels, results to `output`."""
-    return store.create(
-        model="m",
-        model_version="1",
-        items=items,
-        inline={},
-        output_uri=str(output),
-        top_k=1,
-        confidence_threshold=0,
-        chunk_size=chunk_size,
-        labels={},
-        **kwargs,  # type: ignore[arg-type]
-    )
+    """`create_job` for model m@1, top 1, results to `output`."""
+    return create_job(store, items, output_uri=str(output), chunk_size=chunk_size, **kwargs)
 
 
 def _create(store: JobStore, n: int, chunk_size: int, output: Path, **kwargs: object) -> str:

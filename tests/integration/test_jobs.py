@@ -27,6 +27,7 @@ from tests.helpers import (
     MakeStores,
     ServerThread,
     WorkerProcess,
+    create_job,
     encoded,
     train_fashion_mnist,
 )
@@ -294,16 +295,8 @@ def test_a_chunk_that_keeps_killing_workers_is_dead_lettered(bulk: Bulk, redis_u
 
     store = JobStore.connect(redis_url)
     items = [ItemInput(id=n, uri=f"s3://inspections/fmnist/{n}") for n in sorted(bulk.truth)[:8]]
-    job, _ = store.create(
-        model="fashion",
-        model_version="1",
-        items=items,
-        inline={},
-        output_uri="s3://results/dead-letter",
-        top_k=3,
-        confidence_threshold=0,
-        chunk_size=8,
-        labels={},
+    job, _ = create_job(
+        store, items, output_uri="s3://results/dead-letter", chunk_size=8, model="fashion", top_k=3
     )
     for attempt in range(3):  # three workers took it and died without a trace
         store.acquire_chunk(job.id, 0, f"dead-worker-{attempt}", ttl_s=0.001)

@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import perito
 from perito_core.jobs.store import ItemInput, JobStore
 from tests.conftest import publish_tiny
-from tests.helpers import ServerThread, Stores, WorkerProcess, free_port
+from tests.helpers import ServerThread, Stores, WorkerProcess, create_job, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -41,16 +41,12 @@ def _hold_a_job_running(redis_url: str, port: int) -> dict[str, list[float]]:
     store = JobStore.connect(redis_url)
     states = ("queued", "running")
     before = scrape(port)
-    job, _ = store.create(
-        model="car-damage",
-        model_version="1",
-        items=[ItemInput(id="0", uri="s3://never/read.jpg")],
-        inline={},
+    job, _ = create_job(
+        store,
+        [ItemInput(id="0", uri="s3://never/read.jpg")],
         output_uri="s3://never/written",
-        top_k=1,
-        confidence_threshold=0,
         chunk_size=1,
-        labels={},
+        model="car-damage",
     )
     made = scrape(port)
     store.mark_running(job.id)
