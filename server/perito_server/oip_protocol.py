@@ -148,6 +148,19 @@ def deserialize_bytes(raw: bytes, count: int, name: str) -> list[bytes]:
     return elements
 
 
+def pixels(flat: np.ndarray, shape: Sequence[int], name: str) -> np.ndarray:
+    """A UINT8 input's values `flat` (uint8, row-major) as an array of `shape`.
+
+    Raises:
+        InvalidArgument: naming input `name`, when `flat` does not hold that many values.
+    """
+    if flat.size != int(np.prod(shape)):
+        raise InvalidArgument(
+            f"input {echo(name)!r}: {flat.size} values for shape {list(shape)}", field=name
+        )
+    return flat.reshape(shape)
+
+
 def image_count(shape: Sequence[int], datatype: str, name: str) -> int:
     """N, the images an input of `shape` holds: [N] or [N, 1] for BYTES, [N, H, W, 3] for UINT8.
 

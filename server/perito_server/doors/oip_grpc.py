@@ -53,7 +53,6 @@ def _grpc_input(
                     field=tensor.name,
                 )
     else:
-        size = int(np.prod(shape))
         if raw is not None:
             flat = np.frombuffer(raw, dtype=np.uint8)
         else:
@@ -63,12 +62,7 @@ def _grpc_input(
                     f"input {echo(tensor.name)!r}: UINT8 values above 255", field=tensor.name
                 )
             flat = values.astype(np.uint8)
-        if flat.size != size:
-            raise InvalidArgument(
-                f"input {echo(tensor.name)!r}: {flat.size} values for shape {shape}",
-                field=tensor.name,
-            )
-        data = flat.reshape(shape)
+        data = oip_protocol.pixels(flat, shape, tensor.name)
     return oip_protocol.InputTensor(tensor.name, tensor.datatype, shape, data)
 
 

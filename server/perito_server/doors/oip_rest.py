@@ -41,6 +41,7 @@ from perito_server.oip_protocol import (
     deserialize_bytes,
     image_count,
     model_metadata,
+    pixels,
     server_version,
 )
 from perito_server.openapi import Named, Operation
@@ -338,7 +339,7 @@ def _rest_inputs(inputs: Any, binary: memoryview) -> list[InputTensor]:
             if datatype == "BYTES":
                 data = deserialize_bytes(raw, count, name)
             else:
-                data = _pixels(np.frombuffer(raw, dtype=np.uint8), shape, name)
+                data = pixels(np.frombuffer(raw, dtype=np.uint8), shape, name)
         else:
             elements = _flatten(spec.get("data"))
             if datatype == "BYTES":
@@ -352,21 +353,13 @@ def _rest_inputs(inputs: Any, binary: memoryview) -> list[InputTensor]:
                     raise InvalidArgument(
                         f"input {echo(name)!r}: UINT8 data must be integers 0..255", field=name
                     )
-                data = _pixels(np.asarray(elements, dtype=np.uint8), shape, name)
+                data = pixels(np.asarray(elements, dtype=np.uint8), shape, name)
         tensors.append(InputTensor(name, datatype, shape, data))
     if offset != len(binary):
         raise InvalidArgument(
             f"{len(binary) - offset} bytes after the last binary input", field="body"
         )
     return tensors
-
-
-def _pixels(flat: np.ndarray, shape: list[int], name: str) -> np.ndarray:
-    if flat.size != int(np.prod(shape)):
-        raise InvalidArgument(
-            f"input {echo(name)!r}: {flat.size} values for shape {shape}", field=name
-        )
-    return flat.reshape(shape)
 
 
 def _base64(element: Any, name: str, index: int) -> bytes:
