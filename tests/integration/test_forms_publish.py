@@ -15,10 +15,9 @@ from perito_core.models.selection import load_model
 from perito_training.pipeline import publish_run, train_run
 from tests.helpers import write_pattern_images
 from tests.integration.test_training import quick_config
+from tests.unit.test_compiled_forms import cpu_runs_bf16
 
-openvino = pytest.importorskip(
-    "openvino", reason="OpenVINO (optional engine, perito[serve]) not installed"
-)
+pytest.importorskip("openvino", reason="OpenVINO (optional engine, perito[serve]) not installed")
 pytest.importorskip("nncf", reason="NNCF (INT8 quantization) not installed")
 
 pytestmark = pytest.mark.integration
@@ -31,11 +30,6 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, RunCard]:
     patterns = write_pattern_images(work / "patterns", per_class=60, size=40)
     card = train_run(quick_config(patterns), work / "run", log=lambda _: None, progress=False)
     return work / "run", card
-
-
-def _cpu_runs_bf16() -> bool:
-    """What OpenVINO says this CPU can do (AVX-512 BF16 or AMX)."""
-    return "BF16" in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
 def test_where_the_gate_passes_int8_it_is_built_recorded_and_served(
@@ -55,7 +49,7 @@ def test_where_the_gate_passes_int8_it_is_built_recorded_and_served(
     )
 
     forms = {form.name: form for form in manifest.forms}
-    bf16 = {"openvino-bf16"} if _cpu_runs_bf16() else set()
+    bf16 = {"openvino-bf16"} if cpu_runs_bf16() else set()
     openvino_forms = {name for name in forms if name.startswith("openvino-")}
     assert openvino_forms == {"openvino-fp32", "openvino-int8"} | bf16, manifest.skipped_forms
     fp32 = forms["openvino-fp32"]
@@ -73,7 +67,7 @@ def test_where_the_gate_passes_int8_it_is_built_recorded_and_served(
     assert int8.evaluated_on == "test split" and int8.images == 36
     assert int8.accuracy is not None and 0.0 <= int8.agreement <= 1.0
     assert "openvino-int8" not in manifest.skipped_forms
-    if _cpu_runs_bf16():
+    if cpu_runs_bf16():
         assert forms["openvino-bf16"].agreement >= 0.9
     else:
         assert "BF16" in manifest.skipped_forms["openvino-bf16"]
