@@ -86,7 +86,8 @@ bench: install
 	$(BIN)/python bench/classify.py
 
 # The fault suite: real redis-server (append-only file on), workers and server killed,
-# overload, retention; zero items lost or duplicated. 3 to 5 minutes on 2 cores; not in `test`.
+# overload, retention; zero items lost or duplicated. 3 to 5 minutes on 2 cores; not in `test`:
+# .ci/run runs it, and `scenarios`, after `test`.
 faults: install
 	$(BIN)/python bench/faults.py
 
