@@ -19,9 +19,8 @@ import pytest
 import torch
 
 from perito_core.imaging import InputSpec, load_model_input
-from perito_core.models.engines import ENGINE_NAMES as ENGINES
-from perito_core.models.engines.base import BuildContext as _Build
-from perito_core.models.engines.base import BuiltForms
+from perito_core.models.engines import ENGINE_NAMES
+from perito_core.models.engines.base import BuildContext, BuiltForms
 from perito_core.models.gate import build_forms, gate_reason
 from perito_core.models.manifest import sha256_file
 from perito_core.models.registry import ModelRegistry
@@ -261,11 +260,11 @@ def test_every_architecture_compiles_and_matches_the_reference_on_photos(
         calibration=_calibration(spec, per_image=3),
         holdout=holdout,
         precisions=("fp32", "int8"),
-        engines=ENGINES,
+        engines=ENGINE_NAMES,
         min_agreement=0.0,
     )
     forms = {form.name: form for form, _ in built.forms}
-    expected = {f"{engine}-{p}" for engine in ENGINES for p in ("fp32", "int8")}
+    expected = {f"{engine}-{p}" for engine in ENGINE_NAMES for p in ("fp32", "int8")}
     assert set(forms) == expected, built.skipped
     registry = ModelRegistry.open(str(tmp_path / "registry"), cache_dir=tmp_path / "cache")
     manifest = registry.publish(
@@ -402,12 +401,14 @@ def test_a_form_built_with_labels_serves_its_own_temperature_and_threshold(
     rng = np.random.default_rng(1)
     images = rng.integers(0, 256, (48, spec.height, spec.width, 3), dtype=np.uint8)
     registry = ModelRegistry.open(str(tmp_path / "registry"), cache_dir=tmp_path / "cache")
-    from perito_core.models.engines.torchscript import TorchScriptModel as LoadedModel
+    from perito_core.models.engines.torchscript import TorchScriptModel
 
     plain = registry.publish(
         "ref", tiny_model_file, labels=["a", "b", "c"], input=TINY_INPUT, confidence_threshold=0.5
     )
-    torchscript = LoadedModel.load(registry.fetch("ref", plain.version).path, plain, device="cpu")
+    torchscript = TorchScriptModel.load(
+        registry.fetch("ref", plain.version).path, plain, device="cpu"
+    )
     predicted = torchscript.predict(images).argmax(1)
     # Labels that mostly agree with the model: a finite, fitted temperature.
     targets = np.where(rng.random(48) < 0.75, predicted, rng.integers(0, 3, 48))
@@ -472,16 +473,16 @@ def test_int8_refused_by_the_gate_is_quantized_again_with_accuracy_control(
     """Plain INT8 first; when the gate refuses it, NNCF's accuracy control (real) builds
     another, which faces the gate again and says how it was made."""
     _needs_engine()
-    from perito_core.models import gate as forms_compile
+    from perito_core.models import gate
 
     verdicts: list[str | None] = []
 
-    def gate(*args: object, **kwargs: object) -> str | None:
+    def verdict(*args: object, **kwargs: object) -> str | None:
         # Candidates are judged in order: fp32, plain int8 (refused here), controlled int8.
         verdicts.append("refused for the test" if len(verdicts) == 1 else None)
         return verdicts[-1]
 
-    monkeypatch.setattr(forms_compile, "gate_reason", gate)
+    monkeypatch.setattr(gate, "gate_reason", verdict)
     built = build_tiny_forms(
         tiny_model_file, tmp_path / "forms", precisions=("fp32", "int8"), engines=("openvino",)
     )
@@ -519,7 +520,7 @@ def test_bf16_shares_the_fp32_ir_folder_and_each_form_is_published_whole(
     # FP32 and INT8 refused, BF16 kept: the shared folder stays, the refused one goes.
     kept = BuiltForms(forms=[(bf16, folder)])
     module = None  # removing folders reads no module
-    _Build(
+    BuildContext(
         module, TINY_INPUT, out, ("bf16",), np.empty(0), kept, [], [folder, refused]
     ).remove_unkept()
     assert (folder / "model.xml").is_file() and not refused.exists()
