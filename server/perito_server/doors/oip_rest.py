@@ -54,21 +54,26 @@ HEADER_LENGTH = "inference-header-content-length"
 TAG = "Open Inference Protocol"
 STRING = {"type": "string"}
 ANY_OBJECT = {"type": "object", "additionalProperties": True}
-TENSOR_METADATA = {
-    "type": "object",
-    "required": ["name", "datatype", "shape"],
-    "properties": {
-        "name": STRING,
-        "datatype": STRING,
-        "shape": {"type": "array", "items": {"type": "integer"}},
-    },
-}
-READY_BODY = Named("Ready", {"type": "object", "properties": {"ready": {"type": "boolean"}}})
+
+
+def _object(*required: str, **properties: Any) -> dict[str, Any]:
+    """A JSON Schema object of `properties`, the `required` ones named."""
+    schema: dict[str, Any] = {"type": "object", "properties": properties}
+    if required:
+        schema["required"] = list(required)
+    return schema
+
+
+def _array(items: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "array", "items": items}
+
+
+TENSOR_METADATA = _object(
+    "name", "datatype", "shape", name=STRING, datatype=STRING, shape=_array({"type": "integer"})
+)
+READY_BODY = Named("Ready", _object(ready={"type": "boolean"}))
 LIVE = Operation(
-    "oipLive",
-    "OIP: the server is alive",
-    TAG,
-    Named("Live", {"type": "object", "properties": {"live": {"type": "boolean"}}}),
+    "oipLive", "OIP: the server is alive", TAG, Named("Live", _object(live={"type": "boolean"}))
 )
 READY = Operation(
     "oipReady",
@@ -81,17 +86,7 @@ SERVER_METADATA = Operation(
     "oipServerMetadata",
     "OIP: server name, version and extensions",
     TAG,
-    Named(
-        "ServerMetadata",
-        {
-            "type": "object",
-            "properties": {
-                "name": STRING,
-                "version": STRING,
-                "extensions": {"type": "array", "items": STRING},
-            },
-        },
-    ),
+    Named("ServerMetadata", _object(name=STRING, version=STRING, extensions=_array(STRING))),
     "401 403 429",
 )
 MODEL_METADATA = Operation(
@@ -100,16 +95,13 @@ MODEL_METADATA = Operation(
     TAG,
     Named(
         "ModelMetadata",
-        {
-            "type": "object",
-            "properties": {
-                "name": STRING,
-                "versions": {"type": "array", "items": STRING},
-                "platform": STRING,
-                "inputs": {"type": "array", "items": TENSOR_METADATA},
-                "outputs": {"type": "array", "items": TENSOR_METADATA},
-            },
-        },
+        _object(
+            name=STRING,
+            versions=_array(STRING),
+            platform=STRING,
+            inputs=_array(TENSOR_METADATA),
+            outputs=_array(TENSOR_METADATA),
+        ),
     ),
     "400 401 403 404 429 503",
 )
@@ -122,10 +114,7 @@ MODEL_READY = Operation(
     answers={
         "400": (
             "Not ready (no such version), or a malformed name.",
-            Named(
-                "NotReady",
-                {"anyOf": [READY_BODY.schema, OIP_ERROR.schema]},
-            ),
+            Named("NotReady", {"anyOf": [READY_BODY.schema, OIP_ERROR.schema]}),
         )
     },
 )
@@ -135,48 +124,34 @@ MODEL_INFER = Operation(
     TAG,
     Named(
         "InferenceResponse",
-        {
-            "type": "object",
-            "properties": {
-                "model_name": STRING,
-                "model_version": STRING,
-                "id": STRING,
-                "outputs": {"type": "array", "items": {"type": "object"}},
-            },
-        },
+        _object(
+            model_name=STRING,
+            model_version=STRING,
+            id=STRING,
+            outputs=_array({"type": "object"}),
+        ),
     ),
     "400 401 403 404 413 429 503 504",
     body=Named(
         "InferenceRequest",
-        {
-            "type": "object",
-            "required": ["inputs"],
-            "properties": {
-                "id": STRING,
-                "parameters": ANY_OBJECT,
-                "inputs": {
-                    "type": "array",
-                    "items": {
-                        "type": "object",
-                        "required": ["name", "datatype", "shape"],
-                        "properties": {
-                            "name": STRING,
-                            "datatype": {"type": "string", "enum": ["BYTES", "UINT8"]},
-                            "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
-                            "parameters": ANY_OBJECT,
-                            "data": {"type": "array", "items": {}},
-                        },
-                    },
-                },
-                "outputs": {
-                    "type": "array",
-                    "items": {
-                        "type": "object",
-                        "properties": {"name": STRING, "parameters": ANY_OBJECT},
-                    },
-                },
-            },
-        },
+        _object(
+            "inputs",
+            id=STRING,
+            parameters=ANY_OBJECT,
+            inputs=_array(
+                _object(
+                    "name",
+                    "datatype",
+                    "shape",
+                    name=STRING,
+                    datatype={"type": "string", "enum": ["BYTES", "UINT8"]},
+                    shape=_array({"type": "integer", "minimum": 0}),
+                    parameters=ANY_OBJECT,
+                    data=_array({}),
+                )
+            ),
+            outputs=_array(_object(name=STRING, parameters=ANY_OBJECT)),
+        ),
     ),
     description="One input: `images` BYTES [N] or [N,1] (base64 strings in JSON, or binary "
     "with `binary_data_size` and the Inference-Header-Content-Length header), or `pixels` "
