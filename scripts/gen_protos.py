@@ -50,9 +50,9 @@ def generate_oip(out_dir: Path = OIP_OUT) -> list[Path]:
     """Generate the OIP messages (`grpc_service_pb2.py` / `.pyi`) into `out_dir`.
 
     Messages only: the server registers its handlers itself
-    (`perito_server.doors.oip_grpc`), so no generated module imports another and the files can live inside the server package. They
-    are for the server alone (the SDK ships no `inference` package), and live in a descriptor
-    pool of their own (`_private_pool`).
+    (`perito_server.doors.oip_grpc`), so no generated module imports another and the files can
+    live inside the server package. They are for the server alone (the SDK ships no `inference`
+    package), and live in a descriptor pool of their own (`_private_pool`).
     """
     from grpc_tools import protoc
 

@@ -48,8 +48,8 @@ class CommonSettings(BaseSettings):
     # A complete job whose results files cannot be written for this long ends FAILED.
     finalize_timeout_s: float = Field(600.0, ge=0)
     device: str = "auto"
-    # Which form of a model version serves (perito_core.models.selection): `auto` times each verified
-    # compiled form this CPU can run at load and keeps the fastest; `fp32`, `bf16`, `int8`
+    # Which form of a model version serves (perito_core.models.selection): `auto` times each
+    # verified compiled form this CPU can run at load and keeps the fastest; `fp32`, `bf16`, `int8`
     # ask for that precision; `torchscript` for the reference. TorchScript answers whenever
     # no compiled form loads, with the reason logged.
     precision: PrecisionChoice = "auto"
