@@ -116,12 +116,20 @@ def _stat(pid: str) -> tuple[str, int, int]:
     return state, int(ppid), int(pgid)
 
 
+# `flags` of /proc/PID/stat: the kernel sets PF_EXITING (include/linux/sched.h) as a process
+# starts to exit, before it is a zombie, while its memory is torn down and unreadable.
+PF_EXITING = 0x4
+
+
 def _running(pid: int) -> bool:
-    """Whether process `pid` exists and has not exited (a killed one not yet reaped has)."""
+    """Whether process `pid` exists and is not exiting: a killed one is not, from the moment
+    its exit starts (PF_EXITING) until it is reaped, through its zombie state."""
     try:
-        return _stat(str(pid))[0] not in "ZX"
+        stat = Path(f"/proc/{pid}/stat").read_text()
     except FileNotFoundError:
         return False
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return fields[0] not in "ZX" and not int(fields[6]) & PF_EXITING
 
 
 def _group_memory_mb(groups: set[int]) -> dict[int, tuple[float, float]]:
@@ -144,7 +152,7 @@ def _group_memory_mb(groups: set[int]) -> dict[int, tuple[float, float]]:
                 line.split(":", 1)
                 for line in Path(f"/proc/{entry.name}/smaps_rollup").read_text().splitlines()[1:]
             )
-            if "Rss" not in fields and _stat(entry.name)[0] in "ZX":
+            if "Rss" not in fields and not _running(int(entry.name)):
                 continue  # it exited while read: its memory was gone
             rss, pss = (int(fields[k].split()[0]) / 1024 for k in ("Rss", "Pss"))
         except (FileNotFoundError, ProcessLookupError):  # it exited between list and read

@@ -4,11 +4,15 @@ counter past the items settled, and a memory sample that cannot be taken are eac
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from bench.faults import Sampler, _group_memory_mb, duplicates_in_results
+from bench.faults import Sampler, _group_memory_mb, _running, duplicates_in_results
 
 
 def _rows(*indices: int, state: str = "succeeded") -> list[dict[str, Any]]:
@@ -75,3 +79,21 @@ def test_this_process_group_s_memory_is_read_from_proc() -> None:
     group = os.getpgid(0)
     rss, pss = _group_memory_mb({group})[group]
     assert rss > 10 and 0 < pss <= rss
+
+
+def test_a_killed_process_stops_counting_as_running_before_it_is_reaped() -> None:
+    """The sampler asks whether a process whose memory it could not read still runs: a killed
+    one does not, from its exit on, though nobody has reaped it yet."""
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        assert _running(child.pid)
+        os.kill(child.pid, signal.SIGKILL)
+        stat = Path(f"/proc/{child.pid}/stat")
+        deadline = time.monotonic() + 5
+        while " Z " not in stat.read_text() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not _running(child.pid)  # a zombie: exited, not reaped
+    finally:
+        child.kill()
+        child.wait()
+    assert not _running(child.pid)  # reaped: no such process
