@@ -7,7 +7,7 @@ flags and `PERITO_*` environment variables, never read at import.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, TextIO
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -92,13 +92,13 @@ class CommonSettings(BaseSettings):
         token = self.token.get_secret_value() if self.token else None
         return acting_tenant(self.open_tenants(), token, role, what, model)
 
-    def open_audit(self, stream: TextIO | None = None) -> AuditLog:
-        """The audit log in the job store's Redis, kept for `audit_retention_s`; its JSON
-        lines go to `stream` (default stdout)."""
+    def open_audit(self) -> AuditLog:
+        """The audit log in the job store's Redis, kept for `audit_retention_s` (read by
+        `perito audit`, written by one-shot commands through `audit.record_command`)."""
         import redis
 
         client = redis.Redis.from_url(self.redis_url, socket_connect_timeout=2, socket_timeout=10)
-        return AuditLog(client, self.audit_retention_s, stream)
+        return AuditLog(client, self.audit_retention_s)
 
     # How long audit records are kept in Redis (the server uses its job retention).
     audit_retention_s: float = Field(7 * 86400, gt=0)

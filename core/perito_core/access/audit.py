@@ -190,15 +190,16 @@ def record_command(
     entry = AuditRecord.now(
         tenant=tenant, method=method, resource=resource, outcome=outcome, detail=detail
     )
-    client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=10)
+    audit = settings.open_audit()
     try:
-        AuditLog(client, settings.audit_retention_s).store(entry)
+        audit.store(entry)
     except redis.RedisError as exc:
         if "redis_url" not in settings.model_fields_set:
             return None
         return f"note: the audit log (PERITO_REDIS_URL) did not get a record of this change: {exc}"
     finally:
-        client.close()
+        assert audit.redis is not None
+        audit.redis.close()
     return None
 
 
