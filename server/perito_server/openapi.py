@@ -315,6 +315,7 @@ def openapi_document(routes: Iterable[BaseRoute], version: str) -> dict[str, Any
     components = _Components()
     paths: dict[str, dict[str, Any]] = {}
     ids: set[str] = set()
+    secured = False
     for route in routes:
         if not isinstance(route, OperationRoute):
             where = getattr(route, "path", repr(route))
@@ -329,10 +330,27 @@ def openapi_document(routes: Iterable[BaseRoute], version: str) -> dict[str, Any
                 f"{route.path}: path parameters {sorted(route.param_convertors)}, "
                 f"documented {declared}"
             )
-        methods = paths.setdefault(route.path, {})
+        # What the route's convertor matches (one segment, no `:`): the path's own rule.
+        operation = dataclasses.replace(
+            operation,
+            parameters=tuple(
+                p
+                if p.where != "path"
+                else dataclasses.replace(
+                    p,
+                    schema={**p.schema, "pattern": f"^{route.param_convertors[p.name].regex}$"},
+                )
+                for p in operation.parameters
+            ),
+        )
+        secured = secured or not operation.open
+        methods = paths.setdefault(route.path_format, {})
         if route.method.lower() in methods:
-            raise ValueError(f"two operations for {route.method} {route.path}")
+            raise ValueError(f"two operations for {route.method} {route.path_format}")
         methods[route.method.lower()] = _operation(operation, components)
+    # Without tenants every operation is open: no bearer token is asked for anywhere.
+    security: dict[str, Any] = {"security": [{"bearer": []}]} if secured else {}
+    schemes = {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}}
     return {
         "openapi": "3.0.3",
         "info": {
@@ -343,10 +361,7 @@ def openapi_document(routes: Iterable[BaseRoute], version: str) -> dict[str, Any
             "The JSON API's bodies are perito.v1 messages in the protobuf JSON mapping "
             "(docs/api.md describes each field).",
         },
-        "security": [{"bearer": []}],
+        **security,
         "paths": paths,
-        "components": {
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-            "schemas": components.schemas,
-        },
+        "components": {**(schemes if secured else {}), "schemas": components.schemas},
     }

@@ -3,6 +3,7 @@ schemas are the perito.v1 messages' fields, and what the door writes fits them."
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from typing import Any, cast
 
@@ -30,8 +31,10 @@ from perito_server.inference import InferenceService
 NO_SERVICE = cast(InferenceService, None)
 
 
-def _doors() -> list[list[Any]]:
-    edge = HttpEdge(TenantInterceptor(Tenants()), None, 1 << 20)
+def _doors(tenants: Tenants | None = None) -> list[list[Any]]:
+    """The doors' routes on a server with `tenants` (None: a token, so calls need one)."""
+    tenants = Tenants(tokens=["t0ken"]) if tenants is None else tenants
+    edge = HttpEdge(TenantInterceptor(tenants), None, 1 << 20)
     return [OipRest(NO_SERVICE, edge).routes(), JsonApi(NO_SERVICE, edge).routes()]
 
 
@@ -50,9 +53,9 @@ def document(app: Starlette) -> dict[str, Any]:
 def _route_operations(app: Starlette) -> Iterator[tuple[str, str]]:
     for route in app.routes:
         assert isinstance(route, Route)
-        for method in sorted(route.methods or ()):
+        for method in sorted(route.methods or ()):  # None: a path's other methods (405)
             if method != "HEAD":  # Starlette answers HEAD wherever GET is
-                yield route.path, method.lower()
+                yield route.path_format, method.lower()
 
 
 def test_every_route_of_the_app_is_in_the_document_and_nothing_else(
@@ -75,6 +78,58 @@ def test_a_route_made_without_its_operation_fails_the_app() -> None:
 
     with pytest.raises(TypeError, match="/v1/extra has no OpenAPI operation"):
         http_app(*_doors(), [Route("/v1/extra", extra, methods=["GET"])])
+
+
+def test_the_bearer_token_is_asked_for_only_where_the_server_has_tenants(
+    document: dict[str, Any],
+) -> None:
+    assert document["security"] == [{"bearer": []}]
+    classify = document["paths"]["/v1/models/{model}:classify"]["post"]
+    assert "security" not in classify and "401" in classify["responses"]
+    assert document["paths"]["/v2/health/live"]["get"]["security"] == []
+
+    anonymous = TestClient(http_app(*_doors(Tenants()))).get("/openapi.json").json()
+    assert "security" not in anonymous and "securitySchemes" not in anonymous["components"]
+    for item in anonymous["paths"].values():
+        for operation in item.values():
+            assert operation["security"] == [] and "401" not in operation["responses"]
+
+
+@pytest.mark.parametrize(
+    ("path", "allow"),
+    [
+        ("/v1/jobs", "GET, HEAD, OPTIONS, POST"),
+        ("/v1/jobs/j1:cancel", "OPTIONS, POST"),
+        ("/v1/jobs/j1", "GET, HEAD, OPTIONS"),
+        ("/v1/models/m:classify", "OPTIONS, POST"),
+        ("/v2/models/m/versions/1/infer", "OPTIONS, POST"),
+    ],
+)
+def test_each_path_allows_exactly_its_documented_methods(
+    app: Starlette, document: dict[str, Any], path: str, allow: str
+) -> None:
+    client = TestClient(app)
+    options = client.options(path)
+    assert options.status_code == 204 and options.headers["allow"] == allow
+    documented = next(item for template, item in document["paths"].items() if _fits(template, path))
+    assert {m.upper() for m in documented} == set(allow.split(", ")) - {"HEAD", "OPTIONS"}
+    for method in ("GET", "POST", "PUT", "DELETE", "PATCH"):
+        if method not in allow:  # before any token is asked for
+            refused = client.request(method, path)
+            assert refused.status_code == 405 and refused.headers["allow"] == allow
+            assert "is not served here" in str(refused.json()["error"])
+
+
+def _fits(template: str, path: str) -> bool:
+    pattern = re.sub(r"{\w+}", "[^/:]+", template)
+    return re.fullmatch(pattern, path) is not None
+
+
+def test_an_unknown_path_and_a_colon_in_a_parameter_are_404_json(app: Starlette) -> None:
+    client = TestClient(app)
+    for path in ("/v1/nothing", "/v1/jobs/a:b", "/v1/models/m:frobnicate"):
+        missing = client.get(path)
+        assert missing.status_code == 404 and missing.json()["error"]["status"] == "NOT_FOUND"
 
 
 def test_path_parameters_are_those_of_the_path(document: dict[str, Any]) -> None:

@@ -18,18 +18,22 @@ and no security for open routes.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.convertors import StringConvertor, register_url_convertor
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import BaseRoute
+from starlette.routing import BaseRoute, Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from perito_core.access.tenancy import Tenant
-from perito_core.errors import ErrorCode, InvalidArgument, PeritoError
+from perito_core.errors import ErrorCode, InvalidArgument, NotFound, PeritoError
 from perito_core.logs import REQUEST_ID
 from perito_server.auth import TenantInterceptor
 from perito_server.errors import as_perito_error, request_id, to_http
@@ -91,6 +95,29 @@ OIP_ERROR = Named(
 
 class BodyTooLarge(PeritoError, code=ErrorCode.RESOURCE_EXHAUSTED, reason="REQUEST_TOO_LARGE"):
     """A request body over the server's bound (answered 413)."""
+
+
+class MethodNotAllowed(PeritoError, code=ErrorCode.INVALID_ARGUMENT, reason="METHOD_NOT_ALLOWED"):
+    """A method the path does not serve (answered 405, with `Allow` naming those it does)."""
+
+
+# The HTTP status of the edge's own refusals, where it is not their gRPC code's.
+EDGE_STATUS: dict[type[PeritoError], int] = {
+    BodyTooLarge: 413,
+    MethodNotAllowed: 405,
+}
+
+
+class SegmentConvertor(StringConvertor):
+    """A path parameter (`{model}`, `{job}`): one segment without `:`, which begins a custom
+    method (`/v1/jobs/{job}:cancel`, Google AIP-136), so `GET /v1/jobs/x:cancel` is that
+    path's wrong method (405), not the job `x:cancel`."""
+
+    regex = "[^/:]+"
+
+
+register_url_convertor("segment", SegmentConvertor())
+_PARAMETER = re.compile(r"{(\w+)}")
 
 
 class HttpEdge:
@@ -157,16 +184,20 @@ class HttpEdge:
     ) -> OperationRoute:
         """The route for `verb path`: `handler` behind `door(method, handler, model=model,
         oip=oip)`, documented by `operation` with what the edge adds (the path's `{model}`
-        and `{version}` with `model`, the error body, no security without `method`)."""
+        and `{version}` with `model`, the error body, no security without `method` or on a
+        server without tenants, where no call is refused 401). Each `{parameter}` of `path`
+        is one segment without `:` (`SegmentConvertor`)."""
         edge_parameters = (MODEL, VERSION) if "{version}" in path else (MODEL,)
+        open_ = method is None or not self.authorizer.tenants.requires_auth
         documented = replace(
             operation,
             parameters=(*(edge_parameters if model else ()), *operation.parameters),
-            open=method is None,
+            errors=" ".join(s for s in operation.errors.split() if not (open_ and s == "401")),
+            open=open_,
             error=OIP_ERROR if oip else ERROR,
         )
         endpoint = self.door(method, handler, model=model, oip=oip)
-        return OperationRoute(path, endpoint, verb, documented)
+        return OperationRoute(_PARAMETER.sub(r"{\1:segment}", path), endpoint, verb, documented)
 
     async def body(self, request: Request) -> bytes:
         """The body, refused (413) once it grows past `max_body_bytes`, while streaming.
@@ -203,8 +234,8 @@ class HttpEdge:
 def error_response(error: PeritoError, oip: bool) -> Response:
     """`error` as a JSON response: AIP-193's body, or for OIP the protocol's with it beside."""
     status, body, headers = to_http(error)
-    if isinstance(error, BodyTooLarge):
-        status = 413
+    if type(error) in EDGE_STATUS:
+        status = EDGE_STATUS[type(error)]
         body["error"]["code"] = status
     if oip:  # the protocol's {"error": "<message>"}, the AIP-193 fields beside it
         body = {**body["error"], "error": body["error"]["message"]}
@@ -231,9 +262,52 @@ DOCUMENT = Operation(
 )
 
 
+def _other_methods(path: str, methods: set[str]) -> Route:
+    """The route that answers every method of `path` its operations do not: `OPTIONS` 204
+    and any other 405, each with `Allow` naming the methods `path` serves (with `HEAD`
+    where it serves `GET`, and `OPTIONS`)."""
+    served = methods | {"OPTIONS"} | ({"HEAD"} if "GET" in methods else set())
+    allow = ", ".join(sorted(served))
+    oip = path.startswith("/v2")
+
+    async def other(scope: Scope, receive: Receive, send: Send) -> None:
+        method = scope["method"]
+        if method == "OPTIONS":
+            response = Response(status_code=204, headers={"Allow": allow})
+        else:
+            refusal = MethodNotAllowed(f"{method[:16]} is not served here; Allow: {allow}")
+            response = error_response(refusal, oip)
+            response.headers["Allow"] = allow
+        await response(scope, receive, send)
+
+    # An ASGI app, not a handler: Starlette then matches it for every method (a handler's
+    # route takes GET alone), those the routes before it take never reaching it.
+    return Route(path, _Asgi(other))
+
+
+class _Asgi:
+    """An ASGI callable that is not a function (Starlette routes those to every method)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(scope, receive, send)
+
+
+async def _not_found(request: Request, exc: Exception) -> Response:
+    """No route's path matches: NOT_FOUND as JSON, like every other refusal."""
+    if not isinstance(exc, HTTPException) or exc.status_code != 404:
+        raise exc
+    error = NotFound(f"no resource at {request.url.path[:200]!r}")
+    return error_response(error, request.url.path.startswith("/v2"))
+
+
 def http_app(*doors: list[BaseRoute]) -> Starlette:
     """One Starlette app serving the routes of `doors` and `GET /openapi.json`, which
-    describes them (built here, once).
+    describes them (built here, once). Each path answers `OPTIONS` and refuses a method it
+    does not serve with 405, both naming in `Allow` the methods it serves; an unknown path
+    is 404 NOT_FOUND as JSON.
 
     Raises:
         TypeError: a route not made by `HttpEdge.route` (no OpenAPI operation).
@@ -248,4 +322,9 @@ def http_app(*doors: list[BaseRoute]) -> Starlette:
     for door_routes in doors:
         routes.extend(door_routes)
     document.update(openapi_document(routes, server_version()))
-    return Starlette(routes=routes)
+    methods: dict[str, set[str]] = {}
+    for route in routes:
+        assert isinstance(route, OperationRoute)  # openapi_document refused any other
+        methods.setdefault(route.path, set()).add(route.method)
+    routes.extend(_other_methods(path, served) for path, served in methods.items())
+    return Starlette(routes=routes, exception_handlers={404: _not_found})
