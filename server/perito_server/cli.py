@@ -192,8 +192,9 @@ def import_model(
 
     A TorchScript module must take a uint8 RGB batch (N, 3, H, W) and return probabilities
     (N, classes), normalising inside. An ONNX file (.onnx) is served by ONNX Runtime with the
-    input contract given by --layout, --scale and the other ONNX options. Either is loaded and
-    run once before anything is written.
+    input contract given by --layout, --scale and the other ONNX options; a graph with several
+    outputs serves the one --output-name names (refused without it), recorded in the version's
+    card. Either is loaded and run once before anything is written.
 
     \b
     Example:
@@ -202,6 +203,8 @@ def import_model(
           --forms fp32,int8 --calibration ~/photos/sample
       perito models import waste.onnx --name waste --labels labels.txt \\
           --input-size 224 --resize-mode squash --layout NHWC --scale 1/255 --output sigmoid
+      perito models import parts.onnx --name parts --labels labels.txt \\
+          --layout NCHW --scale 1/255 --output-name probabilities
     """
     onnx = is_onnx(model_file)
     if onnx and forms:
@@ -228,7 +231,7 @@ def import_model(
         )
         tensor = tensor_contract(model_file, contract_flags)
         if tensor is not None:
-            check_onnx_loads(model_file, name, labels, contract, tensor)
+            tensor = check_onnx_loads(model_file, name, labels, contract, tensor)
         else:
             _check_loads(model_file, name, labels, contract)
         # The forms are built in a scratch folder, removed whether or not publishing succeeds.

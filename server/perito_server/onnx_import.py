@@ -1,11 +1,12 @@
 """The ONNX half of `perito models import`: the tensor-contract flags and their checks.
 
 An ONNX file (`.onnx`) is imported with the contract its graph was trained with: layout,
-dtype, scale, mean / std, channel order and output kind (`perito_core.models.manifest.
-TensorContract`). The file is opened by ONNX Runtime and run against a draft manifest before
-anything is written, so a contract that contradicts the graph (an NCHW declaration for an NHWC
-input, another input size, another dtype, an output that cannot be the declared kind) is
-refused with the field named.
+dtype, scale, mean / std, channel order, output kind and the output that serves
+(`perito_core.models.manifest.TensorContract`). The file is opened by ONNX Runtime and run
+against a draft manifest before anything is written, so a contract that contradicts the graph
+(an NCHW declaration for an NHWC input, another input size, another dtype, an output that
+cannot be the declared kind, a graph of several outputs with none named by `--output-name`,
+a name that is not an output) is refused with the field named.
 """
 
 from __future__ import annotations
@@ -74,6 +75,10 @@ def _lower(text: str, flag: str) -> str:
     return text.lower()
 
 
+def _as_given(text: str, flag: str) -> str:
+    return text
+
+
 # The flags by parameter name, which is the `TensorContract` field each gives, in the order
 # `--help` lists them.
 CONTRACT_FLAGS = {
@@ -117,6 +122,12 @@ CONTRACT_FLAGS = {
         "served); or sigmoid, one unit for two labels, served as [1-p, p].",
         _lower,
         ("probabilities", "logits", "sigmoid"),
+    ),
+    "output_name": _Flag(
+        "--output-name",
+        "ONNX: the graph output that gives the class scores, by name (required for a graph "
+        "with several outputs, e.g. probabilities for a converter's [label, probabilities]).",
+        _as_given,
     ),
 }
 
@@ -171,15 +182,21 @@ def tensor_contract(model_file: Path, flags: dict[str, Any]) -> TensorContract |
 
 def check_onnx_loads(
     model_file: Path, name: str, labels: list[str], contract: InputContract, tensor: TensorContract
-) -> None:
+) -> TensorContract:
     """Open and run the ONNX file against a draft manifest, so a bad one is never published.
 
     The file is opened alone in an empty folder, as serving will open `model.onnx` from the
     registry's cache: a graph whose weights live in files beside it (external data) is refused
     here rather than when it would serve.
 
+    Returns:
+        The contract to publish: `tensor` with `output_name` set to the output that serves
+        (the named one, or the graph's only output), so the version records it.
+
     Raises:
-        ModelLoadError: the file is not ONNX, or contradicts the contract (naming the field).
+        ModelLoadError: the file is not ONNX, or contradicts the contract (naming the field);
+            a graph of several outputs without `tensor.output_name`, or a name that is not
+            one of its outputs (listing them with their dtypes and shapes).
         pydantic.ValidationError: a manifest the contract makes invalid (a sigmoid output for
             other than two labels).
     """
@@ -203,4 +220,5 @@ def check_onnx_loads(
     with tempfile.TemporaryDirectory(prefix="perito-onnx-import-") as folder:
         alone = Path(folder) / "model.onnx"
         shutil.copyfile(model_file, alone)
-        OnnxModel.open(alone, draft)
+        model = OnnxModel.open(alone, draft, require_output_name=True)
+    return tensor.model_copy(update={"output_name": model.output_name})

@@ -116,6 +116,13 @@ class TensorContract(BaseModel):
     `output`: `probabilities` (N, classes) summing to 1; `logits` (N, classes), softmaxed by
     the runtime; `sigmoid`, one unit (N, 1) giving the second label's probability p, served as
     `[1 - p, p]` for exactly two labels.
+
+    `output_name`: the graph output that gives those scores, by its name in the graph; it is
+    the only output ONNX Runtime is asked for. A graph with several outputs (an auxiliary head,
+    or a converter's `[label, probabilities]`) is imported only with it named
+    (`perito models import --output-name`); an import records it for a one-output graph too.
+    None, in a manifest written before it was recorded: the graph's only output (the first,
+    with a warning, for a graph that has several).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -127,6 +134,7 @@ class TensorContract(BaseModel):
     std: tuple[float, float, float] = (1.0, 1.0, 1.0)
     channel_order: ChannelOrder = "RGB"
     output: OutputKind = "probabilities"
+    output_name: str | None = Field(default=None, min_length=1, max_length=256)
 
     @field_validator("std")
     @classmethod

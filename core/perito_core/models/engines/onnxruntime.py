@@ -10,8 +10,10 @@ one sigmoid unit). The image itself is prepared by the one shared function
 (`perito_core.imaging.load_model_input`: decode, orientation, colour, resize), exactly as for
 TorchScript; only the step from those uint8 RGB pixels to the graph's input tensor is driven by
 the contract (`tensor_from_images`), and the graph's output is turned into class probabilities
-by `probabilities_from_output`. `perito_core.models.selection.load_model` opens `OnnxModel`
-when the manifest's artifact is ONNX, after the registry has verified `model.onnx`'s sha256.
+by `probabilities_from_output`. Of a graph's outputs, only the one the contract names
+(`TensorContract.output_name`, `served_output`) is asked for and read.
+`perito_core.models.selection.load_model` opens `OnnxModel` when the manifest's artifact is
+ONNX, after the registry has verified `model.onnx`'s sha256.
 
 Compiled forms. `model.pt`'s fixed-size forward pass is exported to ONNX (TorchScript-based
 exporter, opset 17; uint8 N x 3 x H x W in, probabilities out, a dynamic batch) as FP32, and
@@ -28,7 +30,7 @@ import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -55,6 +57,8 @@ ONNX_ENGINE = "onnxruntime"
 COMPILED_FORM_TENSOR = TensorContract(layout="NCHW", dtype="uint8", scale=1.0)
 
 _ONNX_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "uint8": "tensor(uint8)"}
+# Output types that can be class scores (ONNX Runtime's names).
+_SCORE_TYPES = ("tensor(float)", "tensor(float16)", "tensor(double)")
 
 
 @functools.cache
@@ -103,7 +107,7 @@ def tensor_from_images(images: np.ndarray, contract: TensorContract) -> np.ndarr
 
 
 def probabilities_from_output(output: np.ndarray, contract: TensorContract) -> np.ndarray:
-    """Class probabilities from the graph's first output.
+    """Class probabilities from the graph's served output (`served_output`).
 
     Args:
         output: (N, classes) for `probabilities` and `logits`; (N, 1) or (N,) for `sigmoid`.
@@ -149,8 +153,26 @@ def inference_session(path: Path, threads: int | None = None) -> Any:
     )
 
 
-def _dims(shape: Sequence[Any]) -> str:
+def _dims(shape: Sequence[Any] | None) -> str:
+    if shape is None:  # not a tensor (a sequence or a map)
+        return "[]"
     return "[" + ", ".join(str(d) if isinstance(d, int) else str(d or "?") for d in shape) + "]"
+
+
+def _type(onnx_type: str) -> str:
+    """`tensor(float)` as numpy names it, `float32`; a type that is not a tensor as it is."""
+    if not onnx_type.startswith("tensor(") or not onnx_type.endswith(")"):
+        return onnx_type
+    element = onnx_type[len("tensor(") : -1]
+    return {"float": "float32", "double": "float64"}.get(element, element)
+
+
+def describe_outputs(session: Any) -> str:
+    """A graph's outputs as a person reads them: `'label' int64 [batch], 'probabilities'
+    float32 [batch, 3]` (name, dtype, shape; a dynamic dimension by its name or `?`)."""
+    return ", ".join(
+        f"{o.name!r} {_type(str(o.type))} {_dims(o.shape)}" for o in session.get_outputs()
+    )
 
 
 def _describe(manifest: ModelManifest) -> str:
@@ -161,20 +183,80 @@ def _describe(manifest: ModelManifest) -> str:
     return f"{manifest.name}@{manifest.version}: {manifest.artifact.file}"
 
 
-def check_graph(session: Any, manifest: ModelManifest) -> int | None:
-    """Check the graph's input and output against the manifest before anything runs.
+def served_output(session: Any, manifest: ModelManifest, *, require_name: bool = False) -> Any:
+    """The graph output that serves the class scores: the one `tensor.output_name` names, else
+    the graph's only output.
 
     Args:
         session: an `onnxruntime.InferenceSession` on the file.
         manifest: the (draft or stored) manifest with its `tensor` contract.
+        require_name: refuse a graph of several outputs when the contract names none (an
+            import). Otherwise such a graph (a version stored before the name was recorded)
+            serves its first output, as it was imported and checked, with a warning.
 
     Returns:
-        The graph's fixed batch size, or None when the batch dimension is dynamic.
+        The output's `onnxruntime.NodeArg` (`name`, `type`, `shape`).
+
+    Raises:
+        ModelLoadError: the named output is not one of the graph's, or (with `require_name`)
+            the graph has several and none is named; the message lists the graph's outputs
+            with their dtypes and shapes.
+    """
+    contract = manifest.tensor
+    assert contract is not None
+    what = _describe(manifest)
+    outputs = session.get_outputs()
+    if contract.output_name is not None:
+        named = next((o for o in outputs if o.name == contract.output_name), None)
+        if named is None:
+            raise ModelLoadError(
+                f"{what}: output name {contract.output_name!r} is not an output of the graph; "
+                f"its outputs: {describe_outputs(session)}"
+            )
+        return named
+    if len(outputs) > 1:
+        if require_name:
+            raise ModelLoadError(
+                f"{what} has {len(outputs)} outputs: {describe_outputs(session)}; name the one "
+                "that gives the class scores with --output-name"
+            )
+        log.warning(
+            "%s has %d outputs (%s) and its manifest names none (imported before the name was "
+            "recorded): serving the first, %r, as it was imported; import it again with "
+            "--output-name to choose",
+            what,
+            len(outputs),
+            describe_outputs(session),
+            outputs[0].name,
+        )
+    return outputs[0]
+
+
+class GraphCheck(NamedTuple):
+    """What `check_graph` found: the output that serves, and the graph's fixed batch size
+    (None when the batch dimension is dynamic)."""
+
+    output_name: str
+    fixed_batch: int | None
+
+
+def check_graph(session: Any, manifest: ModelManifest, *, require_name: bool = False) -> GraphCheck:
+    """Check the graph's input and served output against the manifest before anything runs.
+
+    Args:
+        session: an `onnxruntime.InferenceSession` on the file.
+        manifest: the (draft or stored) manifest with its `tensor` contract.
+        require_name: as `served_output`: a graph of several outputs needs
+            `tensor.output_name` (at import).
+
+    Returns:
+        The served output's name and the graph's fixed batch size.
 
     Raises:
         ModelLoadError: the graph's input shape or type contradicts the declared layout,
-            input size or dtype, or its output cannot be the declared output kind for the
-            manifest's labels; the message names the field at fault.
+            input size or dtype; the served output is not found (`served_output`), not a float
+            tensor, or cannot be the declared output kind for the manifest's labels; the
+            message names the field at fault.
     """
     contract = manifest.tensor
     assert contract is not None
@@ -218,8 +300,16 @@ def check_graph(session: Any, manifest: ModelManifest) -> int | None:
             f"{what}: dtype {contract.dtype} contradicts input {graph_input.name!r}, which "
             f"is {graph_input.type}"
         )
-    outputs = session.get_outputs()
-    out_shape = list(outputs[0].shape)
+    output = served_output(session, manifest, require_name=require_name)
+    if output.type not in _SCORE_TYPES:
+        others = (
+            f"; its outputs: {describe_outputs(session)}" if len(session.get_outputs()) > 1 else ""
+        )
+        raise ModelLoadError(
+            f"{what}: output {output.name!r} is {_type(str(output.type))} {_dims(output.shape)}, "
+            f"not class scores (a float tensor){others}"
+        )
+    out_shape = list(output.shape)
     classes = len(manifest.labels)
     units = 1 if contract.output == "sigmoid" else classes
     one_unit = contract.output == "sigmoid" and len(out_shape) == 1  # (N,): one unit too
@@ -228,10 +318,10 @@ def check_graph(session: Any, manifest: ModelManifest) -> int | None:
         need = "(N, 1) for one sigmoid unit" if units == 1 else f"(N, {classes}) for the labels"
         raise ModelLoadError(
             f"{what}: output {contract.output} with {classes} labels needs {need}, but output "
-            f"{outputs[0].name!r} has shape {_dims(out_shape)}"
+            f"{output.name!r} has shape {_dims(out_shape)}"
         )
     batch = shape[0]
-    return batch if isinstance(batch, int) and batch > 0 else None
+    return GraphCheck(output.name, batch if isinstance(batch, int) and batch > 0 else None)
 
 
 class OnnxModel(LoadedModel):
@@ -241,14 +331,15 @@ class OnnxModel(LoadedModel):
     preprocessing and returns float32 (N, labels) probabilities; one batch at a time.
     """
 
-    def __init__(self, session: Any, manifest: ModelManifest, fixed_batch: int | None) -> None:
+    def __init__(self, session: Any, manifest: ModelManifest, graph: GraphCheck) -> None:
         assert manifest.tensor is not None
         super().__init__(manifest, torch.device("cpu"), onnx_form_name(manifest.tensor))
         self.contract = manifest.tensor
         self._session = session
         self._input_name: str = session.get_inputs()[0].name
-        self._output_name: str = session.get_outputs()[0].name
-        self._fixed_batch = fixed_batch
+        # The one output asked for and read (`served_output`).
+        self.output_name = graph.output_name
+        self._fixed_batch = graph.fixed_batch
         # A compiled form's re-fitted calibration (`open_form`): softmax(log(p) / temperature).
         self.temperature = 1.0
 
@@ -260,6 +351,7 @@ class OnnxModel(LoadedModel):
         *,
         warmup_batch_sizes: tuple[int, ...] = (1,),
         threads: int | None = None,
+        require_output_name: bool = False,
     ) -> OnnxModel:
         """Open, check and warm an ONNX file that has already been sha256-verified.
 
@@ -269,6 +361,8 @@ class OnnxModel(LoadedModel):
             warmup_batch_sizes: batch sizes run twice each before the model serves.
             threads: ONNX Runtime's intra-op threads (default: torch's thread count, the
                 same budget the TorchScript runtime uses).
+            require_output_name: refuse a graph of several outputs whose contract names none
+                (`served_output`'s `require_name`; an import).
 
         Raises:
             ModelLoadError: ONNX Runtime is not installed, the file is not a loadable ONNX
@@ -292,8 +386,8 @@ class OnnxModel(LoadedModel):
             raise ModelLoadError(
                 f"{_describe(manifest)}: not a loadable ONNX file: {first}"
             ) from None
-        fixed_batch = check_graph(session, manifest)
-        model = cls(session, manifest, fixed_batch)
+        graph = check_graph(session, manifest, require_name=require_output_name)
+        model = cls(session, manifest, graph)
         try:
             output = model._forward(model._random_batch(2))
         except Exception as exc:  # noqa: BLE001 - a graph that fails on a valid batch
@@ -332,13 +426,14 @@ class OnnxModel(LoadedModel):
         super()._check_output(output, batch_size)
 
     def run_graph(self, tensor: np.ndarray) -> np.ndarray:
-        """The graph's first output for an input tensor already laid out by the contract.
+        """The served output (`output_name`), the only one asked of ONNX Runtime, for an input
+        tensor already laid out by the contract.
 
         A graph with a fixed batch size runs in slices of that size (the last one padded).
         """
         fixed = self._fixed_batch
         if fixed is None or len(tensor) == fixed:
-            return np.asarray(self._session.run([self._output_name], {self._input_name: tensor})[0])
+            return np.asarray(self._session.run([self.output_name], {self._input_name: tensor})[0])
         outputs = []
         for start in range(0, len(tensor), fixed):
             part = tensor[start : start + fixed]
@@ -346,7 +441,7 @@ class OnnxModel(LoadedModel):
             if real < fixed:
                 pad = np.zeros((fixed - real, *part.shape[1:]), dtype=part.dtype)
                 part = np.concatenate([part, pad])
-            result = self._session.run([self._output_name], {self._input_name: part})[0]
+            result = self._session.run([self.output_name], {self._input_name: part})[0]
             outputs.append(np.asarray(result)[:real])
         return np.concatenate(outputs)
 
@@ -451,13 +546,16 @@ def export_onnx(
     path: Path,
     *,
     input_name: str = "input",
-    output_name: str = "output",
+    output_name: str | Sequence[str] = "output",
     dynamic_batch: bool = True,
 ) -> Path:
     """`network` (a module or a scripted one) as an ONNX graph at `path`: one input and one
-    output, named, the batch dimension dynamic unless `dynamic_batch` is False, opset 17. By
-    the TorchScript-based exporter (`dynamo=False`: no onnxscript needed, and it takes
-    scripted modules, which the dynamo exporter does not)."""
+    output, named (or one name per output of a network that returns a tuple), the batch
+    dimension dynamic unless `dynamic_batch` is False, opset 17. By the TorchScript-based
+    exporter (`dynamo=False`: no onnxscript needed, and it takes scripted modules, which the
+    dynamo exporter does not)."""
+    output_names = [output_name] if isinstance(output_name, str) else list(output_name)
+    batch = {name: {0: "batch"} for name in (input_name, *output_names)}
     with warnings.catch_warnings(), torch.inference_mode(False):
         warnings.simplefilter("ignore")
         torch.onnx.export(
@@ -466,10 +564,8 @@ def export_onnx(
             str(path),
             dynamo=False,
             input_names=[input_name],
-            output_names=[output_name],
-            dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}}
-            if dynamic_batch
-            else None,
+            output_names=output_names,
+            dynamic_axes=batch if dynamic_batch else None,
             opset_version=17,
         )
     return path
