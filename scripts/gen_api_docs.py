@@ -32,9 +32,12 @@ SCALARS = {
 
 def descriptor_set() -> descriptor_pb2.FileDescriptorSet:
     import grpc_tools
+    from google.api import field_behavior_pb2
     from grpc_tools import protoc
 
     well_known = Path(grpc_tools.__file__).parent / "_proto"
+    # google/api/field_behavior.proto (`REQUIRED` fields), from googleapis-common-protos.
+    googleapis = Path(field_behavior_pb2.__file__).parents[2]
     files = sorted((PROTO_ROOT / "perito" / "v1").glob("*.proto"))
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "api.pb"
@@ -42,6 +45,7 @@ def descriptor_set() -> descriptor_pb2.FileDescriptorSet:
             "grpc_tools.protoc",
             f"-I{PROTO_ROOT}",
             f"-I{well_known}",
+        f"-I{googleapis}",
             "--include_source_info",
             f"--descriptor_set_out={out}",
             *(str(p.relative_to(PROTO_ROOT)) for p in files),

@@ -27,14 +27,18 @@ def proto_files() -> list[Path]:
 def generate(out_dir: Path = DEFAULT_OUT) -> list[Path]:
     """Run protoc (from grpcio-tools) and return the files it wrote."""
     import grpc_tools
+    from google.api import field_behavior_pb2
     from grpc_tools import protoc
 
     well_known = Path(grpc_tools.__file__).parent / "_proto"
+    # google/api/field_behavior.proto (`REQUIRED` fields), from googleapis-common-protos.
+    googleapis = Path(field_behavior_pb2.__file__).parents[2]
     out_dir.mkdir(parents=True, exist_ok=True)
     args = [
         "grpc_tools.protoc",
         f"-I{PROTO_ROOT}",
         f"-I{well_known}",
+        f"-I{googleapis}",
         f"--python_out={out_dir}",
         f"--pyi_out={out_dir}",
         f"--grpc_python_out={out_dir}",

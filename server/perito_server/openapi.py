@@ -21,6 +21,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
+from google.api import field_behavior_pb2
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 from starlette.routing import BaseRoute, Route
@@ -124,8 +125,10 @@ class Operation:
         body: the request's JSON body, or None.
         body_also: the body in other content types (`multipart/form-data`).
         checks: JSON Schema keywords the server enforces on the body's fields, by field
-            (`{"images": {"minItems": 1}}`); a field the body lacks fails the document.
-        required: the body's fields the server requires.
+            (`{"top_k": {"minimum": 0}}`); a field the body lacks fails the document. Which
+            fields are required is the proto's (`message_schema`), not a check.
+        from_path: the body's fields the route fills from its path (`model`): not required
+            in the body, whatever the proto says.
         ok_also: the 200 answer in other content types (`application/x-ndjson`).
         answers: other statuses it answers with a body of their own: description and body.
         description: more than the summary, or "".
@@ -142,7 +145,7 @@ class Operation:
     body: Body | None = None
     body_also: Mapping[str, Body] = dataclasses.field(default_factory=dict)
     checks: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
-    required: tuple[str, ...] = ()
+    from_path: tuple[str, ...] = ()
     ok_also: Mapping[str, Body] = dataclasses.field(default_factory=dict)
     answers: Mapping[str, tuple[str, Body]] = dataclasses.field(default_factory=dict)
     description: str = ""
@@ -171,7 +174,10 @@ def message_schema(message: Descriptor, components: dict[str, Any]) -> dict[str,
     integers as numbers, 64-bit ones as decimal strings, bytes as base64 strings (`format:
     byte`), enums as their value names, repeated fields as arrays, maps as objects with
     `additionalProperties`, `Timestamp` as an RFC 3339 `date-time` string, `Struct` as a free
-    object, other messages as `$ref`s to their components.
+    object, other messages as `$ref`s to their components. A field annotated
+    `(google.api.field_behavior) = REQUIRED` in the proto (Google AIP-203: the server refuses
+    the message without it) is `required`, and not empty: a list `minItems: 1`, a string
+    `minLength: 1` (the JSON mapping cannot tell an empty string from an absent one).
 
     Raises:
         ValueError: two messages of one name (in different packages).
@@ -185,6 +191,11 @@ def message_schema(message: Descriptor, components: dict[str, Any]) -> dict[str,
     schema: dict[str, Any] = {"type": "object", "title": message.full_name}
     components[name] = schema  # before its fields: a message may hold itself
     schema["properties"] = {f.name: _field_schema(f, components) for f in message.fields}
+    required = [f for f in message.fields if _is_required(f)]
+    for field in required:
+        schema["properties"][field.name].update(_not_empty(field))
+    if required:
+        schema["required"] = [f.name for f in required]
     groups = [
         o for o in message.oneofs if not (len(o.fields) == 1 and o.name == "_" + o.fields[0].name)
     ]
@@ -194,6 +205,24 @@ def message_schema(message: Descriptor, components: dict[str, Any]) -> dict[str,
             for o in groups
         )
     return _ref(name)
+
+
+def _is_required(field: FieldDescriptor) -> bool:
+    behaviors = field.GetOptions().Extensions[field_behavior_pb2.field_behavior]
+    return field_behavior_pb2.REQUIRED in behaviors
+
+
+def _not_empty(field: FieldDescriptor) -> dict[str, Any]:
+    """The keywords that refuse an empty value of `field` (a list, a string, bytes)."""
+    if field.is_repeated:
+        return {"minItems": 1} if field.message_type is None or not _is_map(field) else {}
+    if field.type in (_T.TYPE_STRING, _T.TYPE_BYTES):
+        return {"minLength": 1}
+    return {}
+
+
+def _is_map(field: FieldDescriptor) -> bool:
+    return field.message_type is not None and field.message_type.GetOptions().map_entry
 
 
 def _field_schema(field: FieldDescriptor, components: dict[str, Any]) -> dict[str, Any]:
@@ -234,23 +263,31 @@ class _Components:
         return _ref(body.name)
 
     def checked(
-        self, body: Body, checks: Mapping[str, Mapping[str, Any]], required: tuple[str, ...]
+        self, body: Body, checks: Mapping[str, Mapping[str, Any]], from_path: tuple[str, ...]
     ) -> dict[str, Any]:
-        """`ref(body)`, its schema given `checks` and `required` (`Operation`'s)."""
+        """`ref(body)`, its schema given `checks` and `from_path` (`Operation`'s)."""
         ref = self.ref(body)
-        if not checks and not required:
+        if not checks and not from_path:
             return ref
         name = ref["$ref"].rpartition("/")[2]
         schema = self._checked.get(name, self.schemas[name])
         properties = dict(schema["properties"])
-        for field_name in (*checks, *required):
+        for field_name in (*checks, *from_path):
             if field_name not in properties:
                 raise ValueError(f"{name} has no field {field_name!r} to check")
         for field_name, keywords in checks.items():
             properties[field_name] = {**properties[field_name], **keywords}
+        for field_name in from_path:  # the path's value replaces the body's: any will do
+            properties[field_name] = {
+                k: v
+                for k, v in properties[field_name].items()
+                if k not in ("minLength", "minItems")
+            }
         checked = {**schema, "properties": properties}
+        required = [f for f in schema.get("required", ()) if f not in from_path]
+        checked.pop("required", None)
         if required:
-            checked["required"] = list(required)
+            checked["required"] = required
         if self._checked.setdefault(name, checked) != checked:
             raise ValueError(f"{name} is checked differently by two operations")
         self.schemas[name] = checked
@@ -274,7 +311,7 @@ def _operation(operation: Operation, components: _Components) -> dict[str, Any]:
     if operation.parameters:
         found["parameters"] = [p.openapi() for p in operation.parameters]
     if operation.body is not None:
-        body = components.checked(operation.body, operation.checks, operation.required)
+        body = components.checked(operation.body, operation.checks, operation.from_path)
         content = {JSON: {"schema": body}}
         content.update(
             (kind, {"schema": components.ref(also)}) for kind, also in operation.body_also.items()

@@ -9,6 +9,7 @@ from typing import Any, cast
 
 import jsonschema
 import pytest
+from google.api import field_behavior_pb2
 from google.protobuf import descriptor_pool
 from google.protobuf.struct_pb2 import Struct
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -248,10 +249,46 @@ def test_what_the_json_api_writes_fits_the_schemas(document: dict[str, Any]) -> 
         ("ClassifyRequest", {"images": []}),  # at least one image, as the server checks
         ("ClassifyRequest", {"images": [{"content": "eA=="}], "top_k": -1}),
         ("SubmitJobRequest", {"model": "m", "confidence_threshold": 1.5}),
-        ("SubmitJobRequest", {"images": {"images": []}}),  # the model is required
+        ("SubmitJobRequest", {"images": {"images": [{"uri": "s3://b/k"}]}}),  # no model
+        ("SubmitJobRequest", {"model": "", "uris": {"uris": ["s3://b/k"]}}),
+        ("SubmitJobRequest", {"model": "m", "images": {"images": []}}),  # no image
+        ("SubmitJobRequest", {"model": "m", "uris": {"uris": []}}),
     ],
 )
 def test_the_schemas_refuse_what_the_mapping_or_the_server_refuses(
     document: dict[str, Any], name: str, wrong: dict[str, Any]
 ) -> None:
     assert not _validator(document, name).is_valid(wrong)
+
+
+def test_the_fields_the_protos_require_are_required_and_not_empty(
+    document: dict[str, Any],
+) -> None:
+    """`(google.api.field_behavior) = REQUIRED` in proto/ is the one source: each such field
+    of a message in the document is required, a list or string of it at least one long;
+    except where the route fills it from its path (Classify's model)."""
+    pool = descriptor_pool.Default()
+    schemas = document["components"]["schemas"]
+    found = {}
+    for name, schema in _message_components(document).items():
+        descriptor = pool.FindMessageTypeByName(schema["title"])
+        for field in descriptor.fields:
+            behaviors = field.GetOptions().Extensions[field_behavior_pb2.field_behavior]
+            if field_behavior_pb2.REQUIRED in behaviors:
+                found[f"{name}.{field.name}"] = schema
+    assert set(found) == {
+        "ClassifyRequest.model",
+        "ClassifyRequest.images",
+        "SubmitJobRequest.model",
+        "InlineImages.images",
+        "UriList.uris",
+    }
+    assert schemas["ClassifyRequest"]["required"] == ["images"]  # the model is the path's
+    assert schemas["ClassifyRequest"]["properties"]["images"]["minItems"] == 1
+    assert schemas["SubmitJobRequest"]["required"] == ["model"]
+    assert schemas["SubmitJobRequest"]["properties"]["model"]["minLength"] == 1
+    assert schemas["UriList"]["properties"]["uris"]["minItems"] == 1
+    classify = document["paths"]["/v1/models/{model}:classify"]["post"]
+    assert "model" not in classify["requestBody"]["content"]["application/json"]["schema"].get(
+        "required", []
+    )

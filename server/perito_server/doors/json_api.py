@@ -150,8 +150,8 @@ CLASSIFY = Operation(
             },
         )
     },
-    checks={"images": {"minItems": 1}, **ANSWER_CHECKS},
-    required=("images",),
+    checks=ANSWER_CHECKS,
+    from_path=("model", "version"),
 )
 LIST_MODELS = Operation(
     "listModels",
@@ -175,8 +175,7 @@ SUBMIT_JOB = Operation(
     jobs_pb2.Job,
     ERRORS + " 409 413",
     body=jobs_pb2.SubmitJobRequest,
-    checks={"model": {"minLength": 1}, "chunk_size": {"minimum": 0}, **ANSWER_CHECKS},
-    required=("model",),
+    checks={"chunk_size": {"minimum": 0}, **ANSWER_CHECKS},
 )
 LIST_JOBS = Operation(
     "listJobs",
