@@ -17,9 +17,17 @@ from __future__ import annotations
 import hashlib
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from perito_core.imaging import InputSpec, Interpolation, ResizeMode
 
@@ -153,6 +161,15 @@ class TensorContract(BaseModel):
                 f"(got scale {self.scale}, mean {self.mean}, std {self.std})"
             )
         return self
+
+    @model_serializer(mode="wrap")
+    def _no_output_name_as_before(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Without `output_name`, the JSON a manifest had before the field: it dumps back the
+        same."""
+        data: dict[str, Any] = handler(self)
+        if data.get("output_name", "") is None:
+            del data["output_name"]
+        return data
 
     @property
     def precision(self) -> str:
