@@ -4,11 +4,14 @@ Keras models take NHWC batches and leave normalisation to the input pipeline (`r
 or `preprocess_input`); the two use cases Perito was founded on were such models: a waste
 classifier (organic / recyclable, one sigmoid unit on [0, 1] pixels) and a minerals classifier
 (10 classes, softmax). These are built in torch with the same contract, normalisation outside
-the graph, and exported with `torch.onnx.export`, as a Keras user's `tf2onnx` would give.
+the graph, and exported with `torch.onnx.export`, as a Keras user's `tf2onnx` would give. Graphs
+of several outputs too: an auxiliary head before the class scores, and a converter's
+`[label, probabilities]` (sklearn-onnx with `zipmap=False`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +71,33 @@ class NchwLogits(nn.Module):
         return self.network(images) * 4.0  # type: ignore[no-any-return]
 
 
+class AuxiliaryFirst(nn.Module):
+    """NHWC float32 in [0, 1]; two (N, classes) heads out, an auxiliary one first: `aux` is the
+    softmax of the negated logits, so its top-1 is never the class scores' top-1 and serving
+    the wrong head shows in every answer."""
+
+    def __init__(self, classes: int, seed: int) -> None:
+        super().__init__()
+        self.network = KerasShaped(classes, nn.Identity(), seed)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.network(images)
+        return torch.softmax(-logits, dim=1), torch.softmax(logits, dim=1)
+
+
+class LabelAndProbabilities(nn.Module):
+    """NHWC float32 in [0, 1]; what converters give (sklearn-onnx with `zipmap=False`): the
+    int64 top-1 label (N,) first, then the probabilities (N, classes)."""
+
+    def __init__(self, classes: int, seed: int) -> None:
+        super().__init__()
+        self.network = KerasShaped(classes, nn.Softmax(dim=1), seed)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        probabilities = self.network(images)
+        return probabilities.argmax(dim=1), probabilities
+
+
 def export_onnx(
     network: nn.Module,
     example_shape: tuple[int, ...],
@@ -75,11 +105,14 @@ def export_onnx(
     *,
     dtype: torch.dtype = torch.float32,
     dynamic_batch: bool = True,
+    output_names: Sequence[str] = ("output",),
 ) -> Path:
     """The network in eval mode as ONNX (`perito_core.models.engines.onnxruntime.export_onnx`:
-    `input` in, `output` out), exported on zeros of `example_shape`."""
+    `input` in, `output_names` out), exported on zeros of `example_shape`."""
     example = torch.zeros(example_shape, dtype=dtype)
-    return compile_export_onnx(network.eval(), example, path, dynamic_batch=dynamic_batch)
+    return compile_export_onnx(
+        network.eval(), example, path, dynamic_batch=dynamic_batch, output_name=output_names
+    )
 
 
 def waste_model(path: Path, size: int) -> Path:
@@ -92,13 +125,27 @@ def minerals_model(path: Path, size: int) -> Path:
     return export_onnx(KerasShaped(10, nn.Softmax(dim=1), seed=2), (1, size, size, 3), path)
 
 
-def ort_probabilities(path: Path, tensor: np.ndarray) -> np.ndarray:
-    """ONNX Runtime's own answer for an input tensor, with a plain default session."""
+def auxiliary_first_model(path: Path, size: int, classes: int = 3) -> Path:
+    """`AuxiliaryFirst`, outputs `aux` then `scores`, both float32 (N, classes)."""
+    network = AuxiliaryFirst(classes, seed=4)
+    return export_onnx(network, (1, size, size, 3), path, output_names=("aux", "scores"))
+
+
+def label_and_probabilities_model(path: Path, size: int, classes: int = 3) -> Path:
+    """`LabelAndProbabilities`, outputs `label` int64 (N,) then `probabilities` (N, classes)."""
+    network = LabelAndProbabilities(classes, seed=5)
+    return export_onnx(network, (1, size, size, 3), path, output_names=("label", "probabilities"))
+
+
+def ort_probabilities(path: Path, tensor: np.ndarray, output: str | None = None) -> np.ndarray:
+    """ONNX Runtime's own answer for an input tensor, with a plain default session: the output
+    named `output`, else the first."""
     import onnxruntime
 
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
-    return np.asarray(session.run(None, {name: tensor})[0], dtype=np.float32)
+    names = None if output is None else [output]
+    return np.asarray(session.run(names, {name: tensor})[0], dtype=np.float32)
 
 
 def keras_rescale(images: np.ndarray) -> np.ndarray:
