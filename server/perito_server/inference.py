@@ -33,7 +33,12 @@ from perito_core.imaging import DecodeInfo, ImageLimits, InputSpec, load_model_i
 from perito_core.logs import REQUEST_ID
 from perito_core.models.manifest import ModelCard, ModelManifest
 from perito_core.models.registry import validate_model_name
-from perito_core.models.summary import summarize
+from perito_core.models.summary import (
+    MODEL_OUTPUT_NOT_FINITE,
+    NOT_FINITE_MESSAGE,
+    not_finite,
+    summarize,
+)
 from perito_server.answers import classification_message
 from perito_server.batcher import ByteBudget
 from perito_server.errors import echo
@@ -382,7 +387,8 @@ class InferenceService:
 
         Raises:
             InvalidArgument: a malformed request (see `_validate`) or undecodable images,
-                each named in the violations.
+                each named in the violations; or images whose model output holds NaN or
+                infinity (reason MODEL_OUTPUT_NOT_FINITE, each named: `_refuse_not_finite`).
             NotFound: no such model, version or alias.
             QueueFull: no room for the request now (RESOURCE_EXHAUSTED with a retry hint),
                 or it can never fit (reason REQUEST_TOO_LARGE).
@@ -390,6 +396,10 @@ class InferenceService:
             ShuttingDown: the server is draining.
         """
         self._validate(request)
+
+        def describe(i: int) -> tuple[str, str]:
+            return f"images[{i}]", _image_label(i, request.images[i].id)
+
         inference = await self.infer(
             tenant,
             request.model,
@@ -397,9 +407,10 @@ class InferenceService:
             [image.content for image in request.images],
             nbytes=request.ByteSize(),
             deadline=deadline,
-            describe=lambda i: (f"images[{i}]", _image_label(i, request.images[i].id)),
+            describe=describe,
             precision=request.precision,
         )
+        self._refuse_not_finite(inference, describe, per_image=True)
         manifest = inference.manifest
         top_k = request.top_k or self.settings.default_top_k
         threshold = manifest.threshold(request.confidence_threshold)
@@ -418,6 +429,52 @@ class InferenceService:
                 )
             )
         return response
+
+    def _refuse_not_finite(
+        self, inference: Inference, describe: Describe, *, per_image: bool
+    ) -> None:
+        """Refuse to answer for images whose model output holds NaN or infinity: each is
+        named in the violations with reason MODEL_OUTPUT_NOT_FINITE and counted in
+        `perito_model_outputs_not_finite_total`.
+
+        Args:
+            inference: what the model answered.
+            describe: an image's index -> (its field, a label for messages).
+            per_image: the protocol fails images one by one (`Classify`: INVALID_ARGUMENT, as
+                for an undecodable image, so that the SDK's `on_invalid="skip"` answers the
+                others); otherwise (OIP, all or nothing) the call fails INTERNAL, as Triton
+                answers a model's failure: the model is at fault, not the request.
+
+        Raises:
+            InvalidImage: `per_image`, naming each image.
+            PeritoError: INTERNAL otherwise, naming each image.
+        """
+        bad = not_finite(inference.probabilities)
+        if not bad:
+            return
+        if self.metrics is not None:
+            self.metrics.outputs_not_finite.labels(
+                inference.model, inference.version, inference.form
+            ).inc(len(bad))
+        log.warning(
+            "%s@%s (%s): the output for %d of %d images holds NaN or infinity",
+            inference.model,
+            inference.version,
+            inference.form,
+            len(bad),
+            len(inference.probabilities),
+        )
+        violations = [
+            (field, f"{label}: {NOT_FINITE_MESSAGE}") for field, label in map(describe, bad)
+        ]
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        error = InvalidImage if per_image else PeritoError
+        raise error(
+            f"{violations[0][1]}{more} [{MODEL_OUTPUT_NOT_FINITE}]",
+            reason=MODEL_OUTPUT_NOT_FINITE,
+            field=violations[0][0],
+            violations=violations,
+        )
 
     # The Open Inference Protocol
 
@@ -481,6 +538,8 @@ class InferenceService:
                 `classification`, an undecodable image (named `<input>[i]`).
             NotFound, QueueFull, QuotaExceeded, DeadlineExceeded, ShuttingDown: as
                 `infer`.
+            PeritoError: INTERNAL, reason MODEL_OUTPUT_NOT_FINITE, when the model's output
+                for any image holds NaN or infinity (`_refuse_not_finite`).
         """
         if len(inputs) != 1:
             raise InvalidArgument(
@@ -505,6 +564,10 @@ class InferenceService:
             raise InvalidArgument("the precision parameter must be a string", field="precision")
         self.check_target(model, version, count, tensor.name)
         name = echo(tensor.name)
+
+        def describe(i: int) -> tuple[str, str]:
+            return f"{tensor.name[:64]}[{i}]", f"input {name!r}, image {i}"
+
         inference = await self.infer(
             tenant,
             model,
@@ -512,9 +575,10 @@ class InferenceService:
             tensor.data,
             nbytes=nbytes,
             deadline=deadline,
-            describe=lambda i: (f"{tensor.name[:64]}[{i}]", f"input {name!r}, image {i}"),
+            describe=describe,
             precision=precision or "",
         )
+        self._refuse_not_finite(inference, describe, per_image=False)
         wanted = outputs or [RequestedOutput(PROBABILITIES_OUTPUT)]
         return InferResult(
             inference.model, inference.version, [_output(inference, o) for o in wanted]

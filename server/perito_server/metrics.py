@@ -57,6 +57,13 @@ class ServerMetrics:
             ["reason"],
             registry=self.registry,
         )
+        self.outputs_not_finite = Counter(
+            "perito_model_outputs_not_finite",
+            "Images whose model output held NaN or infinity, answered with no classification "
+            "(reason MODEL_OUTPUT_NOT_FINITE), by model, version and form.",
+            ["model", "version", "form"],
+            registry=self.registry,
+        )
         self.jobs_submitted = Counter(
             "perito_jobs_submitted",
             "Bulk jobs accepted, by model.",

@@ -25,6 +25,7 @@ How a model looks through the protocol (`model_metadata`):
 from __future__ import annotations
 
 import importlib.metadata
+import math
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -210,11 +211,16 @@ def classification_count(value: object) -> int:
     """The `classification` parameter as a count (0 when absent).
 
     Raises:
-        InvalidArgument: not a whole number.
+        InvalidArgument: not a whole number (NaN and infinity included).
     """
     if value is None or value is False:
         return 0
-    if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value != int(value)
+    ):
         raise InvalidArgument(
             f"the classification parameter must be a whole number, not {echo(str(value))!r}",
             field="outputs",

@@ -15,6 +15,12 @@ ITEMS = Counter(
     "Images classified or failed by this worker, by model, version and outcome.",
     ["model", "version", "outcome"],
 )
+OUTPUTS_NOT_FINITE = Counter(
+    "perito_worker_model_outputs_not_finite",
+    "Items whose model output held NaN or infinity, failed with MODEL_OUTPUT_NOT_FINITE, by "
+    "model, version and form.",
+    ["model", "version", "form"],
+)
 CHUNKS = Counter(
     "perito_worker_chunks",
     "Chunks handled: done, skipped (job over or cancelled), duplicate (another worker holds "

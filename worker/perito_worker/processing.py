@@ -43,7 +43,12 @@ from perito_core.jobs.store import ItemInput, ItemResult, Job, JobStore
 from perito_core.models.cache import ModelCache
 from perito_core.models.engines.base import LoadedModel
 from perito_core.models.selection import load_model, requested_precision
-from perito_core.models.summary import summarize
+from perito_core.models.summary import (
+    MODEL_OUTPUT_NOT_FINITE,
+    NOT_FINITE_MESSAGE,
+    not_finite,
+    summarize,
+)
 from perito_worker import metrics
 from perito_worker.settings import WorkerSettings
 
@@ -179,6 +184,9 @@ def _classify(job: Job, model: LoadedModel, batch: list[_Prepared]) -> list[Item
     if good:
         threshold = model.manifest.threshold(job.confidence_threshold)
         for prepared, probs in zip(good, _predict(model, good), strict=True):
+            if not isinstance(probs, str) and not_finite([probs]):  # no answer: the model's fault
+                probs = f"{MODEL_OUTPUT_NOT_FINITE}: {NOT_FINITE_MESSAGE}"
+                metrics.OUTPUTS_NOT_FINITE.labels(job.model, job.model_version, model.form).inc()
             if isinstance(probs, str):
                 results[prepared.index] = ItemResult(
                     prepared.index,

@@ -47,7 +47,8 @@ def _json_line(result: ItemResult, job: Job) -> str:
             "form": result.form or None,
             "model": job.model,
             "model_version": job.model_version,
-        }
+        },
+        allow_nan=False,  # RFC 8259: a NaN that slipped through fails loudly, never a bad line
     )
 
 

@@ -96,6 +96,7 @@ class ItemResult:
                 **({"form": self.form} if self.form else {}),
             },
             separators=(",", ":"),
+            allow_nan=False,
         )
 
     @classmethod

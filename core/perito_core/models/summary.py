@@ -5,17 +5,30 @@ Numpy only (and the contract's `Prediction`, so that what the server answers and
 SDK returns are one type), whichever engine computed the probabilities (TorchScript, OpenVINO,
 ONNX Runtime): the server's `Classify`, the Open Inference Protocol door and the worker
 summarise each image with it.
+
+Probabilities holding NaN or infinity (a graph dividing by a zero norm on an all-black photo)
+are no answer: every door finds such images with `not_finite` and fails them with the reason
+`MODEL_OUTPUT_NOT_FINITE` instead, and `summarize` refuses them.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 # One class and its probability: the contract's type, which the SDK returns too.
 from perito.v1.vocabulary import Prediction
+
+# The reason an image whose model output is not finite fails with (`PeritoError.reason`, and
+# the prefix of a bulk item's error), and what it says.
+MODEL_OUTPUT_NOT_FINITE = "MODEL_OUTPUT_NOT_FINITE"
+NOT_FINITE_MESSAGE = (
+    "the model's output for this image holds NaN or infinity, so it has no answer "
+    "(the model is at fault, not the image)"
+)
 
 
 @dataclass(frozen=True)
@@ -28,10 +41,34 @@ class Classification:
     uncertain: bool
 
 
+def not_finite(probabilities: Sequence[np.ndarray]) -> list[int]:
+    """The positions of the images whose probabilities hold NaN, +inf or -inf.
+
+    Args:
+        probabilities: one float array [C] per image (or a float array [N, C]).
+
+    Returns:
+        Their indexes, in order; empty when every value is finite.
+    """
+    return [i for i, row in enumerate(probabilities) if not np.isfinite(row).all()]
+
+
 def summarize(
     probabilities: np.ndarray, labels: list[str], top_k: int, threshold: float | None
 ) -> Classification:
-    """Top-k predictions and uncertainty measures for one image's probabilities."""
+    """Top-k predictions and uncertainty measures for one image's probabilities.
+
+    Args:
+        probabilities: float [C], C = len(labels), each in [0, 1].
+        labels: the class names, by index.
+        top_k: how many predictions (clipped to [1, C]).
+        threshold: a top-1 probability under it marks the image uncertain; None or 0: never.
+
+    Raises:
+        ValueError: a probability is NaN or infinite (`not_finite` finds these first).
+    """
+    if not np.isfinite(probabilities).all():
+        raise ValueError(f"{MODEL_OUTPUT_NOT_FINITE}: {NOT_FINITE_MESSAGE}")
     k = max(1, min(top_k, len(labels)))
     order = np.argsort(-probabilities, kind="stable")[:k]
     predictions = [Prediction(labels[i], int(i), float(probabilities[i])) for i in order]

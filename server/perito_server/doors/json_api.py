@@ -387,7 +387,7 @@ class JsonApi:
             page = first
             while True:
                 for item in page.results:
-                    yield json.dumps(_json(item)).encode() + b"\n"
+                    yield json.dumps(_json(item), allow_nan=False).encode() + b"\n"
                 if not page.next_page_token:
                     return
                 message.page_token = page.next_page_token

@@ -398,7 +398,7 @@ def _rest_response(result: InferResult, request_id: str | None) -> Response:
     }
     if request_id:
         document["id"] = request_id
-    header = json.dumps(document).encode()
+    header = json.dumps(document, allow_nan=False).encode()  # RFC 8259: never a bare NaN
     if not blobs:
         return Response(header, media_type="application/json")
     return Response(
