@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import re
 import time
 import uuid
@@ -26,6 +27,7 @@ from perito_core.errors import (
     NotFound,
     PermissionDenied,
     QuotaExceeded,
+    StorageUnavailable,
 )
 from perito_core.jobs.queue import make_celery, send_chunks
 from perito_core.jobs.results import check_output_writable, finalize_job
@@ -38,9 +40,9 @@ from perito_core.jobs.store import (
     JobStore,
 )
 from perito_core.jobs.watchdog import Watchdog
-from perito_core.models.selection import requested_precision
+from perito_core.models.selection import check_precision, requested_precision
 from perito_core.models.summary import Classification
-from perito_core.storage import split_s3_uri
+from perito_core.storage import check_uri_text, echo_uri, split_s3_uri
 from perito_server.answers import classification_message
 from perito_server.model_pool import ModelPool
 from perito_server.settings import ServerSettings
@@ -195,21 +197,33 @@ class JobService:
         return [self.settings.registry, self.settings.results_uri]
 
     def check_location(self, tenant: Tenant, uri: str, access: Access, field: str) -> str:
-        """`uri` made canonical, if `tenant` may `access` it.
+        """`uri` made canonical, if `tenant` may `access` it. Nothing is created or read; a
+        refusal names `field` and quotes `uri` as the caller gave it (never where a symbolic
+        link leads, nor the server's local roots).
+
+        The tenant's prefixes are checked first, on the path as given and then once more as
+        made canonical (a link swapped in between cannot lead out): to a tenant with prefixes,
+        another tenant's folder and a folder under no local root are the same refusal.
 
         Raises:
-            InvalidArgument: a URI no worker could read (see `SourceReader.normalize`).
+            InvalidArgument: a malformed location (`check_uri_text`: a NUL byte, over 4,096
+                bytes, not UTF-8, a relative local path), or one no worker could read
+                (another scheme, a local path under no local root).
             PermissionDenied: outside the tenant's prefixes, or in a reserved location.
         """
-        if uri[:5].lower() != "s3://" and not _looks_local(uri):
-            return self.sources.normalize(uri)  # another scheme: refused there
+        check_uri_text(uri, field)
+        checked = uri[:5].lower() == "s3://" or _looks_local(uri)
+        if checked:
+            check_uri(tenant, uri, access, field, forbidden=self.reserved_locations)
         try:
             normalized = self.sources.normalize(uri)
         except InvalidArgument as exc:
-            if uri[:5].lower() == "s3://":
-                raise PermissionDenied(exc.message, field=field) from None
-            raise InvalidArgument(exc.message, field=field) from None
-        check_uri(tenant, normalized, access, field, forbidden=self.reserved_locations)
+            refusal = PermissionDenied if uri[:5].lower() == "s3://" else InvalidArgument
+            raise refusal(f"{field}: {exc.message}", field=field) from None
+        if checked and normalized != uri:
+            check_uri(
+                tenant, normalized, access, field, forbidden=self.reserved_locations, given=uri
+            )
         return normalized
 
     def _uri_item(self, tenant: Tenant, uri: str, field: str, item_id: str = "") -> ItemInput:
@@ -245,15 +259,16 @@ class JobService:
                     inline[index] = image.content
                     items.append(ItemInput(id=image.id or str(index)))
             return items, inline
-        if kind == "uris":
-            return (
+        if kind == "uris":  # checked now, all of them: the request holds them already
+            return [
                 self._uri_item(tenant, uri, f"uris[{index}]")
                 for index, uri in enumerate(request.uris.uris)
-            ), inline
+            ], inline
         if kind == "prefix":
             prefix = self.check_location(tenant, request.prefix, "read", "prefix")
             listed = (self._listed_item(tenant, uri) for uri in self.sources.iter_prefix(prefix))
-            return _non_empty(listed, f"no images under {request.prefix!r}", "prefix"), inline
+            message = f"prefix: no images under {echo_uri(request.prefix)}"
+            return _non_empty(listed, message, "prefix"), inline
         if kind == "manifest_uri":
             manifest = self.check_location(tenant, request.manifest_uri, "read", "manifest_uri")
             rows = self.sources.iter_manifest(manifest, max_bytes=self.settings.max_manifest_bytes)
@@ -261,7 +276,7 @@ class JobService:
                 self._uri_item(tenant, item.uri, f"manifest_uri (item {number})", item.id)
                 for number, item in enumerate(rows, start=1)
             )
-            message = f"manifest {request.manifest_uri!r} lists no images"
+            message = f"manifest_uri: {echo_uri(request.manifest_uri)} lists no images"
             return _non_empty(listed, message, "manifest_uri"), inline
         raise InvalidArgument(
             "one of images, uris, prefix or manifest_uri is required", field="input"
@@ -279,16 +294,21 @@ class JobService:
             QuotaExceeded: the tenant runs its most concurrent jobs (with a retry hint), or
                 the job has more items than its quota allows.
             FailedPrecondition: `output_uri` cannot be written.
+            PrecisionUnavailable: the version has no form of the `precision` named.
             NotFound: the model or version does not exist.
             StorageUnavailable: Redis is unreachable.
         """
-        requested_precision(request.precision, self.settings.precision)  # refused here, early
+        asked = requested_precision(request.precision, self.settings.precision)  # refused early
+        if asked.required:  # a precision the version has no form of: now, not by a worker
+            version = await self.pool.resolve(request.model, request.version)
+            manifest = await self._run(self.pool.registry.manifest, request.model, version)
+            check_precision(manifest, asked)
         if request.request_id and not REQUEST_ID.fullmatch(request.request_id):
             raise InvalidArgument(
                 "request_id must be 1 to 64 letters, digits, '-' or '_' (a UUID)",
                 field="request_id",
             )
-        job_id = uuid.uuid4().hex[:20]
+        new_id = job_id = uuid.uuid4().hex[:20]
         if request.request_id:
             job_id = await self._run(
                 self.store.claim_request, request.request_id, job_id, tenant.name
@@ -302,6 +322,17 @@ class JobService:
                 )
             if await self._run(self.store.exists, job_id):  # a retry: the job it made
                 return job_to_proto(await self._owned(job_id, tenant))
+        try:
+            return await self._accept(request, tenant, job_id)
+        except Exception:
+            if request.request_id and job_id == new_id:  # the id is free again
+                await self._run(self._forget, job_id, tenant, request_id=request.request_id)
+            raise
+
+    async def _accept(
+        self, request: jobs_pb2.SubmitJobRequest, tenant: Tenant, job_id: str
+    ) -> jobs_pb2.Job:
+        """`submit` once the request id is claimed: the output checked, a quota slot held."""
         if request.output_uri:
             output_uri = self.check_location(tenant, request.output_uri, "write", "output_uri")
         else:
@@ -326,10 +357,11 @@ class JobService:
     async def _create(
         self, request: jobs_pb2.SubmitJobRequest, tenant: Tenant, job_id: str, output_uri: str
     ) -> jobs_pb2.Job:
+        """Check the input, claim and test-write the output, record the job. Everything the
+        request names is checked before anything is made; what a listing or a manifest
+        brings is checked as it is read, and a job refused then leaves nothing behind: no
+        output claim, no folder made by the write test."""
         version = await self.pool.resolve(request.model, request.version)  # pinned for the job
-        if request.output_uri:
-            await self._run(self._claim_output, output_uri, job_id)
-        await self._run(check_output_writable, output_uri, self.settings.s3_options())
         chunk_size = min(
             request.chunk_size or self.settings.job_chunk_size, self.settings.max_job_chunk_size
         )
@@ -338,41 +370,92 @@ class JobService:
         quota = tenant.quotas.items_per_job
         if quota is not None and quota < max_items:
             items = _within_quota(items, quota, tenant.name)
-        job, created = await self._run(
-            self.store.create,
-            model=request.model,
-            model_version=version,
-            items=items,
-            inline=inline,
-            output_uri=output_uri,
-            top_k=request.top_k or self.settings.default_top_k,
-            confidence_threshold=request.confidence_threshold,
-            precision=request.precision,
-            chunk_size=chunk_size,
-            labels=dict(request.labels),
-            job_id=job_id,
-            max_items=max_items,
-            request_id=request.request_id,
-            tenant=tenant.name,
-        )
+        claimed = ""
+        made: list[Path] = []
+        try:
+            if request.output_uri:
+                claimed = await self._run(self._claim_output, output_uri, job_id)
+            made = await self._run(self._test_write, output_uri)
+            job, created = await self._run(
+                self.store.create,
+                model=request.model,
+                model_version=version,
+                items=items,
+                inline=inline,
+                output_uri=output_uri,
+                top_k=request.top_k or self.settings.default_top_k,
+                confidence_threshold=request.confidence_threshold,
+                precision=request.precision,
+                chunk_size=chunk_size,
+                labels=dict(request.labels),
+                job_id=job_id,
+                max_items=max_items,
+                request_id=request.request_id,
+                tenant=tenant.name,
+            )
+        except Exception:
+            await self._run(self._forget, job_id, tenant, output=claimed, made=made)
+            raise
         if created:
             await self._run(self._enqueue, job)
         return job_to_proto(job)
 
-    def _claim_output(self, output_uri: str, job_id: str) -> None:
+    def _claim_output(self, output_uri: str, job_id: str) -> str:
         """Make `output_uri` this job's; refuse it when it is, or is under, the output
-        location of another job kept now (its results files would be overwritten).
+        location of another job kept now (its results files would be overwritten). Returns
+        the location claimed (for `_forget`).
 
         Raises:
             PermissionDenied: field `output_uri`.
         """
         ttl_s = int(self.settings.job_retention.total_seconds()) + 86_400
-        if not self.store.claim_output(job_id, _ancestors(output_uri.rstrip("/")), ttl_s):
+        locations = _ancestors(output_uri.rstrip("/"))
+        if not self.store.claim_output(job_id, locations, ttl_s):
             raise PermissionDenied(
                 "output_uri: another job writes its results there; choose a new folder",
                 field="output_uri",
                 reason="OUTPUT_IN_USE",
             )
+        return locations[0]
+
+    def _test_write(self, output_uri: str) -> list[Path]:
+        """`check_output_writable`, and the local folders it made, deepest first: none are
+        left behind if the test fails, and `_forget` removes them if the job is refused.
+
+        Raises:
+            FailedPrecondition: field `output_uri`, as `check_output_writable`.
+        """
+        made = _missing_folders(output_uri)
+        try:
+            check_output_writable(output_uri, self.settings.s3_options())
+        except Exception:
+            _remove_empty(made)
+            raise
+        return made
+
+    def _forget(
+        self,
+        job_id: str,
+        tenant: Tenant,
+        *,
+        request_id: str = "",
+        output: str = "",
+        made: Iterable[Path] = (),
+    ) -> None:
+        """Undo what a refused submission of `job_id` made: its request id and output claims
+        in Redis, the empty folders its write test made. Nothing is undone if the job exists
+        (it was accepted after all); a Redis that cannot be reached now is logged, its claims
+        left to expire."""
+        try:
+            if self.store.exists(job_id):
+                return
+            self.store.release_claims(
+                job_id, request_id=request_id, tenant=tenant.name, output_location=output
+            )
+        except StorageUnavailable as exc:
+            log.warning("job %s refused; its claims stay until they expire: %s", job_id, exc)
+            return
+        _remove_empty(made)
 
     def _enqueue(self, job: Job) -> None:
         """Send every chunk of a new job. A broker that cannot take them now does not fail
@@ -541,6 +624,29 @@ def _ancestors(uri: str) -> list[str]:
         return [f"s3://{bucket}/" + "/".join(parts[:n]) for n in range(len(parts), 0, -1)]
     path = Path(uri)
     return [str(path), *(str(parent) for parent in path.parents)]
+
+
+def _missing_folders(uri: str) -> list[Path]:
+    """The folders of the local location `uri` (canonical, absolute) that do not exist,
+    deepest first; none for an S3 location (S3 has no folders to leave behind)."""
+    if uri[:5].lower() == "s3://":
+        return []
+    missing = []
+    path = Path(uri)
+    while not os.path.lexists(path) and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
+def _remove_empty(folders: Iterable[Path]) -> None:
+    """Remove each folder, deepest first, stopping at the first that is not empty (another
+    submission writes there now) or cannot be removed."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def _within_quota(items: Iterable[ItemInput], quota: int, tenant: str) -> Iterator[ItemInput]:

@@ -28,7 +28,7 @@ from perito_core.errors import PeritoError
 from perito_core.models.cache import ModelCache
 from perito_core.models.engines.base import LoadedModel
 from perito_core.models.registry import ModelRegistry
-from perito_core.models.selection import load_model, requested_precision
+from perito_core.models.selection import check_precision, load_model, requested_precision
 from perito_server.batcher import DynamicBatcher
 from perito_server.settings import ServerSettings
 
@@ -130,15 +130,23 @@ class ModelPool:
 
         Args:
             precision: the request's (`selection.requested_precision`: at least as exact as
-                the server's); "" for the server's `precision` setting.
+                the server's, and required: that precision's form or a refusal); "" for the
+                server's `precision` setting (a preference).
 
         Raises:
             InvalidArgument: a `precision` less exact than the server's, or not one.
+            PrecisionUnavailable: a `precision` this version has no form of that serves here.
             NotFound, ArtifactIntegrityError, ModelLoadError: as `load_model`.
         """
-        precision = requested_precision(precision, self.settings.precision)
+        asked = requested_precision(precision, self.settings.precision)
         version = await self.resolve(name, ref)
-        served = await self._get_version(name, version, precision)
+        if asked.required and self._models.get(name, version, asked.precision) is None:
+            # Refused before loading where the manifest (or this CPU) has no such form.
+            manifest = await asyncio.to_thread(self.registry.manifest, name, version)
+            check_precision(manifest, asked, device=self.settings.device)
+        served = await self._get_version(name, version, asked.precision)
+        # What loaded: a form that failed here gave way to another, which a requirement refuses.
+        check_precision(served.model.manifest, asked, served=served.model)
         if not ref.isdigit():
             self._serving.setdefault((name, ref), version)
         return served

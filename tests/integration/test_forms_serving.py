@@ -1,8 +1,8 @@
 """The form that answers, over a real socket and in a worker: `PERITO_PRECISION` and fallback.
 
-A tiny model published with an OpenVINO FP32 form: the server answers with it when asked for
-`fp32` (or `auto`), with TorchScript when asked for `torchscript` or for a precision the
-version lacks, and every result says which; a job item does the same in the worker's code.
+A tiny model published with an OpenVINO FP32 form: a server set to `fp32`, `auto` or a
+precision the version lacks (`int8`, a preference) answers with it, one set to `torchscript`
+with model.pt, and every result says which; a job item does the same in the worker's code.
 """
 
 from __future__ import annotations
@@ -38,7 +38,9 @@ def test_every_classify_result_names_the_form_that_answered(
     served: tuple[str, ServerThread],
 ) -> None:
     precision, server = served
-    expected = "openvino-fp32" if precision in ("fp32", "auto") else "torchscript-fp32"
+    # The server's setting is a preference: `int8` of a version without INT8 falls back to its
+    # more exact form, never refused.
+    expected = "torchscript-fp32" if precision == "torchscript" else "openvino-fp32"
     with perito.Client(server.target, timeout=60) as client:
         results = client.classify([red_jpeg(), red_jpeg()], model="tiny")
         assert [r.form for r in results] == [expected, expected]

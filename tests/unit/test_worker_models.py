@@ -5,14 +5,17 @@ before the next one loads)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from perito_core.models.cache import ModelCache
+from perito_core.models.selection import PrecisionUnavailable
 from perito_worker import processing
 from perito_worker.processing import WorkerRuntime
 from perito_worker.settings import WorkerSettings
+from tests.helpers import unpublished_manifest
 
 
 @dataclass
@@ -34,12 +37,16 @@ def runtime(monkeypatch: pytest.MonkeyPatch) -> WorkerRuntime:
 
     def load_model(registry: object, name: str, version: str, **options: Any) -> _Loaded:
         loads.append((name, version, options["precision"]))
-        return _Loaded(_Manifest(name, version))
+        form = "openvino-int8" if options["precision"] == "int8" else "torchscript-fp32"
+        return _Loaded(_Manifest(name, version), form)
 
     monkeypatch.setattr(processing, "load_model", load_model)
     worker = object.__new__(WorkerRuntime)  # no Redis, registry or pools: the cache alone
     worker.settings = WorkerSettings(precision="int8", max_loaded_models=2)
-    worker.registry = None  # type: ignore[assignment]
+    # The manifest a job's named precision is checked against: model.pt and no compiled form.
+    worker.registry = SimpleNamespace(  # type: ignore[assignment]
+        manifest=lambda name, version: unpublished_manifest(["a", "b"])
+    )
     worker.models = ModelCache(worker.settings.max_loaded_models)
     worker.loads = loads  # type: ignore[attr-defined]
     return worker
@@ -71,3 +78,9 @@ def test_at_most_max_loaded_models_are_held_least_recently_used_dropped(
     runtime.model("b", "1")  # loaded again
     assert runtime.loads[-1] == ("b", "1", "int8")  # type: ignore[attr-defined]
     assert len(runtime.models) == 2
+
+
+def test_a_jobs_precision_the_version_lacks_fails_before_loading(runtime: WorkerRuntime) -> None:
+    with pytest.raises(PrecisionUnavailable, match="has no bf16 form"):
+        runtime.model("tiny", "1", "bf16")
+    assert runtime.loads == []  # type: ignore[attr-defined]

@@ -42,7 +42,13 @@ from perito_core.jobs.sources import SourceReader
 from perito_core.jobs.store import ItemInput, ItemResult, Job, JobStore
 from perito_core.models.cache import ModelCache
 from perito_core.models.engines.base import LoadedModel
-from perito_core.models.selection import load_model, requested_precision
+from perito_core.models.selection import (
+    Asked,
+    PrecisionUnavailable,
+    check_precision,
+    load_model,
+    requested_precision,
+)
 from perito_core.models.summary import (
     MODEL_OUTPUT_NOT_FINITE,
     NOT_FINITE_MESSAGE,
@@ -71,16 +77,26 @@ class WorkerRuntime:
 
     def model(self, name: str, version: str, precision: str = "") -> LoadedModel:
         """The pinned version, loaded once per process and precision (sha256-verified by the
-        registry). `precision`: the job's; one less exact than this worker's setting (as the
-        server refuses at submission) gives way to the setting.
+        registry). `precision`: the job's, required as a request's (`check_precision`); one
+        less exact than this worker's setting (as the server refuses at submission) gives way
+        to the setting.
+
+        Raises:
+            PrecisionUnavailable: the job's precision has no form that serves here.
+            NotFound, ArtifactIntegrityError, ModelLoadError: as `load_model`.
         """
         try:
-            precision = requested_precision(precision, self.settings.precision)
+            asked = requested_precision(precision, self.settings.precision)
         except InvalidArgument:
-            precision = self.settings.precision
+            asked = Asked(self.settings.precision)
+        precision = asked.precision
         held = self.models.get(name, version, precision)
         if held is not None:
+            check_precision(held.manifest, asked, served=held)
             return held
+        if asked.required:  # refused before loading where the version has no such form
+            manifest = self.registry.manifest(name, version)
+            check_precision(manifest, asked, device=self.settings.device)
         # Room first: a worker holds no more than its bound, even while it loads.
         for dropped in self.models.make_room():
             manifest = dropped.manifest
@@ -101,6 +117,7 @@ class WorkerRuntime:
         log.info("loaded %s@%s in %.1fs, form %s", name, version, loaded.load_seconds, loaded.form)
         metrics.MODEL_LOAD_SECONDS.labels(name, version).set(loaded.load_seconds)
         model, _ = self.models.add(name, version, precision, loaded.form, lambda: loaded)
+        check_precision(model.manifest, asked, served=model)  # a form that failed gave way
         return model
 
 
@@ -338,7 +355,7 @@ def _run_chunk(
     store.mark_running(job_id)
     try:
         model = rt.model(job.model, job.model_version, job.precision)
-    except (NotFound, ArtifactIntegrityError, ModelLoadError) as error:
+    except (NotFound, ArtifactIntegrityError, ModelLoadError, PrecisionUnavailable) as error:
         message = f"model {job.model}@{job.model_version} cannot be used: {error.message}"
         log.error("job %s: %s", job_id, message)
         store.set_job_error(job_id, message)
