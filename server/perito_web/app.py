@@ -253,7 +253,7 @@ def create_app(
             raise HTTPException(415, "send the token as JSON")
         try:
             data = await request.json()
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than json's stack
             raise HTTPException(400, "send the token as JSON") from None
         token = str(data.get("token") or "").strip() if isinstance(data, dict) else ""
         if not token or len(token) > 512:

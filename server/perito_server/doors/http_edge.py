@@ -7,7 +7,9 @@ read, with the model in the path checked against the tenant's list. Errors are a
 `errors.to_http` (the HTTP status of the gRPC code, from the one table every door uses, and
 Google AIP-193's JSON error); OIP routes keep the protocol's `{"error": "<message>"}` string
 (what OIP clients print) and add the AIP-193 `code`, `status` and `details` beside it. A body
-over `max_message_bytes` is refused while it streams in, 413 RESOURCE_EXHAUSTED.
+over `max_message_bytes` is refused while it streams in, 413 RESOURCE_EXHAUSTED; one sent with
+`Content-Encoding: gzip` or `deflate` is decoded as it streams, bounded by its decoded size, and
+any other coding is 415 (`doors.content_coding`). JSON nested too deep to parse is 400.
 
 Doors make their routes with `HttpEdge.route`, each with its `Operation`: what the OpenAPI
 document (`GET /openapi.json`, built by `perito_server.openapi` from the app's routes) says of
@@ -35,7 +37,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from perito_core.access.tenancy import Tenant
 from perito_core.errors import ErrorCode, InvalidArgument, NotFound, PeritoError
 from perito_core.logs import REQUEST_ID
+from perito_core.models.registry import ALIAS_PATTERN, NAME_PATTERN, VERSION_PATTERN
 from perito_server.auth import TenantInterceptor
+from perito_server.doors.content_coding import ACCEPT_ENCODING, UnsupportedEncoding, body_decoder
 from perito_server.errors import as_perito_error, request_id, to_http
 from perito_server.metrics import ServerMetrics
 from perito_server.oip_protocol import server_version
@@ -48,15 +52,19 @@ OIP = "/inference.GRPCInferenceService/"
 Handler = Callable[[Request, Tenant], Awaitable[Response]]
 Endpoint = Callable[[Request], Awaitable[Response]]
 
-# The path parameters `model_ref` reads.
+# The path parameters `model_ref` reads, as the registry names models, versions and aliases.
+_NAME, _VERSION, _ALIAS = (p.pattern[1:-1] for p in (NAME_PATTERN, VERSION_PATTERN, ALIAS_PATTERN))
 MODEL = Parameter(
     "model",
     "path",
     "The model's name; `name@version` (or `?version=`) picks a version or alias.",
-    {"type": "string"},
+    {"type": "string", "pattern": f"^{_NAME}(@({_VERSION}|{_ALIAS}))?$"},
 )
 VERSION = Parameter(
-    "version", "path", "A version number or an alias (`production`).", {"type": "string"}
+    "version",
+    "path",
+    "A version number or an alias (`production`).",
+    {"type": "string", "pattern": f"^({_VERSION}|{_ALIAS})$"},
 )
 
 # The error bodies `error_response` writes: Google AIP-193's, and for OIP the protocol's
@@ -105,6 +113,7 @@ class MethodNotAllowed(PeritoError, code=ErrorCode.INVALID_ARGUMENT, reason="MET
 EDGE_STATUS: dict[type[PeritoError], int] = {
     BodyTooLarge: 413,
     MethodNotAllowed: 405,
+    UnsupportedEncoding: 415,
 }
 
 
@@ -200,35 +209,63 @@ class HttpEdge:
         return OperationRoute(_PARAMETER.sub(r"{\1:segment}", path), endpoint, verb, documented)
 
     async def body(self, request: Request) -> bytes:
-        """The body, refused (413) once it grows past `max_body_bytes`, while streaming.
+        """The body, decoded from its `Content-Encoding` (gzip or deflate, see
+        `content_coding`), refused (413) once it grows past `max_body_bytes`, as sent or as
+        decoded, while streaming: a compressed body is never inflated beyond the bound.
 
         Raises:
             BodyTooLarge: over the bound.
+            UnsupportedEncoding: another `Content-Encoding` (answered 415).
+            InvalidArgument: naming `body`, when it is not in its `Content-Encoding`.
         """
         limit = self.max_body_bytes
+        decoder = body_decoder(request.headers.get("content-encoding", ""))
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
             raise BodyTooLarge(f"the body is {declared} bytes; the limit is {limit}")
-        chunks, size = [], 0
+        chunks, received, size = [], 0, 0
         async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
+            received += len(chunk)
+            if received > limit:
                 raise BodyTooLarge(f"the body is over the limit of {limit} bytes")
+            if decoder is not None:
+                chunk = decoder.decode(chunk, limit - size)
+                if size + len(chunk) > limit:
+                    raise BodyTooLarge(
+                        f"the body decoded from {decoder.coding} is over the limit of {limit} bytes"
+                    )
+            size += len(chunk)
             chunks.append(chunk)
+        if decoder is not None:
+            decoder.finish()
         return b"".join(chunks)
 
     async def json_body(self, request: Request) -> Any:
-        """The body parsed as JSON.
+        """The body (`body`) parsed as JSON (`parse_json`).
 
         Raises:
             BodyTooLarge: over the bound.
+            UnsupportedEncoding: a `Content-Encoding` not decoded here.
             InvalidArgument: naming `body`, when it is not JSON.
         """
-        body = await self.body(request)
-        try:
-            return json.loads(body)
-        except (ValueError, UnicodeDecodeError) as error:
-            raise InvalidArgument(f"the body is not JSON: {error}", field="body") from None
+        return parse_json(await self.body(request), "the body")
+
+
+def parse_json(text: bytes, what: str) -> Any:
+    """`text` parsed as JSON, `what` (for example "the body") naming it in a refusal.
+
+    Raises:
+        InvalidArgument: naming `body`, when it is not JSON, or nests arrays and objects
+            deeper than the parser's stack (about a thousand levels).
+    """
+    try:
+        return json.loads(text)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise InvalidArgument(f"{what} is not JSON: {error}", field="body") from None
+    except RecursionError:
+        raise InvalidArgument(
+            f"{what} nests arrays or objects too deep to parse", field="body"
+        ) from None
 
 
 def error_response(error: PeritoError, oip: bool) -> Response:
@@ -237,6 +274,8 @@ def error_response(error: PeritoError, oip: bool) -> Response:
     if type(error) in EDGE_STATUS:
         status = EDGE_STATUS[type(error)]
         body["error"]["code"] = status
+    if isinstance(error, UnsupportedEncoding):  # RFC 7694: the codings a body may be sent in
+        headers["Accept-Encoding"] = ACCEPT_ENCODING
     if oip:  # the protocol's {"error": "<message>"}, the AIP-193 fields beside it
         body = {**body["error"], "error": body["error"]["message"]}
         body.pop("message")

@@ -38,7 +38,19 @@ def parameter_value(parameter: pb.InferParameter) -> bool | int | float | str | 
 def _grpc_input(
     tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None
 ) -> oip_protocol.InputTensor:
-    """An `InputTensor` from the gRPC message, its data from `raw` or from `contents`."""
+    """An `InputTensor` from the gRPC message, its data from `raw` or from `contents`.
+
+    Raises:
+        InvalidArgument: naming the input, when it has `contents` beside its `raw` entry
+            (the protocol allows one or the other, as Triton enforces), or data not of its
+            shape.
+    """
+    if raw is not None and tensor.HasField("contents"):
+        raise InvalidArgument(
+            f"input {echo(tensor.name)!r}: contents must not be set when the request sends "
+            "raw_input_contents; send its data in one or the other",
+            field=tensor.name,
+        )
     shape = list(tensor.shape)
     count = oip_protocol.image_count(shape, tensor.datatype, tensor.name)
     data: list[bytes] | np.ndarray
@@ -123,7 +135,8 @@ class OipServicer:
         raw = list(request.raw_input_contents)
         if raw and len(raw) != len(request.inputs):
             raise InvalidArgument(
-                f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs",
+                f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs; send one "
+                "per input, or none",
                 field="raw_input_contents",
             )
         inputs = [

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import binascii
 import json
+import math
 import time
 from dataclasses import replace
 from typing import Any
@@ -29,7 +30,7 @@ from starlette.routing import BaseRoute
 
 from perito_core.access.tenancy import Tenant
 from perito_core.errors import InvalidArgument
-from perito_server.doors.http_edge import OIP, OIP_ERROR, HttpEdge, model_ref
+from perito_server.doors.http_edge import OIP, OIP_ERROR, HttpEdge, model_ref, parse_json
 from perito_server.errors import echo
 from perito_server.inference import InferenceService
 from perito_server.oip_protocol import (
@@ -138,18 +139,22 @@ MODEL_INFER = Operation(
             "inputs",
             id=STRING,
             parameters=ANY_OBJECT,
-            inputs=_array(
-                _object(
-                    "name",
-                    "datatype",
-                    "shape",
-                    name=STRING,
-                    datatype={"type": "string", "enum": ["BYTES", "UINT8"]},
-                    shape=_array({"type": "integer", "minimum": 0}),
-                    parameters=ANY_OBJECT,
-                    data=_array({}),
-                )
-            ),
+            inputs={  # exactly one: `images` or `pixels`
+                **_array(
+                    _object(
+                        "name",
+                        "datatype",
+                        "shape",
+                        name=STRING,
+                        datatype={"type": "string", "enum": ["BYTES", "UINT8"]},
+                        shape=_array({"type": "integer", "minimum": 0}),
+                        parameters=ANY_OBJECT,
+                        data=_array({}),
+                    )
+                ),
+                "minItems": 1,
+                "maxItems": 1,
+            },
             outputs=_array(_object(name=STRING, parameters=ANY_OBJECT)),
         ),
     ),
@@ -235,12 +240,9 @@ class OipRest:
                     field=HEADER_LENGTH,
                 )
             split = int(header)
-        try:
-            document = json.loads(body[:split])
-        except (ValueError, UnicodeDecodeError) as error:
-            raise InvalidArgument(
-                f"the inference header is not JSON: {error}", field="body"
-            ) from None
+        document = parse_json(
+            body[:split], "the body" if header is None else "the body's inference header"
+        )
         if not isinstance(document, dict):
             raise InvalidArgument("the inference request must be a JSON object", field="body")
         inputs = _rest_inputs(document.get("inputs"), memoryview(body)[split:])
@@ -272,14 +274,37 @@ class OipRest:
         return _rest_response(result, request_id if isinstance(request_id, str) else None)
 
 
-def _flatten(data: Any) -> list[Any]:
-    """Row-major elements of a JSON tensor's `data` (flat or nested lists)."""
+def _elements(data: Any, shape: list[int], name: str) -> list[Any]:
+    """Row-major elements of a JSON tensor's `data`: a flat list of as many elements as
+    `shape` holds, or lists nested as `shape` is (the protocol allows both).
+
+    Raises:
+        InvalidArgument: naming input `name`, for data that is not a list, or neither flat
+            with the shape's count nor nested as the shape (ragged rows included).
+    """
     if not isinstance(data, list):
-        return [data]
-    flat: list[Any] = []
-    for element in data:
-        flat.extend(_flatten(element) if isinstance(element, list) else [element])
-    return flat
+        raise InvalidArgument(
+            f"input {echo(name)!r}: data must be a list, flat or nested as the shape {shape}",
+            field=name,
+        )
+    if not any(isinstance(element, list) for element in data):
+        if len(data) != math.prod(shape):
+            raise InvalidArgument(
+                f"input {echo(name)!r}: {len(data)} elements for shape {shape}", field=name
+            )
+        return data
+    level: list[Any] = [data]
+    for size in shape:
+        if not all(isinstance(item, list) and len(item) == size for item in level):
+            break
+        level = [element for item in level for element in item]
+    else:
+        if not any(isinstance(element, list) for element in level):
+            return level
+    raise InvalidArgument(
+        f"input {echo(name)!r}: data is neither flat nor nested as the shape {shape}",
+        field=name,
+    )
 
 
 def _rest_inputs(inputs: Any, binary: memoryview) -> list[InputTensor]:
@@ -316,13 +341,9 @@ def _rest_inputs(inputs: Any, binary: memoryview) -> list[InputTensor]:
             else:
                 data = pixels(np.frombuffer(raw, dtype=np.uint8), shape, name)
         else:
-            elements = _flatten(spec.get("data"))
+            elements = _elements(spec.get("data"), shape, name)
             if datatype == "BYTES":
                 data = [_base64(e, name, i) for i, e in enumerate(elements)]
-                if len(data) != count:
-                    raise InvalidArgument(
-                        f"input {echo(name)!r}: {len(data)} elements for shape {shape}", field=name
-                    )
             else:
                 if not all(isinstance(e, int) and 0 <= e <= 255 for e in elements):
                     raise InvalidArgument(
