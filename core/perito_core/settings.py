@@ -56,9 +56,9 @@ class CommonSettings(BaseSettings):
     log_format: Literal["text", "json"] = "text"
     # OpenTelemetry spans to OTEL_EXPORTER_OTLP_ENDPOINT (needs perito[tracing]).
     tracing: bool = False
-    # Prometheus `/metrics` on this port (0: any free port; unset: off). Images set it.
+    # Prometheus `/metrics` on this port (0: any free port; unset: off). Images set it. Its
+    # interface, `metrics_host`, is each deployable's own (the server's follows its `host`).
     metrics_port: int | None = Field(None, ge=0, le=65535)
-    metrics_host: str = "0.0.0.0"
     torch_threads: int = Field(0, ge=0, description="0: one per core")
     decode_threads: int = Field(2, ge=1)
     max_image_bytes: int = Field(32 * 1024 * 1024, ge=1)

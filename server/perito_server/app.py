@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -24,6 +24,13 @@ from perito_core import tracing
 from perito_core.access.audit import AuditLog
 from perito_core.access.quotas import RateLimiter
 from perito_core.access.tenancy import Tenants
+from perito_core.listening import (
+    ListenError,
+    bind_failure,
+    host_port,
+    is_loopback,
+    listening_sockets,
+)
 from perito_server.auth import TenantInterceptor
 from perito_server.doors.http_edge import HttpEdge, http_app
 from perito_server.doors.json_api import JsonApi
@@ -41,28 +48,47 @@ from perito_server.settings import ServerSettings
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = service_pb2.DESCRIPTOR.services_by_name["Perito"].full_name
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+def _listener_hosts(settings: ServerSettings) -> dict[str, str]:
+    """Each listener's host, by name: gRPC (and the health port and HTTP on its host), and
+    /metrics when it is on."""
+    hosts = {"gRPC": settings.host}
+    if settings.health_port is not None:
+        hosts["health checks"] = settings.host
+    if settings.http_port is not None:
+        hosts["HTTP"] = settings.host
+    if settings.metrics_port is not None:
+        hosts["metrics"] = settings.metrics_host or settings.host
+    return hosts
 
 
 def open_tenants(settings: ServerSettings) -> Tenants:
     """The tenants `settings` name; refuses to serve anonymously beyond loopback.
 
+    Without tenants (no tenants file, no tokens) every listener, /metrics included, must be on
+    a loopback host (`perito_core.listening.is_loopback`) unless `settings.insecure`.
+
     Raises:
-        RuntimeError: no tenants file and no tokens, a non-loopback host, and not `insecure`.
+        RuntimeError: no tenants, a listener on a host other than loopback, and not `insecure`.
         perito_core.errors.InvalidArgument: a malformed tenants file.
     """
     tenants = settings.open_tenants()
-    if not tenants.requires_auth and settings.host not in LOOPBACK_HOSTS:
+    beyond = {
+        what: host for what, host in _listener_hosts(settings).items() if not is_loopback(host)
+    }
+    if not tenants.requires_auth and beyond:
+        where = ", ".join(f"{what} on {host}" for what, host in beyond.items())
         if not settings.insecure:
             raise RuntimeError(
-                f"refusing to serve on {settings.host} without authentication: set "
-                "PERITO_TENANTS_FILE (perito tenants add NAME --role ...) or PERITO_AUTH_TOKENS, "
-                "or bind 127.0.0.1, or pass --insecure to accept anyone who can reach the port"
+                f"refusing to serve {where} without authentication: set PERITO_TENANTS_FILE "
+                "(perito tenants add NAME --role ...) or PERITO_AUTH_TOKENS, or bind 127.0.0.1, "
+                "or pass --insecure to accept anyone who can reach the port"
             )
         log.warning(
-            "--insecure: serving on %s WITHOUT authentication; anyone who can reach the port "
+            "--insecure: serving %s WITHOUT authentication; anyone who can reach the port "
             "acts with every right",
-            settings.host,
+            where,
         )
     elif not tenants.requires_auth:
         log.warning(
@@ -70,6 +96,36 @@ def open_tenants(settings: ServerSettings) -> Tenants:
             settings.host,
         )
     return tenants
+
+
+def _add_port(
+    server: grpc.aio.Server,
+    what: str,
+    host: str,
+    port: int,
+    credentials: grpc.ServerCredentials | None = None,
+) -> tuple[int, list[str]]:
+    """Bind `server` on `host:port` (gRPC resolves a name and binds each address); returns
+    the port and the sockets bound, read back from the process's own (Linux; elsewhere the
+    address asked, with its port).
+
+    Raises:
+        ListenError: gRPC could not bind it; the reason is the operating system's.
+    """
+    target = host_port(host, port)
+    before = listening_sockets()
+    try:
+        if credentials is not None:
+            bound = server.add_secure_port(target, credentials)
+        else:
+            bound = server.add_insecure_port(target)
+    except RuntimeError:  # "Failed to bind to address ...", without the reason
+        bound = 0
+    if bound == 0:
+        raise ListenError(what, target, bind_failure(host, port))
+    new = listening_sockets().items() - before.items()
+    suffix = f":{bound}"
+    return bound, sorted(a for _, a in new if a.endswith(suffix)) or [host_port(host, bound)]
 
 
 @dataclass
@@ -84,6 +140,8 @@ class RunningServer:
     health_server: grpc.aio.Server | None = None
     health_port: int | None = None
     http: HttpServer | None = None
+    # The gRPC sockets as bound: ["127.0.0.1:8500"], ["127.0.0.1:8500", "[::1]:8500"], ...
+    addresses: list[str] = field(default_factory=list)
 
     @property
     def http_port(self) -> int | None:
@@ -114,7 +172,15 @@ def _tracing_interceptor() -> Any:
 
 
 async def create_server(settings: ServerSettings) -> RunningServer:
-    """Start a server on `settings.host:settings.port` and load `settings.preload` models."""
+    """Start a server on `settings.host:settings.port` (and its other listeners) and load
+    `settings.preload` models.
+
+    Raises:
+        RuntimeError: no tenants and a listener beyond loopback (`open_tenants`).
+        perito_core.listening.ListenError: a listener could not bind its address; nothing is
+            left bound or running.
+    """
+    tenants = open_tenants(settings)  # before anything is loaded or bound
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     registry = settings.open_registry()
@@ -131,7 +197,6 @@ async def create_server(settings: ServerSettings) -> RunningServer:
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.so_reuseport", 0),
     ]
-    tenants = open_tenants(settings)
     metrics = ServerMetrics()
     metrics.watch_pool(pool)
     jobs = JobService(settings, pool)
@@ -170,50 +235,61 @@ async def create_server(settings: ServerSettings) -> RunningServer:
         ),
         server,
     )
-    address = f"{settings.host}:{settings.port}"
+    credentials = None
     if settings.tls_cert_file is not None or settings.tls_key_file is not None:
         if settings.tls_cert_file is None or settings.tls_key_file is None:
             raise ValueError("TLS needs both tls_cert_file and tls_key_file")
         credentials = grpc.ssl_server_credentials(
             [(settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes())]
         )
-        port = server.add_secure_port(address, credentials)
-    else:
-        port = server.add_insecure_port(address)
-    if port == 0:
-        raise RuntimeError(f"could not bind {settings.host}:{settings.port}")
-    await server.start()
-    await health.set("", health_pb2.HealthCheckResponse.SERVING)
-    await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-    log.info(
-        "serving %s on %s:%d (%s%s; registry %s)",
-        SERVICE_NAME,
-        settings.host,
-        port,
-        "TLS" if settings.tls_cert_file else "plaintext",
-        f", {len(tenants.names)} tenants" if tenants.requires_auth else ", anonymous",
-        registry.description,
-    )
-    metrics_port = None
-    if settings.metrics_port is not None:
-        metrics_port = metrics.serve(settings.metrics_host, settings.metrics_port)
-        log.info("metrics on http://%s:%d/metrics", settings.metrics_host, metrics_port)
-    health_server, health_port = None, None
-    if settings.health_port is not None:
-        # The same health states, on a plaintext port with nothing else: probes need no TLS
-        # and no token, and this port gives no way to the API.
-        health_server = grpc.aio.server()
-        health_pb2_grpc.add_HealthServicer_to_server(health, health_server)
-        health_port = health_server.add_insecure_port(f"{settings.host}:{settings.health_port}")
-        await health_server.start()
-        log.info("health checks (plaintext) on %s:%d", settings.host, health_port)
-    http = None
-    if settings.http_port is not None:
-        # The gRPC interceptor's own checks (tokens, roles, quota refusals) guard HTTP too.
-        edge = HttpEdge(authorizer, metrics, settings.max_message_bytes)
-        app = http_app(OipRest(service, edge).routes(), JsonApi(service, edge).routes())
-        http = await HttpServer.start(app, settings, grace=settings.grace_s)
-        log.info("HTTP (OIP REST, JSON API) on %s:%d", settings.host, http.port)
+    health_server: grpc.aio.Server | None = None
+    http: HttpServer | None = None
+    try:
+        port, addresses = _add_port(server, "gRPC", settings.host, settings.port, credentials)
+        await server.start()
+        await health.set("", health_pb2.HealthCheckResponse.SERVING)
+        await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        log.info(
+            "serving %s on %s (%s%s; registry %s)",
+            SERVICE_NAME,
+            ", ".join(addresses),
+            "TLS" if settings.tls_cert_file else "plaintext",
+            f", {len(tenants.names)} tenants" if tenants.requires_auth else ", anonymous",
+            registry.description,
+        )
+        metrics_port = None
+        if settings.metrics_port is not None:
+            metrics_host = settings.metrics_host or settings.host
+            bound = metrics.serve(metrics_host, settings.metrics_port)
+            metrics_port = int(bound[0].rpartition(":")[2])
+            log.info("metrics on %s", ", ".join(f"http://{a}/metrics" for a in bound))
+        health_port = None
+        if settings.health_port is not None:
+            # The same health states, on a plaintext port with nothing else: probes need no TLS
+            # and no token, and this port gives no way to the API.
+            health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+            health_pb2_grpc.add_HealthServicer_to_server(health, health_server)
+            health_port, bound = _add_port(
+                health_server, "health checks", settings.host, settings.health_port
+            )
+            await health_server.start()
+            log.info("health checks (plaintext) on %s", ", ".join(bound))
+        if settings.http_port is not None:
+            # The gRPC interceptor's own checks (tokens, roles, quota refusals) guard HTTP too.
+            edge = HttpEdge(authorizer, metrics, settings.max_message_bytes)
+            app = http_app(OipRest(service, edge).routes(), JsonApi(service, edge).routes())
+            http = await HttpServer.start(app, settings, grace=settings.grace_s)
+            log.info("HTTP (OIP REST, JSON API) on %s", ", ".join(http.addresses))
+    except BaseException:
+        # A listener that cannot start ends the start: nothing stays bound or running.
+        await server.stop(None)
+        if health_server is not None:
+            await health_server.stop(None)
+        metrics.stop()
+        await pool.close()
+        await jobs.close()
+        service.close()
+        raise
     return RunningServer(
         server,
         port,
@@ -225,6 +301,7 @@ async def create_server(settings: ServerSettings) -> RunningServer:
         health_server,
         health_port,
         http,
+        addresses,
     )
 
 
@@ -233,9 +310,9 @@ async def serve(settings: ServerSettings) -> None:
     if settings.tracing:
         tracing.setup_tracing("perito-server")
     running = await create_server(settings)
-    print(f"perito: serving on {settings.host}:{running.port}", flush=True)
+    print(f"perito: serving on {', '.join(running.addresses)}", flush=True)
     if running.http is not None:
-        print(f"perito: HTTP on {settings.host}:{running.http.port}", flush=True)
+        print(f"perito: HTTP on {', '.join(running.http.addresses)}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -62,7 +62,12 @@ def _audit(
 
 
 @click.command()
-@click.option("--host", help="Interface to bind (env PERITO_HOST, default 127.0.0.1).")
+@click.option(
+    "--host",
+    help="Interface of gRPC, the health port and HTTP: an IPv4 or IPv6 address (::1 or [::1]) "
+    "or a name (localhost: 127.0.0.1 and ::1); beyond loopback only with tenants or --insecure "
+    "(env PERITO_HOST, default 127.0.0.1).",
+)
 @click.option("--port", type=int, help="Port, 0 for any free one (env PERITO_PORT, default 8500).")
 @registry_option
 @device_option
@@ -73,7 +78,13 @@ def _audit(
 @click.option("--max-queue-delay-ms", type=float, help="Wait for a fuller batch (default 2).")
 @click.option("--max-queue-size", type=int, help="Images admitted and waiting (default 256).")
 @click.option(
-    "--metrics-port", type=int, help="Prometheus /metrics port (env PERITO_METRICS_PORT; off)."
+    "--metrics-port",
+    type=int,
+    help="Prometheus /metrics port, 0 for any free one (env PERITO_METRICS_PORT; off).",
+)
+@click.option(
+    "--metrics-host",
+    help="Interface of /metrics (env PERITO_METRICS_HOST; default: --host's).",
 )
 @click.option(
     "--http-port",
@@ -112,7 +123,7 @@ def serve(log_level: str, **flags: Any) -> None:
         asyncio.run(run(settings))
     except PeritoError as error:
         raise click.ClickException(error.message) from None
-    except RuntimeError as error:  # refusing to start: no auth beyond loopback, a busy port
+    except RuntimeError as error:  # refusing to start: no auth beyond loopback; ListenError
         raise click.ClickException(str(error)) from None
 
 

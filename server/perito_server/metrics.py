@@ -9,11 +9,10 @@ any metrics library. Each server has its own registry: several can live in one p
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_app
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -23,10 +22,9 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from perito_core.errors import PeritoError
+from perito_core.listening import WsgiListener, bind_tcp
 
 if TYPE_CHECKING:
-    from wsgiref.simple_server import WSGIServer
-
     from perito_core.jobs.store import JobStore
     from perito_server.batcher import Histogram as BatchHistogram
     from perito_server.model_pool import ModelPool
@@ -70,8 +68,7 @@ class ServerMetrics:
             ["model"],
             registry=self.registry,
         )
-        self._http: WSGIServer | None = None
-        self._thread: threading.Thread | None = None
+        self._http: WsgiListener | None = None
 
     def observe_call(self, method: str, code: str, seconds: float) -> None:
         self.requests.labels(method, code).inc()
@@ -83,15 +80,20 @@ class ServerMetrics:
     def watch_jobs(self, store: JobStore) -> None:
         self.registry.register(JobsCollector(store))
 
-    def serve(self, host: str, port: int) -> int:
-        """Expose `/metrics` on `host:port` (0: any free port); returns the port."""
-        self._http, self._thread = start_http_server(port, host, registry=self.registry)
-        return int(self._http.server_port)
+    def serve(self, host: str, port: int) -> list[str]:
+        """Expose `/metrics` on `host:port` (every address of a name, one port; 0: any free
+        port); returns the sockets bound, `["127.0.0.1:9500"]`.
+
+        Raises:
+            perito_core.listening.ListenError: an address could not be bound.
+        """
+        sockets = bind_tcp(host, port, "metrics")
+        self._http = WsgiListener(make_wsgi_app(self.registry), sockets, "metrics")
+        return self._http.addresses
 
     def stop(self) -> None:
         if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
+            self._http.close()
             self._http = None
 
 

@@ -13,8 +13,14 @@ from perito_core.settings import CommonSettings
 class ServerSettings(CommonSettings):
     """Everything `perito serve` can be told. Environment: `PERITO_<FIELD>`."""
 
+    # Where the server listens: gRPC on `host`:`port`; the health port and HTTP on the same
+    # host; `/metrics` on `metrics_host` (unset: `host`). A host is an IPv4 or IPv6 literal
+    # (`::1` or `[::1]`) or a name (`localhost`: 127.0.0.1 and ::1); `0.0.0.0` and `::` are
+    # every interface (gRPC's wildcard socket takes IPv4 and IPv6 both). Without tenants every
+    # one of them must be loopback unless `insecure` is set.
     host: str = "127.0.0.1"
     port: int = Field(8500, ge=0, le=65535, description="0 picks a free port")
+    metrics_host: str | None = Field(None, description="interface of /metrics; unset: host")
     optimize_models: bool = True
     preload: list[str] = Field(default_factory=list, description="NAME[@VERSION] to load at start")
     alias_ttl_s: float = Field(

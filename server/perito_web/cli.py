@@ -15,8 +15,14 @@ from perito.cli import server_option
     "host:port of the Perito gRPC service (env PERITO_SERVER). Each person signs in with "
     "their tenant's token; the page has no token of its own."
 )
-@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind.")
-@click.option("--port", default=8080, show_default=True, type=int, help="HTTP port.")
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Interface to bind: an IPv4 or IPv6 address (::1 or [::1]) or a name (localhost: "
+    "127.0.0.1 and ::1).",
+)
+@click.option("--port", default=8080, show_default=True, type=int, help="HTTP port, 0: any free.")
 @click.option(
     "--tls-ca",
     type=click.Path(exists=True, dir_okay=False),
@@ -32,13 +38,22 @@ def web(server: str, host: str, port: int, tls_ca: str | None) -> None:
     """
     import uvicorn
 
+    from perito_core.listening import ListenError, bind_tcp, socket_names
     from perito_web.app import create_app
 
     tls = tls_ca is not None or os.environ.get("PERITO_TLS", "").lower() in ("1", "true", "yes")
     app = create_app(server, tls=tls, root_certificates=tls_ca)
-    click.echo(f"perito web: http://{host}:{port} (service {server})")
+    # Bound here rather than by uvicorn, which answers a busy port with sys.exit(1) after a
+    # log line, binds one address of a name, and would print port 0 as asked.
+    try:
+        sockets = bind_tcp(host, port, "perito web")
+    except ListenError as error:
+        raise click.ClickException(str(error)) from None
+    pages = ", ".join(f"http://{address}" for address in socket_names(sockets))
+    click.echo(f"perito web: {pages} (service {server})")
     # Behind a TLS-terminating proxy, X-Forwarded-Proto makes session cookies Secure.
-    uvicorn.run(app, host=host, port=port, log_level="info", proxy_headers=True)
+    config = uvicorn.Config(app, host=host, port=port, log_level="info", proxy_headers=True)
+    uvicorn.Server(config).run(sockets=sockets)
 
 
 def register(cli: click.Group) -> None:

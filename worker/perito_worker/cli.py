@@ -36,7 +36,14 @@ from perito_core.cli_options import (
 @click.option("--batch-size", type=int, help="Images per forward pass (default 4).")
 @click.option("--name", default=None, help="Worker name (default perito@HOST).")
 @click.option(
-    "--metrics-port", type=int, help="Prometheus /metrics port (env PERITO_METRICS_PORT; off)."
+    "--metrics-port",
+    type=int,
+    help="Prometheus /metrics port, 0 for any free one (env PERITO_METRICS_PORT; off).",
+)
+@click.option(
+    "--metrics-host",
+    help="Interface of /metrics: an IPv4 or IPv6 address or a name (env PERITO_METRICS_HOST, "
+    "default 0.0.0.0).",
 )
 @click.option("--log-level", default="INFO", show_default=True)
 def worker(name: str | None, log_level: str, **flags: Any) -> None:
@@ -47,6 +54,7 @@ def worker(name: str | None, log_level: str, **flags: Any) -> None:
       perito worker --redis-url redis://localhost:6379/0 --registry s3://models/perito
     """
     from perito_core.jobs.queue import BULK_QUEUE
+    from perito_core.listening import ListenError
     from perito_core.logs import configure_logging
     from perito_worker.settings import WorkerSettings
 
@@ -62,8 +70,13 @@ def worker(name: str | None, log_level: str, **flags: Any) -> None:
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = _samples_folder()
         from perito_worker.metrics import serve_metrics
 
-        port = serve_metrics(settings.metrics_host, settings.metrics_port)
-        logging.getLogger(__name__).info("metrics on :%d/metrics", port)
+        try:
+            bound = serve_metrics(settings.metrics_host, settings.metrics_port)
+        except ListenError as error:
+            raise click.ClickException(str(error)) from None
+        logging.getLogger(__name__).info(
+            "metrics on %s", ", ".join(f"http://{address}/metrics" for address in bound)
+        )
     from perito_worker.tasks import app, configure
 
     configure(settings)

@@ -7,8 +7,10 @@ module is imported, every process writes its samples there, and the parent serve
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 from prometheus_client.multiprocess import MultiProcessCollector
+
+from perito_core.listening import WsgiListener, bind_tcp
 
 ITEMS = Counter(
     "perito_worker_items",
@@ -43,9 +45,14 @@ MODEL_LOAD_SECONDS = Gauge(
 )
 
 
-def serve_metrics(host: str, port: int) -> int:
-    """Serve the sum over every worker process on `host:port`; returns the port."""
+def serve_metrics(host: str, port: int) -> list[str]:
+    """Serve the sum over every worker process on `host:port` (every address of a name, one
+    port; 0: any free port); returns the sockets bound, `["0.0.0.0:9501"]`.
+
+    Raises:
+        perito_core.listening.ListenError: an address could not be bound.
+    """
     registry = CollectorRegistry()
     MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-    server, _ = start_http_server(port, host, registry=registry)
-    return int(server.server_port)
+    sockets = bind_tcp(host, port, "metrics")
+    return WsgiListener(make_wsgi_app(registry), sockets, "metrics").addresses

@@ -10,6 +10,9 @@ from perito_core.settings import CommonSettings
 class WorkerSettings(CommonSettings):
     """Everything `perito worker` can be told. Environment: `PERITO_<FIELD>`."""
 
+    # The worker's only listener, Prometheus `/metrics` (with `metrics_port`): every IPv4
+    # interface, for a Prometheus on another host or container; `::` for IPv6 too.
+    metrics_host: str = Field("0.0.0.0", description="interface of /metrics (0.0.0.0: all IPv4)")
     concurrency: int = Field(1, ge=1, description="worker processes; 1 per GPU or per 2 cores")
     pool: str = Field("prefork", description="prefork (CPU), solo or threads (GPU)")
     batch_size: int = Field(4, ge=1)
