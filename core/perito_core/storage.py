@@ -79,10 +79,10 @@ def split_s3_uri(uri: str) -> tuple[str, str]:
         InvalidArgument: not an `s3://` URI, or no bucket.
     """
     if uri[:5].lower() != "s3://":
-        raise InvalidArgument(f"{uri!r} is not an s3:// URI")
+        raise InvalidArgument(f"{echo_uri(uri)} is not an s3:// URI")
     bucket, _, key = uri[5:].partition("/")
     if not bucket:
-        raise InvalidArgument(f"{uri!r} has no bucket; expected s3://bucket/key")
+        raise InvalidArgument(f"{echo_uri(uri)} has no bucket; expected s3://bucket/key")
     return bucket, key
 
 
@@ -101,8 +101,63 @@ def local_path_of(uri: str) -> Path:
     if rest.startswith("localhost/"):
         rest = rest[len("localhost") :]
     if not rest.startswith("/"):
-        raise InvalidArgument(f"{uri!r}: a file:// URI must name an absolute local path")
+        raise InvalidArgument(f"{echo_uri(uri)}: a file:// URI must name an absolute local path")
     return Path(rest)
+
+
+MAX_URI_BYTES = 4096
+"""The longest location a caller may name (UTF-8 bytes): Linux's PATH_MAX."""
+MAX_S3_KEY_BYTES = 1024
+"""The longest S3 key (UTF-8 bytes), as S3 itself allows."""
+_ECHO_CHARS = 200
+
+
+def echo_uri(uri: str) -> str:
+    """`uri` quoted back to the caller who gave it: `repr` of its first 200 characters,
+    with '…' when cut."""
+    return repr(uri if len(uri) <= _ECHO_CHARS else uri[:_ECHO_CHARS] + "…")
+
+
+def check_uri_text(uri: str, field: str) -> None:
+    """Refuse a location a caller named (a job's input or output) that is malformed as
+    text, before anything is resolved or created: nothing here looks at a disk or a bucket.
+
+    Raises:
+        InvalidArgument: naming `field`: not UTF-8 (a lone surrogate), longer than
+            `MAX_URI_BYTES`, a NUL byte, an S3 key longer than `MAX_S3_KEY_BYTES`, a
+            `file://` URI naming another host, or a local path that is not absolute (it would
+            be read relative to the server's working directory).
+    """
+    try:
+        size = len(uri.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise InvalidArgument(f"{field}: not valid UTF-8 text", field=field) from None
+    if size > MAX_URI_BYTES:
+        raise InvalidArgument(
+            f"{field}: {size:,} bytes long; a location is at most {MAX_URI_BYTES:,} bytes",
+            field=field,
+        )
+    if "\0" in uri:
+        raise InvalidArgument(f"{field}: a location may not hold a NUL byte", field=field)
+    if uri[:5].lower() == "s3://":
+        key = uri[5:].partition("/")[2]
+        if len(key.encode()) > MAX_S3_KEY_BYTES:
+            raise InvalidArgument(
+                f"{field}: an S3 key is at most {MAX_S3_KEY_BYTES:,} bytes", field=field
+            )
+        return
+    scheme, sep, _ = uri.partition("://")
+    if sep and scheme.lower() != "file" and scheme.isalnum():
+        return  # another scheme: refused by whoever reads it, naming the scheme
+    try:
+        path = local_path_of(uri)
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"{field}: {exc.message}", field=field) from None
+    if not path.is_absolute():
+        raise InvalidArgument(
+            f"{field}: {echo_uri(uri)} is a relative path; a local path must be absolute",
+            field=field,
+        )
 
 
 def _too_large(key: str, size: int | str, max_bytes: int) -> InvalidImage:

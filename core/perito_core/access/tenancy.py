@@ -23,10 +23,11 @@ Without a tenants file, `PERITO_AUTH_TOKENS` is one tenant (`default`) with ever
 model and every storage location; with neither, the server serves one anonymous tenant
 (`anonymous`, the same rights) and binds to loopback only.
 
-Storage prefixes are checked on URIs made canonical first (`check_uri`): S3 buckets must be
-plain bucket names (no access-point ARNs, no other bucket), keys may not hold `.` or `..`
-segments, local paths are resolved (symlinks followed) before they are compared, and nothing
-under the model registry is ever a job's input or output.
+Storage prefixes are checked by `check_uri`: S3 buckets must be plain bucket names (no
+access-point ARNs, no other bucket), keys may not hold `.` or `..` segments, local paths must
+be absolute and are resolved (symlinks followed) before they are compared, and nothing under
+the model registry is ever a job's input or output. A refusal quotes what the caller sent and
+the tenant's own prefixes, never a resolved path nor anyone else's prefixes.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from typing import Any, Literal
 import yaml
 
 from perito_core.errors import InvalidArgument, PermissionDenied, Unauthenticated
-from perito_core.storage import local_path_of, split_s3_uri
+from perito_core.storage import check_uri_text, echo_uri, local_path_of, split_s3_uri
 
 log = logging.getLogger(__name__)
 
@@ -173,24 +174,36 @@ def _bad_segments(key: str) -> bool:
 
 
 def check_uri(
-    tenant: Tenant, uri: str, access: Access, field: str, *, forbidden: Iterable[str] = ()
+    tenant: Tenant,
+    uri: str,
+    access: Access,
+    field: str,
+    *,
+    forbidden: Iterable[str] = (),
+    given: str | None = None,
 ) -> None:
     """Refuse `uri` unless it falls under one of `tenant`'s prefixes for `access` and under
     none of `forbidden` (the registry, the server's own results area).
 
-    `uri` must already be canonical (`SourceReader.normalize`: local paths absolute with
-    symlinks resolved); this resolves local paths again, so a link swapped in since cannot
-    lead out. Writable prefixes are readable too.
+    Local paths are resolved (symlinks followed) before they are compared; a caller checks
+    the path as given and again once made canonical (`SourceReader.normalize`), so a link
+    swapped in between cannot lead out. Writable prefixes are readable too. A refusal quotes
+    `given` (default `uri`: what the caller sent), never a resolved path, and lists the
+    tenant's own prefixes only, never another tenant's or the server's local roots.
 
     Raises:
+        InvalidArgument: naming `field`: a malformed location (`check_uri_text`: a NUL byte,
+            too long, not UTF-8, a relative local path).
         PermissionDenied: naming `field`: an ARN or other non-bucket, a `.` / `..` key
             segment, a location outside the tenant's prefixes or under a forbidden one.
     """
-    bucket, key, path = _parts(uri, field)
+    shown = echo_uri(uri if given is None else given)
+    check_uri_text(uri, field)
+    bucket, key, path = _parts(uri, field, shown)
     for other in forbidden:
         if _under(bucket, key, path, other):
             raise PermissionDenied(
-                f"{field}: {uri[:200]!r} is in a location reserved to the service",
+                f"{field}: {shown} is in a location reserved to the service",
                 field=field,
                 reason="RESERVED_LOCATION",
             )
@@ -198,8 +211,10 @@ def check_uri(
     if allowed is None:
         return
     if not any(location.covers(bucket, key, path) for location in allowed):
+        own = ", ".join(map(str, allowed[:4])) + (" …" if len(allowed) > 4 else "")
         raise PermissionDenied(
-            f"{field}: {uri[:200]!r} is outside the storage tenant {tenant.name!r} may {access}",
+            f"{field}: {shown} is outside the storage tenant {tenant.name!r} may {access} "
+            f"({own or 'none'}; symbolic links are followed before this check)",
             field=field,
             reason="STORAGE_NOT_ALLOWED",
         )
@@ -211,12 +226,14 @@ def _readable(tenant: Tenant) -> tuple[Location, ...] | None:
     return (*tenant.read, *tenant.write)
 
 
-def _parts(uri: str, field: str) -> tuple[str, str, Path | None]:
+def _parts(uri: str, field: str, shown: str) -> tuple[str, str, Path | None]:
     if uri[:5].lower() == "s3://":
         try:
             bucket, key = split_s3_uri(uri)
         except InvalidArgument as exc:
-            raise PermissionDenied(exc.message, field=field, reason="STORAGE_NOT_ALLOWED") from None
+            raise PermissionDenied(
+                f"{field}: {exc.message}", field=field, reason="STORAGE_NOT_ALLOWED"
+            ) from None
         if not BUCKET_NAME.match(bucket):
             raise PermissionDenied(
                 f"{field}: {bucket[:80]!r} is not a plain bucket name (access points and ARNs "
@@ -233,9 +250,9 @@ def _parts(uri: str, field: str) -> tuple[str, str, Path | None]:
         return bucket, key, None
     try:
         path = local_path_of(uri).resolve()
-    except (OSError, RuntimeError, InvalidArgument):
+    except (OSError, RuntimeError, ValueError, InvalidArgument):
         raise PermissionDenied(
-            f"{field}: {uri[:200]!r} cannot be resolved", field=field, reason="STORAGE_NOT_ALLOWED"
+            f"{field}: {shown} cannot be resolved", field=field, reason="STORAGE_NOT_ALLOWED"
         ) from None
     return "", "", path
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -26,6 +27,7 @@ from perito_core.storage import (
     ObjectStore,
     S3Options,
     S3Store,
+    echo_uri,
     local_path_of,
     split_s3_uri,
 )
@@ -77,22 +79,29 @@ class SourceReader:
         self._lock = threading.Lock()
 
     def _local_path(self, uri: str) -> Path:
+        """The path `uri` names, resolved, if it is under an allowed root. The refusals quote
+        `uri` as given, and never the roots (one per tenant, perhaps) nor where a symbolic
+        link leads (perhaps somewhere the caller may not read)."""
+        given = local_path_of(uri)
+        if not given.is_absolute():
+            raise InvalidArgument(
+                f"{echo_uri(uri)} is a relative path; a local path must be absolute",
+                field="input",
+            )
         try:
-            path = local_path_of(uri).resolve()
-        except (RuntimeError, OSError) as exc:  # a symlink loop
-            raise InvalidArgument(f"{uri!r} cannot be resolved: {exc}", field="input") from None
+            path = given.resolve()
+        except (RuntimeError, OSError, ValueError):  # a symlink loop, a NUL byte
+            raise InvalidArgument(f"{echo_uri(uri)} cannot be resolved", field="input") from None
         if not any(path.is_relative_to(root) for root in self.local_roots):
-            allowed = ", ".join(map(str, self.local_roots)) or "none configured"
-            given = Path(local_path_of(uri)).absolute()
-            if any(given.is_relative_to(root) for root in self.local_roots):
-                # Where the link points is not told: it may be somewhere the caller cannot read.
+            lexical = Path(os.path.normpath(given))
+            if any(lexical.is_relative_to(root) for root in self.local_roots):
                 raise InvalidArgument(
-                    f"{uri!r} is a symbolic link that leads out of the allowed local roots "
-                    f"({allowed}); links are followed only within them",
+                    f"{echo_uri(uri)} is a symbolic link that leads out of the allowed local "
+                    "roots; links are followed only within them",
                     field="input",
                 )
             raise InvalidArgument(
-                f"{uri!r} is not under an allowed local root ({allowed}); use s3:// URIs, or "
+                f"{echo_uri(uri)} is not under an allowed local root; use s3:// URIs, or "
                 "start the server and workers with --local-root (PERITO_LOCAL_ROOTS)",
                 field="input",
             )
@@ -116,7 +125,8 @@ class SourceReader:
         scheme, sep, _ = uri.partition("://")
         if sep and scheme.lower() != "file" and scheme.isalnum():
             raise InvalidArgument(
-                f"unsupported URI {uri!r}: use s3://bucket/key or a local path", field="input"
+                f"unsupported URI {echo_uri(uri)}: use s3://bucket/key or a local path",
+                field="input",
             )
         path = self._local_path(uri)
         root = next(r for r in self.local_roots if path.is_relative_to(r))
@@ -219,20 +229,20 @@ class SourceReader:
                 rows = _chain(first, lines)
                 yield from (_jsonl_items(rows, uri) if jsonl else _csv_items(rows, uri))
         except NotFound:
-            raise NotFound(f"manifest {uri!r} not found", field="manifest_uri") from None
+            raise NotFound(f"manifest {echo_uri(uri)} not found", field="manifest_uri") from None
         except InvalidImage as exc:
             if exc.reason == "TOO_LARGE":
                 raise InvalidArgument(
-                    f"manifest {uri!r} is larger than {max_bytes:,} bytes, the limit",
+                    f"manifest {echo_uri(uri)} is larger than {max_bytes:,} bytes, the limit",
                     field="manifest_uri",
                     reason="TOO_LARGE",
                 ) from None
             raise InvalidArgument(
-                f"manifest {uri!r}: {exc.message}", field="manifest_uri", reason=exc.reason
+                f"manifest {echo_uri(uri)}: {exc.message}", field="manifest_uri", reason=exc.reason
             ) from None
         except UnicodeDecodeError:
             raise InvalidArgument(
-                f"manifest {uri!r} is not UTF-8 text", field="manifest_uri"
+                f"manifest {echo_uri(uri)} is not UTF-8 text", field="manifest_uri"
             ) from None
 
 
@@ -274,14 +284,17 @@ def _csv_items(rows: Iterator[tuple[int, str]], uri: str) -> Iterator[ItemInput]
             item_uri = fields[uri_column] if uri_column < len(fields) else ""
             if not item_uri:
                 raise InvalidArgument(
-                    f"manifest {uri!r} line {numbers[0]}: no URI in column {uri_column + 1}",
+                    f"manifest {echo_uri(uri)} line {numbers[0]}: no URI in column "
+                    f"{uri_column + 1}",
                     field="manifest_uri",
                 )
             item_id = fields[id_column] if 0 <= id_column < len(fields) else ""
             yield ItemInput(id=item_id, uri=item_uri)
-    except csv.Error as exc:
+    except csv.Error:  # its text is Python's; what can be wrong is said here
         raise InvalidArgument(
-            f"manifest {uri!r} line {numbers[0]}: not valid CSV ({exc})", field="manifest_uri"
+            f"manifest {echo_uri(uri)} line {numbers[0]}: not valid CSV (an unclosed quote, a "
+            f"NUL byte, or a field over {csv.field_size_limit():,} characters)",
+            field="manifest_uri",
         ) from None
 
 
@@ -295,7 +308,7 @@ def _jsonl_items(rows: Iterator[tuple[int, str]], uri: str) -> Iterator[ItemInpu
             item_uri = None
         if not isinstance(item_uri, str) or not item_uri:
             raise InvalidArgument(
-                f'manifest {uri!r} line {number}: expected {{"uri": "...", "id": "..."}}',
+                f'manifest {echo_uri(uri)} line {number}: expected {{"uri": "...", "id": "..."}}',
                 field="manifest_uri",
             )
         yield ItemInput(id="" if item_id is None else str(item_id), uri=item_uri)
