@@ -45,8 +45,11 @@ class CommonSettings(BaseSettings):
     lease_ttl_s: float = Field(30.0, ge=1)
     # A chunk's Celery time limits: 60 s + this per image (soft), one more minute (hard).
     item_time_limit_s: float = Field(5.0, gt=0)
-    # A complete job whose results files cannot be written for this long ends FAILED.
-    finalize_timeout_s: float = Field(600.0, ge=0)
+    # A complete job whose results files cannot be written ends FAILED with the reason: at
+    # once when no wait changes it (a symbolic link, permission denied, a missing bucket,
+    # access denied), else once its writes have failed for this long (storage unreachable;
+    # tried 5 s doubling to 60 s apart). Its slot in the tenant's concurrent jobs is freed.
+    finalize_timeout_s: float = Field(300.0, ge=0)
     device: str = "auto"
     # Which form of a model version serves (perito_core.models.selection): `auto` times each
     # verified compiled form this CPU can run at load and keeps the fastest; `fp32`, `bf16`, `int8`

@@ -182,23 +182,30 @@ def test_the_watchdog_finishes_a_complete_job_nobody_finalised(
 def test_results_that_cannot_be_written_end_the_job_failed_with_the_reason(
     store: JobStore, tmp_path: Path
 ) -> None:
+    from perito_core.errors import StorageUnavailable
     from perito_core.jobs.results import finalize_job
+    from tests.helpers import free_port
 
-    blocker = tmp_path / "file"
-    blocker.write_text("not a folder")
-    job_id = _create(store, 3, 4, blocker / "out")
-    store.record_results(job_id, [_ok(i) for i in range(3)])
+    def complete(n: int, output_uri: str) -> str:
+        items = (ItemInput(id=str(i), uri=f"s3://b/{i}.jpg") for i in range(n))
+        job, _ = create_job(store, items, output_uri=output_uri, chunk_size=4)
+        store.record_results(job.id, [_ok(i) for i in range(n)])
+        return job.id
+
+    nobody = S3Options(endpoint_url=f"http://127.0.0.1:{free_port()}", max_attempts=1)
+    job_id = complete(3, "s3://results/x")  # an S3 server nobody runs: it may come back
     for _ in range(2):  # an outage is retried, within the time allowed
-        with pytest.raises((NotADirectoryError, FileExistsError)):
-            finalize_job(store, job_id, S3Options(), give_up_after_s=0)
+        with pytest.raises(StorageUnavailable, match="object storage is unreachable"):
+            finalize_job(store, job_id, nobody, give_up_after_s=60)
     assert store.get(job_id).state is JobState.QUEUED
-    job = finalize_job(store, job_id, S3Options(), give_up_after_s=0)  # third try, time is up
+    job = finalize_job(store, job_id, nobody, give_up_after_s=0)  # third try, time is up
     assert job.state is JobState.FAILED
-    assert "results could not be written" in job.error and "3 tries" in job.error
+    assert job.error.startswith("results could not be written: object storage is unreachable")
+    assert "3 tries" in job.error
     assert [r.state for r in store.results(job_id, 0, 3)] == [ItemState.SUCCEEDED] * 3
     watchdog = _watchdog(store)  # and a failing write is not retried at every sweep
-    other = _create(store, 1, 4, blocker / "other")
-    store.record_results(other, [_ok(0)])
+    watchdog.s3 = nobody
+    other = complete(1, "s3://results/other")
     assert watchdog.sweep().finalized == 0  # first try failed (counted as an error)
     assert store.get(other).finalize_attempts == 1
     watchdog.sweep()

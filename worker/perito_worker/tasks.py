@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field
 from perito_core import tracing
 from perito_core.errors import StorageUnavailable
 from perito_core.jobs.queue import BULK_QUEUE, CLASSIFY_CHUNK, FINALIZE_JOB, make_celery
-from perito_core.jobs.results import finalize_job
+from perito_core.jobs.results import RETRY_FIRST_S, RETRY_MAX_S, finalize_job
 from perito_core.logs import JOB_ID
 from perito_worker import metrics
 from perito_worker.processing import WorkerRuntime, classify_chunk
@@ -77,10 +77,13 @@ def send_finalize(job_id: str) -> None:
     app.send_task(FINALIZE_JOB, kwargs={"job_id": job_id}, queue=BULK_QUEUE)
 
 
-# Transient failures (storage or Redis unreachable) retry the finalize task with backoff. A
-# chunk is never retried by Celery: an attempt that ends early gives its lease back with the
-# reason, and the watchdog sends the chunk again (so a broker that is down when the retry
-# would be sent cannot lose it).
+# Transient failures (storage or Redis unreachable) retry the finalize task with backoff: 5 s
+# doubling to 60 s, without jitter, so that with the default PERITO_FINALIZE_TIMEOUT_S (300 s)
+# the worker's own retries (315 s in all) reach the try that ends the job FAILED; the watchdog
+# tries too, on the same schedule. A refusal no wait changes is never retried: `finalize_job`
+# ends the job FAILED at once. A chunk is never retried by Celery: an attempt that ends early
+# gives its lease back with the reason, and the watchdog sends the chunk again (so a broker
+# that is down when the retry would be sent cannot lose it).
 _TRANSIENT = (StorageUnavailable, redis.ConnectionError, redis.TimeoutError)
 
 
@@ -100,8 +103,9 @@ def classify_chunk_task(**kwargs: Any) -> None:
 @app.task(
     name=FINALIZE_JOB,
     autoretry_for=_TRANSIENT,
-    retry_backoff=True,
-    retry_backoff_max=60,
+    retry_backoff=int(RETRY_FIRST_S),
+    retry_backoff_max=int(RETRY_MAX_S),
+    retry_jitter=False,
     max_retries=8,
 )
 def finalize_job_task(job_id: str) -> None:

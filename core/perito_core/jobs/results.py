@@ -2,28 +2,45 @@
 
 Called by the worker whose chunk accounts for the last item, by the server when a cancel
 accounts for the rest, and by the watchdog for a complete job nobody finished. Idempotent: a
-second call rewrites the same files and changes nothing. A job whose files cannot be written
-for `give_up_after_s` ends FAILED with the reason; its item results stay readable.
+second call rewrites the same files and changes nothing.
+
+A job whose files cannot be written ends FAILED with the reason, its item results readable
+through the API until its retention ends. A refusal that waiting cannot change (a results file
+that is a symbolic link, a file where the output folder should be, permission denied, a
+read-only file system, a missing bucket, access denied) ends it at the first try; a failure
+that may pass (storage unreachable, a server error, a full disk) is tried again, 5 s doubling
+to 60 s apart (`RETRY_FIRST_S`, `RETRY_MAX_S`), until `give_up_after_s` has passed since the
+first failed try. The reason is written for the job's owner: what was refused, in terms of the
+output location they named, never a path the server resolved.
 """
 
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import logging
+import os
+import stat
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from perito_core.errors import FailedPrecondition, PeritoError
+from perito_core.errors import FailedPrecondition, PeritoError, StorageUnavailable
 from perito_core.jobs.store import ItemResult, Job, JobStore
-from perito_core.storage import S3Options, open_store
+from perito_core.storage import LocalStore, ObjectStore, S3Options, open_store, split_s3_uri
 
 log = logging.getLogger(__name__)
 
 PAGE = 2000
+RESULT_FILES = ("results.jsonl", "results.csv")
+# Tries of a write that may succeed later: the first again after 5 s, each wait doubling, 60 s
+# at most (the finalize task's Celery backoff and the watchdog's).
+RETRY_FIRST_S = 5.0
+RETRY_MAX_S = 60.0
 
 
 def _json_line(result: ItemResult, job: Job) -> str:
@@ -90,19 +107,24 @@ def write_results(store: JobStore, job: Job, jsonl: IO[str], table: IO[str]) -> 
 
 
 def finalize_job(
-    store: JobStore, job_id: str, s3: S3Options, *, give_up_after_s: float = 600.0
+    store: JobStore, job_id: str, s3: S3Options, *, give_up_after_s: float = 300.0
 ) -> Job:
     """Write the results files to the job's output location and set its terminal state.
 
     Args:
-        give_up_after_s: how long the output location may keep failing (from the first
-            failed write, with at least 3 tries) before the job ends FAILED with the reason.
-            Its item results stay readable through the API until its retention ends.
+        give_up_after_s: how long, from the first failed try, a write that may succeed later
+            (storage unreachable) is tried again before the job ends FAILED. A refusal no
+            wait can change ends it FAILED at once (see the module docstring).
+
+    Returns:
+        The job, terminal: SUCCEEDED, PARTIALLY_SUCCEEDED, FAILED or CANCELLED from its
+        items, or FAILED with `error` "results could not be written: ..." (its item
+        results kept as they were recorded).
 
     Raises:
-        StorageUnavailable: Redis is unreachable.
-        Exception: writing to the output location failed this time, whatever it raised
-            (retried by the caller: the finalize task's backoff, or the watchdog).
+        StorageUnavailable: Redis is unreachable; or the write failed in a way that may pass
+            and `give_up_after_s` has not passed yet (retried by the caller: the finalize
+            task's backoff, or the watchdog).
     """
     job = store.get(job_id)
     if job.state.terminal:
@@ -116,29 +138,132 @@ def finalize_job(
             write_results(store, job, jsonl, table)
         try:
             output = open_store(job.output_uri, s3)
+            _refuse_links(output)
             output.upload_file("results.jsonl", jsonl_path)
             output.upload_file("results.csv", csv_path)
-        except Exception as exc:
-            message = (
-                exc.message if isinstance(exc, PeritoError) else f"{type(exc).__name__}: {exc}"
-            )
+        except Exception as exc:  # classified below: the job ends, or the write is tried again
+            failure = write_failure(exc, job.output_uri)
             attempts, first_failure = store.note_finalize_failure(job_id)
-            if attempts < 3 or time.time() - first_failure < give_up_after_s:
-                log.warning("job %s: results not written (try %d): %s", job_id, attempts, message)
-                raise
-            log.error("job %s: results cannot be written, ending it failed: %s", job_id, message)
-            error = (
-                f"results could not be written to {job.output_uri} ({attempts} tries over "
-                f"{time.time() - first_failure:.0f} s): {message}"
-            )
+            waited = time.time() - first_failure
+            if not failure.permanent and waited < give_up_after_s:
+                log.warning(
+                    "job %s: results not written (try %d): %s (%s)",
+                    job_id,
+                    attempts,
+                    failure.reason,
+                    _describe(exc),
+                )
+                raise StorageUnavailable(
+                    f"results not written yet (try {attempts}): {failure.reason}",
+                    retry_after=min(RETRY_MAX_S, RETRY_FIRST_S * 2.0 ** (attempts - 1)),
+                ) from exc
+            error = f"results could not be written: {failure.reason}"
+            if not failure.permanent:
+                error += f" ({attempts} tries over {waited:.0f} s)"
+            log.error("job %s: ending it failed: %s (%s)", job_id, error, _describe(exc))
             return store.finish(job_id, [], error=error)
     base = job.output_uri.rstrip("/")
     return store.finish(job_id, [f"{base}/results.jsonl", f"{base}/results.csv"])
 
 
+@dataclass(frozen=True)
+class WriteFailure:
+    """Why writing the results files failed, as the job's owner may read it.
+
+    Attributes:
+        permanent: no wait will change it (the job ends FAILED at once).
+        reason: what was refused, naming only the results files, the caller's own bucket or
+            an error code: never a path the server resolved (a link's target may be another
+            tenant's folder).
+    """
+
+    permanent: bool
+    reason: str
+
+
+class _Refused(Exception):
+    """A results file the output folder holds as something that must not be written over."""
+
+
+def _refuse_links(output: ObjectStore) -> None:
+    """Refuse a local output folder whose results file is a symbolic link (wherever it
+    points: it is never followed) or a folder."""
+    if not isinstance(output, LocalStore):
+        return
+    for name in RESULT_FILES:
+        try:
+            mode = os.lstat(output.root / name).st_mode
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        if stat.S_ISLNK(mode):
+            raise _Refused(f"{name} is a symbolic link; it is not followed")
+        if stat.S_ISDIR(mode):
+            raise _Refused(f"{name} is a folder")
+
+
+# OSError numbers no wait changes, and what each means for an output folder.
+_PERMANENT_ERRNO = {
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.EROFS: "the output folder is on a read-only file system",
+    errno.ENOTDIR: "part of the output path is a file, not a folder",
+    errno.EEXIST: "part of the output path is a file, not a folder",  # mkdir over a file
+    errno.EISDIR: "a results file is a folder",
+    errno.ELOOP: "the output path holds a symbolic link loop",
+    errno.ENAMETOOLONG: "the output path is too long",
+}
+# HTTP statuses of an S3 refusal that may pass: a timeout, a conflicting operation in
+# progress, throttling. Any other 4xx (AccessDenied, NoSuchBucket, ...) is final.
+_S3_TRANSIENT_STATUS = {408, 409, 429}
+
+
+def write_failure(exc: BaseException, output_uri: str) -> WriteFailure:
+    """Classify an exception raised while writing the results files to `output_uri`.
+
+    Permanent: a symbolic link or folder in a results file's place, the OSErrors of
+    `_PERMANENT_ERRNO`, an S3 4xx refusal (but 408, 409, 429), and any other Perito error
+    but `StorageUnavailable` (a URI no store takes, a key out of the folder). Everything
+    else may pass: an S3 endpoint unreachable or answering 5xx, a full disk, an I/O error.
+    """
+    if isinstance(exc, _Refused):
+        return WriteFailure(True, str(exc))
+    if isinstance(exc, OSError):
+        if exc.errno in _PERMANENT_ERRNO:
+            return WriteFailure(True, _PERMANENT_ERRNO[exc.errno])
+        return WriteFailure(False, exc.strerror or type(exc).__name__)
+    if isinstance(exc, StorageUnavailable):
+        return _s3_failure(exc, output_uri)
+    if isinstance(exc, PeritoError):
+        return WriteFailure(True, exc.message)
+    return WriteFailure(False, type(exc).__name__)
+
+
+def _s3_failure(exc: StorageUnavailable, output_uri: str) -> WriteFailure:
+    """`S3Store` raises StorageUnavailable for every failed call, from None; the botocore
+    error it replaced is still its `__context__`: a ClientError holds the server's answer."""
+    from botocore.exceptions import ClientError
+
+    answer = exc.__cause__ or exc.__context__
+    if not isinstance(answer, ClientError):
+        return WriteFailure(False, "object storage is unreachable")
+    code = str(answer.response.get("Error", {}).get("Code", "")) or "no error code"
+    status = int(answer.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+    if code == "NoSuchBucket":
+        return WriteFailure(True, f"bucket {split_s3_uri(output_uri)[0]!r} does not exist")
+    if 400 <= status < 500 and status not in _S3_TRANSIENT_STATUS:
+        return WriteFailure(True, f"object storage refused the write ({code})")
+    return WriteFailure(False, f"object storage failed the write ({code})")
+
+
+def _describe(exc: BaseException) -> str:
+    """The exception as the operator's log shows it (paths included)."""
+    return exc.message if isinstance(exc, PeritoError) else f"{type(exc).__name__}: {exc}"
+
+
 def check_output_writable(uri: str, s3: S3Options) -> None:
     """Write and delete a small object under `uri`, so a job that could never deliver its
-    results is refused at submission.
+    results is refused at submission (a local folder whose results file is a symbolic link
+    or a folder too: see `finalize_job`).
 
     Raises:
         FailedPrecondition: the location cannot be written (field `output_uri`), with why.
@@ -146,8 +271,13 @@ def check_output_writable(uri: str, s3: S3Options) -> None:
     key = f".perito-write-check-{uuid.uuid4().hex[:8]}"
     try:
         output = open_store(uri, s3)
+        _refuse_links(output)
         output.write_bytes(key, b"")
         output.delete(key)
+    except _Refused as exc:
+        raise FailedPrecondition(
+            f"output_uri {uri!r} cannot be written: {exc}", field="output_uri"
+        ) from None
     except PeritoError as exc:
         raise FailedPrecondition(
             f"output_uri {uri!r} cannot be written: {exc.message}", field="output_uri"

@@ -142,6 +142,7 @@ class Job:
     cancel_requested: bool = False
     completed_at: float = 0.0  # when the last item was recorded
     finalize_attempts: int = 0
+    finalize_first_failure: float = 0.0  # Unix seconds; 0: no write of its files failed
     finalize_last_failure: float = 0.0
     tenant: str = ""  # who submitted it; "" for jobs recorded before tenants existed
 
@@ -510,6 +511,7 @@ class JobStore:
             cancel_requested=data.get("cancel_requested") == "1",
             completed_at=float(data.get("completed_at") or 0),
             finalize_attempts=int(data.get("finalize_attempts") or 0),
+            finalize_first_failure=float(data.get("finalize_first_failure") or 0),
             finalize_last_failure=float(data.get("finalize_last_failure") or 0),
             tenant=data.get("tenant", ""),
         )

@@ -6,9 +6,11 @@ A sweep, run every few seconds by the server (one replica at a time, under a Red
    store holds for them (their results files stay where they were written).
 2. **Finishing.** A job whose items have all been recorded for `finalize_grace_s` but which is
    not terminal (the worker that recorded the last item died before finalising, the finalize
-   message was lost, or it waits behind a long queue) is finalised here. A failed write is
-   tried again after a backoff (10 s doubling to 5 minutes); a job whose results cannot be
-   written for `finalize_timeout_s` ends FAILED with the reason.
+   message was lost, or it waits behind a long queue) is finalised here. A refusal no wait
+   changes (a results file that is a symbolic link, permission denied, a missing bucket) ends
+   it FAILED at once; a write that may succeed later is tried again, 5 s doubling to 60 s
+   apart, the last try due when `finalize_timeout_s` has passed since the first failed one,
+   which ends the job FAILED with the reason if it fails too (`results.finalize_job`).
 3. **Lost chunks.** A chunk with unrecorded items, no live lease (no worker is running it)
    and no message waiting in the broker's queue, seen so on two sweeps in a row, is sent
    again. That covers a submission that died between recording the job and enqueueing it, a
@@ -36,7 +38,7 @@ import redis
 
 from perito_core.errors import PeritoError
 from perito_core.jobs.queue import queued_chunks, send_chunks
-from perito_core.jobs.results import finalize_job
+from perito_core.jobs.results import RETRY_FIRST_S, RETRY_MAX_S, finalize_job
 from perito_core.jobs.store import Job, JobStore
 from perito_core.storage import S3Options
 
@@ -68,7 +70,8 @@ class Watchdog:
         item_time_limit_s: per-image time budget, for resent chunks' time limits.
         interval_s: the time between sweeps; the lock is held for twice that.
         finalize_grace_s: how long a complete job is left to the worker's finalize task.
-        finalize_timeout_s: how long its results files may keep failing to be written.
+        finalize_timeout_s: how long, from the first failed write, its results files are
+            tried again when the failure may pass (the job then ends FAILED).
     """
 
     store: JobStore
@@ -80,7 +83,7 @@ class Watchdog:
     item_time_limit_s: float
     interval_s: float
     finalize_grace_s: float = 15.0
-    finalize_timeout_s: float = 600.0
+    finalize_timeout_s: float = 300.0
     on_resend: Callable[[int], None] | None = None
     _token: str = field(default_factory=lambda: uuid.uuid4().hex, init=False, repr=False)
     _suspects: set[tuple[str, int]] = field(default_factory=set, init=False, repr=False)
@@ -135,9 +138,10 @@ class Watchdog:
     def _finalize_due(self, job: Job, now: float) -> bool:
         if now - (job.completed_at or now) < self.finalize_grace_s:
             return False  # the worker that recorded the last item is finalising it
-        if job.finalize_attempts:
-            backoff = min(300.0, 10.0 * 2.0 ** (job.finalize_attempts - 1))
-            return now - job.finalize_last_failure >= backoff
+        if job.finalize_attempts:  # backing off, but never past the bound
+            backoff = min(RETRY_MAX_S, RETRY_FIRST_S * 2.0 ** (job.finalize_attempts - 1))
+            due = job.finalize_last_failure + backoff
+            return now >= min(due, job.finalize_first_failure + self.finalize_timeout_s)
         return True
 
     def _finalize(self, job_id: str, report: SweepReport) -> None:
