@@ -26,6 +26,11 @@ Scenarios:
   `x.jpg` and a 2 GB sparse file beside 4 good images: those 4 fail, named, within seconds.
 - `unwritable-output`: an `output_uri` under a regular file (and a read-only folder, unless
   running as root) is refused at submission with FAILED_PRECONDITION; no job is made.
+- `unwritable-results`: output folders changed after their jobs were accepted, before a
+  worker ran them: `results.jsonl` a symbolic link to a file out of the root, a file where the
+  folder was, the folder deleted. The first two end FAILED with the reason within seconds of
+  their last item (every item keeping its result, the link's target untouched), the third is
+  made again and succeeds; a symlinked `results.jsonl` at submission is FAILED_PRECONDITION.
 - `overload`: 160 concurrent `Classify` callers against a server admitting 16 images: excess
   calls get RESOURCE_EXHAUSTED with a retry hint, admitted calls are answered, health checks
   say SERVING throughout, the server's RSS stays bounded.
@@ -586,10 +591,13 @@ def duplicates_in_results(rows: list[dict[str, Any]], done: int) -> int:
     return max(listed_again, done - len(settled))
 
 
-def check_job(stack: Stack, job: perito.Job, out: Outcome) -> JobCheck:
+def check_job(
+    stack: Stack, job: perito.Job, out: Outcome, *, results_file: bool = True
+) -> JobCheck:
     """Check one terminal job against its counters, its results file and Redis; add it up.
     Its Redis record must still be there: a job with a short retention is checked as soon as
-    it ends (`wait_terminal`'s `on_terminal`)."""
+    it ends (`wait_terminal`'s `on_terminal`). Without `results_file` (a job whose results
+    could not be written), its items are counted from Redis alone."""
     key = f"perito:job:{job.id}"
     with stack.r.pipeline(transaction=True) as pipe:
         pipe.hgetall(key)
@@ -615,7 +623,8 @@ def check_job(stack: Stack, job: perito.Job, out: Outcome) -> JobCheck:
     rows: list[dict[str, Any]] = []
     jsonl = next((u for u in job.result_uris if u.endswith(".jsonl")), "")
     if not jsonl:
-        out.problems.append(f"{label}: no results.jsonl ({job.state.value}: {job.error})")
+        if results_file:
+            out.problems.append(f"{label}: no results.jsonl ({job.state.value}: {job.error})")
         lost = job.total - min(recorded, job.total)
     else:
         rows = [json.loads(line) for line in Path(jsonl).read_text().splitlines() if line]
@@ -996,6 +1005,86 @@ def scenario_unwritable_output(lab: Lab, out: Outcome, sampler: Sampler) -> None
     out.figures["refused"] = len(refused)
 
 
+def scenario_unwritable_results(lab: Lab, out: Outcome, sampler: Sampler) -> None:
+    stack = lab.stack("faults", FAULTS, models=("tiny", "boom"))
+    sampler.reset(stack)
+    client = stack.client()
+    base = lab.root / "unwritable-results"
+    photos = base / "photos"
+    write_pngs(photos, 24, seed=6)
+    other = lab.work / "outside" / "other-tenant.jsonl"  # another tenant's file, out of the root
+    other.parent.mkdir(exist_ok=True)
+    other.write_text("another tenant's results\n")
+    # At submission: a results file that is a symbolic link is refused there.
+    linked = base / "linked-at-submission"
+    linked.mkdir(parents=True)
+    (linked / "results.jsonl").symlink_to(other)
+    before = stack.job_ids()
+    try:
+        accepted = client.submit_job(str(photos), model="tiny", output_uri=str(linked))
+        out.problems.append(f"a symlinked results.jsonl accepted at submission: {accepted.id}")
+    except perito.FailedPreconditionError as exc:
+        out.expect("output_uri" in exc.message, f"refusal does not name output_uri: {exc}")
+        out.expect(str(other) not in exc.message, f"refusal names the link's target: {exc}")
+    out.expect(stack.job_ids() == before, "a refused submission left a job behind")
+    # Mid-job: each output folder is changed after the job was accepted, while no worker runs.
+    stack.workers[0].stop()
+    cases = {
+        "symlink": "results could not be written: results.jsonl is a symbolic link; it is not "
+        "followed",
+        "file-for-folder": "results could not be written: part of the output path is a file, "
+        "not a folder",
+        "deleted": "",  # made again: the job succeeds
+    }
+    handles = {
+        case: client.submit_job(
+            str(photos), model="tiny", output_uri=str(base / case / "out"), chunk_size=8
+        )
+        for case in cases
+    }
+    (base / "symlink" / "out" / "results.jsonl").symlink_to(other)
+    shutil.rmtree(base / "file-for-folder" / "out")
+    (base / "file-for-folder" / "out").write_text("a file where the output folder was")
+    shutil.rmtree(base / "deleted")
+    started = time.monotonic()
+    stack.workers[0].start()
+    jobs = wait_terminal(client, [h.id for h in handles.values()], timeout=120)
+    seconds = time.monotonic() - started
+    lags = []
+    for (case, reason), job in zip(cases.items(), jobs, strict=True):
+        check_job(stack, job, out, results_file=not reason)
+        completed = float(stack.r.hget(f"perito:job:{job.id}", "completed_at") or 0)  # type: ignore[arg-type]
+        lag = job.finished.timestamp() - completed if job.finished and completed else -1.0
+        lags.append(lag)
+        out.expect(0 <= lag < 5, f"{case}: ended {lag:.1f}s after its last item (expected < 5)")
+        if reason:
+            out.expect(
+                job.state is perito.JobState.FAILED and job.error == reason,
+                f"{case}: {job.state.value} {job.error!r}, expected failed {reason!r}",
+            )
+            out.expect(job.succeeded == job.total, f"{case}: {job.succeeded}/{job.total} kept")
+        else:
+            out.expect(
+                job.state is perito.JobState.SUCCEEDED,
+                f"{case}: {job.state.value} {job.error!r}, expected succeeded",
+            )
+    out.expect(
+        other.read_text() == "another tenant's results\n", "the symlink's target was written"
+    )
+    out.expect(
+        not (base / "symlink" / "out" / "results.csv").exists(), "results.csv written beside"
+    )
+    check_store(stack, out)
+    out.notes.append(
+        "symlinked results.jsonl at submission: FAILED_PRECONDITION; accepted, then changed "
+        "before any item ran: symlinked results.jsonl and a file in the folder's place ended "
+        f"failed with the reason, the folder deleted was made again and succeeded; each ended "
+        f"{max(lags):.1f}s at most after its last item, all {seconds:.1f}s after the worker "
+        "started; every item kept its result"
+    )
+    out.figures["seconds_after_last_item"] = dict(zip(cases, lags, strict=True))
+
+
 OVERLOAD = Config(workers=0, server_env=(("PERITO_MAX_QUEUE_SIZE", "16"),), preload="tiny")
 
 
@@ -1296,6 +1385,7 @@ SCENARIOS: dict[str, Callable[[Lab, Outcome, Sampler], None]] = {
     "chunk-error": scenario_chunk_error,
     "odd-files": scenario_odd_files,
     "unwritable-output": scenario_unwritable_output,
+    "unwritable-results": scenario_unwritable_results,
     "overload": scenario_overload,
     "retention": scenario_retention,
     "slow-chunk": scenario_slow_chunk,
