@@ -243,6 +243,7 @@ class JobStore:
         self._delete = client.register_script(_lua("delete"))
         self._reserve = client.register_script(_lua("reserve"))
         self._sweep_lock = client.register_script(_lua("sweep_lock"))
+        self._release_claims = client.register_script(_lua("release_claims"))
 
     @classmethod
     def connect(cls, url: str, *, outage_retry_s: float = 0.0) -> JobStore:
@@ -327,6 +328,22 @@ class JobStore:
         if self.redis.set(keys[0], job_id, nx=True, ex=ttl_s):
             return True
         return _decode(self.redis.get(keys[0])) in ("", job_id)  # "": expired since
+
+    @_redis_unavailable
+    def release_claims(
+        self, job_id: str, *, request_id: str = "", tenant: str = "", output_location: str = ""
+    ) -> None:
+        """Forget what `claim_request` and `claim_output` recorded for `job_id` when its
+        submission was refused: the request id (so it may be sent again) and the output
+        location `locations[0]` of `claim_output`. Nothing changes if the job exists, nor for
+        a claim that names another job; atomic."""
+        keys = [self._key(job_id)]
+        if request_id:
+            keys.append(self._request_key(request_id, tenant))
+        if output_location:
+            keys.append(_OUTPUT_PREFIX + output_location)
+        if len(keys) > 1:
+            self._release_claims(keys=keys, args=[job_id])
 
     @_redis_unavailable
     def hold_sweep_lock(self, holder: str, ttl_ms: int) -> bool:
