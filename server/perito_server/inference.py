@@ -332,8 +332,8 @@ class InferenceService:
             deadline: `time.monotonic()` by which the answer is due, or None.
             describe: index -> (field, label) naming an image in a refusal, e.g.
                 `("images[3]", "images[3] (id 'a.jpg')")`.
-            precision: a form at least as exact as the server's (`forms.requested_precision`),
-                or "" for the server's.
+            precision: a precision to answer in, at least as exact as the server's setting,
+                or "" for that setting (a preference): docs/models.md#precision.
 
         Returns:
             The probabilities of each image, in order, and what answered.
@@ -342,7 +342,9 @@ class InferenceService:
             QuotaExceeded: over the tenant's images per minute.
             NotFound: no such model, version or alias.
             InvalidArgument: pixels not [N, H, W, 3] at the model's input size, or a
-                `precision` less exact than the server's.
+                `precision` that is not one or is less exact than the server's.
+            PrecisionUnavailable: (FAILED_PRECONDITION) a `precision` no form of the version
+                serves here (`selection.check_precision`).
             InvalidImage: undecodable images, each named by `describe` in the violations.
             QueueFull: no room now (with a retry hint), or never (REQUEST_TOO_LARGE).
             DeadlineExceeded: the deadline passed while its images waited.
@@ -526,8 +528,8 @@ class InferenceService:
             outputs: what to answer; empty means `probabilities`.
             nbytes: the request's size, for admission (`max_queue_bytes`).
             deadline: `time.monotonic()` by which to answer, or None.
-            precision: the request's `precision` parameter (Perito's: a form at least as
-                exact as the server's, as `ClassifyRequest.precision`), None when absent.
+            precision: the request's `precision` parameter (Perito's, as
+                `ClassifyRequest.precision`: honoured or refused), None when absent.
 
         Returns:
             `probabilities` FP32 [N, C], or with `classification` = k, BYTES [N, k] of
@@ -536,8 +538,8 @@ class InferenceService:
         Raises:
             InvalidArgument: not one input, a bad shape or datatype, an unknown output, a bad
                 `classification`, an undecodable image (named `<input>[i]`).
-            NotFound, QueueFull, QuotaExceeded, DeadlineExceeded, ShuttingDown: as
-                `infer`.
+            NotFound, PrecisionUnavailable, QueueFull, QuotaExceeded, DeadlineExceeded,
+                ShuttingDown: as `infer`.
             PeritoError: INTERNAL, reason MODEL_OUTPUT_NOT_FINITE, when the model's output
                 for any image holds NaN or infinity (`_refuse_not_finite`).
         """
