@@ -367,7 +367,8 @@ def openapi_document(routes: Iterable[BaseRoute], version: str) -> dict[str, Any
                 f"{route.path}: path parameters {sorted(route.param_convertors)}, "
                 f"documented {declared}"
             )
-        # What the route's convertor matches (one segment, no `:`): the path's own rule.
+        # What the route's convertor matches (one segment, no `:`), unless the parameter
+        # says more (a model name's pattern).
         operation = dataclasses.replace(
             operation,
             parameters=tuple(
@@ -375,7 +376,7 @@ def openapi_document(routes: Iterable[BaseRoute], version: str) -> dict[str, Any
                 if p.where != "path"
                 else dataclasses.replace(
                     p,
-                    schema={**p.schema, "pattern": f"^{route.param_convertors[p.name].regex}$"},
+                    schema={"pattern": f"^{route.param_convertors[p.name].regex}$", **p.schema},
                 )
                 for p in operation.parameters
             ),

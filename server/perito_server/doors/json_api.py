@@ -141,7 +141,7 @@ CLASSIFY = Operation(
                         "items": {"type": "string", "format": "binary"},
                     },
                     "version": {"type": "string"},
-                    "top_k": {"type": "integer", **ANSWER_CHECKS["top_k"]},
+                    "top_k": {"type": "integer", "maximum": MAX_INT32, **ANSWER_CHECKS["top_k"]},
                     "confidence_threshold": {
                         "type": "number",
                         **ANSWER_CHECKS["confidence_threshold"],
@@ -196,6 +196,7 @@ LIST_JOBS = Operation(
                     "enum": [
                         name.removeprefix("JOB_STATE_").lower()
                         for name in jobs_pb2.JobState.keys()  # noqa: SIM118 - not a dict
+                        if name != "JOB_STATE_UNSPECIFIED"  # refused: not a state a job is in
                     ],
                 },
             },
@@ -443,6 +444,9 @@ def parse_classify(document: dict[str, Any], message: classify_pb2.ClassifyReque
 
 def _form_number(key: str, value: str, kind: type[int] | type[float]) -> Any:
     try:
-        return kind(value)
+        number = kind(value)
     except ValueError:
         raise InvalidArgument(f"{key} must be a number", field=key) from None
+    if kind is int and not -MAX_INT32 - 1 <= number <= MAX_INT32:  # the proto field's int32
+        raise InvalidArgument(f"{key} must be a 32-bit whole number", field=key)
+    return number
