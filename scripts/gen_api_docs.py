@@ -45,7 +45,7 @@ def descriptor_set() -> descriptor_pb2.FileDescriptorSet:
             "grpc_tools.protoc",
             f"-I{PROTO_ROOT}",
             f"-I{well_known}",
-        f"-I{googleapis}",
+            f"-I{googleapis}",
             "--include_source_info",
             f"--descriptor_set_out={out}",
             *(str(p.relative_to(PROTO_ROOT)) for p in files),

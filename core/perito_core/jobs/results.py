@@ -131,12 +131,12 @@ def finalize_job(
         return job
     with tempfile.TemporaryDirectory(prefix="perito-results-") as folder:
         jsonl_path, csv_path = Path(folder, "results.jsonl"), Path(folder, "results.csv")
-        with (
-            jsonl_path.open("w", encoding="utf-8") as jsonl,
-            csv_path.open("w", encoding="utf-8", newline="") as table,
-        ):
-            write_results(store, job, jsonl, table)
-        try:
+        try:  # writing the files counts too: whatever fails, the bound below ends the job
+            with (
+                jsonl_path.open("w", encoding="utf-8") as jsonl,
+                csv_path.open("w", encoding="utf-8", newline="") as table,
+            ):
+                write_results(store, job, jsonl, table)
             output = open_store(job.output_uri, s3)
             _refuse_links(output)
             output.upload_file("results.jsonl", jsonl_path)
