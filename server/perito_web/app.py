@@ -8,7 +8,11 @@ relayed with a token of the web server's own.
   cookie that is `HttpOnly` (scripts cannot read it), `SameSite=Strict` (other sites' pages
   never send it) and `Secure` when served over HTTPS. The token stays in this process's
   memory, never in the browser. When the service needs no token (its anonymous mode on
-  loopback), `GET /api/session` starts a session by itself.
+  loopback), `GET /api/session` starts a session by itself, but only while the page itself
+  listens on loopback only (`loopback_only`): beyond loopback every session needs a token,
+  and in front of a service without tenants the page opens none (`perito web` refuses to
+  start there when it can reach the service; else `/api/session` and `/api/login` answer
+  401 saying why), since anyone who reaches the page would act with every right.
 - **CSRF.** Every `/api/` request but login and the session probe must carry the session's
   CSRF token in `X-CSRF-Token` (the page's script adds it to every fetch and form); a forged
   request from another site has the cookie at most, never the token, and gets 403. Unsafe
@@ -155,6 +159,31 @@ def _too_large(limit: int) -> Response:
     return JSONResponse({"error": f"the upload is larger than {limit:,} bytes"}, status_code=413)
 
 
+async def opens_without_token(client: perito.AsyncClient) -> bool:
+    """True when the service answers a call that carries no token: it runs without tenants
+    (anonymous mode), every caller with every right.
+
+    Raises:
+        perito.PeritoError: the service could not be asked (UNAVAILABLE, DEADLINE_EXCEEDED, ...).
+    """
+    try:
+        await client.list_models()
+    except (perito.UnauthenticatedError, perito.PermissionDeniedError):
+        return False
+    return True
+
+
+def anonymous_beyond_loopback(server: str, addresses: list[str]) -> str:
+    """Why the page opens no session in front of the service at `server`, which runs without
+    tenants, while it listens on `addresses` (`host:port`), not all loopback."""
+    return (
+        f"the Perito service at {server} runs without tenants (anonymous: every caller has "
+        f"every right) and this page listens beyond loopback ({', '.join(addresses)}), so it "
+        "opens no session: serve the page on 127.0.0.1 (--host), or give the service tenants "
+        "(PERITO_TENANTS_FILE or PERITO_AUTH_TOKENS) and sign in with a token"
+    )
+
+
 def create_app(
     server: str,
     *,
@@ -162,12 +191,19 @@ def create_app(
     tls: bool = False,
     root_certificates: str | None = None,
     max_upload_bytes: int = MAX_UPLOAD_BYTES,
+    loopback_only: bool = False,
+    addresses: list[str] | None = None,
 ) -> Starlette:
     """The web app for the Perito service at `server` (host:port).
 
     Args:
         tls, root_certificates: how to reach a service that serves TLS.
         max_upload_bytes: the largest request body accepted (counted while it streams).
+        loopback_only: the page listens on loopback addresses only
+            (`perito_core.listening.is_loopback` of each socket). Only then does a service
+            without tenants get sessions without a token; otherwise `/api/session` and
+            `/api/login` in front of such a service answer 401 saying why.
+        addresses: the `host:port` the page listens on, named in that 401.
     """
     # Made on startup, inside the server's event loop: grpc.aio channels belong to one loop.
     # One channel for every session; each call carries its session's token.
@@ -234,15 +270,21 @@ def create_app(
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
+    def refuse_anonymous() -> Response:
+        """401 for a service without tenants in front of a page beyond loopback."""
+        why = anonymous_beyond_loopback(server, addresses or ["not loopback only"])
+        return JSONResponse({"authenticated": False, "error": why}, status_code=401)
+
     async def session_probe(request: Request) -> Response:
-        """The session's CSRF token; in the service's anonymous mode, a new session."""
+        """The session's CSRF token; in the service's anonymous mode, a new session when the
+        page listens on loopback only, else 401 saying why."""
         session = sessions.get(request.cookies.get(SESSION_COOKIE))
         if session is not None:
             return JSONResponse({"authenticated": True, "csrf": session.csrf})
-        try:
-            await sdk().list_models()
-        except (perito.UnauthenticatedError, perito.PermissionDeniedError):
+        if not await opens_without_token(sdk()):
             return JSONResponse({"authenticated": False})
+        if not loopback_only:
+            return refuse_anonymous()
         session_id, session = sessions.start(None)
         body = {"authenticated": True, "csrf": session.csrf, "anonymous": True}
         return with_cookie(JSONResponse(body), request, session_id)
@@ -258,6 +300,9 @@ def create_app(
         token = str(data.get("token") or "").strip() if isinstance(data, dict) else ""
         if not token or len(token) > 512:
             raise HTTPException(400, "a token is required")
+        # A service without tenants takes any token as the anonymous tenant's.
+        if not loopback_only and await opens_without_token(sdk()):
+            return refuse_anonymous()
         metadata = [("authorization", f"Bearer {token}")]
         try:
             await sdk().list_models(metadata=metadata)

@@ -42,12 +42,15 @@ CARD_METRICS = {
 
 
 class WebThread:
-    """`create_app` under uvicorn in a thread, on a free port."""
+    """`create_app` under uvicorn in a thread, on a free port of 127.0.0.1 (loopback only)."""
 
     def __init__(self, target: str, **options: int) -> None:
         self.port = free_port()
         config = uvicorn.Config(
-            create_app(target, **options), host="127.0.0.1", port=self.port, log_level="warning"
+            create_app(target, loopback_only=True, **options),
+            host="127.0.0.1",
+            port=self.port,
+            log_level="warning",
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)

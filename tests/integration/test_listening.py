@@ -316,3 +316,71 @@ def test_web_page_on_a_busy_port(tmp_path: Path) -> None:
             busy.stop()
     assert code != 0
     assert f"perito web: cannot listen on 127.0.0.1:{port}: Address already in use" in busy.text()
+
+
+def start_web(work: Path, name: str, host: str, server: str) -> Proc:
+    return perito_proc(
+        "perito web",
+        ["web", "--host", host, "--port", "0", "--server", server],
+        subprocess_env(),
+        work / f"{name}.log",
+        "Application startup complete",
+    )
+
+
+def page_addresses(web: Proc) -> set[str]:
+    """The `host:port` the page's start line names."""
+    printed = re.search(r"perito web: (http://.*) \(service", web.text())
+    assert printed, web.text()
+    return {f"{host}:{port}" for host, port in re.findall(ADDRESS, printed.group(1))}
+
+
+def test_web_page_beyond_loopback_opens_no_session_without_a_token(
+    tmp_path: Path, serve: list[Proc]
+) -> None:
+    """In front of a service without tenants, a page on 0.0.0.0 gives nobody a session: it
+    refuses to start when it can ask the service, and answers 401 saying why when the service
+    came up after it. On 127.0.0.1 the page starts an anonymous session by itself."""
+    grpc_port = free_port()
+    server = f"127.0.0.1:{grpc_port}"
+    early = start_web(tmp_path, "early", "0.0.0.0", server)  # the service is not up yet
+    pages: list[Proc] = [early]
+    try:
+        early.start(60)
+        assert f"could not ask {server} whether it needs a token" in early.text()
+        start_serve(serve, tmp_path, "--port", str(grpc_port))
+        (address,) = page_addresses(early)
+        assert address.startswith("0.0.0.0:")
+        page = f"http://127.0.0.1:{address.split(':')[1]}"
+        with httpx.Client(base_url=page, timeout=30) as http:
+            probe = http.get("/api/session")
+            assert probe.status_code == 401
+            assert probe.json()["authenticated"] is False
+            assert "runs without tenants" in probe.json()["error"]
+            assert "listens beyond loopback (0.0.0.0:" in probe.json()["error"]
+            assert "perito_session" not in probe.cookies
+            # The anonymous service would take any token as the anonymous tenant's.
+            login = http.post("/api/login", json={"token": "anything"})
+            assert login.status_code == 401 and "runs without tenants" in login.json()["error"]
+            assert "perito_session" not in login.cookies
+            assert http.get("/api/models").status_code == 401
+
+        late = start_web(tmp_path, "late", "0.0.0.0", server)
+        pages.append(late.launch())
+        code = late.wait(60)
+        text = late.text()
+        assert code != 0, text
+        assert "Error: refusing to start: the Perito service at" in text
+        assert "serve the page on 127.0.0.1 (--host)" in text
+        assert "Traceback" not in text and "Application startup complete" not in text
+
+        local = start_web(tmp_path, "local", "127.0.0.1", server)
+        pages.append(local)
+        local.start(60)
+        (address,) = page_addresses(local)
+        assert listening(local.pid) == {address}
+        session = httpx.get(f"http://{address}/api/session", timeout=30)
+        assert session.status_code == 200 and session.json()["anonymous"] is True
+    finally:
+        for process in pages:
+            process.stop()

@@ -240,7 +240,10 @@ def test_the_web_page_classifies_with_an_onnx_model(onnx_service: OnnxService) -
 
     port = free_port()
     config = uvicorn.Config(
-        create_app(onnx_service.server.target), host="127.0.0.1", port=port, log_level="warning"
+        create_app(onnx_service.server.target, loopback_only=True),
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
     )
     web = uvicorn.Server(config)
     thread = threading.Thread(target=web.run, daemon=True)
