@@ -177,9 +177,12 @@ class AsyncClient:
             top_k: classes to return per image.
             confidence_threshold: top-1 probability under which a result is `uncertain`;
                 0 uses the model's recommended threshold, if it has one.
-            precision: a form at least as exact as the server's: "fp32" or "torchscript"
-                (the reference model.pt) where the server serves INT8; "" is the server's.
-                Each result's `form` says which answered.
+            precision: which form of the version answers. "" (the default): the server's
+                setting, a preference, never refused. "auto": the fastest verified form.
+                "fp32", "bf16", "int8", "torchscript" (the reference model.pt): a requirement,
+                that precision answers or the call is refused, never answered by another
+                form. Each result's `form` says which answered. The rule, as a table:
+                docs/models.md#precision.
             ids: your ids for the images; default: file names, or positions.
             on_invalid: what a bad image (undecodable, truncated, too large) does. "fail"
                 (the default): the call raises `InvalidArgumentError` naming each bad image
@@ -189,7 +192,10 @@ class AsyncClient:
             timeout: seconds for the whole call, all its parts and retries included.
 
         Raises:
-            InvalidArgumentError: a bad image (see `violations`) or argument.
+            InvalidArgumentError: a bad image (see `violations`) or argument (a `precision`
+                not in the list above, or less exact than the server's setting).
+            FailedPreconditionError: the version has no form of the `precision` asked that
+                runs there (reason `PRECISION_UNAVAILABLE`; the message lists its forms).
             NotFoundError: unknown model or version.
             DeadlineExceededError: `timeout` ran out.
             ResourceExhaustedError, UnavailableError: after retries ran out.
@@ -257,7 +263,10 @@ class AsyncClient:
                 bytes, PIL images, arrays) are sent in the request instead.
             model, version: the model; the version is resolved now and pinned for the job.
             output_uri: where the results files go (default: the server's results location).
-            precision: a form at least as exact as the workers', as in `classify`.
+            precision: which form answers every image, as in `classify` ("": the workers'
+                setting): a precision named is honoured or the submission refused
+                (`FailedPreconditionError`, reason `PRECISION_UNAVAILABLE`, from the version's
+                forms), never run by another form.
             ids: your ids for a list of images sent inline (default: file names or positions).
             upload_to: an `s3://bucket/prefix/` to upload a local folder's images to first (with
                 boto3, `pip install 'perito[s3]'`); the job then reads them from there.

@@ -31,8 +31,11 @@ device_option = click.option("--device", help="auto, cpu, cuda, cuda:1 ... (env 
 precision_option = click.option(
     "--precision",
     type=click.Choice(PRECISIONS),
-    help="Which form serves: auto (the fastest verified compiled form, else TorchScript), "
-    "fp32, bf16, int8 or torchscript (env PERITO_PRECISION).",
+    help="Which form serves a call that names no precision, a preference: auto (the fastest "
+    "verified compiled form, else TorchScript), fp32, bf16 or int8 (that precision's forms, "
+    "else the fastest more exact one, else TorchScript) or torchscript (env "
+    "PERITO_PRECISION). A precision a call or job names is honoured or refused, never "
+    "substituted: docs/models.md#precision.",
 )
 alias_option = click.option(
     "--alias", "aliases", multiple=True, help="Point this alias at the new version (repeatable)."

@@ -51,10 +51,13 @@ class CommonSettings(BaseSettings):
     # tried 5 s doubling to 60 s apart). Its slot in the tenant's concurrent jobs is freed.
     finalize_timeout_s: float = Field(300.0, ge=0)
     device: str = "auto"
-    # Which form of a model version serves (perito_core.models.selection): `auto` times each
-    # verified compiled form this CPU can run at load and keeps the fastest; `fp32`, `bf16`, `int8`
-    # ask for that precision; `torchscript` for the reference. TorchScript answers whenever
-    # no compiled form loads, with the reason logged.
+    # Which form of a model version serves a call that names no precision
+    # (perito_core.models.selection), a preference, never refused: `auto` times each verified
+    # compiled form this CPU can run at load and keeps the fastest; `fp32`, `bf16`, `int8` that
+    # precision's forms, else the fastest more exact compiled form, else TorchScript (the reason
+    # logged); `torchscript` the reference. A precision a call or job names is honoured or
+    # refused (FAILED_PRECONDITION, reason PRECISION_UNAVAILABLE), never substituted. The
+    # table: docs/models.md#precision.
     precision: PrecisionChoice = "auto"
     log_format: Literal["text", "json"] = "text"
     # OpenTelemetry spans to OTEL_EXPORTER_OTLP_ENDPOINT (needs perito[tracing]).
