@@ -252,10 +252,13 @@ def _print_model(model: Model) -> None:
     click.echo(f"\nlabels: {shown}")
     tensor = latest.card.get("tensor")
     if isinstance(tensor, dict):  # an imported ONNX model: how its graph is fed and read
+        # The graph output served; none recorded before imports named it (the graph's only one).
+        served = f" (graph output {tensor['output_name']})" if tensor.get("output_name") else ""
         click.echo(
             f"onnx input: {tensor.get('layout')} {tensor.get('dtype')} "
             f"{tensor.get('channel_order')}, (pixel x {float(tensor.get('scale', 0)):.6g} - mean "
             f"{tensor.get('mean')}) / std {tensor.get('std')}; output: {tensor.get('output')}"
+            f"{served}"
         )
     metrics = latest.card.get("metrics") or {}
     if metrics:

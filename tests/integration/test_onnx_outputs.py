@@ -146,6 +146,10 @@ def test_the_card_records_the_served_output(imported: Service) -> None:
     cards = {name: imported.client.get_model(name).versions[-1].card for name in ("heads", "label")}
     assert cards["heads"]["tensor"]["output_name"] == "scores"
     assert cards["label"]["tensor"]["output_name"] == "probabilities"
+    shown = run_perito(
+        "models", "show", "heads", "--server", imported.client.target, env=imported.env
+    ).stdout
+    assert "; output: probabilities (graph output scores)" in shown, shown
     # A one-output graph needs no flag; its output's name is recorded all the same.
     waste = waste_model(imported.stores.work / "waste.onnx", SIZE)
     (imported.stores.work / "waste.txt").write_text("organic\nrecyclable\n")
