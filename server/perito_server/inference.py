@@ -55,6 +55,7 @@ from perito_server.oip_protocol import (
     RequestedOutput,
     image_count,
 )
+from perito_server.paging import LIST_MODELS
 from perito_server.settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -679,12 +680,12 @@ class InferenceService:
     ) -> models_pb2.ListModelsResponse:
         """`ListModels` as `tenant` (its allowed models only): for every door.
 
+        Paged as `paging.LIST_MODELS` says.
+
         Raises:
             InvalidArgument: a negative page size.
         """
-        if request.page_size < 0:
-            raise InvalidArgument("page_size must not be negative", field="page_size")
-        page_size = request.page_size or 100
+        page_size = LIST_MODELS.of(request.page_size)
         names = [
             name
             for name in await asyncio.to_thread(self.pool.registry.list_models)

@@ -45,6 +45,7 @@ from perito_core.models.summary import Classification
 from perito_core.storage import check_uri_text, echo_uri, split_s3_uri
 from perito_server.answers import classification_message
 from perito_server.model_pool import ModelPool
+from perito_server.paging import LIST_JOB_RESULTS, LIST_JOBS
 from perito_server.settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -491,14 +492,12 @@ class JobService:
     async def list_jobs(
         self, request: jobs_pb2.ListJobsRequest, tenant: Tenant
     ) -> jobs_pb2.ListJobsResponse:
-        """`tenant`'s jobs, newest first, filtered and paged.
+        """`tenant`'s jobs, newest first, filtered, paged as `paging.LIST_JOBS` says.
 
         Raises:
             InvalidArgument: a negative page size, a bad page token or state.
         """
-        if request.page_size < 0:
-            raise InvalidArgument("page_size must not be negative", field="page_size")
-        page_size = min(request.page_size or 100, 1000)
+        page_size = LIST_JOBS.of(request.page_size)
         try:
             states = frozenset(STATES_OF[state] for state in request.states)
         except KeyError:
@@ -534,9 +533,13 @@ class JobService:
     async def list_results(
         self, request: jobs_pb2.ListJobResultsRequest, tenant: Tenant
     ) -> jobs_pb2.ListJobResultsResponse:
-        if request.page_size < 0:
-            raise InvalidArgument("page_size must not be negative", field="page_size")
-        page_size = min(request.page_size or 1000, 10_000)
+        """A page of `tenant`'s job's results, paged as `paging.LIST_JOB_RESULTS` says.
+
+        Raises:
+            InvalidArgument: a negative page size or a bad page token.
+            NotFound: no such job of `tenant`'s.
+        """
+        page_size = LIST_JOB_RESULTS.of(request.page_size)
         try:
             start = int(request.page_token or 0)
         except ValueError:

@@ -11,10 +11,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import httpx
 import pytest
 
 import perito
+from perito.v1 import jobs_pb2, models_pb2, service_pb2_grpc
+from perito_server import paging
 from tests.conftest import tiny_registry
 from tests.helpers import VENV_BIN, perito_serve_with_http
 from tests.processes import Proc
@@ -211,6 +214,140 @@ def test_refusals_are_aip193_errors_with_the_grpc_codes_status(
     oip = http.get("/v2/models/no-such-model", headers=AUTH)
     assert oip.status_code == 404 and isinstance(oip.json()["error"], str)
     assert oip.json()["status"] == "NOT_FOUND"
+
+
+LISTS = {  # path: the list in its answer
+    "/v1/models": "models",
+    "/v1/jobs": "jobs",
+    "/v1/jobs/{job}/results": "results",
+}
+
+
+def test_page_size_bounds_are_one_rule_on_every_list(
+    http: httpx.Client, served: Served, photos: dict[str, Path]
+) -> None:
+    """Google AIP-158 on each list call, over HTTP and gRPC: a negative page size is
+    INVALID_ARGUMENT naming page_size, any size up to int32's largest is served (cut to the
+    call's largest page), past int32 over HTTP is 400 naming page_size too."""
+    images = [
+        {"content": base64.b64encode(photos[name].read_bytes()).decode(), "id": name}
+        for name in ("coffee", "chelsea", "rocket")
+    ]
+    submitted = http.post("/v1/jobs", json={"model": "tiny", "images": {"images": images}},
+                          headers=AUTH)  # fmt: skip
+    job = submitted.json()["id"]
+    for path, items in LISTS.items():
+        url = path.format(job=job)
+        for size in (-1, -(2**31), 2**31, "many"):
+            error = _error(http.get(url, params={"page_size": size}, headers=AUTH), 400,
+                           "INVALID_ARGUMENT")  # fmt: skip
+            assert _violation(error) == "page_size" and "page_size" in str(error["message"])
+        everything = http.get(url, headers=AUTH).json()[items]
+        if items == "jobs":  # this one and the other tests'
+            assert job in {j["id"] for j in everything}
+        else:
+            assert len(everything) == {"models": 1, "results": 3}[items]
+        one = http.get(url, params={"page_size": 1}, headers=AUTH).json()
+        assert one[items] == everything[:1]
+        assert bool(one["next_page_token"]) == (len(everything) > 1)
+        largest = http.get(url, params={"page_size": 2**31 - 1}, headers=AUTH)
+        assert largest.status_code == 200, (url, largest.text)
+        assert largest.json()[items] == everything and not largest.json()["next_page_token"]
+    requests = {
+        "ListModels": models_pb2.ListModelsRequest(page_size=-1),
+        "ListJobs": jobs_pb2.ListJobsRequest(page_size=-1),
+        "ListJobResults": jobs_pb2.ListJobResultsRequest(job_id=job, page_size=-1),
+    }
+    with grpc.insecure_channel(served.grpc_url) as channel:
+        stub = service_pb2_grpc.PeritoStub(channel)
+        for method, request in requests.items():
+            with pytest.raises(grpc.RpcError) as refused:
+                getattr(stub, method)(request, metadata=[("authorization", f"Bearer {TOKEN}")])
+            assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT, method
+            assert "page_size" in str(refused.value.details()), method
+            request.page_size = 2**31 - 1
+            answer = getattr(stub, method)(request, metadata=[("authorization", f"Bearer {TOKEN}")])
+            assert not answer.next_page_token, method
+
+
+def test_a_page_larger_than_the_largest_is_the_largest(
+    tmp_path: Path, tiny_model_file: Path, redis_url: str
+) -> None:
+    """1001 models: ListModels with any page size past 1000 answers 1000 and a token for the
+    last one, over HTTP and gRPC (it answered all of them in one page)."""
+    tiny_registry(tmp_path / "registry", tiny_model_file)
+    models = tmp_path / "registry" / "models"
+    largest = paging.LIST_MODELS.largest
+    manifest = json.loads((models / "tiny" / "1" / "manifest.json").read_text())
+    for number in range(largest):  # the same model under 1000 more names
+        name = f"m{number:04d}"
+        shutil.copytree(models / "tiny", models / name)
+        (models / name / "1" / "manifest.json").write_text(json.dumps({**manifest, "name": name}))
+    with perito_serve_with_http(
+        tmp_path, PERITO_REDIS_URL=redis_url.rsplit("/", 1)[0] + "/7"
+    ) as serve:
+        base = f"http://{serve.http_url}/v1/models"
+        for size in (largest + 1, 2**31 - 1):
+            first = httpx.get(base, params={"page_size": size}, timeout=120).json()
+            assert len(first["models"]) == largest and first["next_page_token"]
+            rest = httpx.get(
+                base, params={"page_token": first["next_page_token"]}, timeout=60
+            ).json()
+            assert [m["name"] for m in rest["models"]] == ["tiny"] and not rest["next_page_token"]
+        with grpc.insecure_channel(serve.grpc_url) as channel:
+            stub = service_pb2_grpc.PeritoStub(channel)
+            page = stub.ListModels(models_pb2.ListModelsRequest(page_size=5000), timeout=120)
+            assert len(page.models) == largest and page.next_page_token
+        with perito.Client(serve.grpc_url, timeout=120) as client:  # the SDK follows the tokens
+            assert len(client.list_models()) == largest + 1
+
+
+def _violation(error: dict[str, object]) -> str:
+    """The field the AIP-193 error's BadRequest names."""
+    details = error["details"]
+    assert isinstance(details, list)
+    fields = [v["field"] for d in details for v in d.get("fieldViolations", [])]
+    assert len(fields) == 1, error
+    return str(fields[0])
+
+
+def test_a_lone_surrogate_is_refused_naming_its_field(http: httpx.Client) -> None:
+    """JSON's \\u escapes can spell what is not Unicode text: refused naming the field, in
+    the JSON API's words; a surrogate pair (an emoji) is text like any other."""
+    bodies = {
+        "prefix": {"model": "tiny", "prefix": "/photos/\ud800"},
+        "labels.site": {
+            "model": "tiny",
+            "uris": {"uris": ["/a.jpg"]},
+            "labels": {"site": "\udc80"},
+        },
+        "uris.uris[1]": {"model": "tiny", "uris": {"uris": ["/a.jpg", "/b\udfff.jpg"]}},
+    }
+    for field, body in bodies.items():
+        answer = http.post(
+            "/v1/jobs",
+            content=json.dumps(body),  # ASCII with \u escapes, as a client would send it
+            headers={**AUTH, "Content-Type": "application/json"},
+        )
+        error = _error(answer, 400, "INVALID_ARGUMENT")
+        assert _violation(error) == field
+        message = str(error["message"])
+        assert message.startswith(f"{field} is not Unicode text"), message
+        for internal in ("SubmitJobRequest", "Unpaired", "ParseError", "Traceback"):
+            assert internal not in message, message
+    image = {"content": base64.b64encode(b"x").decode(), "id": "\ud83d"}
+    classify = http.post(
+        "/v1/models/tiny:classify",
+        content=json.dumps({"images": [image]}),
+        headers={**AUTH, "Content-Type": "application/json"},
+    )
+    assert _violation(_error(classify, 400, "INVALID_ARGUMENT")) == "images[0].id"
+    emoji = {"model": "tiny", "prefix": "/nowhere/\U0001f600"}  # \ud83d\ude00 on the wire
+    paired = http.post(
+        "/v1/jobs", content=json.dumps(emoji), headers={**AUTH, "Content-Type": "application/json"}
+    )
+    refused = _error(paired, 400, "INVALID_ARGUMENT")  # checked as a path: under no root
+    assert _violation(refused) == "prefix" and "/nowhere/\U0001f600" in str(refused["message"])
 
 
 def test_a_body_over_the_limit_is_refused_while_it_streams(http: httpx.Client) -> None:

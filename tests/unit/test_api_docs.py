@@ -17,3 +17,22 @@ def test_every_method_message_and_field_is_described() -> None:
     assert len(rows) > 60
     undocumented = [row for row in rows if row.rstrip().endswith("|  |")]
     assert undocumented == [], "add comments in proto/ for these"
+
+
+def test_each_page_size_comment_gives_the_servers_numbers() -> None:
+    """The proto comments (and so docs/api.md) say the default and largest page that
+    perito_server.paging holds: a change of one without the other fails here."""
+    from perito_server import paging
+
+    sections = {s.split("\n")[0]: s for s in render(descriptor_set()).split("\n#### ")}
+    lists = {
+        "ListModelsRequest": paging.LIST_MODELS,
+        "ListJobsRequest": paging.LIST_JOBS,
+        "ListJobResultsRequest": paging.LIST_JOB_RESULTS,
+    }
+    paged = {name for name, section in sections.items() if "| `page_size` |" in section}
+    assert paged == set(lists)
+    for name, sizes in lists.items():
+        (row,) = [line for line in sections[name].splitlines() if "| `page_size` |" in line]
+        assert f"0 means {sizes.default}, more than {sizes.largest} means {sizes.largest}" in row
+        assert "negative is INVALID_ARGUMENT" in row

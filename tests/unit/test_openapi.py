@@ -21,6 +21,8 @@ from starlette.testclient import TestClient
 
 from perito.v1 import classify_pb2, jobs_pb2, models_pb2
 from perito_core.access.tenancy import Tenants
+from perito_core.errors import InvalidArgument
+from perito_server import paging
 from perito_server.auth import TenantInterceptor
 from perito_server.doors.http_edge import HttpEdge, http_app
 from perito_server.doors.json_api import JsonApi, _json
@@ -292,3 +294,40 @@ def test_the_fields_the_protos_require_are_required_and_not_empty(
     assert "model" not in classify["requestBody"]["content"]["application/json"]["schema"].get(
         "required", []
     )
+
+
+def test_page_size_is_documented_from_the_paging_rule(document: dict[str, Any]) -> None:
+    """Each list's page_size: the bounds the JSON API accepts, the call's default page, and
+    its largest page in the description, all from perito_server.paging (Google AIP-158)."""
+    lists = {
+        "/v1/models": paging.LIST_MODELS,
+        "/v1/jobs": paging.LIST_JOBS,
+        "/v1/jobs/{job}/results": paging.LIST_JOB_RESULTS,
+    }
+    for path, sizes in lists.items():
+        (page_size,) = [p for p in document["paths"][path]["get"]["parameters"]
+                        if p["name"] == "page_size"]  # fmt: skip
+        schema = page_size["schema"]
+        assert (schema["minimum"], schema["maximum"]) == (0, 2**31 - 1), path
+        assert schema["default"] == sizes.default, path
+        assert (
+            f"above {sizes.largest}, the largest page, {sizes.largest}"
+            in (page_size["description"])
+        ), path
+    pages = [
+        p["name"]
+        for item in document["paths"].values()
+        for operation in item.values()
+        if isinstance(operation, dict)
+        for p in operation.get("parameters", [])
+        if p["name"] == "page_size"
+    ]
+    assert len(pages) == len(lists)  # no other list call to keep to the rule
+
+
+def test_the_paging_rule() -> None:
+    rule = paging.PageSize(default=100, largest=1000)
+    assert [rule.of(n) for n in (0, 1, 1000, 1001, 2**31 - 1)] == [100, 1, 1000, 1000, 1000]
+    with pytest.raises(InvalidArgument) as refused:
+        rule.of(-1)
+    assert refused.value.field == "page_size" and "page_size" in str(refused.value)

@@ -32,6 +32,7 @@ from starlette.routing import BaseRoute
 from perito.v1 import classify_pb2, image_pb2, jobs_pb2, models_pb2
 from perito_core.access.tenancy import Tenant
 from perito_core.errors import InvalidArgument
+from perito_server import paging
 from perito_server.doors.http_edge import PERITO, HttpEdge, model_ref
 from perito_server.errors import echo
 from perito_server.inference import InferenceService
@@ -95,16 +96,34 @@ def _deadline(request: Request) -> float | None:
 # messages themselves, the checks those the inference service makes before any work.
 TAG = "JSON API"
 ERRORS = "400 401 403 404 429 503"
-PAGE = (
-    Parameter(
+
+
+def _page(sizes: paging.PageSize, items: str) -> tuple[Parameter, Parameter]:
+    """A list call's `page_size` and `page_token` query parameters, described from `sizes`.
+
+    The schema's bounds are what the server accepts; a size above the largest page is
+    accepted and served as the largest (AIP-158), so the largest page is told in words.
+    """
+    size = Parameter(
         "page_size",
         "query",
-        "At most this many per page (0: the server's default; a larger page than the server's "
-        "largest is cut to it).",
-        {"type": "integer", "minimum": 0, "maximum": MAX_INT32},
-    ),
-    Parameter("page_token", "query", "`next_page_token` of the previous page.", {"type": "string"}),
-)
+        f"At most this many {items} per page. 0 or absent: {sizes.default}; above "
+        f"{sizes.largest}, the largest page, {sizes.largest} (Google AIP-158); negative or "
+        f"above {MAX_INT32}: 400 naming page_size.",
+        {
+            "type": "integer",
+            "format": "int32",
+            "minimum": 0,
+            "maximum": MAX_INT32,
+            "default": sizes.default,
+        },
+    )
+    token = Parameter(
+        "page_token", "query", "`next_page_token` of the previous page.", {"type": "string"}
+    )
+    return size, token
+
+
 JOB = Parameter("job", "path", "The job's id.", {"type": "string"})
 ANSWER_CHECKS = {
     "top_k": {"minimum": 0},
@@ -159,7 +178,7 @@ LIST_MODELS = Operation(
     TAG,
     models_pb2.ListModelsResponse,
     ERRORS,
-    parameters=PAGE,
+    parameters=_page(paging.LIST_MODELS, "models"),
 )
 GET_MODEL = Operation(
     "getModel",
@@ -184,7 +203,7 @@ LIST_JOBS = Operation(
     jobs_pb2.ListJobsResponse,
     ERRORS,
     parameters=(
-        *PAGE,
+        *_page(paging.LIST_JOBS, "jobs"),
         Parameter(
             "state",
             "query",
@@ -214,7 +233,7 @@ LIST_JOB_RESULTS = Operation(
     ERRORS,
     parameters=(
         JOB,
-        *PAGE,
+        *_page(paging.LIST_JOB_RESULTS, "results"),
         Parameter(
             "filter",
             "query",
@@ -401,14 +420,53 @@ def _parse(document: Any, message: Message) -> None:
     """`document` (JSON) into `message`, as the protobuf JSON mapping reads it.
 
     Raises:
-        InvalidArgument: not an object, an unknown field, or a value of the wrong type.
+        InvalidArgument: not an object, an unknown field, a value of the wrong type, or a
+            string with an unpaired surrogate (naming its field: `prefix`, `images[0].id`).
     """
     if not isinstance(document, dict):
         raise InvalidArgument("the body must be a JSON object", field="body")
+    field = _unpaired_surrogate(document, "")
+    if field is not None:
+        raise InvalidArgument(
+            f"{field} is not Unicode text: it holds an unpaired UTF-16 surrogate (a \\u "
+            "escape from \\ud800 to \\udfff without its pair), which RFC 8259 leaves "
+            "undefined and no string field takes",
+            field=field,
+        )
     try:
         json_format.ParseDict(document, message)
     except json_format.ParseError as error:
         raise InvalidArgument(f"the body does not fit: {error}", field="body") from None
+
+
+def _unpaired_surrogate(value: Any, path: str) -> str | None:
+    """The path (`prefix`, `uris.uris[1]`, `labels.site`) of the first string in `value`, a
+    key or a value, that JSON's `\\u` escapes gave an unpaired UTF-16 surrogate (RFC 8259
+    section 8.2: not Unicode text, so not UTF-8, as a proto string must be); None without."""
+    if isinstance(value, str):
+        return path if _has_surrogate(value) else None
+    if isinstance(value, list):
+        for index, item in enumerate(value):
+            found = _unpaired_surrogate(item, f"{path}[{index}]")
+            if found is not None:
+                return found
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if _has_surrogate(key):
+                return path or "body"  # the key itself cannot be quoted
+            name = echo(key)
+            found = _unpaired_surrogate(item, f"{path}.{name}" if path else name)
+            if found is not None:
+                return found
+    return None
+
+
+def _has_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def parse_classify(document: dict[str, Any], message: classify_pb2.ClassifyRequest) -> None:
