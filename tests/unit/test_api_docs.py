@@ -36,3 +36,15 @@ def test_each_page_size_comment_gives_the_servers_numbers() -> None:
         (row,) = [line for line in sections[name].splitlines() if "| `page_size` |" in line]
         assert f"0 means {sizes.default}, more than {sizes.largest} means {sizes.largest}" in row
         assert "negative is INVALID_ARGUMENT" in row
+
+
+def test_the_page_table_of_other_clients_gives_the_servers_numbers() -> None:
+    from perito_server import paging
+
+    text = (DEFAULT_OUT.parent / "other-clients.md").read_text()
+    for name, sizes in {
+        "models": paging.LIST_MODELS,
+        "jobs": paging.LIST_JOBS,
+        "a job's results": paging.LIST_JOB_RESULTS,
+    }.items():
+        assert f"| {name} | {sizes.default} | {sizes.largest} |" in text, name
