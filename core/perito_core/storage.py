@@ -118,16 +118,34 @@ def echo_uri(uri: str) -> str:
     return repr(uri if len(uri) <= _ECHO_CHARS else uri[:_ECHO_CHARS] + "…")
 
 
-def check_uri_text(uri: str, field: str) -> None:
+def check_uri_text(uri: str, field: str, *, names_object: bool = False) -> None:
     """Refuse a location a caller named (a job's input or output) that is malformed as
     text, before anything is resolved or created: nothing here looks at a disk or a bucket.
 
+    `.` and `..` segments are refused in local paths and S3 keys alike, never resolved: on
+    S3 they are literal characters of a key, on a local disk a step up (after a symbolic
+    link, a step up from where the link leads), so the same text would name different
+    things on the two backends, and the path checked would not be the path read.
+
+    Args:
+        uri: the location as the caller sent it.
+        field: the request field it came from, named in a refusal.
+        names_object: the location must name one object (an image, a manifest), not a
+            folder: an S3 URI without a key (`s3://bucket`, `s3://bucket/`) is refused.
+
     Raises:
-        InvalidArgument: naming `field`: not UTF-8 (a lone surrogate), longer than
-            `MAX_URI_BYTES`, a NUL byte, an S3 key longer than `MAX_S3_KEY_BYTES`, a
-            `file://` URI naming another host, or a local path that is not absolute (it would
-            be read relative to the server's working directory).
+        InvalidArgument: naming `field`: empty or only whitespace, not UTF-8 (a lone
+            surrogate), longer than `MAX_URI_BYTES`, a NUL byte, an S3 URI without a bucket
+            (or with whitespace in it), an S3 key longer than `MAX_S3_KEY_BYTES` or
+            starting with `/`, a `.` or `..` segment, a `file://` URI naming another host
+            or no path, or a local path that is not absolute (it would be read relative to
+            the server's working directory).
     """
+    if not uri.strip():
+        raise InvalidArgument(
+            f"{field}: empty; name an s3://bucket/key URI or an absolute local path",
+            field=field,
+        )
     try:
         size = len(uri.encode("utf-8"))
     except UnicodeEncodeError:
@@ -140,11 +158,7 @@ def check_uri_text(uri: str, field: str) -> None:
     if "\0" in uri:
         raise InvalidArgument(f"{field}: a location may not hold a NUL byte", field=field)
     if uri[:5].lower() == "s3://":
-        key = uri[5:].partition("/")[2]
-        if len(key.encode()) > MAX_S3_KEY_BYTES:
-            raise InvalidArgument(
-                f"{field}: an S3 key is at most {MAX_S3_KEY_BYTES:,} bytes", field=field
-            )
+        _check_s3_text(uri, field, names_object)
         return
     scheme, sep, _ = uri.partition("://")
     if sep and scheme.lower() != "file" and scheme.isalnum():
@@ -158,6 +172,46 @@ def check_uri_text(uri: str, field: str) -> None:
             f"{field}: {echo_uri(uri)} is a relative path; a local path must be absolute",
             field=field,
         )
+    # The text, not `path`: pathlib drops `.` segments and keeps `..` ones.
+    if has_dot_segments(uri.partition("://")[2] if sep else uri):
+        raise InvalidArgument(
+            f"{field}: {echo_uri(uri)} holds a '.' or '..' segment; name the path without them",
+            field=field,
+        )
+
+
+def _check_s3_text(uri: str, field: str, names_object: bool) -> None:
+    """`check_uri_text` for an `s3://` URI."""
+    bucket, _, key = uri[5:].partition("/")
+    if not bucket or any(char.isspace() for char in bucket):
+        raise InvalidArgument(
+            f"{field}: {echo_uri(uri)} names no bucket; expected s3://bucket/key", field=field
+        )
+    if len(key.encode()) > MAX_S3_KEY_BYTES:
+        raise InvalidArgument(
+            f"{field}: an S3 key is at most {MAX_S3_KEY_BYTES:,} bytes", field=field
+        )
+    if key.startswith("/"):
+        raise InvalidArgument(
+            f"{field}: {echo_uri(uri)}: a key starting with '/' (two after the bucket) is "
+            "not accepted",
+            field=field,
+        )
+    if has_dot_segments(key):
+        raise InvalidArgument(
+            f"{field}: {echo_uri(uri)}: '.' and '..' segments are not accepted in a key (S3 "
+            "would read them as characters, a local folder as a step up)",
+            field=field,
+        )
+    if names_object and (not key or key.endswith("/")):
+        raise InvalidArgument(
+            f"{field}: {echo_uri(uri)} names no object; expected s3://bucket/key", field=field
+        )
+
+
+def has_dot_segments(path: str) -> bool:
+    """Whether a `/`-separated path or key holds a `.` or `..` segment."""
+    return any(part in (".", "..") for part in path.split("/"))
 
 
 def _too_large(key: str, size: int | str, max_bytes: int) -> InvalidImage:

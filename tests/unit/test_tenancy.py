@@ -17,6 +17,7 @@ from perito_core.access.tenancy import (
     parse_tenants,
 )
 from perito_core.errors import InvalidArgument, PermissionDenied, Unauthenticated
+from perito_core.storage import check_uri_text
 
 REGISTRY = "s3://models/registry"
 
@@ -50,18 +51,61 @@ def test_reads_inside_the_prefixes_pass(uri: str) -> None:
         "s3://inbox/acme-other/a.jpg",  # a sibling that shares the prefix's letters
         "s3://inbox/globex/a.jpg",
         "s3://other/acme/a.jpg",
-        "s3://inbox/acme/../globex/a.jpg",
-        "s3://inbox/acme/./a.jpg",
         "s3://arn:aws:s3:us-east-1:1:accesspoint/ap/acme/a.jpg",
         "s3://INBOX/acme/a.jpg",
-        "s3:///acme/a.jpg",
         "/etc/passwd",
+        "file:///",
     ],
 )
 def test_reads_outside_are_refused_naming_the_field(uri: str) -> None:
     with pytest.raises(PermissionDenied) as caught:
         check_uri(ACME, uri, "read", "uris[3]", forbidden=[REGISTRY])
     assert caught.value.field == "uris[3]"
+
+
+@pytest.mark.parametrize(
+    ("uri", "names_object"),
+    [
+        ("", False),
+        (" ", False),
+        ("\t\n", True),
+        ("s3://", False),
+        ("s3:// /acme/a.jpg", False),
+        ("s3:///acme/a.jpg", False),  # key '/acme/a.jpg'
+        ("s3://inbox//acme/a.jpg", False),
+        ("s3://inbox/acme/../globex/a.jpg", False),  # literal on S3, a step up locally
+        ("s3://inbox/acme/./a.jpg", False),
+        ("s3://inbox/acme/..", False),
+        ("s3://inbox", True),  # a folder where an object is wanted
+        ("s3://inbox/acme/", True),
+        ("file://", False),
+        ("file://localhost", False),
+        ("/srv/acme/../globex/a.jpg", False),
+        ("/srv/acme/./a.jpg", False),
+        ("file:///srv/acme/../globex", False),
+        ("/srv/acme/..", False),
+        ("acme/a.jpg", False),
+    ],
+)
+def test_malformed_locations_are_invalid_whoever_asks(uri: str, names_object: bool) -> None:
+    """Refused on the text alone, for a tenant with prefixes and for one with every right
+    alike: INVALID_ARGUMENT naming the field, before any prefix is compared."""
+    with pytest.raises(InvalidArgument) as caught:
+        check_uri_text(uri, "uris[3]", names_object=names_object)
+    assert caught.value.field == "uris[3]"
+    if names_object:
+        return  # a folder is a fine prefix
+    for who in (ACME, Tenant.unrestricted("default")):
+        with pytest.raises(InvalidArgument) as caught:
+            check_uri(who, uri, "read", "uris[3]", forbidden=[REGISTRY])
+        assert caught.value.field == "uris[3]"
+
+
+@pytest.mark.parametrize(
+    "uri", ["s3://inbox/acme/a..b.jpg", "s3://inbox/acme/.hidden", "/srv/acme/...", "/srv/a b"]
+)
+def test_dots_and_spaces_inside_a_name_are_just_characters(uri: str) -> None:
+    check_uri_text(uri, "uris[0]", names_object=True)
 
 
 def test_writes_need_a_write_prefix_and_never_the_registry() -> None:
@@ -83,9 +127,10 @@ def test_local_prefixes_resolve_symlinks(tmp_path: Path) -> None:
     os.symlink(tmp_path / "globex" / "secret.jpg", tmp_path / "acme" / "link.jpg")
     local = tenant(read=[str(tmp_path / "acme")])
     check_uri(local, str(tmp_path / "acme" / "own.jpg"), "read", "uris[0]")
-    for uri in (str(tmp_path / "acme" / "link.jpg"), str(tmp_path / "acme" / ".." / "globex")):
-        with pytest.raises(PermissionDenied):
-            check_uri(local, uri, "read", "uris[0]")
+    with pytest.raises(PermissionDenied):
+        check_uri(local, str(tmp_path / "acme" / "link.jpg"), "read", "uris[0]")
+    with pytest.raises(InvalidArgument):  # refused as written, never resolved
+        check_uri(local, f"{tmp_path}/acme/../globex", "read", "uris[0]")
 
 
 def test_the_tenants_file_holds_digests_only(tmp_path: Path) -> None:

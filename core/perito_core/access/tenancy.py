@@ -24,10 +24,12 @@ model and every storage location; with neither, the server serves one anonymous 
 (`anonymous`, the same rights) and binds to loopback only.
 
 Storage prefixes are checked by `check_uri`: S3 buckets must be plain bucket names (no
-access-point ARNs, no other bucket), keys may not hold `.` or `..` segments, local paths must
-be absolute and are resolved (symlinks followed) before they are compared, and nothing under
+access-point ARNs, no other bucket), local paths are resolved (symlinks followed) before they
+are compared, and nothing under
 the model registry is ever a job's input or output. A refusal quotes what the caller sent and
-the tenant's own prefixes, never a resolved path nor anyone else's prefixes.
+the tenant's own prefixes, never a resolved path nor anyone else's prefixes. What is malformed
+whoever asks (empty, a relative path, a `.` or `..` segment in a path or key, no bucket) is
+refused first, as INVALID_ARGUMENT, by `perito_core.storage.check_uri_text`.
 """
 
 from __future__ import annotations
@@ -48,7 +50,13 @@ from typing import Any, Literal
 import yaml
 
 from perito_core.errors import InvalidArgument, PermissionDenied, Unauthenticated
-from perito_core.storage import check_uri_text, echo_uri, local_path_of, split_s3_uri
+from perito_core.storage import (
+    check_uri_text,
+    echo_uri,
+    has_dot_segments,
+    local_path_of,
+    split_s3_uri,
+)
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +111,7 @@ class Location:
             bucket, key = split_s3_uri(text)
             if not BUCKET_NAME.match(bucket):
                 raise InvalidArgument(f"storage prefix {text!r}: not a plain S3 bucket name")
-            if _bad_segments(key):
+            if has_dot_segments(key):
                 raise InvalidArgument(f"storage prefix {text!r}: '.' or '..' in the key")
             if key and not key.endswith("/"):
                 key += "/"
@@ -169,10 +177,6 @@ class Tenant:
             )
 
 
-def _bad_segments(key: str) -> bool:
-    return any(part in (".", "..") for part in key.split("/"))
-
-
 def check_uri(
     tenant: Tenant,
     uri: str,
@@ -192,10 +196,11 @@ def check_uri(
     tenant's own prefixes only, never another tenant's or the server's local roots.
 
     Raises:
-        InvalidArgument: naming `field`: a malformed location (`check_uri_text`: a NUL byte,
-            too long, not UTF-8, a relative local path).
-        PermissionDenied: naming `field`: an ARN or other non-bucket, a `.` / `..` key
-            segment, a location outside the tenant's prefixes or under a forbidden one.
+        InvalidArgument: naming `field`: a malformed location (`check_uri_text`: empty, a
+            NUL byte, too long, not UTF-8, a relative local path, a `.` or `..` segment, an
+            S3 URI without a bucket).
+        PermissionDenied: naming `field`: an ARN or other non-bucket, a location outside
+            the tenant's prefixes or under a forbidden one.
     """
     shown = echo_uri(uri if given is None else given)
     check_uri_text(uri, field)
@@ -227,23 +232,14 @@ def _readable(tenant: Tenant) -> tuple[Location, ...] | None:
 
 
 def _parts(uri: str, field: str, shown: str) -> tuple[str, str, Path | None]:
+    """(bucket, key, None) of an S3 URI, or ("", "", resolved path) of a local one; `uri`
+    has passed `check_uri_text` (a bucket, no `.` or `..` segment, an absolute path)."""
     if uri[:5].lower() == "s3://":
-        try:
-            bucket, key = split_s3_uri(uri)
-        except InvalidArgument as exc:
-            raise PermissionDenied(
-                f"{field}: {exc.message}", field=field, reason="STORAGE_NOT_ALLOWED"
-            ) from None
+        bucket, key = split_s3_uri(uri)
         if not BUCKET_NAME.match(bucket):
             raise PermissionDenied(
                 f"{field}: {bucket[:80]!r} is not a plain bucket name (access points and ARNs "
                 "are not accepted)",
-                field=field,
-                reason="STORAGE_NOT_ALLOWED",
-            )
-        if _bad_segments(key):
-            raise PermissionDenied(
-                f"{field}: '.' and '..' are not accepted in a key",
                 field=field,
                 reason="STORAGE_NOT_ALLOWED",
             )
