@@ -167,6 +167,8 @@ def _job_input(
     """Fill the request's input from what the caller gave (see `Client.submit_job`)."""
     if isinstance(source, str | os.PathLike):
         text = os.fspath(source)
+        if not text.strip():  # Path("") is the working directory: never a job by accident
+            raise ValueError("source is empty: name an s3:// prefix, a manifest or a folder")
         if text.startswith("s3://"):
             if text.lower().endswith(MANIFEST_SUFFIXES):
                 request.manifest_uri = text
@@ -189,6 +191,11 @@ def _job_input(
             raise ValueError(f"{text}: not a folder, a manifest (.csv/.jsonl) or an s3:// URI")
         return
     items = list(source)
+    blank = next(
+        (i for i, item in enumerate(items) if isinstance(item, str) and not item.strip()), None
+    )
+    if blank is not None:
+        raise ValueError(f"source[{blank}] is empty: name an s3:// URI or a file")
     if ids is not None and len(ids) != len(items):
         raise ValueError(f"{len(ids)} ids for {len(items)} images")
     if all(isinstance(item, str) and (item.startswith("s3://") or not inline) for item in items):

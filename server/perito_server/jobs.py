@@ -53,6 +53,9 @@ T = TypeVar("T")
 
 # AIP-155 request ids: a UUID in practice; anything short and URL-safe is accepted.
 REQUEST_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+# What a job id may be (the ids made here are 20 hex digits); anything else is refused on its
+# text, never looked up: the store's keys for a job's parts (`<id>:open`) are not jobs.
+JOB_ID = REQUEST_ID
 
 JOB_STATES = {
     JobState.QUEUED: jobs_pb2.JOB_STATE_QUEUED,
@@ -197,22 +200,26 @@ class JobService:
         default results area (every job's own folder is made there by the server)."""
         return [self.settings.registry, self.settings.results_uri]
 
-    def check_location(self, tenant: Tenant, uri: str, access: Access, field: str) -> str:
+    def check_location(
+        self, tenant: Tenant, uri: str, access: Access, field: str, *, names_object: bool = False
+    ) -> str:
         """`uri` made canonical, if `tenant` may `access` it. Nothing is created or read; a
         refusal names `field` and quotes `uri` as the caller gave it (never where a symbolic
-        link leads, nor the server's local roots).
+        link leads, nor the server's local roots). With `names_object` (an image, a
+        manifest), an S3 URI without a key is refused too.
 
         The tenant's prefixes are checked first, on the path as given and then once more as
         made canonical (a link swapped in between cannot lead out): to a tenant with prefixes,
         another tenant's folder and a folder under no local root are the same refusal.
 
         Raises:
-            InvalidArgument: a malformed location (`check_uri_text`: a NUL byte, over 4,096
-                bytes, not UTF-8, a relative local path), or one no worker could read
+            InvalidArgument: a malformed location (`check_uri_text`: empty, a NUL byte, over
+                4,096 bytes, not UTF-8, a relative local path, a `.` or `..` segment, an S3
+                URI without a bucket), or one no worker could read
                 (another scheme, a local path under no local root).
             PermissionDenied: outside the tenant's prefixes, or in a reserved location.
         """
-        check_uri_text(uri, field)
+        check_uri_text(uri, field, names_object=names_object)
         checked = uri[:5].lower() == "s3://" or _looks_local(uri)
         if checked:
             check_uri(tenant, uri, access, field, forbidden=self.reserved_locations)
@@ -229,7 +236,7 @@ class JobService:
 
     def _uri_item(self, tenant: Tenant, uri: str, field: str, item_id: str = "") -> ItemInput:
         """An item read from `uri` (checked and made canonical now), its id defaulted."""
-        uri = self.check_location(tenant, uri, "read", field)
+        uri = self.check_location(tenant, uri, "read", field, names_object=True)
         return ItemInput(id=item_id or default_item_id(uri), uri=uri)
 
     def _listed_item(self, tenant: Tenant, uri: str) -> ItemInput:
@@ -271,7 +278,9 @@ class JobService:
             message = f"prefix: no images under {echo_uri(request.prefix)}"
             return _non_empty(listed, message, "prefix"), inline
         if kind == "manifest_uri":
-            manifest = self.check_location(tenant, request.manifest_uri, "read", "manifest_uri")
+            manifest = self.check_location(
+                tenant, request.manifest_uri, "read", "manifest_uri", names_object=True
+            )
             rows = self.sources.iter_manifest(manifest, max_bytes=self.settings.max_manifest_bytes)
             listed = (
                 self._uri_item(tenant, item.uri, f"manifest_uri (item {number})", item.id)
@@ -477,9 +486,18 @@ class JobService:
         """The job, if `tenant` owns it.
 
         Raises:
+            InvalidArgument: field `job_id`: empty, or not a `JOB_ID` (1 to 64 letters,
+                digits, `-` or `_`), decided on the text alone.
             NotFound: no such job, or another tenant's: the same answer, so that a job id
                 says nothing about whether someone else's job exists.
         """
+        if not job_id:
+            raise InvalidArgument("job_id is required", field="job_id")
+        if not JOB_ID.fullmatch(job_id):
+            raise InvalidArgument(
+                f"job_id: {echo_uri(job_id)} is not a job id (1 to 64 letters, digits, '-' or '_')",
+                field="job_id",
+            )
         job = await self._run(self.store.get, job_id)
         if job.tenant != tenant.name:
             raise NotFound(f"job {job_id!r} not found", field="job_id")

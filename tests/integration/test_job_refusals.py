@@ -247,6 +247,52 @@ def cases(site: Site) -> dict[str, tuple[dict[str, Any], str, str]]:
             "INVALID_ARGUMENT",
             "manifest_uri",
         ),
+        # Empty and blank locations name nothing: never the server's working directory.
+        "an empty prefix": ({"prefix": ""}, "INVALID_ARGUMENT", "prefix"),
+        "a blank manifest": ({"manifestUri": " \t"}, "INVALID_ARGUMENT", "manifest_uri"),
+        "an empty URI after a good one": (
+            {"uris": {"uris": [str(globex / "0.jpg"), ""]}},
+            "INVALID_ARGUMENT",
+            "uris[1]",
+        ),
+        "a blank output (an empty one is the default)": (
+            {"uris": {"uris": [str(globex / "0.jpg")]}, "outputUri": " "},
+            "INVALID_ARGUMENT",
+            "output_uri",
+        ),
+        "a file:// URI with no path": ({"prefix": "file://"}, "INVALID_ARGUMENT", "prefix"),
+        "an s3:// URI with no bucket": ({"prefix": "s3://"}, "INVALID_ARGUMENT", "prefix"),
+        "an S3 key after two slashes": (
+            {"uris": {"uris": ["s3:///globex/0.jpg"]}},
+            "INVALID_ARGUMENT",
+            "uris[0]",
+        ),
+        "a bucket where an image is wanted": (
+            {"uris": {"uris": ["s3://inspections/"]}},
+            "INVALID_ARGUMENT",
+            "uris[0]",
+        ),
+        # '.' and '..' are refused as written, inside the tenant's root or not.
+        "a '..' that comes back into the tenant's root": (
+            {"uris": {"uris": [f"{globex}/../{globex.name}/0.jpg"]}},
+            "INVALID_ARGUMENT",
+            "uris[0]",
+        ),
+        "a '..' into another tenant's root": (
+            {"prefix": f"{globex}/../{acme.name}"},
+            "INVALID_ARGUMENT",
+            "prefix",
+        ),
+        "a '.' in the output": (
+            {"uris": {"uris": [str(globex / "0.jpg")]}, "outputUri": f"{globex}/out/./x"},
+            "INVALID_ARGUMENT",
+            "output_uri",
+        ),
+        "a '..' in an S3 key": (
+            {"manifestUri": "s3://inspections/globex/../acme/m.csv"},
+            "INVALID_ARGUMENT",
+            "manifest_uri",
+        ),
         "a good image, then one in another tenant's root": (
             {"uris": {"uris": [str(globex / "0.jpg"), str(acme / "0.jpg")]}},
             "PERMISSION_DENIED",
@@ -340,13 +386,78 @@ def test_the_sdk_gets_the_same_refusals(site: Site) -> None:
             ([str(site.globex_root / "0.jpg")], "/srv", perito.PermissionDeniedError, "output_uri"),
             ([str(site.globex_root / "0.jpg")], "out", perito.InvalidArgumentError, "output_uri"),
             (["s3://inspections/" + "k" * 5000], "", perito.InvalidArgumentError, "uris[0]"),
+            ("s3://", "", perito.InvalidArgumentError, "prefix"),
+            (["s3://inspections"], "", perito.InvalidArgumentError, "uris[0]"),
+            ([str(site.globex_root / "0.jpg")], " ", perito.InvalidArgumentError, "output_uri"),
         ):
             with pytest.raises(error) as caught:
                 sdk.submit_job(source, model="tiny", output_uri=output)  # type: ignore[arg-type]
             assert caught.value.violations[0].field == field, caught.value
             given = [*map(str, source if isinstance(source, list) else [source]), output]
             assert not leaks(site, given, str(caught.value)), caught.value
+        # An empty source would be Path(""), the caller's working directory: refused at once.
+        for empty in ("", " ", ["s3://inspections/globex/0.jpg", ""]):
+            with pytest.raises(ValueError, match="empty"):
+                sdk.submit_job(empty, model="tiny")  # type: ignore[arg-type]
     assert leftovers(site) == before
+
+
+def test_another_tenants_job_is_a_missing_job_and_odd_ids_tell_nothing(site: Site) -> None:
+    """globex tries acme's job id on every job method, through the SDK and the JSON API:
+    the answer is the one for an id that never existed, in the same words. Ids that cannot
+    be a job's (empty, a Redis key of a job's parts, a NUL byte, 100,000 characters) are
+    INVALID_ARGUMENT naming job_id, quoted short, never an internal error."""
+    http = f"http://127.0.0.1:{site.server.running.http_port}/v1/jobs"  # type: ignore[attr-defined]
+    with (
+        perito.Client(site.server.target, token=site.tokens["acme"]) as acme,
+        perito.Client(site.server.target, token=site.tokens["globex"], max_retries=0) as globex,
+    ):
+        theirs = acme.submit_job([str(site.acme_root / "0.jpg")], model="tiny").last.id
+        missing = "0" * len(theirs)
+        methods = {
+            "GetJob": globex.get_job,
+            "CancelJob": globex.cancel_job,
+            "DeleteJob": globex.delete_job,
+            "WatchJob": lambda job_id: list(globex.watch_job(job_id)),
+            "ListJobResults": lambda job_id: list(globex.list_job_results(job_id)),
+        }
+        for method, call in methods.items():
+            answers = []
+            for job_id in (theirs, missing):
+                with pytest.raises(perito.NotFoundError) as caught:
+                    call(job_id)
+                error = caught.value
+                told = f"{error.reason} {error.violations} {error.message}"
+                answers.append(told.replace(job_id, "ID"))
+            assert answers[0] == answers[1], method
+            for odd in ("", f"{theirs}:open", f"{theirs}:results", "a\x00b", "x" * 100_000):
+                with pytest.raises(perito.InvalidArgumentError) as invalid:
+                    call(odd)
+                assert invalid.value.violations[0].field == "job_id", (method, odd[:20])
+                assert len(invalid.value.message) < 300 and "Error" not in invalid.value.message
+        for verb, tail in (("GET", ""), ("GET", "/results"), ("POST", ":cancel")):
+            answers = []
+            for job_id in (theirs, missing):
+                answer = httpx.request(
+                    verb,
+                    f"{http}/{job_id}{tail}",
+                    headers={"Authorization": f"Bearer {site.tokens['globex']}"},
+                    timeout=30,
+                )
+                assert answer.status_code == 404, answer.text
+                answers.append(answer.text.replace(job_id, "ID"))
+            assert answers[0] == answers[1], tail
+            for odd in ("a%00b", "x" * 3000, "%C3%A9"):
+                answer = httpx.request(
+                    verb,
+                    f"{http}/{odd}{tail}",
+                    headers={"Authorization": f"Bearer {site.tokens['globex']}"},
+                    timeout=30,
+                )
+                assert answer.status_code == 400, (tail, odd[:20], answer.text)
+                assert answer.json()["error"]["status"] == "INVALID_ARGUMENT"
+        assert acme.get_job(theirs).id == theirs  # untouched by globex's tries
+        acme.cancel_job(theirs)
 
 
 def test_a_job_in_the_tenants_own_root_is_accepted_through_both_doors(site: Site) -> None:

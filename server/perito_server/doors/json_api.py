@@ -36,6 +36,7 @@ from perito_server import paging
 from perito_server.doors.http_edge import PERITO, HttpEdge, model_ref
 from perito_server.errors import echo
 from perito_server.inference import InferenceService
+from perito_server.jobs import JOB_ID
 from perito_server.openapi import Named, Operation, Parameter
 
 NDJSON = "application/x-ndjson"
@@ -124,7 +125,9 @@ def _page(sizes: paging.PageSize, items: str) -> tuple[Parameter, Parameter]:
     return size, token
 
 
-JOB = Parameter("job", "path", "The job's id.", {"type": "string"})
+JOB = Parameter(
+    "job", "path", "The job's id.", {"type": "string", "pattern": f"^{JOB_ID.pattern}$"}
+)
 ANSWER_CHECKS = {
     "top_k": {"minimum": 0},
     "confidence_threshold": {"minimum": 0, "maximum": 1},
