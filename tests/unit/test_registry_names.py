@@ -27,7 +27,7 @@ def _root(registry: ModelRegistry) -> Path:
     return Path(registry.store.root)  # type: ignore[attr-defined]
 
 
-@pytest.mark.parametrize("name", ["../tiny", "a/b", "..", "Tiny", ""])
+@pytest.mark.parametrize("name", ["../tiny", "a/b", "..", "Tiny", "", "tiny\n"])
 def test_bad_names_are_refused_when_written(
     registry: ModelRegistry, tiny_model_file: Path, name: str
 ) -> None:
@@ -44,6 +44,14 @@ def test_bad_aliases_are_refused_when_written_and_resolved(
     if alias not in ("latest", "1"):
         with pytest.raises(NotFound):
             registry.resolve("tiny", alias)
+
+
+def test_a_name_or_alias_ending_in_a_newline_is_refused_when_written(
+    registry: ModelRegistry,
+) -> None:
+    """A pattern's '$' also matches before a final newline: the whole name must match."""
+    with pytest.raises(InvalidArgument):
+        registry.set_alias("tiny", "staging\n", "1")
 
 
 @pytest.mark.parametrize("file", ["../model.pt", "a/model.pt", ".hidden", "..", ""])

@@ -73,7 +73,7 @@ class LocalForm:
 
 
 def validate_model_name(name: str) -> str:
-    if not NAME_PATTERN.match(name):
+    if not NAME_PATTERN.fullmatch(name):
         raise InvalidArgument(
             f"invalid model name {name!r}: use 1-63 lowercase letters, digits, '.', '_' or '-'",
             field="model",
@@ -109,7 +109,7 @@ class ModelRegistry:
     # Reading
 
     def list_models(self) -> list[str]:
-        return [n for n in self.store.list_children("models") if NAME_PATTERN.match(n)]
+        return [n for n in self.store.list_children("models") if NAME_PATTERN.fullmatch(n)]
 
     def list_versions(self, name: str) -> list[str]:
         """Published versions, oldest first. A version without a manifest is not published."""
@@ -134,7 +134,7 @@ class ModelRegistry:
         result: dict[str, str] = {}
         for child in self.store.list_children(f"models/{name}/aliases"):
             alias = child.removesuffix(".json")
-            if child.endswith(".json") and ALIAS_PATTERN.match(alias) and alias != LATEST:
+            if child.endswith(".json") and ALIAS_PATTERN.fullmatch(alias) and alias != LATEST:
                 try:
                     result[alias] = self._alias_target(name, alias)
                 except ModelLoadError:
@@ -153,7 +153,7 @@ class ModelRegistry:
             version = str(json.loads(raw)["version"])
         except (ValueError, KeyError, TypeError):
             version = ""
-        if not VERSION_PATTERN.match(version):
+        if not VERSION_PATTERN.fullmatch(version):
             raise ModelLoadError(f"model {name!r}: alias {alias!r} does not name a valid version")
         return version
 
@@ -174,7 +174,7 @@ class ModelRegistry:
             if not self.store.exists(f"models/{name}/{int(ref)}/manifest.json"):
                 raise self._not_found(name, f"version {ref}")
             return str(int(ref))
-        if not ALIAS_PATTERN.match(ref):  # never a path: no '/', no '..'
+        if not ALIAS_PATTERN.fullmatch(ref):  # never a path: no '/', no '..'
             raise self._not_found(name, f"alias {ref[:64]!r}")
         try:
             return self._alias_target(name, ref)
@@ -196,7 +196,7 @@ class ModelRegistry:
             ModelLoadError: a manifest that is invalid or names another model or version.
         """
         validate_model_name(name)
-        if not VERSION_PATTERN.match(version):
+        if not VERSION_PATTERN.fullmatch(version):
             raise InvalidArgument(f"invalid version {version[:64]!r}", field="version")
         raw = self.store.read_bytes(f"models/{name}/{version}/manifest.json")
         try:
@@ -367,7 +367,7 @@ class ModelRegistry:
 
     @staticmethod
     def _validate_alias(alias: str) -> None:
-        if alias == LATEST or alias.isdigit() or not ALIAS_PATTERN.match(alias):
+        if alias == LATEST or alias.isdigit() or not ALIAS_PATTERN.fullmatch(alias):
             raise InvalidArgument(
                 f"invalid alias {alias!r}: use lowercase letters, digits, '_' or '-', starting "
                 f"with a letter; {LATEST!r} is reserved (always the highest version)",
