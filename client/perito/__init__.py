@@ -32,10 +32,13 @@ if TYPE_CHECKING:
     from perito._jobs import JobTimeoutError
     from perito._models import (
         Classification,
+        Explanation,
         Job,
         JobItemResult,
         Model,
         ModelVersion,
+        Provenance,
+        Quality,
         RejectedImage,
     )
     from perito._requests import Limits
@@ -69,7 +72,17 @@ _HOMES = {
     ),
     "JobTimeoutError": "perito._jobs",
     **dict.fromkeys(
-        ["Classification", "Job", "JobItemResult", "Model", "ModelVersion", "RejectedImage"],
+        [
+            "Classification",
+            "Explanation",
+            "Job",
+            "JobItemResult",
+            "Model",
+            "ModelVersion",
+            "Provenance",
+            "Quality",
+            "RejectedImage",
+        ],
         "perito._models",
     ),
     "Limits": "perito._requests",
@@ -99,6 +112,7 @@ __all__ = [
     "Classification",
     "Client",
     "DeadlineExceededError",
+    "Explanation",
     "FailedPreconditionError",
     "FieldViolation",
     "InternalError",
@@ -116,6 +130,8 @@ __all__ = [
     "PeritoError",
     "PermissionDeniedError",
     "Prediction",
+    "Provenance",
+    "Quality",
     "RejectedImage",
     "ResourceExhaustedError",
     "UnauthenticatedError",

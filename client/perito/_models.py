@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import enum
+import os
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 from google.protobuf import json_format
@@ -33,9 +35,143 @@ def _state(kind: type[S], name: str) -> S:
     return kind(name.partition("_STATE_")[2].lower())
 
 
+def _optional(message: Message, name: str) -> float | None:
+    """An `optional` float field, None when unset."""
+    return float(getattr(message, name)) if message.HasField(name) else None
+
+
 def _time(message: Message, name: str) -> datetime | None:
     """A timestamp field, None when unset."""
     return getattr(message, name).ToDatetime() if message.HasField(name) else None
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """What produced an answer, so that it can be proven later (docs/trust.md#provenance).
+
+    Attributes:
+        input_sha256: sha256 (hex) of the image's bytes as the server received them (for a
+            bulk item given by URI: the bytes read from it).
+        model: the model's name.
+        model_version: the concrete version that answered.
+        artifact_sha256: sha256 (hex) of the version's artifact (`model.pt` or the imported
+            `.onnx`), verified when the server loaded it.
+        form: the serving form that answered (`torchscript-fp32`, `openvino-int8`, ...).
+        form_files: each of that form's files (its path in the version's folder) -> sha256
+            (hex); for `torchscript-fp32` the artifact.
+        confidence_threshold: the threshold applied, 0 if none.
+        request_id: the call's request id (`x-request-id`), or for a bulk item its job's id.
+        quality_issues: the photo-quality issues found (as `Quality.issues`).
+    """
+
+    input_sha256: str
+    model: str
+    model_version: str
+    artifact_sha256: str
+    form: str
+    form_files: dict[str, str]
+    confidence_threshold: float
+    request_id: str
+    quality_issues: list[str] = field(default_factory=list)
+
+    @classmethod
+    def _from_proto(cls, message: classify_pb2.Provenance) -> Provenance:
+        return cls(
+            **_same(
+                message,
+                "input_sha256 model model_version artifact_sha256 form confidence_threshold "
+                "request_id",
+            ),
+            form_files={f.file: f.sha256 for f in message.form_files},
+            quality_issues=list(message.quality_issues),
+        )
+
+
+@dataclass(frozen=True)
+class Quality:
+    """The photo's measures before the model ran, and the issues found
+    (docs/trust.md#quality).
+
+    Attributes:
+        sharpness: variance of the Laplacian of the grey image scaled to 256 pixels on its
+            shorter side (grey levels 0-255); low is blurry.
+        dark_fraction: share of clipped dark pixels (grey level <= 8), in [0, 1].
+        bright_fraction: share of clipped bright pixels (grey level >= 247), in [0, 1].
+        brightness: mean grey level, 0-255.
+        contrast: standard deviation of the grey levels, 0-255; near 0 is uniform.
+        width, height: the decoded photo's size in pixels.
+        resolution: its shorter side divided by the model's input side.
+        issues: `BLURRY`, `UNDEREXPOSED`, `OVEREXPOSED`, `LOW_RESOLUTION`, `UNIFORM`; empty
+            when the photo passed every threshold.
+    """
+
+    sharpness: float
+    dark_fraction: float
+    bright_fraction: float
+    brightness: float
+    contrast: float
+    width: int
+    height: int
+    resolution: float
+    issues: list[str] = field(default_factory=list)
+
+    @classmethod
+    def _from_proto(cls, message: classify_pb2.Quality) -> Quality:
+        return cls(
+            **_same(
+                message,
+                "sharpness dark_fraction bright_fraction brightness contrast width height "
+                "resolution",
+            ),
+            issues=list(message.issues),
+        )
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """Where in the photo the model looked for its top-1 class (docs/trust.md#explanations).
+
+    Attributes:
+        method: `occlusion`, or `cam` where the artifact exports a class-activation map.
+        class_index, label: the class explained (the top-1).
+        grid: the heat map, `grid_height` rows of `grid_width` floats in [0, 1] (1: where
+            hiding the photo lowers the class's probability most).
+        overlay_png: a small PNG of the photo with the heat map over it.
+    """
+
+    method: str
+    class_index: int
+    label: str
+    grid: list[list[float]]
+    overlay_png: bytes
+
+    @property
+    def grid_height(self) -> int:
+        return len(self.grid)
+
+    @property
+    def grid_width(self) -> int:
+        return len(self.grid[0]) if self.grid else 0
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the overlay PNG to `path` (a file; its folder must exist) and return it.
+
+        Raises:
+            OSError: the file cannot be written.
+        """
+        target = Path(path)
+        target.write_bytes(self.overlay_png)
+        return target
+
+    @classmethod
+    def _from_proto(cls, message: classify_pb2.Explanation) -> Explanation:
+        width = message.grid_width
+        values = list(message.grid)
+        rows = [values[i : i + width] for i in range(0, len(values), width)] if width else []
+        return cls(
+            **_same(message, "method class_index label overlay_png"),
+            grid=rows,
+        )
 
 
 @dataclass(frozen=True)
@@ -52,6 +188,15 @@ class Classification:
             classified.
         form: which form of the model answered: `torchscript-fp32` (the reference) or a
             compiled form such as `openvino-int8` (empty from servers that predate forms).
+        provenance: what produced the answer: the input's and the model files' sha256, the
+            version, the request id (docs/trust.md#provenance). None from servers that
+            predate it.
+        quality: the photo's quality measures and issues (docs/trust.md#quality), or None.
+        explanation: the top-1 class's heat map, when you asked `explain`, else None.
+        expected_accuracy: how often the model's top-1 class was right, on the model card's
+            held-out images, at this answer's top-1 probability (the card's reliability
+            curve), in [0, 1]; None when the card has no curve or too few images there
+            (docs/trust.md#figures).
         error: always None (a `RejectedImage` has one): `classify(..., on_invalid="skip")`
             returns both kinds, and `if result.error:` tells them apart.
     """
@@ -67,6 +212,10 @@ class Classification:
     model_version: str = ""
     first_frame_only: bool = False
     form: str = ""
+    provenance: Provenance | None = None
+    quality: Quality | None = None
+    explanation: Explanation | None = None
+    expected_accuracy: float | None = None
 
     @property
     def top(self) -> Prediction:
@@ -87,10 +236,29 @@ class Classification:
         return cls(
             **_same(message, "image_id margin normalized_entropy uncertain first_frame_only form"),
             predictions=[
-                Prediction(p.label, p.class_index, p.probability) for p in message.predictions
+                Prediction(
+                    p.label,
+                    p.class_index,
+                    p.probability,
+                    card_precision=_optional(p, "card_precision"),
+                    card_recall=_optional(p, "card_recall"),
+                )
+                for p in message.predictions
             ],
             model=model,
             model_version=model_version,
+            provenance=(
+                Provenance._from_proto(message.provenance)
+                if message.HasField("provenance")
+                else None
+            ),
+            quality=Quality._from_proto(message.quality) if message.HasField("quality") else None,
+            explanation=(
+                Explanation._from_proto(message.explanation)
+                if message.HasField("explanation")
+                else None
+            ),
+            expected_accuracy=_optional(message, "expected_accuracy"),
         )
 
 

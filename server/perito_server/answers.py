@@ -7,6 +7,7 @@ recorded) both answer with it, so the two cannot drift apart.
 from __future__ import annotations
 
 from perito.v1 import classify_pb2
+from perito_core.models.provenance import CardFigures
 from perito_core.models.summary import Classification
 
 
@@ -16,6 +17,10 @@ def classification_message(
     image_id: str,
     form: str,
     first_frame_only: bool,
+    provenance: classify_pb2.Provenance | None = None,
+    quality: classify_pb2.Quality | None = None,
+    explanation: classify_pb2.Explanation | None = None,
+    figures: CardFigures | None = None,
 ) -> classify_pb2.Classification:
     """One image's answer.
 
@@ -25,8 +30,15 @@ def classification_message(
         image_id: the caller's id for the image.
         form: the served form that answered (`torchscript-fp32`, `openvino-int8`, ...).
         first_frame_only: the file held several frames and only the first was read.
+        provenance: what produced the answer (docs/trust.md#provenance); None leaves it out.
+        quality: the photo's quality measures and issues; None leaves them out.
+        explanation: the top-1 class's heat map; None leaves it out.
+        figures: the version's model-card figures: each prediction gets its class's
+            `card_precision` and `card_recall`, and the answer `expected_accuracy` at its
+            top-1 probability, where the card has them (docs/trust.md#figures); None leaves
+            them out.
     """
-    return classify_pb2.Classification(
+    message = classify_pb2.Classification(
         image_id=image_id,
         predictions=[
             classify_pb2.Prediction(
@@ -39,4 +51,17 @@ def classification_message(
         uncertain=summary.uncertain,
         first_frame_only=first_frame_only,
         form=form,
+        provenance=provenance,
+        quality=quality,
+        explanation=explanation,
     )
+    if figures is not None:
+        for prediction in message.predictions:
+            scores = figures.class_figures(prediction.label)
+            if scores is not None:
+                prediction.card_precision, prediction.card_recall = scores
+        if summary.predictions:
+            accuracy = figures.expected_accuracy(summary.predictions[0].probability)
+            if accuracy is not None:
+                message.expected_accuracy = accuracy
+    return message

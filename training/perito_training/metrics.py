@@ -7,7 +7,6 @@ counted half; one-vs-rest AUC is averaged over classes that have both positives 
 
 from __future__ import annotations
 
-import itertools
 from typing import Any
 
 import numpy as np
@@ -19,6 +18,7 @@ from perito_core.models.calibration import (
     expected_calibration_error,
     fit_temperature,
     negative_log_likelihood,
+    reliability_curve,
     softmax,
 )
 
@@ -31,6 +31,7 @@ __all__ = [
     "negative_log_likelihood",
     "per_class_scores",
     "reliability",
+    "reliability_curve",
     "roc_auc",
     "roc_auc_binary",
     "roc_curve",
@@ -115,18 +116,16 @@ def roc_auc(targets: np.ndarray, probabilities: np.ndarray) -> dict[str, Any]:
 def reliability(
     probabilities: np.ndarray, targets: np.ndarray, bins: int = 15
 ) -> dict[str, list[float]]:
-    """Per equal-width confidence bin: mean confidence, accuracy and count."""
-    confidence = probabilities.max(axis=1)
-    correct = probabilities.argmax(axis=1) == targets
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    out: dict[str, list[float]] = {"confidence": [], "accuracy": [], "count": []}
-    for low, high in itertools.pairwise(edges):
-        in_bin = (confidence > low) & (confidence <= high)
-        used = bool(in_bin.any())
-        out["count"].append(float(in_bin.sum()))
-        out["confidence"].append(float(confidence[in_bin].mean()) if used else (low + high) / 2)
-        out["accuracy"].append(float(correct[in_bin].mean()) if used else 0.0)
-    return out
+    """Per equal-width confidence bin: mean confidence (the bin's middle when empty),
+    accuracy (0 when empty) and count: `reliability_curve` as the reliability plot reads it."""
+    curve = reliability_curve(probabilities, targets, bins)
+    return {
+        "confidence": [
+            b["confidence"] if b["count"] else (b["lower"] + b["upper"]) / 2 for b in curve
+        ],
+        "accuracy": [b["accuracy"] if b["count"] else 0.0 for b in curve],
+        "count": [float(b["count"]) for b in curve],
+    }
 
 
 def classification_report(

@@ -62,6 +62,7 @@ from perito_training.metrics import (
     expected_calibration_error,
     fit_temperature,
     negative_log_likelihood,
+    reliability_curve,
     softmax,
 )
 from perito_training.trainer import Log, Trainer, TrainState, input_contract, predict_logits
@@ -153,6 +154,7 @@ def finish_run(
         "fitted_on": "val",
         "ece_test_before": expected_calibration_error(test_uncalibrated, test.targets),
         "ece_test_after": test_report["ece"],
+        "reliability": reliability_curve(test_probabilities, test.targets),
     }
     if len(val):
         calibration["nll_val_before"] = negative_log_likelihood(val_logits, val.targets, 1.0)

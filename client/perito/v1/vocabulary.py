@@ -53,11 +53,19 @@ class Prediction:
         label: the class's name, from the model's labels.
         class_index: its position in the model's output (0-based).
         probability: softmax probability in [0, 1].
+        card_precision: the class's precision in the model card, in [0, 1]: of the
+            held-out images the model gave this class, the share that were of it. Measured
+            by the trainer on its held-out split (Perito's trainer: the test split, which the
+            card's `metrics.split` names). None when the card has none (an imported model).
+        card_recall: the class's recall in the model card, in [0, 1]: of the held-out
+            images of this class, the share the model gave it. None as `card_precision`.
     """
 
     label: str
     class_index: int
     probability: float
+    card_precision: float | None = None
+    card_recall: float | None = None
 
 
 # The HTTP status of each gRPC status code, by the code's name: google/rpc/code.proto's table,

@@ -7,7 +7,9 @@ the figures of a run's model card):
 - temperature scaling (Guo et al., "On Calibration of Modern Neural Networks", ICML 2017):
   one scalar T dividing the logits before the softmax, fitted by minimising the negative
   log-likelihood on labelled data; it never changes the top-1 class;
-- the expected calibration error over 15 equal-width confidence bins (same paper, eq. 3);
+- the expected calibration error over 15 equal-width confidence bins (same paper, eq. 3), and
+  the reliability curve over the same bins (the model card's, read by each answer's
+  `expected_accuracy`);
 - the confidence threshold: the lowest top-1 probability above which predictions reach a
   target accuracy.
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from typing import Any
 
 import numpy as np
 
@@ -115,6 +118,41 @@ def confidence_threshold(
         "accuracy_above": float(running[last]),
         "target_accuracy": target_accuracy,
     }
+
+
+def reliability_curve(
+    probabilities: np.ndarray, targets: np.ndarray, bins: int = 15
+) -> list[dict[str, Any]]:
+    """The top-1 accuracy in each of `bins` equal-width confidence bins (the bins of
+    `expected_calibration_error`): what a reliability diagram plots, and what the model
+    card's `calibration.reliability` holds.
+
+    Args:
+        probabilities: float (N, C); targets: int class indices (N,).
+
+    Returns:
+        One dict per bin, lowest first: `lower` and `upper` (the bin holds top-1
+        probabilities p with lower < p <= upper), `count` (images, an int), `accuracy` (the
+        share whose top-1 class is right) and `confidence` (their mean top-1 probability);
+        `accuracy` and `confidence` are None for an empty bin.
+    """
+    confidence = probabilities.max(axis=1)
+    correct = probabilities.argmax(axis=1) == targets
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    curve: list[dict[str, Any]] = []
+    for low, high in itertools.pairwise(edges):
+        inside = (confidence > low) & (confidence <= high)
+        count = int(inside.sum())
+        curve.append(
+            {
+                "lower": round(float(low), 6),
+                "upper": round(float(high), 6),
+                "count": count,
+                "accuracy": float(correct[inside].mean()) if count else None,
+                "confidence": float(confidence[inside].mean()) if count else None,
+            }
+        )
+    return curve
 
 
 def expected_calibration_error(

@@ -124,6 +124,18 @@ class ThresholdEvidence(_CardPart):
     target_accuracy: float
 
 
+class ReliabilityBin(_CardPart):
+    """One bin of a reliability curve: `count` held-out images had a top-1 probability p in
+    `lower < p <= upper`; their top-1 class was right for the share `accuracy`, and their
+    mean p was `confidence` (both fractions in [0, 1], None for an empty bin)."""
+
+    lower: float = Field(ge=0.0, le=1.0)
+    upper: float = Field(ge=0.0, le=1.0)
+    count: int = Field(ge=0)
+    accuracy: float | None = Field(default=None, ge=0.0, le=1.0)
+    confidence: float | None = Field(default=None, ge=0.0, le=1.0)
+
+
 class Calibration(_CardPart):
     """How the served probabilities were calibrated (temperature scaling, Guo et al. 2017)."""
 
@@ -142,6 +154,10 @@ class Calibration(_CardPart):
     # The evidence behind `ModelManifest.confidence_threshold`; `None` (present) when the
     # recipe asked for a target accuracy that no threshold reached on validation.
     confidence_threshold: ThresholdEvidence | None = None
+    # The served (calibrated) probabilities' reliability curve on the test split: 15
+    # equal-width bins of top-1 probability, as for `ece_test_after`. Each answer's
+    # `expected_accuracy` is read off it (`perito_core.models.provenance.CardFigures`).
+    reliability: list[ReliabilityBin] | None = None
 
 
 class UnreadableImage(_CardPart):
