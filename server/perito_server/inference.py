@@ -14,6 +14,7 @@ for all of them. Nothing here knows a wire protocol beyond the messages of the A
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +33,12 @@ from perito_core.errors import InvalidArgument, InvalidImage, NotFound, PeritoEr
 from perito_core.imaging import DecodeInfo, ImageLimits, InputSpec, load_model_input_with_info
 from perito_core.logs import REQUEST_ID
 from perito_core.models.manifest import ModelCard, ModelManifest
+from perito_core.models.provenance import (
+    CardFigures,
+    ServedVersion,
+    provenance_record,
+    sha256_hex,
+)
 from perito_core.models.registry import validate_model_name
 from perito_core.models.summary import (
     MODEL_OUTPUT_NOT_FINITE,
@@ -82,6 +89,8 @@ class Inference:
         manifest: that version's manifest (labels, input size, threshold).
         probabilities: one float32 array [C] per image, C = len(manifest.labels).
         infos: what decoding each image found; None for images sent as pixels.
+        input_sha256: each image's sha256 (hex) as received: of its encoded bytes, or for
+            pixels of its uint8 [H, W, 3] array's bytes (row-major).
     """
 
     model: str
@@ -90,6 +99,7 @@ class Inference:
     manifest: ModelManifest
     probabilities: list[np.ndarray]
     infos: list[DecodeInfo | None]
+    input_sha256: list[str]
 
 
 def _image_label(index: int, image_id: str) -> str:
@@ -142,6 +152,8 @@ class InferenceService:
         self.queue_bytes = ByteBudget(settings.max_queue_bytes)
         # False once the server drains (OIP readiness).
         self.ready = True
+        # (model, version) -> its file digests and card figures, read once per version.
+        self._versions: dict[tuple[str, str], tuple[ServedVersion, CardFigures]] = {}
 
     def close(self) -> None:
         self._decode_pool.shutdown(wait=False, cancel_futures=True)
@@ -376,9 +388,24 @@ class InferenceService:
                 pixels, infos = [p for p, _ in decoded], [info for _, info in decoded]
             with tracing.span("perito.batch", model=served.name, version=served.version):
                 probabilities = await admit.run(pixels, deadline)
+        if isinstance(images, np.ndarray):
+            digests = [sha256_hex(np.ascontiguousarray(image).data) for image in images]
+        else:
+            digests = [sha256_hex(image) for image in images]
         return Inference(
-            served.name, served.version, served.model.form, manifest, probabilities, infos
+            served.name, served.version, served.model.form, manifest, probabilities, infos, digests
         )
+
+    def version_facts(self, manifest: ModelManifest) -> tuple[ServedVersion, CardFigures]:
+        """A version's file digests (provenance) and model-card figures, read from its
+        manifest once (a published version never changes)."""
+        key = (manifest.name, manifest.version)
+        facts = self._versions.get(key)
+        if facts is None:
+            if len(self._versions) >= 1024:
+                self._versions.clear()
+            facts = self._versions[key] = (ServedVersion.of(manifest), CardFigures.of(manifest))
+        return facts
 
     async def classify(
         self, request: classify_pb2.ClassifyRequest, tenant: Tenant, deadline: float | None
@@ -420,15 +447,36 @@ class InferenceService:
         response = classify_pb2.ClassifyResponse(
             model=inference.model, model_version=inference.version, confidence_threshold=threshold
         )
-        results = zip(request.images, inference.probabilities, inference.infos, strict=True)
-        for index, (image, probs, info) in enumerate(results):
+        served, figures = self.version_facts(manifest)
+        request_id = REQUEST_ID.get() or ""
+        results = zip(
+            request.images,
+            inference.probabilities,
+            inference.infos,
+            inference.input_sha256,
+            strict=True,
+        )
+        for index, (image, probs, info, digest) in enumerate(results):
             summary = summarize(probs, manifest.labels, top_k, threshold)
+            provenance = classify_pb2.Provenance(
+                **provenance_record(
+                    served,
+                    input_sha256=digest,
+                    model=inference.model,
+                    model_version=inference.version,
+                    form=inference.form,
+                    confidence_threshold=threshold,
+                    request_id=request_id,
+                )
+            )
             response.results.append(
                 classification_message(
                     summary,
                     image_id=image.id or str(index),
                     form=inference.form,
                     first_frame_only=info is not None and info.first_frame_only,
+                    provenance=provenance,
+                    figures=figures,
                 )
             )
         return response
@@ -584,8 +632,29 @@ class InferenceService:
         self._refuse_not_finite(inference, describe, per_image=False)
         wanted = outputs or [RequestedOutput(PROBABILITIES_OUTPUT)]
         return InferResult(
-            inference.model, inference.version, [_output(inference, o) for o in wanted]
+            inference.model,
+            inference.version,
+            [_output(inference, o) for o in wanted],
+            self._oip_parameters(inference),
         )
+
+    def _oip_parameters(self, inference: Inference) -> dict[str, str | float]:
+        """Provenance and the card's figures as OIP response parameters (scalars; a value per
+        image is a JSON array in a string): docs/trust.md#provenance."""
+        served, figures = self.version_facts(inference.manifest)
+        expected = [
+            figures.expected_accuracy(float(np.max(probs))) for probs in inference.probabilities
+        ]
+        return {
+            "perito_model_version": inference.version,
+            "perito_artifact_sha256": served.artifact_sha256,
+            "perito_form": inference.form,
+            "perito_form_sha256": json.dumps(served.form_files(inference.form)),
+            "perito_input_sha256": json.dumps(inference.input_sha256),
+            "perito_request_id": REQUEST_ID.get() or "",
+            "perito_confidence_threshold": inference.manifest.threshold(),
+            "perito_expected_accuracy": json.dumps(expected),
+        }
 
     # Bulk jobs
 

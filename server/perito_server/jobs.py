@@ -18,19 +18,20 @@ from typing import Any, TypeVar
 import redis
 from google.protobuf import timestamp_pb2
 
-from perito.v1 import jobs_pb2
+from perito.v1 import classify_pb2, jobs_pb2
 from perito.v1.vocabulary import ItemState, JobState, Prediction
 from perito_core.access.tenancy import Access, Tenant, check_uri
 from perito_core.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    PeritoError,
     PermissionDenied,
     QuotaExceeded,
     StorageUnavailable,
 )
 from perito_core.jobs.queue import make_celery, send_chunks
-from perito_core.jobs.results import check_output_writable, finalize_job
+from perito_core.jobs.results import check_output_writable, finalize_job, item_provenance
 from perito_core.jobs.sources import SourceReader, default_item_id
 from perito_core.jobs.store import (
     DELETED_MARK,
@@ -40,6 +41,7 @@ from perito_core.jobs.store import (
     JobStore,
 )
 from perito_core.jobs.watchdog import Watchdog
+from perito_core.models.provenance import CardFigures, ServedVersion
 from perito_core.models.selection import check_precision, requested_precision
 from perito_core.models.summary import Classification
 from perito_core.storage import check_uri_text, echo_uri, split_s3_uri
@@ -107,7 +109,12 @@ def job_to_proto(job: Job) -> jobs_pb2.Job:
     )
 
 
-def result_to_proto(result: ItemResult) -> jobs_pb2.JobItemResult:
+def result_to_proto(
+    result: ItemResult, job: Job, figures: CardFigures | None = None
+) -> jobs_pb2.JobItemResult:
+    """One item's recorded outcome; a succeeded one answers as `Classify` would, its
+    provenance joined from the job's record (`item_provenance`) and, given the version's
+    `figures`, the card's figures."""
     message = jobs_pb2.JobItemResult(
         index=result.index,
         image_id=result.id,
@@ -122,12 +129,15 @@ def result_to_proto(result: ItemResult) -> jobs_pb2.JobItemResult:
             result.normalized_entropy,
             result.uncertain,
         )
+        provenance = item_provenance(job, result)
         message.classification.CopyFrom(
             classification_message(
                 summary,
                 image_id=result.id,
                 form=result.form,
                 first_frame_only=result.first_frame_only,
+                provenance=classify_pb2.Provenance(**provenance) if provenance else None,
+                figures=figures,
             )
         )
     return message
@@ -372,6 +382,8 @@ class JobService:
         brings is checked as it is read, and a job refused then leaves nothing behind: no
         output claim, no folder made by the write test."""
         version = await self.pool.resolve(request.model, request.version)  # pinned for the job
+        # Its file digests, recorded once with the job for each item's provenance.
+        manifest = await self._run(self.pool.registry.manifest, request.model, version)
         chunk_size = min(
             request.chunk_size or self.settings.job_chunk_size, self.settings.max_job_chunk_size
         )
@@ -402,6 +414,7 @@ class JobService:
                 max_items=max_items,
                 request_id=request.request_id,
                 tenant=tenant.name,
+                served=ServedVersion.of(manifest),
             )
         except Exception:
             await self._run(self._forget, job_id, tenant, output=claimed, made=made)
@@ -578,12 +591,22 @@ class JobService:
                     if len(found) == page_size:
                         break
         token = str(position) if position < job.total else ""
+        figures = await self._run(self._figures, job)
         return jobs_pb2.ListJobResultsResponse(
-            results=[result_to_proto(r) for r in found],
+            results=[result_to_proto(r, job, figures) for r in found],
             next_page_token=token,
             model=job.model,
             model_version=job.model_version,
         )
+
+    def _figures(self, job: Job) -> CardFigures | None:
+        """The card's figures of the job's version; None when its manifest cannot be read
+        (the answer goes without them)."""
+        try:
+            return CardFigures.of(self.pool.registry.manifest(job.model, job.model_version))
+        except PeritoError as error:
+            log.warning("job %s: no card figures: %s", job.id, error)
+            return None
 
     def _cancel(self, job_id: str) -> Job:
         job = self.store.get(job_id)

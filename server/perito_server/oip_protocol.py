@@ -109,12 +109,15 @@ class OutputTensor:
 
 @dataclass
 class InferResult:
-    """What `InferenceService.oip_infer` answers: the model and version that answered, and
-    the outputs."""
+    """What `InferenceService.oip_infer` answers: the model and version that answered, the
+    outputs, and the response's parameters."""
 
     model: str
     version: str
     outputs: list[OutputTensor] = field(default_factory=list)
+    # Response parameters (Perito's `perito_*`: provenance and the card's figures), each a
+    # string or a number.
+    parameters: dict[str, str | float] = field(default_factory=dict)
 
 
 def serialize_bytes(elements: Sequence[bytes]) -> bytes:

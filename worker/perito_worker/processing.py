@@ -42,6 +42,7 @@ from perito_core.jobs.sources import SourceReader
 from perito_core.jobs.store import ItemInput, ItemResult, Job, JobStore
 from perito_core.models.cache import ModelCache
 from perito_core.models.engines.base import LoadedModel
+from perito_core.models.provenance import sha256_hex
 from perito_core.models.selection import (
     Asked,
     PrecisionUnavailable,
@@ -128,6 +129,7 @@ class _Prepared:
     pixels: np.ndarray | None
     error: str = ""
     first_frame_only: bool = False
+    input_sha256: str = ""
 
 
 def _prepare(
@@ -147,7 +149,13 @@ def _prepare(
                 raise NotFound("inline image data is missing from the job store")
             data = inline
         pixels, info = load_model_input_with_info(data, model.manifest.input.spec(), limits)
-        return _Prepared(index, item, pixels, first_frame_only=info.first_frame_only)
+        return _Prepared(
+            index,
+            item,
+            pixels,
+            first_frame_only=info.first_frame_only,
+            input_sha256=sha256_hex(data),
+        )
     except StorageUnavailable:
         raise
     except PeritoError as error:
@@ -225,6 +233,7 @@ def _classify(job: Job, model: LoadedModel, batch: list[_Prepared]) -> list[Item
                 uncertain=summary.uncertain,
                 first_frame_only=prepared.first_frame_only,
                 form=model.form,
+                input_sha256=prepared.input_sha256,
             )
     return [results[p.index] for p in batch]
 

@@ -27,10 +27,12 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
+from perito.v1.vocabulary import ItemState
 from perito_core.errors import FailedPrecondition, PeritoError, StorageUnavailable
 from perito_core.jobs.store import ItemResult, Job, JobStore
+from perito_core.models.provenance import provenance_record
 from perito_core.storage import LocalStore, ObjectStore, S3Options, open_store, split_s3_uri
 
 log = logging.getLogger(__name__)
@@ -43,7 +45,25 @@ RETRY_FIRST_S = 5.0
 RETRY_MAX_S = 60.0
 
 
-def _json_line(result: ItemResult, job: Job) -> str:
+def item_provenance(job: Job, result: ItemResult) -> dict[str, Any] | None:
+    """A succeeded item's provenance (`perito.v1.Provenance`'s fields, as
+    `provenance_record`): its input's sha256 joined with the job's version digests, the
+    threshold the job applied, and the job's id as the request id. None for an item that did
+    not succeed, or of a job recorded before provenance."""
+    if job.served is None or result.state is not ItemState.SUCCEEDED:
+        return None
+    return provenance_record(
+        job.served,
+        input_sha256=result.input_sha256,
+        model=job.model,
+        model_version=job.model_version,
+        form=result.form,
+        confidence_threshold=job.confidence_threshold or job.served.confidence_threshold,
+        request_id=job.id,
+    )
+
+
+def _json_line(result: ItemResult, job: Job, provenance: dict[str, Any] | None) -> str:
     top = result.predictions[0] if result.predictions else None
     return json.dumps(
         {
@@ -64,6 +84,7 @@ def _json_line(result: ItemResult, job: Job) -> str:
             "form": result.form or None,
             "model": job.model,
             "model_version": job.model_version,
+            "provenance": provenance,
         },
         allow_nan=False,  # RFC 8259: a NaN that slipped through fails loudly, never a bad line
     )
@@ -79,7 +100,16 @@ _CSV_HEADER = [
     "uncertain",
     "error",
     "model_version",
+    # Provenance (docs/trust.md#provenance), empty for an item that did not succeed.
+    "input_sha256",
+    "model",
+    "artifact_sha256",
+    "form",
+    "request_id",
 ]
+
+
+_CSV_PROVENANCE = ("input_sha256", "model", "artifact_sha256", "form", "request_id")
 
 
 def write_results(store: JobStore, job: Job, jsonl: IO[str], table: IO[str]) -> None:
@@ -89,7 +119,8 @@ def write_results(store: JobStore, job: Job, jsonl: IO[str], table: IO[str]) -> 
     writer.writerow(_CSV_HEADER)
     for start in range(0, job.total, PAGE):
         for result in store.results(job.id, start, PAGE):
-            jsonl.write(_json_line(result, job) + "\n")
+            provenance = item_provenance(job, result)
+            jsonl.write(_json_line(result, job, provenance) + "\n")
             top = result.predictions[0] if result.predictions else None
             writer.writerow(
                 [
@@ -102,6 +133,11 @@ def write_results(store: JobStore, job: Job, jsonl: IO[str], table: IO[str]) -> 
                     int(result.uncertain),
                     result.error,
                     job.model_version,
+                    *(
+                        [provenance[name] for name in _CSV_PROVENANCE]
+                        if provenance
+                        else [""] * len(_CSV_PROVENANCE)
+                    ),
                 ]
             )
 

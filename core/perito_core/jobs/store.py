@@ -49,6 +49,7 @@ import redis
 # The API's job and item states: the contract's, which the SDK returns too.
 from perito.v1.vocabulary import ItemState, JobState
 from perito_core.errors import InvalidArgument, NotFound, StorageUnavailable
+from perito_core.models.provenance import ServedVersion
 
 PREFIX = "perito"
 # Jobs per state, moved by the same scripts that move each job.
@@ -82,6 +83,9 @@ class ItemResult:
     first_frame_only: bool = False
     # Which form of the model answered (`openvino-int8`, `torchscript-fp32`, ...).
     form: str = ""
+    # sha256 (hex) of the image's bytes as read, for its provenance (the version's file
+    # digests are the job's: `Job.served`). 75 bytes of the stored JSON.
+    input_sha256: str = ""
 
     def to_json(self) -> str:
         return json.dumps(
@@ -94,6 +98,7 @@ class ItemResult:
                 "error": self.error,
                 **({"first_frame_only": True} if self.first_frame_only else {}),
                 **({"form": self.form} if self.form else {}),
+                **({"sha256": self.input_sha256} if self.input_sha256 else {}),
             },
             separators=(",", ":"),
             allow_nan=False,
@@ -114,6 +119,7 @@ class ItemResult:
             error=data["error"],
             first_frame_only=data.get("first_frame_only", False),
             form=data.get("form", ""),
+            input_sha256=data.get("sha256", ""),
         )
 
 
@@ -145,6 +151,9 @@ class Job:
     finalize_first_failure: float = 0.0  # Unix seconds; 0: no write of its files failed
     finalize_last_failure: float = 0.0
     tenant: str = ""  # who submitted it; "" for jobs recorded before tenants existed
+    # The pinned version's file digests and threshold, for each item's provenance; None for
+    # jobs recorded before provenance.
+    served: ServedVersion | None = None
 
     @property
     def done(self) -> int:
@@ -373,6 +382,7 @@ class JobStore:
         request_id: str = "",
         tenant: str = "",
         precision: str = "",
+        served: ServedVersion | None = None,
     ) -> tuple[Job, bool]:
         """Record a new queued job and its inputs; returns it, and whether this call made it.
 
@@ -427,6 +437,7 @@ class JobStore:
                 labels=labels,
                 request_id=request_id,
                 tenant=tenant,
+                served=served.to_json() if served is not None else "",
             )
         finally:
             self.redis.delete(building)  # gone already if committed (renamed)
@@ -531,6 +542,7 @@ class JobStore:
             finalize_first_failure=float(data.get("finalize_first_failure") or 0),
             finalize_last_failure=float(data.get("finalize_last_failure") or 0),
             tenant=data.get("tenant", ""),
+            served=ServedVersion.from_json(data.get("served", "")),
         )
 
     @_redis_unavailable

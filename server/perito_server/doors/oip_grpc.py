@@ -169,6 +169,11 @@ class OipServicer:
         response = pb.ModelInferResponse(
             model_name=result.model, model_version=result.version, id=request.id
         )
+        for key, value in result.parameters.items():
+            if isinstance(value, str):
+                response.parameters[key].string_param = value
+            else:
+                response.parameters[key].double_param = value
         for output in result.outputs:
             response.outputs.add(name=output.name, datatype=output.datatype, shape=output.shape)
             response.raw_output_contents.append(output.raw())

@@ -129,6 +129,7 @@ MODEL_INFER = Operation(
             model_name=STRING,
             model_version=STRING,
             id=STRING,
+            parameters=ANY_OBJECT,
             outputs=_array({"type": "object"}),
         ),
     ),
@@ -161,7 +162,9 @@ MODEL_INFER = Operation(
     description="One input: `images` BYTES [N] or [N,1] (base64 strings in JSON, or binary "
     "with `binary_data_size` and the Inference-Header-Content-Length header), or `pixels` "
     "UINT8 [N,H,W,3]. Output `probabilities` FP32 [N,C]; with the parameter "
-    "`classification`: k, BYTES [N,k] of `score:index:label`.",
+    "`classification`: k, BYTES [N,k] of `score:index:label`. The response's `parameters` "
+    "carry each answer's provenance and the card's figures (`perito_input_sha256`, "
+    "`perito_artifact_sha256`, ...: docs/trust.md#provenance).",
 )
 
 
@@ -417,6 +420,8 @@ def _rest_response(result: InferResult, request_id: str | None) -> Response:
         "model_version": result.version,
         "outputs": outputs,
     }
+    if result.parameters:
+        document["parameters"] = result.parameters
     if request_id:
         document["id"] = request_id
     header = json.dumps(document, allow_nan=False).encode()  # RFC 8259: never a bare NaN
