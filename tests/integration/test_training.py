@@ -55,6 +55,12 @@ def test_a_small_cnn_learns_and_the_run_folder_has_everything(
     assert card.metrics.images == 36
     assert card.labels == ["minor", "moderate", "severe"]
     assert card.calibration.temperature > 0
+    # The reliability curve answers read `expected_accuracy` from: every test image, in bins
+    # whose accuracies add up to the test accuracy.
+    curve = card.calibration.reliability
+    assert curve is not None and sum(b.count for b in curve) == 36
+    binned = sum(b.count * (b.accuracy or 0.0) for b in curve)
+    assert binned / 36 == pytest.approx(card.metrics.accuracy)
     assert card.training.dataset.fingerprint_sha256
     assert card.training.config["model"]["architecture"] == "cnn4"
     assert card.source.torch == torch.__version__
