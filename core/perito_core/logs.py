@@ -21,6 +21,9 @@ from datetime import UTC, datetime
 
 REQUEST_ID: ContextVar[str | None] = ContextVar("perito_request_id", default=None)
 JOB_ID: ContextVar[str | None] = ContextVar("perito_job_id", default=None)
+# The call's method as the metrics name it (`Classify`, `ModelInfer`, `HTTP Classify`): which
+# door a prediction-log record came through.
+DOOR: ContextVar[str | None] = ContextVar("perito_door", default=None)
 
 
 class ContextFilter(logging.Filter):

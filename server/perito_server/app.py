@@ -43,6 +43,7 @@ from perito_server.inference import InferenceService
 from perito_server.jobs import JobService
 from perito_server.metrics import ServerMetrics
 from perito_server.model_pool import ModelPool
+from perito_server.predictions import PredictionLogCollector, PredictionRecorder
 from perito_server.settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -161,6 +162,10 @@ class RunningServer:
         await self.pool.close()
         await self.service.jobs.close()
         self.service.close()
+        if self.service.predictions is not None:  # what is queued, within its bounded time
+            await asyncio.to_thread(
+                self.service.predictions.close, self.service.settings.prediction_log_close_s
+            )
         self.metrics.stop()
 
 
@@ -204,7 +209,12 @@ async def create_server(settings: ServerSettings) -> RunningServer:
     metrics.watch_jobs(jobs.store)
     limiter = RateLimiter(jobs.store.redis)
     audit = AuditLog(jobs.store.redis, settings.job_retention.total_seconds())
-    service = InferenceService(settings, pool, jobs, limiter, audit, tenants, metrics)
+    predictions = PredictionRecorder(settings, tenants)
+    metrics.registry.register(PredictionLogCollector(predictions))
+    predictions.start()
+    service = InferenceService(
+        settings, pool, jobs, limiter, audit, tenants, metrics, predictions=predictions
+    )
     # Outermost first: tracing spans, then request ids, error mapping and metrics (which so
     # also count the calls auth refuses), then auth.
     authorizer = TenantInterceptor(tenants, limiter, audit)
@@ -289,6 +299,7 @@ async def create_server(settings: ServerSettings) -> RunningServer:
         await pool.close()
         await jobs.close()
         service.close()
+        predictions.close(0)
         raise
     return RunningServer(
         server,

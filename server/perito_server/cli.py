@@ -447,10 +447,13 @@ def tenants_list(tenants_file: Path) -> None:
             + [f"write {location}" for location in tenant.write or ()]
         )
         quotas = ", ".join(f"{k}={v}" for k, v in vars(tenant.quotas).items() if v is not None)
+        logged = tenant.prediction_log
         click.echo(
             f"{name}: roles {', '.join(sorted(tenant.roles)) or '-'}; models "
             f"{', '.join(tenant.models) or '-'}; {storage or 'no storage'}; "
-            f"{len(tenant.token_digests)} tokens" + (f"; quotas {quotas}" if quotas else "")
+            f"{len(tenant.token_digests)} tokens"
+            + (f"; quotas {quotas}" if quotas else "")
+            + (f"; prediction log {logged.uri}" if logged is not None else "")
         )
 
 
@@ -495,9 +498,69 @@ def audit(
         )
 
 
+@click.command("verify")
+@click.argument("source")
+@click.option(
+    "--images",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="For a job's results.jsonl: the folder holding its images (by item id).",
+)
+@click.option("--log", "log_uri", help="For one records file: its log's prefix (default: found).")
+@click.option(
+    "--sample",
+    type=click.IntRange(min=0),
+    default=1000,
+    show_default=True,
+    help="Answers classified again (all of them, up to this many, chosen at random).",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Of the sample.")
+@click.option("--json", "as_json", is_flag=True, help="The report as one JSON object.")
+@registry_option
+def verify(
+    source: str,
+    images: Path | None,
+    log_uri: str | None,
+    sample: int,
+    seed: int,
+    as_json: bool,
+    registry: str | None,
+) -> None:
+    """Check logged answers: SOURCE is a prediction log (a folder or s3:// prefix), one of its
+    records files, or a job's results.jsonl (with --images). Each image's stored bytes are
+    hashed against the record, the model version's files in the registry against the
+    recorded sha256s, and a sample is classified again with the recorded version and form.
+    Exit status 0 when everything matches, 1 when anything does not (each mismatch listed).
+
+    \b
+    Example:
+      perito verify s3://acme-logs/perito/ --registry s3://models/
+      perito verify results.jsonl --images ./photos --json
+    """
+    import json
+
+    from perito_server.verify import load_items, table
+    from perito_server.verify import verify as run_checks
+
+    settings = _settings(registry=registry)
+    s3 = settings.s3_options()
+    try:
+        items = load_items(source, images, log_uri, s3)
+        run_checks(items, settings.registry, s3, sample=sample, seed=seed)
+    except PeritoError as error:
+        raise click.ClickException(error.message) from None
+    ok = all(not item.problems for item in items)
+    if as_json:
+        report = {"ok": ok, "checked": len(items), "items": [i.as_json() for i in items]}
+        click.echo(json.dumps(report, indent=2))
+    else:
+        click.echo(table(items))
+    raise SystemExit(0 if ok else 1)
+
+
 def register(cli: click.Group) -> None:
     """Entry point for `perito.commands`: add the server-side commands."""
     cli.add_command(serve)
+    cli.add_command(verify)
     cli.add_command(tenants)
     cli.add_command(audit)
     models = cli.commands["models"]

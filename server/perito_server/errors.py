@@ -36,7 +36,7 @@ from grpc_status import rpc_status
 
 from perito.v1.vocabulary import HTTP_STATUS
 from perito_core.errors import ErrorCode, PeritoError
-from perito_core.logs import REQUEST_ID
+from perito_core.logs import DOOR, REQUEST_ID
 
 log = logging.getLogger(__name__)
 
@@ -250,6 +250,7 @@ def _observed(
     @contextlib.asynccontextmanager
     async def call(context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[None]:
         REQUEST_ID.set(request_id(metadata_value(metadata, "x-request-id")))
+        DOOR.set(method)
         started, code = time.perf_counter(), "OK"
         try:
             yield

@@ -63,6 +63,7 @@ from perito_server.oip_protocol import (
     image_count,
 )
 from perito_server.paging import LIST_MODELS
+from perito_server.predictions import Outcome, PredictionRecorder
 from perito_server.settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -137,6 +138,8 @@ class InferenceService:
         audit: AuditLog,
         tenants: Tenants,
         metrics: ServerMetrics | None = None,
+        *,
+        predictions: PredictionRecorder | None = None,
     ) -> None:
         self.settings = settings
         self.pool = pool
@@ -144,6 +147,7 @@ class InferenceService:
         self.limiter = limiter
         self.audit = audit
         self.metrics = metrics
+        self.predictions = predictions
         self.tenants = tenants
         self.tenants.on_reload = self._audit_reload
         self.limits: ImageLimits = settings.image_limits()
@@ -410,7 +414,38 @@ class InferenceService:
     async def classify(
         self, request: classify_pb2.ClassifyRequest, tenant: Tenant, deadline: float | None
     ) -> classify_pb2.ClassifyResponse:
-        """`Classify` as `tenant`, due by `deadline` (monotonic): for every door.
+        """`Classify` as `tenant`, due by `deadline` (monotonic): for every door; its answer
+        or refusal is written to the tenant's prediction log (docs/trust.md#prediction-log).
+
+        Raises:
+            PeritoError: as `_classify`.
+        """
+        try:
+            response = await self._classify(request, tenant, deadline)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            self._log(tenant, request, Outcome(error=error))
+            raise
+        self._log(tenant, request, Outcome(response=response))
+        return response
+
+    def _log(self, tenant: Tenant, request: classify_pb2.ClassifyRequest, outcome: Outcome) -> None:
+        """Queue a Classify call's record in the tenant's prediction log, if it keeps one."""
+        if self.predictions is not None:
+            self.predictions.record(
+                tenant,
+                request,
+                [image.content for image in request.images],
+                outcome,
+                model=request.model,
+                nbytes=request.ByteSize(),
+            )
+
+    async def _classify(
+        self, request: classify_pb2.ClassifyRequest, tenant: Tenant, deadline: float | None
+    ) -> classify_pb2.ClassifyResponse:
+        """`Classify` as `tenant`, due by `deadline` (monotonic).
 
         Admission is by images (`max_queue_size`, per model) and by encoded request bytes
         (`max_queue_bytes`, server-wide), reserved before decoding.

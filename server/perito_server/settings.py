@@ -94,7 +94,22 @@ class ServerSettings(CommonSettings):
     # the server refuses to start against one unless this is set.
     allow_evicting_redis: bool = False
 
-    @field_validator("job_retention", mode="before")
+    # The prediction log (docs/trust.md#prediction-log): tenants switch it on in the tenants
+    # file (`prediction_log`); a server without one logs its single tenant to this prefix
+    # (s3://bucket/prefix/ or an absolute folder; unset: off). Records are kept
+    # `prediction_log_retention` (unset: `job_retention`) unless the tenant says otherwise.
+    prediction_log_uri: str | None = None
+    prediction_log_retention: timedelta | None = Field(None, ge=timedelta(seconds=1))
+    prediction_log_queue_records: int = Field(10_000, ge=1, description="records queued at most")
+    prediction_log_queue_bytes: int = Field(
+        256 * 1024 * 1024, ge=1, description="bytes (images, requests) queued at most"
+    )
+    prediction_log_batch_records: int = Field(1000, ge=1)
+    prediction_log_flush_s: float = Field(1.0, gt=0, description="a batch's longest wait")
+    prediction_log_sweep_interval_s: float = Field(3600.0, gt=0)
+    prediction_log_close_s: float = Field(5.0, ge=0, description="flush time at shutdown")
+
+    @field_validator("job_retention", "prediction_log_retention", mode="before")
     @classmethod
     def _duration(cls, value: object) -> object:
         """'90', '90s', '15m', '24h', '7d' -> seconds; anything else is left to pydantic."""

@@ -14,6 +14,9 @@ A tenants file (`PERITO_TENANTS_FILE`, YAML) lists the tenants:
           concurrent_jobs: 10
           images_per_minute: 600               # Classify images, a token bucket of one minute
           items_per_job: 100000
+        prediction_log:                        # optional; absent: no log (docs/trust.md)
+          uri: s3://results/acme/prediction-log/  # inside the tenant's own `write` prefixes
+          retention: 400d                      # optional; default the server's
 
 Tokens are stored as `sha256:<hex>` digests, never in clear: the file can be read by whoever
 runs the server without giving anyone a token. A presented token is hashed and looked up;
@@ -43,13 +46,14 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
 from perito_core.errors import InvalidArgument, PermissionDenied, Unauthenticated
+from perito_core.prediction_log import PredictionLogSetting, parse_duration
 from perito_core.storage import (
     check_uri_text,
     echo_uri,
@@ -145,6 +149,7 @@ class Tenant:
     read: tuple[Location, ...] | None = ()
     write: tuple[Location, ...] | None = ()
     quotas: Quotas = field(default_factory=Quotas)
+    prediction_log: PredictionLogSetting | None = None
 
     @classmethod
     def unrestricted(cls, name: str, digests: Iterable[str] = ()) -> Tenant:
@@ -299,7 +304,15 @@ def parse_tenant(entry: Any, index: int) -> Tenant:
     where = f"tenants[{index}]"
     if not isinstance(entry, Mapping):
         raise InvalidArgument(f"{where} must be a mapping")
-    unknown = set(entry) - {"name", "tokens", "roles", "models", "storage", "quotas"}
+    unknown = set(entry) - {
+        "name",
+        "tokens",
+        "roles",
+        "models",
+        "storage",
+        "quotas",
+        "prediction_log",
+    }
     if unknown:
         raise InvalidArgument(f"{where}: unknown keys {sorted(unknown)}")
     name = entry.get("name")
@@ -334,7 +347,7 @@ def parse_tenant(entry: Any, index: int) -> Tenant:
         write = tuple(Location.parse(p) for p in _strings(storage.get("write"), "storage.write"))
     except InvalidArgument as exc:
         raise InvalidArgument(f"{where}: {exc.message}") from None
-    return Tenant(
+    tenant = Tenant(
         name=name,
         token_digests=tuple(digests),
         roles=frozenset(roles),
@@ -348,6 +361,34 @@ def parse_tenant(entry: Any, index: int) -> Tenant:
             ),
             items_per_job=_positive(quotas.get("items_per_job"), f"{where}: items_per_job"),
         ),
+    )
+    if entry.get("prediction_log") is None:
+        return tenant
+    return replace(tenant, prediction_log=_prediction_log(tenant, entry["prediction_log"], where))
+
+
+def _prediction_log(tenant: Tenant, value: Any, where: str) -> PredictionLogSetting:
+    """A tenant's `prediction_log` entry: `{uri, retention}`, the uri within the tenant's own
+    writable prefixes (checked as a job's output is), so that no tenant can name another's.
+
+    Raises:
+        InvalidArgument: a malformed entry, or a uri outside the tenant's `write` prefixes.
+    """
+    if isinstance(value, str):
+        value = {"uri": value}
+    if not isinstance(value, Mapping) or set(value) - {"uri", "retention"}:
+        raise InvalidArgument(f"{where}: prediction_log takes 'uri' and 'retention'")
+    uri = value.get("uri")
+    if not isinstance(uri, str):
+        raise InvalidArgument(f"{where}: prediction_log.uri must be a location")
+    try:
+        check_uri(tenant, uri, "write", "prediction_log.uri")
+    except (InvalidArgument, PermissionDenied) as exc:
+        raise InvalidArgument(f"{where}: {exc.message}") from None
+    retention = value.get("retention")
+    return PredictionLogSetting(
+        uri,
+        None if retention is None else parse_duration(retention, f"{where}: retention"),
     )
 
 
@@ -374,7 +415,42 @@ def parse_tenants(text: str) -> list[Tenant]:
         if digests & set(tenant.token_digests):
             raise InvalidArgument(f"tenant {tenant.name!r} shares a token with another tenant")
         digests.update(tenant.token_digests)
+    _check_prediction_logs(tenants)
     return tenants
+
+
+def _check_prediction_logs(tenants: list[Tenant]) -> None:
+    """Refuse a tenant's prediction log that another tenant could read or write: its prefix
+    within, or holding, another tenant's storage prefix or log (its own `write` prefixes were
+    checked as the entry was read).
+
+    Raises:
+        InvalidArgument: naming both tenants and the log's prefix.
+    """
+    for owner in tenants:
+        if owner.prediction_log is None:
+            continue
+        uri = owner.prediction_log.uri
+        bucket, key, path = _parts(uri, "prediction_log.uri", echo_uri(uri))
+        for other in tenants:
+            if other is owner:
+                continue
+            places = [*(other.read or ()), *(other.write or ())]
+            if other.prediction_log is not None:
+                places.append(Location.parse(other.prediction_log.uri))
+            for place in places:
+                if _under(bucket, key, path, str(place)) or _holds(uri, place):
+                    raise InvalidArgument(
+                        f"tenant {other.name!r} may reach {owner.name}'s prediction log "
+                        f"{echo_uri(uri)} through its storage or log {place}: a log's prefix "
+                        "must lie in no other tenant's storage"
+                    )
+
+
+def _holds(uri: str, place: Location) -> bool:
+    """Whether `place` lies at or under the location `uri`."""
+    key = place.key_prefix.rstrip("/")
+    return _under(place.bucket, key, place.folder, uri)
 
 
 def tenant_to_yaml(tenant: Tenant) -> dict[str, Any]:
@@ -392,6 +468,11 @@ def tenant_to_yaml(tenant: Tenant) -> dict[str, Any]:
     quotas = {k: v for k, v in vars(tenant.quotas).items() if v is not None}
     if quotas:
         entry["quotas"] = quotas
+    if tenant.prediction_log is not None:
+        log_entry: dict[str, Any] = {"uri": tenant.prediction_log.uri}
+        if tenant.prediction_log.retention_s is not None:
+            log_entry["retention"] = f"{tenant.prediction_log.retention_s}s"
+        entry["prediction_log"] = log_entry
     return entry
 
 
@@ -589,6 +670,7 @@ def add_tenant(
             entry.read or existing.read,
             entry.write or existing.write,
             quotas or existing.quotas,
+            existing.prediction_log,
         )
         tenants = [updated if t.name == name else t for t in tenants]
     document = {"tenants": [tenant_to_yaml(t) for t in tenants]}

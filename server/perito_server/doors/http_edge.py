@@ -36,7 +36,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from perito_core.access.tenancy import Tenant
 from perito_core.errors import ErrorCode, InvalidArgument, NotFound, PeritoError
-from perito_core.logs import REQUEST_ID
+from perito_core.logs import DOOR, REQUEST_ID
 from perito_core.models.registry import ALIAS_PATTERN, NAME_PATTERN, VERSION_PATTERN
 from perito_server.auth import TenantInterceptor
 from perito_server.doors.content_coding import ACCEPT_ENCODING, UnsupportedEncoding, body_decoder
@@ -157,6 +157,7 @@ class HttpEdge:
             started, code = time.perf_counter(), "OK"
             call_id = request_id(request.headers.get("x-request-id", ""))
             REQUEST_ID.set(call_id)
+            DOOR.set(name)
             try:
                 tenant = Tenant.unrestricted("anonymous")
                 if method is not None:

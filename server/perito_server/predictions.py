@@ -1,0 +1,293 @@
+"""The server's side of the prediction log (`perito_core.prediction_log`): which tenant logs
+where, each answer or refusal as a record, and the log's metrics.
+
+`PredictionRecorder.record` is called by the inference service where `classify` and
+`oip_infer` answer or refuse (one place for every door); it costs the caller a queue append:
+the record's JSON (the request's options, the answer as `perito.v1.ClassifyResponse`'s JSON
+or the error, each image's provenance) is built on the log's own thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from google.protobuf import json_format
+from google.protobuf.message import Message
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from perito.v1 import classify_pb2
+from perito_core.access.tenancy import Tenant, Tenants, check_uri
+from perito_core.errors import PeritoError
+from perito_core.logs import DOOR, REQUEST_ID
+from perito_core.prediction_log import (
+    LOCATION_REFUSED,
+    InputRef,
+    LogEntry,
+    PredictionLog,
+    PredictionLogSetting,
+)
+from perito_core.storage import open_store
+from perito_server.settings import ServerSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a call answered: a `ClassifyResponse`, or a function that builds one on the log's
+    thread (OIP's, from its probabilities: the caller does not wait for it), or the error it
+    was refused with."""
+
+    response: classify_pb2.ClassifyResponse | Callable[[], classify_pb2.ClassifyResponse] | None = (
+        None
+    )
+    error: BaseException | None = None
+
+    def answer(self) -> classify_pb2.ClassifyResponse | None:
+        """The response (built now, if it was given as a function), or None for a refusal."""
+        if callable(self.response):
+            return self.response()
+        return self.response
+
+
+def error_json(error: BaseException) -> dict[str, Any]:
+    """A refusal as the record's `error`: code, reason, message, field, violations."""
+    if isinstance(error, PeritoError):
+        return {
+            "code": error.code.name,
+            "reason": error.reason,
+            "message": error.message,
+            "field": error.field or "",
+            "violations": [{"field": f, "description": d} for f, d in error.violations],
+        }
+    return {"code": "INTERNAL", "reason": "INTERNAL", "message": str(error)[:1000]}
+
+
+def _json(message: Message) -> dict[str, Any]:
+    result: dict[str, Any] = json_format.MessageToDict(message, preserving_proto_field_name=True)
+    return result
+
+
+class PredictionRecorder:
+    """Each tenant's prediction log: where it goes (`setting_for`), the records, the writer.
+
+    Args:
+        settings: the server's (`prediction_log_*`, the registry, S3 options).
+        tenants: the tenants, whose `prediction_log` settings are read at each call (a
+            re-read tenants file takes effect at once).
+    """
+
+    def __init__(self, settings: ServerSettings, tenants: Tenants) -> None:
+        self.settings = settings
+        self.tenants = tenants
+        self.source = f"/perito/{socket.gethostname()}"
+        self._checked: dict[tuple[str, str], bool] = {}
+        s3 = settings.s3_options()
+        self.log = PredictionLog(
+            lambda uri: open_store(uri, s3),
+            max_records=settings.prediction_log_queue_records,
+            max_bytes=settings.prediction_log_queue_bytes,
+            batch_records=settings.prediction_log_batch_records,
+            flush_s=settings.prediction_log_flush_s,
+            sweep_targets=self.sweep_targets,
+            sweep_interval_s=settings.prediction_log_sweep_interval_s,
+        )
+
+    def start(self) -> None:
+        self.log.start()
+
+    def close(self, timeout_s: float) -> None:
+        """Write what is queued within `timeout_s` (the rest is counted `shutdown`)."""
+        self.log.close(timeout_s)
+
+    def setting_for(self, tenant: Tenant, *, count: bool = True) -> PredictionLogSetting | None:
+        """Where `tenant`'s log goes, or None when it logs nothing: its tenants-file entry's
+        `prediction_log`; for the single tenant of a server without a tenants file
+        (unrestricted), `prediction_log_uri`. The location is checked once as the tenant's
+        own writable storage, never under the registry; a refused one logs nothing, says so
+        once, and counts each record `location_refused`."""
+        setting = tenant.prediction_log
+        if setting is None and tenant.write is None and self.settings.prediction_log_uri:
+            setting = PredictionLogSetting(self.settings.prediction_log_uri)
+        if setting is None:
+            return None
+        key = (tenant.name, setting.uri)
+        allowed = self._checked.get(key)
+        if allowed is None:
+            try:
+                check_uri(
+                    tenant,
+                    setting.uri,
+                    "write",
+                    "prediction_log",
+                    forbidden=(self.settings.registry,),
+                )
+                allowed = True
+            except PeritoError as error:
+                log.error("tenant %r: prediction log not written: %s", tenant.name, error.message)
+                allowed = False
+            self._checked[key] = allowed
+        if not allowed:
+            if count:
+                self.log.drop(tenant.name, LOCATION_REFUSED)
+            return None
+        return setting
+
+    def retention_s(self, setting: PredictionLogSetting) -> float:
+        if setting.retention_s is not None:
+            return setting.retention_s
+        retention = self.settings.prediction_log_retention or self.settings.job_retention
+        return retention.total_seconds()
+
+    def sweep_targets(self) -> list[tuple[str, float]]:
+        """Every configured log prefix and its retention (tenants re-read as they change)."""
+        targets: dict[str, float] = {}
+        for name in self.tenants.names:
+            tenant = self.tenants.get(name)
+            if tenant is None:
+                continue
+            setting = self.setting_for(tenant, count=False)
+            if setting is not None:
+                targets[setting.uri] = max(targets.get(setting.uri, 0.0), self.retention_s(setting))
+        return sorted(targets.items())
+
+    def record(
+        self,
+        tenant: Tenant,
+        request: Message,
+        images: Sequence[bytes],
+        outcome: Outcome,
+        *,
+        model: str,
+        nbytes: int,
+        pixels_shape: Sequence[int] | None = None,
+    ) -> None:
+        """Queue the record of one call (never blocks, never raises for the log's sake).
+
+        Args:
+            tenant: who called.
+            request: the call's request (`ClassifyRequest`, or the OIP request's options as a
+                message without its tensor data); its image bytes are left out of the record.
+            images: each image's bytes as received (for pixels: each image's uint8 HxWx3).
+            outcome: the answer or the refusal.
+            model: the model asked for (the event's subject).
+            nbytes: the request's size, counted against the queue's byte bound.
+            pixels_shape: [H, W, 3] when the images are raw pixels.
+        """
+        setting = self.setting_for(tenant)
+        if setting is None:
+            return
+        request_id = REQUEST_ID.get() or ""
+        door = DOOR.get() or ""
+
+        def build(refs: list[InputRef]) -> dict[str, Any]:
+            return self._data(tenant.name, request_id, door, request, refs, outcome, pixels_shape)
+
+        self.log.submit(
+            LogEntry(
+                tenant=tenant.name,
+                uri=setting.uri,
+                inputs=images,
+                build=build,
+                subject=model[:128],
+                source=self.source,
+                nbytes=nbytes,
+            )
+        )
+
+    @staticmethod
+    def _data(
+        tenant: str,
+        request_id: str,
+        door: str,
+        request: Message,
+        refs: list[InputRef],
+        outcome: Outcome,
+        pixels_shape: Sequence[int] | None,
+    ) -> dict[str, Any]:
+        options = type(request)()
+        options.CopyFrom(request)
+        if isinstance(options, classify_pb2.ClassifyRequest):
+            for image in options.images:
+                image.ClearField("content")
+        asked = _json(options)
+        inputs = []
+        for index, ref in enumerate(refs):
+            entry: dict[str, Any] = {"index": index, **ref.as_json()}
+            if isinstance(request, classify_pb2.ClassifyRequest) and index < len(request.images):
+                entry["id"] = request.images[index].id
+            if pixels_shape is not None:
+                entry["pixels"] = list(pixels_shape)
+            inputs.append(entry)
+        data: dict[str, Any] = {
+            "tenant": tenant,
+            "request_id": request_id,
+            "door": door,
+            "model": asked.get("model", ""),
+            "version_asked": asked.get("version", ""),
+            "top_k": int(asked.get("top_k", 0)),
+            "confidence_threshold": float(asked.get("confidence_threshold", 0.0)),
+            "precision": asked.get("precision", ""),
+            "request": asked,
+            "inputs": inputs,
+        }
+        response = outcome.answer()
+        if response is not None:
+            answer = _json(response)
+            data["outcome"] = "OK"
+            data["answer"] = answer
+            data["provenance"] = [r.get("provenance") for r in answer.get("results", [])]
+        else:
+            assert outcome.error is not None
+            data["error"] = error_json(outcome.error)
+            data["outcome"] = data["error"]["code"]
+        return data
+
+
+class PredictionLogCollector(Collector):
+    """The log's counters and queue, read at scrape time."""
+
+    def __init__(self, recorder: PredictionRecorder) -> None:
+        self.log = recorder.log
+
+    def collect(self) -> Iterator[Metric]:
+        written = CounterMetricFamily(
+            "perito_prediction_log_records",
+            "Prediction-log records written to the tenant's storage, by tenant.",
+            labels=["tenant"],
+        )
+        inputs = CounterMetricFamily(
+            "perito_prediction_log_inputs",
+            "Images stored in a prediction log (a repeated photo is stored once), by tenant.",
+            labels=["tenant"],
+        )
+        dropped = CounterMetricFamily(
+            "perito_prediction_log_dropped",
+            "Prediction-log records not written, by tenant and reason: queue_full, "
+            "storage_error, record_error, shutdown, location_refused.",
+            labels=["tenant", "reason"],
+        )
+        records, stored, lost = self.log.counts()
+        for tenant, count in sorted(records.items()):
+            written.add_metric([tenant], count)
+        for tenant, count in sorted(stored.items()):
+            inputs.add_metric([tenant], count)
+        for (tenant, reason), count in sorted(lost.items()):
+            dropped.add_metric([tenant, reason], count)
+        entries, nbytes = self.log.queued
+        queued = GaugeMetricFamily(
+            "perito_prediction_log_queued",
+            "Prediction-log records waiting to be written.",
+            value=entries,
+        )
+        queued_bytes = GaugeMetricFamily(
+            "perito_prediction_log_queued_bytes",
+            "Bytes (images and requests) the prediction log's queue holds.",
+            value=nbytes,
+        )
+        yield from (written, inputs, dropped, queued, queued_bytes)
