@@ -103,4 +103,4 @@ def test_serving_beyond_loopback_needs_auth_or_insecure(tmp_path: Path) -> None:
         timeout=120,
     )
     assert result.returncode != 0
-    assert "refusing to serve on 0.0.0.0 without authentication" in result.stderr
+    assert "refusing to serve gRPC on 0.0.0.0 without authentication" in result.stderr
