@@ -476,22 +476,48 @@ class InferenceService:
             precision=request.precision,
         )
         self._refuse_not_finite(inference, describe, per_image=True)
+        return self.answer(
+            inference,
+            [image.id or str(index) for index, image in enumerate(request.images)],
+            top_k=request.top_k or self.settings.default_top_k,
+            threshold=inference.manifest.threshold(request.confidence_threshold),
+        )
+
+    def answer(
+        self,
+        inference: Inference,
+        image_ids: Sequence[str],
+        *,
+        top_k: int,
+        threshold: float,
+        request_id: str | None = None,
+    ) -> classify_pb2.ClassifyResponse:
+        """The `ClassifyResponse` of `inference`: each image's top `top_k` predictions, its
+        `uncertain` flag against `threshold`, provenance and the card's figures. Classify's
+        answer; for OIP, what its prediction-log record holds.
+
+        Args:
+            inference: what the model answered.
+            image_ids: each image's id, in order.
+            top_k: predictions per image (clipped to the labels).
+            threshold: the confidence threshold applied (0: none).
+            request_id: the call's request id; None: this context's (`REQUEST_ID`).
+        """
         manifest = inference.manifest
-        top_k = request.top_k or self.settings.default_top_k
-        threshold = manifest.threshold(request.confidence_threshold)
         response = classify_pb2.ClassifyResponse(
             model=inference.model, model_version=inference.version, confidence_threshold=threshold
         )
         served, figures = self.version_facts(manifest)
-        request_id = REQUEST_ID.get() or ""
+        if request_id is None:
+            request_id = REQUEST_ID.get() or ""
         results = zip(
-            request.images,
+            image_ids,
             inference.probabilities,
             inference.infos,
             inference.input_sha256,
             strict=True,
         )
-        for index, (image, probs, info, digest) in enumerate(results):
+        for image_id, probs, info, digest in results:
             summary = summarize(probs, manifest.labels, top_k, threshold)
             provenance = classify_pb2.Provenance(
                 **provenance_record(
@@ -507,7 +533,7 @@ class InferenceService:
             response.results.append(
                 classification_message(
                     summary,
-                    image_id=image.id or str(index),
+                    image_id=image_id,
                     form=inference.form,
                     first_frame_only=info is not None and info.first_frame_only,
                     provenance=provenance,
@@ -603,7 +629,8 @@ class InferenceService:
         deadline: float | None,
         precision: object = None,
     ) -> InferResult:
-        """Classify the images of the one input, and answer the requested outputs.
+        """Classify the images of the one input, and answer the requested outputs; the answer or
+        refusal is written to the tenant's prediction log (docs/trust.md#prediction-log).
 
         Args:
             tenant: the caller's tenant (its role and model list already checked).
@@ -627,6 +654,68 @@ class InferenceService:
             PeritoError: INTERNAL, reason MODEL_OUTPUT_NOT_FINITE, when the model's output
                 for any image holds NaN or infinity (`_refuse_not_finite`).
         """
+        asked = classify_pb2.ClassifyRequest(
+            model=model, version=version, precision=precision if isinstance(precision, str) else ""
+        )
+        images = inputs[0].data if len(inputs) == 1 else []
+        try:
+            result, inference = await self._oip_infer(
+                tenant,
+                model,
+                version,
+                inputs,
+                outputs,
+                nbytes=nbytes,
+                deadline=deadline,
+                precision=precision,
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            self._log_oip(tenant, asked, images, Outcome(error=error), nbytes)
+            raise
+        request_id = REQUEST_ID.get() or ""
+
+        def answer() -> classify_pb2.ClassifyResponse:  # on the log's thread
+            return self.answer(
+                inference,
+                [str(index) for index in range(len(inference.probabilities))],
+                top_k=self.settings.default_top_k,
+                threshold=inference.manifest.threshold(),
+                request_id=request_id,
+            )
+
+        self._log_oip(tenant, asked, images, Outcome(response=answer), nbytes)
+        return result
+
+    def _log_oip(
+        self,
+        tenant: Tenant,
+        asked: classify_pb2.ClassifyRequest,
+        images: Sequence[bytes] | np.ndarray,
+        outcome: Outcome,
+        nbytes: int,
+    ) -> None:
+        """Queue an OIP call's record in the tenant's prediction log, if it keeps one: its
+        answer as Classify's (the default top_k, the version's recommended threshold)."""
+        if self.predictions is not None:
+            self.predictions.record(
+                tenant, asked, images, outcome, model=asked.model, nbytes=nbytes
+            )
+
+    async def _oip_infer(
+        self,
+        tenant: Tenant,
+        model: str,
+        version: str,
+        inputs: Sequence[InputTensor],
+        outputs: Sequence[RequestedOutput],
+        *,
+        nbytes: int,
+        deadline: float | None,
+        precision: object = None,
+    ) -> tuple[InferResult, Inference]:
+        """`oip_infer`'s work: its result, and the inference it came from."""
         if len(inputs) != 1:
             raise InvalidArgument(
                 f"{len(inputs)} inputs; send exactly one: {IMAGES_INPUT!r} (BYTES) or "
@@ -666,12 +755,13 @@ class InferenceService:
         )
         self._refuse_not_finite(inference, describe, per_image=False)
         wanted = outputs or [RequestedOutput(PROBABILITIES_OUTPUT)]
-        return InferResult(
+        result = InferResult(
             inference.model,
             inference.version,
             [_output(inference, o) for o in wanted],
             self._oip_parameters(inference),
         )
+        return result, inference
 
     def _oip_parameters(self, inference: Inference) -> dict[str, str | float]:
         """Provenance and the card's figures as OIP response parameters (scalars; a value per

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from google.protobuf import json_format
 from google.protobuf.message import Message
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -160,12 +161,11 @@ class PredictionRecorder:
         self,
         tenant: Tenant,
         request: Message,
-        images: Sequence[bytes],
+        images: Sequence[bytes] | np.ndarray,
         outcome: Outcome,
         *,
         model: str,
         nbytes: int,
-        pixels_shape: Sequence[int] | None = None,
     ) -> None:
         """Queue the record of one call (never blocks, never raises for the log's sake).
 
@@ -173,15 +173,20 @@ class PredictionRecorder:
             tenant: who called.
             request: the call's request (`ClassifyRequest`, or the OIP request's options as a
                 message without its tensor data); its image bytes are left out of the record.
-            images: each image's bytes as received (for pixels: each image's uint8 HxWx3).
+            images: each image's bytes as received, or OIP's pixels: uint8 [N, H, W, 3] (each
+                image stored as its [H, W, 3] bytes, row-major, as its `input_sha256` hashes
+                it).
             outcome: the answer or the refusal.
             model: the model asked for (the event's subject).
             nbytes: the request's size, counted against the queue's byte bound.
-            pixels_shape: [H, W, 3] when the images are raw pixels.
         """
         setting = self.setting_for(tenant)
         if setting is None:
             return
+        pixels_shape: list[int] | None = None
+        if isinstance(images, np.ndarray):
+            pixels_shape = list(images.shape[1:])
+            images = [np.ascontiguousarray(image).tobytes() for image in images]
         request_id = REQUEST_ID.get() or ""
         door = DOOR.get() or ""
 

@@ -126,7 +126,7 @@ def logged(s3_stores: MakeStores, tiny_model_file: Path) -> Iterator[Logged]:
     tenants_file = stores.work / "tenants.yaml"
     write_tenants(tenants_file)
     settings = stores.server_settings(
-        tenants_file=tenants_file, prediction_log_flush_s=0.1, metrics_port=0
+        tenants_file=tenants_file, prediction_log_flush_s=0.1, metrics_port=0, http_port=0
     )
     with ServerThread(settings) as server:
         yield Logged(server, stores, stores.s3_client())
@@ -171,6 +171,47 @@ def test_every_answer_and_refusal_is_logged_for_its_tenant_alone_each_photo_once
     (theirs,) = logged.events("globex", at_least=1)
     assert theirs["data"]["tenant"] == "globex"
     assert len(logged.events("acme")) == 3  # and nothing of globex's in acme's
+
+
+def test_oip_calls_are_logged_over_grpc_and_rest_and_verify_them(logged: Logged) -> None:
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+
+    headers = {"authorization": f"Bearer {TOKENS['globex']}"}
+    before = len(logged.events("globex"))
+    photos = np.array([jpeg(10), jpeg(11)], dtype=np.object_)
+    encoded_input = grpcclient.InferInput("images", [2], "BYTES")
+    encoded_input.set_data_from_numpy(photos)
+    by_grpc = grpcclient.InferenceServerClient(logged.server.target).infer(
+        "tiny", [encoded_input], headers=headers
+    )
+    pixels = np.random.default_rng(12).integers(0, 255, (1, 32, 32, 3), dtype=np.uint8)
+    pixels_input = httpclient.InferInput("pixels", [1, 32, 32, 3], "UINT8")
+    pixels_input.set_data_from_numpy(pixels)
+    port = logged.server.running.http_port  # type: ignore[attr-defined]
+    by_rest = httpclient.InferenceServerClient(f"127.0.0.1:{port}").infer(
+        "tiny", [pixels_input], headers=headers
+    )
+
+    events = logged.events("globex", at_least=before + 2)[before:]
+    assert len(events) == 2
+    grpc_event, rest_event = sorted(events, key=lambda e: len(e["data"]["inputs"]), reverse=True)
+    assert [i["sha256"] for i in grpc_event["data"]["inputs"]] == [
+        hashlib.sha256(bytes(p)).hexdigest() for p in photos
+    ]
+    assert (
+        rest_event["data"]["inputs"][0]["sha256"] == hashlib.sha256(pixels[0].tobytes()).hexdigest()
+    )
+    assert rest_event["data"]["inputs"][0]["pixels"] == [32, 32, 3]
+    assert grpc_event["data"]["door"] != rest_event["data"]["door"]
+    for event, result in ((grpc_event, by_grpc), (rest_event, by_rest)):
+        answered = [r["predictions"][0]["probability"] for r in event["data"]["answer"]["results"]]
+        assert answered == pytest.approx(result.as_numpy("probabilities").max(axis=1).tolist())
+        assert [r["provenance"]["input_sha256"] for r in event["data"]["answer"]["results"]] == [
+            i["sha256"] for i in event["data"]["inputs"]
+        ]
+    code, report = logged.verify(log_uri("globex"))
+    assert code == 0, report
 
 
 def test_no_tenant_reaches_another_tenants_log_through_the_api(logged: Logged) -> None:
