@@ -262,3 +262,24 @@ def test_a_bulk_job_records_provenance_in_every_result(served: Served) -> None:
             "torchscript-fp32",
         )
         assert row["request_id"] == job.id
+
+
+def test_a_compiled_form_s_answer_names_its_own_files_by_their_sha256(
+    fp32_form_registry: Path, photos: dict[str, Path], tmp_path: Path
+) -> None:
+    with (
+        ServerThread.serving(fp32_form_registry, tmp_path, precision="fp32") as server,
+        perito.Client(server.target, timeout=60) as client,
+    ):
+        [result] = client.classify([photos["coffee"]], model="tiny")
+    provenance = result.provenance
+    assert provenance is not None and provenance.form == "openvino-fp32"
+    [version] = [p for p in fp32_form_registry.rglob("model.pt") if "tiny" in p.parts]
+    files = {
+        str(path.relative_to(version.parent)): sha256sum(path)
+        for path in (version.parent / "forms" / "openvino-fp32").rglob("*")
+        if path.is_file()
+    }
+    assert provenance.form_files == files and len(files) >= 2  # the IR's .xml and .bin
+    assert provenance.artifact_sha256 == sha256sum(version)
+    assert provenance.input_sha256 == sha256sum(photos["coffee"])

@@ -99,8 +99,8 @@ def test_a_job_records_the_digests_once_and_each_form_finds_its_files() -> None:
         "b" * 64,
         {
             "openvino-int8": {
-                "openvino-int8/model.xml": "c" * 64,
-                "openvino-int8/model.bin": "d" * 64,
+                "forms/openvino-int8/model.xml": "c" * 64,
+                "forms/openvino-int8/model.bin": "d" * 64,
             }
         },
         0.6,
@@ -119,8 +119,8 @@ def test_a_job_records_the_digests_once_and_each_form_finds_its_files() -> None:
     )
     assert record["input_sha256"] == hashlib.sha256(b"photo").hexdigest()
     assert [f["file"] for f in record["form_files"]] == [
-        "openvino-int8/model.xml",
-        "openvino-int8/model.bin",
+        "forms/openvino-int8/model.xml",
+        "forms/openvino-int8/model.bin",
     ]
     provenance = Classification._from_proto(
         classify_pb2.Classification(
@@ -130,7 +130,7 @@ def test_a_job_records_the_digests_once_and_each_form_finds_its_files() -> None:
         )
     ).provenance
     assert provenance is not None
-    assert provenance.form_files["openvino-int8/model.bin"] == "d" * 64
+    assert provenance.form_files["forms/openvino-int8/model.bin"] == "d" * 64
     assert provenance.artifact_sha256 == "b" * 64 and provenance.request_id == "job-1"
 
 

@@ -41,7 +41,8 @@ class ServedVersion:
     Attributes:
         artifact_file: the artifact's file name (`model.pt`, `model.onnx`).
         artifact_sha256: its sha256 (hex), from the manifest.
-        forms: compiled form name -> {file (relative to the version's folder) -> sha256}.
+        forms: compiled form name -> {file, its path in the version's folder
+            (`forms/openvino-int8/model.xml`) -> sha256}.
         confidence_threshold: the manifest's recommended threshold, 0 if none.
     """
 
@@ -55,7 +56,10 @@ class ServedVersion:
         return cls(
             manifest.artifact.file,
             manifest.artifact.sha256,
-            {form.name: {f.file: f.sha256 for f in form.files} for form in manifest.forms},
+            {
+                form.name: {f"forms/{form.name}/{f.file}": f.sha256 for f in form.files}
+                for form in manifest.forms
+            },
             manifest.threshold(),
         )
 
