@@ -514,6 +514,12 @@ def audit(
     help="Answers classified again (all of them, up to this many, chosen at random).",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Of the sample.")
+@click.option(
+    "--input-sha256",
+    "digests",
+    multiple=True,
+    help="Only the answers for the image with this sha256 (what sha256sum prints); repeatable.",
+)
 @click.option("--json", "as_json", is_flag=True, help="The report as one JSON object.")
 @registry_option
 def verify(
@@ -522,6 +528,7 @@ def verify(
     log_uri: str | None,
     sample: int,
     seed: int,
+    digests: tuple[str, ...],
     as_json: bool,
     registry: str | None,
 ) -> None:
@@ -534,6 +541,7 @@ def verify(
     \b
     Example:
       perito verify s3://acme-logs/perito/ --registry s3://models/
+      perito verify s3://acme-logs/perito/ --input-sha256 "$(sha256sum claim.jpg | cut -c1-64)"
       perito verify results.jsonl --images ./photos --json
     """
     import json
@@ -545,6 +553,11 @@ def verify(
     s3 = settings.s3_options()
     try:
         items = load_items(source, images, log_uri, s3)
+        if digests:
+            wanted = {digest.strip().lower() for digest in digests}
+            items = [item for item in items if item.input_sha256 in wanted]
+            if not items:
+                raise click.ClickException(f"{source}: no answer for the sha256 given")
         run_checks(items, settings.registry, s3, sample=sample, seed=seed)
     except PeritoError as error:
         raise click.ClickException(error.message) from None

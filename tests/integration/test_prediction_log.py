@@ -241,6 +241,10 @@ def test_verify_passes_an_untouched_log_and_names_a_swapped_image(logged: Logged
     logged.s3.put_object(Bucket="results", Key=key, Body=jpeg(99))
     try:
         code, report = logged.verify(log_uri("acme"), "--json")
+        other = hashlib.sha256(jpeg(5)).hexdigest()
+        if other == key.rpartition("/")[2]:
+            other = hashlib.sha256(jpeg(4)).hexdigest()
+        one = logged.verify(log_uri("acme"), "--input-sha256", other)  # another photo's answers
     finally:
         logged.s3.put_object(Bucket="results", Key=key, Body=original)
     assert code == 1
@@ -249,6 +253,7 @@ def test_verify_passes_an_untouched_log_and_names_a_swapped_image(logged: Logged
     assert bad and {item["input_sha256"] for item in bad} == {key.rpartition("/")[2]}
     assert all(item["checks"]["input"] == "mismatch" for item in bad)
     assert all("swapped image" in " ".join(item["problems"]) for item in bad)
+    assert one[0] == 0 and "1 images checked: every check passed" in one[1], one[1]
     assert logged.verify(log_uri("acme"))[0] == 0  # put back: passes again
 
 
