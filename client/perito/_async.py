@@ -160,6 +160,8 @@ class AsyncClient:
         top_k: int = 5,
         confidence_threshold: float = 0.0,
         precision: str = "",
+        quality_policy: str = "flag",
+        quality_thresholds: Mapping[str, float] | None = None,
         ids: Sequence[str] | None = None,
         on_invalid: OnInvalid = "fail",
         timeout: float | None = None,
@@ -183,6 +185,14 @@ class AsyncClient:
                 that precision answers or the call is refused, never answered by another
                 form. Each result's `form` says which answered. The rule, as a table:
                 docs/models.md#precision.
+            quality_policy: what a photo the quality gate finds poor (blurry, under- or
+                overexposed, too small, blank) does: "flag" (the default): it is answered,
+                its `quality.issues` name the problems; "refuse": it is a bad image (reason
+                `POOR_QUALITY`, its issues in the message), never sent to the model, as
+                `on_invalid` says. docs/trust.md#quality.
+            quality_thresholds: thresholds that replace the model card's for this call, by
+                name: `min_sharpness`, `max_dark_fraction`, `max_bright_fraction`,
+                `min_brightness`, `max_brightness`, `min_resolution`, `min_contrast`.
             ids: your ids for the images; default: file names, or positions.
             on_invalid: what a bad image (undecodable, truncated, too large) does. "fail"
                 (the default): the call raises `InvalidArgumentError` naming each bad image
@@ -199,6 +209,8 @@ class AsyncClient:
             NotFoundError: unknown model or version.
             DeadlineExceededError: `timeout` ran out.
             ResourceExhaustedError, UnavailableError: after retries ran out.
+            ValueError: a `quality_policy` other than "flag" or "refuse", or an unknown name
+                in `quality_thresholds`.
 
         Example:
             >>> results = await client.classify(photos, model="car-damage", on_invalid="skip")
@@ -214,6 +226,8 @@ class AsyncClient:
             top_k=top_k,
             confidence_threshold=confidence_threshold,
             precision=precision,
+            quality_policy=quality_policy,
+            quality_thresholds=quality_thresholds,
             ids=ids,
         )
         answers = await async_map_all(

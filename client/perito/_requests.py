@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NotRequired, Required, TypedDict
@@ -54,6 +54,8 @@ class ImageOptions(TypedDict):
     top_k: int
     confidence_threshold: float
     precision: NotRequired[str]
+    quality_policy: NotRequired[str]
+    quality_thresholds: NotRequired[Mapping[str, float] | None]
     ids: Sequence[str] | None
 
 
@@ -66,6 +68,8 @@ class ClassifyOptions(TypedDict, total=False):
     top_k: int
     confidence_threshold: float
     precision: str
+    quality_policy: str
+    quality_thresholds: Mapping[str, float] | None
     ids: Sequence[str] | None
     timeout: float | None
     metadata: Metadata | None
@@ -90,9 +94,16 @@ def classify_parts(
     ids: Sequence[str] | None,
     limits: Limits,
     precision: str = "",
+    quality_policy: str = "flag",
+    quality_thresholds: Mapping[str, float] | None = None,
 ) -> tuple[classify_pb2.ClassifyRequest, list[Part]]:
     """The request every part shares (no images yet), and the images split into parts in
-    order, each within `limits`."""
+    order, each within `limits`.
+
+    Raises:
+        ValueError: a `quality_policy` other than "flag" or "refuse", or a key of
+            `quality_thresholds` that is not a threshold (`QUALITY_THRESHOLDS`).
+    """
     if isinstance(images, str | bytes | os.PathLike):
         raise TypeError("images must be a sequence: classify([image], ...)")
     if ids is not None and len(ids) != len(images):
@@ -106,6 +117,8 @@ def classify_parts(
         top_k=top_k,
         confidence_threshold=confidence_threshold,
         precision=precision,
+        quality_policy=_quality_policy(quality_policy),
+        quality_thresholds=_quality_thresholds(quality_thresholds or {}),
     )
     parts: list[tuple[list[int], list[image_pb2.Image]]] = []
     size = 0
@@ -123,6 +136,30 @@ def classify_parts(
         parts[-1][1].append(image_pb2.Image(id=image_id, content=content))
         size += len(content)
     return template, [Part(tuple(indexes), tuple(protos)) for indexes, protos in parts]
+
+
+QUALITY_POLICIES = {
+    "flag": classify_pb2.QUALITY_POLICY_FLAG,
+    "refuse": classify_pb2.QUALITY_POLICY_REFUSE,
+}
+QUALITY_THRESHOLDS = tuple(classify_pb2.QualityThresholds.DESCRIPTOR.fields_by_name)
+"""The photo-quality thresholds a call may replace (docs/trust.md#quality)."""
+
+
+def _quality_policy(policy: str) -> classify_pb2.QualityPolicy:
+    try:
+        return QUALITY_POLICIES[policy]
+    except KeyError:
+        raise ValueError(f"quality_policy must be 'flag' or 'refuse', not {policy!r}") from None
+
+
+def _quality_thresholds(thresholds: Mapping[str, float]) -> classify_pb2.QualityThresholds:
+    unknown = sorted(set(thresholds) - set(QUALITY_THRESHOLDS))
+    if unknown:
+        raise ValueError(
+            f"quality_thresholds: {', '.join(unknown)} not among {', '.join(QUALITY_THRESHOLDS)}"
+        )
+    return classify_pb2.QualityThresholds(**thresholds)
 
 
 def submit_request(

@@ -11,6 +11,7 @@ sRGB, alpha composited on white, and every bit depth brought to 8-bit RGB.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import io
 import warnings
@@ -22,6 +23,7 @@ import numpy as np
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from perito_core.errors import InvalidImage
+from perito_core.quality import QualityMeasures, measure
 
 ResizeMode = Literal["center_crop", "squash"]
 Interpolation = Literal["nearest", "bilinear", "bicubic"]
@@ -130,11 +132,18 @@ class DecodeInfo:
             (the primary image) is decoded.
         icc_converted: True when an embedded colour profile other than sRGB was converted to
             sRGB.
+        width, height: the photo's size in pixels, upright (EXIF orientation applied), as
+            stored: a reduced-scale decode does not change them. 0 where not known.
+        quality: the photo-quality measures (`perito_core.quality`), when asked for
+            (`load_model_input_with_info`); None otherwise.
     """
 
     format: str
     frames: int
     icc_converted: bool
+    width: int = 0
+    height: int = 0
+    quality: QualityMeasures | None = None
 
     @property
     def first_frame_only(self) -> bool:
@@ -221,6 +230,7 @@ def decode_image_with_info(
         raise _damaged(exc) from None
 
     _check_dimensions(image.size, limits)
+    full_size = image.size
     image_format = image.format or ""
     frames = _frame_count(image)
     if min_size is not None and image_format in _SCALED_DECODE_FORMATS:
@@ -234,12 +244,21 @@ def decode_image_with_info(
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise _damaged(exc) from None
     icc_profile = image.info.get("icc_profile")
+    loaded_size = image.size
     # A broken EXIF block must not cost the image: it is then used as stored.
     with contextlib.suppress(Exception):
         image = ImageOps.exif_transpose(image)
+    if image.size != loaded_size:  # turned a quarter: the stored size is upright swapped
+        full_size = (full_size[1], full_size[0])
     image = _to_8_bit(image)
     image, icc_converted = _to_srgb(image, icc_profile)
-    info = DecodeInfo(format=image_format, frames=frames, icc_converted=icc_converted)
+    info = DecodeInfo(
+        format=image_format,
+        frames=frames,
+        icc_converted=icc_converted,
+        width=full_size[0],
+        height=full_size[1],
+    )
     return _flatten(image), info
 
 
@@ -496,18 +515,29 @@ def load_model_input(
     Raises:
         InvalidImage: as `decode_image`.
     """
-    return load_model_input_with_info(data, spec, limits)[0]
+    return load_model_input_with_info(data, spec, limits, measure_quality=False)[0]
 
 
 def load_model_input_with_info(
-    data: bytes, spec: InputSpec, limits: ImageLimits = ImageLimits()
+    data: bytes,
+    spec: InputSpec,
+    limits: ImageLimits = ImageLimits(),
+    *,
+    measure_quality: bool = True,
 ) -> tuple[np.ndarray, DecodeInfo]:
-    """`load_model_input`, and what the decode found (format, frames, colour conversion), so
-    that an answer can say when only an animation's first frame was classified.
+    """`load_model_input`, and what the decode found (format, frames, colour conversion, the
+    photo's upright size), so that an answer can say when only an animation's first frame was
+    classified; with `measure_quality`, also the photo-quality measures
+    (`perito_core.quality.measure`, `DecodeInfo.quality`), taken from the decoded photo before
+    it is resized (from the reduced-scale decode of a big JPEG: still at least the model's
+    resize size), its resolution against the model's input side (the shorter of `spec`'s).
 
     Raises:
         InvalidImage: as `decode_image`.
     """
     target = spec.resize_size if spec.resize_mode == "center_crop" else max(spec.height, spec.width)
     image, info = decode_image_with_info(data, limits, min_size=(target, target))
+    if measure_quality:
+        measures = measure(image, min(spec.height, spec.width), size=(info.width, info.height))
+        info = dataclasses.replace(info, quality=measures)
     return resize_for_model(image, spec), info

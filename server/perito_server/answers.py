@@ -9,6 +9,7 @@ from __future__ import annotations
 from perito.v1 import classify_pb2
 from perito_core.models.provenance import CardFigures
 from perito_core.models.summary import Classification
+from perito_core.quality import Quality
 
 
 def classification_message(
@@ -65,3 +66,22 @@ def classification_message(
             if accuracy is not None:
                 message.expected_accuracy = accuracy
     return message
+
+
+def quality_message(quality: Quality | None) -> classify_pb2.Quality | None:
+    """A photo's quality measures and issues (`perito_core.quality`) as `perito.v1.Quality`;
+    None for None (an image sent as pixels, or recorded before the gate)."""
+    if quality is None:
+        return None
+    m = quality.measures
+    return classify_pb2.Quality(
+        sharpness=m.sharpness,
+        dark_fraction=m.dark_fraction,
+        bright_fraction=m.bright_fraction,
+        brightness=m.brightness,
+        contrast=m.contrast,
+        width=m.width,
+        height=m.height,
+        resolution=m.resolution,
+        issues=quality.issues,
+    )

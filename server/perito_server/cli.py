@@ -29,7 +29,14 @@ from perito_core.cli_options import (
 )
 from perito_core.errors import PeritoError
 from perito_core.models.manifest import InputContract
-from perito_server.onnx_import import check_onnx_loads, contract_options, is_onnx, tensor_contract
+from perito_server.onnx_import import (
+    check_onnx_loads,
+    contract_options,
+    is_onnx,
+    quality_options,
+    quality_thresholds,
+    tensor_contract,
+)
 from perito_server.settings import ServerSettings
 
 if TYPE_CHECKING:
@@ -181,6 +188,7 @@ def _read_labels(path: Path) -> list[str]:
 )
 @min_agreement_option
 @contract_options
+@quality_options
 @registry_option
 def import_model(
     model_file: Path,
@@ -205,7 +213,9 @@ def import_model(
     (N, classes), normalising inside. An ONNX file (.onnx) is served by ONNX Runtime with the
     input contract given by --layout, --scale and the other ONNX options; a graph with several
     outputs serves the one --output-name names (refused without it), recorded in the version's
-    card. Either is loaded and run once before anything is written.
+    card. Either is loaded and run once before anything is written. --min-sharpness and the
+    other photo-quality options set the card's quality thresholds (docs/trust.md#quality);
+    each one not given is the default.
 
     \b
     Example:
@@ -228,6 +238,7 @@ def import_model(
         raise click.BadParameter(
             "compiled forms need a folder of images", param_hint="--calibration"
         )
+    quality = quality_thresholds(contract_flags)
     labels = _read_labels(labels_file)
     settings = _settings(registry=registry)
     publisher = _publisher(settings, name, f"publish model {name!r}")
@@ -256,6 +267,7 @@ def import_model(
                 description=description,
                 confidence_threshold=confidence_threshold,
                 source={"imported_from": model_file.name, "published_by": publisher.name},
+                quality=quality,
                 aliases=aliases,
                 forms=built.forms if built else (),
                 skipped_forms=built.skipped if built else None,

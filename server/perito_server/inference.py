@@ -46,7 +46,18 @@ from perito_core.models.summary import (
     not_finite,
     summarize,
 )
-from perito_server.answers import classification_message
+from perito_core.quality import (
+    FLAG_ONLY,
+    POOR_QUALITY,
+    THRESHOLD_FIELDS,
+    Quality,
+    QualityGate,
+    effective_thresholds,
+    explain_issues,
+    find_issues,
+    parse_thresholds,
+)
+from perito_server.answers import classification_message, quality_message
 from perito_server.batcher import ByteBudget
 from perito_server.errors import echo
 from perito_server.jobs import JobService
@@ -61,6 +72,7 @@ from perito_server.oip_protocol import (
     OutputTensor,
     RequestedOutput,
     image_count,
+    quality_parameter,
 )
 from perito_server.paging import LIST_MODELS
 from perito_server.predictions import Outcome, PredictionRecorder
@@ -92,6 +104,8 @@ class Inference:
         infos: what decoding each image found; None for images sent as pixels.
         input_sha256: each image's sha256 (hex) as received: of its encoded bytes, or for
             pixels of its uint8 [H, W, 3] array's bytes (row-major).
+        quality: each image's photo-quality measures and issues (`perito_core.quality`);
+            None for images sent as pixels (already resized: not measured).
     """
 
     model: str
@@ -101,6 +115,7 @@ class Inference:
     probabilities: list[np.ndarray]
     infos: list[DecodeInfo | None]
     input_sha256: list[str]
+    quality: list[Quality | None]
 
 
 def _image_label(index: int, image_id: str) -> str:
@@ -264,6 +279,28 @@ class InferenceService:
                 field=images_field,
             )
 
+    @staticmethod
+    def quality_gate(request: classify_pb2.ClassifyRequest) -> QualityGate:
+        """What a `ClassifyRequest` asks of the photo-quality gate: its `quality_policy` and
+        `quality_thresholds` (docs/trust.md#quality).
+
+        Raises:
+            InvalidArgument: an unknown policy, or a threshold out of its range, named.
+        """
+        policy = request.quality_policy
+        if policy not in classify_pb2.QualityPolicy.values():
+            raise InvalidArgument(
+                f"quality_policy {policy} is none of FLAG and REFUSE", field="quality_policy"
+            )
+        message = request.quality_thresholds
+        given = {
+            name: getattr(message, name) for name in THRESHOLD_FIELDS if message.HasField(name)
+        }
+        return QualityGate(
+            refuse=policy == classify_pb2.QUALITY_POLICY_REFUSE,
+            override=parse_thresholds(given, "quality_thresholds."),
+        )
+
     def _validate(self, request: classify_pb2.ClassifyRequest) -> None:
         """Refuse a malformed request before any work, naming the field at fault.
 
@@ -330,6 +367,7 @@ class InferenceService:
         deadline: float | None,
         describe: Describe,
         precision: str = "",
+        quality: QualityGate = FLAG_ONLY,
     ) -> Inference:
         """Classify `images` with `model@version`: the one path every door takes.
 
@@ -351,9 +389,13 @@ class InferenceService:
                 `("images[3]", "images[3] (id 'a.jpg')")`.
             precision: a precision to answer in, at least as exact as the server's setting,
                 or "" for that setting (a preference): docs/models.md#precision.
+            quality: the photo-quality gate's policy and threshold overrides: each decoded
+                image is judged by the version's card's thresholds (`_judge`); with
+                `quality.refuse`, poor photos are refused before the model runs.
 
         Returns:
-            The probabilities of each image, in order, and what answered.
+            The probabilities of each image, in order, what answered, and each image's
+            quality.
 
         Raises:
             QuotaExceeded: over the tenant's images per minute.
@@ -362,7 +404,9 @@ class InferenceService:
                 `precision` that is not one or is less exact than the server's.
             PrecisionUnavailable: (FAILED_PRECONDITION) a `precision` no form of the version
                 serves here (`selection.check_precision`).
-            InvalidImage: undecodable images, each named by `describe` in the violations.
+            InvalidImage: undecodable images, each named by `describe` in the violations; or
+                with `quality.refuse`, poor photos (reason POOR_QUALITY, each named with its
+                issues), before any model compute.
             QueueFull: no room now (with a retry hint), or never (REQUEST_TOO_LARGE).
             DeadlineExceeded: the deadline passed while its images waited.
             ShuttingDown: the server is draining.
@@ -374,6 +418,7 @@ class InferenceService:
         manifest = served.model.manifest
         spec = manifest.input.spec()
         infos: list[DecodeInfo | None]
+        judged: list[Quality | None]
         with served.batcher.admit(len(images), nbytes=nbytes, budget=self.queue_bytes) as admit:
             if isinstance(images, np.ndarray):
                 expected = (spec.height, spec.width, 3)
@@ -386,10 +431,12 @@ class InferenceService:
                         field=field.partition("[")[0],
                     )
                 pixels, infos = list(images), [None] * len(images)
+                judged = [None] * len(images)
             else:
                 with tracing.span("perito.decode", images=len(images)):
                     decoded = await self._decode_all(images, spec, describe)
                 pixels, infos = [p for p, _ in decoded], [info for _, info in decoded]
+                judged = self._judge(manifest, infos, quality, describe)
             with tracing.span("perito.batch", model=served.name, version=served.version):
                 probabilities = await admit.run(pixels, deadline)
         if isinstance(images, np.ndarray):
@@ -397,7 +444,59 @@ class InferenceService:
         else:
             digests = [sha256_hex(image) for image in images]
         return Inference(
-            served.name, served.version, served.model.form, manifest, probabilities, infos, digests
+            served.name,
+            served.version,
+            served.model.form,
+            manifest,
+            probabilities,
+            infos,
+            digests,
+            judged,
+        )
+
+    def _judge(
+        self,
+        manifest: ModelManifest,
+        infos: Sequence[DecodeInfo | None],
+        gate: QualityGate,
+        describe: Describe,
+    ) -> list[Quality | None]:
+        """Each decoded image's quality issues against the card's thresholds (the defaults
+        where it has none, the request's overrides in their place); with `gate.refuse`, refuse
+        the poor ones: each is named in the violations with its issues, reason POOR_QUALITY,
+        and counted in `perito_images_rejected_total{reason="POOR_QUALITY"}`.
+
+        Raises:
+            InvalidImage: `gate.refuse` and some image has an issue.
+        """
+        thresholds = effective_thresholds(manifest.quality, gate.override)
+        judged = [
+            None
+            if info is None or info.quality is None
+            else Quality(info.quality, find_issues(info.quality, thresholds))
+            for info in infos
+        ]
+        if not gate.refuse:
+            return judged
+        poor = [
+            (describe(index), quality)
+            for index, quality in enumerate(judged)
+            if quality is not None and quality.issues
+        ]
+        if not poor:
+            return judged
+        if self.metrics is not None:
+            self.metrics.images_rejected.labels(POOR_QUALITY).inc(len(poor))
+        violations = [
+            (field, f"{label}: poor photo quality: {explain_issues(quality, thresholds)}")
+            for (field, label), quality in poor
+        ]
+        more = f" (and {len(poor) - 1} more)" if len(poor) > 1 else ""
+        raise InvalidImage(
+            f"{violations[0][1]}{more} [{POOR_QUALITY}]",
+            reason=POOR_QUALITY,
+            field=violations[0][0],
+            violations=violations,
         )
 
     def version_facts(self, manifest: ModelManifest) -> tuple[ServedVersion, CardFigures]:
@@ -461,6 +560,7 @@ class InferenceService:
             ShuttingDown: the server is draining.
         """
         self._validate(request)
+        gate = self.quality_gate(request)
 
         def describe(i: int) -> tuple[str, str]:
             return f"images[{i}]", _image_label(i, request.images[i].id)
@@ -474,6 +574,7 @@ class InferenceService:
             deadline=deadline,
             describe=describe,
             precision=request.precision,
+            quality=gate,
         )
         self._refuse_not_finite(inference, describe, per_image=True)
         return self.answer(
@@ -515,9 +616,10 @@ class InferenceService:
             inference.probabilities,
             inference.infos,
             inference.input_sha256,
+            inference.quality,
             strict=True,
         )
-        for image_id, probs, info, digest in results:
+        for image_id, probs, info, digest, quality in results:
             summary = summarize(probs, manifest.labels, top_k, threshold)
             provenance = classify_pb2.Provenance(
                 **provenance_record(
@@ -528,6 +630,7 @@ class InferenceService:
                     form=inference.form,
                     confidence_threshold=threshold,
                     request_id=request_id,
+                    quality_issues=quality.issues if quality else (),
                 )
             )
             response.results.append(
@@ -537,6 +640,7 @@ class InferenceService:
                     form=inference.form,
                     first_frame_only=info is not None and info.first_frame_only,
                     provenance=provenance,
+                    quality=quality_message(quality),
                     figures=figures,
                 )
             )
@@ -628,6 +732,7 @@ class InferenceService:
         nbytes: int,
         deadline: float | None,
         precision: object = None,
+        quality: QualityGate = FLAG_ONLY,
     ) -> InferResult:
         """Classify the images of the one input, and answer the requested outputs; the answer or
         refusal is written to the tenant's prediction log (docs/trust.md#prediction-log).
@@ -641,10 +746,14 @@ class InferenceService:
             deadline: `time.monotonic()` by which to answer, or None.
             precision: the request's `precision` parameter (Perito's, as
                 `ClassifyRequest.precision`: honoured or refused), None when absent.
+            quality: the photo-quality gate the request's parameters ask for
+                (`oip_protocol.quality_gate`); refusing is all or nothing here too.
 
         Returns:
             `probabilities` FP32 [N, C], or with `classification` = k, BYTES [N, k] of
-            "score:index:label" (k clipped to C), for each output asked for.
+            "score:index:label" (k clipped to C), for each output asked for; the response
+            parameters: provenance, the card's figures and `perito_quality`
+            (`oip_protocol.quality_parameter`).
 
         Raises:
             InvalidArgument: not one input, a bad shape or datatype, an unknown output, a bad
@@ -668,6 +777,7 @@ class InferenceService:
                 nbytes=nbytes,
                 deadline=deadline,
                 precision=precision,
+                quality=quality,
             )
         except asyncio.CancelledError:
             raise
@@ -714,6 +824,7 @@ class InferenceService:
         nbytes: int,
         deadline: float | None,
         precision: object = None,
+        quality: QualityGate = FLAG_ONLY,
     ) -> tuple[InferResult, Inference]:
         """`oip_infer`'s work: its result, and the inference it came from."""
         if len(inputs) != 1:
@@ -752,6 +863,7 @@ class InferenceService:
             deadline=deadline,
             describe=describe,
             precision=precision or "",
+            quality=quality,
         )
         self._refuse_not_finite(inference, describe, per_image=False)
         wanted = outputs or [RequestedOutput(PROBABILITIES_OUTPUT)]
@@ -779,6 +891,7 @@ class InferenceService:
             "perito_request_id": REQUEST_ID.get() or "",
             "perito_confidence_threshold": inference.manifest.threshold(),
             "perito_expected_accuracy": json.dumps(expected),
+            **quality_parameter(inference.quality),
         }
 
     # Bulk jobs

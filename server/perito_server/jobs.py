@@ -45,7 +45,7 @@ from perito_core.models.provenance import CardFigures, ServedVersion
 from perito_core.models.selection import check_precision, requested_precision
 from perito_core.models.summary import Classification
 from perito_core.storage import check_uri_text, echo_uri, split_s3_uri
-from perito_server.answers import classification_message
+from perito_server.answers import classification_message, quality_message
 from perito_server.model_pool import ModelPool
 from perito_server.paging import LIST_JOB_RESULTS, LIST_JOBS
 from perito_server.settings import ServerSettings
@@ -137,6 +137,7 @@ def result_to_proto(
                 form=result.form,
                 first_frame_only=result.first_frame_only,
                 provenance=classify_pb2.Provenance(**provenance) if provenance else None,
+                quality=quality_message(result.quality),
                 figures=figures,
             )
         )

@@ -20,14 +20,19 @@ How a model looks through the protocol (`model_metadata`):
   input size). A request sends exactly one input; it is told apart by its datatype.
 - outputs: `probabilities`, FP32 [-1, C] (C = the model's labels). With the `classification`
   parameter k it is BYTES [-1, k] of "score:index:label", best first.
+- parameters: a request may carry Perito's `precision`, `quality_policy` (`flag` or
+  `refuse`) and the quality thresholds (`min_sharpness`, ...: `QUALITY_PARAMETERS`); the
+  response carries `perito_quality`, a JSON string: per image, its measures and issues
+  (docs/trust.md#quality).
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import math
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +40,13 @@ import numpy as np
 
 from perito_core.errors import InvalidArgument
 from perito_core.models.manifest import ModelManifest
+from perito_core.quality import (
+    THRESHOLD_FIELDS,
+    Quality,
+    QualityGate,
+    parse_policy,
+    parse_thresholds,
+)
 from perito_server.errors import echo
 
 # Triton's extension names, as ServerMetadata lists them.
@@ -118,6 +130,34 @@ class InferResult:
     # Response parameters (Perito's `perito_*`: provenance and the card's figures), each a
     # string or a number.
     parameters: dict[str, str | float] = field(default_factory=dict)
+
+
+QUALITY_PARAMETERS: tuple[str, ...] = ("quality_policy", *THRESHOLD_FIELDS)
+"""The request parameters the photo-quality gate reads."""
+
+
+def quality_gate(parameters: Mapping[str, object]) -> QualityGate:
+    """What an inference request's parameters ask of the photo-quality gate.
+
+    Raises:
+        InvalidArgument: naming the parameter: a policy other than `flag` or `refuse`, or a
+            threshold that is not a number in its range.
+    """
+    return QualityGate(
+        refuse=parse_policy(parameters.get("quality_policy"), "quality_policy"),
+        override=parse_thresholds(parameters),
+    )
+
+
+def quality_parameter(quality: Sequence[Quality | None]) -> dict[str, str]:
+    """The `perito_quality` response parameter: a JSON list, per image, of its measures and
+    issues (`Quality.as_dict`), null for an image sent as pixels; {} when no image was
+    measured."""
+    if all(q is None for q in quality):
+        return {}
+    return {
+        "perito_quality": json.dumps([q.as_dict() if q else None for q in quality], allow_nan=False)
+    }
 
 
 def serialize_bytes(elements: Sequence[bytes]) -> bytes:

@@ -7,6 +7,10 @@ against a draft manifest before anything is written, so a contract that contradi
 (an NCHW declaration for an NHWC input, another input size, another dtype, an output that
 cannot be the declared kind, a graph of several outputs with none named by `--output-name`,
 a name that is not an output) is refused with the field named.
+
+Also the photo-quality flags of the same command (`--min-sharpness` ...), for any imported
+file: the card's `quality` thresholds (`perito_core.quality`), which nothing fits for a model
+trained elsewhere.
 """
 
 from __future__ import annotations
@@ -138,6 +142,66 @@ def contract_options(command: F) -> F:
         choice = click.Choice(flag.choices, case_sensitive=False) if flag.choices else None
         command = click.option(flag.flag, name, type=choice, help=flag.help)(command)
     return command
+
+
+# The photo-quality flags by parameter name, which is the `QualityThresholds` field each sets:
+# (flag, upper bound, help).
+QUALITY_FLAGS: dict[str, tuple[str, float | None, str]] = {
+    "min_sharpness": (
+        "--min-sharpness",
+        None,
+        "Photo quality: BLURRY under this sharpness (variance of the Laplacian of the grey "
+        "photo at 256 pixels; default 15).",
+    ),
+    "max_dark_fraction": (
+        "--max-dark-fraction",
+        1.0,
+        "Photo quality: UNDEREXPOSED over this share of clipped dark pixels (default 0.6).",
+    ),
+    "max_bright_fraction": (
+        "--max-bright-fraction",
+        1.0,
+        "Photo quality: OVEREXPOSED over this share of clipped bright pixels (default 0.6).",
+    ),
+    "min_brightness": (
+        "--min-brightness",
+        255.0,
+        "Photo quality: UNDEREXPOSED under this mean grey level, 0-255 (default 25).",
+    ),
+    "max_brightness": (
+        "--max-brightness",
+        255.0,
+        "Photo quality: OVEREXPOSED over this mean grey level, 0-255 (default 235).",
+    ),
+    "min_resolution": (
+        "--min-resolution",
+        None,
+        "Photo quality: LOW_RESOLUTION when the shorter side is under this many times the "
+        "input size (default 0.5).",
+    ),
+    "min_contrast": (
+        "--min-contrast",
+        255.0,
+        "Photo quality: UNIFORM under this standard deviation of the grey levels (default 6).",
+    ),
+}
+
+
+def quality_options(command: F) -> F:
+    """The photo-quality options of `perito models import` (docs/trust.md#quality)."""
+    for name, (flag, upper, text) in reversed(QUALITY_FLAGS.items()):
+        kind = click.FloatRange(min=0.0, max=upper)
+        command = click.option(flag, name, type=kind, help=text)(command)
+    return command
+
+
+def quality_thresholds(flags: dict[str, Any]) -> dict[str, Any]:
+    """Take the photo-quality flags out of `flags` (the command's other options): the card's
+    `quality` part they set (`fitted_on` naming the command), or {} (the defaults) when none
+    was given."""
+    given = {name: flags.pop(name) for name in QUALITY_FLAGS if name in flags}
+    thresholds = {name: value for name, value in given.items() if value is not None}
+    return {**thresholds, "fitted_on": "perito models import"} if thresholds else {}
 
 
 def tensor_contract(model_file: Path, flags: dict[str, Any]) -> TensorContract | None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from perito_core.quality import DEFAULT_THRESHOLDS
 from perito_training.config import TrainConfig, load_config
 from perito_training.pipeline import RunError, train_run
 from tests.helpers import write_pattern_images
@@ -64,6 +65,15 @@ def test_a_small_cnn_learns_and_the_run_folder_has_everything(
     assert card.training.dataset.fingerprint_sha256
     assert card.training.config["model"]["architecture"] == "cnn4"
     assert card.source.torch == torch.__version__
+    # The photo-quality thresholds, fitted on the training images' own measures, never
+    # stricter than the defaults, are in card.json for publish to carry into the manifest.
+    assert card.quality.fitted_on == "train split, 108 images"
+    fitted, defaults = card.quality, DEFAULT_THRESHOLDS
+    assert fitted.min_sharpness is not None and defaults.min_sharpness is not None
+    assert 0 < fitted.min_sharpness <= defaults.min_sharpness
+    assert fitted.min_resolution == defaults.min_resolution  # 40-pixel photos, 32 in: 1.25
+    written = json.loads((tmp_path / "card.json").read_text())["quality"]
+    assert written == fitted.model_dump(mode="json") and len(written) == 8
     assert sum(1 for line in lines if line.startswith("epoch ")) == 12
     for name in ("learning_curves", "confusion_matrix", "roc", "reliability"):
         assert (tmp_path / "plots" / f"{name}.png").read_bytes()[:8] == PNG_MAGIC

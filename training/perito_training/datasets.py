@@ -23,8 +23,15 @@ import numpy as np
 from PIL import Image
 
 from perito_core.errors import InvalidImage
-from perito_core.imaging import ImageLimits, InputSpec, load_model_input, resize_for_model
+from perito_core.imaging import (
+    ImageLimits,
+    InputSpec,
+    load_model_input,
+    load_model_input_with_info,
+    resize_for_model,
+)
 from perito_core.jobs.sources import is_ignored_key
+from perito_core.quality import QualityMeasures, measure
 from perito_training.config import DataConfig
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -138,13 +145,16 @@ class ImageSet:
 
 @dataclass
 class PreparedData:
-    """The three splits, what could not be read, and a fingerprint of exactly what was used."""
+    """The three splits, what could not be read, and a fingerprint of exactly what was used;
+    `train_quality`: the photo-quality measures of the training images, for the model card's
+    thresholds (`perito_core.quality.fit_thresholds`)."""
 
     classes: list[str]
     splits: dict[str, ImageSet]
     unreadable: list[Unreadable]
     skipped: list[tuple[str, str]]
     fingerprint: str
+    train_quality: list[QualityMeasures] = field(default_factory=list)
 
     def summary(self) -> dict[str, object]:
         """For the run folder and the model card."""
@@ -171,10 +181,15 @@ def prepare_data(config: DataConfig, spec: InputSpec, *, threads: int = 4) -> Pr
     unreadable: list[Unreadable] = []
     digest = hashlib.sha256(catalog.fingerprint_extra.encode())
     cache = _should_cache(config, spec, sum(len(v) for v in split_indices.values()))
+    train_quality: list[QualityMeasures] = []
     for split in SPLITS:
         entries = [catalog.entries[i] for i in split_indices[split]]
-        images, hashes, failures = _load_all(entries, spec, catalog.arrays, threads=threads)
+        images, hashes, failures, measures = _load_all(
+            entries, spec, catalog.arrays, threads=threads
+        )
         unreadable.extend(failures)
+        if split == "train":
+            train_quality = [m for m in measures if m is not None]
         kept = [
             (e, img, h)
             for e, img, h in zip(entries, images, hashes, strict=True)
@@ -196,7 +211,9 @@ def prepare_data(config: DataConfig, spec: InputSpec, *, threads: int = 4) -> Pr
     missing = [name for name, n in splits["train"].class_counts().items() if n == 0]
     if missing:
         raise DatasetError(f"no readable training images for class(es) {', '.join(missing)}")
-    return PreparedData(catalog.classes, splits, unreadable, catalog.skipped, digest.hexdigest())
+    return PreparedData(
+        catalog.classes, splits, unreadable, catalog.skipped, digest.hexdigest(), train_quality
+    )
 
 
 def discover(config: DataConfig) -> Catalog:
@@ -422,32 +439,37 @@ def _model_input(entry: Entry, spec: InputSpec, arrays: np.ndarray | None) -> np
 
 def _load_one(
     entry: Entry, spec: InputSpec, arrays: np.ndarray | None
-) -> tuple[np.ndarray | None, str]:
-    """(model input, content hash) or (None, reason it could not be read)."""
+) -> tuple[np.ndarray | None, str, QualityMeasures | None]:
+    """(model input, content hash, photo-quality measures) or (None, reason it could not be
+    read, None)."""
+    side = min(spec.height, spec.width)
     if entry.path is None:
-        return _model_input(entry, spec, arrays), str(entry.row)
+        assert arrays is not None
+        pixels = arrays[entry.row]
+        rgb = np.repeat(pixels[:, :, None], 3, axis=2) if pixels.ndim == 2 else pixels
+        return _model_input(entry, spec, arrays), str(entry.row), measure(rgb, side)
     try:
         data = entry.path.read_bytes()
     except OSError as exc:
-        return None, f"cannot read the file: {exc.strerror}"
+        return None, f"cannot read the file: {exc.strerror}", None
     try:
-        image = load_model_input(data, spec, ImageLimits())
+        image, info = load_model_input_with_info(data, spec, ImageLimits())
     except InvalidImage as exc:
-        return None, exc.message
-    return image, hashlib.sha256(data).hexdigest()
+        return None, exc.message, None
+    return image, hashlib.sha256(data).hexdigest(), info.quality
 
 
 def _load_all(
     entries: list[Entry], spec: InputSpec, arrays: np.ndarray | None, *, threads: int
-) -> tuple[list[np.ndarray | None], list[str], list[Unreadable]]:
+) -> tuple[list[np.ndarray | None], list[str], list[Unreadable], list[QualityMeasures | None]]:
     # PIL decodes with the GIL released: threads use every core.
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
         results = list(pool.map(lambda e: _load_one(e, spec, arrays), entries, chunksize=64))
-    images = [image for image, _ in results]
-    hashes = [text if image is not None else "" for image, text in results]
+    images = [image for image, _, _ in results]
+    hashes = [text if image is not None else "" for image, text, _ in results]
     failures = [
         Unreadable(entry.name, text)
-        for entry, (image, text) in zip(entries, results, strict=True)
+        for entry, (image, text, _) in zip(entries, results, strict=True)
         if image is None
     ]
-    return images, hashes, failures
+    return images, hashes, failures, [measures for _, _, measures in results]

@@ -32,6 +32,7 @@ from perito_core.models.card import (
     Calibration,
     DatasetRecord,
     Metrics,
+    QualityThresholds,
     Source,
     TrainingRecord,
     unknown_fields,
@@ -46,6 +47,7 @@ from perito_core.models.manifest import (
     RunCard,
 )
 from perito_core.models.registry import ModelRegistry
+from perito_core.quality import fit_thresholds
 from perito_training import plots
 from perito_training.config import TrainConfig, load_config
 from perito_training.datasets import ImageSet, PreparedData, prepare_data
@@ -205,6 +207,7 @@ def finish_run(
             seconds=round(sum(row["seconds"] for row in state.history), 1),
         ),
         source=Source.model_validate(code_version()),
+        quality=_fitted_quality(data),
     )
     # The card's parts are open to fields they do not declare (cards of other trainers must
     # load), so a field this trainer adds without declaring it in `perito_core.models.card`
@@ -220,6 +223,15 @@ def finish_run(
         + (f"  uncertain below {threshold['threshold']:.3f}" if threshold else "")
     )
     return card
+
+
+def _fitted_quality(data: PreparedData) -> QualityThresholds:
+    """The photo-quality thresholds fitted on the training images' own measures (empty,
+    the defaults, when none were measured)."""
+    measures = data.train_quality
+    if not measures:
+        return QualityThresholds()
+    return fit_thresholds(measures, f"train split, {len(measures)} images")
 
 
 def _card_metrics(test: dict[str, Any], val: dict[str, Any]) -> Metrics:
@@ -396,6 +408,7 @@ def publish_run(
         source=card.source.model_copy(
             update={"run": run_dir.name, **({"published_by": published_by} if published_by else {})}
         ),
+        quality=card.quality,
         aliases=aliases,
         forms=built.forms,
         skipped_forms=built.skipped,

@@ -56,6 +56,7 @@ from perito_core.models.summary import (
     not_finite,
     summarize,
 )
+from perito_core.quality import Quality, assess
 from perito_worker import metrics
 from perito_worker.settings import WorkerSettings
 
@@ -130,6 +131,7 @@ class _Prepared:
     error: str = ""
     first_frame_only: bool = False
     input_sha256: str = ""
+    quality: Quality | None = None
 
 
 def _prepare(
@@ -155,6 +157,7 @@ def _prepare(
             pixels,
             first_frame_only=info.first_frame_only,
             input_sha256=sha256_hex(data),
+            quality=None if info.quality is None else assess(info.quality, model.manifest.quality),
         )
     except StorageUnavailable:
         raise
@@ -234,6 +237,7 @@ def _classify(job: Job, model: LoadedModel, batch: list[_Prepared]) -> list[Item
                 first_frame_only=prepared.first_frame_only,
                 form=model.form,
                 input_sha256=prepared.input_sha256,
+                quality=prepared.quality,
             )
     return [results[p.index] for p in batch]
 

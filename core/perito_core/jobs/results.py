@@ -60,6 +60,7 @@ def item_provenance(job: Job, result: ItemResult) -> dict[str, Any] | None:
         form=result.form,
         confidence_threshold=job.confidence_threshold or job.served.confidence_threshold,
         request_id=job.id,
+        quality_issues=result.quality.issues if result.quality else (),
     )
 
 
@@ -82,6 +83,7 @@ def _json_line(result: ItemResult, job: Job, provenance: dict[str, Any] | None) 
             "error": result.error or None,
             "first_frame_only": result.first_frame_only,
             "form": result.form or None,
+            "quality": result.quality.as_dict() if result.quality else None,
             "model": job.model,
             "model_version": job.model_version,
             "provenance": provenance,
@@ -106,6 +108,8 @@ _CSV_HEADER = [
     "artifact_sha256",
     "form",
     "request_id",
+    # The photo-quality issues (docs/trust.md#quality), space-separated; empty when none.
+    "quality_issues",
 ]
 
 
@@ -138,6 +142,7 @@ def write_results(store: JobStore, job: Job, jsonl: IO[str], table: IO[str]) -> 
                         if provenance
                         else [""] * len(_CSV_PROVENANCE)
                     ),
+                    " ".join(result.quality.issues) if result.quality else "",
                 ]
             )
 

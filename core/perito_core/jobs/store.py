@@ -50,6 +50,7 @@ import redis
 from perito.v1.vocabulary import ItemState, JobState
 from perito_core.errors import InvalidArgument, NotFound, StorageUnavailable
 from perito_core.models.provenance import ServedVersion
+from perito_core.quality import Quality
 
 PREFIX = "perito"
 # Jobs per state, moved by the same scripts that move each job.
@@ -86,6 +87,9 @@ class ItemResult:
     # sha256 (hex) of the image's bytes as read, for its provenance (the version's file
     # digests are the job's: `Job.served`). 75 bytes of the stored JSON.
     input_sha256: str = ""
+    # The photo's quality measures and issues (`perito_core.quality`); None when the image
+    # was not decoded (or was recorded before the gate). About 200 bytes of the stored JSON.
+    quality: Quality | None = None
 
     def to_json(self) -> str:
         return json.dumps(
@@ -99,6 +103,7 @@ class ItemResult:
                 **({"first_frame_only": True} if self.first_frame_only else {}),
                 **({"form": self.form} if self.form else {}),
                 **({"sha256": self.input_sha256} if self.input_sha256 else {}),
+                **({"quality": self.quality.as_dict()} if self.quality else {}),
             },
             separators=(",", ":"),
             allow_nan=False,
@@ -120,6 +125,7 @@ class ItemResult:
             first_frame_only=data.get("first_frame_only", False),
             form=data.get("form", ""),
             input_sha256=data.get("sha256", ""),
+            quality=Quality.from_dict(data["quality"]) if data.get("quality") else None,
         )
 
 

@@ -160,6 +160,34 @@ class Calibration(_CardPart):
     reliability: list[ReliabilityBin] | None = None
 
 
+class QualityThresholds(_CardPart):
+    """The photo-quality gate's thresholds (`perito_core.quality`): a photo is BLURRY under
+    `min_sharpness`, UNDEREXPOSED over `max_dark_fraction` or under `min_brightness`,
+    OVEREXPOSED over `max_bright_fraction` or over `max_brightness`, LOW_RESOLUTION when its
+    shorter side is under `min_resolution` times the model's input side, UNIFORM under
+    `min_contrast`. Each unset threshold is `perito_core.quality.DEFAULT_THRESHOLDS`'.
+
+    Fitted by the trainer on the training images (`fitted_on` says which), set by
+    `perito models import --min-sharpness ...`, or replaced per request.
+    """
+
+    # Variance of the Laplacian of the grey image at 256 pixels, grey levels squared.
+    min_sharpness: float | None = Field(default=None, ge=0.0)
+    # Shares of clipped dark (grey <= 8) and bright (grey >= 247) pixels, in [0, 1].
+    max_dark_fraction: float | None = Field(default=None, ge=0.0, le=1.0)
+    max_bright_fraction: float | None = Field(default=None, ge=0.0, le=1.0)
+    # Mean grey level, 0-255.
+    min_brightness: float | None = Field(default=None, ge=0.0, le=255.0)
+    max_brightness: float | None = Field(default=None, ge=0.0, le=255.0)
+    # The photo's shorter side over the model's input side.
+    min_resolution: float | None = Field(default=None, ge=0.0)
+    # Standard deviation of the grey levels, 0-255.
+    min_contrast: float | None = Field(default=None, ge=0.0, le=255.0)
+    # Where the thresholds came from: `train split, 1200 images` (fitted), `perito models
+    # import` (set by its flags).
+    fitted_on: str | None = None
+
+
 class UnreadableImage(_CardPart):
     """A data set file the trainer left out: its name (relative to the data root) and why."""
 

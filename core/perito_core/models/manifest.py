@@ -32,7 +32,13 @@ from pydantic import (
 from perito_core.imaging import InputSpec, Interpolation, ResizeMode
 
 # The card's parts, re-exported: the manifest's fields are of these types.
-from perito_core.models.card import Calibration, Metrics, Source, TrainingRecord
+from perito_core.models.card import (
+    Calibration,
+    Metrics,
+    QualityThresholds,
+    Source,
+    TrainingRecord,
+)
 
 __all__ = [
     "ARTIFACT_FILES",
@@ -275,12 +281,18 @@ class ModelCard(BaseModel):
     calibration: Calibration = Field(default_factory=Calibration)
     training: TrainingRecord = Field(default_factory=TrainingRecord)
     source: Source = Field(default_factory=Source)
+    # The photo-quality gate's thresholds (`perito_core.quality`); empty: the defaults.
+    quality: QualityThresholds = Field(default_factory=QualityThresholds)
     # Compiled forms that passed the accuracy gate, and why the others were not published.
     forms: list[CompiledForm] = Field(default_factory=list)
     skipped_forms: dict[str, str] = Field(default_factory=dict)
     # How an ONNX artifact is fed and read (required for `artifact.format == "onnx"`, absent
     # otherwise: TorchScript takes uint8 NCHW RGB and returns probabilities).
     tensor: TensorContract | None = None
+
+    @model_serializer(mode="wrap")
+    def _no_quality_as_before(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return _without_empty_quality(self.quality, handler(self))
 
 
 class ModelIdentity(BaseModel):
@@ -363,6 +375,20 @@ class RunCard(BaseModel):
     calibration: Calibration = Field(default_factory=Calibration)
     training: TrainingRecord = Field(default_factory=TrainingRecord)
     source: Source = Field(default_factory=Source)
+    # The photo-quality thresholds fitted on the training images (`quality.fit_thresholds`).
+    quality: QualityThresholds = Field(default_factory=QualityThresholds)
+
+    @model_serializer(mode="wrap")
+    def _no_quality_as_before(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return _without_empty_quality(self.quality, handler(self))
+
+
+def _without_empty_quality(quality: QualityThresholds, data: dict[str, Any]) -> dict[str, Any]:
+    """A card's JSON without its `quality` part when that holds no threshold: a card written
+    before the quality gate dumps back the same."""
+    if not quality.model_fields_set:
+        data.pop("quality", None)
+    return data
 
 
 def sha256_file(path: Path) -> str:

@@ -37,7 +37,13 @@ from perito_core.errors import (
     ModelLoadError,
     NotFound,
 )
-from perito_core.models.card import Calibration, Metrics, Source, TrainingRecord
+from perito_core.models.card import (
+    Calibration,
+    Metrics,
+    QualityThresholds,
+    Source,
+    TrainingRecord,
+)
 from perito_core.models.manifest import (
     ARTIFACT_FILES,
     Artifact,
@@ -281,6 +287,7 @@ class ModelRegistry:
         calibration: Calibration | dict[str, Any] | None = None,
         training: TrainingRecord | dict[str, Any] | None = None,
         source: Source | dict[str, Any] | None = None,
+        quality: QualityThresholds | dict[str, Any] | None = None,
         aliases: tuple[str, ...] = (),
         forms: Sequence[tuple[CompiledForm, Path]] = (),
         skipped_forms: dict[str, str] | None = None,
@@ -293,7 +300,8 @@ class ModelRegistry:
         whose file is missing. An existing version is never overwritten. `forms` are compiled
         forms that passed the accuracy gate, each with the folder holding its files
         (`perito_core.models.gate.build_forms`); `skipped_forms` says why others were not built.
-        The card's parts (`metrics`, `calibration`, `training`, `source`) are its typed parts
+        The card's parts (`metrics`, `calibration`, `training`, `source`, `quality`: the
+        photo-quality thresholds) are its typed parts
         (`perito_core.models.card`) or their JSON as dicts. `artifact_format="onnx"` stores
         the file as `model.onnx` with its `tensor` contract (required then, refused otherwise).
 
@@ -325,6 +333,7 @@ class ModelRegistry:
             calibration=calibration or {},
             training=training or {},
             source=source or {},
+            quality=quality or {},
             forms=[form for form, _ in forms],
             skipped_forms=skipped_forms or {},
         )
