@@ -341,3 +341,40 @@ def test_the_page_signs_in_and_shows_only_the_tenants_jobs(
         page.goto(f"{url}/jobs/{mine}")
         expect(page.locator("#login")).to_be_visible()
         browser.close()
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="apt-get install chromium")
+def test_a_blurred_photo_is_answered_with_a_retake_warning_above_the_answer(
+    site: str, photos: dict[str, Path], tmp_path: Path
+) -> None:
+    from PIL import Image, ImageFilter
+    from playwright.sync_api import expect, sync_playwright
+
+    with Image.open(photos["coffee"]) as sharp:
+        blurred = sharp.convert("RGB").filter(ImageFilter.GaussianBlur(8))
+    blurred.save(tmp_path / "coffee-blurred.jpg", quality=90)
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1100, "height": 900})
+        page.goto(site)
+        page.select_option("#model", f"{LITE0}@production")
+        page.set_input_files("#photo", str(tmp_path / "coffee-blurred.jpg"))
+        page.click("#classify-button")
+        # Flagged, not refused: the warning, and the answer under it.
+        expect(page.locator("#retake")).to_have_text("retake: too blurry", timeout=60_000)
+        expect(page.locator("#top-label")).to_be_visible()
+        warning, answer = (
+            page.locator("#retake").bounding_box(),
+            page.locator("#bars").bounding_box(),
+        )
+        assert warning is not None and answer is not None
+        assert warning["y"] + warning["height"] <= answer["y"]
+        page.screenshot(path=str(tmp_path / "retake.png"), full_page=True)
+
+        # The sharp photo next: no warning left over from the blurred one.
+        page.set_input_files("#photo", str(photos["coffee"]))
+        page.click("#classify-button")
+        expect(page.locator("#top-label")).to_contain_text("espresso", timeout=60_000)
+        expect(page.locator("#retake")).to_be_hidden()
+        browser.close()
