@@ -164,6 +164,7 @@ class AsyncClient:
         quality_thresholds: Mapping[str, float] | None = None,
         ids: Sequence[str] | None = None,
         on_invalid: OnInvalid = "fail",
+        explain: bool = False,
         timeout: float | None = None,
         metadata: Metadata | None = None,
     ) -> list[Classification] | list[Classification | RejectedImage]:
@@ -199,6 +200,10 @@ class AsyncClient:
                 by its index in `images` (`images[66]`), however the call was split. "skip":
                 the call returns one entry per image, a `RejectedImage` (with its `error`)
                 in place of each bad image's `Classification`; the others are classified.
+            explain: also return each image's `explanation`: a heat map of where the model
+                looked for its top-1 class, with `explanation.save("x.png")` to write its
+                overlay (50 forward passes per image, run after plain requests; sent
+                `limits.max_explanations_per_request` images per call).
             timeout: seconds for the whole call, all its parts and retries included.
 
         Raises:
@@ -228,6 +233,7 @@ class AsyncClient:
             precision=precision,
             quality_policy=quality_policy,
             quality_thresholds=quality_thresholds,
+            explain=explain,
             ids=ids,
         )
         answers = await async_map_all(

@@ -8,9 +8,11 @@ the SDK never imports them.
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import asdict
@@ -125,6 +127,8 @@ def split_model_ref(ref: str) -> tuple[str, str]:
 def _default(value: object) -> str:
     if isinstance(value, datetime):
         return value.isoformat()
+    if isinstance(value, bytes):  # an explanation's overlay PNG
+        return base64.b64encode(value).decode()
     raise TypeError(type(value).__name__)
 
 
@@ -137,6 +141,14 @@ def _print_json(value: object) -> None:
 @_model_option
 @click.option("--top-k", "-k", default=3, show_default=True, type=click.IntRange(min=1))
 @_threshold_option
+@click.option(
+    "--explain",
+    "explain_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Also write where the model looked for each image's top-1 class: one overlay PNG "
+    "per image into this folder, named after the image (claim-1.jpg: "
+    "claim-1.explanation.png). Costs 50 forward passes per image.",
+)
 @_server_option
 @_timeout_option
 @_json_option
@@ -145,6 +157,7 @@ def classify(
     model_ref: str,
     top_k: int,
     threshold: float,
+    explain_dir: Path | None,
     server: str,
     timeout: float,
     as_json: bool,
@@ -154,6 +167,7 @@ def classify(
     \b
     Example:
       perito classify claim/*.jpg --model car-damage@production --top-k 3
+      perito classify claim/*.jpg --model car-damage --explain explained/
     """
     name, version = split_model_ref(model_ref)
     with _connect(server, timeout) as client:
@@ -164,12 +178,49 @@ def classify(
             top_k=top_k,
             confidence_threshold=threshold,
             ids=list(images),
+            explain=explain_dir is not None,
         )
+    if explain_dir is not None:
+        _write_explanations(results, explain_dir)
     if as_json:
         _print_json([asdict(r) for r in results])
         return
     for result in results:
         _print_classification(result)
+
+
+def explanation_file(folder: Path, image_id: str, taken: set[str]) -> Path:
+    """Where the overlay of `image_id` goes: `folder/<its file name's stem>.explanation.png`,
+    characters other than letters, digits, `.`, `-` and `_` as `_`, and `-2`, `-3`, ... after
+    the stem when an earlier image of the call took the name (`taken`, updated).
+
+    Raises:
+        click.ClickException: the file would be outside `folder` (a symbolic link there).
+    """
+    stem = re.sub(r"[^\w.-]", "_", Path(image_id.replace("\\", "/")).stem).lstrip(".") or "image"
+    name, number = f"{stem}.explanation.png", 1
+    while name in taken:
+        number += 1
+        name = f"{stem}-{number}.explanation.png"
+    taken.add(name)
+    path = folder / name
+    if path.is_symlink() or path.resolve().parent != folder.resolve():
+        raise click.ClickException(f"refusing to write {path}: it leads outside {folder}")
+    return path
+
+
+def _write_explanations(results: list[Classification], folder: Path) -> None:
+    """Each result's explanation overlay into `folder` (made if need be), one line each."""
+    folder.mkdir(parents=True, exist_ok=True)
+    taken: set[str] = set()
+    for result in results:
+        if result.explanation is None:
+            continue
+        path = explanation_file(folder, result.image_id, taken)
+        result.explanation.save(path)
+        click.echo(
+            f"{result.image_id}: explanation of {result.explanation.label!r} in {path}", err=True
+        )
 
 
 def _print_classification(result: Classification) -> None:

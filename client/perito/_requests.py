@@ -36,6 +36,8 @@ class Limits:
     max_request_bytes: int = 48 * 1024 * 1024
     # Calls in flight at once when one `classify` needs several.
     max_concurrent_requests: int = 4
+    # Images per call when `classify(..., explain=True)`: the server's own default.
+    max_explanations_per_request: int = 4
 
 
 def model_ref(model: str, version: str) -> tuple[str, str]:
@@ -56,6 +58,7 @@ class ImageOptions(TypedDict):
     precision: NotRequired[str]
     quality_policy: NotRequired[str]
     quality_thresholds: NotRequired[Mapping[str, float] | None]
+    explain: NotRequired[bool]
     ids: Sequence[str] | None
 
 
@@ -71,6 +74,7 @@ class ClassifyOptions(TypedDict, total=False):
     quality_policy: str
     quality_thresholds: Mapping[str, float] | None
     ids: Sequence[str] | None
+    explain: bool
     timeout: float | None
     metadata: Metadata | None
 
@@ -96,9 +100,11 @@ def classify_parts(
     precision: str = "",
     quality_policy: str = "flag",
     quality_thresholds: Mapping[str, float] | None = None,
+    explain: bool = False,
 ) -> tuple[classify_pb2.ClassifyRequest, list[Part]]:
     """The request every part shares (no images yet), and the images split into parts in
-    order, each within `limits`.
+    order, each within `limits` (with `explain`, `limits.max_explanations_per_request`
+    images at most).
 
     Raises:
         ValueError: a `quality_policy` other than "flag" or "refuse", or a key of
@@ -119,14 +125,17 @@ def classify_parts(
         precision=precision,
         quality_policy=_quality_policy(quality_policy),
         quality_thresholds=_quality_thresholds(quality_thresholds or {}),
+        explain=explain,
     )
+    most = limits.max_images_per_request
+    if explain:
+        most = min(most, limits.max_explanations_per_request)
     parts: list[tuple[list[int], list[image_pb2.Image]]] = []
     size = 0
     for index, image in enumerate(images):
         content = encode_image(image)
         full = parts and (
-            len(parts[-1][0]) >= limits.max_images_per_request
-            or size + len(content) > limits.max_request_bytes
+            len(parts[-1][0]) >= most or size + len(content) > limits.max_request_bytes
         )
         if not parts or full:
             parts.append(([], []))

@@ -12,6 +12,11 @@ manner of `ray/serve/batching.py`:
   every batcher of a server) up front, before decoding, and raises `QueueFull` with a retry
   hint when either has none, so the server sheds load instead of queueing without end;
 - an item whose caller gave up (cancelled) or whose deadline passed is dropped before it runs;
+- two lanes: work admitted with `low_priority` (explanations' forward passes) runs only in
+  batches of its own, started only while no item of the normal lane is queued or on its way,
+  so a normal request waits at most for one low-priority batch already running, never for a
+  queue of them; the low lane has its own room (`max_queue_size` items) and counts nothing
+  against the normal lane's, nor in its queue-time statistics or retry hint;
 - a batch that raises fails its own items only; the loop goes on.
 """
 
@@ -67,6 +72,7 @@ class BatcherStats:
     failed_batches: int = 0
     rejected: int = 0  # requests refused for want of room (images or bytes), with a retry hint
     rejected_for_bytes: int = 0  # of those, refused because the byte budget was spent
+    low_priority_batches: int = 0  # batches of the low-priority lane run
 
 
 # The retry hint's bounds, in seconds: never "now" (callers would spin), never absurdly late.
@@ -113,8 +119,10 @@ class Admission(Generic[ItemT, ResultT]):
         size: int,
         nbytes: int = 0,
         budget: ByteBudget | None = None,
+        low_priority: bool = False,
     ) -> None:
         self._batcher = batcher
+        self._low = low_priority
         self._size = size
         self._enqueued = 0
         self._nbytes = nbytes
@@ -128,14 +136,16 @@ class Admission(Generic[ItemT, ResultT]):
         if self._budget is not None:
             self._budget.in_use -= self._nbytes
             self._budget = None
-        self._batcher._release(self._size, self._size - self._enqueued, self._admitted_at)
+        self._batcher._release(
+            self._size, self._size - self._enqueued, self._admitted_at, low_priority=self._low
+        )
         self._size = self._enqueued = 0
 
     async def run(self, items: Sequence[ItemT], deadline: float | None) -> list[ResultT]:
         """Queue the items, wait for every result (in order); `deadline` is monotonic time."""
         if len(items) > self._size:
             raise ValueError(f"admitted {self._size} items, got {len(items)}")
-        futures = [self._batcher._enqueue(item, deadline) for item in items]
+        futures = [self._batcher._enqueue(item, deadline, self._low) for item in items]
         self._enqueued += len(futures)
         try:
             return list(await asyncio.gather(*futures))
@@ -174,6 +184,9 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         self.name = name
         self.stats = BatcherStats()
         self._queue: collections.deque[_Pending[ItemT, ResultT]] = collections.deque()
+        # The low-priority lane: its queue and its items admitted and not yet answered.
+        self._low_queue: collections.deque[_Pending[ItemT, ResultT]] = collections.deque()
+        self._low_admitted = 0
         self._wakeup = asyncio.Event()
         self._admitted = 0
         self._on_the_way = 0  # admitted items not queued yet (still being decoded)
@@ -189,7 +202,12 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
             self._task = asyncio.get_running_loop().create_task(self._loop(), name=self.name)
 
     def admit(
-        self, size: int, *, nbytes: int = 0, budget: ByteBudget | None = None
+        self,
+        size: int,
+        *,
+        nbytes: int = 0,
+        budget: ByteBudget | None = None,
+        low_priority: bool = False,
     ) -> Admission[ItemT, ResultT]:
         """Reserve room for `size` items here and `nbytes` in `budget`, both or neither.
 
@@ -199,6 +217,8 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
             size: the request's items (images).
             nbytes: the request's bytes, counted against `budget` (none: not counted).
             budget: the byte budget shared with other batchers, if any.
+            low_priority: admit to the low-priority lane (its own `max_queue_size` items):
+                its items run only when the normal lane has none queued or on its way.
 
         Raises:
             QueueFull: no room now (`retry_after` says when to try again, in seconds), or
@@ -219,16 +239,20 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
                 f"{budget.max_bytes} bytes (send fewer or smaller images per call)",
                 reason="REQUEST_TOO_LARGE",
             )
-        if self._admitted + size > self.max_queue_size:
-            self._queue_full(f"{self._admitted} of {self.max_queue_size} images")
+        admitted = self._low_admitted if low_priority else self._admitted
+        if admitted + size > self.max_queue_size:
+            self._queue_full(f"{admitted} of {self.max_queue_size} images")
         if budget is not None and not budget.fits(nbytes):
             self.stats.rejected_for_bytes += 1
             self._queue_full(f"{budget.in_use} of {budget.max_bytes} bytes")
-        self._admitted += size
-        self._on_the_way += size
+        if low_priority:
+            self._low_admitted += size
+        else:
+            self._admitted += size
+            self._on_the_way += size
         if budget is not None:
             budget.in_use += nbytes
-        return Admission(self, size, nbytes, budget)
+        return Admission(self, size, nbytes, budget, low_priority)
 
     def _queue_full(self, waiting: str) -> NoReturn:
         """Count a refusal and raise it, with the retry hint (`waiting`: what fills the queue).
@@ -253,7 +277,13 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         estimate = self._admitted * self._seconds_per_item
         return min(MAX_RETRY_AFTER_S, max(MIN_RETRY_AFTER_S, estimate))
 
-    def _release(self, size: int, never_queued: int, admitted_at: float) -> None:
+    def _release(
+        self, size: int, never_queued: int, admitted_at: float, *, low_priority: bool = False
+    ) -> None:
+        if low_priority:
+            self._low_admitted -= size
+            self._wakeup.set()
+            return
         self._admitted -= size
         self._on_the_way -= never_queued
         if size:
@@ -270,12 +300,18 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         # The loop may be waiting for these items, or to see the last request out.
         self._wakeup.set()
 
-    def _enqueue(self, item: ItemT, deadline: float | None) -> asyncio.Future[ResultT]:
+    def _enqueue(
+        self, item: ItemT, deadline: float | None, low_priority: bool = False
+    ) -> asyncio.Future[ResultT]:
         if self._task is None or self._task.done():
             raise ShuttingDown(f"{self.name} is not running")
         future: asyncio.Future[ResultT] = asyncio.get_running_loop().create_future()
-        self._on_the_way -= 1
-        self._queue.append(_Pending(item, future, time.monotonic(), deadline))
+        pending = _Pending(item, future, time.monotonic(), deadline)
+        if low_priority:
+            self._low_queue.append(pending)
+        else:
+            self._on_the_way -= 1
+            self._queue.append(pending)
         self._wakeup.set()
         return future
 
@@ -286,11 +322,19 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         if self._task is not None:
             await self._task
 
-    async def _next_batch(self) -> list[_Pending[ItemT, ResultT]]:
-        """The next batch to run; empty once closing and every admitted request is answered."""
+    async def _next_batch(self) -> tuple[list[_Pending[ItemT, ResultT]], bool]:
+        """The next batch to run and whether it is the low-priority lane's; empty once
+        closing and every admitted request is answered.
+
+        A low-priority batch is taken only while no normal item is queued or on its way (being
+        decoded), and at once: its items are all queued together, none is on its way.
+        """
         while not self._queue:
-            if self._closing and self._admitted == 0:
-                return []
+            if self._low_queue and self._on_the_way == 0:
+                size = min(self.max_batch_size, len(self._low_queue))
+                return [self._low_queue.popleft() for _ in range(size)], True
+            if self._closing and self._admitted == 0 and self._low_admitted == 0:
+                return [], False
             self._wakeup.clear()
             await self._wakeup.wait()
         batch = [self._queue.popleft()]
@@ -307,9 +351,11 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
                 await asyncio.wait_for(self._wakeup.wait(), remaining)
             except TimeoutError:
                 break
-        return batch
+        return batch, False
 
-    def _live(self, batch: list[_Pending[ItemT, ResultT]]) -> list[_Pending[ItemT, ResultT]]:
+    def _live(
+        self, batch: list[_Pending[ItemT, ResultT]], low_priority: bool = False
+    ) -> list[_Pending[ItemT, ResultT]]:
         now = time.monotonic()
         live = []
         for pending in batch:
@@ -321,18 +367,21 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
                     DeadlineExceeded("the deadline passed while the image waited in the queue")
                 )
             else:
-                self.stats.queue_seconds.observe(now - pending.enqueued)
+                if not low_priority:
+                    self.stats.queue_seconds.observe(now - pending.enqueued)
                 live.append(pending)
         return live
 
     async def _loop(self) -> None:
         while True:
-            batch = await self._next_batch()
+            batch, low_priority = await self._next_batch()
             if not batch:
                 return
-            live = self._live(batch)
+            live = self._live(batch, low_priority)
             if not live:
                 continue
+            if low_priority:
+                self.stats.low_priority_batches += 1
             self.stats.batch_size.observe(len(live))
             started = time.monotonic()
             try:

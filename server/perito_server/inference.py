@@ -60,9 +60,10 @@ from perito_core.quality import (
 from perito_server.answers import classification_message, quality_message
 from perito_server.batcher import ByteBudget
 from perito_server.errors import echo
+from perito_server.explanations import OCCLUSION, explain
 from perito_server.jobs import JobService
 from perito_server.metrics import ServerMetrics
-from perito_server.model_pool import ModelPool
+from perito_server.model_pool import ModelPool, ServedModel
 from perito_server.oip_protocol import (
     IMAGES_INPUT,
     PIXELS_INPUT,
@@ -104,6 +105,8 @@ class Inference:
         infos: what decoding each image found; None for images sent as pixels.
         input_sha256: each image's sha256 (hex) as received: of its encoded bytes, or for
             pixels of its uint8 [H, W, 3] array's bytes (row-major).
+        pixels: each image as the model took it, uint8 [H, W, 3].
+        served: the loaded version that answered (its batcher runs explanations).
         quality: each image's photo-quality measures and issues (`perito_core.quality`);
             None for images sent as pixels (already resized: not measured).
     """
@@ -115,6 +118,8 @@ class Inference:
     probabilities: list[np.ndarray]
     infos: list[DecodeInfo | None]
     input_sha256: list[str]
+    pixels: list[np.ndarray]
+    served: ServedModel
     quality: list[Quality | None]
 
 
@@ -306,11 +311,20 @@ class InferenceService:
 
         Raises:
             InvalidArgument: a missing or over-long model name or version, no images or too
-                many, an image id over `MAX_IMAGE_ID_CHARS`, a bad `top_k` or threshold, an
-                image given by URI.
+                many, more than `max_explanations_per_request` with `explain` (naming
+                `explain`), an image id over `MAX_IMAGE_ID_CHARS`, a bad `top_k` or
+                threshold, an image given by URI.
         """
         self.check_target(request.model, request.version, len(request.images), "images")
         self.check_answer_options(request.top_k, request.confidence_threshold)
+        most = self.settings.max_explanations_per_request
+        if request.explain and len(request.images) > most:
+            raise InvalidArgument(
+                f"explain: {len(request.images)} images in one request; the server explains "
+                f"at most {most} per call (each costs {OCCLUSION.passes} forward passes): send "
+                "fewer at a time",
+                field="explain",
+            )
         long_ids = [
             (field, _too_long(field, len(image.id), MAX_IMAGE_ID_CHARS))
             for index, image in enumerate(request.images)
@@ -451,6 +465,8 @@ class InferenceService:
             probabilities,
             infos,
             digests,
+            pixels,
+            served,
             judged,
         )
 
@@ -555,8 +571,10 @@ class InferenceService:
                 infinity (reason MODEL_OUTPUT_NOT_FINITE, each named: `_refuse_not_finite`).
             NotFound: no such model, version or alias.
             QueueFull: no room for the request now (RESOURCE_EXHAUSTED with a retry hint),
-                or it can never fit (reason REQUEST_TOO_LARGE).
-            DeadlineExceeded: the deadline passed while its images waited.
+                or it can never fit (reason REQUEST_TOO_LARGE); with `explain`, no room in
+                the low-priority lane for its forward passes.
+            DeadlineExceeded: the deadline passed while its images waited, or, with
+                `explain`, before its explanations were done (`explanations.explain`).
             ShuttingDown: the server is draining.
         """
         self._validate(request)
@@ -577,11 +595,23 @@ class InferenceService:
             quality=gate,
         )
         self._refuse_not_finite(inference, describe, per_image=True)
+        explanations = (
+            await explain(
+                inference.served,
+                inference.pixels,
+                inference.probabilities,
+                deadline=deadline,
+                executor=self._decode_pool,
+            )
+            if request.explain
+            else None
+        )
         return self.answer(
             inference,
             [image.id or str(index) for index, image in enumerate(request.images)],
             top_k=request.top_k or self.settings.default_top_k,
             threshold=inference.manifest.threshold(request.confidence_threshold),
+            explanations=explanations,
         )
 
     def answer(
@@ -592,6 +622,7 @@ class InferenceService:
         top_k: int,
         threshold: float,
         request_id: str | None = None,
+        explanations: Sequence[classify_pb2.Explanation | None] | None = None,
     ) -> classify_pb2.ClassifyResponse:
         """The `ClassifyResponse` of `inference`: each image's top `top_k` predictions, its
         `uncertain` flag against `threshold`, provenance and the card's figures. Classify's
@@ -603,6 +634,7 @@ class InferenceService:
             top_k: predictions per image (clipped to the labels).
             threshold: the confidence threshold applied (0: none).
             request_id: the call's request id; None: this context's (`REQUEST_ID`).
+            explanations: each image's explanation, in order (`explain`); None: none.
         """
         manifest = inference.manifest
         response = classify_pb2.ClassifyResponse(
@@ -616,10 +648,11 @@ class InferenceService:
             inference.probabilities,
             inference.infos,
             inference.input_sha256,
+            explanations or [None] * len(image_ids),
             inference.quality,
             strict=True,
         )
-        for image_id, probs, info, digest, quality in results:
+        for image_id, probs, info, digest, explanation, quality in results:
             summary = summarize(probs, manifest.labels, top_k, threshold)
             provenance = classify_pb2.Provenance(
                 **provenance_record(
@@ -641,6 +674,7 @@ class InferenceService:
                     first_frame_only=info is not None and info.first_frame_only,
                     provenance=provenance,
                     quality=quality_message(quality),
+                    explanation=explanation,
                     figures=figures,
                 )
             )

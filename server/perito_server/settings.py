@@ -35,6 +35,11 @@ class ServerSettings(CommonSettings):
     max_queue_delay_ms: float = Field(2.0, ge=0)
     max_queue_size: int = Field(256, ge=1, description="images admitted and not yet answered")
     max_images_per_request: int = Field(64, ge=1)
+    # Each explained image costs `perito_core.explain.Occlusion().passes` (50) forward passes,
+    # run at low priority (docs/trust.md#explanations); 0 refuses `explain`.
+    max_explanations_per_request: int = Field(
+        4, ge=0, description="images a Classify call may ask `explain` for"
+    )
     max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     # Encoded bytes, not decoded pixels: the serialized size of every admitted `Classify`
     # request, server-wide, until it is answered. It is known before any work is done (decoded

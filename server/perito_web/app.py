@@ -26,6 +26,7 @@ relayed with a token of the web server's own.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import dataclasses
 import enum
@@ -64,13 +65,16 @@ MAX_SESSIONS = 10_000
 
 
 def to_json(value: Any) -> Any:
-    """SDK dataclasses, enums and datetimes as plain JSON values."""
+    """SDK dataclasses, enums and datetimes as plain JSON values; bytes (an explanation's
+    overlay PNG) as base64."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: to_json(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, enum.Enum):
         return value.value
     if isinstance(value, datetime):
         return value.isoformat()
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode()
     if isinstance(value, dict):
         return {str(k): to_json(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
@@ -338,13 +342,26 @@ def create_app(
         """The uploaded images, model and top_k passed to `call` (the SDK's `classify` or
         `submit_job`) as the session's tenant."""
         session = session_of(request)
-        model, images, names, top_k = await _upload(
+        model, images, names, top_k, _ = await _upload(
             request, max_files=max_files, default_top_k=default_top_k
         )
         return await call(images, model=model, top_k=top_k, ids=names, metadata=session.metadata())
 
     async def classify(request: Request) -> Response:
-        results = await send_upload(request, sdk().classify, MAX_CLASSIFY_FILES, default_top_k=5)
+        """The upload classified, with each image's explanation when the form's `explain`
+        is on (its overlay PNG base64 in `explanation.overlay_png`)."""
+        session = session_of(request)
+        model, images, names, top_k, explain = await _upload(
+            request, max_files=MAX_CLASSIFY_FILES, default_top_k=5
+        )
+        results = await sdk().classify(
+            images,
+            model=model,
+            top_k=top_k,
+            ids=names,
+            explain=explain,
+            metadata=session.metadata(),
+        )
         return JSONResponse(to_json(results))
 
     async def submit_job(request: Request) -> Response:
@@ -445,9 +462,10 @@ def _same_origin(request: Request) -> None:
 
 async def _upload(
     request: Request, *, max_files: int, default_top_k: int
-) -> tuple[str, list[bytes], list[str], int]:
-    """The model, the images (bytes and file names) and top_k of a multipart upload; the
-    parser refuses the file past `max_files` and a field past `MAX_PART_BYTES` as they come."""
+) -> tuple[str, list[bytes], list[str], int, bool]:
+    """The model, the images (bytes and file names), top_k and `explain` (a checkbox: on
+    when sent) of a multipart upload; the parser refuses the file past `max_files` and a
+    field past `MAX_PART_BYTES` as they come."""
     try:
         async with request.form(max_files=max_files, max_part_size=MAX_PART_BYTES) as form:
             model = str(form.get("model") or "")
@@ -456,7 +474,8 @@ async def _upload(
                 raise HTTPException(400, "send a model and at least one image")
             images = [await f.read() for f in files]
             names = [f.filename or str(i) for i, f in enumerate(files)]
-            return model, images, names, _int(form.get("top_k"), default_top_k)
+            explain = form.get("explain") not in (None, "", "0", "false")
+            return model, images, names, _int(form.get("top_k"), default_top_k), explain
     except HTTPException as exc:
         if exc.status_code == 400 and "Too many files" in str(exc.detail):
             raise HTTPException(413, f"more than {max_files:,} files in one upload") from None

@@ -344,6 +344,43 @@ def test_the_page_signs_in_and_shows_only_the_tenants_jobs(
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="apt-get install chromium")
+def test_the_page_shows_where_the_model_looked(
+    site: str, photos: dict[str, Path], tmp_path: Path
+) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1100, "height": 900})
+        page.goto(site)
+        page.select_option("#model", f"{LITE0}@production")
+        page.set_input_files("#photo", str(photos["coffee"]))
+        page.check("#explain")
+        page.click("#classify-button")
+        expect(page.locator("#top-label")).to_contain_text("espresso", timeout=60_000)
+        expect(page.locator("#explained")).to_be_visible(timeout=60_000)
+        expect(page.locator("#explanation-caption")).to_contain_text("espresso")
+        # The overlay is the model's 224 x 224 input, decoded by the browser.
+        size = page.eval_on_selector("#explanation", "i => [i.naturalWidth, i.naturalHeight]")
+        assert size == [224, 224]
+        # Beside the top-k (left of the bars, level with them), not wrapped below the answer.
+        overlay, bars = (
+            page.locator("#explanation").bounding_box(),
+            page.locator("#bars").bounding_box(),
+        )
+        assert overlay is not None and bars is not None
+        assert overlay["x"] + overlay["width"] <= bars["x"]
+        assert overlay["y"] < bars["y"] + bars["height"]
+        page.screenshot(path=str(tmp_path / "explained.png"), full_page=True)
+        # Unticked, the next answer has no overlay.
+        page.uncheck("#explain")
+        page.click("#classify-button")
+        expect(page.locator("#top-label")).to_contain_text("espresso", timeout=60_000)
+        expect(page.locator("#explained")).to_be_hidden()
+        browser.close()
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="apt-get install chromium")
 def test_a_blurred_photo_is_answered_with_a_retake_warning_above_the_answer(
     site: str, photos: dict[str, Path], tmp_path: Path
 ) -> None:

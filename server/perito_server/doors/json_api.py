@@ -338,6 +338,8 @@ class JsonApi:
                     message.top_k = _form_number(key, value, int)
                 elif key == "confidence_threshold":
                     message.confidence_threshold = _form_number(key, value, float)
+                elif key == "explain":
+                    message.explain = _form_flag(key, value)
                 else:
                     raise InvalidArgument(f"unknown form field {echo(key)!r}", field=key)
         finally:
@@ -501,6 +503,21 @@ def parse_classify(document: dict[str, Any], message: classify_pb2.ClassifyReque
     _parse(document, message)
     for index, content in contents.items():
         message.images[index].content = content
+
+
+def _form_flag(key: str, value: str) -> bool:
+    """A form's yes-or-no field: `true`, `1`, `on` or `yes`, or `false`, `0`, `off`, `no`
+    (any case).
+
+    Raises:
+        InvalidArgument: another value, naming `key`.
+    """
+    word = value.strip().lower()
+    if word in ("true", "1", "on", "yes"):
+        return True
+    if word in ("false", "0", "off", "no"):
+        return False
+    raise InvalidArgument(f"{key} must be true or false, not {echo(value)!r}", field=key)
 
 
 def _form_number(key: str, value: str, kind: type[int] | type[float]) -> Any:
