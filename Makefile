@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install system-deps proto sdk docs demo test unit integration scenarios lint format bench faults train-fashion-mnist clean deploy-secrets compose-up
+.PHONY: install system-deps proto sdk docs demo test unit integration scenarios lint format bench bench-trust faults train-fashion-mnist clean deploy-secrets compose-up
 
 install: system-deps $(STAMP)
 
@@ -84,6 +84,11 @@ format: $(STAMP)
 
 bench: install
 	$(BIN)/python bench/classify.py
+
+# What provenance, the prediction log (off, local, dead store), the quality gate and an
+# explanation cost, as ratios in one run (docs/trust.md#what-it-costs); 2 to 3 minutes.
+bench-trust: install
+	$(BIN)/python bench/trust.py
 
 # The fault suite: real redis-server (append-only file on), workers and server killed,
 # overload, retention; zero items lost or duplicated. 3 to 5 minutes on 2 cores; not in `test`:
