@@ -13,10 +13,13 @@ import base64
 import io
 import json
 import subprocess
+import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -60,6 +63,22 @@ def corner_network() -> nn.Module:
         nn.Flatten(),
         nn.Linear(8 * 8 * 8, len(LABELS)),
     )
+
+
+def heavy_network() -> nn.Module:
+    """Untrained, and slow on purpose: the 32 x 32 input upsampled to 512 x 512 and convolved
+    (about 0.4 GFLOP an image), so that an explanation's 50 forward passes take far longer
+    than the call's own one."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Upsample(scale_factor=16),
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, len(LABELS)),
+    ).eval()
 
 
 def normalise(images: np.ndarray) -> torch.Tensor:
@@ -112,6 +131,8 @@ def corners(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Corners]:
     registry = ModelRegistry.open(str(registry_root), cache_dir=work / "publish-cache")
     export_torchscript(network, TINY_INPUT, work / "model.pt")
     registry.publish("corners", work / "model.pt", labels=LABELS, input=TINY_INPUT)
+    export_torchscript(heavy_network(), TINY_INPUT, work / "heavy.pt")
+    registry.publish("heavy", work / "heavy.pt", labels=LABELS, input=TINY_INPUT)
     export_onnx(network, (1, 3, SIDE, SIDE), work / "corners.onnx")
     (work / "labels.txt").write_text("\n".join(LABELS) + "\n")
     env = subprocess_env(PERITO_REGISTRY=str(registry_root), PERITO_CACHE_DIR=str(work / "c"))
@@ -250,3 +271,41 @@ def test_cli_writes_one_overlay_per_image_inside_the_folder(
     for path in out.iterdir():
         with Image.open(path) as overlay:
             assert overlay.size == (SIDE, SIDE)
+
+
+def test_an_explanation_past_the_deadline_is_deadline_exceeded_at_the_deadline(
+    corners: Corners,
+) -> None:
+    port = corners.server.running.http_port  # type: ignore[attr-defined]
+    photo = base64.b64encode(corners.photos["top-left-0.png"]).decode()
+
+    def call(explain: bool, timeout: float | None = None) -> tuple[int, dict[str, Any], float]:
+        headers = {"content-type": "application/json"}
+        if timeout is not None:
+            headers["X-Server-Timeout"] = f"{timeout:.3f}"
+        body = {"images": [{"id": "a", "content": photo}], "explain": explain}
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/models/heavy:classify",
+            data=json.dumps(body).encode(),
+            headers=headers,
+        )
+        started = time.monotonic()
+        try:
+            with urllib.request.urlopen(request, timeout=120) as response:
+                return response.status, json.load(response), time.monotonic() - started
+        except urllib.error.HTTPError as error:
+            return error.code, json.load(error), time.monotonic() - started
+
+    # Sized on this machine now: one plain call, and one explained call with no deadline.
+    plain = min(call(explain=False)[2] for _ in range(3))
+    status, answer, explained = call(explain=True)
+    assert status == 200 and "explanation" in answer["results"][0]
+    assert explained > 9 * plain, (plain, explained)  # the heavy model does its job
+    deadline = (plain * explained) ** 0.5  # well after a plain call, well before an explained one
+
+    status, answer, _ = call(explain=False, timeout=deadline)
+    assert status == 200, answer
+    status, answer, elapsed = call(explain=True, timeout=deadline)
+    assert status == 504 and answer["error"]["status"] == "DEADLINE_EXCEEDED", answer
+    # Answered at its deadline, not after the explanation it no longer waits for.
+    assert elapsed < (deadline + explained) / 2, (deadline, elapsed, explained)
