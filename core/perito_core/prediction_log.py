@@ -16,7 +16,11 @@ Writing is off the request path: `PredictionLog.submit` only appends to a bounde
 (records and bytes) and never blocks; one background thread takes up to `batch_records` at a
 time (or what came within `flush_s`), writes the batch's new inputs, then one records file per
 tenant prefix. A full queue, or a batch whose storage fails, is dropped and counted by tenant
-and reason (`dropped`), never retried and never seen by a caller.
+and reason (`dropped`), never retried and never seen by a caller. After a prefix's store fails,
+it is not contacted again for a back-off (`StoreBackoff`: 1 s, doubling on each failure to
+60 s, forgotten on a success): batches for it that come due meanwhile are dropped at once,
+counted `storage_error` like the failed one, without their records being built, so that a dead
+store costs nothing but the counts.
 
 Retention (`sweep_log`): a records file whose hour ended more than the retention ago is
 deleted; an input that no kept record names is deleted on the second sweep that finds it so
@@ -138,21 +142,25 @@ class LogEntry:
     Attributes:
         tenant: the tenant's name (its metrics label).
         uri: the tenant's log prefix.
-        inputs: the images' bytes, as received (kept until written; counted in `nbytes`).
+        inputs: the images' bytes, as received (kept until written; counted in `nbytes`);
+            a memoryview is read as its bytes (`len` is its size: format `B`, one dimension).
         build: (the stored inputs, in order) -> the event's `data`, called on the writer's
             thread, so that serializing the answer costs the caller nothing.
         subject: the event's `subject` (the model's name).
         source: the event's `source`.
         nbytes: what the entry holds in memory, for the queue's bound.
+        input_sha256: each input's sha256 (hex), in order, when the caller already has them
+            (provenance's); None: hashed on the writer's thread.
     """
 
     tenant: str
     uri: str
-    inputs: Sequence[bytes]
+    inputs: Sequence[bytes | memoryview]
     build: Callable[[list[InputRef]], dict[str, Any]]
     subject: str = ""
     source: str = "/perito"
     nbytes: int = 0
+    input_sha256: Sequence[str] | None = None
     time: datetime = field(default_factory=lambda: datetime.now(UTC))
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
@@ -189,6 +197,46 @@ def read_events(text: str) -> Iterator[dict[str, Any]]:
         yield event
 
 
+class StoreBackoff:
+    """When a log's store that failed may be contacted again (the writer's thread only).
+
+    After a failure a prefix rests `first_s`; each further failure (a try after the rest that
+    failed again) doubles the rest, up to `max_s`; a success forgets the prefix.
+
+    Args:
+        first_s: seconds of the first rest.
+        max_s: seconds of the longest rest.
+        clock: monotonic seconds (`time.monotonic`; tests pass their own).
+    """
+
+    def __init__(
+        self,
+        first_s: float = 1.0,
+        max_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.first_s = first_s
+        self.max_s = max_s
+        self._clock = clock
+        self._resting: dict[str, tuple[float, float]] = {}  # uri -> (until, rest seconds)
+
+    def available(self, uri: str) -> bool:
+        """Whether `uri`'s store may be contacted now."""
+        resting = self._resting.get(uri)
+        return resting is None or self._clock() >= resting[0]
+
+    def failed(self, uri: str) -> float:
+        """Count a failure of `uri`'s store: the seconds it now rests."""
+        previous = self._resting.get(uri)
+        rest = self.first_s if previous is None else min(previous[1] * 2, self.max_s)
+        self._resting[uri] = (self._clock() + rest, rest)
+        return rest
+
+    def succeeded(self, uri: str) -> None:
+        """`uri`'s store answered: it is contacted freely again."""
+        self._resting.pop(uri, None)
+
+
 class PredictionLog:
     """The bounded queue and the thread that writes it (see the module docstring).
 
@@ -200,6 +248,7 @@ class PredictionLog:
         flush_s: how long the first entry of a batch waits for others.
         sweep_targets: () -> [(prefix URI, retention seconds)] to sweep, or None: no sweeps.
         sweep_interval_s: seconds between sweeps.
+        backoff: when a failed store is tried again (`StoreBackoff()`: 1 s doubling to 60 s).
     """
 
     def __init__(
@@ -212,6 +261,7 @@ class PredictionLog:
         flush_s: float = 1.0,
         sweep_targets: Callable[[], Iterable[tuple[str, float]]] | None = None,
         sweep_interval_s: float = 3600.0,
+        backoff: StoreBackoff | None = None,
     ) -> None:
         self._open_store = open_store
         self.max_records = max_records
@@ -220,6 +270,7 @@ class PredictionLog:
         self.flush_s = flush_s
         self._sweep_targets = sweep_targets
         self.sweep_interval_s = sweep_interval_s
+        self.backoff = backoff or StoreBackoff()
         self._queue: collections.deque[LogEntry] = collections.deque()
         self._queued_bytes = 0
         self._lock = threading.Condition()
@@ -276,7 +327,10 @@ class PredictionLog:
                 return False
             self._queue.append(entry)
             self._queued_bytes += entry.nbytes
-            self._lock.notify()
+            # Wake the writer only for a batch's first entry or a full batch (it waits
+            # `flush_s` for the rest), not on every call; flush() waiters share the condition.
+            if len(self._queue) == 1 or len(self._queue) == self.batch_records:
+                self._lock.notify_all()
         return True
 
     def close(self, timeout_s: float = 5.0) -> None:
@@ -284,7 +338,7 @@ class PredictionLog:
         `shutdown`. New entries are refused from now on."""
         with self._lock:
             self._stopping = True
-            self._lock.notify()
+            self._lock.notify_all()
         if self._thread is not None:
             self._thread.join(timeout_s)
         with self._lock:
@@ -371,16 +425,30 @@ class PredictionLog:
         for entry in batch:
             by_uri[entry.uri].append(entry)
         for uri, entries in by_uri.items():
+            if not self.backoff.available(uri):
+                # Its store failed a moment ago: dropped unbuilt, the store left alone.
+                self._drop_all(entries, STORAGE_ERROR)
+                continue
             try:
                 self._write_prefix(uri, entries)
             except (PeritoError, OSError) as exc:
+                rest = self.backoff.failed(uri)
                 message = exc.message if isinstance(exc, PeritoError) else str(exc)
                 log.warning(
-                    "prediction log %s: %d records not written: %s", uri, len(entries), message
+                    "prediction log %s: %d records not written: %s; not tried again for %g s",
+                    uri,
+                    len(entries),
+                    message,
+                    rest,
                 )
-                with self._lock:
-                    for entry in entries:
-                        self.dropped[(entry.tenant, STORAGE_ERROR)] += 1
+                self._drop_all(entries, STORAGE_ERROR)
+            else:
+                self.backoff.succeeded(uri)
+
+    def _drop_all(self, entries: list[LogEntry], reason: str) -> None:
+        with self._lock:
+            for entry in entries:
+                self.dropped[(entry.tenant, reason)] += 1
 
     def _write_prefix(self, uri: str, entries: list[LogEntry]) -> None:
         store = self._store(uri)
@@ -390,8 +458,11 @@ class PredictionLog:
         new_inputs: collections.Counter[str] = collections.Counter()
         for entry in entries:
             refs = []
-            for content in entry.inputs:
-                digest = hashlib.sha256(content).hexdigest()
+            digests = entry.input_sha256
+            if digests is not None and len(digests) != len(entry.inputs):
+                digests = None
+            for index, content in enumerate(entry.inputs):
+                digest = digests[index] if digests else hashlib.sha256(content).hexdigest()
                 key = input_key(digest)
                 if digest in known:
                     known.move_to_end(digest)

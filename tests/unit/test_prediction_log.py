@@ -26,6 +26,7 @@ from perito_core.prediction_log import (
     InputRef,
     LogEntry,
     PredictionLog,
+    StoreBackoff,
     input_key,
     parse_duration,
     read_events,
@@ -130,6 +131,101 @@ def test_a_store_that_is_down_drops_and_counts_records_and_never_blocks_a_caller
     writer.close()
     assert writer.counts() == ({}, {}, {("acme", STORAGE_ERROR): 50})
     assert submitting < 1.0  # 50 appends to a queue, whatever the store does
+
+
+def test_a_failed_store_rests_one_second_doubling_to_a_minute_and_a_success_forgets_it() -> None:
+    now = [100.0]
+    backoff = StoreBackoff(clock=lambda: now[0])
+    assert backoff.available("s3://a/")
+    rests = []
+    for _ in range(9):
+        rests.append(backoff.failed("s3://a/"))
+        assert not backoff.available("s3://a/")
+        assert backoff.available("s3://b/")  # each prefix rests on its own
+        now[0] += rests[-1] - 0.01
+        assert not backoff.available("s3://a/")
+        now[0] += 0.01
+        assert backoff.available("s3://a/")
+    assert rests == [1, 2, 4, 8, 16, 32, 60, 60, 60]
+    backoff.succeeded("s3://a/")
+    assert backoff.available("s3://a/")
+    assert backoff.failed("s3://a/") == 1
+
+
+class FlakyStore(LocalStore):
+    """A local folder that fails every call while `down`, counting the calls it gets."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.down = True
+        self.calls = 0
+
+    def exists(self, key: str) -> bool:
+        self.calls += 1
+        if self.down:
+            raise OSError("connection refused")
+        return super().exists(key)
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        self.calls += 1
+        if self.down:
+            raise OSError("connection refused")
+        super().write_bytes(key, data)
+
+
+def test_a_dead_store_is_left_alone_while_it_rests_and_its_records_are_never_built(
+    tmp_path: Path,
+) -> None:
+    now = [0.0]
+    store = FlakyStore(tmp_path)
+    writer = PredictionLog(
+        lambda uri: store, flush_s=0.01, backoff=StoreBackoff(clock=lambda: now[0])
+    )
+    built = [0]
+
+    def counted(*images: bytes) -> LogEntry:
+        submitted = entry(tmp_path, *images)
+        build = submitted.build
+
+        def counting(refs: list[InputRef]) -> dict[str, Any]:
+            built[0] += 1
+            return build(refs)
+
+        submitted.build = counting
+        return submitted
+
+    writer.start()
+    for n in range(6):  # six batches, one at a time: the first fails, the rest come due resting
+        writer.submit(counted(bytes([n])))
+        assert writer.flush(10)
+    assert store.calls == 1
+    assert built[0] == 0
+    assert writer.counts() == ({}, {}, {("acme", STORAGE_ERROR): 6})
+
+    now[0] += 1.0  # the rest is over and the store is back: written again
+    store.down = False
+    writer.submit(counted(b"back"))
+    assert writer.flush(10)
+    writer.close()
+    assert writer.counts()[0] == {"acme": 1}
+    assert [e["data"]["inputs"][0]["bytes"] for e in records(tmp_path)] == [4]
+
+
+def test_inputs_given_with_their_sha256_are_stored_under_it_unhashed_again(tmp_path: Path) -> None:
+    pixels = memoryview(bytes(range(12)))  # an OIP image's [2, 2, 3] bytes, as a view
+    digest = hashlib.sha256(pixels).hexdigest()
+    writer = local_log()
+    writer.submit(entry(tmp_path, b"photo", input_sha256=["0" * 64]))
+    writer.submit(entry(tmp_path, pixels, input_sha256=[digest]))  # type: ignore[arg-type]
+    writer.start()  # both in one batch, one records file, in order
+    assert writer.flush(10)
+    writer.close()
+    assert inputs(tmp_path) == {"0" * 64: b"photo", digest: bytes(range(12))}
+    refs = [e["data"]["inputs"][0] for e in records(tmp_path)]
+    assert refs == [
+        {"sha256": "0" * 64, "key": input_key("0" * 64), "bytes": 5},
+        {"sha256": digest, "key": input_key(digest), "bytes": 12},
+    ]
 
 
 def test_a_full_queue_refuses_without_waiting_and_counts_by_tenant(tmp_path: Path) -> None:
