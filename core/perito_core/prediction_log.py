@@ -462,7 +462,7 @@ class PredictionLog:
             if digests is not None and len(digests) != len(entry.inputs):
                 digests = None
             for index, content in enumerate(entry.inputs):
-                digest = digests[index] if digests else hashlib.sha256(content).hexdigest()
+                digest = (digests[index] if digests else "") or hashlib.sha256(content).hexdigest()
                 key = input_key(digest)
                 if digest in known:
                     known.move_to_end(digest)

@@ -535,32 +535,54 @@ class InferenceService:
         Raises:
             PeritoError: as `_classify`.
         """
+        # Each image's bytes, read out of the message once: for the model and for the log.
+        contents = [image.content for image in request.images]
         try:
-            response = await self._classify(request, tenant, deadline)
+            response = await self._classify(request, tenant, deadline, contents)
         except asyncio.CancelledError:
             raise
         except Exception as error:
-            self._log(tenant, request, Outcome(error=error))
+            self._log(tenant, request, contents, Outcome(error=error))
             raise
-        self._log(tenant, request, Outcome(response=response))
+        self._log(tenant, request, contents, Outcome(response=response))
         return response
 
-    def _log(self, tenant: Tenant, request: classify_pb2.ClassifyRequest, outcome: Outcome) -> None:
-        """Queue a Classify call's record in the tenant's prediction log, if it keeps one."""
+    def _log(
+        self,
+        tenant: Tenant,
+        request: classify_pb2.ClassifyRequest,
+        contents: list[bytes],
+        outcome: Outcome,
+    ) -> None:
+        """Queue a Classify call's record in the tenant's prediction log, if it keeps one:
+        references only (the images' bytes as `contents` holds them, the digests provenance
+        computed), the request's size counted as its images' bytes."""
         if self.predictions is not None:
+            answer = outcome.response
+            digests = (
+                [result.provenance.input_sha256 for result in answer.results]
+                if isinstance(answer, classify_pb2.ClassifyResponse)
+                else None
+            )
             self.predictions.record(
                 tenant,
                 request,
-                [image.content for image in request.images],
+                contents,
                 outcome,
                 model=request.model,
-                nbytes=request.ByteSize(),
+                nbytes=sum(map(len, contents)),
+                input_sha256=digests,
             )
 
     async def _classify(
-        self, request: classify_pb2.ClassifyRequest, tenant: Tenant, deadline: float | None
+        self,
+        request: classify_pb2.ClassifyRequest,
+        tenant: Tenant,
+        deadline: float | None,
+        contents: list[bytes],
     ) -> classify_pb2.ClassifyResponse:
-        """`Classify` as `tenant`, due by `deadline` (monotonic).
+        """`Classify` as `tenant`, due by `deadline` (monotonic); `contents` is each image's
+        `content`, in order.
 
         Admission is by images (`max_queue_size`, per model) and by encoded request bytes
         (`max_queue_bytes`, server-wide), reserved before decoding.
@@ -587,7 +609,7 @@ class InferenceService:
             tenant,
             request.model,
             request.version,
-            [image.content for image in request.images],
+            contents,
             nbytes=request.ByteSize(),
             deadline=deadline,
             describe=describe,
@@ -829,7 +851,9 @@ class InferenceService:
                 request_id=request_id,
             )
 
-        self._log_oip(tenant, asked, images, Outcome(response=answer), nbytes)
+        self._log_oip(
+            tenant, asked, images, Outcome(response=answer), nbytes, inference.input_sha256
+        )
         return result
 
     def _log_oip(
@@ -839,12 +863,20 @@ class InferenceService:
         images: Sequence[bytes] | np.ndarray,
         outcome: Outcome,
         nbytes: int,
+        input_sha256: Sequence[str] | None = None,
     ) -> None:
         """Queue an OIP call's record in the tenant's prediction log, if it keeps one: its
-        answer as Classify's (the default top_k, the version's recommended threshold)."""
+        answer as Classify's (the default top_k, the version's recommended threshold), and
+        each image's sha256 once provenance computed it."""
         if self.predictions is not None:
             self.predictions.record(
-                tenant, asked, images, outcome, model=asked.model, nbytes=nbytes
+                tenant,
+                asked,
+                images,
+                outcome,
+                model=asked.model,
+                nbytes=nbytes,
+                input_sha256=input_sha256,
             )
 
     async def _oip_infer(

@@ -9,7 +9,9 @@ or the error, each image's provenance) is built on the log's own thread.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import socket
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -88,7 +90,9 @@ class PredictionRecorder:
         self.tenants = tenants
         self.source = f"/perito/{socket.gethostname()}"
         self._checked: dict[tuple[str, str], bool] = {}
-        s3 = settings.s3_options()
+        # One attempt and a short connect: a store that is down fails a batch at once, and the
+        # log's own back-off (`StoreBackoff`) decides when to try it again, not botocore.
+        s3 = dataclasses.replace(settings.s3_options(), max_attempts=1, connect_timeout_s=1.0)
         self.log = PredictionLog(
             lambda uri: open_store(uri, s3),
             max_records=settings.prediction_log_queue_records,
@@ -166,8 +170,10 @@ class PredictionRecorder:
         *,
         model: str,
         nbytes: int,
+        input_sha256: Sequence[str] | None = None,
     ) -> None:
-        """Queue the record of one call (never blocks, never raises for the log's sake).
+        """Queue the record of one call (never blocks, never raises for the log's sake): the
+        caller's work is holding references (OIP's pixels: one copy of the array).
 
         Args:
             tenant: who called.
@@ -179,14 +185,22 @@ class PredictionRecorder:
             outcome: the answer or the refusal.
             model: the model asked for (the event's subject).
             nbytes: the request's size, counted against the queue's byte bound.
+            input_sha256: each image's sha256 (hex) as provenance computed it, in order;
+                None (a refusal before it was known): hashed on the log's thread.
         """
         setting = self.setting_for(tenant)
         if setting is None:
             return
         pixels_shape: list[int] | None = None
+        inputs: Sequence[bytes | memoryview]
         if isinstance(images, np.ndarray):
             pixels_shape = list(images.shape[1:])
-            images = [np.ascontiguousarray(image).tobytes() for image in images]
+            # One copy (the request's buffer is not kept), each image a row of bytes.
+            pixels = np.array(images, dtype=np.uint8, order="C", ndmin=1)
+            rows = pixels.reshape(pixels.shape[0], math.prod(pixels.shape[1:]))
+            inputs = [row.data for row in rows]
+        else:
+            inputs = images
         request_id = REQUEST_ID.get() or ""
         door = DOOR.get() or ""
 
@@ -197,11 +211,12 @@ class PredictionRecorder:
             LogEntry(
                 tenant=tenant.name,
                 uri=setting.uri,
-                inputs=images,
+                inputs=inputs,
                 build=build,
                 subject=model[:128],
                 source=self.source,
                 nbytes=nbytes,
+                input_sha256=input_sha256,
             )
         )
 
