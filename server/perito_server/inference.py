@@ -624,6 +624,9 @@ class InferenceService:
                 inference.probabilities,
                 deadline=deadline,
                 executor=self._decode_pool,
+                refuse_not_finite=lambda bad: self._refuse_not_finite(
+                    inference, describe, per_image=True, bad=bad
+                ),
             )
             if request.explain
             else None
@@ -703,7 +706,12 @@ class InferenceService:
         return response
 
     def _refuse_not_finite(
-        self, inference: Inference, describe: Describe, *, per_image: bool
+        self,
+        inference: Inference,
+        describe: Describe,
+        *,
+        per_image: bool,
+        bad: Sequence[int] | None = None,
     ) -> None:
         """Refuse to answer for images whose model output holds NaN or infinity: each is
         named in the violations with reason MODEL_OUTPUT_NOT_FINITE and counted in
@@ -712,6 +720,8 @@ class InferenceService:
         Args:
             inference: what the model answered.
             describe: an image's index -> (its field, a label for messages).
+            bad: the images to refuse, found elsewhere (an explanation's forward passes);
+                None: those whose `inference.probabilities` are not finite.
             per_image: the protocol fails images one by one (`Classify`: INVALID_ARGUMENT, as
                 for an undecodable image, so that the SDK's `on_invalid="skip"` answers the
                 others); otherwise (OIP, all or nothing) the call fails INTERNAL, as Triton
@@ -721,7 +731,8 @@ class InferenceService:
             InvalidImage: `per_image`, naming each image.
             PeritoError: INTERNAL otherwise, naming each image.
         """
-        bad = not_finite(inference.probabilities)
+        if bad is None:
+            bad = not_finite(inference.probabilities)
         if not bad:
             return
         if self.metrics is not None:

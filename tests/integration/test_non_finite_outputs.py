@@ -159,6 +159,29 @@ def test_classify_fails_the_non_finite_image_and_answers_the_other(service: Serv
     assert after - before == 2
 
 
+def test_an_explanation_whose_forward_pass_is_not_finite_fails_the_image(
+    service: Service,
+) -> None:
+    # Black but for one faint red cell: the photo itself is red (finite), but the occluding
+    # square is filled with the photo's mean colour, black, so hiding that cell is 0 / 0.
+    faint = np.zeros((SIZE, SIZE, 3), dtype=np.uint8)
+    faint[:4, :4, 0] = 1
+    photo = encoded(faint, "PNG")
+    [plain] = service.client.classify([photo], model="colour")
+    assert isinstance(plain, perito.Classification) and plain.predictions[0].label == "red"
+
+    before = counted(service.metrics_port, "perito_model_outputs_not_finite_total")
+    with pytest.raises(perito.InvalidArgumentError) as refused:
+        service.client.classify(
+            [RED, photo], model="colour", ids=["red.png", "faint.png"], explain=True
+        )
+    assert refused.value.reason == REASON
+    assert [v.field for v in refused.value.violations] == ["images[1]"]
+    assert "faint.png" in refused.value.message
+    after = counted(service.metrics_port, "perito_model_outputs_not_finite_total")
+    assert after - before == 1
+
+
 @pytest.mark.parametrize("k", [0, 2])
 def test_oip_grpc_fails_the_call_internal_naming_the_reason(service: Service, k: int) -> None:
     client = grpcclient.InferenceServerClient(service.server.target)
