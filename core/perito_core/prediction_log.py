@@ -65,8 +65,25 @@ SHUTDOWN = "shutdown"
 LOCATION_REFUSED = "location_refused"
 
 
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration_seconds(text: str) -> float | None:
+    """Seconds of duration text: `90` or `90s` (seconds), `15m`, `24h`, `400d`, in any case,
+    spaces around ignored; None if `text` is not one. The value is not bounded here: zero,
+    negative, NaN and infinity come back as they are, for the caller to refuse."""
+    text = text.strip().lower()
+    suffix = text[-1:]
+    number, unit = (text[:-1], _DURATION_UNITS[suffix]) if suffix in _DURATION_UNITS else (text, 1)
+    try:
+        return float(number) * unit
+    except ValueError:
+        return None
+
+
 def parse_duration(value: object, what: str) -> float:
-    """Seconds of `value`: a number of seconds, or text `90`, `90s`, `15m`, `24h`, `400d`.
+    """Seconds of `value`: a number of seconds, or text `90`, `90s`, `15m`, `24h`, `400d`
+    (`duration_seconds`).
 
     Raises:
         InvalidArgument: anything else, or not positive, naming `what`.
@@ -75,13 +92,7 @@ def parse_duration(value: object, what: str) -> float:
     if isinstance(value, int | float) and not isinstance(value, bool):
         seconds = float(value)
     elif isinstance(value, str):
-        text = value.strip().lower()
-        units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-        number, unit = (text[:-1], units[text[-1]]) if text[-1:] in units else (text, 1)
-        try:
-            seconds = float(number) * unit
-        except ValueError:
-            seconds = None
+        seconds = duration_seconds(value)
     if seconds is None or not seconds > 0:
         raise InvalidArgument(f"{what} must be a positive duration: seconds, or 90s, 15m, 24h, 7d")
     return seconds

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from pydantic import Field, field_validator
 
+from perito_core.prediction_log import duration_seconds
 from perito_core.settings import CommonSettings
 
 
@@ -117,13 +118,12 @@ class ServerSettings(CommonSettings):
     @field_validator("job_retention", "prediction_log_retention", mode="before")
     @classmethod
     def _duration(cls, value: object) -> object:
-        """'90', '90s', '15m', '24h', '7d' -> seconds; anything else is left to pydantic."""
+        """'90', '90s', '15m', '24h', '7d' -> seconds (`duration_seconds`); anything else is
+        left to pydantic."""
         if isinstance(value, str):
-            text = value.strip().lower()
-            units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-            number, unit = (text[:-1], units[text[-1]]) if text[-1:] in units else (text, 1)
+            seconds = duration_seconds(value)
             try:
-                return timedelta(seconds=float(number) * unit)
-            except ValueError:
+                return value if seconds is None else timedelta(seconds=seconds)
+            except ValueError:  # NaN
                 return value
         return value
