@@ -398,7 +398,7 @@ class JobService:
         try:
             if request.output_uri:
                 claimed = await self._run(self._claim_output, output_uri, job_id)
-            made = await self._run(self._test_write, output_uri)
+            made = await self._run(self._test_write, output_uri, request.output_uri)
             job, created = await self._run(
                 self.store.create,
                 model=request.model,
@@ -442,16 +442,18 @@ class JobService:
             )
         return locations[0]
 
-    def _test_write(self, output_uri: str) -> list[Path]:
-        """`check_output_writable`, and the local folders it made, deepest first: none are
-        left behind if the test fails, and `_forget` removes them if the job is refused.
+    def _test_write(self, output_uri: str, given: str) -> list[Path]:
+        """`check_output_writable` of `output_uri` (canonical), a refusal quoting `given` (the
+        caller's text, "" for the default location), and the local folders it made, deepest
+        first: none are left behind if the test fails, and `_forget` removes them if the job
+        is refused.
 
         Raises:
             FailedPrecondition: field `output_uri`, as `check_output_writable`.
         """
         made = _missing_folders(output_uri)
         try:
-            check_output_writable(output_uri, self.settings.s3_options())
+            check_output_writable(output_uri, self.settings.s3_options(), given=given)
         except Exception:
             _remove_empty(made)
             raise

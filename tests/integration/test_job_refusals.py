@@ -377,6 +377,32 @@ def test_refusals_name_the_field_quote_only_the_callers_input_and_leave_nothing(
     assert all(r.outcome in ("PERMISSION_DENIED", "INVALID_ARGUMENT") for r in submitted)
 
 
+def test_an_unwritable_output_behind_a_link_is_refused_quoting_the_callers_text(
+    site: Site,
+) -> None:
+    # The tenant's own output folder, reached through a link, whose results file is a link:
+    # never written over, and the refusal quotes the location as sent, not where it leads.
+    out = site.globex_root / "out"
+    real = out / "behind-the-link"
+    real.mkdir(parents=True)
+    (real / "results.jsonl").symlink_to(site.globex_root / "0.jpg")
+    (out / "via-link").symlink_to(real)
+    given = str(out / "via-link")
+    body = {"uris": {"uris": [str(site.globex_root / "0.jpg")]}, "outputUri": given}
+    try:
+        status, over_http = refused_over_http(site, {"model": "tiny", **body})
+        over_grpc = refused_over_grpc(site, as_request(body))
+    finally:
+        (out / "via-link").unlink()
+        (real / "results.jsonl").unlink()
+        real.rmdir()
+    assert status == 400
+    for refusal in (over_grpc, over_http):
+        assert (refusal.code, refusal.field) == ("FAILED_PRECONDITION", "output_uri"), refusal
+        assert repr(given) in refusal.message and "symbolic link" in refusal.message
+        assert "behind-the-link" not in refusal.message, refusal.message
+
+
 def test_the_sdk_gets_the_same_refusals(site: Site) -> None:
     before = leftovers(site)
     with perito.Client(site.server.target, token=site.tokens["globex"], max_retries=0) as sdk:

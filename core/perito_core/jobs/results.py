@@ -33,7 +33,14 @@ from perito.v1.vocabulary import ItemState
 from perito_core.errors import FailedPrecondition, PeritoError, StorageUnavailable
 from perito_core.jobs.store import ItemResult, Job, JobStore
 from perito_core.models.provenance import provenance_record
-from perito_core.storage import LocalStore, ObjectStore, S3Options, open_store, split_s3_uri
+from perito_core.storage import (
+    LocalStore,
+    ObjectStore,
+    S3Options,
+    echo_uri,
+    open_store,
+    split_s3_uri,
+)
 
 log = logging.getLogger(__name__)
 
@@ -301,13 +308,21 @@ def _describe(exc: BaseException) -> str:
     return exc.message if isinstance(exc, PeritoError) else f"{type(exc).__name__}: {exc}"
 
 
-def check_output_writable(uri: str, s3: S3Options) -> None:
+def check_output_writable(uri: str, s3: S3Options, *, given: str) -> None:
     """Write and delete a small object under `uri`, so a job that could never deliver its
     results is refused at submission (a local folder whose results file is a symbolic link
     or a folder too: see `finalize_job`).
 
+    Args:
+        uri: the output location made canonical (symbolic links resolved), written to.
+        s3: how to reach S3.
+        given: the location as the caller sent it, the only one a refusal quotes; "" when
+            the caller named none (the server's default results location: not quoted).
+
     Raises:
-        FailedPrecondition: the location cannot be written (field `output_uri`), with why.
+        FailedPrecondition: the location cannot be written (field `output_uri`), with why
+            as `write_failure` says it (never a path the server resolved); the detail goes
+            to the operator's log.
     """
     key = f".perito-write-check-{uuid.uuid4().hex[:8]}"
     try:
@@ -315,15 +330,11 @@ def check_output_writable(uri: str, s3: S3Options) -> None:
         _refuse_links(output)
         output.write_bytes(key, b"")
         output.delete(key)
-    except _Refused as exc:
-        raise FailedPrecondition(
-            f"output_uri {uri!r} cannot be written: {exc}", field="output_uri"
-        ) from None
-    except PeritoError as exc:
-        raise FailedPrecondition(
-            f"output_uri {uri!r} cannot be written: {exc.message}", field="output_uri"
-        ) from None
-    except OSError as exc:
-        raise FailedPrecondition(
-            f"output_uri {uri!r} cannot be written: {exc.strerror or exc}", field="output_uri"
-        ) from None
+    except (_Refused, OSError, PeritoError) as exc:
+        log.info("output %s cannot be written: %s", uri, _describe(exc))
+        if isinstance(exc, PeritoError) and not isinstance(exc, StorageUnavailable):
+            why = f"the server cannot write there ({exc.reason})"
+        else:
+            why = write_failure(exc, given or uri).reason
+        where = f"output_uri {echo_uri(given)}" if given else "the default results location"
+        raise FailedPrecondition(f"{where} cannot be written: {why}", field="output_uri") from None
