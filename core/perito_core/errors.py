@@ -8,6 +8,16 @@ from __future__ import annotations
 
 import enum
 
+# A caller-supplied string (an image id, a model name) quoted in a message keeps this many
+# characters by default (`echo`).
+ECHO_CHARS = 64
+ELLIPSIS = "…"
+
+
+def echo(text: str, limit: int = ECHO_CHARS) -> str:
+    """`text` as quoted back to its sender: its first `limit` characters, then '…' if cut."""
+    return text if len(text) <= limit else text[:limit] + ELLIPSIS
+
 
 class ErrorCode(enum.Enum):
     """The status a caller sees; names follow `google.rpc.Code`."""

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Protocol
 
-from perito_core.errors import InvalidArgument, InvalidImage, NotFound, StorageUnavailable
+from perito_core.errors import InvalidArgument, InvalidImage, NotFound, StorageUnavailable, echo
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -109,13 +109,14 @@ MAX_URI_BYTES = 4096
 """The longest location a caller may name (UTF-8 bytes): Linux's PATH_MAX."""
 MAX_S3_KEY_BYTES = 1024
 """The longest S3 key (UTF-8 bytes), as S3 itself allows."""
-_ECHO_CHARS = 200
+URI_ECHO_CHARS = 200
+"""The characters of a location quoted back in a refusal (`echo_uri`)."""
 
 
 def echo_uri(uri: str) -> str:
-    """`uri` quoted back to the caller who gave it: `repr` of its first 200 characters,
-    with '…' when cut."""
-    return repr(uri if len(uri) <= _ECHO_CHARS else uri[:_ECHO_CHARS] + "…")
+    """`uri` quoted back to the caller who gave it: `repr` of its first `URI_ECHO_CHARS`
+    characters, with '…' when cut (`perito_core.errors.echo`)."""
+    return repr(echo(uri, URI_ECHO_CHARS))
 
 
 def check_uri_text(uri: str, field: str, *, names_object: bool = False) -> None:

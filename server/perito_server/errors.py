@@ -35,7 +35,9 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from perito.v1.vocabulary import HTTP_STATUS
-from perito_core.errors import ErrorCode, PeritoError
+from perito_core.errors import ECHO_CHARS as ECHO_CHARS
+from perito_core.errors import ELLIPSIS, ErrorCode, PeritoError
+from perito_core.errors import echo as echo
 from perito_core.logs import DOOR, REQUEST_ID
 
 log = logging.getLogger(__name__)
@@ -67,14 +69,6 @@ MAX_DETAILS_BYTES = 2560  # the serialized google.rpc.Status, details and all
 # Both trailers as sent: grpc-message percent-encoded (3 bytes per non-ASCII byte at worst),
 # grpc-status-details-bin in base64 (4 per 3), plus names and grpc-status.
 MAX_TRAILER_BYTES = 3 * MAX_MESSAGE_BYTES + 4 * -(-MAX_DETAILS_BYTES // 3) + 128
-# A caller-supplied string (an image id, a model name) quoted in a message keeps this many.
-ECHO_CHARS = 64
-ELLIPSIS = "…"
-
-
-def echo(text: str, limit: int = ECHO_CHARS) -> str:
-    """`text` as quoted back to its sender: its first `limit` characters, then '…' if cut."""
-    return text if len(text) <= limit else text[:limit] + ELLIPSIS
 
 
 def clip_utf8(text: str, max_bytes: int) -> str:

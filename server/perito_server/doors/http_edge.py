@@ -38,6 +38,7 @@ from perito_core.access.tenancy import Tenant
 from perito_core.errors import ErrorCode, InvalidArgument, NotFound, PeritoError
 from perito_core.logs import DOOR, REQUEST_ID
 from perito_core.models.registry import ALIAS_PATTERN, NAME_PATTERN, VERSION_PATTERN
+from perito_core.storage import echo_uri
 from perito_server.auth import TenantInterceptor
 from perito_server.doors.content_coding import ACCEPT_ENCODING, UnsupportedEncoding, body_decoder
 from perito_server.errors import as_perito_error, request_id, to_http
@@ -339,7 +340,7 @@ async def _not_found(request: Request, exc: Exception) -> Response:
     """No route's path matches: NOT_FOUND as JSON, like every other refusal."""
     if not isinstance(exc, HTTPException) or exc.status_code != 404:
         raise exc
-    error = NotFound(f"no resource at {request.url.path[:200]!r}")
+    error = NotFound(f"no resource at {echo_uri(request.url.path)}")
     return error_response(error, request.url.path.startswith("/v2"))
 
 
