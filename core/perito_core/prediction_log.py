@@ -30,7 +30,6 @@ deleted; an input that no kept record names is deleted on the second sweep that 
 from __future__ import annotations
 
 import collections
-import hashlib
 import json
 import logging
 import re
@@ -45,6 +44,7 @@ from typing import Any
 from cloudevents.core.formats.json import JSONFormat
 from cloudevents.core.v1.event import CloudEvent
 
+from perito_core.digests import sha256_hex
 from perito_core.errors import InvalidArgument, PeritoError
 from perito_core.storage import ObjectStore
 
@@ -473,7 +473,7 @@ class PredictionLog:
             if digests is not None and len(digests) != len(entry.inputs):
                 digests = None
             for index, content in enumerate(entry.inputs):
-                digest = (digests[index] if digests else "") or hashlib.sha256(content).hexdigest()
+                digest = (digests[index] if digests else "") or sha256_hex(content)
                 key = input_key(digest)
                 if digest in known:
                     known.move_to_end(digest)

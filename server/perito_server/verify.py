@@ -17,7 +17,6 @@ every check passed.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import tempfile
@@ -28,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from perito_core.digests import sha256_hex
 from perito_core.errors import InvalidArgument, NotFound, PeritoError
 from perito_core.imaging import ImageLimits, load_model_input_with_info
 from perito_core.models.engines.base import LoadedModel
@@ -202,7 +202,7 @@ class Verifier:
             item.checks["input"] = "missing"
             item.problems.append("input: the stored image is missing")
             return None
-        actual = hashlib.sha256(content).hexdigest()
+        actual = sha256_hex(content)
         recorded = item.input_sha256 or str(_get(item.provenance, "input_sha256") or "")
         provenance_sha = _get(item.provenance, "input_sha256")
         if not recorded or actual != recorded or (provenance_sha and provenance_sha != recorded):

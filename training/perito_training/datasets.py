@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from perito_core.digests import sha256_hex
 from perito_core.errors import InvalidImage
 from perito_core.imaging import (
     ImageLimits,
@@ -347,7 +348,7 @@ def _fashion_mnist(config: DataConfig) -> Catalog:
         )
         for row in rows
     ]
-    digest = hashlib.sha256(arrays.tobytes() + labels.tobytes()).hexdigest()
+    digest = sha256_hex(arrays.tobytes() + labels.tobytes())
     return Catalog(list(FASHION_MNIST_LABELS), entries, arrays=arrays, fingerprint_extra=digest)
 
 
@@ -456,7 +457,7 @@ def _load_one(
         image, info = load_model_input_with_info(data, spec, ImageLimits())
     except InvalidImage as exc:
         return None, exc.message, None
-    return image, hashlib.sha256(data).hexdigest(), info.quality
+    return image, sha256_hex(data), info.quality
 
 
 def _load_all(

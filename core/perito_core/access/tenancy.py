@@ -38,7 +38,6 @@ refused first, as INVALID_ARGUMENT, by `perito_core.storage.check_uri_text`.
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import logging
 import os
 import re
@@ -52,6 +51,7 @@ from typing import Any, Literal
 
 import yaml
 
+from perito_core.digests import sha256_hex
 from perito_core.errors import InvalidArgument, PermissionDenied, Unauthenticated
 from perito_core.prediction_log import PredictionLogSetting, parse_duration
 from perito_core.storage import (
@@ -79,7 +79,7 @@ Access = Literal["read", "write"]
 
 def hash_token(token: str) -> str:
     """The digest a tenants file stores for `token`: `sha256:<hex>`."""
-    return "sha256:" + hashlib.sha256(token.encode()).hexdigest()
+    return "sha256:" + sha256_hex(token.encode())
 
 
 def new_token() -> str:

@@ -14,9 +14,7 @@ manifest.
 
 from __future__ import annotations
 
-import hashlib
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, Literal, get_args
 
 from pydantic import (
@@ -29,6 +27,7 @@ from pydantic import (
     model_validator,
 )
 
+from perito_core.digests import sha256_file
 from perito_core.imaging import InputSpec, Interpolation, ResizeMode
 
 # The card's parts, re-exported: the manifest's fields are of these types.
@@ -389,11 +388,3 @@ def _without_empty_quality(quality: QualityThresholds, data: dict[str, Any]) -> 
     if not quality.model_fields_set:
         data.pop("quality", None)
     return data
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

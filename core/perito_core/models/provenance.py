@@ -15,22 +15,17 @@ off the card's reliability curve (`calibration.reliability`).
 from __future__ import annotations
 
 import bisect
-import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from perito_core.digests import sha256_hex as sha256_hex
 from perito_core.models.manifest import ModelManifest
 
 # A reliability bin with fewer held-out images than this gives no `expected_accuracy`: with
 # 20 images one mistake moves the figure by 5 points, and fewer say less than they seem to.
 MIN_BIN_IMAGES = 20
-
-
-def sha256_hex(data: bytes | bytearray | memoryview) -> str:
-    """The sha256 of `data`, 64 lowercase hex digits (as `sha256sum` prints it)."""
-    return hashlib.sha256(data).hexdigest()
 
 
 @dataclass(frozen=True)

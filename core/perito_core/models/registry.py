@@ -16,7 +16,6 @@ before every load: a file that does not match is refused, never loaded.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -30,6 +29,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from perito_core.digests import sha256_hex
 from perito_core.errors import (
     AlreadyExists,
     ArtifactIntegrityError,
@@ -97,7 +97,7 @@ class ModelRegistry:
 
     def __init__(self, store: ObjectStore, cache_dir: Path) -> None:
         self.store = store
-        store_id = hashlib.sha256(store.description.encode()).hexdigest()[:12]
+        store_id = sha256_hex(store.description.encode())[:12]
         self.cache_dir = cache_dir / store_id
 
     @classmethod
