@@ -71,3 +71,8 @@ def test_a_body_not_in_its_coding_is_invalid_naming_the_body(coding: str, body: 
     with pytest.raises(InvalidArgument) as refused:
         _decode(coding, body, room=10_000)
     assert refused.value.field == "body"
+    assert coding in refused.value.message
+    # zlib's own words ("Error -3 while decompressing data: incorrect header check") stay in
+    # the operator's log.
+    assert "Error -" not in refused.value.message
+    assert "header check" not in refused.value.message

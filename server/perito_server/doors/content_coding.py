@@ -11,10 +11,13 @@ worth in memory. Any other coding is refused with `UnsupportedEncoding`, which t
 
 from __future__ import annotations
 
+import logging
 import zlib
 
 from perito_core.errors import ErrorCode, InvalidArgument, PeritoError
 from perito_server.errors import echo
+
+log = logging.getLogger(__name__)
 
 # What `Accept-Encoding` on a 415 lists.
 ACCEPT_ENCODING = "gzip, deflate"
@@ -62,8 +65,11 @@ class BodyDecoder:
                 decoded += self._inflate.decompress(tail, room + 1 - len(decoded))
                 tail = self._inflate.unused_data
         except zlib.error as error:
+            log.debug("a %s body did not inflate: %s", self.coding, error)
+            # zlib's own words stay in the operator's log: they tell of the server's library.
             raise InvalidArgument(
-                f"the body is not valid {self.coding} (its Content-Encoding): {error}",
+                f"the body is not valid {self.coding} (its Content-Encoding): send it "
+                "compressed as that header says, or without the header",
                 field="body",
             ) from None
         if tail and len(decoded) <= room:
