@@ -51,15 +51,12 @@ class Outcome:
     )
     error: BaseException | None = None
 
-    def answer(self) -> classify_pb2.ClassifyResponse | None:
-        """The response (built now, if it was given as a function), or None for a refusal."""
-        if callable(self.response):
-            return self.response()
-        return self.response
-
 
 def error_json(error: BaseException) -> dict[str, Any]:
-    """A refusal as the record's `error`: code, reason, message, field, violations."""
+    """A refusal as the record's `error`: code, reason, message, field, violations. Any
+    other exception is a fixed INTERNAL "internal error": its text (a path, the server's
+    code) is not the tenant's to read, and stays in the operator's log where the door
+    logged the failure."""
     if isinstance(error, PeritoError):
         return {
             "code": error.code.name,
@@ -68,7 +65,29 @@ def error_json(error: BaseException) -> dict[str, Any]:
             "field": error.field or "",
             "violations": [{"field": f, "description": d} for f, d in error.violations],
         }
-    return {"code": "INTERNAL", "reason": "INTERNAL", "message": str(error)[:1000]}
+    return {"code": "INTERNAL", "reason": "INTERNAL", "message": "internal error"}
+
+
+def _options(request: Message) -> Message:
+    """What the record keeps of a call's request: a `ClassifyRequest`'s fields copied into a
+    new message, each image by its id (and URI) only, its content's bytes never copied nor
+    referenced; any other request (OIP's options, built without tensor data) as it is."""
+    if not isinstance(request, classify_pb2.ClassifyRequest):
+        return request
+    options = classify_pb2.ClassifyRequest()
+    for field, value in request.ListFields():
+        if field.name == "images":
+            for image in value:
+                kept = options.images.add(id=image.id)
+                if image.WhichOneof("source") == "uri":
+                    kept.uri = image.uri
+        elif isinstance(value, Message):
+            getattr(options, field.name).CopyFrom(value)
+        elif isinstance(value, str | bytes | int | float):
+            setattr(options, field.name, value)
+        else:  # a repeated field
+            getattr(options, field.name).extend(value)
+    return options
 
 
 def _json(message: Message) -> dict[str, Any]:
@@ -173,7 +192,10 @@ class PredictionRecorder:
         input_sha256: Sequence[str] | None = None,
     ) -> None:
         """Queue the record of one call (never blocks, never raises for the log's sake): the
-        caller's work is holding references (OIP's pixels: one copy of the array).
+        caller's work is holding references (OIP's pixels: one copy of the array) and copying
+        the request's options. The queued entry holds no reference to `request` nor to a
+        refusal's exception (whose traceback would hold the call's frames): its images'
+        bytes are `images` only, what `nbytes` counts.
 
         Args:
             tenant: who called.
@@ -203,9 +225,14 @@ class PredictionRecorder:
             inputs = images
         request_id = REQUEST_ID.get() or ""
         door = DOOR.get() or ""
+        options = _options(request)
+        response = outcome.response
+        refusal = error_json(outcome.error) if outcome.error is not None else None
 
         def build(refs: list[InputRef]) -> dict[str, Any]:
-            return self._data(tenant.name, request_id, door, request, refs, outcome, pixels_shape)
+            return self._data(
+                tenant.name, request_id, door, options, refs, response, refusal, pixels_shape
+            )
 
         self.log.submit(
             LogEntry(
@@ -225,22 +252,22 @@ class PredictionRecorder:
         tenant: str,
         request_id: str,
         door: str,
-        request: Message,
+        options: Message,
         refs: list[InputRef],
-        outcome: Outcome,
+        response: classify_pb2.ClassifyResponse
+        | Callable[[], classify_pb2.ClassifyResponse]
+        | None,
+        refusal: dict[str, Any] | None,
         pixels_shape: Sequence[int] | None,
     ) -> dict[str, Any]:
-        options = type(request)()
-        options.CopyFrom(request)
-        if isinstance(options, classify_pb2.ClassifyRequest):
-            for image in options.images:
-                image.ClearField("content")
+        """The record's data, on the log's thread: `options` as `_options` made it, the
+        answer (built now, if it is a function) or the `refusal` as `error_json` made it."""
         asked = _json(options)
         inputs = []
         for index, ref in enumerate(refs):
             entry: dict[str, Any] = {"index": index, **ref.as_json()}
-            if isinstance(request, classify_pb2.ClassifyRequest) and index < len(request.images):
-                entry["id"] = request.images[index].id
+            if isinstance(options, classify_pb2.ClassifyRequest) and index < len(options.images):
+                entry["id"] = options.images[index].id
             if pixels_shape is not None:
                 entry["pixels"] = list(pixels_shape)
             inputs.append(entry)
@@ -256,16 +283,16 @@ class PredictionRecorder:
             "request": asked,
             "inputs": inputs,
         }
-        response = outcome.answer()
-        if response is not None:
-            answer = _json(response)
+        answered = response() if callable(response) else response
+        if answered is not None:
+            answer = _json(answered)
             data["outcome"] = "OK"
             data["answer"] = answer
             data["provenance"] = [r.get("provenance") for r in answer.get("results", [])]
         else:
-            assert outcome.error is not None
-            data["error"] = error_json(outcome.error)
-            data["outcome"] = data["error"]["code"]
+            assert refusal is not None
+            data["error"] = refusal
+            data["outcome"] = refusal["code"]
         return data
 
 
