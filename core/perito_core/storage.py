@@ -119,6 +119,29 @@ def echo_uri(uri: str) -> str:
     return repr(echo(uri, URI_ECHO_CHARS))
 
 
+def is_other_scheme(uri: str) -> bool:
+    """Whether `uri` names a scheme other than `s3://` and `file://` (`https://host/x`,
+    `gs://bucket/x`): letters and digits before its first `://`. No store here reads one."""
+    scheme, sep, _ = uri.partition("://")
+    return bool(sep) and scheme.isalnum() and scheme.lower() not in ("s3", "file")
+
+
+def absolute_local_path(uri: str, field: str | None = None) -> Path:
+    """The local path that a plain path or `file://` URI names (`local_path_of`), refused
+    unless absolute: a relative one would be read relative to the working directory.
+
+    Raises:
+        InvalidArgument: a relative path (naming `field`), or a `file://` URI naming another
+            host or no path.
+    """
+    path = local_path_of(uri)
+    if not path.is_absolute():
+        raise InvalidArgument(
+            f"{echo_uri(uri)} is a relative path; a local path must be absolute", field=field
+        )
+    return path
+
+
 def check_uri_text(uri: str, field: str, *, names_object: bool = False) -> None:
     """Refuse a location a caller named (a job's input or output) that is malformed as
     text, before anything is resolved or created: nothing here looks at a disk or a bucket.
@@ -161,20 +184,15 @@ def check_uri_text(uri: str, field: str, *, names_object: bool = False) -> None:
     if uri[:5].lower() == "s3://":
         _check_s3_text(uri, field, names_object)
         return
-    scheme, sep, _ = uri.partition("://")
-    if sep and scheme.lower() != "file" and scheme.isalnum():
-        return  # another scheme: refused by whoever reads it, naming the scheme
+    if is_other_scheme(uri):
+        return  # refused by whoever reads it, naming the scheme
     try:
-        path = local_path_of(uri)
+        absolute_local_path(uri)
     except InvalidArgument as exc:
         raise InvalidArgument(f"{field}: {exc.message}", field=field) from None
-    if not path.is_absolute():
-        raise InvalidArgument(
-            f"{field}: {echo_uri(uri)} is a relative path; a local path must be absolute",
-            field=field,
-        )
-    # The text, not `path`: pathlib drops `.` segments and keeps `..` ones.
-    if has_dot_segments(uri.partition("://")[2] if sep else uri):
+    # The text, not the path: pathlib drops `.` segments and keeps `..` ones.
+    _, sep, rest = uri.partition("://")
+    if has_dot_segments(rest if sep else uri):
         raise InvalidArgument(
             f"{field}: {echo_uri(uri)} holds a '.' or '..' segment; name the path without them",
             field=field,
@@ -686,8 +704,7 @@ def open_store(uri: str, s3: S3Options | None = None) -> ObjectStore:
     if uri[:5].lower() == "s3://":
         bucket, prefix = split_s3_uri(uri)
         return S3Store(bucket, prefix, s3 or S3Options())
-    scheme, sep, _ = uri.partition("://")
-    if sep and scheme.lower() != "file" and scheme.isalnum():
+    if is_other_scheme(uri):
         raise InvalidArgument(
             f"unsupported storage URI {uri!r}; use s3://..., file://... or a path"
         )

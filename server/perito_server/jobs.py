@@ -20,7 +20,7 @@ from google.protobuf import timestamp_pb2
 
 from perito.v1 import classify_pb2, jobs_pb2
 from perito.v1.vocabulary import ItemState, JobState, Prediction
-from perito_core.access.tenancy import Access, Tenant, check_uri
+from perito_core.access.tenancy import Access, Tenant, check_storage_access, check_uri
 from perito_core.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -44,7 +44,7 @@ from perito_core.jobs.watchdog import Watchdog
 from perito_core.models.provenance import CardFigures, ServedVersion
 from perito_core.models.selection import check_precision, requested_precision
 from perito_core.models.summary import Classification
-from perito_core.storage import check_uri_text, echo_uri, split_s3_uri
+from perito_core.storage import check_uri_text, echo_uri, is_other_scheme, split_s3_uri
 from perito_server.answers import classification_message, quality_message
 from perito_server.model_pool import ModelPool
 from perito_server.paging import LIST_JOB_RESULTS, LIST_JOBS
@@ -231,9 +231,9 @@ class JobService:
             PermissionDenied: outside the tenant's prefixes, or in a reserved location.
         """
         check_uri_text(uri, field, names_object=names_object)
-        checked = uri[:5].lower() == "s3://" or _looks_local(uri)
+        checked = not is_other_scheme(uri)
         if checked:
-            check_uri(tenant, uri, access, field, forbidden=self.reserved_locations)
+            check_storage_access(tenant, uri, access, field, forbidden=self.reserved_locations)
         try:
             normalized = self.sources.normalize(uri)
         except InvalidArgument as exc:
@@ -655,12 +655,6 @@ class JobService:
                 self.store.delete(job_id)
 
         await self._run(delete)
-
-
-def _looks_local(uri: str) -> bool:
-    """A plain path or a `file://` URI (anything else with a scheme is not local)."""
-    scheme, sep, _ = uri.partition("://")
-    return not sep or scheme.lower() == "file" or not scheme.isalnum()
 
 
 def _ancestors(uri: str) -> list[str]:

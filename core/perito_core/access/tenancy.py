@@ -207,8 +207,27 @@ def check_uri(
         PermissionDenied: naming `field`: an ARN or other non-bucket, a location outside
             the tenant's prefixes or under a forbidden one.
     """
-    shown = echo_uri(uri if given is None else given)
     check_uri_text(uri, field)
+    check_storage_access(tenant, uri, access, field, forbidden=forbidden, given=given)
+
+
+def check_storage_access(
+    tenant: Tenant,
+    uri: str,
+    access: Access,
+    field: str,
+    *,
+    forbidden: Iterable[str] = (),
+    given: str | None = None,
+) -> None:
+    """`check_uri` for a `uri` whose text has passed `check_uri_text` already (a caller that
+    checks a location's text once, with its own options, then its access as given and as
+    made canonical).
+
+    Raises:
+        PermissionDenied: as `check_uri`.
+    """
+    shown = echo_uri(uri if given is None else given)
     bucket, key, path = _parts(uri, field, shown)
     for other in forbidden:
         if _under(bucket, key, path, other):

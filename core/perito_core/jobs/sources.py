@@ -27,8 +27,9 @@ from perito_core.storage import (
     ObjectStore,
     S3Options,
     S3Store,
+    absolute_local_path,
     echo_uri,
-    local_path_of,
+    is_other_scheme,
     split_s3_uri,
 )
 
@@ -82,12 +83,7 @@ class SourceReader:
         """The path `uri` names, resolved, if it is under an allowed root. The refusals quote
         `uri` as given, and never the roots (one per tenant, perhaps) nor where a symbolic
         link leads (perhaps somewhere the caller may not read)."""
-        given = local_path_of(uri)
-        if not given.is_absolute():
-            raise InvalidArgument(
-                f"{echo_uri(uri)} is a relative path; a local path must be absolute",
-                field="input",
-            )
+        given = absolute_local_path(uri, field="input")
         try:
             path = given.resolve()
         except (RuntimeError, OSError, ValueError):  # a symlink loop, a NUL byte
@@ -122,8 +118,7 @@ class SourceReader:
             except InvalidArgument as exc:
                 raise InvalidArgument(exc.message, field="input") from None
             return self._bucket(bucket), key
-        scheme, sep, _ = uri.partition("://")
-        if sep and scheme.lower() != "file" and scheme.isalnum():
+        if is_other_scheme(uri):
             raise InvalidArgument(
                 f"unsupported URI {echo_uri(uri)}: use s3://bucket/key or a local path",
                 field="input",
