@@ -52,9 +52,9 @@ from perito_core.quality import (
     THRESHOLD_FIELDS,
     Quality,
     QualityGate,
+    assess,
     effective_thresholds,
     explain_issues,
-    find_issues,
     parse_thresholds,
 )
 from perito_server.answers import classification_message, quality_message
@@ -126,6 +126,25 @@ class Inference:
 def _image_label(index: int, image_id: str) -> str:
     """`images[3] (id 'claim-1.jpg')`, the id cut to `errors.ECHO_CHARS` characters."""
     return f"images[{index}] (id {echo(image_id)!r})" if image_id else f"images[{index}]"
+
+
+def _decode_one(
+    content: bytes, spec: InputSpec, limits: ImageLimits
+) -> tuple[np.ndarray, DecodeInfo, str]:
+    """One image as the model takes it (`load_model_input_with_info`), what decoding found,
+    and the sha256 (hex) of its bytes as received (provenance's `input_sha256`), both on the
+    decode thread that holds it: a large photo is never hashed on the event loop.
+
+    Raises:
+        InvalidImage: as `load_model_input_with_info`.
+    """
+    pixels, info = load_model_input_with_info(content, spec, limits)
+    return pixels, info, sha256_hex(content)
+
+
+def _pixel_digests(images: np.ndarray) -> list[str]:
+    """The sha256 (hex) of each uint8 [H, W, 3] image of `images` [N, H, W, 3], row-major."""
+    return [sha256_hex(np.ascontiguousarray(image).data) for image in images]
 
 
 def _too_long(field: str, length: int, limit: int) -> str:
@@ -344,13 +363,16 @@ class InferenceService:
 
     async def _decode_all(
         self, contents: Sequence[bytes], spec: InputSpec, describe: Describe
-    ) -> list[tuple[np.ndarray, DecodeInfo]]:
+    ) -> list[tuple[np.ndarray, DecodeInfo, str]]:
+        """Each image decoded and resized (`_decode_one`, on the decode threads), in order.
+
+        Raises:
+            InvalidImage: the undecodable images, each named by `describe`.
+        """
         loop = asyncio.get_running_loop()
         decoded = await asyncio.gather(
             *(
-                loop.run_in_executor(
-                    self._decode_pool, load_model_input_with_info, content, spec, self.limits
-                )
+                loop.run_in_executor(self._decode_pool, _decode_one, content, spec, self.limits)
                 for content in contents
             ),
             return_exceptions=True,
@@ -433,6 +455,7 @@ class InferenceService:
         spec = manifest.input.spec()
         infos: list[DecodeInfo | None]
         judged: list[Quality | None]
+        digests: list[str]
         with served.batcher.admit(len(images), nbytes=nbytes, budget=self.queue_bytes) as admit:
             if isinstance(images, np.ndarray):
                 expected = (spec.height, spec.width, 3)
@@ -446,17 +469,18 @@ class InferenceService:
                     )
                 pixels, infos = list(images), [None] * len(images)
                 judged = [None] * len(images)
+                digests = await asyncio.get_running_loop().run_in_executor(
+                    self._decode_pool, _pixel_digests, images
+                )
             else:
                 with tracing.span("perito.decode", images=len(images)):
                     decoded = await self._decode_all(images, spec, describe)
-                pixels, infos = [p for p, _ in decoded], [info for _, info in decoded]
+                pixels = [p for p, _, _ in decoded]
+                infos = [info for _, info, _ in decoded]
+                digests = [digest for _, _, digest in decoded]
                 judged = self._judge(manifest, infos, quality, describe)
             with tracing.span("perito.batch", model=served.name, version=served.version):
                 probabilities = await admit.run(pixels, deadline)
-        if isinstance(images, np.ndarray):
-            digests = [sha256_hex(np.ascontiguousarray(image).data) for image in images]
-        else:
-            digests = [sha256_hex(image) for image in images]
         return Inference(
             served.name,
             served.version,
@@ -485,11 +509,10 @@ class InferenceService:
         Raises:
             InvalidImage: `gate.refuse` and some image has an issue.
         """
-        thresholds = effective_thresholds(manifest.quality, gate.override)
         judged = [
             None
             if info is None or info.quality is None
-            else Quality(info.quality, find_issues(info.quality, thresholds))
+            else assess(info.quality, manifest.quality, gate.override)
             for info in infos
         ]
         if not gate.refuse:
@@ -503,6 +526,7 @@ class InferenceService:
             return judged
         if self.metrics is not None:
             self.metrics.images_rejected.labels(POOR_QUALITY).inc(len(poor))
+        thresholds = effective_thresholds(manifest.quality, gate.override)
         violations = [
             (field, f"{label}: poor photo quality: {explain_issues(quality, thresholds)}")
             for (field, label), quality in poor
@@ -677,20 +701,25 @@ class InferenceService:
             inference.quality,
             strict=True,
         )
+        # What every image's provenance shares, built once; each copy gets its own two.
+        template = classify_pb2.Provenance(
+            **provenance_record(
+                served,
+                input_sha256="",
+                model=inference.model,
+                model_version=inference.version,
+                form=inference.form,
+                confidence_threshold=threshold,
+                request_id=request_id,
+            )
+        )
         for image_id, probs, info, digest, explanation, quality in results:
             summary = summarize(probs, manifest.labels, top_k, threshold)
-            provenance = classify_pb2.Provenance(
-                **provenance_record(
-                    served,
-                    input_sha256=digest,
-                    model=inference.model,
-                    model_version=inference.version,
-                    form=inference.form,
-                    confidence_threshold=threshold,
-                    request_id=request_id,
-                    quality_issues=quality.issues if quality else (),
-                )
-            )
+            provenance = classify_pb2.Provenance()
+            provenance.CopyFrom(template)
+            provenance.input_sha256 = digest
+            if quality is not None:
+                provenance.quality_issues.extend(quality.issues)
             response.results.append(
                 classification_message(
                     summary,
