@@ -20,7 +20,7 @@ from google.protobuf import timestamp_pb2
 
 from perito.v1 import classify_pb2, jobs_pb2
 from perito.v1.vocabulary import ItemState, JobState, Prediction
-from perito_core.access.tenancy import Access, Tenant, check_storage_access, check_uri
+from perito_core.access.tenancy import Access, Tenant, check_uri
 from perito_core.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -233,7 +233,9 @@ class JobService:
         check_uri_text(uri, field, names_object=names_object)
         checked = not is_other_scheme(uri)
         if checked:
-            check_storage_access(tenant, uri, access, field, forbidden=self.reserved_locations)
+            check_uri(
+                tenant, uri, access, field, forbidden=self.reserved_locations, text_checked=True
+            )
         try:
             normalized = self.sources.normalize(uri)
         except InvalidArgument as exc:

@@ -190,6 +190,7 @@ def check_uri(
     *,
     forbidden: Iterable[str] = (),
     given: str | None = None,
+    text_checked: bool = False,
 ) -> None:
     """Refuse `uri` unless it falls under one of `tenant`'s prefixes for `access` and under
     none of `forbidden` (the registry, the server's own results area).
@@ -199,6 +200,8 @@ def check_uri(
     swapped in between cannot lead out. Writable prefixes are readable too. A refusal quotes
     `given` (default `uri`: what the caller sent), never a resolved path, and lists the
     tenant's own prefixes only, never another tenant's or the server's local roots.
+    `text_checked`: the caller ran `check_uri_text` on `uri` already (with its own options),
+    and it is not run again.
 
     Raises:
         InvalidArgument: naming `field`: a malformed location (`check_uri_text`: empty, a
@@ -207,26 +210,8 @@ def check_uri(
         PermissionDenied: naming `field`: an ARN or other non-bucket, a location outside
             the tenant's prefixes or under a forbidden one.
     """
-    check_uri_text(uri, field)
-    check_storage_access(tenant, uri, access, field, forbidden=forbidden, given=given)
-
-
-def check_storage_access(
-    tenant: Tenant,
-    uri: str,
-    access: Access,
-    field: str,
-    *,
-    forbidden: Iterable[str] = (),
-    given: str | None = None,
-) -> None:
-    """`check_uri` for a `uri` whose text has passed `check_uri_text` already (a caller that
-    checks a location's text once, with its own options, then its access as given and as
-    made canonical).
-
-    Raises:
-        PermissionDenied: as `check_uri`.
-    """
+    if not text_checked:
+        check_uri_text(uri, field)
     shown = echo_uri(uri if given is None else given)
     bucket, key, path = _parts(uri, field, shown)
     for other in forbidden:
