@@ -23,7 +23,14 @@ from PIL import Image
 from perito_core.errors import InvalidArgument, InvalidImage, NotFound, PeritoError
 from perito_core.imaging import decode_image_with_info
 from perito_core.jobs.sources import SourceReader, default_item_id, is_ignored_key
-from perito_core.storage import LocalStore, S3Options, local_path_of, open_store, split_s3_uri
+from perito_core.storage import (
+    LocalStore,
+    S3Options,
+    check_uri_text,
+    local_path_of,
+    open_store,
+    split_s3_uri,
+)
 
 # Names people and phones give files, that URL syntax would mangle.
 ODD_NAMES = ["claim #1234.jpg", "what?.jpg", "100% done.jpg", "a+b=c.jpg", "café 📷 [2].jpg"]
@@ -250,6 +257,26 @@ def test_uris_are_split_literally() -> None:
     with pytest.raises(InvalidArgument):
         reader.normalize("ftp://host/a.jpg")
     assert reader.normalize("s3://claims/a #1.jpg") == "s3://claims/a #1.jpg"
+
+
+def test_another_scheme_and_a_relative_path_are_refused_alike_everywhere(root: Path) -> None:
+    """The job's text check, the reader and the store opener tell another scheme from a path
+    that holds `://` the same way, and refuse a relative path in the same words."""
+    reader = SourceReader(S3Options(), [root])
+    check_uri_text("gs://claims/a.jpg", "uris[0]")  # the reader refuses it, naming the scheme
+    for refuse in (reader.normalize, open_store):
+        with pytest.raises(InvalidArgument, match=r"^unsupported .*'gs://claims/a\.jpg'"):
+            refuse("gs://claims/a.jpg")
+    colon = root / "a+b:" / "x.jpg"
+    colon.parent.mkdir()
+    colon.write_bytes(b"x")
+    weird = f"{root}/a+b://x.jpg"  # not letters and digits before '://': a path
+    assert reader.normalize(weird) == str(colon)
+    with pytest.raises(InvalidArgument, match=r"^uris\[0\]: 'claims/a\.jpg' is a relative path"):
+        check_uri_text("claims/a.jpg", "uris[0]")
+    with pytest.raises(InvalidArgument, match=r"^'claims/a\.jpg' is a relative path") as refused:
+        reader.normalize("claims/a.jpg")
+    assert refused.value.field == "input"
 
 
 # --- manifests
