@@ -16,9 +16,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 import numpy as np
@@ -73,6 +73,7 @@ from perito_server.oip_protocol import (
     OutputTensor,
     RequestedOutput,
     image_count,
+    quality_gate,
     quality_parameter,
 )
 from perito_server.paging import LIST_MODELS
@@ -828,7 +829,7 @@ class InferenceService:
         nbytes: int,
         deadline: float | None,
         precision: object = None,
-        quality: QualityGate = FLAG_ONLY,
+        quality: Mapping[str, object] | None = None,
     ) -> InferResult:
         """Classify the images of the one input, and answer the requested outputs; the answer or
         refusal is written to the tenant's prediction log (docs/trust.md#prediction-log).
@@ -842,8 +843,10 @@ class InferenceService:
             deadline: `time.monotonic()` by which to answer, or None.
             precision: the request's `precision` parameter (Perito's, as
                 `ClassifyRequest.precision`: honoured or refused), None when absent.
-            quality: the photo-quality gate the request's parameters ask for
-                (`oip_protocol.quality_gate`); refusing is all or nothing here too.
+            quality: the request's parameters (at least those of
+                `oip_protocol.QUALITY_PARAMETERS` it holds), as sent: checked here
+                (`oip_protocol.quality_gate`), a refusal logged as any other; refusing poor
+                photos is all or nothing here too.
 
         Returns:
             `probabilities` FP32 [N, C], or with `classification` = k, BYTES [N, k] of
@@ -853,7 +856,8 @@ class InferenceService:
 
         Raises:
             InvalidArgument: not one input, a bad shape or datatype, an unknown output, a bad
-                `classification`, an undecodable image (named `<input>[i]`).
+                `classification`, `precision` or quality parameter (named), an undecodable
+                image (named `<input>[i]`).
             NotFound, PrecisionUnavailable, QueueFull, QuotaExceeded, DeadlineExceeded,
                 ShuttingDown: as `infer`.
             PeritoError: INTERNAL, reason MODEL_OUTPUT_NOT_FINITE, when the model's output
@@ -881,13 +885,16 @@ class InferenceService:
             self._log_oip(tenant, asked, images, Outcome(error=error), nbytes)
             raise
         request_id = REQUEST_ID.get() or ""
+        # The log keeps its own copy of the images: not the model's pixels (views of the
+        # request's array, which its byte bound would not count).
+        answered = replace(inference, pixels=[])
 
         def answer() -> classify_pb2.ClassifyResponse:  # on the log's thread
             return self.answer(
-                inference,
-                [str(index) for index in range(len(inference.probabilities))],
+                answered,
+                [str(index) for index in range(len(answered.probabilities))],
                 top_k=self.settings.default_top_k,
-                threshold=inference.manifest.threshold(),
+                threshold=answered.manifest.threshold(),
                 request_id=request_id,
             )
 
@@ -930,7 +937,7 @@ class InferenceService:
         nbytes: int,
         deadline: float | None,
         precision: object = None,
-        quality: QualityGate = FLAG_ONLY,
+        quality: Mapping[str, object] | None = None,
     ) -> tuple[InferResult, Inference]:
         """`oip_infer`'s work: its result, and the inference it came from."""
         if len(inputs) != 1:
@@ -954,6 +961,7 @@ class InferenceService:
                 )
         if precision is not None and not isinstance(precision, str):
             raise InvalidArgument("the precision parameter must be a string", field="precision")
+        gate = quality_gate(quality or {})
         self.check_target(model, version, count, tensor.name)
         name = echo(tensor.name)
 
@@ -969,7 +977,7 @@ class InferenceService:
             deadline=deadline,
             describe=describe,
             precision=precision or "",
-            quality=quality,
+            quality=gate,
         )
         self._refuse_not_finite(inference, describe, per_image=False)
         wanted = outputs or [RequestedOutput(PROBABILITIES_OUTPUT)]

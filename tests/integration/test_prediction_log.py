@@ -358,3 +358,33 @@ def test_the_tenants_file_keeps_each_log_in_its_own_tenants_storage(tmp_path: Pa
     code, shown = tenants_list("s3://results/acme/prediction-log/")
     assert code != 0
     assert "prediction_log" in shown and "s3://results/acme/prediction-log/" in shown
+
+
+def test_oip_quality_parameter_refusals_are_logged_over_grpc_and_rest(logged: Logged) -> None:
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    headers = {"authorization": f"Bearer {TOKENS['globex']}"}
+    before = len(logged.events("globex"))
+    photos = np.array([jpeg(20)], dtype=np.object_)
+    by_grpc = grpcclient.InferInput("images", [1], "BYTES")
+    by_grpc.set_data_from_numpy(photos)
+    by_rest = httpclient.InferInput("images", [1], "BYTES")
+    by_rest.set_data_from_numpy(photos, binary_data=True)
+    port = logged.server.running.http_port  # type: ignore[attr-defined]
+    clients: list[Any] = [
+        (grpcclient.InferenceServerClient(logged.server.target), by_grpc),
+        (httpclient.InferenceServerClient(f"127.0.0.1:{port}"), by_rest),
+    ]
+    for client, tensor in clients:
+        with pytest.raises(InferenceServerException, match="quality_policy"):
+            client.infer(
+                "tiny", [tensor], headers=headers, parameters={"quality_policy": "sometimes"}
+            )
+
+    events = logged.events("globex", at_least=before + 2)[before:]
+    assert len(events) == 2
+    assert [e["data"]["outcome"] for e in events] == ["INVALID_ARGUMENT"] * 2
+    assert [e["data"]["error"]["field"] for e in events] == ["quality_policy"] * 2
+    assert len({e["data"]["door"] for e in events}) == 2

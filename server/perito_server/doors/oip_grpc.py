@@ -165,13 +165,11 @@ class OipServicer:
             precision=parameter_value(request.parameters["precision"])
             if "precision" in request.parameters
             else None,
-            quality=oip_protocol.quality_gate(
-                {
-                    name: parameter_value(request.parameters[name])
-                    for name in oip_protocol.QUALITY_PARAMETERS
-                    if name in request.parameters
-                }
-            ),
+            quality={
+                name: parameter_value(request.parameters[name])
+                for name in oip_protocol.QUALITY_PARAMETERS
+                if name in request.parameters
+            },
         )
         response = pb.ModelInferResponse(
             model_name=result.model, model_version=result.version, id=request.id

@@ -43,7 +43,6 @@ from perito_server.oip_protocol import (
     image_count,
     model_metadata,
     pixels,
-    quality_gate,
     server_version,
 )
 from perito_server.openapi import Named, Operation
@@ -273,7 +272,7 @@ class OipRest:
             nbytes=len(body),
             deadline=deadline,
             precision=parameters.get("precision"),
-            quality=quality_gate(parameters),
+            quality=parameters,
         )
         request_id = document.get("id")
         return _rest_response(result, request_id if isinstance(request_id, str) else None)
