@@ -130,19 +130,23 @@ def test_a_time_limit_ends_training_on_time_with_the_schedule_run_to_its_end(
     patterns: Path, tmp_path: Path
 ) -> None:
     config = quick_config(
-        patterns, "schedule.name=onecycle", "train.max_minutes=0.05", "train.epochs=1000"
+        patterns, "schedule.name=onecycle", "train.max_minutes=0.2", "train.epochs=1000"
     )
     lines: list[str] = []
     card = train_run(config, tmp_path, log=lines.append, progress=False)
     history = json.loads((tmp_path / "history.json").read_text())
     last = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
-    assert 3.0 <= last["state"]["seconds"] < 3.0 + 5.0, lines  # at most a step + validation more
+    # 12 s: several epochs even when one takes 3 s on a loaded 2-core machine (a 3 s limit
+    # once gave a single epoch there).
+    assert 12.0 <= last["state"]["seconds"] < 12.0 + 5.0, lines  # a step + validation more
     assert card.training.epochs_run == len(history) < 1000
-    assert any(line.startswith("time limit: train.max_minutes=0.05 reached") for line in lines)
+    assert any(line.startswith("time limit: train.max_minutes=0.2 reached") for line in lines)
     rates = [epoch["lr"] for epoch in history]
     peak = rates.index(max(rates))
     assert max(rates) > 0.003 * 0.75  # near the one-cycle peak (epochs end where they end),
-    assert 0 < peak < len(rates) - 1 and rates[-1] < 0.003 / 20  # then down to nearly nothing
+    # then down to nearly nothing by the limit (the rise within the first epochs, which a slow
+    # machine may not show epoch by epoch, is lr_factor's unit test)
+    assert peak < len(rates) - 1 and rates[-1] < 0.003 / 20, rates
 
 
 def test_a_frozen_backbone_trains_only_the_head_until_unfrozen(
