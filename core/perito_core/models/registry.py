@@ -7,7 +7,9 @@ Layout under the store's root (a local folder or an S3 prefix):
                                              contract (then there is no model.pt)
     models/{name}/{version}/forms/{form}/... compiled forms (OpenVINO IR), listed in the manifest
     models/{name}/{version}/manifest.json    written last: a version exists once it is there
-    models/{name}/aliases/{alias}.json       {"version": "3"}; aliases move, versions never do
+    models/{name}/aliases/{alias}.json       {"version": "3"}; aliases move, versions never do;
+                                             during a rollout also a `canary` and a `shadow`
+                                             (`perito_core.models.rollout`)
 
 Versions are 1, 2, 3 ... and immutable. `latest` is implicit: always the highest version.
 Fetched artifacts are cached on local disk and their sha256 is checked against the manifest
@@ -33,6 +35,7 @@ from perito_core.digests import sha256_hex
 from perito_core.errors import (
     AlreadyExists,
     ArtifactIntegrityError,
+    FailedPrecondition,
     InvalidArgument,
     ModelLoadError,
     NotFound,
@@ -54,6 +57,7 @@ from perito_core.models.manifest import (
     TensorContract,
     sha256_file,
 )
+from perito_core.models.rollout import AliasRoute, Canary, Shadow, check_percent, check_sample
 from perito_core.storage import ObjectStore, S3Options, open_store
 
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
@@ -142,26 +146,45 @@ class ModelRegistry:
             alias = child.removesuffix(".json")
             if child.endswith(".json") and ALIAS_PATTERN.fullmatch(alias) and alias != LATEST:
                 try:
-                    result[alias] = self._alias_target(name, alias)
+                    result[alias] = self.route(name, alias).version
                 except ModelLoadError:
                     continue
         return result
 
-    def _alias_target(self, name: str, alias: str) -> str:
-        """The version an alias record points at, checked as it is read.
+    def route(self, name: str, alias: str) -> AliasRoute:
+        """Where an alias sends requests: its version and, during a rollout, its canary and
+        shadow (`perito_core.models.rollout`), checked as the record is read.
 
         Raises:
+            InvalidArgument: an invalid model name or alias.
             NotFound: no such alias.
-            ModelLoadError: a record that is not JSON or names no valid version.
+            ModelLoadError: a record that is not JSON, or names no valid version, or holds a
+                canary or shadow that is not one (never half-read: the alias is not served
+                from a record it cannot read whole).
         """
+        validate_model_name(name)
+        self._validate_alias(alias)
         raw = self.store.read_bytes(f"models/{name}/aliases/{alias}.json")
         try:
-            version = str(json.loads(raw)["version"])
-        except (ValueError, KeyError, TypeError):
-            version = ""
-        if not VERSION_PATTERN.fullmatch(version):
-            raise ModelLoadError(f"model {name!r}: alias {alias!r} does not name a valid version")
-        return version
+            record = json.loads(raw)
+            version = str(record["version"])
+            canary = shadow = None
+            if record.get("canary") is not None:
+                part = record["canary"]
+                canary = Canary(str(part["version"]), check_percent(float(part["percent"])))
+            if record.get("shadow") is not None:
+                part = record["shadow"]
+                shadow = Shadow(str(part["version"]), check_sample(float(part["sample"])))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise ModelLoadError(
+                f"model {name!r}: alias {alias!r} is not a valid alias record"
+            ) from None
+        for part_version in (version, *(p.version for p in (canary, shadow) if p is not None)):
+            if not VERSION_PATTERN.fullmatch(part_version):
+                raise ModelLoadError(
+                    f"model {name!r}: alias {alias!r} does not name a valid version"
+                )
+        return AliasRoute(version, canary, shadow)
 
     def resolve(self, name: str, ref: str = "") -> str:
         """Turn a version number, an alias or "" / `latest` into a concrete version.
@@ -183,7 +206,7 @@ class ModelRegistry:
         if not ALIAS_PATTERN.fullmatch(ref):  # never a path: no '/', no '..'
             raise self._not_found(name, f"alias {ref[:64]!r}")
         try:
-            return self._alias_target(name, ref)
+            return self.route(name, ref).version
         except NotFound:
             raise self._not_found(name, f"alias {ref!r}") from None
 
@@ -354,10 +377,125 @@ class ModelRegistry:
         return manifest
 
     def set_alias(self, name: str, alias: str, version: str) -> None:
-        """Point `alias` at an existing version (creating or moving the alias)."""
+        """Point `alias` at an existing version (creating or moving the alias). A move ends
+        the alias's canary, if it has one; its shadow stays unless it is the new version.
+
+        Raises:
+            InvalidArgument: an invalid name or alias.
+            NotFound: no such model or version.
+        """
         self._validate_alias(alias)
         version = self.resolve(name, version)
-        record = {"version": version, "updated_at": datetime.now(UTC).isoformat()}
+        shadow = self._current(name, alias).shadow
+        if shadow is not None and shadow.version == version:
+            shadow = None
+        self._write_route(name, alias, AliasRoute(version, None, shadow))
+
+    def set_canary(self, name: str, alias: str, version: str, percent: float) -> AliasRoute:
+        """Send `percent` (0 < percent < 100) of `alias`'s requests to `version`.
+
+        Raises:
+            InvalidArgument: an invalid name, alias or percent, or `version` already the
+                alias's own.
+            NotFound: no such model, version or alias.
+        """
+        route = self._existing(name, alias)
+        version = self.resolve(name, version)
+        if version == route.version:
+            raise InvalidArgument(
+                f"{name}@{alias} already serves version {version}", field="version"
+            )
+        try:
+            canary = Canary(version, check_percent(percent))
+        except ValueError as error:
+            raise InvalidArgument(str(error), field="canary") from None
+        route = AliasRoute(route.version, canary, route.shadow)
+        self._write_route(name, alias, route)
+        return route
+
+    def promote_canary(self, name: str, alias: str) -> AliasRoute:
+        """Move `alias` to its canary's version, ending the canary (and a shadow of it).
+
+        Raises:
+            FailedPrecondition: the alias has no canary.
+            NotFound: no such model or alias.
+        """
+        route = self._existing(name, alias)
+        if route.canary is None:
+            raise FailedPrecondition(f"{name}@{alias} has no canary to promote", field="alias")
+        version = route.canary.version
+        shadow = route.shadow if route.shadow and route.shadow.version != version else None
+        route = AliasRoute(version, None, shadow)
+        self._write_route(name, alias, route)
+        return route
+
+    def rollback_canary(self, name: str, alias: str) -> AliasRoute:
+        """End `alias`'s canary: every request goes to the alias's version again.
+
+        Raises:
+            FailedPrecondition: the alias has no canary.
+            NotFound: no such model or alias.
+        """
+        route = self._existing(name, alias)
+        if route.canary is None:
+            raise FailedPrecondition(f"{name}@{alias} has no canary to roll back", field="alias")
+        route = AliasRoute(route.version, None, route.shadow)
+        self._write_route(name, alias, route)
+        return route
+
+    def set_shadow(self, name: str, alias: str, version: str, sample: float) -> AliasRoute:
+        """Run `version` on a `sample` (0 < sample <= 1) of `alias`'s traffic, answers
+        compared and never returned.
+
+        Raises:
+            InvalidArgument: an invalid name, alias or sample, or `version` the alias's own.
+            NotFound: no such model, version or alias.
+        """
+        route = self._existing(name, alias)
+        version = self.resolve(name, version)
+        if version == route.version:
+            raise InvalidArgument(
+                f"{name}@{alias} already serves version {version}: shadow another",
+                field="version",
+            )
+        try:
+            shadow = Shadow(version, check_sample(sample))
+        except ValueError as error:
+            raise InvalidArgument(str(error), field="sample") from None
+        route = AliasRoute(route.version, route.canary, shadow)
+        self._write_route(name, alias, route)
+        return route
+
+    def stop_shadow(self, name: str, alias: str) -> AliasRoute:
+        """Stop shadowing `alias` (nothing to do when it has no shadow).
+
+        Raises:
+            NotFound: no such model or alias.
+        """
+        route = self._existing(name, alias)
+        if route.shadow is not None:
+            route = AliasRoute(route.version, route.canary, None)
+            self._write_route(name, alias, route)
+        return route
+
+    def _current(self, name: str, alias: str) -> AliasRoute:
+        """The alias's route, or an empty one where it does not exist yet or is unreadable
+        (a move rewrites it whole)."""
+        try:
+            return self.route(name, alias)
+        except (NotFound, ModelLoadError):
+            return AliasRoute("")
+
+    def _existing(self, name: str, alias: str) -> AliasRoute:
+        """The alias's route; a missing alias is NotFound naming it."""
+        self._validate_alias(alias)
+        try:
+            return self.route(name, alias)
+        except NotFound:
+            raise self._not_found(name, f"alias {alias!r}") from None
+
+    def _write_route(self, name: str, alias: str, route: AliasRoute) -> None:
+        record = {**route.record(), "updated_at": datetime.now(UTC).isoformat()}
         self.store.write_bytes(f"models/{name}/aliases/{alias}.json", json.dumps(record).encode())
 
     def delete_alias(self, name: str, alias: str) -> None:
