@@ -188,6 +188,37 @@ class QualityThresholds(_CardPart):
     fitted_on: str | None = None
 
 
+class DriftReference(_CardPart):
+    """The distributions live traffic is compared with to detect dataset shift
+    (`perito_core.drift`; Rabanser et al., "Failing Loudly", NeurIPS 2019): the served
+    (calibrated) probabilities of held-out images of the training distribution and the
+    photo-quality measures of training images. Empty (no field set) for a version published
+    without held-out images: its traffic is not monitored.
+
+    Bounded: at most 64 softmax dimensions (`classes`, the most often predicted), at most 500
+    values per distribution (sorted; its quantiles when there were more images), each rounded
+    to 4 significant digits.
+    """
+
+    # Held-out images the probabilities are of, and which (`test split, 1200 images`).
+    images: int | None = Field(default=None, ge=1)
+    built_on: str | None = None
+    # The labels of the softmax dimensions kept, most often predicted first.
+    classes: list[str] = Field(default_factory=list)
+    # Per class of `classes`: its probability's values (sorted), each in [0, 1].
+    softmax: list[list[float]] = Field(default_factory=list)
+    # Per class of `classes`: the share of images predicted as it; `predicted_other`: as any
+    # class not kept. Fractions in [0, 1].
+    predicted_class: list[float] = Field(default_factory=list)
+    predicted_other: float | None = Field(default=None, ge=0.0, le=1.0)
+    # The top-1 probability's values (sorted), each in [0, 1].
+    confidence: list[float] = Field(default_factory=list)
+    # By photo-quality measure (`sharpness`, `brightness`, ...: `perito_core.quality`), its
+    # values (sorted) over `quality_images` training images; empty when none were measured.
+    quality: dict[str, list[float]] = Field(default_factory=dict)
+    quality_images: int | None = Field(default=None, ge=0)
+
+
 class UnreadableImage(_CardPart):
     """A data set file the trainer left out: its name (relative to the data root) and why."""
 

@@ -33,6 +33,7 @@ from perito_core.imaging import InputSpec, Interpolation, ResizeMode
 # The card's parts, re-exported: the manifest's fields are of these types.
 from perito_core.models.card import (
     Calibration,
+    DriftReference,
     Metrics,
     QualityThresholds,
     Source,
@@ -45,6 +46,7 @@ __all__ = [
     "Artifact",
     "Calibration",
     "CompiledForm",
+    "DriftReference",
     "FormFile",
     "InputContract",
     "Metrics",
@@ -282,6 +284,8 @@ class ModelCard(BaseModel):
     source: Source = Field(default_factory=Source)
     # The photo-quality gate's thresholds (`perito_core.quality`); empty: the defaults.
     quality: QualityThresholds = Field(default_factory=QualityThresholds)
+    # The reference distributions of drift detection (`perito_core.drift`); empty: none.
+    drift: DriftReference = Field(default_factory=DriftReference)
     # Compiled forms that passed the accuracy gate, and why the others were not published.
     forms: list[CompiledForm] = Field(default_factory=list)
     skipped_forms: dict[str, str] = Field(default_factory=dict)
@@ -291,7 +295,7 @@ class ModelCard(BaseModel):
 
     @model_serializer(mode="wrap")
     def _no_quality_as_before(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        return _without_empty_quality(self.quality, handler(self))
+        return _without_empty_parts(self.quality, self.drift, handler(self))
 
 
 class ModelIdentity(BaseModel):
@@ -376,15 +380,22 @@ class RunCard(BaseModel):
     source: Source = Field(default_factory=Source)
     # The photo-quality thresholds fitted on the training images (`quality.fit_thresholds`).
     quality: QualityThresholds = Field(default_factory=QualityThresholds)
+    # The drift reference from the test split (`perito_core.drift.build_reference`).
+    drift: DriftReference = Field(default_factory=DriftReference)
 
     @model_serializer(mode="wrap")
     def _no_quality_as_before(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        return _without_empty_quality(self.quality, handler(self))
+        return _without_empty_parts(self.quality, self.drift, handler(self))
 
 
-def _without_empty_quality(quality: QualityThresholds, data: dict[str, Any]) -> dict[str, Any]:
-    """A card's JSON without its `quality` part when that holds no threshold: a card written
-    before the quality gate dumps back the same."""
+def _without_empty_parts(
+    quality: QualityThresholds, drift: DriftReference, data: dict[str, Any]
+) -> dict[str, Any]:
+    """A card's JSON without its `quality` part when that holds no threshold, nor its `drift`
+    part when that holds no reference: a card written before the quality gate or drift
+    detection dumps back the same."""
     if not quality.model_fields_set:
         data.pop("quality", None)
+    if not drift.model_fields_set:
+        data.pop("drift", None)
     return data

@@ -42,6 +42,7 @@ from perito_core.errors import (
 )
 from perito_core.models.card import (
     Calibration,
+    DriftReference,
     Metrics,
     QualityThresholds,
     Source,
@@ -311,6 +312,7 @@ class ModelRegistry:
         training: TrainingRecord | dict[str, Any] | None = None,
         source: Source | dict[str, Any] | None = None,
         quality: QualityThresholds | dict[str, Any] | None = None,
+        drift: DriftReference | dict[str, Any] | None = None,
         aliases: tuple[str, ...] = (),
         forms: Sequence[tuple[CompiledForm, Path]] = (),
         skipped_forms: dict[str, str] | None = None,
@@ -324,7 +326,7 @@ class ModelRegistry:
         forms that passed the accuracy gate, each with the folder holding its files
         (`perito_core.models.gate.build_forms`); `skipped_forms` says why others were not built.
         The card's parts (`metrics`, `calibration`, `training`, `source`, `quality`: the
-        photo-quality thresholds) are its typed parts
+        photo-quality thresholds, `drift`: the drift reference) are its typed parts
         (`perito_core.models.card`) or their JSON as dicts. `artifact_format="onnx"` stores
         the file as `model.onnx` with its `tensor` contract (required then, refused otherwise).
 
@@ -357,6 +359,7 @@ class ModelRegistry:
             training=training or {},
             source=source or {},
             quality=quality or {},
+            drift=drift or {},
             forms=[form for form, _ in forms],
             skipped_forms=skipped_forms or {},
         )
