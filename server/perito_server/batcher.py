@@ -197,6 +197,11 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         self._last_release = 0.0
         self._task: asyncio.Task[None] | None = None
 
+    @property
+    def admitted(self) -> int:
+        """Images of the normal lane admitted and not yet answered (at most `max_queue_size`)."""
+        return self._admitted
+
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._loop(), name=self.name)

@@ -1,10 +1,10 @@
 """Prometheus metrics for `perito serve`, on their own HTTP port (`PERITO_METRICS_PORT`).
 
 Request counts and latencies are recorded as calls finish; everything about models (queue
-time, compute time, batch sizes, images classified, versions loaded, load times, failed
-rollouts) is read from the model pool, and jobs per state from the job store, when Prometheus
-scrapes, so the batcher stays free of
-any metrics library. Each server has its own registry: several can live in one process.
+depth and time, compute time, batch sizes, images classified, versions loaded, load times,
+failed rollouts) is read from the model pool, and jobs per state, stuck jobs and dead letters
+from the job store, when Prometheus scrapes, so the batcher stays free of any metrics library.
+Each server has its own registry: several can live in one process.
 """
 
 from __future__ import annotations
@@ -146,6 +146,18 @@ class PoolCollector(Collector):
         failed_batches = CounterMetricFamily(
             "perito_batches_failed", "Forward passes that raised.", labels=labels
         )
+        queue = GaugeMetricFamily(
+            "perito_queue_images",
+            "Callers' images admitted and not yet answered (decoding, queued or in a forward "
+            "pass); the low-priority lane (explanations) is not counted.",
+            labels=labels,
+        )
+        capacity = GaugeMetricFamily(
+            "perito_queue_capacity_images",
+            "The most images the batcher admits at once (PERITO_MAX_QUEUE_SIZE); more are "
+            "refused with RESOURCE_EXHAUSTED.",
+            labels=labels,
+        )
         for served in self.pool.served():
             values = [served.name, served.version, served.model.form]
             stats = served.batcher.stats
@@ -157,6 +169,8 @@ class PoolCollector(Collector):
             dropped.add_metric([*values, "deadline"], stats.dropped_expired)
             dropped.add_metric([*values, "cancelled"], stats.dropped_cancelled)
             failed_batches.add_metric(values, stats.failed_batches)
+            queue.add_metric(values, served.batcher.admitted)
+            capacity.add_metric(values, served.batcher.max_queue_size)
             for key, histogram in (
                 ("queue", stats.queue_seconds),
                 ("compute", stats.compute_seconds),
@@ -171,11 +185,12 @@ class PoolCollector(Collector):
         for (name, _), error in list(self.pool.rollout_errors.items()):
             failed.add_metric([name, error.alias, error.version], 1)
         yield from (loaded, load_seconds, images, *families.values(), refused, dropped)
-        yield from (failed_batches, failed)
+        yield from (failed_batches, failed, queue, capacity)
 
 
 class JobsCollector(Collector):
-    """Jobs per state, from the job store's counters (one Redis read per scrape)."""
+    """Jobs per state, how long the most stuck job has not moved, and the dead-letter list's
+    length, from the job store (three small Redis reads per scrape)."""
 
     def __init__(self, store: JobStore) -> None:
         self.store = store
@@ -183,12 +198,29 @@ class JobsCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         try:
             counts = self.store.state_counts()
+            stalled = self.store.stalled_seconds()
+            dead = self.store.dead_letter_count()
         except PeritoError:  # Redis down: say nothing rather than something wrong
             return
         jobs = GaugeMetricFamily("perito_jobs", "Bulk jobs in each state.", labels=["state"])
         for state, count in counts.items():
             jobs.add_metric([state.value], count)
         yield jobs
+        stuck = GaugeMetricFamily(
+            "perito_job_stalled_seconds",
+            "The longest a job has gone without moving, by state: queued, since it was made; "
+            "running, since its last recorded result (or its start). 0: no job in that state.",
+            labels=["state"],
+        )
+        for state, seconds in stalled.items():
+            stuck.add_metric([state.value], seconds)
+        yield stuck
+        yield GaugeMetricFamily(
+            "perito_dead_letters",
+            "Chunks on the job store's dead-letter list (given up on after their retries; "
+            "the newest 10,000 are kept).",
+            value=dead,
+        )
 
 
 def _buckets(histogram: BatchHistogram) -> list[tuple[str, float]]:

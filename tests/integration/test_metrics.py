@@ -12,9 +12,16 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import perito
-from perito_core.jobs.store import ItemInput, JobStore
+from perito_core.jobs.store import ItemInput, ItemResult, JobStore
 from tests.conftest import publish_tiny
-from tests.helpers import ServerThread, Stores, WorkerProcess, create_job, free_port
+from tests.helpers import (
+    ServerThread,
+    Stores,
+    WorkerProcess,
+    create_job,
+    free_port,
+    redis_server,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -112,6 +119,9 @@ def test_server_and_worker_metrics_and_json_logs(
     assert value(metrics, "perito_batch_size_count", **served) >= 3
     assert value(metrics, "perito_model_loaded", **served) == 1
     assert value(metrics, "perito_model_load_seconds", **served) > 0
+    # Every call was answered: nothing waits in the batcher, out of its room of 256.
+    assert metrics[("perito_queue_images", tuple(sorted(served.items())))] == 0
+    assert value(metrics, "perito_queue_capacity_images", **served) == 256
     # The batcher's refusals, drops and failures are exported (none happened here).
     for name, extra in (
         ("perito_batcher_rejected_total", {"budget": "images"}),
@@ -144,3 +154,43 @@ def test_server_and_worker_metrics_and_json_logs(
     assert lines, "the worker logs JSON lines"
     assert any(entry.get("job_id") == job.id for entry in lines)
     assert {"time", "level", "logger", "message"} <= set(lines[0])
+
+
+def test_stuck_jobs_and_dead_letters_are_exported(tmp_path: Path) -> None:
+    """`perito_job_stalled_seconds` grows while a job does not move and drops when it records
+    a result; `perito_dead_letters` counts the dead-letter list. Its own Redis: no other
+    test's jobs."""
+    with redis_server() as url:
+        store = JobStore.connect(url)
+        with ServerThread(Stores(tmp_path, url).server_settings(metrics_port=0)) as server:
+            port = server.running.metrics_port  # type: ignore[attr-defined]
+
+            def stalled(state: str) -> float:
+                return value(scrape(port), "perito_job_stalled_seconds", state=state)
+
+            quiet = scrape(port)
+            job, _ = create_job(
+                store,
+                [ItemInput(id=str(i), uri=f"s3://never/{i}.jpg") for i in range(2)],
+                output_uri="s3://never/written",
+                chunk_size=1,
+            )
+            time.sleep(1.5)
+            waited = stalled("queued")
+            store.mark_running(job.id)
+            started = stalled("running"), stalled("queued")
+            time.sleep(1.5)
+            stuck = stalled("running")
+            store.record_results(job.id, [ItemResult(0, perito.ItemState.SUCCEEDED)])
+            moved = stalled("running")
+            store.dead_letter(job.id, 1, "made by the metrics test")
+            dead = value(scrape(port), "perito_dead_letters")
+
+    assert quiet[("perito_job_stalled_seconds", (("state", "queued"),))] == 0
+    assert quiet[("perito_job_stalled_seconds", (("state", "running"),))] == 0
+    assert quiet[("perito_dead_letters", ())] == 0
+    assert waited >= 1.4
+    assert started[0] < 1.0 and started[1] == 0  # the running job is no longer queued
+    assert stuck >= 1.4
+    assert moved < 1.0
+    assert dead == 1

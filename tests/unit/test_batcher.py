@@ -110,6 +110,17 @@ async def test_admission_beyond_the_queue_raises_queue_full_with_a_retry_hint() 
     assert batcher.stats.rejected == 1
 
 
+async def test_admitted_counts_callers_images_until_answered_not_the_low_lane() -> None:
+    """What a server's `perito_queue_images` reads."""
+    batcher = DynamicBatcher(FakeModel(), max_batch_size=2, max_queue_delay=0.0, max_queue_size=4)
+    with batcher.admit(3):
+        with pytest.raises(QueueFull):
+            batcher.admit(2)  # refused: not counted
+        with batcher.admit(2, low_priority=True):  # explanations' lane: room of its own
+            assert batcher.admitted == 3
+    assert batcher.admitted == 0
+
+
 async def test_a_request_larger_than_the_queue_is_refused_outright() -> None:
     batcher = DynamicBatcher(FakeModel(), max_batch_size=2, max_queue_delay=0.0, max_queue_size=4)
     with pytest.raises(QueueFull, match="exceeds"):

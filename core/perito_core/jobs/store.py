@@ -2,7 +2,8 @@
 
 Keys, for job `{id}`:
 
-    perito:job:{id}              hash: the job record and its counters
+    perito:job:{id}              hash: the job record and its counters (`progress_at`: when
+                                  its last result was recorded, for `stalled_seconds`)
     perito:job:{id}:inputs       list: each item's {"id", "uri"} in input order
     perito:job:{id}:inline       hash: index -> image bytes, for images sent inline
     perito:job:{id}:results      hash: index -> the item's final result (JSON)
@@ -259,6 +260,7 @@ class JobStore:
         self._reserve = client.register_script(_lua("reserve"))
         self._sweep_lock = client.register_script(_lua("sweep_lock"))
         self._release_claims = client.register_script(_lua("release_claims"))
+        self._stalled = client.register_script(_lua("stalled"))
 
     @classmethod
     def connect(cls, url: str, *, outage_retry_s: float = 0.0) -> JobStore:
@@ -849,6 +851,25 @@ class JobStore:
             FINISHED_JOBS_KEY, 0, time.time() - retention_s, start=0, num=limit
         )
         return [_decode(k).removeprefix(f"{PREFIX}:job:") for k in keys]  # type: ignore[arg-type]
+
+    @_redis_unavailable
+    def dead_letter_count(self) -> int:
+        """Chunks on the dead-letter list now (at most `DEAD_LETTER_CAP`)."""
+        count: int = self.redis.llen(DEAD_LETTER_KEY)
+        return count
+
+    @_redis_unavailable
+    def stalled_seconds(self) -> dict[JobState, float]:
+        """The longest time, in seconds, a queued job has waited since it was made and a
+        running job has gone without recording a result (or, before its first, since it
+        started), as `{QUEUED: s, RUNNING: s}`; 0 where no job is in that state.
+
+        One script over the jobs not yet terminal (their number is bounded by the tenants'
+        concurrent-jobs quotas). Start and progress times are Redis's clock, creation times
+        the submitting server's.
+        """
+        queued, running = self._stalled(keys=[ACTIVE_JOBS_KEY])
+        return {JobState.QUEUED: float(queued), JobState.RUNNING: float(running)}
 
     @_redis_unavailable
     def state_counts(self) -> dict[JobState, int]:

@@ -14,8 +14,12 @@ for i = 1, #ARGV, 3 do
   end
 end
 local v = redis.call('HMGET', KEYS[1], 'succeeded', 'failed', 'cancelled', 'total')
-if new > 0 and tonumber(v[1]) + tonumber(v[2]) + tonumber(v[3]) >= tonumber(v[4]) then
+if new > 0 then
   local t = redis.call('TIME')
-  redis.call('HSETNX', KEYS[1], 'completed_at', t[1] + t[2] / 1e6)
+  -- when the job last moved: `stalled.lua` reads it for the stuck-jobs metric
+  redis.call('HSET', KEYS[1], 'progress_at', t[1] + t[2] / 1e6)
+  if tonumber(v[1]) + tonumber(v[2]) + tonumber(v[3]) >= tonumber(v[4]) then
+    redis.call('HSETNX', KEYS[1], 'completed_at', t[1] + t[2] / 1e6)
+  end
 end
 return {new, tonumber(v[1]), tonumber(v[2]), tonumber(v[3]), tonumber(v[4])}
