@@ -37,7 +37,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -47,8 +47,11 @@ from perito_core.models.card import DriftReference
 from perito_core.quality import Quality, QualityMeasures
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     import redis
 
+    from perito_core.imaging import InputSpec
     from perito_core.models.manifest import ModelManifest
 
 log = logging.getLogger(__name__)
@@ -566,3 +569,66 @@ def evaluate(
     p_value = min(1.0, min(s.p_value for s in signals) * len(signals))
     verdict = DRIFT if p_value < alpha else NO_DRIFT
     return DriftReport(verdict, len(rows), min_window, alpha, tuple(signals), p_value)
+
+
+# Fewest readable images a folder needs to make a reference (`reference_from_folder`).
+MIN_REFERENCE_IMAGES = 50
+
+
+def reference_from_folder(
+    predict: Callable[[np.ndarray], np.ndarray],
+    labels: Sequence[str],
+    spec: InputSpec,
+    folder: Path,
+    *,
+    limit: int = 5000,
+    batch_size: int = 32,
+) -> tuple[DriftReference | None, str]:
+    """A reference from a folder of images of the model's own distribution, none of them
+    trained on (`perito models import --calibration`): each image decoded, measured and
+    prepared by the serving code, run through `predict`.
+
+    Args:
+        predict: the model: uint8 [N, H, W, 3] in, served probabilities float [N, C] out.
+        labels: the model's labels (C).
+        spec: the model's input.
+        folder: read recursively, in name order, at most `limit` images (unreadable files and
+            hidden or system files left out).
+        batch_size: images per `predict` call.
+
+    Returns:
+        The reference and a line saying what it was built on; or None and why not (fewer than
+        `MIN_REFERENCE_IMAGES` readable images, or non-finite outputs).
+    """
+    from perito_core.errors import InvalidImage
+    from perito_core.imaging import load_model_input_with_info
+    from perito_core.jobs.sources import is_ignored_key
+
+    images: list[np.ndarray] = []
+    measured: list[QualityMeasures] = []
+    for path in sorted(folder.rglob("*")):
+        if len(images) >= limit:
+            break
+        if not path.is_file() or is_ignored_key(path.relative_to(folder).as_posix()):
+            continue
+        try:
+            pixels, info = load_model_input_with_info(path.read_bytes(), spec)
+        except InvalidImage:
+            continue
+        images.append(pixels)
+        if info.quality is not None:
+            measured.append(info.quality)
+    if len(images) < MIN_REFERENCE_IMAGES:
+        return None, (
+            f"{folder} holds {len(images)} readable images; a drift reference needs at least "
+            f"{MIN_REFERENCE_IMAGES}"
+        )
+    stacked = np.stack(images)
+    probabilities = np.concatenate(
+        [predict(stacked[i : i + batch_size]) for i in range(0, len(stacked), batch_size)]
+    )
+    built_on = f"{len(images)} images of {folder.name}"
+    try:
+        return build_reference(probabilities, labels, measured, built_on=built_on), built_on
+    except ValueError as error:
+        return None, str(error)

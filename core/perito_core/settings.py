@@ -67,6 +67,9 @@ class CommonSettings(BaseSettings):
     metrics_port: int | None = Field(None, ge=0, le=65535)
     torch_threads: int = Field(0, ge=0, description="0: one per core")
     decode_threads: int = Field(2, ge=1)
+    # Drift detection (perito_core.drift): the newest images kept per model version in its
+    # live window, a Redis list every server and worker feeds (docs/monitoring.md#drift).
+    drift_window: int = Field(2000, ge=1, le=100_000, description="images per version's window")
     max_image_bytes: int = Field(32 * 1024 * 1024, ge=1)
     max_image_pixels: int = Field(64_000_000, ge=1)
 

@@ -37,6 +37,7 @@ from perito_server.doors.json_api import JsonApi
 from perito_server.doors.oip_grpc import OipServicer, add_oip_servicer
 from perito_server.doors.oip_rest import OipRest
 from perito_server.doors.perito_grpc import PeritoServicer
+from perito_server.drift import DriftMonitor
 from perito_server.errors import CallInterceptor
 from perito_server.http_server import HttpServer
 from perito_server.inference import InferenceService
@@ -162,6 +163,8 @@ class RunningServer:
         await self.pool.close()
         await self.service.jobs.close()
         self.service.close()
+        if self.service.drift is not None:
+            await asyncio.to_thread(self.service.drift.close)
         if self.service.predictions is not None:  # what is queued, within its bounded time
             await asyncio.to_thread(
                 self.service.predictions.close, self.service.settings.prediction_log_close_s
@@ -215,6 +218,11 @@ async def create_server(settings: ServerSettings) -> RunningServer:
     service = InferenceService(
         settings, pool, jobs, limiter, audit, tenants, metrics, predictions=predictions
     )
+    service.drift = DriftMonitor(
+        jobs.store.redis, pool, window=settings.drift_window, interval_s=settings.drift_interval_s
+    )
+    metrics.registry.register(service.drift)
+    service.drift.start()
     # Outermost first: tracing spans, then request ids, error mapping and metrics (which so
     # also count the calls auth refuses), then auth.
     authorizer = TenantInterceptor(tenants, limiter, audit)
@@ -299,6 +307,7 @@ async def create_server(settings: ServerSettings) -> RunningServer:
         await pool.close()
         await jobs.close()
         service.close()
+        service.drift.close()
         predictions.close(0)
         raise
     return RunningServer(

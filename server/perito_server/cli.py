@@ -40,7 +40,9 @@ from perito_server.onnx_import import (
 from perito_server.settings import ServerSettings
 
 if TYPE_CHECKING:
-    from perito_core.models.engines.base import BuiltForms
+    from perito_core.models.card import DriftReference
+    from perito_core.models.engines.base import BuiltForms, LoadedModel
+    from perito_core.models.manifest import TensorContract
 
 
 def _settings(**flags: Any) -> ServerSettings:
@@ -256,6 +258,7 @@ def import_model(
             tensor = check_onnx_loads(model_file, name, labels, contract, tensor)
         else:
             _check_loads(model_file, name, labels, contract)
+        drift = _drift_reference(model_file, name, labels, contract, tensor, calibration)
         # The forms are built in a scratch folder, removed whether or not publishing succeeds.
         with tempfile.TemporaryDirectory(prefix="perito-forms-") as scratch:
             built = _build_forms(model_file, contract, forms, calibration, min_agreement, scratch)
@@ -268,6 +271,7 @@ def import_model(
                 confidence_threshold=confidence_threshold,
                 source={"imported_from": model_file.name, "published_by": publisher.name},
                 quality=quality,
+                drift=drift,
                 aliases=aliases,
                 forms=built.forms if built else (),
                 skipped_forms=built.skipped if built else None,
@@ -324,6 +328,49 @@ def _build_forms(
     for line in built.summary():
         click.echo(line)
     return built
+
+
+def _drift_reference(
+    model_file: Path,
+    name: str,
+    labels: list[str],
+    contract: InputContract,
+    tensor: TensorContract | None,
+    folder: Path | None,
+) -> DriftReference | None:
+    """The card's drift reference from the --calibration folder's images, run through the
+    imported model (docs/monitoring.md#drift); None, said why, when it cannot be made."""
+    if folder is None:
+        return None
+    from perito_core.drift import reference_from_folder
+    from perito_core.models.manifest import ARTIFACT_FILES, Artifact, ModelManifest, sha256_file
+
+    kind = "onnx" if tensor is not None else "torchscript"
+    draft = ModelManifest(
+        name=name,
+        version="0",
+        labels=labels,
+        input=contract,
+        artifact=Artifact(
+            file=ARTIFACT_FILES[kind],
+            format=kind,
+            sha256=sha256_file(model_file),
+            size_bytes=model_file.stat().st_size,
+        ),
+        tensor=tensor,
+    )
+    model: LoadedModel
+    if tensor is not None:
+        from perito_core.models.engines.onnxruntime import OnnxModel
+
+        model = OnnxModel.open(model_file, draft)
+    else:
+        from perito_core.models.engines.torchscript import TorchScriptModel
+
+        model = TorchScriptModel.load(model_file, draft, device="cpu", optimize=False)
+    reference, said = reference_from_folder(model.predict, labels, contract.spec(), folder)
+    click.echo(f"drift reference: {said}" if reference else f"no drift reference: {said}")
+    return reference
 
 
 def _check_loads(model_file: Path, name: str, labels: list[str], contract: InputContract) -> None:
@@ -582,6 +629,74 @@ def verify(
     raise SystemExit(0 if ok else 1)
 
 
+@click.command("drift")
+@click.argument("name")
+@click.option("--version", "ref", default="", help="A version or alias (default: the latest).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@registry_option
+@click.option("--redis-url", help="The job store's Redis, which holds the live windows.")
+def drift(name: str, ref: str, as_json: bool, registry: str | None, redis_url: str | None) -> None:
+    """Compare a model version's live traffic with its card's reference: each signal's test
+    statistic, p-value and population stability index, the window's size and a verdict
+    (drift, no_drift, not_enough_images, no_reference): docs/monitoring.md#drift.
+
+    \b
+    Example:
+      perito models drift car-damage --version production
+    """
+    import json
+
+    import redis
+
+    from perito_core.drift import NO_REFERENCE, evaluate, read_window
+
+    settings = _settings(registry=registry, redis_url=redis_url)
+    target = settings.open_registry()
+    try:
+        version = target.resolve(name, ref)
+        manifest = target.manifest(name, version)
+    except PeritoError as error:
+        raise click.ClickException(error.message) from None
+    reason = ""
+    if not manifest.drift.classes:
+        reason = (
+            f"{name}@{version} has no drift reference: its card was published without "
+            "held-out images (publish a trained run, or import with --calibration)"
+        )
+        rows = []
+    else:
+        client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=3)
+        try:
+            rows = read_window(client, name, version, settings.drift_window)
+        except redis.RedisError as error:
+            raise click.ClickException(
+                f"cannot read the live window from {settings.redis_url}: {error}"
+            ) from None
+        finally:
+            client.close()
+    report = evaluate(manifest.drift, rows)
+    if as_json:
+        said = {"reason": reason} if reason else {}
+        click.echo(
+            json.dumps({"model": name, "version": version, **report.as_dict(), **said}, indent=2)
+        )
+        return
+    if report.verdict == NO_REFERENCE:
+        click.echo(reason)
+        return
+    click.echo(
+        f"{name}@{version}: {report.window} images in the window (of {settings.drift_window})"
+    )
+    if report.signals:
+        click.echo(f"{'signal':<16} {'statistic':>10} {'p-value':>10} {'PSI':>8}")
+        for s in report.signals:
+            click.echo(f"{s.signal:<16} {s.statistic:>10.4f} {s.p_value:>10.3g} {s.psi:>8.4f}")
+    else:
+        click.echo(f"a verdict needs at least {report.min_window} images")
+    overall = "" if report.p_value is None else f" (p = {report.p_value:.3g}, alpha {report.alpha})"
+    click.echo(f"verdict: {report.verdict}{overall}")
+
+
 def register(cli: click.Group) -> None:
     """Entry point for `perito.commands`: add the server-side commands."""
     cli.add_command(serve)
@@ -592,3 +707,4 @@ def register(cli: click.Group) -> None:
     assert isinstance(models, click.Group)
     models.add_command(import_model)
     models.add_command(set_alias)
+    models.add_command(drift)

@@ -59,6 +59,7 @@ from perito_core.quality import (
 )
 from perito_server.answers import classification_message, quality_message
 from perito_server.batcher import ByteBudget
+from perito_server.drift import DriftMonitor
 from perito_server.errors import echo
 from perito_server.explanations import OCCLUSION, explain
 from perito_server.jobs import JobService
@@ -198,6 +199,8 @@ class InferenceService:
         self.ready = True
         # (model, version) -> its file digests and card figures, read once per version.
         self._versions: dict[tuple[str, str], tuple[ServedVersion, CardFigures]] = {}
+        # Drift detection's live windows (perito_server.drift), when the app sets one.
+        self.drift: DriftMonitor | None = None
 
     def close(self) -> None:
         self._decode_pool.shutdown(wait=False, cancel_futures=True)
@@ -482,6 +485,8 @@ class InferenceService:
                 judged = self._judge(manifest, infos, quality, describe)
             with tracing.span("perito.batch", model=served.name, version=served.version):
                 probabilities = await admit.run(pixels, deadline)
+        if self.drift is not None:  # queued in memory only: written to Redis off this path
+            self.drift.observe(manifest, probabilities, judged)
         return Inference(
             served.name,
             served.version,
