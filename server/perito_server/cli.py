@@ -417,6 +417,48 @@ def set_alias(name: str, alias: str, version: str, registry: str | None) -> None
     click.echo(f"{name}@{alias} -> {resolved}")
 
 
+@click.command("compare")
+@click.argument("name")
+@click.argument("incumbent", required=False)
+@click.argument("candidate", required=False)
+@click.option(
+    "--images",
+    help="A folder or s3:// prefix: compare offline, one bulk job per version over its images.",
+)
+@click.option("--json", "as_json", is_flag=True, help="The comparison as one JSON object.")
+@click.option(
+    "--plot",
+    type=click.Path(dir_okay=False, writable=True, path_type=Path),
+    help="Also write the confusion matrix as a heat map to this PNG file.",
+)
+@registry_option
+def compare(
+    name: str,
+    incumbent: str | None,
+    candidate: str | None,
+    images: str | None,
+    as_json: bool,
+    plot: Path | None,
+    registry: str | None,
+) -> None:
+    """How version CANDIDATE of model NAME answers the images version INCUMBENT answers
+    (each a number or an alias): top-1 agreement with its 95% interval, the confidence
+    shift, the confusion. Live, from a shadow's counts summed over every server (role
+    `models:read`); with --images, offline through two bulk jobs run by `perito worker`s
+    (role `jobs`). Without INCUMBENT and CANDIDATE, the version pairs a shadow recorded.
+    Needs PERITO_REDIS_URL (and PERITO_TOKEN when tenants are configured).
+
+    \b
+    Example:
+      perito models compare car-damage production 4 --plot confusion.png
+      perito models compare car-damage 3 4 --images s3://acme-claims/2024-06/
+    """
+    from perito_server.compare import run_compare
+
+    settings = _settings(registry=registry)
+    run_compare(settings, name, incumbent, candidate, images, as_json, plot)
+
+
 @click.group()
 def tenants() -> None:
     """Issue tokens and list the tenants of a tenants file."""
@@ -707,4 +749,5 @@ def register(cli: click.Group) -> None:
     assert isinstance(models, click.Group)
     models.add_command(import_model)
     models.add_command(set_alias)
+    models.add_command(compare)
     models.add_command(drift)
