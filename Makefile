@@ -18,7 +18,9 @@ $(STAMP): pyproject.toml constraints.txt setup.py
 	touch $@
 
 # redis-server backs the job store and the Celery broker; Fashion-MNIST is the bulk-job test set;
-# chromium runs the web page's browser test; curl uploads to the JSON API in its test.
+# chromium runs the web page's browser test; curl uploads to the JSON API in its test; promtool
+# (Debian's prometheus package, without its recommends) checks deploy/prometheus's alerts and
+# the dashboard's queries: only the tool is wanted, so the package's daemon is stopped and disabled.
 system-deps:
 	@missing=""; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
@@ -29,6 +31,12 @@ system-deps:
 		echo "installing:$$missing"; \
 		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+	fi; \
+	if ! command -v promtool >/dev/null; then \
+		echo "installing: prometheus (for promtool)"; \
+		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+		{ $$SUDO systemctl disable --now prometheus || $$SUDO service prometheus stop; } >/dev/null 2>&1 || true; \
 	fi
 
 proto: $(STAMP)
