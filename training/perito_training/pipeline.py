@@ -28,9 +28,11 @@ import numpy as np
 import torch
 from pydantic import ValidationError
 
+from perito_core.drift import build_reference
 from perito_core.models.card import (
     Calibration,
     DatasetRecord,
+    DriftReference,
     Metrics,
     QualityThresholds,
     Source,
@@ -208,6 +210,7 @@ def finish_run(
         ),
         source=Source.model_validate(code_version()),
         quality=_fitted_quality(data),
+        drift=_drift_reference(test_probabilities, data),
     )
     # The card's parts are open to fields they do not declare (cards of other trainers must
     # load), so a field this trainer adds without declaring it in `perito_core.models.card`
@@ -232,6 +235,20 @@ def _fitted_quality(data: PreparedData) -> QualityThresholds:
     if not measures:
         return QualityThresholds()
     return fit_thresholds(measures, f"train split, {len(measures)} images")
+
+
+def _drift_reference(test_probabilities: np.ndarray, data: PreparedData) -> DriftReference:
+    """The card's drift reference (`perito_core.drift`): the served probabilities of the
+    held-out test split, the photo-quality measures of the training images; empty without a
+    test split."""
+    if not len(test_probabilities):
+        return DriftReference()
+    return build_reference(
+        test_probabilities,
+        data.classes,
+        data.train_quality,
+        built_on=f"test split, {len(test_probabilities)} images",
+    )
 
 
 def _card_metrics(test: dict[str, Any], val: dict[str, Any]) -> Metrics:
@@ -409,6 +426,7 @@ def publish_run(
             update={"run": run_dir.name, **({"published_by": published_by} if published_by else {})}
         ),
         quality=card.quality,
+        drift=card.drift,
         aliases=aliases,
         forms=built.forms,
         skipped_forms=built.skipped,

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from perito.v1.vocabulary import ItemState
+from perito_core.drift import DriftWindows
 from perito_core.errors import (
     ArtifactIntegrityError,
     InvalidArgument,
@@ -76,6 +77,8 @@ class WorkerRuntime:
         self.decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
         # Found by (name, version, precision); at most max_loaded_models forms held.
         self.models: ModelCache[LoadedModel] = ModelCache(settings.max_loaded_models)
+        # Drift detection's live windows, shared with the servers (written once per chunk).
+        self.drift = DriftWindows(self.store.redis, settings.drift_window)
 
     def model(self, name: str, version: str, precision: str = "") -> LoadedModel:
         """The pinned version, loaded once per process and precision (sha256-verified by the
@@ -202,13 +205,16 @@ def _predict(model: LoadedModel, good: list[_Prepared]) -> list[np.ndarray | str
         return outcomes
 
 
-def _classify(job: Job, model: LoadedModel, batch: list[_Prepared]) -> list[ItemResult]:
+def _classify(
+    job: Job, model: LoadedModel, batch: list[_Prepared], drift: DriftWindows | None = None
+) -> list[ItemResult]:
     good = [p for p in batch if p.pixels is not None]
     results = {
         p.index: ItemResult(p.index, ItemState.FAILED, id=p.item.id, uri=p.item.uri, error=p.error)
         for p in batch
         if p.pixels is None
     }
+    answered: list[tuple[np.ndarray, Quality | None]] = []
     if good:
         threshold = model.manifest.threshold(job.confidence_threshold)
         for prepared, probs in zip(good, _predict(model, good), strict=True):
@@ -224,6 +230,7 @@ def _classify(job: Job, model: LoadedModel, batch: list[_Prepared]) -> list[Item
                     error=probs,
                 )
                 continue
+            answered.append((probs, prepared.quality))
             summary = summarize(probs, model.labels, job.top_k, threshold)
             results[prepared.index] = ItemResult(
                 prepared.index,
@@ -239,6 +246,8 @@ def _classify(job: Job, model: LoadedModel, batch: list[_Prepared]) -> list[Item
                 input_sha256=prepared.input_sha256,
                 quality=prepared.quality,
             )
+    if drift is not None and answered:  # queued in memory; the chunk writes them at its end
+        drift.add(model.manifest, [p for p, _ in answered], [q for _, q in answered])
     return [results[p.index] for p in batch]
 
 
@@ -392,13 +401,14 @@ def _run_chunk(
             if heartbeat.lost or store.is_cancel_requested(job_id):
                 metrics.CHUNKS.labels("skipped").inc()
                 return
-            results = _classify(job, model, prepared)
+            results = _classify(job, model, prepared, rt.drift)
             _, complete = store.record_results(job_id, results)
             for result in results:
                 metrics.ITEMS.labels(job.model, job.model_version, result.state.value).inc()
     finally:
         for future in upcoming:
             future.cancel()
+        rt.drift.flush()  # one round trip a chunk; a failure is logged and counted only
     metrics.CHUNKS.labels("done").inc()
     if complete:
         finalize(job_id)
