@@ -46,6 +46,7 @@ from perito_server.metrics import ServerMetrics
 from perito_server.model_pool import ModelPool
 from perito_server.predictions import PredictionLogCollector, PredictionRecorder
 from perito_server.settings import ServerSettings
+from perito_server.shadow import ShadowTraffic
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +161,8 @@ class RunningServer:
             await self.server.stop(grace)
         if self.health_server is not None:
             await self.health_server.stop(0)
+        if self.service.shadow is not None:  # its queue dropped, its last counts added
+            await self.service.shadow.close()
         await self.pool.close()
         await self.service.jobs.close()
         self.service.close()
@@ -218,6 +221,8 @@ async def create_server(settings: ServerSettings) -> RunningServer:
     service = InferenceService(
         settings, pool, jobs, limiter, audit, tenants, metrics, predictions=predictions
     )
+    shadow = service.shadow = ShadowTraffic(pool, settings, jobs.store.redis, metrics.registry)
+    shadow.start()
     service.drift = DriftMonitor(
         jobs.store.redis, pool, window=settings.drift_window, interval_s=settings.drift_interval_s
     )
@@ -304,6 +309,7 @@ async def create_server(settings: ServerSettings) -> RunningServer:
         if health_server is not None:
             await health_server.stop(None)
         metrics.stop()
+        await shadow.close()
         await pool.close()
         await jobs.close()
         service.close()

@@ -80,6 +80,7 @@ from perito_server.oip_protocol import (
 from perito_server.paging import LIST_MODELS
 from perito_server.predictions import Outcome, PredictionRecorder
 from perito_server.settings import ServerSettings
+from perito_server.shadow import ShadowTraffic
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +200,8 @@ class InferenceService:
         self.ready = True
         # (model, version) -> its file digests and card figures, read once per version.
         self._versions: dict[tuple[str, str], tuple[ServedVersion, CardFigures]] = {}
+        # Shadow traffic (perito_server.shadow), when the app sets it.
+        self.shadow: ShadowTraffic | None = None
         # Drift detection's live windows (perito_server.drift), when the app sets one.
         self.drift: DriftMonitor | None = None
 
@@ -487,7 +490,7 @@ class InferenceService:
                 probabilities = await admit.run(pixels, deadline)
         if self.drift is not None:  # queued in memory only: written to Redis off this path
             self.drift.observe(manifest, probabilities, judged)
-        return Inference(
+        inference = Inference(
             served.name,
             served.version,
             served.model.form,
@@ -499,6 +502,9 @@ class InferenceService:
             served,
             judged,
         )
+        if self.shadow is not None:  # queued in memory only: run after the caller's answer
+            self.shadow.offer(version, images, inference)
+        return inference
 
     def _judge(
         self,
