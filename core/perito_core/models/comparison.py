@@ -187,7 +187,7 @@ class ComparisonStore:
         key = self.key(comparison.model, comparison.incumbent, comparison.candidate)
         pipe = self.redis.pipeline(transaction=True)
         for name, value in comparison.fields().items():
-            if isinstance(value, float) and not value.is_integer():
+            if isinstance(value, float):  # shift_sum: a float field from its first add
                 pipe.hincrbyfloat(key, name, value)
             else:
                 pipe.hincrby(key, name, int(value))
@@ -200,15 +200,22 @@ class ComparisonStore:
         Raises:
             redis.RedisError: Redis could not be reached.
         """
-        raw = self.redis.hgetall(self.key(model, incumbent, candidate))
-        fields = {k.decode(): v.decode() for k, v in raw.items()}
+        raw: dict[bytes | str, bytes | str] = self.redis.hgetall(  # type: ignore[assignment]
+            self.key(model, incumbent, candidate)
+        )
+        fields = {_text(k): _text(v) for k, v in raw.items()}
         return Comparison.from_fields(model, incumbent, candidate, fields)
 
     def pairs(self, model: str) -> list[tuple[str, str]]:
         """(incumbent, candidate) version pairs with a comparison kept for `model`."""
         found = set()
         for key in self.redis.scan_iter(match=f"perito:comparison:{model}:*", count=1000):
-            parts = key.decode().split(":")
+            parts = _text(key).split(":")
             if len(parts) == 5 and parts[3].isdigit() and parts[4].isdigit():
                 found.add((parts[3], parts[4]))
         return sorted(found, key=lambda pair: (int(pair[0]), int(pair[1])))
+
+
+def _text(value: bytes | str) -> str:
+    """A Redis reply as text, whether the client decodes responses or not."""
+    return value.decode() if isinstance(value, bytes) else value
