@@ -200,7 +200,7 @@ class ComparisonStore:
         Raises:
             redis.RedisError: Redis could not be reached.
         """
-        raw: dict[bytes | str, bytes | str] = self.redis.hgetall(  # type: ignore[assignment]
+        raw: dict[bytes | str, bytes | str] = self.redis.hgetall(
             self.key(model, incumbent, candidate)
         )
         fields = {_text(k): _text(v) for k, v in raw.items()}
