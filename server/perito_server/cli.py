@@ -417,6 +417,58 @@ def set_alias(name: str, alias: str, version: str, registry: str | None) -> None
     click.echo(f"{name}@{alias} -> {resolved}")
 
 
+@click.command("shadow")
+@click.argument("name")
+@click.argument("candidate", required=False)
+@click.option("--of", "alias", required=True, help="The alias whose traffic is shadowed.")
+@click.option(
+    "--sample",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="The share of the alias's requests also run on CANDIDATE (0 < sample <= 1).",
+)
+@click.option("--stop", is_flag=True, help="Stop shadowing the alias.")
+@registry_option
+def shadow(
+    name: str, candidate: str | None, alias: str, sample: float, stop: bool, registry: str | None
+) -> None:
+    """Run version CANDIDATE of model NAME (a number or an alias) on a sample of the traffic
+    ALIAS answers, after answering it: its answers are compared with the alias's (perito
+    models compare NAME ALIAS CANDIDATE), never returned. Every server follows within one
+    alias refresh (PERITO_ALIAS_TTL_S).
+
+    \b
+    Example:
+      perito models shadow car-damage 4 --of production --sample 0.2
+      perito models shadow car-damage --of production --stop
+    """
+    if stop == (candidate is not None):
+        raise click.UsageError("give either CANDIDATE or --stop")
+    settings = _settings(registry=registry)
+    publisher = _publisher(settings, name, f"shadow aliases of model {name!r}")
+    target = settings.open_registry()
+    resource = f"models/{name}/aliases/{alias}"
+    try:
+        if candidate is None:
+            route = target.stop_shadow(name, alias)
+            detail = "shadow stopped"
+        else:
+            route = target.set_shadow(name, alias, candidate, sample)
+            assert route.shadow is not None
+            detail = f"shadow {route.shadow.version} sample {route.shadow.sample:g}"
+    except PeritoError as error:
+        _audit(settings, publisher.name, "models.shadow", resource, error.code.name, "")
+        raise click.ClickException(error.message) from None
+    _audit(settings, publisher.name, "models.shadow", resource, "OK", detail)
+    line = f"{name}@{alias} -> {route.version}"
+    if route.canary is not None:
+        line += f" (canary {route.canary.version} at {route.canary.percent:g}%)"
+    if route.shadow is not None:
+        line += f", shadow {route.shadow.version} on {route.shadow.sample * 100:g}% of its traffic"
+    click.echo(line)
+
+
 @click.command("compare")
 @click.argument("name")
 @click.argument("incumbent", required=False)
@@ -749,5 +801,6 @@ def register(cli: click.Group) -> None:
     assert isinstance(models, click.Group)
     models.add_command(import_model)
     models.add_command(set_alias)
+    models.add_command(shadow)
     models.add_command(compare)
     models.add_command(drift)

@@ -9,11 +9,13 @@ dark red or dark green, so the candidate agrees on exactly 70% of them:
   `perito models compare` reads) and on /metrics is 70% within 2 points, and the confusion
   names the swapped labels; every caller's answer comes from the incumbent and names it;
 - a shadow queue too small for a request sheds its images and counts them, and no call fails;
-- stopping the shadow stops the comparisons within one alias refresh.
+- stopping the shadow stops the comparisons within one alias refresh;
+- `perito models shadow` sets and stops a shadow, prints the route and audits each change.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -31,7 +33,8 @@ from torch import nn
 import perito
 from perito_core.models.comparison import ComparisonStore
 from perito_core.models.registry import ModelRegistry
-from tests.helpers import TINY_INPUT, ServerThread
+from perito_core.models.rollout import Shadow
+from tests.helpers import TINY_INPUT, ServerThread, run_perito, subprocess_env
 
 pytestmark = pytest.mark.integration
 
@@ -278,3 +281,45 @@ def test_stopping_a_shadow_stops_its_work_within_one_refresh(
         assert metric(server, COMPARED, **PAIR) == compared
         assert store.read(MODEL, "1", "2").compared == stored
         assert stored == compared > 0
+
+
+def test_the_shadow_command_sets_and_stops_a_shadow_audited(
+    registry: ModelRegistry, registry_root: Path, tmp_path: Path, redis_url: str
+) -> None:
+    env = subprocess_env(
+        PERITO_REGISTRY=str(registry_root),
+        PERITO_CACHE_DIR=str(tmp_path / "cache"),
+        PERITO_REDIS_URL=redis_url,
+    )
+    started = run_perito(
+        "models", "shadow", MODEL, "2", "--of", "production", "--sample", "0.2", env=env
+    )
+    assert started.stdout.strip() == f"{MODEL}@production -> 1, shadow 2 on 20% of its traffic"
+    assert registry.route(MODEL, "production").shadow == Shadow("2", 0.2)
+
+    own = run_perito("models", "shadow", MODEL, "1", "--of", "production", env=env, check=False)
+    assert own.returncode != 0 and "already serves version 1" in own.stderr
+    assert registry.route(MODEL, "production").shadow == Shadow("2", 0.2)
+
+    stopped = run_perito("models", "shadow", MODEL, "--of", "production", "--stop", env=env)
+    assert stopped.stdout.strip() == f"{MODEL}@production -> 1"
+    assert registry.route(MODEL, "production").shadow is None
+    neither = run_perito("models", "shadow", MODEL, "--of", "production", env=env, check=False)
+    assert neither.returncode == 2 and "CANDIDATE or --stop" in neither.stderr
+
+    records = [
+        json.loads(line)
+        for line in run_perito(
+            "audit", "--json", "--method", "models.shadow", env=env
+        ).stdout.splitlines()
+    ]
+    mine = [
+        (r["outcome"], r["detail"])
+        for r in records
+        if r["resource"] == f"models/{MODEL}/aliases/production"
+    ]
+    assert mine[:3] == [
+        ("OK", "shadow stopped"),
+        ("INVALID_ARGUMENT", ""),
+        ("OK", "shadow 2 sample 0.2"),
+    ]
