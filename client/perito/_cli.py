@@ -149,6 +149,12 @@ def _print_json(value: object) -> None:
     "per image into this folder, named after the image (claim-1.jpg: "
     "claim-1.explanation.png). Costs 50 forward passes per image.",
 )
+@click.option(
+    "--routing-key",
+    default="",
+    help="Keep these images on one version while the alias has a canary: every call with "
+    "the same key (a claim id, say) is answered by the same version.",
+)
 @_server_option
 @_timeout_option
 @_json_option
@@ -158,6 +164,7 @@ def classify(
     top_k: int,
     threshold: float,
     explain_dir: Path | None,
+    routing_key: str,
     server: str,
     timeout: float,
     as_json: bool,
@@ -168,6 +175,7 @@ def classify(
     Example:
       perito classify claim/*.jpg --model car-damage@production --top-k 3
       perito classify claim/*.jpg --model car-damage --explain explained/
+      perito classify claim-1/*.jpg --model car-damage@production --routing-key claim-1
     """
     name, version = split_model_ref(model_ref)
     with _connect(server, timeout) as client:
@@ -179,6 +187,7 @@ def classify(
             confidence_threshold=threshold,
             ids=list(images),
             explain=explain_dir is not None,
+            routing_key=routing_key,
         )
     if explain_dir is not None:
         _write_explanations(results, explain_dir)

@@ -161,6 +161,7 @@ class Client:
         ids: Sequence[str] | None = None,
         on_invalid: OnInvalid = "fail",
         explain: bool = False,
+        routing_key: str = "",
         timeout: float | None = None,
         metadata: Metadata | None = None,
     ) -> list[Classification] | list[Classification | RejectedImage]:
@@ -200,11 +201,17 @@ class Client:
                 looked for its top-1 class, with `explanation.save("x.png")` to write its
                 overlay (50 forward passes per image, run after plain requests; sent
                 `limits.max_explanations_per_request` images per call).
+            routing_key: keeps calls on one version while the alias has a canary: every call
+                with the same key (a claim id, say) is answered by the same version, so one
+                claim is never graded by two. "" (the default): each call is drawn at random.
+                At most 256 characters. Each result's `model_version` names the version that
+                answered. docs/models.md#canary.
             timeout: seconds for the whole call, all its parts and retries included.
 
         Raises:
             InvalidArgumentError: a bad image (see `violations`) or argument (a `precision`
-                not in the list above, or less exact than the server's setting).
+                not in the list above, or less exact than the server's setting; a
+                `routing_key` over 256 characters).
             FailedPreconditionError: the version has no form of the `precision` asked that
                 runs there (reason `PRECISION_UNAVAILABLE`; the message lists its forms).
             NotFoundError: unknown model or version.
@@ -230,6 +237,7 @@ class Client:
             quality_policy=quality_policy,
             quality_thresholds=quality_thresholds,
             explain=explain,
+            routing_key=routing_key,
             ids=ids,
         )
         answers = map_all(

@@ -59,6 +59,7 @@ class ImageOptions(TypedDict):
     quality_policy: NotRequired[str]
     quality_thresholds: NotRequired[Mapping[str, float] | None]
     explain: NotRequired[bool]
+    routing_key: NotRequired[str]
     ids: Sequence[str] | None
 
 
@@ -75,6 +76,7 @@ class ClassifyOptions(TypedDict, total=False):
     quality_thresholds: Mapping[str, float] | None
     ids: Sequence[str] | None
     explain: bool
+    routing_key: str
     timeout: float | None
     metadata: Metadata | None
 
@@ -101,6 +103,7 @@ def classify_parts(
     quality_policy: str = "flag",
     quality_thresholds: Mapping[str, float] | None = None,
     explain: bool = False,
+    routing_key: str = "",
 ) -> tuple[classify_pb2.ClassifyRequest, list[Part]]:
     """The request every part shares (no images yet), and the images split into parts in
     order, each within `limits` (with `explain`, `limits.max_explanations_per_request`
@@ -126,6 +129,7 @@ def classify_parts(
         quality_policy=_quality_policy(quality_policy),
         quality_thresholds=_quality_thresholds(quality_thresholds or {}),
         explain=explain,
+        routing_key=routing_key,
     )
     most = limits.max_images_per_request
     if explain:

@@ -210,6 +210,7 @@ async def create_server(settings: ServerSettings) -> RunningServer:
     ]
     metrics = ServerMetrics()
     metrics.watch_pool(pool)
+    pool.count_routes(metrics.registry)
     jobs = JobService(settings, pool)
     jobs.start()
     metrics.watch_jobs(jobs.store)

@@ -64,11 +64,12 @@ from perito_server.errors import echo
 from perito_server.explanations import OCCLUSION, explain
 from perito_server.jobs import JobService
 from perito_server.metrics import ServerMetrics
-from perito_server.model_pool import ModelPool, ServedModel
+from perito_server.model_pool import ModelPool, ServedModel, check_routing_key
 from perito_server.oip_protocol import (
     IMAGES_INPUT,
     PIXELS_INPUT,
     PROBABILITIES_OUTPUT,
+    ROUTING_KEY_PARAMETER,
     InferResult,
     InputTensor,
     OutputTensor,
@@ -411,6 +412,7 @@ class InferenceService:
         describe: Describe,
         precision: str = "",
         quality: QualityGate = FLAG_ONLY,
+        routing_key: str = "",
     ) -> Inference:
         """Classify `images` with `model@version`: the one path every door takes.
 
@@ -435,6 +437,8 @@ class InferenceService:
             quality: the photo-quality gate's policy and threshold overrides: each decoded
                 image is judged by the version's card's thresholds (`_judge`); with
                 `quality.refuse`, poor photos are refused before the model runs.
+            routing_key: keeps requests with the same key on one version while the alias
+                has a canary ("": each request drawn at random): docs/models.md#canary.
 
         Returns:
             The probabilities of each image, in order, what answered, and each image's
@@ -443,8 +447,9 @@ class InferenceService:
         Raises:
             QuotaExceeded: over the tenant's images per minute.
             NotFound: no such model, version or alias.
-            InvalidArgument: pixels not [N, H, W, 3] at the model's input size, or a
-                `precision` that is not one or is less exact than the server's.
+            InvalidArgument: pixels not [N, H, W, 3] at the model's input size, a
+                `precision` that is not one or is less exact than the server's, or a
+                `routing_key` over `MAX_ROUTING_KEY_CHARS`.
             PrecisionUnavailable: (FAILED_PRECONDITION) a `precision` no form of the version
                 serves here (`selection.check_precision`).
             InvalidImage: undecodable images, each named by `describe` in the violations; or
@@ -454,10 +459,13 @@ class InferenceService:
             DeadlineExceeded: the deadline passed while its images waited.
             ShuttingDown: the server is draining.
         """
+        check_routing_key(routing_key)
         per_minute = tenant.quotas.images_per_minute
         if per_minute is not None:
             await asyncio.to_thread(self.limiter.take, tenant.name, len(images), per_minute)
-        served = await self.pool.get(model, version, precision)
+        served = await self.pool.get(
+            model, version, precision, routing_key=routing_key, images=len(images)
+        )
         manifest = served.model.manifest
         spec = manifest.input.spec()
         infos: list[DecodeInfo | None]
@@ -651,6 +659,7 @@ class InferenceService:
             describe=describe,
             precision=request.precision,
             quality=gate,
+            routing_key=request.routing_key,
         )
         self._refuse_not_finite(inference, describe, per_image=True)
         explanations = (
@@ -841,6 +850,7 @@ class InferenceService:
         deadline: float | None,
         precision: object = None,
         quality: Mapping[str, object] | None = None,
+        routing_key: object = None,
     ) -> InferResult:
         """Classify the images of the one input, and answer the requested outputs; the answer or
         refusal is written to the tenant's prediction log (docs/trust.md#prediction-log).
@@ -858,6 +868,8 @@ class InferenceService:
                 `oip_protocol.QUALITY_PARAMETERS` it holds), as sent: checked here
                 (`oip_protocol.quality_gate`), a refusal logged as any other; refusing poor
                 photos is all or nothing here too.
+            routing_key: the request's `perito_routing_key` parameter (as
+                `ClassifyRequest.routing_key`), None when absent.
 
         Returns:
             `probabilities` FP32 [N, C], or with `classification` = k, BYTES [N, k] of
@@ -889,6 +901,7 @@ class InferenceService:
                 deadline=deadline,
                 precision=precision,
                 quality=quality,
+                routing_key=routing_key,
             )
         except asyncio.CancelledError:
             raise
@@ -949,6 +962,7 @@ class InferenceService:
         deadline: float | None,
         precision: object = None,
         quality: Mapping[str, object] | None = None,
+        routing_key: object = None,
     ) -> tuple[InferResult, Inference]:
         """`oip_infer`'s work: its result, and the inference it came from."""
         if len(inputs) != 1:
@@ -973,6 +987,7 @@ class InferenceService:
         if precision is not None and not isinstance(precision, str):
             raise InvalidArgument("the precision parameter must be a string", field="precision")
         gate = quality_gate(quality or {})
+        key = check_routing_key(routing_key, ROUTING_KEY_PARAMETER)
         self.check_target(model, version, count, tensor.name)
         name = echo(tensor.name)
 
@@ -989,6 +1004,7 @@ class InferenceService:
             describe=describe,
             precision=precision or "",
             quality=gate,
+            routing_key=key,
         )
         self._refuse_not_finite(inference, describe, per_image=False)
         wanted = outputs or [RequestedOutput(PROBABILITIES_OUTPUT)]

@@ -10,6 +10,14 @@ Aliases (and `latest`) roll out without a restart and without a failed request: 
 version is loaded and warmed while the old one keeps serving, and only then does the alias
 switch. A version that fails to load leaves the old one serving; the reason is logged and kept
 (`rollout_errors`), and the load is retried after `ROLLOUT_RETRY_S`.
+
+An alias may be split (`perito_core.models.rollout`): its canary answers a share of its
+requests, picked by the request's routing key (`AliasRoute.pick`). A canary is loaded and
+warmed like a moved alias's version before any request is sent to it; until then, and while it
+fails to load (kept in `rollout_errors` and retried likewise), every request gets the alias's
+own version. Promoting or rolling back a canary reaches this server at the next refresh. A bulk
+job pins the alias's own version at submission (`resolve` without a routing key), never its
+canary.
 """
 
 from __future__ import annotations
@@ -23,11 +31,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+from prometheus_client import CollectorRegistry, Counter
 
-from perito_core.errors import PeritoError
+from perito_core.errors import InvalidArgument, PeritoError
 from perito_core.models.cache import ModelCache
 from perito_core.models.engines.base import LoadedModel
-from perito_core.models.registry import ModelRegistry
+from perito_core.models.registry import LATEST, ModelRegistry
+from perito_core.models.rollout import AliasRoute, Canary
 from perito_core.models.selection import check_precision, load_model, requested_precision
 from perito_server.batcher import DynamicBatcher
 from perito_server.settings import ServerSettings
@@ -67,11 +77,32 @@ class ServedModel:
 
 
 ROLLOUT_RETRY_S = 60.0
+# A request's routing key (a claim id, say) is at most this many characters.
+MAX_ROUTING_KEY_CHARS = 256
+
+
+def check_routing_key(key: object, field: str = "routing_key") -> str:
+    """A request's routing key, checked: a string of at most `MAX_ROUTING_KEY_CHARS`
+    characters; "" (or None, a parameter not sent) for none.
+
+    Raises:
+        InvalidArgument: not a string, or too long, naming `field`.
+    """
+    if key is None:
+        return ""
+    if not isinstance(key, str):
+        raise InvalidArgument(f"{field} must be a string", field=field)
+    if len(key) > MAX_ROUTING_KEY_CHARS:
+        raise InvalidArgument(
+            f"{field}: {len(key)} characters; the limit is {MAX_ROUTING_KEY_CHARS}", field=field
+        )
+    return key
 
 
 @dataclass
 class RolloutError:
-    """Why an alias still serves its old version."""
+    """Why an alias still serves its old version, or does not send its canary any requests
+    yet (`version` is then the canary's)."""
 
     alias: str
     version: str
@@ -87,12 +118,15 @@ class ModelPool:
         # for (`PERITO_PRECISION`, or a request's more exact one), and once per form.
         self._models: ModelCache[ServedModel] = ModelCache(settings.max_loaded_models)
         self._loading: dict[tuple[str, str, str], asyncio.Lock] = {}
-        # (name, alias or "") -> the version that alias is served by here.
-        self._serving: dict[tuple[str, str], str] = {}
+        # (name, alias or "" / "latest") -> the route that alias is served by here: its
+        # version loaded, its canary only once loaded too, its shadow as the registry names it.
+        self._routes: dict[tuple[str, str], AliasRoute] = {}
         self._checked_versions: set[tuple[str, str]] = set()
+        # (name, alias) for an alias's move, (name, "alias:canary") for its canary.
         self.rollout_errors: dict[tuple[str, str], RolloutError] = {}
         self._watcher: asyncio.Task[None] | None = None
         self.on_load: list[Callable[[ServedModel], None]] = []
+        self._routed: Counter | None = None
 
     @property
     def loaded(self) -> list[tuple[str, str]]:
@@ -103,16 +137,45 @@ class ModelPool:
         """The loaded models held in memory now, each once (a copy: safe from any thread)."""
         return self._models.models()
 
+    def count_routes(self, registry: CollectorRegistry) -> None:
+        """Count in `registry` the images each alias sends to each version:
+        `perito_alias_routed_images_total{model,alias,version,route}`, route `primary` (the
+        alias's own version) or `canary`. Listed from now on, before any sample."""
+        self._routed = Counter(
+            "perito_alias_routed_images",
+            "Images sent to a version through an alias, by model, alias, version and route: "
+            "primary (the alias's own version) or canary.",
+            ["model", "alias", "version", "route"],
+            registry=registry,
+        )
+
+    def route(self, name: str, ref: str) -> AliasRoute | None:
+        """The route alias `ref` of `name` is served by here now: its version, and its canary
+        once loaded (its shadow as the registry names it). None for a version number,
+        `latest` or "", or an alias this server has not served yet.
+        """
+        if ref.isdigit() or ref in ("", LATEST):
+            return None
+        return self._routes.get((name, ref))
+
     def start(self) -> None:
         """Start following alias moves (every `alias_ttl_s`)."""
         if self._watcher is None and self.settings.alias_ttl_s > 0:
             self._watcher = asyncio.create_task(self._follow_aliases(), name="alias-rollout")
 
-    async def resolve(self, name: str, ref: str) -> str:
+    async def resolve(self, name: str, ref: str, routing_key: str | None = None) -> str:
         """A concrete version for `ref` (a number, an alias, or "" for latest).
 
         An alias in use resolves to the version serving it here, so a job pinned at submission
         gets the same version `Classify` answers with.
+
+        Args:
+            routing_key: a request's routing key ("": none, a random draw) to pick between an
+                alias's version and its canary (`AliasRoute.pick`); None (a bulk job, a
+                model's metadata): the alias's own version, never its canary.
+
+        Raises:
+            NotFound: no such model, version or alias.
         """
         key = (name, ref)
         if ref.isdigit():
@@ -120,18 +183,32 @@ class ModelPool:
                 await asyncio.to_thread(self.registry.resolve, name, ref)  # NOT_FOUND if absent
                 self._checked_versions.add(key)
             return ref
-        serving = self._serving.get(key)
-        if serving is not None:
-            return serving
-        return await asyncio.to_thread(self.registry.resolve, name, ref)
+        route = self._routes.get(key)
+        if route is None:
+            return await asyncio.to_thread(self.registry.resolve, name, ref)
+        if routing_key is None:
+            return route.version
+        return route.pick(routing_key, salt=f"{name}/{ref}")
 
-    async def get(self, name: str, ref: str = "", precision: str = "") -> ServedModel:
+    async def get(
+        self,
+        name: str,
+        ref: str = "",
+        precision: str = "",
+        *,
+        routing_key: str = "",
+        images: int = 0,
+    ) -> ServedModel:
         """The served model for `name` at `ref`, loading it on first use.
 
         Args:
             precision: the request's (`selection.requested_precision`: at least as exact as
                 the server's, and required: that precision's form or a refusal); "" for the
                 server's `precision` setting (a preference).
+            routing_key: the request's routing key (`check_routing_key`), "" for none: an
+                alias with a canary sends it by `AliasRoute.pick`.
+            images: how many images the request sends, counted in
+                `perito_alias_routed_images_total` for an alias.
 
         Raises:
             InvalidArgument: a `precision` less exact than the server's, or not one.
@@ -139,7 +216,12 @@ class ModelPool:
             NotFound, ArtifactIntegrityError, ModelLoadError: as `load_model`.
         """
         asked = requested_precision(precision, self.settings.precision)
-        version = await self.resolve(name, ref)
+        route: AliasRoute | None = None
+        if ref.isdigit():
+            version = await self.resolve(name, ref)
+        else:
+            route = self._routes.get((name, ref)) or await self._first_route(name, ref)
+            version = route.pick(routing_key, salt=f"{name}/{ref}")
         if asked.required and self._models.get(name, version, asked.precision) is None:
             # Refused before loading where the manifest (or this CPU) has no such form.
             manifest = await asyncio.to_thread(self.registry.manifest, name, version)
@@ -147,9 +229,35 @@ class ModelPool:
         served = await self._get_version(name, version, asked.precision)
         # What loaded: a form that failed here gave way to another, which a requirement refuses.
         check_precision(served.model.manifest, asked, served=served.model)
-        if not ref.isdigit():
-            self._serving.setdefault((name, ref), version)
+        if route is not None:
+            self._routes.setdefault((name, ref), route)
+            if self._routed is not None and images and ref not in ("", LATEST):
+                canary = route.canary is not None and version == route.canary.version
+                part = "canary" if canary else "primary"
+                self._routed.labels(name, ref, version, part).inc(images)
         return served
+
+    def _read_route(self, name: str, ref: str) -> AliasRoute:
+        """The registry's route for alias `ref` ("" or `latest`: the latest version alone).
+
+        Raises:
+            NotFound: no such model or alias (as `ModelRegistry.resolve` words it).
+            ModelLoadError: a damaged alias record.
+        """
+        if ref in ("", LATEST):
+            return AliasRoute(self.registry.resolve(name, ref))
+        try:
+            return self.registry.route(name, ref)
+        except PeritoError:
+            self.registry.resolve(name, ref)  # the standard refusal for a missing alias
+            raise
+
+    async def _first_route(self, name: str, ref: str) -> AliasRoute:
+        """Alias `ref`'s route on its first use here, its canary loaded and warmed first (left
+        out while it fails to load): the route is kept once its version has loaded."""
+        read = await asyncio.to_thread(self._read_route, name, ref)
+        canary = await self._load_canary(name, ref, read.version, read.canary, None)
+        return AliasRoute(read.version, canary, read.shadow)
 
     async def _get_version(
         self, name: str, version: str, precision: str | None = None
@@ -173,45 +281,108 @@ class ModelPool:
                 log.exception("alias refresh failed; will try again")
 
     async def refresh_aliases(self) -> None:
-        """Roll every alias in use forward to the version the registry now names."""
-        for (name, alias), current in list(self._serving.items()):
+        """Roll every alias in use forward to the route the registry now names: a moved
+        alias's version and a new canary's are loaded and warmed before they take requests;
+        a promoted or rolled back canary takes effect here and now."""
+        for (name, alias), current in list(self._routes.items()):
             try:
-                target = await asyncio.to_thread(self.registry.resolve, name, alias)
+                target = await asyncio.to_thread(self._read_route, name, alias)
             except PeritoError as error:
                 log.warning(
                     "cannot re-read %s@%s (%s); still serving v%s",
                     name,
                     alias or "latest",
                     error.message,
-                    current,
+                    current.version,
                 )
                 continue
-            if target == current:
+            version = current.version
+            if target.version == current.version:
                 self.rollout_errors.pop((name, alias), None)
-                continue
-            failed = self.rollout_errors.get((name, alias))
-            if failed and failed.version == target and time.monotonic() < failed.retry_at:
-                continue
-            await self._roll(name, alias, current, target)
+            else:
+                failed = self.rollout_errors.get((name, alias))
+                waiting = (
+                    failed is not None
+                    and failed.version == target.version
+                    and time.monotonic() < failed.retry_at
+                )
+                if not waiting and await self._roll(name, alias, current.version, target.version):
+                    version = target.version
+            canary = await self._load_canary(name, alias, version, target.canary, current.canary)
+            shadow = target.shadow if target.shadow and target.shadow.version != version else None
+            self._routes[(name, alias)] = AliasRoute(version, canary, shadow)
 
-    async def _roll(self, name: str, alias: str, current: str, target: str) -> None:
+    async def _roll(self, name: str, alias: str, current: str, target: str) -> bool:
+        """Load and warm `target`, alias's new version: whether it loaded (if not, the reason
+        is kept in `rollout_errors` and `current` keeps serving)."""
         label = f"{name}@{alias or 'latest'}"
         log.info("%s moved v%s -> v%s: loading and warming v%s", label, current, target, target)
         started = time.perf_counter()
+        if not await self._warm(name, (name, alias), alias or "latest", target):
+            failure = self.rollout_errors[(name, alias)]
+            log.error(
+                "%s: v%s failed to load, v%s keeps serving: %s",
+                label,
+                target,
+                current,
+                failure.reason,
+            )
+            return False
+        log.info("%s now serves v%s (ready in %.1fs)", label, target, time.perf_counter() - started)
+        return True
+
+    async def _load_canary(
+        self, name: str, alias: str, version: str, wanted: Canary | None, current: Canary | None
+    ) -> Canary | None:
+        """The canary alias `alias` (serving `version`) sends requests to from now on:
+        `wanted` once its version is loaded and warmed (at once when `current` already sends
+        to that version: a new percent), None while it fails to load (the reason kept in
+        `rollout_errors`, the load retried after `ROLLOUT_RETRY_S`) or when there is none."""
+        key = (name, f"{alias}:canary")
+        if wanted is None or wanted.version == version:
+            self.rollout_errors.pop(key, None)
+            return None
+        if current is not None and current.version == wanted.version:
+            return wanted
+        failed = self.rollout_errors.get(key)
+        if failed and failed.version == wanted.version and time.monotonic() < failed.retry_at:
+            return None
+        label = f"{name}@{alias}"
+        log.info(
+            "%s: canary v%s (%g%%): loading and warming it", label, wanted.version, wanted.percent
+        )
+        started = time.perf_counter()
+        if not await self._warm(name, key, alias, wanted.version):
+            log.error(
+                "%s: canary v%s failed to load, v%s answers every request: %s",
+                label,
+                wanted.version,
+                version,
+                self.rollout_errors[key].reason,
+            )
+            return None
+        log.info(
+            "%s: canary v%s answers %g%% of requests (ready in %.1fs)",
+            label,
+            wanted.version,
+            wanted.percent,
+            time.perf_counter() - started,
+        )
+        return wanted
+
+    async def _warm(self, name: str, key: tuple[str, str], alias: str, version: str) -> bool:
+        """Load and warm `version` for a rollout: whether it loaded; why not is kept in
+        `rollout_errors[key]` (cleared on success)."""
         try:
-            await self._get_version(name, target)
+            await self._get_version(name, version)
         except Exception as error:  # noqa: BLE001 - any failure keeps the old version serving
             reason = error.message if isinstance(error, PeritoError) else repr(error)
-            self.rollout_errors[(name, alias)] = RolloutError(
-                alias or "latest", target, reason, time.monotonic() + ROLLOUT_RETRY_S
+            self.rollout_errors[key] = RolloutError(
+                alias, version, reason, time.monotonic() + ROLLOUT_RETRY_S
             )
-            log.error(
-                "%s: v%s failed to load, v%s keeps serving: %s", label, target, current, reason
-            )
-            return
-        self._serving[(name, alias)] = target
-        self.rollout_errors.pop((name, alias), None)
-        log.info("%s now serves v%s (ready in %.1fs)", label, target, time.perf_counter() - started)
+            return False
+        self.rollout_errors.pop(key, None)
+        return True
 
     async def _load(self, name: str, version: str, precision: str) -> ServedModel:
         settings = self.settings

@@ -20,10 +20,11 @@ How a model looks through the protocol (`model_metadata`):
   input size). A request sends exactly one input; it is told apart by its datatype.
 - outputs: `probabilities`, FP32 [-1, C] (C = the model's labels). With the `classification`
   parameter k it is BYTES [-1, k] of "score:index:label", best first.
-- parameters: a request may carry Perito's `precision`, `quality_policy` (`flag` or
-  `refuse`) and the quality thresholds (`min_sharpness`, ...: `QUALITY_PARAMETERS`); the
-  response carries `perito_quality`, a JSON string: per image, its measures and issues
-  (docs/trust.md#quality).
+- parameters: a request may carry Perito's `precision`, `perito_routing_key` (a string that
+  keeps requests on one version while the alias has a canary: `ROUTING_KEY_PARAMETER`),
+  `quality_policy` (`flag` or `refuse`) and the quality thresholds (`min_sharpness`, ...:
+  `QUALITY_PARAMETERS`); the response carries `perito_quality`, a JSON string: per image, its
+  measures and issues (docs/trust.md#quality).
 """
 
 from __future__ import annotations
@@ -134,6 +135,9 @@ class InferResult:
 
 QUALITY_PARAMETERS: tuple[str, ...] = ("quality_policy", *THRESHOLD_FIELDS)
 """The request parameters the photo-quality gate reads."""
+ROUTING_KEY_PARAMETER = "perito_routing_key"
+"""The request parameter holding the routing key (`ClassifyRequest.routing_key`'s): a claim
+id, say, keeps one claim on one version while the alias has a canary."""
 
 
 def quality_gate(parameters: Mapping[str, object]) -> QualityGate:

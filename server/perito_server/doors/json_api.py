@@ -37,6 +37,7 @@ from perito_server.doors.http_edge import PERITO, HttpEdge, model_ref
 from perito_server.errors import echo
 from perito_server.inference import InferenceService
 from perito_server.jobs import JOB_ID
+from perito_server.model_pool import MAX_ROUTING_KEY_CHARS
 from perito_server.openapi import Named, Operation, Parameter
 
 NDJSON = "application/x-ndjson"
@@ -132,6 +133,7 @@ ANSWER_CHECKS = {
     "top_k": {"minimum": 0},
     "confidence_threshold": {"minimum": 0, "maximum": 1},
 }
+ROUTING_KEY_CHECK = {"maxLength": MAX_ROUTING_KEY_CHARS}
 CLASSIFY = Operation(
     "classify",
     "Classify images (Classify's answer, as JSON)",
@@ -168,11 +170,12 @@ CLASSIFY = Operation(
                         "type": "number",
                         **ANSWER_CHECKS["confidence_threshold"],
                     },
+                    "routing_key": {"type": "string", **ROUTING_KEY_CHECK},
                 },
             },
         )
     },
-    checks=ANSWER_CHECKS,
+    checks={**ANSWER_CHECKS, "routing_key": ROUTING_KEY_CHECK},
     from_path=("model", "version"),
 )
 LIST_MODELS = Operation(
@@ -312,7 +315,8 @@ class JsonApi:
         self, request: Request, message: classify_pb2.ClassifyRequest
     ) -> None:
         """Files (any field name; their file names become the image ids) and the fields
-        `version`, `top_k`, `confidence_threshold`, the body bounded first."""
+        `version`, `top_k`, `confidence_threshold`, `explain`, `routing_key`, the body
+        bounded first."""
         body = await self.edge.body(request)
 
         async def replay() -> dict[str, Any]:
@@ -340,6 +344,8 @@ class JsonApi:
                     message.confidence_threshold = _form_number(key, value, float)
                 elif key == "explain":
                     message.explain = _form_flag(key, value)
+                elif key == "routing_key":
+                    message.routing_key = value
                 else:
                     raise InvalidArgument(f"unknown form field {echo(key)!r}", field=key)
         finally:

@@ -170,6 +170,9 @@ class OipServicer:
                 for name in oip_protocol.QUALITY_PARAMETERS
                 if name in request.parameters
             },
+            routing_key=parameter_value(request.parameters[oip_protocol.ROUTING_KEY_PARAMETER])
+            if oip_protocol.ROUTING_KEY_PARAMETER in request.parameters
+            else None,
         )
         response = pb.ModelInferResponse(
             model_name=result.model, model_version=result.version, id=request.id

