@@ -146,3 +146,110 @@ def test_a_canary_at_30_percent_answers_30_percent_of_calls_the_same_version_per
     calls = Counter([*first.values(), *again.values(), *over_json.values(), *over_oip.values()])
     calls += unkeyed
     assert counted == {("1", "primary"): calls["1"], ("2", "canary"): calls["2"]}
+
+
+def test_promote_and_rollback_reach_every_replica_within_one_refresh(
+    tmp_path: Path, tiny_model_file: Path
+) -> None:
+    root = tmp_path / "registry"
+    registry = registry_of(root, tiny_model_file, versions=3)
+    registry.set_canary(MODEL, "production", "2", 50)
+    keys = [f"claim-{i}" for i in range(40)]
+    with (
+        serving(root, tmp_path / "cache-a") as a,
+        serving(root, tmp_path / "cache-b") as b,
+        perito.Client(a.target, timeout=30) as client_a,
+        perito.Client(b.target, timeout=30) as client_b,
+    ):
+        split = versions_by_key(client_a, keys)
+        assert versions_by_key(client_b, keys) == split  # the replicas agree, key by key
+        assert set(split.values()) == {"1", "2"}
+
+        registry.promote_canary(MODEL, "production")
+        took = [
+            wait_for(lambda c=c: set(versions_by_key(c, keys).values()) == {"2"}, 10)  # type: ignore[misc]
+            for c in (client_a, client_b)
+        ]
+        registry.set_canary(MODEL, "production", "3", 50)
+        for c in (client_a, client_b):
+            wait_for(lambda c=c: "3" in versions_by_key(c, keys).values(), 10)  # type: ignore[misc]
+        registry.rollback_canary(MODEL, "production")
+        started = time.monotonic()
+        for c in (client_a, client_b):
+            wait_for(lambda c=c: set(versions_by_key(c, keys).values()) == {"2"}, 10)  # type: ignore[misc]
+        rolled_back = time.monotonic() - started
+
+    # Within one refresh: the alias's record re-read, nothing to load (the version is loaded);
+    # the calls that check it take part of that time too on a busy machine.
+    assert max(took) < TTL_S + 1.5 and rolled_back < TTL_S + 1.5
+
+
+def test_a_canary_that_cannot_load_leaves_every_request_on_the_alias_version(
+    tmp_path: Path, tiny_model_file: Path
+) -> None:
+    root = tmp_path / "registry"
+    registry = registry_of(root, tiny_model_file, versions=3)
+    # Versions 2 and 3 are damaged after publishing: they fail their checksum when fetched.
+    for version in ("2", "3"):
+        (root / "models" / MODEL / version / "model.pt").write_bytes(b"garbage")
+    registry.set_canary(MODEL, "production", "2", 50)  # set before the server starts
+    keys = [f"claim-{i}" for i in range(100)]
+    with serving(root, tmp_path / "cache") as server, perito.Client(server.target) as client:
+        pool = server.running.pool  # type: ignore[attr-defined]
+        at_start = versions_by_key(client, keys)
+        first_failure = pool.rollout_errors[(MODEL, "production:canary")]
+        registry.set_canary(MODEL, "production", "3", 50)  # set while it serves
+        wait_for(lambda: pool.rollout_errors[(MODEL, "production:canary")].version == "3", 10)
+        later = versions_by_key(client, keys)
+        route = pool.route(MODEL, "production")
+
+    assert set(at_start.values()) == {"1"} and set(later.values()) == {"1"}
+    assert first_failure.version == "2" and "sha256" in first_failure.reason
+    assert route.version == "1" and route.canary is None
+
+
+def test_an_evicted_version_is_loaded_again_when_its_share_comes(
+    tmp_path: Path, tiny_model_file: Path
+) -> None:
+    """One model in memory at a time: the alias's version and its canary evict each other,
+    and every request is still answered by the version its key picks."""
+    root = tmp_path / "registry"
+    registry = registry_of(root, tiny_model_file, versions=2)
+    registry.set_canary(MODEL, "production", "2", 50)
+    keys = [f"claim-{i}" for i in range(12)]
+    with (
+        serving(root, tmp_path / "cache", max_loaded_models=1) as server,
+        perito.Client(server.target, timeout=60) as client,
+    ):
+        first = versions_by_key(client, keys)
+        again = versions_by_key(client, keys)
+        loaded = server.running.pool.loaded  # type: ignore[attr-defined]
+
+    assert set(first.values()) == {"1", "2"} and again == first
+    assert len(loaded) == 1
+
+
+def test_a_job_on_a_split_alias_pins_the_alias_version(
+    tmp_path: Path, tiny_model_file: Path, redis_url: str
+) -> None:
+    root = tmp_path / "registry"
+    registry = registry_of(root, tiny_model_file, versions=2)
+    registry.set_canary(MODEL, "production", "2", 99)
+    with (
+        serving(
+            root, tmp_path / "cache", redis_url=redis_url, results_uri=str(tmp_path / "results")
+        ) as server,
+        perito.Client(server.target, timeout=30) as client,
+    ):
+        calls = [
+            result.model_version
+            for _ in range(20)
+            for result in client.classify([PHOTO], model=f"{MODEL}@production")
+        ]
+        jobs = [
+            client.submit_job([PHOTO], model=f"{MODEL}@production", inline=True).last
+            for _ in range(10)
+        ]
+
+    assert calls.count("2") >= 15  # the canary takes nearly every call...
+    assert {job.model_version for job in jobs} == {"1"}  # ...and never a job
