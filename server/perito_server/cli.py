@@ -29,6 +29,7 @@ from perito_core.cli_options import (
 )
 from perito_core.errors import PeritoError
 from perito_core.models.manifest import InputContract
+from perito_core.models.rollout import AliasRoute
 from perito_server.onnx_import import (
     check_onnx_loads,
     contract_options,
@@ -388,33 +389,96 @@ def _check_loads(model_file: Path, name: str, labels: list[str], contract: Input
     TorchScriptModel.load(model_file, draft, device="cpu", optimize=False)
 
 
+def describe_route(name: str, alias: str, route: AliasRoute) -> str:
+    """`car-damage@production -> 3, canary 4 at 5%, shadow 4 on 20% of requests`."""
+    parts = [f"{name}@{alias} -> {route.version}"]
+    if route.canary is not None:
+        parts.append(f"canary {route.canary.version} at {route.canary.percent:g}%")
+    if route.shadow is not None:
+        parts.append(f"shadow {route.shadow.version} on {route.shadow.sample:.0%} of requests")
+    return ", ".join(parts)
+
+
 @click.command("alias")
 @click.argument("name")
 @click.argument("alias")
-@click.argument("version")
+@click.argument("version", required=False)
+@click.option(
+    "--canary",
+    type=float,
+    metavar="PERCENT",
+    help="Split the alias: it keeps its version and PERCENT (above 0, below 100) of its "
+    "requests go to VERSION.",
+)
+@click.option("--promote", is_flag=True, help="Move the alias to its canary's version.")
+@click.option(
+    "--rollback", is_flag=True, help="End the canary: every request to the alias's version."
+)
 @registry_option
-def set_alias(name: str, alias: str, version: str, registry: str | None) -> None:
-    """Point ALIAS of model NAME at VERSION (a number or another alias).
+def set_alias(
+    name: str,
+    alias: str,
+    version: str | None,
+    canary: float | None,
+    promote: bool,
+    rollback: bool,
+    registry: str | None,
+) -> None:
+    """Point ALIAS of model NAME at VERSION (a number or another alias), or split it.
+
+    A move ends the alias's canary. With --canary, ALIAS keeps its version and PERCENT of
+    its requests go to VERSION (the same version for every request with one routing key);
+    --promote moves ALIAS to the canary's version, --rollback ends the canary. Servers follow
+    within their alias refresh (PERITO_ALIAS_TTL_S); each change is in the audit log.
 
     \b
     Example:
       perito models alias car-damage production 4
+      perito models alias car-damage production 5 --canary 5
+      perito models alias car-damage production --promote
     """
+    ending = promote or rollback
+    if promote and rollback:
+        raise click.UsageError("--promote and --rollback: give one")
+    if ending and (version is not None or canary is not None):
+        raise click.UsageError("--promote and --rollback take no VERSION nor --canary")
+    if not ending and version is None:
+        raise click.UsageError("give VERSION, or --promote or --rollback")
     settings = _settings(registry=registry)
     publisher = _publisher(settings, name, f"move aliases of model {name!r}")
     target = settings.open_registry()
     resource = f"models/{name}/aliases/{alias}"
+    method = "models.alias"
+    if canary is not None:
+        method = "models.alias.canary"
+    elif ending:
+        method = "models.alias.promote" if promote else "models.alias.rollback"
     try:
         before = target.aliases(name).get(alias, "")
-        target.set_alias(name, alias, version)
-        resolved = target.resolve(name, alias)
+        old = None
+        if ending or canary is not None:
+            target.resolve(name, alias)  # a missing alias refused in the registry's words
+            old = target.route(name, alias)
+        if promote:
+            route = target.promote_canary(name, alias)
+        elif rollback:
+            route = target.rollback_canary(name, alias)
+        elif canary is not None:
+            route = target.set_canary(name, alias, str(version), canary)
+        else:
+            target.set_alias(name, alias, str(version))
+            route = target.route(name, alias)
     except PeritoError as error:
-        _audit(settings, publisher.name, "models.alias", resource, error.code.name, "")
+        _audit(settings, publisher.name, method, resource, error.code.name, "")
         raise click.ClickException(error.message) from None
-    _audit(
-        settings, publisher.name, "models.alias", resource, "OK", f"{before or '-'} -> {resolved}"
-    )
-    click.echo(f"{name}@{alias} -> {resolved}")
+    if old is None:
+        detail = f"{before or '-'} -> {route.version}"
+        shown = f"{name}@{alias} -> {route.version}"
+    else:
+        detail = f"{describe_route(name, alias, old)} => {describe_route(name, alias, route)}"
+        shown = describe_route(name, alias, route)
+    _audit(settings, publisher.name, method, resource, "OK", detail)
+    click.echo(shown)
 
 
 @click.command("shadow")

@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import redis
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from prometheus_client.parser import text_string_to_metric_families
@@ -22,7 +23,7 @@ import perito
 from perito_core.models.registry import ModelRegistry
 from perito_server.settings import ServerSettings
 from tests.conftest import publish_tiny
-from tests.helpers import ServerThread, encoded
+from tests.helpers import ServerThread, encoded, run_perito, subprocess_env
 
 pytestmark = pytest.mark.integration
 
@@ -253,3 +254,42 @@ def test_a_job_on_a_split_alias_pins_the_alias_version(
 
     assert calls.count("2") >= 15  # the canary takes nearly every call...
     assert {job.model_version for job in jobs} == {"1"}  # ...and never a job
+
+
+def test_the_alias_command_splits_promotes_and_rolls_back_each_change_audited(
+    tmp_path: Path, tiny_model_file: Path, redis_url: str
+) -> None:
+    root = tmp_path / "registry"
+    registry = registry_of(root, tiny_model_file, versions=3)
+    url = redis_url.rsplit("/", 1)[0] + "/12"  # a database of its own: its records only
+    redis.Redis.from_url(url).flushdb()
+    env = subprocess_env(PERITO_REGISTRY=str(root), PERITO_REDIS_URL=url)
+
+    def alias(*args: str, check: bool = True) -> str:
+        result = run_perito("models", "alias", MODEL, "production", *args, env=env, check=check)
+        return (result.stdout if result.returncode == 0 else result.stderr).strip()
+
+    split = alias("2", "--canary", "5")
+    route_while_split = registry.route(MODEL, "production")
+    promoted = alias("--promote")
+    alias("3", "--canary", "20")
+    rolled_back = alias("--rollback")
+    nothing_to_promote = alias("--promote", check=False)
+    audit = ServerSettings(redis_url=url).open_audit().list(limit=10)
+
+    assert split == f"{MODEL}@production -> 1, canary 2 at 5%"
+    assert route_while_split.canary is not None and route_while_split.canary.percent == 5
+    assert promoted == f"{MODEL}@production -> 2"
+    assert rolled_back == f"{MODEL}@production -> 2"
+    assert registry.route(MODEL, "production").canary is None
+    assert "has no canary to promote" in nothing_to_promote
+    assert [(r.method, r.outcome) for r in reversed(audit)] == [
+        ("models.alias.canary", "OK"),
+        ("models.alias.promote", "OK"),
+        ("models.alias.canary", "OK"),
+        ("models.alias.rollback", "OK"),
+        ("models.alias.promote", "FAILED_PRECONDITION"),
+    ]
+    assert audit[1].detail == (
+        f"{MODEL}@production -> 2, canary 3 at 20% => {MODEL}@production -> 2"
+    )
