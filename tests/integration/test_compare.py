@@ -33,14 +33,14 @@ class MeanColour(nn.Module):
     red, green, blue; version 2 reads green and blue swapped: it calls green images blue and
     blue ones green, and agrees on red ones only)."""
 
-    order: torch.Tensor
-
     def __init__(self, order: tuple[int, int, int]) -> None:
         super().__init__()
-        self.register_buffer("order", torch.tensor(order))
+        self.first, self.second, self.third = order
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return 8.0 * x.mean(dim=(2, 3))[:, self.order]
+        colour = x.mean(dim=(2, 3))
+        channels = [colour[:, self.first], colour[:, self.second], colour[:, self.third]]
+        return 8.0 * torch.stack(channels, dim=1)
 
 
 def publish_colour_versions(stores: Stores) -> None:
