@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     )
     from perito._jobs import JobTimeoutError
     from perito._models import (
+        AliasRollout,
         Classification,
         Explanation,
         Job,
@@ -73,6 +74,7 @@ _HOMES = {
     "JobTimeoutError": "perito._jobs",
     **dict.fromkeys(
         [
+            "AliasRollout",
             "Classification",
             "Explanation",
             "Job",
@@ -105,6 +107,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "AliasRollout",
     "AlreadyExistsError",
     "AsyncClient",
     "AsyncJobHandle",

@@ -304,6 +304,13 @@ def _print_model(model: Model) -> None:
             f"  v{version.version}{aliases}{loaded}  {created}  {len(version.labels)} classes  "
             f"input {version.input_height}x{version.input_width}  sha256 {version.sha256[:12]}"
         )
+    for alias, rollout in sorted(model.rollouts.items()):
+        parts = [f"{alias} -> v{model.aliases.get(alias, '?')}"]
+        if rollout.canary_version:
+            parts.append(f"canary v{rollout.canary_version} at {rollout.canary_percent:g}%")
+        if rollout.shadow_version:
+            parts.append(f"shadow v{rollout.shadow_version} on {rollout.shadow_sample:.0%}")
+        click.echo(f"  rollout {', '.join(parts)}")
     latest = model.versions[-1]
     if latest.description:
         click.echo(f"\n{latest.description}")

@@ -327,13 +327,31 @@ def _json_numbers(value: Any) -> Any:
 
 
 @dataclass(frozen=True)
+class AliasRollout:
+    """What an alias sends to versions other than its own during a rollout: a canary that
+    answers `canary_percent` (0 to 100) of its requests, a shadow run on `shadow_sample`
+    (0 to 1) of them after they are answered; a version is "" where there is none."""
+
+    canary_version: str = ""
+    canary_percent: float = 0.0
+    shadow_version: str = ""
+    shadow_sample: float = 0.0
+
+    @classmethod
+    def _from_proto(cls, message: models_pb2.AliasRollout) -> AliasRollout:
+        return cls(**_same(message, "canary_version canary_percent shadow_version shadow_sample"))
+
+
+@dataclass(frozen=True)
 class Model:
-    """A model, its aliases and its versions (oldest first)."""
+    """A model, its aliases and its versions (oldest first); `rollouts`: the aliases that
+    have a canary or a shadow, by alias (`aliases` names each alias's own version)."""
 
     name: str
     latest_version: str
     aliases: dict[str, str]
     versions: list[ModelVersion]
+    rollouts: dict[str, AliasRollout] = field(default_factory=dict)
 
     @classmethod
     def _from_proto(cls, message: models_pb2.Model) -> Model:
@@ -341,6 +359,7 @@ class Model:
             **_same(message, "name latest_version"),
             aliases=dict(message.aliases),
             versions=[ModelVersion._from_proto(v) for v in message.versions],
+            rollouts={a: AliasRollout._from_proto(r) for a, r in message.rollouts.items()},
         )
 
 

@@ -64,7 +64,7 @@ from perito_server.errors import echo
 from perito_server.explanations import OCCLUSION, explain
 from perito_server.jobs import JobService
 from perito_server.metrics import ServerMetrics
-from perito_server.model_pool import ModelPool, ServedModel, check_routing_key
+from perito_server.model_pool import ModelPool, ServedModel, alias_rollouts, check_routing_key
 from perito_server.oip_protocol import (
     IMAGES_INPUT,
     PIXELS_INPUT,
@@ -1182,7 +1182,10 @@ class InferenceService:
 
         manifests, aliases = await asyncio.to_thread(read)
         loaded = {version for model, version in self.pool.loaded if model == name}
-        model = models_pb2.Model(name=name, latest_version=manifests[-1].version, aliases=aliases)
+        rollouts = await asyncio.to_thread(alias_rollouts, registry, name, aliases)
+        model = models_pb2.Model(
+            name=name, latest_version=manifests[-1].version, aliases=aliases, rollouts=rollouts
+        )
         for manifest in manifests:
             created = timestamp_pb2.Timestamp()
             created.FromDatetime(manifest.created_at)

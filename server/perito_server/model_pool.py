@@ -26,13 +26,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter
 
+from perito.v1 import models_pb2
 from perito_core.errors import InvalidArgument, PeritoError
 from perito_core.models.cache import ModelCache
 from perito_core.models.engines.base import LoadedModel
@@ -97,6 +98,31 @@ def check_routing_key(key: object, field: str = "routing_key") -> str:
             f"{field}: {len(key)} characters; the limit is {MAX_ROUTING_KEY_CHARS}", field=field
         )
     return key
+
+
+def alias_rollouts(
+    registry: ModelRegistry, name: str, aliases: Iterable[str]
+) -> dict[str, models_pb2.AliasRollout]:
+    """`GetModel`'s `rollouts`: each of `aliases` of `name` that has a canary or a shadow, as
+    the registry holds it now (one read per alias; one gone or damaged meanwhile is left out).
+    """
+    rollouts = {}
+    for alias in aliases:
+        try:
+            route = registry.route(name, alias)
+        except PeritoError:
+            continue
+        if route.canary is None and route.shadow is None:
+            continue
+        rollout = models_pb2.AliasRollout()
+        if route.canary is not None:
+            rollout.canary_version = route.canary.version
+            rollout.canary_percent = route.canary.percent
+        if route.shadow is not None:
+            rollout.shadow_version = route.shadow.version
+            rollout.shadow_sample = route.shadow.sample
+        rollouts[alias] = rollout
+    return rollouts
 
 
 @dataclass

@@ -293,3 +293,22 @@ def test_the_alias_command_splits_promotes_and_rolls_back_each_change_audited(
     assert audit[1].detail == (
         f"{MODEL}@production -> 2, canary 3 at 20% => {MODEL}@production -> 2"
     )
+
+
+def test_models_show_names_each_alias_canary_and_shadow(
+    tmp_path: Path, tiny_model_file: Path
+) -> None:
+    root = tmp_path / "registry"
+    registry = registry_of(root, tiny_model_file, versions=3)
+    registry.set_alias(MODEL, "staging", "3")
+    registry.set_canary(MODEL, "production", "2", 30)
+    registry.set_shadow(MODEL, "production", "3", 0.2)
+    with serving(root, tmp_path / "cache") as server:
+        with perito.Client(server.target) as client:
+            model = client.get_model(MODEL)
+        shown = run_perito("models", "show", MODEL, "--server", server.target, env=subprocess_env())
+
+    assert model.aliases == {"production": "1", "staging": "3"}
+    assert model.rollouts == {"production": perito.AliasRollout("2", 30.0, "3", 0.2)}
+    assert "  rollout production -> v1, canary v2 at 30%, shadow v3 on 20%\n" in shown.stdout
+    assert "rollout staging" not in shown.stdout
