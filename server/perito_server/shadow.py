@@ -139,7 +139,7 @@ class ShadowTraffic:
 
     Args:
         pool: the server's model pool (candidates load and run through it).
-        settings: `shadow_queue_images`, `alias_ttl_s`, image limits.
+        settings: `shadow_queue_images`, `max_batch_size`, `max_loaded_models`, image limits.
         client: the Redis the comparisons are added to (`ComparisonStore`).
         registry: the server's metrics registry, or None.
     """
@@ -165,9 +165,6 @@ class ShadowTraffic:
         # (model, candidate) -> its input spec, once loaded; -> when to try loading again.
         self._specs: dict[tuple[str, str], InputSpec] = {}
         self._retry_at: dict[tuple[str, str], float] = {}
-        # (model, alias) -> its route as last read (None: none); first reads in flight.
-        self._routes: dict[tuple[str, str], AliasRoute | None] = {}
-        self._reading: set[asyncio.Task[None]] = set()
         self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
@@ -177,19 +174,15 @@ class ShadowTraffic:
                 asyncio.create_task(self._run(), name="shadow-runner"),
                 asyncio.create_task(self._flush_every(), name="shadow-flush"),
             ]
-            if self.settings.alias_ttl_s > 0:
-                self._tasks.append(asyncio.create_task(self._follow_routes(), name="shadow-routes"))
 
     async def close(self) -> None:
         """Stop the runner (the queued images are dropped) and add the last counts."""
-        tasks = [*self._tasks, *self._reading]
-        for task in tasks:
+        for task in self._tasks:
             task.cancel()
-        for task in tasks:
+        for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
-        self._reading.clear()
         self._queue.clear()
         self.queued = 0
         await self._flush()
@@ -240,33 +233,9 @@ class ShadowTraffic:
         self._wakeup.set()
 
     def route(self, model: str, ref: str) -> AliasRoute | None:
-        """The route of `model@ref` as this replica serves it (None: a version number,
-        latest, or an alias not read yet)."""
-        if not ref or ref == "latest" or ref.isdigit():
-            return None
-        key = (model, ref)
-        if key not in self._routes:
-            # First use: read now in the background, then with the others every alias_ttl_s.
-            self._routes[key] = None
-            task = asyncio.create_task(self._read_route(key), name="shadow-route")
-            self._reading.add(task)
-            task.add_done_callback(self._reading.discard)
-        return self._routes[key]
-
-    async def _read_route(self, key: tuple[str, str]) -> None:
-        try:
-            route: AliasRoute | None = await asyncio.to_thread(self.pool.registry.route, *key)
-        except Exception as error:  # noqa: BLE001 - no route read: no shadow
-            log.debug("shadow: cannot read the route of %s@%s: %s", *key, error)
-            route = None
-        self._routes[key] = route
-
-    async def _follow_routes(self) -> None:
-        """Re-read every route in use each `alias_ttl_s` (as the pool re-reads aliases)."""
-        while True:
-            await asyncio.sleep(self.settings.alias_ttl_s)
-            for key in list(self._routes):
-                await self._read_route(key)
+        """The route of `model@ref` as this replica serves it (`ModelPool.route`, re-read
+        every `alias_ttl_s`; None for a version number, latest, or an alias not served)."""
+        return self.pool.route(model, ref)
 
     # The runner.
 
