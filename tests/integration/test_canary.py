@@ -312,3 +312,34 @@ def test_models_show_names_each_alias_canary_and_shadow(
     assert model.rollouts == {"production": perito.AliasRollout("2", 30.0, "3", 0.2)}
     assert "  rollout production -> v1, canary v2 at 30%, shadow v3 on 20%\n" in shown.stdout
     assert "rollout staging" not in shown.stdout
+
+
+def test_a_routing_key_over_256_characters_is_refused_naming_its_field(
+    tmp_path: Path, tiny_model_file: Path
+) -> None:
+    root = tmp_path / "registry"
+    registry_of(root, tiny_model_file, versions=1)
+    long_key = "k" * 257
+    with serving(root, tmp_path / "cache", http_port=0) as server:
+        with (
+            perito.Client(server.target) as client,
+            pytest.raises(perito.InvalidArgumentError) as sdk,
+        ):
+            client.classify([PHOTO], model=f"{MODEL}@production", routing_key=long_key)
+        http = f"http://127.0.0.1:{server.running.http_port}"  # type: ignore[attr-defined]
+        body = {
+            "inputs": [
+                {
+                    "name": "images",
+                    "shape": [1],
+                    "datatype": "BYTES",
+                    "data": [base64.b64encode(PHOTO).decode()],
+                }
+            ],
+            "parameters": {"perito_routing_key": long_key},
+        }
+        oip = httpx.post(f"{http}/v2/models/{MODEL}/versions/production/infer", json=body)
+
+    assert [v.field for v in sdk.value.violations] == ["routing_key"]
+    assert "257 characters; the limit is 256" in str(sdk.value)
+    assert oip.status_code == 400 and "perito_routing_key" in oip.json()["error"]
