@@ -8,6 +8,7 @@ dark red or dark green, so the candidate agrees on exactly 70% of them:
 - with the shadow at sample 1.0, the agreement recorded in Redis (`ComparisonStore`, what
   `perito models compare` reads) and on /metrics is 70% within 2 points, and the confusion
   names the swapped labels; every caller's answer comes from the incumbent and names it;
+- the OIP doors (gRPC and REST, pixels sent) are shadowed as Classify is;
 - a shadow queue too small for a request sheds its images and counts them, and no call fails;
 - stopping the shadow stops the comparisons within one alias refresh;
 - `perito models shadow` sets and stops a shadow, prints the route and audits each change.
@@ -228,6 +229,35 @@ def test_a_shadow_s_agreement_is_recorded_and_callers_get_the_incumbent(
     # Callers were answered by the incumbent, which names itself.
     assert {answer.model_version for answer in answers} == {"1"}
     assert [answer.label for answer in answers] == colours
+
+
+def test_both_oip_doors_are_shadowed_and_answered_by_the_incumbent(
+    registry: ModelRegistry, registry_root: Path, tmp_path: Path, redis_url: str
+) -> None:
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+
+    photos, colours, dark = images(10, seed=4)
+    pixels = np.stack(photos)
+    registry.set_shadow(MODEL, "production", "2", 1.0)
+    with serving(registry_root, tmp_path, redis_url, http_port=0) as server:
+        http_url = f"127.0.0.1:{server.running.http_port}"  # type: ignore[attr-defined]
+        answered = []
+        for module, url in ((grpcclient, server.target), (httpclient, http_url)):
+            tensor = module.InferInput("pixels", list(pixels.shape), "UINT8")
+            tensor.set_data_from_numpy(pixels)
+            client = module.InferenceServerClient(url)
+            result = client.infer(MODEL, [tensor], model_version="production")
+            response = result.get_response()
+            version = response["model_version"] if isinstance(response, dict) else None
+            answered.append(version or response.model_version)
+            top = result.as_numpy("probabilities").argmax(axis=1)
+            assert [LABELS[i] for i in top] == colours
+        wait_for(lambda: metric(server, COMPARED, **PAIR) == 2 * len(photos))
+        agreed = metric(server, AGREED, **PAIR)
+
+    assert answered == ["1", "1"]
+    assert agreed == 2 * (len(photos) - dark)
 
 
 def test_a_full_shadow_queue_sheds_and_counts_and_fails_no_call(
