@@ -7,10 +7,12 @@ last). The offer never delays, fails or changes the caller's answer: it only app
 request's images to a bounded queue (`shadow_queue_images`), or counts them shed when there is
 no room.
 
-One background task empties the queue: it loads the candidate through the model pool (off the
-caller's path), runs its images through the candidate's batcher in the low-priority lane (the
-one explanations use, taken only while no normal request is queued, so shadow work is the
-first shed under load), and compares both answers image by image (`Comparison`: same top-1
+One background task empties the queue whenever no caller's image is admitted to any model of
+the server (so under sustained load the queue fills and the shadow's work is the first shed):
+it loads the candidate through the model pool (off the caller's path), runs its images through
+the candidate's batcher in the low-priority lane (the one explanations use, taken only while no
+normal request is queued, so a caller arriving meanwhile waits for one batch at most), and
+compares both answers image by image (`Comparison`: same top-1
 label, the incumbent-by-candidate confusion, the confidence shift). The counts go to
 
 - Prometheus, on the server's registry: `perito_shadow_compared_total`,
@@ -57,6 +59,8 @@ log = logging.getLogger(__name__)
 
 # Seconds between two flushes of the comparisons to Redis.
 FLUSH_S = 1.0
+# Seconds between two looks, while callers keep the server busy, for a moment without them.
+IDLE_POLL_S = 0.005
 # Seconds before a candidate that failed to load is tried again.
 LOAD_RETRY_S = 60.0
 # Upper bounds of the confidence-shift histogram: -1.0, -0.9, ..., 1.0.
@@ -260,12 +264,20 @@ class ShadowTraffic:
         self.queued -= size
         return taken
 
+    def _busy(self) -> bool:
+        """Whether any caller's image is admitted to a model of this server and unanswered."""
+        return any(served.batcher.admitted for served in self.pool.served())
+
     async def _run(self) -> None:
         while True:
             if not self._queue:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
+            # Only between callers' requests: while they keep the server busy the queue fills
+            # and what does not fit is shed (queue_full) instead of taking their cores.
+            while self._busy():  # noqa: ASYNC110 - no batcher signals an idle moment
+                await asyncio.sleep(IDLE_POLL_S)
             offers = self._take()
             try:
                 await self._compare(offers)
