@@ -30,6 +30,7 @@ from perito_core.access.tenancy import Tenant
 from perito_core.errors import FailedPrecondition, PeritoError
 from perito_core.jobs.store import ItemResult, Job, JobStore
 from perito_core.models.comparison import SHIFT_BINS, Comparison, ComparisonStore
+from perito_core.plots import confusion_heatmap
 from perito_server.jobs import JobService
 from perito_server.model_pool import ModelPool
 from perito_server.settings import ServerSettings
@@ -212,59 +213,35 @@ def _failed_lines(report: Report) -> list[str]:
 
 
 def plot_confusion(comparison: Comparison, path: Path) -> Path:
-    """Write the confusion as a heat map PNG at `path`: the incumbent's top-1 labels as rows,
-    the candidate's as columns, each cell's images written in it and coloured by its share
-    of the row. The figure is (n + 3) x (n + 2) inches at 100 dots an inch for n labels on
-    the longer side (at least 4), so its size says how many labels it holds.
+    """Write the confusion as a heat map PNG at `path` (`perito_core.plots.confusion_heatmap`):
+    every label either version answered, in one order on both axes, the incumbent's as rows
+    and the candidate's as columns, so agreement is the diagonal; each cell coloured by its
+    share of the row. The figure is (n x 0.6 + 3) x (n x 0.6 + 2) inches at 100 dots an inch
+    for n labels (at least 4), so its size says how many labels it holds.
 
     Raises:
         RuntimeError: matplotlib is not installed (perito[serve] declares it).
         OSError: `path` cannot be written.
     """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")  # files only: no display needed
-        import matplotlib.pyplot as plt
-    except ImportError as error:  # pragma: no cover - a declared dependency of perito[serve]
-        raise RuntimeError(f"--plot needs matplotlib ({error})") from None
     rows, columns = comparison.labels()
+    labels = sorted(set(rows) | set(columns))
     counts = np.array(
-        [[comparison.confusion.get((a, b), 0) for b in columns] for a in rows], dtype=np.int64
-    ).reshape(len(rows), len(columns))
-    totals = counts.sum(axis=1, keepdims=True)
-    shares = np.divide(counts, totals, out=np.zeros(counts.shape, dtype=float), where=totals > 0)
-    side = max(4, len(rows), len(columns))
-    figure, axes = plt.subplots(figsize=(side * 0.6 + 3, side * 0.6 + 2), dpi=100)
-    image = axes.imshow(shares, cmap="Blues", vmin=0, vmax=1, aspect="auto")
-    figure.colorbar(image, ax=axes, label=f"share of version {comparison.incumbent}'s answer")
-    axes.set_xticks(range(len(columns)), columns, rotation=45, ha="right")
-    axes.set_yticks(range(len(rows)), rows)
+        [[comparison.confusion.get((a, b), 0) for b in labels] for a in labels], dtype=np.int64
+    ).reshape(len(labels), len(labels))
     agreement = comparison.agreement
     title = f"{comparison.model}: {comparison.compared:,} images"
     if agreement is not None:
         title += f", {_percent(agreement)} agree"
-    axes.set(
+    return confusion_heatmap(
+        counts,
+        labels,
+        labels,
+        path,
         xlabel=f"version {comparison.candidate} (candidate)",
         ylabel=f"version {comparison.incumbent} (incumbent)",
         title=title,
+        colorbar=f"share of version {comparison.incumbent}'s answer",
     )
-    for i in range(len(rows)):
-        for j in range(len(columns)):
-            axes.text(
-                j,
-                i,
-                f"{counts[i, j]:,}",
-                ha="center",
-                va="center",
-                fontsize=8,
-                color="white" if shares[i, j] > 0.5 else "black",
-            )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
 
 
 def comparison_store(settings: ServerSettings) -> ComparisonStore:

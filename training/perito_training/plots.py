@@ -12,6 +12,7 @@ matplotlib.use("Agg")  # files only: no display needed
 import matplotlib.pyplot as plt
 import numpy as np
 
+from perito_core.plots import confusion_heatmap
 from perito_training.metrics import reliability, roc_curve
 
 
@@ -32,28 +33,18 @@ def learning_curves(history: list[dict[str, float]], path: Path) -> Path:
 
 
 def confusion_matrix(matrix: list[list[int]], labels: list[str], path: Path) -> Path:
-    counts = np.asarray(matrix)
-    size = max(4.0, 0.6 * len(labels) + 2)
-    figure, axes = plt.subplots(figsize=(size + 1, size))
-    rows = counts.sum(axis=1, keepdims=True)
-    shares = np.divide(counts, rows, out=np.zeros_like(counts, dtype=float), where=rows > 0)
-    image = axes.imshow(shares, cmap="Blues", vmin=0, vmax=1)
-    figure.colorbar(image, ax=axes, label="share of the true class")
-    axes.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
-    axes.set_yticks(range(len(labels)), labels)
-    axes.set(xlabel="predicted", ylabel="true", title="Confusion matrix (test)")
-    for i in range(len(labels)):
-        for j in range(len(labels)):
-            axes.text(
-                j,
-                i,
-                str(counts[i, j]),
-                ha="center",
-                va="center",
-                fontsize=8,
-                color="white" if shares[i, j] > 0.5 else "black",
-            )
-    return _save(figure, path)
+    """The test split's confusion matrix (true classes as rows) as a heat map PNG."""
+    return confusion_heatmap(
+        np.asarray(matrix),
+        labels,
+        labels,
+        path,
+        xlabel="predicted",
+        ylabel="true",
+        title="Confusion matrix (test)",
+        colorbar="share of the true class",
+        dpi=110,
+    )
 
 
 def roc_curves(
