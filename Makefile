@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install system-deps proto sdk docs demo test unit integration scenarios lint format bench bench-trust bench-shadow faults train-fashion-mnist clean deploy-secrets compose-up
+.PHONY: install system-deps proto sdk docs demo demo-rollout test unit integration scenarios lint format bench bench-trust bench-shadow faults train-fashion-mnist clean deploy-secrets compose-up
 
 install: system-deps $(STAMP)
 
@@ -53,6 +53,11 @@ docs: $(STAMP)
 
 demo: install
 	$(BIN)/python scripts/demo.py
+
+# Rolling out a second version on the demo's registry: shadow, compare, canary, promote, drift
+# (docs/rollouts.md quotes a run).
+demo-rollout: install
+	$(BIN)/python scripts/rollout_demo.py
 
 # deploy/secrets/ (gitignored): TLS certificate, tenants file with an admin tenant (token in
 # admin.token), random MinIO credentials, Kubernetes Secrets. Made once; never replaced.
