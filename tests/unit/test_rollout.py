@@ -61,7 +61,7 @@ def test_canary_promote_and_rollback(registry: ModelRegistry) -> None:
 def test_bad_canaries_are_refused_naming_what(registry: ModelRegistry) -> None:
     with pytest.raises(InvalidArgument, match="already serves version 1"):
         registry.set_canary("car-damage", "production", "1", 5)
-    for percent in (0, 100, -1, float("nan")):
+    for percent in (0, 100, -1, float("nan"), 99.999, 0.001):
         with pytest.raises(InvalidArgument) as refused:
             registry.set_canary("car-damage", "production", "2", percent)
         assert refused.value.field == "canary"

@@ -18,6 +18,7 @@ record within one alias refresh.
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from typing import Any
@@ -92,14 +93,18 @@ class AliasRoute:
 
 
 def check_percent(percent: float) -> float:
-    """A canary share, checked: 0 < percent < 100, at most two decimals kept.
+    """A canary share, checked: 0 < percent < 100 once rounded to the two decimals kept.
 
     Raises:
         ValueError: out of range or not a number.
     """
-    if not 0.0 < percent < 100.0:
-        raise ValueError(f"a canary percent must be above 0 and below 100, not {percent}")
-    return round(percent, 2)
+    kept = round(percent, 2) if math.isfinite(percent) else percent
+    # Checked as kept: 99.999 would be stored as 100, a record no server could read.
+    if not 0.0 < kept < 100.0:
+        raise ValueError(
+            f"a canary percent must be above 0 and below 100 (two decimals), not {percent}"
+        )
+    return kept
 
 
 def check_sample(sample: float) -> float:
