@@ -114,8 +114,12 @@ class ServerSettings(CommonSettings):
     prediction_log_flush_s: float = Field(1.0, gt=0, description="a batch's longest wait")
     prediction_log_sweep_interval_s: float = Field(3600.0, gt=0)
     prediction_log_close_s: float = Field(5.0, ge=0, description="flush time at shutdown")
-    # Images queued for shadow versions and not yet run (perito_server.shadow); more are shed.
+    # Images queued for shadow versions and not yet run, and the bytes they hold
+    # (perito_server.shadow); what does not fit either is shed.
     shadow_queue_images: int = Field(256, ge=1, description="images queued for shadows at most")
+    shadow_queue_bytes: int = Field(
+        64 * 1024 * 1024, ge=1, description="bytes (pixels, encoded images) queued for shadows"
+    )
     # How often the drift gauges are recomputed from the shared windows (docs/monitoring.md).
     drift_interval_s: float = Field(15.0, gt=0, description="0 < s; the drift monitor's period")
 

@@ -4,8 +4,9 @@ When an alias's route names a shadow (`perito_core.models.rollout.Shadow`, set w
 `perito models shadow`), each request the alias answers is, with probability `sample`, offered
 here once the incumbent has answered it (`InferenceService.infer` calls `ShadowTraffic.offer`
 last). The offer never delays, fails or changes the caller's answer: it only appends the
-request's images to a bounded queue (`shadow_queue_images`), or counts them shed when there is
-no room.
+request's images to a queue bounded in images (`shadow_queue_images`) and in the bytes it holds
+(`shadow_queue_bytes`: the pixels and encoded images kept, outside the batchers' byte budget),
+or counts them shed (`queue_full`) when either has no room.
 
 One background task empties the queue whenever no caller's image is admitted to any model of
 the server (so under sustained load the queue fills and the shadow's work is the first shed):
@@ -16,15 +17,18 @@ compares both answers image by image (`Comparison`: same top-1
 label, the incumbent-by-candidate confusion, the confidence shift). The counts go to
 
 - Prometheus, on the server's registry: `perito_shadow_compared_total`,
-  `perito_shadow_agreed_total`, `perito_shadow_confusion_total`,
+  `perito_shadow_agreed_total`, `perito_shadow_confusion_total` (only the images the two
+  answered differently, by both labels; at most `CONFUSION_PAIRS` label pairs per version pair
+  on a server, the rest under `OTHER`, so a 1,000-class model cannot make a million series),
   `perito_shadow_confidence_shift` and `perito_shadow_shed_total` (reason: `queue_full`, no
   room in the shadow queue or the candidate's low-priority lane; `load_failed`, the candidate
   could not be loaded, tried again after `LOAD_RETRY_S`; `no_room`, loading it would evict a
   model already held; `input_differs`, pixels sent at the incumbent's size for a candidate
   whose input differs; `not_finite`, an answer holding NaN or infinity on either side, not
   compared; `failed`, any other failure);
-- Redis (`ComparisonStore`, summed over every replica), added every `FLUSH_S` seconds in one
-  round trip per version pair, off the event loop; a failed flush loses only its own counts.
+- Redis (`ComparisonStore`, summed over every replica, the whole confusion matrix), added
+  every `FLUSH_S` seconds in one round trip per version pair, off the event loop; a failed
+  flush loses only its own counts.
 
 A shadow stopped in the registry stops being offered images within one alias refresh, and the
 images still queued for it are dropped, not run.
@@ -65,6 +69,12 @@ IDLE_POLL_S = 0.005
 LOAD_RETRY_S = 60.0
 # Upper bounds of the confidence-shift histogram: -1.0, -0.9, ..., 1.0.
 SHIFT_BUCKETS = tuple(round(-1.0 + i / 10, 1) for i in range(21))
+# Distinct (incumbent label, candidate label) disagreements a server exports per version pair in
+# perito_shadow_confusion_total; the others are counted under OTHER (Redis keeps them all).
+CONFUSION_PAIRS = 100
+# The label both sides of the confusion's overflow series carry (not a valid class name of a
+# model that has one called "other").
+OTHER = "(other)"
 
 QUEUE_FULL = "queue_full"
 LOAD_FAILED = "load_failed"
@@ -97,6 +107,34 @@ class _Offer:
     def size(self) -> int:
         return len(self.probabilities)
 
+    @property
+    def nbytes(self) -> int:
+        """The bytes the offer keeps alive: pixels, encoded images and probabilities."""
+        held = sum(p.nbytes for p in self.probabilities)
+        held += sum(p.nbytes for p in self.pixels or ())
+        return held + sum(len(c) for c in self.contents or ())
+
+
+class ConfusionPairs:
+    """Which label pairs a server exports in `perito_shadow_confusion_total`: the first
+    `limit` distinct disagreements of each version pair by their own labels, every later one
+    as (`OTHER`, `OTHER`)."""
+
+    def __init__(self, limit: int = CONFUSION_PAIRS) -> None:
+        self.limit = limit
+        self._seen: dict[tuple[str, str, str], set[tuple[str, str]]] = {}
+
+    def labels(self, pair: tuple[str, str, str], incumbent: str, candidate: str) -> tuple[str, str]:
+        """The (incumbent_label, candidate_label) to count a disagreement of `pair` (model,
+        incumbent version, candidate version) under."""
+        seen = self._seen.setdefault(pair, set())
+        if (incumbent, candidate) in seen:
+            return incumbent, candidate
+        if len(seen) < self.limit:
+            seen.add((incumbent, candidate))
+            return incumbent, candidate
+        return OTHER, OTHER
+
 
 class ShadowMetrics:
     """The shadow's Prometheus families, registered on the server's registry (present in a
@@ -118,7 +156,9 @@ class ShadowMetrics:
         )
         self.confusion = Counter(
             "perito_shadow_confusion",
-            "Images compared, by the incumbent's top-1 label and the candidate's.",
+            "Images the incumbent and its shadow answered with different top-1 labels, by both "
+            f"labels: at most {CONFUSION_PAIRS} label pairs per version pair, the rest under "
+            f"{OTHER}.",
             [*pair, "incumbent_label", "candidate_label"],
             registry=registry,
         )
@@ -143,7 +183,8 @@ class ShadowTraffic:
 
     Args:
         pool: the server's model pool (candidates load and run through it).
-        settings: `shadow_queue_images`, `max_batch_size`, `max_loaded_models`, image limits.
+        settings: `shadow_queue_images`, `shadow_queue_bytes`, `max_batch_size`,
+            `max_loaded_models`, image limits.
         client: the Redis the comparisons are added to (`ComparisonStore`).
         registry: the server's metrics registry, or None.
     """
@@ -161,8 +202,11 @@ class ShadowTraffic:
         self.store = ComparisonStore(client)
         self.metrics = ShadowMetrics(registry)
         self.capacity = settings.shadow_queue_images
+        self.capacity_bytes = settings.shadow_queue_bytes
         self._queue: collections.deque[_Offer] = collections.deque()
         self.queued = 0  # images in the queue
+        self.queued_bytes = 0  # what they hold (`_Offer.nbytes`)
+        self._confusion = ConfusionPairs()
         self._wakeup = asyncio.Event()
         # (model, incumbent, candidate) -> counts not yet added to Redis.
         self._pending: dict[tuple[str, str, str], Comparison] = {}
@@ -188,14 +232,15 @@ class ShadowTraffic:
                 await task
         self._tasks = []
         self._queue.clear()
-        self.queued = 0
+        self.queued = self.queued_bytes = 0
         await self._flush()
 
     # The caller's side: never raises, never waits.
 
     def offer(self, ref: str, images: Sequence[bytes] | np.ndarray, inference: Inference) -> None:
         """Queue `inference`'s images for the shadow of `ref`'s route, if it has one and its
-        sample draws them; count them shed when the queue has no room.
+        sample draws them; count them shed when the queue has no room for their images or
+        their bytes.
 
         Args:
             ref: the version reference the caller asked for (an alias; a version number or
@@ -220,20 +265,24 @@ class ShadowTraffic:
         spec = inference.manifest.input.spec()
         known = self._specs.get((inference.model, shadow.version))
         encoded = None if isinstance(images, np.ndarray) else images
-        self._queue.append(
-            _Offer(
-                inference.model,
-                ref,
-                inference.version,
-                shadow.version,
-                inference.manifest.labels,
-                spec,
-                inference.probabilities,
-                inference.pixels if known is None or known == spec else None,
-                encoded if known is None or known != spec else None,
-            )
+        offer = _Offer(
+            inference.model,
+            ref,
+            inference.version,
+            shadow.version,
+            inference.manifest.labels,
+            spec,
+            inference.probabilities,
+            inference.pixels if known is None or known == spec else None,
+            encoded if known is None or known != spec else None,
         )
+        held = offer.nbytes
+        if self.queued_bytes + held > self.capacity_bytes:
+            self.metrics.shed.labels(inference.model, shadow.version, QUEUE_FULL).inc(size)
+            return
+        self._queue.append(offer)
         self.queued += size
+        self.queued_bytes += held
         self._wakeup.set()
 
     def route(self, model: str, ref: str) -> AliasRoute | None:
@@ -252,7 +301,7 @@ class ShadowTraffic:
         """The next offers to run together: the queue's first and those after it for the
         same version pair, up to `max_batch_size` images in all."""
         first = self._queue.popleft()
-        taken, size = [first], first.size
+        taken, size, held = [first], first.size, first.nbytes
         key = (first.model, first.alias, first.incumbent, first.candidate)
         while self._queue:
             after = self._queue[0]
@@ -261,7 +310,9 @@ class ShadowTraffic:
                 break
             taken.append(self._queue.popleft())
             size += after.size
+            held += after.nbytes
         self.queued -= size
+        self.queued_bytes -= held
         return taken
 
     def _busy(self) -> bool:
@@ -382,7 +433,9 @@ class ShadowTraffic:
         metrics.agreed.labels(*pair).inc(sum(a == b for a, b, _ in rows))
         shift = metrics.shift.labels(*pair)
         for incumbent_label, candidate_label, moved in rows:
-            metrics.confusion.labels(*pair, incumbent_label, candidate_label).inc()
+            if incumbent_label != candidate_label:
+                shown = self._confusion.labels(pair, incumbent_label, candidate_label)
+                metrics.confusion.labels(*pair, *shown).inc()
             shift.observe(moved)
 
     # The flusher.

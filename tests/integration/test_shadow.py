@@ -7,9 +7,11 @@ dark red or dark green, so the candidate agrees on exactly 70% of them:
 
 - with the shadow at sample 1.0, the agreement recorded in Redis (`ComparisonStore`, what
   `perito models compare` reads) and on /metrics is 70% within 2 points, and the confusion
-  names the swapped labels; every caller's answer comes from the incumbent and names it;
+  names the swapped labels (on /metrics only disagreements); every caller's answer comes from
+  the incumbent and names it;
 - the OIP doors (gRPC and REST, pixels sent) are shadowed as Classify is;
-- a shadow queue too small for a request sheds its images and counts them, and no call fails;
+- a shadow queue too small for a request, in images or in bytes, sheds its images and counts
+  them, and no call fails;
 - stopping the shadow stops the comparisons within one alias refresh;
 - `perito models shadow` sets and stops a shadow, prints the route and audits each change.
 """
@@ -213,6 +215,11 @@ def test_a_shadow_s_agreement_is_recorded_and_callers_get_the_incumbent(
         wait_for(lambda: store.read(MODEL, "1", "2").compared == before + len(photos), 10)
         agreed = metric(server, AGREED, **PAIR) - agreed_before
         swapped = metric(server, CONFUSION, **swap) - swapped_before
+        exported = {
+            (sample.labels["incumbent_label"], sample.labels["candidate_label"])
+            for sample in scrape(server)
+            if sample.name == CONFUSION
+        }
         shed = metric(server, SHED, model=MODEL)
         stored = store.read(MODEL, "1", "2")
 
@@ -222,6 +229,9 @@ def test_a_shadow_s_agreement_is_recorded_and_callers_get_the_incumbent(
     assert abs((stored.agreed - stored_before.agreed) / len(photos) - known) <= 0.02
     # The dark red photos are the candidate's green, and only those.
     assert swapped == dark_red > 0
+    # Prometheus gets the disagreements only (Redis has the diagonal too).
+    assert exported and all(mine != theirs for mine, theirs in exported)
+    assert stored.confusion[("blue", "blue")] > 0
     assert (
         stored.confusion[("red", "green")] - stored_before.confusion[("red", "green")] == dark_red
     )
@@ -260,13 +270,21 @@ def test_both_oip_doors_are_shadowed_and_answered_by_the_incumbent(
     assert agreed == 2 * (len(photos) - dark)
 
 
+# Eight images never fit: four images, or the bytes of four images' pixels.
+@pytest.mark.parametrize(
+    "bound", [{"shadow_queue_images": 4}, {"shadow_queue_bytes": 4 * SIZE * SIZE * 3}]
+)
 def test_a_full_shadow_queue_sheds_and_counts_and_fails_no_call(
-    registry: ModelRegistry, registry_root: Path, tmp_path: Path, redis_url: str
+    registry: ModelRegistry,
+    registry_root: Path,
+    tmp_path: Path,
+    redis_url: str,
+    bound: dict[str, int],
 ) -> None:
     photos, colours, _ = images(8, seed=2)
     registry.set_shadow(MODEL, "production", "2", 1.0)
     with (
-        serving(registry_root, tmp_path, redis_url, shadow_queue_images=4) as server,
+        serving(registry_root, tmp_path, redis_url, **bound) as server,
         perito.Client(server.target, timeout=30) as client,
     ):
         answers: list[perito.Classification] = []
