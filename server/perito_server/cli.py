@@ -390,12 +390,14 @@ def _check_loads(model_file: Path, name: str, labels: list[str], contract: Input
 
 
 def describe_route(name: str, alias: str, route: AliasRoute) -> str:
-    """`car-damage@production -> 3, canary 4 at 5%, shadow 4 on 20% of requests`."""
+    """`car-damage@production -> 3, canary 4 at 5%, shadow 4 on 20% of requests`: what the
+    `alias` and `shadow` commands print."""
     parts = [f"{name}@{alias} -> {route.version}"]
     if route.canary is not None:
         parts.append(f"canary {route.canary.version} at {route.canary.percent:g}%")
     if route.shadow is not None:
-        parts.append(f"shadow {route.shadow.version} on {route.shadow.sample:.0%} of requests")
+        shown = route.shadow.sample * 100
+        parts.append(f"shadow {route.shadow.version} on {shown:g}% of requests")
     return ", ".join(parts)
 
 
@@ -525,12 +527,7 @@ def shadow(
         _audit(settings, publisher.name, "models.shadow", resource, error.code.name, "")
         raise click.ClickException(error.message) from None
     _audit(settings, publisher.name, "models.shadow", resource, "OK", detail)
-    line = f"{name}@{alias} -> {route.version}"
-    if route.canary is not None:
-        line += f" (canary {route.canary.version} at {route.canary.percent:g}%)"
-    if route.shadow is not None:
-        line += f", shadow {route.shadow.version} on {route.shadow.sample * 100:g}% of its traffic"
-    click.echo(line)
+    click.echo(describe_route(name, alias, route))
 
 
 @click.command("compare")

@@ -342,7 +342,8 @@ def test_the_shadow_command_sets_and_stops_a_shadow_audited(
     started = run_perito(
         "models", "shadow", MODEL, "2", "--of", "production", "--sample", "0.2", env=env
     )
-    assert started.stdout.strip() == f"{MODEL}@production -> 1, shadow 2 on 20% of its traffic"
+    # The alias command's wording (`describe_route`).
+    assert started.stdout.strip() == f"{MODEL}@production -> 1, shadow 2 on 20% of requests"
     assert registry.route(MODEL, "production").shadow == Shadow("2", 0.2)
 
     own = run_perito("models", "shadow", MODEL, "1", "--of", "production", env=env, check=False)
