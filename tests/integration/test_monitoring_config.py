@@ -133,8 +133,14 @@ def test_the_alert_rules_load_and_pass_their_unit_tests() -> None:
     cases = sorted((PROMETHEUS / "tests").glob("*.yml"))
     tested = promtool("test", "rules", *map(str, cases))
     assert tested.returncode == 0, tested.stdout + tested.stderr
-    # The drift and shadow-disagreement alerts have cases that fire and cases that do not.
-    for alert in ("PeritoDriftDetected", "PeritoShadowDisagreement"):
+    # These alerts have cases that fire and cases that do not.
+    for alert in (
+        "PeritoDriftDetected",
+        "PeritoShadowDisagreement",
+        "PeritoShadowFailing",
+        "PeritoLatencyP99High",
+        "PeritoDeadLetters",
+    ):
         texts = [case.read_text() for case in cases]
         assert any(f"alertname: {alert}\n" in text for text in texts), alert
 
@@ -197,6 +203,9 @@ def test_every_metric_named_is_exported_by_a_live_server_and_worker(
                 break
             time.sleep(0.2)
 
+    # The dead-letter alert's increase() sees a worker's first dead letter only if the series
+    # was there before it.
+    assert 'perito_worker_chunks_total{outcome="dead_lettered"} 0.0' in worked
     exported = exported_names(served) | exported_names(worked) | SCRAPE_SERIES
     missing = {name: where for name, where in named.items() if name not in exported}
     assert not missing, "named but exported by neither a server nor a worker:\n" + "\n".join(

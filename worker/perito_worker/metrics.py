@@ -29,6 +29,9 @@ CHUNKS = Counter(
     "it), error (attempt ended early; retried), dead_lettered, model_failed.",
     ["outcome"],
 )
+# Exported at 0 from the start: the first dead letter is then an increase the PeritoDeadLetters
+# alert sees (a series born at 1 has no earlier sample to rise from).
+CHUNKS.labels("dead_lettered")
 CHUNK_SECONDS = Histogram(
     "perito_worker_chunk_seconds",
     "Time to handle one chunk.",
