@@ -793,7 +793,8 @@ def verify(
 def drift(name: str, ref: str, as_json: bool, registry: str | None, redis_url: str | None) -> None:
     """Compare a model version's live traffic with its card's reference: each signal's test
     statistic, p-value and population stability index, the window's size and a verdict
-    (drift, no_drift, not_enough_images, no_reference): docs/monitoring.md#drift.
+    (drift, no_drift, not_enough_images, no_reference): docs/monitoring.md#drift. Acts as
+    the tenant PERITO_TOKEN names, which needs role `models:read` on the model.
 
     \b
     Example:
@@ -806,6 +807,10 @@ def drift(name: str, ref: str, as_json: bool, registry: str | None, redis_url: s
     from perito_core.drift import NO_REFERENCE, evaluate, read_window
 
     settings = _settings(registry=registry, redis_url=redis_url)
+    try:
+        settings.acting_tenant("models:read", f"read the drift of model {name!r}", name)
+    except PeritoError as error:
+        raise click.ClickException(f"{error.message} (PERITO_TOKEN)") from None
     target = settings.open_registry()
     try:
         version = target.resolve(name, ref)
