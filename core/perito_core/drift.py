@@ -89,6 +89,12 @@ Values = Sequence[float] | np.ndarray
 
 # Redis: `perito:drift:{model}:{version}`, a list, newest row first.
 KEY_PREFIX = "perito:drift"
+# The job label of the offline comparison's bulk jobs (`perito models compare --images`): their
+# images, a hand-picked folder, do not feed the live windows; other bulk jobs' images do.
+COMPARE_JOB_LABEL = "perito-compare"
+# A window is deleted this long after its last row was written (seconds: 30 days), so the
+# windows of versions no longer used do not stay in the job store's Redis (no eviction).
+WINDOW_TTL_S = 30 * 24 * 3600
 
 
 def _round(value: float) -> float:
@@ -213,9 +219,13 @@ class RowEncoder:
     Args:
         reference: the version's card reference (non-empty).
         labels: the version's labels, in output order.
+
+    Raises:
+        ValueError: the reference does not fit the labels (`DriftReference.check`).
     """
 
     def __init__(self, reference: DriftReference, labels: Sequence[str]) -> None:
+        reference.check(labels)
         position = {label: i for i, label in enumerate(labels)}
         self.dimensions = np.array([position[c] for c in reference.classes], dtype=np.int64)
         self.slot = np.full(len(labels), -1, dtype=np.int64)
@@ -248,18 +258,19 @@ def window_key(model: str, version: str) -> str:
 
 class DriftWindows:
     """The live windows in Redis: rows queued in memory by `add` (no I/O: the request path),
-    written in batches by `flush` (a background thread with `start`, or the caller's own
-    call), each version's list capped at `window` rows (LPUSH then LTRIM, one pipeline per
-    flush for every version).
+    written in batches by `flush` (the server's drift monitor's thread, or a worker at the end
+    of each chunk), each version's list capped at `window` rows and kept `WINDOW_TTL_S` after
+    its last write (LPUSH, LTRIM, EXPIRE: one pipeline per flush for every version).
 
-    A Redis failure costs the callers nothing: the batch is dropped, logged and counted
-    (`failed_rows`). At most `max_pending` rows wait between flushes; more are dropped and
-    counted (`shed_rows`).
+    Drift costs the callers nothing: neither `add` nor `flush` raises. A Redis failure drops
+    the batch, logged and counted (`failed_rows`); an answer the drift code cannot turn into a
+    row (a reference whose classes are not the version's labels, say) is dropped, logged and
+    counted (`error_rows`). At most `max_pending` rows wait between flushes; more are dropped
+    and counted (`shed_rows`).
 
     Args:
         client: the Redis connection (the job store's).
         window: rows kept per version (`PERITO_DRIFT_WINDOW`).
-        flush_interval_s: the background thread's period.
         max_pending: rows queued at most between two flushes.
     """
 
@@ -268,22 +279,19 @@ class DriftWindows:
         client: redis.Redis,
         window: int,
         *,
-        flush_interval_s: float = 1.0,
         max_pending: int = 10_000,
     ) -> None:
         self.client = client
         self.window = window
-        self.flush_interval_s = flush_interval_s
         self.max_pending = max_pending
         self.written_rows = 0
         self.failed_rows = 0
         self.shed_rows = 0
+        self.error_rows = 0
         self._pending: dict[str, list[bytes]] = {}
         self._count = 0
         self._lock = threading.Lock()
         self._encoders: dict[tuple[str, str], RowEncoder | None] = {}
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self._last_error = 0.0
 
     def encoder(self, manifest: ModelManifest) -> RowEncoder | None:
@@ -306,16 +314,29 @@ class DriftWindows:
     ) -> None:
         """Queue a window row for each answered image of `manifest`'s version (nothing for a
         version without a reference, nor for a non-finite answer). `quality`: each image's,
-        in order, or empty when none was measured."""
-        encoder = self.encoder(manifest)
-        if encoder is None:
+        in order, or empty when none was measured. Never raises: images it cannot make a row
+        of are counted in `error_rows` and logged (at most once a minute)."""
+        try:
+            encoder = self.encoder(manifest)
+            if encoder is None:
+                return
+            measured = list(quality) or [None] * len(probabilities)
+            rows = [
+                row.encode()
+                for probs, judged in zip(probabilities, measured, strict=True)
+                if (row := encoder.encode(probs, judged)) is not None
+            ]
+        except Exception as error:  # noqa: BLE001 - drift never fails the caller
+            self.error_rows += len(probabilities)
+            self._warn(
+                "drift window rows of %s@%s not made (%d dropped): %s: %s",
+                manifest.name,
+                manifest.version,
+                len(probabilities),
+                type(error).__name__,
+                error,
+            )
             return
-        measured = list(quality) or [None] * len(probabilities)
-        rows = [
-            row.encode()
-            for probs, judged in zip(probabilities, measured, strict=True)
-            if (row := encoder.encode(probs, judged)) is not None
-        ]
         if not rows:
             return
         key = window_key(manifest.name, manifest.version)
@@ -340,34 +361,21 @@ class DriftWindows:
                 for key, batch in pending.items():
                     pipe.lpush(key, *batch[-self.window :])
                     pipe.ltrim(key, 0, self.window - 1)
+                    pipe.expire(key, WINDOW_TTL_S)
                 pipe.execute()
         except Exception as error:  # noqa: BLE001 - a lost batch only; counted and logged
             self.failed_rows += rows
-            now = time.monotonic()
-            if now - self._last_error > 60:
-                self._last_error = now
-                log.warning("drift window rows not written (%d dropped): %s", rows, error)
+            self._warn("drift window rows not written (%d dropped): %s", rows, error)
             return 0
         self.written_rows += rows
         return rows
 
-    def start(self) -> None:
-        """Flush every `flush_interval_s` on a daemon thread until `close`."""
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="drift-windows", daemon=True)
-            self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.flush_interval_s):
-            self.flush()
-
-    def close(self) -> None:
-        """Stop the thread and write what is queued (one last try)."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(5)
-            self._thread = None
-        self.flush()
+    def _warn(self, message: str, *args: object) -> None:
+        """Log a dropped batch, at most once a minute (the counters hold every one)."""
+        now = time.monotonic()
+        if now - self._last_error > 60:
+            self._last_error = now
+            log.warning(message, *args)
 
     def read(self, model: str, version: str) -> list[WindowRow]:
         """`model@version`'s window, newest first (rows that do not decode left out).

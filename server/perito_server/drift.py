@@ -82,16 +82,23 @@ class DriftMonitor(Collector):
         quality: Sequence[Quality | None],
     ) -> None:
         """Queue one call's answered images for `manifest`'s window (no I/O; nothing for a
-        version without a reference or a non-finite answer)."""
-        if not manifest.drift.classes:
+        version without a reference or a non-finite answer). Never raises: the caller's
+        answer is sent whatever drift makes of it (failures are logged and counted as
+        `perito_drift_rows_dropped_total{reason="error"}`)."""
+        try:
+            if not manifest.drift.classes:
+                return
+            key = (manifest.name, manifest.version)
+            with self._lock:
+                self._fed.pop(key, None)
+                self._fed[key] = manifest
+                while len(self._fed) > MAX_WATCHED:
+                    del self._fed[next(iter(self._fed))]
+        except Exception:  # drift never fails the caller
+            self.windows.error_rows += len(probabilities)
+            log.exception("drift: %s@%s's answers not queued", manifest.name, manifest.version)
             return
-        key = (manifest.name, manifest.version)
-        with self._lock:
-            self._fed.pop(key, None)
-            self._fed[key] = manifest
-            while len(self._fed) > MAX_WATCHED:
-                del self._fed[next(iter(self._fed))]
-        self.windows.add(manifest, probabilities, quality)
+        self.windows.add(manifest, probabilities, quality)  # never raises
 
     def start(self) -> None:
         if self._thread is None:
@@ -107,12 +114,18 @@ class DriftMonitor(Collector):
         self.windows.flush()
 
     def _run(self) -> None:
+        """Flush every `flush_s`, evaluate every `interval_s`; an exception is logged and
+        counted (`evaluation_failures`), and the loop goes on (tried again next time)."""
         due = time.monotonic() + self.interval_s
         while not self._stop.wait(self.flush_s):
-            self.windows.flush()
-            if time.monotonic() >= due:
-                self.evaluate_now()
-                due = time.monotonic() + self.interval_s
+            try:
+                self.windows.flush()
+                if time.monotonic() >= due:
+                    due = time.monotonic() + self.interval_s
+                    self.evaluate_now()
+            except Exception:  # the thread outlives any one failure
+                self.evaluation_failures += 1
+                log.exception("drift monitor: a round failed; trying again next interval")
 
     def _watched(self) -> dict[tuple[str, str], ModelManifest]:
         with self._lock:
@@ -124,7 +137,8 @@ class DriftMonitor(Collector):
 
     def evaluate_now(self) -> None:
         """Recompute every watched version's verdict from its shared window (a Redis
-        failure keeps the last verdicts and is logged)."""
+        failure keeps the last verdicts and is logged; a version whose evaluation fails,
+        its reference not fitting its window say, is logged and left out)."""
         reports = {}
         for key, manifest in self._watched().items():
             try:
@@ -133,7 +147,11 @@ class DriftMonitor(Collector):
                 self.evaluation_failures += 1
                 log.warning("drift windows not read: %s", error)
                 return
-            reports[key] = evaluate(manifest.drift, rows)
+            try:
+                reports[key] = evaluate(manifest.drift, rows)
+            except Exception:  # one version's failure, not the others'
+                self.evaluation_failures += 1
+                log.exception("drift: %s@%s not evaluated", *key)
         with self._lock:
             self._reports = reports
 
@@ -163,7 +181,9 @@ class DriftMonitor(Collector):
         )
         dropped = CounterMetricFamily(
             "perito_drift_rows_dropped",
-            "Live-window rows never written: Redis failed (failed) or too many queued (shed).",
+            "Live-window rows never written: Redis failed (failed), too many queued (shed), "
+            "or the drift code raised on the answers (error: a reference that does not fit "
+            "the version's outputs, say; logged).",
             labels=["reason"],
         )
         with self._lock:
@@ -176,4 +196,5 @@ class DriftMonitor(Collector):
                 psi.add_metric([model, version, signal.signal], signal.psi)
         dropped.add_metric(["failed"], self.windows.failed_rows)
         dropped.add_metric(["shed"], self.windows.shed_rows)
+        dropped.add_metric(["error"], self.windows.error_rows)
         yield from (p_value, psi, window, detected, dropped)

@@ -23,6 +23,8 @@ from PIL import Image, ImageEnhance
 from prometheus_client.parser import text_string_to_metric_families
 
 import perito
+from perito_core.access.tenancy import add_tenant
+from perito_core.drift import WINDOW_TTL_S, window_key
 from tests.helpers import ServerThread, Stores, run_perito
 from tests.synthetic import CAR_SEVERITIES, write_car_damage
 
@@ -41,6 +43,7 @@ class Service:
     client: perito.Client
     env: dict[str, str]
     work: Path
+    redis_url: str
 
     def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         port = self.server.running.metrics_port  # type: ignore[attr-defined]
@@ -97,7 +100,7 @@ def service(
     )
     settings = stores.server_settings(metrics_port=0, drift_window=WINDOW, drift_interval_s=0.3)
     with ServerThread(settings) as server, perito.Client(server.target, timeout=60) as client:
-        yield Service(server, client, env, work)
+        yield Service(server, client, env, work, redis_url)
 
 
 def wait_for_window(service: Service, images: int, version: str = "1") -> None:
@@ -122,6 +125,11 @@ def test_drift_stays_quiet_on_the_training_distribution_and_catches_darker_photo
     for start in range(0, len(live), BATCH):
         service.client.classify(live[start : start + BATCH], model=MODEL, version="1")
     wait_for_window(service, WINDOW)
+    # The window goes 30 days after its last write.
+    import redis
+
+    with redis.Redis.from_url(service.redis_url) as client:
+        assert WINDOW_TTL_S - 60 < client.ttl(window_key(MODEL, "1")) <= WINDOW_TTL_S
     quiet = service.drift("--version", "1")
     assert quiet["verdict"] == "no_drift", quiet
     assert quiet["window_images"] == WINDOW
@@ -168,5 +176,26 @@ def test_a_version_without_a_reference_exports_nothing_and_the_cli_says_why(
     assert service.gauge("perito_drift_window_images", "2") is None
     shown = run_perito("models", "drift", MODEL, "--version", "2", env=service.env).stdout
     assert f"{MODEL}@2 has no drift reference" in shown
-    card = service.client.get_model(MODEL).versions[1].card
-    assert "drift" not in card
+    versions = service.client.get_model(MODEL).versions
+    assert "drift" not in versions[1].card
+    # Version 1's card carries a summary of its reference, not its distributions.
+    summary = versions[0].card["drift"]
+    assert summary["images"] == 180 and "brightness" in summary["signals"], summary
+    assert "softmax" not in summary and "confidence" not in summary
+
+
+def test_the_cli_needs_models_read_on_the_model(service: Service) -> None:
+    tenants = service.work / "tenants.yaml"
+    for roles, models, refusal in (
+        (["jobs"], ["*"], "lacks the role 'models:read'"),
+        (["models:read"], ["other-*"], MODEL),
+    ):
+        token = add_tenant(tenants, f"t{len(models[0])}", roles=roles, models=models)
+        env = {**service.env, "PERITO_TENANTS_FILE": str(tenants), "PERITO_TOKEN": token}
+        shown = run_perito("models", "drift", MODEL, "--version", "1", env=env, check=False)
+        assert shown.returncode == 1 and refusal in shown.stderr, shown.stderr
+        assert "window" not in shown.stdout
+    token = add_tenant(tenants, "reader", roles=["models:read"], models=["drift-*"])
+    env = {**service.env, "PERITO_TENANTS_FILE": str(tenants), "PERITO_TOKEN": token}
+    shown = run_perito("models", "drift", MODEL, "--version", "1", env=env)
+    assert f"{MODEL}@1: {WINDOW} images in the window" in shown.stdout

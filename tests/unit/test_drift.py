@@ -4,6 +4,9 @@ rows, the tests and the verdict, on known unshifted and shifted samples."""
 from __future__ import annotations
 
 import json
+import threading
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -24,8 +27,12 @@ from perito_core.drift import (
     evaluate,
     population_stability_index,
 )
+from perito_core.errors import InvalidArgument
 from perito_core.models.card import DriftReference
+from perito_core.models.registry import ModelRegistry
 from perito_core.quality import Quality, QualityMeasures
+from perito_server.drift import DriftMonitor
+from tests.conftest import publish_tiny
 from tests.helpers import unpublished_manifest
 
 LABELS = ["minor", "moderate", "severe"]
@@ -184,3 +191,126 @@ def test_a_redis_failure_drops_the_batch_and_counts_it(reference: DriftReference
     bare = unpublished_manifest(LABELS).model_copy(update={"version": "2"})
     windows.add(bare, list(softmax_sample(np.random.default_rng(8), 4)))
     assert windows.flush() == 0 and windows.failed_rows == 5
+
+
+def misfit(reference: DriftReference) -> DriftReference:
+    """`reference` with its first class renamed to one that is not a label."""
+    return reference.model_copy(update={"classes": ["scratch", *reference.classes[1:]]})
+
+
+def test_a_reference_that_does_not_fit_the_labels_is_refused_at_publish(
+    reference: DriftReference, tmp_path: Path, tiny_model_file: Path
+) -> None:
+    registry = ModelRegistry.open(str(tmp_path / "registry"), cache_dir=tmp_path / "cache")
+    with pytest.raises(InvalidArgument, match=r"classes \['scratch'\] are not among"):
+        publish_tiny(registry, tiny_model_file, drift=misfit(reference))
+    short = reference.model_copy(update={"softmax": reference.softmax[:2]})
+    with pytest.raises(InvalidArgument, match="2 softmax entries for 3 classes"):
+        publish_tiny(registry, tiny_model_file, drift=short)
+    assert registry.list_versions("tiny") == []
+    assert publish_tiny(registry, tiny_model_file, drift=reference) == "1"
+
+
+class RecordingRedis:
+    """A client whose pipelines record their commands."""
+
+    def __init__(self) -> None:
+        self.commands: list[tuple[str, tuple[Any, ...]]] = []
+
+    def pipeline(self, transaction: bool = False) -> RecordingRedis:
+        return self
+
+    def __enter__(self) -> RecordingRedis:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args: self.commands.append((name, args))
+
+
+def test_an_answer_drift_cannot_use_is_dropped_and_counted_never_raised(
+    reference: DriftReference,
+) -> None:
+    # A reference published before publishing checked it, or an output of the wrong width.
+    bad = unpublished_manifest(LABELS, drift=misfit(reference))
+    windows = DriftWindows(RecordingRedis(), 100)  # type: ignore[arg-type]
+    windows.add(bad, list(softmax_sample(np.random.default_rng(9), 4)))
+    assert windows.error_rows == 4
+    good = unpublished_manifest(LABELS, drift=reference)
+    windows.add(good, [np.array([0.5, 0.5])])  # two outputs for three labels
+    assert windows.error_rows == 5
+    assert windows.flush() == 0
+
+
+def test_each_write_renews_the_windows_expiry(reference: DriftReference) -> None:
+    client = RecordingRedis()
+    windows = DriftWindows(client, 100)  # type: ignore[arg-type]
+    windows.add(unpublished_manifest(LABELS, drift=reference), [np.array([0.2, 0.7, 0.1])])
+    assert windows.flush() == 1
+    assert [name for name, _ in client.commands] == ["lpush", "ltrim", "expire", "execute"]
+    assert client.commands[2][1] == ("perito:drift:m:1", 30 * 24 * 3600)
+
+
+class FakePool:
+    registry = None
+
+    def served(self) -> list[object]:
+        return []
+
+
+def test_the_monitor_never_fails_a_caller_and_outlives_a_failed_round(
+    reference: DriftReference,
+) -> None:
+    monitor = DriftMonitor(
+        RecordingRedis(),  # type: ignore[arg-type]
+        FakePool(),  # type: ignore[arg-type]
+        window=100,
+        interval_s=0.05,
+        flush_s=0.01,
+    )
+    monitor.observe(
+        unpublished_manifest(LABELS, drift=misfit(reference)), [np.array([0.2, 0.7, 0.1])], []
+    )
+    dropped = {
+        sample.labels["reason"]: sample.value
+        for family in monitor.collect()
+        if family.name == "perito_drift_rows_dropped"
+        for sample in family.samples
+    }
+    assert dropped["error"] == 1
+    rounds = 0
+    again = threading.Event()
+
+    def flush() -> int:
+        nonlocal rounds
+        rounds += 1
+        if rounds == 1:
+            raise RuntimeError("a bug in a round")
+        again.set()
+        return 0
+
+    monitor.windows.flush = flush  # type: ignore[method-assign]
+    monitor.start()
+    try:
+        assert again.wait(5), "the monitor's thread died with its first round"
+        assert monitor.evaluation_failures >= 1
+    finally:
+        monitor.windows.flush = lambda: 0  # type: ignore[method-assign]
+        monitor.close()
+
+
+def test_api_cards_carry_a_summary_of_the_reference(reference: DriftReference) -> None:
+    manifest = unpublished_manifest(LABELS, drift=reference)
+    card = manifest.card().model_dump(mode="json")
+    assert card["drift"] == {
+        "images": 2000,
+        "built_on": "test split, 2000 images",
+        "classes": reference.classes,
+        "quality_images": 1500,
+        "signals": ["softmax", "predicted_class", "confidence", *QUALITY_SIGNALS],
+    }
+    assert len(json.dumps(card["drift"])) < 1000
+    # manifest.json keeps the whole reference.
+    assert manifest.model_dump(mode="json")["drift"]["softmax"] == reference.softmax

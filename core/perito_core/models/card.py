@@ -22,6 +22,7 @@ make its model version unreadable; such fields are kept as they are (`model_extr
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
@@ -217,6 +218,48 @@ class DriftReference(_CardPart):
     # values (sorted) over `quality_images` training images; empty when none were measured.
     quality: dict[str, list[float]] = Field(default_factory=dict)
     quality_images: int | None = Field(default=None, ge=0)
+
+    def check(self, labels: Sequence[str]) -> None:
+        """Refuse a reference that does not fit a version whose labels are `labels` (an empty
+        reference fits any): its `classes` must be distinct labels of the version, with one
+        `softmax` distribution and one `predicted_class` share each, and no distribution
+        empty.
+
+        Raises:
+            ValueError: what does not fit, naming the classes that are not labels.
+        """
+        if not self.classes:
+            return
+        missing = [c for c in self.classes if c not in set(labels)]
+        if missing:
+            raise ValueError(
+                f"the drift reference's classes {missing} are not among the version's labels"
+            )
+        if len(set(self.classes)) != len(self.classes):
+            raise ValueError("the drift reference names a class twice")
+        counts = {"softmax": len(self.softmax), "predicted_class": len(self.predicted_class)}
+        for name, count in counts.items():
+            if count != len(self.classes):
+                raise ValueError(
+                    f"the drift reference has {count} {name} entries for "
+                    f"{len(self.classes)} classes"
+                )
+        if not self.confidence or not all(self.softmax):
+            raise ValueError("the drift reference has an empty distribution")
+
+    def summary(self) -> DriftReference:
+        """The reference without its distributions, as `GetModel` / `ListModels` answers carry
+        it (manifest.json keeps it whole): `images`, `built_on`, `classes`,
+        `quality_images`, and `signals`, the drift signals it can test (`softmax`,
+        `predicted_class`, `confidence`, then its photo-quality measures). Empty for an empty
+        reference."""
+        if not self.classes:
+            return DriftReference()
+        kept = {"images", "built_on", "classes", "quality_images"} & self.model_fields_set
+        signals = ["softmax", "predicted_class", "confidence", *self.quality]
+        return DriftReference.model_validate(
+            {**{name: getattr(self, name) for name in kept}, "signals": signals}
+        )
 
 
 class UnreadableImage(_CardPart):

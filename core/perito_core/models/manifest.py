@@ -261,7 +261,8 @@ class CompiledForm(BaseModel):
 
 class ModelCard(BaseModel):
     """What a person reads to judge one model version: the manifest but its identity
-    (`ModelIdentity`), field for field (`ModelManifest.card()`).
+    (`ModelIdentity`), field for field (`ModelManifest.card()`), the drift reference
+    summarized (`DriftReference.summary`).
 
     Its JSON (`model_dump(mode="json")`) is the card of `GetModel` / `ListModels` answers, so
     the SDK's `ModelVersion.card` and the web page read the same keys as `manifest.json`.
@@ -351,10 +352,13 @@ class ModelManifest(ModelCard, ModelIdentity):
         return labels
 
     def card(self) -> ModelCard:
-        """The parts of the manifest a person reads to judge the model."""
-        return ModelCard.model_validate(
-            {name: getattr(self, name) for name in ModelCard.model_fields}
-        )
+        """The parts of the manifest a person reads to judge the model, as `GetModel` /
+        `ListModels` answers carry them: the drift reference summarized
+        (`DriftReference.summary`: its size, classes and signals, not its distributions, which
+        only manifest.json keeps, some 360 KB a version)."""
+        parts = {name: getattr(self, name) for name in ModelCard.model_fields}
+        parts["drift"] = self.drift.summary()
+        return ModelCard.model_validate(parts)
 
 
 class RunCard(BaseModel):

@@ -331,7 +331,8 @@ class ModelRegistry:
         the file as `model.onnx` with its `tensor` contract (required then, refused otherwise).
 
         Raises:
-            InvalidArgument: an invalid model name or alias.
+            InvalidArgument: an invalid model name or alias, or a drift reference that does
+                not fit the labels (`DriftReference.check`: its classes not among them, say).
             pydantic.ValidationError: a manifest that breaks its own rules (an ONNX file
                 without a tensor contract, a sigmoid output for other than two labels, ...).
         """
@@ -363,6 +364,10 @@ class ModelRegistry:
             forms=[form for form, _ in forms],
             skipped_forms=skipped_forms or {},
         )
+        try:
+            manifest.drift.check(manifest.labels)
+        except ValueError as error:
+            raise InvalidArgument(f"cannot publish {name}: {error}") from None
         prefix = f"models/{name}/{version}"
         if self.store.exists(f"{prefix}/manifest.json"):
             raise AlreadyExists(f"{name}@{version} already exists; versions are immutable")
