@@ -27,6 +27,7 @@ from perito.v1 import jobs_pb2
 from perito.v1.vocabulary import ItemState, JobState
 from perito_core.access.audit import record_command
 from perito_core.access.tenancy import Tenant
+from perito_core.drift import COMPARE_JOB_LABEL
 from perito_core.errors import FailedPrecondition, PeritoError
 from perito_core.jobs.store import ItemResult, Job, JobStore
 from perito_core.models.comparison import SHIFT_BINS, Comparison, ComparisonStore
@@ -366,7 +367,7 @@ async def _submit(
             version=version,
             prefix=images,
             top_k=1,
-            labels={"perito-compare": f"{versions[0]}-{versions[1]}"},
+            labels={COMPARE_JOB_LABEL: f"{versions[0]}-{versions[1]}"},
         )
         message = await service.submit(request, tenant)
         submitted.append(await asyncio.to_thread(service.store.get, message.id))

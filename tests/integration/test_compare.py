@@ -14,6 +14,7 @@ from PIL import Image
 from torch import nn
 
 from perito_core.access.tenancy import add_tenant
+from perito_core.drift import build_reference, window_key
 from perito_core.models.comparison import Comparison, ComparisonStore
 from perito_core.models.manifest import InputContract
 from perito_training.export import export_torchscript
@@ -45,8 +46,10 @@ class MeanColour(nn.Module):
 
 def publish_colour_versions(stores: Stores) -> None:
     """Model `colour`: version 1 the mean colour (alias production), version 2 green and blue
-    swapped and less sure of itself (temperature 2)."""
+    swapped and less sure of itself (temperature 2); both with a drift reference."""
     registry = stores.open_registry()
+    probabilities = np.repeat(np.eye(3) * 0.9 + 0.1 / 3, 20, axis=0)
+    reference = build_reference(probabilities, LABELS, built_on="60 colour photos")
     for version, (order, temperature) in enumerate((((0, 1, 2), 1.0), ((0, 2, 1), 2.0)), 1):
         path = stores.work / f"colour-{version}.pt"
         export_torchscript(MeanColour(order), COLOUR_INPUT, path, temperature=temperature)
@@ -56,6 +59,7 @@ def publish_colour_versions(stores: Stores) -> None:
             labels=LABELS,
             input=COLOUR_INPUT,
             aliases=("production",) if version == 1 else (),
+            drift=reference,
         )
 
 
@@ -197,3 +201,8 @@ def test_offline_compares_two_jobs_over_the_same_folder(stores: Stores) -> None:
     assert data["mean_shift"] < -0.05  # version 2 is less sure (temperature 2)
     assert set(data["jobs"]) == {"1", "2"}
     assert [item["id"] for item in data["failed"]] == ["broken.png"]
+    # A hand-picked folder is no live traffic: neither version's drift window was fed.
+    import redis
+
+    with redis.Redis.from_url(stores.redis_url) as client:
+        assert not client.exists(window_key("colour", "1"), window_key("colour", "2"))

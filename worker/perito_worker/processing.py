@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from perito.v1.vocabulary import ItemState
-from perito_core.drift import DriftWindows
+from perito_core.drift import COMPARE_JOB_LABEL, DriftWindows
 from perito_core.errors import (
     ArtifactIntegrityError,
     InvalidArgument,
@@ -393,6 +393,8 @@ def _run_chunk(
     def submit(batch: list[tuple[int, ItemInput]]) -> list[Future[_Prepared]]:
         return [rt.decode_pool.submit(_prepare, rt, job, i, item, model) for i, item in batch]
 
+    # The offline comparison's jobs (a hand-picked folder) are no live traffic.
+    drift = None if COMPARE_JOB_LABEL in job.labels else rt.drift
     upcoming = submit(batches[0]) if batches else []
     try:
         for number in range(len(batches)):
@@ -401,7 +403,7 @@ def _run_chunk(
             if heartbeat.lost or store.is_cancel_requested(job_id):
                 metrics.CHUNKS.labels("skipped").inc()
                 return
-            results = _classify(job, model, prepared, rt.drift)
+            results = _classify(job, model, prepared, drift)
             _, complete = store.record_results(job_id, results)
             for result in results:
                 metrics.ITEMS.labels(job.model, job.model_version, result.state.value).inc()
