@@ -198,7 +198,7 @@ async def create_server(settings: ServerSettings) -> RunningServer:
     pool = ModelPool(registry, settings)
     for ref in settings.preload:
         name, _, version = ref.partition("@")
-        await pool.get(name, version)
+        await pool.preload(name, version)
     pool.start()
 
     # Room for the largest request plus protobuf framing; bigger messages are refused by

@@ -464,7 +464,12 @@ class InferenceService:
         if per_minute is not None:
             await asyncio.to_thread(self.limiter.take, tenant.name, len(images), per_minute)
         served = await self.pool.get(
-            model, version, precision, routing_key=routing_key, images=len(images)
+            model,
+            version,
+            precision,
+            routing_key=routing_key,
+            images=len(images),
+            pixels=isinstance(images, np.ndarray),  # shaped for the alias's own version
         )
         manifest = served.model.manifest
         spec = manifest.input.spec()

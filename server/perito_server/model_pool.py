@@ -13,11 +13,14 @@ switch. A version that fails to load leaves the old one serving; the reason is l
 
 An alias may be split (`perito_core.models.rollout`): its canary answers a share of its
 requests, picked by the request's routing key (`AliasRoute.pick`). A canary is loaded and
-warmed like a moved alias's version before any request is sent to it; until then, and while it
-fails to load (kept in `rollout_errors` and retried likewise), every request gets the alias's
-own version. Promoting or rolling back a canary reaches this server at the next refresh. A bulk
-job pins the alias's own version at submission (`resolve` without a routing key), never its
-canary.
+warmed in the background (one load at a time per alias, started when the alias is first served
+here or by the refresh that finds the canary) before any request is sent to it; until then,
+and while it fails to load (kept in `rollout_errors` and retried likewise), every request gets
+the alias's own version, so no request waits for a canary. A request sent as pixels was shaped
+for the alias's own version (its OIP model metadata: input size and label count): where the
+canary's differ, it gets the alias's version whatever its key picks. Promoting or rolling back a
+canary reaches this server at the next refresh. A bulk job pins the alias's own version at
+submission (`resolve` without a routing key), never its canary.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from perito.v1 import models_pb2
 from perito_core.errors import InvalidArgument, PeritoError
 from perito_core.models.cache import ModelCache
 from perito_core.models.engines.base import LoadedModel
+from perito_core.models.manifest import ModelManifest
 from perito_core.models.registry import LATEST, ModelRegistry
 from perito_core.models.rollout import AliasRoute, Canary
 from perito_core.models.selection import check_precision, load_model, requested_precision
@@ -125,6 +129,13 @@ def alias_rollouts(
     return rollouts
 
 
+def pixel_contract(manifest: ModelManifest) -> tuple[int, int, int]:
+    """What a caller sending pixels shapes its request and reads its answer by, as the OIP
+    model metadata states it: (height, width) of the uint8 [N, H, W, 3] input, in pixels, and
+    the label count C of the FP32 [N, C] output."""
+    return manifest.input.height, manifest.input.width, len(manifest.labels)
+
+
 @dataclass
 class RolloutError:
     """Why an alias still serves its old version, or does not send its canary any requests
@@ -150,6 +161,12 @@ class ModelPool:
         self._checked_versions: set[tuple[str, str]] = set()
         # (name, alias) for an alias's move, (name, "alias:canary") for its canary.
         self.rollout_errors: dict[tuple[str, str], RolloutError] = {}
+        # (name, alias) -> the canary the registry names for it, loaded here or not yet, and
+        # the background load of that alias's canary (one at a time).
+        self._wanted_canaries: dict[tuple[str, str], Canary] = {}
+        self._canary_loads: dict[tuple[str, str], asyncio.Task[None]] = {}
+        # (name, version) -> `pixel_contract` of its manifest (a version never changes).
+        self._pixel_contracts: dict[tuple[str, str], tuple[int, int, int]] = {}
         self._watcher: asyncio.Task[None] | None = None
         self.on_load: list[Callable[[ServedModel], None]] = []
         self._routed: Counter | None = None
@@ -224,8 +241,10 @@ class ModelPool:
         *,
         routing_key: str = "",
         images: int = 0,
+        pixels: bool = False,
     ) -> ServedModel:
-        """The served model for `name` at `ref`, loading it on first use.
+        """The served model for `name` at `ref`, loading it on first use (an alias's canary
+        is loaded in the background: until it is warmed, the alias's own version answers).
 
         Args:
             precision: the request's (`selection.requested_precision`: at least as exact as
@@ -235,6 +254,8 @@ class ModelPool:
                 alias with a canary sends it by `AliasRoute.pick`.
             images: how many images the request sends, counted in
                 `perito_alias_routed_images_total` for an alias.
+            pixels: the request sends uint8 [N, H, W, 3] pixels shaped for the alias's own
+                version: a canary whose `pixel_contract` differs does not take it.
 
         Raises:
             InvalidArgument: a `precision` less exact than the server's, or not one.
@@ -243,11 +264,21 @@ class ModelPool:
         """
         asked = requested_precision(precision, self.settings.precision)
         route: AliasRoute | None = None
+        read: AliasRoute | None = None  # the registry's route, on the alias's first use here
         if ref.isdigit():
             version = await self.resolve(name, ref)
         else:
-            route = self._routes.get((name, ref)) or await self._first_route(name, ref)
+            route = self._routes.get((name, ref))
+            if route is None:
+                read = await asyncio.to_thread(self._read_route, name, ref)
+                route = AliasRoute(read.version, None, read.shadow)
             version = route.pick(routing_key, salt=f"{name}/{ref}")
+            if (
+                pixels
+                and version != route.version
+                and not await self._same_pixels(name, route.version, version)
+            ):
+                version = route.version  # pixels shaped for the alias's version fit only it
         if asked.required and self._models.get(name, version, asked.precision) is None:
             # Refused before loading where the manifest (or this CPU) has no such form.
             manifest = await asyncio.to_thread(self.registry.manifest, name, version)
@@ -256,7 +287,8 @@ class ModelPool:
         # What loaded: a form that failed here gave way to another, which a requirement refuses.
         check_precision(served.model.manifest, asked, served=served.model)
         if route is not None:
-            self._routes.setdefault((name, ref), route)
+            if self._routes.setdefault((name, ref), route) is route and read is not None:
+                self._follow_canary(name, ref, route.version, read.canary, None)
             if self._routed is not None and images and ref not in ("", LATEST):
                 canary = route.canary is not None and version == route.canary.version
                 part = "canary" if canary else "primary"
@@ -278,12 +310,32 @@ class ModelPool:
             self.registry.resolve(name, ref)  # the standard refusal for a missing alias
             raise
 
-    async def _first_route(self, name: str, ref: str) -> AliasRoute:
-        """Alias `ref`'s route on its first use here, its canary loaded and warmed first (left
-        out while it fails to load): the route is kept once its version has loaded."""
-        read = await asyncio.to_thread(self._read_route, name, ref)
-        canary = await self._load_canary(name, ref, read.version, read.canary, None)
-        return AliasRoute(read.version, canary, read.shadow)
+    async def preload(self, name: str, ref: str = "") -> None:
+        """Load `name` at `ref` before serving, and an alias's canary too (waited for; one
+        that fails to load is left out as on any first use, its reason in `rollout_errors`).
+
+        Raises:
+            As `get`.
+        """
+        await self.get(name, ref)
+        task = self._canary_loads.get((name, ref))
+        if task is not None:
+            await task
+
+    async def _same_pixels(self, name: str, version: str, other: str) -> bool:
+        """Whether `other` takes and answers pixels as `version` does (`pixel_contract`);
+        False while either's manifest cannot be read."""
+        contracts = []
+        for v in (version, other):
+            contract = self._pixel_contracts.get((name, v))
+            if contract is None:
+                try:
+                    manifest = await asyncio.to_thread(self.registry.manifest, name, v)
+                except PeritoError:
+                    return False
+                contract = self._pixel_contracts[(name, v)] = pixel_contract(manifest)
+            contracts.append(contract)
+        return contracts[0] == contracts[1]
 
     async def _get_version(
         self, name: str, version: str, precision: str | None = None
@@ -308,8 +360,9 @@ class ModelPool:
 
     async def refresh_aliases(self) -> None:
         """Roll every alias in use forward to the route the registry now names: a moved
-        alias's version and a new canary's are loaded and warmed before they take requests;
-        a promoted or rolled back canary takes effect here and now."""
+        alias's version is loaded and warmed before it takes requests, a new canary in the
+        background (`_follow_canary`); a promoted or rolled back canary takes effect here and
+        now."""
         for (name, alias), current in list(self._routes.items()):
             try:
                 target = await asyncio.to_thread(self._read_route, name, alias)
@@ -334,7 +387,8 @@ class ModelPool:
                 )
                 if not waiting and await self._roll(name, alias, current.version, target.version):
                     version = target.version
-            canary = await self._load_canary(name, alias, version, target.canary, current.canary)
+            current = self._routes.get((name, alias), current)  # a canary readied meanwhile
+            canary = self._follow_canary(name, alias, version, target.canary, current.canary)
             shadow = target.shadow if target.shadow and target.shadow.version != version else None
             self._routes[(name, alias)] = AliasRoute(version, canary, shadow)
 
@@ -357,44 +411,65 @@ class ModelPool:
         log.info("%s now serves v%s (ready in %.1fs)", label, target, time.perf_counter() - started)
         return True
 
-    async def _load_canary(
+    def _follow_canary(
         self, name: str, alias: str, version: str, wanted: Canary | None, current: Canary | None
     ) -> Canary | None:
         """The canary alias `alias` (serving `version`) sends requests to from now on:
-        `wanted` once its version is loaded and warmed (at once when `current` already sends
-        to that version: a new percent), None while it fails to load (the reason kept in
-        `rollout_errors`, the load retried after `ROLLOUT_RETRY_S`) or when there is none."""
-        key = (name, f"{alias}:canary")
+        `wanted` at once when `current` already sends to its version (a new percent); else
+        None, with `wanted`'s version loading and warming in the background
+        (`_load_canary`, which puts it in the route once ready), unless a load of this alias's
+        canary is under way or failed less than `ROLLOUT_RETRY_S` ago; None when there is
+        none."""
+        key = (name, alias)
         if wanted is None or wanted.version == version:
-            self.rollout_errors.pop(key, None)
+            self._wanted_canaries.pop(key, None)
+            self.rollout_errors.pop((name, f"{alias}:canary"), None)
             return None
+        self._wanted_canaries[key] = wanted
         if current is not None and current.version == wanted.version:
             return wanted
-        failed = self.rollout_errors.get(key)
+        loading = self._canary_loads.get(key)
+        if loading is not None and not loading.done():
+            return None
+        failed = self.rollout_errors.get((name, f"{alias}:canary"))
         if failed and failed.version == wanted.version and time.monotonic() < failed.retry_at:
             return None
+        self._canary_loads[key] = asyncio.create_task(
+            self._load_canary(name, alias, wanted), name=f"canary-{name}@{alias}"
+        )
+        return None
+
+    async def _load_canary(self, name: str, alias: str, wanted: Canary) -> None:
+        """Load and warm alias `alias`'s canary `wanted`, then send it its share: put it in
+        the alias's route if the registry still names it (a failure is kept in
+        `rollout_errors`, the load retried after `ROLLOUT_RETRY_S`)."""
+        key = (name, alias)
         label = f"{name}@{alias}"
         log.info(
             "%s: canary v%s (%g%%): loading and warming it", label, wanted.version, wanted.percent
         )
         started = time.perf_counter()
-        if not await self._warm(name, key, alias, wanted.version):
+        if not await self._warm(name, (name, f"{alias}:canary"), alias, wanted.version):
             log.error(
-                "%s: canary v%s failed to load, v%s answers every request: %s",
+                "%s: canary v%s failed to load, the alias's version answers every request: %s",
                 label,
                 wanted.version,
-                version,
-                self.rollout_errors[key].reason,
+                self.rollout_errors[(name, f"{alias}:canary")].reason,
             )
-            return None
+            return
+        route = self._routes.get(key)
+        now = self._wanted_canaries.get(key)
+        if route is None or now is None or now.version != wanted.version:
+            return  # ended or changed while it loaded: the next refresh follows the registry
+        if route.version != now.version:
+            self._routes[key] = AliasRoute(route.version, now, route.shadow)
         log.info(
             "%s: canary v%s answers %g%% of requests (ready in %.1fs)",
             label,
-            wanted.version,
-            wanted.percent,
+            now.version,
+            now.percent,
             time.perf_counter() - started,
         )
-        return wanted
 
     async def _warm(self, name: str, key: tuple[str, str], alias: str, version: str) -> bool:
         """Load and warm `version` for a rollout: whether it loaded; why not is kept in
@@ -469,5 +544,9 @@ class ModelPool:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watcher
             self._watcher = None
+        for task in self._canary_loads.values():
+            task.cancel()
+        await asyncio.gather(*self._canary_loads.values(), return_exceptions=True)
+        self._canary_loads.clear()
         for served in self._models.clear():
             await served.close()

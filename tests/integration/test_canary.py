@@ -6,10 +6,13 @@ load answers nothing, and a bulk job pins the alias's own version."""
 from __future__ import annotations
 
 import base64
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -21,9 +24,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import perito
 from perito_core.models.registry import ModelRegistry
+from perito_server import model_pool
 from perito_server.settings import ServerSettings
 from tests.conftest import publish_tiny
-from tests.helpers import ServerThread, encoded, run_perito, subprocess_env
+from tests.helpers import TINY_INPUT, ServerThread, encoded, run_perito, subprocess_env
 
 pytestmark = pytest.mark.integration
 
@@ -343,3 +347,129 @@ def test_a_routing_key_over_256_characters_is_refused_naming_its_field(
     assert [v.field for v in sdk.value.violations] == ["routing_key"]
     assert "257 characters; the limit is 256" in str(sdk.value)
     assert oip.status_code == 400 and "perito_routing_key" in oip.json()["error"]
+
+
+def oip_pixels_version(url: str, key: str, size: int = 32) -> str:
+    """The version that answered one OIP inference of pixels (uint8 [1, size, size, 3]) with
+    `perito_routing_key` = `key`, sent with tritonclient's HTTP client."""
+    client = httpclient.InferenceServerClient(url)
+    tensor = httpclient.InferInput("pixels", [1, size, size, 3], "UINT8")
+    tensor.set_data_from_numpy(np.full((1, size, size, 3), 90, dtype=np.uint8))
+    answer = client.infer(
+        MODEL, [tensor], model_version="production", parameters={"perito_routing_key": key}
+    ).get_response()
+    client.close()
+    return str(answer["model_version"])
+
+
+def test_pixels_shaped_for_the_alias_version_never_go_to_a_canary_of_another_size(
+    tmp_path: Path, tiny_model_file: Path
+) -> None:
+    """OIP callers shape pixels by the alias's model metadata (32 px); a canary at 48 px
+    would refuse them, so they get the alias's version, while encoded images keep the split."""
+    root = tmp_path / "registry"
+    registry = registry_of(root, tiny_model_file, versions=1)
+    bigger = TINY_INPUT.model_copy(update={"height": 48, "width": 48, "resize_size": 48})
+    registry.publish(MODEL, tiny_model_file, labels=["minor", "moderate", "severe"], input=bigger)
+    registry.set_canary(MODEL, "production", "2", 50)
+    keys = [f"claim-{i}" for i in range(40)]
+    with serving(root, tmp_path / "cache", metrics_port=0, http_port=0) as server:
+        http = f"127.0.0.1:{server.running.http_port}"  # type: ignore[attr-defined]
+        metadata = httpx.get(f"http://{http}/v2/models/{MODEL}/versions/production").json()
+        with perito.Client(server.target, timeout=30) as client:
+            encoded_split = versions_by_key(client, keys)
+        as_pixels = {key: oip_pixels_version(http, key) for key in keys}
+        counted = routed(server)
+
+    assert [i["shape"] for i in metadata["inputs"] if i["name"] == "pixels"] == [[-1, 32, 32, 3]]
+    assert set(encoded_split.values()) == {"1", "2"}  # encoded images: split as before
+    assert set(as_pixels.values()) == {"1"}  # pixels: every key answered, by version 1
+    canary_calls = sum(v == "2" for v in encoded_split.values())
+    assert counted == {
+        ("1", "primary"): len(keys) - canary_calls + len(keys),
+        ("2", "canary"): canary_calls,
+    }
+
+
+class GatedLoads:
+    """`load_model` as the server calls it, held for version `version` until `open()`:
+    counts the loads of that version tried (a slow fetch and warm-up, made to wait)."""
+
+    def __init__(self, version: str) -> None:
+        self.version = version
+        self.gate = threading.Event()
+        self.tried = 0
+        self._load = model_pool.load_model
+
+    def __call__(self, registry: ModelRegistry, name: str, version: str, **options: Any) -> Any:
+        if version == self.version:
+            self.tried += 1
+            self.gate.wait(60)
+        return self._load(registry, name, version, **options)
+
+    def open(self) -> None:
+        self.gate.set()
+
+
+def test_the_first_requests_to_an_alias_never_wait_for_its_canary_to_load(
+    tmp_path: Path, tiny_model_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "registry"
+    registry = registry_of(root, tiny_model_file, versions=2)
+    registry.set_canary(MODEL, "production", "2", 50)
+    loads = GatedLoads("2")
+    monkeypatch.setattr(model_pool, "load_model", loads)
+    keys = [f"claim-{i}" for i in range(40)]
+    server = ServerThread.serving(root, tmp_path / "cache", alias_ttl_s=TTL_S)  # no preload
+    try:
+        with server, perito.Client(server.target, timeout=10) as client:
+            pool = server.running.pool  # type: ignore[attr-defined]
+            while_loading = versions_by_key(client, keys)  # the canary's load is held
+            route_while_loading = pool.route(MODEL, "production")
+            loads.open()
+            wait_for(lambda: pool.route(MODEL, "production").canary is not None, 30)
+            once_warmed = versions_by_key(client, keys)
+    finally:
+        loads.open()
+
+    assert set(while_loading.values()) == {"1"} and route_while_loading.canary is None
+    assert set(once_warmed.values()) == {"1", "2"}
+    assert loads.tried == 1
+
+
+def test_concurrent_first_requests_try_a_failing_canary_load_once_until_its_retry(
+    tmp_path: Path, tiny_model_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "registry"
+    registry = registry_of(root, tiny_model_file, versions=2)
+    (root / "models" / MODEL / "2" / "model.pt").write_bytes(b"garbage")  # fails its sha256
+    registry.set_canary(MODEL, "production", "2", 50)
+    loads = GatedLoads("2")
+    monkeypatch.setattr(model_pool, "load_model", loads)
+    monkeypatch.setattr(model_pool, "ROLLOUT_RETRY_S", 1.0)
+    keys = [f"claim-{i}" for i in range(16)]
+    try:
+        with ServerThread.serving(root, tmp_path / "cache", alias_ttl_s=TTL_S) as server:
+            pool = server.running.pool  # type: ignore[attr-defined]
+
+            def first_call(key: str) -> str:
+                with perito.Client(server.target, timeout=10) as client:
+                    [result] = client.classify(
+                        [PHOTO], model=f"{MODEL}@production", routing_key=key
+                    )
+                return result.model_version
+
+            with ThreadPoolExecutor(len(keys)) as calls:
+                answered = list(calls.map(first_call, keys))  # while the canary's load waits
+            loads.open()
+            wait_for(lambda: (MODEL, "production:canary") in pool.rollout_errors, 30)
+            tried_at_first = loads.tried
+            failure = pool.rollout_errors[(MODEL, "production:canary")]
+            wait_for(lambda: loads.tried == 2, 10)  # the refresh after ROLLOUT_RETRY_S
+            retried = pool.rollout_errors[(MODEL, "production:canary")]
+    finally:
+        loads.open()
+
+    assert set(answered) == {"1"}
+    assert tried_at_first == 1 and failure.version == "2" and "sha256" in failure.reason
+    assert retried.retry_at > failure.retry_at
