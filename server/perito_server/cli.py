@@ -29,7 +29,9 @@ from perito_core.cli_options import (
 )
 from perito_core.errors import PeritoError
 from perito_core.models.manifest import InputContract
+from perito_core.models.registry import ModelRegistry
 from perito_core.models.rollout import AliasRoute
+from perito_server.oip_protocol import pixel_contract
 from perito_server.onnx_import import (
     check_onnx_loads,
     contract_options,
@@ -481,6 +483,25 @@ def set_alias(
         shown = describe_route(name, alias, route)
     _audit(settings, publisher.name, method, resource, "OK", detail)
     click.echo(shown)
+    if canary is not None and route.canary is not None:
+        _warn_pixels_differ(target, name, route.version, route.canary.version)
+
+
+def _warn_pixels_differ(registry: ModelRegistry, name: str, version: str, canary: str) -> None:
+    """Warn (stderr) when canary `canary` takes pixels or answers labels unlike `version`:
+    OIP callers sending pixels then stay on `version` (`oip_protocol.pixel_contract`)."""
+    try:
+        ours, theirs = (pixel_contract(registry.manifest(name, v)) for v in (version, canary))
+    except PeritoError:
+        return
+    if ours != theirs:
+        click.echo(
+            f"warning: v{canary} takes {theirs[0]}x{theirs[1]} px and answers {theirs[2]} "
+            f"labels, v{version} {ours[0]}x{ours[1]} px and {ours[2]} labels: OIP requests "
+            f"sending pixels (shaped by the alias's metadata) all stay on v{version}; only "
+            "encoded images are split",
+            err=True,
+        )
 
 
 @click.command("shadow")

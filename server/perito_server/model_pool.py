@@ -40,11 +40,11 @@ from perito.v1 import models_pb2
 from perito_core.errors import InvalidArgument, PeritoError
 from perito_core.models.cache import ModelCache
 from perito_core.models.engines.base import LoadedModel
-from perito_core.models.manifest import ModelManifest
 from perito_core.models.registry import LATEST, ModelRegistry
 from perito_core.models.rollout import AliasRoute, Canary
 from perito_core.models.selection import check_precision, load_model, requested_precision
 from perito_server.batcher import DynamicBatcher
+from perito_server.oip_protocol import pixel_contract
 from perito_server.settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -127,13 +127,6 @@ def alias_rollouts(
             rollout.shadow_sample = route.shadow.sample
         rollouts[alias] = rollout
     return rollouts
-
-
-def pixel_contract(manifest: ModelManifest) -> tuple[int, int, int]:
-    """What a caller sending pixels shapes its request and reads its answer by, as the OIP
-    model metadata states it: (height, width) of the uint8 [N, H, W, 3] input, in pixels, and
-    the label count C of the FP32 [N, C] output."""
-    return manifest.input.height, manifest.input.width, len(manifest.labels)
 
 
 @dataclass

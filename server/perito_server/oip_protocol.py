@@ -254,6 +254,13 @@ def model_metadata(manifest: ModelManifest) -> dict[str, Any]:
     }
 
 
+def pixel_contract(manifest: ModelManifest) -> tuple[int, int, int]:
+    """What a caller sending pixels shapes its request and reads its answer by, as
+    `model_metadata` states it: (height, width) of the uint8 [N, H, W, 3] input, in pixels,
+    and the label count C of the FP32 [N, C] output."""
+    return manifest.input.height, manifest.input.width, len(manifest.labels)
+
+
 def classification_count(value: object) -> int:
     """The `classification` parameter as a count (0 when absent).
 

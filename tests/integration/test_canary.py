@@ -473,3 +473,21 @@ def test_concurrent_first_requests_try_a_failing_canary_load_once_until_its_retr
     assert set(answered) == {"1"}
     assert tried_at_first == 1 and failure.version == "2" and "sha256" in failure.reason
     assert retried.retry_at > failure.retry_at
+
+
+def test_the_alias_command_warns_when_the_canary_takes_pixels_of_another_size(
+    tmp_path: Path, tiny_model_file: Path, redis_url: str
+) -> None:
+    root = tmp_path / "registry"
+    registry = registry_of(root, tiny_model_file, versions=2)
+    bigger = TINY_INPUT.model_copy(update={"height": 48, "width": 48, "resize_size": 48})
+    registry.publish(MODEL, tiny_model_file, labels=["minor", "moderate", "severe"], input=bigger)
+    env = subprocess_env(PERITO_REGISTRY=str(root), PERITO_REDIS_URL=redis_url)
+
+    same = run_perito("models", "alias", MODEL, "production", "2", "--canary", "5", env=env)
+    other = run_perito("models", "alias", MODEL, "production", "3", "--canary", "5", env=env)
+
+    assert same.stderr == ""
+    assert other.stdout == f"{MODEL}@production -> 1, canary 3 at 5%\n"  # still split
+    assert "v3 takes 48x48 px and answers 3 labels, v1 32x32 px and 3 labels" in other.stderr
+    assert "pixels" in other.stderr and "stay on v1" in other.stderr
