@@ -1208,7 +1208,8 @@ class InferenceService:
             )
             if with_cards:
                 card = struct_pb2.Struct()
-                # The card's JSON, as manifest.json holds it (the SDK and the web page read it).
+                # The card's JSON as manifest.json holds it, the drift reference summarized
+                # (`ModelManifest.card`); the SDK and the web page read it.
                 card.update(manifest.card().model_dump(mode="json"))
                 version.card.CopyFrom(card)
             model.versions.append(version)
