@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from perito_core.models.comparison import Comparison, shift_bin, wilson_interval
+from perito_core.models.comparison import Comparison, shift_bin
 
 
 def test_agreement_confusion_and_shift_by_label() -> None:
@@ -40,15 +40,6 @@ def test_fields_round_trip_and_merge() -> None:
     assert again.confusion == comparison.confusion and again.shift == comparison.shift
     again.merge(comparison)
     assert again.compared == 100 and again.agreement == comparison.agreement
-
-
-def test_wilson_interval() -> None:
-    # 100% of 32 images only says the agreement is above about 89%.
-    low, high = wilson_interval(32, 32)
-    assert 0.89 < low < 0.9 and high == 1.0
-    low, high = wilson_interval(700, 1000)
-    assert low == pytest.approx(0.6709, abs=1e-3) and high == pytest.approx(0.7275, abs=1e-3)
-    assert wilson_interval(0, 0) == (0.0, 1.0)
 
 
 def test_shift_bins_cover_the_range() -> None:

@@ -11,7 +11,6 @@ the confusion is keyed by (incumbent's top-1 label, candidate's top-1 label).
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,27 +18,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import redis
 
+from perito_core.stats import wilson_interval
+
 # The confidence shift, candidate's top-1 probability minus incumbent's, in 20 bins over
 # [-1, 1]: bin i holds shifts in [-1 + i/10, -1 + (i+1)/10), the last one 1 too.
 SHIFT_BINS = 20
 # Comparisons are kept this long after their last update.
 RETENTION_S = 30 * 24 * 3600
 _SEP = "\x1f"
-
-
-def wilson_interval(successes: int, trials: int, z: float = 1.959964) -> tuple[float, float]:
-    """The Wilson score interval of a proportion (Wilson, JASA 1927), 95% by default.
-
-    Returns:
-        (lower, upper) in [0, 1]; (0, 1) for no trials.
-    """
-    if trials <= 0:
-        return 0.0, 1.0
-    p = successes / trials
-    denominator = 1 + z * z / trials
-    centre = (p + z * z / (2 * trials)) / denominator
-    half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / denominator
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def shift_bin(shift: float) -> int:

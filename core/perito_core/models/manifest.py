@@ -195,6 +195,9 @@ PRECISIONS: tuple[str, ...] = get_args(PrecisionChoice)
 # and the largest test-accuracy drop, as a fraction (0.003: 0.3 points).
 MIN_AGREEMENT = 0.99
 MAX_ACCURACY_DROP = 0.003
+# A gate on fewer held-out images than this is reported as weak: 100% agreement on 200
+# images only shows the true agreement is above about 98.1% (Wilson 95% lower bound).
+MIN_GATE_IMAGES = 200
 
 
 class FormFile(BaseModel):
@@ -257,6 +260,41 @@ class CompiledForm(BaseModel):
     confidence_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
     calibration_fitted_on: str = ""
     ece_before_fit: float | None = None
+    # 95% intervals of the evidence (`perito_core.stats`); None in manifests written before
+    # they were recorded. `agreement_lower`: the Wilson lower bound of `agreement` on `images`.
+    # `accuracy_change_lower`/`_upper`: with labels, the Newcombe (1998, paired) interval of
+    # `accuracy - reference_accuracy`, both measured on the same images.
+    agreement_lower: float | None = Field(default=None, ge=0.0, le=1.0)
+    accuracy_change_lower: float | None = Field(default=None, ge=-1.0, le=1.0)
+    accuracy_change_upper: float | None = Field(default=None, ge=-1.0, le=1.0)
+    # Why the gate's evidence is weak (fewer than MIN_GATE_IMAGES held-out images); empty: not.
+    gate_warning: str = ""
+
+    def evidence(self) -> str:
+        """The gate's figures in one line, as `perito publish` and `perito models import`
+        print them: agreement on how many images with its 95% lower bound, accuracy and its
+        change with the interval when labels were known, and the weak-gate warning."""
+        line = f"top-1 agreement {self.agreement:.2%} on {self.images} images"
+        if self.agreement_lower is not None:
+            line += f" (95% lower bound {self.agreement_lower:.2%})"
+        if self.accuracy is not None:
+            line += f", accuracy {self.accuracy:.4f}"
+            if self.reference_accuracy is not None:
+                line += f" (reference {self.reference_accuracy:.4f}"
+                if (
+                    self.accuracy_change_lower is not None
+                    and self.accuracy_change_upper is not None
+                ):
+                    change = 100 * (self.accuracy - self.reference_accuracy)
+                    line += (
+                        f", change {change:+.2f} points, 95% interval "
+                        f"{100 * self.accuracy_change_lower:+.2f} to "
+                        f"{100 * self.accuracy_change_upper:+.2f}"
+                    )
+                line += ")"
+        if self.gate_warning:
+            line += f"; {self.gate_warning}"
+        return line
 
 
 class ModelCard(BaseModel):

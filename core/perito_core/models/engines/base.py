@@ -154,13 +154,9 @@ class BuiltForms:
             shutil.rmtree(folder, ignore_errors=True)
 
     def summary(self) -> list[str]:
-        """One line per form: its agreement and accuracy, or why it was skipped."""
-        lines = [
-            f"{form.name}: top-1 agreement {form.agreement:.2%} on {form.images} images"
-            + (f", accuracy {form.accuracy:.4f}" if form.accuracy is not None else "")
-            + (f" (reference {form.reference_accuracy:.4f})" if form.reference_accuracy else "")
-            for form, _ in self.forms
-        ]
+        """One line per form: the gate's evidence (`CompiledForm.evidence`: agreement, its 95%
+        lower bound, accuracy change), or why it was skipped."""
+        lines = [f"{form.name}: {form.evidence()}" for form, _ in self.forms]
         lines += [f"{name}: skipped: {reason}" for name, reason in self.skipped.items()]
         return lines
 
