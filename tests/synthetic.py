@@ -34,6 +34,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from perito_core.scenes import FINETUNE_SHAPES, PRETRAIN_SHAPES, object_image
+from perito_core.scenes import rgb as _rgb
+from perito_core.scenes import smooth_noise as _smooth_noise
+from perito_core.scenes import to_image as _to_image
+
 Rng = np.random.Generator
 RGB = tuple[int, int, int]
 
@@ -56,23 +61,10 @@ MINERALS: dict[str, tuple[RGB, str]] = {
     "sulfur": ((215, 195, 50), "speckled"),
 }
 WASTE_FOLDERS = {"O": "organic", "R": "recyclable"}
-# Shapes for the ResNet-18 scenario: it pre-trains on the first four and is fine-tuned on
-# the six after them, which it has never seen.
-PRETRAIN_SHAPES = ("disc", "square", "triangle", "cross")
-FINETUNE_SHAPES = ("star", "ring", "hexagon", "arrow", "crescent", "diamond")
-
-
-def _rgb(colour: np.ndarray) -> RGB:
-    red, green, blue = (int(c) for c in np.clip(colour, 0, 255))
-    return red, green, blue
 
 
 def _jitter(rng: Rng, colour: Sequence[float], amount: float) -> RGB:
     return _rgb(np.asarray(colour, dtype=np.float64) + rng.normal(0, amount, 3))
-
-
-def _to_image(pixels: np.ndarray) -> Image.Image:
-    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
 def _blob_mask(rng: Rng, size: int, centre: tuple[float, float], radius: float) -> np.ndarray:
@@ -85,14 +77,6 @@ def _blob_mask(rng: Rng, size: int, centre: tuple[float, float], radius: float) 
     distance = np.hypot(x - centre[0], y - centre[1])
     mask: np.ndarray = distance <= radius * wobble
     return mask
-
-
-def _smooth_noise(rng: Rng, size: int, cells: int) -> np.ndarray:
-    """Low-frequency noise in [0, 1]: a random `cells` x `cells` grid, bicubically enlarged."""
-    grid = rng.uniform(0, 255, (cells, cells)).astype(np.uint8)
-    enlarged = Image.fromarray(grid).resize((size, size), Image.Resampling.BICUBIC)
-    noise: np.ndarray = np.asarray(enlarged, dtype=np.float64) / 255.0
-    return noise
 
 
 # Concrete cracks ---------------------------------------------------------------------------
@@ -448,103 +432,6 @@ def write_waste(
 
 
 # Objects (ResNet-18 pre-training and fine-tuning) -------------------------------------------
-
-
-def _polygon(
-    centre: tuple[float, float], radii: Sequence[float], turn: float
-) -> list[tuple[float, float]]:
-    step = 2 * math.pi / len(radii)
-    return [
-        (centre[0] + r * math.cos(turn + i * step), centre[1] + r * math.sin(turn + i * step))
-        for i, r in enumerate(radii)
-    ]
-
-
-def _draw_shape(
-    draw: ImageDraw.ImageDraw,
-    shape: str,
-    centre: tuple[float, float],
-    r: float,
-    turn: float,
-    colour: RGB,
-    background: RGB,
-) -> None:
-    cx, cy = centre
-    box = (cx - r, cy - r, cx + r, cy + r)
-    if shape == "disc":
-        draw.ellipse(box, fill=colour)
-    elif shape == "ring":
-        draw.ellipse(box, fill=colour)
-        draw.ellipse((cx - r * 0.55, cy - r * 0.55, cx + r * 0.55, cy + r * 0.55), fill=background)
-    elif shape == "crescent":
-        draw.ellipse(box, fill=colour)
-        dx, dy = r * 0.5 * math.cos(turn), r * 0.5 * math.sin(turn)
-        draw.ellipse((cx - r + dx, cy - r + dy, cx + r + dx, cy + r + dy), fill=background)
-    elif shape == "square":
-        draw.polygon(_polygon(centre, [r] * 4, turn), fill=colour)
-    elif shape == "diamond":
-        draw.polygon(_polygon(centre, [r, r * 0.55] * 2, turn), fill=colour)
-    elif shape == "triangle":
-        draw.polygon(_polygon(centre, [r] * 3, turn), fill=colour)
-    elif shape == "hexagon":
-        draw.polygon(_polygon(centre, [r] * 6, turn), fill=colour)
-    elif shape == "star":
-        draw.polygon(_polygon(centre, [r, r * 0.4] * 5, turn), fill=colour)
-    elif shape == "cross":
-        arm = r * 0.32
-        for a in (turn, turn + math.pi / 2):
-            dx, dy = math.cos(a), math.sin(a)
-            ox, oy = -dy * arm, dx * arm
-            draw.polygon(
-                [
-                    (cx - dx * r + ox, cy - dy * r + oy),
-                    (cx + dx * r + ox, cy + dy * r + oy),
-                    (cx + dx * r - ox, cy + dy * r - oy),
-                    (cx - dx * r - ox, cy - dy * r - oy),
-                ],
-                fill=colour,
-            )
-    elif shape == "arrow":
-        dx, dy = math.cos(turn), math.sin(turn)
-        ox, oy = -dy * r * 0.6, dx * r * 0.6
-        draw.polygon(
-            [(cx + dx * r, cy + dy * r), (cx + ox, cy + oy), (cx - ox, cy - oy)], fill=colour
-        )
-        sx, sy = -dy * r * 0.22, dx * r * 0.22
-        draw.polygon(
-            [
-                (cx + sx, cy + sy),
-                (cx - sx, cy - sy),
-                (cx - dx * r - sx, cy - dy * r - sy),
-                (cx - dx * r + sx, cy - dy * r + sy),
-            ],
-            fill=colour,
-        )
-    else:
-        raise ValueError(f"unknown shape {shape!r}")
-
-
-def object_image(rng: Rng, shape: str, size: int = 64) -> Image.Image:
-    """One shape, any colour, size, place and rotation, on a textured background."""
-    base = rng.uniform(40, 215, 3)
-    texture = (_smooth_noise(rng, size, 5) - 0.5)[..., None] * rng.uniform(20, 60)
-    pixels = base + texture + rng.normal(0, 5, (size, size, 3))
-    image = _to_image(pixels)
-    colour = _rgb(
-        np.where(base > 128, base - rng.uniform(70, 120, 3), base + rng.uniform(70, 120, 3))
-    )
-    r = rng.uniform(0.22, 0.38) * size
-    centre = (float(rng.uniform(r, size - r)), float(rng.uniform(r, size - r)))
-    _draw_shape(
-        ImageDraw.Draw(image),
-        shape,
-        centre,
-        r,
-        float(rng.uniform(0, 2 * math.pi)),
-        colour,
-        _rgb(base),
-    )
-    return image
 
 
 def write_objects(

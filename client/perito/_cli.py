@@ -333,6 +333,35 @@ def _print_model(model: Model) -> None:
         for key, value in metrics.items():
             if not isinstance(value, dict | list):
                 click.echo(f"  {key}: {value}")
+    _print_forms(latest.card)
+
+
+def _print_forms(card: dict[str, Any]) -> None:
+    """The card's compiled forms with the accuracy gate's evidence (held-out images, the 95%
+    lower bound of the agreement, the accuracy change's 95% interval, a weak gate's warning),
+    and why the others were not built. Cards from before the bounds print without them."""
+    forms, skipped = card.get("forms") or [], card.get("skipped_forms") or {}
+    if forms or skipped:
+        click.echo("compiled forms (gated against model.pt):")
+    for form in forms:
+        line = (
+            f"  {form['name']}: top-1 agreement {form['agreement']:.2%} on {form['images']} images"
+        )
+        if form.get("agreement_lower") is not None:
+            line += f" (95% lower bound {form['agreement_lower']:.2%})"
+        if form.get("accuracy") is not None and form.get("reference_accuracy") is not None:
+            change = 100 * (form["accuracy"] - form["reference_accuracy"])
+            line += f", accuracy change {change:+.2f} points"
+            if form.get("accuracy_change_lower") is not None:
+                line += (
+                    f" (95% interval {100 * form['accuracy_change_lower']:+.2f} to "
+                    f"{100 * form['accuracy_change_upper']:+.2f})"
+                )
+        click.echo(line)
+        if form.get("gate_warning"):
+            click.echo(f"    {form['gate_warning']}")
+    for name, reason in skipped.items():
+        click.echo(f"  {name}: not built: {reason}")
 
 
 def _job_line(job: Job) -> str:

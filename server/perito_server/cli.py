@@ -189,7 +189,9 @@ def _read_labels(path: Path) -> list[str]:
     "--calibration",
     type=click.Path(exists=True, file_okay=False, path_type=Path),
     help="A folder of typical images: half calibrate INT8, the other half verify every form "
-    "against the TorchScript file (top-1 agreement at least --min-agreement).",
+    "against the TorchScript file (top-1 agreement at least --min-agreement; 200 or more "
+    "held-out images, or the gate says it is weak). With subfolders calibration/ and "
+    "held-out/, those are the halves.",
 )
 @min_agreement_option
 @contract_options

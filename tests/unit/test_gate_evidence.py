@@ -84,3 +84,50 @@ def test_the_cli_line_shows_the_count_the_bound_the_change_and_the_warning() -> 
         )
     )
     assert old.agreement_lower is None and "lower bound" not in old.evidence()
+
+
+def test_models_import_and_models_show_print_the_count_and_the_bound(
+    tiny_model_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`perito models import --calibration` with calibration/ and held-out/ subfolders gates on
+    the held-out ones only; its output, the card and `perito models show` give their count,
+    the agreement's 95% lower bound and, under 200 images, the weak-gate warning."""
+    pytest.importorskip("openvino", reason="OpenVINO (optional engine, perito[serve]) missing")
+    from click.testing import CliRunner
+
+    from perito._cli import _print_forms
+    from perito_core.models.gate_images import gate_images
+    from perito_core.models.registry import ModelRegistry
+    from perito_server.cli import import_model
+
+    images = gate_images(
+        held_out_per_photo=2, held_out_scenes=4, calibration_per_photo=1, calibration_scenes=2
+    )
+    folder = images.write(tmp_path / "gate")
+    assert len(images.held_out) == 16 and len(images.calibration) == 14
+    (tmp_path / "labels.txt").write_text("minor\nmoderate\nsevere\n")
+    result = CliRunner().invoke(
+        import_model,
+        [
+            str(tiny_model_file),
+            *("--name", "tiny", "--labels", str(tmp_path / "labels.txt"), "--input-size", "32"),
+            *("--forms", "fp32", "--calibration", str(folder)),
+            *("--registry", str(tmp_path / "registry")),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    line = next(ln for ln in result.output.splitlines() if ln.startswith("openvino-fp32:"))
+    assert "top-1 agreement 100.00% on 16 images (95% lower bound 80.64%)" in line, line
+    assert "weak gate: 16 held-out images, under 200" in line
+
+    registry = ModelRegistry.open(str(tmp_path / "registry"), cache_dir=tmp_path / "cache")
+    forms = {form.name: form for form in registry.manifest("tiny", "1").forms}
+    form = forms["openvino-fp32"]
+    assert form.images == 16 and form.evaluated_on == "images of gate/held-out"
+    assert form.agreement_lower == pytest.approx(0.8064, abs=1e-4)
+    assert "weak gate" in form.gate_warning
+
+    _print_forms(registry.manifest("tiny", "1").card().model_dump(mode="json"))
+    shown = capsys.readouterr().out
+    assert "openvino-fp32: top-1 agreement 100.00% on 16 images (95% lower bound 80.64%)" in shown
+    assert "weak gate: 16 held-out images" in shown

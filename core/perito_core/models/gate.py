@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from perito_core.imaging import InputSpec
 from perito_core.models.calibration import (
     confidence_threshold,
     expected_calibration_error,
@@ -384,16 +385,55 @@ def build_forms_from_folder(
     accuracy_control: bool = False,
 ) -> BuiltForms:
     """`build_forms` for an imported model: the user's folder of images (no labels), prepared
-    by the serving code, alternately for calibration and for the held-out agreement check.
+    by the serving code.
+
+    A folder holding the two subfolders `calibration/` and `held-out/` (as
+    `perito_core.models.gate_images.GateImages.write` makes) is split by them: INT8 is
+    calibrated on the first (at most `MAX_CALIBRATION_IMAGES`) and every form verified on the
+    second (at most `limit` minus those), so the user decides what the gate never saw. Any
+    other folder's images (sorted by path, at most `limit`) alternate: calibration, held-out.
 
     `accuracy_control` is off by default here: on this 2-core AVX2 EPYC it took 6-20 minutes
     for EfficientNet-Lite0 and did not bring it through the 99% gate (README, "Compiled
     forms"), so an import does not pay for it unless asked."""
+    spec = contract.spec()
+    split = (folder / "calibration").is_dir() and (folder / "held-out").is_dir()
+    if split:
+        calibration = _read_images(folder / "calibration", spec, MAX_CALIBRATION_IMAGES)
+        holdout = _read_images(folder / "held-out", spec, limit - len(calibration))
+        evaluated_on = f"images of {folder.name}/held-out"
+    else:
+        images = _read_images(folder, spec, limit)
+        calibration, holdout = images[0::2], images[1::2]
+        evaluated_on = f"images of {folder.name} not used for calibration"
+    if not calibration or not holdout:
+        reason = (
+            f"{folder}/calibration or {folder}/held-out holds no readable image"
+            if split
+            else f"{folder} holds fewer than 2 readable images to calibrate and verify on"
+        )
+        return BuiltForms(skipped={f"{e}-{p}": reason for e in ENGINE_NAMES for p in precisions})
+    return build_forms(
+        model_path,
+        contract,
+        out_dir,
+        calibration=np.stack(calibration),
+        holdout=np.stack(holdout),
+        evaluated_on=evaluated_on,
+        accuracy_control=accuracy_control,
+        precisions=precisions,
+        min_agreement=min_agreement,
+        max_accuracy_drop=max_accuracy_drop,
+    )
+
+
+def _read_images(folder: Path, spec: InputSpec, limit: int) -> list[np.ndarray]:
+    """The readable images under `folder` (sorted by path, at most `limit`), prepared for the
+    model (uint8 (H, W, 3) each); unreadable ones logged and left out."""
     from perito_core.errors import InvalidImage
     from perito_core.imaging import load_model_input
     from perito_core.jobs.sources import is_ignored_key
 
-    spec = contract.spec()
     images: list[np.ndarray] = []
     for path in sorted(folder.rglob("*")):
         if len(images) >= limit:
@@ -403,19 +443,4 @@ def build_forms_from_folder(
                 images.append(load_model_input(path.read_bytes(), spec))
             except InvalidImage as error:
                 log.info("calibration: %s left out: %s", path, error.message)
-    if len(images) < 2:
-        reason = f"{folder} holds fewer than 2 readable images to calibrate and verify on"
-        return BuiltForms(skipped={f"{e}-{p}": reason for e in ENGINE_NAMES for p in precisions})
-    stacked = np.stack(images)
-    return build_forms(
-        model_path,
-        contract,
-        out_dir,
-        calibration=stacked[0::2],
-        holdout=stacked[1::2],
-        evaluated_on=f"images of {folder.name} not used for calibration",
-        accuracy_control=accuracy_control,
-        precisions=precisions,
-        min_agreement=min_agreement,
-        max_accuracy_drop=max_accuracy_drop,
-    )
+    return images
