@@ -8,10 +8,11 @@ In one run on one machine:
   folder, after a small warm-up job has loaded the model; images/s from the job's start to its
   end, and from submission to the results files being written;
 - fairness: `Classify` latency at concurrency 1, first idle, then while a 10,000-image job is
-  in flight on the same machine (target: p50 within 2x of idle).
+  in flight on the same machine, with the job's own images/s over the same seconds (claims
+  first, bulk second: the worker computes in SCHED_IDLE, `perito_core.scheduling`).
 
-Targets: job throughput >= 0.9x raw; `Classify` p50 under bulk load within 2x of idle. Exits 1
-when either is missed.
+Targets: job throughput >= 0.9x raw; `Classify` under bulk load: p50 within 1.5x of idle, p99
+within 3x. Exits 1 when one is missed.
 """
 
 from __future__ import annotations
@@ -31,7 +32,14 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 import perito  # noqa: E402
-from bench.classify import MODEL, bench_grpc, make_jpegs, publish, timed_loop  # noqa: E402
+from bench.classify import (  # noqa: E402
+    MODEL,
+    bench_grpc,
+    machine_line,
+    make_jpegs,
+    publish,
+    timed_loop,
+)
 from bench.targets import report  # noqa: E402
 from perito_core.imaging import load_model_input  # noqa: E402
 from perito_core.models.engines.base import LoadedModel  # noqa: E402
@@ -141,13 +149,16 @@ def main() -> int:
                 big = client.submit_job(manifest, model=MODEL, chunk_size=64)
                 while big.status().done < 50:
                     time.sleep(0.1)
+                before, started = big.status().done, time.monotonic()
                 busy = asyncio.run(bench_grpc(f"127.0.0.1:{port}", jpegs[:48], 1, args.seconds))
-                during = big.status()
+                during = big.status().done - before
+                job_rate = during / (time.monotonic() - started)
                 big.cancel()
         finally:
             for process in reversed(processes):
                 process.stop(60)
 
+    print(machine_line())
     print(
         f"# bulk: EfficientNet-Lite0, {args.images} 640x480 JPEGs from a local folder, one worker "
         f"process (prefork, batch {batch}), {os.cpu_count()} cores"
@@ -168,12 +179,16 @@ def main() -> int:
     print("|---|---|---|")
     print(f"| idle | {idle['p50_ms']:.1f} | {idle['p99_ms']:.1f} |")
     print(
-        f"| with a {args.fairness_items:,}-image job running ({during.done:,} done while measured) "
+        f"| with a {args.fairness_items:,}-image job running (the job: {during:,} images, "
+        f"{job_rate:.1f}/s, {job_rate / raw:.2f} x raw, meanwhile) "
         f"| {busy['p50_ms']:.1f} | {busy['p99_ms']:.1f} |"
     )
     slowdown = busy["p50_ms"] / idle["p50_ms"]
-    fairness = f"sync p50 under bulk load: {slowdown:.2f} x idle (target <= 2)"
-    targets.append((fairness, slowdown <= 2))
+    tail = busy["p99_ms"] / idle["p99_ms"]
+    targets.append(
+        (f"sync p50 under bulk load: {slowdown:.2f} x idle (target <= 1.5)", slowdown <= 1.5)
+    )
+    targets.append((f"sync p99 under bulk load: {tail:.2f} x idle (target <= 3)", tail <= 3))
     malformed = idle["wrong_answers"] + busy["wrong_answers"]
     empty = f"Classify answers without a prediction: {malformed:.0f} (target 0)"
     targets.append((empty, not malformed))
@@ -188,6 +203,7 @@ def main() -> int:
                     "end_to_end": end_to_end,
                     "idle": idle,
                     "busy": busy,
+                    "job_rate_during_latency": job_rate,
                 },
                 indent=2,
             )

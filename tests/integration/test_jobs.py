@@ -575,3 +575,30 @@ def test_job_state_counts_match_the_jobs(bulk: Bulk, redis_url: str) -> None:
         if state.terminal:
             core_state = next(s for s in counts if s.value == state.value)
             assert counts[core_state] == sum(j.state.value == state.value for j in jobs), state
+
+
+def _idle_class_threads(pid: int) -> tuple[int, int]:
+    """(threads in SCHED_IDLE, threads in all) of process `pid` and its children."""
+    idle = total = 0
+    pids = [pid, *map(int, Path(f"/proc/{pid}/task/{pid}/children").read_text().split())]
+    for process in pids:
+        for task in Path(f"/proc/{process}/task").iterdir():
+            total += 1
+            idle += os.sched_getscheduler(int(task.name)) == os.SCHED_IDLE
+    return idle, total
+
+
+def test_the_worker_computes_in_sched_idle_and_renews_leases_in_the_normal_class(
+    bulk: Bulk,
+) -> None:
+    """On a machine it shares with `perito serve`, the worker's model and decoders run only on
+    CPU time the server leaves; its main thread (Celery, Redis, the lease) stays normal."""
+    job = bulk.client.submit_job(
+        [bulk.image_bytes[n] for n in sorted(bulk.image_bytes)[:8]], model="fashion"
+    ).wait(60)
+    assert job.state is perito.JobState.SUCCEEDED
+    pid = bulk.workers[0].process.pid
+    idle, total = _idle_class_threads(pid)
+    # The model's thread and its engine pool, the decoders: lowered; the rest not.
+    assert 2 <= idle < total, (idle, total)
+    assert os.sched_getscheduler(pid) != os.SCHED_IDLE

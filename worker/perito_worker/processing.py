@@ -58,6 +58,7 @@ from perito_core.models.summary import (
     summarize,
 )
 from perito_core.quality import Quality, assess
+from perito_core.scheduling import run_when_idle
 from perito_worker import metrics
 from perito_worker.settings import WorkerSettings
 
@@ -74,7 +75,14 @@ class WorkerRuntime:
         )
         self.registry = settings.open_registry()
         self.sources = SourceReader(settings.s3_options(), settings.local_roots)
-        self.decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
+        # The model's thread (loading, warming and every forward pass, so the engine's own
+        # thread pool is made from it) and the decoders, in SCHED_IDLE with `idle_compute`:
+        # Celery's thread, the lease heartbeat and Redis stay in the normal class.
+        lower = run_when_idle if settings.idle_compute else None
+        self.compute = ThreadPoolExecutor(1, thread_name_prefix="model", initializer=lower)
+        self.decode_pool = ThreadPoolExecutor(
+            settings.decode_threads, thread_name_prefix="decode", initializer=lower
+        )
         # Found by (name, version, precision); at most max_loaded_models forms held.
         self.models: ModelCache[LoadedModel] = ModelCache(settings.max_loaded_models)
         # Drift detection's live windows, shared with the servers (written once per chunk).
@@ -111,14 +119,15 @@ class WorkerRuntime:
                 manifest.version,
                 dropped.form,
             )
-        loaded = load_model(
+        loaded = self.compute.submit(
+            load_model,
             self.registry,
             name,
             version,
             precision=precision,
             device=self.settings.device,
             warmup_batch_sizes=tuple(range(1, self.settings.batch_size + 1)),
-        )
+        ).result()
         log.info("loaded %s@%s in %.1fs, form %s", name, version, loaded.load_seconds, loaded.form)
         metrics.MODEL_LOAD_SECONDS.labels(name, version).set(loaded.load_seconds)
         model, _ = self.models.add(name, version, precision, loaded.form, lambda: loaded)
@@ -206,8 +215,10 @@ def _predict(model: LoadedModel, good: list[_Prepared]) -> list[np.ndarray | str
 
 
 def _classify(
-    job: Job, model: LoadedModel, batch: list[_Prepared], drift: DriftWindows | None = None
+    rt: WorkerRuntime, job: Job, model: LoadedModel, batch: list[_Prepared], drift: bool
 ) -> list[ItemResult]:
+    """The results of a decoded batch: the model run on the model's thread (`rt.compute`),
+    each answer summarized; `drift`: its answers also feed the live drift window."""
     good = [p for p in batch if p.pixels is not None]
     results = {
         p.index: ItemResult(p.index, ItemState.FAILED, id=p.item.id, uri=p.item.uri, error=p.error)
@@ -217,7 +228,8 @@ def _classify(
     answered: list[tuple[np.ndarray, Quality | None]] = []
     if good:
         threshold = model.manifest.threshold(job.confidence_threshold)
-        for prepared, probs in zip(good, _predict(model, good), strict=True):
+        outcomes = rt.compute.submit(_predict, model, good).result()
+        for prepared, probs in zip(good, outcomes, strict=True):
             if not isinstance(probs, str) and not_finite([probs]):  # no answer: the model's fault
                 probs = f"{MODEL_OUTPUT_NOT_FINITE}: {NOT_FINITE_MESSAGE}"
                 metrics.OUTPUTS_NOT_FINITE.labels(job.model, job.model_version, model.form).inc()
@@ -246,8 +258,8 @@ def _classify(
                 input_sha256=prepared.input_sha256,
                 quality=prepared.quality,
             )
-    if drift is not None and answered:  # queued in memory; the chunk writes them at its end
-        drift.add(model.manifest, [p for p, _ in answered], [q for _, q in answered])
+    if drift and answered:  # queued in memory; the chunk writes them at its end
+        rt.drift.add(model.manifest, [p for p, _ in answered], [q for _, q in answered])
     return [results[p.index] for p in batch]
 
 
@@ -394,7 +406,7 @@ def _run_chunk(
         return [rt.decode_pool.submit(_prepare, rt, job, i, item, model) for i, item in batch]
 
     # The offline comparison's jobs (a hand-picked folder) are no live traffic.
-    drift = None if COMPARE_JOB_LABEL in job.labels else rt.drift
+    drift = COMPARE_JOB_LABEL not in job.labels
     upcoming = submit(batches[0]) if batches else []
     try:
         for number in range(len(batches)):
@@ -403,7 +415,7 @@ def _run_chunk(
             if heartbeat.lost or store.is_cancel_requested(job_id):
                 metrics.CHUNKS.labels("skipped").inc()
                 return
-            results = _classify(job, model, prepared, drift)
+            results = _classify(rt, job, model, prepared, drift)
             _, complete = store.record_results(job_id, results)
             for result in results:
                 metrics.ITEMS.labels(job.model, job.model_version, result.state.value).inc()

@@ -20,6 +20,10 @@ class WorkerSettings(CommonSettings):
     # leaves Classify's latency within 2x of idle. bench/bulk.py, 2 cores: nice 0 gives the
     # job 0.95x raw but sync p50 3.2x idle; nice 10: 0.89x and 1.2x; nice 5: 0.95x and 1.6x.
     nice: int = Field(5, ge=0, le=19)
+    # The model's and the decoders' threads in Linux's SCHED_IDLE class (perito_core.scheduling):
+    # they run only on CPU time nothing else wants, so `Classify` on the same machine keeps its
+    # latency; on a machine of its own the worker loses nothing. False: the nice value only.
+    idle_compute: bool = True
     max_attempts: int = Field(3, ge=1, description="starts of a chunk before it is given up")
     # How long a chunk waits out a Redis that is down or restarting before its attempt ends.
     store_outage_retry_s: float = Field(120.0, ge=0)
