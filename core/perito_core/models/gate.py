@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import platform
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,9 +166,14 @@ def build_forms(
     weak = weak_gate_warning(len(holdout))
     if weak:
         log.warning("%s", weak)
+    seconds: dict[str, float] = {}  # each candidate's forward time on the held-out images
     for candidate in candidates:
         name = candidate.name
+        candidate.predict(holdout[:1])  # opens (compiles) it: not timed
+        start = time.perf_counter()
         probabilities = candidate.predict(holdout)
+        seconds[name] = time.perf_counter() - start
+        fp32_seconds = seconds.get(f"{candidate.engine}-fp32")
         figures = gate_figures(probabilities, reference, holdout_targets if labelled else None)
         agreement, accuracy = figures.agreement, figures.accuracy
         reference_accuracy = figures.reference_accuracy
@@ -237,6 +243,10 @@ def build_forms(
                 if figures.accuracy_change_interval
                 else None,
                 gate_warning=weak,
+                fp32_layers=candidate.fp32_layers,
+                speedup=fp32_seconds / seconds[name]
+                if fp32_seconds and candidate.precision != "fp32"
+                else None,
             )
             built.forms.append((form, candidate.folder))
             continue

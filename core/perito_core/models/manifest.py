@@ -269,6 +269,13 @@ class CompiledForm(BaseModel):
     accuracy_change_upper: float | None = Field(default=None, ge=-1.0, le=1.0)
     # Why the gate's evidence is weak (fewer than MIN_GATE_IMAGES held-out images); empty: not.
     gate_warning: str = ""
+    # Mixed precision: the convolutions and matrix products (the IR's or graph's names) an INT8
+    # form keeps in FP32, the quantizer's ignored scope or accuracy control's reverted layers;
+    # empty for FP32 and BF16 forms or when every layer is quantized.
+    fp32_layers: list[str] = Field(default_factory=list)
+    # The held-out images' forward time of the same engine's FP32 form over this form's,
+    # measured once at the gate (batches of 32, the build machine); None: not measured.
+    speedup: float | None = Field(default=None, gt=0.0)
 
     def evidence(self) -> str:
         """The gate's figures in one line, as `perito publish` and `perito models import`

@@ -177,6 +177,8 @@ class Candidate:
     requires: list[str] = field(default_factory=list)
     calibrated: int = 0
     quantization: str = ""
+    # The layers an INT8 form keeps in FP32 (`CompiledForm.fp32_layers`).
+    fp32_layers: list[str] = field(default_factory=list)
     # What builds the form again when the gate refuses it (plain OpenVINO INT8: quantized
     # again with accuracy control); None: nothing.
     retry: Callable[[], Candidate | None] | None = None
