@@ -15,7 +15,7 @@ its /metrics, which say whether a gap is in the model or around it), and the med
 Target: c1 p50 within 2 ms of the raw single-image time in every round, before and after the
 burst. Exits 1 when missed.
 
-OpenMP's threads wait as `perito_core` has them wait (GOMP_SPINCOUNT=10000) in this process and
+OpenMP's threads wait as `perito_core` has them wait (GOMP_SPINCOUNT=1000) in this process and
 the servers; GOMP_SPINCOUNT=300000 in a variant gives a server libgomp's default spinning:
 
     .venv/bin/python bench/torchscript_latency.py                   # the defaults, 5 starts
