@@ -94,7 +94,8 @@ def photos(work: Path, env: dict[str, str]) -> list[Path]:
         script = str(ROOT / "scripts" / "sample_photos.py")
         run(str(BIN / "python"), script, "--out", str(work / "photos"), env=env)
     calibration = write_calibration(work / "build" / "calibration")
-    return sorted((work / "photos").glob("*.jpg")) + sorted(calibration.glob("*.jpg"))
+    # Its calibration/ and held-out/ halves: the framings of real pictures and the scenes.
+    return sorted((work / "photos").glob("*.jpg")) + sorted(calibration.rglob("*.jpg"))
 
 
 def darkened(paths: list[Path]) -> list[bytes]:
@@ -212,8 +213,8 @@ def main() -> int:
             # In the folder the inspector may read: the framings, copied.
             framings = work / "inspection" / "framings"
             framings.mkdir(parents=True, exist_ok=True)
-            for path in (work / "build" / "calibration").glob("*.jpg"):
-                (framings / path.name).write_bytes(path.read_bytes())
+            for path in (work / "build" / "calibration").rglob("*.jpg"):
+                (framings / f"{path.parent.name}-{path.name}").write_bytes(path.read_bytes())
             run(
                 perito_cli,
                 "models",

@@ -8,7 +8,9 @@ with model.pt, and every result says which; a job item does the same in the work
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -57,7 +59,10 @@ def test_a_job_item_names_the_form_that_answered(fp32_form_registry: Path, tmp_p
     job = Job(id="j", state=JobState.RUNNING, model="tiny", model_version="1", total=1)
     pixels = np.zeros((32, 32, 3), dtype=np.uint8)
     item = ItemInput(uri="file:///x.jpg", id="x")
-    (result,) = _classify(job, model, [_Prepared(0, item, pixels)])
+    # The runtime's model thread only: no Redis, no drift window.
+    with ThreadPoolExecutor(1) as compute:
+        runtime = SimpleNamespace(compute=compute)
+        (result,) = _classify(runtime, job, model, [_Prepared(0, item, pixels)], drift=False)  # type: ignore[arg-type]
     assert result.state is ItemState.SUCCEEDED
     assert result.form == "openvino-fp32"
     assert '"form":"openvino-fp32"' in result.to_json()

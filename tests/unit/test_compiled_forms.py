@@ -137,7 +137,9 @@ def test_imagenet_int8_agrees_with_fp32_on_real_photos(
     assert forms["openvino-fp32"].max_abs_diff < 1e-4
     assert forms["openvino-int8"].agreement >= 0.95
     assert forms["openvino-int8"].calibration_images == 72
-    assert forms["openvino-int8"].quantization == "post-training"  # passed: no control needed
+    # Plain post-training INT8 agrees on 34 or 35 of the 36 (each miss a near-tie in FP32
+    # itself); under 95% the gate tries accuracy control, which must then pass.
+    assert forms["openvino-int8"].quantization in ("post-training", "accuracy-control")
     if bf16:  # 8 bits of mantissa: close, not exact
         assert forms["openvino-bf16"].agreement >= 0.95
         assert forms["openvino-bf16"].max_abs_diff < 0.1

@@ -4,6 +4,7 @@ before the next one loads)."""
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
@@ -48,6 +49,7 @@ def runtime(monkeypatch: pytest.MonkeyPatch) -> WorkerRuntime:
         manifest=lambda name, version: unpublished_manifest(["a", "b"])
     )
     worker.models = ModelCache(worker.settings.max_loaded_models)
+    worker.compute = ThreadPoolExecutor(1)  # the model's thread, where loads run
     worker.loads = loads  # type: ignore[attr-defined]
     return worker
 
