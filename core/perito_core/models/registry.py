@@ -394,10 +394,7 @@ class ModelRegistry:
         """
         self._validate_alias(alias)
         version = self.resolve(name, version)
-        shadow = self._current(name, alias).shadow
-        if shadow is not None and shadow.version == version:
-            shadow = None
-        self._write_route(name, alias, AliasRoute(version, None, shadow))
+        self._write_route(name, alias, self._current(name, alias).moved_to(version))
 
     def set_canary(self, name: str, alias: str, version: str, percent: float) -> AliasRoute:
         """Send `percent` (0 < percent < 100) of `alias`'s requests to `version`.
@@ -431,9 +428,7 @@ class ModelRegistry:
         route = self._existing(name, alias)
         if route.canary is None:
             raise FailedPrecondition(f"{name}@{alias} has no canary to promote", field="alias")
-        version = route.canary.version
-        shadow = route.shadow if route.shadow and route.shadow.version != version else None
-        route = AliasRoute(version, None, shadow)
+        route = route.moved_to(route.canary.version)
         self._write_route(name, alias, route)
         return route
 

@@ -76,6 +76,12 @@ class AliasRoute:
             return self.canary.version
         return self.version
 
+    def moved_to(self, version: str) -> AliasRoute:
+        """The route once the alias serves `version`: any canary ended, the shadow kept unless
+        it is `version` (a move and a promotion alike)."""
+        shadow = self.shadow if self.shadow and self.shadow.version != version else None
+        return AliasRoute(version, None, shadow)
+
     @property
     def versions(self) -> list[str]:
         """Every version this route sends requests to or shadows, the alias's first."""
