@@ -12,16 +12,21 @@ Measured, each for `--seconds` after a warm-up:
   concurrency 1 and 16 (grpc.aio callers in this process, on the same 2 cores).
 
 Prints images/s, p50 and p99, and each ratio to the raw reference; `--json` writes them too.
-Targets: throughput at concurrency 16 >= 0.9 x raw; p50 at concurrency 1 within 3 ms of the raw
-single-image time. Exits 1 when either is missed.
+Targets: throughput at concurrency 16 >= 0.9 x the raw overlapped pipeline; p50 at concurrency 1
+within 2 ms of the raw single-image time. Exits 1 when either is missed.
 
 `--form torchscript,fp32,int8,bf16` builds the compiled forms (`--engines`:
-OpenVINO IR and ONNX Runtime; INT8 calibrated on half of the JPEGs, agreement with
-TorchScript measured on the other half), then measures, for each form in the same run: the
-forward pass alone at batch 1 and 8, the raw pipeline and `Classify` c1 / c16 with the
+OpenVINO IR and ONNX Runtime; INT8 calibrated on the gate's 200 calibration images, every form's
+top-1 agreement with model.pt measured on its 240 held-out images, `perito_core.models
+.gate_images`, with the 95% Wilson lower bound), then measures, for each form in the same run:
+the forward pass alone at batch 1 and 8, the raw pipeline and `Classify` c1 / c16 with the
 server's `PERITO_PRECISION` set to that form (the fastest verified form of that precision
 serves it: the row names which). The CPU's ISA flags are printed first (INT8 is fast with
-VNNI / AMX, BF16 needs AVX-512 BF16 / AMX).
+VNNI / AMX, BF16 needs AVX-512 BF16 / AMX; `ONEDNN_MAX_CPU_ISA=AVX2` makes OpenVINO run as on a
+CPU without them, ONNX Runtime does not read it). Targets per form: c16 >= 0.9x its raw
+overlapped pipeline, c1 p50 within 2 ms of its raw single image; and the INT8 form's c16 at
+least 2.2x (ResNet-18) or 1.5x (EfficientNet-Lite0) TorchScript FP32 serving, at >= 99%
+agreement on >= 200 held-out images.
 """
 
 from __future__ import annotations
@@ -60,6 +65,8 @@ from scripts.sample_photos import write_sample_photos  # noqa: E402
 from tests.processes import Proc, free_port  # noqa: E402
 
 MODEL = "bench-model"
+# Classify c16 of the INT8 form over TorchScript FP32 serving, on a CPU without VNNI.
+INT8_SPEEDUP_TARGET = {"resnet18": 2.2, "efficientnet-lite0": 1.5}
 
 
 def make_jpegs(work: Path, count: int) -> list[bytes]:
@@ -83,7 +90,6 @@ def publish(
     arch: str,
     work: Path,
     forms: tuple[str, ...] = (),
-    jpegs: list[bytes] | None = None,
     engines: tuple[str, ...] = ENGINE_NAMES,
 ) -> ModelRegistry:
     from perito_training.export import export_torchscript
@@ -106,15 +112,18 @@ def publish(
     built = None
     if forms:
         from perito_core.models.gate import build_forms
+        from perito_core.models.gate_images import gate_images
 
-        images = np.stack([load_model_input(data, contract.spec()) for data in jpegs or []])
+        # The gate's own images: 200 for calibration, 240 held out (crops, mirrors, scales and
+        # colour jitter of the offline photos, generated scenes; split by source).
+        calibration, held_out = gate_images().prepared(contract.spec())
         built = build_forms(
             path,
             contract,
             work / "forms",
-            calibration=images[0::2],
-            holdout=images[1::2],
-            evaluated_on="bench JPEGs not used for calibration",
+            calibration=calibration,
+            holdout=held_out,
+            evaluated_on="the gate's held-out images (perito_core.models.gate_images)",
             precisions=forms,
             engines=engines,
             min_agreement=0.0,  # measured and printed here; the publish gate is not the bench's
@@ -415,19 +424,19 @@ def main() -> int:
     latency_gap = c1["p50_ms"] - single
     malformed = c1["wrong_answers"] + c16["wrong_answers"]
     limit = c16["images_per_s"] / overlapped
-    print(f"\nconcurrency 16 vs the overlapped-decode limit: {limit:.2f}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"arch": args.arch, **raw, "c1": c1, "c16": c16}, indent=2))
     return report(
         [
             (
-                f"concurrency 16 throughput: {throughput_ratio:.2f} x raw (target >= 0.90)",
-                throughput_ratio >= 0.9,
+                f"concurrency 16 throughput: {throughput_ratio:.2f} x raw sequential, "
+                f"{limit:.2f} x raw overlapped (target >= 0.90 x overlapped)",
+                limit >= 0.9,
             ),
             (
-                f"concurrency 1 p50: raw + {latency_gap:.1f} ms (target <= 3 ms)",
-                latency_gap <= 3,
+                f"concurrency 1 p50: raw + {latency_gap:.1f} ms (target <= 2 ms)",
+                latency_gap <= 2,
             ),
             (f"Classify answers without a prediction: {malformed:.0f} (target 0)", not malformed),
         ]
@@ -444,7 +453,7 @@ def compare_forms(args: argparse.Namespace, forms: list[str]) -> int:
         work = Path(tmp)
         jpegs = make_jpegs(work, args.images)
         engines = tuple(e.strip() for e in args.engines.split(",") if e.strip())
-        registry = publish(args.arch, work, compiled, jpegs, engines)
+        registry = publish(args.arch, work, compiled, engines)
         manifest = registry.manifest(MODEL, "1")
         for requested in forms:
             model = load_model(
@@ -460,6 +469,8 @@ def compare_forms(args: argparse.Namespace, forms: list[str]) -> int:
             row.update(bench_raw(model, jpegs, args.seconds))
             evidence = manifest.form(form)
             row["agreement"] = evidence.agreement if evidence else 1.0
+            row["agreement_lower"] = evidence.agreement_lower if evidence else None
+            row["gate_images"] = evidence.images if evidence else 0
             del model
             port = free_port()
             env = {
@@ -479,29 +490,60 @@ def compare_forms(args: argparse.Namespace, forms: list[str]) -> int:
 
     base = figures.get("torchscript")
     base_b8 = float(base["forward_b8"]) if base else float("nan")  # type: ignore[arg-type]
+    base_c16 = float(base["c16"]["images_per_s"]) if base else float("nan")  # type: ignore[index]
     print(
-        "\n| form | agreement | forward b1 | forward b8 | b8 vs TorchScript | raw best "
-        "| raw overlapped | raw single p50 ms | Classify c1 p50 ms | c16 images/s | c16 p99 ms "
+        "\n| form | agreement (95% lower bound, images) | forward b1 | forward b8 "
+        "| b8 vs TorchScript | raw best | raw overlapped | raw single p50 ms "
+        "| Classify c1 p50 ms | c16 images/s | c16 vs TorchScript | c16 p99 ms "
         "| c16 / overlapped |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    targets: list[tuple[str, bool]] = []
     for row in figures.values():
         c1, c16 = row["c1"], row["c16"]
         assert isinstance(c1, dict) and isinstance(c16, dict)
         overlapped = float(row["raw_overlapped_b8"])  # type: ignore[arg-type]
+        single = float(row["raw_single_p50_ms"])  # type: ignore[arg-type]
+        agreement = f"{float(row['agreement']):.1%}"  # type: ignore[arg-type]
+        if row["agreement_lower"] is not None:
+            agreement += f" ({float(row['agreement_lower']):.1%}, {row['gate_images']})"  # type: ignore[arg-type]
         print(
-            f"| {row['form']} | {float(row['agreement']):.1%} "  # type: ignore[arg-type]
+            f"| {row['form']} | {agreement} "
             f"| {float(row['forward_b1']):.1f} | {float(row['forward_b8']):.1f} "  # type: ignore[arg-type]
             f"| {float(row['forward_b8']) / base_b8:.2f}x "  # type: ignore[arg-type]
             f"| {float(row['raw_sequential_best']):.1f} | {overlapped:.1f} "  # type: ignore[arg-type]
-            f"| {float(row['raw_single_p50_ms']):.1f} | {c1['p50_ms']:.1f} "  # type: ignore[arg-type]
-            f"| {c16['images_per_s']:.1f} | {c16['p99_ms']:.0f} "
-            f"| {c16['images_per_s'] / overlapped:.2f} |"
+            f"| {single:.1f} | {c1['p50_ms']:.1f} "
+            f"| {c16['images_per_s']:.1f} | {c16['images_per_s'] / base_c16:.2f}x "
+            f"| {c16['p99_ms']:.0f} | {c16['images_per_s'] / overlapped:.2f} |"
         )
+        ratio = c16["images_per_s"] / overlapped
+        line = f"{row['form']}: Classify c16 {ratio:.2f} x raw overlapped (target >= 0.90)"
+        targets.append((line, ratio >= 0.9))
+        gap = c1["p50_ms"] - single
+        line = f"{row['form']}: Classify c1 p50 raw + {gap:.1f} ms (target <= 2 ms)"
+        targets.append((line, gap <= 2.0))
+        wrong = c1["wrong_answers"] + c16["wrong_answers"]
+        line = f"{row['form']}: Classify answers without a prediction: {wrong:.0f} (target 0)"
+        targets.append((line, not wrong))
+    # The speed target counts only a form the gate passes: >= 99% top-1 agreement with
+    # model.pt on >= 200 held-out images.
+    goal = INT8_SPEEDUP_TARGET.get(args.arch)
+    int8 = figures.get("int8")
+    if int8 is not None and base is not None and goal is not None:
+        speedup = float(int8["c16"]["images_per_s"]) / base_c16  # type: ignore[index]
+        agreement_int8 = float(int8["agreement"])  # type: ignore[arg-type]
+        held_out = int(int8["gate_images"])  # type: ignore[call-overload]
+        line = (
+            f"{int8['form']}: Classify c16 {speedup:.2f} x TorchScript FP32 serving at "
+            f"{agreement_int8:.1%} agreement on {held_out} held-out images "
+            f"(target >= {goal:g}x at >= 99% on >= 200)"
+        )
+        met = speedup >= goal and agreement_int8 >= 0.99 and held_out >= 200
+        targets.append((line, met))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"arch": args.arch, "forms": figures}, indent=2))
-    return 0
+    return report(targets)
 
 
 if __name__ == "__main__":
