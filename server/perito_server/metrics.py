@@ -1,9 +1,10 @@
 """Prometheus metrics for `perito serve`, on their own HTTP port (`PERITO_METRICS_PORT`).
 
 Request counts and latencies are recorded as calls finish; everything about models (queue
-depth and time, compute time, batch sizes, images classified, versions loaded, load times,
-failed rollouts) is read from the model pool, and jobs per state, stuck jobs and dead letters
-from the job store, when Prometheus scrapes, so the batcher stays free of any metrics library.
+depth and time, compute time, batch sizes and the preferred one measured at load, images
+classified, versions loaded, load times, failed rollouts) is read from the model pool, and jobs
+per state, stuck jobs and dead letters from the job store, when Prometheus scrapes, so the
+batcher stays free of any metrics library.
 Each server has its own registry: several can live in one process.
 """
 
@@ -158,8 +159,24 @@ class PoolCollector(Collector):
             "refused with RESOURCE_EXHAUSTED.",
             labels=labels,
         )
+        preferred = GaugeMetricFamily(
+            "perito_preferred_batch_size",
+            "The most images the batcher puts in one forward pass of this form: measured at "
+            "load (PERITO_PREFERRED_BATCH_SIZE=auto, the smallest size within 3% of the best "
+            "images/s) or set; at most PERITO_MAX_BATCH_SIZE.",
+            labels=labels,
+        )
+        forward_rate = GaugeMetricFamily(
+            "perito_forward_images_per_second",
+            "The form's forward pass alone, images per second at each batch size, as measured "
+            "at load to choose perito_preferred_batch_size (none when the size was set).",
+            labels=[*labels, "batch_size"],
+        )
         for served in self.pool.served():
             values = [served.name, served.version, served.model.form]
+            preferred.add_metric(values, served.batching.preferred_batch_size)
+            for size, rate in served.batching.images_per_second.items():
+                forward_rate.add_metric([*values, str(size)], rate)
             stats = served.batcher.stats
             loaded.add_metric(values, 1)
             load_seconds.add_metric(values, served.model.load_seconds)
@@ -185,7 +202,7 @@ class PoolCollector(Collector):
         for (name, _), error in list(self.pool.rollout_errors.items()):
             failed.add_metric([name, error.alias, error.version], 1)
         yield from (loaded, load_seconds, images, *families.values(), refused, dropped)
-        yield from (failed_batches, failed, queue, capacity)
+        yield from (failed_batches, failed, queue, capacity, preferred, forward_rate)
 
 
 class JobsCollector(Collector):

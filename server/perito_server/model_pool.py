@@ -38,6 +38,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from perito.v1 import models_pb2
 from perito_core.errors import InvalidArgument, PeritoError
+from perito_core.models.batching import BatchProfile, profile_batch_sizes
 from perito_core.models.cache import ModelCache
 from perito_core.models.engines.base import LoadedModel
 from perito_core.models.registry import LATEST, ModelRegistry
@@ -54,15 +55,21 @@ class ServedModel:
     """One loaded version: its model, a single model thread and its dynamic batcher."""
 
     def __init__(
-        self, model: LoadedModel, executor: ThreadPoolExecutor, settings: ServerSettings
+        self,
+        model: LoadedModel,
+        executor: ThreadPoolExecutor,
+        settings: ServerSettings,
+        batching: BatchProfile,
     ) -> None:
         self.model = model
         self.name = model.manifest.name
         self.version = model.manifest.version
         self._executor = executor
+        # The batch size this form runs at (measured at load, or set): the batcher's cap.
+        self.batching = batching
         self.batcher: DynamicBatcher[np.ndarray, np.ndarray] = DynamicBatcher(
             self._run_batch,
-            max_batch_size=settings.max_batch_size,
+            max_batch_size=batching.preferred_batch_size,
             max_queue_delay=settings.max_queue_delay_ms / 1000,
             max_queue_size=settings.max_queue_size,
             name=f"{self.name}@{self.version}",
@@ -480,10 +487,11 @@ class ModelPool:
 
     async def _load(self, name: str, version: str, precision: str) -> ServedModel:
         settings = self.settings
-        sizes = tuple(range(1, settings.max_batch_size + 1))
+        fixed = settings.fixed_batch_size
+        sizes = tuple(range(1, (fixed or settings.max_batch_size) + 1))
 
-        def load() -> LoadedModel:
-            return load_model(
+        def load() -> tuple[LoadedModel, BatchProfile]:
+            model = load_model(
                 self.registry,
                 name,
                 version,
@@ -492,27 +500,35 @@ class ModelPool:
                 optimize=settings.optimize_models,
                 warmup_batch_sizes=sizes,
             )
+            batching = profile_batch_sizes(model, settings.max_batch_size, fixed)
+            model.load_seconds += batching.seconds
+            return model, batching
 
         # One thread per model loads, warms and runs it: a forward pass already uses every
         # core, serialising batches is what lets the batcher coalesce, and torch's OpenMP
         # team belongs to the calling thread (a second team on the same cores costs ~10%).
         executor = ThreadPoolExecutor(1, thread_name_prefix=f"model-{name}@{version}")
         try:
-            model = await asyncio.get_running_loop().run_in_executor(executor, load)
+            model, batching = await asyncio.get_running_loop().run_in_executor(executor, load)
         except BaseException:
             executor.shutdown(wait=False)
             raise
         log.info(
-            "loaded %s@%s (precision %s) in %.1fs on %s, form %s",
+            "loaded %s@%s (precision %s) in %.1fs on %s, form %s, batch size %d",
             name,
             version,
             precision,
             model.load_seconds,
             model.device,
             model.form,
+            batching.preferred_batch_size,
         )
         served, evicted = self._models.add(
-            name, version, precision, model.form, lambda: ServedModel(model, executor, settings)
+            name,
+            version,
+            precision,
+            model.form,
+            lambda: ServedModel(model, executor, settings, batching),
         )
         if served.model is not model:
             # Another precision setting already loaded this form: one copy serves both.

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from datetime import timedelta
 from pathlib import Path
+from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from perito_core.prediction_log import duration_seconds
 from perito_core.settings import CommonSettings
@@ -30,9 +31,16 @@ class ServerSettings(CommonSettings):
         description="how often aliases in use are re-read (0: never, pinned at first use)",
     )
 
-    # 4 is the fastest batch for EfficientNet-Lite0 on 2 CPU cores (bench/classify.py); GPUs
-    # want more (16-64).
+    # The most images a batch may hold, for every model (4 was the fastest batch for
+    # EfficientNet-Lite0 on 2 CPU cores, bench/classify.py); GPUs want more (16-64).
     max_batch_size: int = Field(4, ge=1)
+    # Each loaded form's own batch size (Triton's `preferred_batch_size`), at most
+    # `max_batch_size`: `auto` times the form's forward pass at load, on its model thread, at
+    # 1, 2, 4, ... and `max_batch_size` (about a second), and keeps the smallest size within
+    # 3% of the best images/s (a bigger batch only adds latency; perito_core.models.batching);
+    # an integer sets it for every form without measuring. Logged at load and exported as
+    # `perito_preferred_batch_size` beside the measured `perito_forward_images_per_second`.
+    preferred_batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
     max_queue_delay_ms: float = Field(2.0, ge=0)
     max_queue_size: int = Field(256, ge=1, description="images admitted and not yet answered")
     max_images_per_request: int = Field(64, ge=1)
@@ -122,6 +130,20 @@ class ServerSettings(CommonSettings):
     )
     # How often the drift gauges are recomputed from the shared windows (docs/monitoring.md).
     drift_interval_s: float = Field(15.0, gt=0, description="0 < s; the drift monitor's period")
+
+    @model_validator(mode="after")
+    def _preferred_within_max(self) -> ServerSettings:
+        size = self.preferred_batch_size
+        if size != "auto" and size > self.max_batch_size:
+            raise ValueError(
+                f"preferred_batch_size {size} is more than max_batch_size {self.max_batch_size}"
+            )
+        return self
+
+    @property
+    def fixed_batch_size(self) -> int | None:
+        """`preferred_batch_size` when set to a number; None for `auto` (measured)."""
+        return None if self.preferred_batch_size == "auto" else self.preferred_batch_size
 
     @field_validator("job_retention", "prediction_log_retention", mode="before")
     @classmethod
