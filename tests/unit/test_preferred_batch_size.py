@@ -133,6 +133,18 @@ def test_profile_respects_the_cap_and_logs_its_choice(caplog: pytest.LogCaptureF
     assert "fake@1, torchscript-fp32" in caplog.text
 
 
+def test_throughput_only_callers_take_the_very_fastest_size() -> None:
+    rates = {1: 97.5, 2: 100.0, 4: 99.0}
+    assert choose_batch_size(rates) == 1
+    assert choose_batch_size(rates, tolerance=0.0) == 2
+    profile = profile_batch_sizes(FakeModel(), max_batch_size=2, tolerance=0.0)
+    assert profile.tolerance == 0.0
+    assert profile.preferred_batch_size == max(
+        profile.images_per_second, key=profile.images_per_second.__getitem__
+    )
+    assert "within 0% of the best" in profile.summary()
+
+
 def test_a_set_batch_size_skips_the_measurement() -> None:
     model = FakeModel()
     profile = profile_batch_sizes(model, max_batch_size=8, preferred_batch_size=2)

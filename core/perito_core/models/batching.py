@@ -48,11 +48,14 @@ class BatchProfile:
         images_per_second: forward-pass throughput by batch size, as measured (empty when the
             size was set, not measured).
         seconds: wall-clock seconds the measurement took (0 when set).
+        tolerance: the fraction of the best images/s a smaller size may fall short by and
+            still be chosen.
     """
 
     preferred_batch_size: int
     images_per_second: dict[int, float] = field(default_factory=dict)
     seconds: float = 0.0
+    tolerance: float = TOLERANCE
 
     @property
     def measured(self) -> bool:
@@ -69,7 +72,7 @@ class BatchProfile:
         )
         return (
             f"batch {rates} -> {self.preferred_batch_size} (the smallest within "
-            f"{TOLERANCE:.0%} of the best; measured in {self.seconds:.1f}s)"
+            f"{self.tolerance:.0%} of the best; measured in {self.seconds:.1f}s)"
         )
 
 
@@ -144,11 +147,16 @@ def choose_batch_size(images_per_second: Mapping[int, float], tolerance: float =
 
 
 def profile_batch_sizes(
-    model: LoadedModel, max_batch_size: int, preferred_batch_size: int | None = None
+    model: LoadedModel,
+    max_batch_size: int,
+    preferred_batch_size: int | None = None,
+    tolerance: float = TOLERANCE,
 ) -> BatchProfile:
     """The batch size to run `model` at: `preferred_batch_size` when given (nothing is
     measured), else the fastest of `candidate_batch_sizes(max_batch_size)` by
-    `measure_images_per_second` and `choose_batch_size`, logged at INFO.
+    `measure_images_per_second` and `choose_batch_size(rates, tolerance)`, logged at INFO.
+    A caller that answers people keeps the default; one that only counts throughput (bulk
+    jobs) may pass 0 for the very fastest size.
 
     Call it on the thread that runs the model's forward passes (an engine's thread pool belongs
     to the thread that calls it), after `model.warm` at the candidate sizes. The measurement
@@ -169,7 +177,9 @@ def profile_batch_sizes(
     batches: dict[int, torch.Tensor] = {size: model._random_batch(size) for size in sizes}
     started = time.perf_counter()
     rates = measure_images_per_second(lambda size: model._forward(batches[size]), sizes)
-    profile = BatchProfile(choose_batch_size(rates), rates, time.perf_counter() - started)
+    profile = BatchProfile(
+        choose_batch_size(rates, tolerance), rates, time.perf_counter() - started, tolerance
+    )
     manifest = model.manifest
     log.info("%s@%s, %s: %s", manifest.name, manifest.version, model.form, profile.summary())
     return profile
