@@ -27,6 +27,7 @@ converter takes, so the form wraps the artifact's own `network`, `scale`, `shift
 from __future__ import annotations
 
 import logging
+import math
 import platform
 import time
 from collections.abc import Sequence
@@ -193,10 +194,21 @@ def build_forms(
         refused = gate_reason(
             agreement, accuracy, reference_accuracy, min_agreement, max_accuracy_drop
         )
+        speedup = (
+            fp32_seconds / seconds[name] if fp32_seconds and candidate.precision != "fp32" else None
+        )
         if refused:
             reason = (
-                f"{refused} ({len(holdout)} {evaluated_on}; agreement's 95% lower bound "
-                f"{figures.agreement_lower:.2%})" + (f"; {weak}" if weak else "")
+                f"{refused} ({len(holdout)} {evaluated_on}; "
+                + refusal_detail(
+                    probabilities,
+                    reference,
+                    min_agreement,
+                    fp32_layers=candidate.fp32_layers,
+                    speedup=speedup,
+                )
+                + ")"
+                + (f"; {weak}" if weak else "")
             )
             if candidate.quantization == "accuracy-control":
                 reason = f"{built.skipped[name]}; with accuracy control: {reason}"
@@ -244,9 +256,7 @@ def build_forms(
                 else None,
                 gate_warning=weak,
                 fp32_layers=candidate.fp32_layers,
-                speedup=fp32_seconds / seconds[name]
-                if fp32_seconds and candidate.precision != "fp32"
-                else None,
+                speedup=speedup,
             )
             built.forms.append((form, candidate.folder))
             continue
@@ -314,6 +324,62 @@ def gate_figures(
         reference_accuracy=float(np.mean(reference_right)) if images else None,
         accuracy_change_interval=interval,
     )
+
+
+# A disagreement is a near-tie when model.pt's own top-1 and top-2 probabilities on that image
+# differ by less than this: there any quantization noise can swap them, and the form's answer
+# was barely model.pt's either.
+NEAR_TIE_MARGIN = 0.05
+
+
+def refusal_detail(
+    probabilities: np.ndarray,
+    reference: np.ndarray,
+    min_agreement: float = MIN_AGREEMENT,
+    *,
+    fp32_layers: Sequence[str] = (),
+    speedup: float | None = None,
+    near_tie: float = NEAR_TIE_MARGIN,
+) -> str:
+    """By how much and why a form missed the agreement gate, for its refusal (the CLI and the
+    card's skipped reason): the images agreed on and the 95% lower bound, how many more had
+    to agree to reach `min_agreement`, how many disagreements were near-ties in model.pt
+    (its top-1 minus top-2 probability under `near_tie`), the layers kept FP32 and the
+    speed-up over the same engine's FP32 form the form would have given.
+
+    Args:
+        probabilities: the form's float probabilities (N, C).
+        reference: model.pt's on the same images (N, C), C >= 2.
+        fp32_layers: the layers the form kept in FP32 (`Candidate.fp32_layers`).
+        speedup: its forward-time speed-up over the FP32 form; None: not measured.
+
+    Raises:
+        ValueError: shapes that differ.
+    """
+    if probabilities.shape != reference.shape:
+        raise ValueError(f"probabilities {probabilities.shape} against {reference.shape}")
+    images = len(reference)
+    disagree = probabilities.argmax(1) != reference.argmax(1)
+    agreed = images - int(disagree.sum())
+    needed = math.ceil(round(min_agreement * images, 9))
+    top2 = np.sort(reference, axis=1)[:, -2:]
+    margins = top2[:, 1] - top2[:, 0]
+    ties = int(np.sum(disagree & (margins < near_tie)))
+    text = f"{agreed} of {images} agree, 95% lower bound {wilson_interval(agreed, images)[0]:.2%}"
+    if agreed < needed:
+        text += f"; {needed - agreed} more had to agree for {min_agreement:.0%}"
+    if disagree.any():
+        text += (
+            f"; {ties} of the {int(disagree.sum())} disagreements were near-ties in model.pt "
+            f"(top-1 minus top-2 probability under {near_tie:g}), the largest margin flipped "
+            f"{float(margins[disagree].max()):.3f}"
+        )
+    if fp32_layers:
+        shown = ", ".join(fp32_layers[:4]) + (", ..." if len(fp32_layers) > 4 else "")
+        text += f"; {len(fp32_layers)} layers kept FP32 ({shown})"
+    if speedup is not None:
+        text += f"; it would have run {speedup:.2f}x the FP32 form"
+    return text
 
 
 def weak_gate_warning(images: int) -> str:
