@@ -45,6 +45,7 @@ from bench.classify import (  # noqa: E402
     raw_overlapped,
 )
 from bench.targets import report  # noqa: E402
+from perito_core.models.batching import profile_batch_sizes  # noqa: E402
 from perito_core.models.manifest import MIN_AGREEMENT  # noqa: E402
 from perito_core.models.selection import load_model  # noqa: E402
 from tests.processes import Proc, free_port, redis_proc  # noqa: E402
@@ -52,10 +53,12 @@ from tests.processes import Proc, free_port, redis_proc  # noqa: E402
 BIN = Path(sys.executable).parent
 
 
-def served_form(log: Path) -> str:
-    """The form the worker's log says it loaded (`loaded NAME@V in Ns, form F`)."""
-    forms = re.findall(r"loaded \S+ in [\d.]+s, form (\S+)", log.read_text(errors="replace"))
-    return forms[-1] if forms else "unknown"
+def served_form(log: Path) -> tuple[str, int]:
+    """The form and batch size the worker's log says it loaded (`loaded NAME@V in Ns, form F,
+    batch size B`); ("unknown", 0) when it says none."""
+    text = log.read_text(errors="replace")
+    found = re.findall(r"loaded \S+ in [\d.]+s, form (\S+), batch size (\d+)", text)
+    return (found[-1][0], int(found[-1][1])) if found else ("unknown", 0)
 
 
 def main() -> int:
@@ -72,7 +75,18 @@ def main() -> int:
         default="auto",
         help="the worker's and the raw pipeline's PERITO_PRECISION (torchscript: no forms built)",
     )
-    parser.add_argument("--batch", type=int, default=4, help="the worker's PERITO_BATCH_SIZE")
+    parser.add_argument(
+        "--worker-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a worker setting to try, e.g. PERITO_YIELD_MAX_WAIT_S=0 (claims first off)",
+    )
+    parser.add_argument(
+        "--batch",
+        default="auto",
+        help="the worker's PERITO_BATCH_SIZE (auto: each measures its own, up to 8)",
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="perito-bulk-bench-") as tmp:
@@ -84,10 +98,12 @@ def main() -> int:
             (photos / f"{index:05d}.jpg").write_bytes(data)
         forms = () if args.precision == "torchscript" else ("fp32", "int8")
         registry = publish("efficientnet-lite0", work, forms, min_agreement=MIN_AGREEMENT)
-        batch = args.batch
         model = load_model(
-            registry, MODEL, "1", precision=args.precision, warmup_batch_sizes=(batch,)
+            registry, MODEL, "1", precision=args.precision, warmup_batch_sizes=(1, 2, 4, 8)
         )
+        # The raw pipeline at the batch size the worker's own measurement would pick.
+        fixed = None if args.batch == "auto" else int(args.batch)
+        batch = profile_batch_sizes(model, fixed or 8, fixed, tolerance=0.0).preferred_batch_size
 
         redis_port, port = free_port(), free_port()
         env = {
@@ -99,12 +115,17 @@ def main() -> int:
             "PERITO_LOCAL_ROOTS": json.dumps([str(work)]),
             "PERITO_RESULTS_URI": str(work / "results"),
             "PERITO_PRECISION": args.precision,
-            "PERITO_BATCH_SIZE": str(batch),
+            "PERITO_BATCH_SIZE": args.batch,
         }
+        worker_env = {**env, **dict(kv.split("=", 1) for kv in args.worker_env)}
         processes = [
             redis_proc(redis_port, work / "redis.log", env).start(),
             Proc(
-                "perito worker", [str(BIN / "perito"), "worker"], env, work / "worker.log", "ready."
+                "perito worker",
+                [str(BIN / "perito"), "worker"],
+                worker_env,
+                work / "worker.log",
+                "ready.",
             ).start(),
             Proc(
                 "perito serve",
@@ -141,7 +162,7 @@ def main() -> int:
                     steadies.append(args.images / span)
                 raw_form = model.form
                 del model
-                worker_form = served_form(work / "worker.log")
+                worker_form, worker_batch = served_form(work / "worker.log")
                 raw = float(np.median(raws))
                 ratio = float(np.median([j / r for j, r in zip(steadies, raws, strict=True)]))
                 steady, end_to_end = float(np.median(steadies)), float(np.median(walls))
@@ -167,8 +188,8 @@ def main() -> int:
     print(machine_line())
     print(
         f"# bulk: EfficientNet-Lite0, {args.images} 640x480 JPEGs from a local folder, one worker "
-        f"process (prefork, batch {batch}), {os.cpu_count()} cores; precision {args.precision}: "
-        f"the worker served {worker_form}, the raw pipeline {raw_form}"
+        f"process (prefork), {os.cpu_count()} cores; precision {args.precision}: the worker served "
+        f"{worker_form} at batch {worker_batch}, the raw pipeline {raw_form} at batch {batch}"
     )
     pairs = ", ".join(f"{r:.1f} / {j:.1f}" for r, j in zip(raws, steadies, strict=True))
     print(f"paired runs, raw / job images/s: {pairs}")

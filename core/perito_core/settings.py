@@ -6,6 +6,7 @@ flags and `PERITO_*` environment variables, never read at import.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Literal
 
@@ -17,7 +18,10 @@ from perito_core.access.tenancy import Tenant, Tenants, acting_tenant
 from perito_core.imaging import ImageLimits
 from perito_core.models.manifest import PrecisionChoice
 from perito_core.models.registry import ModelRegistry
+from perito_core.scheduling import InteractiveActivity, default_activity_path
 from perito_core.storage import S3Options
+
+log = logging.getLogger(__name__)
 
 
 class CommonSettings(BaseSettings):
@@ -51,6 +55,10 @@ class CommonSettings(BaseSettings):
     # tried 5 s doubling to 60 s apart). Its slot in the tenant's concurrent jobs is freed.
     finalize_timeout_s: float = Field(300.0, ge=0)
     device: str = "auto"
+    # The file through which the servers and bulk workers of one host share when a caller's
+    # images are in hand (perito_core.scheduling.InteractiveActivity; claims first, bulk
+    # second); unset: /dev/shm/perito-interactive-UID. Processes on other hosts never meet.
+    activity_file: Path | None = None
     # Which form of a model version serves a call that names no precision
     # (perito_core.models.selection), a preference, never refused: `auto` times each verified
     # compiled form this CPU can run at load and keeps the fastest; `fp32`, `bf16`, `int8` that
@@ -129,6 +137,16 @@ class CommonSettings(BaseSettings):
     def open_registry(self) -> ModelRegistry:
         """The model registry these settings name, with their S3 options and cache folder."""
         return ModelRegistry.open(self.registry, cache_dir=self.cache_dir, s3=self.s3_options())
+
+    def open_activity(self) -> InteractiveActivity | None:
+        """The shared `activity_file` (`InteractiveActivity`), or None where it cannot be
+        opened (logged: claims-first across processes is then off on this host)."""
+        path = self.activity_file or default_activity_path()
+        try:
+            return InteractiveActivity(path)
+        except OSError as error:
+            log.warning("claims first across processes is off: %s: %s", path, error)
+            return None
 
     def image_limits(self) -> ImageLimits:
         return ImageLimits(max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels)

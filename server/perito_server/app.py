@@ -222,6 +222,7 @@ async def create_server(settings: ServerSettings) -> RunningServer:
     service = InferenceService(
         settings, pool, jobs, limiter, audit, tenants, metrics, predictions=predictions
     )
+    service.activity = settings.open_activity()
     shadow = service.shadow = ShadowTraffic(pool, settings, jobs.store.redis, metrics.registry)
     shadow.start()
     service.drift = DriftMonitor(

@@ -86,7 +86,11 @@ def _audit(
 @precision_option
 @click.option("--preload", multiple=True, help="NAME[@VERSION] to load before serving.")
 @local_roots_option
-@click.option("--max-batch-size", type=int, help="Images per forward pass (default 4).")
+@click.option(
+    "--max-batch-size",
+    type=int,
+    help="The most images per forward pass (default 4); each form runs at the size it measured.",
+)
 @click.option("--max-queue-delay-ms", type=float, help="Wait for a fuller batch (default 2).")
 @click.option("--max-queue-size", type=int, help="Images admitted and waiting (default 256).")
 @click.option(

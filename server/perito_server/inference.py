@@ -57,6 +57,7 @@ from perito_core.quality import (
     explain_issues,
     parse_thresholds,
 )
+from perito_core.scheduling import InteractiveActivity
 from perito_server.answers import classification_message, quality_message
 from perito_server.batcher import ByteBudget
 from perito_server.drift import DriftMonitor
@@ -205,6 +206,8 @@ class InferenceService:
         self.shadow: ShadowTraffic | None = None
         # Drift detection's live windows (perito_server.drift), when the app sets one.
         self.drift: DriftMonitor | None = None
+        # Where this host's bulk workers see a caller's images in hand, when the app sets it.
+        self.activity: InteractiveActivity | None = None
 
     def close(self) -> None:
         self._decode_pool.shutdown(wait=False, cancel_futures=True)
@@ -459,6 +462,43 @@ class InferenceService:
             DeadlineExceeded: the deadline passed while its images waited.
             ShuttingDown: the server is draining.
         """
+        # Marked for the bulk workers on this host (`InteractiveActivity`): none starts a
+        # forward pass while a caller's images are in hand.
+        activity = self.activity
+        if activity is not None:
+            activity.begin()
+        try:
+            return await self._infer(
+                tenant,
+                model,
+                version,
+                images,
+                nbytes=nbytes,
+                deadline=deadline,
+                describe=describe,
+                precision=precision,
+                quality=quality,
+                routing_key=routing_key,
+            )
+        finally:
+            if activity is not None:
+                activity.end()
+
+    async def _infer(
+        self,
+        tenant: Tenant,
+        model: str,
+        version: str,
+        images: Sequence[bytes] | np.ndarray,
+        *,
+        nbytes: int,
+        deadline: float | None,
+        describe: Describe,
+        precision: str,
+        quality: QualityGate,
+        routing_key: str,
+    ) -> Inference:
+        """`infer`'s work, between the marks of a call in hand."""
         check_routing_key(routing_key)
         per_minute = tenant.quotas.images_per_minute
         if per_minute is not None:

@@ -59,10 +59,38 @@ def test_a_job_item_names_the_form_that_answered(fp32_form_registry: Path, tmp_p
     job = Job(id="j", state=JobState.RUNNING, model="tiny", model_version="1", total=1)
     pixels = np.zeros((32, 32, 3), dtype=np.uint8)
     item = ItemInput(uri="file:///x.jpg", id="x")
-    # The runtime's model thread only: no Redis, no drift window.
+    # The runtime's model thread only: no Redis, no drift window, no server to yield to.
     with ThreadPoolExecutor(1) as compute:
-        runtime = SimpleNamespace(compute=compute)
+        runtime = SimpleNamespace(compute=compute, activity=None)
         (result,) = _classify(runtime, job, model, [_Prepared(0, item, pixels)], drift=False)  # type: ignore[arg-type]
     assert result.state is ItemState.SUCCEEDED
     assert result.form == "openvino-fp32"
     assert '"form":"openvino-fp32"' in result.to_json()
+
+
+def test_a_worker_runs_each_form_at_the_batch_size_it_measured(
+    fp32_form_registry: Path, tmp_path: Path, redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    from perito_worker.processing import WorkerRuntime
+    from perito_worker.settings import WorkerSettings
+
+    def runtime(**settings: object) -> WorkerRuntime:
+        return WorkerRuntime(
+            WorkerSettings(
+                redis_url=redis_url,
+                registry=str(fp32_form_registry),
+                cache_dir=tmp_path / "cache",
+                **settings,  # type: ignore[arg-type]
+            )
+        )
+
+    caplog.set_level("INFO")
+    timed = runtime(max_batch_size=4)
+    model = timed.model("tiny", "1")
+    assert timed.batch_size(model) in (1, 2, 4)  # the fastest of those it timed
+    assert f"form openvino-fp32, batch size {timed.batch_size(model)}" in caplog.text
+    assert "batch 1:" in caplog.text and "4:" in caplog.text  # each size's images/s logged
+    fixed = runtime(batch_size=3)
+    assert fixed.batch_size(fixed.model("tiny", "1")) == 3  # a set size: nothing timed
+    with pytest.raises(ValueError, match="more than max_batch_size"):
+        WorkerSettings(batch_size=16, max_batch_size=8)

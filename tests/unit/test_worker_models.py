@@ -43,12 +43,14 @@ def runtime(monkeypatch: pytest.MonkeyPatch) -> WorkerRuntime:
 
     monkeypatch.setattr(processing, "load_model", load_model)
     worker = object.__new__(WorkerRuntime)  # no Redis, registry or pools: the cache alone
-    worker.settings = WorkerSettings(precision="int8", max_loaded_models=2)
+    # A set batch size: nothing timed (these models have no forward pass).
+    worker.settings = WorkerSettings(precision="int8", max_loaded_models=2, batch_size=4)
     # The manifest a job's named precision is checked against: model.pt and no compiled form.
     worker.registry = SimpleNamespace(  # type: ignore[assignment]
         manifest=lambda name, version: unpublished_manifest(["a", "b"])
     )
     worker.models = ModelCache(worker.settings.max_loaded_models)
+    worker.batch_sizes = {}
     worker.compute = ThreadPoolExecutor(1)  # the model's thread, where loads run
     worker.loads = loads  # type: ignore[attr-defined]
     return worker

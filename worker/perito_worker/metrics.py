@@ -40,6 +40,11 @@ CHUNK_SECONDS = Histogram(
 JOBS_FINISHED = Counter(
     "perito_worker_jobs_finished", "Jobs finalised (results written), by final state.", ["state"]
 )
+YIELDED_SECONDS = Counter(
+    "perito_worker_yielded_seconds",
+    "Time forward passes waited for a `perito serve` on this host to finish its callers' "
+    "images (claims first, bulk second).",
+)
 MODEL_LOAD_SECONDS = Gauge(
     "perito_worker_model_load_seconds",
     "Time to fetch, verify, load and warm a model version.",

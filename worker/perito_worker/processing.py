@@ -41,6 +41,7 @@ from perito_core.errors import (
 from perito_core.imaging import load_model_input_with_info
 from perito_core.jobs.sources import SourceReader
 from perito_core.jobs.store import ItemInput, ItemResult, Job, JobStore
+from perito_core.models.batching import candidate_batch_sizes, profile_batch_sizes
 from perito_core.models.cache import ModelCache
 from perito_core.models.engines.base import LoadedModel
 from perito_core.models.provenance import sha256_hex
@@ -85,8 +86,39 @@ class WorkerRuntime:
         )
         # Found by (name, version, precision); at most max_loaded_models forms held.
         self.models: ModelCache[LoadedModel] = ModelCache(settings.max_loaded_models)
+        # Each held form's batch size, by (name, version, form); dropped with the form.
+        self.batch_sizes: dict[tuple[str, str, str], int] = {}
         # Drift detection's live windows, shared with the servers (written once per chunk).
         self.drift = DriftWindows(self.store.redis, settings.drift_window)
+        # Where this host's servers mark a caller's images in hand (claims first).
+        self.activity = settings.open_activity() if settings.yield_max_wait_s > 0 else None
+
+    def _load(self, name: str, version: str, precision: str) -> tuple[LoadedModel, int]:
+        """Load, warm and time one form at its candidate batch sizes (`profile_batch_sizes`,
+        for throughput: the very fastest), on the model's thread. Returns it and its batch
+        size."""
+        settings = self.settings
+        fixed = None if settings.batch_size == "auto" else settings.batch_size
+        cap = fixed or settings.max_batch_size
+        loaded = load_model(
+            self.registry,
+            name,
+            version,
+            precision=precision,
+            device=settings.device,
+            warmup_batch_sizes=candidate_batch_sizes(cap),
+        )
+        profile = profile_batch_sizes(loaded, cap, preferred_batch_size=fixed, tolerance=0.0)
+        loaded.load_seconds += profile.seconds
+        return loaded, profile.preferred_batch_size
+
+    def batch_size(self, model: LoadedModel) -> int:
+        """The images per forward pass `model` (held by this runtime) runs at."""
+        size = self.batch_sizes.get(_form_key(model))
+        if size is None:
+            setting = self.settings.batch_size
+            return self.settings.max_batch_size if setting == "auto" else setting
+        return size
 
     def model(self, name: str, version: str, precision: str = "") -> LoadedModel:
         """The pinned version, loaded once per process and precision (sha256-verified by the
@@ -112,6 +144,7 @@ class WorkerRuntime:
             check_precision(manifest, asked, device=self.settings.device)
         # Room first: a worker holds no more than its bound, even while it loads.
         for dropped in self.models.make_room():
+            self.batch_sizes.pop(_form_key(dropped), None)
             manifest = dropped.manifest
             log.info(
                 "dropping %s@%s (%s): least recently used",
@@ -119,20 +152,24 @@ class WorkerRuntime:
                 manifest.version,
                 dropped.form,
             )
-        loaded = self.compute.submit(
-            load_model,
-            self.registry,
+        loaded, batch_size = self.compute.submit(self._load, name, version, precision).result()
+        log.info(
+            "loaded %s@%s in %.1fs, form %s, batch size %d",
             name,
             version,
-            precision=precision,
-            device=self.settings.device,
-            warmup_batch_sizes=tuple(range(1, self.settings.batch_size + 1)),
-        ).result()
-        log.info("loaded %s@%s in %.1fs, form %s", name, version, loaded.load_seconds, loaded.form)
+            loaded.load_seconds,
+            loaded.form,
+            batch_size,
+        )
         metrics.MODEL_LOAD_SECONDS.labels(name, version).set(loaded.load_seconds)
         model, _ = self.models.add(name, version, precision, loaded.form, lambda: loaded)
+        self.batch_sizes[_form_key(model)] = batch_size
         check_precision(model.manifest, asked, served=model)  # a form that failed gave way
         return model
+
+
+def _form_key(model: LoadedModel) -> tuple[str, str, str]:
+    return model.manifest.name, model.manifest.version, model.form
 
 
 @dataclass
@@ -228,6 +265,11 @@ def _classify(
     answered: list[tuple[np.ndarray, Quality | None]] = []
     if good:
         threshold = model.manifest.threshold(job.confidence_threshold)
+        if rt.activity is not None:  # claims first: after the callers on this host
+            waited = rt.activity.wait_until_quiet(
+                rt.settings.yield_quiet_s, rt.settings.yield_max_wait_s
+            )
+            metrics.YIELDED_SECONDS.inc(waited)
         outcomes = rt.compute.submit(_predict, model, good).result()
         for prepared, probs in zip(good, outcomes, strict=True):
             if not isinstance(probs, str) and not_finite([probs]):  # no answer: the model's fault
@@ -398,7 +440,7 @@ def _run_chunk(
         finalize(job_id)
         return
 
-    size = rt.settings.batch_size
+    size = rt.batch_size(model)
     batches = [todo[i : i + size] for i in range(0, len(todo), size)]
     complete = False
 

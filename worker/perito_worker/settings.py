@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from typing import Annotated, Literal
+
+from pydantic import Field, model_validator
 
 from perito_core.settings import CommonSettings
 
@@ -15,7 +17,11 @@ class WorkerSettings(CommonSettings):
     metrics_host: str = Field("0.0.0.0", description="interface of /metrics (0.0.0.0: all IPv4)")
     concurrency: int = Field(1, ge=1, description="worker processes; 1 per GPU or per 2 cores")
     pool: str = Field("prefork", description="prefork (CPU), solo or threads (GPU)")
-    batch_size: int = Field(4, ge=1)
+    # Images per forward pass for each loaded form (perito_core.models.batching): `auto` times
+    # the form at 1, 2, 4, ... and `max_batch_size` once it is loaded (a second or two, on the
+    # model's thread) and keeps the fastest; a number fixes it (at most `max_batch_size`).
+    max_batch_size: int = Field(8, ge=1)
+    batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
     # Below the sync path's priority, so a bulk job sharing a machine with `perito serve`
     # leaves Classify's latency within 2x of idle. bench/bulk.py, 2 cores: nice 0 gives the
     # job 0.95x raw but sync p50 3.2x idle; nice 10: 0.89x and 1.2x; nice 5: 0.95x and 1.6x.
@@ -24,6 +30,19 @@ class WorkerSettings(CommonSettings):
     # they run only on CPU time nothing else wants, so `Classify` on the same machine keeps its
     # latency; on a machine of its own the worker loses nothing. False: the nice value only.
     idle_compute: bool = True
+    # Claims first across processes (perito_core.scheduling.InteractiveActivity): no forward
+    # pass starts while a `perito serve` on this host has a call in hand, nor until this long
+    # after its last one ended, each batch waiting at most `yield_max_wait_s` (0: never waits).
+    yield_quiet_s: float = Field(0.01, ge=0)
+    yield_max_wait_s: float = Field(0.2, ge=0)
     max_attempts: int = Field(3, ge=1, description="starts of a chunk before it is given up")
     # How long a chunk waits out a Redis that is down or restarting before its attempt ends.
     store_outage_retry_s: float = Field(120.0, ge=0)
+
+    @model_validator(mode="after")
+    def _batch_size_within_cap(self) -> WorkerSettings:
+        if self.batch_size != "auto" and self.batch_size > self.max_batch_size:
+            raise ValueError(
+                f"batch_size {self.batch_size} is more than max_batch_size {self.max_batch_size}"
+            )
+        return self
