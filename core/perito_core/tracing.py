@@ -31,12 +31,24 @@ def setup_tracing(service_name: str) -> None:
     provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     trace.set_tracer_provider(provider)
+    enable()
+
+
+# Set by `setup_tracing`: until then `span` does nothing (no lookup, no no-op tracer: it sits
+# on every call's path).
+_enabled = False
+
+
+def enable() -> None:
+    """Make `span` record (to the global tracer provider) in this process and its forks."""
+    global _enabled
+    _enabled = True
 
 
 @contextlib.contextmanager
 def span(name: str, **attributes: Any) -> Iterator[None]:
-    """A child span of whatever is current, when OpenTelemetry is installed."""
-    if not available():
+    """A child span of whatever is current, once `setup_tracing` has run (else nothing)."""
+    if not _enabled:
         yield
         return
     from opentelemetry import trace

@@ -235,6 +235,7 @@ async def create_server(settings: ServerSettings) -> RunningServer:
     authorizer = TenantInterceptor(tenants, limiter, audit)
     interceptors: list[Any] = [CallInterceptor(metrics.observe_call), authorizer]
     if settings.tracing:
+        tracing.enable()
         interceptors = [_tracing_interceptor(), *interceptors]
     # Calls past `max_concurrent_rpcs` (health checks count too) are refused by gRPC itself,
     # RESOURCE_EXHAUSTED "Concurrent RPC limit exceeded!" without a retry hint, before any

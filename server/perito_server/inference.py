@@ -52,9 +52,9 @@ from perito_core.quality import (
     THRESHOLD_FIELDS,
     Quality,
     QualityGate,
-    assess,
     effective_thresholds,
     explain_issues,
+    find_issues,
     parse_thresholds,
 )
 from perito_core.scheduling import InteractiveActivity
@@ -574,10 +574,11 @@ class InferenceService:
         Raises:
             InvalidImage: `gate.refuse` and some image has an issue.
         """
+        thresholds = effective_thresholds(manifest.quality, gate.override)  # once a request
         judged = [
             None
             if info is None or info.quality is None
-            else assess(info.quality, manifest.quality, gate.override)
+            else Quality(info.quality, find_issues(info.quality, thresholds))
             for info in infos
         ]
         if not gate.refuse:
@@ -591,7 +592,6 @@ class InferenceService:
             return judged
         if self.metrics is not None:
             self.metrics.images_rejected.labels(POOR_QUALITY).inc(len(poor))
-        thresholds = effective_thresholds(manifest.quality, gate.override)
         violations = [
             (field, f"{label}: poor photo quality: {explain_issues(quality, thresholds)}")
             for (field, label), quality in poor
