@@ -92,5 +92,3 @@ def test_a_worker_runs_each_form_at_the_batch_size_it_measured(
     assert "batch 1:" in caplog.text and "4:" in caplog.text  # each size's images/s logged
     fixed = runtime(batch_size=3)
     assert fixed.batch_size(fixed.model("tiny", "1")) == 3  # a set size: nothing timed
-    with pytest.raises(ValueError, match="more than max_batch_size"):
-        WorkerSettings(batch_size=16, max_batch_size=8)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from perito_core.settings import CommonSettings
 
@@ -19,7 +19,7 @@ class WorkerSettings(CommonSettings):
     pool: str = Field("prefork", description="prefork (CPU), solo or threads (GPU)")
     # Images per forward pass for each loaded form (perito_core.models.batching): `auto` times
     # the form at 1, 2, 4, ... and `max_batch_size` once it is loaded (a second or two, on the
-    # model's thread) and keeps the fastest; a number fixes it (at most `max_batch_size`).
+    # model's thread) and keeps the fastest; a number fixes it (a GPU wants 16-64).
     max_batch_size: int = Field(8, ge=1)
     batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
     # Below the sync path's priority, so a bulk job sharing a machine with `perito serve`
@@ -38,11 +38,3 @@ class WorkerSettings(CommonSettings):
     max_attempts: int = Field(3, ge=1, description="starts of a chunk before it is given up")
     # How long a chunk waits out a Redis that is down or restarting before its attempt ends.
     store_outage_retry_s: float = Field(120.0, ge=0)
-
-    @model_validator(mode="after")
-    def _batch_size_within_cap(self) -> WorkerSettings:
-        if self.batch_size != "auto" and self.batch_size > self.max_batch_size:
-            raise ValueError(
-                f"batch_size {self.batch_size} is more than max_batch_size {self.max_batch_size}"
-            )
-        return self
