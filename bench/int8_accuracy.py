@@ -15,8 +15,20 @@ weights), in one run:
   rounds (the median kept, every round printed) with the load average beside them: the
   machine is shared.
 
+With `--model RUN_DIR` (a finished `perito train` run: its `config.yaml` and `model.pt`)
+it gates that model's forms as `perito publish` does (`build_run_forms`: both engines' FP32
+and INT8, calibrated on the validation split, gated on the test split with its labels, plain
+INT8 first, then OpenVINO's accuracy control when the gate refuses it), prints each form's
+agreement, 95% lower bound, accuracy change, FP32 layers and speed-up (or the refusal, with
+by how much and why), then times the forms that passed. `--avx2` limits oneDNN (OpenVINO) to
+AVX2 (`ONEDNN_MAX_CPU_ISA=AVX2`) as on a CPU without VNNI; ONNX Runtime ignores it.
+`--import-gate` puts each `--arch` through OpenVINO's gate as `perito models import` does
+(plain INT8, then accuracy control, bounded in time, when the gate refuses it), timed.
+
 Usage: .venv/bin/python bench/int8_accuracy.py [--arch efficientnet-lite0,resnet18]
     [--control agreement,fidelity] [--seconds 2] [--rounds 3]
+       .venv/bin/python bench/int8_accuracy.py --model runs/fashion-mnist-resnet18 --avx2
+       .venv/bin/python bench/int8_accuracy.py --import-gate --arch efficientnet-lite0 --avx2
 """
 
 from __future__ import annotations
@@ -37,6 +49,7 @@ import numpy as np  # noqa: E402
 from bench.classify import forward_rate, machine_line, random_images  # noqa: E402
 from perito_core.models.engines import openvino as openvino_engine  # noqa: E402
 from perito_core.models.engines import torchscript  # noqa: E402
+from perito_core.models.engines.base import LoadedModel  # noqa: E402
 from perito_core.models.engines.openvino import OpenVinoModel  # noqa: E402
 from perito_core.models.gate import build_forms  # noqa: E402
 from perito_core.models.gate_images import gate_images  # noqa: E402
@@ -128,6 +141,82 @@ def _controlled(
     return OpenVinoModel(manifest, form, folder / "model.xml")
 
 
+def _import_gate(arch: str, work: Path) -> None:
+    """OpenVINO's FP32 and INT8 of `arch` through the gate as `perito models import` builds
+    them on the demo's images (200 calibration, 240 held-out), plain INT8 then bounded
+    accuracy control when the gate refuses it; the time it took and each form's line."""
+    path, contract, _ = _network(arch, work)
+    calibration, holdout = gate_images().prepared(contract.spec())
+    start = time.perf_counter()
+    built = build_forms(
+        path,
+        contract,
+        work / f"{arch}-gate",
+        calibration=calibration,
+        holdout=holdout,
+        evaluated_on="held-out gate images",
+        precisions=("fp32", "int8"),
+        engines=("openvino",),
+        accuracy_control=True,
+    )
+    print(f"\n## {arch}: built and gated in {time.perf_counter() - start:.0f} s")
+    for line in built.summary():
+        print(line)
+    for form, _ in built.forms:
+        if form.precision == "int8":
+            print(f"{form.name}: speed-up {form.speedup or 0:.2f}x, FP32 {form.fp32_layers}")
+    built.remove_files()
+
+
+def _gate_run(run_dir: Path, seconds: float, rounds: int) -> None:
+    """Gate a trained run's FP32 and INT8 forms as `perito publish` does, print the figures,
+    then time the forms that passed (interleaved rounds, batch 1 and 8, medians)."""
+    from perito_core.models.engines import ENGINES
+    from perito_training.pipeline import build_run_forms, load_run
+
+    config, card = load_run(run_dir)
+    contract = card.input
+    start = time.perf_counter()
+    built = build_run_forms(config, contract, run_dir, ("fp32", "int8"))
+    print(f"built and gated in {time.perf_counter() - start:.0f} s")
+    for form, _ in built.forms:
+        if form.precision == "int8":
+            print(
+                f"{form.name} ({form.quantization}): speed-up {form.speedup or 0:.2f}x its FP32 "
+                f"form; FP32 layers {form.fp32_layers}"
+            )
+    manifest = ModelManifest(
+        name=run_dir.name,
+        version="1",
+        labels=card.labels,
+        input=contract,
+        artifact=Artifact(sha256="0" * 64, size_bytes=0),
+    )
+    models: dict[str, LoadedModel] = {
+        "torchscript-fp32": torchscript.TorchScriptModel.load(run_dir / "model.pt", manifest)
+    }
+    for form, folder in built.forms:
+        engine = ENGINES[form.engine]
+        opened = next(f.file for f in form.files if f.file.endswith(engine.suffix))
+        models[form.name] = engine.load(folder / opened, manifest, form)
+    rates: dict[str, list[float]] = {f"{k} b{b}": [] for k in models for b in (1, 8)}
+    for round_ in range(rounds):
+        line = []
+        for batch in (1, 8):
+            for key, model in models.items():
+                rate = forward_rate(model, random_images(batch, contract.height), seconds)
+                rates[f"{key} b{batch}"].append(rate)
+                line.append(f"{key} b{batch} {rate:.0f}")
+        print(f"round {round_ + 1} (load average {os.getloadavg()[0]:.1f}): " + ", ".join(line))
+    print("| form | b1 images/s | b8 images/s | b8 vs TorchScript |")
+    print("|---|---|---|---|")
+    median = {key: statistics.median(values) for key, values in rates.items()}
+    for key in models:
+        b1, b8 = median[f"{key} b1"], median[f"{key} b8"]
+        print(f"| {key} | {b1:.0f} | {b8:.0f} | {b8 / median['torchscript-fp32 b8']:.2f}x |")
+    built.remove_files()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", default="efficientnet-lite0,resnet18")
@@ -136,8 +225,27 @@ def main() -> None:
     parser.add_argument(
         "--control", default="agreement,fidelity", help="accuracy control metrics to build"
     )
+    parser.add_argument("--model", type=Path, help="a perito train run folder to gate")
+    parser.add_argument(
+        "--avx2", action="store_true", help="limit oneDNN (OpenVINO) to AVX2, as without VNNI"
+    )
+    parser.add_argument(
+        "--import-gate",
+        action="store_true",
+        help="gate each --arch as perito models import does, with accuracy control, timed",
+    )
     args = parser.parse_args()
-    print(machine_line())
+    if args.avx2:  # before OpenVINO is first imported (it reads it once)
+        os.environ["ONEDNN_MAX_CPU_ISA"] = "AVX2"
+    print(machine_line() + f"; ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA', '-')}")
+    if args.model is not None:
+        _gate_run(args.model, args.seconds, args.rounds)
+        return
+    if args.import_gate:
+        with tempfile.TemporaryDirectory() as tmp:
+            for arch in args.arch.split(","):
+                _import_gate(arch, Path(tmp))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for arch in args.arch.split(","):
