@@ -24,9 +24,9 @@ server's `PERITO_PRECISION` set to that form (the fastest verified form of that 
 serves it: the row names which). The CPU's ISA flags are printed first (INT8 is fast with
 VNNI / AMX, BF16 needs AVX-512 BF16 / AMX; `ONEDNN_MAX_CPU_ISA=AVX2` makes OpenVINO run as on a
 CPU without them, ONNX Runtime does not read it). Targets per form: c16 >= 0.9x its raw
-overlapped pipeline, c1 p50 within 2 ms of its raw single image; and the INT8 form's c16 at
-least 2.2x (ResNet-18) or 1.5x (EfficientNet-Lite0) TorchScript FP32 serving, at >= 99%
-agreement on >= 200 held-out images.
+overlapped pipeline, c1 p50 within 2 ms of its raw single image; and the fastest form the gate
+passes (>= 99% agreement on >= 200 held-out images) at least 2.2x (ResNet-18) or 1.5x
+(EfficientNet-Lite0) TorchScript FP32 serving at c16.
 """
 
 from __future__ import annotations
@@ -65,8 +65,9 @@ from scripts.sample_photos import write_sample_photos  # noqa: E402
 from tests.processes import Proc, free_port  # noqa: E402
 
 MODEL = "bench-model"
-# Classify c16 of the INT8 form over TorchScript FP32 serving, on a CPU without VNNI.
-INT8_SPEEDUP_TARGET = {"resnet18": 2.2, "efficientnet-lite0": 1.5}
+# Classify c16 of the fastest form the gate passes over TorchScript FP32 serving, on a CPU
+# without VNNI.
+SPEEDUP_TARGET = {"resnet18": 2.2, "efficientnet-lite0": 1.5}
 
 
 def make_jpegs(work: Path, count: int) -> list[bytes]:
@@ -544,21 +545,29 @@ def compare_forms(args: argparse.Namespace, forms: list[str]) -> int:
         wrong = c1["wrong_answers"] + c16["wrong_answers"]
         line = f"{row['form']}: Classify answers without a prediction: {wrong:.0f} (target 0)"
         targets.append((line, not wrong))
-    # The speed target counts only a form the gate passes: >= 99% top-1 agreement with
-    # model.pt on >= 200 held-out images.
-    goal = INT8_SPEEDUP_TARGET.get(args.arch)
-    int8 = figures.get("int8")
-    if int8 is not None and base is not None and goal is not None:
-        speedup = float(int8["c16"]["images_per_s"]) / base_c16  # type: ignore[index]
-        agreement_int8 = float(int8["agreement"])  # type: ignore[arg-type]
-        held_out = int(int8["gate_images"])  # type: ignore[call-overload]
-        line = (
-            f"{int8['form']}: Classify c16 {speedup:.2f} x TorchScript FP32 serving at "
-            f"{agreement_int8:.1%} agreement on {held_out} held-out images "
-            f"(target >= {goal:g}x at >= 99% on >= 200)"
-        )
-        met = speedup >= goal and agreement_int8 >= 0.99 and held_out >= 200
-        targets.append((line, met))
+    # The speed target counts only a form the gate passes (>= 99% top-1 agreement with
+    # model.pt on >= 200 held-out images): the fastest such form against TorchScript FP32.
+    goal = SPEEDUP_TARGET.get(args.arch)
+    passing = [
+        row
+        for requested, row in figures.items()
+        if requested != "torchscript"
+        and float(row["agreement"]) >= 0.99  # type: ignore[arg-type]
+        and int(row["gate_images"]) >= 200  # type: ignore[call-overload]
+    ]
+    if base is not None and goal is not None and len(figures) > 1:
+        best = max(passing, key=lambda row: float(row["c16"]["images_per_s"]), default=None)  # type: ignore[index]
+        if best is None:
+            line = f"no form passed the gate (>= 99% on >= 200 images): target {goal:g}x missed"
+            targets.append((line, False))
+        else:
+            speedup = float(best["c16"]["images_per_s"]) / base_c16  # type: ignore[index]
+            line = (
+                f"fastest form the gate passes, {best['form']} ({float(best['agreement']):.1%} "  # type: ignore[arg-type]
+                f"on {best['gate_images']} held-out images): Classify c16 {speedup:.2f} x "
+                f"TorchScript FP32 serving (target >= {goal:g}x)"
+            )
+            targets.append((line, speedup >= goal))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"arch": args.arch, "forms": figures}, indent=2))
