@@ -56,6 +56,10 @@ def test_a_form_at_the_target_owes_no_images_and_a_perfect_one_names_no_disagree
     at_target = refusal_detail(_answers(flipped, np.full(200, 0.5)), reference, 0.99)
     assert "198 of 200 agree" in at_target and "more had to agree" not in at_target
     assert "0 of the 2 disagreements were near-ties" in at_target
+    labelled = refusal_detail(
+        _answers(flipped, np.full(200, 0.5)), reference, 0.99, accuracy_change_interval=(-0.03, 0.0)
+    )
+    assert "accuracy change 95% interval -3.00 to +0.00 points" in labelled
     perfect = refusal_detail(reference, reference, 0.99)
     assert "disagreements" not in perfect and "FP32" not in perfect
     with pytest.raises(ValueError, match="against"):
