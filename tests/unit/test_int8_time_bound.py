@@ -1,11 +1,10 @@
-"""OpenVINO INT8's accuracy control is bounded in time: past its bound the metric reports the
-target met without running the model, so NNCF stops with the layers it has reverted so far
-and the gate judges what it got."""
+"""OpenVINO INT8's accuracy control is bounded in time: the quantized groups are ranked once,
+the fewest to revert found by bisection, and at the bound the search stops with what it has
+(the gate judges that form)."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
 
 import numpy as np
 import pytest
@@ -13,8 +12,6 @@ import torch
 
 from perito_core.models.engines import openvino as openvino_engine
 from perito_core.models.manifest import InputContract
-
-Items = Iterable[tuple[np.ndarray, np.ndarray]]
 
 
 class _Clock:
@@ -25,29 +22,45 @@ class _Clock:
         return self.now
 
 
-def test_the_metric_runs_until_the_bound_then_reports_the_target_met() -> None:
-    calls: list[int] = []
+def _search(
+    threshold: int, total: int, clock: _Clock, step: float, end: float | None
+) -> tuple[tuple[int, object | None], list[int]]:
+    """`fewest_reverted` where reverting `threshold` or more groups meets the target and each
+    validation takes `step` seconds; returns its answer and the counts it validated."""
+    tried: list[int] = []
 
-    def metric(compiled: object, items: Items) -> tuple[float, list[float]]:
-        values = [0.0 for _ in items]
-        calls.append(len(values))
-        return 0.5, values
+    def meets(count: int) -> tuple[bool, object]:
+        tried.append(count)
+        clock.now += step
+        return count >= threshold, f"model with {count}"
 
+    return openvino_engine.fewest_reverted(total, meets, end=end, clock=clock), tried
+
+
+def test_the_fewest_groups_are_found_by_bisection() -> None:
     clock = _Clock()
-    bounded = openvino_engine._Deadline(metric, 30.0, clock)
-    items = [(np.zeros(1), np.zeros(1))] * 4
-    assert bounded(object(), items) == (0.5, [0.0] * 4) and not bounded.expired
-    clock.now += 29.9
-    assert bounded(object(), items)[0] == 0.5
-    clock.now += 0.1
-    assert bounded(object(), items) == (1.0, [1.0] * 4) and bounded.expired
-    assert calls == [4, 4]  # the model was not run once the bound had passed
-    unbounded = openvino_engine._Deadline(metric, None, clock)
-    clock.now += 1e6
-    assert unbounded(object(), items)[0] == 0.5 and not unbounded.expired
+    (count, model), tried = _search(7, 34, clock, 4.0, end=None)
+    assert (count, model) == (7, "model with 7")
+    assert len(tried) <= 6 and 6 in tried  # log2(34) validations, 6 seen to fail
+    # Nothing under all of them meets it: all are to be reverted, that model not yet built.
+    assert _search(40, 34, _Clock(), 4.0, end=None)[0] == (34, None)
 
 
-def test_nncf_stops_at_the_bound_with_the_plain_quantization() -> None:
+def test_the_search_stops_at_the_bound_with_what_it_has() -> None:
+    clock = _Clock()
+    # 10 s per validation, 25 s allowed: three validations (17 fails, 8 fails, 4 fails).
+    (count, model), tried = _search(2, 34, clock, 10.0, end=clock.now + 25.0)
+    assert tried == [17, 8, 4] and (count, model) == (4, "model with 4")
+    # A pass found before the bound is kept: 17 meets it, then time is up.
+    clock = _Clock()
+    (count, model), tried = _search(10, 34, clock, 10.0, end=clock.now + 5.0)
+    assert tried == [17] and (count, model) == (17, "model with 17")
+    # No time at all: nothing validated, nothing reverted.
+    clock = _Clock()
+    assert _search(10, 34, clock, 10.0, end=clock.now)[0] == (0, None)
+
+
+def test_with_no_time_left_nothing_is_reverted() -> None:
     pytest.importorskip("nncf")
     torch.manual_seed(0)
     network = torch.nn.Sequential(

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,7 @@ BF16_FLAGS = ["avx512_bf16", "amx_bf16"]
 # Accuracy control's time bound (`quantize`'s `seconds`): EfficientNet-Lite0 on a 2-core AVX2
 # CPU must stay within about 3 minutes of import with its plain INT8 and the gate.
 ACCURACY_CONTROL_SECONDS = 120.0
-# The images accuracy control ranks the quantized groups on: those whose metric differs most.
+# The images accuracy control ranks the quantized groups on: those whose metric dropped most.
 RANKING_IMAGES = 64
 # An accuracy-control metric: (compiled model, (image batch, FP32 probabilities) items) ->
 # (the metric, its value per item).
@@ -237,28 +237,21 @@ def quantize(
       both about 2.2x the FP32 IR at batch 8. `PERFORMANCE` (symmetric activations) 93.3%,
       no overflow fix or NNCF's full bias correction 89.6-91.7%.
 
-    With `validation` (uint8 images (N, H, W, 3), never the gate's held-out images), NNCF's
-    accuracy-aware quantization (`nncf.quantize_with_accuracy_control`; NNCF docs,
-    "Post-training Quantization with Accuracy Control") quantizes as above, then reverts the
-    most sensitive quantized operations to FP32, one by one in order of their contribution to
-    the drop, until the metric drops by at most `1 - min_agreement` (absolute). The metric
-    (`metric`) compares with the FP32 IR on `validation`, so no labels are needed: `agreement`,
-    top-1 agreement (`_agreement`), or `fidelity`, 1 - the largest probability difference
-    (`_fidelity`); both are 1.0 for the FP32 IR itself.
-
-    Accuracy control is bounded, as an import must not take 6-20 minutes (NNCF's default
-    ranked every quantized group on 300 images and ranked the rest again after every revert
-    that made the metric worse): its ranking sees at most `RANKING_IMAGES` of the images that
-    differ most, and after `seconds` (None: no bound) the metric reports the target met
-    without running the model (`_Deadline`), so NNCF stops with the layers it has reverted so
-    far; the gate then judges that form on the held-out images like any other.
+    With `validation` (uint8 images (N, H, W, 3), never the gate's held-out images), accuracy
+    control (NNCF docs, "Post-training Quantization with Accuracy Control"): quantized as
+    above, then the fewest of the most sensitive quantized groups go back to FP32 until the
+    metric drops by at most `1 - min_agreement` (absolute), ranked once and searched within
+    `seconds` (`restore_layers`; None: no bound). The metric (`metric`) compares with the FP32
+    IR on `validation`, so no labels are needed: `agreement`, top-1 agreement (`_agreement`),
+    or `fidelity`, 1 - the largest probability difference (`_fidelity`); both are 1.0 for the
+    FP32 IR itself. The gate then judges that form on the held-out images like any other.
 
     Returns:
         The quantized `openvino.Model`.
 
     Raises:
         ValueError: no calibration images.
-        nncf errors: as `nncf.quantize` / `nncf.quantize_with_accuracy_control`.
+        nncf errors: as `nncf.quantize` and NNCF's accuracy control.
     """
     import nncf
     from nncf.quantization.advanced_parameters import (
@@ -284,56 +277,168 @@ def quantize(
             ov_model, nncf.Dataset(batches), advanced_parameters=advanced, **options
         )
     import openvino
-    from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters
+    from nncf.openvino.quantization.backend_parameters import BackendParameters
 
+    # Weights stay FP32 behind their FakeQuantize until the end, so a layer can be reverted.
+    advanced.backend_params[BackendParameters.COMPRESS_WEIGHTS] = False
+    quantized = nncf.quantize(
+        ov_model, nncf.Dataset(batches), advanced_parameters=advanced, **options
+    )
     checks = [np.ascontiguousarray(image.transpose(2, 0, 1)[None]) for image in validation]
     fp32 = openvino.Core().compile_model(ov_model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     reference = [np.array(fp32([batch])[0][0], dtype=np.float32) for batch in checks]
     items = list(zip(checks, reference, strict=True))
-    deadline = _Deadline(_fidelity if metric == "fidelity" else _agreement, seconds)
-    quantized = nncf.quantize_with_accuracy_control(
+    restored = restore_layers(
         ov_model,
-        nncf.Dataset(batches),
+        quantized,
         nncf.Dataset(items, lambda item: item[0]),
-        deadline,
+        _fidelity if metric == "fidelity" else _agreement,
         max_drop=1.0 - min_agreement,
-        drop_type=nncf.DropType.ABSOLUTE,
-        advanced_quantization_parameters=advanced,
-        advanced_accuracy_restorer_parameters=AdvancedAccuracyRestorerParameters(
-            num_ranking_workers=1, ranking_subset_size=min(RANKING_IMAGES, len(items))
-        ),
-        **options,
+        seconds=seconds,
     )
-    if deadline.expired:
-        log.warning("INT8 accuracy control stopped at its %.0f s bound", seconds)
-    return quantized
+    from openvino._offline_transformations import compress_quantize_weights_transformation
+
+    compress_quantize_weights_transformation(restored)
+    return restored
 
 
-class _Deadline:
-    """An accuracy-control metric (`_agreement`, `_fidelity`) with a time bound: once `seconds`
-    have passed since it was made, it reports every item perfect (1.0) without running the
-    model, so NNCF takes the target as met and returns the model it has; None: no bound.
+def restore_layers(
+    ov_model: object,
+    quantized: object,
+    validation: Any,
+    metric: Metric,
+    *,
+    max_drop: float,
+    seconds: float | None = ACCURACY_CONTROL_SECONDS,
+    ranking_images: int = RANKING_IMAGES,
+    clock: Callable[[], float] = time.monotonic,
+) -> object:
+    """The fewest of `quantized`'s quantized groups reverted to FP32 for `metric` on
+    `validation` to drop by at most `max_drop` from `ov_model`'s, found within `seconds`.
 
-    `expired` says whether that happened."""
+    NNCF's pieces of accuracy control, in a bounded order: its `Ranker` ranks each group of
+    quantizers once (the group alone reverted, scored on at most `ranking_images` of the items
+    whose metric dropped most), then a bisection over how many of the most harmful groups to
+    revert (`revert_prefix`): log2(groups) validations, not NNCF's re-ranking after every
+    revert that made the metric worse (6-20 minutes for EfficientNet-Lite0 on 2 cores). When
+    `seconds` pass first, the smallest prefix that met the target is kept, else the largest
+    one that failed (`fewest_reverted`); the gate judges it like any other form.
 
-    def __init__(
-        self,
-        metric: Metric,
-        seconds: float | None,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.metric = metric
-        self.clock = clock
-        self.end = None if seconds is None else clock() + seconds
-        self.expired = False
+    Args:
+        ov_model: the FP32 `openvino.Model`.
+        quantized: its NNCF quantization with uncompressed weights (FakeQuantize on them).
+        validation: an `nncf.Dataset` of (batch, reference) items `metric` takes.
+        metric: as `quantize`'s (`_agreement`, `_fidelity`).
 
-    def __call__(
-        self, compiled: object, items: Iterable[tuple[np.ndarray, np.ndarray]]
-    ) -> tuple[float, list[float]]:
-        if self.end is not None and self.clock() >= self.end:
-            self.expired = True
-            return 1.0, [1.0 for _ in items]
-        return self.metric(compiled, items)
+    Returns:
+        The `openvino.Model` with that prefix reverted (`quantized` itself when it already
+        meets the target).
+    """
+    from nncf.common.factory import build_graph
+    from nncf.common.utils.backend import BackendType
+    from nncf.quantization.algorithms.accuracy_control.algorithm import (
+        QuantizationAccuracyRestorer,
+        get_algo_backend,
+    )
+    from nncf.quantization.algorithms.accuracy_control.evaluator import Evaluator
+    from nncf.quantization.algorithms.accuracy_control.ranker import Ranker
+
+    end = None if seconds is None else clock() + seconds
+    evaluator = Evaluator(metric)
+    evaluator.enable_iteration_count()
+    initial = evaluator.collect_metric_results(ov_model, validation, model_name="initial")
+    size = evaluator.num_passed_iterations
+    evaluator.disable_iteration_count()
+    plain = evaluator.collect_metric_results(quantized, validation, model_name="quantized")
+    if initial.metric_value - plain.metric_value <= max_drop:
+        return quantized
+    backend = get_algo_backend(BackendType.OPENVINO)
+    graph = build_graph(quantized)
+    QuantizationAccuracyRestorer._collect_original_biases_and_weights(
+        build_graph(ov_model), graph, ov_model, backend
+    )
+    ranker = Ranker(min(ranking_images, size), validation, backend, evaluator, 1)
+    ranked = ranker.rank_groups_of_quantizers(
+        ranker.find_groups_of_quantizers_to_rank(graph),
+        quantized,
+        graph,
+        initial.values_for_each_item,
+        plain.values_for_each_item,
+    )
+    harmful = list(reversed(ranked))  # NNCF ranks the most harmful group last
+
+    def meets(count: int) -> tuple[bool, object]:
+        model = revert_prefix(quantized, graph, harmful[:count], backend)
+        value, _ = evaluator.validate(model, validation)
+        log.info("INT8 with %d of %d groups reverted: metric %.4f", count, len(harmful), value)
+        return initial.metric_value - value <= max_drop, model
+
+    count, model = fewest_reverted(len(harmful), meets, end=end, clock=clock)
+    stopped = end is not None and clock() >= end
+    log.warning(
+        "INT8 accuracy control reverted %d of %d quantized groups%s",
+        count,
+        len(harmful),
+        f" (stopped at its {seconds:.0f} s bound)" if stopped else "",
+    )
+    return revert_prefix(quantized, graph, harmful[:count], backend) if model is None else model
+
+
+def fewest_reverted(
+    total: int,
+    meets: Callable[[int], tuple[bool, object]],
+    *,
+    end: float | None,
+    clock: Callable[[], float] = time.monotonic,
+) -> tuple[int, object | None]:
+    """The fewest of `total` ranked groups to revert, by bisection: `meets(count)` builds the
+    model with the first `count` reverted and says whether it meets the target. No groups is
+    known to fail and all of them is taken to pass; the metric is taken to rise with the count
+    (about log2(total) calls). Stops when `clock()` reaches `end` (None: never).
+
+    Returns:
+        (count, its model, or None where it was not built): the smallest count that met the
+        target; when time ran out before one did, the largest count that failed (0, None when
+        none was tried); when every count under `total` failed, (total, None).
+    """
+    failing, passing = 0, total
+    found: object | None = None
+    failed: tuple[int, object | None] = (0, None)
+    while passing - failing > 1 and (end is None or clock() < end):
+        middle = (failing + passing) // 2
+        ok, model = meets(middle)
+        if ok:
+            passing, found = middle, model
+        else:
+            failing, failed = middle, (middle, model)  # failing only grows: the largest
+    if found is not None:
+        return passing, found
+    if passing - failing <= 1:
+        return total, None
+    return failed
+
+
+def revert_prefix(quantized: object, graph: Any, groups: Sequence[Any], backend: Any) -> object:
+    """`quantized` with NNCF's ranked quantizer `groups` reverted to FP32 (their operations'
+    activations and weights, original biases restored)."""
+    from nncf.common.quantization.quantizer_removal import (
+        revert_operations_to_floating_point_precision,
+    )
+    from nncf.quantization.advanced_parameters import RestoreMode
+
+    model = quantized
+    for group in groups:
+        model = revert_operations_to_floating_point_precision(
+            group.operations,
+            group.quantizers,
+            model,
+            graph,
+            RestoreMode.ACTIVATIONS_AND_WEIGHTS,
+            backend.get_op_with_weights_metatypes(),
+            backend.is_node_with_weight,
+            backend.get_weight_tensor_port_ids,
+        )
+    return model
 
 
 def first_convolution(ov_model: object) -> str | None:
