@@ -483,7 +483,7 @@ def build_forms_from_folder(
 
     `accuracy_control` is on, as at publish: it is bounded in time
     (`openvino.ACCURACY_CONTROL_SECONDS`), and EfficientNet-Lite0's whole OpenVINO build and
-    gate, accuracy control included, took 145 s on a 2-core EPYC limited to AVX2 (it took
+    gate, accuracy control included, took 109 s on a 2-core EPYC limited to AVX2 (it took
     6-20 minutes unbounded)."""
     spec = contract.spec()
     split = (folder / "calibration").is_dir() and (folder / "held-out").is_dir()
