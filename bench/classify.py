@@ -170,8 +170,10 @@ def forward_rates(model: LoadedModel, seconds: float) -> dict[str, float]:
 def machine_line() -> str:
     """What every benchmark prints first: the CPU, its ISA as the compiled forms see it,
     torch's threads, the cores and the load average (figures compare only within a run)."""
+    limit = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    limited = f" (oneDNN, so OpenVINO and torch, limited to {limit})" if limit else ""
     return (
-        f"# CPU: {cpu_name()} ({platform.machine()}); ISA: {isa_summary()}; torch "
+        f"# CPU: {cpu_name()} ({platform.machine()}); ISA: {isa_summary()}{limited}; torch "
         f"{torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores; "
         f"load average {os.getloadavg()[0]:.1f}"
     )
