@@ -107,6 +107,7 @@ def publish(
     else:
         import torchvision
 
+        torch.manual_seed(0)  # the same random weights in every run: agreement comparable
         network = torchvision.models.resnet18(weights=None).eval()
         labels = [f"class-{i}" for i in range(1000)]
         contract = EFFICIENTNET_LITE0_INPUT.model_copy(

@@ -89,7 +89,7 @@ def _audit(
 @click.option(
     "--max-batch-size",
     type=int,
-    help="The most images per forward pass (default 4); each form runs at the size it measured.",
+    help="The most images per forward pass (default 8); each form runs at the size it measured.",
 )
 @click.option("--max-queue-delay-ms", type=float, help="Wait for a fuller batch (default 2).")
 @click.option("--max-queue-size", type=int, help="Images admitted and waiting (default 256).")

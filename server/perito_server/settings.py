@@ -31,9 +31,10 @@ class ServerSettings(CommonSettings):
         description="how often aliases in use are re-read (0: never, pinned at first use)",
     )
 
-    # The most images a batch may hold, for every model (4 was the fastest batch for
-    # EfficientNet-Lite0 on 2 CPU cores, bench/classify.py); GPUs want more (16-64).
-    max_batch_size: int = Field(4, ge=1)
+    # The most images a batch may hold, for every model: each loaded form runs at the size it
+    # measures up to this (`preferred_batch_size`; on 2 CPU cores EfficientNet-Lite0's
+    # TorchScript keeps 4, ONNX Runtime INT8 forms gain up to 8); GPUs want more (16-64).
+    max_batch_size: int = Field(8, ge=1)
     # Each loaded form's own batch size (Triton's `preferred_batch_size`), at most
     # `max_batch_size`: `auto` times the form's forward pass at load, on its model thread, at
     # 1, 2, 4, ... and `max_batch_size` (about a second), and keeps the smallest size within
