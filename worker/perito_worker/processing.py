@@ -25,6 +25,7 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -251,11 +252,37 @@ def _predict(model: LoadedModel, good: list[_Prepared]) -> list[np.ndarray | str
         return outcomes
 
 
+def _compute(
+    rt: WorkerRuntime, model: LoadedModel, batch: list[_Prepared]
+) -> Future[list[np.ndarray | str]] | None:
+    """Start a decoded batch's forward pass on the model's thread (`_predict`), once no call
+    of a server on this host is in hand (claims first); None when no image decoded."""
+    good = [p for p in batch if p.pixels is not None]
+    if not good:
+        return None
+    if rt.activity is not None:
+        waited = rt.activity.wait_until_quiet(
+            rt.settings.yield_quiet_s, rt.settings.yield_max_wait_s
+        )
+        metrics.YIELDED_SECONDS.inc(waited)
+    return rt.compute.submit(_predict, model, good)
+
+
 def _classify(
-    rt: WorkerRuntime, job: Job, model: LoadedModel, batch: list[_Prepared], drift: bool
+    rt: WorkerRuntime,
+    job: Job,
+    model: LoadedModel,
+    batch: list[_Prepared],
+    drift: bool,
+    computing: Future[list[np.ndarray | str]] | None = None,
 ) -> list[ItemResult]:
-    """The results of a decoded batch: the model run on the model's thread (`rt.compute`),
-    each answer summarized; `drift`: its answers also feed the live drift window."""
+    """The results of a decoded batch: its forward pass (`computing`, as `_compute` started
+    it; started here when None), each answer summarized; `drift`: its answers also feed the
+    live drift window.
+
+    Raises:
+        Exception: the batch's forward pass failed for every image alone too (`_predict`).
+    """
     good = [p for p in batch if p.pixels is not None]
     results = {
         p.index: ItemResult(p.index, ItemState.FAILED, id=p.item.id, uri=p.item.uri, error=p.error)
@@ -265,12 +292,9 @@ def _classify(
     answered: list[tuple[np.ndarray, Quality | None]] = []
     if good:
         threshold = model.manifest.threshold(job.confidence_threshold)
-        if rt.activity is not None:  # claims first: after the callers on this host
-            waited = rt.activity.wait_until_quiet(
-                rt.settings.yield_quiet_s, rt.settings.yield_max_wait_s
-            )
-            metrics.YIELDED_SECONDS.inc(waited)
-        outcomes = rt.compute.submit(_predict, model, good).result()
+        started = computing or _compute(rt, model, batch)
+        assert started is not None  # some image decoded
+        outcomes = started.result()
         for prepared, probs in zip(good, outcomes, strict=True):
             if not isinstance(probs, str) and not_finite([probs]):  # no answer: the model's fault
                 probs = f"{MODEL_OUTPUT_NOT_FINITE}: {NOT_FINITE_MESSAGE}"
@@ -449,18 +473,35 @@ def _run_chunk(
 
     # The offline comparison's jobs (a hand-picked folder) are no live traffic.
     drift = COMPARE_JOB_LABEL not in job.labels
+
+    def record(prepared: list[_Prepared], computing: Future[Any] | None) -> bool:
+        """Summarize and record a batch; whether the job is now complete."""
+        results = _classify(rt, job, model, prepared, drift, computing)
+        _, done = store.record_results(job_id, results)
+        for result in results:
+            metrics.ITEMS.labels(job.model, job.model_version, result.state.value).inc()
+        return done
+
+    # Three stages: the next batch decodes while this one computes, and the previous one is
+    # summarized and recorded (a Redis round trip) meanwhile, so the model's thread never
+    # waits on either.
     upcoming = submit(batches[0]) if batches else []
+    in_flight: tuple[list[_Prepared], Future[Any] | None] | None = None
     try:
         for number in range(len(batches)):
             prepared = [future.result() for future in upcoming]
             upcoming = submit(batches[number + 1]) if number + 1 < len(batches) else []
             if heartbeat.lost or store.is_cancel_requested(job_id):
+                if in_flight is not None:  # computed already: kept, as before the check
+                    record(*in_flight)
                 metrics.CHUNKS.labels("skipped").inc()
                 return
-            results = _classify(rt, job, model, prepared, drift)
-            _, complete = store.record_results(job_id, results)
-            for result in results:
-                metrics.ITEMS.labels(job.model, job.model_version, result.state.value).inc()
+            computing = _compute(rt, model, prepared)
+            if in_flight is not None:
+                complete = record(*in_flight)
+            in_flight = (prepared, computing)
+        if in_flight is not None:
+            complete = record(*in_flight)
     finally:
         for future in upcoming:
             future.cancel()
