@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import logging
 import math
-import mmap
 import os
+import stat
 import struct
 import tempfile
 import time
@@ -68,7 +68,7 @@ def default_activity_path() -> Path:
 
 class InteractiveActivity:
     """When the `perito serve` processes on this host last had a caller's images in hand,
-    shared with the bulk workers on the same host through one small memory-mapped file.
+    shared with the bulk workers on the same host through one small file in shared memory.
 
     Claims first, bulk second, across processes: SCHED_IDLE (`run_when_idle`) keeps a worker's
     threads off a core a server thread wants, but a worker's forward pass that runs between two
@@ -77,45 +77,66 @@ class InteractiveActivity:
     until `quiet_s` after the last one ended (`wait_until_quiet`), waiting at most `max_wait_s`
     each time, so that bulk work keeps moving under any load.
 
-    The file holds one float64: `time.monotonic()` (CLOCK_MONOTONIC, the same clock in every
-    process of a host) until which a server is busy. A call in hand holds a lease of
-    `BUSY_LEASE_S`, renewed by each call that begins; the last call to end sets it to now.
+    The file holds one float64 (read and written whole with pread / pwrite, so a file
+    truncated under it reads as quiet, never crashes a server): the `time.monotonic()`
+    (CLOCK_MONOTONIC, the same clock in every process of a host) until which a server is
+    busy. A call in hand holds a lease of `BUSY_LEASE_S`, renewed by each call that begins;
+    the last call to end sets it to now.
     Several servers on one host write the same word: one that finishes first may end
     another's lease early (a worker then starts a batch sooner, never later). A server killed
     mid-call leaves a lease that lapses by itself.
     """
 
     def __init__(self, path: Path) -> None:
-        """Open (creating it) the shared file at `path`.
+        """Open (creating it, mode 0600) the shared file at `path`.
 
         Raises:
-            OSError: the file cannot be created, sized or mapped.
+            OSError: the file cannot be created or opened; `path` is a symbolic link; or
+                (PermissionError) it is not a regular file owned by this user with no group
+                or other permissions: in a shared folder such as /dev/shm another user could
+                have made it first, to slow this host's workers or read its traffic.
         """
         self.path = path
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        self._fd = os.open(path, flags, 0o600)
         try:
-            if os.fstat(fd).st_size < _WORD.size:
-                os.ftruncate(fd, _WORD.size)
-            self._map = mmap.mmap(fd, _WORD.size)
-        finally:
-            os.close(fd)
+            status = os.fstat(self._fd)
+            if (
+                not stat.S_ISREG(status.st_mode)
+                or status.st_uid != os.geteuid()
+                or status.st_mode & 0o077
+            ):
+                raise PermissionError(
+                    f"{path}: not a regular file of this user's with mode 0600 "
+                    f"(uid {status.st_uid}, mode {stat.filemode(status.st_mode)})"
+                )
+        except BaseException:
+            os.close(self._fd)
+            raise
         self._in_hand = 0
 
     def busy_until(self) -> float:
-        """The monotonic time until which a server is busy (a past time, or 0.0: quiet)."""
-        value: float = _WORD.unpack_from(self._map)[0]
+        """The monotonic time until which a server is busy (a past time, or 0.0: quiet; also
+        0.0 for a file shorter than its word, as another process may have left it)."""
+        data = os.pread(self._fd, _WORD.size, 0)
+        if len(data) < _WORD.size:
+            return 0.0
+        value: float = _WORD.unpack(data)[0]
         return 0.0 if math.isnan(value) else value
+
+    def _write(self, value: float) -> None:
+        os.pwrite(self._fd, _WORD.pack(value), 0)
 
     def begin(self) -> None:
         """A call's images are in hand (from admission to its answer). Event-loop thread only."""
         self._in_hand += 1
-        _WORD.pack_into(self._map, 0, time.monotonic() + BUSY_LEASE_S)
+        self._write(time.monotonic() + BUSY_LEASE_S)
 
     def end(self) -> None:
         """A call marked by `begin` is answered or refused."""
         self._in_hand = max(0, self._in_hand - 1)
         if not self._in_hand:
-            _WORD.pack_into(self._map, 0, time.monotonic())
+            self._write(time.monotonic())
 
     def wait_until_quiet(self, quiet_s: float, max_wait_s: float) -> float:
         """Block until no call is in hand and `quiet_s` have passed since the last one ended,
@@ -128,7 +149,7 @@ class InteractiveActivity:
         return now - start
 
     def close(self) -> None:
-        self._map.close()
+        os.close(self._fd)
 
 
 BUSY_LEASE_S = 5.0

@@ -37,7 +37,7 @@ class ServerSettings(CommonSettings):
     max_batch_size: int = Field(8, ge=1)
     # Each loaded form's own batch size (Triton's `preferred_batch_size`), at most
     # `max_batch_size`: `auto` times the form's forward pass at load, on its model thread, at
-    # 1, 2, 4, ... and `max_batch_size` (about a second), and keeps the smallest size within
+    # 1, 2, 4, ... and `max_batch_size` (a second or two), and keeps the smallest size within
     # 3% of the best images/s (a bigger batch only adds latency; perito_core.models.batching);
     # an integer sets it for every form without measuring. Logged at load and exported as
     # `perito_preferred_batch_size` beside the measured `perito_forward_images_per_second`.

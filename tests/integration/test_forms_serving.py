@@ -7,6 +7,7 @@ with model.pt, and every result says which; a job item does the same in the work
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -92,3 +93,31 @@ def test_a_worker_runs_each_form_at_the_batch_size_it_measured(
     assert "batch 1:" in caplog.text and "4:" in caplog.text  # each size's images/s logged
     fixed = runtime(batch_size=3)
     assert fixed.batch_size(fixed.model("tiny", "1")) == 3  # a set size: nothing timed
+
+
+def test_a_worker_starts_no_forward_pass_while_a_call_is_in_hand(
+    fp32_form_registry: Path, tmp_path: Path
+) -> None:
+    from perito_core.scheduling import InteractiveActivity
+    from perito_worker.processing import _classify, _compute, _Prepared
+
+    registry = ModelRegistry.open(str(fp32_form_registry), cache_dir=tmp_path)
+    model = load_model(registry, "tiny", "1", precision="fp32")
+    job = Job(id="j", state=JobState.RUNNING, model="tiny", model_version="1", total=1)
+    batch = [_Prepared(0, ItemInput(uri="file:///x.jpg", id="x"), np.zeros((32, 32, 3), np.uint8))]
+    server = InteractiveActivity(tmp_path / "activity")  # what perito serve marks
+    settings = SimpleNamespace(yield_quiet_s=0.05, yield_max_wait_s=30.0)
+    with ThreadPoolExecutor(1) as compute:
+        runtime = SimpleNamespace(
+            compute=compute, activity=InteractiveActivity(tmp_path / "activity"), settings=settings
+        )
+        server.begin()  # a call in hand
+        computing = _compute(runtime, model, batch)  # type: ignore[arg-type]
+        assert computing is not None
+        time.sleep(0.3)
+        assert not computing.done()  # held back on the model's thread
+        server.end()
+        ended = time.monotonic()
+        (result,) = _classify(runtime, job, model, batch, drift=False, computing=computing)  # type: ignore[arg-type]
+        assert time.monotonic() - ended < 5.0  # ran once quiet, long before the 30 s bound
+    assert result.state is ItemState.SUCCEEDED

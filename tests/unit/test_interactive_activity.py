@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 from perito_core.scheduling import BUSY_LEASE_S, InteractiveActivity
 
@@ -56,9 +59,45 @@ def test_another_process_sees_the_mark(tmp_path: Path) -> None:
         assert worker.busy_until() <= time.monotonic()  # the same clock in both processes
 
 
-def test_a_mark_left_by_a_killed_server_lapses(tmp_path: Path) -> None:
+def test_a_mark_never_ended_lapses_by_itself(tmp_path: Path) -> None:
     path = tmp_path / "activity"
-    InteractiveActivity(path).begin()  # and never ends
+    InteractiveActivity(path).begin()  # and never ends, as a server killed mid-call
     worker = InteractiveActivity(path)
     lapses = worker.busy_until()
     assert time.monotonic() < lapses <= time.monotonic() + BUSY_LEASE_S
+
+
+def test_a_file_another_could_have_made_is_refused(tmp_path: Path) -> None:
+    target = tmp_path / "victim"
+    target.write_bytes(b"precious data")
+    link = tmp_path / "activity-link"
+    link.symlink_to(target)
+    with pytest.raises(OSError, match="symbolic links"):  # ELOOP: never followed, written through
+        InteractiveActivity(link)
+    assert target.read_bytes() == b"precious data"
+    open_to_all = tmp_path / "activity-0666"
+    open_to_all.write_bytes(b"")
+    open_to_all.chmod(0o666)
+    with pytest.raises(PermissionError, match="mode 0600"):
+        InteractiveActivity(open_to_all)
+
+
+def test_a_truncated_file_reads_as_quiet(tmp_path: Path) -> None:
+    path = tmp_path / "activity"
+    server, worker = InteractiveActivity(path), InteractiveActivity(path)
+    server.begin()
+    os.truncate(path, 0)  # by another process, under both
+    assert worker.busy_until() == 0.0
+    server.end()  # writes again, no crash
+    assert worker.busy_until() <= time.monotonic()
+
+
+def test_settings_that_cannot_open_the_file_turn_claims_first_off(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from perito_core.settings import CommonSettings
+
+    link = tmp_path / "activity"
+    link.symlink_to(tmp_path / "elsewhere")
+    assert CommonSettings(activity_file=link).open_activity() is None
+    assert "claims first across processes is off" in caplog.text

@@ -2,8 +2,9 @@
 
 Each worker process builds one `WorkerRuntime` (after the fork, so no Redis socket or torch
 thread pool is shared with the parent) and keeps every model version it loads. A chunk is
-processed in batches; images for the next batch are fetched and decoded on a thread pool while
-the current batch runs. Results are recorded per batch, idempotently, so a redelivered chunk
+processed in batches, in three stages: images for the next batch are fetched and decoded on a
+thread pool while the current batch runs on the model's thread and the previous one is
+summarized and recorded. Results are recorded per batch, idempotently, so a redelivered chunk
 redoes only what was not recorded, and progress moves while a chunk runs.
 
 Whatever happens, an item ends recorded: an exception while fetching or decoding one image
@@ -16,6 +17,7 @@ lease renewed by a heartbeat thread, so a second delivery of it while it runs is
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -42,7 +44,7 @@ from perito_core.errors import (
 from perito_core.imaging import load_model_input_with_info
 from perito_core.jobs.sources import SourceReader
 from perito_core.jobs.store import ItemInput, ItemResult, Job, JobStore
-from perito_core.models.batching import candidate_batch_sizes, profile_batch_sizes
+from perito_core.models.batching import profile_batch_sizes
 from perito_core.models.cache import ModelCache
 from perito_core.models.engines.base import LoadedModel
 from perito_core.models.provenance import sha256_hex
@@ -107,7 +109,7 @@ class WorkerRuntime:
             version,
             precision=precision,
             device=settings.device,
-            warmup_batch_sizes=candidate_batch_sizes(cap),
+            warmup_batch_sizes=tuple(range(1, cap + 1)),  # a chunk's last batch may be any size
         )
         profile = profile_batch_sizes(loaded, cap, preferred_batch_size=fixed, tolerance=0.0)
         loaded.load_seconds += profile.seconds
@@ -255,17 +257,26 @@ def _predict(model: LoadedModel, good: list[_Prepared]) -> list[np.ndarray | str
 def _compute(
     rt: WorkerRuntime, model: LoadedModel, batch: list[_Prepared]
 ) -> Future[list[np.ndarray | str]] | None:
-    """Start a decoded batch's forward pass on the model's thread (`_predict`), once no call
-    of a server on this host is in hand (claims first); None when no image decoded."""
+    """Queue a decoded batch's forward pass on the model's thread (`_yield_then_predict`:
+    claims first); None when no image decoded."""
     good = [p for p in batch if p.pixels is not None]
     if not good:
         return None
+    return rt.compute.submit(_yield_then_predict, rt, model, good)
+
+
+def _yield_then_predict(
+    rt: WorkerRuntime, model: LoadedModel, good: list[_Prepared]
+) -> list[np.ndarray | str]:
+    """`_predict`, on the model's thread once no call of a server on this host is in hand:
+    waited for here, right before the forward pass, not when the batch was queued behind
+    the one still running."""
     if rt.activity is not None:
         waited = rt.activity.wait_until_quiet(
             rt.settings.yield_quiet_s, rt.settings.yield_max_wait_s
         )
         metrics.YIELDED_SECONDS.inc(waited)
-    return rt.compute.submit(_predict, model, good)
+    return _predict(model, good)
 
 
 def _classify(
@@ -489,7 +500,13 @@ def _run_chunk(
     in_flight: tuple[list[_Prepared], Future[Any] | None] | None = None
     try:
         for number in range(len(batches)):
-            prepared = [future.result() for future in upcoming]
+            try:
+                prepared = [future.result() for future in upcoming]
+            except BaseException:  # storage down: the attempt ends, the batch computed is kept
+                if in_flight is not None:
+                    with contextlib.suppress(Exception):
+                        record(*in_flight)
+                raise
             upcoming = submit(batches[number + 1]) if number + 1 < len(batches) else []
             if heartbeat.lost or store.is_cancel_requested(job_id):
                 if in_flight is not None:  # computed already: kept, as before the check

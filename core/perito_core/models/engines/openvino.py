@@ -45,6 +45,10 @@ RANKING_IMAGES = 64
 Metric = Callable[[object, Iterable[tuple[np.ndarray, np.ndarray]]], tuple[float, list[float]]]
 
 
+# The fewest images accuracy control ranks the quantized groups on, however short its time.
+MIN_RANKING_IMAGES = 8
+
+
 class OpenVinoModel(LoadedModel):
     """A compiled OpenVINO IR form: the same contract, compiled for this CPU at load.
 
@@ -322,7 +326,10 @@ def restore_layers(
     revert (`revert_prefix`): log2(groups) validations, not NNCF's re-ranking after every
     revert that made the metric worse (6-20 minutes for EfficientNet-Lite0 on 2 cores). When
     `seconds` pass first, the smallest prefix that met the target is kept, else the largest
-    one that failed (`fewest_reverted`); the gate judges it like any other form.
+    one that failed (`fewest_reverted`); the gate judges it like any other form. The ranking,
+    which costs groups x images forward passes, gets at most half the time left after the
+    first validation (fewer images, never under `MIN_RANKING_IMAGES`), so a network with
+    hundreds of groups cannot run the import far past `seconds`.
 
     Args:
         ov_model: the FP32 `openvino.Model`.
@@ -346,8 +353,10 @@ def restore_layers(
     end = None if seconds is None else clock() + seconds
     evaluator = Evaluator(metric)
     evaluator.enable_iteration_count()
+    began = clock()
     initial = evaluator.collect_metric_results(ov_model, validation, model_name="initial")
     size = evaluator.num_passed_iterations
+    per_image = (clock() - began) / max(1, size)  # seconds of one image through the model
     evaluator.disable_iteration_count()
     plain = evaluator.collect_metric_results(quantized, validation, model_name="quantized")
     if initial.metric_value - plain.metric_value <= max_drop:
@@ -357,9 +366,15 @@ def restore_layers(
     QuantizationAccuracyRestorer._collect_original_biases_and_weights(
         build_graph(ov_model), graph, ov_model, backend
     )
-    ranker = Ranker(min(ranking_images, size), validation, backend, evaluator, 1)
+    groups = Ranker(1, validation, backend, evaluator, 1).find_groups_of_quantizers_to_rank(graph)
+    subset = min(ranking_images, size)
+    if end is not None:  # ranking runs every group on the subset: half the time left at most
+        affordable = (end - clock()) / 2 / max(1e-6, per_image * max(1, len(groups)))
+        subset = max(min(subset, MIN_RANKING_IMAGES), min(subset, int(affordable)))
+    ranker = Ranker(subset, validation, backend, evaluator, 1)
+    log.info("ranking %d quantized groups on %d images", len(groups), subset)
     ranked = ranker.rank_groups_of_quantizers(
-        ranker.find_groups_of_quantizers_to_rank(graph),
+        groups,
         quantized,
         graph,
         initial.values_for_each_item,
