@@ -43,6 +43,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from perito_core.errors import FailedPrecondition, InvalidArgument, ModelLoadError, PeritoError
+from perito_core.models.batching import measure_images_per_second
 from perito_core.models.engines import ENGINES, unsupported_reason
 from perito_core.models.engines.base import LoadedModel, pick_device
 from perito_core.models.engines.onnxruntime import OnnxModel, onnx_form_name
@@ -336,11 +337,15 @@ def _load_onnx(
 
 
 def _images_per_second(model: LoadedModel, batch_size: int) -> float:
-    """A short timed run at `batch_size` after one untimed batch."""
+    """A short timed run at `batch_size` (`measure_images_per_second`, one round of at least
+    `AUTO_TIMING_S` and two passes) after one untimed batch."""
     images = model._random_batch(batch_size)
     model._forward(images)
-    done, start = 0, time.perf_counter()
-    while (elapsed := time.perf_counter() - start) < AUTO_TIMING_S or done < 2 * batch_size:
-        model._forward(images)
-        done += batch_size
-    return done / elapsed
+    rates = measure_images_per_second(
+        lambda _: model._forward(images),
+        [batch_size],
+        rounds=1,
+        round_seconds=AUTO_TIMING_S,
+        min_passes=2,
+    )
+    return rates[batch_size]
