@@ -29,6 +29,11 @@ if TYPE_CHECKING:
     from perito_core.models.engines.base import BuiltForms
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# Servers and workers run each form at a set batch size in the suite instead of timing it at
+# every model load (a second or two each); the measurement has tests of its own, which ask for
+# `auto`.
+os.environ.setdefault("PERITO_PREFERRED_BATCH_SIZE", "4")
+os.environ.setdefault("PERITO_BATCH_SIZE", "4")
 # The servers and workers of this test run mark and see each other's calls in a file of
 # their own (claims first), not the host's, where another run's servers would slow them.
 if "PERITO_ACTIVITY_FILE" not in os.environ:

@@ -212,6 +212,7 @@ def test_a_full_queue_is_resource_exhausted_with_a_retry_hint(
         cache_dir=tmp_path,
         preload=[LITE0],
         max_batch_size=1,
+        preferred_batch_size=1,
         max_queue_size=2,
     )
     data = photos["coffee"].read_bytes()

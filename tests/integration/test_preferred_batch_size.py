@@ -59,7 +59,12 @@ def test_the_measured_batch_size_is_exported_and_caps_the_batches(
     with (
         caplog.at_level(logging.INFO, logger="perito_core.models.batching"),
         ServerThread.serving(
-            registry, tmp_path / "cache", preload=["tiny"], metrics_port=0, max_batch_size=4
+            registry,
+            tmp_path / "cache",
+            preload=["tiny"],
+            metrics_port=0,
+            max_batch_size=4,
+            preferred_batch_size="auto",  # the suite sets 4 (tests/conftest.py)
         ) as server,
     ):
         classify_concurrently(server, calls=4, images=8)
