@@ -201,7 +201,15 @@ def test_compose_validates_against_the_compose_spec(tmp_path: Path) -> None:
     assert server["ports"] == ["8500:8500", "8000:8000"]  # metrics stay on the compose network
     assert server["environment"]["PERITO_TLS_CERT_FILE"].startswith("/run/perito/secrets/")
     assert server["environment"]["PERITO_TENANTS_FILE"] == "/run/perito/secrets/tenants.yaml"
-    assert server["volumes"] == ["./secrets/server:/run/perito/secrets:ro"]
+    assert server["volumes"] == [
+        "./secrets/server:/run/perito/secrets:ro",
+        "activity:/run/perito/activity",  # the word shared with the CPU worker (claims first)
+    ]
+    worker_cpu = config["services"]["worker-cpu"]
+    assert worker_cpu["volumes"] == ["activity:/run/perito/activity"]
+    shared = "/run/perito/activity/interactive"
+    assert server["environment"]["PERITO_ACTIVITY_FILE"] == shared
+    assert worker_cpu["environment"]["PERITO_ACTIVITY_FILE"] == shared
     assert "8501" in server["healthcheck"]["test"][-1]
     for name in ("minio", "minio-init"):
         assert services[name]["env_file"] == "secrets/minio.env"
