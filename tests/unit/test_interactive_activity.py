@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -92,12 +93,21 @@ def test_a_truncated_file_reads_as_quiet(tmp_path: Path) -> None:
     assert worker.busy_until() <= time.monotonic()
 
 
-def test_settings_that_cannot_open_the_file_turn_claims_first_off(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_settings_that_cannot_open_the_file_turn_claims_first_off(tmp_path: Path) -> None:
     from perito_core.settings import CommonSettings
 
     link = tmp_path / "activity"
     link.symlink_to(tmp_path / "elsewhere")
-    assert CommonSettings(activity_file=link).open_activity() is None
-    assert "claims first across processes is off" in caplog.text
+    warnings: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: warnings.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger("perito_core.settings")  # whatever other tests did to propagation
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING)
+    try:
+        assert CommonSettings(activity_file=link).open_activity() is None
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert any("claims first across processes is off" in w for w in warnings)
