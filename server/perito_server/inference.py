@@ -14,9 +14,10 @@ for all of them. Nothing here knows a wire protocol beyond the messages of the A
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import TypeVar
@@ -462,43 +463,6 @@ class InferenceService:
             DeadlineExceeded: the deadline passed while its images waited.
             ShuttingDown: the server is draining.
         """
-        # Marked for the bulk workers on this host (`InteractiveActivity`): none starts a
-        # forward pass while a caller's images are in hand.
-        activity = self.activity
-        if activity is not None:
-            activity.begin()
-        try:
-            return await self._infer(
-                tenant,
-                model,
-                version,
-                images,
-                nbytes=nbytes,
-                deadline=deadline,
-                describe=describe,
-                precision=precision,
-                quality=quality,
-                routing_key=routing_key,
-            )
-        finally:
-            if activity is not None:
-                activity.end()
-
-    async def _infer(
-        self,
-        tenant: Tenant,
-        model: str,
-        version: str,
-        images: Sequence[bytes] | np.ndarray,
-        *,
-        nbytes: int,
-        deadline: float | None,
-        describe: Describe,
-        precision: str,
-        quality: QualityGate,
-        routing_key: str,
-    ) -> Inference:
-        """`infer`'s work, between the marks of a call in hand."""
         check_routing_key(routing_key)
         per_minute = tenant.quotas.images_per_minute
         if per_minute is not None:
@@ -516,7 +480,10 @@ class InferenceService:
         infos: list[DecodeInfo | None]
         judged: list[Quality | None]
         digests: list[str]
-        with served.batcher.admit(len(images), nbytes=nbytes, budget=self.queue_bytes) as admit:
+        with (
+            served.batcher.admit(len(images), nbytes=nbytes, budget=self.queue_bytes) as admit,
+            self._in_hand(),
+        ):
             if isinstance(images, np.ndarray):
                 expected = (spec.height, spec.width, 3)
                 if images.dtype != np.uint8 or images.shape[1:] != expected:
@@ -558,6 +525,20 @@ class InferenceService:
         if self.shadow is not None:  # queued in memory only: run after the caller's answer
             self.shadow.offer(version, images, inference)
         return inference
+
+    @contextlib.contextmanager
+    def _in_hand(self) -> Iterator[None]:
+        """Mark a call's images in hand, admission to answer, for the bulk workers on this
+        host (`InteractiveActivity`: none starts a forward pass meanwhile)."""
+        activity = self.activity
+        if activity is None:
+            yield
+            return
+        activity.begin()
+        try:
+            yield
+        finally:
+            activity.end()
 
     def _judge(
         self,

@@ -121,3 +121,16 @@ def test_a_worker_starts_no_forward_pass_while_a_call_is_in_hand(
         (result,) = _classify(runtime, job, model, batch, drift=False, computing=computing)  # type: ignore[arg-type]
         assert time.monotonic() - ended < 5.0  # ran once quiet, long before the 30 s bound
     assert result.state is ItemState.SUCCEEDED
+
+
+def test_a_server_marks_each_call_it_has_in_hand(fp32_form_registry: Path, tmp_path: Path) -> None:
+    from perito_core.scheduling import InteractiveActivity
+
+    path = tmp_path / "activity"
+    with ServerThread.serving(fp32_form_registry, tmp_path / "cache", activity_file=path) as server:
+        workers_view = InteractiveActivity(path)
+        assert workers_view.busy_until() == 0.0  # no call yet
+        with perito.Client(server.target, timeout=60) as client:
+            client.classify([red_jpeg()], model="tiny")
+        answered = time.monotonic()
+        assert 0.0 < workers_view.busy_until() <= answered  # marked, and ended with the call
