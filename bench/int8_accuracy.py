@@ -39,6 +39,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -168,6 +169,25 @@ def _import_gate(arch: str, work: Path) -> None:
     built.remove_files()
 
 
+def median_rates(
+    models: Mapping[str, LoadedModel], rounds: int, seconds: float, size: int
+) -> dict[str, float]:
+    """Forward images/s of each model at batch 1 and 8 (keys `"{name} b1"`, `"{name} b8"`),
+    the median of `rounds` interleaved rounds of `seconds` each on random `size` x `size`
+    images; each round's figures printed with the load average."""
+    rates: dict[str, list[float]] = {f"{k} b{b}": [] for k in models for b in (1, 8)}
+    for round_ in range(rounds):
+        load = os.getloadavg()[0]
+        line = []
+        for batch in (1, 8):
+            for key, model in models.items():
+                rate = forward_rate(model, random_images(batch, size), seconds)
+                rates[f"{key} b{batch}"].append(rate)
+                line.append(f"{key} b{batch} {rate:.1f}")
+        print(f"round {round_ + 1} (load average {load:.1f}): " + ", ".join(line))
+    return {key: statistics.median(values) for key, values in rates.items()}
+
+
 def _gate_run(run_dir: Path, seconds: float, rounds: int) -> None:
     """Gate a trained run's FP32 and INT8 forms as `perito publish` does, print the figures,
     then time the forms that passed (interleaved rounds, batch 1 and 8, medians)."""
@@ -199,18 +219,9 @@ def _gate_run(run_dir: Path, seconds: float, rounds: int) -> None:
         engine = ENGINES[form.engine]
         opened = next(f.file for f in form.files if f.file.endswith(engine.suffix))
         models[form.name] = engine.load(folder / opened, manifest, form)
-    rates: dict[str, list[float]] = {f"{k} b{b}": [] for k in models for b in (1, 8)}
-    for round_ in range(rounds):
-        line = []
-        for batch in (1, 8):
-            for key, model in models.items():
-                rate = forward_rate(model, random_images(batch, contract.height), seconds)
-                rates[f"{key} b{batch}"].append(rate)
-                line.append(f"{key} b{batch} {rate:.0f}")
-        print(f"round {round_ + 1} (load average {os.getloadavg()[0]:.1f}): " + ", ".join(line))
+    median = median_rates(models, rounds, seconds, contract.height)
     print("| form | b1 images/s | b8 images/s | b8 vs TorchScript |")
     print("|---|---|---|---|")
-    median = {key: statistics.median(values) for key, values in rates.items()}
     for key in models:
         b1, b8 = median[f"{key} b1"], median[f"{key} b8"]
         print(f"| {key} | {b1:.0f} | {b8:.0f} | {b8 / median['torchscript-fp32 b8']:.2f}x |")
@@ -286,19 +297,9 @@ def main() -> None:
             for metric in args.control.split(","):
                 key = f"int8-{metric}"
                 models[key] = _controlled(path, contract, calibration, holdout, metric, work, key)
-            rates: dict[str, list[float]] = {f"{k} b{b}": [] for k in models for b in (1, 8)}
-            for round_ in range(args.rounds):
-                load = os.getloadavg()[0]
-                line = []
-                for batch in (1, 8):
-                    for key, model in models.items():
-                        rate = forward_rate(model, random_images(batch), args.seconds)
-                        rates[f"{key} b{batch}"].append(rate)
-                        line.append(f"{key} b{batch} {rate:.1f}")
-                print(f"round {round_ + 1} (load average {load:.1f}): " + ", ".join(line))
+            median = median_rates(models, args.rounds, args.seconds, contract.height)
             print("| form | b1 images/s | b8 images/s | b1 vs fp32 | b8 vs fp32 |")
             print("|---|---|---|---|---|")
-            median = {key: statistics.median(values) for key, values in rates.items()}
             for key in models:
                 b1, b8 = median[f"{key} b1"], median[f"{key} b8"]
                 print(
