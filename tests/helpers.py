@@ -491,3 +491,13 @@ class SlowS3Proxy:
 
 
 __all__ = ["Proc", "ProcessFailed", "free_port", "wait_for_port"]
+
+
+class FakeClock:
+    """Seconds for code that takes a `clock`: they move only when a test moves `now`."""
+
+    def __init__(self, now: float = 0.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now

@@ -12,18 +12,11 @@ import torch
 
 from perito_core.models.engines import openvino as openvino_engine
 from perito_core.models.manifest import InputContract
-
-
-class _Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.helpers import FakeClock
 
 
 def _search(
-    threshold: int, total: int, clock: _Clock, step: float, end: float | None
+    threshold: int, total: int, clock: FakeClock, step: float, end: float | None
 ) -> tuple[tuple[int, object | None], list[int]]:
     """`fewest_reverted` where reverting `threshold` or more groups meets the target and each
     validation takes `step` seconds; returns its answer and the counts it validated."""
@@ -38,25 +31,25 @@ def _search(
 
 
 def test_the_fewest_groups_are_found_by_bisection() -> None:
-    clock = _Clock()
+    clock = FakeClock(100.0)
     (count, model), tried = _search(7, 34, clock, 4.0, end=None)
     assert (count, model) == (7, "model with 7")
     assert len(tried) <= 6 and 6 in tried  # log2(34) validations, 6 seen to fail
     # Nothing under all of them meets it: all are to be reverted, that model not yet built.
-    assert _search(40, 34, _Clock(), 4.0, end=None)[0] == (34, None)
+    assert _search(40, 34, FakeClock(100.0), 4.0, end=None)[0] == (34, None)
 
 
 def test_the_search_stops_at_the_bound_with_what_it_has() -> None:
-    clock = _Clock()
+    clock = FakeClock(100.0)
     # 10 s per validation, 25 s allowed: three validations (17 fails, 8 fails, 4 fails).
     (count, model), tried = _search(2, 34, clock, 10.0, end=clock.now + 25.0)
     assert tried == [17, 8, 4] and (count, model) == (4, "model with 4")
     # A pass found before the bound is kept: 17 meets it, then time is up.
-    clock = _Clock()
+    clock = FakeClock(100.0)
     (count, model), tried = _search(10, 34, clock, 10.0, end=clock.now + 5.0)
     assert tried == [17] and (count, model) == (17, "model with 17")
     # No time at all: nothing validated, nothing reverted.
-    clock = _Clock()
+    clock = FakeClock(100.0)
     assert _search(10, 34, clock, 10.0, end=clock.now)[0] == (0, None)
 
 

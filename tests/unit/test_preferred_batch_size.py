@@ -17,17 +17,7 @@ from perito_core.models.batching import (
 )
 from perito_core.models.engines.base import LoadedModel
 from perito_core.models.manifest import Artifact, ModelManifest
-from tests.helpers import TINY_INPUT
-
-
-class FakeClock:
-    """Seconds that move only when the fake model runs."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.helpers import TINY_INPUT, FakeClock
 
 
 def timed_forward(
