@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install system-deps proto sdk docs demo demo-rollout test unit integration scenarios lint format bench bench-trust bench-shadow faults train-fashion-mnist clean deploy-secrets compose-up
+.PHONY: install system-deps proto sdk docs demo demo-rollout test unit integration scenarios lint format bench bench-trust bench-shadow bench-scale faults train-fashion-mnist clean deploy-secrets compose-up
 
 install: system-deps $(STAMP)
 
@@ -106,6 +106,13 @@ bench-trust: install
 # Classify's c16 p99 with a shadow at sample 1.0 over without, in one run; about a minute.
 bench-shadow: install
 	$(BIN)/python bench/shadow.py
+
+# The bulk-job control plane at a million items (bench/scale.py): a model that ignores its input,
+# tiny images, 4 worker processes; prints Redis bytes per item during and after, submission time,
+# items/s, time to first result and ListJobResults' paging. About 15 minutes on 2 cores; not in
+# `test`.
+bench-scale: install
+	$(BIN)/python bench/scale.py
 
 # The fault suite: real redis-server (append-only file on), workers and server killed,
 # overload, retention; zero items lost or duplicated. 3 to 5 minutes on 2 cores; not in `test`:
