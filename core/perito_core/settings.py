@@ -36,6 +36,8 @@ class CommonSettings(BaseSettings):
     s3_region: str | None = None
     s3_access_key_id: str | None = None
     s3_secret_access_key: SecretStr | None = None
+    # Redis URLs: redis://, rediss://, unix:// or redis+sentinel:// (Redis Sentinel), the
+    # forms of perito_core.redis_connection; every Redis client is made there.
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="the job store (and broker)")
     broker_url: str | None = Field(
         None, description="the Celery broker (a Redis URL); unset: the job store's Redis"
@@ -112,9 +114,9 @@ class CommonSettings(BaseSettings):
     def open_audit(self) -> AuditLog:
         """The audit log in the job store's Redis, kept for `audit_retention_s` (read by
         `perito audit`, written by one-shot commands through `audit.record_command`)."""
-        import redis
+        from perito_core.redis_connection import redis_client
 
-        client = redis.Redis.from_url(self.redis_url, socket_connect_timeout=2, socket_timeout=10)
+        client = redis_client(self.redis_url, socket_connect_timeout=2, socket_timeout=10)
         return AuditLog(client, self.audit_retention_s)
 
     # How long audit records are kept in Redis (the server uses its job retention).
@@ -124,6 +126,12 @@ class CommonSettings(BaseSettings):
     def broker(self) -> str:
         """The Celery broker's URL: `broker_url`, else the job store's Redis."""
         return self.broker_url or self.redis_url
+
+    @property
+    def broker_setting(self) -> str:
+        """The setting `broker` comes from, for messages: PERITO_BROKER_URL or
+        PERITO_REDIS_URL."""
+        return "PERITO_BROKER_URL" if self.broker_url else "PERITO_REDIS_URL"
 
     def s3_options(self) -> S3Options:
         secret = self.s3_secret_access_key

@@ -832,6 +832,7 @@ def drift(name: str, ref: str, as_json: bool, registry: str | None, redis_url: s
     import redis
 
     from perito_core.drift import NO_REFERENCE, evaluate, read_window
+    from perito_core.redis_connection import redacted, redis_client
 
     settings = _settings(registry=registry, redis_url=redis_url)
     try:
@@ -852,12 +853,15 @@ def drift(name: str, ref: str, as_json: bool, registry: str | None, redis_url: s
         )
         rows = []
     else:
-        client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=3)
+        try:
+            client = redis_client(settings.redis_url, socket_connect_timeout=3)
+        except PeritoError as error:
+            raise click.ClickException(error.message) from None
         try:
             rows = read_window(client, name, version, settings.drift_window)
         except redis.RedisError as error:
             raise click.ClickException(
-                f"cannot read the live window from {settings.redis_url}: {error}"
+                f"cannot read the live window from {redacted(settings.redis_url)}: {error}"
             ) from None
         finally:
             client.close()

@@ -32,6 +32,7 @@ from perito_core.errors import FailedPrecondition, PeritoError
 from perito_core.jobs.store import ItemResult, Job, JobStore
 from perito_core.models.comparison import SHIFT_BINS, Comparison, ComparisonStore
 from perito_core.plots import confusion_heatmap
+from perito_core.redis_connection import redis_client
 from perito_server.jobs import JobService
 from perito_server.model_pool import ModelPool
 from perito_server.settings import ServerSettings
@@ -247,7 +248,7 @@ def plot_confusion(comparison: Comparison, path: Path) -> Path:
 
 def comparison_store(settings: ServerSettings) -> ComparisonStore:
     """The shadows' comparisons in the job store's Redis (`settings.redis_url`)."""
-    client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=10)
+    client = redis_client(settings.redis_url, socket_connect_timeout=2, socket_timeout=10)
     return ComparisonStore(client)
 
 

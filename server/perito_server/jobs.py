@@ -44,6 +44,7 @@ from perito_core.jobs.watchdog import Watchdog
 from perito_core.models.provenance import CardFigures, ServedVersion
 from perito_core.models.selection import check_precision, requested_precision
 from perito_core.models.summary import Classification
+from perito_core.redis_connection import redis_client
 from perito_core.storage import check_uri_text, echo_uri, is_other_scheme, split_s3_uri
 from perito_server.answers import classification_message, quality_message
 from perito_server.model_pool import ModelPool
@@ -161,10 +162,15 @@ class JobService:
             roots.append(Path(settings.results_uri).resolve())
         self.sources = SourceReader(settings.s3_options(), roots)
         self.celery: Any = make_celery(
-            settings.broker, visibility_timeout_s=settings.visibility_timeout_s
+            settings.broker,
+            visibility_timeout_s=settings.visibility_timeout_s,
+            setting=settings.broker_setting,
         )
-        self.broker = redis.Redis.from_url(
-            settings.broker, socket_connect_timeout=3, socket_timeout=30
+        self.broker = redis_client(
+            settings.broker,
+            setting=settings.broker_setting,
+            socket_connect_timeout=3,
+            socket_timeout=30,
         )
         self.watchdog = Watchdog(
             self.store,

@@ -39,9 +39,14 @@ def configure(settings: WorkerSettings) -> None:
     """Point the app at `settings` (called by `perito worker` before the worker starts)."""
     global _settings
     _settings = settings
-    configured = make_celery(settings.broker, visibility_timeout_s=settings.visibility_timeout_s)
+    configured = make_celery(
+        settings.broker,
+        visibility_timeout_s=settings.visibility_timeout_s,
+        setting=settings.broker_setting,
+    )
     app.conf.update(configured.conf)
-    app.conf.broker_url = settings.broker
+    # kombu's form of the URL (a Sentinel URL becomes its sentinel:// transport).
+    app.conf.broker_url = configured.conf.broker_url
 
 
 def runtime() -> WorkerRuntime:

@@ -13,16 +13,29 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
+from perito_core.redis_connection import BROKER_URL_SETTING, celery_broker
+
 BULK_QUEUE = "perito.bulk"
 CLASSIFY_CHUNK = "perito.classify_chunk"
 FINALIZE_JOB = "perito.finalize_job"
 
 
-def make_celery(broker_url: str, *, visibility_timeout_s: int = 3600) -> Any:
-    """A Celery app wired to `broker_url` (Redis) with Perito's queues and settings."""
+def make_celery(
+    broker_url: str, *, visibility_timeout_s: int = 3600, setting: str = BROKER_URL_SETTING
+) -> Any:
+    """A Celery app wired to `broker_url` with Perito's queues and settings.
+
+    `broker_url` is any Redis URL `perito_core.redis_connection` accepts; a
+    `redis+sentinel://` one becomes kombu's Sentinel transport (`celery_broker`), so the
+    broker follows a failover as the job store does.
+
+    Raises:
+        InvalidArgument: a malformed `broker_url`, naming `setting`.
+    """
     from celery import Celery
 
-    app = Celery("perito", broker=broker_url)
+    broker, sentinel_options = celery_broker(broker_url, setting=setting)
+    app = Celery("perito", broker=broker)
     app.conf.update(
         task_acks_late=True,
         task_reject_on_worker_lost=True,
@@ -40,6 +53,7 @@ def make_celery(broker_url: str, *, visibility_timeout_s: int = 3600) -> Any:
             "visibility_timeout": visibility_timeout_s,
             "unacked_restore_interval": min(60, max(1, visibility_timeout_s // 5)),
             "unacked_restore_throttle": 1,
+            **sentinel_options,
         },
         broker_connection_retry_on_startup=True,
         broker_connection_timeout=3,
