@@ -274,17 +274,23 @@ class JobStore:
         from redis.backoff import ExponentialBackoff
         from redis.retry import Retry
 
+        from perito_core.redis_connection import redis_client
+
         retries = 0
         waited = 0.0
         while waited < outage_retry_s:
             waited += min(5.0, 0.1 * 2**retries)
             retries += 1
-        client = redis.Redis.from_url(
+        # Any URL of perito_core.redis_connection; with Sentinel, each new connection goes to
+        # the primary the sentinels name now, and a failover is waited out like a restart: a
+        # demoted primary's READONLY is retried too (as a ConnectionError, or as itself behind
+        # an address that moved, such as a managed Redis's endpoint).
+        client = redis_client(
             url,
             socket_connect_timeout=3,
             socket_timeout=30,
             retry=Retry(ExponentialBackoff(cap=5.0, base=0.1), retries),
-            retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+            retry_on_error=[redis.ConnectionError, redis.TimeoutError, redis.ReadOnlyError],
         )
         return cls(client)
 
