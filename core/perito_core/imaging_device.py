@@ -421,9 +421,22 @@ def device_decode_refusal(device: str) -> str | None:
     assert isinstance(header, JpegHeader)
     spec = InputSpec(height=16, width=16, resize_size=16)
     try:
-        decoded = decode_jpeg_batch([(probe.getvalue(), header)], spec, device)
+        (decoded,) = decode_jpeg_batch([(probe.getvalue(), header)], spec, device)
+        refusal = None if decoded is not None else "torchvision could not decode a test JPEG"
     except Exception as error:  # noqa: BLE001 - whatever fails, the Pillow path serves
-        return f"decoding a test JPEG on {device} failed: {error}"
-    if decoded[0] is None:
-        return f"torchvision could not decode a test JPEG on {device}"
-    return None
+        refusal = f"decoding a test JPEG failed: {error}"
+    if refusal is None:
+        log.info("JPEGs decode on %s (torchvision.io.decode_jpeg, nvJPEG)", device)
+    else:
+        log.warning("GPU decode is off on %s: %s; Pillow decodes on the CPU", device, refusal)
+    return refusal
+
+
+def decode_device(enabled: bool, device: torch.device, spec: InputSpec) -> torch.device | None:
+    """Where a worker decodes a batch's JPEGs: `device`, when GPU decode is `enabled`
+    (`PERITO_GPU_DECODE`), the model runs on a CUDA device where a test JPEG decodes
+    (`device_decode_refusal`, logged once a process) and the recipe is one the device path
+    takes (`takes_recipe`); None: Pillow, on the decode threads."""
+    if not enabled or device.type != "cuda" or not takes_recipe(spec):
+        return None
+    return None if device_decode_refusal(str(device)) else device

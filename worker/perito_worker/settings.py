@@ -35,6 +35,10 @@ class WorkerSettings(CommonSettings):
     # after its last one ended, each batch waiting at most `yield_max_wait_s` (0: never waits).
     yield_quiet_s: float = Field(0.01, ge=0)
     yield_max_wait_s: float = Field(0.2, ge=0)
+    # A model on a CUDA device: the JPEGs of a batch decoded together on it by nvJPEG and
+    # resized there (perito_core.imaging_device; other images: Pillow on the decode threads).
+    # False: Pillow decodes every image on the CPU. Ignored on the CPU.
+    gpu_decode: bool = True
     max_attempts: int = Field(3, ge=1, description="starts of a chunk before it is given up")
     # How long a chunk waits out a Redis that is down or restarting before its attempt ends.
     store_outage_retry_s: float = Field(120.0, ge=0)
