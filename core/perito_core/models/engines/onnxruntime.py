@@ -20,6 +20,14 @@ exporter, opset 17; uint8 N x 3 x H x W in, probabilities out, a dynamic batch) 
 quantized to INT8 by ONNX Runtime's static quantization (QDQ, per-channel weights,
 `quantize_int8`). BF16 is OpenVINO's only. ONNX Runtime is optional (`perito[serve]`) and
 imported only when a graph is opened or built.
+
+Devices. A graph runs on the CPU unless opened for a CUDA device (`OnnxModel.open(device=)`):
+then ONNX Runtime is asked for TensorRT, then CUDA, then the CPU, those its build offers
+(`execution_providers`), and the model says which provider it got (`OnnxModel.provider`,
+logged at load); on an install without them (the CPU wheel) the CPU serves. TensorRT runs
+FP16 kernels only when asked (`fp16`), and the form then names its precision `fp16`: like
+`torchscript-fp16`, such a form is for a caller that checks it against FP32 first
+(`perito_core.models.reduced_precision.serve_verified`).
 """
 
 from __future__ import annotations
@@ -143,12 +151,62 @@ def session_options(threads: int | None = None) -> Any:
     return options
 
 
-def inference_session(path: Path, threads: int | None = None) -> Any:
-    """An ONNX Runtime session on the CPU for the graph at `path`, with `session_options`."""
+TENSORRT = "TensorrtExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+
+
+def execution_providers(
+    device: torch.device | str = "cpu",
+    *,
+    fp16: bool = False,
+    available: Sequence[str] | None = None,
+) -> list[str | tuple[str, dict[str, Any]]]:
+    """The execution providers to ask ONNX Runtime for, in its order of preference.
+
+    Args:
+        device: where the graph should run; a CUDA device asks for TensorRT, then CUDA (each
+            on that device's index), then the CPU for what they leave; anything else, the CPU.
+        fp16: let TensorRT pick FP16 kernels (`trt_fp16_enable`); its engine is built when
+            the session is made (minutes for a large graph), held in memory only.
+        available: the providers this ONNX Runtime offers; default
+            `onnxruntime.get_available_providers()`.
+
+    Returns:
+        Names and (name, options) pairs for `InferenceSession(providers=...)`, the CPU last.
+    """
+    target = torch.device(device)
+    if target.type != "cuda":
+        return [CPU]
+    if available is None:
+        import onnxruntime
+
+        available = onnxruntime.get_available_providers()
+    index = target.index or 0
+    wanted: list[str | tuple[str, dict[str, Any]]] = []
+    if TENSORRT in available:
+        wanted.append((TENSORRT, {"device_id": index, "trt_fp16_enable": fp16}))
+    if CUDA in available:
+        wanted.append((CUDA, {"device_id": index}))
+    return [*wanted, CPU]
+
+
+def inference_session(
+    path: Path,
+    threads: int | None = None,
+    device: torch.device | str = "cpu",
+    *,
+    fp16: bool = False,
+) -> Any:
+    """An ONNX Runtime session for the graph at `path`, with `session_options`, on the
+    providers `execution_providers(device, fp16=fp16)` lists (the CPU's alone by default).
+    `session.get_providers()` says which it got, the one that runs the graph first."""
     import onnxruntime
 
     return onnxruntime.InferenceSession(
-        str(path), sess_options=session_options(threads), providers=["CPUExecutionProvider"]
+        str(path),
+        sess_options=session_options(threads),
+        providers=execution_providers(device, fp16=fp16),
     )
 
 
@@ -324,15 +382,28 @@ def check_graph(session: Any, manifest: ModelManifest, *, require_name: bool = F
 
 
 class OnnxModel(LoadedModel):
-    """An imported ONNX model run by ONNX Runtime on the CPU, with the manifest's contract.
+    """An imported ONNX model run by ONNX Runtime (on the CPU unless opened for a CUDA
+    device), with the manifest's contract.
 
     Like every `LoadedModel`: `predict` takes uint8 (N, H, W, 3) images from the shared
     preprocessing and returns float32 (N, labels) probabilities; one batch at a time.
     """
 
-    def __init__(self, session: Any, manifest: ModelManifest, graph: GraphCheck) -> None:
+    def __init__(
+        self,
+        session: Any,
+        manifest: ModelManifest,
+        graph: GraphCheck,
+        device: torch.device | str = "cpu",
+    ) -> None:
         assert manifest.tensor is not None
-        super().__init__(manifest, torch.device("cpu"), onnx_form_name(manifest.tensor))
+        # The execution providers the session got, the one that runs the graph first
+        # (`execution_providers`): `CPUExecutionProvider` on the CPU.
+        providers: list[str] = list(session.get_providers())
+        runs_on = torch.device(device) if providers[0] != CPU else torch.device("cpu")
+        super().__init__(manifest, runs_on, onnx_form_name(manifest.tensor))
+        self.providers = providers
+        self.provider = providers[0]
         self.contract = manifest.tensor
         self._session = session
         self._input_name: str = session.get_inputs()[0].name
@@ -351,6 +422,8 @@ class OnnxModel(LoadedModel):
         warmup_batch_sizes: tuple[int, ...] = (1,),
         threads: int | None = None,
         require_output_name: bool = False,
+        device: torch.device | str = "cpu",
+        fp16: bool = False,
     ) -> OnnxModel:
         """Open, check and warm an ONNX file that has already been sha256-verified.
 
@@ -362,6 +435,11 @@ class OnnxModel(LoadedModel):
                 same budget the TorchScript runtime uses).
             require_output_name: refuse a graph of several outputs whose contract names none
                 (`served_output`'s `require_name`; an import).
+            device: where to run it: a CUDA device asks for TensorRT, CUDA, then the CPU
+                (`execution_providers`); the provider it got is `provider`, logged.
+            fp16: let TensorRT run FP16 kernels; where TensorRT is the provider it got, an
+                FP32 graph's form is then named `onnxruntime-fp16` (verify it against FP32
+                before it serves).
 
         Raises:
             ModelLoadError: ONNX Runtime is not installed, the file is not a loadable ONNX
@@ -373,7 +451,7 @@ class OnnxModel(LoadedModel):
         if onnxruntime_version() is None:
             raise ModelLoadError("ONNX Runtime is not installed (pip install 'perito[serve]')")
         try:
-            session = inference_session(path, threads)
+            session = inference_session(path, threads, device, fp16=fp16)
         except Exception as exc:  # noqa: BLE001 - any failure here is a bad artifact
             first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else repr(exc)
             if "external data" in first.lower():
@@ -386,7 +464,20 @@ class OnnxModel(LoadedModel):
                 f"{_describe(manifest)}: not a loadable ONNX file: {first}"
             ) from None
         graph = check_graph(session, manifest, require_name=require_output_name)
-        model = cls(session, manifest, graph)
+        model = cls(session, manifest, graph, device)
+        if fp16 and model.provider == TENSORRT:
+            model.form = f"{ONNX_ENGINE}-fp16"
+        if torch.device(device).type != "cpu":
+            log.info(
+                "%s: ONNX Runtime runs it with %s on %s (asked for %s)",
+                _describe(manifest),
+                model.provider,
+                model.device,
+                ", ".join(
+                    str(p if isinstance(p, str) else p[0])
+                    for p in execution_providers(device, fp16=fp16)
+                ),
+            )
         try:
             output = model._forward(model._random_batch(2))
         except Exception as exc:  # noqa: BLE001 - a graph that fails on a valid batch
