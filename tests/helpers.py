@@ -13,6 +13,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from perito_core.jobs.store import ItemInput, Job, JobStore
+from perito.v1.vocabulary import ItemState
+from perito_core.jobs.parts import data_location
+from perito_core.jobs.store import ItemInput, ItemResult, Job, JobStore
 from perito_core.models.manifest import Artifact, InputContract, ModelManifest
 from perito_core.models.registry import ModelRegistry
 from perito_core.storage import S3Options, make_s3_client
@@ -317,14 +320,17 @@ def create_job(
     *,
     output_uri: str,
     chunk_size: int,
+    data_root: str,
     model: str = "m",
     top_k: int = 1,
     **options: Any,
 ) -> tuple[Job, bool]:
     """`store.create` for a job made in the store directly, not through a server: version 1
-    of `model`, no inline images, no confidence threshold, no labels; `options` are the rest
-    of `JobStore.create`'s (`job_id`, `max_items`, `tenant`, ...). Returns the job and
-    whether this call made it."""
+    of `model`, no inline images, no confidence threshold, no labels, its data under
+    `data_root` as the server places it (`parts.data_location`); `options` are the rest of
+    `JobStore.create`'s (`job_id`, `max_items`, `tenant`, ...). Returns the job and whether
+    this call made it."""
+    options.setdefault("job_id", uuid.uuid4().hex[:20])
     return store.create(
         model=model,
         model_version="1",
@@ -335,8 +341,39 @@ def create_job(
         confidence_threshold=0,
         chunk_size=chunk_size,
         labels={},
+        data_root=data_location(data_root, options.get("tenant", ""), options["job_id"]),
         **options,
     )
+
+
+def succeeded_result(index: int) -> ItemResult:
+    """Item `index` succeeded, label `a` at probability 1."""
+    return ItemResult(index, ItemState.SUCCEEDED, predictions=[("a", 0, 1.0)])
+
+
+def record_chunks(
+    store: JobStore,
+    job_id: str,
+    result_of: Callable[[int], ItemResult] = succeeded_result,
+    chunks: Iterable[int] | None = None,
+) -> bool:
+    """Do what workers do for `chunks` of a job (default: all): take each chunk's lease,
+    write its part with `result_of(index)` for each of its items (id and URI as submitted),
+    and close it. Returns whether the job is complete (every item accounted for)."""
+    job = store.get(job_id)
+    complete = False
+    for chunk in range(job.chunks) if chunks is None else chunks:
+        lease = store.acquire_chunk(job_id, chunk, "test-worker", ttl_s=60)
+        assert lease.outcome == "acquired", lease
+        results = []
+        for offset, item in enumerate(store.chunk_inputs(job, chunk)):
+            result = result_of(chunk * job.chunk_size + offset)
+            result.id, result.uri = item.id, item.uri
+            results.append(result)
+        record = store.record_chunk(job, chunk, "test-worker", lease.attempts, results)
+        assert record.outcome == "recorded", record
+        complete = record.complete
+    return complete
 
 
 # `s3_stores(name, registry, **options)` (the conftest fixture): a test module's `Stores` on

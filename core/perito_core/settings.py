@@ -45,6 +45,12 @@ class CommonSettings(BaseSettings):
     local_roots: list[Path] = Field(
         default_factory=list, description="folders jobs may read images from and write results to"
     )
+    # Where bulk jobs keep their data: each chunk's inputs and each chunk's results as one part
+    # (perito_core.jobs.parts), under {this}/{tenant}/{job id}/. A folder, or s3://bucket/prefix
+    # where workers run on other hosts; servers and workers must all reach it. Unset: the
+    # folder .job-data under the server's results_uri. Servers read it; workers find each
+    # job's prefix in its record.
+    job_data_uri: str | None = Field(None, description="bulk jobs' inputs and result parts")
     visibility_timeout_s: int = Field(3600, ge=10, description="redelivery of unacked chunks")
     # A worker renews its lease on a chunk every third of this; a chunk whose lease lapses
     # (its worker died) is sent again by the watchdog.

@@ -30,6 +30,7 @@ from perito_core.errors import (
     QuotaExceeded,
     StorageUnavailable,
 )
+from perito_core.jobs.parts import data_location
 from perito_core.jobs.queue import make_celery, send_chunks
 from perito_core.jobs.results import check_output_writable, finalize_job, item_provenance
 from perito_core.jobs.sources import SourceReader, default_item_id
@@ -45,7 +46,13 @@ from perito_core.models.provenance import CardFigures, ServedVersion
 from perito_core.models.selection import check_precision, requested_precision
 from perito_core.models.summary import Classification
 from perito_core.redis_connection import redis_client
-from perito_core.storage import check_uri_text, echo_uri, is_other_scheme, split_s3_uri
+from perito_core.storage import (
+    check_uri_text,
+    echo_uri,
+    is_other_scheme,
+    local_path_of,
+    split_s3_uri,
+)
 from perito_server.answers import classification_message, quality_message
 from perito_server.model_pool import ModelPool
 from perito_server.paging import LIST_JOB_RESULTS, LIST_JOBS
@@ -156,7 +163,8 @@ class JobService:
     def __init__(self, settings: ServerSettings, pool: ModelPool) -> None:
         self.settings = settings
         self.pool = pool
-        self.store = JobStore.connect(settings.redis_url)
+        self.store = JobStore.connect(settings.redis_url, s3=settings.s3_options())
+        self.job_data_root = job_data_root(settings)
         roots = list(settings.local_roots)
         if "://" not in settings.results_uri:  # the operator's results folder may be written
             roots.append(Path(settings.results_uri).resolve())
@@ -213,9 +221,10 @@ class JobService:
 
     @property
     def reserved_locations(self) -> list[str]:
-        """Where no job may read or write by name: the model registry, and the server's
-        default results area (every job's own folder is made there by the server)."""
-        return [self.settings.registry, self.settings.results_uri]
+        """Where no job may read or write by name: the model registry, the server's default
+        results area (every job's own folder is made there by the server), and the jobs'
+        data (every tenant's inputs and result parts)."""
+        return [self.settings.registry, self.settings.results_uri, self.job_data_root]
 
     def check_location(
         self, tenant: Tenant, uri: str, access: Access, field: str, *, names_object: bool = False
@@ -424,6 +433,7 @@ class JobService:
                 request_id=request.request_id,
                 tenant=tenant.name,
                 served=ServedVersion.of(manifest),
+                data_root=data_location(self.job_data_root, tenant.name, job_id),
             )
         except Exception:
             await self._run(self._forget, job_id, tenant, output=claimed, made=made)
@@ -588,19 +598,9 @@ class JobService:
             raise InvalidArgument("invalid page_token", field="page_token") from None
         job = await self._owned(request.job_id, tenant)
         wanted = FILTERS.get(request.filter)
-        found: list[ItemResult] = []
-        position = start
-        while position < job.total and len(found) < page_size:
-            window = page_size if wanted is None else max(page_size, 1000)
-            batch = await self._run(self.store.results, job.id, position, window)
-            if not batch:
-                break
-            for result in batch:
-                position = result.index + 1
-                if wanted is None or result.state is wanted:
-                    found.append(result)
-                    if len(found) == page_size:
-                        break
+        found, position = await self._run(
+            self.store.page_results, job, start, page_size, state=wanted
+        )
         token = str(position) if position < job.total else ""
         figures = await self._run(self._figures, job)
         return jobs_pb2.ListJobResultsResponse(
@@ -663,6 +663,16 @@ class JobService:
                 self.store.delete(job_id)
 
         await self._run(delete)
+
+
+def job_data_root(settings: ServerSettings) -> str:
+    """Where jobs keep their data (`perito_core.jobs.parts`): `job_data_uri`, else the folder
+    `.job-data` under `results_uri`; a local folder made absolute, as recorded in each job
+    (workers may start elsewhere)."""
+    uri = settings.job_data_uri or f"{settings.results_uri.rstrip('/')}/.job-data"
+    if uri[:5].lower() == "s3://":
+        return uri.rstrip("/")
+    return str(local_path_of(uri).resolve())
 
 
 def _ancestors(uri: str) -> list[str]:

@@ -59,6 +59,7 @@ def run_chunk(
         chunk_size=len(items),
         model="tiny",
         top_k=3,
+        data_root=str(tmp_path / "job-data"),
     )
     settings = WorkerSettings(
         redis_url=redis_url,

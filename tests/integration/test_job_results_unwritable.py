@@ -26,8 +26,16 @@ from perito_core.jobs.results import finalize_job
 from perito_core.jobs.store import ItemInput, JobStore
 from perito_core.storage import S3Options
 from tests.conftest import tiny_registry
-from tests.helpers import ServerThread, Stores, WorkerProcess, create_job, encoded, free_port
-from tests.integration.test_job_store import _ok, _watchdog
+from tests.helpers import (
+    ServerThread,
+    Stores,
+    WorkerProcess,
+    create_job,
+    encoded,
+    free_port,
+    record_chunks,
+)
+from tests.integration.test_job_store import _watchdog
 
 pytestmark = pytest.mark.integration
 
@@ -36,11 +44,13 @@ pytestmark = pytest.mark.integration
 AT_ONCE_S = 20.0
 
 
-def _complete_job(store: JobStore, output_uri: str, items: int = 3) -> str:
-    """A job of `items` items, every one recorded succeeded, not finalised yet."""
+def _complete_job(store: JobStore, output_uri: str, folder: Path, items: int = 3) -> str:
+    """A job of `items` items, every one recorded succeeded, not finalised yet; its data in
+    `folder`'s `job-data`."""
     inputs = (ItemInput(id=str(i), uri=f"s3://b/{i}.jpg") for i in range(items))
-    job, _ = create_job(store, inputs, output_uri=output_uri, chunk_size=4)
-    store.record_results(job.id, [_ok(i) for i in range(items)])
+    data_root = str(folder / "job-data")
+    job, _ = create_job(store, inputs, output_uri=output_uri, chunk_size=4, data_root=data_root)
+    record_chunks(store, job.id)
     return job.id
 
 
@@ -61,7 +71,7 @@ def test_a_file_where_the_output_folder_should_be_ends_the_job_at_the_first_try(
     store: JobStore, tmp_path: Path
 ) -> None:
     (tmp_path / "file").write_text("not a folder")
-    job_id = _complete_job(store, str(tmp_path / "file" / "out"))
+    job_id = _complete_job(store, str(tmp_path / "file" / "out"), tmp_path)
     finalize_job(store, job_id, S3Options(), give_up_after_s=300)
     _ended_failed(store, job_id, "part of the output path is a file, not a folder")
 
@@ -69,7 +79,7 @@ def test_a_file_where_the_output_folder_should_be_ends_the_job_at_the_first_try(
 def test_an_output_folder_deleted_mid_job_is_made_again(store: JobStore, tmp_path: Path) -> None:
     out = tmp_path / "acme" / "out"
     out.mkdir(parents=True)
-    job_id = _complete_job(store, str(out))
+    job_id = _complete_job(store, str(out), tmp_path)
     out.rmdir()
     out.parent.rmdir()
     job = finalize_job(store, job_id, S3Options(), give_up_after_s=300)
@@ -84,7 +94,7 @@ def test_a_results_file_that_is_a_symbolic_link_is_not_followed_even_inside_the_
     out.mkdir()
     (out / "mine.txt").write_text("kept\n")
     (out / "results.csv").symlink_to(out / "mine.txt")
-    job_id = _complete_job(store, str(out))
+    job_id = _complete_job(store, str(out), tmp_path)
     finalize_job(store, job_id, S3Options(), give_up_after_s=300)
     _ended_failed(store, job_id, "results.csv is a symbolic link; it is not followed")
     assert (out / "mine.txt").read_text() == "kept\n"
@@ -92,9 +102,9 @@ def test_a_results_file_that_is_a_symbolic_link_is_not_followed_even_inside_the_
 
 
 def test_a_missing_s3_bucket_ends_the_job_at_the_first_try(
-    store: JobStore, s3_endpoint: str
+    store: JobStore, s3_endpoint: str, tmp_path: Path
 ) -> None:
-    job_id = _complete_job(store, "s3://no-such-bucket/jobs/x")
+    job_id = _complete_job(store, "s3://no-such-bucket/jobs/x", tmp_path)
     finalize_job(store, job_id, S3Options(endpoint_url=s3_endpoint), give_up_after_s=300)
     _ended_failed(store, job_id, "bucket 'no-such-bucket' does not exist")
 
@@ -146,9 +156,9 @@ def refusing_s3() -> Iterator[_Refusing]:
 
 
 def test_s3_denying_writes_ends_the_job_at_the_first_try(
-    store: JobStore, refusing_s3: _Refusing
+    store: JobStore, refusing_s3: _Refusing, tmp_path: Path
 ) -> None:
-    job_id = _complete_job(store, "s3://results/acme/x")
+    job_id = _complete_job(store, "s3://results/acme/x", tmp_path)
     options = S3Options(endpoint_url=refusing_s3.endpoint, access_key_id="k", secret_access_key="s")
     finalize_job(store, job_id, options, give_up_after_s=300)
     _ended_failed(store, job_id, "object storage refused the write (AccessDenied)")
@@ -156,9 +166,9 @@ def test_s3_denying_writes_ends_the_job_at_the_first_try(
 
 
 def test_unreachable_storage_is_tried_again_until_the_bound_then_the_job_fails(
-    store: JobStore,
+    store: JobStore, tmp_path: Path
 ) -> None:
-    job_id = _complete_job(store, "s3://results/acme/x")
+    job_id = _complete_job(store, "s3://results/acme/x", tmp_path)
     nobody = S3Options(endpoint_url=f"http://127.0.0.1:{free_port()}", max_attempts=1)
     with pytest.raises(StorageUnavailable, match="results not written yet"):
         finalize_job(store, job_id, nobody, give_up_after_s=300)  # an outage: tried again

@@ -296,7 +296,13 @@ def test_a_chunk_that_keeps_killing_workers_is_dead_lettered(bulk: Bulk, redis_u
     store = JobStore.connect(redis_url)
     items = [ItemInput(id=n, uri=f"s3://inspections/fmnist/{n}") for n in sorted(bulk.truth)[:8]]
     job, _ = create_job(
-        store, items, output_uri="s3://results/dead-letter", chunk_size=8, model="fashion", top_k=3
+        store,
+        items,
+        output_uri="s3://results/dead-letter",
+        chunk_size=8,
+        model="fashion",
+        top_k=3,
+        data_root=str(bulk.work / "job-data"),
     )
     for attempt in range(3):  # three workers took it and died without a trace
         store.acquire_chunk(job.id, 0, f"dead-worker-{attempt}", ttl_s=0.001)

@@ -12,7 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import perito
-from perito_core.jobs.store import ItemInput, ItemResult, JobStore
+from perito_core.jobs.store import ItemInput, JobStore
 from tests.conftest import publish_tiny
 from tests.helpers import (
     ServerThread,
@@ -20,6 +20,7 @@ from tests.helpers import (
     WorkerProcess,
     create_job,
     free_port,
+    record_chunks,
     redis_server,
 )
 
@@ -41,7 +42,7 @@ def value(
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
-def _hold_a_job_running(redis_url: str, port: int) -> dict[str, list[float]]:
+def _hold_a_job_running(redis_url: str, port: int, data_root: Path) -> dict[str, list[float]]:
     """A job made in the shared job store, then started there (as a worker's first chunk
     starts it), and removed: how much each of `perito_jobs{state="queued"}` and
     `{state="running"}` rose over its count before, once made and once started."""
@@ -54,6 +55,7 @@ def _hold_a_job_running(redis_url: str, port: int) -> dict[str, list[float]]:
         output_uri="s3://never/written",
         chunk_size=1,
         model="car-damage",
+        data_root=str(data_root),
     )
     made = scrape(port)
     store.mark_running(job.id)
@@ -96,7 +98,7 @@ def test_server_and_worker_metrics_and_json_logs(
             job = client.submit_job([image] * 5 + [b""], model="car-damage").wait(60)
             assert (job.succeeded, job.failed) == (5, 1)
             metrics = scrape(port)
-            held = _hold_a_job_running(redis_url, port)
+            held = _hold_a_job_running(redis_url, port, tmp_path / "job-data")
         # The finalising task may land a moment after the job reads as done.
         deadline = time.monotonic() + 20
         while True:
@@ -174,6 +176,7 @@ def test_stuck_jobs_and_dead_letters_are_exported(tmp_path: Path) -> None:
                 [ItemInput(id=str(i), uri=f"s3://never/{i}.jpg") for i in range(2)],
                 output_uri="s3://never/written",
                 chunk_size=1,
+                data_root=str(tmp_path / "job-data"),
             )
             time.sleep(1.5)
             waited = stalled("queued")
@@ -181,7 +184,7 @@ def test_stuck_jobs_and_dead_letters_are_exported(tmp_path: Path) -> None:
             started = stalled("running"), stalled("queued")
             time.sleep(1.5)
             stuck = stalled("running")
-            store.record_results(job.id, [ItemResult(0, perito.ItemState.SUCCEEDED)])
+            record_chunks(store, job.id, chunks=[0])
             moved = stalled("running")
             store.dead_letter(job.id, 1, "made by the metrics test")
             dead = value(scrape(port), "perito_dead_letters")

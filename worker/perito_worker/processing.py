@@ -4,21 +4,24 @@ Each worker process builds one `WorkerRuntime` (after the fork, so no Redis sock
 thread pool is shared with the parent) and keeps every model version it loads. A chunk is
 processed in batches, in three stages: images for the next batch are fetched and decoded on a
 thread pool while the current batch runs on the model's thread and the previous one is
-summarized and recorded (for a model on a CUDA device, the batch's JPEGs are decoded together
-on it: `perito_core.imaging_device`). Results are recorded per batch, idempotently, so a
-redelivered chunk redoes only what was not recorded, and progress moves while a chunk runs.
+summarized (for a model on a CUDA device, the batch's JPEGs are decoded together on it:
+`perito_core.imaging_device`). When the last batch is summarized, the chunk's results are
+written as one part in object storage and the chunk is closed in the job store
+(`JobStore.record_chunk`): a chunk is recorded whole or not at all, so a redelivered chunk
+runs again whole, and progress moves a chunk at a time.
 
 Whatever happens, an item ends recorded: an exception while fetching or decoding one image
 fails that image (with `INTERNAL: ...` at worst); an exception that ends the whole attempt
 (out of memory, storage down, the time limit) is kept as the chunk's error, the lease is given
 back, and the watchdog sends the chunk again, until `max_attempts` starts have been used: then
-its unrecorded items fail with that error and the chunk is dead-lettered. A chunk runs under a
-lease renewed by a heartbeat thread, so a second delivery of it while it runs is skipped.
+its items fail with that error and the chunk is dead-lettered. A chunk runs under a lease
+renewed by a heartbeat thread, so a second delivery of it while it runs is skipped; a worker
+that lost its lease (presumed dead, its chunk given to another) stops at its next batch, and
+its part, if it got as far, is refused by the job store and never read.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
@@ -45,8 +48,9 @@ from perito_core.errors import (
 )
 from perito_core.imaging import load_model_input_with_info
 from perito_core.imaging_device import DeviceDecoded, decode_device, prepare_batch
+from perito_core.jobs.items import ItemInput, ItemResult
 from perito_core.jobs.sources import SourceReader
-from perito_core.jobs.store import ItemInput, ItemResult, Job, JobStore
+from perito_core.jobs.store import Job, JobStore
 from perito_core.models.batching import profile_batch_sizes
 from perito_core.models.cache import ModelCache
 from perito_core.models.engines.base import LoadedModel
@@ -79,7 +83,9 @@ class WorkerRuntime:
     def __init__(self, settings: WorkerSettings) -> None:
         self.settings = settings
         self.store = JobStore.connect(
-            settings.redis_url, outage_retry_s=settings.store_outage_retry_s
+            settings.redis_url,
+            outage_retry_s=settings.store_outage_retry_s,
+            s3=settings.s3_options(),
         )
         self.registry = settings.open_registry()
         self.sources = SourceReader(settings.s3_options(), settings.local_roots)
@@ -411,7 +417,7 @@ def classify_chunk(
     stop: int,
     finalize: Callable[[str], None],
 ) -> None:
-    """Classify items start..stop-1 of a job, recording each result exactly once.
+    """Classify items start..stop-1 of a job (its chunk `chunk`), recording them once.
 
     Never raises for anything an item or the chunk does: see the module docstring. Raises
     `StorageUnavailable` only when the job store stays unreachable past
@@ -448,6 +454,37 @@ def classify_chunk(
             log.warning("job %s chunk %d: lease not released: %s", job_id, chunk, exc)
 
 
+def _record(
+    rt: WorkerRuntime,
+    job: Job,
+    chunk: int,
+    heartbeat: _Heartbeat,
+    attempt: int,
+    results: list[ItemResult],
+    finalize: Callable[[str], None],
+) -> None:
+    """Write the chunk's part and close the chunk, if this worker still holds its lease
+    (asked once more right before the part is written, so a worker presumed dead while it
+    computed does not even write); finalise the job if that accounted for its last item."""
+    store = rt.store
+    if heartbeat.lost or not store.renew_chunk(
+        job.id, chunk, heartbeat.holder, rt.settings.lease_ttl_s
+    ):
+        log.warning("job %s chunk %d: lease lost before its part was written", job.id, chunk)
+        metrics.CHUNKS.labels("skipped").inc()
+        return
+    record = store.record_chunk(job, chunk, heartbeat.holder, attempt, results)
+    if record.outcome == "recorded":
+        for result in results:
+            metrics.ITEMS.labels(job.model, job.model_version, result.state.value).inc()
+        metrics.CHUNKS.labels("done").inc()
+    else:  # lost, done (cancelled meanwhile), terminal or gone: the part is never read
+        log.info("job %s chunk %d: not recorded (%s)", job.id, chunk, record.outcome)
+        metrics.CHUNKS.labels("skipped").inc()
+    if record.complete:
+        finalize(job.id)
+
+
 def _run_chunk(
     rt: WorkerRuntime,
     job_id: str,
@@ -460,10 +497,15 @@ def _run_chunk(
 ) -> None:
     store = rt.store
     job = store.get(job_id)
-    inputs = store.inputs(job_id, start, stop - 1)
-    recorded = store.recorded(job_id, range(start, start + len(inputs)))
-    todo = [(start + i, item) for i, item in enumerate(inputs) if start + i not in recorded]
-
+    if not job.data_uri:  # recorded by an earlier version: it can never run here
+        message = (
+            "the job was recorded by an earlier version of Perito, which kept its items in "
+            "Redis; submit it again"
+        )
+        store.set_job_error(job_id, message)
+        store.mark_unrecorded(job_id, ItemState.FAILED, message)
+        finalize(job_id)
+        return
     if attempt > rt.settings.max_attempts:
         last = store.chunk_error(job_id, chunk) or (
             "the worker process running it stopped each time without finishing (killed, or "
@@ -473,19 +515,28 @@ def _run_chunk(
             f"chunk {chunk} was started {attempt - 1} times without finishing; given up and "
             f"dead-lettered. Last attempt: {last}"
         )
+        try:
+            inputs = store.chunk_inputs(job, chunk)
+        except StorageUnavailable:
+            raise
+        except PeritoError:  # its inputs are unreadable: its items fail by index alone
+            inputs = [ItemInput(id="")] * (stop - start)
         store.dead_letter(job_id, chunk, reason)
         metrics.CHUNKS.labels("dead_lettered").inc()
-        _, complete = store.record_results(
-            job_id,
-            [
-                ItemResult(i, ItemState.FAILED, id=item.id, uri=item.uri, error=reason)
-                for i, item in todo
-            ],
-        )
-        if complete:
-            finalize(job_id)
+        failed = [
+            ItemResult(start + i, ItemState.FAILED, id=item.id, uri=item.uri, error=reason)
+            for i, item in enumerate(inputs)
+        ]
+        _record(rt, job, chunk, heartbeat, attempt, failed, finalize)
         return
 
+    inputs = store.chunk_inputs(job, chunk)
+    if len(inputs) != stop - start:
+        raise PeritoError(
+            f"chunk {chunk} was sent as items {start}..{stop - 1}; the job has "
+            f"{len(inputs)} items there"
+        )
+    todo = [(start + i, item) for i, item in enumerate(inputs)]
     store.mark_running(job_id)
     try:
         model = rt.model(job.model, job.model_version, job.precision)
@@ -500,7 +551,7 @@ def _run_chunk(
 
     size = rt.batch_size(model)
     batches = [todo[i : i + size] for i in range(0, len(todo), size)]
-    complete = False
+    results: list[ItemResult] = []
 
     spec = model.manifest.input.spec()
     device = decode_device(rt.settings.gpu_decode, model.device, spec)
@@ -520,44 +571,27 @@ def _run_chunk(
     # The offline comparison's jobs (a hand-picked folder) are no live traffic.
     drift = COMPARE_JOB_LABEL not in job.labels
 
-    def record(prepared: list[_Prepared], computing: Future[Any] | None) -> bool:
-        """Summarize and record a batch; whether the job is now complete."""
-        results = _classify(rt, job, model, prepared, drift, computing)
-        _, done = store.record_results(job_id, results)
-        for result in results:
-            metrics.ITEMS.labels(job.model, job.model_version, result.state.value).inc()
-        return done
-
     # Three stages: the next batch decodes while this one computes, and the previous one is
-    # summarized and recorded (a Redis round trip) meanwhile, so the model's thread never
-    # waits on either.
+    # summarized meanwhile, so the model's thread never waits on either.
     upcoming = submit(batches[0]) if batches else []
     in_flight: tuple[list[_Prepared], Future[Any] | None] | None = None
     try:
         for number in range(len(batches)):
-            try:
-                prepared = [future.result() for future in upcoming]
-            except BaseException:  # storage down: the attempt ends, the batch computed is kept
-                if in_flight is not None:
-                    with contextlib.suppress(Exception):
-                        record(*in_flight)
-                raise
+            prepared = [future.result() for future in upcoming]  # storage down: attempt ends
             upcoming = submit(batches[number + 1]) if number + 1 < len(batches) else []
             if heartbeat.lost or store.is_cancel_requested(job_id):
-                if in_flight is not None:  # computed already: kept, as before the check
-                    record(*in_flight)
+                # Cancelled: the cancel closed the chunk, its items cancelled. Lost: another
+                # worker runs it now. Either way nothing of this attempt is recorded.
                 metrics.CHUNKS.labels("skipped").inc()
                 return
             computing = _compute(rt, model, prepared)
             if in_flight is not None:
-                complete = record(*in_flight)
+                results += _classify(rt, job, model, in_flight[0], drift, in_flight[1])
             in_flight = (prepared, computing)
         if in_flight is not None:
-            complete = record(*in_flight)
+            results += _classify(rt, job, model, in_flight[0], drift, in_flight[1])
     finally:
         for future in upcoming:
             future.cancel()
         rt.drift.flush()  # one round trip a chunk; a failure is logged and counted only
-    metrics.CHUNKS.labels("done").inc()
-    if complete:
-        finalize(job_id)
+    _record(rt, job, chunk, heartbeat, attempt, results, finalize)

@@ -1,19 +1,27 @@
-"""The job store: bulk jobs, their counters and per-item results, in Redis.
+"""The job store: bulk jobs, their counters and per-chunk progress, in Redis; their inputs and
+results in object storage (`perito_core.jobs.parts`), under each job's data prefix.
 
 Keys, for job `{id}`:
 
     perito:job:{id}              hash: the job record and its counters (`progress_at`: when
-                                  its last result was recorded, for `stalled_seconds`)
-    perito:job:{id}:inputs       list: each item's {"id", "uri"} in input order
-    perito:job:{id}:inline       hash: index -> image bytes, for images sent inline
-    perito:job:{id}:results      hash: index -> the item's final result (JSON)
-    perito:job:{id}:open         hash: chunk -> items of it not recorded yet (gone when 0)
+                                  its last chunk was recorded, for `stalled_seconds`;
+                                  `data_uri`: its data prefix; `rest_error`: what the items
+                                  of chunks closed failed without a part say)
+    perito:job:{id}:chunks       string: 4 bytes per chunk (`parts.ChunkSlot`): which
+                                  attempt's part holds its results and how many failed, or
+                                  that it was closed without one (cancelled, failed)
+    perito:job:{id}:open         hash: chunk -> its items, for chunks not closed yet
+    perito:job:{id}:inline       hash: index -> image bytes, for images sent inline (each
+                                  chunk's go when it is closed)
     perito:job:{id}:leases       hash: chunk -> "holder expiry_ms" of the worker running it
     perito:job:{id}:attempts     hash: chunk -> times a worker started it (the retry cap)
     perito:job:{id}:chunk-errors hash: chunk -> why its last attempt ended early
     perito:jobs                  sorted set: job ids by creation time
     perito:active-jobs           sorted set: jobs not yet terminal, by creation time
     perito:finished-jobs         sorted set: terminal jobs by end time (for retention)
+    perito:job-data-purge        sorted set: data prefixes whose objects are to be deleted,
+                                  by when (a deleted job's at once; a submission's an hour
+                                  after it began, unless it made its job)
     perito:request:{tenant}:{request_id}  string: the job a tenant's request id made (24 h)
     perito:tenant:{tenant}:jobs   sorted set: the tenant's job ids by creation time (ListJobs)
     perito:tenant:{tenant}:active sorted set: the tenant's jobs not yet terminal, and those
@@ -22,22 +30,27 @@ Keys, for job `{id}`:
     perito:output:{location}     string: the job writing its results files there (see
                                   `claim_output`), kept the job's retention and a day more
 
-An item's result is written once: `record_results` sets it only if absent and bumps the
-counters in the same Lua script, so a redelivered chunk never double-counts, and
-succeeded + failed + cancelled never exceeds total. The call that brings that sum to total is
-told so, and finalises the job (results files, terminal state).
+Once a chunk is closed the job store holds 4 bytes for it, whatever its size; nothing per
+item (the rest of the record does not grow with the job).
 
 A chunk is run under a lease: the worker that takes it renews the lease while it works, so a
 second delivery of the same chunk (the broker's visibility timeout, or a resend) is skipped
-while the first is alive, and a dead worker's chunk is found by its expired lease. The
-watchdog (`perito_core.jobs.watchdog`) resends chunks that are open, unleased and not queued.
-Times in the Lua scripts come from Redis's own clock (`TIME`), so hosts need not agree.
+while the first is alive, and a dead worker's chunk is found by its expired lease. The worker
+writes the chunk's results as one part, then closes the chunk (`record_chunk`): one Lua
+script that refuses a worker no longer holding the lease (fencing: its part is never read),
+records which part counts, and moves the counters. A chunk is closed once, so a redelivered
+chunk never double-counts, and succeeded + failed + cancelled never exceeds total; the call
+that brings that sum to total is told so, and finalises the job (results files, terminal
+state). The watchdog (`perito_core.jobs.watchdog`) resends chunks that are open, unleased and
+not queued. Times in the Lua scripts come from Redis's own clock (`TIME`), so hosts need not
+agree.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import logging
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
@@ -49,85 +62,29 @@ import redis
 
 # The API's job and item states: the contract's, which the SDK returns too.
 from perito.v1.vocabulary import ItemState, JobState
-from perito_core.errors import InvalidArgument, NotFound, StorageUnavailable
+from perito_core.errors import FailedPrecondition, InvalidArgument, NotFound, StorageUnavailable
+
+# Where they were defined before; importers of the job store find them here too.
+from perito_core.jobs.items import ItemInput as ItemInput
+from perito_core.jobs.items import ItemResult as ItemResult
+from perito_core.jobs.parts import (
+    CANCELLED_MARK,
+    FAILED_MARK,
+    MAX_ATTEMPT,
+    SLOT_BYTES,
+    ChunkSlot,
+    InputsWriter,
+    JobData,
+    LruCache,
+)
 from perito_core.models.provenance import ServedVersion
-from perito_core.quality import Quality
+from perito_core.storage import S3Options, open_store
+
+log = logging.getLogger(__name__)
 
 PREFIX = "perito"
 # Jobs per state, moved by the same scripts that move each job.
 STATE_COUNTS_KEY = f"{PREFIX}:job-states"
-
-
-@dataclass(frozen=True)
-class ItemInput:
-    """One item of a job as submitted: an id, and a URI unless it came inline. `error` is set
-    for an item found unreadable at submission (a listed object outside what the caller may
-    read, such as a symlink out of the folder): it fails with that reason, never read."""
-
-    id: str
-    uri: str = ""
-    error: str = ""
-
-
-@dataclass
-class ItemResult:
-    """One item's outcome. `predictions` are (label, class_index, probability)."""
-
-    index: int
-    state: ItemState
-    id: str = ""
-    uri: str = ""
-    predictions: list[tuple[str, int, float]] = field(default_factory=list)
-    margin: float = 0.0
-    normalized_entropy: float = 0.0
-    uncertain: bool = False
-    error: str = ""
-    first_frame_only: bool = False
-    # Which form of the model answered (`openvino-int8`, `torchscript-fp32`, ...).
-    form: str = ""
-    # sha256 (hex) of the image's bytes as read, for its provenance (the version's file
-    # digests are the job's: `Job.served`). 75 bytes of the stored JSON.
-    input_sha256: str = ""
-    # The photo's quality measures and issues (`perito_core.quality`); None when the image
-    # was not decoded (or was recorded before the gate). About 200 bytes of the stored JSON.
-    quality: Quality | None = None
-
-    def to_json(self) -> str:
-        return json.dumps(
-            {
-                "state": self.state.value,
-                "predictions": self.predictions,
-                "margin": round(self.margin, 6),
-                "normalized_entropy": round(self.normalized_entropy, 6),
-                "uncertain": self.uncertain,
-                "error": self.error,
-                **({"first_frame_only": True} if self.first_frame_only else {}),
-                **({"form": self.form} if self.form else {}),
-                **({"sha256": self.input_sha256} if self.input_sha256 else {}),
-                **({"quality": self.quality.as_dict()} if self.quality else {}),
-            },
-            separators=(",", ":"),
-            allow_nan=False,
-        )
-
-    @classmethod
-    def from_json(cls, index: int, item: ItemInput, raw: str | bytes) -> ItemResult:
-        data = json.loads(raw)
-        return cls(
-            index=index,
-            state=ItemState(data["state"]),
-            id=item.id,
-            uri=item.uri,
-            predictions=[(p[0], int(p[1]), float(p[2])) for p in data["predictions"]],
-            margin=data["margin"],
-            normalized_entropy=data["normalized_entropy"],
-            uncertain=data["uncertain"],
-            error=data["error"],
-            first_frame_only=data.get("first_frame_only", False),
-            form=data.get("form", ""),
-            input_sha256=data.get("sha256", ""),
-            quality=Quality.from_dict(data["quality"]) if data.get("quality") else None,
-        )
 
 
 @dataclass
@@ -161,6 +118,10 @@ class Job:
     # The pinned version's file digests and threshold, for each item's provenance; None for
     # jobs recorded before provenance.
     served: ServedVersion | None = None
+    # Its data prefix in object storage: chunk inputs and result parts (`perito_core.jobs.parts`).
+    data_uri: str = ""
+    # What each item of a chunk closed failed without a part says (`mark_unrecorded`).
+    rest_error: str = ""
 
     @property
     def done(self) -> int:
@@ -190,7 +151,7 @@ def _lua(name: str) -> str:
 
 # Per-job keys besides the record itself; `finish.lua` drops the first five of them.
 _RUNNING_PARTS = ("inline", "open", "leases", "attempts", "chunk-errors")
-_PARTS = (*_RUNNING_PARTS, "inputs", "results")
+_PARTS = (*_RUNNING_PARTS, "chunks")
 
 _OUTPUT_PREFIX = f"{PREFIX}:output:"
 # The watchdog's sweep lock: one server at a time runs a sweep (`watchdog.Watchdog`).
@@ -203,9 +164,14 @@ DEAD_LETTER_CAP = 10_000
 REQUEST_ID_TTL_S = 24 * 3600
 # What a request id's key holds once the job it made is deleted: "deleted:{job id}".
 DELETED_MARK = "deleted:"
-# A half-written job's inputs (its submission died while listing) expire after this.
+PURGE_KEY = f"{PREFIX}:job-data-purge"
+# A submission that died while listing leaves inputs files: purged after this.
 _BUILDING_TTL_S = 3600
-_INPUTS_PAGE = 1000
+_OPEN_PAGE = 1000
+# A failed submission's inputs files deleted at once, up to this many (else by the watchdog).
+_DELETE_AT_ONCE = 256
+# Chunk slots read a page at a time (`page_results`): 4 KiB.
+_SLOTS_PAGE = 1024
 
 
 def _decode(value: bytes | str | None) -> str:
@@ -239,17 +205,41 @@ class Lease:
     attempts: int = 0
 
 
+@dataclass(frozen=True)
+class ChunkRecord:
+    """What closing a chunk did; see `JobStore.record_chunk`.
+
+    Attributes:
+        outcome: `recorded`; `lost` (the lease was no longer the worker's: its part is never
+            read); `done` (closed already: recorded, cancelled or failed); `terminal` or
+            `gone` (the job ended, or was deleted).
+        complete: every item of the job is accounted for now (whoever closed the last chunk
+            finalises the job; finalising is idempotent).
+    """
+
+    outcome: str
+    complete: bool
+
+
 class JobStore:
     """Jobs in Redis. Every method is one or a few round trips; safe across processes.
+
+    Jobs' inputs and results are read and written in object storage, under each job's data
+    prefix (`perito_core.jobs.parts`); the parts and inputs files read last are kept in memory
+    (a few, least recently used first out: they never change once written).
 
     Args:
         client: the Redis connection. Workers give it a `redis.retry.Retry` so a Redis restart
             is waited out rather than failing a chunk (see `connect`).
+        s3: how to reach S3, for jobs whose data prefix is there.
     """
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis, s3: S3Options | None = None) -> None:
         self.redis = client
-        self._record = client.register_script(_lua("record"))
+        self.s3 = s3 or S3Options()
+        self._stores = LruCache(64)  # data prefix -> JobData (an S3 client each)
+        self._files = LruCache(16)  # (data prefix, chunk, attempt) -> a chunk's parsed file
+        self._complete = client.register_script(_lua("complete"))
         self._mark_rest = client.register_script(_lua("mark_rest"))
         self._start = client.register_script(_lua("start"))
         self._finish = client.register_script(_lua("finish"))
@@ -263,10 +253,13 @@ class JobStore:
         self._stalled = client.register_script(_lua("stalled"))
 
     @classmethod
-    def connect(cls, url: str, *, outage_retry_s: float = 0.0) -> JobStore:
+    def connect(
+        cls, url: str, *, outage_retry_s: float = 0.0, s3: S3Options | None = None
+    ) -> JobStore:
         """Connect to the Redis at `url`.
 
         Args:
+            s3: how to reach S3, for jobs' data (`JobStore`).
             outage_retry_s: how long a call keeps retrying (exponential backoff, 0.1 s to
                 5 s between tries) through a Redis that is down or restarting, before it raises
                 `StorageUnavailable`. 0 retries nothing: the server answers UNAVAILABLE at once.
@@ -292,7 +285,7 @@ class JobStore:
             retry=Retry(ExponentialBackoff(cap=5.0, base=0.1), retries),
             retry_on_error=[redis.ConnectionError, redis.TimeoutError, redis.ReadOnlyError],
         )
-        return cls(client)
+        return cls(client, s3)
 
     @staticmethod
     def _key(job_id: str, part: str = "") -> str:
@@ -391,6 +384,7 @@ class JobStore:
         confidence_threshold: float,
         chunk_size: int,
         labels: dict[str, str],
+        data_root: str,
         job_id: str | None = None,
         max_items: int | None = None,
         request_id: str = "",
@@ -398,47 +392,64 @@ class JobStore:
         precision: str = "",
         served: ServedVersion | None = None,
     ) -> tuple[Job, bool]:
-        """Record a new queued job and its inputs; returns it, and whether this call made it.
+        """Record a new queued job and write its inputs; returns it, and whether this call
+        made it.
 
-        `items` is consumed as it is produced (a listing or a manifest being read), a page of
-        1,000 at a time, so the caller never holds them all; the job appears only once every
-        item is written, in one transaction. Creating `job_id` again returns the job that
-        exists (an idempotent retry: `(job, False)`), and a creation that died half-way
-        leaves nothing but a list that expires after an hour.
+        `items` is consumed as it is produced (a listing or a manifest being read) and written
+        a chunk at a time as inputs files under the job's data prefix, `{data_root}/{a folder
+        of this submission's own}` (two submissions of one job id never write the same
+        files), so the caller never holds them all and Redis holds none of them; the job
+        appears only once every item is written, in one transaction. Creating `job_id` again
+        returns the job that exists (an idempotent retry: `(job, False)`). A creation that
+        fails deletes the files it wrote (the watchdog does, past `_DELETE_AT_ONCE` of them,
+        or if this process died: an hour after it began).
+
+        Args:
+            data_root: where this job's data goes (`parts.data_location`): derived by the
+                server from its job data setting, never from a caller.
+            inline: index -> the bytes of an item sent inline (kept in Redis until its
+                chunk is closed).
 
         Raises:
             InvalidArgument: no items, or more than `max_items` (field `input`), counted
                 while reading.
-            StorageUnavailable: Redis is unreachable.
+            StorageUnavailable: Redis or object storage is unreachable.
         """
         job_id = job_id or uuid.uuid4().hex[:20]
         if self.exists(job_id):
             return self.get(job_id), False
-        building = self._key(job_id, f"inputs-building-{uuid.uuid4().hex[:8]}")
+        data_uri = f"{data_root.rstrip('/')}/{uuid.uuid4().hex[:8]}"
+        data = self._data(data_uri)
         total = 0
+        registered = False
+
+        def register() -> None:
+            """Before the first file: queue its purge an hour from now, dropped when the job
+            is made (a submission that dies leaves no files for ever)."""
+            nonlocal registered
+            if not registered:
+                self.redis.zadd(PURGE_KEY, {data_uri: time.time() + _BUILDING_TTL_S})
+                registered = True
+
+        writer = InputsWriter(data, chunk_size)
         try:
-            page: list[str] = []
-            for item in items:
-                total += 1
-                if max_items is not None and total > max_items:
-                    raise InvalidArgument(
-                        f"more than {max_items:,} images; the limit per job is {max_items:,}",
-                        field="input",
-                    )
-                record = {"id": item.id, "uri": item.uri}
-                if item.error:
-                    record["error"] = item.error
-                page.append(json.dumps(record))
-                if len(page) == _INPUTS_PAGE:
-                    self._append_inputs(building, page)
-                    page = []
-            if page:
-                self._append_inputs(building, page)
-            if not total:
-                raise InvalidArgument("a job needs at least one image", field="input")
-            return self._commit(
+            with writer:
+                for item in items:
+                    total += 1
+                    if max_items is not None and total > max_items:
+                        raise InvalidArgument(
+                            f"more than {max_items:,} images; the limit per job is {max_items:,}",
+                            field="input",
+                        )
+                    if total == chunk_size:  # the first file is written with this item
+                        register()
+                    writer.add(item)
+                if not total:
+                    raise InvalidArgument("a job needs at least one image", field="input")
+                register()
+                writer.close()
+            job, created = self._commit(
                 job_id,
-                building,
                 total,
                 inline,
                 model=model,
@@ -452,26 +463,39 @@ class JobStore:
                 request_id=request_id,
                 tenant=tenant,
                 served=served.to_json() if served is not None else "",
+                data_uri=data_uri,
             )
-        finally:
-            self.redis.delete(building)  # gone already if committed (renamed)
+        except BaseException:
+            if registered:
+                self._abandon(data, writer.chunks)
+            raise
+        if not created and registered:  # a concurrent retry of the same request made it
+            self._abandon(data, writer.chunks)
+        return job, created
 
-    def _append_inputs(self, key: str, page: list[str]) -> None:
-        with self.redis.pipeline(transaction=False) as pipe:
-            pipe.rpush(key, *page)
-            pipe.expire(key, _BUILDING_TTL_S)
-            pipe.execute()
+    def _abandon(self, data: JobData, files: int) -> None:
+        """Delete the inputs files of a submission that made no job: at once if they are few,
+        else by the watchdog (its purge, due now). Never raises: what cannot be deleted now
+        stays queued for the watchdog."""
+        try:
+            if files <= _DELETE_AT_ONCE:
+                data.purge(_DELETE_AT_ONCE + 1)
+                self.redis.zrem(PURGE_KEY, data.uri)
+            else:
+                self.redis.zadd(PURGE_KEY, {data.uri: time.time()})
+        except Exception:  # storage or Redis down: the queued purge stays
+            log.warning("job data %s left for the watchdog to purge", data.uri, exc_info=True)
 
     def _commit(
         self,
         job_id: str,
-        building: str,
         total: int,
         inline: dict[int, bytes],
         *,
         chunk_size: int,
         labels: dict[str, str],
         tenant: str,
+        data_uri: str,
         **fields: Any,
     ) -> tuple[Job, bool]:
         key = self._key(job_id)
@@ -495,19 +519,19 @@ class JobStore:
                     "labels": json.dumps(labels),
                     "chunk_size": chunk_size,
                     "tenant": tenant,
+                    "data_uri": data_uri,
                     **fields,
                 }
                 pipe.hset(key, mapping=record)
-                pipe.rename(building, self._key(job_id, "inputs"))
-                pipe.persist(self._key(job_id, "inputs"))
                 if inline:
                     pipe.hset(self._key(job_id, "inline"), mapping=inline)  # type: ignore[arg-type]
-                for first in range(0, chunks, _INPUTS_PAGE):  # chunk -> its items not recorded
+                for first in range(0, chunks, _OPEN_PAGE):  # chunk -> its items
                     page = {
                         chunk: min(chunk_size, total - chunk * chunk_size)
-                        for chunk in range(first, min(first + _INPUTS_PAGE, chunks))
+                        for chunk in range(first, min(first + _OPEN_PAGE, chunks))
                     }
                     pipe.hset(self._key(job_id, "open"), mapping=page)  # type: ignore[arg-type]
+                pipe.zrem(PURGE_KEY, data_uri)
                 pipe.zadd(JOBS_KEY, {job_id: now})
                 pipe.zadd(ACTIVE_JOBS_KEY, {key: now})
                 pipe.zadd(self._tenant_key(tenant, "jobs"), {job_id: now})
@@ -557,6 +581,8 @@ class JobStore:
             finalize_last_failure=float(data.get("finalize_last_failure") or 0),
             tenant=data.get("tenant", ""),
             served=ServedVersion.from_json(data.get("served", "")),
+            data_uri=data.get("data_uri", ""),
+            rest_error=data.get("rest_error", ""),
         )
 
     @_redis_unavailable
@@ -627,11 +653,44 @@ class JobStore:
             entries = [(m, at) for m, at in entries if at < cursor[0] or m < cursor[1]]
         return entries[:count]
 
-    @_redis_unavailable
-    def inputs(self, job_id: str, start: int = 0, stop: int = -1) -> list[ItemInput]:
-        """Items `start`..`stop` (inclusive; -1 is the last) as submitted."""
-        raw = self.redis.lrange(self._key(job_id, "inputs"), start, stop)
-        return [ItemInput(**json.loads(item)) for item in raw]
+    # A job's data
+
+    def _data(self, data_uri: str) -> JobData:
+        """The job data prefix `data_uri`, opened once (an S3 prefix holds a client)."""
+        return self._stores.get(data_uri, lambda: JobData(data_uri, open_store(data_uri, self.s3)))
+
+    def job_data(self, job: Job) -> JobData:
+        """`job`'s data prefix (inputs files, result parts).
+
+        Raises:
+            FailedPrecondition: a job recorded before jobs kept their data in object storage
+                (it has none).
+        """
+        if not job.data_uri:
+            raise FailedPrecondition(
+                f"job {job.id} was recorded by an earlier version of Perito, which kept its "
+                "items in Redis; this version cannot read them",
+                reason="JOB_DATA_MISSING",
+            )
+        return self._data(job.data_uri)
+
+    def chunk_inputs(self, job: Job, chunk: int) -> list[ItemInput]:
+        """The items of `chunk` as submitted, in input order.
+
+        Raises:
+            JobDataMissing: its inputs file is missing or malformed.
+            FailedPrecondition: a job without data (`job_data`).
+            StorageUnavailable: object storage is unreachable.
+        """
+        first, items = self._chunk_span(job.total, job.chunk_size, chunk)
+        data = self.job_data(job)
+        return self._files.get((data.uri, chunk, 0), lambda: data.read_inputs(chunk, first, items))
+
+    @staticmethod
+    def _chunk_span(total: int, chunk_size: int, chunk: int) -> tuple[int, int]:
+        """(index of the first item, items) of `chunk`."""
+        first = chunk * chunk_size
+        return first, max(0, min(chunk_size, total - first))
 
     @_redis_unavailable
     def inline_image(self, job_id: str, index: int) -> bytes | None:
@@ -639,29 +698,102 @@ class JobStore:
         return value if isinstance(value, bytes) else None
 
     @_redis_unavailable
-    def results(self, job_id: str, start: int, count: int) -> list[ItemResult]:
-        """Results for items start .. start+count-1, PENDING where none is recorded yet."""
-        items = self.inputs(job_id, start, start + count - 1)
-        indices = list(range(start, start + len(items)))
-        raw = (
-            self.redis.hmget(self._key(job_id, "results"), [str(i) for i in indices])
-            if items
-            else []
+    def chunk_slots(self, job_id: str, first: int, last: int) -> list[ChunkSlot]:
+        """What the store says of chunks `first` .. `last` (inclusive): open, recorded (which
+        attempt's part, how many failed), or closed without a part."""
+        raw = self.redis.getrange(
+            self._key(job_id, "chunks"), first * SLOT_BYTES, (last + 1) * SLOT_BYTES - 1
         )
+        return ChunkSlot.parse(raw, last - first + 1)  # type: ignore[arg-type]
+
+    def chunk_results(self, job: Job, chunk: int, slot: ChunkSlot) -> list[ItemResult]:
+        """The results of `chunk`'s items, in input order, as `slot` (`chunk_slots`) says:
+        its part's; each cancelled, or failed with the job's `rest_error`; or PENDING while
+        it is open. Parts and inputs files are read from object storage (or the cache).
+
+        Raises:
+            JobDataMissing: a file the store refers to is missing or malformed.
+            FailedPrecondition: a job without data (`job_data`).
+            StorageUnavailable: object storage is unreachable.
+        """
+        first, items = self._chunk_span(job.total, job.chunk_size, chunk)
+        if slot.mark not in (0, CANCELLED_MARK, FAILED_MARK):
+            data = self.job_data(job)
+            return self._files.get(
+                (data.uri, chunk, slot.mark),
+                lambda: data.read_part(chunk, slot.mark, first, items),
+            )
+        state, error = {
+            0: (ItemState.PENDING, ""),
+            CANCELLED_MARK: (ItemState.CANCELLED, ""),
+            FAILED_MARK: (ItemState.FAILED, job.rest_error),
+        }[slot.mark]
         return [
-            ItemResult.from_json(index, item, value)
-            if value is not None
-            else ItemResult(index, ItemState.PENDING, id=item.id, uri=item.uri)
-            for index, item, value in zip(indices, items, raw, strict=True)
+            ItemResult(first + i, state, id=item.id, uri=item.uri, error=error)
+            for i, item in enumerate(self.chunk_inputs(job, chunk))
         ]
 
-    @_redis_unavailable
-    def recorded(self, job_id: str, indices: range) -> set[int]:
-        """Which of `indices` already have a result."""
-        if not len(indices):
-            return set()
-        raw = self.redis.hmget(self._key(job_id, "results"), [str(i) for i in indices])
-        return {i for i, value in zip(indices, raw, strict=True) if value is not None}
+    def page_results(
+        self, job: Job, start: int, limit: int, state: ItemState | None = None
+    ) -> tuple[list[ItemResult], int]:
+        """Up to `limit` results from item `start` on, in input order (only those in `state`
+        if given), and the index to go on from (`job.total` when nothing is left).
+
+        With `state`, a chunk none of whose items is in it (by its slot's tallies) is passed
+        over without reading its part, so a page of a few failures in a large job reads the
+        chunk slots (4 bytes a chunk) and the parts holding failures only.
+
+        Raises:
+            JobDataMissing, FailedPrecondition, StorageUnavailable: as `chunk_results`.
+        """
+        found: list[ItemResult] = []
+        position = max(0, start)
+        size = job.chunk_size
+        while position < job.total and len(found) < limit:
+            first = position // size
+            last = min(job.chunks - 1, first + _SLOTS_PAGE - 1)
+            for chunk, slot in enumerate(self.chunk_slots(job.id, first, last), start=first):
+                begin, items = self._chunk_span(job.total, size, chunk)
+                if state is not None and not slot.count(state, items):
+                    position = begin + items
+                    continue
+                for result in self.chunk_results(job, chunk, slot)[position - begin :]:
+                    position = result.index + 1
+                    if state is None or result.state is state:
+                        found.append(result)
+                        if len(found) == limit:
+                            return found, position
+        return found, min(position, job.total)
+
+    def results(self, job_id: str, start: int, count: int) -> list[ItemResult]:
+        """Results for items start .. start+count-1 (those that exist), in input order,
+        PENDING where none is recorded yet; [] for a job that is gone.
+
+        Raises:
+            JobDataMissing, FailedPrecondition, StorageUnavailable: as `chunk_results`.
+        """
+        try:
+            job = self.get(job_id)
+        except NotFound:
+            return []
+        return self.page_results(job, start, count)[0]
+
+    def recorded_items(self, job: Job) -> int:
+        """How many items the job's closed chunks account for: each recorded part read and
+        checked (index by index, as `JobData.read_part`), plus every item of a chunk closed
+        without one. Equals `job.done` unless something was counted twice or lost; a check
+        for the fault suite and tests, reading every part.
+
+        Raises:
+            JobDataMissing, FailedPrecondition, StorageUnavailable: as `chunk_results`.
+        """
+        recorded = 0
+        for first in range(0, job.chunks, _SLOTS_PAGE):
+            last = min(job.chunks - 1, first + _SLOTS_PAGE - 1)
+            for chunk, slot in enumerate(self.chunk_slots(job.id, first, last), start=first):
+                if not slot.open:
+                    recorded += len(self.chunk_results(job, chunk, slot))
+        return recorded
 
     @_redis_unavailable
     def active_jobs(self) -> list[str]:
@@ -676,30 +808,69 @@ class JobStore:
         keys = [self._key(job_id), STATE_COUNTS_KEY]
         return JobState(_decode(self._start(keys=keys)))
 
-    @_redis_unavailable
-    def record_results(self, job_id: str, results: Iterable[ItemResult]) -> tuple[int, bool]:
-        """Record results not recorded before; returns (newly recorded, job now complete).
+    def record_chunk(
+        self, job: Job, chunk: int, holder: str, attempt: int, results: Sequence[ItemResult]
+    ) -> ChunkRecord:
+        """Write `chunk`'s results as the part of `attempt`, then close the chunk if `holder`
+        still holds its lease (`complete.lua`): its slot names that part, the job's counters
+        move by the part's tallies, its inline images go.
 
-        A job that is terminal or gone records nothing and returns (0, False)."""
-        args: list[Any] = []
-        for result in results:
-            args += [result.index, result.to_json(), result.state.value]
-        if not args:
-            return 0, False
-        new, succeeded, failed, cancelled, total = self._record(
-            keys=[self._key(job_id), self._key(job_id, "results"), self._key(job_id, "open")],
-            args=args,
+        Args:
+            results: every item of the chunk, in index order, each SUCCEEDED or FAILED.
+
+        Raises:
+            InvalidArgument: `results` are not the chunk's items in order, an item is neither
+                succeeded nor failed, or `attempt` is out of range; nothing is written.
+            ValueError: a NaN or infinity in a result (strict JSON); nothing is written.
+            StorageUnavailable: object storage or Redis is unreachable (the chunk stays
+                open: a later attempt writes its own part).
+        """
+        first, items = self._chunk_span(job.total, job.chunk_size, chunk)
+        if [r.index for r in results] != list(range(first, first + items)):
+            raise InvalidArgument(f"chunk {chunk}'s results are not its items {first}..")
+        if any(r.state not in (ItemState.SUCCEEDED, ItemState.FAILED) for r in results):
+            raise InvalidArgument("a part holds succeeded and failed items only")
+        if not 1 <= attempt <= MAX_ATTEMPT:
+            raise InvalidArgument(f"attempt {attempt} is out of range 1..{MAX_ATTEMPT}")
+        self.job_data(job).write_part(chunk, attempt, results)
+        failed = sum(r.state is ItemState.FAILED for r in results)
+        return self._close_chunk(job.id, chunk, holder, attempt, items - failed, failed, first)
+
+    @_redis_unavailable
+    def _close_chunk(
+        self,
+        job_id: str,
+        chunk: int,
+        holder: str,
+        attempt: int,
+        succeeded: int,
+        failed: int,
+        first: int,
+    ) -> ChunkRecord:
+        outcome, done_ok, done_failed, done_cancelled, total = self._complete(
+            keys=[
+                self._key(job_id),
+                *(self._key(job_id, part) for part in ("open", "leases", "attempts")),
+                self._key(job_id, "chunk-errors"),
+                self._key(job_id, "chunks"),
+                self._key(job_id, "inline"),
+            ],
+            args=[chunk, holder, attempt, succeeded, failed, first, succeeded + failed],
         )
-        if int(new) < 0:
-            return 0, False
-        return int(new), int(succeeded) + int(failed) + int(cancelled) >= int(total)
+        complete = int(total) > 0 and int(done_ok) + int(done_failed) + int(done_cancelled) >= int(
+            total
+        )
+        return ChunkRecord(_decode(outcome), complete)
 
     @_redis_unavailable
     def mark_unrecorded(self, job_id: str, state: ItemState, error: str) -> int:
-        """Give every item without a result `state` (cancelled, or failed with `error`)."""
-        result = ItemResult(0, state, error=error).to_json()
-        keys = [self._key(job_id), self._key(job_id, "results"), self._key(job_id, "open")]
-        marked: int = self._mark_rest(keys=keys, args=[result, state.value])
+        """Close every open chunk without a part: each of its items `state` (cancelled, or
+        failed with `error`, kept as the job's `rest_error`). One step per open chunk, in
+        one script; a running chunk's part is then refused when it comes (`record_chunk`).
+        Returns how many items were closed."""
+        mark = {ItemState.CANCELLED: CANCELLED_MARK, ItemState.FAILED: FAILED_MARK}[state]
+        keys = [self._key(job_id), self._key(job_id, "open"), self._key(job_id, "chunks")]
+        marked: int = self._mark_rest(keys=keys, args=[mark, state.value, error])
         return marked
 
     @_redis_unavailable
@@ -823,7 +994,9 @@ class JobStore:
     @_redis_unavailable
     def delete(self, job_id: str) -> bool:
         """Delete a terminal job and everything stored for it (results files stay where
-        they were written). Returns False, deleting nothing, if the job is not terminal.
+        they were written): its keys now, its data prefix's objects by the watchdog's purge
+        (`purge_job_data`), queued in the same script. Returns False, deleting nothing, if
+        the job is not terminal.
 
         Raises:
             NotFound: no such job.
@@ -839,9 +1012,10 @@ class JobStore:
                 FINISHED_JOBS_KEY,
                 ACTIVE_JOBS_KEY,
                 self._tenant_key(tenant, "jobs"),
+                PURGE_KEY,
                 *(self._key(job_id, part) for part in _PARTS),
             ],
-            args=[job_id],
+            args=[job_id, time.time()],
         )
         if outcome == b"gone" or outcome == "gone":
             raise NotFound(f"job {job_id!r} not found", field="job_id")
@@ -849,6 +1023,29 @@ class JobStore:
             key = self._request_key(request_id, tenant)
             self.redis.set(key, DELETED_MARK + job_id, xx=True, keepttl=True)
         return bool(outcome)
+
+    @_redis_unavailable
+    def purge_job_data(self, budget: int) -> tuple[int, int]:
+        """Delete up to `budget` objects of the data prefixes due in the purge queue (deleted
+        jobs', abandoned submissions'), oldest first; a prefix leaves the queue once nothing
+        is left under it. Returns (objects deleted, prefixes finished).
+
+        Raises:
+            StorageUnavailable: Redis or object storage is unreachable (what was deleted
+                stays deleted; the rest is tried at the next call).
+        """
+        due = self.redis.zrangebyscore(PURGE_KEY, "-inf", time.time(), start=0, num=20)
+        deleted = finished = 0
+        for member in due:
+            uri = _decode(member)  # type: ignore[arg-type]
+            removed, done = self._data(uri).purge(budget - deleted)
+            deleted += removed
+            if done:
+                self.redis.zrem(PURGE_KEY, uri)
+                finished += 1
+            if deleted >= budget:
+                break
+        return deleted, finished
 
     @_redis_unavailable
     def expired_jobs(self, retention_s: float, limit: int = 500) -> list[str]:

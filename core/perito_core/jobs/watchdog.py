@@ -3,7 +3,10 @@
 A sweep, run every few seconds by the server (one replica at a time, under a Redis lock):
 
 1. **Retention.** Jobs that ended more than `retention_s` ago are deleted with everything the
-   store holds for them (their results files stay where they were written).
+   store holds for them (their results files stay where they were written); then the objects
+   under the data prefixes queued for purging (deleted jobs' inputs and parts, abandoned
+   submissions' inputs) are deleted, at most `purge_per_sweep` a sweep, so a large job's
+   thousands of objects take a few sweeps rather than one long one.
 2. **Finishing.** A job whose items have all been recorded for `finalize_grace_s` but which is
    not terminal (the worker that recorded the last item died before finalising, the finalize
    message was lost, or it waits behind a long queue) is finalised here. A refusal no wait
@@ -51,6 +54,7 @@ class SweepReport:
 
     ran: bool = False
     deleted: int = 0
+    purged: int = 0  # objects of job data prefixes deleted
     finalized: int = 0
     resent: int = 0
     suspects: int = 0
@@ -72,6 +76,7 @@ class Watchdog:
         finalize_grace_s: how long a complete job is left to the worker's finalize task.
         finalize_timeout_s: how long, from the first failed write, its results files are
             tried again when the failure may pass (the job then ends FAILED).
+        purge_per_sweep: objects of job data prefixes deleted at most per sweep.
     """
 
     store: JobStore
@@ -84,6 +89,7 @@ class Watchdog:
     interval_s: float
     finalize_grace_s: float = 15.0
     finalize_timeout_s: float = 300.0
+    purge_per_sweep: int = 500
     on_resend: Callable[[int], None] | None = None
     _token: str = field(default_factory=lambda: uuid.uuid4().hex, init=False, repr=False)
     _suspects: set[tuple[str, int]] = field(default_factory=set, init=False, repr=False)
@@ -100,6 +106,7 @@ class Watchdog:
                 return report
             report.ran = True
             self._expire(report)
+            self._purge(report)
             candidates = self._scan_active(report)
             self._resend_lost(candidates, report)
         except (PeritoError, redis.RedisError) as exc:
@@ -115,6 +122,13 @@ class Watchdog:
                     report.deleted += 1
             except PeritoError as exc:  # already gone: another replica deleted it
                 log.debug("retention: %s: %s", job_id, exc.message)
+
+    def _purge(self, report: SweepReport) -> None:
+        try:
+            report.purged, _ = self.store.purge_job_data(self.purge_per_sweep)
+        except (PeritoError, OSError) as exc:  # storage down: the queue keeps the rest
+            report.errors.append(f"purging job data: {exc}")
+            log.warning("watchdog: job data not purged: %s", exc)
 
     def _scan_active(self, report: SweepReport) -> dict[str, list[int]]:
         candidates: dict[str, list[int]] = {}
