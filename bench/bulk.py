@@ -80,6 +80,55 @@ def served_form(log: Path) -> tuple[str, int]:
     return (found[-1][0], int(found[-1][1])) if found else ("unknown", 0)
 
 
+def stack_env(work: Path, redis_port: int, precision: str, batch: str) -> dict[str, str]:
+    """The environment of the bench's worker and server: the registry, cache, Redis, local
+    root and results under `work`, `PERITO_PRECISION` and `PERITO_BATCH_SIZE`."""
+    return {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "PERITO_REGISTRY": str(work / "registry"),
+        "PERITO_CACHE_DIR": str(work / "cache"),
+        "PERITO_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+        "PERITO_LOCAL_ROOTS": json.dumps([str(work)]),
+        "PERITO_RESULTS_URI": str(work / "results"),
+        "PERITO_PRECISION": precision,
+        "PERITO_BATCH_SIZE": batch,
+    }
+
+
+def start_stack(
+    work: Path, env: dict[str, str], worker_env: dict[str, str], redis_port: int, port: int
+) -> list[Proc]:
+    """redis-server, one `perito worker` (`worker_env`) and `perito serve` on `port`
+    (preloading MODEL), started in that order; logs under `work`. Stop them in reverse."""
+    return [
+        redis_proc(redis_port, work / "redis.log", env).start(),
+        Proc(
+            "perito worker",
+            [str(BIN / "perito"), "worker"],
+            worker_env,
+            work / "worker.log",
+            "ready.",
+        ).start(),
+        Proc(
+            "perito serve",
+            [
+                str(BIN / "perito"),
+                "serve",
+                "--port",
+                str(port),
+                "--preload",
+                MODEL,
+                "--log-level",
+                "WARNING",
+            ],
+            env,
+            work / "serve.log",
+            "serving on",
+        ).start(),
+    ]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -119,44 +168,9 @@ def main() -> int:
         registry = publish("efficientnet-lite0", work, forms, min_agreement=MIN_AGREEMENT)
 
         redis_port, port = free_port(), free_port()
-        env = {
-            **os.environ,
-            "PYTHONUNBUFFERED": "1",
-            "PERITO_REGISTRY": str(work / "registry"),
-            "PERITO_CACHE_DIR": str(work / "cache"),
-            "PERITO_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
-            "PERITO_LOCAL_ROOTS": json.dumps([str(work)]),
-            "PERITO_RESULTS_URI": str(work / "results"),
-            "PERITO_PRECISION": args.precision,
-            "PERITO_BATCH_SIZE": args.batch,
-        }
+        env = stack_env(work, redis_port, args.precision, args.batch)
         worker_env = {**env, **dict(kv.split("=", 1) for kv in args.worker_env)}
-        processes = [
-            redis_proc(redis_port, work / "redis.log", env).start(),
-            Proc(
-                "perito worker",
-                [str(BIN / "perito"), "worker"],
-                worker_env,
-                work / "worker.log",
-                "ready.",
-            ).start(),
-            Proc(
-                "perito serve",
-                [
-                    str(BIN / "perito"),
-                    "serve",
-                    "--port",
-                    str(port),
-                    "--preload",
-                    MODEL,
-                    "--log-level",
-                    "WARNING",
-                ],
-                env,
-                work / "serve.log",
-                "serving on",
-            ).start(),
-        ]
+        processes = start_stack(work, env, worker_env, redis_port, port)
         try:
             with perito.Client(f"127.0.0.1:{port}", timeout=600) as client:
                 client.submit_job(
