@@ -594,16 +594,12 @@ def duplicates_in_results(rows: list[dict[str, Any]], done: int) -> int:
 def check_job(
     stack: Stack, job: perito.Job, out: Outcome, *, results_file: bool = True
 ) -> JobCheck:
-    """Check one terminal job against its counters, its results file and Redis; add it up.
-    Its Redis record must still be there: a job with a short retention is checked as soon as
-    it ends (`wait_terminal`'s `on_terminal`). Without `results_file` (a job whose results
-    could not be written), its items are counted from Redis alone."""
+    """Check one terminal job against its counters, its results file and its recorded parts;
+    add it up. Its Redis record must still be there: a job with a short retention is checked
+    as soon as it ends (`wait_terminal`'s `on_terminal`). Without `results_file` (a job whose
+    results could not be written), its items are counted from its parts alone."""
     key = f"perito:job:{job.id}"
-    with stack.r.pipeline(transaction=True) as pipe:
-        pipe.hgetall(key)
-        pipe.hlen(f"{key}:results")
-        record, recorded = pipe.execute()
-    record = {k.decode(): v.decode() for k, v in record.items()}
+    record = {k.decode(): v.decode() for k, v in stack.r.hgetall(key).items()}  # type: ignore[union-attr]
     label = f"job {job.id}"
     out.expect(job.terminal, f"{label} not terminal: {job.state.value} {job.done}/{job.total}")
     out.expect(
@@ -611,9 +607,15 @@ def check_job(
         f"{label}: succeeded + failed + cancelled = {job.done} != total {job.total}",
     )
     out.expect(bool(record), f"{label}: gone from Redis before it was checked")
+    # The items its closed chunks account for: each recorded part read from the job's data
+    # and checked index by index, and every item of a chunk closed without one (cancelled,
+    # failed whole). Exactly `total`: none counted twice, none both cancelled and succeeded.
+    store = JobStore(stack.r)
+    recorded = store.recorded_items(store.get(job.id)) if record else 0
     duplicates = max(0, job.done - recorded)
     out.expect(
-        recorded == job.total, f"{label}: {recorded} item results in Redis for {job.total} items"
+        recorded == job.total,
+        f"{label}: its recorded parts account for {recorded} items of {job.total}",
     )
     counters = tuple(int(record.get(f) or 0) for f in ("succeeded", "failed", "cancelled"))
     out.expect(

@@ -11,8 +11,9 @@ import redis
 
 from perito import ItemState, JobState
 from perito_core.errors import InvalidArgument, NotFound
+from perito_core.jobs.parts import ChunkSlot
 from perito_core.jobs.queue import BULK_QUEUE, make_celery, queued_chunks
-from perito_core.jobs.store import ItemInput, Job, JobStore
+from perito_core.jobs.store import ItemInput, ItemResult, Job, JobStore
 from perito_core.jobs.watchdog import Watchdog
 from perito_core.storage import S3Options
 from tests.helpers import create_job, record_chunks, redis_server, succeeded_result
@@ -256,3 +257,192 @@ def test_one_watchdog_sweeps_at_a_time_and_another_takes_over_when_it_stops(
     time.sleep(1.1)  # the first server stopped sweeping: its lock lapses (1 s at least)
     assert second.sweep().ran
     assert not first.sweep().ran
+
+
+def _failed_every_third(index: int) -> ItemResult:
+    if index % 3:
+        return _ok(index)
+    return ItemResult(index, ItemState.FAILED, error="NOT_FOUND: gone")
+
+
+def test_closing_a_chunk_records_its_part_once_and_only_for_the_lease_holder(
+    store: JobStore, tmp_path: Path
+) -> None:
+    job_id = _create(store, 10, 4, tmp_path)  # chunks 0..2 (4, 4, 2)
+    job = store.get(job_id)
+    results = [_failed_every_third(i) for i in range(4, 8)]
+    assert store.record_chunk(job, 1, "nobody", 1, results).outcome == "lost"  # no lease
+    lease = store.acquire_chunk(job_id, 1, "worker-a", ttl_s=60)
+    with pytest.raises(InvalidArgument, match="not its items"):
+        store.record_chunk(job, 1, "worker-a", lease.attempts, results[:3])
+    record = store.record_chunk(job, 1, "worker-a", lease.attempts, results)
+    assert (record.outcome, record.complete) == ("recorded", False)
+    after = store.get(job_id)
+    assert (after.succeeded, after.failed, after.done) == (3, 1, 4)
+    assert store.redis.hget(f"perito:job:{job_id}", "progress_at")  # the stuck-jobs metric
+    assert store.chunk_slots(job_id, 0, 2) == [ChunkSlot(), ChunkSlot(1, 1), ChunkSlot()]
+    # A second close of the same chunk (a redelivery that got as far) changes nothing.
+    again = store.record_chunk(job, 1, "worker-a", lease.attempts, results)
+    assert again.outcome == "done" and store.get(job_id).done == 4
+    assert store.acquire_chunk(job_id, 1, "worker-b", ttl_s=60).outcome == "done"
+    # What a running chunk kept in Redis goes with it: lease, attempts, error.
+    for part in ("leases", "attempts", "chunk-errors"):
+        assert not store.redis.hexists(f"perito:job:{job_id}:{part}", "1")
+    assert [r.state for r in store.results(job_id, 3, 6)] == [
+        ItemState.PENDING,
+        ItemState.SUCCEEDED,
+        ItemState.SUCCEEDED,
+        ItemState.FAILED,
+        ItemState.SUCCEEDED,
+        ItemState.PENDING,
+    ]
+    assert store.results(job_id, 6, 1)[0].error == "NOT_FOUND: gone"
+    assert record_chunks(store, job_id, _failed_every_third, chunks=[0, 2])  # now complete
+    store.finish(job_id, [])
+    assert store.record_chunk(job, 0, "worker-z", 1, [_ok(i) for i in range(4)]).outcome == (
+        "terminal"
+    )
+
+
+def test_pages_of_one_state_pass_over_chunks_without_it_by_their_tallies(
+    store: JobStore, tmp_path: Path
+) -> None:
+    job_id = _create(store, 1000, 10, tmp_path)  # 100 chunks
+    failing = {15, 16, 17, 950}
+    record_chunks(
+        store,
+        job_id,
+        lambda i: ItemResult(i, ItemState.FAILED, error="x") if i in failing else _ok(i),
+    )
+    job = store.get(job_id)
+    store._files = type(store._files)(16)  # an empty cache: count what is read
+    read: list[int] = []
+    real = store.chunk_results
+
+    def counted(job: Job, chunk: int, slot: ChunkSlot) -> list[ItemResult]:
+        read.append(chunk)
+        return real(job, chunk, slot)
+
+    store.chunk_results = counted  # type: ignore[method-assign]
+    page, position = store.page_results(job, 0, 2, ItemState.FAILED)
+    assert ([r.index for r in page], position) == ([15, 16], 17)
+    page, position = store.page_results(job, position, 2, ItemState.FAILED)
+    assert ([r.index for r in page], position) == ([17, 950], 951)
+    page, position = store.page_results(job, position, 2, ItemState.FAILED)
+    assert (page, position) == ([], 1000)
+    assert read == [1, 1, 95, 95]  # the parts holding failures; none of the other 98
+    page, position = store.page_results(job, 995, 10)
+    assert ([r.index for r in page], position) == ([995, 996, 997, 998, 999], 1000)
+
+
+def test_a_cancel_closes_open_chunks_per_chunk_and_a_late_part_is_refused(
+    store: JobStore, tmp_path: Path
+) -> None:
+    job_id = _create(store, 10, 4, tmp_path)
+    record_chunks(store, job_id, chunks=[0])
+    job = store.get(job_id)
+    running = store.acquire_chunk(job_id, 1, "worker-a", ttl_s=60)
+    store.request_cancel(job_id)
+    assert store.mark_unrecorded(job_id, ItemState.CANCELLED, "") == 6
+    late = store.record_chunk(job, 1, "worker-a", running.attempts, [_ok(i) for i in range(4, 8)])
+    assert (late.outcome, late.complete) == ("done", True)  # refused; every item accounted for
+    after = store.get(job_id)
+    assert (after.succeeded, after.cancelled) == (4, 6)
+    assert [r.state for r in store.results(job_id, 0, 10)] == [ItemState.SUCCEEDED] * 4 + [
+        ItemState.CANCELLED
+    ] * 6
+    assert store.recorded_items(after) == 10
+    assert store.mark_unrecorded(job_id, ItemState.FAILED, "too late") == 0  # nothing open
+
+
+def test_a_model_that_cannot_load_fails_every_open_chunk_with_its_reason(
+    store: JobStore, tmp_path: Path
+) -> None:
+    job_id = _create(store, 10, 4, tmp_path)
+    store.set_job_error(job_id, "model m@1 cannot be used: gone")
+    assert store.mark_unrecorded(job_id, ItemState.FAILED, "model m@1 cannot be used: gone") == 10
+    results = store.results(job_id, 0, 10)
+    assert {(r.state, r.error) for r in results} == {
+        (ItemState.FAILED, "model m@1 cannot be used: gone")
+    }
+    assert [r.uri for r in results] == [f"s3://b/{i}.jpg" for i in range(10)]
+
+
+def test_inline_images_stay_in_redis_only_until_their_chunk_is_closed(
+    store: JobStore, tmp_path: Path
+) -> None:
+    items = [ItemInput(id=str(i)) for i in range(6)]
+    job, _ = store.create(
+        model="m",
+        model_version="1",
+        items=items,
+        inline={i: b"image %d" % i for i in range(6)},
+        output_uri=str(tmp_path / "out"),
+        top_k=1,
+        confidence_threshold=0,
+        chunk_size=4,
+        labels={},
+        data_root=str(tmp_path / "job-data" / "_" / "inline"),
+    )
+    assert store.inline_image(job.id, 5) == b"image 5"
+    record_chunks(store, job.id, chunks=[0])
+    assert [store.inline_image(job.id, i) for i in range(6)] == [None] * 4 + [
+        b"image 4",
+        b"image 5",
+    ]
+
+
+def test_a_refused_submission_leaves_no_inputs_files_nor_a_purge_to_do(
+    store: JobStore, tmp_path: Path
+) -> None:
+    def listed_then_refused() -> Iterator[ItemInput]:
+        for n in range(25):
+            yield ItemInput(id=str(n), uri=f"s3://b/{n}")
+        raise InvalidArgument("manifest line 26: not a URI", field="manifest_uri")
+
+    with pytest.raises(InvalidArgument, match="line 26"):
+        _submit(store, listed_then_refused(), 10, tmp_path)  # two inputs files written
+    assert list((tmp_path / "job-data" / "_").iterdir()) == []
+    assert store.redis.keys("*") == []
+
+
+def test_redis_holds_at_most_16_bytes_per_item_once_chunks_are_done(
+    store: JobStore, tmp_path: Path
+) -> None:
+    """MEMORY USAGE over every key of a 20,000-item job, each item's result as a worker
+    writes it (predictions, quality, sha256): 578 bytes an item when Redis held the inputs
+    list and every result; now the record and 4 bytes a chunk."""
+    from perito_core.quality import Quality, QualityMeasures
+
+    quality = Quality(QualityMeasures(812.3, 0.012, 0.004, 121.7, 48.2, 4032, 3024, 12.6), ())
+
+    def answered(index: int) -> ItemResult:
+        return ItemResult(
+            index,
+            ItemState.SUCCEEDED,
+            predictions=[("moderate", 1, 0.71234), ("minor", 0, 0.2012), ("severe", 2, 0.0864)],
+            margin=0.511,
+            normalized_entropy=0.6712,
+            form="openvino-int8",
+            input_sha256=f"{index:064x}",
+            quality=quality,
+        )
+
+    total = 20_000
+    items = (
+        ItemInput(f"IMG_{i:06d}.jpg", f"s3://inspections/2024/site-{i // 500:04d}/IMG_{i:06d}.jpg")
+        for i in range(total)
+    )
+    job, _ = _submit(store, items, 64, tmp_path)
+
+    def per_item() -> float:
+        keys = set(store.redis.keys(f"perito:job:{job.id}*"))
+        return _memory(store, keys) / total
+
+    queued = per_item()
+    record_chunks(store, job.id, answered)
+    done = per_item()
+    print(f"Redis bytes per item: {queued:.2f} queued, {done:.2f} with every chunk done")
+    assert store.get(job.id).succeeded == total
+    assert done <= 16, done
+    assert store.results(job.id, 12_345, 1)[0].quality == quality
