@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -190,6 +191,7 @@ def serve_reduced(
         return model
     form = REDUCED_FORMS.get(dtype, str(dtype))
     label = f"{model.manifest.name}@{model.manifest.version}"
+    start = time.perf_counter()
     try:
         candidate = model.reduced(dtype, tuple(warmup_batch_sizes))
         held_out, what = images or held_out_images(model.manifest.input.spec())
@@ -197,5 +199,8 @@ def serve_reduced(
         reason = getattr(error, "message", None) or f"{type(error).__name__}: {error}"
         model.passed_over[form] = reason
         log.warning("%s: not serving %s: %s", label, form, reason)
-        return model
-    return serve_verified(model, candidate, held_out, what)
+        served: LoadedModel = model
+    else:
+        served = serve_verified(model, candidate, held_out, what)
+    served.load_seconds = model.load_seconds + time.perf_counter() - start  # the check's too
+    return served
