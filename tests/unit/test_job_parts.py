@@ -155,3 +155,12 @@ def test_the_cache_keeps_the_most_recently_used() -> None:
     for key in ["a", "b", "a", "c", "a", "b"]:
         assert cache.get(key, lambda key=key: make(key)) == key.upper()  # type: ignore[misc]
     assert made == ["a", "b", "c", "b"]  # b was the least recently used when c came
+
+
+def test_the_cache_is_bounded_by_weight_keeping_the_newest_whatever_it_weighs() -> None:
+    cache = LruCache(10, weight=len)
+    cache.get("small", lambda: [1] * 4)
+    cache.get("medium", lambda: [2] * 6)
+    cache.get("large", lambda: [3] * 12)  # over the bound alone: kept, the others dropped
+    assert cache.get("large", lambda: []) == [3] * 12
+    assert cache.get("small", lambda: ["again"]) == ["again"]

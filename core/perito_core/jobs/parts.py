@@ -301,24 +301,36 @@ V = TypeVar("V")
 class LruCache:
     """A small least-recently-used cache for immutable things (parts, inputs files, opened
     stores), safe between threads. A value is computed outside the lock, so two threads may
-    both compute one that is missing; the first stored wins."""
+    both compute one that is missing; the first stored wins.
 
-    def __init__(self, capacity: int) -> None:
+    Args:
+        capacity: the most the values may weigh together (the newest is kept whatever it
+            weighs).
+        weight: a value's weight (default: 1 each, so `capacity` counts values).
+    """
+
+    def __init__(self, capacity: int, weight: Callable[[Any], int] = lambda _: 1) -> None:
         self.capacity = capacity
-        self._items: OrderedDict[Any, Any] = OrderedDict()
+        self._weight = weight
+        self._items: OrderedDict[Any, tuple[Any, int]] = OrderedDict()
+        self._held = 0
         self._lock = threading.Lock()
 
     def get(self, key: K, make: Callable[[], V]) -> V:
         with self._lock:
             if key in self._items:
                 self._items.move_to_end(key)
-                value: V = self._items[key]
+                value: V = self._items[key][0]
                 return value
         made = make()
+        weight = self._weight(made)
         with self._lock:
-            self._items.setdefault(key, made)
+            if key not in self._items:
+                self._items[key] = (made, weight)
+                self._held += weight
             self._items.move_to_end(key)
-            while len(self._items) > self.capacity:
-                self._items.popitem(last=False)
-            kept: V = self._items[key]
+            while self._held > self.capacity and len(self._items) > 1:
+                _, (_, dropped) = self._items.popitem(last=False)
+                self._held -= dropped
+            kept: V = self._items[key][0]
             return kept

@@ -172,6 +172,7 @@ _OPEN_PAGE = 1000
 _DELETE_AT_ONCE = 256
 # Chunk slots read a page at a time (`page_results`): 4 KiB.
 _SLOTS_PAGE = 1024
+_CACHED_ITEMS = 20_000
 
 
 def _decode(value: bytes | str | None) -> str:
@@ -238,7 +239,9 @@ class JobStore:
         self.redis = client
         self.s3 = s3 or S3Options()
         self._stores = LruCache(64)  # data prefix -> JobData (an S3 client each)
-        self._files = LruCache(16)  # (data prefix, chunk, attempt) -> a chunk's parsed file
+        # (data prefix, chunk, attempt) -> a chunk's parsed file, 20,000 items in all at most
+        # (a few of the largest chunks, or a page of a results file's worth of small ones).
+        self._files = LruCache(_CACHED_ITEMS, weight=len)
         self._complete = client.register_script(_lua("complete"))
         self._mark_rest = client.register_script(_lua("mark_rest"))
         self._start = client.register_script(_lua("start"))
@@ -467,17 +470,20 @@ class JobStore:
             )
         except BaseException:
             if registered:
-                self._abandon(data, writer.chunks)
+                self._abandon(job_id, data, writer.chunks)
             raise
         if not created and registered:  # a concurrent retry of the same request made it
-            self._abandon(data, writer.chunks)
+            self._abandon(job_id, data, writer.chunks)
         return job, created
 
-    def _abandon(self, data: JobData, files: int) -> None:
+    def _abandon(self, job_id: str, data: JobData, files: int) -> None:
         """Delete the inputs files of a submission that made no job: at once if they are few,
-        else by the watchdog (its purge, due now). Never raises: what cannot be deleted now
-        stays queued for the watchdog."""
+        else by the watchdog (its purge, due now). Nothing is deleted if the job was made
+        with them after all (a commit whose answer was lost), nor while Redis cannot say so:
+        their purge stays queued, and the commit dropped it if it happened. Never raises."""
         try:
+            if _decode(self.redis.hget(self._key(job_id), "data_uri")) == data.uri:
+                return
             if files <= _DELETE_AT_ONCE:
                 data.purge(_DELETE_AT_ONCE + 1)
                 self.redis.zrem(PURGE_KEY, data.uri)
