@@ -18,7 +18,8 @@ $(STAMP): pyproject.toml constraints.txt setup.py
 	touch $@
 
 # redis-server backs the job store and the Celery broker; Fashion-MNIST is the bulk-job test set;
-# chromium runs the web page's browser test; curl uploads to the JSON API in its test; promtool
+# chromium runs the web page's browser test; curl uploads to the JSON API in its test; `ip`
+# (iproute2) makes the network namespaces of the fault suite's cut-off-host; promtool
 # (Debian's prometheus package, without its recommends) checks deploy/prometheus's alerts and
 # the dashboard's queries: only the tool is wanted, so the package's daemon is stopped and disabled.
 system-deps:
@@ -27,6 +28,7 @@ system-deps:
 	test -d /usr/share/datasets/fashion-mnist || missing="$$missing dataset-fashion-mnist"; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	command -v curl >/dev/null || missing="$$missing curl"; \
+	command -v ip >/dev/null || missing="$$missing iproute2"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing:$$missing"; \
 		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
@@ -115,8 +117,9 @@ bench-scale: install
 	$(BIN)/python bench/scale.py
 
 # The fault suite: real redis-server (append-only file on), workers and server killed,
-# overload, retention; zero items lost or duplicated. 3 to 5 minutes on 2 cores; not in `test`:
-# .ci/run runs it, and `scenarios`, after `test`.
+# overload, retention, a worker host cut off its network (namespaces: as root, else SKIP); zero
+# items lost or duplicated. 3 to 5 minutes on 2 cores; not in `test`: .ci/run runs it, and
+# `scenarios`, after `test`.
 faults: install
 	$(BIN)/python bench/faults.py
 

@@ -40,6 +40,11 @@ Scenarios:
   made slow with real work, one image per batch) with two workers: the broker redelivers it
   while it runs; the second delivery is skipped (the lease is live) and every item is
   recorded once, none failed.
+- `cut-off-host` (`bench/fault_netns.py`): two worker hosts in network namespaces, joined to
+  redis-server by veth links; host A's link is cut (set down: silent, no reset) a quarter of
+  the way into its 3 chunks of a 4,000-image job, and restored once host B has finished one
+  of them, resent by the watchdog after A's leases lapsed. Expect all 4,000 succeeded, once
+  each, A's late writes refused or changing nothing. Skipped (SKIP) without root or `ip`.
 
 Every scenario ends by checking each of its jobs: terminal; succeeded + failed + cancelled ==
 total; the results file (`results.jsonl` at the output location) lists every index
@@ -105,6 +110,11 @@ BATCH_SIZE = 4  # the workers' batch size (PERITO_BATCH_SIZE), the default
 
 class Failure(Exception):
     """An expectation that did not hold; the scenario stops and reports it."""
+
+
+class Skipped(Exception):
+    """A scenario that cannot run on this machine (a privilege or tool missing): reported as
+    SKIP with the reason, neither passed nor failed."""
 
 
 # Processes
@@ -502,10 +512,15 @@ class Outcome:
     notes: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     figures: dict[str, Any] = field(default_factory=dict)
+    skipped: str = ""  # why it could not run here ("": it ran)
 
     @property
     def ok(self) -> bool:
         return not self.problems
+
+    @property
+    def verdict(self) -> str:
+        return "SKIP" if self.skipped else "PASS" if self.ok else "FAIL"
 
     def expect(self, condition: bool, problem: str) -> None:
         if not condition:
@@ -1379,6 +1394,12 @@ def scenario_slow_chunk(lab: Lab, out: Outcome, sampler: Sampler) -> None:
     out.figures.update(chunk_seconds=round(running, 1), deliveries=received)
 
 
+# Scenarios in modules of their own import this one's parts: as a script, this module is
+# `__main__`, so it is also registered as `bench.faults` (one copy of its classes), and they
+# are imported once those parts are defined.
+sys.modules.setdefault("bench.faults", sys.modules[__name__])
+from bench.fault_netns import scenario_cut_off_host  # noqa: E402
+
 SCENARIOS: dict[str, Callable[[Lab, Outcome, Sampler], None]] = {
     "kill-worker": scenario_kill_worker,
     "kill-redis": scenario_kill_redis,
@@ -1391,6 +1412,7 @@ SCENARIOS: dict[str, Callable[[Lab, Outcome, Sampler], None]] = {
     "overload": scenario_overload,
     "retention": scenario_retention,
     "slow-chunk": scenario_slow_chunk,
+    "cut-off-host": scenario_cut_off_host,
 }
 # Peak worker RSS is reported where workers do the work; server RSS where the server does.
 WORKER_RSS = {
@@ -1421,13 +1443,12 @@ def _mb(value: float | None) -> str:
 
 
 def line(out: Outcome) -> str:
-    verdict = "PASS" if out.ok else "FAIL"
     return (
         f"{out.name:<18} items {out.items:>5}  succeeded/failed/cancelled "
         f"{out.succeeded}/{out.failed}/{out.cancelled}  duplicates {out.duplicates}  lost "
         f"{out.lost}  to terminal {out.to_terminal_s:.1f}s  peak worker PSS "
         f"{_mb(out.peak_worker_pss_mb)} MB, server RSS {_mb(out.peak_server_rss_mb)} MB  resent "
-        f"{out.resent}  [{out.wall_s:.0f}s]  {verdict}"
+        f"{out.resent}  [{out.wall_s:.0f}s]  {out.verdict}"
     )
 
 
@@ -1443,7 +1464,7 @@ def table(outcomes: list[Outcome]) -> str:
             f"| {out.name} | {out.items} | {out.succeeded} | {out.failed} | {out.cancelled} | "
             f"{out.duplicates} | {out.lost} | {out.to_terminal_s:.1f} | "
             f"{_mb(out.peak_worker_pss_mb)} | {_mb(out.peak_server_rss_mb)} | {out.resent} | "
-            f"{'PASS' if out.ok else 'FAIL'} | {notes} |"
+            f"{out.verdict} | {notes} |"
         )
     return "\n".join(rows)
 
@@ -1494,6 +1515,9 @@ def main() -> int:
                     SCENARIOS[name](lab, out, sampler)
                 except (Failure, ProcessFailed) as exc:
                     out.problems.append(str(exc))
+                except Skipped as exc:
+                    out.skipped = str(exc)
+                    out.notes.append(f"skipped: {exc}")
                 except Exception as exc:  # noqa: BLE001 - reported as that scenario's failure
                     traceback.print_exc()
                     out.problems.append(f"crashed: {type(exc).__name__}: {exc}")
@@ -1520,9 +1544,12 @@ def main() -> int:
     print()
     print(table(outcomes))
     bad = [o.name for o in outcomes if not o.ok]
+    skipped = [o.name for o in outcomes if o.skipped]
     print(
-        f"\n{len(outcomes) - len(bad)} of {len(outcomes)} scenarios passed in {total:.0f}s; "
-        f"lost {sum(o.lost for o in outcomes)}, duplicated {sum(o.duplicates for o in outcomes)}"
+        f"\n{len(outcomes) - len(bad) - len(skipped)} of {len(outcomes)} scenarios passed in "
+        f"{total:.0f}s; lost {sum(o.lost for o in outcomes)}, duplicated "
+        f"{sum(o.duplicates for o in outcomes)}"
+        + (f"; SKIPPED: {', '.join(skipped)}" if skipped else "")
         + (f"; FAILED: {', '.join(bad)}" if bad else "")
     )
     if args.json:
