@@ -42,7 +42,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -252,20 +252,32 @@ def raw_overlapped(model: LoadedModel, jpegs: list[bytes], batch: int, seconds: 
     spec = model.manifest.input.spec()
     cursor = [0]
 
-    def next_images() -> list[bytes]:
+    def submit(pool: ThreadPoolExecutor) -> list[Future[np.ndarray]]:
         start = cursor[0]
         cursor[0] = (start + batch) % len(jpegs)
-        return [jpegs[(start + i) % len(jpegs)] for i in range(batch)]
+        datas = [jpegs[(start + i) % len(jpegs)] for i in range(batch)]
+        return [pool.submit(load_model_input, d, spec) for d in datas]
 
+    return overlapped_rate(model, submit, seconds)
+
+
+def overlapped_rate(
+    model: LoadedModel,
+    submit: Callable[[ThreadPoolExecutor], list[Future[np.ndarray]]],
+    seconds: float,
+) -> float:
+    """Images/s of a pipeline whose next batch is prepared on two threads (`submit` starts
+    its images' preparation, each a future of a uint8 [H, W, 3] input) while this batch's
+    forward pass runs, for `seconds`."""
     with ThreadPoolExecutor(2) as pool:
-        pending = [pool.submit(load_model_input, d, spec) for d in next_images()]
+        pending = submit(pool)
 
         def overlapped() -> int:
             nonlocal pending
             inputs = [f.result() for f in pending]
-            pending = [pool.submit(load_model_input, d, spec) for d in next_images()]
+            pending = submit(pool)
             model.predict(np.stack(inputs))
-            return batch
+            return len(inputs)
 
         rate, _ = timed_loop(seconds, overlapped)
         for future in pending:

@@ -47,8 +47,8 @@ from bench.classify import (  # noqa: E402
     MODEL,
     machine_line,
     make_jpegs,
+    overlapped_rate,
     raw_overlapped,
-    timed_loop,
 )
 from perito_core.imaging import ImageLimits, load_model_input  # noqa: E402
 from perito_core.imaging_device import (  # noqa: E402
@@ -105,20 +105,7 @@ def device_pipeline(
         fetches = [(lambda d=d: d) for d in datas]
         return prepare_batch(pool, fetches, [prepare] * batch, spec, limits, device)
 
-    with ThreadPoolExecutor(2) as pool:
-        pending = submit(pool)
-
-        def overlapped() -> int:
-            nonlocal pending
-            inputs = [f.result() for f in pending]
-            pending = submit(pool)
-            model.predict(np.stack(inputs))
-            return batch
-
-        rate, _ = timed_loop(seconds, overlapped)
-        for future in pending:
-            future.result()
-    return rate
+    return overlapped_rate(model, submit, seconds)
 
 
 def input_differences(model: LoadedModel, jpegs: list[bytes], device: torch.device) -> str:
