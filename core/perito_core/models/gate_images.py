@@ -120,7 +120,8 @@ def frame(array: np.ndarray, rng: np.random.Generator) -> bytes:
     return buffer.getvalue()
 
 
-def _scene(seed: int) -> np.ndarray:
+def scene(seed: int) -> np.ndarray:
+    """The generated scene of `seed`: a uint8 RGB array [SCENE_SIZE, SCENE_SIZE, 3]."""
     rng = np.random.default_rng(seed)
     shape = SHAPES[int(rng.integers(len(SHAPES)))]
     return np.asarray(object_image(rng, shape, SCENE_SIZE).convert("RGB"))
@@ -171,5 +172,5 @@ def gate_images(
         (0, calibration_scenes, images.calibration),
     ):
         for scene_seed in range(first + seed * count, first + (seed + 1) * count):
-            _add(files, seen, "scene", frame(_scene(scene_seed), rng))
+            _add(files, seen, "scene", frame(scene(scene_seed), rng))
     return images

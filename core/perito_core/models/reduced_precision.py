@@ -40,9 +40,8 @@ from perito_core.models.engines.torchscript import (
     TorchScriptModel,
 )
 from perito_core.models.gate import gate_figures, gate_reason, refusal_detail, weak_gate_warning
-from perito_core.models.gate_images import HELD_OUT_SEED, SCENE_SIZE, frame, gate_images
+from perito_core.models.gate_images import HELD_OUT_SEED, frame, gate_images, scene
 from perito_core.models.manifest import MIN_AGREEMENT
-from perito_core.scenes import SHAPES, object_image
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +55,7 @@ def _scene_framings(count: int) -> dict[str, bytes]:
     rng = np.random.default_rng(0)
     files = {}
     for seed in range(HELD_OUT_SEED, HELD_OUT_SEED + count):
-        scene_rng = np.random.default_rng(seed)
-        shape = SHAPES[int(scene_rng.integers(len(SHAPES)))]
-        scene = np.asarray(object_image(scene_rng, shape, SCENE_SIZE).convert("RGB"))
-        files[f"scene-{seed}.jpg"] = frame(scene, rng)
+        files[f"scene-{seed}.jpg"] = frame(scene(seed), rng)
     return files
 
 
