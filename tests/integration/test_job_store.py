@@ -273,7 +273,7 @@ def test_closing_a_chunk_records_its_part_once_and_only_for_the_lease_holder(
     results = [_failed_every_third(i) for i in range(4, 8)]
     assert store.record_chunk(job, 1, "nobody", 1, results).outcome == "lost"  # no lease
     lease = store.acquire_chunk(job_id, 1, "worker-a", ttl_s=60)
-    with pytest.raises(InvalidArgument, match="not its items"):
+    with pytest.raises(InvalidArgument, match="must be its items 4 to 7"):
         store.record_chunk(job, 1, "worker-a", lease.attempts, results[:3])
     record = store.record_chunk(job, 1, "worker-a", lease.attempts, results)
     assert (record.outcome, record.complete) == ("recorded", False)

@@ -833,7 +833,10 @@ class JobStore:
         """
         first, items = self._chunk_span(job.total, job.chunk_size, chunk)
         if [r.index for r in results] != list(range(first, first + items)):
-            raise InvalidArgument(f"chunk {chunk}'s results are not its items {first}..")
+            raise InvalidArgument(
+                f"chunk {chunk}'s results must be its items {first} to {first + items - 1}, "
+                "in order"
+            )
         if any(r.state not in (ItemState.SUCCEEDED, ItemState.FAILED) for r in results):
             raise InvalidArgument("a part holds succeeded and failed items only")
         if not 1 <= attempt <= MAX_ATTEMPT:
