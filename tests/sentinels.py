@@ -32,9 +32,10 @@ class SentinelGroup:
     """
 
     def __init__(
-        self, folder: Path, *, down_after_ms: int = 1000, failover_timeout_ms: int = 10_000
+        self, folder: Path, *, down_after_ms: int = 1000, failover_timeout_ms: int = 4000
     ) -> None:
         self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ)
         self.primary_port, self.replica_port = free_port(), free_port()
         self.sentinel_ports = [free_port() for _ in range(3)]
@@ -148,6 +149,24 @@ class SentinelGroup:
                     pass
             time.sleep(0.05)
         raise TimeoutError(f"no replica promoted within {timeout:.0f}s")
+
+    def wait_replica(self, port: int, timeout: float) -> float:
+        """Seconds until the Redis on `port` says it is a replica (one the sentinels
+        reconfigured, such as a demoted primary started again).
+
+        Raises:
+            TimeoutError: not so within `timeout` seconds.
+        """
+        started = time.monotonic()
+        while time.monotonic() - started < timeout:
+            try:
+                with redis.Redis(port=port, socket_timeout=2) as client:
+                    if client.info("replication")["role"] == "slave":
+                        return time.monotonic() - started
+            except redis.ConnectionError:  # not listening yet, or loading its data
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"the Redis on port {port} was not made a replica in {timeout:.0f}s")
 
     def stop(self) -> None:
         for proc in [*self.sentinels, self.replica, self.primary]:

@@ -39,6 +39,7 @@ from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import redis
+from redis.sentinel import Sentinel, SentinelManagedConnection
 
 from perito_core.errors import InvalidArgument
 
@@ -240,8 +241,6 @@ def redis_client(url: str, *, setting: str = REDIS_URL_SETTING, **options: Any) 
     """
     if not is_sentinel(url):
         return redis.Redis.from_pool(_plain_pool(url, setting, **options))
-    from redis.sentinel import Sentinel
-
     parsed = parse_sentinel_url(url, setting)
     sentinel_kwargs = {k: v for k, v in options.items() if k.startswith("socket_")}
     sentinel_kwargs.update(_sentinel_credentials(parsed))
@@ -249,11 +248,33 @@ def redis_client(url: str, *, setting: str = REDIS_URL_SETTING, **options: Any) 
     credentials = {"username": parsed.username, "password": parsed.password}
     client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
         parsed.service_name,
+        connection_class=SentinelPrimaryConnection,
         db=parsed.db,
         **{k: v for k, v in credentials.items() if v is not None},
         **options,
     )
     return client
+
+
+class SentinelPrimaryConnection(SentinelManagedConnection):
+    """redis-py's `SentinelManagedConnection`, asking the sentinels for the primary's address
+    on every attempt to open its socket.
+
+    redis-py (8.1 at least) asks them only in `SentinelManagedConnection.connect`; a connection
+    that fails mid-command is reopened by the command's retry through
+    `Connection.send_packed_command` -> `connect_check_health` -> `_connect`, to the address it
+    had: a command in flight when the primary dies retries the dead address until its retries
+    run out, even once a replica is promoted (redis/redis-py issue 3874). Resolving in
+    `_connect` puts every retry, and every connection, on the primary the sentinels name now
+    (one `SENTINEL MASTERS` round trip per socket opened). `MasterNotFoundError` while no
+    primary is named is a `ConnectionError`, retried like one.
+    """
+
+    def _connect(self) -> Any:
+        pool = self.connection_pool
+        if pool.is_master:
+            self.host, self.port = pool.get_master_address()
+        return super()._connect()  # type: ignore[no-untyped-call]
 
 
 def _sentinel_credentials(parsed: SentinelURL) -> dict[str, str]:

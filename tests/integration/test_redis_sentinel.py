@@ -33,6 +33,15 @@ def _address(store: JobStore) -> tuple[str, int]:
     return pool.get_master_address()  # type: ignore[attr-defined,no-any-return]
 
 
+def _wait_blocked(port: int, timeout: float = 20) -> None:
+    """Wait until a client of the Redis on `port` waits in a blocking command."""
+    deadline = time.monotonic() + timeout
+    with redis_client(f"redis://127.0.0.1:{port}/0", socket_timeout=2) as client:
+        while client.info("clients")["blocked_clients"] < 1:
+            assert time.monotonic() < deadline, f"nobody blocked on port {port}"
+            time.sleep(0.05)
+
+
 def test_the_job_store_and_the_broker_follow_a_failover(group: SentinelGroup) -> None:
     store = JobStore.connect(group.url, outage_retry_s=30)
     app = make_celery(group.url, visibility_timeout_s=60)
@@ -41,18 +50,27 @@ def test_the_job_store_and_the_broker_follow_a_failover(group: SentinelGroup) ->
     assert store.redis.wait(1, 5000) == 1  # the replica has it
     app.send_task(CLASSIFY_CHUNK, kwargs={"job_id": "j", "chunk": 0}, queue=BULK_QUEUE)
 
-    # A call made the moment the primary dies is retried until the replica is promoted.
+    # A command in flight when the primary dies, and one sent just after, are retried until
+    # the replica is promoted, and then run there.
+    popped: list[object] = []
+    in_flight = threading.Thread(target=lambda: popped.append(store.redis.blpop(["handed"])))
+    in_flight.start()
+    _wait_blocked(group.primary_port)
     answered: list[int] = []
-    during = threading.Thread(target=lambda: answered.append(int(store.redis.incr("during"))))
+    after = threading.Thread(target=lambda: answered.append(int(store.redis.incr("during"))))
     group.primary.kill9()
     killed = time.monotonic()
-    during.start()
+    after.start()
     promoted = group.wait_promoted(group.primary_port, timeout=30)
     failover_s = time.monotonic() - killed
-    during.join(30)
+    after.join(30)
+    _wait_blocked(promoted)
+    redis_client(group.url).rpush("handed", "x")
+    in_flight.join(30)
 
     assert promoted == group.replica_port
     assert answered == [1], "the call made during the failover did not complete once"
+    assert popped == [(b"handed", b"x")], "the call in flight did not move to the new primary"
     assert store.redis.get("before") == b"1"
     assert _address(store) == ("127.0.0.1", group.replica_port)
     assert failover_s < 20
@@ -71,12 +89,12 @@ def test_a_demoted_primary_is_left_for_the_new_one(group: SentinelGroup) -> None
     group.primary.kill9()
     group.wait_promoted(group.primary_port, timeout=30)
     group.primary.start(30)
+    client.set("k", "new")
+    group.wait_replica(group.primary_port, timeout=30)
+    client.set("k", "newer")
+    assert client.get("k") == b"newer"
     deadline = time.monotonic() + 30
-    role = ""
-    while time.monotonic() < deadline and role != "slave":
-        with redis_client(f"redis://127.0.0.1:{group.primary_port}/0") as old:
-            role = old.info("replication")["role"]
-        client.set("k", "new")
-        time.sleep(0.2)
-    assert role == "slave"
-    assert client.get("k") == b"new"
+    while client.wait(1, 1000) < 1:  # until the old primary, now its replica, has it
+        assert time.monotonic() < deadline, "the old primary never caught up"
+    with redis_client(f"redis://127.0.0.1:{group.primary_port}/0") as old:
+        assert old.get("k") == b"newer"
