@@ -45,6 +45,9 @@ Scenarios:
   the way into its 3 chunks of a 4,000-image job, and restored once host B has finished one
   of them, resent by the watchdog after A's leases lapsed. Expect all 4,000 succeeded, once
   each, A's late writes refused or changing nothing. Skipped (SKIP) without root or `ip`.
+- `sentinel-failover` (`bench/fault_sentinel.py`): the server and a worker on a
+  `redis+sentinel://` URL (a primary, a replica, three `redis-sentinel`s); the primary is
+  SIGKILLed mid-job (5,000 images) and the replica promoted. Expect all 5,000 succeeded.
 
 Every scenario ends by checking each of its jobs: terminal; succeeded + failed + cancelled ==
 total; the results file (`results.jsonl` at the output location) lists every index
@@ -1399,6 +1402,7 @@ def scenario_slow_chunk(lab: Lab, out: Outcome, sampler: Sampler) -> None:
 # are imported once those parts are defined.
 sys.modules.setdefault("bench.faults", sys.modules[__name__])
 from bench.fault_netns import scenario_cut_off_host  # noqa: E402
+from bench.fault_sentinel import scenario_sentinel_failover  # noqa: E402
 
 SCENARIOS: dict[str, Callable[[Lab, Outcome, Sampler], None]] = {
     "kill-worker": scenario_kill_worker,
@@ -1413,6 +1417,7 @@ SCENARIOS: dict[str, Callable[[Lab, Outcome, Sampler], None]] = {
     "retention": scenario_retention,
     "slow-chunk": scenario_slow_chunk,
     "cut-off-host": scenario_cut_off_host,
+    "sentinel-failover": scenario_sentinel_failover,
 }
 # Peak worker RSS is reported where workers do the work; server RSS where the server does.
 WORKER_RSS = {
