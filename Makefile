@@ -22,6 +22,9 @@ $(STAMP): pyproject.toml constraints.txt setup.py
 # (iproute2) makes the network namespaces of the fault suite's cut-off-host; promtool
 # (Debian's prometheus package, without its recommends) checks deploy/prometheus's alerts and
 # the dashboard's queries: only the tool is wanted, so the package's daemon is stopped and disabled.
+# redis-sentinel runs the Sentinel groups of the fault suite's sentinel-failover and of
+# tests/integration/test_redis_sentinel.py, which start their own: the package's daemon (port
+# 26379) is stopped and disabled too.
 system-deps:
 	@missing=""; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
@@ -39,6 +42,12 @@ system-deps:
 		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
 		{ $$SUDO systemctl disable --now prometheus || $$SUDO service prometheus stop; } >/dev/null 2>&1 || true; \
+	fi; \
+	if ! command -v redis-sentinel >/dev/null; then \
+		echo "installing: redis-sentinel"; \
+		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq redis-sentinel >/dev/null; \
+		{ $$SUDO systemctl disable --now redis-sentinel || $$SUDO service redis-sentinel stop; } >/dev/null 2>&1 || true; \
 	fi
 
 proto: $(STAMP)
@@ -117,9 +126,9 @@ bench-scale: install
 	$(BIN)/python bench/scale.py
 
 # The fault suite: real redis-server (append-only file on), workers and server killed,
-# overload, retention, a worker host cut off its network (namespaces: as root, else SKIP); zero
-# items lost or duplicated. 3 to 5 minutes on 2 cores; not in `test`: .ci/run runs it, and
-# `scenarios`, after `test`.
+# overload, retention, a worker host cut off its network (namespaces: as root, else SKIP), the
+# Redis primary killed under Sentinel and a replica promoted; zero items lost or duplicated.
+# 3 to 5 minutes on 2 cores; not in `test`: .ci/run runs it, and `scenarios`, after `test`.
 faults: install
 	$(BIN)/python bench/faults.py
 
