@@ -53,13 +53,20 @@ def worker(name: str | None, log_level: str, **flags: Any) -> None:
     Example:
       perito worker --redis-url redis://localhost:6379/0 --registry s3://models/perito
     """
+    from perito_core.errors import InvalidArgument
     from perito_core.jobs.queue import BULK_QUEUE
     from perito_core.listening import ListenError
     from perito_core.logs import configure_logging
+    from perito_core.redis_connection import check_redis_url
     from perito_worker.settings import WorkerSettings
 
     settings = WorkerSettings(**{k: v for k, v in flags.items() if v not in (None, ())})
     configure_logging(log_level, settings.log_format)
+    try:  # a malformed Redis URL is refused now, naming its setting, not at the first chunk
+        check_redis_url(settings.redis_url, "PERITO_REDIS_URL")
+        check_redis_url(settings.broker, settings.broker_setting)
+    except InvalidArgument as error:
+        raise click.ClickException(error.message) from None
     if settings.tracing:
         from perito_core.tracing import setup_tracing
 

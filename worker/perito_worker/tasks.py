@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 
 # Wired to the environment's settings (`PERITO_REDIS_URL`, `PERITO_BROKER_URL`), so that plain
 # `celery -A perito_worker.tasks` works too; `perito worker` re-points it with its flags.
-app = make_celery(WorkerSettings().broker)
+_environment = WorkerSettings()
+app = make_celery(_environment.broker, setting=_environment.broker_setting)
 
 _settings: WorkerSettings | None = None
 _runtime: WorkerRuntime | None = None
