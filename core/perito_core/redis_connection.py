@@ -264,7 +264,7 @@ class SentinelPrimaryConnection(SentinelManagedConnection):
     that fails mid-command is reopened by the command's retry through
     `Connection.send_packed_command` -> `connect_check_health` -> `_connect`, to the address it
     had: a command in flight when the primary dies retries the dead address until its retries
-    run out, even once a replica is promoted (redis/redis-py issue 3874). Resolving in
+    run out, even once a replica is promoted. Resolving in
     `_connect` puts every retry, and every connection, on the primary the sentinels name now
     (one `SENTINEL MASTERS` round trip per socket opened). `MasterNotFoundError` while no
     primary is named is a `ConnectionError`, retried like one.
