@@ -64,7 +64,7 @@ from bench.faults import (
     check_store,
     wait_terminal,
 )
-from perito_core.jobs.store import JobStore
+from perito_core.jobs.store import job_key
 
 CHUNK = 1000  # items per chunk
 CHUNKS = 4
@@ -311,7 +311,7 @@ def _wait_for(what: str, timeout: float, ready: Callable[[], bool], every: float
 
 def _resent(stack: Stack, job_id: str) -> int:
     """Chunks of the job the watchdog has sent again."""
-    return int(stack.r.hget(JobStore._key(job_id), "resent") or 0)  # type: ignore[arg-type]
+    return int(stack.r.hget(job_key(job_id), "resent") or 0)  # type: ignore[arg-type]
 
 
 def scenario_cut_off_host(lab: Lab, out: Outcome, sampler: Sampler) -> None:

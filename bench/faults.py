@@ -35,7 +35,7 @@ Scenarios:
   calls get RESOURCE_EXHAUSTED with a retry hint, admitted calls are answered, health checks
   say SERVING throughout, the server's RSS stays bounded.
 - `retention`: with `PERITO_JOB_RETENTION=5`, a few jobs run and expire; Redis's used memory
-  and its `perito:job:*` keys return to their baseline.
+  and its job keys (`perito:job:{<id>}...`) return to their baseline.
 - `slow-chunk`: a chunk that runs longer than the broker's visibility timeout (10 s; a model
   made slow with real work, one image per batch) with two workers: the broker redelivers it
   while it runs; the second delivery is skipped (the lease is live) and every item is
@@ -51,8 +51,10 @@ Scenarios:
 
 Every scenario ends by checking each of its jobs: terminal; succeeded + failed + cancelled ==
 total; the results file (`results.jsonl` at the output location) lists every index
-0..total-1 exactly once; its per-state tallies equal the job's counters, and the item results
-in Redis number exactly `total` (so no item counted twice, none both cancelled and succeeded);
+0..total-1 exactly once; its per-state tallies equal the job's counters, and the items its
+recorded parts hold (each part read and checked index by index) plus those of chunks closed
+without one number exactly `total` (so no item counted twice, none both cancelled and
+succeeded);
 no job in the store left non-terminal. It prints one line per scenario, then a markdown
 table, and exits 1 on any loss, duplicate, non-terminal job or failed expectation. Memory is
 sampled every 0.2 s: the server's RSS, and the workers' PSS summed over each worker's process
@@ -67,6 +69,7 @@ group (a prefork worker and its pool child share most pages; RSS would count the
 import argparse
 import asyncio
 import contextlib
+import fnmatch
 import io
 import json
 import os
@@ -100,7 +103,15 @@ from torch import nn  # noqa: E402
 
 import perito  # noqa: E402
 from perito_core.access.tenancy import ANONYMOUS_TENANT  # noqa: E402
-from perito_core.jobs.store import JobStore  # noqa: E402
+from perito_core.jobs.store import (  # noqa: E402
+    ACTIVE_JOBS_KEY,
+    DEAD_LETTER_KEY,
+    JOBS_KEY,
+    JobStore,
+    job_key,
+    job_keys_pattern,
+    request_key,
+)
 from perito_core.models.registry import ModelRegistry  # noqa: E402
 from perito_training.export import export_torchscript  # noqa: E402
 from tests.helpers import TINY_INPUT, tiny_network  # noqa: E402
@@ -276,10 +287,10 @@ class Stack:
         return perito.Client(self.target, **{"timeout": 30.0, **kwargs})
 
     def job_ids(self) -> set[str]:
-        return {k.decode() for k in self.r.zrange("perito:jobs", 0, -1)}  # type: ignore[union-attr]
+        return {k.decode() for k in self.r.zrange(JOBS_KEY, 0, -1)}  # type: ignore[union-attr]
 
     def active_jobs(self) -> int:
-        return int(self.r.zcard("perito:active-jobs"))  # type: ignore[arg-type]
+        return int(self.r.zcard(ACTIVE_JOBS_KEY))  # type: ignore[arg-type]
 
     def rss(self) -> tuple[float, float]:
         """(the server's RSS, the PSS of every worker process) in MB, now; 0 for a stopped one.
@@ -616,7 +627,7 @@ def check_job(
     add it up. Its Redis record must still be there: a job with a short retention is checked
     as soon as it ends (`wait_terminal`'s `on_terminal`). Without `results_file` (a job whose
     results could not be written), its items are counted from its parts alone."""
-    key = f"perito:job:{job.id}"
+    key = job_key(job.id)
     record = {k.decode(): v.decode() for k, v in stack.r.hgetall(key).items()}  # type: ignore[union-attr]
     label = f"job {job.id}"
     out.expect(job.terminal, f"{label} not terminal: {job.state.value} {job.done}/{job.total}")
@@ -741,7 +752,7 @@ def scenario_kill_worker(lab: Lab, out: Outcome, sampler: Sampler) -> None:
 
 def _done(stack: Stack, job_id: str) -> int:
     """succeeded + failed + cancelled, read from Redis now."""
-    values = stack.r.hmget(f"perito:job:{job_id}", ["succeeded", "failed", "cancelled"])
+    values = stack.r.hmget(job_key(job_id), ["succeeded", "failed", "cancelled"])
     return sum(int(v or 0) for v in values)  # type: ignore[union-attr]
 
 
@@ -774,13 +785,13 @@ def scenario_kill_redis(lab: Lab, out: Outcome, sampler: Sampler) -> None:
     job = wait_done(client, handle.id, 1500, timeout=120)
     if job.terminal:
         raise Failure("the job ended before Redis was killed: nothing was tested")
-    before = int(stack.r.hget(f"perito:job:{handle.id}", "succeeded") or 0)  # type: ignore[arg-type]
+    before = int(stack.r.hget(job_key(handle.id), "succeeded") or 0)  # type: ignore[arg-type]
     stack.redis.kill9()
     killed = time.monotonic()
     time.sleep(5)
     stack.redis.start()  # same port, same --dir: replays the append-only file
     down = time.monotonic() - killed
-    after = int(stack.r.hget(f"perito:job:{handle.id}", "succeeded") or 0)  # type: ignore[arg-type]
+    after = int(stack.r.hget(job_key(handle.id), "succeeded") or 0)  # type: ignore[arg-type]
     expect_all_succeeded(stack, client, handle.id, 6000, out)
     out.notes.append(
         f"Redis SIGKILLed at {before} succeeded, restarted {down:.1f}s later from its "
@@ -824,9 +835,7 @@ def scenario_kill_server(lab: Lab, out: Outcome, sampler: Sampler) -> None:
                 future.result()
     # Lost calls that got as far as claiming their request id, and those whose job was recorded.
     claimed = {i for i in lost if _request_job(stack, request_ids[i])}
-    made = {
-        i for i in claimed if stack.r.exists(f"perito:job:{_request_job(stack, request_ids[i])}")
-    }
+    made = {i for i in claimed if stack.r.exists(job_key(_request_job(stack, request_ids[i])))}
     stack.server.start()
 
     with stack.client(timeout=30, max_retries=5) as client:
@@ -854,13 +863,15 @@ def scenario_kill_server(lab: Lab, out: Outcome, sampler: Sampler) -> None:
             len(set(again.values())) == calls,
             f"{calls} request ids made {len(set(again.values()))} distinct jobs",
         )
+        jobs = wait_terminal(client, [again[i] for i in range(calls)], timeout=240)
+        # Once they ran: a job whose submission died between its record and the job list is
+        # listed by then (by the watchdog's sweep, or when it ends).
         new = stack.job_ids() - before
         out.expect(
             new == set(again.values()),
             f"{len(new)} jobs in the store for {calls} request ids "
             f"({len(new - set(again.values()))} not reachable by any id)",
         )
-        jobs = wait_terminal(client, [again[i] for i in range(calls)], timeout=240)
     for job in jobs:
         check_job(stack, job, out)
         out.expect(
@@ -890,7 +901,7 @@ def scenario_kill_server(lab: Lab, out: Outcome, sampler: Sampler) -> None:
 def _request_job(stack: Stack, request_id: str) -> str:
     """The job id a request id is recorded with in Redis ('' if none). The stacks run without
     auth, so the id is the anonymous tenant's (request ids are scoped per tenant)."""
-    value = stack.r.get(JobStore._request_key(request_id, ANONYMOUS_TENANT))
+    value = stack.r.get(request_key(request_id, ANONYMOUS_TENANT))
     return value.decode() if isinstance(value, bytes) else ""
 
 
@@ -938,7 +949,7 @@ def scenario_chunk_error(lab: Lab, out: Outcome, sampler: Sampler) -> None:
         all("boom" in e and "dead-lettered" in e for e in reasons),
         f"failure reasons do not name the error: {reasons[0][:200]}",
     )
-    letters = [json.loads(x) for x in stack.r.lrange("perito:dead-letter", 0, -1)]  # type: ignore[union-attr]
+    letters = [json.loads(x) for x in stack.r.lrange(DEAD_LETTER_KEY, 0, -1)]  # type: ignore[union-attr]
     out.expect(
         any(x["job_id"] == broken.id and x["chunk"] == 0 for x in letters),
         "no dead-letter record for the chunk",
@@ -1073,7 +1084,7 @@ def scenario_unwritable_results(lab: Lab, out: Outcome, sampler: Sampler) -> Non
     lags = []
     for (case, reason), job in zip(cases.items(), jobs, strict=True):
         check_job(stack, job, out, results_file=not reason)
-        completed = float(stack.r.hget(f"perito:job:{job.id}", "completed_at") or 0)  # type: ignore[arg-type]
+        completed = float(stack.r.hget(job_key(job.id), "completed_at") or 0)  # type: ignore[arg-type]
         lag = job.finished.timestamp() - completed if job.finished and completed else -1.0
         lags.append(lag)
         out.expect(0 <= lag < 5, f"{case}: ended {lag:.1f}s after its last item (expected < 5)")
@@ -1280,7 +1291,7 @@ def _redis_memory(stack: Stack) -> tuple[int, set[str]]:
 
 def _wait_expired(stack: Stack, timeout: float) -> float:
     started = time.monotonic()
-    while any(True for _ in stack.r.scan_iter("perito:job:*", count=1000)):
+    while any(True for _ in stack.r.scan_iter(job_keys_pattern(), count=1000)):
         if time.monotonic() - started > timeout:
             raise Failure(f"job keys still in Redis {timeout:.0f}s after the jobs ended")
         time.sleep(0.2)
@@ -1314,7 +1325,7 @@ def scenario_retention(lab: Lab, out: Outcome, sampler: Sampler) -> None:
         out.expect(job.state is perito.JobState.SUCCEEDED, f"job {job.id}: {job.state.value}")
     for handle in handles[2:]:
         out.expect(
-            not stack.r.exists(f"perito:job:{handle.id}:inline"),
+            not stack.r.exists(job_key(handle.id, "inline")),
             f"job {handle.id}: inline images kept after the job ended",
         )
     _wait_expired(stack, 30)
@@ -1329,7 +1340,7 @@ def scenario_retention(lab: Lab, out: Outcome, sampler: Sampler) -> None:
     # Request ids stay 24 h (AIP-155) by design: 4 small strings. Nothing else may remain.
     extra = after_keys - base_keys
     requests = {k for k in extra if k.startswith("perito:request:")}
-    job_keys = {k for k in peak_keys if k.startswith("perito:job:")}
+    job_keys = {k for k in peak_keys if fnmatch.fnmatchcase(k, job_keys_pattern())}
     growth = after_memory - base_memory
     out.expect(not extra - requests, f"keys left after retention: {sorted(extra - requests)}")
     out.expect(

@@ -53,6 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from faults import Config, Lab, Stack, _png
 
 from perito.v1.vocabulary import ItemState
+from perito_core.jobs.store import job_keys_pattern
 from perito_core.models.engines.base import isa_summary
 from perito_core.models.registry import ModelRegistry
 from perito_training.export import export_torchscript
@@ -101,9 +102,9 @@ def write_manifest(lab: Lab, items: int, distinct: int) -> Path:
 
 
 def job_bytes(stack: Stack, job_id: str) -> tuple[int, int]:
-    """(`MEMORY USAGE` summed over every key whose name holds `job_id`, how many keys)."""
+    """(`MEMORY USAGE` summed over every key of job `job_id`, how many keys)."""
     total = keys = 0
-    for key in stack.r.scan_iter(match=f"*{job_id}*", count=1000):
+    for key in stack.r.scan_iter(match=job_keys_pattern(job_id), count=1000):
         total += int(stack.r.memory_usage(key, samples=0) or 0)  # type: ignore[arg-type]
         keys += 1
     return total, keys

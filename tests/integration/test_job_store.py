@@ -13,7 +13,7 @@ from perito import ItemState, JobState
 from perito_core.errors import InvalidArgument, NotFound
 from perito_core.jobs.parts import ChunkSlot
 from perito_core.jobs.queue import BULK_QUEUE, make_celery, queued_chunks
-from perito_core.jobs.store import ItemInput, ItemResult, Job, JobStore
+from perito_core.jobs.store import ItemInput, ItemResult, Job, JobStore, job_key, job_keys_pattern
 from perito_core.jobs.watchdog import Watchdog
 from perito_core.storage import S3Options
 from tests.helpers import create_job, record_chunks, redis_server, succeeded_result
@@ -92,7 +92,7 @@ def test_a_job_over_the_item_cap_is_refused_while_listing_and_leaves_nothing(
         _submit(store, endless(), 10, tmp_path, max_items=2500)
     assert caught.value.field == "input"
     assert len(listed) == 2501  # stopped at the first item over the cap
-    assert store.redis.keys("perito:job:*") == []
+    assert store.redis.keys(job_keys_pattern()) == []
 
 
 def test_creating_the_same_job_id_twice_gives_the_first_job(
@@ -158,7 +158,7 @@ def test_a_finished_job_is_deleted_after_retention_and_redis_returns_to_baseline
     assert report.deleted == 20, report
     assert store.state_counts()[JobState.SUCCEEDED] == 0
     left = {k for k in store.redis.keys("*") if not k.startswith(b"perito:watchdog")}
-    assert left <= keys_before | {b"perito:job-states"}
+    assert left <= keys_before
     left_over = _memory(store, left) - baseline
     assert grown > 20 * 500 and left_over <= 0, (grown, left_over)
     with pytest.raises(NotFound):
@@ -279,7 +279,7 @@ def test_closing_a_chunk_records_its_part_once_and_only_for_the_lease_holder(
     assert (record.outcome, record.complete) == ("recorded", False)
     after = store.get(job_id)
     assert (after.succeeded, after.failed, after.done) == (3, 1, 4)
-    assert store.redis.hget(f"perito:job:{job_id}", "progress_at")  # the stuck-jobs metric
+    assert store.redis.hget(job_key(job_id), "progress_at")  # the stuck-jobs metric
     assert store.chunk_slots(job_id, 0, 2) == [ChunkSlot(), ChunkSlot(1, 1), ChunkSlot()]
     # A second close of the same chunk (a redelivery that got as far) changes nothing.
     again = store.record_chunk(job, 1, "worker-a", lease.attempts, results)
@@ -287,7 +287,7 @@ def test_closing_a_chunk_records_its_part_once_and_only_for_the_lease_holder(
     assert store.acquire_chunk(job_id, 1, "worker-b", ttl_s=60).outcome == "done"
     # What a running chunk kept in Redis goes with it: lease, attempts, error.
     for part in ("leases", "attempts", "chunk-errors"):
-        assert not store.redis.hexists(f"perito:job:{job_id}:{part}", "1")
+        assert not store.redis.hexists(job_key(job_id, part), "1")
     assert [r.state for r in store.results(job_id, 3, 6)] == [
         ItemState.PENDING,
         ItemState.SUCCEEDED,
@@ -436,7 +436,7 @@ def test_redis_holds_at_most_16_bytes_per_item_once_chunks_are_done(
     job, _ = _submit(store, items, 64, tmp_path)
 
     def per_item() -> float:
-        keys = set(store.redis.keys(f"perito:job:{job.id}*"))
+        keys = set(store.redis.keys(job_keys_pattern(job.id)))
         return _memory(store, keys) / total
 
     queued = per_item()

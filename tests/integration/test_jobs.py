@@ -18,7 +18,7 @@ from PIL import Image
 
 import perito
 from perito_core.imaging import load_model_input
-from perito_core.jobs.store import ItemInput, JobStore
+from perito_core.jobs.store import DEAD_LETTER_KEY, ItemInput, JobStore, job_keys_pattern
 from perito_core.models.engines.torchscript import TorchScriptModel
 from perito_core.models.registry import ModelRegistry
 from perito_training.datasets import load_fashion_mnist
@@ -321,7 +321,7 @@ def test_a_chunk_that_keeps_killing_workers_is_dead_lettered(bulk: Bulk, redis_u
     assert finalized == [job.id]
     error = store.results(job.id, 0, 1)[0].error
     assert "dead-lettered" in error and "started 3 times" in error and "killed" in error
-    letters = [json.loads(x) for x in store.redis.lrange("perito:dead-letter", 0, -1)]
+    letters = [json.loads(x) for x in store.redis.lrange(DEAD_LETTER_KEY, 0, -1)]
     assert {"job_id": job.id, "chunk": 0} in [
         {"job_id": x["job_id"], "chunk": x["chunk"]} for x in letters
     ]
@@ -379,7 +379,7 @@ def test_a_deleted_job_is_gone_and_its_results_file_stays(bulk: Bulk, redis_url:
         bulk.client.submit_job(uris, model="fashion", request_id="to-delete")  # not made again
     with pytest.raises(perito.NotFoundError):
         bulk.client.get_job(job.id)
-    assert not JobStore.connect(redis_url).redis.keys(f"perito:job:{job.id}*")
+    assert not JobStore.connect(redis_url).redis.keys(job_keys_pattern(job.id))
     assert len(bulk.results_file(job)) == 3
     with pytest.raises(perito.NotFoundError):
         bulk.client.delete_job(job.id)
@@ -567,14 +567,14 @@ async def test_the_async_client_submits_watches_and_reads_a_job(
 
 def test_job_state_counts_match_the_jobs(bulk: Bulk, redis_url: str) -> None:
     """The per-state counters behind the `perito_jobs` gauge agree with the jobs themselves."""
-    from perito_core.jobs.store import PREFIX, JobStore
+    from perito_core.jobs.store import JOBS_KEY, JobStore
 
     bulk.client.submit_job(
         [bulk.image_bytes[n] for n in sorted(bulk.image_bytes)[:3]], model="fashion"
     ).wait(60)
     store = JobStore.connect(redis_url)
     counts = store.state_counts()
-    job_ids = [_id.decode() for _id in store.redis.zrange(f"{PREFIX}:jobs", 0, -1)]
+    job_ids = [_id.decode() for _id in store.redis.zrange(JOBS_KEY, 0, -1)]
     assert sum(counts.values()) == len(job_ids) and min(counts.values()) >= 0
     jobs = [store.get(job_id) for job_id in job_ids]
     for state in perito.JobState:

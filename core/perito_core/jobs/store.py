@@ -1,34 +1,48 @@
 """The job store: bulk jobs, their counters and per-chunk progress, in Redis; their inputs and
 results in object storage (`perito_core.jobs.parts`), under each job's data prefix.
 
-Keys, for job `{id}`:
+Keys of job `<id>` (`job_key`), every one with the Redis Cluster hash tag `{<id>}` (literal
+braces), so all of a job's keys are in one hash slot and every Lua script touches one slot:
 
-    perito:job:{id}              hash: the job record and its counters (`progress_at`: when
-                                  its last chunk was recorded, for `stalled_seconds`;
-                                  `data_uri`: its data prefix; `rest_error`: what the items
-                                  of chunks closed failed without a part say)
-    perito:job:{id}:chunks       string: 4 bytes per chunk (`parts.ChunkSlot`): which
-                                  attempt's part holds its results and how many failed, or
-                                  that it was closed without one (cancelled, failed)
-    perito:job:{id}:open         hash: chunk -> its items, for chunks not closed yet
-    perito:job:{id}:inline       hash: index -> image bytes, for images sent inline (each
-                                  chunk's go when it is closed)
-    perito:job:{id}:leases       hash: chunk -> "holder expiry_ms" of the worker running it
-    perito:job:{id}:attempts     hash: chunk -> times a worker started it (the retry cap)
-    perito:job:{id}:chunk-errors hash: chunk -> why its last attempt ended early
-    perito:jobs                  sorted set: job ids by creation time
-    perito:active-jobs           sorted set: jobs not yet terminal, by creation time
-    perito:finished-jobs         sorted set: terminal jobs by end time (for retention)
-    perito:job-data-purge        sorted set: data prefixes whose objects are to be deleted,
-                                  by when (a deleted job's at once; a submission's an hour
-                                  after it began, unless it made its job)
-    perito:request:{tenant}:{request_id}  string: the job a tenant's request id made (24 h)
-    perito:tenant:{tenant}:jobs   sorted set: the tenant's job ids by creation time (ListJobs)
-    perito:tenant:{tenant}:active sorted set: the tenant's jobs not yet terminal, and those
-                                  being submitted (its concurrent-jobs quota)
-    perito:dead-letter           list: chunks given up on, with the reason (capped)
-    perito:output:{location}     string: the job writing its results files there (see
-                                  `claim_output`), kept the job's retention and a day more
+    perito:job:{<id>}              hash: the job record and its counters (`progress_at`: when
+                                    its last chunk was recorded, for `stalled_seconds`;
+                                    `data_uri`: its data prefix; `rest_error`: what the items
+                                    of chunks closed failed without a part say; `indexed`:
+                                    its global indexes below are written)
+    perito:job:{<id>}:chunks       string: 4 bytes per chunk (`parts.ChunkSlot`): which
+                                    attempt's part holds its results and how many failed, or
+                                    that it was closed without one (cancelled, failed)
+    perito:job:{<id>}:open         hash: chunk -> its items, for chunks not closed yet
+    perito:job:{<id>}:inline       hash: index -> image bytes, for images sent inline (each
+                                    chunk's go when it is closed)
+    perito:job:{<id>}:leases       hash: chunk -> "holder expiry_ms" of the worker running it
+    perito:job:{<id>}:attempts     hash: chunk -> times a worker started it (the retry cap)
+    perito:job:{<id>}:chunk-errors hash: chunk -> why its last attempt ended early
+
+Global keys (indexes over jobs, claims), each in a slot of its own:
+
+    perito:jobs                    sorted set: job ids by creation time
+    perito:active-jobs             sorted set: ids of jobs not yet terminal (and of jobs being
+                                    recorded), by creation time
+    perito:finished-jobs:<state>   sorted set per terminal state: ids of jobs that ended so,
+                                    by end time (retention; their number is the state's count)
+    perito:job-data-purge          sorted set: data prefixes whose objects are to be deleted,
+                                    by when (a deleted job's at once; a submission's an hour
+                                    after it began, unless it made its job)
+    perito:request:<tenant>:<request_id>  string: the job a tenant's request id made (24 h)
+    perito:tenant:<tenant>:jobs    sorted set: the tenant's job ids by creation time (ListJobs)
+    perito:tenant:<tenant>:active  sorted set: the tenant's jobs not yet terminal, and those
+                                    being submitted (its concurrent-jobs quota)
+    perito:dead-letter             list: chunks given up on, with the reason (capped)
+    perito:output:<location>       string: the job writing its results files there (see
+                                    `claim_output`), kept the job's retention and a day more
+
+A transition of a job (recorded, running, ended, deleted) is one Lua script or one MULTI over
+the job's own keys; the global indexes follow it as separate commands, each idempotent (ZADD,
+ZREM), in an order that leaves the job in `perito:active-jobs` (or `perito:finished-jobs:...`
+for a deletion) until the rest is done. A process that dies between the two leaves a job the
+watchdog finds there and indexes again (`sync_indexes`); jobs per state are counted from the
+indexes (`state_counts`), never by a counter that a retry could move twice.
 
 Once a chunk is closed the job store holds 4 bytes for it, whatever its size; nothing per
 item (the rest of the record does not grow with the job).
@@ -48,6 +62,7 @@ agree.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -83,8 +98,26 @@ from perito_core.storage import S3Options, open_store
 log = logging.getLogger(__name__)
 
 PREFIX = "perito"
-# Jobs per state, moved by the same scripts that move each job.
-STATE_COUNTS_KEY = f"{PREFIX}:job-states"
+
+
+def job_key(job_id: str, part: str = "") -> str:
+    """The Redis key of job `job_id`'s record (`part` ""), or of one of its other keys
+    (`chunks`, `open`, `inline`, `leases`, `attempts`, `chunk-errors`): `perito:job:{<id>}`
+    and `perito:job:{<id>}:<part>`. The braces are literal: Redis Cluster's hash tag
+    (https://redis.io/docs/latest/operate/oss_and_stack/reference/cluster-spec/#hash-tags), so
+    every key of a job hashes to one slot."""
+    return f"{PREFIX}:job:{{{job_id}}}" + (f":{part}" if part else "")
+
+
+def job_keys_pattern(job_id: str = "") -> str:
+    """A `KEYS`/`SCAN` pattern for every key of job `job_id`, or of every job ("")."""
+    return f"{PREFIX}:job:{{{job_id}}}*" if job_id else f"{PREFIX}:job:{{*"
+
+
+def request_key(request_id: str, tenant: str) -> str:
+    """The key of a tenant's SubmitJob request id (`JobStore.claim_request`)."""
+    scope = f"{tenant}:" if tenant else ""
+    return f"{PREFIX}:request:{scope}{request_id}"
 
 
 @dataclass
@@ -122,6 +155,8 @@ class Job:
     data_uri: str = ""
     # What each item of a chunk closed failed without a part says (`mark_unrecorded`).
     rest_error: str = ""
+    # Its global indexes (the job lists, the tenant's active jobs) are written (`_index`).
+    indexed: bool = False
 
     @property
     def done(self) -> int:
@@ -157,8 +192,9 @@ _OUTPUT_PREFIX = f"{PREFIX}:output:"
 # The watchdog's sweep lock: one server at a time runs a sweep (`watchdog.Watchdog`).
 _SWEEP_LOCK_KEY = f"{PREFIX}:watchdog-lock"
 ACTIVE_JOBS_KEY = f"{PREFIX}:active-jobs"
-FINISHED_JOBS_KEY = f"{PREFIX}:finished-jobs"
+FINISHED_JOBS_PREFIX = f"{PREFIX}:finished-jobs:"
 JOBS_KEY = f"{PREFIX}:jobs"
+_TERMINAL = tuple(state for state in JobState if state.terminal)
 DEAD_LETTER_KEY = f"{PREFIX}:dead-letter"
 DEAD_LETTER_CAP = 10_000
 REQUEST_ID_TTL_S = 24 * 3600
@@ -175,7 +211,8 @@ _SLOTS_PAGE = 1024
 _CACHED_ITEMS = 20_000
 
 
-def _decode(value: bytes | str | None) -> str:
+def _decode(value: Any) -> str:
+    """A reply's bytes (or str, or None: "") as text."""
     if value is None:
         return ""
     return value.decode() if isinstance(value, bytes) else value
@@ -252,8 +289,8 @@ class JobStore:
         self._delete = client.register_script(_lua("delete"))
         self._reserve = client.register_script(_lua("reserve"))
         self._sweep_lock = client.register_script(_lua("sweep_lock"))
-        self._release_claims = client.register_script(_lua("release_claims"))
-        self._stalled = client.register_script(_lua("stalled"))
+        self._release_claim = client.register_script(_lua("release_claim"))
+        self._mark_indexed = client.register_script(_lua("mark_indexed"))
 
     @classmethod
     def connect(
@@ -291,10 +328,6 @@ class JobStore:
         return cls(client, s3)
 
     @staticmethod
-    def _key(job_id: str, part: str = "") -> str:
-        return f"{PREFIX}:job:{job_id}" + (f":{part}" if part else "")
-
-    @staticmethod
     def _tenant_key(tenant: str, part: str) -> str:
         return f"{PREFIX}:tenant:{tenant}:{part}"
 
@@ -305,29 +338,29 @@ class JobStore:
         """The job id for a SubmitJob `request_id` (Google AIP-155): `job_id` if this is the
         first time `tenant` used the id in 24 h, else the job its first request made. Ids are
         scoped per tenant: another tenant's id never names (nor reveals) someone's job."""
-        key = self._request_key(request_id, tenant)
+        key = request_key(request_id, tenant)
         if self.redis.set(key, job_id, nx=True, ex=REQUEST_ID_TTL_S):
             return job_id
         return _decode(self.redis.get(key)) or job_id
-
-    @staticmethod
-    def _request_key(request_id: str, tenant: str) -> str:
-        scope = f"{tenant}:" if tenant else ""
-        return f"{PREFIX}:request:{scope}{request_id}"
 
     @_redis_unavailable
     def reserve_slot(self, tenant: str, job_id: str, limit: int) -> bool:
         """Hold one of `tenant`'s `limit` concurrent-job slots for `job_id`, which is about
         to be created; False if every slot is taken. The slot is freed when the job ends
         (`finish`), or by `release_slot` if its submission fails; a submission that died
-        without either frees it after an hour. Atomic across server replicas."""
+        without either frees it after an hour (its entry older than that, no job recorded).
+        Atomic across server replicas: one script over the tenant's set alone."""
+        key = self._tenant_key(tenant, "active")
         now = time.time()
-        return bool(
-            self._reserve(
-                keys=[self._tenant_key(tenant, "active")],
-                args=[job_id, limit, now, now - _BUILDING_TTL_S, f"{PREFIX}:job:"],
-            )
-        )
+        stale_before = now - _BUILDING_TTL_S
+        stale = [_decode(m) for m in self.redis.zrangebyscore(key, "-inf", f"({stale_before}")]
+        dead: list[str] = []
+        if stale:  # each job's record is in a slot of its own: asked one by one
+            with self.redis.pipeline(transaction=False) as pipe:
+                for member in stale:
+                    pipe.exists(job_key(member))
+                dead = [m for m, found in zip(stale, pipe.execute(), strict=True) if not found]
+        return bool(self._reserve(keys=[key], args=[job_id, limit, now, stale_before, *dead]))
 
     @_redis_unavailable
     def release_slot(self, tenant: str, job_id: str) -> None:
@@ -341,7 +374,10 @@ class JobStore:
         or a folder above it (the rest of `locations`), is another job's; then return False
         and claim nothing. Claiming a location the job holds already is True."""
         keys = [_OUTPUT_PREFIX + location for location in locations]
-        owners = self.redis.mget(keys)
+        with self.redis.pipeline(transaction=False) as pipe:  # a slot each: no MGET
+            for key in keys:
+                pipe.get(key)
+            owners = pipe.execute()
         if any(owner is not None and _decode(owner) != job_id for owner in owners):
             return False
         if self.redis.set(keys[0], job_id, nx=True, ex=ttl_s):
@@ -354,15 +390,18 @@ class JobStore:
     ) -> None:
         """Forget what `claim_request` and `claim_output` recorded for `job_id` when its
         submission was refused: the request id (so it may be sent again) and the output
-        location `locations[0]` of `claim_output`. Nothing changes if the job exists, nor for
-        a claim that names another job; atomic."""
-        keys = [self._key(job_id)]
+        location `locations[0]` of `claim_output`. Nothing changes if the job exists (its
+        record is written in one step, so a refused submission's never appears later), nor
+        for a claim that names another job (each claim compared and deleted atomically)."""
+        claims = []
         if request_id:
-            keys.append(self._request_key(request_id, tenant))
+            claims.append(request_key(request_id, tenant))
         if output_location:
-            keys.append(_OUTPUT_PREFIX + output_location)
-        if len(keys) > 1:
-            self._release_claims(keys=keys, args=[job_id])
+            claims.append(_OUTPUT_PREFIX + output_location)
+        if not claims or self.exists(job_id):
+            return
+        for claim in claims:
+            self._release_claim(keys=[claim], args=[job_id])
 
     @_redis_unavailable
     def hold_sweep_lock(self, holder: str, ttl_ms: int) -> bool:
@@ -372,7 +411,7 @@ class JobStore:
 
     @_redis_unavailable
     def exists(self, job_id: str) -> bool:
-        return bool(self.redis.exists(self._key(job_id)))
+        return bool(self.redis.exists(job_key(job_id)))
 
     @_redis_unavailable
     def create(
@@ -431,7 +470,8 @@ class JobStore:
             is made (a submission that dies leaves no files for ever)."""
             nonlocal registered
             if not registered:
-                self.redis.zadd(PURGE_KEY, {data_uri: time.time() + _BUILDING_TTL_S})
+                due = time.time() + _BUILDING_TTL_S
+                self.redis.zadd(PURGE_KEY, {_purge_member(job_id, data_uri): due})
                 registered = True
 
         writer = InputsWriter(data, chunk_size)
@@ -481,14 +521,15 @@ class JobStore:
         else by the watchdog (its purge, due now). Nothing is deleted if the job was made
         with them after all (a commit whose answer was lost), nor while Redis cannot say so:
         their purge stays queued, and the commit dropped it if it happened. Never raises."""
+        member = _purge_member(job_id, data.uri)
         try:
-            if _decode(self.redis.hget(self._key(job_id), "data_uri")) == data.uri:
+            if _decode(self.redis.hget(job_key(job_id), "data_uri")) == data.uri:
                 return
             if files <= _DELETE_AT_ONCE:
                 data.purge(_DELETE_AT_ONCE + 1)
-                self.redis.zrem(PURGE_KEY, data.uri)
+                self.redis.zrem(PURGE_KEY, member)
             else:
-                self.redis.zadd(PURGE_KEY, {data.uri: time.time()})
+                self.redis.zadd(PURGE_KEY, {member: time.time()})
         except Exception:  # storage or Redis down: the queued purge stays
             log.warning("job data %s left for the watchdog to purge", data.uri, exc_info=True)
 
@@ -504,55 +545,65 @@ class JobStore:
         data_uri: str,
         **fields: Any,
     ) -> tuple[Job, bool]:
-        key = self._key(job_id)
+        """Record the job: its keys in one MULTI (one slot), then its global indexes
+        (`_index`). Its id joins `perito:active-jobs` first, so a process that dies after the
+        MULTI leaves a job the watchdog finds and indexes (`sync_indexes`); one that dies
+        before it leaves an id without a record, which the watchdog drops an hour later."""
+        key = job_key(job_id)
         chunks = chunk_count(total, chunk_size)
-        with self.redis.pipeline(transaction=True) as pipe:
-            try:
-                pipe.watch(key)  # type: ignore[no-untyped-call]
-                if pipe.exists(key):  # a concurrent retry of the same request won
-                    pipe.reset()
-                    return self.get(job_id), False
-                now = time.time()
-                pipe.multi()
-                record: dict[Any, Any] = {
-                    "id": job_id,
-                    "state": JobState.QUEUED.value,
-                    "total": total,
-                    "succeeded": 0,
-                    "failed": 0,
-                    "cancelled": 0,
-                    "created_at": now,
-                    "labels": json.dumps(labels),
-                    "chunk_size": chunk_size,
-                    "tenant": tenant,
-                    "data_uri": data_uri,
-                    **fields,
-                }
-                pipe.hset(key, mapping=record)
-                if inline:
-                    pipe.hset(self._key(job_id, "inline"), mapping=inline)  # type: ignore[arg-type]
-                for first in range(0, chunks, _OPEN_PAGE):  # chunk -> its items
-                    page = {
-                        chunk: min(chunk_size, total - chunk * chunk_size)
-                        for chunk in range(first, min(first + _OPEN_PAGE, chunks))
+        now = time.time()
+        self.redis.zadd(ACTIVE_JOBS_KEY, {job_id: now}, nx=True)
+        try:
+            with self.redis.pipeline(transaction=True) as pipe:
+                try:
+                    pipe.watch(key)  # type: ignore[no-untyped-call]
+                    if pipe.exists(key):  # a concurrent retry of the same request won
+                        pipe.reset()
+                        return self.get(job_id), False
+                    pipe.multi()
+                    record: dict[Any, Any] = {
+                        "id": job_id,
+                        "state": JobState.QUEUED.value,
+                        "total": total,
+                        "succeeded": 0,
+                        "failed": 0,
+                        "cancelled": 0,
+                        "created_at": now,
+                        "labels": json.dumps(labels),
+                        "chunk_size": chunk_size,
+                        "tenant": tenant,
+                        "data_uri": data_uri,
+                        **fields,
                     }
-                    pipe.hset(self._key(job_id, "open"), mapping=page)  # type: ignore[arg-type]
-                pipe.zrem(PURGE_KEY, data_uri)
-                pipe.zadd(JOBS_KEY, {job_id: now})
-                pipe.zadd(ACTIVE_JOBS_KEY, {key: now})
-                pipe.zadd(self._tenant_key(tenant, "jobs"), {job_id: now})
-                pipe.zadd(self._tenant_key(tenant, "active"), {job_id: now})
-                pipe.hincrby(STATE_COUNTS_KEY, JobState.QUEUED.value, 1)
-                pipe.execute()
-            except redis.WatchError:
-                return self.get(job_id), False
-        return self.get(job_id), True
+                    pipe.hset(key, mapping=record)
+                    if inline:
+                        pipe.hset(job_key(job_id, "inline"), mapping=inline)  # type: ignore[arg-type]
+                    for first in range(0, chunks, _OPEN_PAGE):  # chunk -> its items
+                        page = {
+                            chunk: min(chunk_size, total - chunk * chunk_size)
+                            for chunk in range(first, min(first + _OPEN_PAGE, chunks))
+                        }
+                        pipe.hset(job_key(job_id, "open"), mapping=page)  # type: ignore[arg-type]
+                    pipe.execute()
+                except redis.WatchError:
+                    return self.get(job_id), False
+        except BaseException:
+            with contextlib.suppress(redis.RedisError):  # else the watchdog drops it later
+                if not self.redis.exists(key):
+                    self.redis.zrem(ACTIVE_JOBS_KEY, job_id)
+            raise
+        job = self.get(job_id)
+        try:
+            self._index(job)
+        except redis.RedisError as exc:  # the job is made: the watchdog indexes it
+            log.warning("job %s recorded, its indexes left to the watchdog: %s", job_id, exc)
+        return job, True
 
     # Reading
 
     @_redis_unavailable
     def get(self, job_id: str) -> Job:
-        raw = self.redis.hgetall(self._key(job_id))
+        raw = self.redis.hgetall(job_key(job_id))
         if not raw:
             raise NotFound(f"job {job_id!r} not found", field="job_id")
         return self._job_of(raw)
@@ -589,6 +640,7 @@ class JobStore:
             served=ServedVersion.from_json(data.get("served", "")),
             data_uri=data.get("data_uri", ""),
             rest_error=data.get("rest_error", ""),
+            indexed=data.get("indexed") == "1",
         )
 
     @_redis_unavailable
@@ -628,7 +680,7 @@ class JobStore:
                 return found, ""
             with self.redis.pipeline(transaction=False) as pipe:
                 for member, _ in entries:
-                    pipe.hgetall(self._key(member))
+                    pipe.hgetall(job_key(member))
                 records = pipe.execute()
             for (member, at), raw in zip(entries, records, strict=True):
                 scanned += 1
@@ -654,7 +706,7 @@ class JobStore:
         raw = self.redis.zrevrangebyscore(
             key, high, "-inf", start=0, num=count + 64, withscores=True
         )
-        entries = [(_decode(member), float(at)) for member, at in raw]  # type: ignore[str-unpack,arg-type]
+        entries = [(_decode(member), float(at)) for member, at in raw]  # type: ignore[str-unpack]
         if cursor is not None:
             entries = [(m, at) for m, at in entries if at < cursor[0] or m < cursor[1]]
         return entries[:count]
@@ -700,7 +752,7 @@ class JobStore:
 
     @_redis_unavailable
     def inline_image(self, job_id: str, index: int) -> bytes | None:
-        value = self.redis.hget(self._key(job_id, "inline"), str(index))
+        value = self.redis.hget(job_key(job_id, "inline"), str(index))
         return value if isinstance(value, bytes) else None
 
     @_redis_unavailable
@@ -708,7 +760,7 @@ class JobStore:
         """What the store says of chunks `first` .. `last` (inclusive): open, recorded (which
         attempt's part, how many failed), or closed without a part."""
         raw = self.redis.getrange(
-            self._key(job_id, "chunks"), first * SLOT_BYTES, (last + 1) * SLOT_BYTES - 1
+            job_key(job_id, "chunks"), first * SLOT_BYTES, (last + 1) * SLOT_BYTES - 1
         )
         return ChunkSlot.parse(raw, last - first + 1)  # type: ignore[arg-type]
 
@@ -803,16 +855,16 @@ class JobStore:
 
     @_redis_unavailable
     def active_jobs(self) -> list[str]:
-        """Ids of every job not yet terminal, oldest first."""
-        keys = self.redis.zrange(ACTIVE_JOBS_KEY, 0, -1)
-        return [_decode(k).removeprefix(f"{PREFIX}:job:") for k in keys]  # type: ignore[arg-type]
+        """Ids of every job not yet terminal, oldest first (and, for a moment, of a job being
+        recorded, or one that ended and whose indexes are being moved: `sync_indexes`)."""
+        return [_decode(k) for k in self.redis.zrange(ACTIVE_JOBS_KEY, 0, -1)]
 
     # Progress
 
     @_redis_unavailable
     def mark_running(self, job_id: str) -> JobState:
-        keys = [self._key(job_id), STATE_COUNTS_KEY]
-        return JobState(_decode(self._start(keys=keys)))
+        """Move a queued job to running (once); returns its state after."""
+        return JobState(_decode(self._start(keys=[job_key(job_id)])))
 
     def record_chunk(
         self, job: Job, chunk: int, holder: str, attempt: int, results: Sequence[ItemResult]
@@ -858,11 +910,11 @@ class JobStore:
     ) -> ChunkRecord:
         outcome, done_ok, done_failed, done_cancelled, total = self._complete(
             keys=[
-                self._key(job_id),
-                *(self._key(job_id, part) for part in ("open", "leases", "attempts")),
-                self._key(job_id, "chunk-errors"),
-                self._key(job_id, "chunks"),
-                self._key(job_id, "inline"),
+                job_key(job_id),
+                *(job_key(job_id, part) for part in ("open", "leases", "attempts")),
+                job_key(job_id, "chunk-errors"),
+                job_key(job_id, "chunks"),
+                job_key(job_id, "inline"),
             ],
             args=[chunk, holder, attempt, succeeded, failed, first, succeeded + failed],
         )
@@ -878,17 +930,17 @@ class JobStore:
         one script; a running chunk's part is then refused when it comes (`record_chunk`).
         Returns how many items were closed."""
         mark = {ItemState.CANCELLED: CANCELLED_MARK, ItemState.FAILED: FAILED_MARK}[state]
-        keys = [self._key(job_id), self._key(job_id, "open"), self._key(job_id, "chunks")]
+        keys = [job_key(job_id), job_key(job_id, "open"), job_key(job_id, "chunks")]
         marked: int = self._mark_rest(keys=keys, args=[mark, state.value, error])
         return marked
 
     @_redis_unavailable
     def request_cancel(self, job_id: str) -> None:
-        self.redis.hset(self._key(job_id), "cancel_requested", "1")
+        self.redis.hset(job_key(job_id), "cancel_requested", "1")
 
     @_redis_unavailable
     def is_cancel_requested(self, job_id: str) -> bool:
-        return self.redis.hget(self._key(job_id), "cancel_requested") == b"1"
+        return self.redis.hget(job_key(job_id), "cancel_requested") == b"1"
 
     # Chunks
 
@@ -901,10 +953,10 @@ class JobStore:
         to do), `terminal` or `gone` (the job ended or was deleted)."""
         outcome, attempts = self._acquire(
             keys=[
-                self._key(job_id),
-                self._key(job_id, "open"),
-                self._key(job_id, "leases"),
-                self._key(job_id, "attempts"),
+                job_key(job_id),
+                job_key(job_id, "open"),
+                job_key(job_id, "leases"),
+                job_key(job_id, "attempts"),
             ],
             args=[chunk, holder, int(ttl_s * 1000)],
         )
@@ -913,30 +965,30 @@ class JobStore:
     @_redis_unavailable
     def renew_chunk(self, job_id: str, chunk: int, holder: str, ttl_s: float) -> bool:
         """Extend `holder`'s lease on `chunk`; False if it was lost (expired and taken)."""
-        keys = [self._key(job_id, "leases")]
+        keys = [job_key(job_id, "leases")]
         return bool(self._renew(keys=keys, args=[chunk, holder, max(1, int(ttl_s * 1000))]))
 
     @_redis_unavailable
     def release_chunk(self, job_id: str, chunk: int, holder: str, error: str = "") -> None:
         """Give up `holder`'s lease on `chunk`; `error` says why the attempt ended early."""
         if error:
-            self.redis.hset(self._key(job_id, "chunk-errors"), str(chunk), error)
-        self._renew(keys=[self._key(job_id, "leases")], args=[chunk, holder, 0])
+            self.redis.hset(job_key(job_id, "chunk-errors"), str(chunk), error)
+        self._renew(keys=[job_key(job_id, "leases")], args=[chunk, holder, 0])
 
     @_redis_unavailable
     def chunk_error(self, job_id: str, chunk: int) -> str:
         """Why `chunk`'s last attempt ended early ('' if none said: its worker died)."""
-        return _decode(self.redis.hget(self._key(job_id, "chunk-errors"), str(chunk)))
+        return _decode(self.redis.hget(job_key(job_id, "chunk-errors"), str(chunk)))
 
     @_redis_unavailable
     def unleased_chunks(self, job_id: str) -> list[int]:
         """Chunks of the job with unrecorded items and no live lease."""
-        keys = [self._key(job_id, "open"), self._key(job_id, "leases")]
+        keys = [job_key(job_id, "open"), job_key(job_id, "leases")]
         return sorted(int(c) for c in self._unleased(keys=keys))
 
     @_redis_unavailable
     def note_resent(self, job_id: str, count: int) -> None:
-        self.redis.hincrby(self._key(job_id), "resent", count)
+        self.redis.hincrby(job_key(job_id), "resent", count)
 
     @_redis_unavailable
     def dead_letter(self, job_id: str, chunk: int, reason: str) -> None:
@@ -949,7 +1001,7 @@ class JobStore:
 
     @_redis_unavailable
     def set_job_error(self, job_id: str, error: str) -> None:
-        self.redis.hsetnx(self._key(job_id), "error", error)
+        self.redis.hsetnx(job_key(job_id), "error", error)
 
     @_redis_unavailable
     def note_finalize_failure(self, job_id: str) -> tuple[int, float]:
@@ -957,10 +1009,10 @@ class JobStore:
         first one, in Unix seconds)."""
         now = time.time()
         with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hincrby(self._key(job_id), "finalize_attempts", 1)
-            pipe.hsetnx(self._key(job_id), "finalize_first_failure", now)
-            pipe.hset(self._key(job_id), "finalize_last_failure", now)
-            pipe.hget(self._key(job_id), "finalize_first_failure")
+            pipe.hincrby(job_key(job_id), "finalize_attempts", 1)
+            pipe.hsetnx(job_key(job_id), "finalize_first_failure", now)
+            pipe.hset(job_key(job_id), "finalize_last_failure", now)
+            pipe.hget(job_key(job_id), "finalize_first_failure")
             attempts, _, _, first = pipe.execute()
         return int(attempts), float(first)
 
@@ -968,14 +1020,21 @@ class JobStore:
 
     @_redis_unavailable
     def finish(self, job_id: str, result_uris: list[str], error: str = "") -> Job:
-        """Set the terminal state from the counters; idempotent.
+        """Set the terminal state from the counters; idempotent. The job's keys move in one
+        script (`finish.lua`), then its indexes (`_index`): a call for a job that has ended
+        already writes them again, in case the call that ended it died in between.
 
         Args:
             error: a job-level failure (for example, results that could not be written): the
                 job ends FAILED with it, whatever its items did.
+
+        Raises:
+            NotFound: no such job.
+            RuntimeError: items of the job are not accounted for yet.
         """
         job = self.get(job_id)
         if job.state.terminal:
+            self._index(job)
             return job
         if job.done < job.total:
             raise RuntimeError(f"job {job_id} has {job.total - job.done} items unaccounted for")
@@ -988,56 +1047,129 @@ class JobStore:
         else:
             state = JobState.SUCCEEDED
         self._finish(
-            keys=[
-                self._key(job_id),
-                STATE_COUNTS_KEY,
-                ACTIVE_JOBS_KEY,
-                FINISHED_JOBS_KEY,
-                *(self._key(job_id, part) for part in _RUNNING_PARTS),
-                self._tenant_key(job.tenant, "active"),
-            ],
-            args=[state.value, json.dumps(result_uris), error, job_id],
+            keys=[job_key(job_id), *(job_key(job_id, part) for part in _RUNNING_PARTS)],
+            args=[state.value, json.dumps(result_uris), error],
         )
-        return self.get(job_id)
+        job = self.get(job_id)
+        self._index(job)
+        return job
+
+    def _index(self, job: Job) -> None:
+        """Write `job`'s global indexes as its state says, each command idempotent (ZADD,
+        ZREM): a live job in the job lists and its tenant's active jobs (its quota), then
+        `indexed` on its record; an ended one in its state's finished jobs and out of its
+        tenant's active jobs, then out of `perito:active-jobs` last, so that until all is done
+        the watchdog finds it there and calls this again (`sync_indexes`). A job that ended or
+        was deleted meanwhile is indexed again as it is now.
+
+        Raises:
+            redis.RedisError: Redis is unreachable (what was written stays; it is idempotent).
+        """
+        tenant_active = self._tenant_key(job.tenant, "active")
+        with self.redis.pipeline(transaction=False) as pipe:  # a slot each: no MULTI
+            if job.data_uri:  # its submission's purge, queued in case it failed
+                pipe.zrem(PURGE_KEY, _purge_member(job.id, job.data_uri))
+            pipe.zadd(JOBS_KEY, {job.id: job.created_at}, nx=True)
+            pipe.zadd(self._tenant_key(job.tenant, "jobs"), {job.id: job.created_at}, nx=True)
+            if job.state.terminal:
+                pipe.zadd(_finished_key(job.state), {job.id: job.finished_at})
+                pipe.zrem(tenant_active, job.id)
+            else:
+                pipe.zadd(tenant_active, {job.id: job.created_at})
+            pipe.execute()
+        if job.state.terminal:
+            self.redis.zrem(ACTIVE_JOBS_KEY, job.id)
+            if not self.redis.exists(job_key(job.id)):  # deleted meanwhile: undo the above
+                self._unindex(job.id, job.tenant)
+            return
+        now = _decode(self._mark_indexed(keys=[job_key(job.id)]))
+        if not now:
+            self._unindex(job.id, job.tenant)
+        elif JobState(now).terminal:  # it ended meanwhile: its slot must not stay held
+            try:
+                self._index(self.get(job.id))
+            except NotFound:
+                self._unindex(job.id, job.tenant)
+
+    def _unindex(self, job_id: str, tenant: str | None) -> None:
+        """Take a job that is gone out of every global index (its tenant's too, if known)."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            if tenant is not None:
+                pipe.zrem(self._tenant_key(tenant, "jobs"), job_id)
+                pipe.zrem(self._tenant_key(tenant, "active"), job_id)
+            pipe.zrem(JOBS_KEY, job_id)
+            pipe.zrem(ACTIVE_JOBS_KEY, job_id)
+            for state in _TERMINAL:
+                pipe.zrem(_finished_key(state), job_id)
+            pipe.execute()
+
+    @_redis_unavailable
+    def sync_indexes(self, job: Job) -> None:
+        """Write `job`'s global indexes again (`_index`): what the call that recorded or
+        ended it does after its script, for a process that died in between. The watchdog
+        calls it for a job in `perito:active-jobs` that has ended, or whose record does not
+        say `indexed`. Idempotent."""
+        self._index(job)
+
+    @_redis_unavailable
+    def forget_unrecorded(self, job_id: str) -> bool:
+        """Drop `job_id` from `perito:active-jobs` if it has no record and joined more than an
+        hour ago (a submission that died just before recording it, `_commit`); True if so."""
+        joined = self.redis.zscore(ACTIVE_JOBS_KEY, job_id)
+        if joined is None or joined > time.time() - _BUILDING_TTL_S or self.exists(job_id):
+            return False
+        return bool(self.redis.zrem(ACTIVE_JOBS_KEY, job_id))
 
     @_redis_unavailable
     def delete(self, job_id: str) -> bool:
         """Delete a terminal job and everything stored for it (results files stay where
         they were written): its keys now, its data prefix's objects by the watchdog's purge
-        (`purge_job_data`), queued in the same script. Returns False, deleting nothing, if
-        the job is not terminal.
+        (`purge_job_data`), queued first. Returns False, deleting nothing, if the job is not
+        terminal.
+
+        In order, so that a process dying anywhere leaves a job the retention sweep deletes
+        again: its purge queued, its request id marked deleted (a retry of its request must
+        not make it again), the tenant's and active lists left; then its keys (`delete.lua`,
+        one slot); then the job list and its finished jobs, by which retention finds it.
 
         Raises:
             NotFound: no such job.
         """
-        tenant, request_id = (
-            _decode(v) for v in self.redis.hmget(self._key(job_id), ["tenant", "request_id"])
+        fields = ("state", "tenant", "request_id", "data_uri")
+        state, tenant, request_id, data_uri = (
+            _decode(v) for v in self.redis.hmget(job_key(job_id), fields)
         )
-        outcome = self._delete(
-            keys=[
-                self._key(job_id),
-                STATE_COUNTS_KEY,
-                JOBS_KEY,
-                FINISHED_JOBS_KEY,
-                ACTIVE_JOBS_KEY,
-                self._tenant_key(tenant, "jobs"),
-                PURGE_KEY,
-                *(self._key(job_id, part) for part in _PARTS),
-            ],
-            args=[job_id, time.time()],
-        )
-        if outcome == b"gone" or outcome == "gone":
+        if not state:  # none, or a deletion cut short after its keys went
+            self._unindex(job_id, None)
             raise NotFound(f"job {job_id!r} not found", field="job_id")
-        if outcome and request_id:  # a retry of its request must not make the job again
-            key = self._request_key(request_id, tenant)
+        if not JobState(state).terminal:
+            return False
+        member = _purge_member(job_id, data_uri) if data_uri else ""
+        if member:
+            self.redis.zadd(PURGE_KEY, {member: time.time()})
+        if request_id:
+            key = request_key(request_id, tenant)
             self.redis.set(key, DELETED_MARK + job_id, xx=True, keepttl=True)
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zrem(self._tenant_key(tenant, "jobs"), job_id)
+            pipe.zrem(self._tenant_key(tenant, "active"), job_id)
+            pipe.zrem(ACTIVE_JOBS_KEY, job_id)
+            pipe.execute()
+        outcome = self._delete(keys=[job_key(job_id), *(job_key(job_id, part) for part in _PARTS)])
+        if member:  # due now, if a purge put it off while the job still referred to it
+            self.redis.zadd(PURGE_KEY, {member: time.time()})
+        self._unindex(job_id, tenant)
+        if outcome == b"gone" or outcome == "gone":  # another call deleted it first
+            raise NotFound(f"job {job_id!r} not found", field="job_id")
         return bool(outcome)
 
     @_redis_unavailable
     def purge_job_data(self, budget: int) -> tuple[int, int]:
         """Delete up to `budget` objects of the data prefixes due in the purge queue (deleted
         jobs', abandoned submissions'), oldest first; a prefix leaves the queue once nothing
-        is left under it. Returns (objects deleted, prefixes finished).
+        is left under it. A prefix that a job's record still names (a submission recorded
+        whose indexes were not written yet: `_index` takes it out of the queue) is never
+        purged: it is put off an hour. Returns (objects deleted, prefixes finished).
 
         Raises:
             StorageUnavailable: Redis or object storage is unreachable (what was deleted
@@ -1045,12 +1177,16 @@ class JobStore:
         """
         due = self.redis.zrangebyscore(PURGE_KEY, "-inf", time.time(), start=0, num=20)
         deleted = finished = 0
-        for member in due:
-            uri = _decode(member)  # type: ignore[arg-type]
+        for member in map(_decode, due):
+            job_id, uri = _parse_purge_member(member)
+            if job_id and _decode(self.redis.hget(job_key(job_id), "data_uri")) == uri:
+                later = time.time() + _BUILDING_TTL_S
+                self.redis.zadd(PURGE_KEY, {member: later}, xx=True)
+                continue
             removed, done = self._data(uri).purge(budget - deleted)
             deleted += removed
             if done:
-                self.redis.zrem(PURGE_KEY, uri)
+                self.redis.zrem(PURGE_KEY, member)
                 finished += 1
             if deleted >= budget:
                 break
@@ -1058,11 +1194,18 @@ class JobStore:
 
     @_redis_unavailable
     def expired_jobs(self, retention_s: float, limit: int = 500) -> list[str]:
-        """Ids of terminal jobs that ended more than `retention_s` seconds ago."""
-        keys = self.redis.zrangebyscore(
-            FINISHED_JOBS_KEY, 0, time.time() - retention_s, start=0, num=limit
-        )
-        return [_decode(k).removeprefix(f"{PREFIX}:job:") for k in keys]  # type: ignore[arg-type]
+        """Ids of terminal jobs that ended more than `retention_s` seconds ago, those that
+        ended first first, at most `limit`."""
+        cutoff = time.time() - retention_s
+        with self.redis.pipeline(transaction=False) as pipe:
+            for state in _TERMINAL:
+                pipe.zrangebyscore(
+                    _finished_key(state), 0, cutoff, start=0, num=limit, withscores=True
+                )
+            ended = sorted(
+                (float(at), _decode(member)) for found in pipe.execute() for member, at in found
+            )
+        return [job_id for _, job_id in ended[:limit]]
 
     @_redis_unavailable
     def dead_letter_count(self) -> int:
@@ -1070,22 +1213,110 @@ class JobStore:
         count: int = self.redis.llen(DEAD_LETTER_KEY)
         return count
 
+    def _live_jobs(self) -> tuple[float, list[tuple[JobState, float]]]:
+        """Redis's clock now (Unix seconds), and for each job of `perito:active-jobs` that is
+        live (queued or running), its state and when it last moved (made, started, or its
+        last chunk recorded). One pipelined read per job: each record is in a slot of its
+        own, so no script reads them together."""
+        ids = self.active_jobs()
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.time()
+            for job_id in ids:
+                pipe.hmget(job_key(job_id), ["state", "created_at", "started_at", "progress_at"])
+            (seconds, micros), *records = pipe.execute()
+        live = []
+        for state, *times in records:
+            if state is not None and not JobState(_decode(state)).terminal:
+                since = max(float(_decode(t) or 0) for t in times)
+                live.append((JobState(_decode(state)), since))
+        return seconds + micros / 1e6, live
+
     @_redis_unavailable
     def stalled_seconds(self) -> dict[JobState, float]:
         """The longest time, in seconds, a queued job has waited since it was made and a
         running job has gone without recording a result (or, before its first, since it
         started), as `{QUEUED: s, RUNNING: s}`; 0 where no job is in that state.
 
-        One script over the jobs not yet terminal (their number is bounded by the tenants'
-        concurrent-jobs quotas). Start and progress times are Redis's clock, creation times
-        the submitting server's.
+        Read over the jobs not yet terminal (their number is bounded by the tenants'
+        concurrent-jobs quotas), on Redis's clock. Start and progress times are Redis's
+        clock, creation times the submitting server's.
         """
-        queued, running = self._stalled(keys=[ACTIVE_JOBS_KEY])
-        return {JobState.QUEUED: float(queued), JobState.RUNNING: float(running)}
+        now, live = self._live_jobs()
+        worst = {JobState.QUEUED: 0.0, JobState.RUNNING: 0.0}
+        for state, since in live:
+            if since > 0:
+                worst[state] = max(worst[state], now - since)
+        return worst
 
     @_redis_unavailable
     def state_counts(self) -> dict[JobState, int]:
-        """How many jobs are in each state now (kept up to date by every transition)."""
-        raw = self.redis.hgetall(STATE_COUNTS_KEY)
-        counts = {_decode(k): int(v) for k, v in raw.items()}
-        return {state: counts.get(state.value, 0) for state in JobState}
+        """How many jobs are in each state now: the live ones counted from
+        `perito:active-jobs` by their records, the ended ones by the size of their state's
+        finished jobs. Derived from the indexes, so no retry can count a job twice; a job
+        whose indexes a dying process left behind is counted once the watchdog writes them."""
+        _, live = self._live_jobs()
+        with self.redis.pipeline(transaction=False) as pipe:
+            for state in _TERMINAL:
+                pipe.zcard(_finished_key(state))
+            ended = dict(zip(_TERMINAL, pipe.execute(), strict=True))
+        counts = {state: int(ended.get(state, 0)) for state in JobState}
+        for state, _ in live:
+            counts[state] += 1
+        return counts
+
+    # Upgrading
+
+    @_redis_unavailable
+    def adopt_legacy_jobs(self, limit: int = 100) -> int:
+        """Move up to `limit` jobs recorded by a version of Perito whose job keys had no hash
+        tag (`perito:job:<id>`, listed in `perito:active-jobs` and `perito:finished-jobs` by
+        key) to the keys of `job_key` (RENAME, on the one Redis such a version ran on), so
+        they stay readable and expire with their retention; once none is left, its state
+        counts (`perito:job-states`) go. Returns how many were moved. The watchdog calls it
+        at every sweep; after the first it reads two keys."""
+        old_finished = f"{PREFIX}:finished-jobs"
+        legacy = f"{PREFIX}:job:"
+        finished: Any = self.redis.zrange(old_finished, 0, limit - 1, withscores=True)
+        active: Any = self.redis.zrange(ACTIVE_JOBS_KEY, 0, -1, withscores=True)
+        pending = [(old_finished, _decode(m), float(at)) for m, at in finished] + [
+            (ACTIVE_JOBS_KEY, _decode(m), float(at))
+            for m, at in active
+            if _decode(m).startswith(legacy)  # the ids of this version's jobs have no prefix
+        ]
+        moved = 0
+        for index, member, at in pending[:limit]:
+            job_id = member.removeprefix(legacy)
+            for part in ("", *_PARTS):
+                old = f"{legacy}{job_id}" + (f":{part}" if part else "")
+                if self.redis.exists(old):
+                    self.redis.rename(old, job_key(job_id, part))
+            state = _decode(self.redis.hget(job_key(job_id), "state"))
+            if state and JobState(state).terminal:
+                self.redis.zadd(_finished_key(JobState(state)), {job_id: at})
+            elif state:  # not yet indexed: the watchdog's sweep does it
+                self.redis.zadd(ACTIVE_JOBS_KEY, {job_id: at}, nx=True)
+            self.redis.zrem(index, member)
+            moved += 1
+        if not moved and not self.redis.exists(old_finished):
+            self.redis.delete(f"{PREFIX}:job-states")
+        return moved
+
+
+def _finished_key(state: JobState) -> str:
+    """The sorted set of jobs that ended in `state` (terminal), by end time."""
+    return f"{FINISHED_JOBS_PREFIX}{state.value}"
+
+
+def _purge_member(job_id: str, data_uri: str) -> str:
+    """The purge queue's entry for job `job_id`'s data prefix `data_uri`: both, as a JSON
+    array, so a purge can see whether the job still names the prefix."""
+    return json.dumps([job_id, data_uri])
+
+
+def _parse_purge_member(member: str) -> tuple[str, str]:
+    """(job id, data prefix) of a purge queue entry; ("", prefix) for an entry queued before
+    entries named their job (a bare prefix: it starts with "/" or a scheme, never "[")."""
+    if member.startswith("["):
+        job_id, uri = json.loads(member)
+        return str(job_id), str(uri)
+    return "", member

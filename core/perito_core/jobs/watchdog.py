@@ -14,7 +14,14 @@ A sweep, run every few seconds by the server (one replica at a time, under a Red
    it FAILED at once; a write that may succeed later is tried again, 5 s doubling to 60 s
    apart, the last try due when `finalize_timeout_s` has passed since the first failed one,
    which ends the job FAILED with the reason if it fails too (`results.finalize_job`).
-3. **Lost chunks.** A chunk with unrecorded items, no live lease (no worker is running it)
+3. **Indexes.** A job's transitions move its own keys in one Redis Cluster slot, atomically,
+   and the global indexes (job lists, the tenants' active jobs, the finished jobs per state)
+   after, by separate commands (`perito_core.jobs.store`). A job in the active list that has
+   ended, or whose record does not say its indexes were written (the process that recorded or
+   ended it died in between), is indexed again (`JobStore.sync_indexes`); an id there with no
+   record an hour on (a submission that died just before recording it) is dropped. Jobs
+   recorded under an earlier version's keys are moved to this one's (`adopt_legacy_jobs`).
+4. **Lost chunks.** A chunk with unrecorded items, no live lease (no worker is running it)
    and no message waiting in the broker's queue, seen so on two sweeps in a row, is sent
    again. That covers a submission that died between recording the job and enqueueing it, a
    message the broker dropped (a Redis restart, a task acknowledged as failed), a worker
@@ -56,6 +63,7 @@ class SweepReport:
     deleted: int = 0
     purged: int = 0  # objects of job data prefixes deleted
     finalized: int = 0
+    repaired: int = 0  # jobs whose global indexes were written again, or dropped from them
     resent: int = 0
     suspects: int = 0
     errors: list[str] = field(default_factory=list)
@@ -105,6 +113,7 @@ class Watchdog:
             if not self._lock():
                 return report
             report.ran = True
+            self.store.adopt_legacy_jobs()
             self._expire(report)
             self._purge(report)
             candidates = self._scan_active(report)
@@ -136,10 +145,14 @@ class Watchdog:
         for job_id in self.store.active_jobs():
             try:
                 job = self.store.get(job_id)
-            except PeritoError:  # deleted between the two reads
+            except PeritoError:  # deleted between the two reads, or not recorded yet
+                report.repaired += self.store.forget_unrecorded(job_id)
                 continue
-            if job.state.terminal:
-                continue
+            if job.state.terminal or not job.indexed:  # its indexes' follow-up was cut short
+                self.store.sync_indexes(job)
+                report.repaired += 1
+                if job.state.terminal:
+                    continue
             if job.done >= job.total:
                 if self._finalize_due(job, now):
                     self._finalize(job_id, report)
