@@ -173,7 +173,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         watcher = threading.Thread(target=watch_first, daemon=True)
         watcher.start()
         during: tuple[int, int, int] | None = None
-        quarter = three_quarters = None
+        quarter = three_quarters = all_done = None
         status = job.status()
         while not status.terminal:
             time.sleep(0.5)
@@ -184,11 +184,13 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 quarter = (now, done)
             if three_quarters is None and done >= args.items * 3 / 4:
                 three_quarters = (now, done)
+            if all_done is None and done >= args.items:
+                all_done = now
             if during is None and done >= args.items / 2:
                 during = (*job_bytes(stack, job_id), used_memory(stack) - baseline)
                 print(
-                    f"# half-way at {now - submitted:.0f} s: job keys {during[0] / args.items:.1f}"
-                    f" B/item ({during[1]} keys), Redis {during[2] / args.items:.1f} B/item",
+                    f"# half-way at {now - submitted:.0f} s: job keys {during[0] / args.items:.2f}"
+                    f" B/item ({during[1]} keys), Redis {during[2] / args.items:.2f} B/item",
                     flush=True,
                 )
             if now - submitted > args.timeout:
@@ -201,6 +203,8 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             succeeded=status.succeeded,
             failed=status.failed,
             run_s=ended - submitted,
+            recorded_s=(all_done or ended) - submitted,
+            files_s=ended - (all_done or ended),
             items_per_s=args.items / (ended - submitted),
             first_result_s=first[0] if first else None,
             during_job_bytes_per_item=during[0] / args.items if during else None,
@@ -251,19 +255,24 @@ def report(figures: dict[str, Any], args: argparse.Namespace) -> int:
             "control plane, whole job",
             f"{number('items_per_s', ',.0f')} items/s ({number('run_s')} s)",
         ),
+        (
+            "every item recorded / results files written after",
+            f"{number('recorded_s')} s / {number('files_s')} s",
+        ),
         ("control plane, middle half", f"{number('middle_items_per_s', ',.0f')} items/s"),
-        ("Redis, the job's keys, during", f"{number('during_job_bytes_per_item')} B/item"),
+        ("Redis, the job's keys, during", f"{number('during_job_bytes_per_item', '.2f')} B/item"),
         (
             "Redis, used_memory over baseline, during",
-            f"{number('during_used_bytes_per_item')} B/item",
+            f"{number('during_used_bytes_per_item', '.2f')} B/item",
         ),
         (
             "Redis, the job's keys, after",
-            f"{number('after_job_bytes_per_item')} B/item ({figures['after_job_keys']} keys)",
+            f"{number('after_job_bytes_per_item', '.2f')} B/item "
+            f"({figures['after_job_keys']} keys)",
         ),
         (
             "Redis, used_memory over baseline, after",
-            f"{number('after_used_bytes_per_item')} B/item",
+            f"{number('after_used_bytes_per_item', '.2f')} B/item",
         ),
         (
             "ListJobResults, every page",
