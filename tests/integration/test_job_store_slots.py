@@ -30,6 +30,7 @@ from perito_core.jobs.store import (
     ItemInput,
     JobStore,
     job_key,
+    job_keys_pattern,
 )
 from perito_core.jobs.watchdog import Watchdog
 from perito_core.storage import S3Options
@@ -275,12 +276,14 @@ def test_a_submission_that_died_just_before_recording_its_job_is_dropped_an_hour
 
 def test_jobs_under_an_earlier_versions_keys_are_moved_to_this_ones(tmp_path: Path) -> None:
     """Keys without the hash tag (`perito:job:<id>`), listed by key: an ended job stays
-    readable and expires with its retention; one still queued is indexed and runs on."""
+    readable and expires with its retention, with what versions before that kept items in
+    Redis left; one still queued is indexed and runs on."""
     with redis_server() as url:
         store = JobStore.connect(url)
         record = {"model": "m", "model_version": "1", "total": 2, "chunk_size": 2}
         store.redis.hset("perito:job:old", mapping={**record, "id": "old", "state": "succeeded"})
         store.redis.set("perito:job:old:chunks", b"\x00\x01\x00\x00")
+        store.redis.rpush("perito:job:old:results", "an item's result, as versions before kept")
         store.redis.zadd("perito:finished-jobs", {"perito:job:old": time.time()})
         store.redis.hset("perito:job:live", mapping={**record, "id": "live", "state": "queued"})
         store.redis.hset("perito:job:live:open", mapping={"0": 2})
@@ -297,3 +300,4 @@ def test_jobs_under_an_earlier_versions_keys_are_moved_to_this_ones(tmp_path: Pa
         assert not store.redis.exists("perito:finished-jobs", "perito:job-states")
         watchdog.retention_s = 0.0
         assert watchdog.sweep().deleted == 1
+        assert store.redis.keys(job_keys_pattern("old")) == []  # its earlier keys too

@@ -187,6 +187,8 @@ def _lua(name: str) -> str:
 # Per-job keys besides the record itself; `finish.lua` drops the first five of them.
 _RUNNING_PARTS = ("inline", "open", "leases", "attempts", "chunk-errors")
 _PARTS = (*_RUNNING_PARTS, "chunks")
+# Kept by versions that held each item in Redis: such a job is deleted with them.
+_EARLIER_PARTS = ("inputs", "results")
 
 _OUTPUT_PREFIX = f"{PREFIX}:output:"
 # The watchdog's sweep lock: one server at a time runs a sweep (`watchdog.Watchdog`).
@@ -1155,7 +1157,8 @@ class JobStore:
             pipe.zrem(self._tenant_key(tenant, "active"), job_id)
             pipe.zrem(ACTIVE_JOBS_KEY, job_id)
             pipe.execute()
-        outcome = self._delete(keys=[job_key(job_id), *(job_key(job_id, part) for part in _PARTS)])
+        parts = (*_PARTS, *_EARLIER_PARTS)
+        outcome = self._delete(keys=[job_key(job_id), *(job_key(job_id, part) for part in parts)])
         if member:  # due now, if a purge put it off while the job still referred to it
             self.redis.zadd(PURGE_KEY, {member: time.time()})
         self._unindex(job_id, tenant)
@@ -1286,7 +1289,7 @@ class JobStore:
         moved = 0
         for index, member, at in pending[:limit]:
             job_id = member.removeprefix(legacy)
-            for part in ("", *_PARTS):
+            for part in ("", *_PARTS, *_EARLIER_PARTS):
                 old = f"{legacy}{job_id}" + (f":{part}" if part else "")
                 if self.redis.exists(old):
                     self.redis.rename(old, job_key(job_id, part))
