@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -11,9 +12,18 @@ import redis
 
 from perito import ItemState, JobState
 from perito_core.errors import InvalidArgument, NotFound
+from perito_core.jobs import store as store_module
 from perito_core.jobs.parts import ChunkSlot
 from perito_core.jobs.queue import BULK_QUEUE, make_celery, queued_chunks
-from perito_core.jobs.store import ItemInput, ItemResult, Job, JobStore, job_key, job_keys_pattern
+from perito_core.jobs.store import (
+    PURGE_KEY,
+    ItemInput,
+    ItemResult,
+    Job,
+    JobStore,
+    job_key,
+    job_keys_pattern,
+)
 from perito_core.jobs.watchdog import Watchdog
 from perito_core.storage import S3Options
 from tests.helpers import create_job, record_chunks, redis_server, succeeded_result
@@ -134,8 +144,9 @@ def test_a_chunk_runs_under_one_live_lease_and_a_dead_holder_loses_it(
 
 
 def test_a_finished_job_is_deleted_after_retention_and_redis_returns_to_baseline(
-    store: JobStore, tmp_path: Path
+    store: JobStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(store_module, "_PURGE_AGAIN_S", 0.0)  # a purged prefix's second look
     watchdog = _watchdog(store, retention_s=2.0)
     warm_up = _create(store, 1, 1, tmp_path / "warm-up")  # loads the scripts, opens connections
     record_chunks(store, warm_up)
@@ -157,6 +168,7 @@ def test_a_finished_job_is_deleted_after_retention_and_redis_returns_to_baseline
     report = watchdog.sweep()
     assert report.deleted == 20, report
     assert store.state_counts()[JobState.SUCCEEDED] == 0
+    assert watchdog.sweep().purged == 0  # their prefixes' second look: nothing written since
     left = {k for k in store.redis.keys("*") if not k.startswith(b"perito:watchdog")}
     assert left <= keys_before
     left_over = _memory(store, left) - baseline
@@ -446,3 +458,58 @@ def test_redis_holds_at_most_16_bytes_per_item_once_chunks_are_done(
     assert store.get(job.id).succeeded == total
     assert done <= 16, done
     assert store.results(job.id, 12_345, 1)[0].quality == quality
+
+
+def test_a_listing_slower_than_the_hour_keeps_its_inputs_and_its_quota_slot(
+    store: JobStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A submission's purge and its tenant's slot are pushed on with each inputs file, so a
+    listing longer than their hour (here 1 s) loses neither while it runs."""
+    monkeypatch.setattr(store_module, "_BUILDING_TTL_S", 1.0)
+    job_id = "slow-listing"
+    assert store.reserve_slot("acme", job_id, 1)
+
+    def slow() -> Iterator[ItemInput]:
+        started = time.monotonic()
+        for i in range(12):
+            time.sleep(0.25)  # a file every 0.5 s, the listing 3 s: three of those hours
+            if time.monotonic() - started > 1.5:
+                assert store.purge_job_data(100) == (0, 0)  # not due: the listing goes on
+                assert not store.reserve_slot("acme", "another", 1)  # its slot still held
+            yield ItemInput(id=str(i), uri=f"s3://b/{i}.jpg")
+
+    job, created = _submit(store, slow(), 2, tmp_path, job_id=job_id, tenant="acme")
+    assert created
+    assert [item.id for item in store.chunk_inputs(job, 0)] == ["0", "1"]
+
+
+def test_a_prefix_that_cannot_be_purged_is_put_off_and_the_others_are_purged(
+    store: JobStore, tmp_path: Path
+) -> None:
+    unpurgeable = json.dumps(["elsewhere", "nope://bucket/elsewhere"])  # no such storage
+    store.redis.zadd(PURGE_KEY, {unpurgeable: time.time() - 10})  # due first
+    job_id = _create(store, 4, 2, tmp_path)
+    record_chunks(store, job_id)
+    store.finish(job_id, [])
+    assert store.delete(job_id)
+    assert store.purge_job_data(100) == (4, 1)  # 2 inputs files and 2 parts
+    assert (store.redis.zscore(PURGE_KEY, unpurgeable) or 0) > time.time() + 60  # tried later
+
+
+def test_a_part_written_after_its_job_was_deleted_is_purged_by_a_second_look(
+    store: JobStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker whose lease was renewed just before the job's deletion may write its part
+    after the purge: the prefix is purged once more a while later."""
+    job_id = _create(store, 4, 2, tmp_path)
+    record_chunks(store, job_id)
+    job = store.finish(job_id, [])
+    assert store.delete(job_id)
+    assert store.purge_job_data(100) == (4, 1)
+    store.job_data(job).write_part(0, 2, [_ok(0), _ok(1)])  # the late worker's part
+    assert store.purge_job_data(100) == (0, 0)  # the second look is not due yet
+    monkeypatch.setattr(store_module, "_PURGE_AGAIN_S", 0.0)
+    [again] = store.redis.zrange(PURGE_KEY, 0, -1)
+    store.redis.zadd(PURGE_KEY, {again: 0}, xx=True)
+    assert store.purge_job_data(100) == (1, 1)
+    assert not list(tmp_path.rglob("*.jsonl")) and not store.redis.exists(PURGE_KEY)

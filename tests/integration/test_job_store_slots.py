@@ -5,6 +5,7 @@ the watchdog when the process that should have written them dies first."""
 from __future__ import annotations
 
 import contextlib
+import json
 import multiprocessing
 import os
 import signal
@@ -260,7 +261,10 @@ def test_the_watchdog_writes_the_indexes_a_dying_process_left_undone(tmp_path: P
         watchdog.retention_s = 0.0
         watchdog.sweep()
         assert store.state_counts()[JobState.SUCCEEDED] == 0
-        assert store.redis.keys("perito:*") == [b"perito:watchdog-lock"]  # nothing of it left
+        left = {b"perito:watchdog-lock", b"perito:legacy-adopted", PURGE_KEY.encode()}
+        assert set(store.redis.keys("perito:*")) == left  # nothing of it left but ...
+        [again] = store.redis.zrange(PURGE_KEY, 0, -1)
+        assert json.loads(again)[2] == "again"  # ... its prefix's second look, a while on
         assert not list((tmp_path / "data").rglob("*.jsonl"))  # its inputs purged
 
 
@@ -301,3 +305,40 @@ def test_jobs_under_an_earlier_versions_keys_are_moved_to_this_ones(tmp_path: Pa
         watchdog.retention_s = 0.0
         assert watchdog.sweep().deleted == 1
         assert store.redis.keys(job_keys_pattern("old")) == []  # its earlier keys too
+
+
+def test_a_running_job_under_earlier_keys_is_moved_before_ended_ones_and_never_dropped(
+    tmp_path: Path,
+) -> None:
+    """With more ended jobs under an earlier version's keys than one sweep moves, a running
+    one is moved first, and its entry is never taken for a dead submission's meanwhile."""
+    with redis_server() as url:
+        store = JobStore.connect(url)
+        record = {"model": "m", "model_version": "1", "total": 2, "chunk_size": 2}
+        long_ago = time.time() - 7200  # older than a dead submission's hour
+        for n in range(150):
+            store.redis.hset(f"perito:job:old{n}", mapping={**record, "id": f"old{n}"})
+            store.redis.hset(f"perito:job:old{n}", "state", "succeeded")
+            store.redis.zadd("perito:finished-jobs", {f"perito:job:old{n}": time.time()})
+        store.redis.hset("perito:job:live", mapping={**record, "id": "live", "state": "running"})
+        store.redis.hset("perito:job:live:open", mapping={"0": 2})
+        store.redis.zadd(ACTIVE_JOBS_KEY, {"perito:job:live": long_ago})
+        watchdog = _watchdog(store, url)
+        watchdog.sweep()
+        assert store.get("live").state is JobState.RUNNING
+        assert store.unleased_chunks("live") == [0] and store.get("live").indexed
+        assert not store.redis.exists("perito:job:live")
+        watchdog.sweep()  # the last 50 ended ones
+        assert store.state_counts()[JobState.SUCCEEDED] == 150
+        assert store.adopt_legacy_jobs() == 0
+        assert store.redis.exists("perito:legacy-adopted")  # later sweeps read that key alone
+        store.redis.zadd(ACTIVE_JOBS_KEY, {"perito:job:late": long_ago})
+        assert store.adopt_legacy_jobs() == 0
+
+
+def test_a_legacy_entry_not_moved_yet_is_passed_over_by_the_sweep(tmp_path: Path) -> None:
+    with redis_server() as url:
+        store = JobStore.connect(url)
+        store.redis.zadd(ACTIVE_JOBS_KEY, {"perito:job:live": time.time() - 7200})
+        assert not store.forget_unrecorded("perito:job:live")
+        assert store.active_jobs() == ["perito:job:live"]

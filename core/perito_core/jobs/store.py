@@ -27,12 +27,15 @@ Global keys (indexes over jobs, claims), each in a slot of its own:
     perito:finished-jobs:<state>   sorted set per terminal state: ids of jobs that ended so,
                                     by end time (retention; their number is the state's count)
     perito:job-data-purge          sorted set: data prefixes whose objects are to be deleted,
-                                    by when (a deleted job's at once; a submission's an hour
-                                    after it began, unless it made its job)
+                                    by when (a deleted job's at once, and once more
+                                    `_PURGE_AGAIN_S` on; a submission's an hour after it
+                                    wrote its last inputs file, unless it made its job)
     perito:request:<tenant>:<request_id>  string: the job a tenant's request id made (24 h)
     perito:tenant:<tenant>:jobs    sorted set: the tenant's job ids by creation time (ListJobs)
     perito:tenant:<tenant>:active  sorted set: the tenant's jobs not yet terminal, and those
                                     being submitted (its concurrent-jobs quota)
+    perito:legacy-adopted          string: no job under an earlier version's keys is left
+                                    (`adopt_legacy_jobs`)
     perito:dead-letter             list: chunks given up on, with the reason (capped)
     perito:output:<location>       string: the job writing its results files there (see
                                     `claim_output`), kept the job's retention and a day more
@@ -77,7 +80,13 @@ import redis
 
 # The API's job and item states: the contract's, which the SDK returns too.
 from perito.v1.vocabulary import ItemState, JobState
-from perito_core.errors import FailedPrecondition, InvalidArgument, NotFound, StorageUnavailable
+from perito_core.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PeritoError,
+    StorageUnavailable,
+)
 
 # Where they were defined before; importers of the job store find them here too.
 from perito_core.jobs.items import ItemInput as ItemInput
@@ -203,8 +212,16 @@ REQUEST_ID_TTL_S = 24 * 3600
 # What a request id's key holds once the job it made is deleted: "deleted:{job id}".
 DELETED_MARK = "deleted:"
 PURGE_KEY = f"{PREFIX}:job-data-purge"
+# Keys of an earlier version's jobs (no hash tag), and the mark that none is left of them.
+_LEGACY_JOB_PREFIX = f"{PREFIX}:job:"
+_LEGACY_ADOPTED_KEY = f"{PREFIX}:legacy-adopted"
 # A submission that died while listing leaves inputs files: purged after this.
 _BUILDING_TTL_S = 3600
+# A purged prefix is looked at again this much later (a part whose write was under way when
+# its job was deleted: a lease is renewed right before the write, `lease_ttl_s` 30 s).
+_PURGE_AGAIN_S = 600.0
+# A prefix whose objects could not be deleted is tried again this much later.
+_PURGE_RETRY_S = 300.0
 _OPEN_PAGE = 1000
 # A failed submission's inputs files deleted at once, up to this many (else by the watchdog).
 _DELETE_AT_ONCE = 256
@@ -350,7 +367,8 @@ class JobStore:
         """Hold one of `tenant`'s `limit` concurrent-job slots for `job_id`, which is about
         to be created; False if every slot is taken. The slot is freed when the job ends
         (`finish`), or by `release_slot` if its submission fails; a submission that died
-        without either frees it after an hour (its entry older than that, no job recorded).
+        without either frees it after an hour (its entry older than that, no job recorded;
+        `create` renews it as it writes the inputs files).
         Atomic across server replicas: one script over the tenant's set alone."""
         key = self._tenant_key(tenant, "active")
         now = time.time()
@@ -446,7 +464,7 @@ class JobStore:
         appears only once every item is written, in one transaction. Creating `job_id` again
         returns the job that exists (an idempotent retry: `(job, False)`). A creation that
         fails deletes the files it wrote (the watchdog does, past `_DELETE_AT_ONCE` of them,
-        or if this process died: an hour after it began).
+        or if this process died: an hour after it wrote its last file).
 
         Args:
             data_root: where this job's data goes (`parts.data_location`): derived by the
@@ -466,15 +484,23 @@ class JobStore:
         data = self._data(data_uri)
         total = 0
         registered = False
+        kept_at = 0.0
 
-        def register() -> None:
+        def keep_alive() -> None:
             """Before the first file: queue its purge an hour from now, dropped when the job
-            is made (a submission that dies leaves no files for ever)."""
-            nonlocal registered
-            if not registered:
-                due = time.time() + _BUILDING_TTL_S
-                self.redis.zadd(PURGE_KEY, {_purge_member(job_id, data_uri): due})
-                registered = True
+            is made (a submission that dies leaves no files for ever). Then, as its files
+            are written, push that an hour on again, and its tenant's slot (`reserve_slot`)
+            too, at most once a minute: a listing that takes hours loses neither."""
+            nonlocal registered, kept_at
+            now = time.time()
+            if registered and now - kept_at < _BUILDING_TTL_S / 60:
+                return
+            member = {_purge_member(job_id, data_uri): now + _BUILDING_TTL_S}
+            with self.redis.pipeline(transaction=False) as pipe:  # a slot each: no MULTI
+                pipe.zadd(PURGE_KEY, member, xx=registered, gt=registered)
+                pipe.zadd(self._tenant_key(tenant, "active"), {job_id: now}, xx=True, gt=True)
+                pipe.execute()
+            registered, kept_at = True, now
 
         writer = InputsWriter(data, chunk_size)
         try:
@@ -486,12 +512,12 @@ class JobStore:
                             f"more than {max_items:,} images; the limit per job is {max_items:,}",
                             field="input",
                         )
-                    if total == chunk_size:  # the first file is written with this item
-                        register()
+                    if total % chunk_size == 0:  # a file is written with this item
+                        keep_alive()
                     writer.add(item)
                 if not total:
                     raise InvalidArgument("a job needs at least one image", field="input")
-                register()
+                keep_alive()
                 writer.close()
             job, created = self._commit(
                 job_id,
@@ -1117,6 +1143,8 @@ class JobStore:
     def forget_unrecorded(self, job_id: str) -> bool:
         """Drop `job_id` from `perito:active-jobs` if it has no record and joined more than an
         hour ago (a submission that died just before recording it, `_commit`); True if so."""
+        if is_legacy_member(job_id):  # an earlier version's job, not moved yet: not ours to drop
+            return False
         joined = self.redis.zscore(ACTIVE_JOBS_KEY, job_id)
         if joined is None or joined > time.time() - _BUILDING_TTL_S or self.exists(job_id):
             return False
@@ -1169,27 +1197,47 @@ class JobStore:
     @_redis_unavailable
     def purge_job_data(self, budget: int) -> tuple[int, int]:
         """Delete up to `budget` objects of the data prefixes due in the purge queue (deleted
-        jobs', abandoned submissions'), oldest first; a prefix leaves the queue once nothing
-        is left under it. A prefix that a job's record still names (a submission recorded
-        whose indexes were not written yet: `_index` takes it out of the queue) is never
-        purged: it is put off an hour. Returns (objects deleted, prefixes finished).
+        jobs', abandoned submissions'), oldest first. A prefix emptied is looked at once more
+        `_PURGE_AGAIN_S` later (a worker whose lease was renewed just before its job was
+        deleted may still finish writing a part there), then leaves the queue. A prefix that
+        a job's record still names (a submission recorded whose indexes were not written yet:
+        `_index` takes it out of the queue) is never purged: it is put off an hour. A prefix
+        whose objects cannot be deleted (object storage refuses, or is unreachable) is put
+        off `_PURGE_RETRY_S`, logged, and the others are purged meanwhile. Returns (objects
+        deleted, prefixes finished).
 
         Raises:
-            StorageUnavailable: Redis or object storage is unreachable (what was deleted
-                stays deleted; the rest is tried at the next call).
+            StorageUnavailable: Redis is unreachable (what was deleted stays deleted; the
+                rest is tried at the next call).
         """
         due = self.redis.zrangebyscore(PURGE_KEY, "-inf", time.time(), start=0, num=20)
         deleted = finished = 0
         for member in map(_decode, due):
-            job_id, uri = _parse_purge_member(member)
+            job_id, uri, again = _parse_purge_member(member)
             if job_id and _decode(self.redis.hget(job_key(job_id), "data_uri")) == uri:
                 later = time.time() + _BUILDING_TTL_S
                 self.redis.zadd(PURGE_KEY, {member: later}, xx=True)
                 continue
-            removed, done = self._data(uri).purge(budget - deleted)
+            try:
+                removed, done = self._data(uri).purge(budget - deleted)
+            except (PeritoError, OSError) as exc:  # this prefix only: the others go on
+                log.warning("job data %s not purged, tried again later: %s", uri, exc)
+                self.redis.zadd(PURGE_KEY, {member: time.time() + _PURGE_RETRY_S}, xx=True)
+                continue
             deleted += removed
             if done:
-                self.redis.zrem(PURGE_KEY, member)
+                with self.redis.pipeline(transaction=False) as pipe:
+                    pipe.zrem(PURGE_KEY, member)
+                    if not again:
+                        pipe.zadd(
+                            PURGE_KEY,
+                            {
+                                _purge_member(job_id, uri, again=True): (
+                                    time.time() + _PURGE_AGAIN_S
+                                )
+                            },
+                        )
+                    pipe.execute()
                 finished += 1
             if deleted >= budget:
                 break
@@ -1274,23 +1322,28 @@ class JobStore:
         """Move up to `limit` jobs recorded by a version of Perito whose job keys had no hash
         tag (`perito:job:<id>`, listed in `perito:active-jobs` and `perito:finished-jobs` by
         key) to the keys of `job_key` (RENAME, on the one Redis such a version ran on), so
-        they stay readable and expire with their retention; once none is left, its state
-        counts (`perito:job-states`) go. Returns how many were moved. The watchdog calls it
-        at every sweep; after the first it reads two keys."""
+        they stay readable and expire with their retention. Jobs not yet ended go first, so
+        a sweep never meets one still unmoved among the active jobs once they are; until
+        then the watchdog passes such an entry over (`is_legacy_member`). Once none is left
+        in either index, the earlier version's state counts (`perito:job-states`) go and
+        `perito:legacy-adopted` is set: every later call reads that one key. Returns how
+        many were moved."""
+        if self.redis.exists(_LEGACY_ADOPTED_KEY):
+            return 0
         old_finished = f"{PREFIX}:finished-jobs"
-        legacy = f"{PREFIX}:job:"
-        finished: Any = self.redis.zrange(old_finished, 0, limit - 1, withscores=True)
         active: Any = self.redis.zrange(ACTIVE_JOBS_KEY, 0, -1, withscores=True)
-        pending = [(old_finished, _decode(m), float(at)) for m, at in finished] + [
+        pending = [
             (ACTIVE_JOBS_KEY, _decode(m), float(at))
             for m, at in active
-            if _decode(m).startswith(legacy)  # the ids of this version's jobs have no prefix
+            if is_legacy_member(_decode(m))  # the ids of this version's jobs have no prefix
         ]
+        finished: Any = self.redis.zrange(old_finished, 0, limit - 1, withscores=True)
+        pending += [(old_finished, _decode(m), float(at)) for m, at in finished]
         moved = 0
         for index, member, at in pending[:limit]:
-            job_id = member.removeprefix(legacy)
+            job_id = member.removeprefix(_LEGACY_JOB_PREFIX)
             for part in ("", *_PARTS, *_EARLIER_PARTS):
-                old = f"{legacy}{job_id}" + (f":{part}" if part else "")
+                old = f"{_LEGACY_JOB_PREFIX}{job_id}" + (f":{part}" if part else "")
                 if self.redis.exists(old):
                     self.redis.rename(old, job_key(job_id, part))
             state = _decode(self.redis.hget(job_key(job_id), "state"))
@@ -1300,9 +1353,16 @@ class JobStore:
                 self.redis.zadd(ACTIVE_JOBS_KEY, {job_id: at}, nx=True)
             self.redis.zrem(index, member)
             moved += 1
-        if not moved and not self.redis.exists(old_finished):
+        if not pending and not self.redis.exists(old_finished):
             self.redis.delete(f"{PREFIX}:job-states")
+            self.redis.set(_LEGACY_ADOPTED_KEY, "1")
         return moved
+
+
+def is_legacy_member(member: str) -> bool:
+    """Whether an entry of `perito:active-jobs` names a job under an earlier version's keys
+    (`perito:job:<id>`, moved by `JobStore.adopt_legacy_jobs`), not a job id."""
+    return member.startswith(_LEGACY_JOB_PREFIX)
 
 
 def _finished_key(state: JobState) -> str:
@@ -1310,16 +1370,18 @@ def _finished_key(state: JobState) -> str:
     return f"{FINISHED_JOBS_PREFIX}{state.value}"
 
 
-def _purge_member(job_id: str, data_uri: str) -> str:
+def _purge_member(job_id: str, data_uri: str, *, again: bool = False) -> str:
     """The purge queue's entry for job `job_id`'s data prefix `data_uri`: both, as a JSON
-    array, so a purge can see whether the job still names the prefix."""
-    return json.dumps([job_id, data_uri])
+    array, so a purge can see whether the job still names the prefix; `again`: the second
+    look at a prefix purged already (`JobStore.purge_job_data`)."""
+    return json.dumps([job_id, data_uri, "again"] if again else [job_id, data_uri])
 
 
-def _parse_purge_member(member: str) -> tuple[str, str]:
-    """(job id, data prefix) of a purge queue entry; ("", prefix) for an entry queued before
-    entries named their job (a bare prefix: it starts with "/" or a scheme, never "[")."""
+def _parse_purge_member(member: str) -> tuple[str, str, bool]:
+    """(job id, data prefix, whether it is the second look) of a purge queue entry; ("",
+    prefix, False) for an entry queued before entries named their job (a bare prefix: it
+    starts with "/" or a scheme, never "[")."""
     if member.startswith("["):
-        job_id, uri = json.loads(member)
-        return str(job_id), str(uri)
-    return "", member
+        job_id, uri, *again = json.loads(member)
+        return str(job_id), str(uri), bool(again)
+    return "", member, False

@@ -49,7 +49,7 @@ import redis
 from perito_core.errors import PeritoError
 from perito_core.jobs.queue import queued_chunks, send_chunks
 from perito_core.jobs.results import RETRY_FIRST_S, RETRY_MAX_S, finalize_job
-from perito_core.jobs.store import Job, JobStore
+from perito_core.jobs.store import Job, JobStore, is_legacy_member
 from perito_core.storage import S3Options
 
 log = logging.getLogger(__name__)
@@ -143,6 +143,8 @@ class Watchdog:
         candidates: dict[str, list[int]] = {}
         now = time.time()
         for job_id in self.store.active_jobs():
+            if is_legacy_member(job_id):  # an earlier version's job: moved at a later sweep
+                continue
             try:
                 job = self.store.get(job_id)
             except PeritoError:  # deleted between the two reads, or not recorded yet
