@@ -227,12 +227,20 @@ class JobService:
         return [self.settings.registry, self.settings.results_uri, self.job_data_root]
 
     def check_location(
-        self, tenant: Tenant, uri: str, access: Access, field: str, *, names_object: bool = False
+        self,
+        tenant: Tenant,
+        uri: str,
+        access: Access,
+        field: str,
+        *,
+        names_object: bool = False,
+        folders: dict[Path, Path] | None = None,
     ) -> str:
         """`uri` made canonical, if `tenant` may `access` it. Nothing is created or read; a
         refusal names `field` and quotes `uri` as the caller gave it (never where a symbolic
         link leads, nor the server's local roots). With `names_object` (an image, a
-        manifest), an S3 URI without a key is refused too.
+        manifest), an S3 URI without a key is refused too. `folders`: the folders one
+        submission resolved so far (`SourceReader.normalize`).
 
         The tenant's prefixes are checked first, on the path as given and then once more as
         made canonical (a link swapped in between cannot lead out): to a tenant with prefixes,
@@ -252,7 +260,7 @@ class JobService:
                 tenant, uri, access, field, forbidden=self.reserved_locations, text_checked=True
             )
         try:
-            normalized = self.sources.normalize(uri)
+            normalized = self.sources.normalize(uri, folders)
         except InvalidArgument as exc:
             refusal = PermissionDenied if uri[:5].lower() == "s3://" else InvalidArgument
             raise refusal(f"{field}: {exc.message}", field=field) from None
@@ -262,17 +270,24 @@ class JobService:
             )
         return normalized
 
-    def _uri_item(self, tenant: Tenant, uri: str, field: str, item_id: str = "") -> ItemInput:
+    def _uri_item(
+        self,
+        tenant: Tenant,
+        uri: str,
+        field: str,
+        item_id: str = "",
+        folders: dict[Path, Path] | None = None,
+    ) -> ItemInput:
         """An item read from `uri` (checked and made canonical now), its id defaulted."""
-        uri = self.check_location(tenant, uri, "read", field, names_object=True)
+        uri = self.check_location(tenant, uri, "read", field, names_object=True, folders=folders)
         return ItemInput(id=item_id or default_item_id(uri), uri=uri)
 
-    def _listed_item(self, tenant: Tenant, uri: str) -> ItemInput:
+    def _listed_item(self, tenant: Tenant, uri: str, folders: dict[Path, Path]) -> ItemInput:
         """An object found under a listed prefix. One the tenant may not read (a symlink out
         of the folder, out of the tenant's prefixes) is not the job's failure but that item's:
         it is recorded failed with the reason, and never read."""
         try:
-            return self._uri_item(tenant, uri, "prefix")
+            return self._uri_item(tenant, uri, "prefix", folders=folders)
         except (InvalidArgument, PermissionDenied) as exc:
             return ItemInput(id=default_item_id(uri), uri=uri, error=f"{exc.reason}: {exc.message}")
 
@@ -285,6 +300,7 @@ class JobService:
         it is read, each item as it comes."""
         kind = request.WhichOneof("input")
         inline: dict[int, bytes] = {}
+        folders: dict[Path, Path] = {}  # resolved once for all the items
         if kind == "images":
             items = []
             for index, image in enumerate(request.images.images):
@@ -297,12 +313,14 @@ class JobService:
             return items, inline
         if kind == "uris":  # checked now, all of them: the request holds them already
             return [
-                self._uri_item(tenant, uri, f"uris[{index}]")
+                self._uri_item(tenant, uri, f"uris[{index}]", folders=folders)
                 for index, uri in enumerate(request.uris.uris)
             ], inline
         if kind == "prefix":
             prefix = self.check_location(tenant, request.prefix, "read", "prefix")
-            listed = (self._listed_item(tenant, uri) for uri in self.sources.iter_prefix(prefix))
+            listed = (
+                self._listed_item(tenant, uri, folders) for uri in self.sources.iter_prefix(prefix)
+            )
             message = f"prefix: no images under {echo_uri(request.prefix)}"
             return _non_empty(listed, message, "prefix"), inline
         if kind == "manifest_uri":
@@ -311,7 +329,7 @@ class JobService:
             )
             rows = self.sources.iter_manifest(manifest, max_bytes=self.settings.max_manifest_bytes)
             listed = (
-                self._uri_item(tenant, item.uri, f"manifest_uri (item {number})", item.id)
+                self._uri_item(tenant, item.uri, f"manifest_uri (item {number})", item.id, folders)
                 for number, item in enumerate(rows, start=1)
             )
             message = f"manifest_uri: {echo_uri(request.manifest_uri)} lists no images"

@@ -78,6 +78,25 @@ def test_a_part_that_is_not_the_chunks_results_is_refused_never_read_as_them(
         data.read_part(0, 3, first=0, items=1)
 
 
+@pytest.mark.parametrize(
+    "line",
+    [
+        '{"index": 0}, {"index": 1}',  # two values on one line: read as one array, refused
+        "[]",  # not an object
+        '{"index": 0, "margin": NaN}',  # not JSON (RFC 8259), though Python would parse it
+        '{"index": 0, "margin": -Infinity}',
+        '{"index": 0',
+    ],
+)
+def test_a_part_line_that_is_not_one_json_object_is_refused(tmp_path: Path, line: str) -> None:
+    data = _data(tmp_path)
+    good = _result(1).to_json()
+    (tmp_path / "parts").mkdir()
+    (tmp_path / part_key(0, 1)).write_text(f"{line}\n{good}\n")
+    with pytest.raises(JobDataMissing, match="malformed"):
+        data.read_part(0, 1, first=0, items=2)
+
+
 def test_a_nan_never_reaches_a_part(tmp_path: Path) -> None:
     data = _data(tmp_path)
     slipped = ItemResult(0, ItemState.SUCCEEDED, predictions=[("a", 0, math.nan)])

@@ -364,3 +364,26 @@ def test_a_manifest_streams_and_a_caller_may_stop_early(root: Path) -> None:
     # The 1 MiB read buffer and a line at a time; reading the file whole would hold its
     # ~5 MB of bytes plus the decoded text plus every parsed row.
     assert peak < 2_000_000, f"peak {peak / 1e6:.1f} MB for a {size / 1e6:.1f} MB manifest"
+
+
+def test_normalizing_with_resolved_folders_is_resolving_each_path_whole(
+    root: Path, tmp_path: Path
+) -> None:
+    (root / "real").mkdir()
+    (root / "real" / "a.jpg").write_bytes(b"x")
+    (root / "real" / "b.jpg").write_bytes(b"x")
+    (root / "linked").symlink_to(root / "real")  # a folder link within the root
+    (root / "real" / "to-b.jpg").symlink_to(root / "real" / "b.jpg")  # a file link
+    (tmp_path / "outside.jpg").write_bytes(b"x")
+    (root / "real" / "out.jpg").symlink_to(tmp_path / "outside.jpg")  # a file link out
+    reader = SourceReader(S3Options(), [root])
+    folders: dict[Path, Path] = {}
+    for name in ("linked/a.jpg", "linked/b.jpg", "linked/to-b.jpg", "linked/missing.jpg"):
+        given = str(root / name)
+        assert reader.normalize(given, folders) == reader.normalize(given)
+        assert reader.normalize(given) == str((root / name).resolve())
+    assert folders == {root / "linked": root.resolve() / "real"}
+    for cache in (folders, None):  # a link out of the roots is refused either way
+        with pytest.raises(InvalidArgument, match="leads out of the allowed local roots"):
+            reader.normalize(str(root / "linked" / "out.jpg"), cache)
+    assert reader.normalize("s3://photos/a.jpg", folders) == "s3://photos/a.jpg"

@@ -94,7 +94,9 @@ class ItemResult:
             state=ItemState(data["state"]),
             id=str(data["id"]),
             uri=str(data["uri"]),
-            predictions=[(str(p[0]), int(p[1]), float(p[2])) for p in data["predictions"]],
+            predictions=[
+                (str(label), int(index), float(p)) for label, index, p in data["predictions"]
+            ],
             margin=float(data["margin"]),
             normalized_entropy=float(data["normalized_entropy"]),
             uncertain=bool(data["uncertain"]),

@@ -108,10 +108,18 @@ def part_key(chunk: int, attempt: int) -> str:
     return f"parts/{chunk:08d}-{attempt}.jsonl"
 
 
+# Strict JSON (RFC 8259): a NaN or infinity raises ValueError, never a line other parsers
+# refuse. One encoder for every line (`json.dumps` with options builds one per call).
+_ENCODE = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+
+
 def _lines(records: Iterable[dict[str, Any]]) -> bytes:
-    return "".join(
-        json.dumps(r, separators=(",", ":"), allow_nan=False) + "\n" for r in records
-    ).encode()
+    return "".join(_ENCODE(r) + "\n" for r in records).encode()
+
+
+def _refuse_constant(name: str) -> Any:
+    """`json.loads`' `parse_constant`: NaN, Infinity and -Infinity are not JSON (RFC 8259)."""
+    raise ValueError(f"{name} is not a JSON number")
 
 
 class JobData:
@@ -188,10 +196,18 @@ class JobData:
             raw = self.store.read_bytes(key, PART_MAX_BYTES)
         except NotFound:
             raise JobDataMissing(f"{key} is missing from the job's data") from None
+        # One parse of the lines joined as an array (a parse per line costs half as much again);
+        # a line holding more than one value shows as more records than lines.
+        lines = [line for line in raw.splitlines() if line]
         try:
-            return [json.loads(line) for line in raw.splitlines() if line]
+            rows: list[dict[str, Any]] = json.loads(
+                b"[" + b",".join(lines) + b"]", parse_constant=_refuse_constant
+            )
         except ValueError as exc:
             raise JobDataMissing(f"{key} of the job's data is malformed: {exc}") from None
+        if len(rows) != len(lines) or not all(type(row) is dict for row in rows):
+            raise JobDataMissing(f"{key} of the job's data is malformed: not one object a line")
+        return rows
 
     def purge(self, budget: int) -> tuple[int, bool]:
         """Delete up to `budget` of the prefix's objects; returns (deleted, whether none is

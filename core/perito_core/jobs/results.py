@@ -71,9 +71,14 @@ def item_provenance(job: Job, result: ItemResult) -> dict[str, Any] | None:
     )
 
 
+# RFC 8259: a NaN that slipped through fails loudly (ValueError), never a bad line. One
+# encoder for every line (`json.dumps` with an option builds one per call).
+_ENCODE = json.JSONEncoder(allow_nan=False).encode
+
+
 def _json_line(result: ItemResult, job: Job, provenance: dict[str, Any] | None) -> str:
     top = result.predictions[0] if result.predictions else None
-    return json.dumps(
+    return _ENCODE(
         {
             "index": result.index,
             "id": result.id,
@@ -94,8 +99,7 @@ def _json_line(result: ItemResult, job: Job, provenance: dict[str, Any] | None) 
             "model": job.model,
             "model_version": job.model_version,
             "provenance": provenance,
-        },
-        allow_nan=False,  # RFC 8259: a NaN that slipped through fails loudly, never a bad line
+        }
     )
 
 

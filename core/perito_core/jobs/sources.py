@@ -16,6 +16,7 @@ import csv
 import io
 import json
 import os
+import stat
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -79,13 +80,13 @@ class SourceReader:
         self._buckets: dict[str, S3Store] = {}
         self._lock = threading.Lock()
 
-    def _local_path(self, uri: str) -> Path:
+    def _local_path(self, uri: str, folders: dict[Path, Path] | None = None) -> Path:
         """The path `uri` names, resolved, if it is under an allowed root. The refusals quote
         `uri` as given, and never the roots (one per tenant, perhaps) nor where a symbolic
-        link leads (perhaps somewhere the caller may not read)."""
+        link leads (perhaps somewhere the caller may not read). `folders`: see `normalize`."""
         given = absolute_local_path(uri, field="input")
         try:
-            path = given.resolve()
+            path = _resolve(given, folders)
         except (RuntimeError, OSError, ValueError):  # a symlink loop, a NUL byte
             raise InvalidArgument(f"{echo_uri(uri)} cannot be resolved", field="input") from None
         if not any(path.is_relative_to(root) for root in self.local_roots):
@@ -127,17 +128,26 @@ class SourceReader:
         root = next(r for r in self.local_roots if path.is_relative_to(r))
         return LocalStore(root), path.relative_to(root).as_posix()
 
-    def normalize(self, uri: str) -> str:
+    def normalize(self, uri: str, folders: dict[Path, Path] | None = None) -> str:
         """The URI as recorded in a job: local paths made absolute (symlinks resolved).
+
+        Args:
+            uri: an `s3://` URI or a local path.
+            folders: for many paths checked at once (one submission's items), the folders
+                resolved so far, filled as they are resolved: a file that is no symbolic
+                link is resolved as its folder's resolution joined with its name (one
+                `lstat`, not one per path component). Leave it out to resolve the path
+                whole. The worker resolves the recorded path again, and checks it against
+                the allowed roots, when it reads it (`read`).
 
         Raises:
             InvalidArgument: at submission, for a URI no worker could read (another scheme,
                 no bucket, a local path outside the allowed roots).
         """
-        store, key = self._split(uri)
-        if isinstance(store, LocalStore):
-            return str(store.root / key)
-        return uri
+        if uri[:5].lower() == "s3://" or is_other_scheme(uri):
+            self._split(uri)  # refuses a URI no worker could read
+            return uri
+        return str(self._local_path(uri, folders))  # a path under an allowed root
 
     def read(self, uri: str, max_bytes: int | None = None) -> bytes:
         """The bytes of one object or file.
@@ -307,6 +317,33 @@ def _jsonl_items(rows: Iterator[tuple[int, str]], uri: str) -> Iterator[ItemInpu
                 field="manifest_uri",
             )
         yield ItemInput(id="" if item_id is None else str(item_id), uri=item_uri)
+
+
+# The most folders one `normalize` cache holds: past it, it starts again empty.
+_FOLDERS_HELD = 10_000
+
+
+def _resolve(given: Path, folders: dict[Path, Path] | None) -> Path:
+    """`given.resolve()` (`os.path.realpath`); with `folders`, a file that exists and is no
+    symbolic link is its folder's resolution (cached in `folders`) joined with its name,
+    which is what `realpath` makes of it. Anything else is resolved whole.
+
+    Raises:
+        RuntimeError, OSError, ValueError: as `Path.resolve` (a symlink loop, a NUL byte).
+    """
+    if folders is None or given.name in ("", ".."):
+        return given.resolve()
+    try:
+        if stat.S_ISLNK(os.lstat(given).st_mode):
+            return given.resolve()
+    except OSError:  # missing, or a path through a file: as `resolve` makes it
+        return given.resolve()
+    folder = folders.get(given.parent)
+    if folder is None:
+        if len(folders) >= _FOLDERS_HELD:
+            folders.clear()
+        folder = folders[given.parent] = given.parent.resolve()
+    return folder / given.name
 
 
 def default_item_id(uri: str) -> str:
