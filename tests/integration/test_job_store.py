@@ -13,7 +13,7 @@ import redis
 from perito import ItemState, JobState
 from perito_core.errors import InvalidArgument, NotFound
 from perito_core.jobs import store as store_module
-from perito_core.jobs.parts import ChunkSlot
+from perito_core.jobs.parts import ChunkSlot, JobDataMissing
 from perito_core.jobs.queue import BULK_QUEUE, make_celery, queued_chunks
 from perito_core.jobs.store import (
     PURGE_KEY,
@@ -293,9 +293,13 @@ def test_closing_a_chunk_records_its_part_once_and_only_for_the_lease_holder(
     assert (after.succeeded, after.failed, after.done) == (3, 1, 4)
     assert store.redis.hget(job_key(job_id), "progress_at")  # the stuck-jobs metric
     assert store.chunk_slots(job_id, 0, 2) == [ChunkSlot(), ChunkSlot(1, 1), ChunkSlot()]
-    # A second close of the same chunk (a redelivery that got as far) changes nothing.
+    # The same close again (redis-py's retry of a script whose first run closed the chunk,
+    # its answer lost) reads as recorded; another attempt's (a redelivery that got as far)
+    # as done. Neither changes anything.
     again = store.record_chunk(job, 1, "worker-a", lease.attempts, results)
-    assert again.outcome == "done" and store.get(job_id).done == 4
+    assert again.outcome == "recorded" and store.get(job_id).done == 4
+    other = store.record_chunk(job, 1, "worker-a", lease.attempts + 1, results)
+    assert other.outcome == "done" and store.get(job_id).done == 4
     assert store.acquire_chunk(job_id, 1, "worker-b", ttl_s=60).outcome == "done"
     # What a running chunk kept in Redis goes with it: lease, attempts, error.
     for part in ("leases", "attempts", "chunk-errors"):
@@ -513,3 +517,69 @@ def test_a_part_written_after_its_job_was_deleted_is_purged_by_a_second_look(
     store.redis.zadd(PURGE_KEY, {again: 0}, xx=True)
     assert store.purge_job_data(100) == (1, 1)
     assert not list(tmp_path.rglob("*.jsonl")) and not store.redis.exists(PURGE_KEY)
+
+
+def test_a_chunk_given_up_on_closes_failed_without_a_part_with_its_own_reason(
+    store: JobStore, tmp_path: Path
+) -> None:
+    """Its last attempt used, a chunk closes in Redis alone (object storage may refuse every
+    write): each of its items FAILED with the chunk's reason, for the lease holder only."""
+    job_id = _create(store, 6, 2, tmp_path)
+    job = store.get(job_id)
+    lease = store.acquire_chunk(job_id, 1, "worker-a", ttl_s=60)
+    assert lease.outcome == "acquired"
+    assert store.fail_chunk(job, 1, "worker-b", "given up").outcome == "lost"
+    record = store.fail_chunk(job, 1, "worker-a", "chunk 1: given up")
+    assert (record.outcome, record.complete) == ("recorded", False)
+    assert store.fail_chunk(job, 1, "worker-a", "chunk 1: given up").outcome == "recorded"
+    assert (store.get(job_id).failed, store.get(job_id).done) == (2, 2)  # counted once
+    assert not list(tmp_path.rglob("parts/*"))  # no part written
+    assert store.chunk_slots(job_id, 1, 1)[0].count(ItemState.FAILED, 2) == 2
+    assert store.chunk_failure(job_id, 1) == "chunk 1: given up"
+    # Another chunk failed by the job's error keeps that one.
+    store.mark_unrecorded(job_id, ItemState.FAILED, "the model cannot be used")
+    results = store.results(job_id, 0, 6)
+    assert [r.state for r in results] == [ItemState.FAILED] * 6
+    assert [r.error for r in results] == ["the model cannot be used"] * 2 + [
+        "chunk 1: given up"
+    ] * 2 + ["the model cannot be used"] * 2
+    assert [r.id for r in results[2:4]] == ["2", "3"]
+    assert store.recorded_items(store.get(job_id)) == 6
+
+
+def test_a_close_whose_tallies_are_not_the_chunks_items_changes_nothing(
+    store: JobStore, tmp_path: Path
+) -> None:
+    job_id = _create(store, 4, 2, tmp_path)
+    store.acquire_chunk(job_id, 0, "worker-a", ttl_s=60)
+    record = store._close_chunk(job_id, 0, "worker-a", 1, 2, 1, 0)  # 3 of a chunk of 2
+    assert record.outcome == "mismatch"
+    assert store.get(job_id).done == 0 and store.chunk_slots(job_id, 0, 0) == [ChunkSlot()]
+
+
+def test_a_cancel_whose_server_died_before_closing_the_chunks_ends_cancelled(
+    store: JobStore, tmp_path: Path
+) -> None:
+    job_id = _create(store, 6, 2, tmp_path / "out")
+    record_chunks(store, job_id, chunks=[0])
+    store.request_cancel(job_id)  # ... and the server died before `mark_unrecorded`
+    watchdog = _watchdog(store)
+    report = watchdog.sweep()  # closes its open chunks, their items cancelled
+    assert report.errors == [] and report.resent == 0 and store.get(job_id).done == 6
+    assert watchdog.sweep().finalized == 1
+    job = store.get(job_id)
+    assert (job.state, job.succeeded, job.cancelled) == (JobState.CANCELLED, 2, 4)
+
+
+def test_a_part_replaced_by_another_writer_of_its_attempt_is_never_served(
+    store: JobStore, tmp_path: Path
+) -> None:
+    """Two holders of one attempt number (a failover that lost an acquire) write one key: a
+    part whose failures are not what the store recorded is refused, naming it."""
+    job_id = _create(store, 4, 2, tmp_path)
+    record_chunks(store, job_id, chunks=[0])
+    job = store.get(job_id)
+    [slot] = store.chunk_slots(job_id, 0, 0)
+    store.job_data(job).write_part(0, slot.mark, [_failed_every_third(0), _ok(1)])
+    with pytest.raises(JobDataMissing, match=r"parts/00000000-1\.jsonl .* 1 failed items"):
+        store.results(job_id, 0, 2)

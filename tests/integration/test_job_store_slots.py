@@ -180,6 +180,7 @@ def test_every_script_the_store_runs_touches_one_slot(tmp_path: Path) -> None:
 
 def test_every_key_of_a_job_hashes_to_its_slot() -> None:
     parts = ("", "chunks", "open", "inline", "leases", "attempts", "chunk-errors")
+    parts += ("chunk-failures",)
     for job_id in ("0f3a9c1e5b7d2a4c6e8f", "job-a", "x"):
         assert {key_slot(job_key(job_id, part).encode()) for part in parts} == {
             key_slot(job_id.encode())

@@ -485,6 +485,16 @@ def _record(
         finalize(job.id)
 
 
+def _close_cancelled(store: JobStore, job_id: str, finalize: Callable[[str], None]) -> None:
+    """Close a cancelled job's open chunks, their items cancelled, and finalise it: what the
+    server does after asking for the cancel (`JobStore.mark_unrecorded`), done again in case
+    it died in between; idempotent."""
+    store.mark_unrecorded(job_id, ItemState.CANCELLED, "")
+    job = store.get(job_id)
+    if job.done >= job.total:
+        finalize(job_id)
+
+
 def _run_chunk(
     rt: WorkerRuntime,
     job_id: str,
@@ -506,6 +516,9 @@ def _run_chunk(
         store.mark_unrecorded(job_id, ItemState.FAILED, message)
         finalize(job_id)
         return
+    if job.cancel_requested:  # the server that asked died before closing the chunks
+        _close_cancelled(store, job_id, finalize)
+        return
     if attempt > rt.settings.max_attempts:
         last = store.chunk_error(job_id, chunk) or (
             "the worker process running it stopped each time without finishing (killed, or "
@@ -515,19 +528,19 @@ def _run_chunk(
             f"chunk {chunk} was started {attempt - 1} times without finishing; given up and "
             f"dead-lettered. Last attempt: {last}"
         )
-        try:
-            inputs = store.chunk_inputs(job, chunk)
-        except StorageUnavailable:
-            raise
-        except PeritoError:  # its inputs are unreadable: its items fail by index alone
-            inputs = [ItemInput(id="")] * (stop - start)
-        store.dead_letter(job_id, chunk, reason)
-        metrics.CHUNKS.labels("dead_lettered").inc()
-        failed = [
-            ItemResult(start + i, ItemState.FAILED, id=item.id, uri=item.uri, error=reason)
-            for i, item in enumerate(inputs)
-        ]
-        _record(rt, job, chunk, heartbeat, attempt, failed, finalize)
+        # Closed in Redis alone, no part: a chunk whose parts cannot be written ends too.
+        record = store.fail_chunk(job, chunk, heartbeat.holder, reason)
+        if record.outcome == "recorded":
+            store.dead_letter(job_id, chunk, reason)
+            metrics.CHUNKS.labels("dead_lettered").inc()
+            metrics.ITEMS.labels(job.model, job.model_version, ItemState.FAILED.value).inc(
+                stop - start
+            )
+        else:  # lost, done (cancelled meanwhile), terminal or gone
+            log.info("job %s chunk %d: not given up (%s)", job_id, chunk, record.outcome)
+            metrics.CHUNKS.labels("skipped").inc()
+        if record.complete:
+            finalize(job_id)
         return
 
     inputs = store.chunk_inputs(job, chunk)
@@ -583,6 +596,8 @@ def _run_chunk(
                 # Cancelled: the cancel closed the chunk, its items cancelled. Lost: another
                 # worker runs it now. Either way nothing of this attempt is recorded.
                 metrics.CHUNKS.labels("skipped").inc()
+                if not heartbeat.lost:
+                    _close_cancelled(store, job_id, finalize)
                 return
             computing = _compute(rt, model, prepared)
             if in_flight is not None:

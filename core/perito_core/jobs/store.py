@@ -18,6 +18,9 @@ braces), so all of a job's keys are in one hash slot and every Lua script touche
     perito:job:{<id>}:leases       hash: chunk -> "holder expiry_ms" of the worker running it
     perito:job:{<id>}:attempts     hash: chunk -> times a worker started it (the retry cap)
     perito:job:{<id>}:chunk-errors hash: chunk -> why its last attempt ended early
+    perito:job:{<id>}:chunk-failures  hash: chunk -> why its items failed, for a chunk
+                                    closed failed without a part (given up after its last
+                                    attempt: `fail_chunk`)
 
 Global keys (indexes over jobs, claims), each in a slot of its own:
 
@@ -99,7 +102,9 @@ from perito_core.jobs.parts import (
     ChunkSlot,
     InputsWriter,
     JobData,
+    JobDataMissing,
     LruCache,
+    part_key,
 )
 from perito_core.models.provenance import ServedVersion
 from perito_core.storage import S3Options, open_store
@@ -111,7 +116,8 @@ PREFIX = "perito"
 
 def job_key(job_id: str, part: str = "") -> str:
     """The Redis key of job `job_id`'s record (`part` ""), or of one of its other keys
-    (`chunks`, `open`, `inline`, `leases`, `attempts`, `chunk-errors`): `perito:job:{<id>}`
+    (`chunks`, `open`, `inline`, `leases`, `attempts`, `chunk-errors`, `chunk-failures`):
+    `perito:job:{<id>}`
     and `perito:job:{<id>}:<part>`. The braces are literal: Redis Cluster's hash tag
     (https://redis.io/docs/latest/operate/oss_and_stack/reference/cluster-spec/#hash-tags), so
     every key of a job hashes to one slot."""
@@ -195,7 +201,7 @@ def _lua(name: str) -> str:
 
 # Per-job keys besides the record itself; `finish.lua` drops the first five of them.
 _RUNNING_PARTS = ("inline", "open", "leases", "attempts", "chunk-errors")
-_PARTS = (*_RUNNING_PARTS, "chunks")
+_PARTS = (*_RUNNING_PARTS, "chunks", "chunk-failures")
 # Kept by versions that held each item in Redis: such a job is deleted with them.
 _EARLIER_PARTS = ("inputs", "results")
 
@@ -267,9 +273,12 @@ class ChunkRecord:
     """What closing a chunk did; see `JobStore.record_chunk`.
 
     Attributes:
-        outcome: `recorded`; `lost` (the lease was no longer the worker's: its part is never
-            read); `done` (closed already: recorded, cancelled or failed); `terminal` or
-            `gone` (the job ended, or was deleted).
+        outcome: `recorded` (by this call, or by an earlier run of the same close whose
+            answer was lost: the slot names this attempt); `lost` (the lease was no longer
+            the worker's: its part is never read); `done` (closed already otherwise:
+            recorded by another attempt, cancelled or failed); `mismatch` (the tallies are
+            not the chunk's items: nothing changed); `terminal` or `gone` (the job ended, or
+            was deleted).
         complete: every item of the job is accounted for now (whoever closed the last chunk
             finalises the job; finalising is idempotent).
     """
@@ -794,11 +803,13 @@ class JobStore:
 
     def chunk_results(self, job: Job, chunk: int, slot: ChunkSlot) -> list[ItemResult]:
         """The results of `chunk`'s items, in input order, as `slot` (`chunk_slots`) says:
-        its part's; each cancelled, or failed with the job's `rest_error`; or PENDING while
-        it is open. Parts and inputs files are read from object storage (or the cache).
+        its part's; each cancelled, or failed with its chunk's reason (`fail_chunk`) or else
+        the job's `rest_error`; or PENDING while it is open. Parts and inputs files are read
+        from object storage (or the cache).
 
         Raises:
-            JobDataMissing: a file the store refers to is missing or malformed.
+            JobDataMissing: a file the store refers to is missing or malformed, or a part
+                whose failures are not as many as the store recorded (another writer's).
             FailedPrecondition: a job without data (`job_data`).
             StorageUnavailable: object storage is unreachable.
         """
@@ -807,13 +818,15 @@ class JobStore:
             data = self.job_data(job)
             return self._files.get(
                 (data.uri, chunk, slot.mark),
-                lambda: data.read_part(chunk, slot.mark, first, items),
+                lambda: _as_recorded(data.read_part(chunk, slot.mark, first, items), slot, chunk),
             )
         state, error = {
             0: (ItemState.PENDING, ""),
             CANCELLED_MARK: (ItemState.CANCELLED, ""),
-            FAILED_MARK: (ItemState.FAILED, job.rest_error),
+            FAILED_MARK: (ItemState.FAILED, ""),
         }[slot.mark]
+        if state is ItemState.FAILED:
+            error = self.chunk_failure(job.id, chunk) or job.rest_error
         return [
             ItemResult(first + i, state, id=item.id, uri=item.uri, error=error)
             for i, item in enumerate(self.chunk_inputs(job, chunk))
@@ -926,6 +939,26 @@ class JobStore:
         return self._close_chunk(job.id, chunk, holder, attempt, items - failed, failed, first)
 
     @_redis_unavailable
+    def fail_chunk(self, job: Job, chunk: int, holder: str, reason: str) -> ChunkRecord:
+        """Close `chunk` without a part if `holder` still holds its lease: every one of its
+        items FAILED with `reason`, kept for the chunk alone (`chunk_failure`). Redis only,
+        so a chunk given up on (its last attempt used) closes even while object storage
+        refuses every write.
+
+        Returns:
+            What closing it did, as `record_chunk`; `recorded` also when an earlier run of
+            this close did it (its answer lost, a retry found the chunk closed so).
+        """
+        first, items = self._chunk_span(job.total, job.chunk_size, chunk)
+        return self._close_chunk(job.id, chunk, holder, FAILED_MARK, 0, items, first, reason)
+
+    @_redis_unavailable
+    def chunk_failure(self, job_id: str, chunk: int) -> str:
+        """Why the items of `chunk`, closed failed without a part by `fail_chunk`, failed;
+        "" for any other chunk."""
+        return _decode(self.redis.hget(job_key(job_id, "chunk-failures"), str(chunk)))
+
+    @_redis_unavailable
     def _close_chunk(
         self,
         job_id: str,
@@ -935,7 +968,11 @@ class JobStore:
         succeeded: int,
         failed: int,
         first: int,
+        reason: str = "",
     ) -> ChunkRecord:
+        """`complete.lua`; a `done` for a chunk whose slot says this close happened (redis-py
+        ran the script again after a connection error, and the first run had closed it) is
+        `recorded`."""
         outcome, done_ok, done_failed, done_cancelled, total = self._complete(
             keys=[
                 job_key(job_id),
@@ -943,13 +980,21 @@ class JobStore:
                 job_key(job_id, "chunk-errors"),
                 job_key(job_id, "chunks"),
                 job_key(job_id, "inline"),
+                job_key(job_id, "chunk-failures"),
             ],
-            args=[chunk, holder, attempt, succeeded, failed, first, succeeded + failed],
+            args=[chunk, holder, attempt, succeeded, failed, first, succeeded + failed, reason],
         )
         complete = int(total) > 0 and int(done_ok) + int(done_failed) + int(done_cancelled) >= int(
             total
         )
-        return ChunkRecord(_decode(outcome), complete)
+        outcome = _decode(outcome)
+        if (
+            outcome == "done"
+            and self.chunk_slots(job_id, chunk, chunk)[0].mark == attempt
+            and (attempt != FAILED_MARK or self.chunk_failure(job_id, chunk) == reason)
+        ):
+            outcome = "recorded"
+        return ChunkRecord(outcome, complete)
 
     @_redis_unavailable
     def mark_unrecorded(self, job_id: str, state: ItemState, error: str) -> int:
@@ -1363,6 +1408,23 @@ def is_legacy_member(member: str) -> bool:
     """Whether an entry of `perito:active-jobs` names a job under an earlier version's keys
     (`perito:job:<id>`, moved by `JobStore.adopt_legacy_jobs`), not a job id."""
     return member.startswith(_LEGACY_JOB_PREFIX)
+
+
+def _as_recorded(results: list[ItemResult], slot: ChunkSlot, chunk: int) -> list[ItemResult]:
+    """A part's `results`, if as many of them failed as the store recorded for it (`slot`):
+    else the part is not the one closed (two writers of one attempt's key, after a failover
+    lost a lease), and is never served.
+
+    Raises:
+        JobDataMissing: naming the part.
+    """
+    failed = sum(r.state is ItemState.FAILED for r in results)
+    if failed != slot.failed:
+        raise JobDataMissing(
+            f"{part_key(chunk, slot.mark)} of the job's data has {failed} failed items; the "
+            f"job store recorded {slot.failed} for it"
+        )
+    return results
 
 
 def _finished_key(state: JobState) -> str:

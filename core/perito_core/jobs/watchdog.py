@@ -21,6 +21,8 @@ A sweep, run every few seconds by the server (one replica at a time, under a Red
    ended it died in between), is indexed again (`JobStore.sync_indexes`); an id there with no
    record an hour on (a submission that died just before recording it) is dropped. Jobs
    recorded under an earlier version's keys are moved to this one's (`adopt_legacy_jobs`).
+   A job whose cancel was asked for but whose open chunks were not closed (the server died
+   in between) has them closed, their items cancelled.
 4. **Lost chunks.** A chunk with unrecorded items, no live lease (no worker is running it)
    and no message waiting in the broker's queue, seen so on two sweeps in a row, is sent
    again. That covers a submission that died between recording the job and enqueueing it, a
@@ -46,6 +48,7 @@ from typing import Any
 
 import redis
 
+from perito.v1.vocabulary import ItemState
 from perito_core.errors import PeritoError
 from perito_core.jobs.queue import queued_chunks, send_chunks
 from perito_core.jobs.results import RETRY_FIRST_S, RETRY_MAX_S, finalize_job
@@ -155,6 +158,11 @@ class Watchdog:
                 report.repaired += 1
                 if job.state.terminal:
                     continue
+            if job.cancel_requested and job.done < job.total:
+                # The server that asked for the cancel died before closing the open chunks
+                # (`JobStore.mark_unrecorded`): closed here, their items cancelled.
+                report.repaired += bool(self.store.mark_unrecorded(job_id, ItemState.CANCELLED, ""))
+                job = self.store.get(job_id)
             if job.done >= job.total:
                 if self._finalize_due(job, now):
                     self._finalize(job_id, report)
