@@ -15,6 +15,7 @@ from perito_core.models.engines.onnxruntime import (
     TENSORRT,
     OnnxModel,
     execution_providers,
+    graph_is_fp32,
 )
 from perito_core.models.manifest import Artifact, InputContract, TensorContract
 from tests.helpers import unpublished_manifest
@@ -57,3 +58,18 @@ def test_without_a_gpu_build_the_cpu_serves_and_says_so(tmp_path: Path) -> None:
         assert model.form == "onnxruntime-fp32"  # TensorRT did not run: no FP16 kernels
     images = np.random.default_rng(0).integers(0, 256, (3, SIZE, SIZE, 3), dtype=np.uint8)
     np.testing.assert_array_equal(asked_cuda.predict(images), on_cpu.predict(images))
+
+
+def test_only_an_fp32_graph_is_taken_for_one_that_tensorrt_may_run_in_fp16(
+    tmp_path: Path,
+) -> None:
+    """FP16 kernels (and the form `onnxruntime-fp16`) are for an FP32 graph: an INT8 one,
+    quantized by ONNX Runtime, keeps its own form."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    fp32 = waste_model(tmp_path / "model.onnx", SIZE)
+    int8 = tmp_path / "int8.onnx"
+    quantize_dynamic(fp32, int8, weight_type=QuantType.QInt8)
+    assert graph_is_fp32(fp32)
+    assert not graph_is_fp32(int8)
+    assert not graph_is_fp32(tmp_path / "missing.onnx")

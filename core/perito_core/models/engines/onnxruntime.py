@@ -191,6 +191,35 @@ def execution_providers(
     return [*wanted, CPU]
 
 
+# Operators of a quantized (INT8) graph: QDQ and QOperator forms (the ONNX operator set,
+# https://onnx.ai/onnx/operators/; ONNX Runtime's quantization writes these).
+_QUANTIZED_OPS = frozenset(
+    {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger"}
+)
+
+
+def graph_is_fp32(path: Path) -> bool:
+    """Whether the ONNX graph at `path` computes in FP32: no quantization operator
+    (`_QUANTIZED_OPS`, `QLinear*`: an INT8 graph) and no FLOAT16 or BFLOAT16 weight (an FP16
+    graph). False when it cannot be told: the `onnx` package, which reads the graph, is not
+    installed, or the file is not a graph it reads (`OnnxModel.open` refuses it then)."""
+    try:
+        import onnx
+    except ImportError:
+        log.info("the onnx package is not installed: %s is not taken for an FP32 graph", path)
+        return False
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - not a graph: the session refuses it, naming why
+        return False
+    if any(
+        n.op_type in _QUANTIZED_OPS or n.op_type.startswith("QLinear") for n in model.graph.node
+    ):
+        return False
+    halves = {onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+    return not any(tensor.data_type in halves for tensor in model.graph.initializer)
+
+
 def inference_session(
     path: Path,
     threads: int | None = None,
@@ -437,9 +466,10 @@ class OnnxModel(LoadedModel):
                 (`served_output`'s `require_name`; an import).
             device: where to run it: a CUDA device asks for TensorRT, CUDA, then the CPU
                 (`execution_providers`); the provider it got is `provider`, logged.
-            fp16: let TensorRT run FP16 kernels; where TensorRT is the provider it got, an
-                FP32 graph's form is then named `onnxruntime-fp16` (verify it against FP32
-                before it serves).
+            fp16: let TensorRT run FP16 kernels, for an FP32 graph only (`graph_is_fp32`: an
+                INT8 or FP16 graph is opened as it is); where TensorRT is the provider it got,
+                its form is then named `onnxruntime-fp16` (verify it against FP32 before it
+                serves).
 
         Raises:
             ModelLoadError: ONNX Runtime is not installed, the file is not a loadable ONNX
@@ -450,6 +480,7 @@ class OnnxModel(LoadedModel):
             raise ModelLoadError(f"{manifest.name}@{manifest.version}: no tensor contract")
         if onnxruntime_version() is None:
             raise ModelLoadError("ONNX Runtime is not installed (pip install 'perito[serve]')")
+        fp16 = fp16 and torch.device(device).type == "cuda" and graph_is_fp32(path)
         try:
             session = inference_session(path, threads, device, fp16=fp16)
         except Exception as exc:  # noqa: BLE001 - any failure here is a bad artifact
