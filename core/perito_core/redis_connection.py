@@ -308,6 +308,9 @@ def celery_broker(url: str, *, setting: str = BROKER_URL_SETTING) -> tuple[str, 
         f"sentinel://{userinfo}{host}:{port}/{parsed.db}"
         for host, (_, port) in zip(hosts, parsed.sentinels, strict=True)
     )
+    # A sentinel password sits here in clear: a Celery worker's reported connection
+    # (`celery inspect stats`) leaves out only the broker's password, not its transport
+    # options (docs/operations.md says so).
     options = {
         "master_name": parsed.service_name,
         "sentinel_kwargs": {**SENTINEL_SOCKET_OPTIONS, **_sentinel_credentials(parsed)},
