@@ -38,7 +38,9 @@ from perito_core.storage import LocalStore, ObjectStore
 # `u16 #2c` and `u16 #2c+1`, chunk c), 0 until the chunk is closed.
 SLOT_BYTES = 4
 CANCELLED_MARK = 0xFFFF  # closed without a part: every item cancelled
-FAILED_MARK = 0xFFFE  # closed without a part: every item failed with the job's `rest_error`
+# Closed without a part: every item failed, with its chunk's reason (`JobStore.fail_chunk`)
+# or else the job's `rest_error`.
+FAILED_MARK = 0xFFFE
 MAX_ATTEMPT = 0xFFFD
 # A part holds at most max_job_chunk_size (10,000) results of a few hundred bytes each.
 PART_MAX_BYTES = 64 * 1024 * 1024
@@ -56,7 +58,8 @@ class ChunkSlot:
     Attributes:
         mark: 0 while the chunk is open; the attempt whose part holds its results once it is
             recorded (1 to `MAX_ATTEMPT`); `CANCELLED_MARK` or `FAILED_MARK` for a chunk
-            closed without a part (cancelled, or failed with the job's `rest_error`).
+            closed without a part (cancelled, or failed with its chunk's reason or else the
+            job's `rest_error`).
         failed: how many of a recorded part's items failed (the others succeeded).
     """
 
