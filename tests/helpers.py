@@ -7,6 +7,7 @@ import contextlib
 import io
 import itertools
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -528,6 +529,25 @@ class SlowS3Proxy:
 
 
 __all__ = ["Proc", "ProcessFailed", "free_port", "wait_for_port"]
+
+
+@contextlib.contextmanager
+def logged(name: str, level: int = logging.INFO) -> Iterator[list[str]]:
+    """The messages logger `name` emits at `level` or above inside the block, caught by a
+    handler on that logger itself: pytest's caplog listens on the root logger, whose handlers
+    `configure_logging` (run by other tests in the same process) replaces."""
+    messages: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger(name)
+    previous = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(previous)
 
 
 class FakeClock:

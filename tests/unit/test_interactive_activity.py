@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from perito_core.scheduling import BUSY_LEASE_S, InteractiveActivity
+from tests.helpers import logged
 
 
 def test_a_worker_waits_while_a_call_is_in_hand_and_no_longer(tmp_path: Path) -> None:
@@ -98,16 +99,6 @@ def test_settings_that_cannot_open_the_file_turn_claims_first_off(tmp_path: Path
 
     link = tmp_path / "activity"
     link.symlink_to(tmp_path / "elsewhere")
-    warnings: list[str] = []
-    handler = logging.Handler()
-    handler.emit = lambda record: warnings.append(record.getMessage())  # type: ignore[method-assign]
-    logger = logging.getLogger("perito_core.settings")  # whatever other tests did to propagation
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.WARNING)
-    try:
+    with logged("perito_core.settings", logging.WARNING) as warnings:
         assert CommonSettings(activity_file=link).open_activity() is None
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
     assert any("claims first across processes is off" in w for w in warnings)
