@@ -466,6 +466,13 @@ def test_concurrent_first_requests_try_a_failing_canary_load_once_until_its_retr
             tried_at_first = loads.tried
             failure = pool.rollout_errors[(MODEL, "production:canary")]
             wait_for(lambda: loads.tried == 2, 10)  # the refresh after ROLLOUT_RETRY_S
+            # counted as it starts: its failure is recorded once the load has failed
+            wait_for(
+                lambda: (
+                    pool.rollout_errors[(MODEL, "production:canary")].retry_at > failure.retry_at
+                ),
+                10,
+            )
             retried = pool.rollout_errors[(MODEL, "production:canary")]
     finally:
         loads.open()

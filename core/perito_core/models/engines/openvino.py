@@ -263,7 +263,8 @@ def quantize(
         OverflowFix,
     )
 
-    nncf.set_log_level(logging.ERROR)
+    # The logger's level only: nncf.set_log_level also sets every handler on it (pytest's too)
+    logging.getLogger("nncf").setLevel(logging.ERROR)
     batches = [np.ascontiguousarray(image.transpose(2, 0, 1)[None]) for image in images]
     if not batches:
         raise ValueError("no calibration images")
