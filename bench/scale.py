@@ -282,12 +282,16 @@ def report(figures: dict[str, Any], args: argparse.Namespace) -> int:
     ]
     for what, value in rows:
         print(f"| {what} | {value} |")
-    per_item = figures.get("after_used_bytes_per_item") or 0.0
-    during = figures.get("during_used_bytes_per_item") or 0.0
+    # From the job's own keys, which grow with its items; used_memory's growth also holds a
+    # fixed part (scripts, the broker's queues) that a small run would scale up as if per item.
+    per_item = figures.get("after_job_bytes_per_item") or 0.0
+    during = figures.get("during_job_bytes_per_item") or 0.0
+    during_used = figures.get("during_used_bytes_per_item") or 0.0
     rate = figures.get("middle_items_per_s") or figures["items_per_s"]
     print(
-        f"\nextrapolated to 10,000,000 items: Redis {during * 1e7 / 2**20:,.0f} MiB while it "
-        f"runs, {per_item * 1e7 / 2**20:,.0f} MiB kept after; the control plane at "
+        f"\nextrapolated to 10,000,000 items: the job's Redis keys {during * 1e7 / 2**20:,.1f} MiB "
+        f"while it runs, {per_item * 1e7 / 2**20:,.1f} MiB kept after (used_memory grew "
+        f"{during_used * items / 2**20:,.1f} MiB in this run); the control plane at "
         f"{rate:,.0f} items/s per {workers} worker processes on {os.cpu_count()} cores: "
         f"{1e7 / rate / 3600:.1f} h on one such host, {1e7 / rate / 3600 / 10:.2f} h on 10 "
         "(if the job store keeps up: see the docs' scale section)"
