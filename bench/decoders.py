@@ -5,19 +5,21 @@ What every image pays before the forward pass (`perito_core.imaging.load_model_i
 224x224. For a 640x480 and a 4000x3000 JPEG, each decoder x resizer combination is timed from
 the JPEG's bytes to the uint8 model input (bilinear and bicubic, the interpolations model specs
 use), single-threaded, in interleaved rounds (drift on a shared machine hits all alike): median
-ms and ratio to today's pipeline (Pillow, resize then crop) measured in the same run. Beside each
-time: the largest absolute difference of its model input from today's, in grey levels, over
+ms and ratio to Pillow's pipeline (decode, resize, then crop) measured in the same run. Beside each
+time: the largest absolute difference of its model input from Pillow's, in grey levels, over
 every sample photo (scikit-image's and scikit-learn's) at that size; and for each decoder,
 whether its decoded pixels are Pillow's exactly (the photo-quality measures are taken from them,
 so a decoder that changes one pixel changes the thresholds stored in model cards).
 
-Decoders: Pillow (`Image.draft`, libjpeg's scales 1/2, 1/4, 1/8, as today); simplejpeg at
-Pillow's scale and with its own `min_height`/`min_width` choice (any M/8 scale); PyTurboJPEG
-(`scaling_factor`, Pillow's scale); OpenCV (`cv2.imdecode`, `IMREAD_REDUCED_COLOR_*`).
-Resizers: Pillow resize then crop (today); Pillow with one pass boxed (what `resize_for_model`
-adopted: one of the two passes resamples only the crop's span); Pillow resize of the crop's
-source box only (`Image.resize(..., box=)`, both passes); the same with `reducing_gap` 2 and
-3; OpenCV `INTER_AREA` and `INTER_LINEAR` (`INTER_CUBIC` for bicubic specs), resize then crop.
+Decoders: Pillow (`Image.draft`, libjpeg's scales 1/2, 1/4, 1/8, as `load_model_input`);
+simplejpeg at Pillow's scale and with its own `min_height`/`min_width` choice (any M/8 scale);
+PyTurboJPEG (`scaling_factor`, Pillow's scale); OpenCV (`cv2.imdecode`, `IMREAD_REDUCED_COLOR_*`).
+Resizers: Pillow resize then crop (the reference: the pixels torchvision's PIL transforms give a
+model in training); torch's antialiased uint8 interpolation (`torch.nn.functional.interpolate(
+..., antialias=True)` on a channels-last uint8 tensor, what `resize_for_model` adopted); Pillow
+resize of the crop's source box only (`Image.resize(..., box=)`); the same with `reducing_gap` 2
+and 3; OpenCV `INTER_AREA` and `INTER_LINEAR` (`INTER_CUBIC` for bicubic specs), resize then
+crop.
 The last row is `perito_core.imaging.load_model_input` as committed (it also reads EXIF and ICC).
 
 Run: `.venv/bin/pip install -c constraints.txt -e '.[bench]'` (simplejpeg, PyTurboJPEG,
@@ -192,7 +194,7 @@ def pillow_resize_then_crop(decoded: Decoded, interpolation: str) -> np.ndarray:
 
 
 def crop_box(width: int, height: int) -> tuple[float, float, float, float]:
-    """The region of the source image that today's centre crop comes from."""
+    """The region of the source image that the centre crop comes from."""
     (new_width, new_height), left, top = crop_geometry(width, height)
     x_scale, y_scale = width / new_width, height / new_height
     return (left * x_scale, top * y_scale, (left + CROP) * x_scale, (top + CROP) * y_scale)
@@ -211,9 +213,10 @@ def pillow_box(reducing_gap: float | None = None) -> Resizer:
     return resize
 
 
-def pillow_one_pass_boxed(decoded: Decoded, interpolation: str) -> np.ndarray:
-    """What `perito_core.imaging.resize_for_model` does now: only one of Pillow's two passes
-    resamples just the crop's span, the other keeps the whole image's weights."""
+def torch_antialiased(decoded: Decoded, interpolation: str) -> np.ndarray:
+    """What `perito_core.imaging.resize_for_model` does now: torch's antialiased uint8
+    interpolation (written to give Pillow's pixels), in Pillow's order of passes, then the
+    crop."""
     return resize_for_model(as_image(decoded), SPECS[interpolation])
 
 
@@ -235,8 +238,8 @@ def opencv_resize(area: bool) -> Resizer:
 
 def resizers(have_opencv: bool) -> dict[str, Resizer]:
     found: dict[str, Resizer] = {
-        "Pillow resize, then crop (today)": pillow_resize_then_crop,
-        "Pillow, one pass boxed (adopted)": pillow_one_pass_boxed,
+        "Pillow resize, then crop (reference)": pillow_resize_then_crop,
+        "torch interpolate, antialiased uint8 (adopted)": torch_antialiased,
         "Pillow resize of the crop box": pillow_box(),
         "Pillow crop box, reducing_gap=2": pillow_box(2.0),
         "Pillow crop box, reducing_gap=3": pillow_box(3.0),
@@ -273,7 +276,7 @@ def main() -> int:
     print(
         f"# decoders: JPEG (quality 90) -> {CROP}x{CROP} model input (shorter side {RESIZE}, "
         f"centre crop), single-threaded, {args.rounds} interleaved rounds, median ms; "
-        "max diff: largest |difference| from today's model input in grey levels over "
+        "max diff: largest |difference| from Pillow's model input in grey levels over "
         "6 photos"
     )
     if missing:
@@ -300,7 +303,7 @@ def main() -> int:
         pipelines[("load_model_input (as committed)", "")] = lambda data, interpolation: (
             load_model_input(data, SPECS[interpolation])
         )
-        reference = pipelines[("Pillow (draft)", "Pillow resize, then crop (today)")]
+        reference = pipelines[("Pillow (draft)", "Pillow resize, then crop (reference)")]
         differences = {
             (key, interpolation): max(
                 (
@@ -332,8 +335,8 @@ def main() -> int:
         )
         print()
         print(
-            "| decoder | decode = Pillow's | resizer | bilinear ms | x today | max diff | "
-            "bicubic ms | x today | max diff |"
+            "| decoder | decode = Pillow's | resizer | bilinear ms | x Pillow | max diff | "
+            "bicubic ms | x Pillow | max diff |"
         )
         print("|---|---|---|---|---|---|---|---|---|")
         for key in pipelines:

@@ -82,7 +82,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from perito_core.imaging import DecodeInfo, ImageLimits, InputSpec
+from perito_core.imaging import DecodeInfo, ImageLimits, InputSpec, resize_geometry
 from perito_core.quality import measure
 
 log = logging.getLogger(__name__)
@@ -258,13 +258,8 @@ def _model_input(image: torch.Tensor, spec: InputSpec) -> tuple[torch.Tensor, to
         x = F.avg_pool2d(x, scale, ceil_mode=True).round_()
     reduced = x
     height, width = x.shape[-2:]
-    top = left = 0
-    if spec.resize_mode == "squash":
-        size = (spec.height, spec.width)
-    else:  # resize_for_model's geometry: shorter side to resize_size, centre crop
-        factor = spec.resize_size / min(width, height)
-        size = (max(spec.height, round(height * factor)), max(spec.width, round(width * factor)))
-        top, left = (size[0] - spec.height) // 2, (size[1] - spec.width) // 2
+    (new_width, new_height), (left, top) = resize_geometry(width, height, spec)
+    size = (new_height, new_width)
     if size != (height, width):
         mode = _MODES[spec.interpolation]
         x = F.interpolate(x, size=size, mode=mode, antialias=True, align_corners=False)

@@ -1,7 +1,9 @@
-"""`resize_for_model` resamples only the centre crop, and a model still sees the pixels of
-resizing the whole image and cropping it: within 1 grey level for bilinear and bicubic, exactly
-for nearest and for squash, on every shape (landscape, portrait, elongated, upscaled, already
-the resize size) and input recipe (224 from 256 or 232, 299 from 320, non-square crops)."""
+"""`resize_for_model` (torch's antialiased uint8 kernels for bilinear and bicubic) gives a
+model Pillow's pixels: those of `Image.resize` of the whole image, then the centre crop, within
+1 grey level on all but a handful of values (at most 2: the two libraries' fixed-point weights
+round differently), exactly for nearest, on every shape (landscape, portrait, elongated,
+upscaled, already the resize size), both resize modes and every input recipe (224 from 256 or
+232, 299 from 320, non-square crops)."""
 
 from __future__ import annotations
 
@@ -61,11 +63,11 @@ def pictures() -> list[Image.Image]:
 
 @pytest.mark.parametrize("interpolation", ["bilinear", "bicubic", "nearest"])
 @pytest.mark.parametrize("mode", ["center_crop", "squash"])
-def test_model_input_is_resize_then_crop_within_one_grey_level(
+def test_model_input_is_pillows_resize_then_crop_within_one_grey_level(
     pictures: list[Image.Image], interpolation: str, mode: str
 ) -> None:
-    allowed = 1 if mode == "center_crop" and interpolation != "nearest" else 0
-    differing = 0
+    exact = interpolation == "nearest"
+    off, off_by_more_than_one, total = 0, 0, 0
     for picture in pictures:
         for size in SIZES:
             image = picture.resize(size, Image.Resampling.BILINEAR)
@@ -81,8 +83,11 @@ def test_model_input_is_resize_then_crop_within_one_grey_level(
                 expected = resize_then_crop(image, spec)
                 assert got.shape == (height, width, 3) and got.dtype == np.uint8
                 difference = np.abs(got.astype(np.int16) - expected.astype(np.int16))
-                assert difference.max() <= allowed, (size, spec)
-                differing += int(np.count_nonzero(difference))
-    if allowed:  # the boxed pass's float32 corners do move a few values, and only a few
-        total = len(pictures) * len(SIZES) * sum(h * w * 3 for _, h, w in SPECS)
-        assert differing / total < 0.02
+                assert difference.max() <= (0 if exact else 2), (size, spec)
+                off += int(np.count_nonzero(difference))
+                off_by_more_than_one += int(np.count_nonzero(difference > 1))
+                total += difference.size
+    # Measured over these shapes and recipes: 0.19-0.33% of values 1 level off, 2 levels off
+    # at most 1.2 values in a million (bicubic center_crop: 28 of 23.7 million).
+    assert off / total < 0.01
+    assert off_by_more_than_one / total < 1e-5
