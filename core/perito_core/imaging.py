@@ -240,9 +240,11 @@ def decode_image_with_info(
         raise _damaged(exc) from None
     icc_profile = image.info.get("icc_profile")
     loaded_size = image.size
-    # A broken EXIF block must not cost the image: it is then used as stored.
+    # A broken EXIF block must not cost the image: it is then used as stored. In place: the
+    # decoded image is this function's own, and a copy of an upright photo (the usual case)
+    # would cost a full-size pixel copy.
     with contextlib.suppress(Exception):
-        image = ImageOps.exif_transpose(image)
+        ImageOps.exif_transpose(image, in_place=True)
     if image.size != loaded_size:  # turned a quarter: the stored size is upright swapped
         full_size = (full_size[1], full_size[0])
     image = _to_8_bit(image)

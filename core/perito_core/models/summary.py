@@ -70,11 +70,11 @@ def summarize(
     if not np.isfinite(probabilities).all():
         raise ValueError(f"{MODEL_OUTPUT_NOT_FINITE}: {NOT_FINITE_MESSAGE}")
     k = max(1, min(top_k, len(labels)))
-    order = np.argsort(-probabilities, kind="stable")[:k]
-    predictions = [Prediction(labels[i], int(i), float(probabilities[i])) for i in order]
-    ranked = np.sort(probabilities)[::-1]
-    margin = float(ranked[0] - ranked[1]) if len(ranked) > 1 else 1.0
+    order = np.argsort(-probabilities, kind="stable")  # one sort: the top-k and the margin
+    predictions = [Prediction(labels[i], int(i), float(probabilities[i])) for i in order[:k]]
+    top = float(probabilities[order[0]])
+    margin = top - float(probabilities[order[1]]) if len(order) > 1 else 1.0
     clipped = np.clip(probabilities.astype(np.float64), 1e-12, 1.0)
     entropy = float(-(clipped * np.log(clipped)).sum() / math.log(len(labels)))
-    uncertain = threshold is not None and threshold > 0 and float(ranked[0]) < threshold
+    uncertain = threshold is not None and threshold > 0 and top < threshold
     return Classification(predictions, margin, min(max(entropy, 0.0), 1.0), uncertain)
