@@ -490,11 +490,13 @@ def resize_for_model(image: Image.Image, spec: InputSpec) -> np.ndarray:
     `bilinear` and `bicubic` resample with torch's antialiased uint8 kernels
     (`torch.nn.functional.interpolate(..., antialias=True)` on a channels-last uint8 tensor:
     Pillow's filters, support widened by the scale when shrinking, bicubic's a = -0.5, each
-    pass rounded to 8 bits, written to give Pillow's pixels). They are within 1 grey level of
-    Pillow's `Image.resize` (`tests/unit/test_imaging_resize.py`) and several times faster
-    (`bench/decoders.py`, 2-core AMD EPYC, a 640x480 photo to the 256-then-224 input: bicubic
-    2.98 -> 0.47 ms, bilinear 1.81 -> 0.41 ms, single-threaded). `nearest` is Pillow's
-    (exact: it picks samples, where one pixel of difference would be a jump).
+    pass rounded to 8 bits, written to give Pillow's pixels), single-threaded. They give
+    Pillow's `Image.resize` pixels within 1 grey level, but for about one value in a million 2
+    levels off (the two round their fixed-point weights differently;
+    `tests/unit/test_imaging_resize.py`), and a 640x480 JPEG's bytes become the 256-then-224
+    input in 2.34 ms (bilinear) and 2.27 (bicubic) where Pillow's resize took 3.36 and 4.44
+    (`bench/decoders.py`, 2-core AMD EPYC, one run). `nearest` is Pillow's (exact: it picks
+    samples, where one pixel of difference would be a jump).
 
     Args:
         image: an 8-bit RGB image, as `decode_image` returns.
