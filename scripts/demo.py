@@ -102,7 +102,7 @@ def step(message: str) -> None:
 
 
 def run(*args: str, env: dict[str, str]) -> None:
-    print("$ " + " ".join(args), flush=True)
+    print("$ " + shlex.join(args), flush=True)
     subprocess.run(args, check=True, env=env)
 
 

@@ -45,7 +45,7 @@ def test_a_refusal_counts_the_shortfall_and_the_near_ties() -> None:
     assert "5 layers kept FP32 (conv1, layer1.0.conv1, layer1.0.conv2, layer2.0.conv1, ...)" in (
         detail
     )
-    assert "it would have run 2.04x the FP32 form" in detail
+    assert "it would have run at 2.04x the FP32 form's images/s" in detail
 
 
 def test_a_form_at_the_target_owes_no_images_and_a_perfect_one_names_no_disagreement() -> None:
@@ -98,7 +98,7 @@ def test_models_import_says_by_how_much_a_refused_form_missed(
     assert re.search(r"\b(\d+) of 16 agree, 95% lower bound \d+\.\d\d%", line), line
     agreed = int(re.search(r"\b(\d+) of 16 agree", line).group(1))  # type: ignore[union-attr]
     assert f"{17 - agreed} more had to agree for 101%" in line
-    assert re.search(r"it would have run \d+\.\d\dx the FP32 form", line), line
+    assert re.search(r"it would have run at \d+\.\d\dx the FP32 form.s images/s", line), line
     registry = ModelRegistry.open(str(tmp_path / "registry"), cache_dir=tmp_path / "cache")
     card = registry.manifest("tiny", "1")
     assert not card.forms

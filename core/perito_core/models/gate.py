@@ -390,7 +390,7 @@ def refusal_detail(
         plural = "s" if len(fp32_layers) > 1 else ""
         text += f"; {len(fp32_layers)} layer{plural} kept FP32 ({shown})"
     if speedup is not None:
-        text += f"; it would have run {speedup:.2f}x the FP32 form"
+        text += f"; it would have run at {speedup:.2f}x the FP32 form's images/s"
     return text
 
 
