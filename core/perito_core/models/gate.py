@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import math
 import platform
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -215,7 +216,7 @@ def build_forms(
                 reason = f"{built.skipped[name]}; with accuracy control: {reason}"
             built.skipped[name] = reason
             if candidate.retry is not None and accuracy_control:
-                log.warning("%s refused: %s; trying accuracy control", name, reason)
+                log.warning("%s refused: %s; trying accuracy control", name, _headline(reason))
                 built.skipped[name] = f"post-training: {reason}"
                 again = candidate.retry()
                 if again is not None:
@@ -261,9 +262,23 @@ def build_forms(
             )
             built.forms.append((form, candidate.folder))
             continue
-        log.warning("%s refused: %s", name, built.skipped[name])
+        log.warning(
+            "%s refused: %s (the figures and why: the build's summary, the card's skipped forms)",
+            name,
+            _headline(built.skipped[name]),
+        )
     build.remove_unkept()
     return built
+
+
+def _headline(reason: str) -> str:
+    """A refusal without its parenthesised figures, for the log line printed as the build goes:
+    the whole reason is the build's summary and the card's `skipped_forms`, printed once."""
+    while True:
+        shorter = re.sub(r"\s*\([^()]*\)", "", reason)
+        if shorter == reason:
+            return reason
+        reason = shorter
 
 
 @dataclass(frozen=True)
