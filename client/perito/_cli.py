@@ -185,7 +185,7 @@ def classify(
             version=version,
             top_k=top_k,
             confidence_threshold=threshold,
-            ids=list(images),
+            ids=[id_for_path(path) for path in images],
             explain=explain_dir is not None,
             routing_key=routing_key,
         )
@@ -196,6 +196,19 @@ def classify(
         return
     for result in results:
         _print_classification(result)
+
+
+# The most characters an image id may have (the API's limit: docs/api.md, `Image.id`).
+MAX_IMAGE_ID_CHARS = 256
+
+
+def id_for_path(path: str) -> str:
+    """The id `perito classify` gives the image at `path`: the path as typed, or where that is
+    over `MAX_IMAGE_ID_CHARS`, "..." and its last characters (the file name kept), so that a
+    file deep in a folder tree is classified rather than refused for its id."""
+    if len(path) <= MAX_IMAGE_ID_CHARS:
+        return path
+    return "..." + path[-(MAX_IMAGE_ID_CHARS - 3) :]
 
 
 def explanation_file(folder: Path, image_id: str, taken: set[str]) -> Path:

@@ -273,6 +273,31 @@ def test_cli_writes_one_overlay_per_image_inside_the_folder(
             assert overlay.size == (SIDE, SIDE)
 
 
+def test_cli_classifies_a_file_whose_path_is_longer_than_an_image_id_may_be(
+    corners: Corners, tmp_path: Path
+) -> None:
+    """`perito classify` names each image by its path as typed; a file deep in a folder tree
+    (path over the API's 256-character id) is still classified, named by the path's end."""
+    folder = tmp_path
+    for _ in range(6):
+        folder = folder / ("deep-" * 10)
+    folder.mkdir(parents=True)
+    photo = folder / "claim-photo.png"
+    photo.write_bytes(corners.photos["top-left-0.png"])
+    assert len(str(photo)) > 256
+    result = subprocess.run(
+        [*perito_command(), "classify", str(photo), "--model", "corners", "--json"],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(PERITO_SERVER=corners.server.target),
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    (answer,) = json.loads(result.stdout)
+    assert answer["image_id"].startswith("...") and answer["image_id"].endswith("/claim-photo.png")
+    assert len(answer["image_id"]) == 256 and answer["predictions"]
+
+
 def test_an_explanation_past_the_deadline_is_deadline_exceeded_at_the_deadline(
     corners: Corners,
 ) -> None:
