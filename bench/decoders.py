@@ -46,7 +46,12 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from bench.classify import machine_line  # noqa: E402
-from perito_core.imaging import InputSpec, load_model_input, resize_for_model  # noqa: E402
+from perito_core.imaging import (  # noqa: E402
+    InputSpec,
+    load_model_input,
+    resize_for_model,
+    resize_geometry,
+)
 
 RESIZE = 256
 CROP = 224
@@ -179,10 +184,10 @@ def as_array(decoded: Decoded) -> np.ndarray:
 
 
 def crop_geometry(width: int, height: int) -> tuple[tuple[int, int], int, int]:
-    """Today's resize size (shorter side 256) and the centre crop's top-left corner in it."""
-    scale = RESIZE / min(width, height)
-    new_size = (max(CROP, round(width * scale)), max(CROP, round(height * scale)))
-    return new_size, (new_size[0] - CROP) // 2, (new_size[1] - CROP) // 2
+    """The resize size (shorter side 256) and the centre crop's top-left corner in it, as
+    `resize_for_model` has them (`resize_geometry`)."""
+    new_size, (left, top) = resize_geometry(width, height, SPECS["bilinear"])
+    return new_size, left, top
 
 
 def pillow_resize_then_crop(decoded: Decoded, interpolation: str) -> np.ndarray:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import logging
 import math
 import platform
-import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -216,7 +215,7 @@ def build_forms(
                 reason = f"{built.skipped[name]}; with accuracy control: {reason}"
             built.skipped[name] = reason
             if candidate.retry is not None and accuracy_control:
-                log.warning("%s refused: %s; trying accuracy control", name, _headline(reason))
+                log.warning("%s refused: %s; trying accuracy control", name, refused)
                 built.skipped[name] = f"post-training: {reason}"
                 again = candidate.retry()
                 if again is not None:
@@ -262,23 +261,16 @@ def build_forms(
             )
             built.forms.append((form, candidate.folder))
             continue
+        # One line as the build goes; the figures and why once, in the build's summary.
+        attempt = "with accuracy control: " if candidate.quantization == "accuracy-control" else ""
         log.warning(
-            "%s refused: %s (the figures and why: the build's summary, the card's skipped forms)",
+            "%s refused: %s%s (the figures and why: the build's summary, the card's skipped forms)",
             name,
-            _headline(built.skipped[name]),
+            attempt,
+            refused,
         )
     build.remove_unkept()
     return built
-
-
-def _headline(reason: str) -> str:
-    """A refusal without its parenthesised figures, for the log line printed as the build goes:
-    the whole reason is the build's summary and the card's `skipped_forms`, printed once."""
-    while True:
-        shorter = re.sub(r"\s*\([^()]*\)", "", reason)
-        if shorter == reason:
-            return reason
-        reason = shorter
 
 
 @dataclass(frozen=True)
