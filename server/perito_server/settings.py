@@ -146,6 +146,13 @@ class ServerSettings(CommonSettings):
         """`preferred_batch_size` when set to a number; None for `auto` (measured)."""
         return None if self.preferred_batch_size == "auto" else self.preferred_batch_size
 
+    @field_validator("results_uri")
+    @classmethod
+    def _absolute_results_folder(cls, value: str) -> str:
+        """A local results folder, as the server's working directory resolves it: a job given
+        no output is written under it, and a job's output must be an absolute path."""
+        return value if "://" in value else str(Path(value).resolve())
+
     @field_validator("job_retention", "prediction_log_retention", mode="before")
     @classmethod
     def _duration(cls, value: object) -> object:
