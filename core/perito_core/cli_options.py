@@ -6,11 +6,15 @@ settings (`perito_core.settings`); a flag given here overrides its `PERITO_*` va
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+from pydantic import ValidationError
+from pydantic_settings import BaseSettings
+from pydantic_settings.exceptions import SettingsError
 
 from perito_core.models.manifest import (
     FORM_PRECISIONS,
@@ -20,6 +24,40 @@ from perito_core.models.manifest import (
 )
 
 F = TypeVar("F", bound=Callable[..., Any])
+SettingsT = TypeVar("SettingsT", bound=BaseSettings)
+
+
+def load_settings(cls: type[SettingsT], **flags: Any) -> SettingsT:
+    """`cls` (a `PERITO_*` settings class) from the flags given (not None, not empty), which
+    win over the environment.
+
+    Raises:
+        click.ClickException: a value that is not valid, one line per setting naming its
+            environment variable and what is wrong (pydantic's message), never the value
+            itself (it may be a secret): `PERITO_PORT: Input should be a valid integer, ...`.
+    """
+    given = {name: value for name, value in flags.items() if value not in (None, ())}
+    try:
+        return cls(**given)
+    except ValidationError as error:
+        problems = []
+        for detail in error.errors(include_url=False, include_input=False):
+            location = detail["loc"]
+            setting = _variable(cls, str(location[0])) if location else cls.__name__
+            problems.append(f"{setting}: {detail['msg']}")
+        raise click.ClickException("; ".join(problems)) from None
+    except SettingsError as error:  # a list or mapping variable that is not JSON
+        found = re.search(r'field "(\w+)"', str(error))
+        setting = _variable(cls, found.group(1)) if found else "a PERITO_* variable"
+        raise click.ClickException(
+            f'{setting}: not valid JSON (a list is written ["first", "second"])'
+        ) from None
+
+
+def _variable(cls: type[BaseSettings], field: str) -> str:
+    """The environment variable of `cls`'s `field`: PERITO_LOCAL_ROOTS."""
+    return f"{cls.model_config.get('env_prefix', '')}{field}".upper()
+
 
 registry_option = click.option(
     "--registry",

@@ -6,12 +6,14 @@ flags and `PERITO_*` environment variables, never read at import.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from perito_core.access.audit import AuditLog
 from perito_core.access.tenancy import Tenant, Tenants, acting_tenant
@@ -42,7 +44,8 @@ class CommonSettings(BaseSettings):
     broker_url: str | None = Field(
         None, description="the Celery broker (a Redis URL); unset: the job store's Redis"
     )
-    local_roots: list[Path] = Field(
+    # PERITO_LOCAL_ROOTS: a JSON list, or folders separated by os.pathsep as in PATH.
+    local_roots: Annotated[list[Path], NoDecode] = Field(
         default_factory=list, description="folders jobs may read images from and write results to"
     )
     # Where bulk jobs keep their data: each chunk's inputs and each chunk's results as one part
@@ -96,6 +99,18 @@ class CommonSettings(BaseSettings):
     tenants_file: Path | None = None
     auth_tokens: list[SecretStr] = Field(default_factory=list)
     token: SecretStr | None = Field(None, description="the caller's own token (PERITO_TOKEN)")
+
+    @field_validator("local_roots", mode="before")
+    @classmethod
+    def _folder_list(cls, value: object) -> object:
+        """PERITO_LOCAL_ROOTS as a JSON list (`["/data/a", "/data/b"]`) or as PATH spells
+        folders (`/data/a:/data/b`, one folder alone: `/data/a`); flags give a list."""
+        if not isinstance(value, str):
+            return value
+        text = value.strip()
+        if text.startswith("["):
+            return json.loads(text)  # a JSONDecodeError is a ValueError: pydantic names it
+        return [part for part in text.split(os.pathsep) if part.strip()]
 
     def open_tenants(self) -> Tenants:
         """The tenants these settings name (see `perito_core.access.tenancy.Tenants`).

@@ -22,6 +22,7 @@ from perito_core.cli_options import (
     alias_option,
     device_option,
     forms_option,
+    load_settings,
     local_roots_option,
     min_agreement_option,
     precision_option,
@@ -49,8 +50,9 @@ if TYPE_CHECKING:
 
 
 def _settings(**flags: Any) -> ServerSettings:
-    """Flags given on the command line win over `PERITO_*` environment variables."""
-    return ServerSettings(**{k: v for k, v in flags.items() if v not in (None, ())})
+    """Flags given on the command line win over `PERITO_*` environment variables; a value
+    that is not valid is a one-line error naming its variable (`load_settings`)."""
+    return load_settings(ServerSettings, **flags)
 
 
 def _publisher(settings: ServerSettings, model: str, what: str) -> Tenant:

@@ -15,6 +15,7 @@ import click
 
 from perito_core.cli_options import (
     device_option,
+    load_settings,
     local_roots_option,
     precision_option,
     registry_option,
@@ -60,7 +61,7 @@ def worker(name: str | None, log_level: str, **flags: Any) -> None:
     from perito_core.redis_connection import check_redis_url
     from perito_worker.settings import WorkerSettings
 
-    settings = WorkerSettings(**{k: v for k, v in flags.items() if v not in (None, ())})
+    settings = load_settings(WorkerSettings, **flags)
     configure_logging(log_level, settings.log_format)
     try:  # a malformed Redis URL is refused now, naming its setting, not at the first chunk
         check_redis_url(settings.redis_url, "PERITO_REDIS_URL")
