@@ -123,5 +123,17 @@ local_roots_option = click.option(
     multiple=True,
     type=click.Path(path_type=Path),
     help="A folder jobs may read images from and write results to (repeatable; env "
-    "PERITO_LOCAL_ROOTS, a JSON list). Server and workers need the same.",
+    "PERITO_LOCAL_ROOTS: folders separated by ':', or a JSON list). Server and workers need "
+    "the same.",
+)
+redis_url_option = click.option(
+    "--redis-url",
+    help="The job store's Redis and the Celery broker: redis://, rediss://, unix:// or "
+    "redis+sentinel:// (env PERITO_REDIS_URL, default redis://127.0.0.1:6379/0; "
+    "PERITO_BROKER_URL for another broker).",
+)
+metrics_port_option = click.option(
+    "--metrics-port",
+    type=int,
+    help="Prometheus /metrics port, 0 for any free one (env PERITO_METRICS_PORT; off).",
 )

@@ -24,8 +24,10 @@ from perito_core.cli_options import (
     forms_option,
     load_settings,
     local_roots_option,
+    metrics_port_option,
     min_agreement_option,
     precision_option,
+    redis_url_option,
     registry_option,
 )
 from perito_core.errors import PeritoError
@@ -88,6 +90,7 @@ def _audit(
 @precision_option
 @click.option("--preload", multiple=True, help="NAME[@VERSION] to load before serving.")
 @local_roots_option
+@redis_url_option
 @click.option(
     "--max-batch-size",
     type=int,
@@ -95,11 +98,7 @@ def _audit(
 )
 @click.option("--max-queue-delay-ms", type=float, help="Wait for a fuller batch (default 2).")
 @click.option("--max-queue-size", type=int, help="Images admitted and waiting (default 256).")
-@click.option(
-    "--metrics-port",
-    type=int,
-    help="Prometheus /metrics port, 0 for any free one (env PERITO_METRICS_PORT; off).",
-)
+@metrics_port_option
 @click.option(
     "--metrics-host",
     help="Interface of /metrics (env PERITO_METRICS_HOST; default: --host's).",

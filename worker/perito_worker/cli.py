@@ -17,13 +17,15 @@ from perito_core.cli_options import (
     device_option,
     load_settings,
     local_roots_option,
+    metrics_port_option,
     precision_option,
+    redis_url_option,
     registry_option,
 )
 
 
 @click.command()
-@click.option("--redis-url", help="Broker and job store (env PERITO_REDIS_URL).")
+@redis_url_option
 @registry_option
 @local_roots_option
 @device_option
@@ -34,13 +36,14 @@ from perito_core.cli_options import (
     type=click.Choice(["prefork", "solo", "threads"]),
     help="prefork on CPUs; solo or threads on a GPU (CUDA stays in one process).",
 )
-@click.option("--batch-size", type=int, help="Images per forward pass (default 4).")
-@click.option("--name", default=None, help="Worker name (default perito@HOST).")
 @click.option(
-    "--metrics-port",
+    "--batch-size",
     type=int,
-    help="Prometheus /metrics port, 0 for any free one (env PERITO_METRICS_PORT; off).",
+    help="Images per forward pass (env PERITO_BATCH_SIZE; default auto: each form measured at "
+    "load up to PERITO_MAX_BATCH_SIZE).",
 )
+@click.option("--name", default=None, help="Worker name (default perito@HOST).")
+@metrics_port_option
 @click.option(
     "--metrics-host",
     help="Interface of /metrics: an IPv4 or IPv6 address or a name (env PERITO_METRICS_HOST, "
