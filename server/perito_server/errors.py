@@ -176,10 +176,7 @@ async def _abort_for(
     INTERNAL (never UNKNOWN with a Python repr); an abort already under way goes on."""
     if isinstance(exc, grpc.aio.AbortError):
         raise exc
-    if isinstance(exc, PeritoError):
-        await abort(context, exc)
-    log.exception("%s failed", handler)
-    await abort(context, PeritoError(f"internal error: {type(exc).__name__}: {exc}"))
+    await abort(context, as_perito_error(exc, handler))
 
 
 Observer = Callable[[str, str, float], None]
@@ -341,8 +338,16 @@ def rpc_status_of(error: PeritoError) -> status_pb2.Status:
 
 
 def as_perito_error(exc: BaseException, where: str) -> PeritoError:
-    """`exc` as a `PeritoError`: itself, or (logged) an INTERNAL error, as `_abort_for` does."""
+    """`exc` as a `PeritoError`, for every door: itself, or else an INTERNAL error whose
+    message names only the call's request id: the exception's text (a path, a host, another
+    tenant's name, the server's code) is not the caller's to read; it is logged, with its
+    traceback, under that request id, where the operator finds it."""
     if isinstance(exc, PeritoError):
         return exc
     log.error("%s failed", where, exc_info=exc)
-    return PeritoError(f"internal error: {type(exc).__name__}: {exc}")
+    call = REQUEST_ID.get()
+    return PeritoError(
+        f"internal error (request id {call}): the server's log has its cause"
+        if call
+        else "internal error: the server's log has its cause"
+    )
