@@ -99,6 +99,13 @@ class PeritoGroup(click.Group):
             for violation in error.violations:
                 if violation.description != error.message:
                     click.echo(f"  {violation.field}: {violation.description}", err=True)
+            if isinstance(error, UnavailableError) and "failed to connect" in error.message:
+                # gRPC's words for "nothing answers there": say where the address comes from.
+                click.echo(
+                    "  no Perito server answers there: start one (perito serve), or name "
+                    "the one to call with --server HOST:PORT or PERITO_SERVER",
+                    err=True,
+                )
             ctx.exit(_exit_code(error))
 
 

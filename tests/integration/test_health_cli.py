@@ -22,3 +22,16 @@ def test_health_says_serving_and_exits_0_else_1(tmp_path: Path) -> None:
     )
     assert down.returncode != 0
     assert "UNAVAILABLE" in down.stderr or "DEADLINE_EXCEEDED" in down.stderr
+
+
+def test_a_command_with_no_server_at_its_address_says_where_the_address_comes_from() -> None:
+    """`perito job results JOB` right after `perito submit`, with no PERITO_SERVER: gRPC's
+    "failed to connect to all addresses" alone does not tell a user what to change."""
+    nobody = f"127.0.0.1:{free_port()}"
+    down = run_perito(
+        "job", "results", "0123456789abcdef", "--timeout", "5",
+        env=subprocess_env(PERITO_SERVER=nobody), check=False,
+    )  # fmt: skip
+    assert down.returncode == 5  # unavailable: worth retrying
+    assert nobody in down.stderr
+    assert "--server HOST:PORT or PERITO_SERVER" in down.stderr
