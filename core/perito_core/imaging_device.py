@@ -45,15 +45,16 @@ The recipe, as Pillow's (`load_model_input_with_info`):
    of CPU per image, on the decode threads.
 
 Measured on the CPU (torchvision's decoder, which gives libjpeg-turbo's pixels as Pillow does),
-against the Pillow path, on scikit-image's and scikit-learn's six held-out photos encoded at
-quality 90 at their own size and at 1024x768, 1600x1200, 1200x1600, 2000x1500, 4000x3000 and
-3000x4000, for 224-pixel center_crop (resize 256, bilinear and bicubic), 240x320 center_crop
-and 224 squash recipes, 168 pairs: at scale 1 (no DCT scaling) the inputs differ by at most 1
-grey level (bilinear; bicubic 6, where Pillow clips between its two passes) and the quality
-measures are the same numbers; at 1/2 by 0.61 levels on average at most, 99% of the values
-within 6, a few up to 24; at 1/4 by 0.42 on average, at most 9; at 1/8 by 0.32 on average, at
-most 3. The quality measures, at every scale: sharpness within 0.71%, brightness within 0.07
-levels and contrast within 0.04, the clipped shares within 0.002.
+against the Pillow path (whose resize is torch's antialiased uint8 kernels), on scikit-image's
+and scikit-learn's six photos as JPEG at quality 90 at their own size and at 1024x768,
+1600x1200, 1200x1600, 4000x3000 and 3000x4000, through 224-pixel center_crop (resize 256,
+bilinear and bicubic), 240x320 center_crop and 224 squash recipes, 56 pairs
+(`.venv/bin/python bench/device_decode.py`, one run): at scale 1 (no DCT scaling) the inputs
+differ by at most 1 grey level (bilinear; bicubic 5, rounding between the two passes) and the
+quality measures are the same numbers; at 1/2 by 0.58 levels on average at most, 99% of the
+values within 5, a few up to 14; at 1/4 by 0.36 on average, at most 5; at 1/8 by 0.28 on
+average, at most 2. The quality measures, at every scale: sharpness within 0.55%, brightness
+within 0.06 levels and contrast within 0.04, the clipped shares within 0.002.
 `tests/unit/test_imaging_device.py` holds looser bounds (mean 1 level, 99% within 8; sharpness
 2%, brightness and contrast 0.5 levels, shares 0.005). On a GPU, nvJPEG's own inverse DCT and
 chroma upsampling add their differences from libjpeg-turbo: not measured (no GPU was lent to
