@@ -29,6 +29,7 @@ from perito_core.errors import (
     PermissionDenied,
     QuotaExceeded,
     StorageUnavailable,
+    echo,
 )
 from perito_core.jobs.parts import data_location
 from perito_core.jobs.queue import make_celery, send_chunks
@@ -66,6 +67,12 @@ REQUEST_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 # What a job id may be (the ids made here are 20 hex digits); anything else is refused on its
 # text, never looked up: the store's keys for a job's parts (`<id>:open`) are not jobs.
 JOB_ID = REQUEST_ID
+# Job labels, as Kubernetes bounds its labels: a key of 1 to 63 letters, digits, '-', '_' or
+# '.', starting and ending with a letter or digit; a value of at most 63 such characters (or
+# empty); at most 64 labels. They live in the job's Redis record, read by every listing.
+MAX_LABELS = 64
+LABEL_KEY = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,61}[A-Za-z0-9])?")
+LABEL_VALUE = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9._-]{0,61}[A-Za-z0-9])?)?")
 
 JOB_STATES = {
     JobState.QUEUED: jobs_pb2.JOB_STATE_QUEUED,
@@ -364,6 +371,7 @@ class JobService:
                 "request_id must be 1 to 64 letters, digits, '-' or '_' (a UUID)",
                 field="request_id",
             )
+        check_labels(dict(request.labels), "labels")
         new_id = job_id = uuid.uuid4().hex[:20]
         if request.request_id:
             job_id = await self._run(
@@ -568,6 +576,7 @@ class JobService:
             InvalidArgument: a negative page size, a bad page token or state.
         """
         page_size = LIST_JOBS.of(request.page_size)
+        check_labels(dict(request.labels), "labels")
         try:
             states = frozenset(STATES_OF[state] for state in request.states)
         except KeyError:
@@ -737,6 +746,25 @@ def _within_quota(items: Iterable[ItemInput], quota: int, tenant: str) -> Iterat
                 reason="QUOTA_ITEMS_PER_JOB",
             )
         yield item
+
+
+def check_labels(labels: dict[str, str], field: str) -> None:
+    """A job's labels (or a listing's label filter), as Kubernetes bounds labels: at most
+    `MAX_LABELS`, each key `LABEL_KEY`, each value `LABEL_VALUE`.
+
+    Raises:
+        InvalidArgument: naming `field` and the key (cut short) that is not one.
+    """
+    if len(labels) > MAX_LABELS:
+        raise InvalidArgument(f"{field}: {len(labels)} labels; at most {MAX_LABELS}", field=field)
+    rule = "1 to 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit"
+    for key, value in labels.items():
+        if not LABEL_KEY.fullmatch(key):
+            raise InvalidArgument(f"{field}: key {echo(key)!r} is not {rule}", field=field)
+        if not LABEL_VALUE.fullmatch(value):
+            raise InvalidArgument(  # the key is one by now: safe to quote whole
+                f"{field}[{key}]: the value must be empty or {rule}", field=f"{field}[{key}]"
+            )
 
 
 def _non_empty(items: Iterable[ItemInput], message: str, field: str) -> Iterator[ItemInput]:

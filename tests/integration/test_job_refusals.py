@@ -293,6 +293,26 @@ def cases(site: Site) -> dict[str, tuple[dict[str, Any], str, str]]:
             "INVALID_ARGUMENT",
             "manifest_uri",
         ),
+        # Labels live in the job's Redis record, read by every listing: bounded as Kubernetes
+        # bounds labels, so one tenant cannot fill the Redis every tenant shares.
+        "2,000 labels": (
+            {
+                "uris": {"uris": [str(globex / "0.jpg")]},
+                "labels": {f"k{i}": "v" for i in range(2000)},
+            },
+            "INVALID_ARGUMENT",
+            "labels",
+        ),
+        "a label key of control characters": (
+            {"uris": {"uris": [str(globex / "0.jpg")]}, "labels": {"\x00\n": "x"}},
+            "INVALID_ARGUMENT",
+            "labels",
+        ),
+        "a 20,000-character label value": (
+            {"uris": {"uris": [str(globex / "0.jpg")]}, "labels": {"site": "v" * 20_000}},
+            "INVALID_ARGUMENT",
+            "labels[site]",
+        ),
         "a good image, then one in another tenant's root": (
             {"uris": {"uris": [str(globex / "0.jpg"), str(acme / "0.jpg")]}},
             "PERMISSION_DENIED",
@@ -310,6 +330,7 @@ def as_request(body: dict[str, Any]) -> jobs_pb2.SubmitJobRequest:
     if "manifestUri" in body:
         request.manifest_uri = body["manifestUri"]
     request.output_uri = body.get("outputUri", "")
+    request.labels.update(body.get("labels", {}))
     return request
 
 
