@@ -33,7 +33,7 @@ import importlib.metadata
 import json
 import math
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -138,6 +138,34 @@ QUALITY_PARAMETERS: tuple[str, ...] = ("quality_policy", *THRESHOLD_FIELDS)
 ROUTING_KEY_PARAMETER = "perito_routing_key"
 """The request parameter holding the routing key (`ClassifyRequest.routing_key`'s): a claim
 id, say, keeps one claim on one version while the alias has a canary."""
+
+
+# Request fields of Perito's own doors (Classify, the JSON API) that an inference request's
+# parameters do not take: asked for there, they are refused, never silently ignored.
+NOT_OIP_PARAMETERS: dict[str, str] = {
+    "top_k": "ask the output for its top k with the output parameter `classification`",
+    "confidence_threshold": "the response's `perito_confidence_threshold` is the model card's; "
+    "apply your own to the probabilities, or call Classify or the JSON API, which take one",
+    "explain": "explanations come from Classify or the JSON API (`explain`)",
+}
+
+
+def check_request_parameters(names: Iterable[str]) -> None:
+    """Refuse an inference request's parameters that Perito's other doors take as request
+    fields but this protocol does not (`NOT_OIP_PARAMETERS`): a caller who sets one expects
+    it honoured. Other names (Triton's `priority`, `sequence_id`, ...) are left alone, as
+    Triton leaves them to the backend.
+
+    Raises:
+        InvalidArgument: naming the parameter and what to do instead.
+    """
+    for name in names:
+        if name in NOT_OIP_PARAMETERS:
+            raise InvalidArgument(
+                f"parameters.{name}: not an inference request parameter here; "
+                f"{NOT_OIP_PARAMETERS[name]}",
+                field=f"parameters.{name}",
+            )
 
 
 def quality_gate(parameters: Mapping[str, object]) -> QualityGate:

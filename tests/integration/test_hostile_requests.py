@@ -25,6 +25,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.grpc import service_pb2, service_pb2_grpc
+from tritonclient.utils import InferenceServerException
 
 from perito_server.oip_protocol import serialize_bytes
 from tests.conftest import tiny_registry
@@ -137,6 +138,35 @@ def test_grpc_raw_input_contents_must_be_one_per_input(
     error = _model_infer(served, request)
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error
     assert "raw_input_contents" in (error.details() or ""), error
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("confidence_threshold", 0.9), ("top_k", 3), ("explain", True)],
+)
+def test_a_perito_request_field_sent_as_an_inference_parameter_is_refused_not_ignored(
+    served: Served, images: list[bytes], name: str, value: object
+) -> None:
+    """`confidence_threshold` set through tritonclient's `parameters=` was answered 200 as if
+    it had been applied: refused instead, naming it and what to do, on both transports.
+    Other names are left alone, as Triton leaves them to the backend."""
+    batch = np.array(images[:1], dtype=np.object_)
+    g_input = grpcclient.InferInput("images", [1], "BYTES")
+    g_input.set_data_from_numpy(batch)
+    grpc_client = grpcclient.InferenceServerClient(served.grpc_url)
+    with pytest.raises(InferenceServerException) as refused:
+        grpc_client.infer("tiny", [g_input], headers=AUTH, parameters={name: value})
+    assert refused.value.status() == "StatusCode.INVALID_ARGUMENT", refused.value
+    assert f"parameters.{name}" in refused.value.message(), refused.value
+    h_input = httpclient.InferInput("images", [1], "BYTES")
+    h_input.set_data_from_numpy(batch, binary_data=True)
+    http_client = httpclient.InferenceServerClient(served.http_url)
+    with pytest.raises(InferenceServerException) as refused:
+        # tritonclient.http writes its own headers into the dict it is given: a copy.
+        http_client.infer("tiny", [h_input], headers=dict(AUTH), parameters={name: value})
+    assert f"parameters.{name}" in refused.value.message(), refused.value
+    answered = grpc_client.infer("tiny", [g_input], headers=AUTH, parameters={"custom": "kept"})
+    assert answered.as_numpy("probabilities").shape[0] == 1
 
 
 # OIP REST: a BYTES input's `data` must be a list of the input's shape.

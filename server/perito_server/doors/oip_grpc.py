@@ -132,6 +132,7 @@ class OipServicer:
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: Context
     ) -> pb.ModelInferResponse:
+        oip_protocol.check_request_parameters(request.parameters)
         raw = list(request.raw_input_contents)
         if raw and len(raw) != len(request.inputs):
             raise InvalidArgument(

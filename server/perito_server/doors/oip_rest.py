@@ -39,6 +39,7 @@ from perito_server.oip_protocol import (
     InferResult,
     InputTensor,
     RequestedOutput,
+    check_request_parameters,
     classification_count,
     deserialize_bytes,
     image_count,
@@ -253,6 +254,7 @@ class OipRest:
         parameters = document.get("parameters") or {}
         if not isinstance(parameters, dict):
             raise InvalidArgument("parameters must be an object", field="parameters")
+        check_request_parameters(parameters)
         binary_default = bool(parameters.get("binary_data_output"))
         outputs = _rest_outputs(document.get("outputs"), binary_default)
         # Triton's `timeout` request parameter (tritonclient.http's `timeout=`), microseconds.
