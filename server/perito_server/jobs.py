@@ -675,12 +675,13 @@ class JobService:
         return job_to_proto(await self._run(self._cancel, job_id))
 
     async def delete(self, job_id: str, tenant: Tenant) -> None:
-        """Delete a job's record and results now, cancelling it first if it has not ended.
+        """Delete a job's record and results now, cancelling it first if it has not ended;
+        its output location may be given to a new job at once.
 
         Raises:
             NotFound: no such job of `tenant`'s.
         """
-        await self._owned(job_id, tenant)
+        owned = await self._owned(job_id, tenant)
 
         def delete() -> None:
             if not self.store.delete(job_id):
@@ -688,6 +689,10 @@ class JobService:
                 if not job.state.terminal:  # its results files could not be written
                     self.store.finish(job_id, [], error="deleted before its results were written")
                 self.store.delete(job_id)
+            # Its output location is free again (a claim naming another job stays).
+            if owned.output_uri:
+                location = _ancestors(owned.output_uri.rstrip("/"))[0]
+                self.store.release_claims(job_id, output_location=location)
 
         await self._run(delete)
 

@@ -523,3 +523,21 @@ def test_a_job_in_the_tenants_own_root_is_accepted_through_both_doors(site: Site
         )
         assert answer.status_code == 200, answer.text
         sdk.cancel_job(answer.json()["id"])
+
+
+def test_a_deleted_jobs_output_folder_may_be_given_to_a_new_job_at_once(site: Site) -> None:
+    """A job's output folder is claimed so that no other job overwrites its results; once the
+    job is deleted the claim went with it: the folder (or one above it) was refused for 8
+    days with OUTPUT_IN_USE."""
+    own = str(site.globex_root / "0.jpg")
+    output = str(site.globex_root / "out" / "reused")
+    with perito.Client(site.server.target, token=site.tokens["globex"]) as sdk:
+        first = sdk.submit_job([own], model="tiny", output_uri=output).last
+        with pytest.raises(perito.PermissionDeniedError, match="another job writes"):
+            sdk.submit_job([own], model="tiny", output_uri=output)
+        sdk.delete_job(first.id)
+        second = sdk.submit_job([own], model="tiny", output_uri=f"{output}/under").last
+        assert second.output_uri == f"{output}/under"
+        sdk.delete_job(second.id)
+        third = sdk.submit_job([own], model="tiny", output_uri=output).last
+        sdk.delete_job(third.id)

@@ -418,8 +418,9 @@ class JobStore:
         self, job_id: str, *, request_id: str = "", tenant: str = "", output_location: str = ""
     ) -> None:
         """Forget what `claim_request` and `claim_output` recorded for `job_id` when its
-        submission was refused: the request id (so it may be sent again) and the output
-        location `locations[0]` of `claim_output`. Nothing changes if the job exists (its
+        submission was refused, or (the output location alone) once it is deleted: the
+        request id (so it may be sent again) and the output location `locations[0]` of
+        `claim_output`. Nothing changes if the job exists (its
         record is written in one step, so a refused submission's never appears later), nor
         for a claim that names another job (each claim compared and deleted atomically)."""
         claims = []
