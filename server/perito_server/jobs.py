@@ -619,10 +619,14 @@ class JobService:
             NotFound: no such job of `tenant`'s.
         """
         page_size = LIST_JOB_RESULTS.of(request.page_size)
-        try:
-            start = int(request.page_token or 0)
-        except ValueError:
-            raise InvalidArgument("invalid page_token", field="page_token") from None
+        # The tokens made here: an item's position, in ASCII digits (int() would also take
+        # "-1", "1_0" and other scripts' digits).
+        token = request.page_token
+        if token and not (token.isascii() and token.isdigit() and len(token) <= 12):
+            raise InvalidArgument("invalid page_token", field="page_token")
+        start = int(token or 0)
+        if request.filter not in FILTERS and request.filter != jobs_pb2.RESULT_FILTER_UNSPECIFIED:
+            raise InvalidArgument(f"unknown filter {request.filter}", field="filter")
         job = await self._owned(request.job_id, tenant)
         wanted = FILTERS.get(request.filter)
         found, position = await self._run(

@@ -541,3 +541,44 @@ def test_a_deleted_jobs_output_folder_may_be_given_to_a_new_job_at_once(site: Si
         sdk.delete_job(second.id)
         third = sdk.submit_job([own], model="tiny", output_uri=output).last
         sdk.delete_job(third.id)
+
+
+def test_page_tokens_and_filters_not_made_by_the_server_are_invalid_arguments(
+    site: Site,
+) -> None:
+    """A token the server never made is the caller's mistake: `nan:x` was UNAVAILABLE ("the
+    job store (Redis) is unreachable: min or max is not a float", so callers retried it), and
+    "-1", "1_0" or another script's digits were read as positions; an unknown filter
+    answered every result."""
+    metadata = [("authorization", f"Bearer {site.tokens['globex']}")]
+    own = str(site.globex_root / "0.jpg")
+    with grpc.insecure_channel(site.server.target) as channel:
+        stub = service_pb2_grpc.PeritoStub(channel)
+        job = stub.SubmitJob(
+            jobs_pb2.SubmitJobRequest(model="tiny", uris=jobs_pb2.UriList(uris=[own])),
+            metadata=metadata,
+            timeout=30,
+        )
+        calls: list[tuple[str, Any, str]] = [
+            ("ListJobs", jobs_pb2.ListJobsRequest(page_token=token), "page_token")
+            for token in ("nan:x", "inf:x", "1e400:zz", "12.5:", "x")
+        ]
+        calls += [
+            (
+                "ListJobResults",
+                jobs_pb2.ListJobResultsRequest(job_id=job.id, page_token=t),
+                "page_token",
+            )
+            for t in ("-1", "1_0", "\u0661", "+1", " 1")
+        ]
+        calls += [
+            ("ListJobResults", jobs_pb2.ListJobResultsRequest(job_id=job.id, filter=f), "filter")  # type: ignore[arg-type]
+            for f in (3, 99, -1)
+        ]
+        for method, request, field in calls:
+            with pytest.raises(grpc.RpcError) as refused:
+                getattr(stub, method)(request, metadata=metadata, timeout=30)
+            error: Any = refused.value
+            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, request, error)
+            assert field in error.details(), (method, request, error)
+        stub.CancelJob(jobs_pb2.CancelJobRequest(job_id=job.id), metadata=metadata, timeout=30)

@@ -17,7 +17,7 @@ from celery.signals import worker_process_init
 from pydantic import BaseModel, Field
 
 from perito_core import tracing
-from perito_core.errors import StorageUnavailable
+from perito_core.errors import NotFound, StorageUnavailable
 from perito_core.jobs.queue import BULK_QUEUE, CLASSIFY_CHUNK, FINALIZE_JOB, make_celery
 from perito_core.jobs.results import RETRY_FIRST_S, RETRY_MAX_S, finalize_job
 from perito_core.logs import JOB_ID
@@ -116,9 +116,19 @@ def classify_chunk_task(**kwargs: Any) -> None:
 )
 def finalize_job_task(job_id: str) -> None:
     rt = runtime()
-    job = finalize_job(
-        rt.store, job_id, rt.settings.s3_options(), give_up_after_s=rt.settings.finalize_timeout_s
-    )
+    try:
+        job = finalize_job(
+            rt.store,
+            job_id,
+            rt.settings.s3_options(),
+            give_up_after_s=rt.settings.finalize_timeout_s,
+        )
+    except NotFound:
+        if rt.store.exists(job_id):
+            raise
+        # Deleted while its last chunks ran: nothing is left to finish.
+        log.info("job %s was deleted before its results files were written", job_id)
+        return
     metrics.JOBS_FINISHED.labels(job.state.value).inc()
     log.info(
         "job %s %s: %d succeeded, %d failed, %d cancelled",

@@ -72,6 +72,7 @@ import contextlib
 import functools
 import json
 import logging
+import math
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
@@ -709,6 +710,10 @@ class JobStore:
             try:
                 cursor = (float(score), member)
             except ValueError:
+                cursor = None
+            # Tokens this store makes hold a finite creation time (never NaN, which Redis
+            # refuses as a bound) and a job id.
+            if cursor is None or not math.isfinite(cursor[0]) or not member:
                 raise InvalidArgument("invalid page_token", field="page_token") from None
         found: list[Job] = []
         scanned = 0
