@@ -215,6 +215,12 @@ def test_refusals_are_aip193_errors_with_the_grpc_codes_status(
     oip = http.get("/v2/models/no-such-model", headers=AUTH)
     assert oip.status_code == 404 and isinstance(oip.json()["error"], str)
     assert oip.json()["status"] == "NOT_FOUND"
+    # A trailing slash is an unknown path: the JSON 404, never a redirect to the Host
+    # header's site (Starlette's default), with or without a token.
+    for headers in ({"Host": "evil.example"}, {**AUTH, "Host": "evil.example"}):
+        slashed = http.get("/v1/jobs/", headers=headers, follow_redirects=False)
+        assert slashed.status_code == 404, (slashed.status_code, slashed.headers)
+        assert "location" not in slashed.headers
 
 
 LISTS = {  # path: the list in its answer

@@ -368,4 +368,8 @@ def http_app(*doors: list[BaseRoute]) -> Starlette:
         assert isinstance(route, OperationRoute)  # openapi_document refused any other
         methods.setdefault(route.path, set()).add(route.method)
     routes.extend(_other_methods(path, served) for path, served in methods.items())
-    return Starlette(routes=routes, exception_handlers={404: _not_found})
+    app = Starlette(routes=routes, exception_handlers={404: _not_found})
+    # A path with a trailing slash is an unknown path (the JSON 404), not a redirect built
+    # from the caller's Host header (Starlette's default).
+    app.router.redirect_slashes = False
+    return app
