@@ -125,6 +125,15 @@ _CSV_HEADER = [
 
 
 _CSV_PROVENANCE = ("input_sha256", "model", "artifact_sha256", "form", "request_id")
+# A cell a spreadsheet would run as a formula (OWASP, "CSV Injection"): its first character.
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_text(text: str) -> str:
+    """`text` as a CSV cell a spreadsheet shows as text: one that starts as a formula would
+    (`=HYPERLINK(...)`, `+`, `-`, `@`, a tab or a carriage return) gets a leading `'`, as
+    OWASP's "CSV Injection" advises; results.jsonl keeps every value as it is."""
+    return f"'{text}" if text.startswith(_FORMULA_STARTS) else text
 
 
 def write_results(store: JobStore, job: Job, jsonl: IO[str], table: IO[str]) -> None:
@@ -140,13 +149,13 @@ def write_results(store: JobStore, job: Job, jsonl: IO[str], table: IO[str]) -> 
             writer.writerow(
                 [
                     result.index,
-                    result.id,
-                    result.uri,
+                    spreadsheet_text(result.id),
+                    spreadsheet_text(result.uri),
                     result.state.value,
-                    top[0] if top else "",
+                    spreadsheet_text(top[0]) if top else "",
                     f"{top[2]:.6f}" if top else "",
                     int(result.uncertain),
-                    result.error,
+                    spreadsheet_text(result.error),
                     job.model_version,
                     *(
                         [provenance[name] for name in _CSV_PROVENANCE]
