@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import functools
 import io
+import re
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -218,7 +219,7 @@ def decode_image_with_info(
             ) from None
         raise _not_an_image() from None
     except Image.DecompressionBombError as exc:
-        raise InvalidImage(str(exc), reason="DECOMPRESSION_BOMB") from None
+        raise _bomb(exc, limits) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         if _claimed_format(data) is None:  # a weak match ("BM..." text taken for a bitmap)
             raise _not_an_image() from None
@@ -235,7 +236,7 @@ def decode_image_with_info(
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image.load()
     except Image.DecompressionBombError as exc:
-        raise InvalidImage(str(exc), reason="DECOMPRESSION_BOMB") from None
+        raise _bomb(exc, limits) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise _damaged(exc) from None
     icc_profile = image.info.get("icc_profile")
@@ -303,6 +304,19 @@ def _damaged(exc: BaseException) -> InvalidImage:
     return InvalidImage(
         f"image data is damaged{' (the file is cut short)' if truncated else ''}: {exc}",
         reason="TRUNCATED" if truncated else "CORRUPT",
+    )
+
+
+def _bomb(exc: Image.DecompressionBombError, limits: ImageLimits) -> InvalidImage:
+    """Pillow's refusal of a header naming more pixels than it ever opens (twice
+    `Image.MAX_IMAGE_PIXELS`, before Perito's own limits are looked at) in Perito's words:
+    the pixel count Pillow read, against Perito's limit."""
+    found = re.search(r"\((\d+) pixels\)", str(exc))
+    size = f"{int(found.group(1)) / 1e6:,.0f} megapixels" if found else "too many pixels"
+    return InvalidImage(
+        f"image is {size}; the limit is {limits.max_pixels / 1e6:.0f} (a possible "
+        "decompression bomb)",
+        reason="DECOMPRESSION_BOMB",
     )
 
 

@@ -5,6 +5,7 @@ palette, alpha, EXIF-rotated) come out as upright 8-bit RGB."""
 from __future__ import annotations
 
 import io
+import zlib
 
 import numpy as np
 import pytest
@@ -54,6 +55,21 @@ def test_decompression_bomb_is_refused_before_decoding() -> None:
     bomb = encode(Image.new("1", (12_000, 12_000)))
     assert len(bomb) < 100_000
     assert reason_for(bomb) == "DECOMPRESSION_BOMB"
+
+
+def test_a_header_past_pillows_own_bound_is_refused_in_peritos_words() -> None:
+    """A PNG header naming 2,147,483,647 x 1 pixels: Pillow refuses it as it opens, before
+    Perito's limits are looked at; the caller reads Perito's limit, not Pillow's 178956970."""
+    header = encode(Image.new("L", (1, 1)))
+    png = bytearray(header)
+    png[16:20] = (2_147_483_647).to_bytes(4, "big")  # IHDR width
+    png[29:33] = zlib.crc32(bytes(png[12:29])).to_bytes(4, "big")  # IHDR's CRC
+    with pytest.raises(InvalidImage) as refused:
+        decode_image(bytes(png))
+    assert refused.value.reason == "DECOMPRESSION_BOMB"
+    assert refused.value.message == (
+        "image is 2,147 megapixels; the limit is 64 (a possible decompression bomb)"
+    )
 
 
 @pytest.mark.parametrize("size", [(4000, 20), (20, 4000), (25_000, 1000)])
