@@ -464,9 +464,6 @@ class InferenceService:
             ShuttingDown: the server is draining.
         """
         check_routing_key(routing_key)
-        per_minute = tenant.quotas.images_per_minute
-        if per_minute is not None:
-            await asyncio.to_thread(self.limiter.take, tenant.name, len(images), per_minute)
         served = await self.pool.get(
             model,
             version,
@@ -475,6 +472,11 @@ class InferenceService:
             images=len(images),
             pixels=isinstance(images, np.ndarray),  # shaped for the alias's own version
         )
+        # Spent once the call names something that answers: a model, version or precision
+        # that is not there costs the tenant nothing.
+        per_minute = tenant.quotas.images_per_minute
+        if per_minute is not None:
+            await asyncio.to_thread(self.limiter.take, tenant.name, len(images), per_minute)
         manifest = served.model.manifest
         spec = manifest.input.spec()
         infos: list[DecodeInfo | None]
