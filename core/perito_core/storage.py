@@ -326,13 +326,13 @@ class LocalStore:
         try:
             mode = os.stat(path).st_mode
         except (FileNotFoundError, NotADirectoryError):
-            raise NotFound(f"{key} not found in {self.description}") from None
+            raise NotFound(f"{self.root / key} not found") from None
         if not stat.S_ISREG(mode):
             raise _not_regular(str(path), mode)
         try:
             fd = _open_beneath(self.root, path.relative_to(self.root))
         except (FileNotFoundError, NotADirectoryError):
-            raise NotFound(f"{key} not found in {self.description}") from None
+            raise NotFound(f"{self.root / key} not found") from None
         except OSError as error:
             if error.errno != errno.ELOOP:
                 raise
@@ -412,7 +412,7 @@ class LocalStore:
     def download_file(self, key: str, path: Path) -> None:
         source = self._path(key)
         if not source.is_file():
-            raise NotFound(f"{key} not found in {self.description}")
+            raise NotFound(f"{self.root / key} not found")
         shutil.copyfile(source, path)
 
     def exists(self, key: str) -> bool:
