@@ -64,7 +64,7 @@ from perito_server.batcher import ByteBudget
 from perito_server.drift import DriftMonitor
 from perito_server.errors import echo
 from perito_server.explanations import OCCLUSION, explain
-from perito_server.jobs import JobService
+from perito_server.jobs import MAX_IMAGE_ID_CHARS, JobService
 from perito_server.metrics import ServerMetrics
 from perito_server.model_pool import ModelPool, ServedModel, alias_rollouts, check_routing_key
 from perito_server.oip_protocol import (
@@ -95,7 +95,6 @@ Describe = Callable[[int], tuple[str, str]]
 # are used or quoted back (registry names are at most 63: this bounds what reaches that check).
 MAX_MODEL_NAME_CHARS = 128
 MAX_VERSION_CHARS = 128
-MAX_IMAGE_ID_CHARS = 256
 
 
 @dataclass(frozen=True)

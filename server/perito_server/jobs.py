@@ -67,6 +67,8 @@ REQUEST_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 # What a job id may be (the ids made here are 20 hex digits); anything else is refused on its
 # text, never looked up: the store's keys for a job's parts (`<id>:open`) are not jobs.
 JOB_ID = REQUEST_ID
+# The longest image id a caller may give, in characters: a Classify image's, a job item's.
+MAX_IMAGE_ID_CHARS = 256
 # Job labels, as Kubernetes bounds its labels: a key of 1 to 63 letters, digits, '-', '_' or
 # '.', starting and ending with a letter or digit; a value of at most 63 such characters (or
 # empty); at most 64 labels. They live in the job's Redis record, read by every listing.
@@ -285,9 +287,17 @@ class JobService:
         item_id: str = "",
         folders: dict[Path, Path] | None = None,
     ) -> ItemInput:
-        """An item read from `uri` (checked and made canonical now), its id defaulted."""
+        """An item read from `uri` (checked and made canonical now), its id defaulted to
+        the file name the caller wrote (not the name a symbolic link leads to).
+
+        Raises:
+            InvalidArgument: an id over `MAX_IMAGE_ID_CHARS` (field `{field}.id`), or as
+                `check_location`.
+        """
+        check_item_id(item_id, field)
+        given = uri
         uri = self.check_location(tenant, uri, "read", field, names_object=True, folders=folders)
-        return ItemInput(id=item_id or default_item_id(uri), uri=uri)
+        return ItemInput(id=item_id or default_item_id(given), uri=uri)
 
     def _listed_item(self, tenant: Tenant, uri: str, folders: dict[Path, Path]) -> ItemInput:
         """An object found under a listed prefix. One the tenant may not read (a symlink out
@@ -315,6 +325,7 @@ class JobService:
                     field = f"images[{index}].uri"
                     items.append(self._uri_item(tenant, image.uri, field, image.id))
                 else:  # a bad (even empty) image is that item's failure, not the job's
+                    check_item_id(image.id, f"images[{index}]")
                     inline[index] = image.content
                     items.append(ItemInput(id=image.id or str(index)))
             return items, inline
@@ -755,6 +766,19 @@ def _within_quota(items: Iterable[ItemInput], quota: int, tenant: str) -> Iterat
                 reason="QUOTA_ITEMS_PER_JOB",
             )
         yield item
+
+
+def check_item_id(item_id: str, field: str) -> None:
+    """Refuse an image id over `MAX_IMAGE_ID_CHARS`, as Classify does: field `{field}.id`.
+
+    Raises:
+        InvalidArgument: naming the field and the length.
+    """
+    if len(item_id) > MAX_IMAGE_ID_CHARS:
+        raise InvalidArgument(
+            f"{field}.id: {len(item_id)} characters; the limit is {MAX_IMAGE_ID_CHARS}",
+            field=f"{field}.id",
+        )
 
 
 def check_labels(labels: dict[str, str], field: str) -> None:

@@ -23,7 +23,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 import perito
-from perito.v1 import jobs_pb2, service_pb2_grpc
+from perito.v1 import image_pb2, jobs_pb2, service_pb2_grpc
 from perito_core.access.audit import AUDIT_KEY, AuditLog
 from perito_core.access.tenancy import Quotas, add_tenant
 from perito_server.settings import ServerSettings
@@ -582,3 +582,41 @@ def test_page_tokens_and_filters_not_made_by_the_server_are_invalid_arguments(
             assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, request, error)
             assert field in error.details(), (method, request, error)
         stub.CancelJob(jobs_pb2.CancelJobRequest(job_id=job.id), metadata=metadata, timeout=30)
+
+
+def test_job_item_ids_are_bounded_as_classify_ids(site: Site) -> None:
+    """An item id over 256 characters (Classify's limit) was stored, and a JSONL manifest's
+    `"id": {...}` became the text "{'a': 1}": both refused, naming the field."""
+    globex = site.globex_root
+    metadata = [("authorization", f"Bearer {site.tokens['globex']}")]
+    (globex / "long-id.csv").write_text(f"uri,id\n{globex / '0.jpg'},{'i' * 300}\n")
+    record = {"uri": str(globex / "0.jpg"), "id": {"a": 1}}
+    (globex / "object-id.jsonl").write_text(json.dumps(record) + "\n")
+    refused = {
+        "images[0].id": jobs_pb2.SubmitJobRequest(
+            model="tiny",
+            images=jobs_pb2.InlineImages(images=[image_pb2.Image(id="i" * 300, content=b"x")]),
+        ),
+        "manifest_uri (item 1).id": jobs_pb2.SubmitJobRequest(
+            model="tiny", manifest_uri=str(globex / "long-id.csv")
+        ),
+        "manifest_uri": jobs_pb2.SubmitJobRequest(
+            model="tiny", manifest_uri=str(globex / "object-id.jsonl")
+        ),
+    }
+    with grpc.insecure_channel(site.server.target) as channel:
+        stub = service_pb2_grpc.PeritoStub(channel)
+        for field, request in refused.items():
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.SubmitJob(request, metadata=metadata, timeout=30)
+            error: Any = caught.value
+            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (field, error)
+            status = rpc_status.from_call(error)
+            assert status is not None
+            named = []
+            for detail in status.details:
+                if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                    bad = error_details_pb2.BadRequest()
+                    detail.Unpack(bad)
+                    named += [violation.field for violation in bad.field_violations]
+            assert named[:1] == [field], (field, named, error.details())

@@ -311,7 +311,9 @@ def _jsonl_items(rows: Iterator[tuple[int, str]], uri: str) -> Iterator[ItemInpu
             item_id = record.get("id", "")
         except (ValueError, KeyError, TypeError, AttributeError):
             item_uri = None
-        if not isinstance(item_uri, str) or not item_uri:
+        # An id is text (a number is taken as its digits); an object or a list is no id.
+        odd_id = isinstance(item_id, bool) or not isinstance(item_id, str | int | None)
+        if not isinstance(item_uri, str) or not item_uri or odd_id:
             raise InvalidArgument(
                 f'manifest {echo_uri(uri)} line {number}: expected {{"uri": "...", "id": "..."}}',
                 field="manifest_uri",
