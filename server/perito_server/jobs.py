@@ -4,6 +4,7 @@ delete; and the job watchdog that makes every accepted job end (`perito_core.job
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import logging
 import os
@@ -174,6 +175,7 @@ class JobService:
         self.pool = pool
         self.store = JobStore.connect(settings.redis_url, s3=settings.s3_options())
         self.job_data_root = job_data_root(settings)
+        self._watching: collections.Counter[str] = collections.Counter()  # tenant -> streams
         roots = list(settings.local_roots)
         if "://" not in settings.results_uri:  # the operator's results folder may be written
             roots.append(Path(settings.results_uri).resolve())
@@ -605,20 +607,40 @@ class JobService:
         )
 
     async def watch(self, job_id: str, tenant: Tenant) -> AsyncIterator[jobs_pb2.Job]:
-        """The job now, then whenever it changes (at least every second), until terminal."""
+        """The job now, then whenever it changes (at least every second), until terminal.
+
+        Raises:
+            NotFound: no such job of `tenant`'s.
+            QuotaExceeded: `tenant` holds `max_watches_per_tenant` streams on this server
+                already (reason QUOTA_CONCURRENT_WATCHES, with a retry hint).
+        """
         last: jobs_pb2.Job | None = None
         last_sent = 0.0
         await self._owned(job_id, tenant)
-        while True:
-            job = await self._run(self.store.get, job_id)
-            message = job_to_proto(job)
-            now = time.monotonic()
-            if message != last or now - last_sent >= 1.0:
-                yield message
-                last, last_sent = message, now
-            if job.state.terminal:
-                return
-            await asyncio.sleep(0.25)
+        most = self.settings.max_watches_per_tenant
+        if self._watching[tenant.name] >= most:
+            raise QuotaExceeded(
+                f"tenant {tenant.name!r} already watches {most} jobs on this server, the most "
+                "at once; end one, or poll GetJob",
+                reason="QUOTA_CONCURRENT_WATCHES",
+                retry_after=5.0,
+            )
+        self._watching[tenant.name] += 1
+        try:
+            while True:
+                job = await self._run(self.store.get, job_id)
+                message = job_to_proto(job)
+                now = time.monotonic()
+                if message != last or now - last_sent >= 1.0:
+                    yield message
+                    last, last_sent = message, now
+                if job.state.terminal:
+                    return
+                await asyncio.sleep(0.25)
+        finally:
+            self._watching[tenant.name] -= 1
+            if not self._watching[tenant.name]:
+                del self._watching[tenant.name]
 
     async def list_results(
         self, request: jobs_pb2.ListJobResultsRequest, tenant: Tenant

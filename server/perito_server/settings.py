@@ -67,6 +67,11 @@ class ServerSettings(CommonSettings):
     # above the callers the queues admit, so overload is shed by `max_queue_size` /
     # `max_queue_bytes` (with a hint) and probes still get through.
     max_concurrent_rpcs: int = Field(1000, ge=1, description="calls in progress at once")
+    # WatchJob streams one tenant may hold open on this server at once (each reads the job
+    # from Redis four times a second and holds one of `max_concurrent_rpcs`): past it,
+    # RESOURCE_EXHAUSTED (QUOTA_CONCURRENT_WATCHES) with a retry hint, so no tenant can take
+    # the whole call budget from the others.
+    max_watches_per_tenant: int = Field(16, ge=1, description="WatchJob streams per tenant")
     default_top_k: int = Field(5, ge=1)
 
     results_uri: str = Field("./var/results", description="default output location of jobs")

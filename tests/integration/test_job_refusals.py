@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,6 +99,7 @@ def site(
         results_uri=str(work / "results"),
         local_roots=[acme, globex],  # one root per tenant, as the docs advise
         tenants_file=tenants_file,
+        max_watches_per_tenant=3,
     )
     with ServerThread(settings) as server:
         yield Site(server, work, tokens, url)
@@ -620,3 +622,46 @@ def test_job_item_ids_are_bounded_as_classify_ids(site: Site) -> None:
                     detail.Unpack(bad)
                     named += [violation.field for violation in bad.field_violations]
             assert named[:1] == [field], (field, named, error.details())
+
+
+def test_one_tenants_watch_streams_are_bounded_and_leave_the_others_room(site: Site) -> None:
+    """WatchJob streams held open by one tenant took every one of the server's concurrent
+    calls, and other tenants' Classify and CancelJob were refused by gRPC itself (no retry
+    hint). A tenant's streams are bounded (`max_watches_per_tenant`, 3 here): the next one is
+    RESOURCE_EXHAUSTED with a retry hint, while another tenant watches on."""
+    tokens = site.tokens
+    with grpc.insecure_channel(site.server.target) as channel:
+        stub = service_pb2_grpc.PeritoStub(channel)
+
+        def submitted(tenant: str, root: Path) -> str:
+            request = jobs_pb2.SubmitJobRequest(
+                model="tiny", uris=jobs_pb2.UriList(uris=[str(root / "0.jpg")])
+            )
+            auth = [("authorization", f"Bearer {tokens[tenant]}")]
+            return str(stub.SubmitJob(request, metadata=auth, timeout=30).id)  # queued: no worker
+
+        def watch(tenant: str, job_id: str) -> Any:
+            auth = [("authorization", f"Bearer {tokens[tenant]}")]
+            return stub.WatchJob(jobs_pb2.WatchJobRequest(job_id=job_id), metadata=auth)
+
+        theirs, ours = submitted("globex", site.globex_root), submitted("acme", site.acme_root)
+        streams = [watch("globex", theirs) for _ in range(3)]
+        for stream in streams:
+            assert next(stream).id == theirs
+        with pytest.raises(grpc.RpcError) as refused:
+            next(watch("globex", theirs))
+        error: Any = refused.value
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error
+        assert "QUOTA_CONCURRENT_WATCHES" in str(rpc_status.from_call(error)), error
+        other = watch("acme", ours)
+        assert next(other).id == ours
+        other.cancel()
+        streams.pop().cancel()
+        time.sleep(0.5)  # the server sees the stream end
+        again = watch("globex", theirs)
+        assert next(again).id == theirs
+        for stream in (*streams, again):
+            stream.cancel()
+        for tenant, job_id in (("globex", theirs), ("acme", ours)):
+            auth = [("authorization", f"Bearer {tokens[tenant]}")]
+            stub.CancelJob(jobs_pb2.CancelJobRequest(job_id=job_id), metadata=auth, timeout=30)
