@@ -70,12 +70,14 @@ REQUEST_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 JOB_ID = REQUEST_ID
 # The longest image id a caller may give, in characters: a Classify image's, a job item's.
 MAX_IMAGE_ID_CHARS = 256
-# Job labels, as Kubernetes bounds its labels: a key of 1 to 63 letters, digits, '-', '_' or
-# '.', starting and ending with a letter or digit; a value of at most 63 such characters (or
-# empty); at most 64 labels. They live in the job's Redis record, read by every listing.
+# Job labels: at most 64; a key as Kubernetes names labels (1 to 63 letters, digits, '-', '_'
+# or '.', starting and ending with a letter or digit); a value of at most 256 characters, none
+# a control character (a claim number, "2026-12-07 inspection", a path). They live in the
+# job's Redis record, read by every listing: bounded, one tenant cannot fill the Redis every
+# tenant shares.
 MAX_LABELS = 64
+MAX_LABEL_VALUE_CHARS = 256
 LABEL_KEY = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,61}[A-Za-z0-9])?")
-LABEL_VALUE = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9._-]{0,61}[A-Za-z0-9])?)?")
 
 JOB_STATES = {
     JobState.QUEUED: jobs_pb2.JOB_STATE_QUEUED,
@@ -804,8 +806,8 @@ def check_item_id(item_id: str, field: str) -> None:
 
 
 def check_labels(labels: dict[str, str], field: str) -> None:
-    """A job's labels (or a listing's label filter), as Kubernetes bounds labels: at most
-    `MAX_LABELS`, each key `LABEL_KEY`, each value `LABEL_VALUE`.
+    """A job's labels (or a listing's label filter): at most `MAX_LABELS`, each key
+    `LABEL_KEY`, each value at most `MAX_LABEL_VALUE_CHARS` characters, no control character.
 
     Raises:
         InvalidArgument: naming `field` and the key (cut short) that is not one.
@@ -816,9 +818,11 @@ def check_labels(labels: dict[str, str], field: str) -> None:
     for key, value in labels.items():
         if not LABEL_KEY.fullmatch(key):
             raise InvalidArgument(f"{field}: key {echo(key)!r} is not {rule}", field=field)
-        if not LABEL_VALUE.fullmatch(value):
+        if len(value) > MAX_LABEL_VALUE_CHARS or not value.isprintable():
             raise InvalidArgument(  # the key is one by now: safe to quote whole
-                f"{field}[{key}]: the value must be empty or {rule}", field=f"{field}[{key}]"
+                f"{field}[{key}]: the value must be at most {MAX_LABEL_VALUE_CHARS} "
+                "characters, none a control character",
+                field=f"{field}[{key}]",
             )
 
 

@@ -310,6 +310,11 @@ def cases(site: Site) -> dict[str, tuple[dict[str, Any], str, str]]:
             "INVALID_ARGUMENT",
             "labels",
         ),
+        "a label value with a newline": (
+            {"uris": {"uris": [str(globex / "0.jpg")]}, "labels": {"site": "a\nb"}},
+            "INVALID_ARGUMENT",
+            "labels[site]",
+        ),
         "a 20,000-character label value": (
             {"uris": {"uris": [str(globex / "0.jpg")]}, "labels": {"site": "v" * 20_000}},
             "INVALID_ARGUMENT",
@@ -514,8 +519,12 @@ def test_a_job_in_the_tenants_own_root_is_accepted_through_both_doors(site: Site
     tenant's own paths make jobs (and free their quota slots when cancelled)."""
     own = str(site.globex_root / "0.jpg")
     with perito.Client(site.server.target, token=site.tokens["globex"]) as sdk:
-        job = sdk.submit_job([own], model="tiny", output_uri=str(site.globex_root / "out/a")).last
+        labels = {"claim": "C-2026/0042 front bumper", "site.id": "garage-7"}
+        job = sdk.submit_job(
+            [own], model="tiny", output_uri=str(site.globex_root / "out/a"), labels=labels
+        ).last
         assert job.output_uri == str(site.globex_root / "out" / "a")
+        assert job.labels == labels
         sdk.cancel_job(job.id)
         answer = httpx.post(
             f"http://127.0.0.1:{site.server.running.http_port}/v1/jobs",  # type: ignore[attr-defined]
