@@ -65,6 +65,19 @@ def test_unknown_models_versions_and_aliases_are_not_found(
         registry.resolve(name, ref)
 
 
+@pytest.mark.parametrize(
+    "ref", ["../1", "1.0", "@1", "-1", "1\x00", "manifest.json", "\u0661", "Prod"]
+)
+def test_a_version_that_can_be_neither_a_number_nor_an_alias_is_invalid_not_missing(
+    registry: ModelRegistry, tiny_model_file: Path, ref: str
+) -> None:
+    """`tiny@../1` was NOT_FOUND "has no alias": the caller's mistake is named instead."""
+    publish_tiny(registry, tiny_model_file)
+    with pytest.raises(InvalidArgument) as refused:
+        registry.resolve("tiny", ref)
+    assert refused.value.field == "version"
+
+
 @pytest.mark.parametrize("name", ["", "Car Damage", "../etc", "x" * 64])
 def test_invalid_names_are_refused(registry: ModelRegistry, name: str) -> None:
     with pytest.raises(InvalidArgument):

@@ -39,6 +39,7 @@ from perito_core.errors import (
     InvalidArgument,
     ModelLoadError,
     NotFound,
+    echo,
 )
 from perito_core.models.card import (
     Calibration,
@@ -191,6 +192,8 @@ class ModelRegistry:
         """Turn a version number, an alias or "" / `latest` into a concrete version.
 
         Raises:
+            InvalidArgument: a malformed model name (field `model`), or a `ref` that can be
+                neither a version number nor an alias (field `version`).
             NotFound: the model, version or alias does not exist.
         """
         validate_model_name(name)
@@ -200,12 +203,16 @@ class ModelRegistry:
             if not versions:
                 raise NotFound(f"model {name!r} not found", field="model")
             return versions[-1]
-        if ref.isdigit():
+        if ref.isascii() and ref.isdigit():
             if not self.store.exists(f"models/{name}/{int(ref)}/manifest.json"):
                 raise self._not_found(name, f"version {ref}")
             return str(int(ref))
         if not ALIAS_PATTERN.fullmatch(ref):  # never a path: no '/', no '..'
-            raise self._not_found(name, f"alias {ref[:64]!r}")
+            raise InvalidArgument(
+                f"version {echo(ref)!r} is neither a version number nor an alias (lowercase "
+                "letters, digits, '_' or '-', starting with a letter)",
+                field="version",
+            )
         try:
             return self.route(name, ref).version
         except NotFound:
