@@ -325,6 +325,10 @@ class JobService:
         if kind == "images":
             items = []
             for index, image in enumerate(request.images.images):
+                if image.WhichOneof("source") is None:
+                    raise InvalidArgument(
+                        f"images[{index}]: neither content nor uri", field=f"images[{index}]"
+                    )
                 if image.WhichOneof("source") == "uri":
                     field = f"images[{index}].uri"
                     items.append(self._uri_item(tenant, image.uri, field, image.id))

@@ -596,8 +596,9 @@ def test_page_tokens_and_filters_not_made_by_the_server_are_invalid_arguments(
 
 
 def test_job_item_ids_are_bounded_as_classify_ids(site: Site) -> None:
-    """An item id over 256 characters (Classify's limit) was stored, and a JSONL manifest's
-    `"id": {...}` became the text "{'a': 1}": both refused, naming the field."""
+    """An item id over 256 characters (Classify's limit) was stored, a JSONL manifest's
+    `"id": {...}` became the text "{'a': 1}", and an inline image with neither content nor
+    uri failed later as EMPTY: each refused, naming the field."""
     globex = site.globex_root
     metadata = [("authorization", f"Bearer {site.tokens['globex']}")]
     (globex / "long-id.csv").write_text(f"uri,id\n{globex / '0.jpg'},{'i' * 300}\n")
@@ -607,6 +608,12 @@ def test_job_item_ids_are_bounded_as_classify_ids(site: Site) -> None:
         "images[0].id": jobs_pb2.SubmitJobRequest(
             model="tiny",
             images=jobs_pb2.InlineImages(images=[image_pb2.Image(id="i" * 300, content=b"x")]),
+        ),
+        "images[1]": jobs_pb2.SubmitJobRequest(
+            model="tiny",
+            images=jobs_pb2.InlineImages(
+                images=[image_pb2.Image(content=b"x"), image_pb2.Image(id="nothing")]
+            ),
         ),
         "manifest_uri (item 1).id": jobs_pb2.SubmitJobRequest(
             model="tiny", manifest_uri=str(globex / "long-id.csv")
