@@ -121,6 +121,35 @@ def test_json_with_base64_images_answers_what_classify_answers(
     _same_answer(response.json()["results"], _classify_over_grpc(served, files))
 
 
+def test_a_body_naming_another_model_or_version_than_the_path_is_refused(
+    http: httpx.Client, photos: dict[str, Path]
+) -> None:
+    """The path names the model: a JSON body's `"model": "other"` was overridden in silence,
+    and a multipart `version` field beside `@1` in the path was ignored."""
+    image = {"content": base64.b64encode(photos["rocket"].read_bytes()).decode()}
+    refused = http.post(
+        "/v1/models/tiny:classify", json={"images": [image], "model": "other"}, headers=AUTH
+    )
+    assert refused.status_code == 400, refused.text
+    assert refused.json()["error"]["message"].startswith("model: the body names 'other'")
+    refused = http.post(
+        "/v1/models/tiny@1:classify", json={"images": [image], "version": "2"}, headers=AUTH
+    )
+    assert refused.status_code == 400, refused.text
+    form = http.post(
+        "/v1/models/tiny@1:classify",
+        files=[("images", ("a.jpg", photos["rocket"].read_bytes()))],
+        data={"version": "2"},
+        headers=AUTH,
+    )
+    assert form.status_code == 400, form.text
+    assert form.json()["error"]["message"].startswith("version: the form names '2'")
+    same = http.post(
+        "/v1/models/tiny:classify", json={"images": [image], "model": "tiny"}, headers=AUTH
+    )
+    assert same.status_code == 200, same.text
+
+
 def test_jobs_submit_get_results_and_cancel(http: httpx.Client, photos: dict[str, Path]) -> None:
     images = [
         {"content": base64.b64encode(photos[name].read_bytes()).decode(), "id": f"{name}.jpg"}

@@ -304,6 +304,16 @@ class JsonApi:
             document = await self.edge.json_body(request)
             if not isinstance(document, dict):
                 raise InvalidArgument("the body must be a JSON object", field="body")
+            # The path names the model (and a version after '@'); a body naming another is
+            # refused, never overridden in silence.
+            for field, from_path in (("model", model), ("version", version)):
+                given = document.get(field)
+                if from_path and given not in (None, "", from_path):
+                    raise InvalidArgument(
+                        f"{field}: the body names {echo(str(given))!r}, the path "
+                        f"{echo(from_path)!r}; name it in the path only",
+                        field=field,
+                    )
             document = {**document, "model": model}
             if version:
                 document["version"] = version
@@ -336,7 +346,13 @@ class JsonApi:
                 if isinstance(value, UploadFile):
                     content = await value.read()
                     message.images.append(image_pb2.Image(content=content, id=value.filename or ""))
-                elif key == "version" and not message.version:
+                elif key == "version":
+                    if message.version and value != message.version:
+                        raise InvalidArgument(
+                            f"version: the form names {echo(value)!r}, the path "
+                            f"{echo(message.version)!r}; name it in one place",
+                            field="version",
+                        )
                     message.version = value
                 elif key == "top_k":
                     message.top_k = _form_number(key, value, int)
