@@ -121,6 +121,32 @@ def test_json_with_base64_images_answers_what_classify_answers(
     _same_answer(response.json()["results"], _classify_over_grpc(served, files))
 
 
+def test_a_multipart_form_takes_the_quality_and_precision_fields_the_json_body_takes(
+    http: httpx.Client, photos: dict[str, Path]
+) -> None:
+    """`quality_policy`, `precision` and the quality thresholds were refused in a multipart
+    form ("unknown form field") though the JSON body takes them; a field given twice (which
+    one counts?) was taken."""
+    files = [("images", ("a.jpg", photos["rocket"].read_bytes()))]
+    url = "/v1/models/tiny:classify"
+    strict = {"quality_policy": "refuse", "quality_thresholds.min_sharpness": "1e9"}
+    refused = http.post(url, files=files, data=strict, headers=AUTH)
+    assert refused.status_code == 400, refused.text  # no photo is that sharp: POOR_QUALITY
+    assert "POOR_QUALITY" in refused.text, refused.text
+    flagged = http.post(
+        url, files=files, data={**strict, "quality_policy": "flag", "precision": "fp32"},
+        headers=AUTH,
+    )  # fmt: skip
+    assert flagged.status_code == 200, flagged.text
+    assert "BLURRY" in flagged.json()["results"][0]["quality"]["issues"]
+    twice = http.post(
+        url, files=[*files, ("top_k", (None, "3")), ("top_k", (None, "4"))], headers=AUTH
+    )
+    assert twice.status_code == 400 and "top_k: given twice" in twice.text, twice.text
+    bad = http.post(url, files=files, data={"quality_policy": "maybe"}, headers=AUTH)
+    assert bad.status_code == 400 and "quality_policy" in bad.text, bad.text
+
+
 def test_a_body_naming_another_model_or_version_than_the_path_is_refused(
     http: httpx.Client, photos: dict[str, Path]
 ) -> None:

@@ -32,6 +32,7 @@ from starlette.routing import BaseRoute
 from perito.v1 import classify_pb2, image_pb2, jobs_pb2, models_pb2
 from perito_core.access.tenancy import Tenant
 from perito_core.errors import InvalidArgument
+from perito_core.quality import THRESHOLD_FIELDS
 from perito_server import paging
 from perito_server.doors.http_edge import PERITO, HttpEdge, model_ref
 from perito_server.errors import echo
@@ -325,8 +326,9 @@ class JsonApi:
         self, request: Request, message: classify_pb2.ClassifyRequest
     ) -> None:
         """Files (any field name; their file names become the image ids) and the fields
-        `version`, `top_k`, `confidence_threshold`, `explain`, `routing_key`, the body
-        bounded first."""
+        `version`, `top_k`, `confidence_threshold`, `explain`, `routing_key`, `precision`,
+        `quality_policy` and `quality_thresholds.<name>` (as the JSON body's), each at most
+        once, the body bounded first."""
         body = await self.edge.body(request)
 
         async def replay() -> dict[str, Any]:
@@ -341,12 +343,18 @@ class JsonApi:
             raise InvalidArgument(
                 f"the multipart body is malformed: {error}", field="body"
             ) from None
+        seen: set[str] = set()
         try:
             for key, value in form.multi_items():
                 if isinstance(value, UploadFile):
                     content = await value.read()
                     message.images.append(image_pb2.Image(content=content, id=value.filename or ""))
-                elif key == "version":
+                    continue
+                if key in seen:  # which one would count is nowhere written
+                    raise InvalidArgument(f"{echo(key)}: given twice", field=key)
+                seen.add(key)
+                threshold = key.removeprefix("quality_thresholds.")
+                if key == "version":
                     if message.version and value != message.version:
                         raise InvalidArgument(
                             f"version: the form names {echo(value)!r}, the path "
@@ -362,6 +370,12 @@ class JsonApi:
                     message.explain = _form_flag(key, value)
                 elif key == "routing_key":
                     message.routing_key = value
+                elif key == "precision":
+                    message.precision = value
+                elif key == "quality_policy":
+                    message.quality_policy = _form_policy(key, value)
+                elif threshold != key and threshold in THRESHOLD_FIELDS:
+                    setattr(message.quality_thresholds, threshold, _form_number(key, value, float))
                 else:
                     raise InvalidArgument(f"unknown form field {echo(key)!r}", field=key)
         finally:
@@ -540,6 +554,17 @@ def _form_flag(key: str, value: str) -> bool:
     if word in ("false", "0", "off", "no"):
         return False
     raise InvalidArgument(f"{key} must be true or false, not {echo(value)!r}", field=key)
+
+
+def _form_policy(key: str, value: str) -> classify_pb2.QualityPolicy:
+    """A form's `quality_policy`: `flag` or `refuse`, or the enum's own names
+    (`QUALITY_POLICY_REFUSE`), as the JSON body takes them."""
+    name = value.strip().upper()
+    name = name if name.startswith("QUALITY_POLICY_") else f"QUALITY_POLICY_{name}"
+    try:
+        return cast(classify_pb2.QualityPolicy, classify_pb2.QualityPolicy.Value(name))
+    except ValueError:
+        raise InvalidArgument(f"{key} must be flag or refuse", field=key) from None
 
 
 def _form_number(key: str, value: str, kind: type[int] | type[float]) -> Any:
