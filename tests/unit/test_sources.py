@@ -305,6 +305,11 @@ def test_csv_manifests(root: Path) -> None:
         items(reader, missing_uri)
     assert caught.value.field == "manifest_uri" and "line 3" in caught.value.message
     assert items(reader, write(root / "empty.csv", "\n\n")) == []
+    # A quote never closed swallowed the rest of the file into one id.
+    unclosed = write(root / "unclosed.csv", 'uri,id\ns3://b/a.jpg,"first\ns3://b/b.jpg,2\n')
+    with pytest.raises(InvalidArgument) as caught:
+        items(reader, unclosed)
+    assert caught.value.field == "manifest_uri" and "unclosed quote" in caught.value.message
 
 
 def test_jsonl_manifests(root: Path) -> None:

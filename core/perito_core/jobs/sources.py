@@ -274,7 +274,7 @@ def _csv_items(rows: Iterator[tuple[int, str]], uri: str) -> Iterator[ItemInput]
     uri_column, id_column = 0, 1
     header_checked = False
     try:
-        for row in csv.reader(lines()):
+        for row in csv.reader(lines(), strict=True):
             fields = [field.strip() for field in row]
             if not any(fields):
                 continue
