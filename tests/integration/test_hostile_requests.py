@@ -212,6 +212,34 @@ def test_rest_bytes_data_not_of_the_input_shape_is_400_naming_the_input(
     assert "'images'" in answer.json()["error"], answer.text
 
 
+def test_rest_data_beside_binary_data_size_is_400_naming_the_input(
+    http: httpx.Client, images: list[bytes]
+) -> None:
+    """gRPC refuses contents beside raw_input_contents; REST took JSON `data` beside a binary
+    part and answered one of them."""
+    raw = serialize_bytes([images[0]])
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "images",
+                    "datatype": "BYTES",
+                    "shape": [1],
+                    "data": [_b64(images[1])],
+                    "parameters": {"binary_data_size": len(raw)},
+                }
+            ]
+        }
+    ).encode()
+    answer = http.post(
+        "/v2/models/tiny/infer",
+        content=header + raw,
+        headers={"Inference-Header-Content-Length": str(len(header))},
+    )
+    assert answer.status_code == 400, answer.text
+    assert "'images'" in answer.json()["error"] and "binary_data_size" in answer.text
+
+
 @pytest.mark.parametrize(
     ("shape", "nested"),
     [([2], False), ([2, 1], False), ([2, 1], True)],

@@ -337,6 +337,11 @@ def _rest_inputs(inputs: Any, binary: memoryview) -> list[InputTensor]:
         size = parameters.get("binary_data_size") if isinstance(parameters, dict) else None
         data: list[bytes] | np.ndarray
         if size is not None:
+            if "data" in spec:  # which of the two is the input is nowhere written
+                raise InvalidArgument(
+                    f"input {echo(name)!r}: data beside binary_data_size; send one of them",
+                    field=name,
+                )
             if not isinstance(size, int) or size < 0 or offset + size > len(binary):
                 raise InvalidArgument(
                     f"input {echo(name)!r}: binary_data_size {echo(str(size))} is past the body",
