@@ -68,6 +68,7 @@ REQUEST_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 # What a job id may be (the ids made here are 20 hex digits); anything else is refused on its
 # text, never looked up: the store's keys for a job's parts (`<id>:open`) are not jobs.
 JOB_ID = REQUEST_ID
+NO_INPUT = "input: one of images, uris, prefix or manifest_uri is required"
 # The longest image id a caller may give, in characters: a Classify image's, a job item's.
 MAX_IMAGE_ID_CHARS = 256
 # Job labels: at most 64; a key as Kubernetes names labels (1 to 63 letters, digits, '-', '_'
@@ -360,9 +361,7 @@ class JobService:
             )
             message = f"manifest_uri: {echo_uri(request.manifest_uri)} lists no images"
             return _non_empty(listed, message, "manifest_uri"), inline
-        raise InvalidArgument(
-            "one of images, uris, prefix or manifest_uri is required", field="input"
-        )
+        raise InvalidArgument(NO_INPUT, field="input")
 
     async def submit(self, request: jobs_pb2.SubmitJobRequest, tenant: Tenant) -> jobs_pb2.Job:
         """Record and enqueue a job owned by `tenant`; with a `request_id` the tenant used
@@ -391,6 +390,7 @@ class JobService:
                 field="request_id",
             )
         check_labels(dict(request.labels), "labels")
+        check_input_given(request)
         new_id = job_id = uuid.uuid4().hex[:20]
         if request.request_id:
             job_id = await self._run(
@@ -794,6 +794,22 @@ def _within_quota(items: Iterable[ItemInput], quota: int, tenant: str) -> Iterat
                 reason="QUOTA_ITEMS_PER_JOB",
             )
         yield item
+
+
+def check_input_given(request: jobs_pb2.SubmitJobRequest) -> None:
+    """Refuse a job without input, or with an empty image or URI list, before anything is
+    reserved for it (a quota slot, a request id).
+
+    Raises:
+        InvalidArgument: field `input`, `images` or `uris`.
+    """
+    kind = request.WhichOneof("input")
+    if kind is None:
+        raise InvalidArgument(NO_INPUT, field="input")
+    if (kind == "images" and not request.images.images) or (
+        kind == "uris" and not request.uris.uris
+    ):
+        raise InvalidArgument(f"{kind}: empty; a job needs at least one image", field=kind)
 
 
 def check_item_id(item_id: str, field: str) -> None:

@@ -320,6 +320,9 @@ def cases(site: Site) -> dict[str, tuple[dict[str, Any], str, str]]:
             "INVALID_ARGUMENT",
             "labels[site]",
         ),
+        # Refused before a quota slot is taken: the concurrent-jobs refusal came first.
+        "no input at all": ({}, "INVALID_ARGUMENT", "input"),
+        "an empty URI list": ({"uris": {"uris": []}}, "INVALID_ARGUMENT", "uris"),
         "a good image, then one in another tenant's root": (
             {"uris": {"uris": [str(globex / "0.jpg"), str(acme / "0.jpg")]}},
             "PERMISSION_DENIED",
