@@ -304,14 +304,20 @@ class JobService:
         uri = self.check_location(tenant, uri, "read", field, names_object=True, folders=folders)
         return ItemInput(id=item_id or default_item_id(given), uri=uri)
 
-    def _listed_item(self, tenant: Tenant, uri: str, folders: dict[Path, Path]) -> ItemInput:
-        """An object found under a listed prefix. One the tenant may not read (a symlink out
-        of the folder, out of the tenant's prefixes) is not the job's failure but that item's:
-        it is recorded failed with the reason, and never read."""
+    def _listed_item(
+        self, tenant: Tenant, uri: str, prefix: str, folders: dict[Path, Path]
+    ) -> ItemInput:
+        """An object found under the listed `prefix`, its id its path below the prefix
+        (`a/x.jpg` and `b/x.jpg` stay apart; its file name where that path is over
+        `MAX_IMAGE_ID_CHARS`). One the tenant may not read (a symlink out of the folder, out of
+        the tenant's prefixes) is not the job's failure but that item's: it is recorded
+        failed with the reason, and never read."""
+        below = uri[len(prefix) :].lstrip("/") if uri.startswith(prefix) else ""
+        item_id = below if 0 < len(below) <= MAX_IMAGE_ID_CHARS else default_item_id(uri)
         try:
-            return self._uri_item(tenant, uri, "prefix", folders=folders)
+            return self._uri_item(tenant, uri, "prefix", item_id, folders=folders)
         except (InvalidArgument, PermissionDenied) as exc:
-            return ItemInput(id=default_item_id(uri), uri=uri, error=f"{exc.reason}: {exc.message}")
+            return ItemInput(id=item_id, uri=uri, error=f"{exc.reason}: {exc.message}")
 
     def _items(
         self, request: jobs_pb2.SubmitJobRequest, tenant: Tenant
@@ -346,7 +352,8 @@ class JobService:
         if kind == "prefix":
             prefix = self.check_location(tenant, request.prefix, "read", "prefix")
             listed = (
-                self._listed_item(tenant, uri, folders) for uri in self.sources.iter_prefix(prefix)
+                self._listed_item(tenant, uri, prefix, folders)
+                for uri in self.sources.iter_prefix(prefix)
             )
             message = f"prefix: no images under {echo_uri(request.prefix)}"
             return _non_empty(listed, message, "prefix"), inline

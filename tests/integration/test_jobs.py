@@ -385,6 +385,20 @@ def test_a_deleted_job_is_gone_and_its_results_file_stays(bulk: Bulk, redis_url:
         bulk.client.delete_job(job.id)
 
 
+def test_a_folder_jobs_items_are_named_by_their_path_below_the_folder(bulk: Bulk) -> None:
+    """Two inspections' `IMG_0001.jpg` in one job were both named `IMG_0001.jpg`: a caller
+    matching verdicts to photos by id could not tell them apart."""
+    folder = bulk.work / "two-sites"
+    image = bulk.image_bytes[sorted(bulk.image_bytes)[0]]
+    for site in ("north", "south"):
+        (folder / site).mkdir(parents=True)
+        (folder / site / "IMG_0001.jpg").write_bytes(image)
+    (folder / "cover.jpg").write_bytes(image)
+    job = bulk.client.submit_job(folder, model="fashion").wait(60)
+    ids = [r.image_id for r in bulk.client.job(job.id).results()]
+    assert ids == ["cover.jpg", "north/IMG_0001.jpg", "south/IMG_0001.jpg"], ids
+
+
 def test_a_folder_job_accounts_for_every_phone_format_and_every_file(bulk: Bulk) -> None:
     from perito_core.imaging import HEIF_SUPPORTED
 
