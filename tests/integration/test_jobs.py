@@ -11,12 +11,14 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from PIL import Image
 
 import perito
+from perito.v1.vocabulary import ItemState
 from perito_core.imaging import load_model_input
 from perito_core.jobs.store import DEAD_LETTER_KEY, ItemInput, JobStore, job_keys_pattern
 from perito_core.models.engines.torchscript import TorchScriptModel
@@ -325,6 +327,51 @@ def test_a_chunk_that_keeps_killing_workers_is_dead_lettered(bulk: Bulk, redis_u
     assert {"job_id": job.id, "chunk": 0} in [
         {"job_id": x["job_id"], "chunk": x["chunk"]} for x in letters
     ]
+
+
+def test_an_unforeseen_error_on_an_item_fails_it_without_its_text(
+    bulk: Bulk, redis_url: str
+) -> None:
+    """Whatever an image raises fails that image; an exception nobody foresaw (here the
+    storage library's, naming a server path) reached the job's owner as its text: now the
+    item says INTERNAL and where the worker's log has it."""
+    from perito_worker.processing import WorkerRuntime, classify_chunk
+    from perito_worker.settings import WorkerSettings
+
+    store = JobStore.connect(redis_url)
+    names = sorted(bulk.truth)[:2]
+    items = [ItemInput(id=n, uri=f"s3://inspections/fmnist/{n}") for n in names]
+    job, _ = create_job(
+        store,
+        items,
+        output_uri="s3://results/unforeseen",
+        chunk_size=2,
+        model="fashion",
+        top_k=3,
+        data_root=str(bulk.work / "job-data"),
+    )
+    settings = WorkerSettings(
+        redis_url=redis_url,
+        registry=REGISTRY,
+        s3_endpoint_url=bulk.server.settings.s3_endpoint_url,  # type: ignore[attr-defined]
+        cache_dir=bulk.work / "inline-cache",
+    )
+    runtime = WorkerRuntime(settings)
+    read = runtime.sources.read
+    secret = "/srv/perito/tenants/other-customer/cache.db"
+
+    def failing(uri: str, **options: Any) -> bytes:
+        if uri.endswith(names[1]):
+            raise OSError(5, "Input/output error", secret)
+        return read(uri, **options)
+
+    runtime.sources.read = failing  # type: ignore[method-assign]
+    classify_chunk(runtime, job.id, 0, 0, 2, lambda _: None)
+    first, second = store.results(job.id, 0, 2)
+    assert first.state is ItemState.SUCCEEDED
+    assert second.error == (
+        f"INTERNAL: an unforeseen error; the worker's log has it under job {job.id} item 1"
+    )
 
 
 def test_odd_files_in_a_folder_job_fail_alone_and_the_job_ends_within_seconds(

@@ -244,9 +244,18 @@ def _prepare(
         raise
     except PeritoError as error:
         return _Prepared(index, item, None, f"{error.reason}: {error.message}")
-    except Exception as error:  # an item must end recorded, whatever it raised
+    except Exception:  # an item must end recorded, whatever it raised
+        # Its text (a path, a host, the code) is the operator's, in the log; the job's owner
+        # reads where to find it.
         log.exception("job %s item %d (%s): unexpected error", job.id, index, item.uri)
-        return _Prepared(index, item, None, f"INTERNAL: {describe_exception(error)}")
+        return _Prepared(index, item, None, unforeseen(f"job {job.id} item {index}"))
+
+
+def unforeseen(where: str) -> str:
+    """An item's or a chunk's error for an exception nobody foresaw: INTERNAL and where the
+    worker's log has it (`where`: "job J item N"), never the exception's text, which may
+    name a path, a host or another tenant's data (as the server's INTERNAL answers)."""
+    return f"INTERNAL: an unforeseen error; the worker's log has it under {where}"
 
 
 def describe_exception(error: BaseException, limit: int = 300) -> str:
@@ -443,7 +452,7 @@ def classify_chunk(
         error = (
             f"{exc.reason}: {exc.message}"
             if isinstance(exc, PeritoError)
-            else f"INTERNAL: {describe_exception(exc)}"
+            else unforeseen(f"job {job_id} chunk {chunk} attempt {lease.attempts}")
         )
         log.exception("job %s chunk %d attempt %d ended early", job_id, chunk, lease.attempts)
         metrics.CHUNKS.labels("error").inc()
