@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from perito_core.errors import InvalidArgument, ModelLoadError, NotFound
+from perito_core.errors import InvalidArgument, ModelLoadError
 from perito_core.models.manifest import Artifact, FormFile
 from perito_core.models.registry import ModelRegistry
 from tests.conftest import publish_tiny
@@ -41,9 +41,10 @@ def test_bad_aliases_are_refused_when_written_and_resolved(
 ) -> None:
     with pytest.raises(InvalidArgument):
         registry.set_alias("tiny", alias, "1")
-    if alias not in ("latest", "1"):
-        with pytest.raises(NotFound):
+    if alias not in ("latest", "1"):  # the caller's mistake, named: never looked up
+        with pytest.raises(InvalidArgument) as refused:
             registry.resolve("tiny", alias)
+        assert refused.value.field == "version"
 
 
 def test_a_name_or_alias_ending_in_a_newline_is_refused_when_written(
