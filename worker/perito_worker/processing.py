@@ -252,9 +252,10 @@ def _prepare(
 
 
 def unforeseen(where: str) -> str:
-    """An item's or a chunk's error for an exception nobody foresaw: INTERNAL and where the
-    worker's log has it (`where`: "job J item N"), never the exception's text, which may
-    name a path, a host or another tenant's data (as the server's INTERNAL answers)."""
+    """An item's error for an exception nobody foresaw while reading or decoding it: INTERNAL
+    and where the worker's log has it (`where`: "job J item N"), never the exception's
+    text, which may name a path, a host or another tenant's data (as the server's INTERNAL
+    answers)."""
     return f"INTERNAL: an unforeseen error; the worker's log has it under {where}"
 
 
@@ -452,7 +453,9 @@ def classify_chunk(
         error = (
             f"{exc.reason}: {exc.message}"
             if isinstance(exc, PeritoError)
-            else unforeseen(f"job {job_id} chunk {chunk} attempt {lease.attempts}")
+            # What ended the attempt, named (a model that fails on every image, out of memory):
+            # the chunk's reason if it is given up on.
+            else f"INTERNAL: {describe_exception(exc)}"
         )
         log.exception("job %s chunk %d attempt %d ended early", job_id, chunk, lease.attempts)
         metrics.CHUNKS.labels("error").inc()
