@@ -291,21 +291,28 @@ def test_a_job_whose_model_version_is_broken_or_gone_fails_clearly(bulk: Bulk) -
         bulk.client.submit_job(uris, model="doomed", version="7")
 
 
+def _fashion_job(bulk: Bulk, store: JobStore, names: list[str], output_uri: str) -> Any:
+    """A job of the bucket's images `names`, one chunk, recorded straight in `store` (no
+    server): for tests that run `classify_chunk` in this process."""
+    items = [ItemInput(id=n, uri=f"s3://inspections/fmnist/{n}") for n in names]
+    job, _ = create_job(
+        store,
+        items,
+        output_uri=output_uri,
+        chunk_size=len(names),
+        model="fashion",
+        top_k=3,
+        data_root=str(bulk.work / "job-data"),
+    )
+    return job
+
+
 def test_a_chunk_that_keeps_killing_workers_is_dead_lettered(bulk: Bulk, redis_url: str) -> None:
     from perito_worker.processing import WorkerRuntime, classify_chunk
     from perito_worker.settings import WorkerSettings
 
     store = JobStore.connect(redis_url)
-    items = [ItemInput(id=n, uri=f"s3://inspections/fmnist/{n}") for n in sorted(bulk.truth)[:8]]
-    job, _ = create_job(
-        store,
-        items,
-        output_uri="s3://results/dead-letter",
-        chunk_size=8,
-        model="fashion",
-        top_k=3,
-        data_root=str(bulk.work / "job-data"),
-    )
+    job = _fashion_job(bulk, store, sorted(bulk.truth)[:8], "s3://results/dead-letter")
     for attempt in range(3):  # three workers took it and died without a trace
         store.acquire_chunk(job.id, 0, f"dead-worker-{attempt}", ttl_s=0.001)
         time.sleep(0.01)
@@ -340,16 +347,7 @@ def test_an_unforeseen_error_on_an_item_fails_it_without_its_text(
 
     store = JobStore.connect(redis_url)
     names = sorted(bulk.truth)[:2]
-    items = [ItemInput(id=n, uri=f"s3://inspections/fmnist/{n}") for n in names]
-    job, _ = create_job(
-        store,
-        items,
-        output_uri="s3://results/unforeseen",
-        chunk_size=2,
-        model="fashion",
-        top_k=3,
-        data_root=str(bulk.work / "job-data"),
-    )
+    job = _fashion_job(bulk, store, names, "s3://results/unforeseen")
     settings = WorkerSettings(
         redis_url=redis_url,
         registry=REGISTRY,
