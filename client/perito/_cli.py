@@ -395,6 +395,9 @@ def _job_line(job: Job) -> str:
         line += f"\n  error: {job.error}"
     for uri in job.result_uris:
         line += f"\n  results: {uri}"
+    if job.terminal and job.done and not job.result_uris and not job.error:
+        # Written where the server keeps them, which this caller is not told.
+        line += f"\n  results: perito job results {job.id}"
     return line
 
 

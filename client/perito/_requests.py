@@ -234,9 +234,9 @@ def _job_input(
                 image_pb2.Image(id=str(p.relative_to(path)), content=p.read_bytes()) for p in files
             )
         elif path.is_dir():
-            request.prefix = str(path.resolve())
+            request.prefix = os.path.abspath(path)  # a link kept as written
         elif path.suffix.lower() in MANIFEST_SUFFIXES:
-            request.manifest_uri = str(path.resolve())
+            request.manifest_uri = os.path.abspath(path)
         else:
             raise ValueError(f"{text}: not a folder, a manifest (.csv/.jsonl) or an s3:// URI")
         return
@@ -250,7 +250,7 @@ def _job_input(
         raise ValueError(f"{len(ids)} ids for {len(items)} images")
     if all(isinstance(item, str) and (item.startswith("s3://") or not inline) for item in items):
         request.uris.uris.extend(
-            item if item.startswith("s3://") else str(Path(item).resolve()) for item in items
+            item if item.startswith("s3://") else os.path.abspath(item) for item in items
         )
     else:
         request.images.images.extend(

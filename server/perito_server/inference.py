@@ -64,7 +64,7 @@ from perito_server.batcher import ByteBudget
 from perito_server.drift import DriftMonitor
 from perito_server.errors import echo
 from perito_server.explanations import OCCLUSION, explain
-from perito_server.jobs import MAX_IMAGE_ID_CHARS, JobService
+from perito_server.jobs import MAX_IMAGE_ID_CHARS, JobService, too_long
 from perito_server.metrics import ServerMetrics
 from perito_server.model_pool import ModelPool, ServedModel, alias_rollouts, check_routing_key
 from perito_server.oip_protocol import (
@@ -150,10 +150,6 @@ def _decode_one(
 def _pixel_digests(images: np.ndarray) -> list[str]:
     """The sha256 (hex) of each uint8 [H, W, 3] image of `images` [N, H, W, 3], row-major."""
     return [sha256_hex(np.ascontiguousarray(image).data) for image in images]
-
-
-def _too_long(field: str, length: int, limit: int) -> str:
-    return f"{field}: {length} characters; the limit is {limit}"
 
 
 class InferenceService:
@@ -269,12 +265,12 @@ class InferenceService:
             raise InvalidArgument("model is required", field="model")
         if len(model) > MAX_MODEL_NAME_CHARS:
             raise InvalidArgument(
-                _too_long("model", len(model), MAX_MODEL_NAME_CHARS), field="model"
+                too_long("model", len(model), MAX_MODEL_NAME_CHARS), field="model"
             )
         validate_model_name(model)
         if len(version) > MAX_VERSION_CHARS:
             raise InvalidArgument(
-                _too_long("version", len(version), MAX_VERSION_CHARS), field="version"
+                too_long("version", len(version), MAX_VERSION_CHARS), field="version"
             )
 
     @staticmethod
@@ -356,7 +352,7 @@ class InferenceService:
                 field="explain",
             )
         long_ids = [
-            (field, _too_long(field, len(image.id), MAX_IMAGE_ID_CHARS))
+            (field, too_long(field, len(image.id), MAX_IMAGE_ID_CHARS))
             for index, image in enumerate(request.images)
             if len(image.id) > MAX_IMAGE_ID_CHARS
             for field in (f"images[{index}].id",)

@@ -122,8 +122,8 @@ def job_to_proto(job: Job) -> jobs_pb2.Job:
         create_time=_timestamp(job.created_at),
         start_time=_timestamp(job.started_at),
         end_time=_timestamp(job.finished_at),
-        output_uri=job.output_uri,
-        result_uris=job.result_uris,
+        output_uri=job.shown_output_uri,
+        result_uris=job.shown_result_uris,
         error=job.error,
         labels=job.labels,
         tenant=job.tenant,
@@ -293,31 +293,37 @@ class JobService:
         folders: dict[Path, Path] | None = None,
     ) -> ItemInput:
         """An item read from `uri` (checked and made canonical now), its id defaulted to
-        the file name the caller wrote (not the name a symbolic link leads to).
+        the file name the caller wrote, its results naming `uri` as the caller wrote it (not
+        where a symbolic link leads).
 
         Raises:
             InvalidArgument: an id over `MAX_IMAGE_ID_CHARS` (field `{field}.id`), or as
                 `check_location`.
         """
         check_item_id(item_id, field)
-        given = uri
-        uri = self.check_location(tenant, uri, "read", field, names_object=True, folders=folders)
-        return ItemInput(id=item_id or default_item_id(given), uri=uri)
+        checked = self.check_location(
+            tenant, uri, "read", field, names_object=True, folders=folders
+        )
+        given = uri if uri != checked else ""
+        return ItemInput(id=item_id or default_item_id(uri), uri=checked, given=given)
 
     def _listed_item(
-        self, tenant: Tenant, uri: str, prefix: str, folders: dict[Path, Path]
+        self, tenant: Tenant, uri: str, prefix: str, given: str, folders: dict[Path, Path]
     ) -> ItemInput:
-        """An object found under the listed `prefix`, its id its path below the prefix
-        (`a/x.jpg` and `b/x.jpg` stay apart; its file name where that path is over
-        `MAX_IMAGE_ID_CHARS`). One the tenant may not read (a symlink out of the folder, out of
-        the tenant's prefixes) is not the job's failure but that item's: it is recorded
-        failed with the reason, and never read."""
+        """An object `uri` found under the listed `prefix` (canonical; `given`: the caller's
+        words for it), its id its path below the prefix (`a/x.jpg` and `b/x.jpg` stay apart;
+        its file name where that path is over `MAX_IMAGE_ID_CHARS`), its results naming it
+        under `given`. One the tenant may not read (a symlink out of the folder, out of the
+        tenant's prefixes) is not the job's failure but that item's: it is recorded failed
+        with the reason, and never read."""
         below = uri[len(prefix) :].lstrip("/") if uri.startswith(prefix) else ""
         item_id = below if 0 < len(below) <= MAX_IMAGE_ID_CHARS else default_item_id(uri)
+        shown = f"{given.rstrip('/')}/{below}" if below else (given if uri == prefix else uri)
         try:
-            return self._uri_item(tenant, uri, "prefix", item_id, folders=folders)
+            return self._uri_item(tenant, shown, "prefix", item_id, folders=folders)
         except (InvalidArgument, PermissionDenied) as exc:
-            return ItemInput(id=item_id, uri=uri, error=f"{exc.reason}: {exc.message}")
+            error = f"{exc.reason}: {exc.message}"
+            return ItemInput(item_id, uri, error, given=shown if shown != uri else "")
 
     def _items(
         self, request: jobs_pb2.SubmitJobRequest, tenant: Tenant
@@ -352,7 +358,7 @@ class JobService:
         if kind == "prefix":
             prefix = self.check_location(tenant, request.prefix, "read", "prefix")
             listed = (
-                self._listed_item(tenant, uri, prefix, folders)
+                self._listed_item(tenant, uri, prefix, request.prefix, folders)
                 for uri in self.sources.iter_prefix(prefix)
             )
             message = f"prefix: no images under {echo_uri(request.prefix)}"
@@ -486,6 +492,7 @@ class JobService:
                 tenant=tenant.name,
                 served=ServedVersion.of(manifest),
                 data_root=data_location(self.job_data_root, tenant.name, job_id),
+                output_shown=self._output_shown(request.output_uri, output_uri, tenant),
             )
         except Exception:
             await self._run(self._forget, job_id, tenant, output=claimed, made=made)
@@ -493,6 +500,17 @@ class JobService:
         if created:
             await self._run(self._enqueue, job)
         return job_to_proto(job)
+
+    @staticmethod
+    def _output_shown(given: str, output_uri: str, tenant: Tenant) -> str:
+        """What a job's owner is told of where its results go (`Job.output_shown`): the
+        `output_uri` they gave, as they wrote it (never where a symbolic link leads); the
+        server's results location (`output_uri`) only to an `admin` (the operator, and the
+        one tenant of a server without a tenants file); "" to any other tenant, who reads the
+        results with ListJobResults."""
+        if given:
+            return given
+        return output_uri if tenant.has_role("admin") else ""
 
     def _claim_output(self, output_uri: str, job_id: str) -> str:
         """Make `output_uri` this job's; refuse it when it is, or is under, the output
@@ -503,7 +521,7 @@ class JobService:
             PermissionDenied: field `output_uri`.
         """
         ttl_s = int(self.settings.job_retention.total_seconds()) + 86_400
-        locations = _ancestors(output_uri.rstrip("/"))
+        locations = _ancestors(output_uri)
         if not self.store.claim_output(job_id, locations, ttl_s):
             raise PermissionDenied(
                 "output_uri: another job writes its results there; choose a new folder",
@@ -741,7 +759,7 @@ class JobService:
                 self.store.delete(job_id)
             # Its output location is free again (a claim naming another job stays).
             if owned.output_uri:
-                location = _ancestors(owned.output_uri.rstrip("/"))[0]
+                location = _ancestors(owned.output_uri)[0]  # as `_claim_output` claimed it
                 self.store.release_claims(job_id, output_location=location)
 
         await self._run(delete)
@@ -758,7 +776,9 @@ def job_data_root(settings: ServerSettings) -> str:
 
 
 def _ancestors(uri: str) -> list[str]:
-    """`uri` and every folder above it, down to the bucket (or the filesystem root)."""
+    """`uri` (without a trailing "/") and every folder above it, down to the bucket (or the
+    filesystem root)."""
+    uri = uri.rstrip("/")
     if uri[:5].lower() == "s3://":
         bucket, key = split_s3_uri(uri)
         parts = [p for p in key.split("/") if p]
@@ -819,6 +839,12 @@ def check_input_given(request: jobs_pb2.SubmitJobRequest) -> None:
         raise InvalidArgument(f"{kind}: empty; a job needs at least one image", field=kind)
 
 
+def too_long(field: str, length: int, limit: int) -> str:
+    """A refusal's words for a text over its limit: `images[2].id: 300 characters; the limit
+    is 256`."""
+    return f"{field}: {length} characters; the limit is {limit}"
+
+
 def check_item_id(item_id: str, field: str) -> None:
     """Refuse an image id over `MAX_IMAGE_ID_CHARS`, as Classify does: field `{field}.id`.
 
@@ -827,8 +853,7 @@ def check_item_id(item_id: str, field: str) -> None:
     """
     if len(item_id) > MAX_IMAGE_ID_CHARS:
         raise InvalidArgument(
-            f"{field}.id: {len(item_id)} characters; the limit is {MAX_IMAGE_ID_CHARS}",
-            field=f"{field}.id",
+            too_long(f"{field}.id", len(item_id), MAX_IMAGE_ID_CHARS), field=f"{field}.id"
         )
 
 

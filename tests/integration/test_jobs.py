@@ -444,6 +444,35 @@ def test_a_folder_jobs_items_are_named_by_their_path_below_the_folder(bulk: Bulk
     assert ids == ["cover.jpg", "north/IMG_0001.jpg", "south/IMG_0001.jpg"], ids
 
 
+def test_a_job_read_through_a_symbolic_link_names_the_link_not_where_it_leads(
+    bulk: Bulk,
+) -> None:
+    """Results named the resolved path of a folder, an image or an output folder given
+    through a symbolic link: where the link leads may be another tenant's folder."""
+    real = bulk.work / "linked-real"
+    (real / "in").mkdir(parents=True)
+    (real / "out").mkdir()
+    names = sorted(bulk.image_bytes)[:2]
+    for name in names:
+        (real / "in" / name).write_bytes(bulk.image_bytes[name])
+    (real / "in" / "broken.png").symlink_to(real / "in" / "gone.png")
+    link = bulk.work / "linked-shown"
+    link.symlink_to(real)
+    output = f"{link}/out/run-1"
+    job = bulk.client.submit_job(f"{link}/in", model="fashion", output_uri=output).wait(60)
+    assert job.output_uri == output, job
+    assert job.result_uris == [f"{output}/results.jsonl", f"{output}/results.csv"], job
+    uris = {r.image_id: (r.uri, r.error) for r in bulk.client.job(job.id).results()}
+    assert uris[names[0]] == (f"{link}/in/{names[0]}", ""), uris
+    assert uris["broken.png"][0] == f"{link}/in/broken.png"
+    assert str(real) not in repr(uris) + repr(job), (uris, job)
+    lines = (real / "out" / "run-1" / "results.jsonl").read_text()
+    assert str(real) not in lines and f"{link}/in/{names[1]}" in lines
+    single = bulk.client.submit_job([f"{link}/in/{names[1]}"], model="fashion").wait(60)
+    [result] = bulk.client.job(single.id).results()
+    assert result.uri == f"{link}/in/{names[1]}" and result.image_id == names[1]
+
+
 def test_a_folder_job_accounts_for_every_phone_format_and_every_file(bulk: Bulk) -> None:
     from perito_core.imaging import HEIF_SUPPORTED
 

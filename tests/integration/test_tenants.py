@@ -237,6 +237,19 @@ def test_another_tenants_job_is_not_found(tenancy: Tenancy) -> None:
         assert job.id not in [j.id for j in acme.list_jobs()]  # (other tests' acme jobs stay)
 
 
+def test_a_tenant_is_not_told_where_the_server_keeps_results(tenancy: Tenancy) -> None:
+    """A job without output_uri reported the operator's results location (on a local
+    install, the server's working directory): only an admin is told it."""
+    with tenancy.client("acme") as acme:
+        job = acme.submit_job(["s3://inspections/acme/0.jpg"], model="tiny").last
+        assert (job.output_uri, job.result_uris) == ("", [])
+        assert acme.get_job(job.id).output_uri == ""
+        assert [j.output_uri for j in acme.list_jobs() if j.id == job.id] == [""]
+        own = "s3://results/acme/claims-run"
+        given = acme.submit_job(["s3://inspections/acme/0.jpg"], model="tiny", output_uri=own)
+        assert given.last.output_uri == own
+
+
 def test_list_jobs_pages_through_every_job_once(tenancy: Tenancy) -> None:
     with tenancy.client("globex") as globex:
         before = {j.id for j in globex.list_jobs()}
@@ -298,7 +311,8 @@ def test_writes_outside_the_tenants_prefixes_are_refused(tenancy: Tenancy) -> No
         first = globex.submit_job(["s3://inspections/globex/0.jpg"], model="tiny").last
         refused = {
             "s3://results/globex/out/": "STORAGE_NOT_ALLOWED",  # another tenant's prefix
-            first.output_uri: "RESERVED_LOCATION",  # another job's results (the server's area)
+            # another job's results (the server's area, which globex is not told)
+            f"s3://results/jobs/{first.id}": "RESERVED_LOCATION",
             "s3://results/jobs/mine": "RESERVED_LOCATION",
             "s3://models/tenant-tests/models/tiny/9": "RESERVED_LOCATION",  # the registry
         }

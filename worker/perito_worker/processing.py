@@ -243,7 +243,9 @@ def _prepare(
     except StorageUnavailable:
         raise
     except PeritoError as error:
-        return _Prepared(index, item, None, f"{error.reason}: {error.message}")
+        # Named as the caller named it, never where a symbolic link led.
+        message = error.message.replace(item.uri, item.given) if item.given else error.message
+        return _Prepared(index, item, None, f"{error.reason}: {message}")
     except Exception:  # an item must end recorded, whatever it raised
         # Its text (a path, a host, the code) is the operator's, in the log; the job's owner
         # reads where to find it.
@@ -335,7 +337,9 @@ def _classify(
     """
     good = [p for p in batch if p.pixels is not None]
     results = {
-        p.index: ItemResult(p.index, ItemState.FAILED, id=p.item.id, uri=p.item.uri, error=p.error)
+        p.index: ItemResult(
+            p.index, ItemState.FAILED, id=p.item.id, uri=p.item.shown_uri, error=p.error
+        )
         for p in batch
         if p.pixels is None
     }
@@ -354,7 +358,7 @@ def _classify(
                     prepared.index,
                     ItemState.FAILED,
                     id=prepared.item.id,
-                    uri=prepared.item.uri,
+                    uri=prepared.item.shown_uri,
                     error=probs,
                 )
                 continue
@@ -364,7 +368,7 @@ def _classify(
                 prepared.index,
                 ItemState.SUCCEEDED,
                 id=prepared.item.id,
-                uri=prepared.item.uri,
+                uri=prepared.item.shown_uri,
                 predictions=[(p.label, p.class_index, p.probability) for p in summary.predictions],
                 margin=summary.margin,
                 normalized_entropy=summary.normalized_entropy,

@@ -16,18 +16,43 @@ from perito_core.quality import Quality
 class ItemInput:
     """One item of a job as submitted: an id, and a URI unless it came inline. `error` is set
     for an item found unreadable at submission (a listed object outside what the caller may
-    read, such as a symlink out of the folder): it fails with that reason, never read."""
+    read, such as a symlink out of the folder): it fails with that reason, never read.
+    `given` is the caller's words for `uri` where they differ from the checked location the
+    worker reads (a path through a symbolic link): the item's results name it as given, never
+    where the link leads."""
 
     id: str
     uri: str = ""
     error: str = ""
+    given: str = ""
+
+    @property
+    def shown_uri(self) -> str:
+        """The item's location as its results name it: the caller's words."""
+        return self.given or self.uri
 
     def as_record(self) -> dict[str, str]:
-        """The item as a line of a chunk's inputs file: `{"id", "uri"[, "error"]}`."""
+        """The item as a line of a chunk's inputs file: `{"id", "uri"[, "error"][, "given"]}`."""
         record = {"id": self.id, "uri": self.uri}
         if self.error:
             record["error"] = self.error
+        if self.given:
+            record["given"] = self.given
         return record
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> ItemInput:
+        """The inverse of `as_record` (a line of a chunk's inputs file, parsed).
+
+        Raises:
+            KeyError, TypeError: `record` is not an item's line.
+        """
+        return cls(
+            str(record["id"]),
+            str(record["uri"]),
+            str(record.get("error", "")),
+            str(record.get("given", "")),
+        )
 
 
 @dataclass

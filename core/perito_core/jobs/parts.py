@@ -155,7 +155,7 @@ class JobData:
         key = input_key(chunk)
         rows = self._read(key)
         try:
-            inputs = [ItemInput(str(r["id"]), str(r["uri"]), str(r.get("error", ""))) for r in rows]
+            inputs = [ItemInput.from_record(r) for r in rows]
         except (KeyError, TypeError) as exc:
             raise JobDataMissing(f"{key} of the job's data is malformed: {exc!r}") from None
         if len(inputs) != items:

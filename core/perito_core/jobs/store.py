@@ -149,10 +149,14 @@ class Job:
     created_at: float = 0.0
     started_at: float = 0.0
     finished_at: float = 0.0
-    output_uri: str = ""
+    output_uri: str = ""  # where its results files are written (canonical)
     result_uris: list[str] = field(default_factory=list)
     error: str = ""
     labels: dict[str, str] = field(default_factory=dict)
+    # Where its owner is told they are written (`shown_output_uri`): the caller's own words
+    # for output_uri, "" for the server's results location where the caller may not be told
+    # it; None for jobs recorded before (their output_uri is shown).
+    output_shown: str | None = None
     top_k: int = 5
     confidence_threshold: float = 0.0
     # The form the caller asked for ("": the workers' PERITO_PRECISION; never less exact).
@@ -173,6 +177,27 @@ class Job:
     rest_error: str = ""
     # Its global indexes (the job lists, the tenant's active jobs) are written (`_index`).
     indexed: bool = False
+
+    @property
+    def shown_output_uri(self) -> str:
+        """Where its owner is told its results files go: their own `output_uri`, or "" (the
+        server's results location, which the caller may not read)."""
+        return self.output_uri if self.output_shown is None else self.output_shown
+
+    @property
+    def shown_result_uris(self) -> list[str]:
+        """Its results files as its owner is told them: under `shown_output_uri`; none where
+        that is "" (read them with ListJobResults)."""
+        shown = self.shown_output_uri
+        if shown == self.output_uri:
+            return list(self.result_uris)
+        if not shown:
+            return []
+        base = self.output_uri.rstrip("/")
+        return [
+            shown.rstrip("/") + uri[len(base) :] if uri.startswith(base + "/") else uri
+            for uri in self.result_uris
+        ]
 
     @property
     def done(self) -> int:
@@ -464,6 +489,7 @@ class JobStore:
         tenant: str = "",
         precision: str = "",
         served: ServedVersion | None = None,
+        output_shown: str | None = None,
     ) -> tuple[Job, bool]:
         """Record a new queued job and write its inputs; returns it, and whether this call
         made it.
@@ -546,6 +572,7 @@ class JobStore:
                 tenant=tenant,
                 served=served.to_json() if served is not None else "",
                 data_uri=data_uri,
+                **({} if output_shown is None else {"output_shown": output_shown}),
             )
         except BaseException:
             if registered:
@@ -663,6 +690,7 @@ class JobStore:
             started_at=float(data.get("started_at") or 0),
             finished_at=float(data.get("finished_at") or 0),
             output_uri=data.get("output_uri", ""),
+            output_shown=data.get("output_shown"),
             result_uris=json.loads(data.get("result_uris") or "[]"),
             error=data.get("error", ""),
             labels=json.loads(data.get("labels") or "{}"),
