@@ -112,7 +112,7 @@ def test_a_worker_starts_no_forward_pass_while_a_call_is_in_hand(
             compute=compute, activity=InteractiveActivity(tmp_path / "activity"), settings=settings
         )
         server.begin()  # a call in hand
-        computing = _compute(runtime, model, batch)  # type: ignore[arg-type]
+        computing = _compute(runtime, model, batch, job.id)  # type: ignore[arg-type]
         assert computing is not None
         time.sleep(0.3)
         assert not computing.done()  # held back on the model's thread

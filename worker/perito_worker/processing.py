@@ -253,12 +253,12 @@ def _prepare(
         return _Prepared(index, item, None, unforeseen(f"job {job.id} item {index}"))
 
 
-def unforeseen(where: str) -> str:
-    """An item's error for an exception nobody foresaw while reading or decoding it: INTERNAL
-    and where the worker's log has it (`where`: "job J item N"), never the exception's
-    text, which may name a path, a host or another tenant's data (as the server's INTERNAL
-    answers)."""
-    return f"INTERNAL: an unforeseen error; the worker's log has it under {where}"
+def unforeseen(where: str, what: str = "an unforeseen error") -> str:
+    """An item's error for an exception nobody foresaw while reading, decoding or
+    classifying it: INTERNAL, `what` happened and where the worker's log has it (`where`:
+    "job J item N"), never the exception's text, which may name a path, a host, the model's
+    code or another tenant's data (as the server's INTERNAL answers)."""
+    return f"INTERNAL: {what}; the worker's log has it under {where}"
 
 
 def describe_exception(error: BaseException, limit: int = 300) -> str:
@@ -271,12 +271,14 @@ def describe_exception(error: BaseException, limit: int = 300) -> str:
     return f"{type(error).__name__}: {lines[0] if lines else ''}"[:limit]
 
 
-def _predict(model: LoadedModel, good: list[_Prepared]) -> list[np.ndarray | str]:
+def _predict(model: LoadedModel, good: list[_Prepared], job_id: str) -> list[np.ndarray | str]:
     """Probabilities for each prepared image, or the error of an image the model fails on.
 
     A batch whose forward pass raises is run again one image at a time, so an image that
-    breaks the model fails alone. If every image fails alone too, the model (or the device:
-    out of memory) is at fault, not the images: the batch's error is raised, which ends the
+    breaks the model fails alone: INTERNAL, and where the worker's log has the model's own
+    words (they may quote the model's code or the server's files, which the job's owner may
+    not read: `unforeseen`). If every image fails alone too, the model (or the device: out
+    of memory) is at fault, not the images: the batch's error is raised, which ends the
     attempt (retried within `max_attempts`)."""
     pixels = np.stack([p.pixels for p in good])  # type: ignore[misc]
     try:
@@ -284,30 +286,33 @@ def _predict(model: LoadedModel, good: list[_Prepared]) -> list[np.ndarray | str
     except Exception as batch_error:  # isolated below, or raised again
         log.warning("a batch of %d failed (%s); one image at a time", len(good), batch_error)
         outcomes: list[np.ndarray | str] = []
-        for one in pixels:
+        for one, prepared in zip(pixels, good, strict=True):
             try:
                 outcomes.append(model.predict(one[None])[0])
             except Exception as error:  # noqa: BLE001 - this image's failure
-                reason = describe_exception(error)
-                outcomes.append(f"INTERNAL: the model failed on this image: {reason}")
+                where = f"job {job_id} item {prepared.index}"
+                log.warning(
+                    "%s: the model failed on it alone: %s", where, describe_exception(error)
+                )
+                outcomes.append(unforeseen(where, "the model failed on this image alone"))
         if all(isinstance(outcome, str) for outcome in outcomes):
             raise batch_error from None
         return outcomes
 
 
 def _compute(
-    rt: WorkerRuntime, model: LoadedModel, batch: list[_Prepared]
+    rt: WorkerRuntime, model: LoadedModel, batch: list[_Prepared], job_id: str
 ) -> Future[list[np.ndarray | str]] | None:
     """Queue a decoded batch's forward pass on the model's thread (`_yield_then_predict`:
     claims first); None when no image decoded."""
     good = [p for p in batch if p.pixels is not None]
     if not good:
         return None
-    return rt.compute.submit(_yield_then_predict, rt, model, good)
+    return rt.compute.submit(_yield_then_predict, rt, model, good, job_id)
 
 
 def _yield_then_predict(
-    rt: WorkerRuntime, model: LoadedModel, good: list[_Prepared]
+    rt: WorkerRuntime, model: LoadedModel, good: list[_Prepared], job_id: str
 ) -> list[np.ndarray | str]:
     """`_predict`, on the model's thread once no call of a server on this host is in hand:
     waited for here, right before the forward pass, not when the batch was queued behind
@@ -317,7 +322,7 @@ def _yield_then_predict(
             rt.settings.yield_quiet_s, rt.settings.yield_max_wait_s
         )
         metrics.YIELDED_SECONDS.inc(waited)
-    return _predict(model, good)
+    return _predict(model, good, job_id)
 
 
 def _classify(
@@ -346,7 +351,7 @@ def _classify(
     answered: list[tuple[np.ndarray, Quality | None]] = []
     if good:
         threshold = model.manifest.threshold(job.confidence_threshold)
-        started = computing or _compute(rt, model, batch)
+        started = computing or _compute(rt, model, batch, job.id)
         assert started is not None  # some image decoded
         outcomes = started.result()
         for prepared, probs in zip(good, outcomes, strict=True):
@@ -615,7 +620,7 @@ def _run_chunk(
                 if not heartbeat.lost:
                     _close_cancelled(store, job_id, finalize)
                 return
-            computing = _compute(rt, model, prepared)
+            computing = _compute(rt, model, prepared, job_id)
             if in_flight is not None:
                 results += _classify(rt, job, model, in_flight[0], drift, in_flight[1])
             in_flight = (prepared, computing)
