@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import sys
+import textwrap
 from collections.abc import Callable
 from dataclasses import asdict
 from datetime import datetime
@@ -381,7 +382,14 @@ def _print_forms(card: dict[str, Any]) -> None:
         if form.get("gate_warning"):
             click.echo(f"    {form['gate_warning']}")
     for name, reason in skipped.items():
-        click.echo(f"  {name}: not built: {reason}")
+        click.echo(f"  {name}: not built:")
+        # One paragraph per attempt (post-training, then accuracy control), wrapped.
+        attempts = reason.split("; with accuracy control: ")
+        attempts[1:] = [f"with accuracy control: {attempt}" for attempt in attempts[1:]]
+        for attempt in attempts:
+            click.echo(
+                textwrap.fill(attempt, 100, initial_indent="    ", subsequent_indent="      ")
+            )
 
 
 def _job_line(job: Job) -> str:

@@ -131,3 +131,29 @@ def test_models_import_and_models_show_print_the_count_and_the_bound(
     shown = capsys.readouterr().out
     assert "openvino-fp32: top-1 agreement 100.00% on 16 images (95% lower bound 80.64%)" in shown
     assert "weak gate: 16 held-out images" in shown
+
+
+def test_models_show_gives_a_refusal_one_wrapped_paragraph_per_attempt(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A refused INT8 form's reason (post-training, then accuracy control) was one line of
+    about 1,000 characters."""
+    from perito._cli import _print_forms
+
+    attempt = (
+        "top-1 agreement with model.pt 87.50% is under the gate's 99.00% (240 images of "
+        "calibration/held-out; 210 of 240 agree, 95% lower bound 82.72%; 28 more had to agree "
+        "for 99%; 17 layers kept FP32 (Multiply_16129, Multiply_16136, ...)"
+    )
+    reason = f"post-training: {attempt}; with accuracy control: {attempt}"
+    _print_forms({"forms": [], "skipped_forms": {"openvino-int8": reason}})
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:3] == [
+        "compiled forms (gated against model.pt):",
+        "  openvino-int8: not built:",
+        "    post-training: top-1 agreement with model.pt 87.50% is under the gate's 99.00% (240 "
+        "images of",
+    ]
+    assert any(line.startswith("    with accuracy control: top-1 agreement") for line in lines)
+    assert max(len(line) for line in lines) <= 100
+    assert " ".join(line.strip() for line in lines[2:]).count("Multiply_16136") == 2

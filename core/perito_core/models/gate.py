@@ -264,7 +264,7 @@ def build_forms(
         # One line as the build goes; the figures and why once, in the build's summary.
         attempt = "with accuracy control: " if candidate.quantization == "accuracy-control" else ""
         log.warning(
-            "%s refused: %s%s (the figures and why: the build's summary, the card's skipped forms)",
+            "%s refused by the gate: %s%s (why, in figures: below, and in `perito models show`)",
             name,
             attempt,
             refused,

@@ -155,9 +155,9 @@ class BuiltForms:
 
     def summary(self) -> list[str]:
         """One line per form: the gate's evidence (`CompiledForm.evidence`: agreement, its 95%
-        lower bound, accuracy change), or why it was skipped."""
+        lower bound, accuracy change), or why it was not built."""
         lines = [f"{form.name}: {form.evidence()}" for form, _ in self.forms]
-        lines += [f"{name}: skipped: {reason}" for name, reason in self.skipped.items()]
+        lines += [f"{name}: not built: {reason}" for name, reason in self.skipped.items()]
         return lines
 
 

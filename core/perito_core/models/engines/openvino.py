@@ -392,7 +392,8 @@ def restore_layers(
     count, model = fewest_reverted(len(harmful), meets, end=end, clock=clock)
     stopped = end is not None and clock() >= end
     log.warning(
-        "INT8 accuracy control reverted %d of %d quantized groups%s",
+        "INT8 accuracy control reverted %d of %d quantized groups to FP32 (a group: the "
+        "layers one quantizer feeds)%s",
         count,
         len(harmful),
         f" (stopped at its {seconds:.0f} s bound)" if stopped else "",
