@@ -89,6 +89,9 @@ Values = Sequence[float] | np.ndarray
 
 # Redis: `perito:drift:{model}:{version}`, a list, newest row first.
 KEY_PREFIX = "perito:drift"
+# Redis: which versions have a window, a sorted set of `model:version` by the Unix time of the
+# window's last write (so a replica finds the windows only workers or other replicas feed).
+WINDOWS_INDEX_KEY = "perito:drift-windows"
 # The job label of the offline comparison's bulk jobs (`perito models compare --images`): their
 # images, a hand-picked folder, do not feed the live windows; other bulk jobs' images do.
 COMPARE_JOB_LABEL = "perito-compare"
@@ -260,7 +263,9 @@ class DriftWindows:
     """The live windows in Redis: rows queued in memory by `add` (no I/O: the request path),
     written in batches by `flush` (the server's drift monitor's thread, or a worker at the end
     of each chunk), each version's list capped at `window` rows and kept `WINDOW_TTL_S` after
-    its last write (LPUSH, LTRIM, EXPIRE: one pipeline per flush for every version).
+    its last write (LPUSH, LTRIM, EXPIRE: one pipeline per flush for every version), and the
+    version marked in `WINDOWS_INDEX_KEY` (`windowed_versions`), whose members go with their
+    windows.
 
     Drift costs the callers nothing: neither `add` nor `flush` raises. A Redis failure drops
     the batch, logged and counted (`failed_rows`); an answer the drift code cannot turn into a
@@ -356,12 +361,17 @@ class DriftWindows:
         if not pending:
             return 0
         rows = sum(len(batch) for batch in pending.values())
+        now = time.time()
         try:
             with self.client.pipeline(transaction=False) as pipe:
                 for key, batch in pending.items():
                     pipe.lpush(key, *batch[-self.window :])
                     pipe.ltrim(key, 0, self.window - 1)
                     pipe.expire(key, WINDOW_TTL_S)
+                marked = {key[len(KEY_PREFIX) + 1 :]: now for key in pending}
+                pipe.zadd(WINDOWS_INDEX_KEY, marked)
+                pipe.zremrangebyscore(WINDOWS_INDEX_KEY, 0, now - WINDOW_TTL_S)
+                pipe.expire(WINDOWS_INDEX_KEY, WINDOW_TTL_S)
                 pipe.execute()
         except Exception as error:  # noqa: BLE001 - a lost batch only; counted and logged
             self.failed_rows += rows
@@ -384,6 +394,22 @@ class DriftWindows:
             redis.RedisError: Redis is unreachable.
         """
         return read_window(self.client, model, version, self.window)
+
+
+def windowed_versions(client: redis.Redis, limit: int) -> list[tuple[str, str]]:
+    """The (model, version) of the `limit` most recently written live windows, newest first,
+    whoever wrote them (a server replica, a bulk worker).
+
+    Raises:
+        redis.RedisError: Redis is unreachable.
+    """
+    versions = []
+    for member in client.zrevrange(WINDOWS_INDEX_KEY, 0, limit - 1):
+        text = member.decode() if isinstance(member, bytes) else str(member)
+        model, _, version = text.rpartition(":")
+        if model and version:
+            versions.append((model, version))
+    return versions
 
 
 def read_window(client: redis.Redis, model: str, version: str, window: int) -> list[WindowRow]:

@@ -6,7 +6,10 @@ it only queues a compact row in memory (`perito_core.drift.DriftWindows`); a bac
 writes the queued rows to Redis in batches and, every `drift_interval_s`, reads the windows of
 the versions this replica serves or has fed (shared with the other replicas and the workers),
 compares each with its card's reference (`perito_core.drift.evaluate`) and keeps the result
-for Prometheus's scrape. A version without a reference exports nothing.
+for Prometheus's scrape. It also watches the versions whose windows others feed
+(`perito_core.drift.windowed_versions`: a version only bulk workers answer with, or one
+another replica serves), at most `MAX_WATCHED` in all. A version without a reference exports
+nothing.
 
 Gauges: `perito_drift_p_value{model,version,signal}`, `perito_drift_psi{model,version,signal}`,
 `perito_drift_window_images{model,version}`, `perito_drift_detected{model,version}` (1 for
@@ -25,7 +28,8 @@ from typing import TYPE_CHECKING
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from perito_core.drift import DriftReport, DriftWindows, evaluate
+from perito_core.drift import DriftReport, DriftWindows, evaluate, windowed_versions
+from perito_core.errors import NotFound
 from perito_core.quality import Quality
 
 if TYPE_CHECKING:
@@ -70,6 +74,9 @@ class DriftMonitor(Collector):
         # (model, version) -> its manifest, for the versions fed here (newest last).
         self._fed: dict[tuple[str, str], ModelManifest] = {}
         self._reports: dict[tuple[str, str], DriftReport] = {}
+        # (model, version) -> its manifest (None: no longer published), for the versions
+        # others feed: read once, a published version never changes.
+        self._manifests: dict[tuple[str, str], ModelManifest | None] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -128,19 +135,52 @@ class DriftMonitor(Collector):
                 log.exception("drift monitor: a round failed; trying again next interval")
 
     def _watched(self) -> dict[tuple[str, str], ModelManifest]:
+        """The versions fed here, those loaded, then those whose windows others feed (newest
+        first), at most `MAX_WATCHED`; only those with a reference.
+
+        Raises:
+            redis.RedisError: Redis is unreachable.
+        """
         with self._lock:
             watched = dict(self._fed)
         for served in self.pool.served():
             manifest = served.model.manifest
             watched.setdefault((manifest.name, manifest.version), manifest)
+        for key in windowed_versions(self.windows.client, MAX_WATCHED):
+            if len(watched) >= MAX_WATCHED:
+                break
+            if key not in watched and (found := self._manifest(*key)) is not None:
+                watched[key] = found
         return {key: m for key, m in watched.items() if m.drift.classes}
+
+    def _manifest(self, model: str, version: str) -> ModelManifest | None:
+        """`model@version`'s manifest, read once; None once the registry says it is gone.
+
+        Raises:
+            StorageUnavailable: the registry cannot be read now (tried again next time).
+        """
+        key = (model, version)
+        if key not in self._manifests:
+            if len(self._manifests) >= 4 * MAX_WATCHED:
+                self._manifests.clear()
+            try:
+                self._manifests[key] = self.registry.manifest(model, version)
+            except NotFound:
+                self._manifests[key] = None
+        return self._manifests[key]
 
     def evaluate_now(self) -> None:
         """Recompute every watched version's verdict from its shared window (a Redis
         failure keeps the last verdicts and is logged; a version whose evaluation fails,
         its reference not fitting its window say, is logged and left out)."""
         reports = {}
-        for key, manifest in self._watched().items():
+        try:
+            watched = self._watched()
+        except Exception as error:  # noqa: BLE001 - Redis or the registry down: keep the last
+            self.evaluation_failures += 1
+            log.warning("drift: the watched versions not listed: %s", error)
+            return
+        for key, manifest in watched.items():
             try:
                 rows = self.windows.read(*key)
             except Exception as error:  # noqa: BLE001 - Redis down: keep the last verdicts

@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import perito
 from perito_core.access.tenancy import add_tenant
 from perito_core.drift import WINDOW_TTL_S, window_key
-from tests.helpers import ServerThread, Stores, run_perito
+from tests.helpers import ServerThread, Stores, WorkerProcess, run_perito
 from tests.synthetic import CAR_SEVERITIES, write_car_damage
 
 pytestmark = pytest.mark.integration
@@ -199,3 +199,23 @@ def test_the_cli_needs_models_read_on_the_model(service: Service) -> None:
     env = {**service.env, "PERITO_TENANTS_FILE": str(tenants), "PERITO_TOKEN": token}
     shown = run_perito("models", "drift", MODEL, "--version", "1", env=env)
     assert f"{MODEL}@1: {WINDOW} images in the window" in shown.stdout
+
+
+def test_a_version_only_bulk_jobs_answer_with_has_its_gauges(
+    service: Service, tiny_model_file: Path
+) -> None:
+    """The server exported gauges only for the versions it served or fed itself: a version
+    only bulk workers used had none, though its window filled."""
+    imported = run_perito(
+        *("models", "import", str(tiny_model_file), "--name", MODEL),
+        *("--labels", str(service.work / "labels.txt"), "--input-size", "32"),
+        *("--resize-mode", "squash", "--calibration", str(service.work / "held-out")),
+        env=service.env,
+    )
+    assert "drift reference: 180 images of held-out" in imported.stdout
+    version = service.client.get_model(MODEL).latest_version
+    with WorkerProcess(service.env, service.work / "worker.log").wait_ready():
+        job = service.client.submit_job(service.work / "held-out", model=MODEL, version=version)
+        assert job.wait(120).state is perito.JobState.SUCCEEDED
+        wait_for_window(service, WINDOW, version)  # 180 images classified
+    assert service.gauge("perito_drift_detected", version) == 0
