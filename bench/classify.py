@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
+import itertools
 import json
 import os
 import platform
@@ -44,6 +45,7 @@ import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -285,9 +287,24 @@ def overlapped_rate(
     return rate
 
 
-def in_process_p50_ms(work: Path, jpegs: list[bytes], seconds: float) -> float:
+STAGES = (
+    "to the decode thread",
+    "decode, resize, quality",
+    "to the model thread",
+    "forward pass",
+    "back, and the answer",
+)
+
+
+def in_process_p50_ms(
+    work: Path, jpegs: list[bytes], seconds: float
+) -> tuple[float, dict[str, float]]:
     """p50 ms of `InferenceService.classify` called one at a time inside a server's own event
-    loop (in this process, no gRPC): the service's share of a call, apart from the transport."""
+    loop (in this process, no gRPC): the service's share of a call, apart from the transport;
+    and the p50 ms of each of a call's `STAGES`, timed by wrapping the decode function and the
+    model's forward pass (call start -> decode start -> decode end -> forward start ->
+    forward end -> call end)."""
+    import perito_server.inference as inference
     from perito_core.access.tenancy import Tenant
     from tests.helpers import ServerThread
 
@@ -296,25 +313,59 @@ def in_process_p50_ms(work: Path, jpegs: list[bytes], seconds: float) -> float:
         for i, d in enumerate(jpegs)
     ]
     tenant = Tenant.unrestricted("anonymous")
+    marks: dict[str, float] = {}
+    decode_one = inference._decode_one
+
+    def timed_decode(*args: Any) -> Any:
+        marks["decode"] = time.perf_counter()
+        try:
+            return decode_one(*args)
+        finally:
+            marks["decoded"] = time.perf_counter()
+
     with ServerThread.serving(
         work / "registry", work / "in-process-cache", preload=[MODEL], precision="torchscript"
     ) as server:
         service = server.running.service  # type: ignore[attr-defined]
+        model = server.call(service.pool.get(MODEL)).model
+        predict = model.predict
 
-        async def loop() -> list[float]:
+        def timed_predict(pixels: np.ndarray) -> np.ndarray:
+            marks["forward"] = time.perf_counter()
+            try:
+                return predict(pixels)  # type: ignore[no-any-return]
+            finally:
+                marks["forwarded"] = time.perf_counter()
+
+        async def loop() -> tuple[list[float], list[list[float]]]:
             latencies: list[float] = []
+            stages: list[list[float]] = []
             stop_at = time.perf_counter() + seconds
             index = 0
             while time.perf_counter() < stop_at:
+                marks.clear()
                 began = time.perf_counter()
                 await service.classify(requests[index % len(requests)], tenant, None)
-                latencies.append(time.perf_counter() - began)
+                ended = time.perf_counter()
+                latencies.append(ended - began)
+                middle = [marks[k] for k in ("decode", "decoded", "forward", "forwarded")]
+                points = [began, *middle, ended]
+                stages.append([b - a for a, b in itertools.pairwise(points)])
                 index += 1
-            return latencies
+            return latencies, stages
 
-        server.call(loop(), timeout=seconds + 60)  # warm-up: the same as measured
-        latencies = server.call(loop(), timeout=seconds + 60)
-    return percentile(latencies, 50) * 1000  # type: ignore[arg-type]
+        inference._decode_one = timed_decode
+        model.predict = timed_predict
+        try:
+            server.call(loop(), timeout=seconds + 60)  # warm-up: the same as measured
+            latencies, stages = server.call(loop(), timeout=seconds + 60)
+        finally:
+            inference._decode_one = decode_one
+            model.predict = predict
+    by_stage = {
+        name: percentile([row[i] for row in stages], 50) * 1000 for i, name in enumerate(STAGES)
+    }
+    return percentile(latencies, 50) * 1000, by_stage
 
 
 def cpu_seconds(pid: int) -> float:
@@ -473,7 +524,7 @@ def main() -> int:
         finally:
             server.send_signal(signal.SIGTERM)
             server.wait(60)
-        service_p50 = in_process_p50_ms(work, jpegs, args.seconds)
+        service_p50, stages = in_process_p50_ms(work, jpegs, args.seconds)
 
     reference = float(raw["raw_sequential_best"])  # type: ignore[arg-type]
     overlapped = float(raw["raw_overlapped_b8"])  # type: ignore[arg-type]
@@ -529,6 +580,10 @@ def main() -> int:
         f"{1000 * (os.cpu_count() or 1) / overlapped:.2f} ms); with 4 images a call the "
         f"server {c4x4['server_cpu_ms_per_image']:.2f} ms, the callers "
         f"{c4x4['caller_cpu_ms_per_image']:.2f} ms"
+    )
+    print(
+        "the service in-process, one call's stages (p50 ms each): "
+        + ", ".join(f"{name} {ms:.2f}" for name, ms in stages.items())
     )
     throughput_ratio = c16["images_per_s"] / reference
     latency_gap = c1["p50_ms"] - single
