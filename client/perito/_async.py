@@ -197,10 +197,13 @@ class AsyncClient:
                 `min_brightness`, `max_brightness`, `min_resolution`, `min_contrast`.
             ids: your ids for the images; default: file names, or positions.
             on_invalid: what a bad image (undecodable, truncated, too large) does. "fail"
-                (the default): the call raises `InvalidArgumentError` naming each bad image
-                by its index in `images` (`images[66]`), however the call was split. "skip":
-                the call returns one entry per image, a `RejectedImage` (with its `error`)
-                in place of each bad image's `Classification`; the others are classified.
+                (the default): the call raises `InvalidArgumentError` naming the bad images
+                by their index in `images` (`images[66]`), however the call was split: those
+                of the first part refused (a call over `limits` goes in parts; the parts not
+                yet answered are cancelled, so a later part's bad images may be unnamed).
+                "skip": the call returns one entry per image, a `RejectedImage` (with its
+                `error`) in place of each bad image's `Classification`, every bad image
+                named; the others are classified.
             explain: also return each image's `explanation`: a heat map of where the model
                 looked for its top-1 class, with `explanation.save("x.png")` to write its
                 overlay (50 forward passes per image, run after plain requests; sent
