@@ -249,8 +249,13 @@ def test_each_write_renews_the_windows_expiry(reference: DriftReference) -> None
     windows = DriftWindows(client, 100)  # type: ignore[arg-type]
     windows.add(unpublished_manifest(LABELS, drift=reference), [np.array([0.2, 0.7, 0.1])])
     assert windows.flush() == 1
-    assert [name for name, _ in client.commands] == ["lpush", "ltrim", "expire", "execute"]
+    names = [name for name, _ in client.commands]
+    assert names == ["lpush", "ltrim", "expire", "zadd", "zremrangebyscore", "expire", "execute"]
     assert client.commands[2][1] == ("perito:drift:m:1", 30 * 24 * 3600)
+    # The version is marked as having a window, for every replica's gauges.
+    index, marked = client.commands[3][1]
+    assert index == "perito:drift-windows" and list(marked) == ["m:1"]
+    assert client.commands[5][1] == ("perito:drift-windows", 30 * 24 * 3600)
 
 
 class FakePool:
