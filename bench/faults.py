@@ -20,7 +20,8 @@ Scenarios:
   next batch, its late results are not recorded over the cancellation, the counters do not
   move afterwards, and no item is both cancelled and succeeded.
 - `chunk-error`: a model that raises in `forward` on an all-white image: in a job of 48 that
-  image fails alone (its batch is rerun one image at a time); a chunk of only such images
+  image fails alone (its batch is rerun one image at a time), its error saying where the
+  worker's log has the model's words (the log does); a chunk of only such images
   ends its attempt, is retried, and after 2 attempts its items fail dead-lettered.
 - `odd-files`: a folder job holding a symlink out of the local root, a FIFO, a directory named
   `x.jpg` and a 2 GB sparse file beside 4 good images: those 4 fail, named, within seconds.
@@ -914,7 +915,8 @@ def scenario_chunk_error(lab: Lab, out: Outcome, sampler: Sampler) -> None:
     client = stack.client()
     started = time.monotonic()
     # 1. One image breaks the model's forward pass: its batch is rerun one image at a time,
-    # and that image alone fails, naming the error.
+    # and that image alone fails, saying where the worker's log has the model's words (which
+    # may quote the model's code or the server's files: never the job owner's to read).
     folder = lab.root / "boom"
     total, chunk, white = 48, 16, 21
     paths = write_pngs(folder, total, seed=3)
@@ -928,9 +930,22 @@ def scenario_chunk_error(lab: Lab, out: Outcome, sampler: Sampler) -> None:
         f"expected partially_succeeded, got {job.state.value}: {job.error}",
     )
     out.expect(set(failed) == {white}, f"failed items {sorted(failed)}, expected [{white}]")
+    where = f"job {job.id} item {white}"
     out.expect(
-        all("boom" in e and "\n" not in e and len(e) < 400 for e in failed.values()),
-        f"failure reason is not one line naming the error: {next(iter(failed.values()), '')!r}",
+        all(
+            e.startswith("INTERNAL: the model failed on this image alone")
+            and where in e
+            and "boom" not in e
+            and "\n" not in e
+            for e in failed.values()
+        ),
+        f"failure reason is not one line saying where the log has it: "
+        f"{next(iter(failed.values()), '')!r}",
+    )
+    logged = "".join(p.read_text(errors="replace") for p in stack.dir.glob("worker-*.log"))
+    out.expect(
+        any(where in line and "boom" in line for line in logged.splitlines()),
+        f"no worker log line names {where} with the model's error",
     )
     out.expect(job.succeeded == total - 1, f"{job.succeeded} succeeded")
     # 2. The model fails on every image of a chunk: not the images' fault, so the attempt
