@@ -297,6 +297,7 @@ def main() -> int:
         print(other.stderr.strip(), f"(exit {other.returncode}: not found)")
         if other.returncode != 3:
             raise SystemExit("the other firm could see the inspector's job")
+        print("# the inspector (PERITO_TOKEN as for every other command here) lists its own jobs")
         run(perito, "job", "list", "--limit", "3", env=env)
 
         step("the registry as the server sees it")

@@ -388,7 +388,13 @@ def _print_forms(card: dict[str, Any]) -> None:
         attempts[1:] = [f"with accuracy control: {attempt}" for attempt in attempts[1:]]
         for attempt in attempts:
             click.echo(
-                textwrap.fill(attempt, 100, initial_indent="    ", subsequent_indent="      ")
+                textwrap.fill(
+                    attempt,
+                    100,
+                    initial_indent="    ",
+                    subsequent_indent="      ",
+                    break_on_hyphens=False,
+                )
             )
 
 

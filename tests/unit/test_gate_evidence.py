@@ -156,4 +156,5 @@ def test_models_show_gives_a_refusal_one_wrapped_paragraph_per_attempt(
     ]
     assert any(line.startswith("    with accuracy control: top-1 agreement") for line in lines)
     assert max(len(line) for line in lines) <= 100
+    assert not any(line.endswith("held-") for line in lines)  # words stay whole
     assert " ".join(line.strip() for line in lines[2:]).count("Multiply_16136") == 2
