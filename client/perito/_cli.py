@@ -35,6 +35,7 @@ from perito._errors import (
 from perito._models import Classification, Job, JobState, Model
 from perito._progress import ProgressBar
 from perito._requests import DEFAULT_TARGET
+from perito.v1.vocabulary import ACCURACY_CONTROL_ATTEMPT
 
 # Exit codes scripts can branch on.
 EXIT_ERROR = 1
@@ -384,9 +385,8 @@ def _print_forms(card: dict[str, Any]) -> None:
     for name, reason in skipped.items():
         click.echo(f"  {name}: not built:")
         # One paragraph per attempt (post-training, then accuracy control), wrapped.
-        attempts = reason.split("; with accuracy control: ")
-        attempts[1:] = [f"with accuracy control: {attempt}" for attempt in attempts[1:]]
-        for attempt in attempts:
+        first, *later = reason.split(f"; {ACCURACY_CONTROL_ATTEMPT}")
+        for attempt in [first, *(ACCURACY_CONTROL_ATTEMPT + text for text in later)]:
             click.echo(
                 textwrap.fill(
                     attempt,

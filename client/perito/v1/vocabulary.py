@@ -12,7 +12,12 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-__all__ = ["HTTP_STATUS", "ItemState", "JobState", "Prediction"]
+__all__ = ["ACCURACY_CONTROL_ATTEMPT", "HTTP_STATUS", "ItemState", "JobState", "Prediction"]
+
+ACCURACY_CONTROL_ATTEMPT = "with accuracy control: "
+"""How a model card's reason for a form not built (`skipped_forms`) begins its accuracy-control
+attempt, after the post-training attempt's reason and "; " (`perito models show` prints each
+attempt as its own paragraph)."""
 
 
 class JobState(enum.StrEnum):

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from perito.v1.vocabulary import ACCURACY_CONTROL_ATTEMPT
 from perito_core.imaging import InputSpec
 from perito_core.models.calibration import (
     confidence_threshold,
@@ -212,7 +213,7 @@ def build_forms(
                 + (f"; {weak}" if weak else "")
             )
             if candidate.quantization == "accuracy-control":
-                reason = f"{built.skipped[name]}; with accuracy control: {reason}"
+                reason = f"{built.skipped[name]}; {ACCURACY_CONTROL_ATTEMPT}{reason}"
             built.skipped[name] = reason
             if candidate.retry is not None and accuracy_control:
                 log.warning("%s refused: %s; trying accuracy control", name, refused)
@@ -262,7 +263,7 @@ def build_forms(
             built.forms.append((form, candidate.folder))
             continue
         # One line as the build goes; the figures and why once, in the build's summary.
-        attempt = "with accuracy control: " if candidate.quantization == "accuracy-control" else ""
+        attempt = ACCURACY_CONTROL_ATTEMPT if candidate.quantization == "accuracy-control" else ""
         log.warning(
             "%s refused by the gate: %s%s (why, in figures: below, and in `perito models show`)",
             name,
