@@ -32,7 +32,7 @@ from perito._errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
-from perito._models import Classification, Job, JobState, Model
+from perito._models import Classification, Job, JobItemResult, JobState, Model
 from perito._progress import ProgressBar
 from perito._requests import DEFAULT_TARGET
 from perito.v1.vocabulary import ACCURACY_CONTROL_ATTEMPT
@@ -254,8 +254,21 @@ def _write_explanations(results: list[Classification], folder: Path) -> None:
         )
 
 
+def _notes(result: Classification, uncertain: str) -> str:
+    """What a person acting on `result` must know beside its classes, each in brackets: the
+    model is unsure (`uncertain`), the photo failed the quality gate (its issues, as
+    `Quality.issues`: BLURRY, UNDEREXPOSED, ...), only an animation's first frame was
+    classified. "" when there is nothing to say."""
+    notes = [uncertain] if result.uncertain else []
+    if result.quality is not None and result.quality.issues:
+        notes.append("poor photo: " + ", ".join(result.quality.issues))
+    if result.first_frame_only:
+        notes.append("first frame only")
+    return "".join(f"  [{note}]" for note in notes)
+
+
 def _print_classification(result: Classification) -> None:
-    flag = "  [uncertain: review by a person]" if result.uncertain else ""
+    flag = _notes(result, "uncertain: review by a person")
     click.echo(f"{result.image_id}  ({result.model}@{result.model_version}){flag}")
     width = max(len(p.label) for p in result.predictions)
     for rank, prediction in enumerate(result.predictions, start=1):
@@ -633,16 +646,19 @@ def job_results(
                 break
             if as_json:
                 click.echo(json.dumps(asdict(item), default=_default))
-            elif item.classification is not None:
-                top = item.classification.top
-                flag = "  [uncertain]" if item.classification.uncertain else ""
-                click.echo(
-                    f"{item.index:>6}  {item.image_id}  {top.label}  {top.probability:.2%}{flag}"
-                )
-            else:
-                click.echo(
-                    f"{item.index:>6}  {item.image_id}  {item.state.value.upper()}  {item.error}"
-                )
+                continue
+            if count == 0:
+                click.echo(f"{'INDEX':>6}  IMAGE  ANSWER")
+            click.echo(_result_row(item))
+
+
+def _result_row(item: JobItemResult) -> str:
+    """One line of `perito job results`: the item's index (from 0, in input order), its image
+    id, then the top class and its probability with `_notes`, or its state and error."""
+    if item.classification is None:
+        return f"{item.index:>6}  {item.image_id}  {item.state.value.upper()}  {item.error}"
+    top, notes = item.classification.top, _notes(item.classification, "uncertain")
+    return f"{item.index:>6}  {item.image_id}  {top.label}  {top.probability:.2%}{notes}"
 
 
 @job.command("delete")

@@ -414,4 +414,18 @@ def test_a_blurred_photo_is_answered_with_a_retake_warning_above_the_answer(
         page.click("#classify-button")
         expect(page.locator("#top-label")).to_contain_text("espresso", timeout=60_000)
         expect(page.locator("#retake")).to_be_hidden()
+
+        # In a job's results, the blurred photo's row says so and the sharp one's does not.
+        page.click("nav a[data-tab=job]")
+        page.select_option("#job-model", LITE0)
+        page.set_input_files(
+            "#files", [str(tmp_path / "coffee-blurred.jpg"), str(photos["coffee"])]
+        )
+        page.click("#job-button")
+        expect(page.locator("#job-state")).to_have_text("succeeded", timeout=120_000)
+        rows = page.locator("#job-results tr")
+        expect(rows).to_have_count(3)
+        expect(rows.nth(1)).to_contain_text("coffee-blurred.jpg")
+        expect(rows.nth(1).locator(".retake")).to_have_text("retake: too blurry")
+        expect(rows.nth(2).locator(".retake")).to_have_count(0)
         browser.close()

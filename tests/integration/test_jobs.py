@@ -601,7 +601,9 @@ def test_the_cli_submits_follows_and_reads_jobs(bulk: Bulk) -> None:
     labelled = perito_lines("job", "list", *labels, "--json")
     assert [json.loads(line)["id"] for line in labelled] == [job["id"]]
     assert json.loads(labelled[0])["labels"] == {"site": "garage-7", "floor": "2"}
-    failed = "\n".join(perito_lines("job", "results", job["id"], "--failed"))
+    failed_lines = perito_lines("job", "results", job["id"], "--failed")
+    assert failed_lines[0].split() == ["INDEX", "IMAGE", "ANSWER"]
+    failed = "\n".join(failed_lines)
     assert "ghost" in failed and "NOT_FOUND" in failed and "photo-" not in failed
     watched = perito_lines("job", "watch", job["id"], "--json")
     assert json.loads(watched[-1])["state"] == "partially_succeeded"

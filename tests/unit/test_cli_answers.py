@@ -1,0 +1,54 @@
+"""What the CLI prints for an answer (`perito classify`, `perito job results`): beside the
+classes, whatever a person acting on it must know (unsure, a poor photo, one frame of many)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from perito import Classification, JobItemResult, Quality
+from perito._cli import _notes, _result_row
+from perito.v1.vocabulary import ItemState, Prediction
+
+
+def _answer(
+    uncertain: bool = False, issues: tuple[str, ...] = (), first_frame_only: bool = False
+) -> Classification:
+    quality = Quality(3.0, 0.6, 0.0, 20.0, 11.0, 640, 480, 2.1, issues=list(issues))
+    return Classification(
+        "IMG_0001.jpg",
+        [Prediction("dent", 0, 0.912), Prediction("scratch", 1, 0.05)],
+        margin=0.86,
+        normalized_entropy=0.2,
+        uncertain=uncertain,
+        first_frame_only=first_frame_only,
+        quality=quality,
+    )
+
+
+def test_a_confident_answer_on_a_good_photo_has_nothing_beside_it() -> None:
+    assert _notes(_answer(), "uncertain") == ""
+    assert _notes(dataclasses.replace(_answer(), quality=None), "uncertain") == ""
+
+
+def test_a_poor_photo_and_an_unsure_model_are_both_said() -> None:
+    notes = _notes(
+        _answer(uncertain=True, issues=("BLURRY", "UNDEREXPOSED"), first_frame_only=True),
+        "uncertain",
+    )
+    assert notes == "  [uncertain]  [poor photo: BLURRY, UNDEREXPOSED]  [first frame only]"
+
+
+def test_a_job_results_row_says_the_photo_was_poor() -> None:
+    item = JobItemResult(
+        7,
+        "IMG_0001.jpg",
+        "s3://b/IMG_0001.jpg",
+        ItemState.SUCCEEDED,
+        _answer(issues=("BLURRY",)),
+        "",
+    )
+    assert _result_row(item) == "     7  IMG_0001.jpg  dent  91.20%  [poor photo: BLURRY]"
+    failed = JobItemResult(
+        8, "x.txt", "s3://b/x.txt", ItemState.FAILED, None, "NOT_AN_IMAGE: not an image"
+    )
+    assert _result_row(failed) == "     8  x.txt  FAILED  NOT_AN_IMAGE: not an image"
