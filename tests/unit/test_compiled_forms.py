@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -470,11 +471,16 @@ def test_a_form_built_with_labels_serves_its_own_temperature_and_threshold(
 
 
 def test_int8_refused_by_the_gate_is_quantized_again_with_accuracy_control(
-    tiny_model_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_model_file: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Plain INT8 first; when the gate refuses it, NNCF's accuracy control (real) builds
-    another, which faces the gate again and says how it was made."""
+    another, which faces the gate again and says how it was made; its log counts what it
+    reverted in layers too, as the card and a refusal do."""
     _needs_engine()
+    caplog.set_level(logging.WARNING, logger="perito_core.models.engines.openvino")
     from perito_core.models import gate
 
     verdicts: list[str | None] = []
@@ -493,6 +499,11 @@ def test_int8_refused_by_the_gate_is_quantized_again_with_accuracy_control(
     assert forms["openvino-int8"].quantization == "accuracy-control"
     assert forms["openvino-fp32"].quantization == ""
     assert "openvino-int8" not in built.skipped
+    kept = len(forms["openvino-int8"].fp32_layers)
+    # Whether it reverted groups or none (the gate's refusal was the test's), the count in
+    # layers is the card's.
+    said = re.search(r"INT8 accuracy control reverted (.*)", caplog.text)
+    assert said is not None and f": {kept} layers in FP32, " in said[1], caplog.text
 
     verdicts[:] = [None]  # the next verdict, plain int8's, refuses
     off = build_tiny_forms(

@@ -361,6 +361,16 @@ def restore_layers(
     evaluator.disable_iteration_count()
     plain = evaluator.collect_metric_results(quantized, validation, model_name="quantized")
     if initial.metric_value - plain.metric_value <= max_drop:
+        log.warning(
+            "INT8 accuracy control reverted nothing: the quantized model's metric on the %d "
+            "validation images (%.4f against FP32's %.4f) already meets the target: %d layers "
+            "in FP32, all never quantized (the first convolution and the group (depthwise) "
+            "convolutions)",
+            size,
+            plain.metric_value,
+            initial.metric_value,
+            len(fp32_layers(quantized)),
+        )
         return quantized
     backend = get_algo_backend(BackendType.OPENVINO)
     graph = build_graph(quantized)
@@ -391,14 +401,20 @@ def restore_layers(
 
     count, model = fewest_reverted(len(harmful), meets, end=end, clock=clock)
     stopped = end is not None and clock() >= end
+    if model is None:
+        model = revert_prefix(quantized, graph, harmful[:count], backend)
+    # In layers, as the card and the gate's refusal count them (`fp32_layers`).
     log.warning(
         "INT8 accuracy control reverted %d of %d quantized groups to FP32 (a group: the "
-        "layers one quantizer feeds)%s",
+        "layers one quantizer feeds)%s: %d layers in FP32, %d of them never quantized (the "
+        "first convolution and the group (depthwise) convolutions)",
         count,
         len(harmful),
         f" (stopped at its {seconds:.0f} s bound)" if stopped else "",
+        len(fp32_layers(model)),
+        len(fp32_layers(quantized)),
     )
-    return revert_prefix(quantized, graph, harmful[:count], backend) if model is None else model
+    return model
 
 
 def fewest_reverted(
