@@ -300,13 +300,26 @@ class _CappedReader(io.RawIOBase):
 
 
 class LocalStore:
-    """A folder on local disk. Writes are atomic (temp file + rename)."""
+    """A folder on local disk. Writes are atomic (temp file + rename).
 
-    def __init__(self, root: Path) -> None:
+    Args:
+        root: the folder (resolved).
+        follow_links: False: a key is read as written, no symbolic link below the root
+            followed, not even one that stays inside it (a job's item, whose canonical path
+            was checked against its tenant's prefixes at submission: a link swapped into it
+            since is refused, wherever it leads).
+    """
+
+    def __init__(self, root: Path, *, follow_links: bool = True) -> None:
         self.root = root.resolve()
         self.description = str(self.root)
+        self.follow_links = follow_links
 
     def _path(self, key: str) -> Path:
+        if not self.follow_links:
+            if Path(key).is_absolute() or ".." in Path(key).parts:
+                raise InvalidArgument(f"key {key!r} escapes the store root")
+            return self.root / key
         try:
             path = (self.root / key).resolve()
         except (RuntimeError, OSError) as exc:  # a symlink loop
@@ -323,23 +336,28 @@ class LocalStore:
         swapped in between is caught too.
         """
         path = self._path(key)
+        swapped = InvalidArgument(
+            f"{self.root / key}: a symbolic link took the place of part of its path after it "
+            "was checked; it is not followed"
+        )
         try:
-            mode = os.stat(path).st_mode
+            mode = (os.stat if self.follow_links else os.lstat)(path).st_mode
         except (FileNotFoundError, NotADirectoryError):
             raise NotFound(f"{self.root / key} not found") from None
+        if stat.S_ISLNK(mode):
+            raise swapped
         if not stat.S_ISREG(mode):
             raise _not_regular(str(path), mode)
         try:
             fd = _open_beneath(self.root, path.relative_to(self.root))
-        except (FileNotFoundError, NotADirectoryError):
+        except FileNotFoundError:
             raise NotFound(f"{self.root / key} not found") from None
         except OSError as error:
-            if error.errno != errno.ELOOP:
+            # A folder of a path just found whole that will not open as a folder without
+            # following links (ENOTDIR from O_DIRECTORY | O_NOFOLLOW, ELOOP): a link.
+            if error.errno not in (errno.ELOOP, errno.ENOTDIR):
                 raise
-            raise InvalidArgument(
-                f"key {key!r}: a symbolic link took the place of part of its path after it was "
-                "checked; it is not followed"
-            ) from None
+            raise swapped from None
         try:
             info = os.fstat(fd)
             if not stat.S_ISREG(info.st_mode):

@@ -4,7 +4,10 @@ read, its item results kept, its concurrent-job slot given back. Real redis-serv
 
 A refusal that waiting cannot change (a symbolic link, a file where the output folder should
 be, a missing bucket, access denied) ends the job at once; storage that cannot be reached is
-tried again until `finalize_timeout_s` has passed since the first failed write."""
+tried again until `finalize_timeout_s` has passed since the first failed write.
+
+Reads alike: an image whose folder was swapped for a symbolic link after the job was submitted
+is not read through it."""
 
 from __future__ import annotations
 
@@ -274,3 +277,27 @@ def test_a_results_file_that_is_a_symlink_ends_the_job_failed_and_frees_its_slot
         final = _wait(again, 3, 120)
         assert final.state is perito.JobState.SUCCEEDED, final
         assert (out.parent / "out2" / "results.jsonl").read_text().count("\n") == 3
+
+
+def test_a_folder_swapped_for_a_link_after_submission_is_not_read(acme: Tenant) -> None:
+    """While acme's job waits for a worker, its folder is swapped for a link to another
+    tenant's folder under the same local root: the worker reads each image at the path
+    checked at submission, with no link followed, so every item fails naming acme's own
+    path, and the other tenant's photos are never read."""
+    globex = acme.work / "globex" / "photos"
+    globex.mkdir(parents=True)
+    for photo in acme.photos.iterdir():
+        (globex / photo.name).write_bytes(photo.read_bytes())
+    handle = acme.client.submit_job(str(acme.photos), model="tiny")
+    acme.photos.rename(acme.photos.with_name("moved"))
+    acme.photos.symlink_to(globex)
+
+    with WorkerProcess(acme.stores.worker_env(), acme.work / "worker.log").wait_ready(120):
+        job = _wait(handle, 3, 120)
+    assert (job.state, job.succeeded, job.failed) == (perito.JobState.FAILED, 0, 3), job
+    for result in handle.results():
+        assert result.error.startswith(f"INVALID_ARGUMENT: {acme.photos / result.image_id}: "), (
+            result
+        )
+        assert "a symbolic link took the place of part of its path" in result.error, result
+        assert "globex" not in result.error

@@ -9,6 +9,7 @@ import functools
 import io
 import itertools
 import os
+import shutil
 import socket
 import threading
 import time
@@ -166,10 +167,12 @@ def test_odd_local_entries_are_items_that_fail_alone_with_a_reason(
             "sparse.jpg",
         ]
         started = time.monotonic()
-        outcomes = {
-            name: outcome(functools.partial(reader.read, str(root / name), max_bytes=32 << 20))
-            for name in listed
-        }
+
+        def submitted_then_read(name: str) -> bytes:
+            # As a job does: the server records the canonical path, the worker reads it.
+            return reader.read(reader.normalize(str(root / name)), max_bytes=32 << 20)
+
+        outcomes = {name: outcome(functools.partial(submitted_then_read, name)) for name in listed}
         assert time.monotonic() - started < 5  # nothing read 2 GB, nothing blocked
     assert outcomes == {
         "dangling.jpg": "NotFound",
@@ -183,6 +186,33 @@ def test_odd_local_entries_are_items_that_fail_alone_with_a_reason(
         "socket.jpg": "NOT_A_REGULAR_FILE",
         "sparse.jpg": "TOO_LARGE",
     }
+
+
+@pytest.mark.parametrize("swapped", ["acme", "acme/claims", "acme/claims/photo.jpg"])
+def test_an_item_is_read_as_recorded_never_through_a_link_swapped_in_since(
+    root: Path, swapped: str
+) -> None:
+    """Between a job's submission (its items' canonical paths checked against the tenant's
+    prefixes) and a worker's read, a link put in place of part of a path is refused, even
+    one leading to another tenant's folder under the same root; the refusal names the path
+    as recorded, not where the link leads."""
+    (root / "acme" / "claims").mkdir(parents=True)
+    (root / "acme" / "claims" / "photo.jpg").write_bytes(b"mine")
+    (root / "globex" / "claims").mkdir(parents=True)
+    (root / "globex" / "claims" / "photo.jpg").write_bytes(b"theirs")
+    reader = SourceReader(S3Options(), [root])
+    recorded = reader.normalize(str(root / "acme" / "claims" / "photo.jpg"))
+    assert reader.read(recorded) == b"mine"
+    target = root / swapped
+    if target.is_dir():
+        shutil.rmtree(target)
+    else:
+        target.unlink()
+    target.symlink_to(root / "globex" / Path(swapped).relative_to("acme"))
+    assert Path(recorded).read_bytes() == b"theirs"  # the swap worked
+    with pytest.raises(InvalidArgument, match="a symbolic link took the place") as refused:
+        reader.read(recorded)
+    assert refused.value.message.startswith(recorded) and "globex" not in refused.value.message
 
 
 def test_refusals_name_the_file_and_the_limit(root: Path) -> None:

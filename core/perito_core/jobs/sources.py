@@ -111,8 +111,10 @@ class SourceReader:
                 store = self._buckets[bucket] = S3Store(bucket, "", self.s3)
             return store
 
-    def _split(self, uri: str) -> tuple[ObjectStore, str]:
-        """The store holding `uri` and the key within it."""
+    def _split(self, uri: str, *, as_recorded: bool = False) -> tuple[ObjectStore, str]:
+        """The store holding `uri` and the key within it. `as_recorded`: a local `uri` is a
+        canonical path recorded after its check (`normalize`), read as written with no
+        symbolic link followed (`_recorded`)."""
         if uri[:5].lower() == "s3://":
             try:
                 bucket, key = split_s3_uri(uri)
@@ -124,9 +126,30 @@ class SourceReader:
                 f"unsupported URI {echo_uri(uri)}: use s3://bucket/key or a local path",
                 field="input",
             )
+        if as_recorded:
+            return self._recorded(uri)
         path = self._local_path(uri)
         root = next(r for r in self.local_roots if path.is_relative_to(r))
         return LocalStore(root), path.relative_to(root).as_posix()
+
+    def _recorded(self, uri: str) -> tuple[LocalStore, str]:
+        """The store and key of a canonical local path, read with no symbolic link followed.
+
+        Raises:
+            InvalidArgument: as `_local_path` for a path under no allowed root, or when
+                resolving it leads elsewhere than it says (a symbolic link in its path, swapped
+                in after it was checked): the path is quoted as given, never where it leads.
+        """
+        given = absolute_local_path(uri, field="input")
+        for root in self.local_roots:
+            if given.is_relative_to(root):
+                return LocalStore(root, follow_links=False), given.relative_to(root).as_posix()
+        self._local_path(uri)  # refuses a path under no root, or leading out of them
+        raise InvalidArgument(
+            f"{echo_uri(uri)}: a symbolic link took the place of part of its path after it was "
+            "checked; it is not followed",
+            field="input",
+        )
 
     def normalize(self, uri: str, folders: dict[Path, Path] | None = None) -> str:
         """The URI as recorded in a job: local paths made absolute (symlinks resolved).
@@ -161,11 +184,13 @@ class SourceReader:
             NotFound: no such object or file.
             InvalidImage: reason TOO_LARGE, or NOT_A_REGULAR_FILE for a local directory, FIFO,
                 socket or device (never opened for reading).
-            InvalidArgument: a URI that cannot be read here (a local path, or a symlink's
-                target, outside the allowed roots).
+            InvalidArgument: a URI that cannot be read here (a local path outside the allowed
+                roots), or a local path with a symbolic link in it: a job records its items'
+                canonical paths (`normalize`), checked against its tenant's prefixes, and
+                each is read as recorded, so a link swapped in since is refused, not followed.
             StorageUnavailable: object storage cannot be reached.
         """
-        store, key = self._split(uri)
+        store, key = self._split(uri, as_recorded=True)
         return store.read_bytes(key, max_bytes)
 
     def iter_prefix(self, prefix: str) -> Iterator[str]:
@@ -220,7 +245,7 @@ class SourceReader:
                 regular file, or a malformed line (named by its number).
             StorageUnavailable: object storage cannot be reached.
         """
-        store, key = self._split(uri)
+        store, key = self._split(uri, as_recorded=True)
         try:
             with store.open_read(key, max_bytes) as raw:
                 text = io.TextIOWrapper(raw, encoding="utf-8-sig", newline="")
