@@ -312,10 +312,9 @@ def _bomb(exc: Image.DecompressionBombError, limits: ImageLimits) -> InvalidImag
     `Image.MAX_IMAGE_PIXELS`, before Perito's own limits are looked at) in Perito's words:
     the pixel count Pillow read, against Perito's limit."""
     found = re.search(r"\((\d+) pixels\)", str(exc))
-    size = f"{int(found.group(1)) / 1e6:,.0f} megapixels" if found else "too many pixels"
+    size = f"{int(found.group(1)):,} pixels" if found else "too many pixels"
     return InvalidImage(
-        f"image is {size}; the limit is {limits.max_pixels / 1e6:.0f} (a possible "
-        "decompression bomb)",
+        f"image is {size}; the limit is {limits.max_pixels:,} (a possible decompression bomb)",
         reason="DECOMPRESSION_BOMB",
     )
 
@@ -326,8 +325,8 @@ def _check_dimensions(size: tuple[int, int], limits: ImageLimits) -> None:
         raise InvalidImage(f"image has no pixels ({width}x{height})", reason="BAD_DIMENSIONS")
     if width * height > limits.max_pixels:
         raise InvalidImage(
-            f"image is {width}x{height} = {width * height / 1e6:.0f} megapixels; the limit is "
-            f"{limits.max_pixels / 1e6:.0f} (a possible decompression bomb)",
+            f"image is {width}x{height} = {width * height:,} pixels; the limit is "
+            f"{limits.max_pixels:,} (a possible decompression bomb)",
             reason="DECOMPRESSION_BOMB",
         )
     if max(width, height) > limits.max_side:

@@ -421,11 +421,11 @@ def parse_thresholds(
     if not given:
         return None
     for name, value in given.items():
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, (int, float))
-            or not math.isfinite(value)
-        ):
+        # An integer past 2**53 is no longer a float's exact value (and past ~1.8e308 none).
+        finite = (isinstance(value, int) and abs(value) <= 2**53) or (
+            isinstance(value, float) and math.isfinite(value)
+        )
+        if isinstance(value, bool) or not finite:
             raise InvalidArgument(
                 f"{field_prefix}{name} must be a finite number", field=f"{field_prefix}{name}"
             )

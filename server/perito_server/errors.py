@@ -344,8 +344,9 @@ def as_perito_error(exc: BaseException, where: str) -> PeritoError:
     traceback, under that request id, where the operator finds it."""
     if isinstance(exc, PeritoError):
         return exc
-    log.error("%s failed", where, exc_info=exc)
     call = REQUEST_ID.get()
+    # The id in the text too: the text log format has no field for it.
+    log.error("%s failed (request id %s)", where, call, exc_info=exc)
     return PeritoError(
         f"internal error (request id {call}): the server's log has its cause"
         if call

@@ -33,6 +33,7 @@ import importlib.metadata
 import json
 import math
 import struct
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -230,18 +231,24 @@ def pixels(flat: np.ndarray, shape: Sequence[int], name: str) -> np.ndarray:
     Raises:
         InvalidArgument: naming input `name`, when `flat` does not hold that many values.
     """
-    if flat.size != int(np.prod(shape)):
+    if flat.size != math.prod(shape):  # Python's integers: numpy's int64 product wraps
         raise InvalidArgument(
             f"input {echo(name)!r}: {flat.size} values for shape {list(shape)}", field=name
         )
     return flat.reshape(shape)
 
 
+# The largest dimension of an input's shape: more than any image count or side (an empty
+# tensor of [0, 2**62, 4, 3] holds no data, and no array can be shaped so).
+MAX_DIMENSION = 2**31 - 1
+
+
 def image_count(shape: Sequence[int], datatype: str, name: str) -> int:
     """N, the images an input of `shape` holds: [N] or [N, 1] for BYTES, [N, H, W, 3] for UINT8.
 
     Raises:
-        InvalidArgument: naming the input, for any other shape or datatype.
+        InvalidArgument: naming the input, for any other shape or datatype, or a dimension
+            over `MAX_DIMENSION`.
     """
     dims = list(shape)
     if datatype == "BYTES" and (len(dims) == 1 or (len(dims) == 2 and dims[1] == 1)):
@@ -261,6 +268,10 @@ def image_count(shape: Sequence[int], datatype: str, name: str) -> int:
         )
     if not ok:
         raise InvalidArgument(f"input {echo(name)!r}: negative dimension in {dims}", field=name)
+    if any(d > MAX_DIMENSION for d in dims):
+        raise InvalidArgument(
+            f"input {echo(name)!r}: a dimension of {dims} is over {MAX_DIMENSION:,}", field=name
+        )
     return dims[0]
 
 
@@ -289,6 +300,36 @@ def pixel_contract(manifest: ModelManifest) -> tuple[int, int, int]:
     return manifest.input.height, manifest.input.width, len(manifest.labels)
 
 
+# Triton's `timeout` request parameter is a uint64 count of microseconds.
+MAX_TIMEOUT_US = 2**64 - 1
+
+
+def request_deadline(timeout: object, remaining_s: float | None = None) -> float | None:
+    """An inference request's deadline (`time.monotonic()` seconds): the sooner of its
+    `timeout` parameter and the transport's own deadline (`remaining_s` seconds from now:
+    gRPC's); None when it has neither.
+
+    `timeout` is Triton's request parameter (microseconds), which tritonclient's `timeout=`
+    sends over HTTP and gRPC alike (`inference_protocols.md` in triton-inference-server/server).
+
+    Raises:
+        InvalidArgument: naming `timeout`, when it is not a positive whole number of
+            microseconds within 64 bits.
+    """
+    deadlines = [] if remaining_s is None else [time.monotonic() + remaining_s]
+    if timeout is not None:
+        if (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, int)
+            or not 0 < timeout <= MAX_TIMEOUT_US
+        ):
+            raise InvalidArgument(
+                "timeout must be a positive count of microseconds", field="timeout"
+            )
+        deadlines.append(time.monotonic() + timeout / 1e6)
+    return min(deadlines, default=None)
+
+
 def classification_count(value: object) -> int:
     """The `classification` parameter as a count (0 when absent).
 
@@ -297,14 +338,11 @@ def classification_count(value: object) -> int:
     """
     if value is None or value is False:
         return 0
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value != int(value)
-    ):
-        raise InvalidArgument(
-            f"the classification parameter must be a whole number, not {echo(str(value))!r}",
-            field="outputs",
-        )
-    return int(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    raise InvalidArgument(
+        f"the classification parameter must be a whole number, not {echo(str(value))!r}",
+        field="outputs",
+    )

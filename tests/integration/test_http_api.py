@@ -393,6 +393,27 @@ def _violation(error: dict[str, object]) -> str:
     return str(fields[0])
 
 
+def test_an_integer_no_field_holds_is_refused_naming_its_field(http: httpx.Client) -> None:
+    """A 400-digit integer is valid JSON; converting it to a float field's value raised
+    OverflowError (500)."""
+    huge = "1" + "0" * 400
+    image = base64.b64encode(b"x").decode()
+    for field, body in {
+        "confidence_threshold": f'{{"images":[{{"content":"{image}"}}],'
+        f'"confidence_threshold":{huge}}}',
+        "quality_thresholds.min_sharpness": f'{{"images":[{{"content":"{image}"}}],'
+        f'"quality_thresholds":{{"min_sharpness":{huge}}}}}',
+    }.items():
+        answer = http.post(
+            "/v1/models/tiny:classify",
+            content=body,
+            headers={**AUTH, "Content-Type": "application/json"},
+        )
+        error = _error(answer, 400, "INVALID_ARGUMENT")
+        assert _violation(error) == field
+        assert "integer of 401 digits" in str(error["message"]), error
+
+
 def test_a_lone_surrogate_is_refused_naming_its_field(http: httpx.Client) -> None:
     """JSON's \\u escapes can spell what is not Unicode text: refused naming the field, in
     the JSON API's words; a surrogate pair (an emoji) is text like any other."""

@@ -55,7 +55,10 @@ def test_an_unforeseen_failure_names_the_request_id_never_the_exception_text(
         r"internal error \(request id [\w-]+\): the server's log has its cause", message
     )
     assert SECRET not in message and "No space" not in message and "OSError" not in message
-    assert any("Classify failed" in line for line in lines), lines
+    # The id the caller was given is in the log line itself: the text format has no field.
+    call = re.search(r"request id ([\w-]+)\)", message)
+    assert call is not None
+    assert any(f"Classify failed (request id {call[1]})" in line for line in lines), lines
 
     http = server.running.http_port  # type: ignore[attr-defined]
     body = {"images": [{"content": base64.b64encode(red_jpeg()).decode()}]}

@@ -357,14 +357,88 @@ def test_calls_are_counted_per_door_and_answer_with_the_request_id(
     assert 'perito_requests_total{code="NOT_FOUND",method="ModelInfer"}' in text
 
 
-def test_a_rest_request_past_its_timeout_is_deadline_exceeded(
-    served: Served, images: list[bytes]
+@pytest.mark.parametrize(
+    ("module", "expired"), [(httpclient, "504"), (grpcclient, "StatusCode.DEADLINE_EXCEEDED")]
+)
+def test_a_request_past_its_timeout_is_deadline_exceeded(
+    served: Served, images: list[bytes], module: Any, expired: str
 ) -> None:
-    """Triton's `timeout` request parameter (microseconds): 1 us has passed before the batch."""
-    client = httpclient.InferenceServerClient(served.http_url)
+    """Triton's `timeout` request parameter (microseconds), which tritonclient sends over
+    HTTP and gRPC alike: 1 us has passed before the batch."""
+    url = served.http_url if module is httpclient else served.grpc_url
+    client = module.InferenceServerClient(url)
     with pytest.raises(InferenceServerException) as refused:
-        client.infer("tiny", [_bytes_input(httpclient, images[:1])], timeout=1, headers=auth())
-    assert refused.value.status() == "504", refused.value
+        client.infer("tiny", [_bytes_input(module, images[:1])], timeout=1, headers=auth())
+    assert refused.value.status() == expired, refused.value
     assert client.infer(
-        "tiny", [_bytes_input(httpclient, images[:1])], timeout=60_000_000, headers=auth()
+        "tiny", [_bytes_input(module, images[:1])], timeout=60_000_000, headers=auth()
     ).as_numpy("probabilities").shape == (1, 3)
+
+
+HUGE = "1" + "0" * 400  # valid JSON; no field holds it
+
+
+@pytest.mark.parametrize(
+    ("body", "headers", "field"),
+    [
+        ('{"inputs":[{"name":"pixels","datatype":"UINT8","shape":[0,4611686018427387904,4,3],'
+         '"data":[]}]}', {}, "pixels"),
+        ('{"inputs":[{"name":"pixels","datatype":"UINT8","shape":[1,4294967296,4294967296,3],'
+         '"data":[]}]}', {}, "pixels"),
+        ('{"inputs":[{"name":"pixels","datatype":"UINT8","shape":[1,32,32,3],"data":[true'
+         + ",1" * (32 * 32 * 3 - 1) + ']}]}', {}, "pixels"),
+        ('{"inputs":[],"parameters":{"precision":"\\ud800"}}', {}, "parameters.precision"),
+        (f'{{"inputs":[],"parameters":{{"timeout":{HUGE}}}}}', {}, "parameters.timeout"),
+        (f'{{"inputs":[],"parameters":{{"min_sharpness":{HUGE}}}}}', {},
+         "parameters.min_sharpness"),
+        (f'{{"inputs":[],"outputs":[{{"name":"probabilities","parameters":'
+         f'{{"classification":{HUGE}}}}}]}}', {}, "outputs[0].parameters.classification"),
+        ('{"inputs":[],"parameters":{"binary_data_output":"false"}}', {}, "binary_data_output"),
+        ('{"inputs":[],"id":5}', {}, "id"),
+        ('{}', {"Inference-Header-Content-Length": "\u00b2"}, "inference-header-content-length"),
+    ],
+    ids=["empty-2**62", "wraps-to-0", "bool-as-uint8", "lone-surrogate", "huge-timeout",
+         "huge-threshold", "huge-classification", "string-flag", "numeric-id", "superscript-2"],
+)  # fmt: skip
+def test_rest_requests_no_field_can_hold_are_refused_naming_it(
+    served: Served, body: str, headers: dict[str, str], field: str
+) -> None:
+    """Each was answered 500 (a traceback in the log) or, for the flag and the id, taken as
+    something else than was sent."""
+    sent = {**auth(), "content-type": "application/json"}
+    sent.update(headers)
+    with httpx.Client(timeout=30) as http:
+        answer = http.post(
+            f"http://{served.http_url}/v2/models/tiny/infer",
+            content=body.encode(),
+            headers={k: v.encode("latin-1") for k, v in sent.items()},  # type: ignore[misc]
+        )
+    assert answer.status_code == 400, answer.text
+    [bad_request] = [d for d in answer.json()["details"] if d["@type"].endswith("BadRequest")]
+    assert bad_request["fieldViolations"][0]["field"] == field, answer.json()
+
+
+def test_a_grpc_shape_past_int64_is_invalid_argument(served: Served) -> None:
+    client = grpcclient.InferenceServerClient(served.grpc_url)
+    for shape in ([0, 2**62, 4, 3], [1, 2**32, 2**32, 3], [2**62, 4, 1, 3]):
+        tensor = grpcclient.InferInput("pixels", shape, "UINT8")
+        tensor._raw_content = b""  # what the shape says nothing of: no data at all
+        with pytest.raises(InferenceServerException) as refused:
+            client.infer("tiny", [tensor], headers=auth())
+        assert refused.value.status() == "StatusCode.INVALID_ARGUMENT", (shape, refused.value)
+
+
+def test_a_version_no_inference_takes_is_not_called_ready(served: Served) -> None:
+    """ "1 " (and "1\\n") resolved as version 1 for readiness and metadata while inference
+    refused it."""
+    grpc_client = grpcclient.InferenceServerClient(served.grpc_url)
+    with httpx.Client(timeout=30) as http:
+        for version in ("1%20", "1%0A", "%201", "01"):
+            ready = http.get(
+                f"http://{served.http_url}/v2/models/tiny/versions/{version}/ready",
+                headers=auth(),
+            )
+            assert ready.status_code in (400, 404) and ready.json().get("ready") is not True
+    with pytest.raises(InferenceServerException, match="neither a version number nor an alias"):
+        grpc_client.is_model_ready("tiny", "1 ", headers=auth())
+    assert grpc_client.is_model_ready("tiny", "1", headers=auth())

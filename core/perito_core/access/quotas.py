@@ -114,7 +114,8 @@ class RateLimiter:
 
 def _over_quota(tenant: str, per_minute: int, retry_after: float) -> QuotaExceeded:
     return QuotaExceeded(
-        f"tenant {tenant!r} is over its quota of {per_minute} Classify images a minute",
+        f"tenant {tenant!r} is over its quota of {per_minute} images a minute (images "
+        "classified on request, by any door; bulk jobs are not counted)",
         reason="QUOTA_IMAGES_PER_MINUTE",
         retry_after=max(retry_after, 0.001),
     )

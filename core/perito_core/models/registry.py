@@ -197,7 +197,8 @@ class ModelRegistry:
             NotFound: the model, version or alias does not exist.
         """
         validate_model_name(name)
-        ref = ref.strip()
+        # Taken as written: "1 " is no version (Classify would refuse it), so no door may
+        # call it ready.
         if ref in ("", LATEST):
             versions = self.list_versions(name)
             if not versions:

@@ -20,6 +20,7 @@ and no security for open routes.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -29,7 +30,7 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.convertors import StringConvertor, register_url_convertor
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -41,12 +42,17 @@ from perito_core.models.registry import ALIAS_PATTERN, NAME_PATTERN, VERSION_PAT
 from perito_core.storage import echo_uri
 from perito_server.auth import TenantInterceptor
 from perito_server.doors.content_coding import ACCEPT_ENCODING, UnsupportedEncoding, body_decoder
-from perito_server.errors import as_perito_error, request_id, to_http
+from perito_server.errors import as_perito_error, echo, request_id, to_http
 from perito_server.metrics import ServerMetrics
 from perito_server.oip_protocol import server_version
 from perito_server.openapi import Named, Operation, OperationRoute, Parameter, openapi_document
 
 # The gRPC methods HTTP routes stand for, whose roles authorise them.
+log = logging.getLogger(__name__)
+
+# What an access log records for a request whose caller left before it was answered
+# (nginx's 499); the caller never reads it.
+CLIENT_CLOSED_REQUEST = 499
 PERITO = "/perito.v1.Perito/"
 OIP = "/inference.GRPCInferenceService/"
 
@@ -170,6 +176,10 @@ class HttpEdge:
                     if model:
                         tenant.require_model(model_ref(request)[0])
                 response = await handler(request, tenant)
+            except ClientDisconnect:  # the caller left mid-body: no one to answer, no fault
+                code = "CANCELLED"
+                log.info("%s: the caller left before its body arrived", name)
+                response = Response(status_code=CLIENT_CLOSED_REQUEST)
             except Exception as exc:  # noqa: BLE001 - every error becomes an answer
                 error = as_perito_error(exc, name)
                 code = error.code.name
@@ -223,7 +233,7 @@ class HttpEdge:
         limit = self.max_body_bytes
         decoder = body_decoder(request.headers.get("content-encoding", ""))
         declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
+        if declared.isascii() and declared.isdigit() and int(declared) > limit:
             raise BodyTooLarge(f"the body is {declared} bytes; the limit is {limit}")
         chunks, received, size = [], 0, 0
         async for chunk in request.stream():
@@ -268,6 +278,71 @@ def parse_json(text: bytes, what: str) -> Any:
         raise InvalidArgument(
             f"{what} nests arrays or objects too deep to parse", field="body"
         ) from None
+
+
+# The largest integer a request's JSON may hold: no field of either HTTP door takes more than
+# 64 bits (Triton's `timeout` is a uint64 of microseconds; a float field's value as an integer
+# this large is already meaningless), and Python would otherwise carry it to a float and fail.
+MAX_JSON_INTEGER = 2**64 - 1
+
+
+def check_json_values(value: Any, path: str = "") -> None:
+    """Refuse a parsed JSON request's value that no field can hold: a string (a key or a
+    value) with an unpaired UTF-16 surrogate, which JSON's `\\u` escapes can write (RFC 8259
+    section 8.2: not Unicode text, so not UTF-8, as a proto string must be), or an integer
+    beyond `MAX_JSON_INTEGER` in size.
+
+    Args:
+        value: the document, or the part of it to check (leave out large tensors' data,
+            which their own checks read).
+        path: where `value` is in the body, for the field named (`images[0].id`).
+
+    Raises:
+        InvalidArgument: naming the field (`prefix`, `uris.uris[1]`, `parameters.timeout`).
+    """
+    found = _unfit(value, path)
+    if found is not None:
+        field, why = found
+        raise InvalidArgument(f"{field or 'body'} {why}", field=field or "body")
+
+
+def _unfit(value: Any, path: str) -> tuple[str, str] | None:
+    """(path, why) of the first value in `value` that `check_json_values` refuses."""
+    if isinstance(value, str):
+        return (path, _SURROGATE) if _has_surrogate(value) else None
+    if isinstance(value, int) and not isinstance(value, bool):
+        if abs(value) <= MAX_JSON_INTEGER:
+            return None
+        digits = len(str(abs(value)))
+        return path, f"is an integer of {digits} digits, beyond the 64 bits any field takes"
+    if isinstance(value, list):
+        for index, item in enumerate(value):
+            found = _unfit(item, f"{path}[{index}]")
+            if found is not None:
+                return found
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if _has_surrogate(key):
+                return path, "has a key that " + _SURROGATE.removeprefix("is not Unicode text: it ")
+            name = echo(key)
+            found = _unfit(item, f"{path}.{name}" if path else name)
+            if found is not None:
+                return found
+    return None
+
+
+_SURROGATE = (
+    "is not Unicode text: it holds an unpaired UTF-16 surrogate (a \\u escape from \\ud800 "
+    "to \\udfff without its pair), which RFC 8259 leaves undefined and no string field takes"
+)
+
+
+def _has_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def error_response(error: PeritoError, oip: bool) -> Response:

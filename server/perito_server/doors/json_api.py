@@ -34,7 +34,7 @@ from perito_core.access.tenancy import Tenant
 from perito_core.errors import InvalidArgument
 from perito_core.quality import THRESHOLD_FIELDS
 from perito_server import paging
-from perito_server.doors.http_edge import PERITO, HttpEdge, model_ref
+from perito_server.doors.http_edge import PERITO, HttpEdge, check_json_values, model_ref
 from perito_server.errors import echo
 from perito_server.inference import InferenceService
 from perito_server.jobs import JOB_ID
@@ -461,53 +461,17 @@ def _parse(document: Any, message: Message) -> None:
     """`document` (JSON) into `message`, as the protobuf JSON mapping reads it.
 
     Raises:
-        InvalidArgument: not an object, an unknown field, a value of the wrong type, or a
-            string with an unpaired surrogate (naming its field: `prefix`, `images[0].id`).
+        InvalidArgument: not an object, an unknown field, a value of the wrong type, a string
+            with an unpaired surrogate or an integer beyond 64 bits (`check_json_values`,
+            naming its field: `prefix`, `images[0].id`).
     """
     if not isinstance(document, dict):
         raise InvalidArgument("the body must be a JSON object", field="body")
-    field = _unpaired_surrogate(document, "")
-    if field is not None:
-        raise InvalidArgument(
-            f"{field} is not Unicode text: it holds an unpaired UTF-16 surrogate (a \\u "
-            "escape from \\ud800 to \\udfff without its pair), which RFC 8259 leaves "
-            "undefined and no string field takes",
-            field=field,
-        )
+    check_json_values(document)
     try:
         json_format.ParseDict(document, message)
     except json_format.ParseError as error:
         raise InvalidArgument(f"the body does not fit: {error}", field="body") from None
-
-
-def _unpaired_surrogate(value: Any, path: str) -> str | None:
-    """The path (`prefix`, `uris.uris[1]`, `labels.site`) of the first string in `value`, a
-    key or a value, that JSON's `\\u` escapes gave an unpaired UTF-16 surrogate (RFC 8259
-    section 8.2: not Unicode text, so not UTF-8, as a proto string must be); None without."""
-    if isinstance(value, str):
-        return path if _has_surrogate(value) else None
-    if isinstance(value, list):
-        for index, item in enumerate(value):
-            found = _unpaired_surrogate(item, f"{path}[{index}]")
-            if found is not None:
-                return found
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            if _has_surrogate(key):
-                return path or "body"  # the key itself cannot be quoted
-            name = echo(key)
-            found = _unpaired_surrogate(item, f"{path}.{name}" if path else name)
-            if found is not None:
-                return found
-    return None
-
-
-def _has_surrogate(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return True
-    return False
 
 
 def parse_classify(document: dict[str, Any], message: classify_pb2.ClassifyRequest) -> None:

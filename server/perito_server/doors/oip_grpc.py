@@ -9,7 +9,6 @@ probabilities are those `Classify` answers for the same bytes.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -154,7 +153,13 @@ class OipServicer:
             )
             for o in request.outputs
         ]
-        remaining = context.time_remaining()
+        # Triton's `timeout` parameter (tritonclient.grpc's `timeout=`) and the call's deadline.
+        deadline = oip_protocol.request_deadline(
+            parameter_value(request.parameters["timeout"])
+            if "timeout" in request.parameters
+            else None,
+            context.time_remaining(),
+        )
         result = await self.service.oip_infer(
             current_tenant(),
             request.model_name,
@@ -162,7 +167,7 @@ class OipServicer:
             inputs,
             outputs,
             nbytes=request.ByteSize(),
-            deadline=time.monotonic() + remaining if remaining is not None else None,
+            deadline=deadline,
             precision=parameter_value(request.parameters["precision"])
             if "precision" in request.parameters
             else None,

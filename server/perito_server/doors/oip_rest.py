@@ -18,7 +18,6 @@ from __future__ import annotations
 import binascii
 import json
 import math
-import time
 from dataclasses import replace
 from typing import Any
 
@@ -30,7 +29,14 @@ from starlette.routing import BaseRoute
 
 from perito_core.access.tenancy import Tenant
 from perito_core.errors import InvalidArgument
-from perito_server.doors.http_edge import OIP, OIP_ERROR, HttpEdge, model_ref, parse_json
+from perito_server.doors.http_edge import (
+    OIP,
+    OIP_ERROR,
+    HttpEdge,
+    check_json_values,
+    model_ref,
+    parse_json,
+)
 from perito_server.errors import echo
 from perito_server.inference import InferenceService
 from perito_server.oip_protocol import (
@@ -45,6 +51,7 @@ from perito_server.oip_protocol import (
     image_count,
     model_metadata,
     pixels,
+    request_deadline,
     server_version,
 )
 from perito_server.openapi import Named, Operation
@@ -239,7 +246,7 @@ class OipRest:
         header = request.headers.get(HEADER_LENGTH)
         split = len(body)
         if header is not None:
-            if not header.isdigit() or int(header) > len(body):
+            if not (header.isascii() and header.isdigit()) or int(header) > len(body):
                 raise InvalidArgument(
                     f"{HEADER_LENGTH}: {echo(header)!r} is not a length within the body",
                     field=HEADER_LENGTH,
@@ -250,22 +257,18 @@ class OipRest:
         )
         if not isinstance(document, dict):
             raise InvalidArgument("the inference request must be a JSON object", field="body")
+        check_json_values(_without_tensor_data(document))
+        request_id = document.get("id")
+        if request_id is not None and not isinstance(request_id, str):
+            raise InvalidArgument("id must be a string", field="id")
         inputs = _rest_inputs(document.get("inputs"), memoryview(body)[split:])
         parameters = document.get("parameters") or {}
         if not isinstance(parameters, dict):
             raise InvalidArgument("parameters must be an object", field="parameters")
         check_request_parameters(parameters)
-        binary_default = bool(parameters.get("binary_data_output"))
+        binary_default = _flag(parameters.get("binary_data_output"), "binary_data_output")
         outputs = _rest_outputs(document.get("outputs"), binary_default)
-        # Triton's `timeout` request parameter (tritonclient.http's `timeout=`), microseconds.
-        timeout = parameters.get("timeout")
-        if timeout is not None and (
-            isinstance(timeout, bool) or not isinstance(timeout, int) or timeout <= 0
-        ):
-            raise InvalidArgument(
-                "timeout must be a positive count of microseconds", field="timeout"
-            )
-        deadline = time.monotonic() + timeout / 1e6 if timeout else None
+        deadline = request_deadline(parameters.get("timeout"))
         result = await self.service.oip_infer(
             tenant,
             model,
@@ -278,8 +281,35 @@ class OipRest:
             quality=parameters,
             routing_key=parameters.get(ROUTING_KEY_PARAMETER),
         )
-        request_id = document.get("id")
-        return _rest_response(result, request_id if isinstance(request_id, str) else None)
+        return _rest_response(result, request_id)
+
+
+def _without_tensor_data(document: dict[str, Any]) -> dict[str, Any]:
+    """The inference request without its inputs' `data` (checked by `_rest_inputs` element
+    by element), for `check_json_values`."""
+    inputs = document.get("inputs")
+    if not isinstance(inputs, list):
+        return document
+    lean = [
+        {k: v for k, v in spec.items() if k != "data"} if isinstance(spec, dict) else spec
+        for spec in inputs
+    ]
+    return {**document, "inputs": lean}
+
+
+def _flag(value: object, name: str) -> bool:
+    """A boolean parameter (Triton's `binary_data`, `binary_data_output`): absent is False.
+
+    Raises:
+        InvalidArgument: naming `name`, for anything but true or false (the string "false"
+            would otherwise read as true).
+    """
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    raise InvalidArgument(
+        f"parameters.{name} must be true or false, not {echo(json.dumps(value))[:40]}",
+        field=name,
+    )
 
 
 def _elements(data: Any, shape: list[int], name: str) -> list[Any]:
@@ -358,7 +388,7 @@ def _rest_inputs(inputs: Any, binary: memoryview) -> list[InputTensor]:
             if datatype == "BYTES":
                 data = [_base64(e, name, i) for i, e in enumerate(elements)]
             else:
-                if not all(isinstance(e, int) and 0 <= e <= 255 for e in elements):
+                if not all(type(e) is int and 0 <= e <= 255 for e in elements):
                     raise InvalidArgument(
                         f"input {echo(name)!r}: UINT8 data must be integers 0..255", field=name
                     )
@@ -392,16 +422,22 @@ def _rest_outputs(outputs: Any, binary_default: bool) -> list[RequestedOutput]:
         return [RequestedOutput("probabilities", binary=binary_default)] if binary_default else []
     if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
         raise InvalidArgument("outputs must be a list of {name, parameters}", field="outputs")
-    wanted = []
+    wanted: list[RequestedOutput] = []
     for output in outputs:
         parameters = output.get("parameters") or {}
         if not isinstance(parameters, dict):
             raise InvalidArgument("output parameters must be an object", field="outputs")
+        name = output.get("name", "")
+        if not isinstance(name, str):
+            raise InvalidArgument("each output's name must be a string", field="outputs")
+        if any(asked.name == name for asked in wanted):
+            raise InvalidArgument(f"output {echo(name)!r} is asked for twice", field="outputs")
+        binary = parameters.get("binary_data")
         wanted.append(
             RequestedOutput(
-                str(output.get("name", "")),
+                name,
                 classification_count(parameters.get("classification")),
-                bool(parameters.get("binary_data", binary_default)),
+                binary_default if binary is None else _flag(binary, "binary_data"),
             )
         )
     return wanted
