@@ -442,3 +442,26 @@ def test_a_version_no_inference_takes_is_not_called_ready(served: Served) -> Non
     with pytest.raises(InferenceServerException, match="neither a version number nor an alias"):
         grpc_client.is_model_ready("tiny", "1 ", headers=auth())
     assert grpc_client.is_model_ready("tiny", "1", headers=auth())
+
+
+def test_a_caller_leaving_mid_body_is_cancelled_not_an_internal_error(served: Served) -> None:
+    """A client that disconnects during its upload was logged as an ERROR with a traceback
+    and counted as INTERNAL."""
+    import socket
+    import time
+
+    host, port = served.http_url.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as raw:
+        raw.sendall(
+            b"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: x\r\n"
+            + f"Authorization: Bearer {TOKEN}\r\n".encode()
+            + b'Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n{"inputs":'
+        )
+        time.sleep(0.5)
+    counted = ""
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and "CANCELLED" not in counted:
+        time.sleep(0.2)
+        counted = httpx.get(served.metrics_url, timeout=10).text
+    assert 'perito_requests_total{code="CANCELLED",method="HTTP ModelInfer"}' in counted
+    assert 'code="INTERNAL",method="HTTP ModelInfer"' not in counted
