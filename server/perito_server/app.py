@@ -31,7 +31,7 @@ from perito_core.listening import (
     is_loopback,
     listening_sockets,
 )
-from perito_server.auth import TenantInterceptor
+from perito_server.auth import CallSlots, TenantInterceptor
 from perito_server.doors.http_edge import HttpEdge, http_app
 from perito_server.doors.json_api import JsonApi
 from perito_server.doors.oip_grpc import OipServicer, add_oip_servicer
@@ -232,7 +232,12 @@ async def create_server(settings: ServerSettings) -> RunningServer:
     service.drift.start()
     # Outermost first: tracing spans, then request ids, error mapping and metrics (which so
     # also count the calls auth refuses), then auth.
-    authorizer = TenantInterceptor(tenants, limiter, audit)
+    slots = CallSlots(
+        settings.max_calls_per_tenant if tenants.requires_auth else settings.max_concurrent_rpcs,
+        settings.max_open_calls,
+        settings.request_arrival_s,
+    )
+    authorizer = TenantInterceptor(tenants, limiter, audit, slots)
     interceptors: list[Any] = [CallInterceptor(metrics.observe_call), authorizer]
     if settings.tracing:
         tracing.enable()

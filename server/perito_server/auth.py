@@ -18,8 +18,13 @@ loopback only: see `perito_server.app`).
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import contextlib
 import contextvars
-from collections.abc import AsyncIterator
+import inspect
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -28,7 +33,13 @@ import grpc.aio
 from perito_core.access.audit import AuditLog, AuditRecord
 from perito_core.access.quotas import RateLimiter
 from perito_core.access.tenancy import Tenant, Tenants
-from perito_core.errors import PeritoError, PermissionDenied
+from perito_core.errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    PeritoError,
+    PermissionDenied,
+    QuotaExceeded,
+)
 from perito_server.errors import Continuation, abort, metadata_value
 
 OPEN_PREFIXES = (
@@ -108,15 +119,95 @@ def bearer_token(metadata: Any) -> str | None:
     return None
 
 
+# The calls that no token opens (health checks, reflection, OIP liveness and readiness) are
+# held in this one share of the server's calls.
+OPEN_CALLS = ""
+
+
+class CallSlots:
+    """The gRPC calls in progress on this server, counted per tenant (and the open calls
+    together, under `OPEN_CALLS`) from the moment a call arrives, before its request message
+    is read, until it ends: one caller cannot take the whole of `max_concurrent_rpcs` (by
+    opening calls and never sending their messages, say) and leave the others none.
+
+    Args:
+        per_tenant: the most calls one tenant may have in progress at once.
+        open_calls: the most calls without a token (health, reflection, liveness) at once.
+        arrival_s: the longest a unary call's request message may take to arrive, in
+            seconds, once the call is open; past it the call ends DEADLINE_EXCEEDED.
+    """
+
+    def __init__(self, per_tenant: int, open_calls: int, arrival_s: float) -> None:
+        self.per_tenant = per_tenant
+        self.open_calls = open_calls
+        self.arrival_s = arrival_s
+        self.held: collections.Counter[str] = collections.Counter()
+
+    @classmethod
+    def unbounded(cls) -> CallSlots:
+        """No share smaller than gRPC's own limit, and an hour for a message to arrive."""
+        return cls(sys.maxsize, sys.maxsize, 3600.0)
+
+    @contextlib.contextmanager
+    def hold(self, key: str) -> Iterator[None]:
+        """One slot of `key` (a tenant's name, or `OPEN_CALLS`) for the block.
+
+        Raises:
+            QuotaExceeded: `key` holds its most calls already (reason
+                QUOTA_CONCURRENT_CALLS, with a retry hint).
+        """
+        most = self.open_calls if key == OPEN_CALLS else self.per_tenant
+        if self.held[key] >= most:
+            who = "calls without a token" if key == OPEN_CALLS else f"tenant {key!r}"
+            raise QuotaExceeded(
+                f"{who} already has {most} calls in progress on this server, the most at once",
+                reason="QUOTA_CONCURRENT_CALLS",
+                retry_after=1.0,
+            )
+        self.held[key] += 1
+        try:
+            yield
+        finally:
+            self.held[key] -= 1
+            if not self.held[key]:
+                del self.held[key]
+
+    async def first_message(self, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        """A unary call's request message, read from the call of a request-streaming
+        handler (`_held` serves unary methods as such, so that they run as soon as the call
+        arrives, not once its message has).
+
+        Raises:
+            DeadlineExceeded: it did not arrive within `arrival_s`.
+            InvalidArgument: the call ended without one.
+        """
+        try:
+            async with asyncio.timeout(self.arrival_s):  # no task of its own, as wait_for's
+                request = await context.read()
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"the request message did not arrive within {self.arrival_s:g} s of the call"
+            ) from None
+        if request is grpc.aio.EOF:  # type: ignore[attr-defined]
+            raise InvalidArgument("the call ended without its request message")
+        return request
+
+
 class TenantInterceptor(_Interceptor):
-    """Authenticates each call, checks its role, and runs it as its tenant (module docs)."""
+    """Authenticates each call, checks its role, and runs it as its tenant (module docs),
+    within its share of the server's calls (`slots`; None: `CallSlots.unbounded()`)."""
 
     def __init__(
-        self, tenants: Tenants, limiter: RateLimiter | None = None, audit: AuditLog | None = None
+        self,
+        tenants: Tenants,
+        limiter: RateLimiter | None = None,
+        audit: AuditLog | None = None,
+        slots: CallSlots | None = None,
     ) -> None:
         self.tenants = tenants
         self.limiter = limiter
         self.audit = audit
+        self.slots = slots or CallSlots.unbounded()
 
     def authorize(self, method: str, metadata: Any) -> Tenant:
         """The tenant a call to `method` (`/perito.v1.Perito/Classify`) with `metadata` runs as.
@@ -160,13 +251,15 @@ class TenantInterceptor(_Interceptor):
     ) -> grpc.RpcMethodHandler[Any, Any]:
         full_method: str = handler_call_details.method
         handler = await continuation(handler_call_details)
-        if handler is None or full_method.startswith(OPEN_PREFIXES):
+        if handler is None:
             return handler
+        if full_method.startswith(OPEN_PREFIXES):
+            return _held(handler, self.slots, OPEN_CALLS)
         try:
             tenant = self.authorize(full_method, handler_call_details.invocation_metadata)
         except PeritoError as error:
             return _refusal(handler, error)
-        return _as_tenant(handler, tenant, MODEL_FIELDS.get(full_method))
+        return _as_tenant(handler, tenant, MODEL_FIELDS.get(full_method), self.slots)
 
 
 async def _enter(
@@ -184,33 +277,87 @@ async def _enter(
 
 
 def _as_tenant(
-    handler: grpc.RpcMethodHandler[Any, Any], tenant: Tenant, model_field: str | None
+    handler: grpc.RpcMethodHandler[Any, Any],
+    tenant: Tenant,
+    model_field: str | None,
+    slots: CallSlots,
 ) -> grpc.RpcMethodHandler[Any, Any]:
-    """`handler`, run with `tenant` as the current tenant and its model checked first."""
+    """`handler`, run with `tenant` as the current tenant and its model checked first,
+    within the tenant's share of `slots`."""
+
+    async def enter(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        await _enter(tenant, request, context, model_field)
+
+    return _held(handler, slots, tenant.name, enter)
+
+
+Enter = Callable[[Any, "grpc.aio.ServicerContext[Any, Any]"], Awaitable[None]]
+
+
+def _held(
+    handler: grpc.RpcMethodHandler[Any, Any],
+    slots: CallSlots,
+    key: str,
+    enter: Enter | None = None,
+) -> grpc.RpcMethodHandler[Any, Any]:
+    """`handler` holding one of `key`'s `slots` from the moment its call arrives until it
+    ends, and, for a unary request, reading it within `slots.arrival_s`: a unary request is
+    served by a request-streaming handler, which gRPC starts before any message has come
+    (the wire is the same). `enter`: run on the request before `handler` (the tenant's
+    model check). Calls past `key`'s share end RESOURCE_EXHAUSTED without being read."""
     kwargs = {
         "request_deserializer": handler.request_deserializer,
         "response_serializer": handler.response_serializer,
     }
-    if handler.unary_unary is not None:
-        inner = handler.unary_unary
+    # grpc's stubs type these as the sync API's; on a grpc.aio server each is a coroutine
+    # (one response, or responses written with `context.write`, as the health service's
+    # Watch does) or an async generator (responses yielded).
+    inner: Any = (
+        handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
+    )
+    unary_request = handler.unary_unary is not None or handler.unary_stream is not None
+    streamed = handler.unary_stream is not None or handler.stream_stream is not None
 
-        async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            await _enter(tenant, request, context, model_field)
-            return await inner(request, context)  # type: ignore[arg-type]
+    async def request_of(requests: Any, context: Any) -> Any:
+        if not unary_request:  # a request stream: the handler reads it
+            return requests
+        try:
+            request = await slots.first_message(context)
+        except PeritoError as error:
+            await abort(context, error)
+        if enter is not None:
+            await enter(request, context)
+        return request
 
-        return grpc.unary_unary_rpc_method_handler(unary, **kwargs)
-    if handler.unary_stream is not None:
-        inner_stream = handler.unary_stream
+    run: Any
+    if inspect.isasyncgenfunction(inner):
 
-        async def stream(
-            request: Any, context: grpc.aio.ServicerContext[Any, Any]
-        ) -> AsyncIterator[Any]:
-            await _enter(tenant, request, context, model_field)
-            async for message in inner_stream(request, context):  # type: ignore[arg-type,attr-defined]
-                yield message
+        async def run(requests: Any, context: Any) -> AsyncIterator[Any]:
+            async with _slot(slots, key, context):
+                async for message in inner(await request_of(requests, context), context):
+                    yield message
 
-        return grpc.unary_stream_rpc_method_handler(stream, **kwargs)
-    raise TypeError("only unary requests are served")
+    else:
+
+        async def run(requests: Any, context: Any) -> Any:
+            async with _slot(slots, key, context):
+                return await inner(await request_of(requests, context), context)
+
+    if streamed:
+        return grpc.stream_stream_rpc_method_handler(run, **kwargs)
+    return grpc.stream_unary_rpc_method_handler(run, **kwargs)
+
+
+@contextlib.asynccontextmanager
+async def _slot(slots: CallSlots, key: str, context: Any) -> AsyncIterator[None]:
+    """`slots.hold(key)`, its refusal the call's status (the health service's calls pass
+    no interceptor that would map it)."""
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(slots.hold(key))
+        except PeritoError as error:
+            await abort(context, error)
+        yield
 
 
 def _refusal(

@@ -1,0 +1,139 @@
+"""No caller takes every gRPC call the server has. A tenant that opened calls and never sent
+their request messages held all of `max_concurrent_rpcs` (1,000): every other tenant's calls,
+and the health checks, were refused by gRPC itself, and the calls were never timed out.
+
+Calls are counted per tenant from the moment they arrive (`max_calls_per_tenant`, 4 here),
+the calls without a token together (`max_open_calls`, 3 here), and a unary call's message must
+arrive within `request_arrival_s` (2 s here). Real server, real sockets, grpcio's own client.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2
+from grpc_status import rpc_status
+
+import perito
+from perito_core.access.tenancy import add_tenant
+from tests.conftest import tiny_registry
+from tests.helpers import ServerThread, red_jpeg
+
+pytestmark = pytest.mark.integration
+
+CLASSIFY = "/perito.v1.Perito/Classify"
+HEALTH = "/grpc.health.v1.Health/Check"
+
+
+@pytest.fixture
+def server(tmp_path: Path, tiny_model_file: Path) -> Iterator[tuple[ServerThread, dict[str, str]]]:
+    registry = tiny_registry(tmp_path / "registry", tiny_model_file)
+    tenants_file = tmp_path / "tenants.yaml"
+    tokens = {
+        name: add_tenant(tenants_file, name, roles=["classify"], models=["tiny"])
+        for name in ("acme", "globex")
+    }
+    with ServerThread.serving(
+        registry,
+        tmp_path / "cache",
+        preload=["tiny"],
+        tenants_file=tenants_file,
+        redis_url="redis://127.0.0.1:1/0",  # no jobs here
+        max_calls_per_tenant=4,
+        max_open_calls=3,
+        request_arrival_s=2.0,
+    ) as running:
+        yield running, tokens
+
+
+def _silent_calls(
+    channel: grpc.Channel, method: str, count: int, token: str | None, stop: threading.Event
+) -> list[Any]:
+    """`count` calls to `method` whose request message never comes (until `stop`)."""
+
+    def never() -> Iterator[bytes]:
+        stop.wait(30)
+        return
+        yield b""  # pragma: no cover - a generator that sends nothing
+
+    call = channel.stream_unary(method, request_serializer=None, response_deserializer=None)
+    metadata = [("authorization", f"Bearer {token}")] if token else None
+    return [call.future(never(), metadata=metadata, timeout=30) for _ in range(count)]
+
+
+def _reason(error: Any) -> str:
+    status = rpc_status.from_call(error)
+    return str(status) if status is not None else ""
+
+
+def test_one_tenants_silent_calls_leave_the_others_and_the_probes_room(
+    server: tuple[ServerThread, dict[str, str]],
+) -> None:
+    running, tokens = server
+    stop = threading.Event()
+    with grpc.insecure_channel(running.target) as channel:
+        try:
+            held = _silent_calls(channel, CLASSIFY, 4, tokens["globex"], stop)
+            time.sleep(0.5)  # the server has them all
+            with (
+                perito.Client(
+                    running.target, token=tokens["globex"], timeout=10, max_retries=0
+                ) as globex,
+                pytest.raises(perito.ResourceExhaustedError) as refused,
+            ):
+                globex.classify([red_jpeg()], model="tiny")
+            assert "4 calls in progress" in str(refused.value), refused.value
+            # Another tenant, and a probe, are answered meanwhile.
+            with perito.Client(running.target, token=tokens["acme"], timeout=10) as acme:
+                assert acme.classify([red_jpeg()], model="tiny")[0].predictions
+            check = channel.unary_unary(
+                HEALTH,
+                request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+                response_deserializer=health_pb2.HealthCheckResponse.FromString,
+            )
+            assert check(health_pb2.HealthCheckRequest(), timeout=10).status == 1  # SERVING
+            # The silent calls end once their messages are 2 s late; the tenant's room is back.
+            for future in held:
+                error: Any = future.exception(timeout=20)
+                assert error is not None and error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                assert "did not arrive within 2 s" in error.details(), error.details()
+            with perito.Client(running.target, token=tokens["globex"], timeout=10) as globex:
+                assert globex.classify([red_jpeg()], model="tiny")[0].predictions
+        finally:
+            stop.set()
+
+
+def test_calls_without_a_token_share_their_own_room(
+    server: tuple[ServerThread, dict[str, str]],
+) -> None:
+    running, tokens = server
+    stop = threading.Event()
+    with grpc.insecure_channel(running.target) as channel:
+        try:
+            held = _silent_calls(channel, HEALTH, 3, None, stop)
+            time.sleep(0.5)
+            check = channel.unary_unary(
+                HEALTH,
+                request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+                response_deserializer=health_pb2.HealthCheckResponse.FromString,
+            )
+            with pytest.raises(grpc.RpcError) as refused:
+                check(health_pb2.HealthCheckRequest(), timeout=10)
+            error: Any = refused.value
+            assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error
+            assert "QUOTA_CONCURRENT_CALLS" in _reason(error) or "calls without a token" in (
+                error.details()
+            )
+            with perito.Client(running.target, token=tokens["acme"], timeout=10) as acme:
+                assert acme.classify([red_jpeg()], model="tiny")[0].predictions
+            for future in held:
+                late: Any = future.exception(timeout=20)
+                assert late is not None and late.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        finally:
+            stop.set()
