@@ -20,7 +20,12 @@ import grpc.aio
 from perito import _core
 from perito._concurrency import async_map_all, async_run_blocking, async_sleep, async_time_limit
 from perito._core import OnInvalid, Pager, Policy, Program, Send
-from perito._errors import PeritoError, from_rpc_error
+from perito._errors import (
+    DeadlineExceededError,
+    PeritoError,
+    UnavailableError,
+    from_rpc_error,
+)
 from perito._images import ImageInput
 from perito._jobs import JobTimeoutError
 from perito._models import Classification, Job, JobItemResult, JobState, Model, RejectedImage
@@ -70,7 +75,7 @@ class AsyncClient:
         self,
         target: str = DEFAULT_TARGET,
         *,
-        timeout: float = 30.0,
+        timeout: float | None = 30.0,
         max_retries: int = 3,
         tls: bool = False,
         root_certificates: bytes | str | os.PathLike[str] | None = None,
@@ -79,7 +84,7 @@ class AsyncClient:
         channel: grpc.aio.Channel | None = None,
     ) -> None:
         self.target = target
-        self.timeout = timeout
+        self.timeout = _core.seconds(timeout)
         self.max_retries = max_retries
         self.limits = limits or Limits()
         self._token = token
@@ -105,7 +110,7 @@ class AsyncClient:
             await self._channel.close(None)
 
     def _policy(self, timeout: float | None) -> Policy:
-        return Policy(self.timeout if timeout is None else timeout, self.max_retries)
+        return Policy(self.timeout if timeout is None else _core.seconds(timeout), self.max_retries)
 
     async def _run(self, program: Program[R], metadata: Metadata | None) -> R:
         """Perform a program's steps (see `perito._core`) until it returns or raises."""
@@ -434,16 +439,42 @@ class AsyncJobHandle:
         self.last = await self._client.get_job(self.id)
         return self.last
 
-    async def watch(self) -> AsyncIterator[Job]:
+    async def watch(self, *, timeout: float | None = None) -> AsyncIterator[Job]:
         """Snapshots as the job progresses (at least one a second while it runs), ending with
-        the terminal one. Reconnects if the stream breaks."""
+        the terminal one, or quietly once `timeout` seconds have passed (None: no end).
+
+        Each `WatchJob` stream runs at most a minute (`_core.WATCH_STREAM_S`) before another
+        is opened, so a server that stops answering without closing the connection is
+        noticed; a stream that breaks, or a server that cannot be reached (a restart), is
+        tried again, 0.5 s then up to 5 s apart, for two minutes (`_core.WATCH_PATIENCE_S`).
+
+        Raises:
+            UnavailableError, DeadlineExceededError: the server did not answer for two
+                minutes.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        reconnect = _core.Reconnect()
         while True:
-            async for job in self._client.watch_job(self.id):
-                self.last = job
-                yield job
-                if job.terminal:
-                    return
-            latest = await self.status()
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return
+            stream_s = _core.WATCH_STREAM_S if left is None else min(_core.WATCH_STREAM_S, left)
+            try:
+                async for job in self._client.watch_job(self.id, timeout=stream_s):
+                    reconnect.answered()
+                    self.last = job
+                    yield job
+                    if job.terminal:
+                        return
+                left = None if deadline is None else deadline - time.monotonic()
+                latest = await self._client.get_job(
+                    self.id, timeout=None if left is None else max(left, _core.MIN_TIMEOUT)
+                )
+            except (UnavailableError, DeadlineExceededError) as error:
+                await async_sleep(reconnect.pause(error, left))
+                continue
+            reconnect.answered()
+            self.last = latest
             if latest.terminal:
                 yield latest
                 return
@@ -462,14 +493,14 @@ class AsyncJobHandle:
         deadline = None if timeout is None else time.monotonic() + timeout
 
         async def follow() -> Job:
-            async for job in self.watch():
+            async for job in self.watch(timeout=timeout):
                 if bar is not None:
                     bar.update(job)
                 if job.terminal:
                     return job
                 if deadline is not None and time.monotonic() > deadline:
                     raise TimeoutError
-            return self.last
+            raise TimeoutError  # the watch ended at `timeout`
 
         try:
             return await async_time_limit(follow(), timeout)

@@ -29,6 +29,7 @@ past the call's deadline. gRPC's transparent retries (of requests never sent) st
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 import re
 import time
@@ -70,7 +71,7 @@ class Send:
 
     method: str
     request: Message
-    timeout: float
+    timeout: float | None  # None: no deadline
 
 
 @dataclass(frozen=True)
@@ -103,9 +104,29 @@ class Deadline:
         return self.at - self._clock()
 
 
+def seconds(timeout: float | None, name: str = "timeout") -> float:
+    """A timeout as a client keeps it: seconds, `math.inf` for none (None or infinity, as
+    gRPC takes None).
+
+    Raises:
+        ValueError: NaN, which no clock reaches and gRPC would take as already passed.
+    """
+    if timeout is None:
+        return math.inf
+    if math.isnan(timeout):
+        raise ValueError(f"{name} is NaN; give seconds, or None for no deadline")
+    return float(timeout)
+
+
+def grpc_timeout(remaining: float) -> float | None:
+    """Seconds as gRPC's `timeout=` takes them: None for no deadline."""
+    return None if math.isinf(remaining) else remaining
+
+
 @dataclass(frozen=True)
 class Policy:
-    """A client's settings as one call uses them: its timeout and how often to retry."""
+    """A client's settings as one call uses them: its timeout (seconds, `math.inf`: none)
+    and how often to retry."""
 
     timeout: float
     max_retries: int
@@ -147,7 +168,7 @@ def call(method: str, request: Message, deadline: Deadline, max_retries: int) ->
         if remaining < MIN_TIMEOUT:
             raise DeadlineExceededError("Deadline Exceeded: the call's timeout ran out")
         try:
-            return (yield Send(method, request, remaining))
+            return (yield Send(method, request, grpc_timeout(remaining)))
         except PeritoError as error:
             wait = retry_wait(error, attempt)
             if wait is None or attempt >= max_retries or wait >= deadline.remaining():
@@ -282,9 +303,49 @@ def delete_job(job_id: str, policy: Policy) -> Program[None]:
 
 
 def watch_ended_by(error: PeritoError) -> bool:
-    """Whether a broken `WatchJob` stream ends quietly (the handle then asks `GetJob` and
-    watches again) rather than raising: only when the connection was lost."""
-    return isinstance(error, UnavailableError)
+    """Whether a `WatchJob` stream that ends in `error` ends quietly (the handle then asks
+    `GetJob` and watches again) rather than raising: the connection was lost, or the
+    stream's own time ran out (`WATCH_STREAM_S`)."""
+    return isinstance(error, UnavailableError | DeadlineExceededError)
+
+
+# How long one WatchJob stream runs before a job handle opens another: a server that stops
+# answering without closing the connection (a frozen process, a host cut off) is noticed
+# within it, not never.
+WATCH_STREAM_S = 60.0
+# How long a job handle's watch goes on trying a server that does not answer (a restart
+# takes seconds) before it raises.
+WATCH_PATIENCE_S = 120.0
+
+
+@dataclass
+class Reconnect:
+    """When a job handle's watch tries the server again after it did not answer: 0.5 s,
+    doubling to 5 s, for `patience_s` seconds since the last answer."""
+
+    patience_s: float = WATCH_PATIENCE_S
+    clock: Callable[[], float] = time.monotonic
+    _since: float | None = dataclasses.field(default=None, init=False)
+    _pause: float = dataclasses.field(default=0.5, init=False)
+
+    def answered(self) -> None:
+        """The server answered: patience and pauses start over."""
+        self._since, self._pause = None, 0.5
+
+    def pause(self, error: PeritoError, left: float | None) -> float:
+        """Seconds to wait before trying again (at most `left`, the caller's time; None:
+        unbounded).
+
+        Raises:
+            error: the server has not answered for `patience_s`.
+        """
+        now = self.clock()
+        if self._since is None:
+            self._since = now
+        if now - self._since >= self.patience_s:
+            raise error
+        pause, self._pause = self._pause, min(self._pause * 2, 5.0)
+        return pause if left is None else max(0.0, min(pause, left))
 
 
 # Classify, split into parts.

@@ -14,9 +14,10 @@ import pytest
 import perito
 from perito import _core
 from perito._core import Deadline, Policy, Program, Send, Sleep
-from perito._errors import FieldViolation
+from perito._errors import FieldViolation, UnavailableError
 from perito._requests import Part, classify_parts
 from perito.v1 import classify_pb2, jobs_pb2, models_pb2
+from tests.helpers import FakeClock
 
 R = TypeVar("R")
 
@@ -433,3 +434,33 @@ def test_a_part_of_only_bad_images_is_all_rejected() -> None:
 def test_on_invalid_is_checked() -> None:
     with pytest.raises(ValueError, match="on_invalid"):
         _split_call([b"ok"], "ignore")  # type: ignore[arg-type]
+
+
+def test_no_deadline_is_none_or_infinity_and_nan_is_refused() -> None:
+    """`Client(timeout=None)` raised TypeError at call time, and an infinite timeout reached
+    gRPC, which answered DEADLINE_EXCEEDED at once."""
+    assert _core.seconds(None) == _core.seconds(float("inf")) == float("inf")
+    assert _core.seconds(2) == 2.0
+    assert _core.grpc_timeout(float("inf")) is None and _core.grpc_timeout(2.5) == 2.5
+    with pytest.raises(ValueError, match="NaN"):
+        _core.seconds(float("nan"))
+    program = _core.call("GetJob", jobs_pb2.GetJobRequest(job_id="j"), Deadline(float("inf")), 0)
+    step = next(program)
+    assert isinstance(step, Send) and step.timeout is None
+
+
+def test_a_watch_tries_an_unanswering_server_again_for_its_patience_then_raises() -> None:
+    clock = FakeClock()
+    reconnect = _core.Reconnect(patience_s=12.6, clock=clock)
+    error = UnavailableError("gone")
+    pauses = []
+    for _ in range(5):
+        pauses.append(reconnect.pause(error, None))
+        clock.now += pauses[-1]
+    assert pauses == [0.5, 1.0, 2.0, 4.0, 5.0]
+    assert reconnect.pause(error, 0.2) == 0.2  # never past the caller's own time
+    clock.now += 0.2
+    with pytest.raises(UnavailableError):
+        reconnect.pause(error, None)  # 12.7 s without an answer
+    reconnect.answered()
+    assert reconnect.pause(error, None) == 0.5  # an answer starts it over
