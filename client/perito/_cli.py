@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -43,6 +44,8 @@ EXIT_USAGE = 2
 EXIT_NOT_FOUND = 3
 EXIT_INVALID_INPUT = 4
 EXIT_UNAVAILABLE = 5
+# 128 + SIGINT, as shells report a command stopped with Ctrl-C.
+EXIT_INTERRUPTED = 130
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -54,8 +57,32 @@ def server_option(
     """`--server` (env PERITO_SERVER, default localhost:8500), as every command that talks to
     a Perito server takes it (also `perito web`'s)."""
     return click.option(
-        "--server", envvar="PERITO_SERVER", default=DEFAULT_TARGET, show_default=True, help=help
+        "--server",
+        envvar="PERITO_SERVER",
+        default=DEFAULT_TARGET,
+        show_default=True,
+        help=help,
+        callback=_check_server,
     )
+
+
+def _check_server(_context: click.Context, _parameter: click.Parameter, server: str) -> str:
+    """`--server` as gRPC takes it: HOST:PORT (or gRPC's own `dns:`, `ipv4:`, `ipv6:`,
+    `unix:` forms), never a URL: `http://host:port` reads as a host named `http`."""
+    scheme, sep, rest = server.partition("://")
+    if sep and scheme.lower() in ("http", "https", "grpc", "grpcs"):
+        raise click.BadParameter(
+            f"{server!r}: HOST:PORT, without a scheme (here {rest.rstrip('/')!r}); "
+            "TLS comes from PERITO_TLS=1 or PERITO_TLS_CA"
+        )
+    return server
+
+
+def _finite_seconds(_context: click.Context, _parameter: click.Parameter, value: float) -> float:
+    """`--timeout`: a finite number of seconds over zero."""
+    if not (math.isfinite(value) and value > 0):
+        raise click.BadParameter(f"{value!r}: give a number of seconds over 0")
+    return value
 
 
 _server_option = server_option()
@@ -72,7 +99,13 @@ def _connect(server: str, timeout: float) -> Client:
 
 _json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 _timeout_option = click.option(
-    "--timeout", type=float, default=60.0, show_default=True, help="Deadline in seconds."
+    "--timeout",
+    type=float,
+    default=60.0,
+    show_default=True,
+    callback=_finite_seconds,
+    help="Each call's deadline in seconds (waiting for a job has none: Ctrl-C stops waiting, "
+    "the job goes on).",
 )
 _model_option = click.option(
     "--model", "-m", "model_ref", required=True, help="NAME or NAME@VERSION_OR_ALIAS."
@@ -108,7 +141,28 @@ class PeritoGroup(click.Group):
                     "the one to call with --server HOST:PORT or PERITO_SERVER",
                     err=True,
                 )
+                proxy = _proxy_variable()
+                if proxy:
+                    click.echo(
+                        f"  {proxy} is set, and gRPC sends calls through it: name the server's "
+                        "host in no_proxy (or no_grpc_proxy) to call it directly",
+                        err=True,
+                    )
             ctx.exit(_exit_code(error))
+        except ValueError as error:  # the SDK's word for an argument it cannot take
+            click.echo(f"error: {error}", err=True)
+            ctx.exit(EXIT_USAGE)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            ctx.exit(EXIT_INTERRUPTED)
+
+
+def _proxy_variable() -> str:
+    """The proxy variable gRPC would use (grpc_proxy, https_proxy, http_proxy), or ""."""
+    return next(
+        (name for name in ("grpc_proxy", "https_proxy", "http_proxy") if os.environ.get(name)),
+        "",
+    )
 
 
 def _exit_code(error: PeritoError) -> int:
@@ -267,9 +321,18 @@ def _notes(result: Classification, uncertain: str) -> str:
     return "".join(f"  [{note}]" for note in notes)
 
 
+def _line_safe(text: str) -> str:
+    """`text` for one line of a terminal: a control character (a newline in a file name
+    could fake a line of output) written as its escape, `\\n`."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
 def _print_classification(result: Classification) -> None:
     flag = _notes(result, "uncertain: review by a person")
-    click.echo(f"{result.image_id}  ({result.model}@{result.model_version}){flag}")
+    shown = _line_safe(result.image_id)
+    click.echo(f"{shown}  ({result.model}@{result.model_version}){flag}")
     width = max(len(p.label) for p in result.predictions)
     for rank, prediction in enumerate(result.predictions, start=1):
         click.echo(f"  {rank}. {prediction.label:<{width}}  {prediction.probability:7.2%}")
@@ -433,11 +496,21 @@ def _print_job(job: Job, as_json: bool) -> None:
 
 
 def _follow(handle: JobHandle, as_json: bool) -> Job:
+    """Watch the job to its end (a progress bar unless `as_json`); on Ctrl-C, say that the
+    job goes on and how to follow or stop it."""
     bar = None if as_json else ProgressBar()
     job = handle.last
-    for job in handle.watch():
-        if bar is not None:
-            bar.update(job)
+    try:
+        for job in handle.watch():
+            if bar is not None:
+                bar.update(job)
+    except KeyboardInterrupt:
+        click.echo(
+            f"\nstopped waiting; job {handle.id} goes on: perito job watch {handle.id}, or "
+            f"perito job cancel {handle.id}",
+            err=True,
+        )
+        raise
     return job
 
 
@@ -655,10 +728,12 @@ def job_results(
 def _result_row(item: JobItemResult) -> str:
     """One line of `perito job results`: the item's index (from 0, in input order), its image
     id, then the top class and its probability with `_notes`, or its state and error."""
+    shown = _line_safe(item.image_id)
     if item.classification is None:
-        return f"{item.index:>6}  {item.image_id}  {item.state.value.upper()}  {item.error}"
+        error = _line_safe(item.error)
+        return f"{item.index:>6}  {shown}  {item.state.value.upper()}  {error}"
     top, notes = item.classification.top, _notes(item.classification, "uncertain")
-    return f"{item.index:>6}  {item.image_id}  {top.label}  {top.probability:.2%}{notes}"
+    return f"{item.index:>6}  {shown}  {top.label}  {top.probability:.2%}{notes}"
 
 
 @job.command("delete")

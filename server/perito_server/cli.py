@@ -676,7 +676,12 @@ def tenants_add(
 @tenants.command("list")
 @_tenants_file_option
 def tenants_list(tenants_file: Path) -> None:
-    """Name, roles, models, storage and quotas of every tenant (never a token)."""
+    """Name, roles, models, storage and quotas of every tenant (never a token).
+
+    \b
+    Example:
+      perito tenants list --tenants-file /etc/perito/tenants.yaml
+    """
     try:
         known = _settings(tenants_file=tenants_file).open_tenants()
     except (PeritoError, OSError) as error:

@@ -4,6 +4,7 @@ classes, whatever a person acting on it must know (unsure, a poor photo, one fra
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 from perito import Classification, JobItemResult, Quality
 from perito._cli import _notes, _result_row
@@ -52,3 +53,28 @@ def test_a_job_results_row_says_the_photo_was_poor() -> None:
         8, "x.txt", "s3://b/x.txt", ItemState.FAILED, None, "NOT_AN_IMAGE: not an image"
     )
     assert _result_row(failed) == "     8  x.txt  FAILED  NOT_AN_IMAGE: not an image"
+
+
+def test_what_the_cli_cannot_take_is_a_usage_error_not_a_traceback(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from perito._cli import EXIT_USAGE, cli
+
+    runner = CliRunner()
+    photo = tmp_path / "one.jpg"
+    photo.write_bytes(b"x")
+    for args, said in (
+        (["submit", str(tmp_path / "*.png"), "--model", "tiny"], "not a folder, a manifest"),
+        (["submit", str(photo), "--model", "tiny"], "not a folder, a manifest"),
+        (["models", "list", "--server", "http://127.0.0.1:8500"], "without a scheme"),
+        (["models", "list", "--timeout", "nan"], "seconds over 0"),
+        (["models", "list", "--timeout", "0"], "seconds over 0"),
+    ):
+        result = runner.invoke(cli, args)
+        assert result.exit_code == EXIT_USAGE, (args, result.output)
+        assert said in result.output and "Traceback" not in result.output, result.output
+
+
+def test_a_newline_in_an_image_id_cannot_fake_a_line() -> None:
+    item = JobItemResult(0, "a.jpg\n     1  b.jpg  dent", "/x", ItemState.SUCCEEDED, _answer(), "")
+    assert _result_row(item) == "     0  a.jpg\\n     1  b.jpg  dent  dent  91.20%"
