@@ -6,7 +6,7 @@ from __future__ import annotations
 import enum
 import os
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -41,8 +41,9 @@ def _optional(message: Message, name: str) -> float | None:
 
 
 def _time(message: Message, name: str) -> datetime | None:
-    """A timestamp field, None when unset."""
-    return getattr(message, name).ToDatetime() if message.HasField(name) else None
+    """A timestamp field as an aware datetime in UTC (a naive one would read as local time),
+    None when unset."""
+    return getattr(message, name).ToDatetime(tzinfo=UTC) if message.HasField(name) else None
 
 
 @dataclass(frozen=True)
@@ -365,7 +366,8 @@ class Model:
 
 @dataclass(frozen=True)
 class Job:
-    """A snapshot of a bulk job. `succeeded + failed + cancelled == total` once it is done."""
+    """A snapshot of a bulk job. `succeeded + failed + cancelled == total` once it is done;
+    `created`, `started` and `finished` are aware datetimes in UTC (None until they happen)."""
 
     id: str
     state: JobState

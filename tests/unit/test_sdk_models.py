@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import perito
@@ -38,7 +38,7 @@ def test_a_job_from_its_message() -> None:
         failed=1,
         cancelled=1,
         created=None,
-        started=datetime(1970, 1, 1, 0, 0, 5),
+        started=datetime(1970, 1, 1, 0, 0, 5, tzinfo=UTC),
         finished=None,
         **same,
     )
@@ -105,8 +105,10 @@ def test_a_model_and_its_versions_from_their_messages() -> None:
     )
     assert (model.name, model.latest_version, model.aliases) == ("m", "2", {"production": "2"})
     assert model.versions[0] == perito.ModelVersion(
-        created=datetime(1970, 1, 1, 0, 1), card=card, **same
+        created=datetime(1970, 1, 1, 0, 1, tzinfo=UTC), card=card, **same
     )
+    assert model.versions[0].created is not None
+    assert model.versions[0].created.utcoffset() is not None  # aware: never read as local time
     # Struct holds numbers as doubles; the card's whole numbers come back as ints.
     assert type(model.versions[0].card["confusion_matrix"][1][0]) is int
     assert model.versions[1].created is None and model.versions[1].card == {}
