@@ -453,7 +453,8 @@ class LocalStore:
         folders are walked; an empty or unreadable folder is an entry itself (it fails when
         read), so nothing under the prefix goes unaccounted for. The order is that of the
         keys as strings (S3's listing order), walked folder by folder: only one folder's
-        names are held at a time.
+        names are held at a time. An empty prefix folder lists nothing, as an empty S3 prefix
+        does.
 
         Raises:
             InvalidArgument: the prefix resolves outside the root.
@@ -466,17 +467,20 @@ class LocalStore:
         if not stat.S_ISDIR(base_stat.st_mode):
             yield ListedObject(base.relative_to(self.root).as_posix(), base_stat.st_size)
             return
-        yield from self._walk(base)
+        yield from self._walk(base, top=True)
 
-    def _walk(self, folder: Path) -> Iterator[ListedObject]:
+    def _walk(self, folder: Path, top: bool = False) -> Iterator[ListedObject]:
+        """`folder`'s entries, its sub-folders walked; an empty sub-folder is an entry, the
+        empty `top` folder (the prefix itself) lists nothing."""
         try:
             with os.scandir(folder) as scan:
                 entries = [(e.name, e.is_dir(follow_symlinks=False), e) for e in scan]
         except OSError:
             yield ListedObject(folder.relative_to(self.root).as_posix(), 0)
             return
-        if not entries and folder != self.root:
-            yield ListedObject(folder.relative_to(self.root).as_posix(), 0)
+        if not entries:
+            if not top:
+                yield ListedObject(folder.relative_to(self.root).as_posix(), 0)
             return
         # Sorting a folder's names with "/" after each sub-folder's gives the order of the
         # full keys as strings, the order S3 lists them in.

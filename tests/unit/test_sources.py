@@ -422,3 +422,14 @@ def test_normalizing_with_resolved_folders_is_resolving_each_path_whole(
         with pytest.raises(InvalidArgument, match="leads out of the allowed local roots"):
             reader.normalize(str(root / "linked" / "out.jpg"), cache)
     assert reader.normalize("s3://photos/a.jpg", folders) == "s3://photos/a.jpg"
+
+
+def test_an_empty_folder_lists_nothing_and_an_empty_sub_folder_is_an_item(root: Path) -> None:
+    """An empty folder given as a job's prefix made a job of one failed item, the folder
+    itself; now it lists nothing (the server refuses it: no images under it), as an empty S3
+    prefix does, while an empty folder inside it still fails as an item."""
+    reader = SourceReader(S3Options(), [root])
+    (root / "empty").mkdir()
+    assert list(reader.iter_prefix(str(root / "empty"))) == []
+    (root / "site" / "nothing-here").mkdir(parents=True)
+    assert list(reader.iter_prefix(str(root / "site"))) == [str(root / "site" / "nothing-here")]
