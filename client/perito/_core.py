@@ -407,6 +407,17 @@ def rejected_images(
     }
 
 
+def _unsent(index: int, image_id: str, why: str) -> RejectedImage:
+    """The outcome of an image the client could not send, named as the server names one."""
+    field = f"images[{index}]"
+    error = InvalidArgumentError(
+        f"{field}: {why}",
+        reason="IMAGE_NOT_SENT",
+        violations=(FieldViolation(field, why),),
+    )
+    return RejectedImage(image_id=image_id, index=index, error=error)
+
+
 def _check(on_invalid: str) -> None:
     if on_invalid not in ("fail", "skip"):
         raise ValueError(f"on_invalid must be 'fail' or 'skip', not {on_invalid!r}")
@@ -431,12 +442,31 @@ class SplitClassify:
         parts: list[Part],
         policy: Policy,
         on_invalid: OnInvalid,
+        unsent: Mapping[int, tuple[str, str]] | None = None,
     ) -> None:
+        """`unsent`: the images the client could not send (index -> (id, why)): with
+        "fail" the first is raised at once, with "skip" each is a `RejectedImage`.
+
+        Raises:
+            InvalidArgumentError: `on_invalid="fail"` and an image could not be sent, named
+                `images[i]` (every such image a violation).
+        """
         _check(on_invalid)
         self.template = template
         self.parts = parts
         self.on_invalid = on_invalid
         self.max_retries = policy.max_retries
+        self.unsent = {
+            index: _unsent(index, image_id, why)
+            for index, (image_id, why) in (unsent or {}).items()
+        }
+        if self.unsent and on_invalid == "fail":
+            first = self.unsent[min(self.unsent)].error
+            violations = tuple(r.error.violations[0] for _, r in sorted(self.unsent.items()))
+            more = f" (and {len(violations) - 1} more)" if len(violations) > 1 else ""
+            raise InvalidArgumentError(
+                first.message + more, reason=first.reason, violations=violations
+            )
         self.deadline = policy.deadline()
 
     @classmethod
@@ -450,17 +480,20 @@ class SplitClassify:
     ) -> SplitClassify:
         """Encode and split the images; the call's deadline starts once they are ready."""
         _check(on_invalid)
-        template, parts = classify_parts(images, limits=limits, **options)
-        return cls(template, parts, policy, on_invalid)
+        template, parts, unsent = classify_parts(images, limits=limits, **options)
+        return cls(template, parts, policy, on_invalid, unsent)
 
     def programs(self) -> list[Program[list[Outcome]]]:
         """One program per part; each returns that part's outcomes in order."""
         return [self._part(part) for part in self.parts]
 
-    @staticmethod
-    def merge(answers: Iterable[list[Outcome]]) -> list[Outcome]:
-        """The parts' outcomes (in part order) as one list, in the caller's order."""
-        return [outcome for answer in answers for outcome in answer]
+    def merge(self, answers: Iterable[list[Outcome]]) -> list[Outcome]:
+        """The parts' outcomes (in part order) and the images not sent, as one list in the
+        caller's order."""
+        placed: dict[int, Outcome] = dict(self.unsent)
+        for part, answer in zip(self.parts, answers, strict=True):
+            placed.update(zip(part.indexes, answer, strict=True))
+        return [placed[index] for index in sorted(placed)]
 
     def _request(self, images: Iterable[Any]) -> classify_pb2.ClassifyRequest:
         request = classify_pb2.ClassifyRequest()

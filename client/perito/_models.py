@@ -265,7 +265,9 @@ class Classification:
 
 @dataclass(frozen=True)
 class RejectedImage:
-    """An image the server refused, in place of its `Classification`.
+    """An image the server refused (or the client could not send: a file it cannot read, an
+    array or picture it cannot encode, one larger than a request), in place of its
+    `Classification`.
 
     `classify(..., on_invalid="skip")` returns one entry per image given, in order: a
     `Classification`, or this for an image that could not be classified (as Google Cloud

@@ -11,7 +11,7 @@ from typing import Any, NotRequired, Required, TypedDict
 
 import grpc
 
-from perito._images import ImageInput, encode_image, image_name
+from perito._images import ImageInput, ImageInputError, encode_image, image_name
 from perito.v1 import classify_pb2, image_pb2, jobs_pb2
 
 MANIFEST_SUFFIXES = (".csv", ".jsonl", ".ndjson")
@@ -104,20 +104,29 @@ def classify_parts(
     quality_thresholds: Mapping[str, float] | None = None,
     explain: bool = False,
     routing_key: str = "",
-) -> tuple[classify_pb2.ClassifyRequest, list[Part]]:
-    """The request every part shares (no images yet), and the images split into parts in
+) -> tuple[classify_pb2.ClassifyRequest, list[Part], dict[int, tuple[str, str]]]:
+    """The request every part shares (no images yet), the images split into parts in
     order, each within `limits` (with `explain`, `limits.max_explanations_per_request`
-    images at most).
+    images at most), and the images that cannot be sent (index -> (id, why): a file that
+    cannot be read, an array or a picture that cannot be encoded, one larger than a request
+    carries).
 
     Raises:
         ValueError: a `quality_policy` other than "flag" or "refuse", or a key of
             `quality_thresholds` that is not a threshold (`QUALITY_THRESHOLDS`).
     """
+    if type(images).__module__.startswith("numpy"):
+        if getattr(images, "ndim", 0) != 4:  # one image's array would be cut into rows
+            raise TypeError(
+                "images must be a sequence: classify([array], ...) for one image, or a "
+                "batch array [N, H, W, C]"
+            )
+        images = list(images)  # a batch [N, H, W, C]: its N images
     if isinstance(images, str | bytes | os.PathLike):
         raise TypeError("images must be a sequence: classify([image], ...)")
     if ids is not None and len(ids) != len(images):
         raise ValueError(f"{len(ids)} ids for {len(images)} images")
-    if not images:
+    if len(images) == 0:
         raise ValueError("no images to classify")
     name, ref = model_ref(model, version)
     template = classify_pb2.ClassifyRequest(
@@ -135,20 +144,32 @@ def classify_parts(
     if explain:
         most = min(most, limits.max_explanations_per_request)
     parts: list[tuple[list[int], list[image_pb2.Image]]] = []
+    unsent: dict[int, tuple[str, str]] = {}
     size = 0
     for index, image in enumerate(images):
-        content = encode_image(image)
+        image_id = ids[index] if ids is not None else image_name(image, index)
+        try:
+            content = encode_image(image)
+        except ImageInputError as error:
+            unsent[index] = (image_id, str(error))
+            continue
+        if len(content) > limits.max_request_bytes:
+            unsent[index] = (
+                image_id,
+                f"{len(content):,} bytes, more than one request carries "
+                f"({limits.max_request_bytes:,}, perito.Limits.max_request_bytes)",
+            )
+            continue
         full = parts and (
             len(parts[-1][0]) >= most or size + len(content) > limits.max_request_bytes
         )
         if not parts or full:
             parts.append(([], []))
             size = 0
-        image_id = ids[index] if ids is not None else image_name(image, index)
         parts[-1][0].append(index)
         parts[-1][1].append(image_pb2.Image(id=image_id, content=content))
         size += len(content)
-    return template, [Part(tuple(indexes), tuple(protos)) for indexes, protos in parts]
+    return template, [Part(tuple(indexes), tuple(protos)) for indexes, protos in parts], unsent
 
 
 QUALITY_POLICIES = {

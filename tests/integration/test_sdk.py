@@ -134,3 +134,44 @@ async def test_tls_and_bearer_tokens(
             pytest.raises(perito.PeritoError, match="Method not found"),
         ):
             client.list_models()
+
+
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
+async def test_images_the_client_cannot_send_are_named_and_skipped_like_the_servers(
+    server: ServerThread, photos: dict[str, Path], tmp_path: Path, asynchronous: bool
+) -> None:
+    """A CMYK PIL image raised PIL's OSError, a float array numpy's TypeError, a missing
+    file FileNotFoundError, an image larger than a request gRPC's RESOURCE_EXHAUSTED for the
+    whole call: none named its image, and `on_invalid="skip"` lost the whole call."""
+    from PIL import Image
+
+    good = photos["coffee"]
+    images: list[object] = [
+        good,
+        Image.open(good).resize((64, 48)).convert("CMYK"),  # sent as RGB, as read from a JPEG
+        np.zeros((32, 32, 3), dtype=np.float32),
+        tmp_path / "deleted.jpg",
+        b"\xff" * 300_000,
+        np.zeros((2, 32, 32, 3), dtype=np.uint8)[0],
+    ]
+    limits = perito.Limits(max_request_bytes=200_000)
+    if asynchronous:
+        async with perito.AsyncClient(server.target, timeout=60, limits=limits) as client:
+            results = await client.classify(images, model="car-damage", on_invalid="skip")
+            with pytest.raises(perito.InvalidArgumentError) as refused:
+                await client.classify(images, model="car-damage")
+    else:
+        with perito.Client(server.target, timeout=60, limits=limits) as client:
+            results = client.classify(images, model="car-damage", on_invalid="skip")
+            with pytest.raises(perito.InvalidArgumentError) as refused:
+                client.classify(images, model="car-damage")
+    assert [r.error is None for r in results] == [True, True, False, False, False, True]
+    assert [r.index for r in results if r.error] == [2, 3, 4]  # type: ignore[union-attr]
+    said = {r.index: r.error.message for r in results if r.error}  # type: ignore[union-attr]
+    assert said[2].startswith("images[2]: a numpy array of float32 [32, 32, 3]")
+    assert said[3].startswith("images[3]: cannot read") and "deleted.jpg" in said[3]
+    assert said[4].startswith("images[4]: 300,000 bytes, more than one request carries")
+    assert refused.value.message.startswith("images[2]: ") and "(and 2 more)" in (
+        refused.value.message
+    )
+    assert [v.field for v in refused.value.violations] == ["images[2]", "images[3]", "images[4]"]

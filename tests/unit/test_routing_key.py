@@ -32,7 +32,7 @@ def test_an_oip_parameter_that_is_not_a_string_is_refused_by_its_name(value: obj
 
 def test_every_part_of_a_split_classify_carries_the_key() -> None:
     images = [b"\x89PNG" + bytes([i]) * 10 for i in range(5)]
-    template, parts = classify_parts(
+    template, parts, _ = classify_parts(
         images,
         model="car-damage@production",
         version="",

@@ -84,7 +84,7 @@ REQUEST: dict[str, Any] = {"model": "m", "version": "", "top_k": 5, "confidence_
 
 
 def _split(images: list[bytes], ids: list[str] | None = None, **limits: int) -> list[Part]:
-    _, parts = classify_parts(
+    _, parts, _ = classify_parts(
         images,
         **REQUEST,
         ids=ids,
@@ -123,7 +123,7 @@ def test_images_are_split_by_bytes() -> None:
 
 
 def test_the_request_every_part_shares() -> None:
-    template, [part] = classify_parts(
+    template, [part], _ = classify_parts(
         [b"x"],
         model="car-damage@production",
         version="",
