@@ -48,6 +48,7 @@ NAMES = {
     "async_run_blocking": "run_blocking",
     "async_map_all": "map_all",
     "async_time_limit": "time_limit",
+    "async_loop_key": "loop_key",
 }
 
 # Then, over the whole text: (pattern, replacement), each of which must match.

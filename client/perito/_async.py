@@ -18,10 +18,17 @@ import grpc
 import grpc.aio
 
 from perito import _core
-from perito._concurrency import async_map_all, async_run_blocking, async_sleep, async_time_limit
+from perito._concurrency import (
+    async_loop_key,
+    async_map_all,
+    async_run_blocking,
+    async_sleep,
+    async_time_limit,
+)
 from perito._core import OnInvalid, Pager, Policy, Program, Send
 from perito._errors import (
     DeadlineExceededError,
+    FailedPreconditionError,
     PeritoError,
     UnavailableError,
     from_rpc_error,
@@ -89,15 +96,38 @@ class AsyncClient:
         self.limits = limits or Limits()
         self._token = token
         self._owns_channel = channel is None
-        if channel is None:
-            credentials = channel_credentials(tls, root_certificates)
-            channel = (
-                grpc.aio.secure_channel(target, credentials, options=channel_options())
-                if credentials is not None
-                else grpc.aio.insecure_channel(target, options=channel_options())
-            )
+        self._credentials = channel_credentials(tls, root_certificates)
         self._channel = channel
-        self._stub = service_pb2_grpc.PeritoStub(channel)  # type: ignore[no-untyped-call]
+        self._stub: Any = None if channel is None else service_pb2_grpc.PeritoStub(channel)  # type: ignore[no-untyped-call]
+        self._loop = 0  # the event loop the channel belongs to (0: none yet, or sync)
+        self._closed = False
+
+    def _connected(self) -> Any:
+        """The stub over this client's channel, opened on first use: an `AsyncClient` made
+        outside any event loop (at import, as a web app's global) opens it in the loop that
+        first uses it.
+
+        Raises:
+            FailedPreconditionError: the client is closed, or (`AsyncClient`) used from
+                another event loop than the one it first ran in.
+        """
+        if self._closed:
+            raise FailedPreconditionError("this client is closed: make a new one")
+        loop = async_loop_key()
+        if self._stub is None:
+            self._channel = (
+                grpc.aio.secure_channel(self.target, self._credentials, options=channel_options())
+                if self._credentials is not None
+                else grpc.aio.insecure_channel(self.target, options=channel_options())
+            )
+            self._stub = service_pb2_grpc.PeritoStub(self._channel)  # type: ignore[no-untyped-call]
+            self._loop = loop
+        elif self._owns_channel and self._loop and loop != self._loop:
+            raise FailedPreconditionError(
+                "this AsyncClient belongs to the event loop it first ran in; make one "
+                "AsyncClient per event loop (asyncio.run makes a new loop each time)"
+            )
+        return self._stub
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -106,8 +136,13 @@ class AsyncClient:
         await self.close()
 
     async def close(self) -> None:
-        if self._owns_channel:
+        """Close the channel (if this client opened it); calls after this raise
+        FailedPreconditionError. Closing twice is harmless."""
+        self._closed = True
+        if self._owns_channel and self._channel is not None:
+            self._stub = None
             await self._channel.close(None)
+            self._channel = None
 
     def _policy(self, timeout: float | None) -> Policy:
         return Policy(self.timeout if timeout is None else _core.seconds(timeout), self.max_retries)
@@ -126,7 +161,7 @@ class AsyncClient:
             reply, error = None, None
             if isinstance(step, Send):
                 try:
-                    method = getattr(self._stub, step.method)
+                    method = getattr(self._connected(), step.method)
                     reply = await method(step.request, timeout=step.timeout, metadata=metadata)
                 except grpc.RpcError as rpc_error:
                     error = from_rpc_error(rpc_error)
@@ -394,7 +429,7 @@ class AsyncClient:
         (`AsyncJobHandle.watch` then reconnects). `timeout`: none by default, jobs run for
         hours."""
         try:
-            stream = self._stub.WatchJob(
+            stream = self._connected().WatchJob(
                 jobs_pb2.WatchJobRequest(job_id=job_id),
                 timeout=timeout,
                 metadata=call_metadata(self._token, metadata),

@@ -21,6 +21,16 @@ def sleep(seconds: float) -> None:
     time.sleep(seconds)
 
 
+def async_loop_key() -> int:
+    """Which event loop runs this code (an `AsyncClient`'s channel belongs to one)."""
+    return id(asyncio.get_running_loop())
+
+
+def loop_key() -> int:
+    """0: a blocking client's channel belongs to no event loop."""
+    return 0
+
+
 async def async_run_blocking(func: Callable[..., R], *args: Any) -> R:
     """`func(*args)` in a worker thread, the event loop free meanwhile."""
     return await asyncio.to_thread(func, *args)

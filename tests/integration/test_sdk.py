@@ -175,3 +175,33 @@ async def test_images_the_client_cannot_send_are_named_and_skipped_like_the_serv
         refused.value.message
     )
     assert [v.field for v in refused.value.violations] == ["images[2]", "images[3]", "images[4]"]
+
+
+def test_a_client_made_outside_any_loop_works_in_the_loop_that_uses_it(
+    server: ServerThread,
+) -> None:
+    """An AsyncClient made at import (a web app's global) failed in every loop ("attached to
+    a different loop"); a closed client raised grpc's own ValueError or UsageError."""
+    import asyncio
+
+    client = perito.AsyncClient(server.target, timeout=30)
+
+    async def names() -> list[str]:
+        return [m.name for m in await client.list_models()]
+
+    assert asyncio.run(names()) == ["car-damage", LITE0]
+    with pytest.raises(perito.FailedPreconditionError, match="one AsyncClient per event loop"):
+        asyncio.run(names())
+
+    async def closed() -> None:
+        await client.close()
+        await client.close()  # twice is harmless
+        await client.list_models()
+
+    with pytest.raises(perito.FailedPreconditionError, match="this client is closed"):
+        asyncio.run(closed())
+    sync = perito.Client(server.target, timeout=30)
+    assert [m.name for m in sync.list_models()] == ["car-damage", LITE0]
+    sync.close()
+    with pytest.raises(perito.FailedPreconditionError, match="this client is closed"):
+        sync.list_models()
