@@ -34,6 +34,7 @@ from perito_core.listening import (
 from perito_server.auth import CallSlots, TenantInterceptor
 from perito_server.doors.http_edge import HttpEdge, http_app
 from perito_server.doors.json_api import JsonApi
+from perito_server.doors.oip_grpc import SERVICE_NAME as OIP_SERVICE_NAME
 from perito_server.doors.oip_grpc import OipServicer, add_oip_servicer
 from perito_server.doors.oip_rest import OipRest
 from perito_server.doors.perito_grpc import PeritoServicer
@@ -279,7 +280,9 @@ async def create_server(settings: ServerSettings) -> RunningServer:
         port, addresses = _add_port(server, "gRPC", settings.host, settings.port, credentials)
         await server.start()
         await health.set("", health_pb2.HealthCheckResponse.SERVING)
-        await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        # Each service by its name, as grpc.health.v1 asks (a probe of the OIP door names it).
+        for service_name in (SERVICE_NAME, OIP_SERVICE_NAME):
+            await health.set(service_name, health_pb2.HealthCheckResponse.SERVING)
         log.info(
             "serving %s on %s (%s%s; registry %s)",
             SERVICE_NAME,

@@ -102,6 +102,13 @@ def _bytes_input(module: object, images: list[bytes], shape_n1: bool = False) ->
 
 
 def test_health_and_server_metadata_over_grpc_and_http(served: Served) -> None:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(served.grpc_url) as channel:  # a probe naming the OIP service
+        check = health_pb2_grpc.HealthStub(channel).Check
+        request = health_pb2.HealthCheckRequest(service="inference.GRPCInferenceService")
+        assert check(request, timeout=10).status == health_pb2.HealthCheckResponse.SERVING
     grpc_client = grpcclient.InferenceServerClient(served.grpc_url)
     http_client = httpclient.InferenceServerClient(served.http_url)
     # Liveness and readiness are open, like grpc.health.v1: probes carry no token.
