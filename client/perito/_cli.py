@@ -33,7 +33,14 @@ from perito._errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
-from perito._models import Classification, Job, JobItemResult, JobState, Model
+from perito._models import (
+    Classification,
+    Job,
+    JobItemResult,
+    JobState,
+    Model,
+    RejectedImage,
+)
 from perito._progress import ProgressBar
 from perito._requests import DEFAULT_TARGET
 from perito.v1.vocabulary import ACCURACY_CONTROL_ATTEMPT
@@ -218,6 +225,12 @@ def _print_json(value: object) -> None:
     help="Keep these images on one version while the alias has a canary: every call with "
     "the same key (a claim id, say) is answered by the same version.",
 )
+@click.option(
+    "--skip-invalid",
+    is_flag=True,
+    help="Classify the others when some images are refused (not an image, too large, ...): "
+    "each refused one is printed with why, and the exit code is 4.",
+)
 @_server_option
 @_timeout_option
 @_json_option
@@ -228,6 +241,7 @@ def classify(
     threshold: float,
     explain_dir: Path | None,
     routing_key: str,
+    skip_invalid: bool,
     server: str,
     timeout: float,
     as_json: bool,
@@ -239,10 +253,11 @@ def classify(
       perito classify claim/*.jpg --model car-damage@production --top-k 3
       perito classify claim/*.jpg --model car-damage --explain explained/
       perito classify claim-1/*.jpg --model car-damage@production --routing-key claim-1
+      perito classify site-7/*.jpg --model cracks --skip-invalid
     """
     name, version = split_model_ref(model_ref)
     with _connect(server, timeout) as client:
-        results = client.classify(
+        outcomes = client.classify(
             [Path(p) for p in images],
             model=name,
             version=version,
@@ -251,14 +266,34 @@ def classify(
             ids=[id_for_path(path) for path in images],
             explain=explain_dir is not None,
             routing_key=routing_key,
+            on_invalid="skip" if skip_invalid else "fail",
         )
+    results = [r for r in outcomes if isinstance(r, Classification)]
     if explain_dir is not None:
         _write_explanations(results, explain_dir)
     if as_json:
-        _print_json([asdict(r) for r in results])
-        return
-    for result in results:
-        _print_classification(result)
+        _print_json(
+            [asdict(r) if isinstance(r, Classification) else _rejected(r) for r in outcomes]
+        )
+    else:
+        for outcome in outcomes:
+            if isinstance(outcome, Classification):
+                _print_classification(outcome)
+            else:
+                shown = _line_safe(outcome.image_id)
+                click.echo(f"{shown}  rejected: {_line_safe(outcome.error.message)}")
+    if len(results) < len(outcomes):
+        sys.exit(EXIT_INVALID_INPUT)
+
+
+def _rejected(rejected: RejectedImage) -> dict[str, object]:
+    """A refused image for `--json`: its id, index, and the error's reason and message."""
+    error = rejected.error
+    return {
+        "image_id": rejected.image_id,
+        "index": rejected.index,
+        "error": {"reason": error.reason, "message": error.message},
+    }
 
 
 # The most characters an image id may have (the API's limit: docs/api.md, `Image.id`).

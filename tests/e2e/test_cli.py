@@ -113,6 +113,19 @@ def test_exit_codes_tell_scripts_what_went_wrong(
     bad = perito("classify", str(broken), "--model", LITE0, env=env, check=False)
     assert bad.returncode == 4
     assert "images[0]" in bad.stderr and "damaged" in bad.stderr
+    # With --skip-invalid the good photo is answered beside the refused one, still exit 4.
+    both = (str(photos["coffee"]), str(broken))
+    skipped = perito("classify", *both, "--model", LITE0, "--skip-invalid", env=env, check=False)
+    assert skipped.returncode == 4, skipped.stderr
+    assert "1. espresso" in skipped.stdout
+    assert f"{broken}  rejected: images[1]" in skipped.stdout and "damaged" in skipped.stdout
+    rows = json.loads(
+        perito(
+            "classify", *both, "--model", LITE0, "--skip-invalid", "--json", env=env, check=False
+        ).stdout
+    )
+    assert rows[0]["predictions"][0]["label"] == "espresso"
+    assert rows[1]["index"] == 1 and rows[1]["error"]["message"].startswith("images[1]")
     down = perito(
         "classify",
         str(photos["coffee"]),
