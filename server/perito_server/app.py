@@ -310,7 +310,9 @@ async def create_server(settings: ServerSettings) -> RunningServer:
             log.info("health checks (plaintext) on %s", ", ".join(bound))
         if settings.http_port is not None:
             # The gRPC interceptor's own checks (tokens, roles, quota refusals) guard HTTP too.
-            edge = HttpEdge(authorizer, metrics, settings.max_message_bytes)
+            edge = HttpEdge(
+                authorizer, metrics, settings.max_message_bytes, settings.request_arrival_s
+            )
             app = http_app(OipRest(service, edge).routes(), JsonApi(service, edge).routes())
             http = await HttpServer.start(app, settings, grace=settings.grace_s)
             log.info("HTTP (OIP REST, JSON API) on %s", ", ".join(http.addresses))

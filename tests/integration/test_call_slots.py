@@ -4,7 +4,9 @@ and the health checks, were refused by gRPC itself, and the calls were never tim
 
 Calls are counted per tenant from the moment they arrive (`max_calls_per_tenant`, 4 here),
 the calls without a token together (`max_open_calls`, 3 here), and a unary call's message must
-arrive within `request_arrival_s` (2 s here). Real server, real sockets, grpcio's own client.
+arrive within `request_arrival_s` (2 s here), as must an HTTP request's body (it was never
+timed out: eight connections that sent 49 MiB of a 50 MiB body held 400 MB). Real server, real
+sockets, grpcio's own client.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ def server(tmp_path: Path, tiny_model_file: Path) -> Iterator[tuple[ServerThread
         max_calls_per_tenant=4,
         max_open_calls=3,
         request_arrival_s=2.0,
+        http_port=0,
     ) as running:
         yield running, tokens
 
@@ -137,3 +140,24 @@ def test_calls_without_a_token_share_their_own_room(
                 assert late is not None and late.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         finally:
             stop.set()
+
+
+def test_an_http_body_that_stops_arriving_is_answered_408(
+    server: tuple[ServerThread, dict[str, str]],
+) -> None:
+    import socket
+
+    running, tokens = server
+    port = running.running.http_port  # type: ignore[attr-defined]
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as raw:
+        raw.sendall(
+            b"POST /v1/models/tiny:classify HTTP/1.1\r\nHost: x\r\n"
+            + f"Authorization: Bearer {tokens['acme']}\r\n".encode()
+            + b"Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n"
+            + b'{"images": ['
+        )
+        started = time.monotonic()
+        answer = raw.recv(4096).decode(errors="replace")
+    assert answer.startswith("HTTP/1.1 408"), answer
+    assert "did not arrive whole within 2 s" in answer, answer
+    assert time.monotonic() - started < 10

@@ -19,6 +19,7 @@ and no security for open routes.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -112,6 +113,10 @@ class BodyTooLarge(PeritoError, code=ErrorCode.RESOURCE_EXHAUSTED, reason="REQUE
     """A request body over the server's bound (answered 413)."""
 
 
+class BodyStalled(PeritoError, code=ErrorCode.DEADLINE_EXCEEDED, reason="BODY_STALLED"):
+    """A request body that did not arrive whole in time (answered 408)."""
+
+
 class MethodNotAllowed(PeritoError, code=ErrorCode.INVALID_ARGUMENT, reason="METHOD_NOT_ALLOWED"):
     """A method the path does not serve (answered 405, with `Allow` naming those it does)."""
 
@@ -119,6 +124,7 @@ class MethodNotAllowed(PeritoError, code=ErrorCode.INVALID_ARGUMENT, reason="MET
 # The HTTP status of the edge's own refusals, where it is not their gRPC code's.
 EDGE_STATUS: dict[type[PeritoError], int] = {
     BodyTooLarge: 413,
+    BodyStalled: 408,
     MethodNotAllowed: 405,
     UnsupportedEncoding: 415,
 }
@@ -143,14 +149,22 @@ class HttpEdge:
         authorizer: the gRPC server's interceptor, whose `authorize` checks tokens and roles.
         metrics: the server's metrics (each call counted as `HTTP <method>`), or None.
         max_body_bytes: the largest body read (the gRPC `max_message_bytes`).
+        body_arrival_s: the longest a body may take to arrive whole, in seconds (a gRPC
+            call's message has as long: `request_arrival_s`), so that a request that stops
+            sending holds neither its connection nor what it sent for long.
     """
 
     def __init__(
-        self, authorizer: TenantInterceptor, metrics: ServerMetrics | None, max_body_bytes: int
+        self,
+        authorizer: TenantInterceptor,
+        metrics: ServerMetrics | None,
+        max_body_bytes: int,
+        body_arrival_s: float = 60.0,
     ) -> None:
         self.authorizer = authorizer
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
+        self.body_arrival_s = body_arrival_s
 
     def door(
         self, method: str | None, handler: Handler, *, model: bool = False, oip: bool = False
@@ -227,6 +241,7 @@ class HttpEdge:
 
         Raises:
             BodyTooLarge: over the bound.
+            BodyStalled: not whole within `body_arrival_s` (answered 408).
             UnsupportedEncoding: another `Content-Encoding` (answered 415).
             InvalidArgument: naming `body`, when it is not in its `Content-Encoding`.
         """
@@ -236,18 +251,26 @@ class HttpEdge:
         if declared.isascii() and declared.isdigit() and int(declared) > limit:
             raise BodyTooLarge(f"the body is {declared} bytes; the limit is {limit}")
         chunks, received, size = [], 0, 0
-        async for chunk in request.stream():
-            received += len(chunk)
-            if received > limit:
-                raise BodyTooLarge(f"the body is over the limit of {limit} bytes")
-            if decoder is not None:
-                chunk = decoder.decode(chunk, limit - size)
-                if size + len(chunk) > limit:
-                    raise BodyTooLarge(
-                        f"the body decoded from {decoder.coding} is over the limit of {limit} bytes"
-                    )
-            size += len(chunk)
-            chunks.append(chunk)
+        try:
+            async with asyncio.timeout(self.body_arrival_s):
+                async for chunk in request.stream():
+                    received += len(chunk)
+                    if received > limit:
+                        raise BodyTooLarge(f"the body is over the limit of {limit} bytes")
+                    if decoder is not None:
+                        chunk = decoder.decode(chunk, limit - size)
+                        if size + len(chunk) > limit:
+                            raise BodyTooLarge(
+                                f"the body decoded from {decoder.coding} is over the limit of "
+                                f"{limit} bytes"
+                            )
+                    size += len(chunk)
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise BodyStalled(
+                f"the body did not arrive whole within {self.body_arrival_s:g} s "
+                f"({received:,} bytes came)"
+            ) from None
         if decoder is not None:
             decoder.finish()
         return b"".join(chunks)
