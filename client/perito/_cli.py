@@ -16,6 +16,7 @@ import os
 import re
 import sys
 import textwrap
+import time
 from collections.abc import Callable
 from dataclasses import asdict
 from datetime import datetime
@@ -535,10 +536,15 @@ def _follow(handle: JobHandle, as_json: bool) -> Job:
     job goes on and how to follow or stop it."""
     bar = None if as_json else ProgressBar()
     job = handle.last
+    started, hinted = time.monotonic(), False
     try:
         for job in handle.watch():
             if bar is not None:
                 bar.update(job)
+            hint = None if hinted else queued_hint(job, time.monotonic() - started)
+            if hint:
+                click.echo(f"\n{hint}", err=True)
+                hinted = True
     except KeyboardInterrupt:
         click.echo(
             f"\nstopped waiting; job {handle.id} goes on: perito job watch {handle.id}, or "
@@ -547,6 +553,21 @@ def _follow(handle: JobHandle, as_json: bool) -> Job:
         )
         raise
     return job
+
+
+# How long a job may stay queued before `--wait` says why it might be.
+QUEUED_HINT_S = 30.0
+
+
+def queued_hint(job: Job, waited_s: float) -> str | None:
+    """What to tell someone waiting on `job` that is still queued after `QUEUED_HINT_S`
+    seconds (no worker took any of it), or None."""
+    if job.state is not JobState.QUEUED or waited_s < QUEUED_HINT_S:
+        return None
+    return (
+        f"job {job.id} is still queued after {waited_s:.0f} s: no worker has started it. Are "
+        "workers running (perito worker) on this server's Redis, or busy with other jobs?"
+    )
 
 
 def _parse_labels(

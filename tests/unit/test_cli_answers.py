@@ -78,3 +78,15 @@ def test_what_the_cli_cannot_take_is_a_usage_error_not_a_traceback(tmp_path: Pat
 def test_a_newline_in_an_image_id_cannot_fake_a_line() -> None:
     item = JobItemResult(0, "a.jpg\n     1  b.jpg  dent", "/x", ItemState.SUCCEEDED, _answer(), "")
     assert _result_row(item) == "     0  a.jpg\\n     1  b.jpg  dent  dent  91.20%"
+
+
+def test_waiting_on_a_job_no_worker_takes_says_so_once_it_has_waited() -> None:
+    from perito import Job, JobState
+    from perito._cli import QUEUED_HINT_S, queued_hint
+
+    queued = Job("j1", JobState.QUEUED, "m", "1", 5, 0, 0, 0, None, None, None, "", [], "")
+    assert queued_hint(queued, QUEUED_HINT_S - 1) is None
+    hint = queued_hint(queued, QUEUED_HINT_S + 1)
+    assert hint is not None and "no worker has started it" in hint
+    running = dataclasses.replace(queued, state=JobState.RUNNING)
+    assert queued_hint(running, 600) is None
