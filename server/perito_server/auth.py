@@ -9,6 +9,10 @@ asks for a message). A call let through runs with its tenant in `current_tenant(
 model it names (`model` of Classify, SubmitJob, GetModel) is checked against the tenant's
 model list before the handler runs.
 
+Every call also holds one of its tenant's share of the server's calls (`CallSlots`), from the
+moment it arrives, and a unary call's message must arrive in time: a caller that opens calls
+and sends nothing cannot take every call the server has.
+
 Roles are verbs on resources (`METHOD_ROLES`), like Kubernetes RBAC rules: adding a method
 means adding its line here, and a method missing from the table is refused to everyone.
 Health checks and reflection stay open, so load balancers and probes need no secret. With
