@@ -15,7 +15,6 @@ import math
 import os
 import re
 import sys
-import textwrap
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -44,7 +43,7 @@ from perito._models import (
 )
 from perito._progress import ProgressBar
 from perito._requests import DEFAULT_TARGET
-from perito.v1.vocabulary import ACCURACY_CONTROL_ATTEMPT
+from perito.v1.vocabulary import refusal_paragraphs
 
 # Exit codes scripts can branch on.
 EXIT_ERROR = 1
@@ -496,18 +495,8 @@ def _print_forms(card: dict[str, Any]) -> None:
             click.echo(f"    {form['gate_warning']}")
     for name, reason in skipped.items():
         click.echo(f"  {name}: not built:")
-        # One paragraph per attempt (post-training, then accuracy control), wrapped.
-        first, *later = reason.split(f"; {ACCURACY_CONTROL_ATTEMPT}")
-        for attempt in [first, *(ACCURACY_CONTROL_ATTEMPT + text for text in later)]:
-            click.echo(
-                textwrap.fill(
-                    attempt,
-                    100,
-                    initial_indent="    ",
-                    subsequent_indent="      ",
-                    break_on_hyphens=False,
-                )
-            )
+        for paragraph in refusal_paragraphs(reason):
+            click.echo(paragraph)
 
 
 def _job_line(job: Job) -> str:

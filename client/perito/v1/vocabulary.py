@@ -10,14 +10,40 @@ the SDK's client code (no gRPC channel, no `perito._*`).
 from __future__ import annotations
 
 import enum
+import textwrap
 from dataclasses import dataclass
 
-__all__ = ["ACCURACY_CONTROL_ATTEMPT", "HTTP_STATUS", "ItemState", "JobState", "Prediction"]
+__all__ = [
+    "ACCURACY_CONTROL_ATTEMPT",
+    "HTTP_STATUS",
+    "ItemState",
+    "JobState",
+    "Prediction",
+    "refusal_paragraphs",
+]
 
 ACCURACY_CONTROL_ATTEMPT = "with accuracy control: "
 """How a model card's reason for a form not built (`skipped_forms`) begins its accuracy-control
 attempt, after the post-training attempt's reason and "; " (`perito models show` prints each
 attempt as its own paragraph)."""
+
+
+def refusal_paragraphs(reason: str, indent: str = "    ", width: int = 100) -> list[str]:
+    """A form's reason for not being built as people read it: one paragraph per attempt
+    (post-training, then `ACCURACY_CONTROL_ATTEMPT`), each wrapped at `width` characters,
+    words kept whole (a path such as `calibration/held-out` is not split at its hyphen), its
+    first line indented by `indent` and the rest two more spaces."""
+    first, *later = reason.split(f"; {ACCURACY_CONTROL_ATTEMPT}")
+    return [
+        textwrap.fill(
+            attempt,
+            width,
+            initial_indent=indent,
+            subsequent_indent=indent + "  ",
+            break_on_hyphens=False,
+        )
+        for attempt in [first, *(ACCURACY_CONTROL_ATTEMPT + text for text in later)]
+    ]
 
 
 class JobState(enum.StrEnum):

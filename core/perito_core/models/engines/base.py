@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from perito.v1.vocabulary import refusal_paragraphs
 from perito_core.errors import ModelLoadError
 from perito_core.models.manifest import MIN_AGREEMENT, CompiledForm, InputContract, ModelManifest
 
@@ -154,10 +155,13 @@ class BuiltForms:
             shutil.rmtree(folder, ignore_errors=True)
 
     def summary(self) -> list[str]:
-        """One line per form: the gate's evidence (`CompiledForm.evidence`: agreement, its 95%
-        lower bound, accuracy change), or why it was not built."""
+        """One line per form built: the gate's evidence (`CompiledForm.evidence`: agreement,
+        its 95% lower bound, accuracy change); for a form not built, why, one wrapped
+        paragraph per attempt as `perito models show` prints it (`refusal_paragraphs`)."""
         lines = [f"{form.name}: {form.evidence()}" for form, _ in self.forms]
-        lines += [f"{name}: not built: {reason}" for name, reason in self.skipped.items()]
+        for name, reason in self.skipped.items():
+            lines.append(f"{name}: not built:")
+            lines += refusal_paragraphs(reason, indent="  ")
         return lines
 
 
