@@ -70,6 +70,15 @@ def _silent_calls(
     return [call.future(never(), metadata=metadata, timeout=30) for _ in range(count)]
 
 
+def _health_check(channel: grpc.Channel) -> Any:
+    """grpc.health.v1's Check on `channel`, as a callable."""
+    return channel.unary_unary(
+        HEALTH,
+        request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+        response_deserializer=health_pb2.HealthCheckResponse.FromString,
+    )
+
+
 def _reason(error: Any) -> str:
     status = rpc_status.from_call(error)
     return str(status) if status is not None else ""
@@ -95,11 +104,7 @@ def test_one_tenants_silent_calls_leave_the_others_and_the_probes_room(
             # Another tenant, and a probe, are answered meanwhile.
             with perito.Client(running.target, token=tokens["acme"], timeout=10) as acme:
                 assert acme.classify([red_jpeg()], model="tiny")[0].predictions
-            check = channel.unary_unary(
-                HEALTH,
-                request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
-                response_deserializer=health_pb2.HealthCheckResponse.FromString,
-            )
+            check = _health_check(channel)
             assert check(health_pb2.HealthCheckRequest(), timeout=10).status == 1  # SERVING
             # The silent calls end once their messages are 2 s late; the tenant's room is back.
             for future in held:
@@ -121,11 +126,7 @@ def test_calls_without_a_token_share_their_own_room(
         try:
             held = _silent_calls(channel, HEALTH, 3, None, stop)
             time.sleep(0.5)
-            check = channel.unary_unary(
-                HEALTH,
-                request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
-                response_deserializer=health_pb2.HealthCheckResponse.FromString,
-            )
+            check = _health_check(channel)
             with pytest.raises(grpc.RpcError) as refused:
                 check(health_pb2.HealthCheckRequest(), timeout=10)
             error: Any = refused.value
