@@ -23,26 +23,24 @@ loopback only: see `perito_server.app`).
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import contextvars
 import inspect
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import grpc
 import grpc.aio
 
 from perito_core.access.audit import AuditLog, AuditRecord
-from perito_core.access.quotas import RateLimiter
+from perito_core.access.quotas import InProgress, RateLimiter
 from perito_core.access.tenancy import Tenant, Tenants
 from perito_core.errors import (
     DeadlineExceeded,
     InvalidArgument,
     PeritoError,
     PermissionDenied,
-    QuotaExceeded,
 )
 from perito_server.errors import Continuation, abort, metadata_value
 
@@ -145,15 +143,14 @@ class CallSlots:
         self.per_tenant = per_tenant
         self.open_calls = open_calls
         self.arrival_s = arrival_s
-        self.held: collections.Counter[str] = collections.Counter()
+        self.calls = InProgress("QUOTA_CONCURRENT_CALLS", retry_after=1.0)
 
     @classmethod
     def unbounded(cls) -> CallSlots:
         """No share smaller than gRPC's own limit, and an hour for a message to arrive."""
         return cls(sys.maxsize, sys.maxsize, 3600.0)
 
-    @contextlib.contextmanager
-    def hold(self, key: str) -> Iterator[None]:
+    def hold(self, key: str) -> contextlib.AbstractContextManager[None]:
         """One slot of `key` (a tenant's name, or `OPEN_CALLS`) for the block.
 
         Raises:
@@ -161,20 +158,12 @@ class CallSlots:
                 QUOTA_CONCURRENT_CALLS, with a retry hint).
         """
         most = self.open_calls if key == OPEN_CALLS else self.per_tenant
-        if self.held[key] >= most:
-            who = "calls without a token" if key == OPEN_CALLS else f"tenant {key!r}"
-            raise QuotaExceeded(
-                f"{who} already has {most} calls in progress on this server, the most at once",
-                reason="QUOTA_CONCURRENT_CALLS",
-                retry_after=1.0,
-            )
-        self.held[key] += 1
-        try:
-            yield
-        finally:
-            self.held[key] -= 1
-            if not self.held[key]:
-                del self.held[key]
+        who = "calls without a token" if key == OPEN_CALLS else f"tenant {key!r}"
+        return self.calls.hold(
+            key,
+            most,
+            f"{who} already has {most} calls in progress on this server, the most at once",
+        )
 
     async def first_message(self, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         """A unary call's request message, read from the call of a request-streaming

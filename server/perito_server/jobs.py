@@ -4,7 +4,6 @@ delete; and the job watchdog that makes every accepted job end (`perito_core.job
 from __future__ import annotations
 
 import asyncio
-import collections
 import functools
 import logging
 import os
@@ -21,6 +20,7 @@ from google.protobuf import timestamp_pb2
 
 from perito.v1 import classify_pb2, jobs_pb2
 from perito.v1.vocabulary import ItemState, JobState, Prediction
+from perito_core.access.quotas import InProgress
 from perito_core.access.tenancy import Access, Tenant, check_uri
 from perito_core.errors import (
     FailedPrecondition,
@@ -178,7 +178,7 @@ class JobService:
         self.pool = pool
         self.store = JobStore.connect(settings.redis_url, s3=settings.s3_options())
         self.job_data_root = job_data_root(settings)
-        self._watching: collections.Counter[str] = collections.Counter()  # tenant -> streams
+        self._watching = InProgress("QUOTA_CONCURRENT_WATCHES", retry_after=5.0)
         roots = list(settings.local_roots)
         if "://" not in settings.results_uri:  # the operator's results folder may be written
             roots.append(Path(settings.results_uri).resolve())
@@ -649,15 +649,12 @@ class JobService:
         last_sent = 0.0
         await self._owned(job_id, tenant)
         most = self.settings.max_watches_per_tenant
-        if self._watching[tenant.name] >= most:
-            raise QuotaExceeded(
-                f"tenant {tenant.name!r} already watches {most} jobs on this server, the most "
-                "at once; end one, or poll GetJob",
-                reason="QUOTA_CONCURRENT_WATCHES",
-                retry_after=5.0,
-            )
-        self._watching[tenant.name] += 1
-        try:
+        with self._watching.hold(
+            tenant.name,
+            most,
+            f"tenant {tenant.name!r} already watches {most} jobs on this server, the most at "
+            "once; end one, or poll GetJob",
+        ):
             while True:
                 job = await self._run(self.store.get, job_id)
                 message = job_to_proto(job)
@@ -668,10 +665,6 @@ class JobService:
                 if job.state.terminal:
                     return
                 await asyncio.sleep(0.25)
-        finally:
-            self._watching[tenant.name] -= 1
-            if not self._watching[tenant.name]:
-                del self._watching[tenant.name]
 
     async def list_results(
         self, request: jobs_pb2.ListJobResultsRequest, tenant: Tenant

@@ -79,6 +79,14 @@ def _health_check(channel: grpc.Channel) -> Any:
     )
 
 
+def _all_late(held: list[Any]) -> None:
+    """Each silent call ended DEADLINE_EXCEEDED, its message 2 s late."""
+    for future in held:
+        error: Any = future.exception(timeout=20)
+        assert error is not None and error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "did not arrive within 2 s" in error.details(), error.details()
+
+
 def _reason(error: Any) -> str:
     status = rpc_status.from_call(error)
     return str(status) if status is not None else ""
@@ -107,10 +115,7 @@ def test_one_tenants_silent_calls_leave_the_others_and_the_probes_room(
             check = _health_check(channel)
             assert check(health_pb2.HealthCheckRequest(), timeout=10).status == 1  # SERVING
             # The silent calls end once their messages are 2 s late; the tenant's room is back.
-            for future in held:
-                error: Any = future.exception(timeout=20)
-                assert error is not None and error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-                assert "did not arrive within 2 s" in error.details(), error.details()
+            _all_late(held)
             with perito.Client(running.target, token=tokens["globex"], timeout=10) as globex:
                 assert globex.classify([red_jpeg()], model="tiny")[0].predictions
         finally:
@@ -136,9 +141,7 @@ def test_calls_without_a_token_share_their_own_room(
             )
             with perito.Client(running.target, token=tokens["acme"], timeout=10) as acme:
                 assert acme.classify([red_jpeg()], model="tiny")[0].predictions
-            for future in held:
-                late: Any = future.exception(timeout=20)
-                assert late is not None and late.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            _all_late(held)
         finally:
             stop.set()
 

@@ -17,9 +17,11 @@ server thus costs it almost nothing per refused call, and cannot slow other tena
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import redis
 
@@ -110,6 +112,39 @@ class RateLimiter:
             with self._lock:
                 self._blocked_until[(tenant, per_minute)] = one_fits_at
             raise _over_quota(tenant, per_minute, float(wait_ms) / 1000)
+
+
+class InProgress:
+    """How many of one kind of thing (calls, watch streams) each tenant has in progress in
+    this process, each share bounded: the same count for every kind, so that none is
+    written twice.
+
+    Args:
+        reason: the refusal's machine-readable reason (`QUOTA_CONCURRENT_CALLS`, ...).
+        retry_after: the refusal's retry hint, in seconds.
+    """
+
+    def __init__(self, reason: str, retry_after: float) -> None:
+        self.reason = reason
+        self.retry_after = retry_after
+        self.held: collections.Counter[str] = collections.Counter()
+
+    @contextlib.contextmanager
+    def hold(self, key: str, most: int, refusal: str) -> Iterator[None]:
+        """One of `key`'s (a tenant's) `most` for the block.
+
+        Raises:
+            QuotaExceeded: `key` holds `most` already; `refusal` is its message.
+        """
+        if self.held[key] >= most:
+            raise QuotaExceeded(refusal, reason=self.reason, retry_after=self.retry_after)
+        self.held[key] += 1
+        try:
+            yield
+        finally:
+            self.held[key] -= 1
+            if not self.held[key]:
+                del self.held[key]
 
 
 def _over_quota(tenant: str, per_minute: int, retry_after: float) -> QuotaExceeded:
