@@ -97,7 +97,11 @@ def test_where_the_gate_refuses_int8_the_card_and_the_cli_say_why(
     )
     assert result.exit_code == 0, result.output
     assert "compiled forms: none" in result.output
-    refusal = next(line for line in result.output.splitlines() if "openvino-int8" in line)
+    # Each refused form is its heading line, then one indented paragraph per attempt.
+    block = result.output.split("openvino-int8: not built:", 1)[1].split("-int8: not built:")[0]
+    refusal = " ".join(block.split())
+    assert "post-training: top-1 agreement" in refusal, result.output
+    assert "with accuracy control: top-1 agreement" in refusal, result.output
     assert "under the gate's 101.00%" in refusal, result.output
 
     opened = ModelRegistry.open(str(registry), cache_dir=tmp_path / "cache")
