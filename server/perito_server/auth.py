@@ -127,10 +127,11 @@ OPEN_CALLS = ""
 
 
 class CallSlots:
-    """The gRPC calls in progress on this server, counted per tenant (and the open calls
-    together, under `OPEN_CALLS`) from the moment a call arrives, before its request message
-    is read, until it ends: one caller cannot take the whole of `max_concurrent_rpcs` (by
-    opening calls and never sending their messages, say) and leave the others none.
+    """The calls in progress on this server, gRPC calls and HTTP requests alike, counted per
+    tenant (and the open calls together, under `OPEN_CALLS`) from the moment a call arrives,
+    before its request message or body is read, until it ends: one caller cannot take the
+    whole of `max_concurrent_rpcs` (by opening calls and never sending their messages, say)
+    and leave the others none.
 
     Args:
         per_tenant: the most calls one tenant may have in progress at once.

@@ -2,21 +2,90 @@
 
 Served on `--host`:`--http-port`, in the same process and event loop as the gRPC server
 (`perito_server.app`), so both share the model pool, the dynamic batchers and their limits.
-uvicorn parses HTTP with `httptools` (C).
+uvicorn parses HTTP with `httptools` (C), through `_HeadersInTime`: uvicorn bounds an idle
+connection's wait (keep-alive) and Perito a body's (`HttpEdge.body`), but nothing bounded a
+request whose headers never end, so a caller could hold connections (and their memory) open
+forever by sending a byte now and then.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import math
 from collections.abc import Iterator
+from typing import Any
 
 import uvicorn
 from starlette.applications import Starlette
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from perito_core import listening
+from perito_core.errors import DeadlineExceeded
+from perito_server.errors import to_http
 from perito_server.settings import ServerSettings
+
+
+class HeadersStalled(DeadlineExceeded, reason="HEADERS_STALLED"):
+    """A request's headers did not arrive whole in time (answered 408, the connection closed)."""
+
+
+class _HeadersInTime(HttpToolsProtocol):
+    """uvicorn's httptools protocol, with a request's headers due whole within `headers_s`
+    seconds of the connection opening or of its previous answer's end (nginx's
+    `client_header_timeout`); past it the connection is answered 408 `HEADERS_STALLED` and
+    closed. An idle connection is still closed sooner by uvicorn's keep-alive timeout; once
+    the headers are whole the body has its own bound (`HttpEdge.body`)."""
+
+    headers_s = 60.0  # set per server by `HttpServer.start`
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._headers_due: asyncio.TimerHandle | None = None
+
+    def _await_headers(self) -> None:
+        self._headers_in()
+        self._headers_due = self.loop.call_later(self.headers_s, self._headers_stalled)
+
+    def _headers_in(self) -> None:
+        if self._headers_due is not None:
+            self._headers_due.cancel()
+            self._headers_due = None
+
+    def _headers_stalled(self) -> None:
+        self._headers_due = None
+        if self.transport.is_closing():
+            return
+        error = HeadersStalled(
+            f"the request's headers did not arrive whole within {self.headers_s:g} s"
+        )
+        _, body, _ = to_http(error)
+        body["error"]["code"] = 408
+        content = json.dumps(body).encode()
+        self.transport.write(
+            b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(content), content)
+        )
+        self.transport.close()
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._await_headers()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._headers_in()
+        super().connection_lost(exc)
+
+    def on_headers_complete(self) -> None:
+        self._headers_in()
+        super().on_headers_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        # The next request's headers are due, unless they came already (pipelined).
+        if not self.transport.is_closing() and self.cycle.response_complete:
+            self._await_headers()
 
 
 class _Uvicorn(uvicorn.Server):
@@ -52,7 +121,9 @@ class HttpServer:
             port=settings.http_port or 0,
             log_level="warning",
             access_log=False,
-            http="httptools",
+            http=type(
+                "HeadersInTime", (_HeadersInTime,), {"headers_s": settings.request_arrival_s}
+            ),
             lifespan="off",
             ssl_certfile=settings.tls_cert_file,
             ssl_keyfile=settings.tls_key_file,

@@ -72,16 +72,18 @@ class ServerSettings(CommonSettings):
     # RESOURCE_EXHAUSTED (QUOTA_CONCURRENT_WATCHES) with a retry hint, so no tenant can take
     # the whole call budget from the others.
     max_watches_per_tenant: int = Field(16, ge=1, description="WatchJob streams per tenant")
-    # gRPC calls in progress at once per tenant, counted from a call's arrival, before its
-    # message is read (`auth.CallSlots`): past it, RESOURCE_EXHAUSTED (QUOTA_CONCURRENT_CALLS)
-    # with a retry hint, so that no tenant holds the whole of `max_concurrent_rpcs`. Without
-    # tenants (one anonymous caller) the share is the whole.
-    max_calls_per_tenant: int = Field(256, ge=1, description="gRPC calls in progress per tenant")
+    # Calls in progress at once per tenant, gRPC calls and HTTP requests together, counted
+    # from a call's arrival, before its message or body is read (`auth.CallSlots`): past it,
+    # RESOURCE_EXHAUSTED / 429 (QUOTA_CONCURRENT_CALLS) with a retry hint, so that no tenant
+    # holds the whole of `max_concurrent_rpcs`. Without tenants (one anonymous caller) the
+    # share is the whole.
+    max_calls_per_tenant: int = Field(256, ge=1, description="calls in progress per tenant")
     # Calls that need no token (health checks, reflection, OIP liveness and readiness) at
     # once; probes belong on `health_port`, which has its own calls.
-    max_open_calls: int = Field(64, ge=1, description="gRPC calls without a token at once")
+    max_open_calls: int = Field(64, ge=1, description="calls without a token at once")
     # Seconds a unary call's request message may take to arrive once the call is open (a
-    # 64 MiB request at 20 Mbit/s takes about 27 s); past it, DEADLINE_EXCEEDED.
+    # 64 MiB request at 20 Mbit/s takes about 27 s); past it, DEADLINE_EXCEEDED. An HTTP
+    # request's headers, and then its body, have as long each (408).
     request_arrival_s: float = Field(60.0, gt=0, description="for a request message to arrive")
     default_top_k: int = Field(5, ge=1)
 

@@ -11,6 +11,7 @@ sockets, grpcio's own client.
 
 from __future__ import annotations
 
+import base64
 import threading
 import time
 from collections.abc import Iterator
@@ -161,7 +162,115 @@ def test_an_http_body_that_stops_arriving_is_answered_408(
             + b'{"images": ['
         )
         started = time.monotonic()
-        answer = raw.recv(4096).decode(errors="replace")
+        answer = _answer(raw).decode(errors="replace")
     assert answer.startswith("HTTP/1.1 408"), answer
     assert "did not arrive whole within 2 s" in answer, answer
     assert time.monotonic() - started < 10
+
+
+def test_http_requests_hold_the_tenants_share_of_calls(
+    server: tuple[ServerThread, dict[str, str]],
+) -> None:
+    """A tenant's HTTP requests and gRPC calls count together: with its 4 calls held by HTTP
+    bodies that never finish, its next request (either door) is refused, another tenant's is
+    answered, and its room is back once the bodies are 2 s late."""
+    import socket
+
+    import httpx
+
+    running, tokens = server
+    port = running.running.http_port  # type: ignore[attr-defined]
+    url = f"http://127.0.0.1:{port}/v1/models/tiny:classify"
+    stalled = []
+    try:
+        for _ in range(4):
+            raw = socket.create_connection(("127.0.0.1", port), timeout=20)
+            raw.sendall(
+                b"POST /v1/models/tiny:classify HTTP/1.1\r\nHost: x\r\n"
+                + f"Authorization: Bearer {tokens['globex']}\r\n".encode()
+                + b"Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n{"
+            )
+            stalled.append(raw)
+        time.sleep(0.5)
+        body = {"images": [{"content": base64.b64encode(red_jpeg()).decode()}]}
+        refused = httpx.post(url, json=body, headers=_bearer(tokens["globex"]), timeout=10)
+        assert refused.status_code == 429, refused.text
+        assert refused.json()["error"]["details"][0]["reason"] == "QUOTA_CONCURRENT_CALLS"
+        assert "4 calls in progress" in refused.json()["error"]["message"]
+        assert refused.headers["retry-after"] == "1"
+        with (
+            perito.Client(running.target, token=tokens["globex"], timeout=10, max_retries=0) as c,
+            pytest.raises(perito.ResourceExhaustedError),
+        ):
+            c.classify([red_jpeg()], model="tiny")
+        answered = httpx.post(url, json=body, headers=_bearer(tokens["acme"]), timeout=10)
+        assert answered.status_code == 200, answered.text
+        for raw in stalled:
+            assert _answer(raw).startswith(b"HTTP/1.1 408")
+        again = httpx.post(url, json=body, headers=_bearer(tokens["globex"]), timeout=10)
+        assert again.status_code == 200, again.text
+    finally:
+        for raw in stalled:
+            raw.close()
+
+
+def test_a_request_whose_headers_never_end_is_answered_408_and_closed(
+    server: tuple[ServerThread, dict[str, str]],
+) -> None:
+    """A connection that opens and sends nothing, and one that sends its headers a byte at a
+    time without ending them, are each answered 408 and closed once 2 s have passed (uvicorn
+    kept both open for as long as the caller liked); the same within a kept-alive connection
+    after its first answer."""
+    import socket
+
+    running, _ = server
+    port = running.running.http_port  # type: ignore[attr-defined]
+    started = time.monotonic()
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=20) as silent,
+        socket.create_connection(("127.0.0.1", port), timeout=20) as trickle,
+    ):
+        deadline = started + 6
+        for byte in b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100:
+            try:
+                trickle.sendall(bytes([byte]))
+            except OSError:
+                break  # closed under it
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        for raw in (silent, trickle):
+            answer = _answer(raw)
+            assert answer.startswith(b"HTTP/1.1 408"), answer
+            assert b"HEADERS_STALLED" in answer and b"within 2 s" in answer, answer
+            assert raw.recv(4096) == b""  # closed
+    assert time.monotonic() - started < 6
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as kept:
+        kept.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert _answer(kept).startswith(b"HTTP/1.1 200")
+        kept.sendall(b"GET /v2/health/live HTTP/1.1\r\n")
+        assert _answer(kept).startswith(b"HTTP/1.1 408")
+
+
+def _answer(raw: Any) -> bytes:
+    """One whole HTTP answer from socket `raw`: its head, and its body by Content-Length."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = raw.recv(4096)
+        assert chunk, data  # closed before its head was whole
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":", 1)[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    while len(body) < length:
+        chunk = raw.recv(4096)
+        assert chunk, data + body
+        body += chunk
+    return head + b"\r\n\r\n" + body
+
+
+def _bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}

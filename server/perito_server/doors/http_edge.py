@@ -3,7 +3,9 @@
 Not a door itself: `HttpEdge.door` wraps each route's handler so that it runs as the tenant
 the `Authorization: Bearer <token>` header names, checked by the gRPC interceptor's own code
 (`TenantInterceptor.authorize`, with the gRPC method the route stands for) before the body is
-read, with the model in the path checked against the tenant's list. Errors are answered with
+read, with the model in the path checked against the tenant's list, and within the tenant's
+share of the server's calls (`CallSlots`, which gRPC calls and HTTP requests hold alike; past
+it, 429 QUOTA_CONCURRENT_CALLS with `Retry-After`). Errors are answered with
 `errors.to_http` (the HTTP status of the gRPC code, from the one table every door uses, and
 Google AIP-193's JSON error); OIP routes keep the protocol's `{"error": "<message>"}` string
 (what OIP clients print) and add the AIP-193 `code`, `status` and `details` beside it. A body
@@ -41,7 +43,7 @@ from perito_core.errors import ErrorCode, InvalidArgument, NotFound, PeritoError
 from perito_core.logs import DOOR, REQUEST_ID
 from perito_core.models.registry import ALIAS_PATTERN, NAME_PATTERN, VERSION_PATTERN
 from perito_core.storage import echo_uri
-from perito_server.auth import TenantInterceptor
+from perito_server.auth import OPEN_CALLS, TenantInterceptor
 from perito_server.doors.content_coding import ACCEPT_ENCODING, UnsupportedEncoding, body_decoder
 from perito_server.errors import as_perito_error, echo, request_id, to_http
 from perito_server.metrics import ServerMetrics
@@ -180,16 +182,20 @@ class HttpEdge:
             REQUEST_ID.set(call_id)
             DOOR.set(name)
             try:
-                tenant = Tenant.unrestricted("anonymous")
+                tenant, slot = Tenant.unrestricted("anonymous"), OPEN_CALLS
                 if method is not None:
                     metadata = [
                         ("authorization", request.headers.get("authorization", "")),
                         ("x-request-id", call_id),  # for the audit of a refused change
                     ]
                     tenant = self.authorizer.authorize(method, metadata)
+                    slot = tenant.name
                     if model:
                         tenant.require_model(model_ref(request)[0])
-                response = await handler(request, tenant)
+                # The tenant's share of the server's calls, as a gRPC call holds, from before
+                # its body is read until it is answered.
+                with self.authorizer.slots.hold(slot):
+                    response = await handler(request, tenant)
             except ClientDisconnect:  # the caller left mid-body: no one to answer, no fault
                 code = "CANCELLED"
                 log.info("%s: the caller left before its body arrived", name)
