@@ -18,7 +18,6 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import TypeVar
 
@@ -84,6 +83,7 @@ from perito_server.paging import LIST_MODELS
 from perito_server.predictions import Outcome, PredictionRecorder
 from perito_server.settings import ServerSettings
 from perito_server.shadow import ShadowTraffic
+from perito_server.turns import TakingTurns
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +191,9 @@ class InferenceService:
         self.tenants = tenants
         self.tenants.on_reload = self._audit_reload
         self.limits: ImageLimits = settings.image_limits()
-        self._decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
+        # Every door's images, decoded in turns by tenant: one tenant's large images do not
+        # hold the others' behind them (`turns`).
+        self._decode_pool = TakingTurns(settings.decode_threads, "decode")
         # Encoded request bytes admitted to any model's batcher and not yet answered.
         self.queue_bytes = ByteBudget(settings.max_queue_bytes)
         # False once the server drains (OIP readiness).
@@ -369,17 +371,19 @@ class InferenceService:
                 )
 
     async def _decode_all(
-        self, contents: Sequence[bytes], spec: InputSpec, describe: Describe
+        self, tenant: str, contents: Sequence[bytes], spec: InputSpec, describe: Describe
     ) -> list[tuple[np.ndarray, DecodeInfo, str]]:
-        """Each image decoded and resized (`_decode_one`, on the decode threads), in order.
+        """Each image decoded and resized (`_decode_one`, on the decode threads, in
+        `tenant`'s turns), in order.
 
         Raises:
             InvalidImage: the undecodable images, each named by `describe`.
         """
-        loop = asyncio.get_running_loop()
         decoded = await asyncio.gather(
             *(
-                loop.run_in_executor(self._decode_pool, _decode_one, content, spec, self.limits)
+                asyncio.wrap_future(
+                    self._decode_pool.submit_as(tenant, _decode_one, content, spec, self.limits)
+                )
                 for content in contents
             ),
             return_exceptions=True,
@@ -493,12 +497,12 @@ class InferenceService:
                     )
                 pixels, infos = list(images), [None] * len(images)
                 judged = [None] * len(images)
-                digests = await asyncio.get_running_loop().run_in_executor(
-                    self._decode_pool, _pixel_digests, images
+                digests = await asyncio.wrap_future(
+                    self._decode_pool.submit_as(tenant.name, _pixel_digests, images)
                 )
             else:
                 with tracing.span("perito.decode", images=len(images)):
-                    decoded = await self._decode_all(images, spec, describe)
+                    decoded = await self._decode_all(tenant.name, images, spec, describe)
                 pixels = [p for p, _, _ in decoded]
                 infos = [info for _, info, _ in decoded]
                 digests = [digest for _, _, digest in decoded]
