@@ -82,7 +82,18 @@ def _check_server(_context: click.Context, _parameter: click.Parameter, server: 
             f"{server!r}: HOST:PORT, without a scheme (here {rest.rstrip('/')!r}); "
             "TLS comes from PERITO_TLS=1 or PERITO_TLS_CA"
         )
+    if not sep and not server.startswith(_GRPC_SCHEMES) and not _PORT.search(server):
+        # gRPC would quietly call port 443, where no Perito server listens by default.
+        raise click.BadParameter(
+            f"{server!r}: HOST:PORT, with the port (perito serve listens on 8500: "
+            f"{server}:8500); without one gRPC would call port 443"
+        )
     return server
+
+
+# gRPC's own target forms, which `--server` passes as they are; and a target's `:PORT` end.
+_GRPC_SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:")
+_PORT = re.compile(r"(?:^|[^:]):\d+$|\]:\d+$")
 
 
 def _finite_seconds(_context: click.Context, _parameter: click.Parameter, value: float) -> float:
@@ -801,9 +812,11 @@ def job_delete(job_id: str, server: str, timeout: float) -> None:
 @server_option("host:port to check (env PERITO_SERVER): the API port or the health port.")
 @click.option("--timeout", default=3.0, show_default=True, help="Seconds to wait.")
 def health(server: str, timeout: float) -> None:
-    """Exit 0 when the server reports SERVING (grpc.health.v1), 1 otherwise.
+    """Exit 0 when the server reports SERVING (grpc.health.v1), 1 otherwise (also when it
+    does not answer: container health checks read 0 and 1 only).
 
-    For container health checks where no gRPC probe is built in.
+    For container health checks where no gRPC probe is built in. TLS as every command takes
+    it, from PERITO_TLS=1 or PERITO_TLS_CA (the health port is plaintext).
 
     \b
     Example:
@@ -812,8 +825,17 @@ def health(server: str, timeout: float) -> None:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    ca = os.environ.get("PERITO_TLS_CA") or None
+    tls = os.environ.get("PERITO_TLS", "").lower() in ("1", "true", "yes")
     try:
-        with grpc.insecure_channel(server) as channel:
+        with (
+            grpc.secure_channel(
+                server,
+                grpc.ssl_channel_credentials(Path(ca).read_bytes() if ca else None),
+            )
+            if tls or ca
+            else grpc.insecure_channel(server)
+        ) as channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=""), timeout=timeout
             )

@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 import perito
 from scripts.deploy_secrets import generate
 from tests.conftest import lite0_and_tiny_registry
-from tests.helpers import ServerThread
+from tests.helpers import ServerThread, run_perito, subprocess_env
 
 pytestmark = pytest.mark.integration
 
@@ -123,6 +123,11 @@ async def test_tls_and_bearer_tokens(
             health = health_pb2_grpc.HealthStub(channel)
             reply = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        # `perito health` takes TLS from the environment, as every command does.
+        checked = run_perito(
+            "health", "--server", target, env=subprocess_env(PERITO_TLS_CA=str(ca))
+        )
+        assert checked.stdout.strip() == f"{target}: SERVING"
         # Probes that cannot speak TLS use the plaintext health port, which serves nothing else.
         plain = f"127.0.0.1:{server.running.health_port}"  # type: ignore[attr-defined]
         with grpc.insecure_channel(plain) as channel:

@@ -67,12 +67,31 @@ def test_what_the_cli_cannot_take_is_a_usage_error_not_a_traceback(tmp_path: Pat
         (["submit", str(tmp_path / "*.png"), "--model", "tiny"], "not a folder, a manifest"),
         (["submit", str(photo), "--model", "tiny"], "not a folder, a manifest"),
         (["models", "list", "--server", "http://127.0.0.1:8500"], "without a scheme"),
+        (["models", "list", "--server", "127.0.0.1"], "127.0.0.1:8500"),
+        (["models", "list", "--server", "perito.internal"], "port 443"),
+        (["health", "--server", "[::1]"], "with the port"),
         (["models", "list", "--timeout", "nan"], "seconds over 0"),
         (["models", "list", "--timeout", "0"], "seconds over 0"),
     ):
         result = runner.invoke(cli, args)
         assert result.exit_code == EXIT_USAGE, (args, result.output)
         assert said in result.output and "Traceback" not in result.output, result.output
+
+
+def test_a_server_named_with_its_port_or_in_grpcs_own_forms_is_taken() -> None:
+    import click
+
+    from perito._cli import _check_server
+
+    for server in (
+        "localhost:8500",
+        "10.0.0.7:443",
+        "[::1]:8500",
+        "dns:///perito.internal:8500",
+        "unix:///run/perito.sock",
+        "ipv4:127.0.0.1:8500",
+    ):
+        assert _check_server(click.Context(click.Command("x")), None, server) == server  # type: ignore[arg-type]
 
 
 def test_a_newline_in_an_image_id_cannot_fake_a_line() -> None:
