@@ -61,7 +61,10 @@ class AsyncClient:
         target: `host:port` of the server.
         timeout: default deadline in seconds for each call.
         max_retries: how often a call is retried on UNAVAILABLE, or on RESOURCE_EXHAUSTED when
-            the server sent a retry hint; waits back off exponentially, or follow the hint.
+            the server sent a retry hint; waits back off exponentially (0.1 s doubling to
+            2 s), or follow the hint. Once the server has answered this client, UNAVAILABLE
+            is retried beyond it for up to 30 s within the call's timeout (a restart); a
+            server never reached gets only `max_retries`. 0: no retry at all.
         tls: connect with TLS, verified against the system's CA roots.
         root_certificates: a CA bundle (PEM bytes or a file path) to verify the server with;
             implies TLS.
@@ -101,6 +104,7 @@ class AsyncClient:
         self._stub: Any = None if channel is None else service_pb2_grpc.PeritoStub(channel)  # type: ignore[no-untyped-call]
         self._loop = 0  # the event loop the channel belongs to (0: none yet, or sync)
         self._closed = False
+        self._answered = False  # whether the server has answered a call of this client
 
     def _connected(self) -> Any:
         """The stub over this client's channel, opened on first use: an `AsyncClient` made
@@ -145,7 +149,12 @@ class AsyncClient:
             self._channel = None
 
     def _policy(self, timeout: float | None) -> Policy:
-        return Policy(self.timeout if timeout is None else _core.seconds(timeout), self.max_retries)
+        return Policy(
+            self.timeout if timeout is None else _core.seconds(timeout),
+            self.max_retries,
+            # A server that has answered and stops is likely restarting: wait for it.
+            patience_s=_core.RESTART_PATIENCE_S if self._answered else 0.0,
+        )
 
     async def _run(self, program: Program[R], metadata: Metadata | None) -> R:
         """Perform a program's steps (see `perito._core`) until it returns or raises."""
@@ -163,6 +172,7 @@ class AsyncClient:
                 try:
                     method = getattr(self._connected(), step.method)
                     reply = await method(step.request, timeout=step.timeout, metadata=metadata)
+                    self._answered = True
                 except grpc.RpcError as rpc_error:
                     error = from_rpc_error(rpc_error)
             else:

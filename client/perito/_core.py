@@ -126,15 +126,55 @@ def grpc_timeout(remaining: float) -> float | None:
 @dataclass(frozen=True)
 class Policy:
     """A client's settings as one call uses them: its timeout (seconds, `math.inf`: none)
-    and how often to retry."""
+    and how often to retry (`Retries`)."""
 
     timeout: float
     max_retries: int
     clock: Callable[[], float] = time.monotonic
+    # Seconds UNAVAILABLE is retried past `max_retries` (`Retries.patience_s`).
+    patience_s: float = 0.0
 
     def deadline(self) -> Deadline:
         """A deadline `timeout` seconds from now."""
         return Deadline.after(self.timeout, self.clock)
+
+    @property
+    def retries(self) -> Retries:
+        return Retries(self.max_retries, self.patience_s, self.clock)
+
+
+# How long a client goes on retrying UNAVAILABLE past its `max_retries`, once its server has
+# answered it: the server was there and is likely restarting (a `perito serve` start with a
+# small model takes a few seconds; a pod replaced takes longer), always within the call's
+# deadline. A server never reached is given only `max_retries`, so that a wrong address or a
+# server not started fails in about a second.
+RESTART_PATIENCE_S = 30.0
+
+
+@dataclass(frozen=True)
+class Retries:
+    """How often one call may be tried again (`call`).
+
+    Args:
+        max_retries: retries whatever the error `retry_wait` allows (0: none at all).
+        patience_s: for UNAVAILABLE, further retries while the first failure is under this
+            many seconds old (0: none past `max_retries`).
+    """
+
+    max_retries: int
+    patience_s: float = 0.0
+    clock: Callable[[], float] = time.monotonic
+
+    def allow(self, error: PeritoError, attempt: int, failing_since: float, wait: float) -> bool:
+        """Whether attempt number `attempt` (from 0), failed with `error`, is tried again
+        after `wait` seconds, the call failing since `failing_since` (this clock's time)."""
+        if attempt < self.max_retries:
+            return True
+        return (
+            self.max_retries > 0
+            and isinstance(error, UnavailableError)
+            and self.clock() + wait - failing_since < self.patience_s
+        )
 
 
 # Retries.
@@ -158,11 +198,11 @@ def retry_wait(
     return None
 
 
-def call(method: str, request: Message, deadline: Deadline, max_retries: int) -> Program[Any]:
+def call(method: str, request: Message, deadline: Deadline, retries: Retries) -> Program[Any]:
     """One RPC within `deadline`: each attempt gets what is left of it, and a failed one is
-    retried (at most `max_retries` times) when `retry_wait` says so and the wait ends before
-    the deadline. Returns the response; raises the last attempt's error."""
-    attempt = 0
+    retried when `retry_wait` says so, `retries` allows it and the wait ends before the
+    deadline. Returns the response; raises the last attempt's error."""
+    attempt, failing_since = 0, None
     while True:
         remaining = deadline.remaining()
         if remaining < MIN_TIMEOUT:
@@ -170,8 +210,14 @@ def call(method: str, request: Message, deadline: Deadline, max_retries: int) ->
         try:
             return (yield Send(method, request, grpc_timeout(remaining)))
         except PeritoError as error:
+            if failing_since is None:
+                failing_since = retries.clock()
             wait = retry_wait(error, attempt)
-            if wait is None or attempt >= max_retries or wait >= deadline.remaining():
+            if (
+                wait is None
+                or wait >= deadline.remaining()
+                or not retries.allow(error, attempt, failing_since, wait)
+            ):
                 raise
         yield Sleep(wait)
         attempt += 1
@@ -189,7 +235,7 @@ class Pager(Generic[T]):
     request_for: Callable[[str], Message]
     items_of: Callable[[Any], Iterable[T]]
     deadline_for: Callable[[], Deadline]
-    max_retries: int
+    retries: Retries
     # The next page's token: "" for the first page, None after the last.
     _token: str | None = dataclasses.field(default="", init=False)
 
@@ -199,7 +245,7 @@ class Pager(Generic[T]):
 
     def _page(self, token: str) -> Program[list[T]]:
         request = self.request_for(token)
-        response = yield from call(self.method, request, self.deadline_for(), self.max_retries)
+        response = yield from call(self.method, request, self.deadline_for(), self.retries)
         self._token = response.next_page_token or None
         return list(self.items_of(response))
 
@@ -212,7 +258,7 @@ def list_models(policy: Policy) -> Pager[Model]:
         lambda token: models_pb2.ListModelsRequest(page_token=token),
         lambda response: (Model._from_proto(m) for m in response.models),
         lambda: deadline,
-        policy.max_retries,
+        policy.retries,
     )
 
 
@@ -240,7 +286,7 @@ def list_jobs(
         ),
         lambda response: (Job._from_proto(j) for j in response.jobs),
         policy.deadline,
-        policy.max_retries,
+        policy.retries,
     )
 
 
@@ -262,7 +308,7 @@ def list_job_results(
             for r in response.results
         ),
         policy.deadline,
-        policy.max_retries,
+        policy.retries,
     )
 
 
@@ -272,34 +318,32 @@ def list_job_results(
 def get_model(name: str, policy: Policy) -> Program[Model]:
     request = models_pb2.GetModelRequest(model=name)
     return Model._from_proto(
-        (yield from call("GetModel", request, policy.deadline(), policy.max_retries))
+        (yield from call("GetModel", request, policy.deadline(), policy.retries))
     )
 
 
 def submit_job(request: jobs_pb2.SubmitJobRequest, policy: Policy) -> Program[Job]:
     """`request` carries its `request_id`, so every retry of it is the same submission."""
     return Job._from_proto(
-        (yield from call("SubmitJob", request, policy.deadline(), policy.max_retries))
+        (yield from call("SubmitJob", request, policy.deadline(), policy.retries))
     )
 
 
 def get_job(job_id: str, policy: Policy) -> Program[Job]:
     request = jobs_pb2.GetJobRequest(job_id=job_id)
-    return Job._from_proto(
-        (yield from call("GetJob", request, policy.deadline(), policy.max_retries))
-    )
+    return Job._from_proto((yield from call("GetJob", request, policy.deadline(), policy.retries)))
 
 
 def cancel_job(job_id: str, policy: Policy) -> Program[Job]:
     request = jobs_pb2.CancelJobRequest(job_id=job_id)
     return Job._from_proto(
-        (yield from call("CancelJob", request, policy.deadline(), policy.max_retries))
+        (yield from call("CancelJob", request, policy.deadline(), policy.retries))
     )
 
 
 def delete_job(job_id: str, policy: Policy) -> Program[None]:
     request = jobs_pb2.DeleteJobRequest(job_id=job_id)
-    yield from call("DeleteJob", request, policy.deadline(), policy.max_retries)
+    yield from call("DeleteJob", request, policy.deadline(), policy.retries)
 
 
 def watch_ended_by(error: PeritoError) -> bool:
@@ -455,7 +499,7 @@ class SplitClassify:
         self.template = template
         self.parts = parts
         self.on_invalid = on_invalid
-        self.max_retries = policy.max_retries
+        self.retries = policy.retries
         self.unsent = {
             index: _unsent(index, image_id, why)
             for index, (image_id, why) in (unsent or {}).items()
@@ -510,7 +554,7 @@ class SplitClassify:
             indexes = [part.indexes[p] for p in pending]
             request = self._request(part.images[p] for p in pending)
             try:
-                response = yield from call("Classify", request, self.deadline, self.max_retries)
+                response = yield from call("Classify", request, self.deadline, self.retries)
             except InvalidArgumentError as error:
                 renumbered = renumber(error, indexes)
                 named = rejected_images(renumbered, {i: ids[i] for i in indexes})

@@ -1,8 +1,8 @@
-"""A job handle keeps its word when the server does not answer: `wait(timeout=3)` against a
+"""The SDK keeps its word when the server does not answer: `wait(timeout=3)` against a
 frozen server (SIGSTOP: the connection stays open, nothing comes) blocked for as long as the
-server was frozen, and a `wait` across a server restart raised UNAVAILABLE although the job ran
-on. Real `perito serve` processes on one port, a real redis-server; no worker, so the job waits
-until it is cancelled."""
+server was frozen, a `wait` across a server restart raised UNAVAILABLE although the job ran
+on, and so did a `classify` sent while its server restarted. Real `perito serve` processes on
+one port, a real redis-server; no worker, so a job waits until it is cancelled."""
 
 from __future__ import annotations
 
@@ -94,3 +94,38 @@ def test_wait_goes_on_across_a_server_restart(
             assert job.state is perito.JobState.CANCELLED
         finally:
             server.stop()
+
+
+def test_a_classify_sent_while_the_server_restarts_is_answered_once_it_is_back(
+    tmp_path: Path, tiny_model_file: Path, redis_url: str
+) -> None:
+    """A client whose server has answered it waits for that server to come back (within
+    the call's timeout) rather than raising UNAVAILABLE after ~0.7 s of retries; one that
+    never reached its server still fails at once."""
+    tiny_registry(tmp_path / "registry", tiny_model_file)
+    port = free_port()
+    target = f"127.0.0.1:{port}"
+    server = _serve(tmp_path, port, redis_url, "serve-1")
+    with perito.Client(target, timeout=60) as client:
+        assert client.classify([red_jpeg()], model="tiny")[0].predictions
+        server.kill9()
+        restarted: list[Proc] = []
+        restart = threading.Timer(
+            2.0, lambda: restarted.append(_serve(tmp_path, port, redis_url, "serve-2"))
+        )
+        restart.start()
+        try:
+            started = time.monotonic()
+            [answer] = client.classify([red_jpeg()], model="tiny")
+            assert answer.predictions and time.monotonic() - started > 2.0
+        finally:
+            restart.join()
+            for process in restarted:
+                process.stop()
+    started = time.monotonic()
+    with (
+        perito.Client(f"127.0.0.1:{free_port()}", timeout=60) as nowhere,
+        pytest.raises(perito.UnavailableError),
+    ):
+        nowhere.classify([red_jpeg()], model="tiny")
+    assert time.monotonic() - started < 5

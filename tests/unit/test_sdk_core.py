@@ -70,11 +70,16 @@ def failing(*errors: perito.PeritoError, then: Any = "ok") -> Callable[[Send], A
 
 
 def call(
-    answer: Callable[[Send], Any], clock: Clock, deadline: Deadline, max_retries: int = 3
+    answer: Callable[[Send], Any],
+    clock: Clock,
+    deadline: Deadline,
+    max_retries: int = 3,
+    patience_s: float = 0.0,
 ) -> tuple[Any, list[Send], list[float]]:
     """One `_core.call` within `deadline`, driven against `answer` (which RPC it is does not
     matter to the retry loop)."""
-    return drive(_core.call("GetJob", models_pb2.Model(), deadline, max_retries), answer, clock)
+    retries = _core.Retries(max_retries, patience_s, clock)
+    return drive(_core.call("GetJob", models_pb2.Model(), deadline, retries), answer, clock)
 
 
 # Splitting.
@@ -187,6 +192,33 @@ def test_a_call_is_retried_at_most_max_retries_times() -> None:
     assert result == "ok" and len(sends) == 4 and len(sleeps) == 3
     with pytest.raises(perito.UnavailableError):
         call(failing(down, down, down), clock, Deadline.after(30, clock), max_retries=2)
+
+
+def test_a_server_that_answered_before_is_waited_for_within_the_patience_and_deadline() -> None:
+    """Once the server has answered, UNAVAILABLE is tried again past `max_retries` for the
+    patience (a restart), never past the call's deadline, and not at all with 0 retries."""
+    down = perito.UnavailableError("down")
+    clock = Clock()
+    result, sends, sleeps = call(
+        failing(*[down] * 9), clock, Deadline.after(60, clock), patience_s=30.0
+    )
+    assert result == "ok" and len(sends) == 10 and 5 < sum(sleeps) < 30
+    clock = Clock()
+    with pytest.raises(perito.UnavailableError):
+        call(failing(*[down] * 100), clock, Deadline.after(60, clock), patience_s=30.0)
+    assert 27 <= clock.now - 100 < 30  # the fake clock starts at 100
+    clock = Clock()
+    with pytest.raises(perito.UnavailableError):
+        call(failing(*[down] * 100), clock, Deadline.after(10, clock), patience_s=30.0)
+    assert clock.now - 100 <= 10
+    clock = Clock()
+    with pytest.raises(perito.UnavailableError):
+        call(failing(down), clock, Deadline.after(60, clock), max_retries=0, patience_s=30.0)
+    # Only UNAVAILABLE: a hinted RESOURCE_EXHAUSTED still stops at max_retries.
+    full = perito.ResourceExhaustedError("queue full", retry_after=0.5)
+    clock = Clock()
+    with pytest.raises(perito.ResourceExhaustedError):
+        call(failing(*[full] * 5), clock, Deadline.after(60, clock), patience_s=30.0)
 
 
 # The deadline budget.
