@@ -143,7 +143,7 @@ def test_models_show_gives_a_refusal_one_wrapped_paragraph_per_attempt(
     attempt = (
         "top-1 agreement with model.pt 87.50% is under the gate's 99.00% (240 images of "
         "calibration/held-out; 210 of 240 agree, 95% lower bound 82.72%; 28 more had to agree "
-        "for 99%; 17 layers kept FP32 (Multiply_16129, Multiply_16136, ...)"
+        "for 99%; 17 layers kept FP32 (conv 1 3x3 3->32 stride 2, conv 2 3x3 depthwise x32, ...)"
     )
     reason = f"post-training: {attempt}; with accuracy control: {attempt}"
     _print_forms({"forms": [], "skipped_forms": {"openvino-int8": reason}})
@@ -157,4 +157,4 @@ def test_models_show_gives_a_refusal_one_wrapped_paragraph_per_attempt(
     assert any(line.startswith("    with accuracy control: top-1 agreement") for line in lines)
     assert max(len(line) for line in lines) <= 100
     assert not any(line.endswith("held-") for line in lines)  # words stay whole
-    assert " ".join(line.strip() for line in lines[2:]).count("Multiply_16136") == 2
+    assert " ".join(line.strip() for line in lines[2:]).count("conv 2 3x3 depthwise x32") == 2

@@ -485,15 +485,43 @@ def first_convolution(ov_model: object) -> str | None:
 
 def fp32_layers(quantized: object) -> list[str]:
     """The convolutions and matrix products of a quantized `openvino.Model` whose weights
-    stayed FP32 (kept by the ignored scope, or reverted by accuracy control), by friendly name,
-    in execution order. Quantized weights reach a layer through a `FakeQuantize` or, as NNCF
+    stayed FP32 (kept by the ignored scope, or reverted by accuracy control), in execution
+    order, each as `describe_layer` says it ("conv 1 7x7 3->64 stride 2"): the converter's
+    own names (`Multiply_7024`, left by folding the batch norm into the convolution) tell a
+    reader nothing. Quantized weights reach a layer through a `FakeQuantize` or, as NNCF
     stores them compressed, as an 8-bit constant converted and scaled."""
-    kept = []
+    kept, number = [], 0
     for op in quantized.get_ordered_ops():  # type: ignore[attr-defined]
-        layer = op.get_type_name() in ("Convolution", "GroupConvolution", "MatMul")
-        if layer and not _quantized_weights(op.input_value(1).get_node()):
-            kept.append(str(op.get_friendly_name()))
+        if op.get_type_name() in ("Convolution", "GroupConvolution", "MatMul"):
+            number += 1
+            if not _quantized_weights(op.input_value(1).get_node()):
+                kept.append(describe_layer(op, number))
     return kept
+
+
+def describe_layer(op: Any, number: int) -> str:
+    """A weighted layer as a reader finds it in the network: its kind, its number among the
+    convolutions and matrix products in execution order (from 1), kernel, channels in and out,
+    and stride: `conv 1 7x7 3->64 stride 2`, `conv 9 3x3 depthwise x96 stride 2`,
+    `conv 12 1x1 96->24`, `matmul 53 1280->1000`. `op` is an OpenVINO Convolution (weights
+    [out, in, kh, kw]), GroupConvolution ([groups, out/groups, in/groups, kh, kw]) or MatMul
+    ([out, in] with `transpose_b`, else [in, out])."""
+    shape = [int(d.get_length()) for d in op.input(1).get_partial_shape()]
+    attributes = op.get_attributes()
+    if op.get_type_name() == "MatMul":
+        outputs, inputs = shape[-2:] if attributes.get("transpose_b") else shape[-2:][::-1]
+        return f"matmul {number} {inputs}->{outputs}"
+    kernel = "x".join(str(side) for side in shape[-2:])
+    strides = set(attributes.get("strides", [1]))
+    stride = f" stride {max(strides)}" if max(strides) > 1 else ""
+    if op.get_type_name() == "GroupConvolution":
+        groups, per_out, per_in = shape[:3]
+        if per_out == per_in == 1:
+            return f"conv {number} {kernel} depthwise x{groups}{stride}"
+        channels = f"{per_in * groups}->{per_out * groups} in {groups} groups"
+    else:
+        channels = f"{shape[1]}->{shape[0]}"
+    return f"conv {number} {kernel} {channels}{stride}"
 
 
 def _quantized_weights(node: Any, depth: int = 6) -> bool:
