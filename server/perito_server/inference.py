@@ -19,7 +19,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 from google.protobuf import struct_pb2, timestamp_pb2
@@ -76,6 +76,7 @@ from perito_server.oip_protocol import (
     OutputTensor,
     RequestedOutput,
     image_count,
+    model_metadata,
     quality_gate,
     quality_parameter,
 )
@@ -849,6 +850,18 @@ class InferenceService:
         pool = self.pool
         resolved = await pool.resolve(model, version)
         return await asyncio.to_thread(pool.registry.manifest, model, resolved)
+
+    async def oip_model_metadata(self, model: str, version: str) -> dict[str, Any]:
+        """OIP's model metadata (`model_metadata`) of `model` at `version` (a
+        version, an alias or "" for latest), listing every version of the model.
+
+        Raises:
+            InvalidArgument: a malformed name.
+            NotFound: no such model, version or alias.
+        """
+        manifest = await self.model_manifest(model, version)
+        versions = await asyncio.to_thread(self.pool.registry.list_versions, model)
+        return model_metadata(manifest, versions)
 
     async def model_ready(self, model: str, version: str) -> bool:
         """Whether `model@version` exists and the server takes requests (a version that is

@@ -275,13 +275,15 @@ def image_count(shape: Sequence[int], datatype: str, name: str) -> int:
     return dims[0]
 
 
-def model_metadata(manifest: ModelManifest) -> dict[str, Any]:
-    """The OIP model metadata of `manifest`'s version: name, versions, platform, inputs and
-    outputs (each `{"name", "datatype", "shape"}`), as the REST response's JSON."""
+def model_metadata(manifest: ModelManifest, versions: Sequence[str]) -> dict[str, Any]:
+    """The OIP model metadata of `manifest`'s version: name, `versions` (every version of the
+    model a request may name, as OIP and Triton list them), platform, inputs and outputs (each
+    `{"name", "datatype", "shape"}`, those of `manifest`'s version), as the REST response's
+    JSON."""
     size = manifest.input
     return {
         "name": manifest.name,
-        "versions": [manifest.version],
+        "versions": list(versions),
         "platform": PLATFORMS.get(manifest.artifact.format, manifest.artifact.format),
         "inputs": [
             {"name": IMAGES_INPUT, "datatype": "BYTES", "shape": [-1]},

@@ -140,6 +140,30 @@ def test_model_metadata_describes_both_inputs_and_the_output(served: Served) -> 
     assert http_meta["outputs"] == [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 3]}]
 
 
+def test_model_metadata_lists_every_version_a_request_may_name(
+    tmp_path: Path, tiny_model_file: Path
+) -> None:
+    """OIP's `versions` are those a request may name (Triton lists them all); the metadata
+    listed only the version asked for, so a client could not find the others."""
+    from perito_core.models.registry import ModelRegistry
+    from tests.conftest import publish_tiny
+    from tests.helpers import ServerThread
+
+    root = tiny_registry(tmp_path / "registry", tiny_model_file)
+    publish_tiny(ModelRegistry.open(str(root), cache_dir=tmp_path / "publish"), tiny_model_file)
+    with ServerThread.serving(
+        root, tmp_path / "cache", redis_url="redis://127.0.0.1:1/0", http_port=0
+    ) as server:
+        http_url = f"127.0.0.1:{server.running.http_port}"  # type: ignore[attr-defined]
+        for version in ("", "1", "2"):
+            http_meta = httpclient.InferenceServerClient(http_url).get_model_metadata(
+                "tiny", version
+            )
+            assert http_meta["versions"] == ["1", "2"], (version, http_meta)
+        grpc_meta = grpcclient.InferenceServerClient(server.target).get_model_metadata("tiny", "1")
+        assert list(grpc_meta.versions) == ["1", "2"]
+
+
 @pytest.mark.parametrize("shape_n1", [False, True], ids=["[N]", "[N,1]"])
 def test_grpc_infer_answers_what_classify_answers(
     served: Served, images: list[bytes], classify_probabilities: np.ndarray, shape_n1: bool

@@ -116,9 +116,7 @@ class OipServicer:
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: Context
     ) -> pb.ModelMetadataResponse:
-        metadata = oip_protocol.model_metadata(
-            await self.service.model_manifest(request.name, request.version)
-        )
+        metadata = await self.service.oip_model_metadata(request.name, request.version)
         tensor = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
             name=metadata["name"],

@@ -49,7 +49,6 @@ from perito_server.oip_protocol import (
     classification_count,
     deserialize_bytes,
     image_count,
-    model_metadata,
     pixels,
     request_deadline,
     server_version,
@@ -234,7 +233,7 @@ class OipRest:
         )
 
     async def _model_metadata(self, request: Request, tenant: Tenant) -> Response:
-        return JSONResponse(model_metadata(await self.service.model_manifest(*model_ref(request))))
+        return JSONResponse(await self.service.oip_model_metadata(*model_ref(request)))
 
     async def _model_ready(self, request: Request, tenant: Tenant) -> Response:
         ready = await self.service.model_ready(*model_ref(request))
