@@ -22,7 +22,7 @@ from starlette.applications import Starlette
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from perito_core import listening
-from perito_core.errors import DeadlineExceeded
+from perito_core.errors import DeadlineExceeded, InvalidArgument, PeritoError
 from perito_server.errors import to_http
 from perito_server.settings import ServerSettings
 
@@ -60,12 +60,23 @@ class _HeadersInTime(HttpToolsProtocol):
         error = HeadersStalled(
             f"the request's headers did not arrive whole within {self.headers_s:g} s"
         )
+        self._close_with(b"408 Request Timeout", error)
+
+    def send_400_response(self, msg: str) -> None:
+        """What httptools cannot parse (a request line or header that is not HTTP/1.1, a URL
+        over its bounds): answered 400 as JSON, as every other refusal, not uvicorn's plain
+        text."""
+        error = InvalidArgument(f"not an HTTP/1.1 request this server reads: {msg}")
+        self._close_with(b"400 Bad Request", error)
+
+    def _close_with(self, status: bytes, error: PeritoError) -> None:
+        """Answer `error` (AIP-193's JSON, `status`'s code) and close the connection."""
         _, body, _ = to_http(error)
-        body["error"]["code"] = 408
+        body["error"]["code"] = int(status.split()[0])
         content = json.dumps(body).encode()
         self.transport.write(
-            b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
-            b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(content), content)
+            b"HTTP/1.1 %s\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (status, len(content), content)
         )
         self.transport.close()
 

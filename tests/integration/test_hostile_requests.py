@@ -430,3 +430,31 @@ def test_a_body_not_in_its_content_encoding_is_400_naming_it(
     )
     assert answer.status_code == 400, answer.text
     assert encoding in answer.json()["error"], answer.text
+
+
+@pytest.mark.parametrize(
+    "request_line",
+    [
+        b"GET /v2/models/tiny" + b"x" * 100_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GARBAGE\x00\x01 / HTTP/1.1\r\n\r\n",
+        b"GET / HTTP/1.1\r\nBad Header\r\n\r\n",
+    ],
+    ids=["100 KB URL", "not a request line", "a header without a colon"],
+)
+def test_what_http_cannot_parse_is_a_json_400(served: Served, request_line: bytes) -> None:
+    """uvicorn answered these with a plain-text "Invalid HTTP request received."; every other
+    refusal is JSON a client can parse."""
+    import socket
+
+    host, port = served.http_url.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=20) as raw:
+        raw.sendall(request_line)
+        answer = b""
+        while chunk := raw.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400"), answer[:300]
+    assert b"content-type: application/json" in head.lower()
+    error = json.loads(body)["error"]
+    assert error["code"] == 400 and error["status"] == "INVALID_ARGUMENT", error
+    assert "not an HTTP/1.1 request" in error["message"]
