@@ -12,7 +12,7 @@ from perito_training.architectures import ARCHITECTURES
 from perito_training.config import ModelConfig, TrainConfig
 from perito_training.evaluation import load_module
 from perito_training.export import ImageClassifier, save_torchscript
-from perito_training.trainer import build_model, lr_factor
+from perito_training.trainer import build_model, lr_factor, schedule_position
 
 
 def _config(architecture: str, **model: object) -> TrainConfig:
@@ -99,6 +99,23 @@ def test_schedules_warm_up_and_decay_per_step() -> None:
     onecycle = [lr_factor(config, step, 10) for step in range(100)]
     assert onecycle[0] == pytest.approx(1 / 25) and max(onecycle) == pytest.approx(1.0, abs=1e-3)
     assert onecycle[-1] < 0.01
+
+
+def test_under_a_time_limit_the_schedule_follows_whichever_limit_ends_first() -> None:
+    """2 epochs done in 4 s of an 18.75-minute limit: the schedule followed the time alone and
+    never left its starting rate (one-cycle at lr/25; the model trained at a twentieth of its
+    peak). It follows the further of the two: it ends where training stops."""
+    config = _config("cnn4").model_copy(deep=True)
+    config.train.epochs, config.schedule.name = 2, "onecycle"
+    total = 2 * 10
+    # The epochs end first: 4 s of 1,125 s used at the last step.
+    positions = [schedule_position(step, 4 / 1125 * step / total, total) for step in range(total)]
+    assert positions == [float(step) for step in range(total)]
+    factors = [lr_factor(config, position, 10) for position in positions]
+    assert max(factors) == pytest.approx(1.0, abs=0.05) and factors[-1] < 0.05
+    # The time ends first: half the time used after a tenth of the steps.
+    assert schedule_position(2, 0.5, total) == 10.0
+    assert schedule_position(5, None, total) == 5.0
 
 
 def test_model_config_defaults_follow_the_imagenet_convention() -> None:

@@ -145,11 +145,12 @@ class TrainSection(_Section):
     # Stop when `monitor` has not improved for this many epochs (null: never).
     early_stopping_patience: int | None = Field(default=None, ge=1)
     # Wall-clock limit on training, in minutes (null: none), like PyTorch Lightning's
-    # `max_time`. With it the schedules run on the share of this time used instead of steps
-    # (as if it lasted `epochs` epochs), so one-cycle and cosine reach their last learning rate
-    # when the time is up, on a fast machine or a slow one; training stops there, mid-epoch if
-    # need be, and `epochs` is only an upper bound. Data preparation, the final evaluation,
-    # calibration and export come on top (about a minute for Fashion-MNIST).
+    # `max_time`. Training stops at whichever comes first, `epochs` or this time, and the
+    # schedules run on the further of the two (the steps taken, or the share of this time used
+    # as if it lasted `epochs` epochs), so one-cycle and cosine reach their last learning rate
+    # where training stops, on a fast machine or a slow one (mid-epoch if need be). Data
+    # preparation, the final evaluation, calibration and export come on top (about a minute
+    # for Fashion-MNIST).
     max_minutes: float | None = Field(default=None, gt=0.0)
     # Mixed precision (float16 autocast + gradient scaling); used on CUDA only.
     amp: bool = True

@@ -210,9 +210,21 @@ def _make_optimizer(
     return torch.optim.AdamW(groups, lr=lr, weight_decay=optim.weight_decay)
 
 
+def schedule_position(step: int, time_share: float | None, total_steps: int) -> float:
+    """Where the learning-rate schedule stands after optimiser step `step`, in steps of the
+    `total_steps` that `epochs` make: the further of the steps taken and, under
+    `train.max_minutes`, the share of the time used (`time_share`, None: no limit) times
+    `total_steps`. Training stops at whichever limit comes first, and the schedule reaches its
+    end there: a run whose epochs end long before its time (2 epochs in 4 s of 18 minutes)
+    follows its steps, where following the time alone left it near its starting rate."""
+    if time_share is None:
+        return float(step)
+    return max(float(step), time_share * total_steps)
+
+
 def lr_factor(config: TrainConfig, step: float, steps_per_epoch: int) -> float:
-    """The learning-rate multiplier at optimiser step `step` (schedules run per step; under
-    `train.max_minutes`, `step` is the share of the time used times the steps of `epochs`)."""
+    """The learning-rate multiplier at optimiser step `step` (schedules run per step;
+    `schedule_position` says which step that is under `train.max_minutes`)."""
     schedule = config.schedule
     total = config.train.epochs * steps_per_epoch
     warmup = schedule.warmup_epochs * steps_per_epoch
@@ -326,8 +338,7 @@ class Trainer:
         clock = _Clock(config.train.max_minutes)
 
         def scheduled_step(step: int) -> float:
-            share = clock.share()
-            return step if share is None else share * config.train.epochs * steps_per_epoch
+            return schedule_position(step, clock.share(), config.train.epochs * steps_per_epoch)
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_factor(config, scheduled_step(step), steps_per_epoch)
