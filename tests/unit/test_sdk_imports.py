@@ -106,3 +106,28 @@ def test_the_sdk_imports_nothing_server_side() -> None:
         for target in _imports(path):
             top = target.partition(".")[0]
             assert top in stdlib | ALLOWED_THIRD_PARTY | {"perito"}, f"{path.name}: {target}"
+
+
+def test_the_sdks_own_commands_load_no_extra() -> None:
+    """`perito health` (a container's health check) and the other SDK commands loaded every
+    installed extra first: torch and the server, 2.5 s and 950 MB for each health probe.
+    The extras' commands load only when one of them is asked for, or the commands listed."""
+    import subprocess
+
+    program = (
+        "import sys\n"
+        "from perito._cli import cli\n"
+        "for args in (['health', '--server', '127.0.0.1:1', '--timeout', '0.2'],\n"
+        "             ['classify', '--help'], ['models', 'list', '--help'], ['job', '--help']):\n"
+        "    try:\n"
+        "        cli.main(args, standalone_mode=False)\n"
+        "    except BaseException:\n"
+        "        pass\n"
+        "assert 'torch' not in sys.modules and 'perito_server' not in sys.modules, 'extras'\n"
+        "cli.main(['models', 'alias', '--help'], standalone_mode=False)\n"
+        "assert 'perito_server' in sys.modules, 'the extra was not loaded when asked for'\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
