@@ -7,6 +7,7 @@ codes in one place (`perito_server.errors`), bulk jobs record the message per it
 from __future__ import annotations
 
 import enum
+import re
 
 # A caller-supplied string (an image id, a model name) quoted in a message keeps this many
 # characters by default (`echo`).
@@ -138,3 +139,13 @@ class DeadlineExceeded(PeritoError, code=ErrorCode.DEADLINE_EXCEEDED):
 
 class ShuttingDown(PeritoError, code=ErrorCode.UNAVAILABLE, reason="SHUTTING_DOWN"):
     """The process is draining for a restart: another replica can answer."""
+
+
+def describe_exception(error: BaseException, limit: int = 300) -> str:
+    """One line saying what `error` was, at most `limit` characters. TorchScript wraps an
+    error raised inside a module in its own traceback, whose last line is the real one
+    (`RuntimeError: ...`): that line is kept."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if lines and re.match(r"^[A-Za-z_.]+(Error|Exception): ", lines[-1]):
+        return lines[-1][:limit]
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"[:limit]

@@ -57,6 +57,21 @@ def test_a_module_returning_logits_is_refused(tmp_path: Path) -> None:
         TorchScriptModel.load(path, manifest_for(path, ["a", "b", "c"]), device="cpu")
 
 
+def test_a_module_written_for_float_input_is_refused_in_one_line(tmp_path: Path) -> None:
+    """A plain scripted network taking float NCHW printed TorchScript's 80-line traceback at
+    import; it is refused saying what the contract's input is and the real error."""
+    path = tmp_path / "float.pt"
+    torch.jit.script(torch.nn.Sequential(torch.nn.Conv2d(3, 3, 3), torch.nn.Flatten())).save(
+        str(path)
+    )
+    with pytest.raises(ModelLoadError) as refused:
+        TorchScriptModel.load(path, manifest_for(path, ["a", "b", "c"]), device="cpu")
+    message = str(refused.value)
+    assert "fails on a batch of 2 uint8 images" in message and "normalise inside" in message
+    assert "RuntimeError: " in message and "Traceback" not in message
+    assert "\n" not in message
+
+
 class _Logits(torch.nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return images.float().mean(dim=(2, 3)) * 3.0

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import socket
 import threading
 import uuid
@@ -45,6 +44,7 @@ from perito_core.errors import (
     NotFound,
     PeritoError,
     StorageUnavailable,
+    describe_exception,
 )
 from perito_core.imaging import load_model_input_with_info
 from perito_core.imaging_device import DeviceDecoded, decode_device, prepare_batch
@@ -259,16 +259,6 @@ def unforeseen(where: str, what: str = "an unforeseen error") -> str:
     "job J item N"), never the exception's text, which may name a path, a host, the model's
     code or another tenant's data (as the server's INTERNAL answers)."""
     return f"INTERNAL: {what}; the worker's log has it under {where}"
-
-
-def describe_exception(error: BaseException, limit: int = 300) -> str:
-    """One line saying what `error` was, at most `limit` characters. TorchScript wraps an
-    error raised inside a module in its own traceback, whose last line is the real one
-    (`RuntimeError: ...`): that line is kept."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    if lines and re.match(r"^[A-Za-z_.]+(Error|Exception): ", lines[-1]):
-        return lines[-1][:limit]
-    return f"{type(error).__name__}: {lines[0] if lines else ''}"[:limit]
 
 
 def _predict(model: LoadedModel, good: list[_Prepared], job_id: str) -> list[np.ndarray | str]:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from perito_core.errors import ModelLoadError
+from perito_core.errors import ModelLoadError, describe_exception
 from perito_core.models.engines.base import LoadedModel, in_batches, pick_device
 from perito_core.models.manifest import ModelManifest
 
@@ -131,7 +131,16 @@ class TorchScriptModel(LoadedModel):
         model = cls(module, manifest, target)
         model.path = path
         probe = model._random_batch(2)
-        reference = model._forward(probe)
+        try:
+            reference = model._forward(probe)
+        except Exception as exc:  # noqa: BLE001 - a module that cannot take the contract's input
+            raise ModelLoadError(
+                f"{manifest.name}@{manifest.version}: the module fails on a batch of 2 uint8 "
+                f"images (2, 3, {manifest.input.height}, {manifest.input.width}), the artifact "
+                f"contract's input ({describe_exception(exc)}); a module written for float "
+                "input must take uint8 and normalise inside (docs/models.md, Publishing a "
+                "model)"
+            ) from None
         model._check_output(reference, 2)
         if optimize:
             try:
