@@ -27,10 +27,7 @@ import click
 
 from perito._client import Client, JobHandle
 from perito._errors import (
-    InvalidArgumentError,
-    NotFoundError,
     PeritoError,
-    ResourceExhaustedError,
     UnavailableError,
 )
 from perito._models import (
@@ -43,14 +40,12 @@ from perito._models import (
 )
 from perito._progress import ProgressBar
 from perito._requests import DEFAULT_TARGET
-from perito.v1.vocabulary import refusal_paragraphs
+from perito.v1.vocabulary import EXIT_CODES, refusal_paragraphs
 
 # Exit codes scripts can branch on.
 EXIT_ERROR = 1
 EXIT_USAGE = 2
-EXIT_NOT_FOUND = 3
-EXIT_INVALID_INPUT = 4
-EXIT_UNAVAILABLE = 5
+EXIT_INVALID_INPUT = EXIT_CODES["INVALID_ARGUMENT"]  # and 3 not found, 5 unavailable
 # 128 + SIGINT, as shells report a command stopped with Ctrl-C.
 EXIT_INTERRUPTED = 130
 
@@ -201,13 +196,7 @@ def _proxy_variable() -> str:
 
 
 def _exit_code(error: PeritoError) -> int:
-    if isinstance(error, NotFoundError):
-        return EXIT_NOT_FOUND
-    if isinstance(error, InvalidArgumentError):
-        return EXIT_INVALID_INPUT
-    if isinstance(error, UnavailableError | ResourceExhaustedError):
-        return EXIT_UNAVAILABLE
-    return EXIT_ERROR
+    return EXIT_CODES.get(error.code.name, EXIT_ERROR)
 
 
 @click.group(cls=PeritoGroup, context_settings={"help_option_names": ["-h", "--help"]})

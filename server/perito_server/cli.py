@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import click
 from pydantic import ValidationError
 
+from perito.v1.vocabulary import EXIT_CODES
 from perito_core.access.audit import record_command
 from perito_core.access.tenancy import ROLES, Quotas, Tenant, add_tenant
 from perito_core.cli_options import (
@@ -57,12 +58,29 @@ def _settings(**flags: Any) -> ServerSettings:
     return load_settings(ServerSettings, **flags)
 
 
+def refused(
+    error: PeritoError, note: str = "", *, registry: ModelRegistry | None = None
+) -> click.ClickException:
+    """`error` as the command's one-line error, `note` after its message, and its exit code
+    by status (`perito.v1.vocabulary.EXIT_CODES`, as the SDK's commands: 3 not found, 4
+    invalid input, 5 unavailable, else 1). A NOT_FOUND from `registry` (a command that reads
+    it itself, not through a server) says which registry was read."""
+    if registry is not None and error.code.name == "NOT_FOUND":
+        note += (
+            f" (in the registry at {registry.description}; --registry or PERITO_REGISTRY "
+            "names another)"
+        )
+    exception = click.ClickException(error.message + note)
+    exception.exit_code = EXIT_CODES.get(error.code.name, 1)  # type: ignore[misc]
+    return exception
+
+
 def _publisher(settings: ServerSettings, model: str, what: str) -> Tenant:
     """The tenant PERITO_TOKEN names, if it may publish `model`; else a CLI error."""
     try:
         return settings.acting_tenant("models:publish", what, model)
     except PeritoError as error:
-        raise click.ClickException(f"{error.message} (PERITO_TOKEN)") from None
+        raise refused(error, " (PERITO_TOKEN)") from None
 
 
 def _audit(
@@ -139,7 +157,7 @@ def serve(log_level: str, **flags: Any) -> None:
     try:
         asyncio.run(run(settings))
     except PeritoError as error:
-        raise click.ClickException(error.message) from None
+        raise refused(error) from None
     except RuntimeError as error:  # refusing to start: no auth beyond loopback; ListenError
         raise click.ClickException(str(error)) from None
 
@@ -290,7 +308,7 @@ def import_model(
             )
     except PeritoError as error:
         _audit(settings, publisher.name, "models.import", f"models/{name}", error.code.name, "")
-        raise click.ClickException(error.message) from None
+        raise refused(error) from None
     except ValidationError as error:
         problems = []
         for problem in error.errors():
@@ -398,6 +416,19 @@ def _check_loads(model_file: Path, name: str, labels: list[str], contract: Input
     TorchScriptModel.load(model_file, draft, device="cpu", optimize=False)
 
 
+def _within(
+    value: float | None, option: str, low: float, high: float, *, top_in: bool
+) -> float | None:
+    """`value` when it is above `low` and below `high` (or at it, with `top_in`); else a
+    usage error (exit 2) naming `option`. NaN is outside every range."""
+    if value is None:
+        return None
+    if not (low < value < high or (top_in and value == high)):
+        bound = "at most" if top_in else "below"
+        raise click.BadParameter(f"{value!r}: give a number above {low:g} and {bound} {high:g}")
+    return value
+
+
 def describe_route(name: str, alias: str, route: AliasRoute) -> str:
     """`car-damage@production -> 3, canary 4 at 5%, shadow 4 on 20% of requests`: what the
     `alias` and `shadow` commands print."""
@@ -417,6 +448,7 @@ def describe_route(name: str, alias: str, route: AliasRoute) -> str:
 @click.option(
     "--canary",
     type=float,
+    callback=lambda _c, _p, value: _within(value, "--canary", 0.0, 100.0, top_in=False),
     metavar="PERCENT",
     help="Split the alias: it keeps its version and PERCENT (above 0, below 100) of its "
     "requests go to VERSION.",
@@ -466,6 +498,10 @@ def set_alias(
         method = "models.alias.promote" if promote else "models.alias.rollback"
     try:
         before = target.aliases(name).get(alias, "")
+        if version is not None:
+            # The servers would refuse a version whose file is damaged and keep the old one
+            # answering, while the alias said otherwise: checked here, before it moves.
+            target.check_stored(name, target.resolve(name, str(version)))
         old = None
         if ending or canary is not None:
             target.resolve(name, alias)  # a missing alias refused in the registry's words
@@ -481,7 +517,7 @@ def set_alias(
             route = target.route(name, alias)
     except PeritoError as error:
         _audit(settings, publisher.name, method, resource, error.code.name, "")
-        raise click.ClickException(error.message) from None
+        raise refused(error, registry=target) from None
     if old is None:
         detail = f"{before or '-'} -> {route.version}"
         shown = f"{name}@{alias} -> {route.version}"
@@ -520,6 +556,7 @@ def _warn_pixels_differ(registry: ModelRegistry, name: str, version: str, canary
     type=float,
     default=1.0,
     show_default=True,
+    callback=lambda _c, _p, value: _within(value, "--sample", 0.0, 1.0, top_in=True),
     help="The share of the alias's requests also run on CANDIDATE (0 < sample <= 1).",
 )
 @click.option("--stop", is_flag=True, help="Stop shadowing the alias.")
@@ -553,7 +590,7 @@ def shadow(
             detail = f"shadow {route.shadow.version} sample {route.shadow.sample:g}"
     except PeritoError as error:
         _audit(settings, publisher.name, "models.shadow", resource, error.code.name, "")
-        raise click.ClickException(error.message) from None
+        raise refused(error, registry=target) from None
     _audit(settings, publisher.name, "models.shadow", resource, "OK", detail)
     click.echo(describe_route(name, alias, route))
 
@@ -666,7 +703,7 @@ def tenants_add(
             quotas=quotas,
         )
     except PeritoError as error:
-        raise click.ClickException(error.message) from None
+        raise refused(error) from None
     settings = _settings(tenants_file=tenants_file)
     _audit(settings, "", "tenants.add", f"tenants/{name}", "OK", f"roles: {', '.join(roles)}")
     click.echo(f"tenant {name!r}: new token (shown once, stored as its sha256 digest):", err=True)
@@ -728,7 +765,7 @@ def audit(
     try:
         settings.acting_tenant("admin", "read the audit log")
     except PeritoError as error:
-        raise click.ClickException(f"{error.message} (PERITO_TOKEN)") from None
+        raise refused(error, " (PERITO_TOKEN)") from None
     after = time.time() - since * 3600 if since else None
     try:
         records = settings.open_audit().list(tenant=tenant, method=method, since=after, limit=limit)
@@ -807,7 +844,7 @@ def verify(
                 raise click.ClickException(f"{source}: no answer for the sha256 given")
         run_checks(items, settings.registry, s3, sample=sample, seed=seed)
     except PeritoError as error:
-        raise click.ClickException(error.message) from None
+        raise refused(error) from None
     ok = all(not item.problems for item in items)
     if as_json:
         report = {"ok": ok, "checked": len(items), "items": [i.as_json() for i in items]}
@@ -844,13 +881,13 @@ def drift(name: str, ref: str, as_json: bool, registry: str | None, redis_url: s
     try:
         settings.acting_tenant("models:read", f"read the drift of model {name!r}", name)
     except PeritoError as error:
-        raise click.ClickException(f"{error.message} (PERITO_TOKEN)") from None
+        raise refused(error, " (PERITO_TOKEN)") from None
     target = settings.open_registry()
     try:
         version = target.resolve(name, ref)
         manifest = target.manifest(name, version)
     except PeritoError as error:
-        raise click.ClickException(error.message) from None
+        raise refused(error, registry=target) from None
     reason = ""
     if not manifest.drift.classes:
         reason = (
@@ -862,7 +899,7 @@ def drift(name: str, ref: str, as_json: bool, registry: str | None, redis_url: s
         try:
             client = redis_client(settings.redis_url, socket_connect_timeout=3)
         except PeritoError as error:
-            raise click.ClickException(error.message) from None
+            raise refused(error) from None
         try:
             rows = read_window(client, name, version, settings.drift_window)
         except redis.RedisError as error:

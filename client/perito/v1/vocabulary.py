@@ -15,12 +15,23 @@ from dataclasses import dataclass
 
 __all__ = [
     "ACCURACY_CONTROL_ATTEMPT",
+    "EXIT_CODES",
     "HTTP_STATUS",
     "ItemState",
     "JobState",
     "Prediction",
     "refusal_paragraphs",
 ]
+
+EXIT_CODES: dict[str, int] = {
+    "NOT_FOUND": 3,
+    "INVALID_ARGUMENT": 4,
+    "UNAVAILABLE": 5,
+    "RESOURCE_EXHAUSTED": 5,
+}
+"""The `perito` command's exit code for a refusal of each status code (any other: 1; a usage
+error is 2), the same whether the command calls a server or reads the registry itself: 3 not
+found, 4 invalid input, 5 unavailable or overloaded (worth retrying)."""
 
 ACCURACY_CONTROL_ATTEMPT = "with accuracy control: "
 """How a model card's reason for a form not built (`skipped_forms`) begins its accuracy-control

@@ -284,6 +284,24 @@ class ModelRegistry:
         ]
         return LocalForm(form, paths)
 
+    def check_stored(self, name: str, version: str) -> None:
+        """Read `name@version`'s stored model file and check it against its manifest's sha256:
+        the store's own copy, not the local cache (which may hold a good copy of a file since
+        damaged), as a server without that cache would load it.
+
+        Raises:
+            NotFound: no such version.
+            ArtifactIntegrityError: the stored file does not match its manifest's sha256.
+            StorageUnavailable: the store cannot be reached.
+        """
+        manifest = self.manifest(name, version)
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=self.cache_dir, prefix=".check-") as scratch:
+            self._download_verified(
+                name, version, manifest.artifact.file, manifest.artifact.sha256, "model file",
+                Path(scratch) / "file",
+            )  # fmt: skip
+
     def _fetch_verified(self, name: str, version: str, file: str, sha256: str, what: str) -> Path:
         local = self.cache_dir / name / version / file
         if local.is_file() and sha256_file(local) == sha256:
@@ -292,17 +310,27 @@ class ModelRegistry:
         with tempfile.NamedTemporaryFile(dir=local.parent, delete=False, prefix=".tmp-") as tmp:
             tmp_path = Path(tmp.name)
         try:
-            self.store.download_file(f"models/{name}/{version}/{file}", tmp_path)
-            actual = sha256_file(tmp_path)
-            if actual != sha256:
-                raise ArtifactIntegrityError(
-                    f"{name}@{version}: {what} sha256 {actual[:12]}... does not match the "
-                    f"manifest's {sha256[:12]}...; refusing to load it"
-                )
+            self._download_verified(name, version, file, sha256, what, tmp_path)
             os.replace(tmp_path, local)
         finally:
             tmp_path.unlink(missing_ok=True)
         return local
+
+    def _download_verified(
+        self, name: str, version: str, file: str, sha256: str, what: str, to: Path
+    ) -> None:
+        """The stored `file` of `name@version` downloaded to `to`, checked against `sha256`.
+
+        Raises:
+            ArtifactIntegrityError: it does not match.
+        """
+        self.store.download_file(f"models/{name}/{version}/{file}", to)
+        actual = sha256_file(to)
+        if actual != sha256:
+            raise ArtifactIntegrityError(
+                f"{name}@{version}: {what} sha256 {actual[:12]}... does not match the "
+                f"manifest's {sha256[:12]}...; refusing to load it"
+            )
 
     # Writing
 
