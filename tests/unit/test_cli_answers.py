@@ -55,6 +55,9 @@ def test_a_job_results_row_says_the_photo_was_poor() -> None:
     assert _result_row(failed) == "     8  x.txt  FAILED  NOT_AN_IMAGE: not an image"
 
 
+RECIPE = Path(__file__).resolve().parents[2] / "training" / "recipes" / "fashion-mnist.yaml"
+
+
 def test_what_the_cli_cannot_take_is_a_usage_error_not_a_traceback(tmp_path: Path) -> None:
     from click.testing import CliRunner
 
@@ -67,6 +70,7 @@ def test_what_the_cli_cannot_take_is_a_usage_error_not_a_traceback(tmp_path: Pat
         (["submit", str(tmp_path / "*.png"), "--model", "tiny"], "not a folder, a manifest"),
         (["submit", str(photo), "--model", "tiny"], "not a folder, a manifest"),
         (["models", "list", "--server", "http://127.0.0.1:8500"], "without a scheme"),
+        (["train", str(RECIPE), "--forms", "fp32"], "add --publish"),
         (["models", "list", "--server", "127.0.0.1"], "127.0.0.1:8500"),
         (["models", "list", "--server", "perito.internal"], "port 443"),
         (["health", "--server", "[::1]"], "with the port"),

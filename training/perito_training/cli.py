@@ -58,6 +58,9 @@ def _fail(error: Exception) -> click.ClickException:
 @registry_option
 @alias_option
 @click.option("--progress/--no-progress", default=True, help="Progress bar per epoch.")
+@forms_option("the validation split; held out: the test split; with --publish")
+@min_agreement_option
+@max_accuracy_drop_option
 def train(
     config_file: Path | None,
     overrides: tuple[str, ...],
@@ -68,6 +71,9 @@ def train(
     registry: str | None,
     aliases: tuple[str, ...],
     progress: bool,
+    forms: tuple[str, ...],
+    min_agreement: float,
+    max_accuracy_drop: float,
 ) -> None:
     """Train a model from a YAML config (a recipe), then evaluate, calibrate and export it.
 
@@ -78,6 +84,7 @@ def train(
     Examples:
       perito train training/recipes/fashion-mnist.yaml --out runs/fmnist
       perito train recipe.yaml --set data.root=~/photos --publish --alias staging
+      perito train recipe.yaml --publish --forms fp32,int8
       perito train --resume runs/fmnist --set train.epochs=30
     """
     from perito_training.config import ConfigError, load_config
@@ -86,6 +93,10 @@ def train(
 
     if (config_file is None) == (resume_dir is None):
         raise click.UsageError("give a CONFIG_FILE to start a run, or --resume RUN to continue one")
+    if forms and not publish:
+        raise click.UsageError(
+            "--forms builds compiled forms as the run is published: add --publish"
+        )
     try:
         if resume_dir is not None:
             run_dir = resume_dir
@@ -101,7 +112,9 @@ def train(
         raise _fail(error) from None
     click.echo(f"model card: {run_dir / 'report.md'}")
     if publish:
-        _publish(run_dir, name, registry, aliases, None)
+        _publish(
+            run_dir, name, registry, aliases, None, gate=(forms, min_agreement, max_accuracy_drop)
+        )
 
 
 @click.command("evaluate")
