@@ -610,6 +610,8 @@ def shadow(
     help="Also write the confusion matrix as a heat map to this PNG file.",
 )
 @registry_option
+@local_roots_option
+@redis_url_option
 def compare(
     name: str,
     incumbent: str | None,
@@ -618,22 +620,29 @@ def compare(
     as_json: bool,
     plot: Path | None,
     registry: str | None,
+    local_roots: tuple[Path, ...],
+    redis_url: str | None,
 ) -> None:
     """How version CANDIDATE of model NAME answers the images version INCUMBENT answers
     (each a number or an alias): top-1 agreement with its 95% interval, the confidence
     shift, the confusion. Live, from a shadow's counts summed over every server (role
     `models:read`); with --images, offline through two bulk jobs run by `perito worker`s
     (role `jobs`). Without INCUMBENT and CANDIDATE, the version pairs a shadow recorded.
-    Needs PERITO_REDIS_URL (and PERITO_TOKEN when tenants are configured).
+    Needs the server's Redis (--redis-url or PERITO_REDIS_URL), PERITO_TOKEN when tenants
+    are configured, and for a local folder the --local-root the server and workers were given
+    (this command submits the jobs itself).
 
     \b
     Example:
       perito models compare car-damage production 4 --plot confusion.png
       perito models compare car-damage 3 4 --images s3://acme-claims/2024-06/
+      perito models compare car-damage 3 4 --images /data/claims/june --local-root /data
     """
     from perito_server.compare import run_compare
 
-    settings = _settings(registry=registry)
+    settings = _settings(
+        registry=registry, local_roots=list(local_roots) or None, redis_url=redis_url
+    )
     run_compare(settings, name, incumbent, candidate, images, as_json, plot)
 
 
