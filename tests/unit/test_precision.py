@@ -149,6 +149,8 @@ def test_a_preference_falls_back_to_more_exact_forms_first() -> None:
     assert names == [["openvino-bf16"], ["onnxruntime-fp32"]]
     assert candidate_forms(version, "torchscript") == []
     assert len(candidate_forms(version, "auto")[0]) == 3
+    # A version without forms has nothing to try: no "no compiled form loads" warning.
+    assert candidate_forms(_version(), "auto") == []
 
 
 def test_a_form_that_gave_way_on_this_machine_is_refused_with_its_reason() -> None:

@@ -216,7 +216,7 @@ def candidate_forms(manifest: ModelManifest, precision: str) -> list[list[Compil
     if precision == "torchscript":
         return []
     if precision == "auto":
-        return [list(manifest.forms)]
+        return [list(manifest.forms)] if manifest.forms else []
     floor = EXACTNESS[precision]
     tiers = [
         [form for form in manifest.forms if form.precision == precision],
