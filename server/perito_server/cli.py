@@ -520,7 +520,7 @@ def set_alias(
         raise refused(error, registry=target) from None
     if old is None:
         detail = f"{before or '-'} -> {route.version}"
-        shown = f"{name}@{alias} -> {route.version}"
+        shown = describe_route(name, alias, route)  # a shadow it keeps is said
     else:
         detail = f"{describe_route(name, alias, old)} => {describe_route(name, alias, route)}"
         shown = describe_route(name, alias, route)

@@ -80,3 +80,11 @@ def test_an_alias_is_not_moved_to_a_version_whose_file_is_damaged(registry: Path
 
     opened = ModelRegistry.open(str(registry), cache_dir=registry.parent / "check")
     assert opened.aliases("tiny")["production"] == "1"
+
+
+def test_moving_an_alias_says_the_shadow_it_keeps(registry: Path) -> None:
+    code, output = _perito(registry, "models", "shadow", "tiny", "2", "--of", "production")
+    assert code == 0, output
+    code, output = _perito(registry, "models", "alias", "tiny", "production", "1")
+    assert code == 0
+    assert output.strip() == "tiny@production -> 1, shadow 2 on 100% of requests"
