@@ -480,8 +480,10 @@ def _print_model(model: Model) -> None:
     metrics = latest.card.get("metrics") or {}
     if metrics:
         click.echo("metrics:")
-        for key, value in metrics.items():
-            if not isinstance(value, dict | list):
+        for key, value in sorted(metrics.items()):
+            if isinstance(value, float):
+                click.echo(f"  {key}: {value:.4g}")  # 0.09437234918276471 as 0.09437
+            elif not isinstance(value, dict | list):
                 click.echo(f"  {key}: {value}")
     _print_forms(latest.card)
 
