@@ -407,7 +407,7 @@ def restore_layers(
     log.warning(
         "INT8 accuracy control reverted %d of %d quantized groups to FP32 (a group: the "
         "layers one quantizer feeds)%s: %d layers in FP32, %d of them never quantized (the "
-        "first convolution and the group (depthwise) convolutions)",
+        "first convolution, and any group (depthwise) convolutions)",
         count,
         len(harmful),
         f" (stopped at its {seconds:.0f} s bound)" if stopped else "",
