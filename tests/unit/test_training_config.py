@@ -65,6 +65,12 @@ def test_a_config_from_overrides_alone(tmp_path: Path) -> None:
     [
         (["optim.lr=-1"], "optim.lr: Input should be greater than 0"),
         (["optim.learning_rate=0.1"], "optim.learning_rate: Extra inputs are not permitted"),
+        # A misspelt override is the override's, not the recipe's, with the field meant.
+        (
+            ["train.epoch=2"],
+            "invalid training config: --set train.epoch: Extra inputs are not permitted "
+            "(did you mean train.epochs",
+        ),
         (["schedule.name=linear"], "schedule.name: Input should be"),
         (["train.epochs"], "is not KEY=VALUE"),
         (["data.kind=csv", "data.csv=null"], "data.kind csv needs data.csv"),

@@ -235,14 +235,35 @@ def load_config(
     try:
         config = TrainConfig.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(part) for part in error['loc']) or 'config'}: {error['msg']}"
-            for error in exc.errors()
-        )
-        raise ConfigError(
-            f"invalid training config{f' {path}' if path else ''}: {problems}"
-        ) from None
+        # A field an override set is the override's fault, not the file's.
+        overridden = {assignment.partition("=")[0].strip() for assignment in overrides}
+        problems = []
+        for error in exc.errors():
+            field = ".".join(str(part) for part in error["loc"]) or "config"
+            where = f"--set {field}" if field in overridden else field
+            problems.append(f"{where}: {error['msg']}{_did_you_mean(error['loc'])}")
+        source = f" {path}" if path else ""
+        if all(problem.startswith("--set ") for problem in problems):
+            source = ""
+        raise ConfigError(f"invalid training config{source}: {'; '.join(problems)}") from None
     return _resolve_paths(config, base_dir or (path.parent if path else Path.cwd()))
+
+
+def _did_you_mean(loc: tuple[str | int, ...]) -> str:
+    """`" (did you mean train.epochs?)"` for a misspelt field at `loc`, else ""."""
+    import difflib
+
+    model: type[BaseModel] = TrainConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = field.annotation if field is not None else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return ""
+        model = annotation
+    if str(loc[-1]) in model.model_fields:
+        return ""
+    close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1)
+    return f" (did you mean {'.'.join([*map(str, loc[:-1]), close[0]])}?)" if close else ""
 
 
 def _resolve_paths(config: TrainConfig, base: Path) -> TrainConfig:
