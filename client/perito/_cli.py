@@ -454,6 +454,8 @@ def _print_model(model: Model) -> None:
             f"  v{version.version}{aliases}{loaded}  {created}  {len(version.labels)} classes  "
             f"input {version.input_height}x{version.input_width}  sha256 {version.sha256[:12]}"
         )
+        if version.load_error:
+            click.echo(f"    NOT SERVING: {version.load_error}")
     for alias, rollout in sorted(model.rollouts.items()):
         parts = [f"{alias} -> v{model.aliases.get(alias, '?')}"]
         if rollout.canary_version:

@@ -300,13 +300,19 @@ class ModelVersion:
     created: datetime | None
     description: str
     loaded: bool
+    # Set while the server cannot load this version for an alias moved to it (or split to it
+    # as a canary): which alias, and that it still answers with its previous version there.
+    load_error: str = ""
     # The model card: manifest.json's fields, a whole number as an int (see _json_numbers).
     card: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def _from_proto(cls, message: models_pb2.ModelVersion) -> ModelVersion:
         return cls(
-            **_same(message, "model version input_height input_width sha256 description loaded"),
+            **_same(
+                message,
+                "model version input_height input_width sha256 description loaded load_error",
+            ),
             aliases=list(message.aliases),
             labels=list(message.labels),
             created=_time(message, "create_time"),

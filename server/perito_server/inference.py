@@ -1222,6 +1222,22 @@ class InferenceService:
 
         manifests, aliases = await asyncio.to_thread(read)
         loaded = {version for model, version in self.pool.loaded if model == name}
+        # Versions an alias (or its canary) was moved to that this server cannot load: the
+        # reason may name the server's files, so it stays in the log (`ModelPool`).
+        why: dict[str, list[str]] = {}
+        for (model_name, key), failed in list(self.pool.rollout_errors.items()):
+            if model_name == name:
+                why.setdefault(failed.version, []).append(
+                    f"as {failed.alias}'s canary, which sends it no requests meanwhile"
+                    if key.endswith(":canary")
+                    else f"for alias {failed.alias}, which still answers with its previous "
+                    "version here"
+                )
+        load_errors = {
+            version: f"this server cannot load it {'; nor '.join(uses)}; the load is retried, "
+            "and the server's log has why"
+            for version, uses in why.items()
+        }
         rollouts = await asyncio.to_thread(alias_rollouts, registry, name, aliases)
         model = models_pb2.Model(
             name=name, latest_version=manifests[-1].version, aliases=aliases, rollouts=rollouts
@@ -1240,6 +1256,7 @@ class InferenceService:
                 create_time=created,
                 description=manifest.description,
                 loaded=manifest.version in loaded,
+                load_error=load_errors.get(manifest.version, ""),
             )
             if with_cards:
                 card = struct_pb2.Struct()

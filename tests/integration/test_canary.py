@@ -207,8 +207,21 @@ def test_a_canary_that_cannot_load_leaves_every_request_on_the_alias_version(
         wait_for(lambda: pool.rollout_errors[(MODEL, "production:canary")].version == "3", 10)
         later = versions_by_key(client, keys)
         route = pool.route(MODEL, "production")
+        # What `perito models show` reads says so: the canary's version is not serving.
+        # A plain move to a version that cannot load says the alias still answers with its
+        # previous one.
+        shown = {v.version: v.load_error for v in client.get_model(MODEL).versions}
+        registry.set_alias(MODEL, "staging", "1")
+        client.classify([PHOTO], model=f"{MODEL}@staging")  # the alias in use here
+        registry.set_alias(MODEL, "staging", "2")
+        wait_for(lambda: (MODEL, "staging") in pool.rollout_errors, 20)
+        moved = {v.version: v.load_error for v in client.get_model(MODEL).versions}
 
     assert set(at_start.values()) == {"1"} and set(later.values()) == {"1"}
+    assert shown["1"] == "" and shown["2"] == ""
+    assert shown["3"].startswith("this server cannot load it as production's canary"), shown
+    assert "the server's log has why" in shown["3"] and "sha256" not in shown["3"]
+    assert moved["2"].startswith("this server cannot load it for alias staging, which still")
     assert first_failure.version == "2" and "sha256" in first_failure.reason
     assert route.version == "1" and route.canary is None
 
