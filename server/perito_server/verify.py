@@ -357,7 +357,7 @@ def table(items: list[Item]) -> str:
             (
                 item.where,
                 item.image[:40],
-                f"{item.model}@{item.version}",
+                f"{item.model}@{item.version}" if item.version else item.model or "-",
                 item.form or "-",
                 item.checks.get("input", "-"),
                 item.checks.get("artifact", "-"),
