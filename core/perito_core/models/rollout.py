@@ -108,8 +108,7 @@ def check_percent(percent: float) -> float:
     # Checked as kept: 99.999 would be stored as 100, a record no server could read.
     if not 0.0 < kept < 100.0:
         raise ValueError(
-            f"a canary percent must be from 0.01 to 99.99 (two decimals are kept), not "
-            f"{percent:g}"
+            f"a canary percent must be from 0.01 to 99.99 (two decimals are kept), not {percent:g}"
         )
     return kept
 
