@@ -216,12 +216,16 @@ def test_a_canary_that_cannot_load_leaves_every_request_on_the_alias_version(
         registry.set_alias(MODEL, "staging", "2")
         wait_for(lambda: (MODEL, "staging") in pool.rollout_errors, 20)
         moved = {v.version: v.load_error for v in client.get_model(MODEL).versions}
+        printed = run_perito(
+            "models", "show", MODEL, "--server", server.target, env=subprocess_env()
+        ).stdout
 
     assert set(at_start.values()) == {"1"} and set(later.values()) == {"1"}
     assert shown["1"] == "" and shown["2"] == ""
     assert shown["3"].startswith("this server cannot load it as production's canary"), shown
     assert "the server's log has why" in shown["3"] and "sha256" not in shown["3"]
     assert moved["2"].startswith("this server cannot load it for alias staging, which still")
+    assert "    NOT SERVING: this server cannot load it for alias staging" in printed, printed
     assert first_failure.version == "2" and "sha256" in first_failure.reason
     assert route.version == "1" and route.canary is None
 
