@@ -581,5 +581,5 @@ def test_models_import_builds_forms_in_a_scratch_folder_it_always_removes(
     stored = tmp_path / "registry" / "models" / "tiny" / "1" / "forms" / "openvino-fp32"
     assert (stored / "model.xml").is_file()
     refused = CliRunner().invoke(import_model, [*arguments, "--alias", "Not An Alias!"])
-    assert refused.exit_code == 1 and "alias" in refused.output
+    assert refused.exit_code == 4 and "alias" in refused.output  # invalid input
     assert list(scratch.iterdir()) == []
