@@ -48,6 +48,10 @@ def test_a_refusal_counts_the_shortfall_and_the_near_ties() -> None:
         detail
     )
     assert "it would have run at 2.04x the FP32 form's images/s" in detail
+    assert "no faster" not in detail
+    flipped_answers = _answers(flipped, np.full(240, 0.02))
+    slower = refusal_detail(flipped_answers, reference, 0.99, speedup=0.93)  # as in the demo
+    assert "0.93x the FP32 form's images/s (no faster than FP32: `auto` would not" in slower
 
 
 def test_a_form_at_the_target_owes_no_images_and_a_perfect_one_names_no_disagreement() -> None:

@@ -399,6 +399,8 @@ def refusal_detail(
         text += f"; {len(fp32_layers)} layer{plural} kept FP32 ({shown})"
     if speedup is not None:
         text += f"; it would have run at {speedup:.2f}x the FP32 form's images/s"
+        if speedup <= 1.0:
+            text += " (no faster than FP32: `auto` would not have served it had it passed)"
     return text
 
 
