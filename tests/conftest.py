@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import shutil
 import tempfile
@@ -19,6 +20,7 @@ from tests.helpers import (
     S3_ENV,
     TINY_INPUT,
     MakeStores,
+    ServerThread,
     Stores,
     moto_s3_server,
     redis_server,
@@ -140,6 +142,31 @@ def tiny_registry(
     registry = ModelRegistry.open(str(root), cache_dir=root / ".publish-cache")
     publish_tiny(registry, tiny_model_file, name=name, **publish_options)
     return root
+
+
+@contextlib.contextmanager
+def two_tenants_serving(
+    tmp_path: Path, tiny_model_file: Path, **settings: Any
+) -> Iterator[tuple[ServerThread, dict[str, str]]]:
+    """A server of the tiny model for tenants acme and globex (role classify, model tiny), no
+    job store, `settings` (any other `ServerSettings`) given; yields it and their tokens."""
+    from perito_core.access.tenancy import add_tenant
+
+    registry = tiny_registry(tmp_path / "registry", tiny_model_file)
+    tenants_file = tmp_path / "tenants.yaml"
+    tokens = {
+        name: add_tenant(tenants_file, name, roles=["classify"], models=["tiny"])
+        for name in ("acme", "globex")
+    }
+    with ServerThread.serving(
+        registry,
+        tmp_path / "cache",
+        preload=["tiny"],
+        tenants_file=tenants_file,
+        redis_url="redis://127.0.0.1:1/0",  # no jobs here
+        **settings,
+    ) as running:
+        yield running, tokens
 
 
 def publish_tiny(

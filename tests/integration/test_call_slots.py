@@ -24,8 +24,7 @@ from grpc_health.v1 import health_pb2
 from grpc_status import rpc_status
 
 import perito
-from perito_core.access.tenancy import add_tenant
-from tests.conftest import tiny_registry
+from tests.conftest import two_tenants_serving
 from tests.helpers import ServerThread, red_jpeg
 
 pytestmark = pytest.mark.integration
@@ -36,24 +35,15 @@ HEALTH = "/grpc.health.v1.Health/Check"
 
 @pytest.fixture
 def server(tmp_path: Path, tiny_model_file: Path) -> Iterator[tuple[ServerThread, dict[str, str]]]:
-    registry = tiny_registry(tmp_path / "registry", tiny_model_file)
-    tenants_file = tmp_path / "tenants.yaml"
-    tokens = {
-        name: add_tenant(tenants_file, name, roles=["classify"], models=["tiny"])
-        for name in ("acme", "globex")
-    }
-    with ServerThread.serving(
-        registry,
-        tmp_path / "cache",
-        preload=["tiny"],
-        tenants_file=tenants_file,
-        redis_url="redis://127.0.0.1:1/0",  # no jobs here
+    with two_tenants_serving(
+        tmp_path,
+        tiny_model_file,
         max_calls_per_tenant=4,
         max_open_calls=3,
         request_arrival_s=2.0,
         http_port=0,
-    ) as running:
-        yield running, tokens
+    ) as served:
+        yield served
 
 
 def _silent_calls(

@@ -19,8 +19,7 @@ import pytest
 from PIL import Image
 
 import perito
-from perito_core.access.tenancy import add_tenant
-from tests.conftest import tiny_registry
+from tests.conftest import two_tenants_serving
 from tests.helpers import ServerThread, red_jpeg
 
 pytestmark = pytest.mark.integration
@@ -37,21 +36,8 @@ def _large_png() -> bytes:
 
 @pytest.fixture
 def server(tmp_path: Path, tiny_model_file: Path) -> Iterator[tuple[ServerThread, dict[str, str]]]:
-    registry = tiny_registry(tmp_path / "registry", tiny_model_file)
-    tenants_file = tmp_path / "tenants.yaml"
-    tokens = {
-        name: add_tenant(tenants_file, name, roles=["classify"], models=["tiny"])
-        for name in ("acme", "globex")
-    }
-    with ServerThread.serving(
-        registry,
-        tmp_path / "cache",
-        preload=["tiny"],
-        tenants_file=tenants_file,
-        redis_url="redis://127.0.0.1:1/0",  # no jobs here
-        decode_threads=2,
-    ) as running:
-        yield running, tokens
+    with two_tenants_serving(tmp_path, tiny_model_file, decode_threads=2) as served:
+        yield served
 
 
 def test_a_small_photo_is_not_held_behind_another_tenants_large_ones(
