@@ -498,6 +498,7 @@ def set_alias(
         method = "models.alias.promote" if promote else "models.alias.rollback"
     try:
         before = target.aliases(name).get(alias, "")
+        previous = target.route(name, alias) if before else None
         if version is not None:
             # The servers would refuse a version whose file is damaged and keep the old one
             # answering, while the alias said otherwise: checked here, before it moves.
@@ -526,8 +527,26 @@ def set_alias(
         shown = describe_route(name, alias, route)
     _audit(settings, publisher.name, method, resource, "OK", detail)
     click.echo(shown)
+    for ended in _ended(previous, route, promote or rollback):
+        click.echo(ended)
     if canary is not None and route.canary is not None:
         _warn_pixels_differ(target, name, route.version, route.canary.version)
+
+
+def _ended(previous: AliasRoute | None, route: AliasRoute, ending: bool) -> list[str]:
+    """What a move of an alias ended without being asked to (`--promote` and `--rollback`
+    say so themselves): its canary, or its shadow now that the alias serves that version."""
+    if previous is None:
+        return []
+    said = []
+    if previous.canary is not None and route.canary is None and not ending:
+        said.append(
+            f"canary {previous.canary.version} at {previous.canary.percent:g}% ended: "
+            "a move ends the alias's canary"
+        )
+    if previous.shadow is not None and route.shadow is None:
+        said.append(f"shadow {previous.shadow.version} ended: the alias serves that version now")
+    return said
 
 
 def _warn_pixels_differ(registry: ModelRegistry, name: str, version: str, canary: str) -> None:

@@ -88,3 +88,22 @@ def test_moving_an_alias_says_the_shadow_it_keeps(registry: Path) -> None:
     code, output = _perito(registry, "models", "alias", "tiny", "production", "1")
     assert code == 0
     assert output.strip() == "tiny@production -> 1, shadow 2 on 100% of requests"
+
+
+def test_moving_an_alias_says_the_shadow_and_canary_it_ends(registry: Path) -> None:
+    code, output = _perito(registry, "models", "shadow", "tiny", "2", "--of", "production")
+    assert code == 0, output
+    code, output = _perito(registry, "models", "alias", "tiny", "production", "2")
+    assert code == 0, output
+    assert output.splitlines() == [
+        "tiny@production -> 2",
+        "shadow 2 ended: the alias serves that version now",
+    ]
+    code, output = _perito(registry, "models", "alias", "tiny", "production", "1", "--canary", "5")
+    assert code == 0, output
+    code, output = _perito(registry, "models", "alias", "tiny", "production", "2")
+    assert code == 0, output
+    assert output.splitlines() == [
+        "tiny@production -> 2",
+        "canary 1 at 5% ended: a move ends the alias's canary",
+    ]
