@@ -195,3 +195,48 @@ def test_efficientnet_lite0_transfer_learning_from_imagenet(patterns: Path, tmp_
     card = train_run(config, tmp_path, log=lambda _: None, progress=False)
     # Only the new head trained, on ImageNet features: stripes' orientation is among them.
     assert card.metrics.accuracy >= 0.75
+
+
+def test_a_published_run_is_continued_in_a_new_folder_not_in_place(
+    patterns: Path, tmp_path: Path
+) -> None:
+    from click.testing import CliRunner
+
+    from perito_core.models.manifest import sha256_file
+    from perito_core.models.registry import ModelRegistry
+    from perito_training.cli import train
+    from perito_training.pipeline import publish_run
+
+    run = tmp_path / "run"
+    train_run(quick_config(patterns, "train.epochs=2"), run, log=lambda _: None, progress=False)
+    registry = ModelRegistry.open(str(tmp_path / "registry"), cache_dir=tmp_path / "cache")
+    manifest = publish_run(run, registry, log=lambda _: None)
+    published = sha256_file(run / "model.pt")
+    assert manifest.artifact.sha256 == published
+
+    refused = CliRunner().invoke(train, ["--resume", str(run), "--set", "train.epochs=3"])
+    assert refused.exit_code == 1
+    assert f"{run} was published as car-damage@1" in refused.output, refused.output
+    assert f"perito train --resume {run} --out NEW_FOLDER" in refused.output
+    assert sha256_file(run / "model.pt") == published
+
+    longer = tmp_path / "longer"
+    result = CliRunner().invoke(
+        train,
+        ["--resume", str(run), "--out", str(longer), "--set", "train.epochs=3", "--no-progress"],
+    )
+    assert result.exit_code == 0, result.output
+    assert "resumed" in result.output and "after epoch 2" in result.output
+    assert (longer / "model.pt").is_file() and not (longer / "published.json").exists()
+    assert sha256_file(run / "model.pt") == published
+    assert len(json.loads((longer / "history.json").read_text())) == 3
+
+
+def test_a_new_run_that_fails_before_its_first_epoch_leaves_no_folder(tmp_path: Path) -> None:
+    from perito_training.datasets import DatasetError
+
+    (tmp_path / "empty").mkdir()
+    run = tmp_path / "runs" / "failed"
+    with pytest.raises(DatasetError):
+        train_run(quick_config(tmp_path / "empty"), run, log=lambda _: None, progress=False)
+    assert not run.exists()

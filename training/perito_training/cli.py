@@ -51,7 +51,8 @@ def _fail(error: Exception) -> click.ClickException:
     "--resume",
     "resume_dir",
     type=click.Path(file_okay=False, exists=True, path_type=Path),
-    help="Continue the run in this folder from its last checkpoint.",
+    help="Continue the run in this folder from its last checkpoint (with --out: in a new "
+    "folder, leaving this one as it is).",
 )
 @click.option("--publish", is_flag=True, help="Publish the result as a new model version.")
 @click.option("--name", help="Model name to publish under (default: the config's name).")
@@ -86,10 +87,11 @@ def train(
       perito train recipe.yaml --set data.root=~/photos --publish --alias staging
       perito train recipe.yaml --publish --forms fp32,int8
       perito train --resume runs/fmnist --set train.epochs=30
+      perito train --resume runs/fmnist --out runs/fmnist-longer --set train.epochs=30
     """
     from perito_training.config import ConfigError, load_config
     from perito_training.datasets import DatasetError
-    from perito_training.pipeline import RunError, train_run
+    from perito_training.pipeline import RunError, fork_run, train_run
 
     if (config_file is None) == (resume_dir is None):
         raise click.UsageError("give a CONFIG_FILE to start a run, or --resume RUN to continue one")
@@ -101,6 +103,9 @@ def train(
         if resume_dir is not None:
             run_dir = resume_dir
             config = load_config(run_dir / "config.yaml", overrides)
+            if out is not None:
+                fork_run(resume_dir, out)
+                run_dir = out
         else:
             assert config_file is not None
             config = load_config(config_file, overrides)

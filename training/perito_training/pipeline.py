@@ -20,7 +20,9 @@ import contextlib
 import csv
 import importlib.metadata
 import json
+import shutil
 import subprocess
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +75,9 @@ from perito_training.trainer import Log, Trainer, TrainState, input_contract, pr
 
 # Scripted and eager outputs of the exported module must agree to this (probabilities).
 EXPORT_TOLERANCE = 1e-4
+PUBLISHED_FILE = "published.json"
+"""In a run folder: the versions it was published as (`published_as`), so that the run that
+a version came from is not trained further in place."""
 
 
 class RunError(RuntimeError):
@@ -87,12 +92,40 @@ def train_run(
     log: Log = print,
     progress: bool = True,
 ) -> RunCard:
-    """Train, calibrate, export and evaluate `config` into `run_dir`; returns the card."""
+    """Train, calibrate, export and evaluate `config` into `run_dir`; returns the card.
+
+    A new run that fails before its first checkpoint leaves no folder behind (it created
+    `run_dir`); one that fails later keeps its checkpoints, to resume.
+
+    Raises:
+        RunError: `run_dir` already holds a run (and `resume` is not set), holds nothing to
+            resume, or was published (`published_as`): resuming would rewrite the model.pt
+            and card a version was published from (`fork_run` continues it elsewhere).
+        ConfigError, DatasetError, ValueError: as the data and the trainer raise them.
+    """
     checkpoint = run_dir / "checkpoints" / "last.pt"
     if checkpoint.exists() and not resume:
         raise RunError(f"{run_dir} already holds a run: resume it (--resume) or use another --out")
     if resume and not checkpoint.exists():
         raise RunError(f"nothing to resume in {run_dir}: no checkpoints/last.pt")
+    if resume and (published := published_as(run_dir)):
+        raise RunError(
+            f"{run_dir} was published as {', '.join(published)}: resuming it in place would "
+            "rewrite the model.pt and card that version came from; continue it in a new "
+            f"folder: perito train --resume {run_dir} --out NEW_FOLDER"
+        )
+    created = not run_dir.exists()
+    try:
+        return _train_run(config, run_dir, resume=resume, log=log, progress=progress)
+    except BaseException:
+        if created and not checkpoint.exists():
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def _train_run(
+    config: TrainConfig, run_dir: Path, *, resume: bool, log: Log, progress: bool
+) -> RunCard:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(config.to_yaml())
 
@@ -111,6 +144,47 @@ def train_run(
     model, state = trainer.fit(data.splits["train"], data.splits["val"], resume=resume)
     _write_history(run_dir, state)
     return finish_run(config, contract, run_dir, model, data, state, trainer.device, log=log)
+
+
+def published_as(run_dir: Path) -> list[str]:
+    """The versions `run_dir` was published as, `name@version`, oldest first ([] if none)."""
+    path = run_dir / PUBLISHED_FILE
+    if not path.is_file():
+        return []
+    records = json.loads(path.read_text())
+    return [f"{record['model']}@{record['version']}" for record in records]
+
+
+def fork_run(source: Path, target: Path) -> None:
+    """Copy the run in `source` (its config and checkpoints, not its exported model, card or
+    publications) into the new folder `target`, to train it further there (`train_run` with
+    `resume`).
+
+    Raises:
+        RunError: `source` has no checkpoint, or `target` exists and is not empty.
+    """
+    if not (source / "checkpoints" / "last.pt").is_file():
+        raise RunError(f"nothing to resume in {source}: no checkpoints/last.pt")
+    if target.exists() and any(target.iterdir()):
+        raise RunError(f"{target} is not empty: --out names a new folder to continue the run in")
+    target.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(source / "config.yaml", target / "config.yaml")
+    shutil.copytree(source / "checkpoints", target / "checkpoints")
+
+
+def _record_publication(run_dir: Path, manifest: ModelManifest, registry: ModelRegistry) -> None:
+    path = run_dir / PUBLISHED_FILE
+    records = json.loads(path.read_text()) if path.is_file() else []
+    records.append(
+        {
+            "model": manifest.name,
+            "version": manifest.version,
+            "registry": registry.description,
+            "sha256": manifest.artifact.sha256,
+            "published_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+    )
+    path.write_text(json.dumps(records, indent=2) + "\n")
 
 
 def finish_run(
@@ -412,7 +486,7 @@ def publish_run(
         built = build_run_forms(
             config, contract, run_dir, forms, min_agreement, max_accuracy_drop, log=log
         )
-    return registry.publish(
+    manifest = registry.publish(
         name or card.name,
         model_path,
         labels=card.labels,
@@ -431,6 +505,8 @@ def publish_run(
         forms=built.forms,
         skipped_forms=built.skipped,
     )
+    _record_publication(run_dir, manifest, registry)
+    return manifest
 
 
 def build_run_forms(
