@@ -107,12 +107,15 @@ def forms_option(calibrated_on: str) -> Callable[[F], F]:
 min_agreement_option = click.option(
     "--min-agreement",
     default=MIN_AGREEMENT,
+    type=click.FloatRange(0.0, 1.0),
     show_default=True,
-    help="Refuse a form whose top-1 agreement with the reference on held-out images is lower.",
+    help="Refuse a form whose top-1 agreement with the reference on held-out images is lower "
+    "(a share: 0.99 for 99%).",
 )
 max_accuracy_drop_option = click.option(
     "--max-accuracy-drop",
     default=MAX_ACCURACY_DROP,
+    type=click.FloatRange(0.0, 1.0),
     show_default=True,
     help="Refuse a form whose test accuracy is lower than the reference's by more (0.003: "
     "0.3 points).",

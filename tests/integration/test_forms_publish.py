@@ -82,27 +82,29 @@ def test_where_the_gate_passes_int8_it_is_built_recorded_and_served(
     assert auto.form in forms
 
 
-def test_where_the_gate_refuses_int8_the_card_and_the_cli_say_why(
+def test_where_the_gate_refuses_int8_the_card_and_the_log_say_why(
     trained: tuple[Path, RunCard], tmp_path: Path
 ) -> None:
-    from perito_training.cli import publish
-
     run, _ = trained
     registry = tmp_path / "registry"
-    # A gate no form can pass (agreement above 100%): refused plain, refused again after
-    # NNCF's accuracy control, whatever this CPU's INT8 does.
-    result = CliRunner().invoke(
-        publish,
-        [str(run), "--registry", str(registry), "--forms", "int8", "--min-agreement", "1.01"],
+    # A gate no form can pass (agreement above 100%, which the CLI refuses as a value but the
+    # function takes): refused plain, refused again after NNCF's accuracy control, whatever
+    # this CPU's INT8 does. The CLI prints these same lines (`log=click.echo`).
+    lines: list[str] = []
+    publish_run(
+        run,
+        ModelRegistry.open(str(registry), cache_dir=tmp_path / "publish"),
+        forms=("int8",),
+        min_agreement=1.01,
+        log=lines.append,
     )
-    assert result.exit_code == 0, result.output
-    assert "compiled forms: none" in result.output
+    output = "\n".join(lines)
     # Each refused form is its heading line, then one indented paragraph per attempt.
-    block = result.output.split("openvino-int8: not built:", 1)[1].split("-int8: not built:")[0]
+    block = output.split("openvino-int8: not built:", 1)[1].split("-int8: not built:")[0]
     refusal = " ".join(block.split())
-    assert "post-training: top-1 agreement" in refusal, result.output
-    assert "with accuracy control: top-1 agreement" in refusal, result.output
-    assert "under the gate's 101.00%" in refusal, result.output
+    assert "post-training: top-1 agreement" in refusal, output
+    assert "with accuracy control: top-1 agreement" in refusal, output
+    assert "under the gate's 101.00%" in refusal, output
 
     opened = ModelRegistry.open(str(registry), cache_dir=tmp_path / "cache")
     manifest = opened.manifest("car-damage", "1")
@@ -112,3 +114,22 @@ def test_where_the_gate_refuses_int8_the_card_and_the_cli_say_why(
     assert not (registry / "models" / "car-damage" / "1" / "forms").exists()
     served = load_model(opened, "car-damage", "1", precision="int8")
     assert served.form == "torchscript-fp32"
+
+
+@pytest.mark.parametrize(
+    "option", [("--min-agreement", "99"), ("--min-agreement", "-0.1"), ("--max-accuracy-drop", "3")]
+)
+def test_a_gate_value_that_is_not_a_share_is_a_usage_error(
+    trained: tuple[Path, RunCard], tmp_path: Path, option: tuple[str, str]
+) -> None:
+    from perito_training.cli import publish
+
+    run, _ = trained
+    registry = tmp_path / "registry"
+    result = CliRunner().invoke(
+        publish, [str(run), "--registry", str(registry), "--forms", "int8", *option]
+    )
+    assert result.exit_code == 2, result.output
+    assert f"Invalid value for '{option[0]}'" in result.output
+    assert "0<=x<=1" in result.output
+    assert not registry.exists()

@@ -72,40 +72,38 @@ def test_a_form_at_the_target_owes_no_images_and_a_perfect_one_names_no_disagree
         refusal_detail(reference[:10], reference, 0.99)
 
 
-def test_models_import_says_by_how_much_a_refused_form_missed(
+def test_an_imported_models_refused_form_says_by_how_much_it_missed(
     tiny_model_file: Path, tmp_path: Path
 ) -> None:
-    """`perito models import` prints, and the card keeps, a refused form's agreement, its
-    bound, the target it missed and by how many images, and the speed-up it would have given."""
+    """What `perito models import --forms` prints (the build's summary lines) and the card
+    keeps (`skipped_forms`) of a refused form: its agreement, its bound, the target it missed
+    and by how many images, and the speed-up it would have given."""
     pytest.importorskip("openvino", reason="OpenVINO (optional engine, perito[serve]) missing")
-    from click.testing import CliRunner
-
+    from perito_core.models.gate import build_forms_from_folder
     from perito_core.models.gate_images import gate_images
-    from perito_core.models.registry import ModelRegistry
-    from perito_server.cli import import_model
+    from perito_core.models.manifest import InputContract
 
     folder = gate_images(
         held_out_per_photo=2, held_out_scenes=4, calibration_per_photo=1, calibration_scenes=2
     ).write(tmp_path / "gate")
-    (tmp_path / "labels.txt").write_text("minor\nmoderate\nsevere\n")
+    contract = InputContract(height=32, width=32, resize_size=37)
     with logged("perito_core.models.gate", logging.WARNING) as warnings:
-        result = CliRunner().invoke(
-            import_model,
-            [
-                str(tiny_model_file),
-                *("--name", "tiny", "--labels", str(tmp_path / "labels.txt"), "--input-size", "32"),
-                *("--forms", "fp32,int8", "--calibration", str(folder)),
-                # A gate no form can pass (agreement is at most 100%): every form is refused.
-                *("--min-agreement", "1.01", "--registry", str(tmp_path / "registry")),
-            ],
+        built = build_forms_from_folder(
+            tiny_model_file,
+            contract,
+            tmp_path / "forms",
+            folder,
+            precisions=("fp32", "int8"),
+            # A gate no form can pass (agreement is at most 100%; the CLI takes no such
+            # value): every form is refused.
+            min_agreement=1.01,
         )
-    assert result.exit_code == 0, result.output
     # As the build goes, each refusal is logged in one short line; its figures once, below.
     refusals = [w for w in warnings if w.startswith("openvino-int8 refused: ")]
     assert refusals and all("lower bound" not in w and "agree" in w for w in refusals), warnings
     # Why, one wrapped paragraph per attempt under "openvino-int8: not built:", read back
     # as the one reason the card keeps.
-    out = result.output.splitlines()
+    out = "\n".join(built.summary()).splitlines()  # as the CLI echoes them
     paragraphs: list[list[str]] = []
     for text in out[out.index("openvino-int8: not built:") + 1 :]:
         if not text.startswith("  "):
@@ -121,7 +119,5 @@ def test_models_import_says_by_how_much_a_refused_form_missed(
     agreed = int(re.search(r"\b(\d+) of 16 agree", line).group(1))  # type: ignore[union-attr]
     assert f"{17 - agreed} more had to agree for 101%" in line
     assert re.search(r"it would have run at \d+\.\d\dx the FP32 form.s images/s", line), line
-    registry = ModelRegistry.open(str(tmp_path / "registry"), cache_dir=tmp_path / "cache")
-    card = registry.manifest("tiny", "1")
-    assert not card.forms
-    assert line.removeprefix("not built: ") == card.skipped_forms["openvino-int8"]
+    assert not built.forms
+    assert line.removeprefix("not built: ") == built.skipped["openvino-int8"]
