@@ -18,7 +18,7 @@ import numpy as np
 from perito.v1 import classify_pb2
 from perito_core.errors import DeadlineExceeded
 from perito_core.explain import METHOD, Occlusion, overlay_png
-from perito_core.models.summary import not_finite
+from perito_core.models.summary import output_faults
 from perito_server.model_pool import ServedModel
 
 OCCLUSION = Occlusion()
@@ -31,7 +31,7 @@ async def explain(
     *,
     deadline: float | None,
     executor: Executor,
-    refuse_not_finite: Callable[[list[int]], None],
+    refuse_faulty: Callable[[dict[int, str]], None],
 ) -> list[classify_pb2.Explanation]:
     """The explanation of each image's top-1 class, in order.
 
@@ -41,10 +41,10 @@ async def explain(
         probabilities: each image's answer, float32 (classes,).
         deadline: `time.monotonic()` by which they are due, or None.
         executor: where the occluded images and the PNGs are made (off the event loop).
-        refuse_not_finite: called, before anything is drawn, with the positions of the
-            images any of whose forward passes answered NaN or infinity (no heat map can be
-            made of them); it raises the refusal (the inference service's
-            `_refuse_not_finite`, so they are counted as any non-finite output is).
+        refuse_faulty: called, before anything is drawn, with the positions of the images
+            any of whose forward passes answered no answer (`summary.output_fault`: no heat
+            map can be made of them) and why; it raises the refusal (the inference service's
+            `_refuse_faulty_outputs`, so they are counted as any such output is).
 
     Returns:
         One `Explanation` per image: method `occlusion`, the top-1 class, its
@@ -55,7 +55,7 @@ async def explain(
         DeadlineExceeded: the deadline passed before every forward pass ran.
         QueueFull: the low-priority lane has no room now (with a retry hint).
         ShuttingDown: the server is draining.
-        PeritoError: what `refuse_not_finite` raises.
+        PeritoError: what `refuse_faulty` raises.
     """
     loop = asyncio.get_running_loop()
     classes = [int(np.argmax(p)) for p in probabilities]
@@ -74,13 +74,13 @@ async def explain(
             f"{len(inputs)} forward passes ran (they wait behind plain requests)"
         ) from None
     passes = OCCLUSION.passes
-    bad = [
-        index
-        for index in range(len(pixels))
-        if not_finite(scores[index * passes : (index + 1) * passes])
-    ]
+    bad = {}
+    for index in range(len(pixels)):
+        faults = output_faults(scores[index * passes : (index + 1) * passes])
+        if faults:
+            bad[index] = next(iter(faults.values()))
     if bad:
-        refuse_not_finite(bad)
+        refuse_faulty(bad)
     labels = served.model.manifest.labels
 
     def draw() -> list[classify_pb2.Explanation]:

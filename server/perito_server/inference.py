@@ -41,9 +41,8 @@ from perito_core.models.provenance import (
 )
 from perito_core.models.registry import validate_model_name
 from perito_core.models.summary import (
-    MODEL_OUTPUT_NOT_FINITE,
-    NOT_FINITE_MESSAGE,
-    not_finite,
+    FAULT_MESSAGES,
+    output_faults,
     summarize,
 )
 from perito_core.quality import (
@@ -661,8 +660,8 @@ class InferenceService:
 
         Raises:
             InvalidArgument: a malformed request (see `_validate`) or undecodable images,
-                each named in the violations; or images whose model output holds NaN or
-                infinity (reason MODEL_OUTPUT_NOT_FINITE, each named: `_refuse_not_finite`).
+                each named in the violations; or images whose model output is no answer
+                (NaN or infinity, or not probabilities: `_refuse_faulty_outputs`).
             NotFound: no such model, version or alias.
             QueueFull: no room for the request now (RESOURCE_EXHAUSTED with a retry hint),
                 or it can never fit (reason REQUEST_TOO_LARGE); with `explain`, no room in
@@ -689,7 +688,7 @@ class InferenceService:
             quality=gate,
             routing_key=request.routing_key,
         )
-        self._refuse_not_finite(inference, describe, per_image=True)
+        self._refuse_faulty_outputs(inference, describe, per_image=True)
         explanations = (
             await explain(
                 inference.served,
@@ -697,7 +696,7 @@ class InferenceService:
                 inference.probabilities,
                 deadline=deadline,
                 executor=self._decode_pool,
-                refuse_not_finite=lambda bad: self._refuse_not_finite(
+                refuse_faulty=lambda bad: self._refuse_faulty_outputs(
                     inference, describe, per_image=True, bad=bad
                 ),
             )
@@ -783,56 +782,61 @@ class InferenceService:
             )
         return response
 
-    def _refuse_not_finite(
+    def _refuse_faulty_outputs(
         self,
         inference: Inference,
         describe: Describe,
         *,
         per_image: bool,
-        bad: Sequence[int] | None = None,
+        bad: Mapping[int, str] | None = None,
     ) -> None:
-        """Refuse to answer for images whose model output holds NaN or infinity: each is
-        named in the violations with reason MODEL_OUTPUT_NOT_FINITE and counted in
-        `perito_model_outputs_not_finite_total`.
+        """Refuse to answer for images whose model output is no answer
+        (`summary.output_fault`: NaN or infinity, MODEL_OUTPUT_NOT_FINITE; a value outside
+        [0, 1] or values not summing to 1, MODEL_OUTPUT_NOT_PROBABILITIES): each is named in
+        the violations with its reason and counted in `perito_model_outputs_refused_total`.
 
         Args:
             inference: what the model answered.
             describe: an image's index -> (its field, a label for messages).
-            bad: the images to refuse, found elsewhere (an explanation's forward passes);
-                None: those whose `inference.probabilities` are not finite.
+            bad: the images to refuse and why, found elsewhere (an explanation's forward
+                passes); None: those of `inference.probabilities` (`output_faults`).
             per_image: the protocol fails images one by one (`Classify`: INVALID_ARGUMENT, as
                 for an undecodable image, so that the SDK's `on_invalid="skip"` answers the
                 others); otherwise (OIP, all or nothing) the call fails INTERNAL, as Triton
                 answers a model's failure: the model is at fault, not the request.
 
         Raises:
-            InvalidImage: `per_image`, naming each image.
+            InvalidImage: `per_image`, naming each image; its reason the first image's.
             PeritoError: INTERNAL otherwise, naming each image.
         """
         if bad is None:
-            bad = not_finite(inference.probabilities)
+            bad = output_faults(inference.probabilities)
         if not bad:
             return
-        if self.metrics is not None:
-            self.metrics.outputs_not_finite.labels(
-                inference.model, inference.version, inference.form
-            ).inc(len(bad))
+        for reason in bad.values():
+            if self.metrics is not None:
+                self.metrics.outputs_refused.labels(
+                    inference.model, inference.version, inference.form, reason
+                ).inc()
         log.warning(
-            "%s@%s (%s): the output for %d of %d images holds NaN or infinity",
+            "%s@%s (%s): the output for %d of %d images is no answer (%s)",
             inference.model,
             inference.version,
             inference.form,
             len(bad),
             len(inference.probabilities),
+            ", ".join(sorted(set(bad.values()))),
         )
         violations = [
-            (field, f"{label}: {NOT_FINITE_MESSAGE}") for field, label in map(describe, bad)
+            (field, f"{label}: {FAULT_MESSAGES[reason]}")
+            for (field, label), reason in ((describe(index), r) for index, r in bad.items())
         ]
+        reason = next(iter(bad.values()))
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
         error = InvalidImage if per_image else PeritoError
         raise error(
-            f"{violations[0][1]}{more} [{MODEL_OUTPUT_NOT_FINITE}]",
-            reason=MODEL_OUTPUT_NOT_FINITE,
+            f"{violations[0][1]}{more} [{reason}]",
+            reason=reason,
             field=violations[0][0],
             violations=violations,
         )
@@ -923,8 +927,8 @@ class InferenceService:
                 image (named `<input>[i]`).
             NotFound, PrecisionUnavailable, QueueFull, QuotaExceeded, DeadlineExceeded,
                 ShuttingDown: as `infer`.
-            PeritoError: INTERNAL, reason MODEL_OUTPUT_NOT_FINITE, when the model's output
-                for any image holds NaN or infinity (`_refuse_not_finite`).
+            PeritoError: INTERNAL, reason MODEL_OUTPUT_NOT_FINITE or _NOT_PROBABILITIES, when
+                the model's output for any image is no answer (`_refuse_faulty_outputs`).
         """
         asked = classify_pb2.ClassifyRequest(
             model=model, version=version, precision=precision if isinstance(precision, str) else ""
@@ -1046,7 +1050,7 @@ class InferenceService:
             quality=gate,
             routing_key=key,
         )
-        self._refuse_not_finite(inference, describe, per_image=False)
+        self._refuse_faulty_outputs(inference, describe, per_image=False)
         wanted = outputs or [RequestedOutput(PROBABILITIES_OUTPUT)]
         result = InferResult(
             inference.model,

@@ -56,11 +56,12 @@ class ServerMetrics:
             ["reason"],
             registry=self.registry,
         )
-        self.outputs_not_finite = Counter(
-            "perito_model_outputs_not_finite",
-            "Images whose model output held NaN or infinity, answered with no classification "
-            "(reason MODEL_OUTPUT_NOT_FINITE), by model, version and form.",
-            ["model", "version", "form"],
+        self.outputs_refused = Counter(
+            "perito_model_outputs_refused",
+            "Images whose model output was no answer, refused with no classification, by "
+            "model, version, form and reason (MODEL_OUTPUT_NOT_FINITE: NaN or infinity; "
+            "MODEL_OUTPUT_NOT_PROBABILITIES: a value outside [0, 1] or not summing to 1).",
+            ["model", "version", "form", "reason"],
             registry=self.registry,
         )
         self.jobs_submitted = Counter(

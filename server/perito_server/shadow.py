@@ -24,8 +24,9 @@ label, the incumbent-by-candidate confusion, the confidence shift). The counts g
   room in the shadow queue or the candidate's low-priority lane; `load_failed`, the candidate
   could not be loaded, tried again after `LOAD_RETRY_S`; `no_room`, loading it would evict a
   model already held; `input_differs`, pixels sent at the incumbent's size for a candidate
-  whose input differs; `not_finite`, an answer holding NaN or infinity on either side, not
-  compared; `failed`, any other failure);
+  whose input differs; `no_answer`, an output that is no answer on either side (NaN or
+  infinity, or not probabilities: `summary.output_fault`), not compared; `failed`, any other
+  failure);
 - Redis (`ComparisonStore`, summed over every replica, the whole confusion matrix), added
   every `FLUSH_S` seconds in one round trip per version pair, off the event loop; a failed
   flush loses only its own counts.
@@ -53,6 +54,7 @@ from perito_core.errors import PeritoError, QueueFull, ShuttingDown
 from perito_core.imaging import ImageLimits, InputSpec, load_model_input_with_info
 from perito_core.models.comparison import Comparison, ComparisonStore
 from perito_core.models.rollout import AliasRoute
+from perito_core.models.summary import output_fault
 from perito_server.model_pool import ModelPool
 from perito_server.settings import ServerSettings
 
@@ -80,7 +82,7 @@ QUEUE_FULL = "queue_full"
 LOAD_FAILED = "load_failed"
 NO_ROOM = "no_room"
 INPUT_DIFFERS = "input_differs"
-NOT_FINITE = "not_finite"
+NO_ANSWER = "no_answer"
 FAILED = "failed"
 
 
@@ -172,7 +174,7 @@ class ShadowMetrics:
         self.shed = Counter(
             "perito_shadow_shed",
             "Images offered to a shadow and not compared, by reason: queue_full, load_failed, "
-            "no_room, input_differs, not_finite, failed.",
+            "no_room, input_differs, no_answer, failed.",
             ["model", "candidate", "reason"],
             registry=registry,
         )
@@ -408,14 +410,14 @@ class ShadowTraffic:
         return await asyncio.to_thread(decode)
 
     def _count(self, offer: _Offer, answers: Sequence[np.ndarray], labels: Sequence[str]) -> None:
-        """Compare the finite answers of both sides; count the others shed (`not_finite`)."""
+        """Compare the answers of both sides; count the others shed (`no_answer`)."""
         finite = [
             index
             for index, (mine, theirs) in enumerate(zip(offer.probabilities, answers, strict=True))
-            if np.isfinite(mine).all() and np.isfinite(theirs).all()
+            if output_fault(mine) is None and output_fault(theirs) is None
         ]
         if len(finite) < offer.size:
-            self._shed(offer, NOT_FINITE, offer.size - len(finite))
+            self._shed(offer, NO_ANSWER, offer.size - len(finite))
         if not finite:
             return
         pair = (offer.model, offer.incumbent, offer.candidate)

@@ -12,8 +12,8 @@ and HTTP on real sockets) and a real `perito worker` process:
 - the JSON API answers 400 naming the image, in strict JSON (RFC 8259: no NaN token);
 - a bulk job fails that item with the reason (never `succeeded`), in `results.jsonl` (strict
   JSON), `results.csv` and `ListJobResults`;
-- both processes count it in `perito_model_outputs_not_finite_total` /
-  `perito_worker_model_outputs_not_finite_total`;
+- both processes count it in `perito_model_outputs_refused_total` /
+  `perito_worker_model_outputs_refused_total`, by reason;
 - a NaN or infinite request parameter is INVALID_ARGUMENT / 400 naming the parameter.
 """
 
@@ -64,11 +64,23 @@ class ColourDirection(nn.Module):
         return 8.0 * colour / norm
 
 
+class DarkSkewed(nn.Module):
+    """NHWC pixels in [0, 1]; probabilities: the softmax of the mean colour, but for a photo
+    darker than 5% of full scale [p0 + 1, p1 - 1, p2]: still summing to 1, no longer in [0, 1].
+    The load-time probes are brighter, so it imports."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        colour = images.mean(dim=(1, 2))
+        probabilities = torch.softmax(8.0 * colour, dim=1)
+        dark = (colour.mean(dim=1, keepdim=True) < 0.05).float()
+        return probabilities + dark * torch.tensor([[1.0, -1.0, 0.0]])
+
+
 def _image(rgb: tuple[int, int, int]) -> bytes:
     return encoded(np.full((SIZE, SIZE, 3), rgb, dtype=np.uint8), "PNG")
 
 
-RED, BLACK = _image((200, 30, 30)), _image((0, 0, 0))
+RED, BLACK, DIM = _image((200, 30, 30)), _image((0, 0, 0)), _image((10, 10, 10))
 
 
 def _refuse_constant(token: str) -> Any:
@@ -89,8 +101,9 @@ def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     }
 
 
-def counted(port: int, name: str) -> float:
-    return scrape(port).get((name, tuple(sorted(SERVED.items()))), 0.0)
+def counted(port: int, name: str, reason: str = "MODEL_OUTPUT_NOT_FINITE") -> float:
+    labels = tuple(sorted({**SERVED, "reason": reason}.items()))
+    return scrape(port).get((name, labels), 0.0)
 
 
 def reason_of(body: dict[str, Any]) -> str:
@@ -127,6 +140,21 @@ def service(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterato
         *("--input-size", str(SIZE), "--layout", "NHWC", "--scale", "1/255", "--output", "logits"),
         env=env,
     )
+    skewed = export_onnx(DarkSkewed(), (1, SIZE, SIZE, 3), work / "skewed.onnx")
+    run_perito(
+        *(
+            "models",
+            "import",
+            str(skewed),
+            "--name",
+            "skewed",
+            "--labels",
+            str(work / "labels.txt"),
+        ),
+        *("--input-size", str(SIZE), "--layout", "NHWC", "--scale", "1/255"),
+        *("--output", "probabilities"),
+        env=env,
+    )
     settings = stores.server_settings(http_port=free_port(), metrics_port=0)
     with (
         ServerThread(settings) as server,
@@ -137,7 +165,7 @@ def service(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterato
 
 
 def test_classify_fails_the_non_finite_image_and_answers_the_other(service: Service) -> None:
-    before = counted(service.metrics_port, "perito_model_outputs_not_finite_total")
+    before = counted(service.metrics_port, "perito_model_outputs_refused_total")
     with pytest.raises(perito.InvalidArgumentError) as refused:
         service.client.classify([RED, BLACK], model="colour", ids=["red.png", "black.png"])
     assert refused.value.reason == REASON
@@ -155,7 +183,7 @@ def test_classify_fails_the_non_finite_image_and_answers_the_other(service: Serv
     assert isinstance(rejected, perito.RejectedImage)
     assert (rejected.index, rejected.image_id, rejected.error.reason) == (1, "black.png", REASON)
     # The first call, then the skip call's first try (its resend holds the red image only).
-    after = counted(service.metrics_port, "perito_model_outputs_not_finite_total")
+    after = counted(service.metrics_port, "perito_model_outputs_refused_total")
     assert after - before == 2
 
 
@@ -170,7 +198,7 @@ def test_an_explanation_whose_forward_pass_is_not_finite_fails_the_image(
     [plain] = service.client.classify([photo], model="colour")
     assert isinstance(plain, perito.Classification) and plain.predictions[0].label == "red"
 
-    before = counted(service.metrics_port, "perito_model_outputs_not_finite_total")
+    before = counted(service.metrics_port, "perito_model_outputs_refused_total")
     with pytest.raises(perito.InvalidArgumentError) as refused:
         service.client.classify(
             [RED, photo], model="colour", ids=["red.png", "faint.png"], explain=True
@@ -178,7 +206,7 @@ def test_an_explanation_whose_forward_pass_is_not_finite_fails_the_image(
     assert refused.value.reason == REASON
     assert [v.field for v in refused.value.violations] == ["images[1]"]
     assert "faint.png" in refused.value.message
-    after = counted(service.metrics_port, "perito_model_outputs_not_finite_total")
+    after = counted(service.metrics_port, "perito_model_outputs_refused_total")
     assert after - before == 1
 
 
@@ -287,10 +315,10 @@ def test_a_bulk_job_fails_the_item_with_the_reason(service: Service) -> None:
     assert len([strict_json(line) for line in stream.text.splitlines()]) == 3
 
     deadline = time.monotonic() + 20  # the worker's samples are summed at scrape time
-    while counted(service.worker_metrics_port, "perito_worker_model_outputs_not_finite_total") < 1:
+    while counted(service.worker_metrics_port, "perito_worker_model_outputs_refused_total") < 1:
         assert time.monotonic() < deadline, "the worker did not count the non-finite output"
         time.sleep(0.5)
-    assert counted(service.worker_metrics_port, "perito_worker_model_outputs_not_finite_total") == 1
+    assert counted(service.worker_metrics_port, "perito_worker_model_outputs_refused_total") == 1
 
 
 def _post_with_token(url: str, document: dict[str, Any], value: str) -> httpx.Response:
@@ -344,3 +372,33 @@ def test_a_non_finite_request_parameter_is_400_naming_it(service: Service, value
         client.infer("colour", [tensor], outputs=[output])
     assert refused.value.status() == "StatusCode.INVALID_ARGUMENT"
     assert "classification" in refused.value.message()
+
+
+def test_an_output_outside_zero_and_one_is_no_answer_on_any_door(service: Service) -> None:
+    """A model whose output stops being probabilities on dark photos (values 1.3 and -0.6,
+    summing to 1): never an answer that looks valid."""
+    reason = "MODEL_OUTPUT_NOT_PROBABILITIES"
+    counter = "perito_model_outputs_refused_total"
+    labels = tuple(sorted({**SERVED, "model": "skewed", "reason": reason}.items()))
+    before = scrape(service.metrics_port).get((counter, labels), 0.0)
+    with pytest.raises(perito.InvalidArgumentError) as refused:
+        service.client.classify([RED, DIM], model="skewed", ids=["red.png", "dim.png"])
+    assert refused.value.reason == reason
+    assert [v.field for v in refused.value.violations] == ["images[1]"]
+    assert "dim.png" in refused.value.message and "not probabilities" in refused.value.message
+    [answered] = service.client.classify([RED], model="skewed")
+    assert isinstance(answered, perito.Classification)
+    assert 0.0 <= answered.predictions[0].probability <= 1.0
+    assert scrape(service.metrics_port).get((counter, labels), 0.0) - before == 1
+
+    client = grpcclient.InferenceServerClient(service.server.target)
+    tensor = grpcclient.InferInput("images", [2], "BYTES")
+    tensor.set_data_from_numpy(np.array([RED, DIM], dtype=np.object_))
+    with pytest.raises(InferenceServerException) as failed:
+        client.infer("skewed", [tensor])
+    assert failed.value.status() == "StatusCode.INTERNAL" and reason in failed.value.message()
+
+    job = service.client.submit_job([DIM, RED], model="skewed").wait(timeout=120)
+    items = sorted(service.client.job(job.id).results(), key=lambda item: item.index)
+    assert [item.state for item in items] == [perito.ItemState.FAILED, perito.ItemState.SUCCEEDED]
+    assert items[0].error.startswith(f"{reason}: ") and items[0].classification is None

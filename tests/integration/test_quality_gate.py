@@ -84,7 +84,7 @@ def not_finite_count(port: int) -> float:
     return sum(
         value
         for (name, _), value in scrape(port).items()
-        if name == "perito_model_outputs_not_finite_total"
+        if name == "perito_model_outputs_refused_total"
     )
 
 

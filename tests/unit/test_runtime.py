@@ -53,7 +53,37 @@ def test_a_module_returning_logits_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "logits.pt"
     scripted = torch.jit.script(_Logits())
     scripted.save(str(path))
-    with pytest.raises(ModelLoadError, match="do not sum to 1"):
+    with pytest.raises(ModelLoadError, match="outputs are not probabilities"):
+        TorchScriptModel.load(path, manifest_for(path, ["a", "b", "c"]), device="cpu")
+
+
+class _SumsToOne(torch.nn.Module):
+    """Rows that sum to 1 with values outside [0, 1]: not probabilities."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        row = torch.tensor([1.5, -0.5, 0.0])
+        return row.expand(images.shape[0], 3) + 0 * images.float().mean()
+
+
+class _BatchMean(torch.nn.Module):
+    """The softmax of the batch's mean colour: each image's answer leans on the others'."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        colour = images.float().mean(dim=(2, 3)) / 64.0  # (N, 3)
+        return torch.softmax(colour.mean(dim=0, keepdim=True).expand_as(colour), dim=1)
+
+
+def test_a_module_whose_rows_sum_to_one_outside_zero_and_one_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "skewed.pt"
+    torch.jit.script(_SumsToOne()).save(str(path))
+    with pytest.raises(ModelLoadError, match=r"run from -0.5 to 1.5 and sum to 1"):
+        TorchScriptModel.load(path, manifest_for(path, ["a", "b", "c"]), device="cpu")
+
+
+def test_a_module_whose_answer_depends_on_its_batch_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "batch-mean.pt"
+    torch.jit.script(_BatchMean()).save(str(path))
+    with pytest.raises(ModelLoadError, match="depends on the other images of its batch"):
         TorchScriptModel.load(path, manifest_for(path, ["a", "b", "c"]), device="cpu")
 
 
@@ -67,7 +97,7 @@ def test_a_module_written_for_float_input_is_refused_in_one_line(tmp_path: Path)
     with pytest.raises(ModelLoadError) as refused:
         TorchScriptModel.load(path, manifest_for(path, ["a", "b", "c"]), device="cpu")
     message = str(refused.value)
-    assert "fails on a batch of 2 uint8 images" in message and "normalise inside" in message
+    assert "fails on a batch of 3 uint8 images" in message and "normalise inside" in message
     assert "RuntimeError: " in message and "Traceback" not in message
     assert "\n" not in message
 

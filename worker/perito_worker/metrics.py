@@ -17,11 +17,11 @@ ITEMS = Counter(
     "Images classified or failed by this worker, by model, version and outcome.",
     ["model", "version", "outcome"],
 )
-OUTPUTS_NOT_FINITE = Counter(
-    "perito_worker_model_outputs_not_finite",
-    "Items whose model output held NaN or infinity, failed with MODEL_OUTPUT_NOT_FINITE, by "
-    "model, version and form.",
-    ["model", "version", "form"],
+OUTPUTS_REFUSED = Counter(
+    "perito_worker_model_outputs_refused",
+    "Items whose model output was no answer, failed with its reason, by model, version, form "
+    "and reason (MODEL_OUTPUT_NOT_FINITE, MODEL_OUTPUT_NOT_PROBABILITIES).",
+    ["model", "version", "form", "reason"],
 )
 CHUNKS = Counter(
     "perito_worker_chunks",

@@ -64,9 +64,8 @@ from perito_core.models.selection import (
     requested_precision,
 )
 from perito_core.models.summary import (
-    MODEL_OUTPUT_NOT_FINITE,
-    NOT_FINITE_MESSAGE,
-    not_finite,
+    FAULT_MESSAGES,
+    output_fault,
     summarize,
 )
 from perito_core.quality import Quality, assess
@@ -345,9 +344,12 @@ def _classify(
         assert started is not None  # some image decoded
         outcomes = started.result()
         for prepared, probs in zip(good, outcomes, strict=True):
-            if not isinstance(probs, str) and not_finite([probs]):  # no answer: the model's fault
-                probs = f"{MODEL_OUTPUT_NOT_FINITE}: {NOT_FINITE_MESSAGE}"
-                metrics.OUTPUTS_NOT_FINITE.labels(job.model, job.model_version, model.form).inc()
+            fault = None if isinstance(probs, str) else output_fault(probs)
+            if fault is not None:  # no answer: the model's fault
+                probs = f"{fault}: {FAULT_MESSAGES[fault]}"
+                metrics.OUTPUTS_REFUSED.labels(
+                    job.model, job.model_version, model.form, fault
+                ).inc()
             if isinstance(probs, str):
                 results[prepared.index] = ItemResult(
                     prepared.index,

@@ -6,9 +6,11 @@ SDK returns are one type), whichever engine computed the probabilities (TorchScr
 ONNX Runtime): the server's `Classify`, the Open Inference Protocol door and the worker
 summarise each image with it.
 
-Probabilities holding NaN or infinity (a graph dividing by a zero norm on an all-black photo)
-are no answer: every door finds such images with `not_finite` and fails them with the reason
-`MODEL_OUTPUT_NOT_FINITE` instead, and `summarize` refuses them.
+An output that is not a probability distribution is no answer: one holding NaN or infinity
+(a graph dividing by a zero norm on an all-black photo: `MODEL_OUTPUT_NOT_FINITE`), or one
+with a value outside [0, 1] or values not summing to 1 (a model that misbehaves on some
+photos: `MODEL_OUTPUT_NOT_PROBABILITIES`). Every door finds such images with `output_faults`
+and fails them with that reason instead of answering, and `summarize` refuses them.
 """
 
 from __future__ import annotations
@@ -22,13 +24,24 @@ import numpy as np
 # One class and its probability: the contract's type, which the SDK returns too.
 from perito.v1.vocabulary import Prediction
 
-# The reason an image whose model output is not finite fails with (`PeritoError.reason`, and
-# the prefix of a bulk item's error), and what it says.
+# The reasons an image whose model output is no answer fails with (`PeritoError.reason`, and
+# the prefix of a bulk item's error), and what each says (`FAULT_MESSAGES`).
 MODEL_OUTPUT_NOT_FINITE = "MODEL_OUTPUT_NOT_FINITE"
-NOT_FINITE_MESSAGE = (
-    "the model's output for this image holds NaN or infinity, so it has no answer "
-    "(the model is at fault, not the image)"
-)
+MODEL_OUTPUT_NOT_PROBABILITIES = "MODEL_OUTPUT_NOT_PROBABILITIES"
+# How far an output may stray from a probability distribution (float32 softmax of 1,000
+# classes sums to 1 within about 1e-6): each value within [-tol, 1 + tol], the sum within tol
+# of 1. The same tolerance as the load-time check of the artifact contract.
+PROBABILITY_TOLERANCE = 1e-3
+FAULT_MESSAGES = {
+    MODEL_OUTPUT_NOT_FINITE: (
+        "the model's output for this image holds NaN or infinity, so it has no answer "
+        "(the model is at fault, not the image)"
+    ),
+    MODEL_OUTPUT_NOT_PROBABILITIES: (
+        "the model's output for this image is not probabilities (a value outside [0, 1], or "
+        "values not summing to 1), so it has no answer (the model is at fault, not the image)"
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -41,16 +54,39 @@ class Classification:
     uncertain: bool
 
 
-def not_finite(probabilities: Sequence[np.ndarray]) -> list[int]:
-    """The positions of the images whose probabilities hold NaN, +inf or -inf.
+def output_fault(probabilities: np.ndarray) -> str | None:
+    """Why one image's output is no answer (`MODEL_OUTPUT_NOT_FINITE` or
+    `MODEL_OUTPUT_NOT_PROBABILITIES`), or None when it is a probability distribution over
+    the classes (each value in [0, 1] and the sum 1, within `PROBABILITY_TOLERANCE`).
+
+    Args:
+        probabilities: float [C].
+    """
+    if not np.isfinite(probabilities).all():
+        return MODEL_OUTPUT_NOT_FINITE
+    total = float(probabilities.sum(dtype=np.float64))
+    low, high = float(probabilities.min()), float(probabilities.max())
+    tolerance = PROBABILITY_TOLERANCE
+    if low < -tolerance or high > 1.0 + tolerance or abs(total - 1.0) > tolerance:
+        return MODEL_OUTPUT_NOT_PROBABILITIES
+    return None
+
+
+def output_faults(probabilities: Sequence[np.ndarray]) -> dict[int, str]:
+    """The images whose output is no answer (`output_fault`), by position, with the reason.
 
     Args:
         probabilities: one float array [C] per image (or a float array [N, C]).
 
     Returns:
-        Their indexes, in order; empty when every value is finite.
+        position -> reason, in order; empty when every output is an answer.
     """
-    return [i for i, row in enumerate(probabilities) if not np.isfinite(row).all()]
+    faults = {}
+    for index, row in enumerate(probabilities):
+        fault = output_fault(row)
+        if fault is not None:
+            faults[index] = fault
+    return faults
 
 
 def summarize(
@@ -65,10 +101,11 @@ def summarize(
         threshold: a top-1 probability under it marks the image uncertain; None or 0: never.
 
     Raises:
-        ValueError: a probability is NaN or infinite (`not_finite` finds these first).
+        ValueError: the output is no answer (`output_fault`, which the doors ask first).
     """
-    if not np.isfinite(probabilities).all():
-        raise ValueError(f"{MODEL_OUTPUT_NOT_FINITE}: {NOT_FINITE_MESSAGE}")
+    fault = output_fault(probabilities)
+    if fault is not None:
+        raise ValueError(f"{fault}: {FAULT_MESSAGES[fault]}")
     k = max(1, min(top_k, len(labels)))
     order = np.argsort(-probabilities, kind="stable")  # one sort: the top-k and the margin
     predictions = [Prediction(labels[i], int(i), float(probabilities[i])) for i in order[:k]]

@@ -20,11 +20,16 @@ import torch
 from perito.v1.vocabulary import refusal_paragraphs
 from perito_core.errors import ModelLoadError
 from perito_core.models.manifest import MIN_AGREEMENT, CompiledForm, InputContract, ModelManifest
+from perito_core.models.summary import output_faults
 
 # At most this many calibration images go to a quantizer (NNCF's own default subset is 300).
 MAX_CALIBRATION_IMAGES = 300
 # The forms and model.pt run the held-out and calibration images this many at a time.
 BATCH_SIZE = 32
+# At load, how far an image's probabilities may move between it alone and in a batch
+# (`LoadedModel._check_contract`): kernels chosen per batch size differ by about 1e-6 in
+# FP32 and 1e-3 in FP16; a model that mixes its batch's images moves them by far more.
+BATCH_INDEPENDENCE_ATOL = 5e-3
 
 # Flags worth printing beside a benchmark: what makes INT8 and BF16 fast on x86.
 ISA_FLAGS = (
@@ -92,8 +97,39 @@ class LoadedModel:
         spec = self.manifest.input
         return torch.randint(0, 256, (batch_size, 3, spec.height, spec.width), dtype=torch.uint8)
 
+    def _probe_batch(self) -> torch.Tensor:
+        """The images a model is checked on at load (`_check_contract`): uint8 (3, 3, H, W),
+        noise over all levels, dark red noise (R 128-191, G and B 0-63) and bright yellow
+        noise (R and G 192-255, B 64-127): unlike each other in level and colour, so that an
+        answer leaning on its batch shows."""
+        probe = self._random_batch(3) // 4  # 0-63
+        probe[0] *= 4
+        probe[1, 0] += 128
+        probe[2, :2] += 192
+        probe[2, 2] += 64
+        return probe
+
+    def _check_contract(self, probe: torch.Tensor, output: torch.Tensor) -> None:
+        """Raises ModelLoadError when `output`, the model's answer for the batch `probe`, is not
+        (N, labels) probabilities (`_check_output`), or when an image of `probe` run alone is
+        answered otherwise than in the batch (by more than `BATCH_INDEPENDENCE_ATOL`): dynamic
+        batching puts different callers' (and tenants') images in one batch, so an answer
+        must depend on its own image only."""
+        self._check_output(output, len(probe))
+        alone = torch.cat([self._forward(probe[i : i + 1]) for i in range(len(probe))])
+        difference = float((alone - output).abs().max())
+        if not difference <= BATCH_INDEPENDENCE_ATOL:
+            raise ModelLoadError(
+                f"{self.manifest.name}@{self.manifest.version}: an image's answer depends on "
+                f"the other images of its batch (a probability moved by {difference:.4f} "
+                "between the image alone and in a batch of 3); every image must be answered "
+                "on its own (a batch statistic, such as BatchNorm in training mode, inside "
+                "the model?)"
+            )
+
     def _check_output(self, output: torch.Tensor, batch_size: int) -> None:
-        """Raises ModelLoadError when `output` is not (batch_size, labels) probabilities."""
+        """Raises ModelLoadError when `output` is not (batch_size, labels) probabilities: each
+        value in [0, 1] and each row summing to 1, within `summary.PROBABILITY_TOLERANCE`."""
         expected = (batch_size, len(self.labels))
         if tuple(output.shape) != expected:
             raise ModelLoadError(
@@ -101,11 +137,14 @@ class LoadedModel:
                 f"{tuple(output.shape)} for a batch of {batch_size}; the manifest's "
                 f"{len(self.labels)} labels need {expected}"
             )
-        sums = output.sum(dim=1)
-        if not torch.allclose(sums, torch.ones_like(sums), atol=1e-3):
+        faults = output_faults(list(output.numpy()))
+        if faults:
+            row = output[next(iter(faults))]
             raise ModelLoadError(
-                f"{self.manifest.name}@{self.manifest.version}: outputs do not sum to 1; the "
-                "artifact contract is probabilities (softmax inside the module)"
+                f"{self.manifest.name}@{self.manifest.version}: outputs are not probabilities "
+                f"(one image's run from {float(row.min()):.4g} to {float(row.max()):.4g} and "
+                f"sum to {float(row.sum()):.4g}); the artifact contract is probabilities, "
+                "each in [0, 1] and summing to 1 (softmax inside the module)"
             )
 
     def warm(self, batch_sizes: Sequence[int]) -> None:

@@ -509,13 +509,14 @@ class OnnxModel(LoadedModel):
                     for p in execution_providers(device, fp16=fp16)
                 ),
             )
+        probe = model._probe_batch()
         try:
-            output = model._forward(model._random_batch(2))
+            output = model._forward(probe)
         except Exception as exc:  # noqa: BLE001 - a graph that fails on a valid batch
             raise ModelLoadError(
-                f"{_describe(manifest)}: ONNX Runtime fails on a batch of 2: {exc}"
+                f"{_describe(manifest)}: ONNX Runtime fails on a batch of 3: {exc}"
             ) from None
-        model._check_output(output, 2)
+        model._check_contract(probe, output)
         model.warm(warmup_batch_sizes)
         model.load_seconds = time.perf_counter() - start
         return model

@@ -108,7 +108,8 @@ class OpenVinoEngine:
             model = OpenVinoModel(manifest, form, path)
         except Exception as exc:  # noqa: BLE001 - any engine failure here is a bad or foreign form
             raise ModelLoadError(f"{form.name} does not compile here: {exc}") from None
-        model._check_output(model._forward(model._random_batch(2)), 2)
+        probe = model._probe_batch()
+        model._check_contract(probe, model._forward(probe))
         return model
 
     def build(self, build: BuildContext) -> None:

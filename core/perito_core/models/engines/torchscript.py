@@ -130,18 +130,18 @@ class TorchScriptModel(LoadedModel):
             ) from None
         model = cls(module, manifest, target)
         model.path = path
-        probe = model._random_batch(2)
+        probe = model._probe_batch()
         try:
             reference = model._forward(probe)
         except Exception as exc:  # noqa: BLE001 - a module that cannot take the contract's input
             raise ModelLoadError(
-                f"{manifest.name}@{manifest.version}: the module fails on a batch of 2 uint8 "
-                f"images (2, 3, {manifest.input.height}, {manifest.input.width}), the artifact "
+                f"{manifest.name}@{manifest.version}: the module fails on a batch of 3 uint8 "
+                f"images (3, 3, {manifest.input.height}, {manifest.input.width}), the artifact "
                 f"contract's input ({describe_exception(exc)}); a module written for float "
                 "input must take uint8 and normalise inside (docs/models.md, Publishing a "
                 "model)"
             ) from None
-        model._check_output(reference, 2)
+        model._check_contract(probe, reference)
         if optimize:
             try:
                 with warnings.catch_warnings():
@@ -186,11 +186,12 @@ class TorchScriptModel(LoadedModel):
         )
         model.path = self.path
         try:
-            model._check_output(model._forward(model._random_batch(2)), 2)
+            probe = model._probe_batch()
+            model._check_contract(probe, model._forward(probe))
         except ModelLoadError:
             raise
         except Exception as exc:  # noqa: BLE001 - a network that cannot run in dtype
-            raise ModelLoadError(f"{what}: {form} fails on a batch of 2: {exc}") from None
+            raise ModelLoadError(f"{what}: {form} fails on a batch of 3: {exc}") from None
         model.warm(warmup_batch_sizes)
         return model
 
