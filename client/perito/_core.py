@@ -416,7 +416,9 @@ def renumber(error: E, indexes: Sequence[int]) -> E:
         return _IMAGE_REF.sub(caller_index, text)
 
     message = fix(error.message)
-    violations = tuple(FieldViolation(fix(v.field), fix(v.description)) for v in error.violations)
+    violations = tuple(
+        FieldViolation(fix(v.field), fix(v.description), v.reason) for v in error.violations
+    )
     if message == error.message and violations == error.violations:
         return error
     copy = type(error)(
@@ -443,7 +445,7 @@ def rejected_images(
             index=index,
             error=InvalidArgumentError(
                 "; ".join(v.description for v in found) or error.message,
-                reason=error.reason,
+                reason=next((v.reason for v in found if v.reason), error.reason),
                 violations=tuple(found),
             ),
         )

@@ -13,8 +13,13 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class FieldViolation:
+    """A request field at fault (`google.rpc.BadRequest.FieldViolation`): `images[3]`, what
+    is wrong with it, and its own machine-readable reason where the server gives one
+    (`TRUNCATED` for one image, `NOT_AN_IMAGE` for another in the same call)."""
+
     field: str
     description: str
+    reason: str = ""
 
 
 class PeritoError(Exception):
@@ -213,7 +218,9 @@ def _rich_details(
             elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
                 bad = error_details_pb2.BadRequest()
                 detail.Unpack(bad)
-                violations += [FieldViolation(v.field, v.description) for v in bad.field_violations]
+                violations += [
+                    FieldViolation(v.field, v.description, v.reason) for v in bad.field_violations
+                ]
             elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
                 retry = error_details_pb2.RetryInfo()
                 detail.Unpack(retry)

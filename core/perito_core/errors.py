@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import re
+from collections.abc import Mapping
 
 # A caller-supplied string (an image id, a model name) quoted in a message keeps this many
 # characters by default (`echo`).
@@ -45,6 +46,9 @@ class PeritoError(Exception):
         field: the request field at fault, for example `images[3]`.
         retry_after: seconds after which a retry may succeed.
         violations: (field, description) pairs when several fields are at fault.
+        violation_reasons: field -> the reason of that field's violation, where fields fail
+            for different reasons (`images[3]` TRUNCATED, `images[5]` NOT_AN_IMAGE:
+            `google.rpc.BadRequest.FieldViolation.reason`); unnamed ones have `reason`.
     """
 
     code: ErrorCode = ErrorCode.INTERNAL
@@ -71,6 +75,7 @@ class PeritoError(Exception):
         field: str | None = None,
         retry_after: float | None = None,
         violations: list[tuple[str, str]] | None = None,
+        violation_reasons: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -78,6 +83,7 @@ class PeritoError(Exception):
         self.field = field
         self.retry_after = retry_after
         self.violations = violations or ([(field, message)] if field else [])
+        self.violation_reasons = dict(violation_reasons or {})
 
 
 class InvalidArgument(PeritoError, code=ErrorCode.INVALID_ARGUMENT):

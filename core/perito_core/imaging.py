@@ -239,6 +239,8 @@ def decode_image_with_info(
         raise _bomb(exc, limits) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise _damaged(exc) from None
+    if image_format in ("JPEG", "MPO") and _grey_tail(image):
+        _check_scan_complete(data)
     icc_profile = image.info.get("icc_profile")
     loaded_size = image.size
     # A broken EXIF block must not cost the image: it is then used as stored. In place: the
@@ -305,6 +307,48 @@ def _damaged(exc: BaseException) -> InvalidImage:
         f"image data is damaged{' (the file is cut short)' if truncated else ''}: {exc}",
         reason="TRUNCATED" if truncated else "CORRUPT",
     )
+
+
+def _grey_tail(image: Image.Image) -> bool:
+    """Whether a decoded JPEG's last stored row is mid-grey (128 in every channel) from end to
+    end: what libjpeg fills an image with past the end of its scan data, so the sign of a file
+    cut short with an end marker after the cut (libjpeg only warns of that, and Pillow decodes
+    it as whole). One row's bytes: about a microsecond."""
+    if image.mode not in ("RGB", "L"):
+        return False
+    row = image.crop((0, image.height - 1, image.width, image.height)).tobytes()
+    return row == b"\x80" * len(row)
+
+
+def _check_scan_complete(data: bytes) -> None:
+    """Refuse a JPEG whose scan ends before its image does (libjpeg's "premature end of data
+    segment" or "of JPEG file" warnings), found by decoding it again strictly, at 1/8 scale in
+    grey (simplejpeg: libjpeg-turbo with warnings raised). Only asked of a JPEG with a grey
+    tail (`_grey_tail`), so a photo whose bottom row really is mid-grey pays one such decode
+    and is kept; other warnings (extraneous bytes, common in cameras' files) keep the image.
+
+    Raises:
+        InvalidImage: reason TRUNCATED.
+    """
+    import simplejpeg
+
+    try:
+        simplejpeg.decode_jpeg(
+            data,
+            colorspace="GRAY",
+            fastdct=True,
+            fastupsample=True,
+            min_height=1,
+            min_width=1,
+            strict=True,
+        )
+    except ValueError as exc:
+        if "premature end" in str(exc).lower():
+            raise InvalidImage(
+                "image data is damaged (the file is cut short): its JPEG scan data ends before "
+                "the image does, and the rest would be filled in grey",
+                reason="TRUNCATED",
+            ) from None
 
 
 def _bomb(exc: Image.DecompressionBombError, limits: ImageLimits) -> InvalidImage:

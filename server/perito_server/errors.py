@@ -25,7 +25,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import grpc
@@ -98,14 +98,16 @@ def _summary(omitted: Sequence[tuple[str, str]]) -> error_details_pb2.BadRequest
 
 
 def _bounded_violations(
-    violations: Sequence[tuple[str, str]], room: int
+    violations: Sequence[tuple[str, str]], room: int, reasons: Mapping[str, str]
 ) -> error_details_pb2.BadRequest:
     """The first violations (at most `MAX_VIOLATIONS`, and as many as fit in `room`
-    serialized bytes), then one summarising the rest."""
+    serialized bytes), each with its own reason where `reasons` names one, then one
+    summarising the rest."""
     kept = [
         error_details_pb2.BadRequest.FieldViolation(
             field=clip_utf8(field, MAX_FIELD_BYTES),
             description=clip_utf8(description, MAX_DESCRIPTION_BYTES),
+            reason=clip_utf8(reasons.get(field, ""), MAX_REASON_BYTES),
         )
         for field, description in violations[:MAX_VIOLATIONS]
     ]
@@ -156,7 +158,9 @@ def to_status(error: PeritoError) -> grpc.Status:
         details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
     status = status_pb2.Status(code=getattr(code_pb2, code.name), message=message, details=details)
     if error.violations:
-        bad = _bounded_violations(error.violations, MAX_DETAILS_BYTES - status.ByteSize())
+        bad = _bounded_violations(
+            error.violations, MAX_DETAILS_BYTES - status.ByteSize(), error.violation_reasons
+        )
         status = status_pb2.Status(
             code=status.code, message=message, details=[details[0], _pack(bad), *details[1:]]
         )

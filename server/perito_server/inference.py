@@ -388,11 +388,12 @@ class InferenceService:
             ),
             return_exceptions=True,
         )
-        violations = []
+        violations, reasons = [], {}
         for index, result in enumerate(decoded):
             if isinstance(result, InvalidImage):
                 field, label = describe(index)
                 violations.append((field, f"{label}: {result}"))
+                reasons[field] = result.reason
                 if self.metrics is not None:
                     self.metrics.images_rejected.labels(result.reason).inc()
             elif isinstance(result, BaseException):
@@ -400,7 +401,13 @@ class InferenceService:
         if violations:
             first = violations[0][1]
             more = f" (and {len(violations) - 1} more)" if len(violations) > 1 else ""
-            raise InvalidImage(first + more, field=violations[0][0], violations=violations)
+            raise InvalidImage(
+                first + more,
+                reason=reasons[violations[0][0]],
+                field=violations[0][0],
+                violations=violations,
+                violation_reasons=reasons,
+            )
         return [result for result in decoded if isinstance(result, tuple)]
 
     async def infer(
@@ -827,10 +834,11 @@ class InferenceService:
             len(inference.probabilities),
             ", ".join(sorted(set(bad.values()))),
         )
-        violations = [
-            (field, f"{label}: {FAULT_MESSAGES[reason]}")
-            for (field, label), reason in ((describe(index), r) for index, r in bad.items())
-        ]
+        violations, reasons = [], {}
+        for index, fault in bad.items():
+            field, label = describe(index)
+            violations.append((field, f"{label}: {FAULT_MESSAGES[fault]}"))
+            reasons[field] = fault
         reason = next(iter(bad.values()))
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
         error = InvalidImage if per_image else PeritoError
@@ -839,6 +847,7 @@ class InferenceService:
             reason=reason,
             field=violations[0][0],
             violations=violations,
+            violation_reasons=reasons,
         )
 
     # The Open Inference Protocol

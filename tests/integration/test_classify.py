@@ -122,10 +122,24 @@ def test_bad_images_are_invalid_argument_naming_each_image(
     error = caught.value
     assert _violation_fields(error) == ["images[1]", "images[3]", "images[4]"]
     assert "empty" in error.message and "(and 2 more)" in error.message
-    assert error.reason == "INVALID_IMAGE"
+    # The call's reason is its first bad image's; each image has its own.
+    assert error.reason == "EMPTY"
+    assert [v.reason for v in error.violations] == ["EMPTY", "NOT_AN_IMAGE", "TRUNCATED"]
     descriptions = " ".join(v.description for v in error.violations)
     assert "'text'" in descriptions and "not a recognised image format" in descriptions
     assert "damaged" in descriptions
+    # Skipped, each rejected image says what was wrong with it.
+    results = client.classify(
+        [good, b"", good, b"not an image at all", good[: len(good) // 3]],
+        model=LITE0,
+        on_invalid="skip",
+    )
+    rejected = [r for r in results if isinstance(r, perito.RejectedImage)]
+    assert [(r.index, r.error.reason) for r in rejected] == [
+        (1, "EMPTY"),
+        (3, "NOT_AN_IMAGE"),
+        (4, "TRUNCATED"),
+    ]
 
 
 def test_unknown_model_and_version_are_not_found(

@@ -228,7 +228,7 @@ def test_sixty_four_bad_images_with_long_ids_give_typed_errors_every_time(
             with pytest.raises(perito.InvalidArgumentError) as caught:
                 client.classify(bad, model="tiny", ids=LONG_IDS)
             error = caught.value
-            assert error.reason == "INVALID_IMAGE"
+            assert error.reason == "NOT_AN_IMAGE"
             fields = [v.field for v in error.violations]
             assert fields[:3] == ["images[0]", "images[1]", "images[2]"]
             assert LONG_IDS[0][:64] + "…" in error.violations[0].description

@@ -136,12 +136,17 @@ def test_sixty_four_bad_images_with_long_ids_reach_the_sdk_typed_and_whole() -> 
         for i, id_ in enumerate(ids)
     ]
     status = to_status(
-        errors.InvalidImage(violations[0][1] + " (and 63 more)", violations=violations)
+        errors.InvalidImage(
+            violations[0][1] + " (and 63 more)",
+            violations=violations,
+            violation_reasons={field: "NOT_AN_IMAGE" for field, _ in violations},
+        )
     )
     assert trailer_bytes(status) <= MAX_TRAILER_BYTES
     error = from_rpc_error(FakeRpcError(status))
     assert isinstance(error, perito.InvalidArgumentError)
     assert error.reason == "INVALID_IMAGE"
+    assert error.violations[0].reason == "NOT_AN_IMAGE"
     assert [v.field for v in error.violations[:3]] == ["images[0]", "images[1]", "images[2]"]
     assert ids[0][:ECHO_CHARS] + "…" in error.violations[0].description
     assert error.violations[-1].description.startswith("... and ")

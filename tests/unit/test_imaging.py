@@ -46,6 +46,30 @@ def test_truncated_jpeg(keep: float) -> None:
     assert reason_for(data[: int(len(data) * keep)]) == "TRUNCATED"
 
 
+@pytest.mark.parametrize("keep", [0.5, 0.2])
+@pytest.mark.parametrize("progressive", [False, True])
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_a_jpeg_cut_short_with_an_end_marker_after_the_cut_is_truncated(
+    keep: float, progressive: bool, mode: str
+) -> None:
+    """libjpeg only warns when the scan data ends early at an end marker, filling the rest in
+    grey; Pillow then decodes it as whole. Cut within the first scan, it is refused."""
+    data = encode(photo(640, 480).convert(mode), "JPEG", quality=90, progressive=progressive)
+    scan = data.index(b"\xff\xda")  # the first scan's header
+    end = data.find(b"\xff\xda", scan + 2) if progressive else len(data) - 2
+    cut = data[: scan + int((end - scan) * keep)] + b"\xff\xd9"
+    assert reason_for(cut) == "TRUNCATED"
+
+
+def test_a_whole_jpeg_whose_bottom_is_mid_grey_is_read() -> None:
+    pixels = np.asarray(photo(64, 48)).copy()
+    pixels[-16:] = 128  # the grey libjpeg fills a cut-short scan with, really in the photo
+    data = encode(Image.fromarray(pixels), "JPEG", quality=95)
+    image = decode_image(data)
+    assert image.size == (64, 48)
+    assert np.asarray(image)[-1].tolist() == [[128, 128, 128]] * 64
+
+
 def test_oversized_file() -> None:
     assert reason_for(encode(photo()), ImageLimits(max_bytes=100)) == "TOO_LARGE"
 
