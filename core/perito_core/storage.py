@@ -27,7 +27,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Protocol
 
-from perito_core.errors import InvalidArgument, InvalidImage, NotFound, StorageUnavailable, echo
+from perito_core.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    InvalidImage,
+    NotFound,
+    PeritoError,
+    StorageUnavailable,
+    echo,
+)
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -241,6 +249,23 @@ def _too_large(key: str, size: int | str, max_bytes: int) -> InvalidImage:
     )
 
 
+def _unreadable(path: Path, error: OSError) -> PeritoError | OSError:
+    """What a caller is told of a file the system would not let this process read: a name
+    longer than the file system allows is NOT_FOUND (no such file can exist), no permission
+    FAILED_PRECONDITION (the worker's account may not read it); any other OSError as it is."""
+    if error.errno == errno.ENAMETOOLONG:
+        return NotFound(
+            f"{path} not found: a name in its path is longer than the file system allows "
+            "(255 bytes a name)"
+        )
+    if error.errno in (errno.EACCES, errno.EPERM):
+        return FailedPrecondition(
+            f"{path} cannot be read: the worker's account has no permission to read it",
+            reason="PERMISSION_DENIED_ON_FILE",
+        )
+    return error
+
+
 def _open_beneath(root: Path, relative: Path) -> int:
     """Open `root / relative` for reading without following a symbolic link anywhere below
     `root`: each folder is opened relative to its parent with O_NOFOLLOW, as `openat2`'s
@@ -344,6 +369,8 @@ class LocalStore:
             mode = (os.stat if self.follow_links else os.lstat)(path).st_mode
         except (FileNotFoundError, NotADirectoryError):
             raise NotFound(f"{self.root / key} not found") from None
+        except OSError as error:
+            raise _unreadable(self.root / key, error) from None
         if stat.S_ISLNK(mode):
             raise swapped
         if not stat.S_ISREG(mode):
@@ -356,7 +383,7 @@ class LocalStore:
             # A folder of a path just found whole that will not open as a folder without
             # following links (ENOTDIR from O_DIRECTORY | O_NOFOLLOW, ELOOP): a link.
             if error.errno not in (errno.ELOOP, errno.ENOTDIR):
-                raise
+                raise _unreadable(self.root / key, error) from None
             raise swapped from None
         try:
             info = os.fstat(fd)

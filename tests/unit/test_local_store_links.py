@@ -70,3 +70,12 @@ def test_a_write_that_fails_leaves_neither_half_a_file_nor_its_temporary(tmp_pat
             store.upload_file("models/m/1/manifest.json", source)
     assert sorted(p.name for p in (tmp_path / "models/m/1").iterdir()) == ["manifest.json"]
     assert (tmp_path / "models/m/1/manifest.json").read_bytes() == b"{}"
+
+
+def test_a_name_longer_than_the_file_system_allows_is_not_found(
+    layout: tuple[LocalStore, Path],
+) -> None:
+    store, _ = layout
+    with pytest.raises(NotFound, match="longer than the file system allows"):
+        store.read_bytes("claims/a/" + "x" * 300 + ".jpg")
+
