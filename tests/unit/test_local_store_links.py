@@ -78,4 +78,3 @@ def test_a_name_longer_than_the_file_system_allows_is_not_found(
     store, _ = layout
     with pytest.raises(NotFound, match="longer than the file system allows"):
         store.read_bytes("claims/a/" + "x" * 300 + ".jpg")
-
