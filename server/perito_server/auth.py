@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 import grpc.aio
+from google.protobuf.message import DecodeError
 
 from perito_core.access.audit import AuditLog, AuditRecord
 from perito_core.access.quotas import InProgress, RateLimiter
@@ -41,6 +42,7 @@ from perito_core.errors import (
     InvalidArgument,
     PeritoError,
     PermissionDenied,
+    QueueFull,
 )
 from perito_server.errors import Continuation, abort, metadata_value
 
@@ -173,7 +175,11 @@ class CallSlots:
 
         Raises:
             DeadlineExceeded: it did not arrive within `arrival_s`.
-            InvalidArgument: the call ended without one.
+            InvalidArgument: the message is not this method's request (protobuf cannot
+                parse it).
+            QueueFull: (RESOURCE_EXHAUSTED) the call ended without one: gRPC itself refuses
+                a message over the server's size limit, ending the call (the caller is
+                told RESOURCE_EXHAUSTED by gRPC; `errors.CallEnded` then stops the handler).
         """
         try:
             async with asyncio.timeout(self.arrival_s):  # no task of its own, as wait_for's
@@ -182,8 +188,18 @@ class CallSlots:
             raise DeadlineExceeded(
                 f"the request message did not arrive within {self.arrival_s:g} s of the call"
             ) from None
+        except DecodeError as exc:
+            raise InvalidArgument(
+                f"the request message is not this method's request: protobuf cannot parse it "
+                f"({exc})",
+                reason="MALFORMED_REQUEST",
+            ) from None
         if request is grpc.aio.EOF:  # type: ignore[attr-defined]
-            raise InvalidArgument("the call ended without its request message")
+            raise QueueFull(
+                "the call ended without its request message (one over the server's message "
+                "size limit, PERITO_MAX_MESSAGE_BYTES, is refused by gRPC itself)",
+                reason="REQUEST_TOO_LARGE",
+            )
         return request
 
 

@@ -167,10 +167,34 @@ def to_status(error: PeritoError) -> grpc.Status:
     return rpc_status.to_status(status)
 
 
+class CallEnded(Exception):
+    """The transport ended the call before its handler could answer: gRPC itself refused
+    the request message (over the server's message size: RESOURCE_EXHAUSTED to the caller)
+    or the connection is gone. `error` is what the handler would have answered; the call's
+    observer counts it, and nothing more is sent or logged."""
+
+    def __init__(self, error: PeritoError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
 async def abort(context: grpc.aio.ServicerContext[Any, Any], error: PeritoError) -> NoReturn:
-    """End the call with `error`'s rich status."""
+    """End the call with `error`'s rich status.
+
+    Raises:
+        grpc.aio.AbortError: always, once the status is sent (gRPC's own way out).
+        CallEnded: the transport had ended the call already (no status can be sent).
+    """
     status = to_status(error)
-    await context.abort(status.code, status.details, status.trailing_metadata)
+    try:
+        await context.abort(status.code, status.details, status.trailing_metadata)
+    except grpc.aio.AbortError:
+        raise
+    except Exception as exc:
+        # grpc's cython layer fails the status batch of a call its core has finished.
+        if type(exc).__name__ != "ExecuteBatchError":
+            raise
+        raise CallEnded(error) from None
 
 
 async def _abort_for(
@@ -252,9 +276,12 @@ def _observed(
         except asyncio.CancelledError:  # the caller left, or the server is stopping
             code = "CANCELLED"
             raise
+        except CallEnded as ended:  # gRPC answered the caller itself; the handler ends here
+            code = ended.error.code.name
         except Exception as exc:  # noqa: BLE001 - every error becomes a status
             code = _code_of(exc)
-            await _abort_for(context, exc, method)
+            with contextlib.suppress(CallEnded):  # no status can be sent: nothing to say
+                await _abort_for(context, exc, method)
         finally:
             if observe is not None:
                 if code == "ABORTED_BY_HANDLER":  # the status was set by `abort`: read it

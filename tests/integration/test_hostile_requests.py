@@ -458,3 +458,61 @@ def test_what_http_cannot_parse_is_a_json_400(served: Served, request_line: byte
     error = json.loads(body)["error"]
     assert error["code"] == 400 and error["status"] == "INVALID_ARGUMENT", error
     assert "not an HTTP/1.1 request" in error["message"]
+
+
+# gRPC messages gRPC itself refuses or protobuf cannot parse: the caller's fault, said so.
+
+
+def test_a_grpc_message_over_the_limit_is_resource_exhausted_without_a_server_error(
+    served: Served,
+) -> None:
+    log_before = served.log.stat().st_size
+    before = _counted(served, "ModelInfer", "RESOURCE_EXHAUSTED")
+    internal = _counted(served, "ModelInfer", "INTERNAL")
+    big = np.array([b"\xff\xd8" + b"\0" * (MAX_BODY + 1024)], dtype=np.object_)
+    tensor = grpcclient.InferInput("images", [1], "BYTES")
+    tensor.set_data_from_numpy(big)
+    client = grpcclient.InferenceServerClient(served.grpc_url)
+    with pytest.raises(InferenceServerException) as refused:
+        client.infer("tiny", [tensor], headers=AUTH)
+    assert refused.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
+    assert _counted(served, "ModelInfer", "RESOURCE_EXHAUSTED") == before + 1
+    assert _counted(served, "ModelInfer", "INTERNAL") == internal
+    with served.log.open("rb") as log:
+        log.seek(log_before)
+        written = log.read()
+    assert b"Traceback" not in written and b"ERROR" not in written, written[-2000:]
+    # The server goes on answering on the same channel.
+    assert _probabilities(served, _tiny_png()).shape[0] == 1
+
+
+def _tiny_png() -> list[bytes]:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 40), (200, 30, 30)).save(buffer, "PNG")
+    return [buffer.getvalue()]
+
+
+@pytest.mark.parametrize(
+    "method",
+    ["/inference.GRPCInferenceService/ServerLive", "/inference.GRPCInferenceService/ModelInfer"],
+)
+def test_a_grpc_message_protobuf_cannot_parse_is_invalid_argument(
+    served: Served, method: str
+) -> None:
+    log_before = served.log.stat().st_size
+    name = method.rpartition("/")[2]
+    internal = _counted(served, name, "INTERNAL")
+    with grpc.insecure_channel(served.grpc_url) as channel:
+        call = channel.unary_unary(method, request_serializer=None, response_deserializer=None)
+        with pytest.raises(grpc.RpcError) as refused:
+            call(b"\xff\xff\xff\xff", metadata=tuple(AUTH.items()), timeout=30)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "protobuf cannot parse it" in (refused.value.details() or "")
+    assert _counted(served, name, "INTERNAL") == internal
+    with served.log.open("rb") as log:
+        log.seek(log_before)
+        assert b"Traceback" not in log.read()
