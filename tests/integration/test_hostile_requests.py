@@ -516,3 +516,13 @@ def test_a_grpc_message_protobuf_cannot_parse_is_invalid_argument(
     with served.log.open("rb") as log:
         log.seek(log_before)
         assert b"Traceback" not in log.read()
+
+
+def test_tritonclients_statistics_call_is_told_the_extension_is_not_served(
+    served: Served,
+) -> None:
+    client = httpclient.InferenceServerClient(served.http_url)
+    with pytest.raises(InferenceServerException) as refused:
+        client.get_inference_statistics(headers=AUTH)
+    assert "does not serve Triton's statistics extension" in str(refused.value.message())
+    assert "model 'stats'" not in str(refused.value.message())

@@ -28,7 +28,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute
 
 from perito_core.access.tenancy import Tenant
-from perito_core.errors import InvalidArgument
+from perito_core.errors import InvalidArgument, NotFound
 from perito_server.doors.http_edge import (
     OIP,
     OIP_ERROR,
@@ -113,6 +113,17 @@ MODEL_METADATA = Operation(
         ),
     ),
     "400 401 403 404 429 503",
+)
+MODEL_STATISTICS = Operation(
+    "oipModelStatistics",
+    "Triton's statistics extension: not served (404 NOT_FOUND saying so)",
+    TAG,
+    Named("ModelStatistics", _object(model_stats=_array(ANY_OBJECT))),
+    "404",
+    description="`GET /v2/models/stats` is where tritonclient's `get_inference_statistics()` "
+    "asks; Perito does not serve the extension (ServerMetadata lists those it serves): each "
+    "model's figures are on the metrics port (`perito_requests_total`, "
+    "`perito_batch_size`, `perito_queue_seconds`, ...).",
 )
 MODEL_READY = Operation(
     "oipModelReady",
@@ -201,6 +212,8 @@ class OipRest:
                 self._server_metadata,
                 oip=True,
             ),
+            # Before `/v2/models/{model}`, which would read it as a model named "stats".
+            route("GET", "/v2/models/stats", MODEL_STATISTICS, None, self._statistics, oip=True),
             *(
                 route(
                     verb,
@@ -230,6 +243,12 @@ class OipRest:
     async def _server_metadata(self, request: Request, tenant: Tenant) -> Response:
         return JSONResponse(
             {"name": "perito", "version": server_version(), "extensions": list(EXTENSIONS)}
+        )
+
+    async def _statistics(self, request: Request, tenant: Tenant) -> Response:
+        raise NotFound(
+            "Perito does not serve Triton's statistics extension (GET /v2 lists the extensions "
+            "it serves); each model's figures are on the server's metrics port (/metrics)"
         )
 
     async def _model_metadata(self, request: Request, tenant: Tenant) -> Response:
