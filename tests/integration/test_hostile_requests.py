@@ -526,3 +526,20 @@ def test_tritonclients_statistics_call_is_told_the_extension_is_not_served(
         client.get_inference_statistics(headers=AUTH)
     assert "does not serve Triton's statistics extension" in str(refused.value.message())
     assert "model 'stats'" not in str(refused.value.message())
+
+
+def test_a_utf8_request_id_is_recorded_and_echoed_as_sent(
+    served: Served, http: httpx.Client
+) -> None:
+    body = {
+        "inputs": [
+            {"name": "images", "datatype": "BYTES", "shape": [1], "data": [_b64(_tiny_png()[0])]}
+        ]
+    }
+    answer = http.post(
+        "/v2/models/tiny/infer", json=body, headers={"x-request-id": "café-1 日本".encode()}
+    )
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["parameters"]["perito_request_id"] == "café-1 日本"
+    echoed = [v for k, v in answer.headers.raw if k.lower() == b"x-request-id"]
+    assert echoed == ["café-1 日本".encode()]

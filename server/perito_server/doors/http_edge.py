@@ -178,7 +178,7 @@ class HttpEdge:
 
         async def endpoint(request: Request) -> Response:
             started, code = time.perf_counter(), "OK"
-            call_id = request_id(request.headers.get("x-request-id", ""))
+            call_id = request_id(_utf8_header(request.headers.get("x-request-id", "")))
             REQUEST_ID.set(call_id)
             DOOR.set(name)
             try:
@@ -207,7 +207,8 @@ class HttpEdge:
             finally:
                 if self.metrics is not None:
                     self.metrics.observe_call(name, code, time.perf_counter() - started)
-            response.headers["x-request-id"] = call_id
+            # The same bytes back (Starlette writes header values as Latin-1).
+            response.headers["x-request-id"] = call_id.encode().decode("latin-1")
             return response
 
         return endpoint
@@ -438,6 +439,13 @@ class _Asgi:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self.app(scope, receive, send)
+
+
+def _utf8_header(value: str) -> str:
+    """A header value as its sender wrote it: Starlette decodes header bytes as Latin-1 (RFC
+    9110's historical charset), while clients send UTF-8 (`café-1`, not `cafÃ©-1`); bytes
+    that are not UTF-8 become U+FFFD."""
+    return value.encode("latin-1").decode("utf-8", errors="replace")
 
 
 async def _not_found(request: Request, exc: Exception) -> Response:
