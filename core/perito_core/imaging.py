@@ -18,7 +18,7 @@ import re
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal, cast
+from typing import Literal
 
 import numpy as np
 import torch
@@ -413,42 +413,32 @@ def _to_8_bit(image: Image.Image) -> Image.Image:
 def _high_depth_to_l(image: Image.Image) -> Image.Image:
     """A 16-bit, 32-bit integer or float greyscale image as 8-bit "L", in bounded memory.
 
-    16-bit values are scaled from 0..65535 (or kept when they all fit in 0..255, an 8-bit
-    image stored in a 16-bit container); floats are scaled from 0..1 when they all fit in it,
-    else clipped to 0..255. The work goes in strips of about 1M pixels with uint32 / float32
-    arithmetic, so the only whole-image buffer is the 8-bit result (never a float64 copy).
+    Integer values are scaled from 0..65535 (PNG's and TIFF's 16-bit range; 32-bit values
+    above it clipped), floats from 0..1 (clipped, NaN as 0), each the same way whatever the
+    image's own extremes: two images a pixel apart are never scaled apart (a 16-bit image
+    whose values all stay under 256 is near black, as it is). The work goes in strips of about
+    1M pixels with uint32 / float32 arithmetic, so the only whole-image buffer is the 8-bit
+    result (never a float64 copy).
     """
     width, height = image.size
     is_float = image.mode == "F"
-    if is_float:  # NaN would spoil getextrema: a first pass over the finite values
-        high = max(
-            (float(strip[np.isfinite(strip)].max(initial=0.0)) for _, strip in _strips(image)),
-            default=0.0,
-        )
-    else:
-        _, high = cast("tuple[float, float]", image.getextrema())  # no copy of the pixels
-    scale_unit = is_float and high <= 1.0
-    scale_16_bit = not is_float and high > 255
     out = np.empty((height, width), dtype=np.uint8)
     for top, strip in _strips(image):
         bottom = top + strip.shape[0]
         if is_float:
             values = strip.astype(np.float32)
-            np.nan_to_num(values, copy=False, nan=0.0, posinf=255.0, neginf=0.0)
-            if scale_unit:
-                values *= np.float32(255.0)
+            np.nan_to_num(values, copy=False, nan=0.0, posinf=1.0, neginf=0.0)
+            np.clip(values, 0.0, 1.0, out=values)
+            values *= np.float32(255.0)
             values += np.float32(0.5)
-            np.clip(values, 0.0, 255.0, out=values)
             out[top:bottom] = values  # truncating after +0.5: rounding
-        elif scale_16_bit:
+        else:
             wide = np.clip(strip, 0, 65535).astype(np.uint32)
             # round(x * 255 / 65535), exactly, in integers.
             wide *= np.uint32(255)
             wide += np.uint32(32767)
             wide //= np.uint32(65535)
             out[top:bottom] = wide
-        else:
-            out[top:bottom] = np.clip(strip, 0, 255)
     return Image.fromarray(out)
 
 

@@ -116,6 +116,18 @@ def test_16_bit_greyscale_is_scaled_not_clipped() -> None:
     assert np.asarray(image)[0, 0].tolist() == [128, 128, 128]
 
 
+def test_16_bit_greyscale_is_scaled_the_same_way_whatever_its_range() -> None:
+    """A 16-bit image whose values stay under 256 is near black, as it is, and one pixel
+    over 255 changes nothing else (it was once read as 8-bit data in a 16-bit container)."""
+    dark = np.full((16, 16), 200, dtype=np.uint16)
+    image = decode_image(encode(Image.fromarray(dark)))
+    assert np.asarray(image)[5, 5].tolist() == [1, 1, 1]
+    dark[0, 0] = 256
+    assert np.array_equal(
+        np.asarray(decode_image(encode(Image.fromarray(dark))))[1:], np.asarray(image)[1:]
+    )
+
+
 def test_palette_image_with_transparency_goes_over_white() -> None:
     palette = Image.new("P", (8, 8), 0)
     palette.putpalette([0, 0, 0] * 256)

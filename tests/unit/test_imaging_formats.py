@@ -372,6 +372,10 @@ def test_float_and_32_bit_greyscale_are_scaled_to_8_bits() -> None:
     image = decode_image(encode(Image.fromarray(ramp), "TIFF"))
     values = np.asarray(image)[..., 0]
     assert values[0, 0] == 0 and values[0, 1] == 1 and values[-1, -1] == 255
+    over = ramp.copy()
+    over[-1, -1] = 1.5  # over 1: clipped there, the rest scaled as before
+    same = np.asarray(decode_image(encode(Image.fromarray(over), "TIFF")))[..., 0]
+    assert np.array_equal(same, values)
     sixteen_bit_range = np.full((8, 8), 65535, dtype=np.int32)
     sixteen_bit_range[0, 0] = 32768
     image = decode_image(encode(Image.fromarray(sixteen_bit_range), "TIFF"))
