@@ -214,6 +214,12 @@ def test_logits_are_softmaxed_and_a_fixed_batch_graph_takes_any_batch(
         ("waste", CAFFE, WASTE_LABELS, r"output probabilities with 2 labels needs \(N, 2\)"),
         ("minerals", CAFFE, MINERALS_LABELS[:9], r"output probabilities with 9 labels"),
         ("logits", TensorContract(layout="NCHW", scale=1), list("abcd"), "not probabilities"),
+        (
+            "minerals",
+            CAFFE.model_copy(update={"output": "logits"}),
+            MINERALS_LABELS,
+            "output logits, but on every probe image the graph's output is already probabilities",
+        ),
         ("not-onnx", KERAS, WASTE_LABELS, "not a loadable ONNX file"),
     ],
 )

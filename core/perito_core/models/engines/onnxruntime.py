@@ -54,6 +54,7 @@ from perito_core.models.engines.base import (
 )
 from perito_core.models.fixed_size import fixed_size
 from perito_core.models.manifest import CompiledForm, InputContract, ModelManifest, TensorContract
+from perito_core.models.summary import output_faults
 
 log = logging.getLogger(__name__)
 
@@ -546,6 +547,22 @@ class OnnxModel(LoadedModel):
                 "gives values outside [0, 1] (logits? the sigmoid must be inside the graph)"
             )
         super()._check_output(output, batch_size)
+
+    def _check_contract(self, probe: torch.Tensor, output: torch.Tensor) -> None:
+        """The base checks, and for `output logits` that the graph's output is not already
+        probabilities: softmaxing those again would flatten every answer (0.44 -> 0.37)."""
+        super()._check_contract(probe, output)
+        if self.contract.output != "logits":
+            return
+        images = np.ascontiguousarray(probe.numpy().transpose(0, 2, 3, 1))
+        raw = np.asarray(self.run_graph(tensor_from_images(images, self.contract)))
+        if len(raw) and not output_faults(list(raw.astype(np.float32))):
+            raise ModelLoadError(
+                f"{_describe(self.manifest)}: output logits, but on every probe image the "
+                "graph's output is already probabilities (each in [0, 1], summing to 1); "
+                "softmaxing them again would flatten every answer: import it with --output "
+                "probabilities"
+            )
 
     def run_graph(self, tensor: np.ndarray) -> np.ndarray:
         """The served output (`output_name`), the only one asked of ONNX Runtime, for an input
