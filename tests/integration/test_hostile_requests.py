@@ -241,6 +241,31 @@ def test_rest_data_beside_binary_data_size_is_400_naming_the_input(
 
 
 @pytest.mark.parametrize(
+    ("size", "said"),
+    [
+        ('"12"', 'binary_data_size must be a whole number of bytes (a JSON integer), not "12"'),
+        ("true", "binary_data_size must be a whole number of bytes (a JSON integer), not true"),
+        ("999999", "binary_data_size 999999 is past the body (its binary part holds"),
+    ],
+)
+def test_rest_a_binary_data_size_that_cannot_be_is_400_saying_why(
+    http: httpx.Client, images: list[bytes], size: str, said: str
+) -> None:
+    raw = serialize_bytes([images[0]])
+    header = (
+        '{"inputs": [{"name": "images", "datatype": "BYTES", "shape": [1], '
+        f'"parameters": {{"binary_data_size": {size}}}}}]}}'
+    ).encode()
+    answer = http.post(
+        "/v2/models/tiny/infer",
+        content=header + raw,
+        headers={"Inference-Header-Content-Length": str(len(header))},
+    )
+    assert answer.status_code == 400, answer.text
+    assert said in answer.json()["error"], answer.text
+
+
+@pytest.mark.parametrize(
     ("shape", "nested"),
     [([2], False), ([2, 1], False), ([2, 1], True)],
     ids=["N", "N1", "N1-nested"],

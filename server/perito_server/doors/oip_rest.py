@@ -390,9 +390,16 @@ def _rest_inputs(inputs: Any, binary: memoryview) -> list[InputTensor]:
                     f"input {echo(name)!r}: data beside binary_data_size; send one of them",
                     field=name,
                 )
-            if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
                 raise InvalidArgument(
-                    f"input {echo(name)!r}: binary_data_size {echo(str(size))} is past the body",
+                    f"input {echo(name)!r}: binary_data_size must be a whole number of bytes "
+                    f"(a JSON integer), not {echo(json.dumps(size))}",
+                    field=name,
+                )
+            if offset + size > len(binary):
+                raise InvalidArgument(
+                    f"input {echo(name)!r}: binary_data_size {size} is past the body (its "
+                    f"binary part holds {len(binary) - offset} more bytes)",
                     field=name,
                 )
             raw = bytes(binary[offset : offset + size])
