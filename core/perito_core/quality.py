@@ -411,13 +411,14 @@ def parse_thresholds(
     values: Mapping[str, object], field_prefix: str = ""
 ) -> QualityThresholds | None:
     """A request's threshold overrides (`THRESHOLD_FIELDS` present in `values`; others are
-    ignored), checked: None when it sets none.
+    ignored; a None value, JSON's null, is absent, as proto3's JSON mapping reads null),
+    checked: None when it sets none.
 
     Raises:
         InvalidArgument: naming `field_prefix` + the threshold, for a value that is not a
             finite number in the threshold's range.
     """
-    given = {name: values[name] for name in THRESHOLD_FIELDS if name in values}
+    given = {name: values[name] for name in THRESHOLD_FIELDS if values.get(name) is not None}
     if not given:
         return None
     for name, value in given.items():

@@ -198,3 +198,14 @@ def test_decoding_measures_the_full_photo_upright() -> None:
     blurred = np.asarray(Image.fromarray(photo).filter(ImageFilter.GaussianBlur(20)))
     _, soft = load_model_input_with_info(_jpeg(blurred), spec)
     assert soft.quality is not None and assess(soft.quality, NO_CARD).issues == (BLURRY,)
+
+
+def test_a_null_threshold_is_absent_as_protobuf_json_reads_it() -> None:
+    from perito_core.errors import InvalidArgument
+    from perito_core.quality import parse_thresholds
+
+    assert parse_thresholds({"min_sharpness": None}) is None
+    parsed = parse_thresholds({"min_sharpness": None, "min_contrast": 3})
+    assert parsed is not None and parsed.min_contrast == 3 and parsed.min_sharpness is None
+    with pytest.raises(InvalidArgument, match="min_sharpness must be a finite number"):
+        parse_thresholds({"min_sharpness": "soft"})
