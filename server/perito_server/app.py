@@ -176,6 +176,25 @@ class RunningServer:
         self.metrics.stop()
 
 
+def grpc_keepalive_options(settings: ServerSettings) -> list[tuple[str, int]]:
+    """gRPC core's channel arguments for HTTP/2 keepalive from `settings` (`grpc_keepalive_*`,
+    `grpc_http2_*`: the names of Triton's flags and of gRPC's keepalive guide,
+    https://github.com/grpc/grpc/blob/master/doc/keepalive.md)."""
+    options = [
+        ("grpc.keepalive_timeout_ms", settings.grpc_keepalive_timeout_ms),
+        ("grpc.keepalive_permit_without_calls", int(settings.grpc_keepalive_permit_without_calls)),
+        ("grpc.http2.max_pings_without_data", settings.grpc_http2_max_pings_without_data),
+        (
+            "grpc.http2.min_recv_ping_interval_without_data_ms",
+            settings.grpc_http2_min_recv_ping_interval_without_data_ms,
+        ),
+        ("grpc.http2.max_ping_strikes", settings.grpc_http2_max_ping_strikes),
+    ]
+    if settings.grpc_keepalive_time_ms is not None:
+        options.append(("grpc.keepalive_time_ms", settings.grpc_keepalive_time_ms))
+    return options
+
+
 def _tracing_interceptor() -> Any:
     """OpenTelemetry's gRPC interceptor: a span per call, continuing the caller's trace."""
     from opentelemetry.instrumentation.grpc import aio_server_interceptor
@@ -208,6 +227,7 @@ async def create_server(settings: ServerSettings) -> RunningServer:
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.so_reuseport", 0),
+        *grpc_keepalive_options(settings),
     ]
     metrics = ServerMetrics()
     metrics.watch_pool(pool)

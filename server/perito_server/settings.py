@@ -51,6 +51,18 @@ class ServerSettings(CommonSettings):
         4, ge=0, description="images a Classify call may ask `explain` for"
     )
     max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    # HTTP/2 keepalive on the gRPC port, as Triton's --grpc-keepalive-* and --grpc-http2-*
+    # flags (gRPC core's defaults; docs/operations.md): the server's own pings to idle
+    # clients (off unless set), and how often clients may ping it. A client pinging more
+    # often than `grpc_http2_min_recv_ping_interval_without_data_ms` while no call is open, or
+    # at all without `grpc_keepalive_permit_without_calls`, is sent GOAWAY "too_many_pings"
+    # after `grpc_http2_max_ping_strikes` such pings.
+    grpc_keepalive_time_ms: int | None = Field(None, ge=1000)
+    grpc_keepalive_timeout_ms: int = Field(20_000, ge=1)
+    grpc_keepalive_permit_without_calls: bool = False
+    grpc_http2_max_pings_without_data: int = Field(2, ge=0)
+    grpc_http2_min_recv_ping_interval_without_data_ms: int = Field(300_000, ge=0)
+    grpc_http2_max_ping_strikes: int = Field(2, ge=0)
     # Encoded bytes, not decoded pixels: the serialized size of every admitted `Classify`
     # request, server-wide, until it is answered. It is known before any work is done (decoded
     # sizes are not, until each header is read), it is what grows with callers (gRPC holds each
