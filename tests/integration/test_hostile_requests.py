@@ -212,6 +212,15 @@ def test_rest_bytes_data_not_of_the_input_shape_is_400_naming_the_input(
     assert "'images'" in answer.json()["error"], answer.text
 
 
+def _post_binary(http: httpx.Client, header: bytes, raw: bytes) -> httpx.Response:
+    """An OIP REST infer of JSON `header` then binary `raw` (Triton's binary extension)."""
+    return http.post(
+        "/v2/models/tiny/infer",
+        content=header + raw,
+        headers={"Inference-Header-Content-Length": str(len(header))},
+    )
+
+
 def test_rest_data_beside_binary_data_size_is_400_naming_the_input(
     http: httpx.Client, images: list[bytes]
 ) -> None:
@@ -231,11 +240,7 @@ def test_rest_data_beside_binary_data_size_is_400_naming_the_input(
             ]
         }
     ).encode()
-    answer = http.post(
-        "/v2/models/tiny/infer",
-        content=header + raw,
-        headers={"Inference-Header-Content-Length": str(len(header))},
-    )
+    answer = _post_binary(http, header, raw)
     assert answer.status_code == 400, answer.text
     assert "'images'" in answer.json()["error"] and "binary_data_size" in answer.text
 
@@ -256,11 +261,7 @@ def test_rest_a_binary_data_size_that_cannot_be_is_400_saying_why(
         '{"inputs": [{"name": "images", "datatype": "BYTES", "shape": [1], '
         f'"parameters": {{"binary_data_size": {size}}}}}]}}'
     ).encode()
-    answer = http.post(
-        "/v2/models/tiny/infer",
-        content=header + raw,
-        headers={"Inference-Header-Content-Length": str(len(header))},
-    )
+    answer = _post_binary(http, header, raw)
     assert answer.status_code == 400, answer.text
     assert said in answer.json()["error"], answer.text
 
