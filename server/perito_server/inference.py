@@ -820,8 +820,8 @@ class InferenceService:
             bad = output_faults(inference.probabilities)
         if not bad:
             return
-        for reason in bad.values():
-            if self.metrics is not None:
+        if self.metrics is not None:
+            for reason in bad.values():
                 self.metrics.outputs_refused.labels(
                     inference.model, inference.version, inference.form, reason
                 ).inc()

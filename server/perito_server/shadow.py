@@ -411,22 +411,22 @@ class ShadowTraffic:
 
     def _count(self, offer: _Offer, answers: Sequence[np.ndarray], labels: Sequence[str]) -> None:
         """Compare the answers of both sides; count the others shed (`no_answer`)."""
-        finite = [
+        answered = [
             index
             for index, (mine, theirs) in enumerate(zip(offer.probabilities, answers, strict=True))
             if output_fault(mine) is None and output_fault(theirs) is None
         ]
-        if len(finite) < offer.size:
-            self._shed(offer, NO_ANSWER, offer.size - len(finite))
-        if not finite:
+        if len(answered) < offer.size:
+            self._shed(offer, NO_ANSWER, offer.size - len(answered))
+        if not answered:
             return
         pair = (offer.model, offer.incumbent, offer.candidate)
         comparison = self._pending.get(pair)
         if comparison is None:
             comparison = self._pending[pair] = Comparison(*pair)
         rows = comparison.add(
-            np.stack([offer.probabilities[i] for i in finite]),
-            np.stack([answers[i] for i in finite]),
+            np.stack([offer.probabilities[i] for i in answered]),
+            np.stack([answers[i] for i in answered]),
             offer.labels,
             labels,
         )

@@ -106,8 +106,8 @@ def train_run(
     checkpoint = run_dir / "checkpoints" / "last.pt"
     if checkpoint.exists() and not resume:
         raise RunError(f"{run_dir} already holds a run: resume it (--resume) or use another --out")
-    if resume and not checkpoint.exists():
-        raise RunError(f"nothing to resume in {run_dir}: no checkpoints/last.pt")
+    if resume:
+        _require_checkpoint(run_dir)
     if resume and (published := published_as(run_dir)):
         raise RunError(
             f"{run_dir} was published as {', '.join(published)}: resuming it in place would "
@@ -155,6 +155,12 @@ def published_as(run_dir: Path) -> list[str]:
     return [f"{record['model']}@{record['version']}" for record in records]
 
 
+def _require_checkpoint(run_dir: Path) -> None:
+    """Raises RunError unless `run_dir` holds a run to resume (`checkpoints/last.pt`)."""
+    if not (run_dir / "checkpoints" / "last.pt").exists():
+        raise RunError(f"nothing to resume in {run_dir}: no checkpoints/last.pt")
+
+
 def fork_run(source: Path, target: Path) -> None:
     """Copy the run in `source` (its config and checkpoints, not its exported model, card or
     publications) into the new folder `target`, to train it further there (`train_run` with
@@ -163,8 +169,7 @@ def fork_run(source: Path, target: Path) -> None:
     Raises:
         RunError: `source` has no checkpoint, or `target` exists and is not empty.
     """
-    if not (source / "checkpoints" / "last.pt").is_file():
-        raise RunError(f"nothing to resume in {source}: no checkpoints/last.pt")
+    _require_checkpoint(source)
     if target.exists() and any(target.iterdir()):
         raise RunError(f"{target} is not empty: --out names a new folder to continue the run in")
     target.mkdir(parents=True, exist_ok=True)
